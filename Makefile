@@ -13,9 +13,10 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-# torch==2.13.0 is the CPU build on these machines (a loose pin pulls a CUDA build)
+# torch==2.13.0 is the CPU build on these machines (a loose pin pulls a CUDA build);
+# ray for the simulator's Ray backend tests (tests/sim/test_ray_backend.py)
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[dev,torch]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,torch,ray]"
 	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core

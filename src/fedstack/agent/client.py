@@ -50,7 +50,7 @@ from fedstack.errors import (
     TLSError,
 )
 from fedstack.security.tls import client_context, diagnose
-from fedstack.transport import WSConnection, connect
+from fedstack.transport import Connection, connect
 from fedstack.types import Metrics, Weights
 from fedstack.wire import (
     Bye,
@@ -233,6 +233,11 @@ class Agent:
         return self._gm_extra
 
     @property
+    def finished(self) -> bool:
+        """True once :meth:`wait_for_global_model` returned the federation's final model."""
+        return self._final_delivered
+
+    @property
     def version(self) -> int:
         """Version of the latest global model received (-1: none yet)."""
         return self._gm_version
@@ -389,6 +394,26 @@ class Agent:
         self._disk.clear_pending(upload.upload_id)
         return False
 
+    def flush(self, timeout: float | None = 60.0) -> None:
+        """Block until the aggregator acknowledged the last upload (it is then stored), or
+        refused it. Returns at once when nothing is pending.
+
+        Raises:
+            TimeoutError: still unacknowledged after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending is not None:
+                if self._error is not None:
+                    raise self._error
+                if self._gm_final and self._closing:
+                    return
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"{self.name}: upload not acknowledged within "
+                                       f"{timeout} s")
+                self._cond.wait(remaining if remaining is not None else 1.0)
+
     def close(self, timeout: float = 10.0) -> None:
         """Leave the federation cleanly (sends ``bye``) and stop the background thread."""
         with self._cond:
@@ -426,7 +451,7 @@ class Agent:
         self._wake = asyncio.Event()
         backoff = 0.05
         while not self._closing:
-            conn: WSConnection | None = None
+            conn: Connection | None = None
             try:
                 conn = await connect(self.url, max_message_bytes=self.limits.max_message_bytes,
                                      open_timeout=self.connect_timeout, ssl=self._ssl)
@@ -490,7 +515,7 @@ class Agent:
             await self._wake.wait()
             self._wake.clear()
 
-    async def _session(self, conn: WSConnection) -> bool:
+    async def _session(self, conn: Connection) -> bool:
         """Run one connection. Returns True when the agent is done (closed or finished)."""
         assert self._wake is not None
         with self._cond:
@@ -633,7 +658,7 @@ class Agent:
         if self._disk is not None:
             self._disk.save_identity(version=version)
 
-    async def _reader(self, conn: WSConnection, lease: float) -> bool:
+    async def _reader(self, conn: Connection, lease: float) -> bool:
         assert self._wake is not None
         while True:
             msg = decode(await asyncio.wait_for(conn.recv(), lease), self.limits)
@@ -678,7 +703,7 @@ class Agent:
                 raise ConnectionClosed(1001, msg.reason)
             self._wake.set()
 
-    async def _heartbeat(self, conn: WSConnection, interval: float) -> None:
+    async def _heartbeat(self, conn: Connection, interval: float) -> None:
         seq = 0
         while True:
             await asyncio.sleep(interval)

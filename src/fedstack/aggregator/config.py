@@ -36,6 +36,9 @@ class AggregatorConfig:
 
     host: str = "127.0.0.1"
     port: int = 8765
+    transport: str = "tcp"
+    """``tcp``: WebSockets on host:port; ``inproc``: an in-process endpoint
+    ``inproc://RUN_NAME`` for agents in the same process (the simulator)."""
     db: str = "fedstack.db"
     blob_dir: str | None = None
     run_name: str = "default"
@@ -60,6 +63,11 @@ class AggregatorConfig:
     register_timeout: float = 10.0
     send_timeout: float = 120.0
     finish_grace: float = 30.0
+    upload_budget_bytes: int = 128 << 20
+    """Bytes of big uploads (>= 1 MiB) being received or processed at once, over all agents:
+    connections beyond it stop reading until there is room (TCP holds their senders)."""
+    fanout_budget_bytes: int = 256 << 20
+    """Bytes of big global-model / welcome messages being sent at once, over all agents."""
     auth: str = "required"
     """``required``: every agent presents its credential (``fedstack credentials add``) or
     enrolls with ``enrollment_token``; ``off``: a name is bound to the first token it shows."""
@@ -73,6 +81,10 @@ class AggregatorConfig:
     """PEM CA file: agents must present a client certificate it signed (mutual TLS)."""
     require_tls: bool = False
     """Refuse to start without ``tls_cert`` (so a lost setting cannot downgrade to ws://)."""
+    operator_api: bool = True
+    """Serve the operator REST API (``/healthz``, ``/api/v1/...``) on the agents' port
+    (HTTPS with ``tls_cert``); every call but ``/healthz`` needs an operator token
+    (``fedstack credentials add NAME --operator``), whatever ``auth`` says."""
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ConfigError:
@@ -90,6 +102,10 @@ class AggregatorConfig:
             self.round_timeout > 0 and math.isfinite(self.round_timeout)
         ):
             raise bad("round_timeout must be a positive number of seconds")
+        if self.transport not in ("tcp", "inproc"):
+            raise bad(f"transport {self.transport!r} must be 'tcp' or 'inproc'")
+        if self.transport == "inproc" and self.tls_cert:
+            raise bad("TLS needs transport 'tcp' (the in-process transport has no sockets)")
         if self.delivery not in ("push", "poll"):
             raise bad(f"delivery {self.delivery!r} must be 'push' or 'poll'")
         if self.auth not in ("required", "off"):
@@ -100,6 +116,8 @@ class AggregatorConfig:
             raise bad(f"staleness {self.staleness!r} must be 'drop' or 'next'")
         if self.max_message_bytes < 1024:
             raise bad("max_message_bytes is too small")
+        if self.upload_budget_bytes < 1 or self.fanout_budget_bytes < 1:
+            raise bad("upload_budget_bytes and fanout_budget_bytes must be positive")
         if self.heartbeat_interval <= 0:
             raise bad("heartbeat_interval must be positive")
         if self.require_tls and not self.tls_cert:
@@ -155,10 +173,11 @@ class AggregatorConfig:
         return cls.from_mapping(data)
 
 
-_INTS = {"port", "rounds", "min_agents", "max_message_bytes", "max_num_samples", "seed"}
+_INTS = {"port", "rounds", "min_agents", "max_message_bytes", "max_num_samples", "seed",
+         "upload_budget_bytes", "fanout_budget_bytes"}
 _FLOATS = {"threshold", "round_timeout", "heartbeat_interval", "register_timeout",
            "send_timeout", "finish_grace"}
-_BOOLS = {"init_weights", "polling", "require_tls"}
+_BOOLS = {"init_weights", "polling", "require_tls", "operator_api"}
 
 
 def _coerce(name: str, value: Any) -> Any:

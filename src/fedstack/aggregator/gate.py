@@ -86,7 +86,7 @@ class UpdateGate:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"gate probe_inputs {path}: {exc}") from exc
         if cfg.get("forward"):
-            from fedstack.aggregator.service import load_callable
+            from fedstack.plugins import load_callable
 
             forward = load_callable(str(cfg["forward"]))
         bound = cfg.get("norm_bound")

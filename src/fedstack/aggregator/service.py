@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import importlib
 import logging
 import time
 import uuid
@@ -27,7 +26,9 @@ from typing import Any
 import numpy as np
 
 from fedstack.aggregator.config import AggregatorConfig
+from fedstack.aggregator.fanout import Fanout
 from fedstack.aggregator.gate import UpdateGate
+from fedstack.aggregator.operator_api import OperatorAPI
 from fedstack.aggregator.rounds import RoundState, Verdict
 from fedstack.aggregator.validation import Structure, validate_extra, validate_model
 from fedstack.errors import (
@@ -38,16 +39,18 @@ from fedstack.errors import (
     RemoteProtocolError,
     StoreError,
 )
+from fedstack.plugins import load_callable
 from fedstack.security.tls import server_context
 from fedstack.store import CredentialRefused, Store, UploadRecord
 from fedstack.store.repository import fingerprint
 from fedstack.strategies import Accumulator, Result, Update, create
-from fedstack.transport import WSConnection, serve
+from fedstack.transport import Connection, inproc, serve
+from fedstack.transport.budget import ByteBudget
+from fedstack.transport.limits import raise_nofile_limit
 from fedstack.types import Metrics, Weights
 from fedstack.wire import (
     Bye,
     Error,
-    GlobalModel,
     Heartbeat,
     Limits,
     Message,
@@ -67,25 +70,11 @@ log = logging.getLogger("fedstack.aggregator")
 Evaluator = Callable[[Weights], Metrics]
 
 
-def load_callable(spec: str) -> Callable[..., Any]:
-    """``module:attribute`` -> the attribute (for evaluators and trainers)."""
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise ConfigError(f"{spec!r} is not of the form module:attribute")
-    try:
-        obj = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load {spec!r}: {exc}") from exc
-    if not callable(obj):
-        raise ConfigError(f"{spec!r} is not callable")
-    return obj  # type: ignore[no-any-return]
-
-
 @dataclass(eq=False)
 class AgentSession:
     agent_id: str
     name: str
-    conn: WSConnection
+    conn: Connection
     address: str
     known_version: int = -1
     welcomed: bool = False
@@ -97,6 +86,10 @@ class AgentSession:
     def write(self, msg: Message) -> None:
         """Queue ``msg`` on the connection now (frames keep program order)."""
         self.conn.write(encode(msg))
+
+    def write_parts(self, parts: list[bytes | memoryview]) -> None:
+        """Queue an already encoded message (e.g. the shared global model)."""
+        self.conn.write(parts)
 
     async def send(self, msg: Message, timeout: float) -> None:
         self.write(msg)
@@ -165,15 +158,21 @@ class Aggregator:
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
+        self._inproc: inproc.InProcServer | None = None
         self._driver: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.port = config.port
         self.rounds_completed = 0
+        self.fanout = Fanout(config.fanout_budget_bytes)
+        """Global model encoded once per version; bytes of big sends in flight bounded."""
+        self.upload_budget = ByteBudget(config.upload_budget_bytes)
+        """Bytes of big uploads being received or processed at once (all connections)."""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Open the store, resume the run, and start listening."""
         cfg = self.config
+        raise_nofile_limit()  # one descriptor per agent: 1,000s of agents need more than 1,024
         if self.store is None:
             self.store = await asyncio.to_thread(Store, cfg.db, cfg.blob_dir)
         run = await asyncio.to_thread(
@@ -183,21 +182,37 @@ class Aggregator:
         self.aggregator_id = run.aggregator_id
         if run.version >= 0:
             await self._resume(run.structure, run.version)
-        self._server = await serve(
-            self._serve_agent, cfg.host, cfg.port, max_message_bytes=cfg.max_message_bytes,
-            ssl=self.ssl_context, handshake_timeout=cfg.register_timeout,
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        if cfg.transport == "inproc":
+            self._inproc = await inproc.serve(self._serve_agent, cfg.run_name,
+                                              max_message_bytes=cfg.max_message_bytes)
+        else:
+            self._server = await serve(
+                self._serve_agent, cfg.host, cfg.port, max_message_bytes=cfg.max_message_bytes,
+                ssl=self.ssl_context, handshake_timeout=cfg.register_timeout,
+                http_handler=OperatorAPI(self).handle if cfg.operator_api else None,
+                receive_budget=self.upload_budget,
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
         self._driver = asyncio.create_task(self._drive())
         self._watcher = asyncio.create_task(self._watch_credentials())
         log.info(
-            "aggregator listening on %s://%s:%d%s (run %s, %s, version %d, store %s)",
-            "wss" if self.ssl_context else "ws", cfg.host, self.port,
-            " with mutual TLS" if cfg.tls_client_ca else "", self.run_id[:8],
+            "aggregator listening on %s%s (run %s, %s, version %d, store %s)",
+            self.url, " with mutual TLS" if cfg.tls_client_ca else "", self.run_id[:8],
             "resumed" if run.resumed else "new", self.state.version, self.store.url,
         )
         if self.state.finished:
             self._finished.set()
+
+    @property
+    def url(self) -> str:
+        """Where agents connect: ``ws://HOST:PORT``, ``wss://HOST:PORT`` or
+        ``inproc://NAME`` (valid once :meth:`start` returned)."""
+        if self._inproc is not None:
+            return self._inproc.url
+        host = self.config.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'wss' if self.ssl_context else 'ws'}://{host}:{self.port}"
 
     async def _resume(self, structure: Structure | None, version: int) -> None:
         assert self.store is not None
@@ -258,11 +273,23 @@ class Aggregator:
         await asyncio.to_thread(self.store.finish_run, self.run_id)
         log.info("run %s finished after %d rounds", self.run_id[:8], self.state.version)
 
+    _stopping: asyncio.Future[None] | None = None
+
     async def stop(self) -> None:
-        """Stop serving: say bye to the agents, close connections, close the store."""
+        """Stop serving: say bye to the agents, close connections, close the store.
+
+        Idempotent: a second (or concurrent) call waits for the first one's work (the
+        operator API's shutdown and the CLI's signal handling may both call it)."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
         self._stopped.set()
         if self._server is not None:
             self._server.close()
+        if self._inproc is not None:
+            self._inproc.close()
         for s in list(self.sessions.values()):
             with contextlib.suppress(Exception):
                 await s.send(Bye(reason="aggregator stopping"), 1.0)
@@ -304,7 +331,7 @@ class Aggregator:
         }
 
     # ------------------------------------------------------------------ connections
-    async def _serve_agent(self, conn: WSConnection) -> None:
+    async def _serve_agent(self, conn: Connection) -> None:
         cfg = self.config
         session: AgentSession | None = None
         lease = 3 * cfg.heartbeat_interval
@@ -315,6 +342,7 @@ class Aggregator:
                 raise RemoteProtocolError("the first message must be participate",
                                           code="expected-participate")
             session = await self._register(conn, first)
+            del raw, first  # free the initial model's receive buffer (the store has it)
             if session is None:
                 return
             await self._welcome(session)
@@ -324,7 +352,7 @@ class Aggregator:
                 run_id=self.run_id, agent_id=session.agent_id,
             )
             while True:
-                raw = await asyncio.wait_for(conn.recv(), lease)
+                raw = await self._recv_leased(conn, lease)
                 session.last_seen = time.monotonic()
                 msg = decode(raw, self.limits)
                 if isinstance(msg, ModelUpload):
@@ -340,6 +368,7 @@ class Aggregator:
                 else:
                     raise RemoteProtocolError(f"unexpected {msg.TYPE} message from an agent",
                                               code="unexpected-message")
+                del raw, msg  # an upload's buffer is freed now, not at the next message
         except RemoteProtocolError as exc:
             who = session.name if session else conn.remote_address
             log.warning("protocol error from %s: %s", who, exc)
@@ -358,15 +387,24 @@ class Aggregator:
             if session is not None:
                 await self._leave(session)
 
-    async def _refuse(self, conn: WSConnection, code: str, message: str,
+    async def _recv_leased(self, conn: Connection, lease: float) -> memoryview:
+        """The next message; TimeoutError after ``lease`` s of silence. A connection in the
+        middle of a big message (arriving, or held back by the upload budget) is not
+        silent: it gets up to ``10 x send_timeout`` more."""
+        extra = 10 * self.config.send_timeout
+        while True:
+            try:
+                return await asyncio.wait_for(conn.recv(), lease)
+            except TimeoutError:
+                if not getattr(conn, "in_message", False) or extra <= 0:
+                    raise
+                extra -= lease
+
+    async def _refuse(self, conn: Connection, code: str, message: str,
                       session: AgentSession | None, detail: dict[str, Any] | None = None,
                       agent_id: str | None = None) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                conn.send(encode(Error(code=code, message=message, fatal=True))), 5.0
-            )
-        with contextlib.suppress(Exception):
-            await conn.close(1009 if code == "too-large" else 1008, code, timeout=1.0)
+        # the audit record first: closing may wait for the peer, and an aggregator that
+        # stops meanwhile must not lose it
         assert self.store is not None
         with contextlib.suppress(StoreError):
             await asyncio.to_thread(
@@ -375,8 +413,14 @@ class Aggregator:
                  **(detail or {})},
                 run_id=self.run_id, agent_id=session.agent_id if session else agent_id,
             )
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                conn.send(encode(Error(code=code, message=message, fatal=True))), 5.0
+            )
+        with contextlib.suppress(Exception):
+            await conn.close(1009 if code == "too-large" else 1008, code, timeout=1.0)
 
-    async def _register(self, conn: WSConnection, msg: Participate) -> AgentSession | None:
+    async def _register(self, conn: Connection, msg: Participate) -> AgentSession | None:
         assert self.store is not None
         name = msg.agent_name.strip()
         if not name or len(name) > 128:
@@ -436,6 +480,22 @@ class Aggregator:
         log.info("agent %s %s (%d active)", name, "joined" if new else "rejoined",
                  len(self.sessions))
         return session
+
+    def disconnect_agent(self, name: str, code: str, message: str,
+                         detail: dict[str, Any]) -> bool:
+        """Drop the connected agent called ``name`` now: it stops counting towards rounds,
+        gets a fatal ``code`` error and its connection closes (audited as ``refused`` with
+        ``detail``). False if no agent of that name is connected."""
+        found = False
+        for s in [s for s in self.sessions.values() if s.name == name]:
+            found = True
+            if self.sessions.get(s.agent_id) is s:
+                del self.sessions[s.agent_id]
+                self._wakeup.set()
+            self._spawn(self._refuse(s.conn, code, message, s,
+                                     {**detail, "credential": fingerprint(s.credential),
+                                      "source": s.source}))
+        return found
 
     async def _watch_credentials(self) -> None:
         """Every heartbeat interval, one query re-checks the connected agents' credentials;
@@ -503,6 +563,19 @@ class Aggregator:
                      "its weights" if use_weights else "zeros")
 
     async def _welcome(self, session: AgentSession) -> None:
+        assert self.global_weights is not None
+        send_model = session.known_version != self.state.version
+        held = 0
+        if send_model:  # a welcome with the model is as big as a global model: budget it
+            held = await self.fanout.acquire(
+                sum(int(a.nbytes) for a in self.global_weights.values()),
+                10 * self.config.send_timeout)
+        try:
+            await self._write_welcome(session)
+        finally:
+            self.fanout.release(held)
+
+    async def _write_welcome(self, session: AgentSession) -> None:
         assert self.global_weights is not None
         version = self.state.version
         send_model = session.known_version != version
@@ -681,15 +754,25 @@ class Aggregator:
             session.conn.abort()
 
     async def _send_global(self, session: AgentSession) -> None:
+        """Send the latest global model: encoded once per version and shared by every
+        agent; big sends take bytes of the fan-out budget until flushed."""
         assert self.global_weights is not None
-        version = self.state.version
-        session.write(
-            GlobalModel(version=version, model_id=self.global_model_id,
-                        model=self.global_weights, final=self.state.finished,
-                        extra=self.global_extra or None)
-        )
-        session.known_version = max(session.known_version, version)
-        await asyncio.wait_for(session.conn.drain(), self.config.send_timeout)
+        timeout = self.config.send_timeout
+        _, nbytes = self._encoded_global()
+        held = await self.fanout.acquire(nbytes, 10 * timeout)
+        try:
+            version = self.state.version  # the latest, once our turn came
+            parts, _ = self._encoded_global()
+            session.write_parts(parts)
+            session.known_version = max(session.known_version, version)
+            await asyncio.wait_for(session.conn.drain(), timeout)
+        finally:
+            self.fanout.release(held)
+
+    def _encoded_global(self) -> tuple[list[bytes | memoryview], int]:
+        assert self.global_weights is not None
+        return self.fanout.encoded(self.state.version, self.global_model_id,
+                                   self.global_weights, self.state.finished, self.global_extra)
 
     # ------------------------------------------------------------------ rounds
     async def _drive(self) -> None:

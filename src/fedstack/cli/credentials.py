@@ -1,6 +1,8 @@
-"""``fedstack credentials``: issue, list and revoke the agents' credentials.
+"""``fedstack credentials``: issue, list and revoke the agents' and operators' credentials.
 
 The store keeps only a salted hash of each token: ``add`` prints the token once.
+``add NAME --operator`` issues a token for the aggregator's operator API instead of an
+agent's (it cannot register as an agent; an agent's token cannot call the API).
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from fedstack.store import Store
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("credentials", help="issue, list and revoke agent credentials")
+    p = sub.add_parser("credentials",
+                       help="issue, list and revoke agent and operator credentials")
     p.add_argument("action", choices=["add", "list", "revoke"])
     p.add_argument("name", nargs="?", help="agent name (add, revoke)")
     p.add_argument("--db", required=True, help="the aggregator's SQLite file or SQLAlchemy URL")
     p.add_argument("--blob-dir", help="blob directory (non-SQLite databases)")
     p.add_argument("--replace", action="store_true",
                    help="add: replace the agent's valid credential (disconnects it)")
+    p.add_argument("--operator", action="store_true",
+                   help="add: an operator credential (for the aggregator's operator API)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_credentials)
 
@@ -39,9 +44,16 @@ def cmd_credentials(args: argparse.Namespace) -> int:
 
 def _run(store: Store, args: argparse.Namespace) -> int:
     if args.action == "add":
-        token = store.issue_credential(args.name, replace=args.replace)
+        role = "operator" if args.operator else "agent"
+        token = store.issue_credential(args.name, replace=args.replace, role=role)
         if args.json:
-            print(json.dumps({"name": args.name, "token": token}))
+            print(json.dumps({"name": args.name, "role": role, "token": token}))
+        elif args.operator:
+            print(token)
+            print(f"operator credential issued for {args.name!r}; it is shown only this once. "
+                  "Call the operator API with 'Authorization: Bearer <token>', e.g. curl -H "
+                  "\"Authorization: Bearer $TOKEN\" http://HOST:PORT/api/v1/status",
+                  file=sys.stderr)
         else:
             print(token)
             print(f"credential issued for agent {args.name!r}; it is shown only this once. "
@@ -53,13 +65,13 @@ def _run(store: Store, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"name": args.name, "revoked": True, "changed": changed}))
         else:
-            print(f"revoked the credential of agent {args.name!r}" if changed
-                  else f"the credential of agent {args.name!r} was already revoked")
+            print(f"revoked the credential of {args.name!r}" if changed
+                  else f"the credential of {args.name!r} was already revoked")
         return 0
     rows = store.list_credentials()
     if args.json:
         print(json.dumps(rows))
     else:
-        print(table(rows, ["name", "source", "credential", "created", "revoked",
+        print(table(rows, ["name", "role", "source", "credential", "created", "revoked",
                            "last_seen", "last_address"]))
     return 0

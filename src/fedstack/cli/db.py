@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fedstack.errors import StoreError
@@ -15,7 +16,7 @@ from fedstack.store import Store
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("db", help="inspect the model store")
     p.add_argument("what", choices=["runs", "models", "rounds", "lineage", "metrics", "agents",
-                                    "events"])
+                                    "events", "plot"])
     p.add_argument("model", nargs="?", help="model id for lineage (default: latest global)")
     p.add_argument("--db", required=True, help="SQLite file or SQLAlchemy URL")
     p.add_argument("--blob-dir", help="blob directory (non-SQLite databases)")
@@ -23,6 +24,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--kind", choices=["local", "cluster"], help="models: only this kind")
     p.add_argument("--depth", type=int, default=2, help="lineage: levels to show")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--metric", action="append", default=[],
+                   help="plot: a round metric (default eval_accuracy and mean_train_loss)")
+    p.add_argument("--compare", action="append", default=[], metavar="RUN",
+                   help="plot: another run on the same axes (repeatable)")
+    p.add_argument("--out", default="fedstack-rounds.png", help="plot: the PNG to write")
     p.set_defaults(func=cmd_db)
 
 
@@ -80,6 +86,50 @@ def _print_tree(node: dict[str, Any], indent: int = 0) -> None:
         _print_tree(p, indent + 1)
 
 
+def plot_rounds(store: Store, run_ids: Sequence[str], metrics: Sequence[str],
+                out: str | Path) -> Path:
+    """One panel per metric (and one of round times): each run's value per round, to PNG.
+
+    Raises:
+        StoreError: matplotlib is missing (``pip install 'fedstack[plot]'``) or no run has
+            any of the metrics.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise StoreError("plots need matplotlib: pip install 'fedstack[plot]'") from exc
+    names = {r["id"]: r["name"] for r in store.list_runs()}
+    series = {rid: store.rounds(rid) for rid in run_ids}
+    shown = [m for m in metrics if any(m in (r["metrics"] or {}) for rows in series.values()
+                                       for r in rows)]
+    if not shown:
+        raise StoreError(f"no run has the metrics {', '.join(metrics)}; see `fedstack db "
+                         "metrics` for what the rounds hold")
+    panels = [*shown, "seconds"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], panels, strict=True):
+        for rid, rows in series.items():
+            pts = [(r["round"], r["seconds"] if metric == "seconds" else
+                    (r["metrics"] or {}).get(metric)) for r in rows]
+            pts = [(x, y) for x, y in pts if isinstance(y, int | float)]
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".",
+                        label=names.get(rid, rid[:8]))
+        ax.set_xlabel("round")
+        ax.set_title("round seconds" if metric == "seconds" else metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     store = Store(args.db, args.blob_dir)
     try:
@@ -108,6 +158,12 @@ def _run(store: Store, args: argparse.Namespace) -> int:
         for r in out:
             r["accuracy"] = r["metrics"].get("eval_accuracy")
         cols = ["round", "num_updates", "num_samples", "seconds", "accuracy", "model_id"]
+    elif args.what == "plot":
+        runs = [resolve_run(store, args.run)] + [resolve_run(store, r) for r in args.compare]
+        path = plot_rounds(store, runs, args.metric or ["eval_accuracy", "mean_train_loss"],
+                           args.out)
+        print(f"wrote {path}")
+        return 0
     elif args.what == "lineage":
         run_id = resolve_run(store, args.run)
         model_id = args.model

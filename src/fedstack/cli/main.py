@@ -50,6 +50,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval, finish_grace=args.finish_grace,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         require_tls=args.require_tls,
+        operator_api=False if args.no_operator_api else None,
         auth=args.auth,
         enrollment_token=args.enrollment_token or os.environ.get("FEDSTACK_ENROLLMENT_TOKEN"),
     )
@@ -128,7 +129,7 @@ class _Terminated(BaseException):
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from fedstack.agent.runner import run_trainer
-    from fedstack.aggregator.service import load_callable
+    from fedstack.plugins import load_callable
 
     factory = load_callable(args.trainer)
     trainer = factory(**_parse_kv(args.trainer_arg))
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "credentials add`) or enroll; off: names bound to their first token")
     a.add_argument("--enrollment-token", help="shared secret letting NEW agents register "
                    "with their own token (or FEDSTACK_ENROLLMENT_TOKEN)")
+    a.add_argument("--no-operator-api", action="store_true",
+                   help="do not serve the operator REST API (/healthz, /api/v1/...) on the port")
     a.add_argument("--ready-file", help=argparse.SUPPRESS)
     a.set_defaults(func=cmd_aggregator)
 
@@ -226,12 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_strategies)
 
+    from fedstack.cli import agents as agents_cli
     from fedstack.cli import certs as certs_cli
     from fedstack.cli import credentials as credentials_cli
     from fedstack.cli import db as db_cli
     from fedstack.cli import demo as demo_cli
+    from fedstack.cli import sim as sim_cli
 
     demo_cli.add_parser(sub)
+    agents_cli.add_parser(sub)
+    sim_cli.add_parser(sub)
     db_cli.add_parser(sub)
     certs_cli.add_parser(sub)
     credentials_cli.add_parser(sub)

@@ -1,6 +1,11 @@
-"""Datasets and partitioners for experiments (sklearn's bundled digits, IID and Dirichlet splits).
+"""Datasets and partitioners for experiments and simulations.
 
-Nothing here downloads anything: the only dataset is scikit-learn's bundled ``load_digits``.
+Nothing here downloads anything: scikit-learn's bundled digits (:mod:`fedstack.data.digits`),
+FedProx's Synthetic(alpha, beta) generator (:mod:`fedstack.data.synthetic`), CIFAR-10/100
+from a local folder in either distribution format (:mod:`fedstack.data.cifar`; the pickled
+"python version" is parsed without unpickling, :mod:`fedstack.data.inert_pickle`), and the
+partitioners IID, Dirichlet label skew, k-classes-per-agent shards and quantity skew
+(:mod:`fedstack.data.partition`).
 """
 
 from fedstack.data.digits import load_digits_split, partition_digits

@@ -183,6 +183,54 @@ def synthetic_iid_devices(
     return [_device(rng, int(counts[k]), mean, weight, bias, std) for k in range(num_devices)]
 
 
+def synthetic_device(
+    alpha: float,
+    beta: float,
+    index: int,
+    *,
+    seed: int = 0,
+    iid: bool = False,
+    dimension: int = DIMENSION,
+    num_classes: int = NUM_CLASSES,
+    max_samples: int | None = None,
+) -> SyntheticDevice:
+    """Draw device ``index`` of Synthetic(alpha, beta) on its own, in O(its samples).
+
+    The same generative model as :func:`synthetic_devices` (``u_k ~ N(0, alpha)``,
+    ``B_k ~ N(0, beta)``, ``v_k ~ N(B_k, 1)``, ``W_k, b_k ~ N(u_k, 1)``, ``x ~ N(v_k, Sigma)``,
+    LogNormal(4, 2) + 50 samples), but every device has its own generator
+    ``default_rng([seed, index])``: a simulator with thousands of agents makes each one's
+    data where that agent trains, without drawing everyone else's. (So device ``k`` here
+    differs from device ``k`` of :func:`synthetic_devices` with the same seed; the
+    distribution is the same.) With ``iid``: one shared ``W, b`` (drawn from ``seed``),
+    features ``N(0, Sigma)``.
+
+    Args:
+        max_samples: cap of the device's sample count (None: the LogNormal draw; it has a
+            heavy tail, some devices get tens of thousands of samples).
+
+    Raises:
+        ConfigError: If an argument is out of range.
+    """
+    _check(index + 1, dimension, num_classes)
+    alpha, beta = float(alpha), float(beta)
+    rng = np.random.default_rng([seed, index])
+    n = int(sample_counts(1, rng)[0])
+    if max_samples is not None:
+        n = max(1, min(n, int(max_samples)))
+    std = np.sqrt(feature_variances(dimension))
+    if iid:
+        shared = np.random.default_rng([seed, 1 << 31])
+        weight = shared.normal(0.0, 1.0, (dimension, num_classes))
+        bias = shared.normal(0.0, 1.0, num_classes)
+        return _device(rng, n, np.zeros(dimension), weight, bias, std)
+    model_mean = rng.normal(0.0, alpha)
+    feature_mean = rng.normal(rng.normal(0.0, beta), 1.0, dimension)
+    weight = rng.normal(model_mean, 1.0, (dimension, num_classes))
+    bias = rng.normal(model_mean, 1.0, num_classes)
+    return _device(rng, n, feature_mean, weight, bias, std)
+
+
 def generate_synthetic(
     alpha: float = 0.0,
     beta: float = 0.0,

@@ -242,7 +242,8 @@ async def diagnose(
     if is_fatal_tls_error(exc):
         return TLSError(describe_tls_failure(url, exc, ca))
     parts = urlsplit(url)
-    if not isinstance(exc, ConnectionClosed) or parts.hostname is None:
+    if (not isinstance(exc, ConnectionClosed) or parts.hostname is None
+            or parts.scheme not in ("ws", "wss")):
         return None
     if exc.reason.startswith("WebSocket handshake failed"):
         return None  # the peer answered in HTTP: not a TLS problem

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import struct
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -58,8 +59,9 @@ def decode_weights(data: memoryview) -> Weights:
 class BlobStore:
     """Tensor blobs in a directory, addressed by the sha256 of their bytes."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, fsync: bool = True) -> None:
         self.root = Path(root)
+        self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:
@@ -75,7 +77,8 @@ class BlobStore:
             size += len(p) if isinstance(p, bytes) else p.nbytes
         digest = h.hexdigest()
         final = self.path(digest)
-        tmp = final.with_suffix(f".tmp{os.getpid()}")
+        # unique per call: two threads may store the same content at the same time
+        tmp = final.with_suffix(f".tmp{os.getpid()}-{uuid.uuid4().hex[:12]}")
         try:
             if final.exists() and final.stat().st_size == size:
                 return digest, size
@@ -84,17 +87,19 @@ class BlobStore:
                 for p in parts:
                     f.write(p)
                 f.flush()
-                os.fsync(f.fileno())
+                if self.fsync:
+                    os.fsync(f.fileno())
                 if hasattr(os, "posix_fadvise"):
                     # written once, read rarely: do not let it crowd out the aggregator's
                     # working memory in the page cache
                     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             os.replace(tmp, final)
-            dir_fd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            if self.fsync:
+                dir_fd = os.open(final.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ def token_hash(token: str) -> str:
 
 
 AUTH_MODES = ("required", "off")
+ROLES = ("agent", "operator")
 MIN_ENROLLED_TOKEN_CHARS = 16
 _UNKNOWN_OR_WRONG = "unknown agent name or wrong credential"
 
@@ -72,6 +73,19 @@ class Registration:
     new: bool
     source: str | None  # issued | enrolled | first-use | None (no credential, auth off)
     credential: str | None  # the stored hash at registration (None: no credential)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return fingerprint(self.credential)
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    """An authenticated operator (see :meth:`Store.authenticate_operator`)."""
+
+    operator_id: str
+    name: str
+    credential: str  # the stored hash
 
     @property
     def fingerprint(self) -> str | None:
@@ -125,7 +139,15 @@ class ResumeState:
 class Store:
     """One deployment's persistent store (one database for every start of the aggregator)."""
 
-    def __init__(self, db: str, blob_dir: str | Path | None = None) -> None:
+    def __init__(self, db: str, blob_dir: str | Path | None = None, *,
+                 durable: bool = True) -> None:
+        """Open (or create) the store.
+
+        ``durable=False`` (the simulator's default) skips the fsyncs: SQLite runs with
+        ``synchronous=NORMAL`` and blobs are not synced, so a power cut may lose the last
+        commits (never corrupt the database). Deployments keep the default.
+        """
+        self.durable = durable
         self.url, self.path = resolve_url(db)
         if blob_dir is None:
             if self.path is None:
@@ -136,13 +158,14 @@ class Store:
             blob_dir = self.path.with_name(self.path.name + ".blobs")
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.blobs = BlobStore(blob_dir)
+        self.blobs = BlobStore(blob_dir, fsync=durable)
         try:
             self.engine: Engine = create_engine(self.url, future=True)
         except (SQLAlchemyError, ImportError) as exc:
             raise StoreError(f"cannot open database {db!r}: {exc}") from exc
         if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect",
+                         _sqlite_pragmas if durable else _sqlite_pragmas_fast)
         self._salt = b""
         for attempt in range(3):  # a concurrent first start may insert the meta rows first
             try:
@@ -158,13 +181,18 @@ class Store:
         s.metadata.create_all(self.engine)
         with self.engine.begin() as c:
             row = c.execute(select(s.meta.c.value).where(s.meta.c.key == "schema")).first()
+            found = version = s.SCHEMA_VERSION if row is None else int(row[0])
             if row is None:
                 c.execute(insert(s.meta).values(key="schema", value=str(s.SCHEMA_VERSION)))
-            elif int(row[0]) == 2:
+            if version == 2:
                 _migrate_2_to_3(c, self.engine)
-            elif int(row[0]) != s.SCHEMA_VERSION:
+                version = 3
+            if version == 3:
+                _migrate_3_to_4(c, self.engine)
+                version = 4
+            if version != s.SCHEMA_VERSION:
                 raise StoreError(
-                    f"database schema version {row[0]} is not supported "
+                    f"database schema version {found} is not supported "
                     f"(this fedstack uses {s.SCHEMA_VERSION})"
                 )
             # per-deployment salt of the credential hashes (tokens are never stored)
@@ -298,6 +326,9 @@ class Store:
                     credential_created=now if th is not None else None,
                 ))
                 return Registration(agent_id, True, source, th)
+            if row["role"] == "operator":  # an operator credential never joins a federation
+                raise CredentialRefused(f"agent {name!r}: {_UNKNOWN_OR_WRONG}", "bad-credential",
+                                        "operator-credential", credential=fp)
             stored: str | None = row["token_hash"]
             source = row["credential_source"]
             if stored is None:
@@ -323,13 +354,17 @@ class Store:
             c.execute(update(s.agents).where(s.agents.c.id == row["id"]).values(**values))
             return Registration(str(row["id"]), False, source, stored)
 
-    def issue_credential(self, name: str, *, replace: bool = False) -> str:
+    def issue_credential(self, name: str, *, replace: bool = False, role: str = "agent") -> str:
         """Issue a new credential for agent ``name`` (created if unknown); return the token.
 
         Only a hash is stored: the token cannot be shown again. A name that already has
         a valid credential keeps it unless ``replace`` (its agent is then disconnected by
         the aggregator at its next credential check); a revoked one gets a new credential.
+        ``role="operator"``: a credential for the operator API (names are shared: a name
+        is either an agent's or an operator's).
         """
+        if role not in ROLES:
+            raise ValueError(f"role {role!r} must be one of {ROLES}")
         if not name or name != name.strip() or len(name) > 128:
             raise StoreError("an agent name must have 1-128 characters, no surrounding blanks")
         token = secrets.token_urlsafe(32)
@@ -343,9 +378,13 @@ class Store:
                 c.execute(insert(s.agents).values(
                     id=agent_id, name=name, token_hash=th, created=now, last_seen=now,
                     last_address="", credential_source="issued", credential_created=now,
+                    role=role,
                 ))
             else:
                 agent_id = str(row["id"])
+                if row["role"] != role:
+                    raise StoreError(f"{name!r} is the name of an {row['role']}, not an "
+                                     f"{role}; choose another name")
                 if row["token_hash"] is not None and row["revoked_at"] is None:
                     if not replace:
                         raise StoreError(
@@ -361,32 +400,65 @@ class Store:
             c.execute(insert(s.events).values(
                 time=now, run_id=None, agent_id=agent_id, kind="credential_issued",
                 detail={"name": name, "credential": fingerprint(th), "source": "issued",
-                        "replaced": replaced}))
+                        "replaced": replaced, "role": role}))
         return token
 
-    def revoke_credential(self, name: str) -> bool:
+    def revoke_credential(self, name: str, *, role: str | None = None) -> bool:
         """Revoke agent ``name``'s credential: its reconnects are refused and connected
-        aggregators close its connection at their next check. False if already revoked."""
+        aggregators close its connection at their next check. False if already revoked.
+        ``role``: only a credential of this role (an other role's name is "no agent")."""
         now = time.time()
         with self._begin() as c:
             row = c.execute(select(s.agents).where(s.agents.c.name == name)).mappings().first()
-            if row is None:
-                raise StoreError(f"no agent {name!r}")
+            if row is None or (role is not None and row["role"] != role):
+                raise StoreError(f"no {role or 'agent'} {name!r}")
             if row["revoked_at"] is not None:
                 return False
             c.execute(update(s.agents).where(s.agents.c.id == row["id"]).values(revoked_at=now))
             c.execute(insert(s.events).values(
                 time=now, run_id=None, agent_id=row["id"], kind="credential_revoked",
                 detail={"name": name, "credential": fingerprint(row["token_hash"]),
-                        "source": row["credential_source"]}))
+                        "source": row["credential_source"], "role": row["role"]}))
         return True
+
+    def authenticate_operator(self, token: str | None, address: str) -> Operator:
+        """Check a bearer token for the operator API; record the use (``last_seen``).
+
+        Only an unrevoked ``operator`` credential passes.
+
+        Raises:
+            CredentialRefused: ``reason`` ``no-token``, ``wrong-token`` (unknown),
+                ``agent-credential`` (an agent's token) or ``revoked``.
+        """
+        if not token:
+            raise CredentialRefused("operator token required", "auth-required", "no-token")
+        th = self.hash_token(token)
+        fp = fingerprint(th)
+        with self._begin() as c:
+            row = c.execute(select(s.agents).where(s.agents.c.token_hash == th)
+                            ).mappings().first()
+            if row is None or not hmac.compare_digest(str(row["token_hash"]), th):
+                raise CredentialRefused("unknown operator token", "bad-credential",
+                                        "wrong-token", credential=fp)
+            if row["role"] != "operator":
+                raise CredentialRefused("an agent credential cannot use the operator API",
+                                        "forbidden", "agent-credential", credential=fp,
+                                        source=str(row["name"]))
+            if row["revoked_at"] is not None:
+                raise CredentialRefused(f"the credential of operator {row['name']!r} was "
+                                        "revoked", "revoked", "revoked", credential=fp,
+                                        source=str(row["name"]))
+            c.execute(update(s.agents).where(s.agents.c.id == row["id"]).values(
+                last_seen=time.time(), last_address=address[:128]))
+        return Operator(str(row["id"]), str(row["name"]), th)
 
     def list_credentials(self) -> list[dict[str, Any]]:
         """Every agent's credential state (never the hash)."""
         with self._begin() as c:
             rows = c.execute(select(s.agents).order_by(s.agents.c.created)).mappings().all()
         return [{
-            "name": r["name"], "agent_id": r["id"], "source": r["credential_source"],
+            "name": r["name"], "role": r["role"], "agent_id": r["id"],
+            "source": r["credential_source"],
             "credential": fingerprint(r["token_hash"]), "created": r["credential_created"],
             "revoked": r["revoked_at"] is not None, "revoked_at": r["revoked_at"],
             "last_seen": r["last_seen"], "last_address": r["last_address"],
@@ -642,11 +714,17 @@ class Store:
             rows = c.execute(q.order_by(s.models.c.round, s.models.c.created)).mappings().all()
         return [dict(r) for r in rows]
 
-    def rounds(self, run_id: str) -> list[dict[str, Any]]:
+    def rounds(self, run_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The rounds of ``run_id`` in order (only the last ``limit`` if given)."""
+        q = select(s.rounds).where(s.rounds.c.run_id == run_id)
+        if limit is not None:
+            q = q.order_by(s.rounds.c.round.desc()).limit(limit)
+        else:
+            q = q.order_by(s.rounds.c.round)
         with self._begin() as c:
-            rows = c.execute(select(s.rounds).where(s.rounds.c.run_id == run_id)
-                             .order_by(s.rounds.c.round)).mappings().all()
-        return [dict(r) for r in rows]
+            rows = c.execute(q).mappings().all()
+        out = [dict(r) for r in rows]
+        return out[::-1] if limit is not None else out
 
     def parents(self, model_id: str) -> list[dict[str, Any]]:
         q = (select(s.lineage.c.relation, s.models, s.agents.c.name.label("agent"))
@@ -723,12 +801,27 @@ def _migrate_2_to_3(c: Any, engine: Engine) -> None:
     c.execute(update(s.meta).where(s.meta.c.key == "schema").values(value="3"))
 
 
+def _migrate_3_to_4(c: Any, engine: Engine) -> None:
+    """Schema 3 -> 4: ``agents.role`` (every existing credential is an agent's)."""
+    col = s.agents.c.role
+    c.execute(text(f"ALTER TABLE agents ADD COLUMN {col.name} "
+                   f"{col.type.compile(dialect=engine.dialect)} NOT NULL DEFAULT 'agent'"))
+    c.execute(update(s.meta).where(s.meta.c.key == "schema").values(value="4"))
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_pragmas_fast(dbapi_conn: Any, _record: Any) -> None:
+    _sqlite_pragmas(dbapi_conn, _record)
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
 
 

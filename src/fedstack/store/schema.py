@@ -15,7 +15,7 @@ from sqlalchemy import (
     Table,
 )
 
-SCHEMA_VERSION = 3  # 3: agents.revoked_at, credential_source, credential_created
+SCHEMA_VERSION = 4  # 3: agents.revoked_at, credential_source, credential_created; 4: role
 
 metadata = MetaData()
 
@@ -53,6 +53,9 @@ agents = Table(
     Column("credential_source", String(16), nullable=True),  # issued | enrolled | first-use
     Column("credential_created", Float, nullable=True),
     Column("revoked_at", Float, nullable=True),  # set: the credential is revoked
+    # schema 4: agent | operator (an operator credential opens the operator API, never a
+    # federation; an agent credential never opens the operator API)
+    Column("role", String(16), nullable=False, default="agent", server_default="agent"),
 )
 
 models = Table(

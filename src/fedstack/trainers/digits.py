@@ -179,6 +179,33 @@ def _loss_and_accuracy(x: F32, y: I64, coef: F32, intercept: F32) -> tuple[float
     return float(loss), float(accuracy)
 
 
+def softmax_sgd(x: F32, y: I64, coef: F32, intercept: F32, *, epochs: int, lr: float,
+                batch_size: int, rng: np.random.Generator) -> tuple[F32, F32, list[float]]:
+    """Minibatch SGD on the cross-entropy of ``softmax(x @ coef.T + intercept)``.
+
+    Returns the trained copies of ``coef`` and ``intercept`` and the minibatch losses of
+    the last epoch.
+    """
+    coef, intercept = coef.copy(), intercept.copy()
+    n = len(y)
+    step = np.float32(lr)
+    batch_losses: list[float] = []
+    for _ in range(epochs):
+        batch_losses = []
+        order = rng.permutation(n)
+        for begin in range(0, n, batch_size):
+            rows = order[begin : begin + batch_size]
+            xb, yb = x[rows], y[rows]
+            probs = _softmax_probs(xb, coef, intercept)
+            picked = probs[np.arange(len(yb)), yb]
+            batch_losses.append(float(-np.log(np.maximum(picked, 1e-12)).mean()))
+            probs[np.arange(len(yb)), yb] -= 1.0  # d loss / d logits, times batch size
+            probs /= np.float32(len(yb))
+            coef -= step * (probs.T @ xb)
+            intercept -= step * probs.sum(axis=0)
+    return coef, intercept, batch_losses
+
+
 def evaluate_global(weights: Weights) -> Metrics:
     """Central evaluation of a global linear model on the digits test split.
 
@@ -230,6 +257,14 @@ class DigitsLinearTrainer(DigitsTrainerBase):
         super().__init__(index, num_agents, partition, seed, epochs, lr, batch_size)
         self._rng = np.random.default_rng([self.seed, self.index])
 
+    def get_state(self) -> dict[str, Any]:
+        """What changes between fits (the minibatch order's generator): the simulator
+        keeps it per agent, so an agent trains the same in whichever worker it runs."""
+        return {"rng": self._rng.bit_generator.state}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._rng.bit_generator.state = dict(state["rng"])
+
     def initial_weights(self) -> Weights:
         """Small random weights, identical for every agent with the same ``seed``.
 
@@ -262,24 +297,10 @@ class DigitsLinearTrainer(DigitsTrainerBase):
         _, global_accuracy = _loss_and_accuracy(self.x_test, self.y_test, coef, intercept)
 
         start = time.perf_counter()
-        coef, intercept = coef.copy(), intercept.copy()
         x, y = self.x_train, self.y_train
         n = len(y)
-        step = np.float32(lr)
-        batch_losses: list[float] = []
-        for _ in range(epochs):
-            batch_losses = []
-            order = self._rng.permutation(n)
-            for begin in range(0, n, batch_size):
-                rows = order[begin : begin + batch_size]
-                xb, yb = x[rows], y[rows]
-                probs = _softmax_probs(xb, coef, intercept)
-                picked = probs[np.arange(len(yb)), yb]
-                batch_losses.append(float(-np.log(np.maximum(picked, 1e-12)).mean()))
-                probs[np.arange(len(yb)), yb] -= 1.0  # d loss / d logits, times batch size
-                probs /= np.float32(len(yb))
-                coef -= step * (probs.T @ xb)
-                intercept -= step * probs.sum(axis=0)
+        coef, intercept, batch_losses = softmax_sgd(x, y, coef, intercept, epochs=epochs,
+                                                    lr=lr, batch_size=batch_size, rng=self._rng)
         train_seconds = time.perf_counter() - start
 
         _, local_accuracy = _loss_and_accuracy(x, y, coef, intercept)

@@ -138,6 +138,27 @@ class _TorchDigitsTrainer(DigitsTrainerBase):
         """A freshly initialised model (initialisation depends on the global RNG)."""
         raise NotImplementedError
 
+    @classmethod
+    def warm_up(cls) -> None:
+        """Pay the one-time costs in this process (PyTorch's lazy imports on the first
+        optimizer step, the digits split): ``fedstack agents`` calls it once in the parent
+        before forking the agents, so no agent pays them again."""
+        load_digits_split()
+        model = cls.build(cls.__new__(cls))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = nn.functional.cross_entropy(model(torch.zeros(2, 64)), torch.zeros(2).long())
+        torch.autograd.backward(loss)
+        optimizer.step()
+
+    def get_state(self) -> dict[str, Any]:
+        """What changes between fits (the minibatch order's generator): the simulator
+        keeps it per agent, so an agent trains the same in whichever worker it runs."""
+        return {"generator": self._generator.get_state().numpy().copy()}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._generator.set_state(torch.from_numpy(np.asarray(state["generator"],
+                                                              dtype=np.uint8).copy()))
+
     def initial_weights(self) -> Weights:
         """The model initialised from ``seed``: identical for every agent with that seed.
 

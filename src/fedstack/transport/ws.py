@@ -21,6 +21,7 @@ import logging
 import os
 import ssl as ssl_mod
 import struct
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +35,15 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from fedstack.errors import ConnectionClosed, MessageTooLarge, RemoteProtocolError
+from fedstack.transport.budget import ByteBudget, Hold
+from fedstack.transport.http import (
+    HttpError,
+    HttpHandler,
+    HttpRequest,
+    HttpResponse,
+    error_response,
+    parse_request,
+)
 
 _HS_LOG = logging.getLogger("fedstack.transport.handshake")
 _HS_LOG.setLevel(logging.WARNING)
@@ -44,6 +54,7 @@ HANDSHAKE_TIMEOUT = 10.0
 """Seconds a server connection may take to complete its HTTP upgrade (slow-loris guard)."""
 _SCRATCH = 256 * 1024
 _QUEUE_HIGH = 8  # complete messages buffered before we stop reading (backpressure)
+_HTTP_DISCARD = 1 << 20  # bytes read (and dropped) after a plain HTTP request before we abort
 
 Buffer = bytes | bytearray | memoryview
 
@@ -99,8 +110,25 @@ class WSConnection(asyncio.BufferedProtocol):
         on_open: Callable[[WSConnection], None] | None = None,
         uri: str | None = None,
         handshake_timeout: float | None = None,
+        http_handler: HttpHandler | None = None,
+        receive_budget: ByteBudget | None = None,
     ) -> None:
         self.client = client
+        # big incoming messages take bytes of this budget (shared by the server's
+        # connections) from their first frame header until they are freed or the reader
+        # asks for the next message; when it is spent, reading stops (TCP backpressure)
+        self._budget = receive_budget
+        self._deferred: tuple[int, bool, int] | None = None  # (opcode, fin, length) waiting
+        self._stash = bytearray()  # bytes read after a deferred header
+        self._msg_hold: Hold | None = None  # of the message being assembled
+        self._last_hold: Hold | None = None  # of the last message recv() returned
+        self._holds: collections.deque[tuple[memoryview, Hold]] = collections.deque()
+        self._http_handler = http_handler
+        self._http = False  # a plain HTTP request is being answered: drop further input
+        self._http_task: asyncio.Task[None] | None = None
+        self._http_discarded = 0
+        self._http_replied = False
+        self._http_eof = False
         self.handshake_timeout = handshake_timeout
         self.max_message_bytes = max_message_bytes
         self._on_open = on_open
@@ -118,7 +146,9 @@ class WSConnection(asyncio.BufferedProtocol):
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed_future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # frame parser state
-        self._scratch = bytearray(_SCRATCH)
+        # np.empty: pages are touched only as data arrives (1,000 idle connections do not
+        # cost 1,000 x 256 KiB of resident memory)
+        self._scratch = np.empty(_SCRATCH, dtype=np.uint8).data
         self._hdr = bytearray()
         self._need_hdr = 2
         self._in_payload = False
@@ -146,6 +176,10 @@ class WSConnection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.remote_address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if not self.client:
+            # drain() waits until the transport handed every byte to the kernel, so a
+            # sender that holds a byte budget until drain() returns holds it truly
+            if self.transport is not None:
+                self.transport.set_write_buffer_limits(high=64 * 1024, low=0)
             self._hs_timer = asyncio.get_running_loop().call_later(
                 self.handshake_timeout or HANDSHAKE_TIMEOUT, self._handshake_expired)
         if self.client:
@@ -189,10 +223,14 @@ class WSConnection(asyncio.BufferedProtocol):
             self._wake()
 
     def eof_received(self) -> bool | None:
+        if self._http and not self._http_replied:
+            self._http_eof = True
+            return True  # the client finished sending: keep the socket open for the answer
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._release_budget()
         if self._hs_timer is not None:
             self._hs_timer.cancel()
         if not self.opened.done():
@@ -225,8 +263,16 @@ class WSConnection(asyncio.BufferedProtocol):
         return np.frombuffer(self._ctrl, dtype=np.uint8)
 
     def _feed(self, data: memoryview) -> None:
+        if self._deferred is not None:  # read before pause_reading took effect
+            self._stash += data
+            return
         pos, n = 0, len(data)
         while pos < n and not self._closed:
+            if self._http:  # one request per connection; its body (if any) is never read
+                self._http_discarded += n - pos
+                if self._http_discarded > _HTTP_DISCARD:
+                    self._abort("too much data after an HTTP request")
+                return
             if not self._open:
                 pos = self._feed_handshake(data, pos)
                 continue
@@ -236,6 +282,9 @@ class WSConnection(asyncio.BufferedProtocol):
                 pos += take
                 if len(self._hdr) == self._need_hdr:
                     self._parse_header()
+                    if self._deferred is not None:  # waiting for the receive budget
+                        self._stash += data[pos:]
+                        return
                 continue
             take = min(self._payload_len - self._filled, n - pos)
             target = self._payload_target()
@@ -252,6 +301,12 @@ class WSConnection(asyncio.BufferedProtocol):
         end = self._handshake.find(b"\r\n\r\n", max(0, before - 3))
         if end < 0:
             if len(self._handshake) > _MAX_HANDSHAKE:
+                if self._http_handler is not None and not self.client:
+                    self._http = True
+                    self._handshake.clear()
+                    self._reply_http(error_response(431, "request head too large",
+                                                    f"at most {_MAX_HANDSHAKE} bytes"))
+                    return len(data)
                 self._abort("handshake too large")
             return len(data)
         consumed = end + 4 - before  # bytes of this chunk that belong to the handshake
@@ -273,6 +328,8 @@ class WSConnection(asyncio.BufferedProtocol):
                 self._abort(f"WebSocket handshake failed: {why}")
                 return
         else:
+            if self._http_handler is not None and self._route_http(raw):
+                return
             sproto = ServerProtocol(max_size=None, logger=_HS_LOG)
             sproto.receive_data(raw)
             events = sproto.events_received()
@@ -300,6 +357,53 @@ class WSConnection(asyncio.BufferedProtocol):
             self.opened.set_result(None)
         if self._on_open is not None:
             self._on_open(self)
+
+    # ------------------------------------------------------------------ plain HTTP
+    def _route_http(self, raw: bytes) -> bool:
+        """Serve ``raw`` with the HTTP handler unless it is a WebSocket upgrade.
+
+        Returns True if the request was taken (answered now or by a task).
+        """
+        assert self._http_handler is not None and self.transport is not None
+        tls = self.transport.get_extra_info("sslcontext") is not None
+        try:
+            req = parse_request(raw, self.remote_address, tls)
+        except HttpError as exc:
+            self._http = True
+            self._reply_http(exc.response)
+            return True
+        if req.is_websocket_upgrade:
+            return False
+        self._http = True
+        self._http_task = asyncio.get_running_loop().create_task(self._run_http(req))
+        return True
+
+    async def _run_http(self, req: HttpRequest) -> None:
+        assert self._http_handler is not None
+        try:
+            response = await self._http_handler(req)
+        except Exception:
+            logging.getLogger("fedstack.transport").exception(
+                "HTTP handler failed on %s %s from %s", req.method, req.path[:200],
+                self.remote_address)
+            response = error_response(500, "internal error", "see the aggregator's log")
+        self._reply_http(response)
+
+    def _reply_http(self, response: HttpResponse) -> None:
+        """Write ``response`` and close; the handshake deadline still bounds the linger."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._http_replied:
+            return
+        self._http_replied = True
+        transport.write(response.serialize())
+        self.bytes_sent += len(response.body)
+        if transport.can_write_eof() and not self._http_eof:
+            # half-close and drain what the client still sends (an unread request body
+            # would make the kernel reset the connection before the client reads the
+            # answer); EOF from the client, or the handshake deadline, ends it
+            transport.write_eof()
+        else:
+            transport.close()
 
     def _parse_header(self) -> None:
         h = self._hdr
@@ -339,6 +443,15 @@ class WSConnection(asyncio.BufferedProtocol):
             if total > self.max_message_bytes:
                 raise MessageTooLarge(total, self.max_message_bytes)
             if self._msg is None:
+                if self._budget is not None and self._budget.counts(length):
+                    hold = Hold(self._budget, length)
+                    if not self._budget.request(length, self._budget_granted):
+                        self._deferred = (opcode, fin, length)
+                        self._msg_hold = hold
+                        if self.transport is not None:
+                            self.transport.pause_reading()
+                        return
+                    self._msg_hold = hold
                 self._msg = np.empty(length, dtype=np.uint8)
             elif total > self._msg.size:
                 grown = np.empty(total, dtype=np.uint8)
@@ -349,6 +462,41 @@ class WSConnection(asyncio.BufferedProtocol):
             raise RemoteProtocolError("text frames are not part of the protocol", "bad-frame")
         else:
             raise RemoteProtocolError(f"unknown opcode {opcode}", "bad-frame")
+        self._start_payload(opcode, fin, length)
+
+    def _budget_granted(self) -> None:
+        """The receive budget took the bytes of the deferred message: go on reading."""
+        if self._deferred is None or self._closed:
+            if self._msg_hold is not None:
+                self._msg_hold.release()
+                self._msg_hold = None
+            return
+        opcode, fin, length = self._deferred
+        self._deferred = None
+        self._msg = np.empty(length, dtype=np.uint8)
+        self._payload_start = 0
+        stash, self._stash = self._stash, bytearray()
+        try:
+            self._start_payload(opcode, fin, length)
+            if stash:
+                self._feed(memoryview(stash))
+        except RemoteProtocolError as exc:
+            self._error = exc
+            self._wake()
+            return
+        if (self.transport is not None and not self._paused_reading
+                and self._deferred is None and self._error is None):
+            self.transport.resume_reading()
+
+    def _release_budget(self) -> None:
+        if self._deferred is not None and self._budget is not None:
+            self._budget.cancel(self._budget_granted)
+        for hold in (self._msg_hold, self._last_hold):
+            if hold is not None:
+                hold.release()
+        self._msg_hold = self._last_hold = None
+
+    def _start_payload(self, opcode: int, fin: bool, length: int) -> None:
         self._opcode = opcode
         self._fin = fin
         self._payload_len = length
@@ -375,6 +523,11 @@ class WSConnection(asyncio.BufferedProtocol):
         self._msg_len += self._payload_len
         if self._fin:
             msg = self._msg.data[: self._msg_len]
+            if self._msg_hold is not None:
+                # released when the buffer is freed (or when recv() is called again)
+                weakref.finalize(self._msg, self._msg_hold.release)
+                self._holds.append((msg, self._msg_hold))
+                self._msg_hold = None
             self._msg = None
             self._msg_len = 0
             self._messages.append(msg)
@@ -401,6 +554,12 @@ class WSConnection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ public API
     @property
+    def in_message(self) -> bool:
+        """A big message is arriving or waiting for the receive budget (the peer is not
+        silent: it is sending, or held back by us)."""
+        return self._deferred is not None or self._msg is not None
+
+    @property
     def is_open(self) -> bool:
         return self._open and not self._closed
 
@@ -424,8 +583,14 @@ class WSConnection(asyncio.BufferedProtocol):
                 await self._waiter
             finally:
                 self._waiter = None
+        if self._last_hold is not None:  # the reader is done with the previous message
+            self._last_hold.release()
+            self._last_hold = None
         msg = self._messages.popleft()
-        if self._paused_reading and len(self._messages) < _QUEUE_HIGH // 2 and self.transport:
+        if self._holds and self._holds[0][0] is msg:
+            self._last_hold = self._holds.popleft()[1]
+        if (self._paused_reading and len(self._messages) < _QUEUE_HIGH // 2 and self.transport
+                and self._deferred is None):
             self._paused_reading = False
             self.transport.resume_reading()
         return msg
@@ -523,11 +688,18 @@ async def serve(
     max_message_bytes: int,
     ssl: ssl_mod.SSLContext | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    http_handler: HttpHandler | None = None,
+    receive_budget: ByteBudget | None = None,
 ) -> asyncio.Server:
     """Listen on ``host:port``; run ``handler(conn)`` in a task for each opened connection.
 
     A connection that has not completed its HTTP upgrade (and TLS handshake) within
-    ``handshake_timeout`` seconds is dropped.
+    ``handshake_timeout`` seconds is dropped. With ``http_handler``, a request that is not
+    a WebSocket upgrade is answered with ``await http_handler(request)`` (see
+    :mod:`fedstack.transport.http`) and the connection closes; the whole exchange must fit
+    in ``handshake_timeout`` too. Without it such requests get the upgrade error as before.
+    ``receive_budget`` bounds the bytes of big incoming messages held at once over all the
+    connections (see :mod:`fedstack.transport.budget`).
     """
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
@@ -547,7 +719,8 @@ async def serve(
 
     def factory() -> WSConnection:
         return WSConnection(client=False, max_message_bytes=max_message_bytes, on_open=on_open,
-                            handshake_timeout=handshake_timeout)
+                            handshake_timeout=handshake_timeout, http_handler=http_handler,
+                            receive_budget=receive_budget)
 
     return await loop.create_server(factory, host, port, ssl=ssl, backlog=4096)
 

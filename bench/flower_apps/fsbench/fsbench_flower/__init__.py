@@ -1,0 +1,1 @@
+"""fedstack's benchmark tasks as a Flower App (ServerApp + ClientApp, Message API)."""

@@ -1,0 +1,168 @@
+"""The framework-overhead probe: a 100 MB model whose training is ``w + 0.001``.
+
+A 25,000,000-parameter float32 model (one array, 100 MB), 10 agents whose "training" adds
+0.001 to every weight (``fedstack.trainers.probe.ProbeTrainer``), equal-weight FedAvg over
+all 10 every round, 5 rounds, and a central "evaluation" (the mean weight, 0.005 at the
+end). With nothing to learn, a round's time is the framework's own cost: moving,
+storing and averaging 10 x 100 MB.
+
+Runs, one after the other, measured the same way (see ``fedbench_common``):
+
+1. the framework-free loop: one process, 10 x (w + 0.001) then the weighted average;
+2. fedstack deployment: ``fedstack aggregator`` + 10 ``fedstack agent`` processes over
+   loopback WebSockets (SQLite store: every upload and global model is kept);
+3. fedstack simulation: ``fedstack sim`` (in-process transport), one process;
+4. Flower deployment engine: SuperLink + 10 SuperNodes + ``flwr run`` on 127.0.0.1;
+5. Flower simulation engine: ``run_simulation`` (Ray).
+
+The Flower runs use ``bench/.flower-venv`` (``flwr[simulation]==1.42.0``; created on first
+use by ``bench/flower_env.py``) and the app in ``bench/flower_apps/fsbench`` with
+``task=probe`` (the same ProbeTrainer).
+
+Run::
+
+    .venv/bin/python bench/overhead_probe.py                   # all runs, ~3-4 min
+    .venv/bin/python bench/overhead_probe.py --skip-flower-deployment --skip-flower-simulation
+
+Targets (issue 5, benchmark 2): fedstack's per-round time after round 1 within 3x of the
+framework-free loop's and under 1/5 of Flower's deployment engine's. Prints a table and
+PASS/FAIL, writes ``bench/results/overhead_probe.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fedbench_common as fc  # noqa: E402
+from flower_compare import _check, print_table, warm_up  # noqa: E402
+from flower_env import ensure_flower_venv  # noqa: E402
+
+FF = "framework-free loop"
+FS_DEP = "fedstack deployment"
+FS_SIM = "fedstack simulation"
+FL_DEP = "Flower deployment"
+FL_SIM = "Flower simulation (Ray)"
+
+
+def acceptance(runs: dict[str, dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
+    """Benchmark 2's targets, each PASS / FAIL / n/a."""
+    rnd = {n: r.get("mean_round_after_first") if r.get("ok") else None
+           for n, r in runs.items()}
+    out = []
+    for name in (FS_DEP, FS_SIM):
+        a, b = rnd.get(name), rnd.get(FF)
+        r = None if a is None or not b else a / b
+        out.append(_check(f"{name} per-round within 3x framework-free",
+                          None if r is None else r <= 3.0,
+                          "missing run" if r is None else
+                          f"{a:.3f} s / {b:.3f} s = {r:.2f}x (target <= 3)"))
+    for name in (FS_DEP, FS_SIM):
+        a, b = rnd.get(name), rnd.get(FL_DEP)
+        r = None if a is None or not b else a / b
+        out.append(_check(f"{name} per-round < 1/5 of Flower deployment",
+                          None if r is None else r < 0.2,
+                          "missing run" if r is None else
+                          f"{a:.3f} s / {b:.3f} s = {r:.3f} (target < 0.2)"))
+    expected = rounds * fc.PROBE["delta"]
+    for name, r in runs.items():
+        if r.get("ok"):
+            mean = r["final_metrics"].get("eval_mean")
+            ok = mean is not None and abs(mean - expected) < 1e-4
+            out.append(_check(f"{name} final mean weight == {expected:g}", ok,
+                              f"{mean}"))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--agents", type=int, default=10)
+    ap.add_argument("--skip-flower-deployment", action="store_true")
+    ap.add_argument("--skip-flower-simulation", action="store_true")
+    ap.add_argument("--skip-fedstack-simulation", action="store_true")
+    ap.add_argument("--timeout", type=float, default=900.0, help="per run, seconds")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep logs and stores")
+    ap.add_argument("--out", default=str(fc.RESULTS / "overhead_probe.json"))
+    args = ap.parse_args()
+    if args.rounds < 2:
+        ap.error("--rounds must be at least 2 (round 1 is left out of the per-round time)")
+
+    need_flower = not (args.skip_flower_deployment and args.skip_flower_simulation)
+    flower: dict[str, Any] = ensure_flower_venv() if need_flower else {}
+    flower_python = Path(flower["venv"]) / "bin" / "python" if flower else None
+    workdir = fc.new_workdir("fs-overhead-probe-")
+    print(f"overhead_probe: {fc.PROBE['params']:,} float32 parameters "
+          f"({fc.PROBE['params'] * 4 / 1e6:.0f} MB), {args.agents} agents adding "
+          f"{fc.PROBE['delta']}, {args.rounds} rounds; {os.cpu_count()} CPUs; "
+          f"flwr {flower.get('versions', {}).get('flwr', '-')}; work folder {workdir}",
+          flush=True)
+    warm_up(flower_python)
+
+    plan: list[tuple[str, Any, tuple[Any, ...]]] = [
+        (FF, fc.run_framework_free, ()), (FS_DEP, fc.run_fedstack_deployment, ())]
+    if not args.skip_fedstack_simulation:
+        plan.append((FS_SIM, fc.run_fedstack_sim, ()))
+    if not args.skip_flower_deployment:
+        plan.append((FL_DEP, fc.run_flower_deployment, (flower_python,)))
+    if not args.skip_flower_simulation:
+        plan.append((FL_SIM, fc.run_flower_sim, (flower_python,)))
+
+    runs: dict[str, dict[str, Any]] = {}
+    t_start = time.monotonic()
+    for name, fn, extra in plan:
+        print(f"  running {name} ...", flush=True)
+        r = fc.guarded(fn, name, "probe", args.rounds, args.agents, workdir, args.timeout,
+                       *extra)
+        runs[name] = r
+        print(f"    {'ok' if r.get('ok') else 'FAILED: ' + r.get('error', '')[:500]}"
+              + (f", wall {r['wall_seconds']:.2f} s" if r.get("ok") else ""), flush=True)
+        # The stores of big-model runs hold GBs of blobs: drop them as soon as measured.
+        for db in workdir.glob("*.db*"):
+            if db.is_dir():
+                shutil.rmtree(db, ignore_errors=True)
+            else:
+                db.unlink(missing_ok=True)
+
+    print()
+    print(f"overhead probe: 100 MB model, {args.agents} agents, {args.rounds} rounds "
+          "(wall: launch -> final global model evaluated; single-process runs: -> exit)")
+    print_table(runs, metric="eval_mean")
+    print()
+    print("acceptance (issue 5, benchmark 2):")
+    checks = acceptance(runs, args.rounds)
+    result = {
+        "benchmark": "overhead_probe",
+        "task": {"params": fc.PROBE["params"], "dtype": "float32", "delta": fc.PROBE["delta"],
+                 "agents": args.agents, "rounds": args.rounds,
+                 "strategy": "equal-weight FedAvg, all agents every round",
+                 "evaluation": "central mean weight (fedstack.trainers.probe:evaluate_probe)"},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "flower": flower,
+        "runs": runs,
+        "acceptance": checks,
+        "total_seconds": time.monotonic() - t_start,
+        "workdir": str(workdir) if args.keep_workdir else None,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {out}")
+    if not args.keep_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

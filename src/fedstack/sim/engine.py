@@ -1,0 +1,419 @@
+"""The simulator: the real aggregator and the real agents, N virtual agents in one process.
+
+Nothing here re-implements federated learning. :func:`simulate` starts a real
+:class:`~fedstack.aggregator.Aggregator` (its round engine, strategies, validation and
+store) and drives real :class:`~fedstack.agent.Agent` objects through its book API
+(``send_initial_model``, ``start``, ``wait_for_global_model``, ``send_trained_model``).
+Only two things differ from a deployment:
+
+* the transport: ``inproc`` (default) hands the encoded messages between the agents and
+  the aggregator without sockets — every message is still encoded, decoded and validated —
+  and ``loopback`` uses real WebSockets on 127.0.0.1;
+* the agents' training runs in a backend (:mod:`fedstack.sim.backends`): a pool of worker
+  processes sized to the machine, Ray, or inline.
+
+Each round, ``per_round`` of the ``num_agents`` virtual agents are sampled (seeded); they
+join, receive the global model, train, upload, and leave; the aggregator completes the
+round when all of them uploaded. When every agent takes part in every round
+(``per_round == num_agents``, at most :data:`PERSISTENT_MAX` agents), the agents stay
+connected for the whole run instead, as in a deployment. Per-agent trainer state
+(``get_state``/``set_state``) is kept between rounds. Everything lands in the same store as
+a deployment, so ``fedstack db`` and the plots work unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextlib
+import itertools
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedstack.agent.client import Agent
+from fedstack.aggregator.config import AggregatorConfig
+from fedstack.aggregator.service import Aggregator
+from fedstack.errors import ConfigError, FederationFinished, FedstackError
+from fedstack.sim.backends import Backend, create_backend
+from fedstack.sim.worker import FitTask
+from fedstack.store import Store
+from fedstack.types import Metrics, Weights
+
+__all__ = ["PERSISTENT_MAX", "SimError", "SimResult", "simulate"]
+
+log = logging.getLogger("fedstack.sim")
+
+PERSISTENT_MAX = 1000
+"""Up to this many agents stay connected when all of them train every round."""
+
+_run_ids = itertools.count(1)
+
+
+class SimError(FedstackError):
+    """The simulation could not complete (e.g. a trainer raised); the message says why."""
+
+
+@dataclass
+class SimResult:
+    """What :func:`simulate` returns."""
+
+    run_id: str
+    run_name: str
+    db: str
+    rounds: int
+    wall_seconds: float
+    """From the start of the simulation (worker pool included) to the final model."""
+    round_seconds: list[float]
+    """Wall time of each round, from its model's release to the next model."""
+    history: list[dict[str, Any]]
+    """The store's rows of the run's rounds (metrics include ``eval_*`` of the evaluator)."""
+    final_weights: Weights
+    final_metrics: Metrics
+    """The last round's metrics (mean training metrics and ``eval_*``)."""
+    agents_trained: int
+    """Distinct virtual agents that trained at least once."""
+    fits: int
+    backend: str
+    transport: str
+    setup_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able summary (what ``fedstack sim --json`` prints)."""
+        return {
+            "run_id": self.run_id, "run_name": self.run_name, "db": self.db,
+            "rounds": self.rounds, "wall_seconds": round(self.wall_seconds, 4),
+            "setup_seconds": round(self.setup_seconds, 4),
+            "round_seconds": [round(s, 5) for s in self.round_seconds],
+            "final_metrics": self.final_metrics, "agents_trained": self.agents_trained,
+            "fits": self.fits, "backend": self.backend, "transport": self.transport,
+            **self.extra,
+        }
+
+
+def simulate(
+    trainer: str,
+    trainer_args: Mapping[str, Any] | None = None,
+    *,
+    num_agents: int,
+    rounds: int,
+    per_round: int | None = None,
+    fraction: float | None = None,
+    strategy: str = "fedavg",
+    strategy_params: Mapping[str, Any] | None = None,
+    federation: Mapping[str, Any] | None = None,
+    evaluator: str | None = None,
+    db: str = "fedstack-sim.db",
+    run_name: str | None = None,
+    transport: str = "inproc",
+    backend: str = "auto",
+    workers: int | None = None,
+    backend_options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    delivery: str = "push",
+    durable: bool = False,
+    round_timeout: float = 600.0,
+    persistent: bool | None = None,
+    progress: bool | Callable[[int, float, Metrics], None] = False,
+) -> SimResult:
+    """Simulate a federation of ``num_agents`` virtual agents for ``rounds`` rounds.
+
+    Args:
+        trainer: ``module:Callable`` building an agent's trainer as
+            ``Callable(index=I, num_agents=N, **trainer_args)`` (see
+            :class:`~fedstack.agent.trainer.Trainer`; e.g.
+            ``fedstack.trainers.torch_digits:DigitsMLPTrainer``).
+        trainer_args: keyword arguments for every trainer (e.g. ``partition``, ``seed``).
+        num_agents: virtual agents N.
+        rounds: rounds to run.
+        per_round: agents sampled per round (default: all, or ``fraction`` of N).
+        fraction: fraction of N sampled per round (rounded up), instead of ``per_round``.
+        strategy, strategy_params: the aggregation strategy (``fedstack strategies``).
+        federation: settings sent to every agent (e.g. ``fedprox_mu``).
+        evaluator: ``module:function(weights) -> metrics`` run by the aggregator on every
+            global model (stored as ``eval_*`` round metrics).
+        db: the store (an SQLite path or an SQLAlchemy URL); runs accumulate in it.
+        run_name: name of the run (default: unique); an existing name would resume it.
+        transport: ``inproc`` (no sockets) or ``loopback`` (WebSockets on 127.0.0.1).
+        backend: ``auto`` (inline until fits are slow enough for worker processes to
+            pay), ``local`` (worker processes), ``inline`` or ``ray``.
+        workers: worker processes (default: one per CPU); 0 means inline.
+        backend_options: extra options of the backend (e.g. Ray's ``num_cpus``).
+        seed: seed of the sampling and of the aggregator.
+        delivery: ``push`` or ``poll``.
+        durable: fsync every write (a deployment's setting; off by default here).
+        round_timeout: seconds a round may take before the simulation fails.
+        persistent: keep agents connected between rounds (default: when all train every
+            round and N <= :data:`PERSISTENT_MAX`).
+        progress: True for a progress bar on stderr, or a callback
+            ``(round, seconds, metrics)``.
+
+    Raises:
+        ConfigError: invalid arguments.
+        SimError: a trainer failed or a round did not complete in time.
+    """
+    k = _sample_size(num_agents, per_round, fraction)
+    if rounds < 1:
+        raise ConfigError("rounds must be at least 1")
+    if transport not in ("inproc", "loopback"):
+        raise ConfigError(f"transport {transport!r} must be 'inproc' or 'loopback'")
+    if persistent is None:
+        persistent = k == num_agents and num_agents <= PERSISTENT_MAX
+    elif persistent and k != num_agents:
+        raise ConfigError("persistent agents need per_round == num_agents")
+    t0 = time.perf_counter()
+    be = create_backend(backend, workers, trainer=trainer, **dict(backend_options or {}))
+    try:
+        sim = _Simulation(
+            trainer=trainer, trainer_args=dict(trainer_args or {}), num_agents=num_agents,
+            per_round=k, rounds=rounds, strategy=strategy,
+            strategy_params=dict(strategy_params or {}), federation=dict(federation or {}),
+            evaluator=evaluator, db=db,
+            run_name=run_name or f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-"
+                                 f"{next(_run_ids)}",
+            transport=transport, backend=be, seed=seed, delivery=delivery, durable=durable,
+            round_timeout=round_timeout, persistent=persistent, progress=progress, t0=t0,
+        )
+        return _run(sim.run())
+    finally:
+        be.close()
+
+
+def _sample_size(n: int, per_round: int | None, fraction: float | None) -> int:
+    if n < 1:
+        raise ConfigError("num_agents must be at least 1")
+    if per_round is not None and fraction is not None:
+        raise ConfigError("give per_round or fraction, not both")
+    if fraction is not None:
+        if not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"fraction {fraction} must be in (0, 1]")
+        return max(1, math.ceil(fraction * n - 1e-9))
+    k = n if per_round is None else per_round
+    if not 1 <= k <= n:
+        raise ConfigError(f"per_round {k} must be in 1..num_agents ({n})")
+    return k
+
+
+def _run(coro: Any) -> SimResult:
+    try:
+        import uvloop
+
+        runner: Any = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover
+        runner = asyncio.Runner()
+    with runner:
+        result: SimResult = runner.run(coro)
+        return result
+
+
+class _Simulation:
+    def __init__(self, *, trainer: str, trainer_args: dict[str, Any], num_agents: int,
+                 per_round: int, rounds: int, strategy: str, strategy_params: dict[str, Any],
+                 federation: dict[str, Any], evaluator: str | None, db: str, run_name: str,
+                 transport: str, backend: Backend, seed: int, delivery: str, durable: bool,
+                 round_timeout: float, persistent: bool,
+                 progress: bool | Callable[[int, float, Metrics], None], t0: float) -> None:
+        self.trainer, self.trainer_args = trainer, trainer_args
+        self.n, self.k, self.rounds = num_agents, per_round, rounds
+        self.backend, self.transport = backend, transport
+        self.persistent, self.round_timeout = persistent, round_timeout
+        self.rng = np.random.default_rng(seed)
+        self.t0 = t0
+        self.db, self.durable, self.run_name = db, durable, run_name
+        self.config = AggregatorConfig(
+            host="127.0.0.1", port=0, transport="tcp" if transport == "loopback" else "inproc",
+            db=db, run_name=run_name, rounds=rounds, threshold=1.0, min_agents=per_round,
+            round_timeout=None, delivery=delivery, strategy=strategy,
+            strategy_params=strategy_params, federation=federation, seed=seed,
+            evaluator=evaluator, auth="off", finish_grace=0.0,
+            heartbeat_interval=30.0, register_timeout=60.0, send_timeout=round_timeout,
+        )
+        self.states: dict[int, dict[str, Any]] = {}
+        self.trained: set[int] = set()
+        self.fits = 0
+        self._lock = threading.Lock()
+        self.initial: Weights | None = None
+        self.url = ""
+        self.width = len(str(num_agents - 1))
+        self.failure: BaseException | None = None
+        self._progress = progress
+        self._bar: Any = None
+
+    # ------------------------------------------------------------------ the run
+    async def run(self) -> SimResult:
+        store = await asyncio.to_thread(Store, self.db, durable=self.durable)
+        agg = Aggregator(self.config, store=store)
+        try:
+            self.initial = await asyncio.to_thread(
+                self.backend.initial_weights, self.trainer, self.trainer_args, self.n)
+            await agg.start()
+            self.url = agg.url
+            setup = time.perf_counter() - self.t0
+            self._open_progress()
+            threads = min(self.k, 1024) if self.persistent else min(self.k, 64)
+            with cf.ThreadPoolExecutor(max_workers=threads,
+                                       thread_name_prefix="fedstack-sim") as pool:
+                if self.persistent:
+                    round_seconds = await self._run_persistent(agg, pool)
+                else:
+                    round_seconds = await self._run_sampled(agg, pool)
+            await asyncio.wait_for(agg.wait_finished(), 60.0)
+            wall = time.perf_counter() - self.t0
+            history = await asyncio.to_thread(store.rounds, agg.run_id)
+            assert agg.global_weights is not None
+            final = {k: np.array(v) for k, v in agg.global_weights.items()}
+            last = history[-1]["metrics"] if history else {}
+            return SimResult(
+                run_id=agg.run_id, run_name=self.run_name, db=str(self.db),
+                rounds=agg.state.version, wall_seconds=wall, round_seconds=round_seconds,
+                history=history, final_weights=final, final_metrics=dict(last or {}),
+                agents_trained=len(self.trained), fits=self.fits,
+                backend=self.backend.name, transport=self.transport, setup_seconds=setup,
+                extra={k: v for k, v in (("backend_decision",
+                                          getattr(self.backend, "decision", None)),)
+                       if v is not None},
+            )
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            await agg.stop()
+            await asyncio.to_thread(store.close)
+
+    async def _wait_version(self, agg: Aggregator, version: int,
+                            tasks: list[asyncio.Future[Any]] | None = None) -> None:
+        deadline = time.monotonic() + self.round_timeout
+        while agg.state.version < version:
+            if self.failure is not None:
+                raise SimError(f"simulation failed: {self.failure!r}") from self.failure
+            for t in tasks or []:
+                if t.done() and t.exception() is not None:
+                    exc = t.exception()
+                    raise SimError(f"a virtual agent failed: {exc!r}") from exc
+            if time.monotonic() > deadline:
+                raise SimError(
+                    f"round {version} did not complete within {self.round_timeout} s "
+                    f"({len(agg.state.contributors)}/{self.k} updates)")
+            await asyncio.sleep(0.002)
+
+    async def _run_sampled(self, agg: Aggregator, pool: cf.ThreadPoolExecutor) -> list[float]:
+        loop = asyncio.get_running_loop()
+        seconds: list[float] = []
+        for rnd in range(1, self.rounds + 1):
+            start = time.perf_counter()
+            chosen = [int(i) for i in np.sort(self.rng.choice(self.n, self.k, replace=False))]
+            tasks = [loop.run_in_executor(pool, self._one_round, idx, rnd == 1 and j == 0)
+                     for j, idx in enumerate(chosen)]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException as exc:
+                for t in tasks:
+                    t.cancel()
+                raise SimError(f"round {rnd}: a virtual agent failed: {exc!r}") from exc
+            await self._wait_version(agg, rnd)
+            seconds.append(time.perf_counter() - start)
+            self._report(rnd, seconds[-1], agg)
+        return seconds
+
+    async def _run_persistent(self, agg: Aggregator,
+                              pool: cf.ThreadPoolExecutor) -> list[float]:
+        loop = asyncio.get_running_loop()
+        tasks = [loop.run_in_executor(pool, self._persistent_agent, idx, idx == 0)
+                 for idx in range(self.n)]
+        seconds: list[float] = []
+        try:
+            await self._wait_version(agg, 0, tasks)
+            last = time.perf_counter()
+            for rnd in range(1, self.rounds + 1):
+                await self._wait_version(agg, rnd, tasks)
+                now = time.perf_counter()
+                seconds.append(now - last)
+                last = now
+                self._report(rnd, seconds[-1], agg)
+            await asyncio.wait_for(asyncio.gather(*tasks), self.round_timeout)
+        except BaseException:
+            self.failure = self.failure or SimError("simulation stopped")
+            await agg.stop()  # unblocks the agents waiting for a model
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30.0)
+            raise
+        return seconds
+
+    # ------------------------------------------------------------------ one virtual agent
+    def _agent(self, idx: int, initial: bool) -> Agent:
+        agent = Agent(self.url, name=f"sim-{idx:0{self.width}d}", max_backoff=1.0,
+                      connect_timeout=30.0)
+        if initial:
+            assert self.initial is not None
+            agent.send_initial_model(self.initial)
+        return agent
+
+    def _train(self, agent: Agent, idx: int, gm: Weights) -> None:
+        config = {"version": agent.version, "name": agent.name,
+                  "federation": dict(agent.federation_config),
+                  "global_extra": dict(agent.global_extra)}
+        task = FitTask(self.trainer, self.trainer_args, idx, self.n, gm, config,
+                       self.states.get(idx))
+        res = self.backend.submit(task).result()
+        with self._lock:
+            if res.state is not None:
+                self.states[idx] = res.state
+            self.trained.add(idx)
+            self.fits += 1
+        agent.send_trained_model(res.weights, res.num_samples, res.metrics, extra=res.extra)
+
+    def _one_round(self, idx: int, initial: bool) -> None:
+        agent = self._agent(idx, initial)
+        try:
+            agent.start(timeout=self.round_timeout)
+            gm = agent.wait_for_global_model(timeout=self.round_timeout)
+            self._train(agent, idx, gm)
+            agent.flush(timeout=self.round_timeout)
+        finally:
+            agent.close()
+
+    def _persistent_agent(self, idx: int, initial: bool) -> None:
+        agent = self._agent(idx, initial)
+        try:
+            agent.start(timeout=self.round_timeout)
+            while self.failure is None:
+                try:
+                    gm = agent.wait_for_global_model(timeout=self.round_timeout)
+                except FederationFinished:
+                    return
+                if agent.finished:
+                    return  # the final model: nothing left to train for
+                self._train(agent, idx, gm)
+        except BaseException as exc:
+            self.failure = self.failure or exc
+            raise
+        finally:
+            agent.close()
+
+    # ------------------------------------------------------------------ progress
+    def _open_progress(self) -> None:
+        if self._progress is True:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.rounds, desc="rounds", unit="round", file=sys.stderr,
+                             dynamic_ncols=True)
+
+    def _report(self, rnd: int, seconds: float, agg: Aggregator) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(agents=f"{self.k}/{self.n}", s=f"{seconds:.3f}")
+        elif callable(self._progress):
+            self._progress(rnd, seconds, {"version": agg.state.version})
+
+
+def default_db(folder: str | Path = ".") -> str:
+    return str(Path(folder) / "fedstack-sim.db")

@@ -1,0 +1,130 @@
+"""The in-process transport: same interface and failure modes as the WebSocket one."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from fedstack.errors import ConnectionClosed, MessageTooLarge
+from fedstack.transport import connect, inproc
+
+
+def test_messages_cross_event_loops_in_both_directions() -> None:
+    received: list[bytes] = []
+
+    async def server_main(ready: threading.Event, done: threading.Event) -> None:
+        async def handler(conn: inproc.InProcConnection) -> None:
+            while True:
+                try:
+                    msg = await conn.recv()
+                except ConnectionClosed:
+                    done.set()
+                    return
+                received.append(bytes(msg))
+                await conn.send([b"echo:", bytes(msg)])
+
+        server = await inproc.serve(handler, "loops-test", max_message_bytes=1 << 20)
+        ready.set()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+        server.close()
+
+    ready, done = threading.Event(), threading.Event()
+    t = threading.Thread(target=asyncio.run, args=(server_main(ready, done),))
+    t.start()
+    assert ready.wait(5)
+
+    async def client() -> list[bytes]:
+        conn = await connect("inproc://loops-test", max_message_bytes=1 << 20)
+        out = []
+        for i in range(50):
+            payload = np.full(1000 + i, i, dtype=np.uint8)
+            conn.write([memoryview(payload)])
+            reply = await asyncio.wait_for(conn.recv(), 5)
+            out.append(bytes(reply))
+        await conn.close()
+        return out
+
+    replies = asyncio.run(client())
+    t.join(5)
+    assert not t.is_alive()
+    assert len(received) == 50
+    assert all(r == b"echo:" + bytes([i]) * (1000 + i) for i, r in enumerate(replies))
+
+
+def test_received_buffers_are_writable_copies() -> None:
+    async def main() -> None:
+        got: asyncio.Queue[memoryview] = asyncio.Queue()
+
+        async def handler(conn: inproc.InProcConnection) -> None:
+            await got.put(await conn.recv())
+
+        server = await inproc.serve(handler, max_message_bytes=1 << 20)
+        conn = await connect(server.url, max_message_bytes=1 << 20)
+        src = bytearray(b"abcdef")
+        conn.write([src])
+        src[0] = ord("z")  # the sender may reuse its buffer at once
+        msg = await asyncio.wait_for(got.get(), 5)
+        assert bytes(msg) == b"abcdef"
+        assert not msg.readonly
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_too_large_fails_on_the_receiving_side() -> None:
+    async def main() -> None:
+        errors: list[BaseException] = []
+
+        async def handler(conn: inproc.InProcConnection) -> None:
+            try:
+                await conn.recv()
+            except MessageTooLarge as exc:
+                errors.append(exc)
+
+        server = await inproc.serve(handler, max_message_bytes=1024)
+        conn = await connect(server.url, max_message_bytes=1 << 20)
+        conn.write([b"x" * 2048])  # the sender is not told: the receiver refuses it
+        for _ in range(100):
+            if errors:
+                break
+            await asyncio.sleep(0.01)
+        assert errors and "2048" in str(errors[0])
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_close_abort_and_refused() -> None:
+    async def main() -> None:
+        closed: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+
+        async def handler(conn: inproc.InProcConnection) -> None:
+            try:
+                await conn.recv()
+            except ConnectionClosed as exc:
+                closed.set_result((exc.code, exc.reason))
+
+        server = await inproc.serve(handler, "close-test", max_message_bytes=1024)
+        with pytest.raises(OSError, match="already running"):
+            await inproc.serve(handler, "close-test", max_message_bytes=1024)
+        conn = await connect("inproc://close-test", max_message_bytes=1024)
+        await conn.close(1000, "bye")
+        assert await asyncio.wait_for(closed, 5) == (1000, "bye")
+        with pytest.raises(ConnectionClosed):
+            conn.write([b"late"])
+        server.close()
+        with pytest.raises(ConnectionRefusedError, match="close-test"):
+            await connect("inproc://close-test", max_message_bytes=1024)
+        # a server closing drops its open connections
+        server2 = await inproc.serve(handler, "close-test-2", max_message_bytes=1024)
+        c2 = await connect(server2.url, max_message_bytes=1024)
+        await asyncio.sleep(0.01)
+        server2.close()
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(c2.recv(), 5)
+
+    asyncio.run(main())
