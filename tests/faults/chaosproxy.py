@@ -30,12 +30,14 @@ class ProxyStats:
 class ChaosProxy:
     def __init__(self, upstream_port: int, *, seed: int, max_cuts: int = 10,
                  max_stalls: int = 10, cut_after: tuple[float, float] = (0.05, 0.8),
-                 stall: tuple[float, float] = (0.1, 0.8), fault_seconds: float = 15.0) -> None:
+                 stall: tuple[float, float] = (0.1, 0.8), fault_seconds: float = 15.0,
+                 cut_probability: float = 0.7) -> None:
         self.upstream_port = upstream_port
         self.rng = random.Random(seed)
         self.max_cuts, self.max_stalls = max_cuts, max_stalls
         self.cut_after, self.stall = cut_after, stall
         self.fault_seconds = fault_seconds
+        self.cut_probability = cut_probability
         self.stats = ProxyStats()
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,7 +97,8 @@ class ChaosProxy:
             return
         stall_until = [0.0, 0.0]  # per direction
         cut_at = None
-        if self.faulty and self.stats.cuts < self.max_cuts and self.rng.random() < 0.7:
+        if (self.faulty and self.stats.cuts < self.max_cuts
+                and self.rng.random() < self.cut_probability):
             cut_at = time.monotonic() + self.rng.uniform(*self.cut_after)
 
         async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, d: int) -> None:

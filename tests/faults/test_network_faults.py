@@ -27,7 +27,7 @@ def test_proxy_cuts_and_stalls_connections(tmp_path: Path,
     started = time.monotonic()
     with aggregator_thread(aggregator_config(db, ROUNDS)) as agg, \
             ChaosProxy(agg.port, seed=3, max_cuts=12, max_stalls=12,
-                       fault_seconds=20.0) as proxy:
+                       fault_seconds=20.0, cut_probability=1.0) as proxy:
         url = f"ws://127.0.0.1:{proxy.port}"
         # training takes long enough per round for the proxy to land its faults even when
         # a busy machine makes everything else slow
