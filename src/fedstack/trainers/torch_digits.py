@@ -145,10 +145,10 @@ class _TorchDigitsTrainer(DigitsTrainerBase):
         before forking the agents, so no agent pays them again."""
         load_digits_split()
         model = cls.build(cls.__new__(cls))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         loss = nn.functional.cross_entropy(model(torch.zeros(2, 64)), torch.zeros(2).long())
         torch.autograd.backward(loss)
-        optimizer.step()
+        if cls.momentum:  # only then does fit use torch.optim (and its lazy imports)
+            torch.optim.SGD(model.parameters(), lr=0.0, momentum=cls.momentum).step()
 
     def get_state(self) -> dict[str, Any]:
         """What changes between fits (the minibatch order's generator): the simulator
@@ -194,7 +194,11 @@ class _TorchDigitsTrainer(DigitsTrainerBase):
 
         start = time.perf_counter()
         self.model.train()
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=self.momentum)
+        params = list(self.model.parameters())
+        # plain SGD needs no optimizer object: the same update as torch.optim.SGD
+        # (param.add_(grad, alpha=-lr)) without importing torch._dynamo on the first fit
+        optimizer = (torch.optim.SGD(params, lr=lr, momentum=self.momentum)
+                     if self.momentum else None)
         n = len(self._y)
         batch_losses: list[float] = []
         for _ in range(epochs):
@@ -202,10 +206,17 @@ class _TorchDigitsTrainer(DigitsTrainerBase):
             order = torch.randperm(n, generator=self._generator)
             for begin in range(0, n, batch_size):
                 rows = order[begin : begin + batch_size]
-                optimizer.zero_grad()
+                for p in params:
+                    p.grad = None
                 loss = nn.functional.cross_entropy(self.model(self._x[rows]), self._y[rows])
                 torch.autograd.backward(loss)
-                optimizer.step()
+                if optimizer is not None:
+                    optimizer.step()
+                else:
+                    with torch.no_grad():
+                        for p in params:
+                            if p.grad is not None:
+                                p.add_(p.grad, alpha=-lr)
                 batch_losses.append(loss.item())
         train_seconds = time.perf_counter() - start
 
