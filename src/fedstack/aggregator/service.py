@@ -651,45 +651,39 @@ class Aggregator:
             await session.send(Error(code="bad-field", message="upload_id must be 1-64 chars"),
                                cfg.send_timeout)
             return
-        existing = await asyncio.to_thread(self.store.find_upload, msg.upload_id)
-        blob: tuple[str, int] | None = None
-        if existing is None:
-            # Write the blob outside the lock: it is content-addressed and idempotent.
-            blob = await asyncio.to_thread(self.store.blobs.put, msg.model)
+        # The blob first, outside the lock: content-addressed and idempotent (a re-sent
+        # upload costs a hash and a stat). Then, under the lock, ONE thread hop persists the
+        # record (add_upload is idempotent by upload_id: a duplicate returns the stored one)
+        # and, only if this call stored it, adds it to the round's accumulator: persisted
+        # before it is counted, counted before it is acknowledged.
+        blob = await asyncio.to_thread(self.store.blobs.put, msg.model)
         async with self._lock:
-            if existing is None:
-                existing = await asyncio.to_thread(self.store.find_upload, msg.upload_id)
-            if existing is not None:
-                ack = UploadAck(upload_id=msg.upload_id, status=_ack_status(existing.status),
-                                round=existing.round, message="already received")
+            verdict = self.state.classify(session.agent_id, msg.base_version)
+            status = {
+                Verdict.CURRENT: "buffered", Verdict.NEXT: "buffered",
+                Verdict.DROP: "stale", Verdict.DUPLICATE: "duplicate",
+                Verdict.FINISHED: "late",
+            }[verdict]
+            update = Update(session.agent_id, msg.model, msg.num_samples,
+                            self.state.version - msg.base_version, msg.metrics, "",
+                            msg.extra or {})
+            message = _explain(verdict)
+            ack_status = verdict.value
+            metrics = msg.metrics
+            if status == "buffered" and self.gate is not None:
+                decision = await asyncio.to_thread(self._gate_check, msg.model)
+                metrics = {**msg.metrics, **{f"gate_{k}": v
+                                             for k, v in decision.metrics.items()}}
+                if not decision.accepted:
+                    status = ack_status = "rejected"
+                    message = decision.reason
+                update = self._gated(update, decision)
+            rec, created, add_error = await asyncio.to_thread(
+                self._persist_upload, session.agent_id, msg, status, metrics, blob, update)
+            if not created:
+                ack = UploadAck(upload_id=msg.upload_id, status=_ack_status(rec.status),
+                                round=rec.round, message="already received")
             else:
-                verdict = self.state.classify(session.agent_id, msg.base_version)
-                status = {
-                    Verdict.CURRENT: "buffered", Verdict.NEXT: "buffered",
-                    Verdict.DROP: "stale", Verdict.DUPLICATE: "duplicate",
-                    Verdict.FINISHED: "late",
-                }[verdict]
-                update = Update(session.agent_id, msg.model, msg.num_samples,
-                                self.state.version - msg.base_version, msg.metrics, "",
-                                msg.extra or {})
-                message = _explain(verdict)
-                ack_status = verdict.value
-                metrics = msg.metrics
-                if status == "buffered" and self.gate is not None:
-                    decision = await asyncio.to_thread(self._gate_check, msg.model)
-                    metrics = {**msg.metrics, **{f"gate_{k}": v
-                                                 for k, v in decision.metrics.items()}}
-                    if not decision.accepted:
-                        status = ack_status = "rejected"
-                        message = decision.reason
-                    update = self._gated(update, decision)
-                rec, _ = await asyncio.to_thread(
-                    self.store.add_upload, self.run_id, agent_id=session.agent_id,
-                    upload_id=msg.upload_id, round=self.state.round,
-                    base_version=msg.base_version, num_samples=msg.num_samples,
-                    metrics=metrics, weights=msg.model, status=status, blob=blob,
-                    extra=msg.extra,
-                )
                 if status == "rejected":
                     log.warning("round %d: rejected the update of %s: %s", self.state.round,
                                 session.name, message)
@@ -700,12 +694,8 @@ class Aggregator:
                         run_id=self.run_id, agent_id=session.agent_id,
                     )
                 if status == "buffered":
-                    assert self._acc is not None
-                    update = dataclasses.replace(update, model_id=rec.model_id)
-                    try:
-                        await asyncio.to_thread(self._acc.add, update)
-                    except InvalidUpdate as exc:  # e.g. a buffered strategy is full
-                        await session.send(Error(code="invalid-model", message=str(exc)),
+                    if add_error is not None:  # e.g. a buffered strategy is full
+                        await session.send(Error(code="invalid-model", message=add_error),
                                            cfg.send_timeout)
                         return
                     self.state.contribute(session.agent_id, rec.model_id)
@@ -717,6 +707,26 @@ class Aggregator:
                          session.name, len(self.state.contributors),
                          self.state.needed(len(self.sessions)))
         await session.send(ack, cfg.send_timeout)
+
+    def _persist_upload(self, agent_id: str, msg: ModelUpload, status: str, metrics: Metrics,
+                        blob: tuple[str, int], update: Update
+                        ) -> tuple[UploadRecord, bool, str | None]:
+        """In a worker thread, under the round lock: store the upload (idempotent by
+        upload_id) and, if this call stored it as ``buffered``, add it to the round's
+        accumulator. Returns (record, stored by this call, accumulator refusal)."""
+        assert self.store is not None
+        rec, created = self.store.add_upload(
+            self.run_id, agent_id=agent_id, upload_id=msg.upload_id, round=self.state.round,
+            base_version=msg.base_version, num_samples=msg.num_samples, metrics=metrics,
+            weights=msg.model, status=status, blob=blob, extra=msg.extra,
+        )
+        if created and status == "buffered":
+            assert self._acc is not None
+            try:
+                self._acc.add(dataclasses.replace(update, model_id=rec.model_id))
+            except InvalidUpdate as exc:
+                return rec, created, str(exc)
+        return rec, created, None
 
     def _gate_check(self, weights: Weights) -> Any:
         assert self.gate is not None and self.global_weights is not None
