@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -76,3 +78,29 @@ def test_partition_digits_rejects_bad_index_and_spec() -> None:
         partition_digits(3, 3)
     with pytest.raises(ConfigError, match="unknown partition"):
         partition_digits(0, 3, "zipf")
+
+
+def test_split_cache_round_trips_and_recovers(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first process stores the split; later ones load the same arrays without
+    importing scikit-learn; a damaged cache file is rebuilt, never trusted."""
+    from fedstack.data import digits as d
+
+    monkeypatch.setenv("FEDSTACK_CACHE_DIR", str(tmp_path))
+    d._split.cache_clear()
+    first = d._split(0.25, 7)
+    files = list(tmp_path.glob("digits-split-*-0.25-7.npz"))
+    assert len(files) == 1
+    d._split.cache_clear()
+    again = d._split(0.25, 7)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype and not b.flags.writeable
+    files[0].write_bytes(b"not an npz file")
+    d._split.cache_clear()
+    rebuilt = d._split(0.25, 7)
+    for a, b in zip(first, rebuilt, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with np.load(files[0], allow_pickle=False) as z:  # rewritten
+        np.testing.assert_array_equal(z["y_test"], first[3])
+    d._split.cache_clear()

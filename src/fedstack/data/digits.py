@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.metadata
+import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -18,8 +22,40 @@ Labels = npt.NDArray[np.int64]
 _LOAD_LOCK = threading.Lock()
 
 
+def cache_dir() -> Path:
+    """Where derived data is cached: ``FEDSTACK_CACHE_DIR``, else ``~/.cache/fedstack``."""
+    env = os.environ.get("FEDSTACK_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "fedstack"
+
+
+def _cache_file(test_size: float, seed: int) -> Path | None:
+    try:
+        version = importlib.metadata.version("scikit-learn")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return cache_dir() / f"digits-split-sklearn{version}-{test_size!r}-{seed}.npz"
+
+
 @functools.lru_cache(maxsize=8)
 def _split(test_size: float, seed: int) -> tuple[Features, Labels, Features, Labels]:
+    """The stratified split, from the cache if this scikit-learn made it before.
+
+    Importing scikit-learn costs about half a second per process; every agent process
+    and worker needs the same split, so the first one stores it (``.npz``, read with
+    ``allow_pickle=False``: plain arrays only, nothing executed) and the others load it.
+    """
+    path = _cache_file(test_size, seed)
+    if path is not None and path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                parts = (z["x_train"], z["y_train"], z["x_test"], z["y_test"])
+            if (all(p.ndim == n for p, n in zip(parts, (2, 1, 2, 1), strict=True))
+                    and parts[0].dtype == np.float32 and parts[1].dtype == np.int64):
+                for part in parts:
+                    part.setflags(write=False)
+                return parts
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or from elsewhere: make it again
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -30,6 +66,13 @@ def _split(test_size: float, seed: int) -> tuple[Features, Labels, Features, Lab
         x, y, test_size=test_size, random_state=seed, stratify=y
     )
     parts = (x_train, y_train, x_test, y_test)
+    if path is not None:
+        with contextlib.suppress(OSError):  # a read-only home only costs the speed-up
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+            os.replace(tmp, path)
     for part in parts:
         part.setflags(write=False)
     return parts
