@@ -119,7 +119,14 @@ def test_strategy_end_to_end(tmp_path: Path, strategy: str) -> None:
         assert not any(t.is_alive() for t in threads)
         run_id = agg.run_id
         assert agg.strategy.name == strategy
-    assert len(out) == 3 and all(v["sent"] >= 1 for v in out.values())
+    assert len(out) == 3
+    if strategy in ("fedasync", "fedbuff"):
+        # asynchronous: fast agents may fill every round before a slow one's first upload
+        # (it then gets the final model and has nothing left to send)
+        per_round = PARAMS[strategy].get("k", 1)
+        assert sum(v["sent"] for v in out.values()) >= ROUNDS * per_round
+    else:
+        assert all(v["sent"] >= 1 for v in out.values())
     store = Store(str(tmp_path / "f.db"))
     rounds = store.rounds(run_id)
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))

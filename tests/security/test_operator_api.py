@@ -518,7 +518,7 @@ def test_schema_3_database_is_migrated_to_4_with_agent_roles(tmp_path: Path) -> 
     con = sqlite3.connect(path)
     try:
         assert con.execute("SELECT value FROM fedstack_meta WHERE key = 'schema'"
-                           ).fetchone() == ("4",)
+                           ).fetchone() == ("5",)  # and on to the current schema
     finally:
         con.close()
     Store(str(path)).close()  # opening a migrated database again is a no-op

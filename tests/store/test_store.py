@@ -374,3 +374,66 @@ def test_database_is_one_persistent_file(db: Path) -> None:
 def test_non_sqlite_url_needs_blob_dir() -> None:
     with pytest.raises(StoreError):
         Store("postgresql://user@localhost/db")
+
+
+def test_small_blobs_live_in_the_database_large_ones_in_files(tmp_path: Path) -> None:
+    st = Store(str(tmp_path / "inline.db"), inline_blob_bytes=4096)
+    try:
+        run_id, agent, gid = init_run(st)
+        assert blob_files(st) == []  # the initial and global models are small: inlined
+        rec, _ = upload(st, run_id, agent, "u-small", 1, 3)
+        assert blob_files(st) == []
+        big = {"w": np.arange(4096, dtype=np.float32)}  # 16 KiB: a file
+        rec2, created = st.add_upload(run_id, agent_id=agent, upload_id="u-big", round=1,
+                                      base_version=0, num_samples=1, metrics={}, weights=big,
+                                      status="buffered")
+        assert created and len(blob_files(st)) == 1
+        np.testing.assert_array_equal(st.load_weights(rec.model_id)["w"], weights(3)["w"])
+        np.testing.assert_array_equal(st.load_weights(rec2.model_id)["w"], big["w"])
+        assert st.put_blob(weights(1)) is None and st.put_blob(big) is not None
+        # the same content is stored once
+        upload(st, run_id, agent, "u-same", 1, 3)
+        assert count(st, s.blob_data) == 2  # initial == global (same weights); u-small
+        # a damaged row is detected by its hash, never decoded as if it were fine
+        digest = st.model(rec.model_id)["blob"]  # type: ignore[index]
+        with st.engine.begin() as c:
+            c.execute(s.blob_data.update().where(s.blob_data.c.digest == digest)
+                      .values(data=b"FSTB" + b"\0" * 60))
+        with pytest.raises(StoreError, match="corrupt"):
+            st.load_weights(rec.model_id)
+    finally:
+        st.close()
+    # a store opened without inlining still reads what is inlined
+    st = Store(str(tmp_path / "inline.db"))
+    try:
+        np.testing.assert_array_equal(st.load_weights(rec2.model_id)["w"], big["w"])
+        assert st.load_weights(gid)["w"].shape == (3, 4)
+    finally:
+        st.close()
+
+
+def test_schema_4_database_is_migrated_to_5(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "v4.db"
+    st = Store(str(path))
+    run_id, agent, gid = init_run(st)
+    st.close()
+    con = sqlite3.connect(path)
+    con.executescript("DROP TABLE blob_data; UPDATE fedstack_meta SET value = '4' "
+                      "WHERE key = 'schema';")
+    con.commit()
+    con.close()
+    st = Store(str(path), inline_blob_bytes=1 << 20)
+    try:
+        assert st.load_weights(gid)["w"].shape == (3, 4)  # file blobs of schema 4
+        rec, _ = upload(st, run_id, agent, "u-1", 1, 5)  # inlined into the new table
+        np.testing.assert_array_equal(st.load_weights(rec.model_id)["w"], weights(5)["w"])
+    finally:
+        st.close()
+    con = sqlite3.connect(path)
+    try:
+        assert con.execute("SELECT value FROM fedstack_meta WHERE key = 'schema'"
+                           ).fetchone() == (str(s.SCHEMA_VERSION),)
+    finally:
+        con.close()

@@ -41,6 +41,10 @@ class AggregatorConfig:
     ``inproc://RUN_NAME`` for agents in the same process (the simulator)."""
     db: str = "fedstack.db"
     blob_dir: str | None = None
+    inline_blob_bytes: int = 256 * 1024
+    """Models (and strategy state) up to this size are kept in the database itself, in the
+    transaction that records them (no blob file, no extra fsync); larger ones are files
+    in ``blob_dir``. 0: always files."""
     run_name: str = "default"
     rounds: int | None = None
     threshold: float = 1.0
@@ -114,6 +118,8 @@ class AggregatorConfig:
             raise bad("enrollment_token must have at least 16 characters")
         if self.staleness not in ("drop", "next"):
             raise bad(f"staleness {self.staleness!r} must be 'drop' or 'next'")
+        if not 0 <= self.inline_blob_bytes <= 64 << 20:
+            raise bad("inline_blob_bytes must be in 0..64 MiB")
         if self.max_message_bytes < 1024:
             raise bad("max_message_bytes is too small")
         if self.upload_budget_bytes < 1 or self.fanout_budget_bytes < 1:

@@ -174,7 +174,8 @@ class Aggregator:
         cfg = self.config
         raise_nofile_limit()  # one descriptor per agent: 1,000s of agents need more than 1,024
         if self.store is None:
-            self.store = await asyncio.to_thread(Store, cfg.db, cfg.blob_dir)
+            self.store = await asyncio.to_thread(Store, cfg.db, cfg.blob_dir,
+                                                 inline_blob_bytes=cfg.inline_blob_bytes)
         run = await asyncio.to_thread(
             self.store.open_run, cfg.run_name, _public_config(cfg), self.aggregator_id
         )
@@ -656,7 +657,10 @@ class Aggregator:
         # record (add_upload is idempotent by upload_id: a duplicate returns the stored one)
         # and, only if this call stored it, adds it to the round's accumulator: persisted
         # before it is counted, counted before it is acknowledged.
-        blob = await asyncio.to_thread(self.store.blobs.put, msg.model)
+        blob = None
+        if self.store.inline_blob_bytes == 0 or sum(
+                a.nbytes for a in msg.model.values()) >= self.store.inline_blob_bytes // 2:
+            blob = await asyncio.to_thread(self.store.put_blob, msg.model)
         async with self._lock:
             verdict = self.state.classify(session.agent_id, msg.base_version)
             status = {
@@ -709,7 +713,7 @@ class Aggregator:
         await session.send(ack, cfg.send_timeout)
 
     def _persist_upload(self, agent_id: str, msg: ModelUpload, status: str, metrics: Metrics,
-                        blob: tuple[str, int], update: Update
+                        blob: tuple[str, int] | None, update: Update
                         ) -> tuple[UploadRecord, bool, str | None]:
         """In a worker thread, under the round lock: store the upload (idempotent by
         upload_id) and, if this call stored it as ``buffered``, add it to the round's

@@ -251,7 +251,8 @@ class _Simulation:
 
     # ------------------------------------------------------------------ the run
     async def run(self) -> SimResult:
-        store = await asyncio.to_thread(Store, self.db, durable=self.durable)
+        store = await asyncio.to_thread(Store, self.db, durable=self.durable,
+                                        inline_blob_bytes=self.config.inline_blob_bytes)
         agg = Aggregator(self.config, store=store)
         try:
             self.initial = await asyncio.to_thread(

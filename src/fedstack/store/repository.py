@@ -23,9 +23,9 @@ import numpy as np
 from sqlalchemy import Engine, create_engine, event, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from fedstack.errors import RegistrationRefused, StoreError
+from fedstack.errors import RegistrationRefused, RemoteProtocolError, StoreError
 from fedstack.store import schema as s
-from fedstack.store.blobs import BlobStore
+from fedstack.store.blobs import BlobStore, decode_weights, encode_weights
 from fedstack.types import Metrics, Weights
 
 
@@ -140,14 +140,18 @@ class Store:
     """One deployment's persistent store (one database for every start of the aggregator)."""
 
     def __init__(self, db: str, blob_dir: str | Path | None = None, *,
-                 durable: bool = True) -> None:
+                 durable: bool = True, inline_blob_bytes: int = 0) -> None:
         """Open (or create) the store.
 
         ``durable=False`` (the simulator's default) skips the fsyncs: SQLite runs with
         ``synchronous=NORMAL`` and blobs are not synced, so a power cut may lose the last
         commits (never corrupt the database). Deployments keep the default.
+        ``inline_blob_bytes``: see the attribute.
         """
         self.durable = durable
+        self.inline_blob_bytes = inline_blob_bytes
+        """Blobs up to this size go into the database (table ``blob_data``), in the same
+        transaction as the row that names them: no file, no extra fsync. 0: all files."""
         self.url, self.path = resolve_url(db)
         if blob_dir is None:
             if self.path is None:
@@ -190,6 +194,9 @@ class Store:
             if version == 3:
                 _migrate_3_to_4(c, self.engine)
                 version = 4
+            if version == 4:  # the blob_data table was made by create_all above
+                c.execute(update(s.meta).where(s.meta.c.key == "schema").values(value="5"))
+                version = 5
             if version != s.SCHEMA_VERSION:
                 raise StoreError(
                     f"database schema version {found} is not supported "
@@ -497,11 +504,13 @@ class Store:
 
         Returns the id of global model 0.
         """
-        local_blob, local_n = self.blobs.put(initial)
-        glob_blob, glob_n = self.blobs.put(global_weights)
+        local = self._stage(initial)
+        glob = self._stage(global_weights)
+        local_blob, local_n, glob_blob, glob_n = local.digest, local.size, glob.digest, glob.size
         now = time.time()
         local_id, global_id = new_id(), new_id()
         with self._begin() as c:
+            self._write_inline(c, local, glob)
             c.execute(insert(s.models).values(
                 id=local_id, run_id=run_id, kind="local", producer=agent_id, round=0,
                 base_version=None, num_samples=num_samples, metrics=dict(metrics),
@@ -547,10 +556,13 @@ class Store:
         existing = self.find_upload(upload_id)
         if existing is not None:
             return existing, False
-        digest, nbytes = blob if blob is not None else self.blobs.put(weights)
-        extra_blob = self.blobs.put(extra)[0] if extra else None
+        staged = _Staged(blob[0], blob[1]) if blob is not None else self._stage(weights)
+        digest, nbytes = staged.digest, staged.size
+        extra_staged = self._stage(extra) if extra else None
+        extra_blob = extra_staged.digest if extra_staged else None
         model_id = new_id()
         with self._begin() as c:
+            self._write_inline(c, staged, extra_staged)
             c.execute(insert(s.models).values(
                 id=model_id, run_id=run_id, kind="local", producer=agent_id, round=round,
                 base_version=base_version, num_samples=num_samples, metrics=dict(metrics),
@@ -591,12 +603,16 @@ class Store:
         set to ``round``. ``extra`` are the arrays sent to agents with the model. Returns
         the cluster model's id.
         """
-        blob, nbytes = self.blobs.put(weights)
+        staged = self._stage(weights)
+        blob, nbytes = staged.digest, staged.size
         scalars, arrays = split_state(strategy_state or {})
-        state_blob = self.blobs.put(arrays)[0] if arrays else None
-        extra_blob = self.blobs.put(extra)[0] if extra else None
+        state_staged = self._stage(arrays) if arrays else None
+        extra_staged = self._stage(extra) if extra else None
+        state_blob = state_staged.digest if state_staged else None
+        extra_blob = extra_staged.digest if extra_staged else None
         model_id = new_id()
         with self._begin() as c:
+            self._write_inline(c, staged, state_staged, extra_staged)
             version = c.execute(select(s.runs.c.version).where(s.runs.c.id == run_id)).scalar_one()
             if version != round - 1:
                 raise StoreError(
@@ -664,9 +680,9 @@ class Store:
         if last is not None:
             state = dict(last[0] or {})
             if last[1]:
-                state.update(self.blobs.get(last[1]))
+                state.update(self.get_blob(last[1]))
             if last[2]:
-                extra = self.blobs.get(last[2])
+                extra = self.get_blob(last[2])
         return ResumeState(int(version), gid, [_upload(r) for r in rows], state, extra)
 
     def global_model_id(self, run_id: str, version: int) -> str | None:
@@ -681,14 +697,60 @@ class Store:
         with self._begin() as c:
             blob = c.execute(select(s.models.c.extra_blob).where(s.models.c.id == model_id)
                              ).scalar()
-        return {} if blob is None else self.blobs.get(blob)
+        return {} if blob is None else self.get_blob(blob)
 
     def load_weights(self, model_id: str) -> Weights:
         with self._begin() as c:
             blob = c.execute(select(s.models.c.blob).where(s.models.c.id == model_id)).scalar()
         if blob is None:
             raise StoreError(f"no model {model_id}")
-        return self.blobs.get(blob)
+        return self.get_blob(blob)
+
+    # ------------------------------------------------------------------ blobs
+    def _stage(self, weights: Mapping[str, Any]) -> _Staged:
+        """Encode ``weights``: small enough -> bytes to insert with the row (see
+        ``inline_blob_bytes``), else written to the blob directory now."""
+        if self.inline_blob_bytes > 0:
+            parts = encode_weights(weights)
+            size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+            if size <= self.inline_blob_bytes:
+                data = b"".join(parts)
+                return _Staged(hashlib.sha256(data).hexdigest(), size, data)
+        digest, size = self.blobs.put(weights)
+        return _Staged(digest, size)
+
+    def _write_inline(self, c: Any, *staged: _Staged | None) -> None:
+        for st in staged:
+            if st is None or st.data is None:
+                continue
+            if c.execute(select(s.blob_data.c.size).where(s.blob_data.c.digest == st.digest)
+                         ).first() is None:
+                c.execute(insert(s.blob_data).values(digest=st.digest, size=st.size,
+                                                     data=st.data))
+
+    def put_blob(self, weights: Mapping[str, Any]) -> tuple[str, int] | None:
+        """Write ``weights`` to the blob directory ahead of :meth:`add_upload` (outside the
+        caller's locks) if they are too big to be inlined; None if they will be inlined."""
+        if self.inline_blob_bytes > 0 and sum(
+                np.asarray(a).nbytes for a in weights.values()) < self.inline_blob_bytes // 2:
+            return None
+        return self.blobs.put(weights)
+
+    def get_blob(self, digest: str) -> Weights:
+        """The blob ``digest``, from the database or the blob directory; its hash is
+        checked either way."""
+        with self._begin() as c:
+            row = c.execute(select(s.blob_data.c.data).where(s.blob_data.c.digest == digest)
+                            ).first()
+        if row is None:
+            return self.blobs.get(digest)
+        data = bytes(row[0])
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StoreError(f"blob {digest[:12]} is corrupt (hash mismatch)")
+        try:
+            return decode_weights(memoryview(data))
+        except RemoteProtocolError as exc:
+            raise StoreError(f"blob {digest[:12]} is not readable: {exc}") from exc
 
     # ------------------------------------------------------------------ events
     def log_event(self, kind: str, detail: Mapping[str, Any], *, run_id: str | None = None,
@@ -807,6 +869,13 @@ def _migrate_3_to_4(c: Any, engine: Engine) -> None:
     c.execute(text(f"ALTER TABLE agents ADD COLUMN {col.name} "
                    f"{col.type.compile(dialect=engine.dialect)} NOT NULL DEFAULT 'agent'"))
     c.execute(update(s.meta).where(s.meta.c.key == "schema").values(value="4"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    digest: str
+    size: int
+    data: bytes | None = None  # None: already in the blob directory
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -10,12 +10,15 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
 )
 
-SCHEMA_VERSION = 4  # 3: agents.revoked_at, credential_source, credential_created; 4: role
+SCHEMA_VERSION = 5
+# 3: agents.revoked_at, credential_source, credential_created; 4: agents.role;
+# 5: blob_data (small tensor blobs kept in the database)
 
 metadata = MetaData()
 
@@ -24,6 +27,16 @@ meta = Table(
     metadata,
     Column("key", String(64), primary_key=True),
     Column("value", String(256), nullable=False),
+)
+
+blob_data = Table(
+    # tensor blobs up to the store's inline limit, content-addressed like the blob files
+    # (sha256 of the same bytes): written in the transaction of the row that names them
+    "blob_data",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("size", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
 )
 
 runs = Table(
