@@ -612,6 +612,28 @@ def guarded(fn: Any, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return failed(name, f"{type(e).__name__}: {e}")
 
 
+def save_result(result: dict[str, Any], *, flower: Any, runs: Any, checks: Any,
+                t_start: float, out: Path, workdir: Path, keep: bool) -> None:
+    """Complete a benchmark's JSON (time, machine, runs, acceptance), write it to ``out``
+    and remove the work folder unless ``keep``."""
+    import platform
+    import shutil
+
+    result.update({
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "flower": flower, "runs": runs, "acceptance": checks,
+        "total_seconds": time.monotonic() - t_start,
+        "workdir": str(workdir) if keep else None,
+    })
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {out}")
+    if not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def new_workdir(prefix: str) -> Path:
     """A fresh work folder for logs, stores and timestamp files."""
     return Path(tempfile.mkdtemp(prefix=prefix))

@@ -42,10 +42,7 @@ Prints a table and the acceptance checks (PASS/FAIL), writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -217,21 +214,9 @@ def main() -> int:
             "model": "MLP 64-128-10 (fedstack.trainers.torch_digits.build_mlp)",
             "local": fc.DIGITS, "strategy": "sample-weighted FedAvg, all agents every round",
             "evaluation": "central, fedstack.trainers.torch_digits:evaluate_global_mlp"},
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
-        "flower": flower,
-        "runs": runs,
-        "acceptance": checks,
-        "total_seconds": time.monotonic() - t_start,
-        "workdir": str(workdir) if args.keep_workdir else None,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {out}")
-    if not args.keep_workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
+    fc.save_result(result, flower=flower, runs=runs, checks=checks, t_start=t_start,
+                   out=Path(args.out), workdir=workdir, keep=args.keep_workdir)
     return 0
 
 

@@ -32,9 +32,7 @@ PASS/FAIL, writes ``bench/results/overhead_probe.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -146,21 +144,9 @@ def main() -> int:
                  "agents": args.agents, "rounds": args.rounds,
                  "strategy": "equal-weight FedAvg, all agents every round",
                  "evaluation": "central mean weight (fedstack.trainers.probe:evaluate_probe)"},
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
-        "flower": flower,
-        "runs": runs,
-        "acceptance": checks,
-        "total_seconds": time.monotonic() - t_start,
-        "workdir": str(workdir) if args.keep_workdir else None,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {out}")
-    if not args.keep_workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
+    fc.save_result(result, flower=flower, runs=runs, checks=checks, t_start=t_start,
+                   out=Path(args.out), workdir=workdir, keep=args.keep_workdir)
     return 0
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from fedstack import aio
 from fedstack.errors import ConnectionClosed, FedstackError
 from fedstack.transport import Connection, connect
 from fedstack.transport.limits import raise_nofile_limit
@@ -468,14 +469,8 @@ def _personal(weights: Weights, i: int) -> Weights:
 
 def run_load(config: LoadConfig) -> LoadReport:
     """Run the generator on a fresh uvloop (asyncio if uvloop is missing) event loop."""
-    try:
-        import uvloop
-
-        runner: Any = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover
-        runner = asyncio.Runner()
-    with runner:
-        report: LoadReport = runner.run(LoadGenerator(config).run())
+    with aio.runner() as r:
+        report: LoadReport = r.run(LoadGenerator(config).run())
     return report
 
 

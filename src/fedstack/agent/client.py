@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from fedstack import aio
 from fedstack.agent.state import AgentStateDir, SavedUpload
 from fedstack.errors import (
     ConnectionClosed,
@@ -437,14 +438,8 @@ class Agent:
                 loop.call_soon_threadsafe(wake.set)
 
     def _thread_main(self) -> None:
-        try:
-            import uvloop
-
-            runner: Any = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-        except ImportError:  # pragma: no cover - uvloop is a Linux/macOS dependency
-            runner = asyncio.Runner()
-        with runner:
-            runner.run(self._main())
+        with aio.runner() as r:
+            r.run(self._main())
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from fedstack.aio import new_event_loop
 from fedstack.errors import ConfigError, FedstackError
 
 log = logging.getLogger("fedstack.cli")
@@ -27,14 +28,7 @@ def _setup_logging(verbose: int, quiet: bool = False) -> None:
     )
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover
-        loop = asyncio.new_event_loop()
-    return loop
+_new_event_loop = new_event_loop
 
 
 # ---------------------------------------------------------------------- aggregator

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from fedstack import aio
 from fedstack.agent.client import Agent
 from fedstack.aggregator.config import AggregatorConfig
 from fedstack.aggregator.service import Aggregator
@@ -205,14 +206,8 @@ def _sample_size(n: int, per_round: int | None, fraction: float | None) -> int:
 
 
 def _run(coro: Any) -> SimResult:
-    try:
-        import uvloop
-
-        runner: Any = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover
-        runner = asyncio.Runner()
-    with runner:
-        result: SimResult = runner.run(coro)
+    with aio.runner() as r:
+        result: SimResult = r.run(coro)
         return result
 
 
