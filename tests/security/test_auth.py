@@ -373,6 +373,23 @@ def test_auth_config_and_cli_defaults() -> None:
     assert build_parser().parse_args(["aggregator", "--auth", "off"]).auth == "off"
 
 
+def test_aggregator_flags_override_the_config_file(tmp_path: Path) -> None:
+    from fedstack.cli.main import aggregator_config, build_parser
+
+    conf = tmp_path / "agg.toml"
+    conf.write_text('[aggregator]\nthreshold = 0.5\nupload_budget_bytes = 1000\n'
+                    'inline_blob_bytes = 0\n')
+    cfg = aggregator_config(build_parser().parse_args(["aggregator", "--config", str(conf)]))
+    assert (cfg.threshold, cfg.upload_budget_bytes, cfg.inline_blob_bytes) == (0.5, 1000, 0)
+    cfg = aggregator_config(build_parser().parse_args([
+        "aggregator", "--config", str(conf), "--threshold", "0.75", "--upload-budget-bytes",
+        "4096", "--fanout-budget-bytes", "8192", "--no-operator-api", "--auth", "off"]))
+    assert (cfg.threshold, cfg.upload_budget_bytes, cfg.fanout_budget_bytes) == (0.75, 4096,
+                                                                                 8192)
+    assert cfg.operator_api is False and cfg.auth == "off"
+    assert cfg.inline_blob_bytes == 0  # not overridden: the file's value stays
+
+
 # ---------------------------------------------------------------------------- store
 def test_store_authentication_rules(tmp_path: Path) -> None:
     from fedstack.store import CredentialRefused

@@ -13,9 +13,13 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from fedstack.aio import new_event_loop
 from fedstack.errors import ConfigError, FedstackError
+
+if TYPE_CHECKING:
+    from fedstack.aggregator import AggregatorConfig
 
 log = logging.getLogger("fedstack.cli")
 
@@ -32,8 +36,9 @@ _new_event_loop = new_event_loop
 
 
 # ---------------------------------------------------------------------- aggregator
-def cmd_aggregator(args: argparse.Namespace) -> int:
-    from fedstack.aggregator import Aggregator, AggregatorConfig
+def aggregator_config(args: argparse.Namespace) -> AggregatorConfig:
+    """The aggregator's configuration: ``--config`` (if any), overridden by the flags."""
+    from fedstack.aggregator import AggregatorConfig
 
     cfg = AggregatorConfig.load(args.config) if args.config else AggregatorConfig()
     cfg = cfg.replace(
@@ -45,6 +50,8 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         require_tls=args.require_tls,
         operator_api=False if args.no_operator_api else None,
+        upload_budget_bytes=args.upload_budget_bytes,
+        fanout_budget_bytes=args.fanout_budget_bytes,
         auth=args.auth,
         enrollment_token=args.enrollment_token or os.environ.get("FEDSTACK_ENROLLMENT_TOKEN"),
     )
@@ -53,6 +60,13 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     if args.strategy_param:
         cfg = cfg.replace(strategy_params={**cfg.strategy_params,
                                            **_parse_json_kv(args.strategy_param)})
+    return cfg
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from fedstack.aggregator import Aggregator
+
+    cfg = aggregator_config(args)
 
     async def main() -> None:
         agg = Aggregator(cfg)
@@ -199,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "credentials add`) or enroll; off: names bound to their first token")
     a.add_argument("--enrollment-token", help="shared secret letting NEW agents register "
                    "with their own token (or FEDSTACK_ENROLLMENT_TOKEN)")
+    a.add_argument("--upload-budget-bytes", type=int,
+                   help="bytes of large uploads received at once (default 128 MiB)")
+    a.add_argument("--fanout-budget-bytes", type=int,
+                   help="bytes of the global model queued for sending at once (default 256 MiB)")
     a.add_argument("--no-operator-api", action="store_true",
                    help="do not serve the operator REST API (/healthz, /api/v1/...) on the port")
     a.add_argument("--ready-file", help=argparse.SUPPRESS)
