@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--state-dir")
     args = p.parse_args()
     kwargs: dict[str, object] = {}
-    if args.state_dir and faultlib.AGENT_HAS_STATE_DIR:
+    if args.state_dir:
         kwargs["state_dir"] = args.state_dir
     agent = Agent(args.url, name=args.name, max_backoff=0.3, connect_timeout=3.0,
                   **kwargs)  # type: ignore[arg-type]

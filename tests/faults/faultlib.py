@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -33,7 +32,6 @@ AGENT_SCRIPT = HERE / "agent_det.py"
 SHAPES: dict[str, tuple[int, ...]] = {"w": (6, 4), "b": (4,)}
 N_AGENTS = 3
 STRATEGY_PARAMS = {"precision": "float64"}  # order-independent FedAvg (see module doc)
-AGENT_HAS_STATE_DIR = "state_dir" in inspect.signature(Agent).parameters
 
 
 def aggregator_supports(flag: str) -> bool:

@@ -6,8 +6,7 @@ flight). The restarted agent joins as the same agent (same name) and carries on.
 
 ``test_agent_restart_with_state_dir`` also passes ``--state-dir`` (``Agent(state_dir=...)``)
 and asserts that no upload handed to ``send_trained_model`` is lost across a SIGKILL (the
-pending upload is re-sent with the same id after the restart). It is marked xfail while the
-agent library has no ``state_dir``.
+pending upload is re-sent with the same id after the restart).
 """
 
 from __future__ import annotations
@@ -19,9 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from faultlib import (
-    AGENT_HAS_STATE_DIR,
     N_AGENTS,
     Observer,
     agent_cmd,
@@ -99,11 +96,8 @@ def test_agent_sigkill_restart(tmp_path: Path, reference: dict[int, dict[str, np
     _run(tmp_path, reference[ROUNDS], seed=7, state_dir=False)
 
 
-def test_agent_restart_with_state_dir(tmp_path: Path, request: pytest.FixtureRequest,
+def test_agent_restart_with_state_dir(tmp_path: Path,
                                       reference: dict[int, dict[str, np.ndarray]]) -> None:
-    if not AGENT_HAS_STATE_DIR:
-        request.applymarker(pytest.mark.xfail(reason="Agent(state_dir=...) not available yet",
-                                              strict=False))
     reps, _ = _run(tmp_path, reference[ROUNDS], seed=11, state_dir=True)
     store = Store(str(tmp_path / "fed.db"))
     try:

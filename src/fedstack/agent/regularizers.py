@@ -256,8 +256,8 @@ def fisher_diagonal(
     otherwise a batch's mean-loss gradient stands for one sample, as in the book's FedCurv
     code (cheaper, and smaller by about the batch size for the noise part).
 
-    The model is put in ``eval()`` mode while computing (no dropout, no batch-norm
-    statistics updates) and restored afterwards; parameters' ``.grad`` are not touched.
+    The model is put in inference mode (``train(False)``) while computing (no dropout, no
+    batch-norm statistics updates) and restored afterwards; parameters' ``.grad`` are not touched.
 
     Returns:
         ``{parameter name: numpy array}`` for every trainable parameter, in its dtype
@@ -273,7 +273,7 @@ def fisher_diagonal(
     sums = [torch.zeros_like(p, dtype=torch.float64) for p in tensors]
     count = 0
     was_training = model.training
-    model.eval()
+    model.train(False)
 
     def one(inputs: Any, targets: Any) -> None:
         loss = loss_fn(model(inputs), targets)

@@ -8,8 +8,8 @@
   bytes), ``labels`` (CIFAR-100: ``fine_labels`` and ``coarse_labels``), ``filenames`` and
   ``batch_label``; ``batches.meta`` / ``meta`` hold the class names.
 
-The python version is read **without unpickling**. ``pickle.load`` runs whatever a file
-names, so fedstack never calls it (see the project's security rules). The files are read
+The python version is read **without unpickling**. Unpickling runs whatever a file
+names, so fedstack never does it (see the project's security rules). The files are read
 by :mod:`fedstack.data.inert_pickle`, which walks the opcode stream with the standard
 library's ``pickletools.genops`` (a parser that never imports or calls anything) and
 interprets only plain data -- dicts, lists, tuples, strings, bytes, numbers -- plus numpy

@@ -1,8 +1,8 @@
 """Read plain data and numpy arrays out of a pickle file *without unpickling it*.
 
 Some datasets (CIFAR-10/100's "python version") are only published as pickle files.
-``pickle.load`` on such a file runs whatever the file names (``os.system``, ``eval``...),
-so fedstack never calls it. Instead this module walks the opcode stream with the standard
+Unpickling such a file runs whatever the file names (``os.system``, any builtin...), so
+fedstack never does. Instead this module walks the opcode stream with the standard
 library's :func:`pickletools.genops` -- a pure parser that decodes each opcode's argument
 and never imports, looks up or calls anything -- and interprets a small, explicit subset of
 opcodes on a stack machine whose values are plain data only:

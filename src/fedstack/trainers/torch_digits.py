@@ -63,7 +63,7 @@ def build_cnn() -> nn.Module:
 
 @torch.no_grad()
 def _loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    model.eval()
+    model.train(False)  # inference mode
     logits = model(x)
     loss = nn.functional.cross_entropy(logits, y).item()
     accuracy = (logits.argmax(dim=1) == y).float().mean().item()
