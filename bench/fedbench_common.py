@@ -612,6 +612,23 @@ def guarded(fn: Any, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return failed(name, f"{type(e).__name__}: {e}")
 
 
+def run_plan(plan: list[tuple[str, Any, tuple[Any, ...]]], task: str, rounds: int,
+             agents: int, workdir: Path, timeout: float,
+             after_each: Any = None) -> dict[str, dict[str, Any]]:
+    """Run each ``(name, runner, extra args)`` of ``plan`` (guarded), printing progress;
+    ``after_each()`` runs after every run."""
+    runs: dict[str, dict[str, Any]] = {}
+    for name, fn, extra in plan:
+        print(f"  running {name} ...", flush=True)
+        r = guarded(fn, name, task, rounds, agents, workdir, timeout, *extra)
+        runs[name] = r
+        print(f"    {'ok' if r.get('ok') else 'FAILED: ' + r.get('error', '')[:500]}"
+              + (f", wall {r['wall_seconds']:.2f} s" if r.get("ok") else ""), flush=True)
+        if after_each is not None:
+            after_each()
+    return runs
+
+
 def save_result(result: dict[str, Any], *, flower: Any, runs: Any, checks: Any,
                 t_start: float, out: Path, workdir: Path, keep: bool) -> None:
     """Complete a benchmark's JSON (time, machine, runs, acceptance), write it to ``out``

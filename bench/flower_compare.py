@@ -190,15 +190,8 @@ def main() -> int:
     if not args.skip_flower_deployment:
         plan.append((FL_DEP, fc.run_flower_deployment, (flower_python,)))
 
-    runs: dict[str, dict[str, Any]] = {}
     t_start = time.monotonic()
-    for name, fn, extra in plan:
-        print(f"  running {name} ...", flush=True)
-        r = fc.guarded(fn, name, "digits", args.rounds, args.agents, workdir, args.timeout,
-                       *extra)
-        runs[name] = r
-        print(f"    {'ok' if r.get('ok') else 'FAILED: ' + r.get('error', '')[:500]}"
-              + (f", wall {r['wall_seconds']:.2f} s" if r.get("ok") else ""), flush=True)
+    runs = fc.run_plan(plan, "digits", args.rounds, args.agents, workdir, args.timeout)
 
     print()
     print(f"digits, {args.agents} agents, {args.rounds} rounds (wall: launch -> final global "

@@ -115,21 +115,17 @@ def main() -> int:
     if not args.skip_flower_simulation:
         plan.append((FL_SIM, fc.run_flower_sim, (flower_python,)))
 
-    runs: dict[str, dict[str, Any]] = {}
-    t_start = time.monotonic()
-    for name, fn, extra in plan:
-        print(f"  running {name} ...", flush=True)
-        r = fc.guarded(fn, name, "probe", args.rounds, args.agents, workdir, args.timeout,
-                       *extra)
-        runs[name] = r
-        print(f"    {'ok' if r.get('ok') else 'FAILED: ' + r.get('error', '')[:500]}"
-              + (f", wall {r['wall_seconds']:.2f} s" if r.get("ok") else ""), flush=True)
+    def drop_stores() -> None:
         # The stores of big-model runs hold GBs of blobs: drop them as soon as measured.
         for db in workdir.glob("*.db*"):
             if db.is_dir():
                 shutil.rmtree(db, ignore_errors=True)
             else:
                 db.unlink(missing_ok=True)
+
+    t_start = time.monotonic()
+    runs = fc.run_plan(plan, "probe", args.rounds, args.agents, workdir, args.timeout,
+                       after_each=drop_stores)
 
     print()
     print(f"overhead probe: 100 MB model, {args.agents} agents, {args.rounds} rounds "

@@ -657,10 +657,8 @@ class Aggregator:
         # record (add_upload is idempotent by upload_id: a duplicate returns the stored one)
         # and, only if this call stored it, adds it to the round's accumulator: persisted
         # before it is counted, counted before it is acknowledged.
-        blob = None
-        if self.store.inline_blob_bytes == 0 or sum(
-                a.nbytes for a in msg.model.values()) >= self.store.inline_blob_bytes // 2:
-            blob = await asyncio.to_thread(self.store.put_blob, msg.model)
+        blob = (None if self.store.will_inline(msg.model)
+                else await asyncio.to_thread(self.store.put_blob, msg.model))
         async with self._lock:
             verdict = self.state.classify(session.agent_id, msg.base_version)
             status = {

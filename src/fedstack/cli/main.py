@@ -15,7 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from fedstack.aio import new_event_loop
+from fedstack import aio
 from fedstack.errors import ConfigError, FedstackError
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ def _setup_logging(verbose: int, quiet: bool = False) -> None:
     )
 
 
-_new_event_loop = new_event_loop
 
 
 # ---------------------------------------------------------------------- aggregator
@@ -88,7 +87,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         stopping.cancel()
         await agg.stop()
 
-    with asyncio.Runner(loop_factory=_new_event_loop) as runner:
+    with aio.runner() as runner:
         runner.run(main())
     return 0
 

@@ -35,7 +35,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -409,7 +408,3 @@ class _Simulation:
             self._bar.set_postfix(agents=f"{self.k}/{self.n}", s=f"{seconds:.3f}")
         elif callable(self._progress):
             self._progress(rnd, seconds, {"version": agg.state.version})
-
-
-def default_db(folder: str | Path = ".") -> str:
-    return str(Path(folder) / "fedstack-sim.db")

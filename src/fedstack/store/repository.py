@@ -728,13 +728,16 @@ class Store:
                 c.execute(insert(s.blob_data).values(digest=st.digest, size=st.size,
                                                      data=st.data))
 
+    def will_inline(self, weights: Mapping[str, Any]) -> bool:
+        """True if ``weights`` are small enough for the database (checked on the raw sizes,
+        with room for the encoding's header and padding)."""
+        return self.inline_blob_bytes > 0 and sum(
+            np.asarray(a).nbytes for a in weights.values()) < self.inline_blob_bytes // 2
+
     def put_blob(self, weights: Mapping[str, Any]) -> tuple[str, int] | None:
         """Write ``weights`` to the blob directory ahead of :meth:`add_upload` (outside the
         caller's locks) if they are too big to be inlined; None if they will be inlined."""
-        if self.inline_blob_bytes > 0 and sum(
-                np.asarray(a).nbytes for a in weights.values()) < self.inline_blob_bytes // 2:
-            return None
-        return self.blobs.put(weights)
+        return None if self.will_inline(weights) else self.blobs.put(weights)
 
     def get_blob(self, digest: str) -> Weights:
         """The blob ``digest``, from the database or the blob directory; its hash is
