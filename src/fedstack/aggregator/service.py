@@ -13,15 +13,17 @@ round, the current round's acknowledged uploads) and carries on.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import contextlib
 import dataclasses
+import functools
 import hmac
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -64,6 +66,8 @@ from fedstack.wire import (
     encode,
 )
 from fedstack.wire.tensors import structure as structure_of
+
+T = TypeVar("T")
 
 log = logging.getLogger("fedstack.aggregator")
 
@@ -167,6 +171,11 @@ class Aggregator:
         """Global model encoded once per version; bytes of big sends in flight bounded."""
         self.upload_budget = ByteBudget(config.upload_budget_bytes)
         """Bytes of big uploads being received or processed at once (all connections)."""
+        self._db_thread = cf.ThreadPoolExecutor(1, thread_name_prefix="fedstack-store")
+        """Every database call runs on this one thread, in the order it was made: the
+        aggregator's writes never wait on each other's SQLite locks (a lock conflict
+        costs a busy-wait sleep of a millisecond or more)."""
+        self._db_closed = False
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -174,9 +183,9 @@ class Aggregator:
         cfg = self.config
         raise_nofile_limit()  # one descriptor per agent: 1,000s of agents need more than 1,024
         if self.store is None:
-            self.store = await asyncio.to_thread(Store, cfg.db, cfg.blob_dir,
+            self.store = await self._db(Store, cfg.db, cfg.blob_dir,
                                                  inline_blob_bytes=cfg.inline_blob_bytes)
-        run = await asyncio.to_thread(
+        run = await self._db(
             self.store.open_run, cfg.run_name, _public_config(cfg), self.aggregator_id
         )
         self.run_id = run.id
@@ -217,12 +226,12 @@ class Aggregator:
 
     async def _resume(self, structure: Structure | None, version: int) -> None:
         assert self.store is not None
-        resume = await asyncio.to_thread(self.store.resume_state, self.run_id)
+        resume = await self._db(self.store.resume_state, self.run_id)
         if resume.global_model_id is None:
             raise StoreError(f"run {self.run_id}: global model {version} is missing")
         self.structure = structure
         self.global_model_id = resume.global_model_id
-        self.global_weights = await asyncio.to_thread(self.store.load_weights,
+        self.global_weights = await self._db(self.store.load_weights,
                                                       resume.global_model_id)
         self.state.start(resume.version, time.time())
         if resume.strategy_state is None:  # no round committed yet: the initial state
@@ -240,13 +249,13 @@ class Aggregator:
         """A fresh accumulator for the round in progress, fed from the stored uploads."""
         assert self.store is not None and self.global_weights is not None
         if buffered is None:
-            buffered = (await asyncio.to_thread(self.store.resume_state, self.run_id)).buffered
+            buffered = (await self._db(self.store.resume_state, self.run_id)).buffered
         self._acc = self._begin_round()
         self.state.contributors = {}
         self._round_inputs = []
         for rec in buffered:
-            weights = await asyncio.to_thread(self.store.load_weights, rec.model_id)
-            extra = await asyncio.to_thread(self.store.load_extra, rec.model_id)
+            weights = await self._db(self.store.load_weights, rec.model_id)
+            extra = await self._db(self.store.load_extra, rec.model_id)
             update = Update(rec.agent_id, weights, rec.num_samples,
                             max(0, self.state.version - rec.base_version), rec.metrics,
                             rec.model_id, extra)
@@ -271,7 +280,7 @@ class Aggregator:
             await asyncio.sleep(0.05)
         await self._wait_tasks()
         assert self.store is not None
-        await asyncio.to_thread(self.store.finish_run, self.run_id)
+        await self._db(self.store.finish_run, self.run_id)
         log.info("run %s finished after %d rounds", self.run_id[:8], self.state.version)
 
     _stopping: asyncio.Future[None] | None = None
@@ -307,12 +316,21 @@ class Aggregator:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
         if self._own_store and self.store is not None:
-            self.store.close()
+            await self._db(self.store.close)
+        self._db_closed = True
+        self._db_thread.shutdown(wait=False)
 
     async def _wait_tasks(self) -> None:
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=60)
+
+    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a database call on the store thread (a plain worker thread once stopped)."""
+        call = functools.partial(fn, *args, **kwargs)
+        if self._db_closed:
+            return await asyncio.to_thread(call)
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, call)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -348,7 +366,7 @@ class Aggregator:
                 return
             await self._welcome(session)
             assert self.store is not None
-            await asyncio.to_thread(
+            await self._db(
                 self.store.log_event, "joined", {"name": session.name, "address": session.address},
                 run_id=self.run_id, agent_id=session.agent_id,
             )
@@ -408,7 +426,7 @@ class Aggregator:
         # stops meanwhile must not lose it
         assert self.store is not None
         with contextlib.suppress(StoreError):
-            await asyncio.to_thread(
+            await self._db(
                 self.store.log_event, "refused",
                 {"code": code, "message": message[:500], "address": conn.remote_address,
                  **(detail or {})},
@@ -435,7 +453,7 @@ class Aggregator:
                                  "enrollment": {None: "none", True: "valid",
                                                 False: "invalid"}[enrollment]}
         try:
-            reg = await asyncio.to_thread(
+            reg = await self._db(
                 self.store.authenticate, name, msg.token, conn.remote_address,
                 auth=cfg.auth, enrollment=enrollment,
             )
@@ -458,7 +476,7 @@ class Aggregator:
             return None
         agent_id, new = reg.agent_id, reg.new
         with contextlib.suppress(StoreError):
-            await asyncio.to_thread(
+            await self._db(
                 self.store.log_event, "authenticated",
                 {**audit, "address": conn.remote_address, "source": reg.source,
                  "credential": reg.fingerprint, "new": new},
@@ -509,7 +527,7 @@ class Aggregator:
             if not sessions or self.store is None:
                 continue
             try:
-                status = await asyncio.to_thread(self.store.credential_status,
+                status = await self._db(self.store.credential_status,
                                                  [s.agent_id for s in sessions])
             except StoreError as exc:
                 log.warning("cannot re-check credentials: %s", exc)
@@ -545,7 +563,7 @@ class Aggregator:
             initial = {k: np.array(v) for k, v in msg.model.items()}
             glob = initial if use_weights else {k: np.zeros_like(v) for k, v in initial.items()}
             structure = structure_of(initial)
-            gid = await asyncio.to_thread(
+            gid = await self._db(
                 self.store.init_federation, self.run_id, agent_id=session.agent_id,
                 structure=structure, init_weights=use_weights, initial=initial,
                 global_weights=glob, num_samples=max(msg.num_samples, 0),
@@ -605,7 +623,7 @@ class Aggregator:
             self._wakeup.set()
             assert self.store is not None
             with contextlib.suppress(StoreError):
-                await asyncio.to_thread(self.store.log_event, "left", {"name": session.name},
+                await self._db(self.store.log_event, "left", {"name": session.name},
                                         run_id=self.run_id, agent_id=session.agent_id)
         with contextlib.suppress(Exception):
             await session.conn.close(timeout=1.0)
@@ -636,7 +654,7 @@ class Aggregator:
             )
         except InvalidUpdate as exc:
             log.warning("refused upload from %s: %s", session.name, exc)
-            await asyncio.to_thread(
+            await self._db(
                 self.store.log_event, "upload_refused",
                 {"upload_id": msg.upload_id[:64], "reason": str(exc)[:500]},
                 run_id=self.run_id, agent_id=session.agent_id,
@@ -644,7 +662,7 @@ class Aggregator:
             await session.send(Error(code="invalid-model", message=str(exc)), cfg.send_timeout)
             return
         if len(msg.upload_id) > 64 or not msg.upload_id:
-            await asyncio.to_thread(
+            await self._db(
                 self.store.log_event, "upload_refused",
                 {"upload_id": msg.upload_id[:64], "reason": "upload_id must be 1-64 chars"},
                 run_id=self.run_id, agent_id=session.agent_id,
@@ -680,7 +698,7 @@ class Aggregator:
                     status = ack_status = "rejected"
                     message = decision.reason
                 update = self._gated(update, decision)
-            rec, created, add_error = await asyncio.to_thread(
+            rec, created, add_error = await self._db(
                 self._persist_upload, session.agent_id, msg, status, metrics, blob, update)
             if not created:
                 ack = UploadAck(upload_id=msg.upload_id, status=_ack_status(rec.status),
@@ -689,7 +707,7 @@ class Aggregator:
                 if status == "rejected":
                     log.warning("round %d: rejected the update of %s: %s", self.state.round,
                                 session.name, message)
-                    await asyncio.to_thread(
+                    await self._db(
                         self.store.log_event, "update_rejected",
                         {"upload_id": msg.upload_id, "model_id": rec.model_id,
                          "reason": message},
@@ -838,7 +856,7 @@ class Aggregator:
         num_samples = sum(max(n, 0) for n, _ in self._round_inputs)
         metrics: Metrics = {**result.metrics, **_mean_metrics(self._round_inputs)}
         finished = time.time()
-        model_id = await asyncio.to_thread(
+        model_id = await self._db(
             self.store.commit_round, self.run_id, round=rnd, weights=weights, inputs=inputs,
             base_model_id=self.global_model_id or None, num_samples=num_samples,
             metrics=metrics, started=started, finished=finished,
@@ -884,7 +902,7 @@ class Aggregator:
         try:
             async with self._eval_lock:  # one at a time, in round order
                 metrics = await asyncio.to_thread(self.evaluator, weights)
-            await asyncio.to_thread(self.store.update_round_metrics, self.run_id, rnd,
+            await self._db(self.store.update_round_metrics, self.run_id, rnd,
                                     {f"eval_{k}" if not k.startswith("eval_") else k: v
                                      for k, v in metrics.items()})
             log.info("round %d evaluation: %s", rnd,

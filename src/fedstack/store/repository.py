@@ -20,13 +20,38 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, insert, or_, select, text, update
+from sqlalchemy import Engine, bindparam, create_engine, event, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from fedstack.errors import RegistrationRefused, RemoteProtocolError, StoreError
 from fedstack.store import schema as s
 from fedstack.store.blobs import BlobStore, decode_weights, encode_weights
 from fedstack.types import Metrics, Weights
+
+# The statements of the hot paths (every upload, every round), built once: SQLAlchemy
+# then reuses their compiled form and cache keys instead of rebuilding them per call.
+_FIND_UPLOAD = select(s.models).where(s.models.c.upload_id == bindparam("upload_id"))
+_BLOB_EXISTS = select(s.blob_data.c.size).where(s.blob_data.c.digest == bindparam("d"))
+_BLOB_DATA = select(s.blob_data.c.data).where(s.blob_data.c.digest == bindparam("d"))
+_INSERT_BLOB = insert(s.blob_data)
+_INSERT_MODEL = insert(s.models)
+_INSERT_LINEAGE = insert(s.lineage)
+_INSERT_ROUND = insert(s.rounds)
+_INSERT_EVENT = insert(s.events)
+_RUN_VERSION = select(s.runs.c.version).where(s.runs.c.id == bindparam("run_id"))
+_SET_RUN_VERSION = (update(s.runs).where(s.runs.c.id == bindparam("b_run"))
+                    .values(version=bindparam("b_version")))
+_MARK_AGGREGATED = (update(s.models).where(s.models.c.id.in_(bindparam("b_ids", expanding=True)))
+                    .values(status="aggregated"))
+_ROUND_METRICS = select(s.rounds.c.metrics, s.rounds.c.model_id).where(
+    s.rounds.c.run_id == bindparam("b_run"), s.rounds.c.round == bindparam("b_round"))
+_SET_ROUND_METRICS = (update(s.rounds).where(s.rounds.c.run_id == bindparam("b_run"),
+                                             s.rounds.c.round == bindparam("b_round"))
+                      .values(metrics=bindparam("b_metrics")))
+_SET_MODEL_METRICS = (update(s.models).where(s.models.c.id == bindparam("b_model"))
+                      .values(metrics=bindparam("b_metrics")))
+_MODEL_BLOB = select(s.models.c.blob).where(s.models.c.id == bindparam("model_id"))
+_MODEL_EXTRA = select(s.models.c.extra_blob).where(s.models.c.id == bindparam("model_id"))
 
 
 def new_id() -> str:
@@ -553,31 +578,30 @@ class Store:
         Returns:
             (the stored record, True if this call stored it; False if it was there already).
         """
-        existing = self.find_upload(upload_id)
-        if existing is not None:
-            return existing, False
         staged = _Staged(blob[0], blob[1]) if blob is not None else self._stage(weights)
         digest, nbytes = staged.digest, staged.size
         extra_staged = self._stage(extra) if extra else None
         extra_blob = extra_staged.digest if extra_staged else None
         model_id = new_id()
-        with self._begin() as c:
+        with self._begin() as c:  # the duplicate check and the insert in one transaction
+            row = c.execute(_FIND_UPLOAD, {"upload_id": upload_id}).mappings().first()
+            if row is not None:
+                return _upload(row), False
             self._write_inline(c, staged, extra_staged)
-            c.execute(insert(s.models).values(
-                id=model_id, run_id=run_id, kind="local", producer=agent_id, round=round,
-                base_version=base_version, num_samples=num_samples, metrics=dict(metrics),
-                blob=digest, nbytes=nbytes, created=time.time(), status=status,
-                upload_id=upload_id, extra_blob=extra_blob,
-            ))
+            c.execute(_INSERT_MODEL, {
+                "id": model_id, "run_id": run_id, "kind": "local", "producer": agent_id,
+                "round": round, "base_version": base_version, "num_samples": num_samples,
+                "metrics": dict(metrics), "blob": digest, "nbytes": nbytes,
+                "created": time.time(), "status": status, "upload_id": upload_id,
+                "extra_blob": extra_blob,
+            })
         rec = UploadRecord(model_id, agent_id, upload_id, round, base_version, num_samples,
                            status, dict(metrics))
         return rec, True
 
     def find_upload(self, upload_id: str) -> UploadRecord | None:
         with self._begin() as c:
-            row = c.execute(
-                select(s.models).where(s.models.c.upload_id == upload_id)
-            ).mappings().first()
+            row = c.execute(_FIND_UPLOAD, {"upload_id": upload_id}).mappings().first()
         return None if row is None else _upload(row)
 
     def commit_round(
@@ -613,46 +637,43 @@ class Store:
         model_id = new_id()
         with self._begin() as c:
             self._write_inline(c, staged, state_staged, extra_staged)
-            version = c.execute(select(s.runs.c.version).where(s.runs.c.id == run_id)).scalar_one()
+            version = c.execute(_RUN_VERSION, {"run_id": run_id}).scalar_one()
             if version != round - 1:
                 raise StoreError(
                     f"round {round} cannot follow version {version}: another aggregator "
                     "process is writing this run"
                 )
-            c.execute(insert(s.models).values(
-                id=model_id, run_id=run_id, kind="cluster", producer=aggregator_id, round=round,
-                base_version=round - 1, num_samples=num_samples, metrics=dict(metrics),
-                blob=blob, nbytes=nbytes, created=finished, status="global", upload_id=None,
-                extra_blob=extra_blob,
-            ))
+            c.execute(_INSERT_MODEL, {
+                "id": model_id, "run_id": run_id, "kind": "cluster", "producer": aggregator_id,
+                "round": round, "base_version": round - 1, "num_samples": num_samples,
+                "metrics": dict(metrics), "blob": blob, "nbytes": nbytes, "created": finished,
+                "status": "global", "upload_id": None, "extra_blob": extra_blob,
+            })
             rows = [{"child_id": model_id, "parent_id": i, "relation": "input"} for i in inputs]
             if base_model_id is not None:
                 rows.append({"child_id": model_id, "parent_id": base_model_id, "relation": "base"})
             if rows:
-                c.execute(insert(s.lineage), rows)
+                c.execute(_INSERT_LINEAGE, rows)
             if inputs:
-                c.execute(update(s.models).where(s.models.c.id.in_(list(inputs)))
-                          .values(status="aggregated"))
-            c.execute(insert(s.rounds).values(
-                run_id=run_id, round=round, started=started, finished=finished,
-                seconds=finished - started, model_id=model_id, num_updates=len(inputs),
-                num_samples=num_samples, metrics=dict(metrics), strategy_state=scalars,
-                state_blob=state_blob,
-            ))
-            c.execute(update(s.runs).where(s.runs.c.id == run_id).values(version=round))
+                c.execute(_MARK_AGGREGATED, {"b_ids": list(inputs)})
+            c.execute(_INSERT_ROUND, {
+                "run_id": run_id, "round": round, "started": started, "finished": finished,
+                "seconds": finished - started, "model_id": model_id,
+                "num_updates": len(inputs), "num_samples": num_samples,
+                "metrics": dict(metrics), "strategy_state": scalars, "state_blob": state_blob,
+            })
+            c.execute(_SET_RUN_VERSION, {"b_run": run_id, "b_version": round})
         return model_id
 
     def update_round_metrics(self, run_id: str, round: int, metrics: Metrics) -> None:
         """Merge ``metrics`` into the round's (and its cluster model's) metrics."""
         with self._begin() as c:
-            row = c.execute(select(s.rounds.c.metrics, s.rounds.c.model_id).where(
-                s.rounds.c.run_id == run_id, s.rounds.c.round == round)).first()
+            row = c.execute(_ROUND_METRICS, {"b_run": run_id, "b_round": round}).first()
             if row is None:
                 raise StoreError(f"no round {round} in run {run_id}")
             merged = {**(row[0] or {}), **metrics}
-            c.execute(update(s.rounds).where(s.rounds.c.run_id == run_id,
-                                             s.rounds.c.round == round).values(metrics=merged))
-            c.execute(update(s.models).where(s.models.c.id == row[1]).values(metrics=merged))
+            c.execute(_SET_ROUND_METRICS, {"b_run": run_id, "b_round": round, "b_metrics": merged})
+            c.execute(_SET_MODEL_METRICS, {"b_model": row[1], "b_metrics": merged})
 
     def resume_state(self, run_id: str) -> ResumeState:
         """What an aggregator needs to continue ``run_id`` after a restart."""
@@ -695,13 +716,12 @@ class Store:
     def load_extra(self, model_id: str) -> Weights:
         """The extra arrays stored with a model ({} if none)."""
         with self._begin() as c:
-            blob = c.execute(select(s.models.c.extra_blob).where(s.models.c.id == model_id)
-                             ).scalar()
+            blob = c.execute(_MODEL_EXTRA, {"model_id": model_id}).scalar()
         return {} if blob is None else self.get_blob(blob)
 
     def load_weights(self, model_id: str) -> Weights:
         with self._begin() as c:
-            blob = c.execute(select(s.models.c.blob).where(s.models.c.id == model_id)).scalar()
+            blob = c.execute(_MODEL_BLOB, {"model_id": model_id}).scalar()
         if blob is None:
             raise StoreError(f"no model {model_id}")
         return self.get_blob(blob)
@@ -723,10 +743,8 @@ class Store:
         for st in staged:
             if st is None or st.data is None:
                 continue
-            if c.execute(select(s.blob_data.c.size).where(s.blob_data.c.digest == st.digest)
-                         ).first() is None:
-                c.execute(insert(s.blob_data).values(digest=st.digest, size=st.size,
-                                                     data=st.data))
+            if c.execute(_BLOB_EXISTS, {"d": st.digest}).first() is None:
+                c.execute(_INSERT_BLOB, {"digest": st.digest, "size": st.size, "data": st.data})
 
     def will_inline(self, weights: Mapping[str, Any]) -> bool:
         """True if ``weights`` are small enough for the database (checked on the raw sizes,
@@ -743,8 +761,7 @@ class Store:
         """The blob ``digest``, from the database or the blob directory; its hash is
         checked either way."""
         with self._begin() as c:
-            row = c.execute(select(s.blob_data.c.data).where(s.blob_data.c.digest == digest)
-                            ).first()
+            row = c.execute(_BLOB_DATA, {"d": digest}).first()
         if row is None:
             return self.blobs.get(digest)
         data = bytes(row[0])
@@ -759,8 +776,8 @@ class Store:
     def log_event(self, kind: str, detail: Mapping[str, Any], *, run_id: str | None = None,
                   agent_id: str | None = None) -> None:
         with self._begin() as c:
-            c.execute(insert(s.events).values(time=time.time(), run_id=run_id,
-                                              agent_id=agent_id, kind=kind, detail=dict(detail)))
+            c.execute(_INSERT_EVENT, {"time": time.time(), "run_id": run_id,
+                                      "agent_id": agent_id, "kind": kind, "detail": dict(detail)})
 
     # ------------------------------------------------------------------ queries
     def latest_run_id(self) -> str | None:
