@@ -169,3 +169,74 @@ def test_start_times_out_clearly_without_aggregator() -> None:
     a = Agent(f"ws://127.0.0.1:{free_port()}", name="lonely", max_backoff=0.2)
     with pytest.raises(TimeoutError, match="aggregator running"):
         a.start(timeout=1.0)
+
+
+# ---------------------------------------------------------------- on an event loop, no thread
+@pytest.mark.parametrize("delivery", ["push", "poll"])
+def test_async_api_runs_agents_on_the_aggregators_loop(tmp_path: Path, delivery: str) -> None:
+    """start_async / wait_for_global_model_async / flush_async / close_async: two agents as
+    tasks of the loop that also runs the aggregator (no agent thread), same protocol."""
+    import asyncio
+    import threading
+
+    from fedstack import Aggregator
+
+    async def main() -> tuple[list[float], list[int], list[str]]:
+        cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "a.db"), rounds=3,
+                               min_agents=2, threshold=1.0, delivery=delivery,
+                               finish_grace=0.0)
+        agg = Aggregator(cfg)
+        await agg.start()
+
+        async def one(name: str, step: float) -> list[int]:
+            a = Agent(f"ws://127.0.0.1:{agg.port}", name=name)
+            a.send_initial_model(m(0))
+            await a.start_async(timeout=10)
+            versions = []
+            try:
+                while True:
+                    try:
+                        gm = await a.wait_for_global_model_async(timeout=10)
+                    except FederationFinished:
+                        return versions
+                    versions.append(a.version)
+                    if a.finished:
+                        return versions
+                    a.send_trained_model({"w": gm["w"] + step}, 1)
+                    await a.flush_async(timeout=10)
+                    assert a.acknowledged[-1].upload_id
+            finally:
+                await a.close_async()
+
+        try:
+            results = await asyncio.gather(one("x", 1.0), one("y", 3.0))
+            agent_threads = [t.name for t in threading.enumerate()
+                             if t.name.startswith("fedstack-agent-")]
+            await asyncio.wait_for(agg.wait_finished(), 10)
+            assert agg.global_weights is not None
+            final = [float(v) for v in agg.global_weights["w"]]
+        finally:
+            await agg.stop()
+        return final, [len(r) for r in results], agent_threads
+
+    final, seen, agent_threads = asyncio.run(main())
+    assert final == [6.0, 6.0, 6.0]  # three rounds of the mean step (1 + 3) / 2
+    assert seen == [4, 4]  # v0..v3, the last one final
+    assert agent_threads == []  # the agents ran as tasks, not threads
+
+
+def test_async_waits_time_out_clearly() -> None:
+    import asyncio
+
+    from fedstack.testing import free_port
+
+    async def main() -> None:
+        a = Agent(f"ws://127.0.0.1:{free_port()}", name="lonely", max_backoff=0.2)
+        t = time.monotonic()
+        with pytest.raises(TimeoutError, match="aggregator running"):
+            await a.start_async(timeout=0.5)
+        assert time.monotonic() - t < 3
+        with pytest.raises(RuntimeError, match="already started"):
+            await a.start_async()
+
+    asyncio.run(main())

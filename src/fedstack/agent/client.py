@@ -16,7 +16,11 @@ Usage from a plain training loop (the book's names)::
 
 A background thread runs the connection: registration, uploads (kept until acknowledged and
 re-sent after a reconnect), pushed global models or (long-)polling, heartbeats, and
-reconnection with capped exponential backoff and jitter. The book's state machine
+reconnection with capped exponential backoff and jitter. Code that already runs on an event
+loop (the simulator: thousands of agents on one loop) uses the same agent without a thread:
+``await agent.start_async()``, ``await agent.wait_for_global_model_async()``,
+``agent.send_trained_model(...)`` (never blocks without a ``state_dir``) and
+``await agent.close_async()``. The book's state machine
 (``waiting_gm -> training -> sending -> gm_ready``) is kept, driven by events instead of a
 state file polled every 5 s.
 """
@@ -181,7 +185,10 @@ class Agent:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None  # the connection, without a thread
+        self._changed: asyncio.Event | None = None  # state changed (for *_async waiters)
         self.agent_id: str | None = None
         self.aggregator_id: str | None = None
         self.delivery = "push"
@@ -274,13 +281,7 @@ class Agent:
                 or refused, or a ws:// URL names a port that speaks only TLS): at once.
             TimeoutError: no welcome within ``timeout`` seconds.
         """
-        if self._thread is not None:
-            raise RuntimeError("the agent is already started")
-        if self._token is None and self._enrollment is not None:
-            # enrolling without a credential: make one; the aggregator binds it to the name
-            self._token = secrets.token_urlsafe(32)
-            if self._disk is not None:
-                self._disk.save_identity(token=self._token)
+        self._prepare_start()
         self._thread = threading.Thread(target=self._thread_main,
                                         name=f"fedstack-agent-{self.name}",
                                         daemon=True)
@@ -300,6 +301,89 @@ class Agent:
     start_fl_client = start
     """The book's name for :meth:`start`."""
 
+    def _prepare_start(self) -> None:
+        if self._thread is not None or self._task is not None:
+            raise RuntimeError("the agent is already started")
+        if self._token is None and self._enrollment is not None:
+            # enrolling without a credential: make one; the aggregator binds it to the name
+            self._token = secrets.token_urlsafe(32)
+            if self._disk is not None:
+                self._disk.save_identity(token=self._token)
+
+    # ------------------------------------------------------------------ on an event loop
+    async def start_async(self, timeout: float | None = 120.0) -> None:
+        """:meth:`start` for code running on an event loop: the connection runs as a task
+        of the running loop instead of a thread. Then use the ``*_async`` methods (and
+        :meth:`send_trained_model`) from that loop only.
+
+        Raises:
+            RegistrationRefused, TLSError, TimeoutError: as :meth:`start`.
+        """
+        self._prepare_start()
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._main(), name=f"fedstack-agent-{self.name}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._welcomed.is_set():
+            with self._cond:
+                if self._error is not None:
+                    raise self._error
+            if self._task.done():
+                raise ConnectionClosed(reason="agent stopped before it was welcomed")
+            if not await self._until_changed(deadline):
+                await self.close_async()
+                raise TimeoutError(f"no welcome from {self.url} within {timeout} s; "
+                                   "is the aggregator running?")
+
+    async def wait_for_global_model_async(self, timeout: float | None = None) -> Weights:
+        """:meth:`wait_for_global_model` without blocking the event loop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                gm = self._take_global()
+            if gm is not None:
+                return gm
+            if not await self._until_changed(deadline):
+                raise TimeoutError("no new global model in time")
+
+    async def flush_async(self, timeout: float | None = 60.0) -> None:
+        """:meth:`flush` without blocking the event loop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._flushed():
+            if not await self._until_changed(deadline):
+                raise TimeoutError(f"{self.name}: upload not acknowledged within "
+                                   f"{timeout} s")
+
+    async def close_async(self, timeout: float = 10.0) -> None:
+        """:meth:`close` without blocking the event loop."""
+        with self._cond:
+            self._closing = True
+            self._notify()
+        self._kick()
+        if self._task is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            if not self._task.done():
+                self._task.cancel()
+
+    async def _until_changed(self, deadline: float | None) -> bool:
+        """Wait until the connection changed the agent's state (at most 1 s, or until
+        ``deadline``). False if the deadline has passed."""
+        assert self._changed is not None, "not started with start_async()"
+        wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+        if wait <= 0:
+            return False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._changed.wait()
+        self._changed.clear()
+        return True
+
+    def _notify(self) -> None:
+        """Wake whoever waits for a state change (call with ``self._cond`` held)."""
+        self._cond.notify_all()
+        if self._changed is not None:
+            self._changed.set()
+
     def wait_for_global_model(self, timeout: float | None = None) -> Weights:
         """Block until a global model newer than the last one returned is available.
 
@@ -310,25 +394,35 @@ class Agent:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                if self._error is not None:
-                    raise self._error
-                if self._state == ClientState.gm_ready and self._gm is not None:
-                    self._state = ClientState.training
-                    self._training_base = self._gm_version
-                    self._gm_extra = self._gm_next_extra
-                    if self._gm_final:
-                        self._final_delivered = True
-                    return self._gm
-                if self._final_delivered or (self._gm_final and self._closing):
-                    raise FederationFinished(
-                        f"the federation finished at version {self._gm_version}"
-                    )
-                if self._closing:
-                    raise ConnectionClosed(reason="agent closed")
+                gm = self._take_global()
+                if gm is not None:
+                    return gm
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError("no new global model in time")
                 self._cond.wait(remaining if remaining is not None else 1.0)
+
+    def _take_global(self) -> Weights | None:
+        """The new global model for the trainer (state -> training), or None if there is
+        none yet. Call with ``self._cond`` held.
+
+        Raises:
+            FederationFinished, ConnectionClosed, or the connection's error.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._state == ClientState.gm_ready and self._gm is not None:
+            self._state = ClientState.training
+            self._training_base = self._gm_version
+            self._gm_extra = self._gm_next_extra
+            if self._gm_final:
+                self._final_delivered = True
+            return self._gm
+        if self._final_delivered or (self._gm_final and self._closing):
+            raise FederationFinished(f"the federation finished at version {self._gm_version}")
+        if self._closing:
+            raise ConnectionClosed(reason="agent closed")
+        return None
 
     def send_trained_model(
         self,
@@ -404,16 +498,21 @@ class Agent:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._pending is not None:
-                if self._error is not None:
-                    raise self._error
-                if self._gm_final and self._closing:
-                    return
+            while not self._flushed():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"{self.name}: upload not acknowledged within "
                                        f"{timeout} s")
                 self._cond.wait(remaining if remaining is not None else 1.0)
+
+    def _flushed(self) -> bool:
+        """True if no upload awaits its acknowledgement (or none will come)."""
+        with self._cond:
+            if self._pending is None:
+                return True
+            if self._error is not None:
+                raise self._error
+            return self._gm_final and self._closing
 
     def close(self, timeout: float = 10.0) -> None:
         """Leave the federation cleanly (sends ``bye``) and stop the background thread."""
@@ -434,6 +533,9 @@ class Agent:
     def _kick(self) -> None:
         loop, wake = self._loop, self._wake
         if loop is not None and wake is not None and not loop.is_closed():
+            if self._loop_thread == threading.get_ident():  # called on the loop itself
+                wake.set()
+                return
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake.set)
 
@@ -443,7 +545,15 @@ class Agent:
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._wake = asyncio.Event()
+        try:
+            await self._connection()
+        finally:  # waiters re-check: nothing more will come from this connection
+            with self._cond:
+                self._notify()
+
+    async def _connection(self) -> None:
         backoff = 0.05
         while not self._closing:
             conn: Connection | None = None
@@ -457,7 +567,7 @@ class Agent:
             except RegistrationRefused as exc:
                 with self._cond:
                     self._error = exc
-                    self._cond.notify_all()
+                    self._notify()
                 return
             except (OSError, ConnectionClosed, TimeoutError, ProtocolError) as exc:
                 fatal = None if conn is not None else await self._tls_fatal(exc)
@@ -465,12 +575,12 @@ class Agent:
                     log.error("%s: %s", self.name, fatal)
                     with self._cond:
                         self._error = fatal
-                        self._cond.notify_all()
+                        self._notify()
                     return
                 if self._closing or self._gm_final:
                     # after the final model the aggregator goes away: nothing to reconnect to
                     with self._cond:
-                        self._cond.notify_all()
+                        self._notify()
                     return
                 log.info("%s: connection to %s lost (%s); retrying in %.2f s", self.name,
                          self.url, exc or type(exc).__name__, backoff)
@@ -479,7 +589,7 @@ class Agent:
                 log.exception("%s: agent connection failed", self.name)
                 with self._cond:
                     self._error = FedstackError(f"agent {self.name} stopped: {exc!r}")
-                    self._cond.notify_all()
+                    self._notify()
                 return
             finally:
                 if conn is not None:
@@ -535,6 +645,8 @@ class Agent:
         self._on_welcome(welcome)
         lease = 3 * welcome.heartbeat_interval
         reader = asyncio.create_task(self._reader(conn, lease))
+        wake = self._wake
+        reader.add_done_callback(lambda _: wake.set())
         heart = asyncio.create_task(self._heartbeat(conn, welcome.heartbeat_interval))
         try:
             sent_upload: str | None = None
@@ -559,9 +671,7 @@ class Agent:
                         and state == ClientState.waiting_gm and polled_version != version):
                     conn.write(encode(Poll(known_version=version, wait=self.poll_wait)))
                     polled_version = version
-                woken = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({reader, woken}, return_when=asyncio.FIRST_COMPLETED)
-                woken.cancel()
+                await self._wake.wait()  # set by the reader (also when it ends) and _kick
                 self._wake.clear()
                 if self._poll_answered:
                     self._poll_answered = False
@@ -591,7 +701,7 @@ class Agent:
         elif w.finished:
             with self._cond:
                 self._gm_final = True
-                self._cond.notify_all()
+                self._notify()
         with self._cond:
             # an upload trained on an older model that the aggregator never acknowledged is
             # still sent: the aggregator's staleness policy decides what becomes of it
@@ -607,6 +717,8 @@ class Agent:
                 **({"version": self._gm_version} if self._gm_version >= 0 else {}),
             )
         self._welcomed.set()
+        with self._cond:
+            self._notify()
         log.info("%s: welcomed as %s (version %d, %s delivery)", self.name, w.agent_id[:8],
                  w.version, w.delivery)
 
@@ -649,14 +761,16 @@ class Agent:
             self._gm_version = version
             self._gm_final = final
             self._state = ClientState.gm_ready
-            self._cond.notify_all()
+            self._notify()
         if self._disk is not None:
             self._disk.save_identity(version=version)
 
     async def _reader(self, conn: Connection, lease: float) -> bool:
         assert self._wake is not None
         while True:
-            msg = decode(await asyncio.wait_for(conn.recv(), lease), self.limits)
+            async with asyncio.timeout(lease):  # not wait_for: no task per message
+                raw = await conn.recv()
+            msg = decode(raw, self.limits)
             if isinstance(msg, GlobalModel):
                 self._new_global(msg.version, msg.model, msg.final, msg.extra)
                 self.round = msg.version + 1
@@ -668,7 +782,7 @@ class Agent:
                         self.acknowledged.append(msg)
                         if self._state == ClientState.sending:
                             self._state = ClientState.waiting_gm
-                        self._cond.notify_all()
+                        self._notify()
                 if self._disk is not None:
                     self._disk.clear_pending(msg.upload_id)  # only if it is the one on disk
                 if msg.message:
@@ -693,7 +807,7 @@ class Agent:
                             self._disk.clear_pending(self._pending.upload_id)
                         self._pending = None
                         self._state = ClientState.waiting_gm
-                        self._cond.notify_all()
+                        self._notify()
             elif isinstance(msg, Bye):
                 raise ConnectionClosed(1001, msg.reason)
             self._wake.set()

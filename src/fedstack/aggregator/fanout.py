@@ -77,6 +77,7 @@ class Fanout:
         held = await self.acquire(nbytes, 10 * timeout)
         try:
             conn.write(parts)
-            await asyncio.wait_for(conn.drain(), timeout)
+            async with asyncio.timeout(timeout):
+                await conn.drain()
         finally:
             self.release(held)

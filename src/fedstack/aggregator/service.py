@@ -97,7 +97,8 @@ class AgentSession:
 
     async def send(self, msg: Message, timeout: float) -> None:
         self.write(msg)
-        await asyncio.wait_for(self.conn.drain(), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: no task per message
+            await self.conn.drain()
 
 
 class Aggregator:
@@ -413,7 +414,8 @@ class Aggregator:
         extra = 10 * self.config.send_timeout
         while True:
             try:
-                return await asyncio.wait_for(conn.recv(), lease)
+                async with asyncio.timeout(lease):
+                    return await conn.recv()
             except TimeoutError:
                 if not getattr(conn, "in_message", False) or extra <= 0:
                     raise
@@ -795,7 +797,8 @@ class Aggregator:
             parts, _ = self._encoded_global()
             session.write_parts(parts)
             session.known_version = max(session.known_version, version)
-            await asyncio.wait_for(session.conn.drain(), timeout)
+            async with asyncio.timeout(timeout):
+                await session.conn.drain()
         finally:
             self.fanout.release(held)
 
@@ -811,7 +814,8 @@ class Aggregator:
             deadline = self.state.deadline()
             timeout = None if deadline is None else max(0.0, deadline - time.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
             self._wakeup.clear()
             async with self._lock:
                 dl = self.state.deadline()

@@ -24,16 +24,14 @@ a deployment, so ``fedstack db`` and the plots work unchanged.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures as cf
 import contextlib
 import itertools
 import logging
 import math
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,7 +233,6 @@ class _Simulation:
         self.states: dict[int, dict[str, Any]] = {}
         self.trained: set[int] = set()
         self.fits = 0
-        self._lock = threading.Lock()
         self.initial: Weights | None = None
         self.url = ""
         self.width = len(str(num_agents - 1))
@@ -255,13 +252,10 @@ class _Simulation:
             self.url = agg.url
             setup = time.perf_counter() - self.t0
             self._open_progress()
-            threads = min(self.k, 1024) if self.persistent else min(self.k, 64)
-            with cf.ThreadPoolExecutor(max_workers=threads,
-                                       thread_name_prefix="fedstack-sim") as pool:
-                if self.persistent:
-                    round_seconds = await self._run_persistent(agg, pool)
-                else:
-                    round_seconds = await self._run_sampled(agg, pool)
+            if self.persistent:
+                round_seconds = await self._run_persistent(agg)
+            else:
+                round_seconds = await self._run_sampled(agg)
             await asyncio.wait_for(agg.wait_finished(), 60.0)
             wall = time.perf_counter() - self.t0
             history = await asyncio.to_thread(store.rounds, agg.run_id)
@@ -285,12 +279,12 @@ class _Simulation:
             await asyncio.to_thread(store.close)
 
     async def _wait_version(self, agg: Aggregator, version: int,
-                            tasks: list[asyncio.Future[Any]] | None = None) -> None:
+                            tasks: Sequence[asyncio.Future[Any]] = ()) -> None:
         deadline = time.monotonic() + self.round_timeout
         while agg.state.version < version:
             if self.failure is not None:
                 raise SimError(f"simulation failed: {self.failure!r}") from self.failure
-            for t in tasks or []:
+            for t in tasks:
                 if t.done() and t.exception() is not None:
                     exc = t.exception()
                     raise SimError(f"a virtual agent failed: {exc!r}") from exc
@@ -300,13 +294,12 @@ class _Simulation:
                     f"({len(agg.state.contributors)}/{self.k} updates)")
             await asyncio.sleep(0.002)
 
-    async def _run_sampled(self, agg: Aggregator, pool: cf.ThreadPoolExecutor) -> list[float]:
-        loop = asyncio.get_running_loop()
+    async def _run_sampled(self, agg: Aggregator) -> list[float]:
         seconds: list[float] = []
         for rnd in range(1, self.rounds + 1):
             start = time.perf_counter()
             chosen = [int(i) for i in np.sort(self.rng.choice(self.n, self.k, replace=False))]
-            tasks = [loop.run_in_executor(pool, self._one_round, idx, rnd == 1 and j == 0)
+            tasks = [asyncio.ensure_future(self._one_round(idx, rnd == 1 and j == 0))
                      for j, idx in enumerate(chosen)]
             try:
                 await asyncio.gather(*tasks)
@@ -319,10 +312,8 @@ class _Simulation:
             self._report(rnd, seconds[-1], agg)
         return seconds
 
-    async def _run_persistent(self, agg: Aggregator,
-                              pool: cf.ThreadPoolExecutor) -> list[float]:
-        loop = asyncio.get_running_loop()
-        tasks = [loop.run_in_executor(pool, self._persistent_agent, idx, idx == 0)
+    async def _run_persistent(self, agg: Aggregator) -> list[float]:
+        tasks = [asyncio.ensure_future(self._persistent_agent(idx, idx == 0))
                  for idx in range(self.n)]
         seconds: list[float] = []
         try:
@@ -352,47 +343,47 @@ class _Simulation:
             agent.send_initial_model(self.initial)
         return agent
 
-    def _train(self, agent: Agent, idx: int, gm: Weights) -> None:
+    async def _train(self, agent: Agent, idx: int, gm: Weights) -> None:
         config = {"version": agent.version, "name": agent.name,
                   "federation": dict(agent.federation_config),
                   "global_extra": dict(agent.global_extra)}
         task = FitTask(self.trainer, self.trainer_args, idx, self.n, gm, config,
                        self.states.get(idx))
-        res = self.backend.submit(task).result()
-        with self._lock:
-            if res.state is not None:
-                self.states[idx] = res.state
-            self.trained.add(idx)
-            self.fits += 1
+        fut = self.backend.submit(task)  # inline: already done; else a worker's future
+        res = fut.result() if fut.done() else await asyncio.wrap_future(fut)
+        if res.state is not None:
+            self.states[idx] = res.state
+        self.trained.add(idx)
+        self.fits += 1
         agent.send_trained_model(res.weights, res.num_samples, res.metrics, extra=res.extra)
 
-    def _one_round(self, idx: int, initial: bool) -> None:
+    async def _one_round(self, idx: int, initial: bool) -> None:
         agent = self._agent(idx, initial)
         try:
-            agent.start(timeout=self.round_timeout)
-            gm = agent.wait_for_global_model(timeout=self.round_timeout)
-            self._train(agent, idx, gm)
-            agent.flush(timeout=self.round_timeout)
+            await agent.start_async(timeout=self.round_timeout)
+            gm = await agent.wait_for_global_model_async(timeout=self.round_timeout)
+            await self._train(agent, idx, gm)
+            await agent.flush_async(timeout=self.round_timeout)
         finally:
-            agent.close()
+            await agent.close_async()
 
-    def _persistent_agent(self, idx: int, initial: bool) -> None:
+    async def _persistent_agent(self, idx: int, initial: bool) -> None:
         agent = self._agent(idx, initial)
         try:
-            agent.start(timeout=self.round_timeout)
+            await agent.start_async(timeout=self.round_timeout)
             while self.failure is None:
                 try:
-                    gm = agent.wait_for_global_model(timeout=self.round_timeout)
+                    gm = await agent.wait_for_global_model_async(timeout=self.round_timeout)
                 except FederationFinished:
                     return
                 if agent.finished:
                     return  # the final model: nothing left to train for
-                self._train(agent, idx, gm)
+                await self._train(agent, idx, gm)
         except BaseException as exc:
             self.failure = self.failure or exc
             raise
         finally:
-            agent.close()
+            await agent.close_async()
 
     # ------------------------------------------------------------------ progress
     def _open_progress(self) -> None:
