@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fedstack.errors import InvalidUpdate
 from fedstack.types import Weights
-from fedstack.wire.tensors import all_finite
+from fedstack.wire.tensors import all_finite, dtype_name
 
 Structure = list[tuple[str, str, tuple[int, ...]]]
 
@@ -33,7 +33,7 @@ def validate_model(weights: Weights, structure: Structure | None, *, agent_id: s
             )
         for name, arr in weights.items():
             dtype, shape = expected[name]
-            if arr.dtype.name != dtype:
+            if dtype_name(arr.dtype) != dtype:
                 raise bad(f"tensor {name!r} has dtype {arr.dtype.name}, the model has {dtype}")
             if tuple(arr.shape) != tuple(shape):
                 raise bad(

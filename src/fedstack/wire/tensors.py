@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,19 @@ DTYPES: dict[str, np.dtype[np.generic]] = {
     )
 }
 """The dtypes allowed on the wire, by name (always little-endian)."""
+
+_DTYPE_NAMES: dict[np.dtype[Any], str] = {}
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """``dtype.name``, which numpy computes anew on every access (slow on hot paths),
+    remembered for the dtypes allowed on the wire."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = dtype.name
+        if name in DTYPES:
+            _DTYPE_NAMES[dtype] = name
+    return name
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:/\-\[\]]+")
 MAX_NAME_LEN = 256
@@ -87,7 +101,7 @@ def prepare(weights: Mapping[str, object], start: int) -> tuple[list[TensorEntry
                 "[A-Za-z0-9_.:/-[]]"
             )
         arr = np.asarray(value)
-        dname = arr.dtype.name
+        dname = dtype_name(arr.dtype)
         if dname not in DTYPES:
             raise LocalProtocolError(
                 f"tensor {name!r} has dtype {dname}; allowed: {', '.join(DTYPES)}"
@@ -171,7 +185,7 @@ def all_finite(arr: Array) -> bool:
     if arr.dtype.kind != "f" or arr.size == 0:
         return True
     with np.errstate(over="ignore", invalid="ignore"):
-        total = float(np.sum(arr, dtype=np.float64))
+        total = float(arr.sum(dtype=np.float64))
     if math.isfinite(total):
         return True
     # The sum of finite float64 values can overflow; decide exactly.
@@ -181,7 +195,8 @@ def all_finite(arr: Array) -> bool:
 
 def structure(weights: Mapping[str, Array]) -> list[tuple[str, str, tuple[int, ...]]]:
     """The (name, dtype, shape) signature of a model, in order."""
-    return [(k, np.asarray(v).dtype.name, tuple(np.asarray(v).shape)) for k, v in weights.items()]
+    return [(k, dtype_name(np.asarray(v).dtype), tuple(np.asarray(v).shape))
+            for k, v in weights.items()]
 
 
 def nbytes(weights: Mapping[str, Array]) -> int:
