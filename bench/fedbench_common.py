@@ -614,19 +614,60 @@ def guarded(fn: Any, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 def run_plan(plan: list[tuple[str, Any, tuple[Any, ...]]], task: str, rounds: int,
              agents: int, workdir: Path, timeout: float,
-             after_each: Any = None) -> dict[str, dict[str, Any]]:
+             after_each: Any = None, repeats: int = 1,
+             once: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """Run each ``(name, runner, extra args)`` of ``plan`` (guarded), printing progress;
-    ``after_each()`` runs after every run."""
-    runs: dict[str, dict[str, Any]] = {}
-    for name, fn, extra in plan:
-        print(f"  running {name} ...", flush=True)
-        r = guarded(fn, name, task, rounds, agents, workdir, timeout, *extra)
-        runs[name] = r
-        print(f"    {'ok' if r.get('ok') else 'FAILED: ' + r.get('error', '')[:500]}"
-              + (f", wall {r['wall_seconds']:.2f} s" if r.get("ok") else ""), flush=True)
-        if after_each is not None:
-            after_each()
-    return runs
+    ``after_each()`` runs after every run.
+
+    With ``repeats`` > 1 the whole plan runs that many times, interleaved (run 1 of every
+    entry, then run 2 of every entry, ...: a noisy minute hits all of them alike), each
+    repetition in its own subfolder; entries named in ``once`` run only the first time.
+    Each entry's record then holds the median of every time over its runs, their range
+    (``<key>_range``) and the runs themselves (``repeats``) — see :func:`combine_runs`.
+    """
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in plan}
+    for rep in range(repeats):
+        where = workdir if repeats == 1 else workdir / f"run{rep + 1}"
+        where.mkdir(parents=True, exist_ok=True)
+        for name, fn, extra in plan:
+            if rep > 0 and name in once:
+                continue
+            tag = "" if repeats == 1 else f" (run {rep + 1}/{1 if name in once else repeats})"
+            print(f"  running {name}{tag} ...", flush=True)
+            r = guarded(fn, name, task, rounds, agents, where, timeout, *extra)
+            results[name].append(r)
+            print(f"    {'ok' if r.get('ok') else 'FAILED: ' + r.get('error', '')[:500]}"
+                  + (f", wall {r['wall_seconds']:.2f} s" if r.get("ok") else "")
+                  + (f", {r['mean_round_after_first']:.4f} s per round after the first"
+                     if r.get("ok") and r.get("mean_round_after_first") else ""), flush=True)
+            if after_each is not None:
+                after_each()
+    return {name: combine_runs(rs) for name, rs in results.items()}
+
+
+_TIMES = ("wall_seconds", "first_round_seconds", "mean_round_after_first",
+          "median_round_after_first")
+
+
+def combine_runs(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record for several runs of the same entry: the medians of the times, their
+    ranges, the highest peak memory, every run's times (``repeats``); a failed run is
+    counted (``failed_runs``), and if every run failed the first failure is returned."""
+    ok = [r for r in rs if r.get("ok")]
+    if len(rs) == 1 or not ok:
+        return rs[0]
+    out = dict(ok[0])  # final metrics and commands: the same computation every run
+    for key in _TIMES:
+        vals = [float(r[key]) for r in ok if r.get(key) is not None]
+        if vals:
+            out[key] = statistics.median(vals)
+            out[f"{key}_range"] = [min(vals), max(vals)]
+    out["peak_tree_rss_bytes"] = max(int(r["peak_tree_rss_bytes"]) for r in ok)
+    out["runs"] = len(ok)
+    out["failed_runs"] = len(rs) - len(ok)
+    out["repeats"] = [{k: r.get(k) for k in (*_TIMES, "peak_tree_rss_bytes",
+                                             "round_seconds_after_first")} for r in ok]
+    return out
 
 
 def save_result(result: dict[str, Any], *, flower: Any, runs: Any, checks: Any,

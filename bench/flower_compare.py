@@ -67,7 +67,8 @@ def _fmt(v: float | None, digits: int = 2) -> str:
 
 def print_table(runs: dict[str, dict[str, Any]], metric: str = "eval_accuracy") -> None:
     head = (f"{'run':<26} {'wall s':>8} {'round 1 s':>9} {'round s (mean r2+)':>19} "
-            f"{'median':>8} {'final ' + metric.removeprefix('eval_'):>14} {'peak MB':>8}")
+            f"{'median':>8} {'final ' + metric.removeprefix('eval_'):>14} {'peak MB':>8} "
+            f"{'runs':>4}  {'range of round s (mean r2+)':>27}")
     print(head)
     print("-" * len(head))
     for name, r in runs.items():
@@ -78,7 +79,12 @@ def print_table(runs: dict[str, dict[str, Any]], metric: str = "eval_accuracy") 
         print(f"{name:<26} {_fmt(r['wall_seconds']):>8} {_fmt(r['first_round_seconds']):>9} "
               f"{_fmt(r['mean_round_after_first'], 4):>19} "
               f"{_fmt(r['median_round_after_first'], 4):>8} {_fmt(final, 4):>14} "
-              f"{r['peak_tree_rss_bytes'] / 1e6:>8.0f}")
+              f"{r['peak_tree_rss_bytes'] / 1e6:>8.0f} {r.get('runs', 1):>4}  "
+              f"{_range(r.get('mean_round_after_first_range')):>27}")
+
+
+def _range(v: list[float] | None) -> str:
+    return "-" if not v else f"{v[0]:.4f} - {v[1]:.4f}"
 
 
 def _check(label: str, ok: bool | None, detail: str) -> dict[str, Any]:
@@ -158,6 +164,11 @@ def main() -> int:
     ap.add_argument("--skip-flower-simulation", action="store_true")
     ap.add_argument("--skip-fedstack-simulation", action="store_true")
     ap.add_argument("--skip-fedstack-deployment", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each entry, interleaved; the table shows medians and "
+                         "ranges (default 3)")
+    ap.add_argument("--flower-deployment-repeat", type=int, default=1,
+                    help="runs of Flower's deployment engine (6-12 min each; default 1)")
     ap.add_argument("--timeout", type=float, default=1200.0, help="per run, seconds")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and stores")
     ap.add_argument("--out", default=str(fc.RESULTS / "flower_compare.json"))
@@ -165,6 +176,7 @@ def main() -> int:
     if args.quick:
         args.rounds = min(args.rounds, 5)
         args.skip_flower_deployment = True
+        args.repeat = 1
     if args.rounds < 2:
         ap.error("--rounds must be at least 2 (round 1 is left out of the per-round time)")
 
@@ -191,7 +203,11 @@ def main() -> int:
         plan.append((FL_DEP, fc.run_flower_deployment, (flower_python,)))
 
     t_start = time.monotonic()
-    runs = fc.run_plan(plan, "digits", args.rounds, args.agents, workdir, args.timeout)
+    if args.repeat < 1 or args.flower_deployment_repeat < 1:
+        ap.error("--repeat and --flower-deployment-repeat must be at least 1")
+    once = (FL_DEP,) if args.flower_deployment_repeat < args.repeat else ()
+    runs = fc.run_plan(plan, "digits", args.rounds, args.agents, workdir, args.timeout,
+                       repeats=max(args.repeat, args.flower_deployment_repeat), once=once)
 
     print()
     print(f"digits, {args.agents} agents, {args.rounds} rounds (wall: launch -> final global "

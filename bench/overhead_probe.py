@@ -88,6 +88,9 @@ def main() -> int:
     ap.add_argument("--skip-flower-deployment", action="store_true")
     ap.add_argument("--skip-flower-simulation", action="store_true")
     ap.add_argument("--skip-fedstack-simulation", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each entry (Flower deployment: one), interleaved; the "
+                         "table shows medians and ranges (default 3)")
     ap.add_argument("--timeout", type=float, default=900.0, help="per run, seconds")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and stores")
     ap.add_argument("--out", default=str(fc.RESULTS / "overhead_probe.json"))
@@ -117,15 +120,17 @@ def main() -> int:
 
     def drop_stores() -> None:
         # The stores of big-model runs hold GBs of blobs: drop them as soon as measured.
-        for db in workdir.glob("*.db*"):
+        for db in workdir.glob("**/*.db*"):
             if db.is_dir():
                 shutil.rmtree(db, ignore_errors=True)
             else:
                 db.unlink(missing_ok=True)
 
     t_start = time.monotonic()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     runs = fc.run_plan(plan, "probe", args.rounds, args.agents, workdir, args.timeout,
-                       after_each=drop_stores)
+                       after_each=drop_stores, repeats=args.repeat, once=(FL_DEP,))
 
     print()
     print(f"overhead probe: 100 MB model, {args.agents} agents, {args.rounds} rounds "
