@@ -437,3 +437,33 @@ def test_schema_4_database_is_migrated_to_5(tmp_path: Path) -> None:
                            ).fetchone() == (str(s.SCHEMA_VERSION),)
     finally:
         con.close()
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_checkpoint_moves_the_log_into_the_database_file(store: Store, db: Path,
+                                                         tmp_path: Path) -> None:
+    """Commits land in the write-ahead log (the automatic checkpoint waits for 10,000
+    pages); Store.checkpoint copies them into the database file itself."""
+    import shutil
+    import sqlite3
+
+    run_id, agent, _ = init_run(store)
+    for i in range(5):
+        upload(store, run_id, agent, f"u{i}", 1, i)
+
+    def uploads_in_file_alone() -> int:
+        alone = tmp_path / f"alone-{len(list(tmp_path.glob('alone-*')))}.db"
+        shutil.copy(db, alone)  # the database file without its -wal: checkpointed data only
+        con = sqlite3.connect(alone)
+        try:
+            n = con.execute("SELECT count(*) FROM models WHERE kind = 'local'").fetchone()[0]
+        except sqlite3.OperationalError:  # not even the tables are in the file yet
+            n = 0
+        con.close()
+        return int(n)
+
+    stored = len(store.models(run_id, "local"))
+    assert stored == 6  # the five uploads and the initial model
+    assert uploads_in_file_alone() < stored
+    store.checkpoint()
+    assert uploads_in_file_alone() == stored

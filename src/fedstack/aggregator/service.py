@@ -177,6 +177,7 @@ class Aggregator:
         aggregator's writes never wait on each other's SQLite locks (a lock conflict
         costs a busy-wait sleep of a millisecond or more)."""
         self._db_closed = False
+        self._checkpointing = False
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -884,8 +885,22 @@ class Aggregator:
             self._spawn(self._broadcast())
         if self.evaluator is not None:
             self._spawn(self._evaluate(rnd, weights))
+        if not self._checkpointing:
+            self._spawn(self._checkpoint())
         if self.state.finished:
             self._finished.set()
+
+    async def _checkpoint(self) -> None:
+        """Checkpoint the store's log while the agents train (not on the store thread:
+        a checkpoint never blocks the writes of uploads)."""
+        assert self.store is not None
+        self._checkpointing = True
+        try:
+            await asyncio.to_thread(self.store.checkpoint)
+        except StoreError as exc:
+            log.warning("store checkpoint failed (retried after the next round): %s", exc)
+        finally:
+            self._checkpointing = False
 
     async def _broadcast(self) -> None:
         """Push the global model to every agent concurrently, each with its own timeout."""

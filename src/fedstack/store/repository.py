@@ -772,6 +772,18 @@ class Store:
         except RemoteProtocolError as exc:
             raise StoreError(f"blob {digest[:12]} is not readable: {exc}") from exc
 
+    def checkpoint(self) -> None:
+        """Copy the SQLite write-ahead log into the database file without blocking
+        readers or writers (``PRAGMA wal_checkpoint(PASSIVE)``); a no-op for other
+        databases. The aggregator calls it off the critical path after every round."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        try:
+            with self.engine.connect() as c:
+                c.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+        except SQLAlchemyError as exc:
+            raise StoreError(f"checkpoint failed: {exc}") from exc
+
     # ------------------------------------------------------------------ events
     def log_event(self, kind: str, detail: Mapping[str, Any], *, run_id: str | None = None,
                   agent_id: str | None = None) -> None:
@@ -898,12 +910,19 @@ class _Staged:
     data: bytes | None = None  # None: already in the blob directory
 
 
+AUTO_CHECKPOINT_PAGES = 10_000
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
+    # Checkpoints (WAL -> database file) run in the background after every round
+    # (Store.checkpoint); the automatic one, inside whichever commit crossed 1,000 pages
+    # (a ~7 ms stall every few rounds on the upload path), stays only as a safety net.
+    cur.execute(f"PRAGMA wal_autocheckpoint={AUTO_CHECKPOINT_PAGES}")
     cur.close()
 
 
