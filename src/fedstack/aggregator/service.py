@@ -178,6 +178,9 @@ class Aggregator:
         costs a busy-wait sleep of a millisecond or more)."""
         self._db_closed = False
         self._checkpointing = False
+        self._db_inline = config.transport == "inproc"
+        """In-process transport (the simulator): every party shares this process and its
+        GIL, so a store thread buys no parallelism, only lock hand-offs: calls run inline."""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -328,8 +331,11 @@ class Aggregator:
             await asyncio.wait(pending, timeout=60)
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a database call on the store thread (a plain worker thread once stopped)."""
+        """Run a database call on the store thread (a plain worker thread once stopped;
+        inline with the in-process transport)."""
         call = functools.partial(fn, *args, **kwargs)
+        if self._db_inline:
+            return call()
         if self._db_closed:
             return await asyncio.to_thread(call)
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, call)
