@@ -34,6 +34,7 @@ _FIND_UPLOAD = select(s.models).where(s.models.c.upload_id == bindparam("upload_
 _BLOB_EXISTS = select(s.blob_data.c.size).where(s.blob_data.c.digest == bindparam("d"))
 _BLOB_DATA = select(s.blob_data.c.data).where(s.blob_data.c.digest == bindparam("d"))
 _INSERT_BLOB = insert(s.blob_data)
+_INSERT_BLOB_OR_IGNORE = insert(s.blob_data).prefix_with("OR IGNORE", dialect="sqlite")
 _INSERT_MODEL = insert(s.models)
 _INSERT_LINEAGE = insert(s.lineage)
 _INSERT_ROUND = insert(s.rounds)
@@ -192,7 +193,8 @@ class Store:
             self.engine: Engine = create_engine(self.url, future=True)
         except (SQLAlchemyError, ImportError) as exc:
             raise StoreError(f"cannot open database {db!r}: {exc}") from exc
-        if self.engine.dialect.name == "sqlite":
+        self._sqlite = self.engine.dialect.name == "sqlite"
+        if self._sqlite:
             event.listen(self.engine, "connect",
                          _sqlite_pragmas if durable else _sqlite_pragmas_fast)
         self._salt = b""
@@ -583,18 +585,23 @@ class Store:
         extra_staged = self._stage(extra) if extra else None
         extra_blob = extra_staged.digest if extra_staged else None
         model_id = new_id()
-        with self._begin() as c:  # the duplicate check and the insert in one transaction
-            row = c.execute(_FIND_UPLOAD, {"upload_id": upload_id}).mappings().first()
-            if row is not None:
-                return _upload(row), False
-            self._write_inline(c, staged, extra_staged)
-            c.execute(_INSERT_MODEL, {
-                "id": model_id, "run_id": run_id, "kind": "local", "producer": agent_id,
-                "round": round, "base_version": base_version, "num_samples": num_samples,
-                "metrics": dict(metrics), "blob": digest, "nbytes": nbytes,
-                "created": time.time(), "status": status, "upload_id": upload_id,
-                "extra_blob": extra_blob,
-            })
+        # Insert straight away: upload_id is unique, so a duplicate (a rare re-send) fails
+        # the whole transaction, and the stored record is returned instead.
+        try:
+            with self._begin() as c:
+                self._write_inline(c, staged, extra_staged)
+                c.execute(_INSERT_MODEL, {
+                    "id": model_id, "run_id": run_id, "kind": "local", "producer": agent_id,
+                    "round": round, "base_version": base_version, "num_samples": num_samples,
+                    "metrics": dict(metrics), "blob": digest, "nbytes": nbytes,
+                    "created": time.time(), "status": status, "upload_id": upload_id,
+                    "extra_blob": extra_blob,
+                })
+        except IntegrityError as exc:
+            existing = self.find_upload(upload_id)
+            if existing is None:  # another constraint (e.g. an unknown run or agent)
+                raise StoreError(f"cannot store upload {upload_id[:64]!r}: {exc}") from exc
+            return existing, False
         rec = UploadRecord(model_id, agent_id, upload_id, round, base_version, num_samples,
                            status, dict(metrics))
         return rec, True
@@ -743,7 +750,10 @@ class Store:
         for st in staged:
             if st is None or st.data is None:
                 continue
-            if c.execute(_BLOB_EXISTS, {"d": st.digest}).first() is None:
+            if self._sqlite:  # one statement: content-addressed, the same bytes once
+                c.execute(_INSERT_BLOB_OR_IGNORE,
+                          {"digest": st.digest, "size": st.size, "data": st.data})
+            elif c.execute(_BLOB_EXISTS, {"d": st.digest}).first() is None:
                 c.execute(_INSERT_BLOB, {"digest": st.digest, "size": st.size, "data": st.data})
 
     def will_inline(self, weights: Mapping[str, Any]) -> bool:
