@@ -66,11 +66,18 @@ class HoldingStore(Store):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def add_upload(self, *args: Any, **kwargs: Any) -> Any:
+    def _hold(self) -> None:
         if not self.entered.is_set():
             self.entered.set()
             self.release.wait(30)
+
+    def add_upload(self, *args: Any, **kwargs: Any) -> Any:
+        self._hold()
         return super().add_upload(*args, **kwargs)
+
+    def add_uploads(self, *args: Any, **kwargs: Any) -> Any:  # the aggregator's group commit
+        self._hold()
+        return super().add_uploads(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------- files

@@ -73,9 +73,12 @@ class RoundState:
 
     def ready(self, now: float, active: int) -> bool:
         """True when the round in progress should be aggregated now."""
+        return self.ready_with(len(self.contributors), now, active)
+
+    def ready_with(self, n: int, now: float, active: int) -> bool:
+        """:meth:`ready` if the round had ``n`` contributions."""
         if not self.initialized or self.finished:
             return False
-        n = len(self.contributors)
         if n == 0 or n < self.min_updates:
             return False
         if self.trigger is not None:

@@ -101,6 +101,29 @@ class AgentSession:
             await self.conn.drain()
 
 
+@dataclass
+class _Pending:
+    """An upload validated and waiting for the round lock (see ``_drain_uploads``)."""
+
+    session: AgentSession
+    msg: ModelUpload
+    blob: tuple[str, int] | None
+    done: asyncio.Future[Message | None]
+
+
+@dataclass
+class _Planned:
+    """An upload of a batch, classified; the rest is filled in by ``_store_batch``."""
+
+    pending: _Pending
+    verdict: Verdict
+    status: str = ""
+    message: str = ""
+    ack_status: str = ""
+    metrics: Metrics = field(default_factory=dict)
+    update: Update | None = None
+
+
 class Aggregator:
     """A fedstack aggregator. ``await start()``, then ``await wait_finished()`` or ``stop()``."""
 
@@ -178,6 +201,8 @@ class Aggregator:
         costs a busy-wait sleep of a millisecond or more)."""
         self._db_closed = False
         self._checkpointing = False
+        self._upload_queue: list[_Pending] = []
+        self._draining = False
         self._db_inline = config.transport == "inproc"
         """In-process transport (the simulator): every party shares this process and its
         GIL, so a store thread buys no parallelism, only lock hand-offs: calls run inline."""
@@ -686,76 +711,145 @@ class Aggregator:
         # before it is counted, counted before it is acknowledged.
         blob = (None if self.store.will_inline(msg.model)
                 else await asyncio.to_thread(self.store.put_blob, msg.model))
-        async with self._lock:
-            verdict = self.state.classify(session.agent_id, msg.base_version)
-            status = {
+        done: asyncio.Future[Message | None] = asyncio.get_running_loop().create_future()
+        self._upload_queue.append(_Pending(session, msg, blob, done))
+        if not self._draining:
+            self._draining = True
+            self._spawn(self._drain_uploads())
+        reply = await done
+        if reply is not None:
+            await session.send(reply, cfg.send_timeout)
+
+    async def _drain_uploads(self) -> None:
+        """Group commit: the uploads that queued up while the previous batch was being
+        stored are classified, persisted in ONE transaction (one fsync), counted and
+        answered together, under the round lock, in arrival order. A batch ends where the
+        round becomes ready, so the rest count for the next round exactly as one by one."""
+        batch: list[_Planned] = []
+        try:
+            while self._upload_queue:
+                async with self._lock:
+                    batch = self._next_batch()
+                    try:
+                        replies = await self._store_batch(batch)
+                    except Exception as exc:  # e.g. the store is unavailable: no acks
+                        for item in batch:
+                            if not item.pending.done.done():
+                                item.pending.done.set_exception(exc)
+                        continue
+                    for item, reply in zip(batch, replies, strict=True):
+                        if not item.pending.done.done():
+                            item.pending.done.set_result(reply)
+        finally:  # cancelled (the aggregator stopping) or done: nobody waits forever
+            self._draining = False
+            left = [item.pending for item in batch]
+            if self._stopped.is_set():
+                left += self._upload_queue
+            for waiting in left:
+                if not waiting.done.done():
+                    waiting.done.set_exception(ConnectionClosed(1001, "aggregator stopping"))
+
+    def _next_batch(self) -> list[_Planned]:
+        """Take queued uploads up to (and including) the one that makes the round ready;
+        classify them as one-by-one processing would (an agent's second upload in the
+        batch is a duplicate)."""
+        batch: list[_Planned] = []
+        counted = set(self.state.contributors)
+        now, active = time.time(), len(self.sessions)
+        while self._upload_queue:
+            p = self._upload_queue.pop(0)
+            agent = p.session.agent_id
+            verdict = self.state.classify(agent, p.msg.base_version)
+            if verdict in (Verdict.CURRENT, Verdict.NEXT) and agent in counted:
+                verdict = Verdict.DUPLICATE
+            batch.append(_Planned(p, verdict))
+            if verdict in (Verdict.CURRENT, Verdict.NEXT):
+                counted.add(agent)
+                if self.state.ready_with(len(counted), now, active):
+                    break
+        return batch
+
+    async def _store_batch(self, batch: list[_Planned]) -> list[Message | None]:
+        """Gate, persist (one transaction), count; returns each upload's reply."""
+        assert self.store is not None
+        for item in batch:
+            msg, agent = item.pending.msg, item.pending.session.agent_id
+            item.status = {
                 Verdict.CURRENT: "buffered", Verdict.NEXT: "buffered",
                 Verdict.DROP: "stale", Verdict.DUPLICATE: "duplicate",
                 Verdict.FINISHED: "late",
-            }[verdict]
-            update = Update(session.agent_id, msg.model, msg.num_samples,
-                            self.state.version - msg.base_version, msg.metrics, "",
-                            msg.extra or {})
-            message = _explain(verdict)
-            ack_status = verdict.value
-            metrics = msg.metrics
-            if status == "buffered" and self.gate is not None:
+            }[item.verdict]
+            item.update = Update(agent, msg.model, msg.num_samples,
+                                 self.state.version - msg.base_version, msg.metrics, "",
+                                 msg.extra or {})
+            item.message = _explain(item.verdict)
+            item.ack_status = item.verdict.value
+            item.metrics = msg.metrics
+            if item.status == "buffered" and self.gate is not None:
                 decision = await asyncio.to_thread(self._gate_check, msg.model)
-                metrics = {**msg.metrics, **{f"gate_{k}": v
-                                             for k, v in decision.metrics.items()}}
+                item.metrics = {**msg.metrics, **{f"gate_{k}": v
+                                                  for k, v in decision.metrics.items()}}
                 if not decision.accepted:
-                    status = ack_status = "rejected"
-                    message = decision.reason
-                update = self._gated(update, decision)
-            rec, created, add_error = await self._db(
-                self._persist_upload, session.agent_id, msg, status, metrics, blob, update)
+                    item.status = item.ack_status = "rejected"
+                    item.message = decision.reason
+                item.update = self._gated(item.update, decision)
+        stored = await self._db(self._persist_batch, batch)
+        replies: list[Message | None] = []
+        for item, (rec, created, add_error) in zip(batch, stored, strict=True):
+            session, msg = item.pending.session, item.pending.msg
             if not created:
-                ack = UploadAck(upload_id=msg.upload_id, status=_ack_status(rec.status),
-                                round=rec.round, message="already received")
-            else:
-                if status == "rejected":
-                    log.warning("round %d: rejected the update of %s: %s", self.state.round,
-                                session.name, message)
-                    await self._db(
-                        self.store.log_event, "update_rejected",
-                        {"upload_id": msg.upload_id, "model_id": rec.model_id,
-                         "reason": message},
-                        run_id=self.run_id, agent_id=session.agent_id,
-                    )
-                if status == "buffered":
-                    if add_error is not None:  # e.g. a buffered strategy is full
-                        await session.send(Error(code="invalid-model", message=add_error),
-                                           cfg.send_timeout)
-                        return
-                    self.state.contribute(session.agent_id, rec.model_id)
-                    self._round_inputs.append((msg.num_samples, msg.metrics))
-                    self._wakeup.set()
-                ack = UploadAck(upload_id=msg.upload_id, status=ack_status,
-                                round=self.state.round, message=message)
-                log.info("round %d: %s from %s (%d/%d)", self.state.round, verdict.value,
-                         session.name, len(self.state.contributors),
-                         self.state.needed(len(self.sessions)))
-        await session.send(ack, cfg.send_timeout)
+                replies.append(UploadAck(upload_id=msg.upload_id,
+                                         status=_ack_status(rec.status), round=rec.round,
+                                         message="already received"))
+                continue
+            if item.status == "rejected":
+                log.warning("round %d: rejected the update of %s: %s", self.state.round,
+                            session.name, item.message)
+                await self._db(
+                    self.store.log_event, "update_rejected",
+                    {"upload_id": msg.upload_id, "model_id": rec.model_id,
+                     "reason": item.message},
+                    run_id=self.run_id, agent_id=session.agent_id,
+                )
+            if item.status == "buffered":
+                if add_error is not None:  # e.g. a buffered strategy is full
+                    replies.append(Error(code="invalid-model", message=add_error))
+                    continue
+                self.state.contribute(session.agent_id, rec.model_id)
+                self._round_inputs.append((msg.num_samples, msg.metrics))
+                self._wakeup.set()
+            replies.append(UploadAck(upload_id=msg.upload_id, status=item.ack_status,
+                                     round=self.state.round, message=item.message))
+            log.info("round %d: %s from %s (%d/%d)", self.state.round, item.verdict.value,
+                     session.name, len(self.state.contributors),
+                     self.state.needed(len(self.sessions)))
+        return replies
 
-    def _persist_upload(self, agent_id: str, msg: ModelUpload, status: str, metrics: Metrics,
-                        blob: tuple[str, int] | None, update: Update
-                        ) -> tuple[UploadRecord, bool, str | None]:
-        """In a worker thread, under the round lock: store the upload (idempotent by
-        upload_id) and, if this call stored it as ``buffered``, add it to the round's
-        accumulator. Returns (record, stored by this call, accumulator refusal)."""
+    def _persist_batch(self, batch: list[_Planned]
+                       ) -> list[tuple[UploadRecord, bool, str | None]]:
+        """On the store thread, under the round lock: store the uploads in one transaction
+        (idempotent by upload_id) and add each one this call stored as ``buffered`` to the
+        round's accumulator: persisted before counted, counted before acknowledged.
+        Returns (record, stored by this call, accumulator refusal) per upload."""
         assert self.store is not None
-        rec, created = self.store.add_upload(
-            self.run_id, agent_id=agent_id, upload_id=msg.upload_id, round=self.state.round,
-            base_version=msg.base_version, num_samples=msg.num_samples, metrics=metrics,
-            weights=msg.model, status=status, blob=blob, extra=msg.extra,
-        )
-        if created and status == "buffered":
-            assert self._acc is not None
-            try:
-                self._acc.add(dataclasses.replace(update, model_id=rec.model_id))
-            except InvalidUpdate as exc:
-                return rec, created, str(exc)
-        return rec, created, None
+        stored = self.store.add_uploads(self.run_id, [{
+            "agent_id": item.pending.session.agent_id, "upload_id": item.pending.msg.upload_id,
+            "round": self.state.round, "base_version": item.pending.msg.base_version,
+            "num_samples": item.pending.msg.num_samples, "metrics": item.metrics,
+            "weights": item.pending.msg.model, "status": item.status,
+            "blob": item.pending.blob, "extra": item.pending.msg.extra,
+        } for item in batch])
+        out: list[tuple[UploadRecord, bool, str | None]] = []
+        for item, (rec, created) in zip(batch, stored, strict=True):
+            error = None
+            if created and item.status == "buffered":
+                assert self._acc is not None and item.update is not None
+                try:
+                    self._acc.add(dataclasses.replace(item.update, model_id=rec.model_id))
+                except InvalidUpdate as exc:
+                    error = str(exc)
+            out.append((rec, created, error))
+        return out
 
     def _gate_check(self, weights: Weights) -> Any:
         assert self.gate is not None and self.global_weights is not None

@@ -606,6 +606,48 @@ class Store:
                            status, dict(metrics))
         return rec, True
 
+    def add_uploads(self, run_id: str, uploads: Sequence[Mapping[str, Any]]
+                    ) -> list[tuple[UploadRecord, bool]]:
+        """Several :meth:`add_upload` calls (each a mapping of its keyword arguments) in
+        ONE transaction: one commit, one fsync (group commit). Falls back to one call per
+        upload if one of them was stored before (a re-sent upload). Returns what each call
+        would have returned, in order; an upload_id given twice is stored once."""
+        staged = []
+        for up in uploads:
+            blob = up.get("blob")
+            st = _Staged(blob[0], blob[1]) if blob is not None else self._stage(up["weights"])
+            extra = up.get("extra")
+            staged.append((st, self._stage(extra) if extra else None))
+        out: list[tuple[UploadRecord, bool]] = []
+        now = time.time()
+        try:
+            with self._begin() as c:
+                first: dict[str, UploadRecord] = {}
+                for up, (st, extra_st) in zip(uploads, staged, strict=True):
+                    uid = up["upload_id"]
+                    if uid in first:
+                        out.append((first[uid], False))
+                        continue
+                    self._write_inline(c, st, extra_st)
+                    model_id = new_id()
+                    metrics = dict(up["metrics"])
+                    c.execute(_INSERT_MODEL, {
+                        "id": model_id, "run_id": run_id, "kind": "local",
+                        "producer": up["agent_id"], "round": up["round"],
+                        "base_version": up["base_version"], "num_samples": up["num_samples"],
+                        "metrics": metrics, "blob": st.digest, "nbytes": st.size,
+                        "created": now, "status": up["status"], "upload_id": uid,
+                        "extra_blob": extra_st.digest if extra_st else None,
+                    })
+                    rec = UploadRecord(model_id, up["agent_id"], uid, up["round"],
+                                       up["base_version"], up["num_samples"], up["status"],
+                                       metrics)
+                    first[uid] = rec
+                    out.append((rec, True))
+        except IntegrityError:
+            return [self.add_upload(run_id, **up) for up in uploads]  # the rare path
+        return out
+
     def find_upload(self, upload_id: str) -> UploadRecord | None:
         with self._begin() as c:
             row = c.execute(_FIND_UPLOAD, {"upload_id": upload_id}).mappings().first()
