@@ -24,6 +24,11 @@ Run::
     .venv/bin/python bench/overhead_probe.py                   # all runs, ~3-4 min
     .venv/bin/python bench/overhead_probe.py --skip-flower-deployment --skip-flower-simulation
 
+It also measures, in the same run, the durable-store floor: hashing and writing + fsyncing
+the 11 x 100 MB a deployment keeps per round (10 local models, 1 global), with the blob
+store's own code and nothing else: no deployment that keeps every model before
+acknowledging it can be faster than that on this disk.
+
 Targets (issue 5, benchmark 2): fedstack's per-round time after round 1 within 3x of the
 framework-free loop's and under 1/5 of Flower's deployment engine's. Prints a table and
 PASS/FAIL, writes ``bench/results/overhead_probe.json``.
@@ -50,6 +55,32 @@ FS_DEP = "fedstack deployment"
 FS_SIM = "fedstack simulation"
 FL_DEP = "Flower deployment"
 FL_SIM = "Flower simulation (Ray)"
+
+
+def store_floor(agents: int, workdir: Path, repeat: int = 3) -> dict[str, Any]:
+    """What a deployment must do per round to keep every model durably, with nothing
+    else: hash and write + fsync ``agents`` local models and one global model of 100 MB
+    (the blob store's own code), on this run's disk. Median of ``repeat`` rounds."""
+    import numpy as np
+
+    from fedstack.store.blobs import BlobStore
+
+    blobs = BlobStore(workdir / "floor.blobs", fsync=True)
+    model = {"w": np.zeros(fc.PROBE["params"], np.float32)}
+    times = []
+    for rep in range(repeat):
+        t = time.perf_counter()
+        for i in range(agents + 1):
+            model["w"][0] = rep * 1000 + i + 1  # distinct content: no blob shared
+            blobs.put(model)
+        times.append(time.perf_counter() - t)
+        shutil.rmtree(blobs.root, ignore_errors=True)
+        blobs.root.mkdir(parents=True)
+    shutil.rmtree(blobs.root, ignore_errors=True)
+    nbytes = (agents + 1) * fc.PROBE["params"] * 4
+    sec = sorted(times)[len(times) // 2]
+    return {"seconds_per_round": sec, "bytes_per_round": nbytes,
+            "rounds_measured": repeat, "range": [min(times), max(times)]}
 
 
 def acceptance(runs: dict[str, dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
@@ -137,10 +168,18 @@ def main() -> int:
           "(wall: launch -> final global model evaluated; single-process runs: -> exit)")
     print_table(runs, metric="eval_mean")
     print()
+    floor = store_floor(args.agents, workdir)
+    ff = runs.get(FF, {}).get("mean_round_after_first")
+    print(f"durable-store floor (hash + write + fsync of {args.agents} local models and the "
+          f"global model, {floor['bytes_per_round'] / 1e9:.1f} GB, nothing else): "
+          f"{floor['seconds_per_round']:.3f} s per round"
+          + (f" = {floor['seconds_per_round'] / ff:.2f}x the framework-free loop" if ff
+             else ""))
+    print()
     print("acceptance (issue 5, benchmark 2):")
     checks = acceptance(runs, args.rounds)
     result = {
-        "benchmark": "overhead_probe",
+        "benchmark": "overhead_probe", "durable_store_floor": floor,
         "task": {"params": fc.PROBE["params"], "dtype": "float32", "delta": fc.PROBE["delta"],
                  "agents": args.agents, "rounds": args.rounds,
                  "strategy": "equal-weight FedAvg, all agents every round",
