@@ -1010,7 +1010,11 @@ class Aggregator:
         async def one(s: AgentSession) -> None:
             try:
                 await self._send_global(s)
-            except (ConnectionClosed, TimeoutError, OSError):
+            except ConnectionClosed:  # it is leaving (e.g. a sampled agent that uploaded)
+                log.debug("%s closed its connection before version %d reached it", s.name,
+                          version)
+                s.conn.abort()
+            except (TimeoutError, OSError):
                 log.warning("could not push version %d to %s; dropping it", version, s.name)
                 s.conn.abort()
 
