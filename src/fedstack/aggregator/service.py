@@ -69,6 +69,9 @@ from fedstack.wire.tensors import structure as structure_of
 
 T = TypeVar("T")
 
+CHECKPOINT_INTERVAL = 1.0
+"""Seconds between background checkpoints of the store's log (one after a round at most)."""
+
 log = logging.getLogger("fedstack.aggregator")
 
 Evaluator = Callable[[Weights], Metrics]
@@ -201,6 +204,7 @@ class Aggregator:
         costs a busy-wait sleep of a millisecond or more)."""
         self._db_closed = False
         self._checkpointing = False
+        self._last_checkpoint = 0.0
         self._upload_queue: list[_Pending] = []
         self._draining = False
         self._db_inline = config.transport == "inproc"
@@ -985,16 +989,20 @@ class Aggregator:
             self._spawn(self._broadcast())
         if self.evaluator is not None:
             self._spawn(self._evaluate(rnd, weights))
-        if not self._checkpointing:
+        if not self._checkpointing and (
+                self.state.finished
+                or time.monotonic() - self._last_checkpoint >= CHECKPOINT_INTERVAL):
             self._spawn(self._checkpoint())
         if self.state.finished:
             self._finished.set()
 
     async def _checkpoint(self) -> None:
         """Checkpoint the store's log while the agents train (not on the store thread:
-        a checkpoint never blocks the writes of uploads)."""
+        a checkpoint never blocks the writes of uploads); at most once a second, after a
+        round (fewer fsyncs of the database file when rounds are fast)."""
         assert self.store is not None
         self._checkpointing = True
+        self._last_checkpoint = time.monotonic()
         try:
             await asyncio.to_thread(self.store.checkpoint)
         except StoreError as exc:
