@@ -580,31 +580,11 @@ class Store:
         Returns:
             (the stored record, True if this call stored it; False if it was there already).
         """
-        staged = _Staged(blob[0], blob[1]) if blob is not None else self._stage(weights)
-        digest, nbytes = staged.digest, staged.size
-        extra_staged = self._stage(extra) if extra else None
-        extra_blob = extra_staged.digest if extra_staged else None
-        model_id = new_id()
-        # Insert straight away: upload_id is unique, so a duplicate (a rare re-send) fails
-        # the whole transaction, and the stored record is returned instead.
-        try:
-            with self._begin() as c:
-                self._write_inline(c, staged, extra_staged)
-                c.execute(_INSERT_MODEL, {
-                    "id": model_id, "run_id": run_id, "kind": "local", "producer": agent_id,
-                    "round": round, "base_version": base_version, "num_samples": num_samples,
-                    "metrics": dict(metrics), "blob": digest, "nbytes": nbytes,
-                    "created": time.time(), "status": status, "upload_id": upload_id,
-                    "extra_blob": extra_blob,
-                })
-        except IntegrityError as exc:
-            existing = self.find_upload(upload_id)
-            if existing is None:  # another constraint (e.g. an unknown run or agent)
-                raise StoreError(f"cannot store upload {upload_id[:64]!r}: {exc}") from exc
-            return existing, False
-        rec = UploadRecord(model_id, agent_id, upload_id, round, base_version, num_samples,
-                           status, dict(metrics))
-        return rec, True
+        return self.add_uploads(run_id, [{
+            "agent_id": agent_id, "upload_id": upload_id, "round": round,
+            "base_version": base_version, "num_samples": num_samples, "metrics": metrics,
+            "weights": weights, "status": status, "blob": blob, "extra": extra,
+        }])[0]
 
     def add_uploads(self, run_id: str, uploads: Sequence[Mapping[str, Any]]
                     ) -> list[tuple[UploadRecord, bool]]:
@@ -644,8 +624,16 @@ class Store:
                                        metrics)
                     first[uid] = rec
                     out.append((rec, True))
-        except IntegrityError:
-            return [self.add_upload(run_id, **up) for up in uploads]  # the rare path
+        except IntegrityError as exc:
+            # upload_id is unique: an upload stored before (a re-send) fails the whole
+            # transaction. The rare path: one by one, the stored record for that one.
+            if len(uploads) > 1:
+                return [self.add_uploads(run_id, [up])[0] for up in uploads]
+            uid = uploads[0]["upload_id"]
+            existing = self.find_upload(uid)
+            if existing is None:  # another constraint (e.g. an unknown run or agent)
+                raise StoreError(f"cannot store upload {uid[:64]!r}: {exc}") from exc
+            return [(existing, False)]
         return out
 
     def find_upload(self, upload_id: str) -> UploadRecord | None:
