@@ -49,15 +49,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fedbench_common import RESULTS, TreeMemory  # noqa: E402
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -69,42 +69,6 @@ def _fmt(s: dict[str, float], digits: int = 3) -> str:
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f} - {s['max']:.{digits}f}]"
 
 
-class _PeakRSS:
-    """Samples the RSS of a process and all its descendants; keeps the peak of the sum."""
-
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.peak = 0
-        self._pid = pid
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            root = psutil.Process(self._pid)
-        except psutil.Error:
-            return
-        while not self._stop.is_set():
-            total = 0
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                break
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(self._interval)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(5)
-        return self.peak
-
-
 def run_demo(agents: int, rounds: int, partition: str, delivery: str,
              timeout: float) -> dict[str, Any]:
     """One ``fedstack demo`` run in a fresh work folder; its JSON result plus our timings."""
@@ -114,7 +78,7 @@ def run_demo(agents: int, rounds: int, partition: str, delivery: str,
                "--workdir", work, "--delivery", delivery, "--timeout", str(timeout)]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        sampler = _PeakRSS(proc.pid)
+        sampler = TreeMemory(interval=0.05)  # the demo is this script's only child
         try:
             out, err = proc.communicate(timeout=timeout + 60)
         except subprocess.TimeoutExpired:

@@ -24,6 +24,7 @@ framework-free loops in their own process::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -37,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,13 @@ RESULTS = BENCH / "results"
 FLOWER_APP = BENCH / "flower_apps" / "fsbench"
 FLOWER_SIM_DRIVER = BENCH / "flower_apps" / "run_flower_sim.py"
 FEDSTACK_PY = sys.executable
+
+# The runs' names (the keys of every benchmark's table and JSON).
+FF = "framework-free loop"
+FS_SIM = "fedstack simulation"
+FS_DEP = "fedstack deployment"
+FL_SIM = "Flower simulation (Ray)"
+FL_DEP = "Flower deployment"
 
 DIGITS_TRAINER = "fedstack.trainers.torch_digits:DigitsMLPTrainer"
 DIGITS_EVALUATOR = "fedstack.trainers.torch_digits:evaluate_global_mlp"
@@ -277,32 +286,51 @@ def framework_free_worker(task: str, rounds: int, agents: int, out: str) -> None
     Path(out).write_text(json.dumps({"round_ends": ends, "final_metrics": metrics}))
 
 
-def run_framework_free(task: str, rounds: int, agents: int, workdir: Path,
-                       timeout: float) -> dict[str, Any]:
-    """The framework-free loop as a subprocess of this interpreter (fedstack's venv)."""
-    name = "framework-free loop"
-    out = workdir / f"framework-free-{task}.json"
+@dataclass
+class SingleRun:
+    """One run that is one process (and its children)."""
+
+    rc: int | None  # None: killed after the timeout
+    t0: float
+    end: float
+    peak: int
+    commands: list[str]
+
+
+def run_single(cmd: Sequence[str], workdir: Path, log_name: str, timeout: float,
+               env: dict[str, str] | None = None) -> SingleRun:
+    """Run ``cmd`` to its end (at most ``timeout`` s), sampling the peak memory of its tree."""
     mem = TreeMemory()
     procs = Procs(mem, workdir)
-    cmd = [FEDSTACK_PY, str(Path(__file__).resolve()), "framework-free", "--task", task,
-           "--rounds", str(rounds), "--agents", str(agents), "--out", str(out)]
     t0 = time.time()
+    rc: int | None = None
     try:
-        p = procs.spawn(cmd, f"framework-free-{task}.log")
-        try:
+        p = procs.spawn(cmd, log_name, env=env)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return failed(name, f"did not finish within {timeout:.0f} s")
         end = time.time()
-        if rc != 0:
-            log = _tail(workdir / f"framework-free-{task}.log")
-            return failed(name, f"exited with {rc}: {log}")
     finally:
         procs.teardown()
         peak = mem.stop()
+    return SingleRun(rc, t0, end, peak, procs.commands)
+
+
+def run_framework_free(task: str, rounds: int, agents: int, workdir: Path,
+                       timeout: float) -> dict[str, Any]:
+    """The framework-free loop as a subprocess of this interpreter (fedstack's venv)."""
+    name = FF
+    out = workdir / f"framework-free-{task}.json"
+    cmd = [FEDSTACK_PY, str(Path(__file__).resolve()), "framework-free", "--task", task,
+           "--rounds", str(rounds), "--agents", str(agents), "--out", str(out)]
+    log = workdir / f"framework-free-{task}.log"
+    r = run_single(cmd, workdir, log.name, timeout)
+    if r.rc is None:
+        return failed(name, f"did not finish within {timeout:.0f} s")
+    if r.rc != 0:
+        return failed(name, f"exited with {r.rc}: {_tail(log)}")
     data = json.loads(out.read_text())
-    return _result(name, t0, end, data["round_ends"], data["final_metrics"], peak,
-                   procs.commands)
+    return _result(name, r.t0, r.end, data["round_ends"], data["final_metrics"], r.peak,
+                   r.commands)
 
 
 # --- fedstack ------------------------------------------------------------------------------
@@ -318,7 +346,7 @@ def run_fedstack_deployment(task: str, rounds: int, agents: int, workdir: Path,
     loopback."""
     from fedstack.store import Store
 
-    name = "fedstack deployment"
+    name = FS_DEP
     trainer = DIGITS_TRAINER if task == "digits" else PROBE_TRAINER
     evaluator = DIGITS_EVALUATOR if task == "digits" else PROBE_EVALUATOR
     db = workdir / f"fedstack-{task}.db"
@@ -399,7 +427,7 @@ def run_fedstack_deployment(task: str, rounds: int, agents: int, workdir: Path,
 def run_fedstack_sim(task: str, rounds: int, agents: int, workdir: Path,
                      timeout: float) -> dict[str, Any]:
     """``fedstack sim`` (in-process transport, default backend) as one subprocess."""
-    name = "fedstack simulation"
+    name = FS_SIM
     sim_init = REPO / "src" / "fedstack" / "sim" / "__init__.py"
     if not sim_init.exists():
         return failed(name, "not available yet (src/fedstack/sim/ does not exist)")
@@ -412,22 +440,12 @@ def run_fedstack_sim(task: str, rounds: int, agents: int, workdir: Path,
            str(agents), "--rounds", str(rounds), "--trainer", trainer, *targs,
            "--evaluator", evaluator, "--strategy", "fedavg", "--db", str(db),
            "--transport", "inproc", "--seed", "0", "--json"]  # default backend: auto
-    mem = TreeMemory()
-    procs = Procs(mem, workdir)
     log = workdir / f"fedstack-sim-{task}.log"
-    t0 = time.time()
-    try:
-        p = procs.spawn(cmd, log.name)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return failed(name, f"did not finish within {timeout:.0f} s")
-        end = time.time()
-    finally:
-        procs.teardown()
-        peak = mem.stop()
-    if rc != 0:
-        return failed(name, f"exited with {rc}: {_tail(log)}")
+    r = run_single(cmd, workdir, log.name, timeout)
+    if r.rc is None:
+        return failed(name, f"did not finish within {timeout:.0f} s")
+    if r.rc != 0:
+        return failed(name, f"exited with {r.rc}: {_tail(log)}")
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("{")]
     try:
         res = json.loads(lines[-1])
@@ -448,7 +466,7 @@ def run_fedstack_sim(task: str, rounds: int, agents: int, workdir: Path,
         round_ends = []
     final = {k: v for k, v in (res.get("final_metrics") or {}).items()
              if k.startswith("eval_") or k == "num_updates"}
-    out = _result(name, t0, end, round_ends, final, peak, procs.commands,
+    out = _result(name, r.t0, r.end, round_ends, final, r.peak, r.commands,
                   simulator_wall_seconds=res.get("wall_seconds"),
                   simulator_round_seconds=res.get("round_seconds"))
     if not round_ends and res.get("round_seconds"):
@@ -502,31 +520,22 @@ def _flower_env(workdir: Path, venv_bin: Path) -> dict[str, str]:
 def run_flower_sim(task: str, rounds: int, agents: int, workdir: Path, timeout: float,
                    flower_python: Path) -> dict[str, Any]:
     """Flower's simulation engine: ``flwr.simulation.run_simulation`` (Ray backend)."""
-    name = "Flower simulation (Ray)"
+    name = FL_SIM
     out = workdir / f"flower-sim-{task}.jsonl"
     out.unlink(missing_ok=True)
     env = _flower_env(workdir, flower_python.parent)
     env["FSBENCH_FLOWER_CONFIG"] = json.dumps(_flower_config(task, rounds, agents, out))
     cmd = [str(flower_python), str(FLOWER_SIM_DRIVER), "--num-supernodes", str(agents)]
-    mem = TreeMemory()
-    procs = Procs(mem, workdir)
     log = workdir / f"flower-sim-{task}.log"
-    t0 = time.time()
-    try:
-        p = procs.spawn(cmd, log.name, env=env)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return failed(name, f"did not finish within {timeout:.0f} s")
-        exited = time.time()
-    finally:
-        procs.teardown()
-        peak = mem.stop()
+    r = run_single(cmd, workdir, log.name, timeout, env=env)
+    if r.rc is None:
+        return failed(name, f"did not finish within {timeout:.0f} s")
     round_ends, final, done = _read_flower_events(out, rounds)
-    if rc != 0 or not done:
-        return failed(name, f"exited with {rc} after {len(round_ends)} round(s): {_tail(log)}")
-    return _result(name, t0, round_ends[-1], round_ends, final, peak, procs.commands,
-                   seconds_until_exit=exited - t0,
+    if r.rc != 0 or not done:
+        return failed(name, f"exited with {r.rc} after {len(round_ends)} round(s): "
+                      f"{_tail(log)}")
+    return _result(name, r.t0, round_ends[-1], round_ends, final, r.peak, r.commands,
+                   seconds_until_exit=r.end - r.t0,
                    env={k: v for k, v in env.items() if k != "PATH"})
 
 
@@ -537,7 +546,7 @@ def run_flower_deployment(task: str, rounds: int, agents: int, workdir: Path, ti
     All Flower defaults (subprocess isolation, in-memory state, default runtime dependency
     installation) except what the task fixes; insecure, on 127.0.0.1 with free ports.
     """
-    name = "Flower deployment"
+    name = FL_DEP
     vbin = flower_python.parent
     out = workdir / f"flower-deploy-{task}.jsonl"
     out.unlink(missing_ok=True)

@@ -52,13 +52,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fedbench_common as fc  # noqa: E402
+from fedbench_common import FF, FL_DEP, FL_SIM, FS_DEP, FS_SIM  # noqa: E402
 from flower_env import ensure_flower_venv  # noqa: E402
-
-FF = "framework-free loop"
-FS_SIM = "fedstack simulation"
-FS_DEP = "fedstack deployment"
-FL_SIM = "Flower simulation (Ray)"
-FL_DEP = "Flower deployment"
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:

@@ -47,14 +47,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fedbench_common as fc  # noqa: E402
+from fedbench_common import FF, FL_DEP, FL_SIM, FS_DEP, FS_SIM  # noqa: E402
 from flower_compare import _check, print_table, warm_up  # noqa: E402
 from flower_env import ensure_flower_venv  # noqa: E402
-
-FF = "framework-free loop"
-FS_DEP = "fedstack deployment"
-FS_SIM = "fedstack simulation"
-FL_DEP = "Flower deployment"
-FL_SIM = "Flower simulation (Ray)"
 
 
 def store_floor(agents: int, workdir: Path, repeat: int = 3) -> dict[str, Any]:
@@ -66,7 +61,7 @@ def store_floor(agents: int, workdir: Path, repeat: int = 3) -> dict[str, Any]:
     from fedstack.store.blobs import BlobStore
 
     blobs = BlobStore(workdir / "floor.blobs", fsync=True)
-    model = {"w": np.zeros(fc.PROBE["params"], np.float32)}
+    model = {"w": np.zeros(int(fc.PROBE["params"]), np.float32)}
     times = []
     for rep in range(repeat):
         t = time.perf_counter()

@@ -13,6 +13,7 @@ round, the current round's acknowledged uploads) and carries on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures as cf
 import contextlib
 import dataclasses
@@ -111,7 +112,7 @@ class _Pending:
     session: AgentSession
     msg: ModelUpload
     blob: tuple[str, int] | None
-    done: asyncio.Future[Message | None]
+    done: asyncio.Future[Message]
 
 
 @dataclass
@@ -205,7 +206,7 @@ class Aggregator:
         self._db_closed = False
         self._checkpointing = False
         self._last_checkpoint = 0.0
-        self._upload_queue: list[_Pending] = []
+        self._upload_queue: collections.deque[_Pending] = collections.deque()
         self._draining = False
         self._db_inline = config.transport == "inproc"
         """In-process transport (the simulator): every party shares this process and its
@@ -715,14 +716,12 @@ class Aggregator:
         # before it is counted, counted before it is acknowledged.
         blob = (None if self.store.will_inline(msg.model)
                 else await asyncio.to_thread(self.store.put_blob, msg.model))
-        done: asyncio.Future[Message | None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._upload_queue.append(_Pending(session, msg, blob, done))
         if not self._draining:
             self._draining = True
             self._spawn(self._drain_uploads())
-        reply = await done
-        if reply is not None:
-            await session.send(reply, cfg.send_timeout)
+        await session.send(await done, cfg.send_timeout)
 
     async def _drain_uploads(self) -> None:
         """Group commit: the uploads that queued up while the previous batch was being
@@ -761,7 +760,7 @@ class Aggregator:
         counted = set(self.state.contributors)
         now, active = time.time(), len(self.sessions)
         while self._upload_queue:
-            p = self._upload_queue.pop(0)
+            p = self._upload_queue.popleft()
             agent = p.session.agent_id
             verdict = self.state.classify(agent, p.msg.base_version)
             if verdict in (Verdict.CURRENT, Verdict.NEXT) and agent in counted:
@@ -773,7 +772,7 @@ class Aggregator:
                     break
         return batch
 
-    async def _store_batch(self, batch: list[_Planned]) -> list[Message | None]:
+    async def _store_batch(self, batch: list[_Planned]) -> list[Message]:
         """Gate, persist (one transaction), count; returns each upload's reply."""
         assert self.store is not None
         for item in batch:
@@ -798,7 +797,7 @@ class Aggregator:
                     item.message = decision.reason
                 item.update = self._gated(item.update, decision)
         stored = await self._db(self._persist_batch, batch)
-        replies: list[Message | None] = []
+        replies: list[Message] = []
         for item, (rec, created, add_error) in zip(batch, stored, strict=True):
             session, msg = item.pending.session, item.pending.msg
             if not created:
