@@ -57,7 +57,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fedbench_common import RESULTS, TreeMemory  # noqa: E402
+from fedbench_common import RESULTS, TreeMemory, weighted_mean  # noqa: E402
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -123,12 +123,7 @@ def framework_free(agents: int, rounds: int, partition: str, seed: int = 0) -> d
     for version in range(rounds):
         start = time.perf_counter()
         results = [t.fit(weights, {"version": version}) for t in trainers]
-        total = float(sum(n for _, n, _ in results))
-        weights = {
-            k: (sum(w[k].astype(np.float64) * n for w, n, _ in results) / total)
-            .astype(weights[k].dtype)
-            for k in weights
-        }
+        weights = weighted_mean(results)
         acc = float(evaluate_global(weights)["accuracy"])
         dt = time.perf_counter() - start
         round_s.append(dt)

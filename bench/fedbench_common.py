@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 
 BENCH = Path(__file__).resolve().parent
@@ -229,7 +230,6 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 
 def _framework_free_digits(rounds: int, agents: int) -> tuple[list[float], dict[str, Any]]:
-    import numpy as np
 
     from fedstack.trainers.torch_digits import DigitsMLPTrainer, evaluate_global_mlp
 
@@ -239,21 +239,13 @@ def _framework_free_digits(rounds: int, agents: int) -> tuple[list[float], dict[
     ends: list[float] = []
     metrics: dict[str, Any] = {}
     for version in range(rounds):
-        results = [t.fit(weights, {"version": version}) for t in trainers]
-        total = float(sum(n for _, n, _ in results))
-        weights = {
-            k: (sum(w[k].astype(np.float64) * n for w, n, _ in results) / total)
-            .astype(weights[k].dtype)
-            for k in weights
-        }
+        weights = weighted_mean([t.fit(weights, {"version": version}) for t in trainers])
         metrics = {f"eval_{k}": v for k, v in evaluate_global_mlp(weights).items()}
         ends.append(time.time())
     return ends, metrics
 
 
 def _framework_free_probe(rounds: int, agents: int) -> tuple[list[float], dict[str, Any]]:
-    import numpy as np
-
     from fedstack.trainers.probe import ProbeTrainer, evaluate_probe
 
     trainers = [ProbeTrainer(index=i, num_agents=agents, **PROBE)  # type: ignore[arg-type]
@@ -296,6 +288,23 @@ class SingleRun:
     peak: int
     commands: list[str]
 
+    def failure(self, name: str, timeout: float, log: Path) -> dict[str, Any] | None:
+        """The record of a run that timed out or exited non-zero; None if it succeeded."""
+        if self.rc is None:
+            return failed(name, f"did not finish within {timeout:.0f} s")
+        if self.rc != 0:
+            return failed(name, f"exited with {self.rc}: {_tail(log)}")
+        return None
+
+
+def weighted_mean(results: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+    """Sample-weighted FedAvg of ``fit`` results ``(weights, num_samples, ...)``, in
+    float64, cast back to each tensor's dtype (the framework-free loops' aggregation)."""
+    total = float(sum(r[1] for r in results))
+    first = results[0][0]
+    return {k: (sum(r[0][k].astype(np.float64) * r[1] for r in results) / total)
+            .astype(first[k].dtype) for k in first}
+
 
 def run_single(cmd: Sequence[str], workdir: Path, log_name: str, timeout: float,
                env: dict[str, str] | None = None) -> SingleRun:
@@ -324,10 +333,8 @@ def run_framework_free(task: str, rounds: int, agents: int, workdir: Path,
            "--rounds", str(rounds), "--agents", str(agents), "--out", str(out)]
     log = workdir / f"framework-free-{task}.log"
     r = run_single(cmd, workdir, log.name, timeout)
-    if r.rc is None:
-        return failed(name, f"did not finish within {timeout:.0f} s")
-    if r.rc != 0:
-        return failed(name, f"exited with {r.rc}: {_tail(log)}")
+    if (bad := r.failure(name, timeout, log)) is not None:
+        return bad
     data = json.loads(out.read_text())
     return _result(name, r.t0, r.end, data["round_ends"], data["final_metrics"], r.peak,
                    r.commands)
@@ -442,10 +449,8 @@ def run_fedstack_sim(task: str, rounds: int, agents: int, workdir: Path,
            "--transport", "inproc", "--seed", "0", "--json"]  # default backend: auto
     log = workdir / f"fedstack-sim-{task}.log"
     r = run_single(cmd, workdir, log.name, timeout)
-    if r.rc is None:
-        return failed(name, f"did not finish within {timeout:.0f} s")
-    if r.rc != 0:
-        return failed(name, f"exited with {r.rc}: {_tail(log)}")
+    if (bad := r.failure(name, timeout, log)) is not None:
+        return bad
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("{")]
     try:
         res = json.loads(lines[-1])
