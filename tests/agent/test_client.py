@@ -240,3 +240,49 @@ def test_async_waits_time_out_clearly() -> None:
             await a.start_async()
 
     asyncio.run(main())
+
+
+def test_send_owned_model_never_lets_a_later_change_reach_the_upload(tmp_path: Path) -> None:
+    """send_owned_model sends a fresh array uncopied (the in-process transport hands it
+    over as it is), but an array the caller still holds is copied first: changing it
+    right after the call must not change what the aggregator receives and stores."""
+    import asyncio
+
+    from fedstack import Aggregator
+
+    async def main() -> tuple[list[float], list[float], list[float]]:
+        cfg = AggregatorConfig(auth="off", transport="inproc", db=str(tmp_path / "a.db"),
+                               rounds=1, min_agents=1, threshold=1.0, finish_grace=0.0)
+        agg = Aggregator(cfg)
+        await agg.start()
+        a = Agent(agg.url, name="owner")
+        a.send_initial_model(m(0))
+        try:
+            await a.start_async(timeout=10)
+            await a.wait_for_global_model_async(timeout=10)
+            kept = np.full(3, 5.0, np.float32)
+            fresh = np.full(2, 7.0, np.float32)
+            assert a.send_owned_model({"w": kept}, 1, extra={"e": fresh})
+            kept += 100.0  # the caller keeps working on its array at once
+            del fresh
+            await a.flush_async(timeout=10)
+            await asyncio.wait_for(agg.wait_finished(), 10)
+            assert agg.global_weights is not None
+            final = [float(v) for v in agg.global_weights["w"]]
+        finally:
+            await a.close_async()
+            await agg.stop()
+        store = Store(str(tmp_path / "a.db"))
+        try:
+            local = [r for r in store.models(kind="local") if r["round"] == 1]
+            assert len(local) == 1
+            w = store.load_weights(local[0]["id"])["w"]
+            e = store.load_extra(local[0]["id"])["e"]
+        finally:
+            store.close()
+        return final, [float(v) for v in w], [float(v) for v in e]
+
+    final, stored, extra = asyncio.run(main())
+    assert final == [5.0, 5.0, 5.0]
+    assert stored == [5.0, 5.0, 5.0]
+    assert extra == [7.0, 7.0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -126,5 +127,55 @@ def test_close_abort_and_refused() -> None:
         server2.close()
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(c2.recv(), 5)
+
+    asyncio.run(main())
+
+
+def test_frozen_messages_are_handed_over_read_only_without_a_copy() -> None:
+    from fedstack.wire import Segments
+
+    async def main() -> None:
+        got: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def handler(conn: inproc.InProcConnection) -> None:
+            await got.put(await conn.recv())
+
+        server = await inproc.serve(handler, max_message_bytes=1 << 20)
+        conn = await connect(server.url, max_message_bytes=1 << 20)
+        arr = np.arange(1000, dtype=np.float32)
+        conn.write([b"head", arr.data], frozen=True)
+        msg = await asyncio.wait_for(got.get(), 5)
+        assert isinstance(msg, Segments) and msg.nbytes == 4 + arr.nbytes
+        body = np.frombuffer(msg[4:].contiguous(), np.float32)
+        assert np.shares_memory(body, arr) and not body.flags.writeable
+        np.testing.assert_array_equal(body, arr)
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_big_message_buffers_are_reused_only_when_released() -> None:
+    async def main() -> None:
+        got: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def handler(conn: inproc.InProcConnection) -> None:
+            while True:
+                await got.put(await conn.recv())
+
+        server = await inproc.serve(handler, max_message_bytes=8 << 20)
+        conn = await connect(server.url, max_message_bytes=8 << 20)
+        n = 2 << 20
+        conn.write([np.full(n, 1, np.uint8).data])
+        first = await asyncio.wait_for(got.get(), 5)
+        conn.write([np.full(n, 2, np.uint8).data])  # the first is still held: a new buffer
+        second = await asyncio.wait_for(got.get(), 5)
+        assert bytes(first[:3]) == b"\x01\x01\x01" and bytes(second[:3]) == b"\x02\x02\x02"
+        assert server.pool.reused == 0
+        del first
+        conn.write([np.full(n, 3, np.uint8).data])  # the first's buffer is free now
+        third = await asyncio.wait_for(got.get(), 5)
+        assert server.pool.reused == 1
+        assert bytes(third[-3:]) == b"\x03\x03\x03" and bytes(second[-3:]) == b"\x02\x02\x02"
+        server.close()
 
     asyncio.run(main())

@@ -165,3 +165,11 @@ def test_structure_and_nbytes() -> None:
     w = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.int8)}
     assert tensors.structure(w) == [("a", "float32", (2, 3)), ("b", "int8", (4,))]
     assert tensors.nbytes(w) == 28
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_all_finite_narrow_floats_whose_own_precision_sum_overflows(dtype: type) -> None:
+    big = np.full(1000, np.finfo(dtype).max, dtype=dtype)
+    assert tensors.all_finite(big)  # summed in float32, the total overflows: decided exactly
+    big[500] = np.nan
+    assert not tensors.all_finite(big)

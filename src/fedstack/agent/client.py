@@ -45,6 +45,7 @@ import numpy as np
 
 from fedstack import aio
 from fedstack.agent.state import AgentStateDir, SavedUpload
+from fedstack.buffers import take_arrays
 from fedstack.errors import (
     ConnectionClosed,
     FederationFinished,
@@ -441,11 +442,31 @@ class Agent:
         With a ``state_dir`` the upload is written there before it is sent (StoreError if
         that fails) and removed when the aggregator acknowledges it.
         """
+        model = {k: np.array(v, copy=True) for k, v in weights.items()}
+        extras = {k: np.array(v, copy=True) for k, v in (extra or {}).items()} or None
+        return self._queue_upload(model, num_samples, metrics, extras)
+
+    def send_owned_model(
+        self,
+        weights: dict[str, Any],
+        num_samples: int,
+        metrics: Mapping[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> bool:
+        """:meth:`send_trained_model` for a caller that gives ``weights`` (and ``extra``)
+        up: the dicts are emptied, and each array nothing else refers to (a trainer's
+        fresh result) is sent as it is instead of copied; anything still referred to
+        elsewhere is copied. The simulator uploads this way."""
+        model = take_arrays(weights)
+        extras = take_arrays(extra) if extra else None
+        return self._queue_upload(model, num_samples, metrics, extras)
+
+    def _queue_upload(self, model: Weights, num_samples: int,
+                      metrics: Mapping[str, Any] | None, extras: Weights | None) -> bool:
+        """Queue the upload of ``model``/``extras``, which are private to this agent."""
         if num_samples < 0:
             raise ValueError("num_samples must be >= 0")
         clean = _clean_metrics(metrics)
-        model = {k: np.array(v, copy=True) for k, v in weights.items()}
-        extras = {k: np.array(v, copy=True) for k, v in (extra or {}).items()} or None
         with self._cond:
             if self._final_delivered:
                 log.info("%s: federation finished; not uploading", self.name)
@@ -663,7 +684,9 @@ class Agent:
                         await asyncio.wait_for(conn.close(), 2.0)
                     return True
                 if pending is not None and pending.upload_id != sent_upload:
-                    conn.write(encode(pending))
+                    # the upload's arrays are the agent's own copies, never changed:
+                    # the in-process transport may hand them over without copying
+                    conn.write(encode(pending), frozen=True)
                     sent_upload = pending.upload_id
                     await conn.drain()
                     continue

@@ -61,6 +61,7 @@ from fedstack.wire import (
     NotReady,
     Participate,
     Poll,
+    Segments,
     UploadAck,
     Welcome,
     decode,
@@ -444,7 +445,7 @@ class Aggregator:
             if session is not None:
                 await self._leave(session)
 
-    async def _recv_leased(self, conn: Connection, lease: float) -> memoryview:
+    async def _recv_leased(self, conn: Connection, lease: float) -> memoryview | Segments:
         """The next message; TimeoutError after ``lease`` s of silence. A connection in the
         middle of a big message (arriving, or held back by the upload budget) is not
         silent: it gets up to ``10 x send_timeout`` more."""

@@ -351,11 +351,15 @@ class _Simulation:
                        self.states.get(idx))
         fut = self.backend.submit(task)  # inline: already done; else a worker's future
         res = fut.result() if fut.done() else await asyncio.wrap_future(fut)
+        del fut, task, gm
         if res.state is not None:
             self.states[idx] = res.state
         self.trained.add(idx)
         self.fits += 1
-        agent.send_trained_model(res.weights, res.num_samples, res.metrics, extra=res.extra)
+        # the result is ours alone: arrays the trainer does not keep go out uncopied
+        weights, extra = res.weights, res.extra
+        res.weights, res.extra = {}, None
+        agent.send_owned_model(weights, res.num_samples, res.metrics, extra=extra)
 
     async def _one_round(self, idx: int, initial: bool) -> None:
         agent = self._agent(idx, initial)

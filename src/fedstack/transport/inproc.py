@@ -8,7 +8,10 @@ connections are pairs of :class:`InProcConnection` with the interface of
 
 The two ends may live on different event loops (each :class:`~fedstack.agent.Agent` runs
 its own loop in a thread): a message is copied once into a fresh buffer and handed to the
-peer's loop with ``call_soon_threadsafe``.
+peer's loop with ``call_soon_threadsafe``. A sender that will never change a message's
+buffers again (the agent's upload: its own copy of the trained model) writes it with
+``frozen=True``; the parts are then handed over as read-only
+:class:`~fedstack.wire.segments.Segments`, without a copy.
 
 A server is registered under a name with :func:`serve`; ``inproc://NAME`` URLs reach it
 through :func:`connect` (and so through :func:`fedstack.transport.ws.connect`, which the
@@ -28,11 +31,17 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from fedstack.buffers import BufferPool
 from fedstack.errors import ConnectionClosed, MessageTooLarge
+from fedstack.wire.segments import Segments
 
 Buffer = bytes | bytearray | memoryview
 
 __all__ = ["InProcConnection", "InProcServer", "connect", "serve"]
+
+POOL_BYTES = 2 << 30
+"""Message buffers (of 1 MiB and more) a server keeps for reuse: a fresh buffer's pages
+must be faulted in and zeroed by the kernel, which costs more than the copy into it."""
 
 _servers: dict[str, InProcServer] = {}
 _servers_lock = threading.Lock()
@@ -43,12 +52,13 @@ class InProcConnection:
     """One end of an in-process connection (see the module docstring)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_message_bytes: int,
-                 remote_address: str) -> None:
+                 remote_address: str, pool: BufferPool | None = None) -> None:
         self._loop = loop
+        self._pool = pool
         self.max_message_bytes = max_message_bytes
         self.remote_address = remote_address
         self.peer: InProcConnection | None = None
-        self._messages: collections.deque[memoryview] = collections.deque()
+        self._messages: collections.deque[memoryview | Segments] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._error: MessageTooLarge | None = None
@@ -58,7 +68,7 @@ class InProcConnection:
         self.bytes_received = 0
 
     # ------------------------------------------------------------------ delivery (own loop)
-    def _deliver(self, data: memoryview) -> None:
+    def _deliver(self, data: memoryview | Segments) -> None:
         if self._closed:
             return
         self._messages.append(data)
@@ -95,7 +105,7 @@ class InProcConnection:
     def is_open(self) -> bool:
         return not self._closed
 
-    async def recv(self) -> memoryview:
+    async def recv(self) -> memoryview | Segments:
         """The next complete message.
 
         Raises:
@@ -114,8 +124,10 @@ class InProcConnection:
                 self._waiter = None
         return self._messages.popleft()
 
-    def write(self, parts: Sequence[Buffer]) -> None:
-        """Queue one message made of ``parts`` (copied once into a writable buffer).
+    def write(self, parts: Sequence[Buffer], *, frozen: bool = False) -> None:
+        """Queue one message made of ``parts``: copied once into a writable buffer, or,
+        with ``frozen=True`` (the caller never changes these buffers again), handed over
+        as read-only :class:`Segments` without a copy.
 
         Raises:
             ConnectionClosed: the connection is closed.
@@ -129,12 +141,15 @@ class InProcConnection:
             self.bytes_sent += length
             self._to_peer(self.peer._too_large, length)
             return
-        buf = np.empty(length, dtype=np.uint8)
+        self.bytes_sent += length
+        if frozen:
+            self._to_peer(self.peer._deliver, Segments(views))
+            return
+        buf = self._pool.take(length) if self._pool else np.empty(length, dtype=np.uint8)
         off = 0
         for v in views:
             buf[off : off + v.nbytes] = np.frombuffer(v, dtype=np.uint8)
             off += v.nbytes
-        self.bytes_sent += length
         self._to_peer(self.peer._deliver, buf.data)
 
     async def send(self, parts: Sequence[Buffer]) -> None:
@@ -175,6 +190,8 @@ class InProcServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._conns: set[InProcConnection] = set()
         self.closed = False
+        # message buffers of this server's connections, reused once nothing views them
+        self.pool = BufferPool(POOL_BYTES)
 
     def _accept(self, conn: InProcConnection) -> None:
         async def run() -> None:
@@ -198,6 +215,7 @@ class InProcServer:
                 del _servers[self.name]
         for conn in list(self._conns):
             self._loop.call_soon_threadsafe(conn.abort)
+        self.pool.clear()
 
 
 async def serve(handler: Handler, name: str | None = None, *,
@@ -228,8 +246,9 @@ async def connect(url: str, *, max_message_bytes: int,
         raise ConnectionRefusedError(f"no in-process aggregator named {name!r} is running")
     loop = asyncio.get_running_loop()
     cid = next(_ids)
-    client = InProcConnection(loop, max_message_bytes, f"inproc:{name}")
-    srv_end = InProcConnection(server._loop, server.max_message_bytes, f"inproc:client-{cid}")
+    client = InProcConnection(loop, max_message_bytes, f"inproc:{name}", server.pool)
+    srv_end = InProcConnection(server._loop, server.max_message_bytes, f"inproc:client-{cid}",
+                               server.pool)
     client.peer, srv_end.peer = srv_end, client
     if server._loop is loop:
         server._accept(srv_end)

@@ -612,8 +612,10 @@ class WSConnection(asyncio.BufferedProtocol):
         self.bytes_sent += length
         return length
 
-    def write(self, parts: Sequence[Buffer]) -> None:
+    def write(self, parts: Sequence[Buffer], *, frozen: bool = False) -> None:
         """Queue one binary message now, without waiting for the peer to take it.
+        (``frozen`` matters only to the in-process transport: here the bytes go to the
+        socket either way.)
 
         Raises:
             ConnectionClosed: the connection is closed.

@@ -15,6 +15,7 @@ from fedstack.wire.messages import (
     UploadAck,
     Welcome,
 )
+from fedstack.wire.segments import Segments
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -28,6 +29,7 @@ __all__ = [
     "NotReady",
     "Participate",
     "Poll",
+    "Segments",
     "UploadAck",
     "Welcome",
     "decode",

@@ -26,6 +26,7 @@ from fedstack.errors import LocalProtocolError, MessageTooLarge, ProtocolError, 
 from fedstack.types import Metrics, Weights
 from fedstack.wire import tensors
 from fedstack.wire.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
+from fedstack.wire.segments import Segments
 
 MAGIC = b"FS"
 _PREFIX = struct.Struct("<2sBBI")
@@ -183,6 +184,10 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memory
     return parts
 
 
+def _bytes(view: memoryview | Segments) -> memoryview:
+    return view.contiguous() if isinstance(view, Segments) else view
+
+
 def encoded_size(parts: list[bytes | memoryview]) -> int:
     return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 
@@ -192,19 +197,27 @@ def encode_to_bytes(msg: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
     return b"".join(encode(msg, limits))
 
 
-def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Message:
+def decode(data: bytes | bytearray | memoryview | Segments,
+           limits: Limits = DEFAULT_LIMITS) -> Message:
     """Decode one message, validating every field; arrays are views of ``data``.
+
+    ``data`` may be :class:`~fedstack.wire.segments.Segments` (a message handed over as
+    its encoded parts); its arrays are then read-only views of those parts.
 
     Raises:
         RemoteProtocolError: the bytes are not a valid message (``code`` says why).
     """
-    view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    view: memoryview | Segments
+    if isinstance(data, Segments):
+        view = data
+    else:
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
     size = view.nbytes
     if size > limits.max_message_bytes:
         raise MessageTooLarge(size, limits.max_message_bytes)
     if size < _PREFIX.size:
         raise RemoteProtocolError("message shorter than its prefix", code="malformed")
-    magic, version, _flags, header_len = _PREFIX.unpack_from(view, 0)
+    magic, version, _flags, header_len = _PREFIX.unpack_from(_bytes(view[: _PREFIX.size]))
     if magic != MAGIC:
         raise RemoteProtocolError(
             "not a fedstack message (bad magic); is the peer a fedstack agent?", code="malformed"
@@ -218,7 +231,7 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
         raise RemoteProtocolError("header length out of range", code="malformed")
     try:
         header = msgpack.unpackb(
-            view[_PREFIX.size : _PREFIX.size + header_len],
+            _bytes(view[_PREFIX.size : _PREFIX.size + header_len]),
             raw=False,
             strict_map_key=True,
             max_str_len=limits.max_header_bytes,

@@ -17,6 +17,7 @@ import numpy as np
 
 from fedstack.errors import LocalProtocolError, RemoteProtocolError
 from fedstack.types import Array, Weights
+from fedstack.wire.segments import Segments
 
 ALIGN = 64
 """Tensor data starts on 64-byte boundaries so decoded arrays are aligned."""
@@ -116,7 +117,7 @@ def prepare(weights: Mapping[str, object], start: int) -> tuple[list[TensorEntry
 
 def read(
     table: object,
-    data: memoryview,
+    data: memoryview | Segments,
     start: int,
     *,
     max_tensors: int,
@@ -170,8 +171,11 @@ def read(
                 f"tensor {name!r}: data at {offset}+{nbytes} lies outside the message",
                 code="bad-tensor",
             )
+        chunk = data[offset : offset + nbytes]
+        if isinstance(chunk, Segments):
+            chunk = chunk.contiguous()  # a view when the tensor lies in one part
         try:
-            arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+            arr = np.frombuffer(chunk, dtype=dtype, count=count).reshape(shape)
         except ValueError as exc:
             raise RemoteProtocolError(f"tensor {name!r}: {exc}", code="bad-tensor") from None
         out[name] = arr
@@ -184,11 +188,15 @@ def all_finite(arr: Array) -> bool:
     """True when every element of a numeric array is finite (one pass, no big temporaries)."""
     if arr.dtype.kind != "f" or arr.size == 0:
         return True
+    # Any NaN or infinity makes the sum NaN or infinite, so a finite sum proves every
+    # element finite. Summed in the array's own precision (float16 in float32, where it
+    # would overflow at once): a float64 sum of float32 data costs 2.5x as much.
+    acc = np.float32 if arr.dtype.itemsize < 4 else arr.dtype.type
     with np.errstate(over="ignore", invalid="ignore"):
-        total = float(arr.sum(dtype=np.float64))
+        total = float(arr.sum(dtype=acc))
     if math.isfinite(total):
         return True
-    # The sum of finite float64 values can overflow; decide exactly.
+    # The sum of finite values can overflow; decide exactly.
     with np.errstate(over="ignore", invalid="ignore"):
         return bool(np.isfinite(arr).all())
 

@@ -1,0 +1,62 @@
+"""take_arrays and BufferPool: no copy where nothing else refers to a buffer, a copy (or a
+fresh buffer) wherever something does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedstack.buffers import BufferPool, take_arrays
+
+
+def test_take_arrays_takes_what_nobody_else_holds() -> None:
+    d: dict[str, Any] = {"w": np.arange(5.0)}
+    ident = id(d["w"])
+    out = take_arrays(d)
+    assert id(out["w"]) == ident  # taken as it is
+    assert d == {}  # the caller gave the dict up
+
+
+def test_take_arrays_copies_what_is_still_held_elsewhere() -> None:
+    kept = np.arange(5.0)
+    base = np.arange(10.0)
+    ro = np.arange(3.0)
+    ro.flags.writeable = False
+    d: dict[str, Any] = {"kept": kept, "view": base[2:7], "list": [1.0, 2.0], "ro": ro}
+    out = take_arrays(d)
+    kept += 100  # the caller keeps training on its array...
+    base += 100
+    np.testing.assert_array_equal(out["kept"], np.arange(5.0))  # ...the upload is unchanged
+    np.testing.assert_array_equal(out["view"], np.arange(2.0, 7.0))
+    np.testing.assert_array_equal(out["list"], [1.0, 2.0])
+    assert out["ro"] is not ro and not np.shares_memory(out["ro"], ro)
+    assert isinstance(out["list"], np.ndarray)
+
+
+def test_pool_reuses_a_buffer_only_once_nothing_views_it() -> None:
+    pool = BufferPool(max_bytes=10 << 20, min_nbytes=1024)
+    a = pool.take(4096)
+    a[:] = 7
+    view = np.frombuffer(a.data, np.float32)  # a decoded message's array
+    del a
+    b = pool.take(4096)
+    assert not np.shares_memory(b, view)  # still viewed: not handed out again
+    assert pool.reused == 0
+    assert (view.view(np.uint8) == 7).all()
+    del view
+    c = pool.take(4096)
+    assert pool.reused == 1 and c.nbytes == 4096  # free again: reused
+    assert pool.take(100).nbytes == 100  # small: never pooled
+    assert pool.reused == 1
+
+
+def test_pool_holds_at_most_max_bytes() -> None:
+    pool = BufferPool(max_bytes=8192, min_nbytes=1024)
+    held = [pool.take(4096) for _ in range(4)]
+    assert len(pool._bufs) == 2  # the others are plain buffers, freed when dropped
+    del held
+    pool.take(4096)
+    assert pool.reused == 1
+    pool.clear()
+    assert pool._bufs == []
