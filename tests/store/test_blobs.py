@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 
 from fedstack.errors import LocalProtocolError, RemoteProtocolError, StoreError
-from fedstack.store.blobs import BlobStore, decode_weights, encode_weights
+from fedstack.store.blobs import BlobStore, decode_weights, digest_of, encode_weights
 
 
 def sample() -> dict[str, np.ndarray]:
@@ -73,8 +74,10 @@ def test_put_get_roundtrip_and_content_address(tmp_path: Path) -> None:
     digest, size = blobs.put(w)
     path = blobs.path(digest)
     assert path.is_file() and path.stat().st_size == size
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
-    assert path.parent.name == digest[:2]
+    # BLAKE3, 248 bits, "z3"-prefixed: 64 characters that are never a sha256 hex digest
+    assert len(digest) == 64 and digest.startswith("z3")
+    assert "z3" + blake3.blake3(path.read_bytes()).hexdigest(length=31) == digest
+    assert path.parent.name == digest[2:4]
     assert_same(blobs.get(digest), w)
     assert blobs.put(w) == (digest, size)  # idempotent
     assert blobs.put(sample() | {"extra": np.ones(1)})[0] != digest
@@ -95,7 +98,7 @@ def test_failed_rename_cleans_up_and_raises_store_error(tmp_path: Path) -> None:
     root = tmp_path / "blobs"
     blobs = BlobStore(root)
     w = {"w": np.arange(10.0)}
-    digest = hashlib.sha256(joined(encode_weights(w))).hexdigest()
+    digest = digest_of([joined(encode_weights(w))])[0]
     final = blobs.path(digest)
     final.mkdir(parents=True)  # a non-empty directory where the blob must go
     (final / "occupied").write_bytes(b"x")
@@ -109,8 +112,8 @@ def test_unusable_fanout_directory_raises_store_error(tmp_path: Path) -> None:
     root = tmp_path / "blobs"
     blobs = BlobStore(root)
     w = {"w": np.arange(10.0)}
-    digest = hashlib.sha256(joined(encode_weights(w))).hexdigest()
-    (root / digest[:2]).write_bytes(b"")  # a regular file where the directory goes
+    digest = digest_of([joined(encode_weights(w))])[0]
+    (root / digest[2:4]).write_bytes(b"")  # a regular file where the directory goes
     with pytest.raises(StoreError):
         blobs.put(w)
 
@@ -126,3 +129,19 @@ def test_get_detects_corruption(tmp_path: Path) -> None:
         blobs.get(digest)
     with pytest.raises(StoreError):
         blobs.get("0" * 64)  # missing
+
+
+def test_blobs_of_older_stores_named_by_sha256_stay_readable(tmp_path: Path) -> None:
+    """Stores written before BLAKE3 name blobs by their plain sha256 hex digest."""
+    blobs = BlobStore(tmp_path)
+    w = sample()
+    data = joined(encode_weights(w))
+    old = hashlib.sha256(data).hexdigest()
+    path = tmp_path / old[:2] / f"{old}.fstb"
+    path.parent.mkdir()
+    path.write_bytes(data)
+    assert blobs.path(old) == path
+    assert_same(blobs.get(old), w)
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(StoreError, match="corrupt"):
+        blobs.get(old)

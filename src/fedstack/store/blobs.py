@@ -1,4 +1,9 @@
-"""Content-addressed tensor blobs on disk (sha256 of the encoded bytes), written atomically.
+"""Content-addressed tensor blobs on disk (a hash of the encoded bytes), written atomically.
+
+Digests are BLAKE3 (``"z3"`` + 62 hex digits: 248 bits, the 64 characters of the digest
+columns; ``z`` is no hex digit, so they never look like the plain sha256 hex digests of
+stores written before, which stay readable and verifiable). BLAKE3 hashes ~4x faster than
+sha256 here, and every stored model is hashed once on its way in.
 
 A blob file is ``b"FSTB" | u32 header length | msgpack tensor table | padding | tensor data``,
 the same allow-listed tensor codec as the wire (no pickle). Files are written to a temporary
@@ -12,9 +17,10 @@ import hashlib
 import os
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import blake3
 import msgpack
 import numpy as np
 
@@ -24,6 +30,27 @@ from fedstack.wire import tensors
 
 _MAGIC = b"FSTB"
 _PREFIX = struct.Struct("<4sI")
+_B3 = "z3"
+_B3_BYTES = 31
+
+Buffer = bytes | bytearray | memoryview
+
+
+def digest_of(parts: Iterable[Buffer]) -> tuple[str, int]:
+    """The content digest of the bytes of ``parts`` back to back, and their size."""
+    h = blake3.blake3()
+    size = 0
+    for p in parts:
+        h.update(p)
+        size += len(p) if isinstance(p, bytes) else memoryview(p).nbytes
+    return _B3 + h.hexdigest(length=_B3_BYTES), size
+
+
+def digest_matches(digest: str, data: Buffer) -> bool:
+    """True when ``data`` hashes to ``digest`` (BLAKE3, or sha256 for older stores)."""
+    if digest.startswith(_B3):
+        return _B3 + blake3.blake3(data).hexdigest(length=_B3_BYTES) == digest
+    return hashlib.sha256(data).hexdigest() == digest
 
 
 def encode_weights(weights: Mapping[str, Array]) -> list[bytes | memoryview]:
@@ -57,7 +84,7 @@ def decode_weights(data: memoryview) -> Weights:
 
 
 class BlobStore:
-    """Tensor blobs in a directory, addressed by the sha256 of their bytes."""
+    """Tensor blobs in a directory, addressed by the digest of their bytes."""
 
     def __init__(self, root: str | Path, *, fsync: bool = True) -> None:
         self.root = Path(root)
@@ -65,17 +92,13 @@ class BlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:
-        return self.root / digest[:2] / f"{digest}.fstb"
+        hexpart = digest[len(_B3):] if digest.startswith(_B3) else digest
+        return self.root / hexpart[:2] / f"{digest}.fstb"
 
     def put(self, weights: Mapping[str, Array]) -> tuple[str, int]:
-        """Store ``weights``; returns (sha256 hex digest, size in bytes). Idempotent."""
+        """Store ``weights``; returns (digest, size in bytes). Idempotent."""
         parts = encode_weights(weights)
-        h = hashlib.sha256()
-        size = 0
-        for p in parts:
-            h.update(p)
-            size += len(p) if isinstance(p, bytes) else p.nbytes
-        digest = h.hexdigest()
+        digest, size = digest_of(parts)
         final = self.path(digest)
         # unique per call: two threads may store the same content at the same time
         tmp = final.with_suffix(f".tmp{os.getpid()}-{uuid.uuid4().hex[:12]}")
@@ -118,7 +141,7 @@ class BlobStore:
             raise StoreError(f"cannot read blob {digest[:12]} at {path}: {exc}") from exc
         if got != size:
             raise StoreError(f"blob {digest[:12]} is truncated")
-        if verify and hashlib.sha256(buf.data).hexdigest() != digest:
+        if verify and not digest_matches(digest, buf.data):
             raise StoreError(f"blob {digest[:12]} is corrupt (hash mismatch)")
         try:
             return decode_weights(buf.data)

@@ -25,7 +25,13 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from fedstack.errors import RegistrationRefused, RemoteProtocolError, StoreError
 from fedstack.store import schema as s
-from fedstack.store.blobs import BlobStore, decode_weights, encode_weights
+from fedstack.store.blobs import (
+    BlobStore,
+    decode_weights,
+    digest_matches,
+    digest_of,
+    encode_weights,
+)
 from fedstack.types import Metrics, Weights
 
 # The statements of the hot paths (every upload, every round), built once: SQLAlchemy
@@ -772,7 +778,7 @@ class Store:
             size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
             if size <= self.inline_blob_bytes:
                 data = b"".join(parts)
-                return _Staged(hashlib.sha256(data).hexdigest(), size, data)
+                return _Staged(digest_of([data])[0], size, data)
         digest, size = self.blobs.put(weights)
         return _Staged(digest, size)
 
@@ -805,7 +811,7 @@ class Store:
         if row is None:
             return self.blobs.get(digest)
         data = bytes(row[0])
-        if hashlib.sha256(data).hexdigest() != digest:
+        if not digest_matches(digest, data):
             raise StoreError(f"blob {digest[:12]} is corrupt (hash mismatch)")
         try:
             return decode_weights(memoryview(data))

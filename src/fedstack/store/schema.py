@@ -31,7 +31,7 @@ meta = Table(
 
 blob_data = Table(
     # tensor blobs up to the store's inline limit, content-addressed like the blob files
-    # (sha256 of the same bytes): written in the transaction of the row that names them
+    # (the digest of the same bytes): written in the transaction of the row that names them
     "blob_data",
     metadata,
     Column("digest", String(64), primary_key=True),
