@@ -3,6 +3,8 @@ fresh buffer) wherever something does."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -60,3 +62,29 @@ def test_pool_holds_at_most_max_bytes() -> None:
     assert pool.reused == 1
     pool.clear()
     assert pool._bufs == []
+
+
+_RSS_AFTER_FREE = """
+import sys
+import numpy as np
+import psutil
+from fedstack.buffers import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+proc = psutil.Process()
+base = proc.memory_info().rss
+a = np.ones(50_000_000, np.float32)  # 200 MB
+del a
+print(int(kept), (proc.memory_info().rss - base) >> 20)
+"""
+
+
+def test_keep_freed_memory_keeps_a_freed_buffer_for_reuse() -> None:
+    def run(mode: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE, mode], check=True,
+                             capture_output=True, text=True, timeout=60).stdout.split()
+        return int(out[0]), int(out[1])
+
+    kept, held_mb = run("keep")
+    assert kept == 1 and held_mb >= 150  # freed, but kept in the process for the next one
+    kept, held_mb = run("default")
+    assert kept == 0 and held_mb < 50  # glibc's default: unmapped at once

@@ -14,13 +14,41 @@ an array held by exactly one name, so the rule follows the interpreter's own cou
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
 from typing import Any
 
 import numpy as np
 
-__all__ = ["BufferPool", "take_arrays"]
+__all__ = ["BufferPool", "keep_freed_memory", "take_arrays"]
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_KEEP_BYTES = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory (up to 2 GiB beyond what is in use) for
+    reuse instead of handing every large buffer back to the kernel on ``free``.
+
+    By default each array over 32 MB is its own mapping: freeing unmaps it and the next one
+    is faulted in and zeroed page by page. A process that frees and allocates 100 MB
+    buffers every round (the simulator: global models in, trained models out) then spends
+    more time in the kernel than on the data; on the virtual machines measured here, 1.1 to
+    9 s of system time per 6-round probe simulation instead of 2.4 s of user time. Returns
+    False (and changes nothing) where there is no glibc ``mallopt``. Process-wide, so the
+    ``fedstack sim`` command calls it, not the library.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
 
 
 def _refs(obj: object) -> int:

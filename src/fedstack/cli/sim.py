@@ -52,14 +52,21 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--delivery", choices=["push", "poll"], default="push")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--durable", action="store_true", help="fsync every store write")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="let malloc keep freed big buffers for reuse instead of returning "
+                   "each to the kernel (default on; much less system time with big models)")
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--json", action="store_true", help="end with one JSON line of results")
     p.set_defaults(func=cmd_sim)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
+    from fedstack.buffers import keep_freed_memory
     from fedstack.cli.main import _parse_json_kv
     from fedstack.sim import simulate
+
+    if args.keep_freed_memory:
+        keep_freed_memory()
 
     evaluator = args.evaluator
     if evaluator is None and args.trainer == DEFAULT_TRAINER:
