@@ -24,7 +24,9 @@ Run::
     .venv/bin/python bench/overhead_probe.py                   # all runs, ~3-4 min
     .venv/bin/python bench/overhead_probe.py --skip-flower-deployment --skip-flower-simulation
 
-It also measures, in the same run, the durable-store floor: hashing and writing + fsyncing
+It also measures, in the same run, the raw-socket floor (``raw_socket_floor.py``: the
+same round as 11 processes over blocking loopback sockets with nothing else) and the
+durable-store floor: hashing and writing + fsyncing
 the 11 x 100 MB a deployment keeps per round (10 local models, 1 global), with the blob
 store's own code and nothing else: no deployment that keeps every model before
 acknowledging it can be faster than that on this disk.
@@ -50,6 +52,7 @@ import fedbench_common as fc  # noqa: E402
 from fedbench_common import FF, FL_DEP, FL_SIM, FS_DEP, FS_SIM  # noqa: E402
 from flower_compare import _check, print_table, warm_up  # noqa: E402
 from flower_env import ensure_flower_venv  # noqa: E402
+from raw_socket_floor import raw_socket_floor  # noqa: E402
 
 
 def store_floor(agents: int, workdir: Path, repeat: int = 3) -> dict[str, Any]:
@@ -164,17 +167,29 @@ def main() -> int:
     print_table(runs, metric="eval_mean")
     print()
     floor = store_floor(args.agents, workdir)
+    raw = raw_socket_floor(int(fc.PROBE["params"]), args.agents, args.rounds,
+                           float(fc.PROBE["delta"]))
     ff = runs.get(FF, {}).get("mean_round_after_first")
     print(f"durable-store floor (hash + write + fsync of {args.agents} local models and the "
           f"global model, {floor['bytes_per_round'] / 1e9:.1f} GB, nothing else): "
           f"{floor['seconds_per_round']:.3f} s per round"
           + (f" = {floor['seconds_per_round'] / ff:.2f}x the framework-free loop" if ff
              else ""))
+    print(f"raw-socket floor (the same round as {args.agents} processes + 1 over blocking "
+          f"loopback sockets, no framework, no store: {raw['bytes_per_round'] / 1e9:.1f} GB "
+          f"through the kernel): {raw['seconds_per_round']:.3f} s per round"
+          + (f" = {raw['seconds_per_round'] / ff:.2f}x the framework-free loop" if ff
+             else ""))
+    if ff:
+        both = floor["seconds_per_round"] + raw["seconds_per_round"]
+        print(f"a durable deployment's floor (the two together): {both:.3f} s per round = "
+              f"{both / ff:.2f}x the framework-free loop")
     print()
     print("acceptance (issue 5, benchmark 2):")
     checks = acceptance(runs, args.rounds)
     result = {
         "benchmark": "overhead_probe", "durable_store_floor": floor,
+        "raw_socket_floor": raw,
         "task": {"params": fc.PROBE["params"], "dtype": "float32", "delta": fc.PROBE["delta"],
                  "agents": args.agents, "rounds": args.rounds,
                  "strategy": "equal-weight FedAvg, all agents every round",
