@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,21 @@ def _fedstack_versions() -> dict[str, str]:
     return {"numpy": version("numpy"), "scikit-learn": version("scikit-learn")}
 
 
+def _fedstack_runtime() -> list[str]:
+    """fedstack's own runtime requirements (fedstack is installed with --no-deps, and the
+    Flower app imports its data, trainers and evaluators), numpy and scikit-learn aside."""
+    from importlib.metadata import requires
+
+    out = []
+    for req in requires("fedstack") or []:
+        if "extra ==" in req:
+            continue
+        name = re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].lower()
+        if name not in ("numpy", "scikit-learn"):
+            out.append(req)
+    return out
+
+
 def requirements() -> list[str]:
     """The pinned requirement lines installed into the Flower venv."""
     same = _fedstack_versions()
@@ -54,6 +70,7 @@ def requirements() -> list[str]:
         f"numpy=={same['numpy']}",
         f"scikit-learn=={same['scikit-learn']}",
         "psutil",
+        *_fedstack_runtime(),
     ]
 
 
