@@ -40,11 +40,15 @@ def run_trainer(trainer: Trainer, url: str, name: str, **agent_args: Any) -> lis
                       "federation": dict(agent.federation_config),
                       "global_extra": agent.global_extra}
             out = trainer.fit(gm, config)
-            weights, num_samples, metrics = out[0], out[1], out[2]
-            extra = out[3] if len(out) > 3 else None
+            # our own dicts of the result: arrays the trainer does not keep are then held
+            # by nothing else, and the agent sends them without a copy (send_owned_model)
+            weights = dict(out[0])
+            num_samples, metrics = out[1], out[2]
+            extra = dict(out[3]) if len(out) > 3 and out[3] else None
+            del out, gm
             history.append({"version": version, **metrics})
             log.info("%s: trained on v%d (%d samples): %s", name, version, num_samples, metrics)
-            agent.send_trained_model(weights, num_samples, metrics, extra=extra)
+            agent.send_owned_model(weights, num_samples, metrics, extra=extra)
     finally:
         agent.close()
     if final is not None:
