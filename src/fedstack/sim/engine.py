@@ -156,6 +156,9 @@ def simulate(
         progress: True for a progress bar on stderr, or a callback
             ``(round, seconds, metrics)``.
 
+    With big models call :func:`fedstack.buffers.keep_freed_memory` first (``fedstack
+    sim`` does): it is process-wide, so this function does not.
+
     Raises:
         ConfigError: invalid arguments.
         SimError: a trainer failed or a round did not complete in time.
