@@ -153,3 +153,29 @@ def test_sim_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["rounds"] == 3 and out["fits"] == 30 and len(out["round_seconds"]) == 3
     assert out["db"] == str(db) and db.exists()
+
+
+def test_a_strategy_that_can_never_aggregate_is_a_config_error(tmp_path: Path) -> None:
+    """Bulyan (f=1) needs 4f+3 = 7 updates; FedBuff aggregates every 10: with 6 agents a
+    round would wait forever, so the simulator refuses the configuration at once."""
+    with pytest.raises(ConfigError, match="needs at least 7 updates.*6 agents train"):
+        simulate(SYNTH, {"max_samples": 50}, num_agents=6, rounds=2, strategy="bulyan",
+                 db=str(tmp_path / "a.db"), workers=0)
+    with pytest.raises(ConfigError, match="aggregates every 10 updates.*sample at least 10"):
+        simulate(SYNTH, {"max_samples": 50}, num_agents=12, per_round=6, rounds=2,
+                 strategy="fedbuff", db=str(tmp_path / "b.db"), workers=0)
+
+
+@pytest.mark.parametrize("per_round", [4, 2])  # agents kept connected / sampled per round
+def test_a_refused_upload_stops_the_simulation_with_the_aggregators_reason(
+        tmp_path: Path, per_round: int) -> None:
+    """FedNova needs each update's local step count; a trainer that does not report it is
+    refused by the aggregator. The simulation stops with that reason right away instead
+    of waiting out the round timeout."""
+    import time
+
+    t = time.monotonic()
+    with pytest.raises(SimError, match="refused sim-.*local_steps"):
+        simulate(SYNTH, {"max_samples": 50}, num_agents=4, per_round=per_round, rounds=2,
+                 strategy="fednova", db=str(tmp_path / "a.db"), workers=0, round_timeout=120)
+    assert time.monotonic() - t < 15  # not the 120 s round timeout

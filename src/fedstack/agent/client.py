@@ -37,7 +37,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +198,9 @@ class Agent:
         self.round = 0
         self.reconnects = 0
         self.refusals: list[Error] = []
+        self.on_refusal: Callable[[Error], None] | None = None
+        """Called (on the connection's loop) with each request the aggregator refuses
+        without closing the connection, e.g. an upload that does not fit its strategy."""
         """Requests the aggregator refused (e.g. an upload that failed validation)."""
         self.acknowledged: list[UploadAck] = []
         """Every upload acknowledgement received (the upload is then in the store)."""
@@ -824,6 +827,8 @@ class Agent:
                     raise RemoteProtocolError(f"aggregator error: {msg.message}", code=msg.code)
                 log.error("%s: aggregator refused a request: %s", self.name, msg.message)
                 self.refusals.append(msg)
+                if self.on_refusal is not None:
+                    self.on_refusal(msg)
                 with self._cond:
                     if msg.code == "invalid-model" and self._pending is not None:
                         if self._disk is not None:

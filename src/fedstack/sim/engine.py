@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -46,6 +47,7 @@ from fedstack.sim.backends import Backend, create_backend
 from fedstack.sim.worker import FitTask
 from fedstack.store import Store
 from fedstack.types import Metrics, Weights
+from fedstack.wire import Error
 
 __all__ = ["PERSISTENT_MAX", "SimError", "SimResult", "simulate"]
 
@@ -249,6 +251,7 @@ class _Simulation:
                                         inline_blob_bytes=self.config.inline_blob_bytes)
         agg = Aggregator(self.config, store=store)
         try:
+            self._check_strategy(agg)
             self.initial = await asyncio.to_thread(
                 self.backend.initial_weights, self.trainer, self.trainer_args, self.n)
             await agg.start()
@@ -285,6 +288,8 @@ class _Simulation:
                             tasks: Sequence[asyncio.Future[Any]] = ()) -> None:
         deadline = time.monotonic() + self.round_timeout
         while agg.state.version < version:
+            if isinstance(self.failure, SimError):
+                raise self.failure
             if self.failure is not None:
                 raise SimError(f"simulation failed: {self.failure!r}") from self.failure
             for t in tasks:
@@ -331,7 +336,10 @@ class _Simulation:
             await asyncio.wait_for(asyncio.gather(*tasks), self.round_timeout)
         except BaseException:
             self.failure = self.failure or SimError("simulation stopped")
-            await agg.stop()  # unblocks the agents waiting for a model
+            await agg.stop()  # unblocks the agents waiting for a model...
+            _, waiting = await asyncio.wait(tasks, timeout=2.0)
+            for t in waiting:  # ...and those still waiting (e.g. after a refusal) are ended
+                t.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30.0)
             raise
@@ -341,10 +349,29 @@ class _Simulation:
     def _agent(self, idx: int, initial: bool) -> Agent:
         agent = Agent(self.url, name=f"sim-{idx:0{self.width}d}", max_backoff=1.0,
                       connect_timeout=30.0)
+        agent.on_refusal = functools.partial(self._refused, agent.name)
         if initial:
             assert self.initial is not None
             agent.send_initial_model(self.initial)
         return agent
+
+    def _refused(self, name: str, err: Error) -> None:
+        # a virtual agent's request refused: its trainer does not fit the strategy (or the
+        # federation's settings); no later round can go differently, so stop now
+        self.failure = self.failure or SimError(
+            f"the aggregator refused {name}'s {err.code} request: {err.message} "
+            f"(trainer {self.trainer}, strategy {self.config.strategy!r})")
+
+    def _check_strategy(self, agg: Aggregator) -> None:
+        s = agg.strategy
+        need = max(s.min_updates, s.trigger or 0)
+        if need > self.k:
+            what = (f"aggregates every {s.trigger} updates" if (s.trigger or 0) >= s.min_updates
+                    else f"needs at least {s.min_updates} updates to aggregate")
+            raise ConfigError(
+                f"strategy {self.config.strategy!r} {what}, but {self.k} agents train per "
+                f"round: sample at least {need} per round, or change the strategy's "
+                "parameters")
 
     async def _train(self, agent: Agent, idx: int, gm: Weights) -> None:
         config = {"version": agent.version, "name": agent.name,
