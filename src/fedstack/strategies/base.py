@@ -233,8 +233,23 @@ def create(name: str, **params: Any) -> Strategy:
     key = name.lower()
     if key not in _REGISTRY:
         raise ConfigError(f"unknown strategy {name!r}; available: {', '.join(names())}")
+    cls = _REGISTRY[key]
+    sig = inspect.signature(cls.__init__)
+    accepted = [p for p in sig.parameters.values()
+                if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        unknown = sorted(set(params) - {p.name for p in accepted})
+        if unknown:
+            raise ConfigError(
+                f"strategy {name!r} has no parameter(s) {', '.join(unknown)}; it takes: "
+                + (", ".join(p.name for p in accepted) or "none"))
+    missing = [p.name for p in accepted if p.default is p.empty and p.name not in params]
+    if missing:
+        raise ConfigError(
+            f"strategy {name!r} needs the parameter(s) {', '.join(missing)} (e.g. "
+            f"--strategy-param {missing[0]}=..., or strategy_params in the config)")
     try:
-        return _REGISTRY[key](**params)
+        return cls(**params)
     except TypeError as exc:
         raise ConfigError(f"strategy {name!r}: {exc}") from exc
     except ValueError as exc:
