@@ -54,14 +54,29 @@ def test_pool_reuses_a_buffer_only_once_nothing_views_it() -> None:
 
 
 def test_pool_holds_at_most_max_bytes() -> None:
-    pool = BufferPool(max_bytes=8192, min_nbytes=1024)
-    held = [pool.take(4096) for _ in range(4)]
+    mib = 1 << 20
+    pool = BufferPool(max_bytes=2 * mib, min_nbytes=1024)
+    held = [pool.take(mib - 100) for _ in range(4)]
     assert len(pool._bufs) == 2  # the others are plain buffers, freed when dropped
     del held
-    pool.take(4096)
+    pool.take(mib)
     assert pool.reused == 1
     pool.clear()
     assert pool._bufs == []
+
+
+def test_pool_serves_sizes_within_the_same_mib() -> None:
+    """Messages of one model differ by a few header bytes from round to round."""
+    mib = 1 << 20
+    pool = BufferPool(max_bytes=8 * mib, min_nbytes=1024)
+    a = pool.take(3 * mib + 17)
+    assert a.nbytes == 3 * mib + 17
+    a[:] = 1
+    del a
+    b = pool.take(3 * mib + 90)  # the same 4 MiB buffer, now free
+    assert pool.reused == 1 and b.nbytes == 3 * mib + 90
+    c = pool.take(5 * mib)  # another size class: a new buffer
+    assert pool.reused == 1 and not np.shares_memory(b, c)
 
 
 _RSS_AFTER_FREE = """

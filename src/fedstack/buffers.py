@@ -23,6 +23,7 @@ import numpy as np
 
 __all__ = ["BufferPool", "keep_freed_memory", "take_arrays"]
 
+_GRAIN = 1 << 20
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _KEEP_BYTES = 2**31 - 1
@@ -103,19 +104,23 @@ class BufferPool:
         self.reused = 0
 
     def take(self, nbytes: int) -> np.ndarray[Any, Any]:
+        """A writable buffer of exactly ``nbytes`` bytes (a view of a pooled one, whose
+        size is ``nbytes`` rounded up to a whole MiB: messages of one model differ by a
+        few header bytes from round to round)."""
         if nbytes < self.min_nbytes:
             return np.empty(nbytes, dtype=np.uint8)
+        cap = -(-nbytes // _GRAIN) * _GRAIN
         with self._lock:
             for buf in self._bufs:
                 # held by the pool's list and by ``buf``: nothing outside refers to it
-                if buf.nbytes == nbytes and _refs(buf) <= _ONE_HOLDER + 1:
+                if buf.nbytes == cap and _refs(buf) <= _ONE_HOLDER + 1:
                     self.reused += 1
-                    return buf
-            buf = np.empty(nbytes, dtype=np.uint8)
-            if self._held + nbytes <= self.max_bytes:
+                    return buf[:nbytes]
+            buf = np.empty(cap, dtype=np.uint8)
+            if self._held + cap <= self.max_bytes:
                 self._bufs.append(buf)
-                self._held += nbytes
-            return buf
+                self._held += cap
+            return buf[:nbytes]
 
     def clear(self) -> None:
         with self._lock:

@@ -286,3 +286,53 @@ def test_send_owned_model_never_lets_a_later_change_reach_the_upload(tmp_path: P
     assert final == [5.0, 5.0, 5.0]
     assert stored == [5.0, 5.0, 5.0]
     assert extra == [7.0, 7.0]
+
+
+def test_an_agent_keeps_no_global_model_it_handed_over(tmp_path: Path) -> None:
+    """Neither the agent nor its connection keeps a global model (or the welcome's) once
+    the trainer has it: over the in-process transport, the message buffers of round r
+    are free again when round r+1 is fanned out, so the buffers in use stay at one per
+    agent (plus what is in flight) instead of growing with every copy held."""
+    import asyncio
+
+    from fedstack import Aggregator
+
+    n_agents, rounds = 3, 6
+    big = 600_000  # float32: 2.4 MB messages, pooled
+
+    async def main() -> tuple[int, int]:
+        cfg = AggregatorConfig(auth="off", transport="inproc", db=str(tmp_path / "a.db"),
+                               rounds=rounds, min_agents=n_agents, threshold=1.0,
+                               finish_grace=0.0)
+        agg = Aggregator(cfg)
+        await agg.start()
+
+        async def one(i: int) -> None:
+            a = Agent(agg.url, name=f"a{i}")
+            a.send_initial_model({"w": np.zeros(big, np.float32)})
+            await a.start_async(timeout=10)
+            try:
+                while True:
+                    try:
+                        gm = await a.wait_for_global_model_async(timeout=10)
+                    except FederationFinished:
+                        return
+                    if a.finished:
+                        return
+                    a.send_owned_model({"w": gm["w"] + 1.0}, 1)
+                    del gm
+            finally:
+                await a.close_async()
+
+        try:
+            await asyncio.gather(*(one(i) for i in range(n_agents)))
+            await asyncio.wait_for(agg.wait_finished(), 10)
+            pool = agg._inproc.pool  # type: ignore[union-attr]
+            return len(pool._bufs), pool.reused
+        finally:
+            await agg.stop()
+
+    buffers, reused = asyncio.run(main())
+    # welcome + `rounds` global models went to each agent: all but ~2 per agent reused
+    assert buffers <= 2 * n_agents, buffers
+    assert reused >= (rounds + 1) * n_agents - 2 * n_agents, reused

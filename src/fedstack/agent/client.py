@@ -421,7 +421,10 @@ class Agent:
             self._gm_extra = self._gm_next_extra
             if self._gm_final:
                 self._final_delivered = True
-            return self._gm
+            # handed over: the agent keeps no reference (a big model's buffer is free
+            # again as soon as the trainer is done with it)
+            gm, self._gm = self._gm, None
+            return gm
         if self._final_delivered or (self._gm_final and self._closing):
             raise FederationFinished(f"the federation finished at version {self._gm_version}")
         if self._closing:
@@ -667,11 +670,13 @@ class Agent:
         if not isinstance(welcome, Welcome):
             raise RemoteProtocolError(f"expected welcome, got {welcome.TYPE}")
         self._on_welcome(welcome)
-        lease = 3 * welcome.heartbeat_interval
+        interval = welcome.heartbeat_interval
+        del welcome  # its model (a view of the message buffer) is the agent's, not the frame's
+        lease = 3 * interval
         reader = asyncio.create_task(self._reader(conn, lease))
         wake = self._wake
         reader.add_done_callback(lambda _: wake.set())
-        heart = asyncio.create_task(self._heartbeat(conn, welcome.heartbeat_interval))
+        heart = asyncio.create_task(self._heartbeat(conn, interval))
         try:
             sent_upload: str | None = None
             polled_version: int | None = None

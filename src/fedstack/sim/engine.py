@@ -397,6 +397,7 @@ class _Simulation:
             await agent.start_async(timeout=self.round_timeout)
             gm = await agent.wait_for_global_model_async(timeout=self.round_timeout)
             await self._train(agent, idx, gm)
+            del gm
             await agent.flush_async(timeout=self.round_timeout)
         finally:
             await agent.close_async()
@@ -413,6 +414,7 @@ class _Simulation:
                 if agent.finished:
                     return  # the final model: nothing left to train for
                 await self._train(agent, idx, gm)
+                del gm  # not held while waiting: its buffer is reused for the next one
         except BaseException as exc:
             self.failure = self.failure or exc
             raise
