@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any
 
@@ -56,15 +57,24 @@ def test_messages_cross_event_loops_in_both_directions() -> None:
     assert all(r == b"echo:" + bytes([i]) * (1000 + i) for i, r in enumerate(replies))
 
 
+async def _collecting_server(
+    max_bytes: int,
+) -> tuple[inproc.InProcServer, inproc.InProcConnection, asyncio.Queue[Any]]:
+    """A server that puts every message it receives into a queue, and a client of it."""
+    got: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def handler(conn: inproc.InProcConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await got.put(await conn.recv())
+
+    server = await inproc.serve(handler, max_message_bytes=max_bytes)
+    return server, await connect(server.url, max_message_bytes=max_bytes), got
+
+
 def test_received_buffers_are_writable_copies() -> None:
     async def main() -> None:
-        got: asyncio.Queue[memoryview] = asyncio.Queue()
-
-        async def handler(conn: inproc.InProcConnection) -> None:
-            await got.put(await conn.recv())
-
-        server = await inproc.serve(handler, max_message_bytes=1 << 20)
-        conn = await connect(server.url, max_message_bytes=1 << 20)
+        server, conn, got = await _collecting_server(1 << 20)
         src = bytearray(b"abcdef")
         conn.write([src])
         src[0] = ord("z")  # the sender may reuse its buffer at once
@@ -135,13 +145,7 @@ def test_frozen_messages_are_handed_over_read_only_without_a_copy() -> None:
     from fedstack.wire import Segments
 
     async def main() -> None:
-        got: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def handler(conn: inproc.InProcConnection) -> None:
-            await got.put(await conn.recv())
-
-        server = await inproc.serve(handler, max_message_bytes=1 << 20)
-        conn = await connect(server.url, max_message_bytes=1 << 20)
+        server, conn, got = await _collecting_server(1 << 20)
         arr = np.arange(1000, dtype=np.float32)
         conn.write([b"head", arr.data], frozen=True)
         msg = await asyncio.wait_for(got.get(), 5)
@@ -156,14 +160,7 @@ def test_frozen_messages_are_handed_over_read_only_without_a_copy() -> None:
 
 def test_big_message_buffers_are_reused_only_when_released() -> None:
     async def main() -> None:
-        got: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def handler(conn: inproc.InProcConnection) -> None:
-            while True:
-                await got.put(await conn.recv())
-
-        server = await inproc.serve(handler, max_message_bytes=8 << 20)
-        conn = await connect(server.url, max_message_bytes=8 << 20)
+        server, conn, got = await _collecting_server(8 << 20)
         n = 2 << 20
         conn.write([np.full(n, 1, np.uint8).data])
         first = await asyncio.wait_for(got.get(), 5)

@@ -198,10 +198,10 @@ class Agent:
         self.round = 0
         self.reconnects = 0
         self.refusals: list[Error] = []
+        """Requests the aggregator refused (e.g. an upload that failed validation)."""
         self.on_refusal: Callable[[Error], None] | None = None
         """Called (on the connection's loop) with each request the aggregator refuses
         without closing the connection, e.g. an upload that does not fit its strategy."""
-        """Requests the aggregator refused (e.g. an upload that failed validation)."""
         self.acknowledged: list[UploadAck] = []
         """Every upload acknowledgement received (the upload is then in the store)."""
         self.run_id: str | None = None

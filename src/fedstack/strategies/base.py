@@ -227,6 +227,14 @@ def _discover() -> None:
 _DISCOVERED = False
 
 
+def _parameters(cls: type[Strategy]) -> tuple[list[inspect.Parameter], bool]:
+    """A strategy's named constructor parameters, and whether it also takes ``**kwargs``."""
+    given = inspect.signature(cls.__init__).parameters.values()
+    named = [p for p in given
+             if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return named, any(p.kind is p.VAR_KEYWORD for p in given)
+
+
 def create(name: str, **params: Any) -> Strategy:
     """Build the strategy called ``name`` with ``params`` from the aggregator's config."""
     _discover()
@@ -234,10 +242,8 @@ def create(name: str, **params: Any) -> Strategy:
     if key not in _REGISTRY:
         raise ConfigError(f"unknown strategy {name!r}; available: {', '.join(names())}")
     cls = _REGISTRY[key]
-    sig = inspect.signature(cls.__init__)
-    accepted = [p for p in sig.parameters.values()
-                if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+    accepted, open_ended = _parameters(cls)
+    if not open_ended:
         unknown = sorted(set(params) - {p.name for p in accepted})
         if unknown:
             raise ConfigError(
@@ -267,11 +273,8 @@ def describe() -> list[dict[str, Any]]:
     out = []
     for key in names():
         cls = _REGISTRY[key]
-        params = {
-            p.name: (None if p.default is inspect.Parameter.empty else p.default)
-            for p in inspect.signature(cls.__init__).parameters.values()
-            if p.name != "self" and p.kind is not p.VAR_KEYWORD
-        }
+        params = {p.name: (None if p.default is p.empty else p.default)
+                  for p in _parameters(cls)[0]}
         doc = (inspect.getdoc(cls) or "").splitlines()
         out.append({"name": key, "summary": doc[0] if doc else "", "params": params,
                     "streaming": cls.streaming})

@@ -7,7 +7,8 @@ connections are pairs of :class:`InProcConnection` with the interface of
 (and validated) by the receiver, so nothing is shared between the two ends but bytes.
 
 The two ends may live on different event loops (each :class:`~fedstack.agent.Agent` runs
-its own loop in a thread): a message is copied once into a fresh buffer and handed to the
+its own loop in a thread): a message is copied once into a buffer (of the server's
+:class:`~fedstack.buffers.BufferPool`, reused once nothing views it) and handed to the
 peer's loop with ``call_soon_threadsafe``. A sender that will never change a message's
 buffers again (the agent's upload: its own copy of the trained model) writes it with
 ``frozen=True``; the parts are then handed over as read-only

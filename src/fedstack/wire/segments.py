@@ -39,25 +39,15 @@ class Segments:
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("Segments support only contiguous slices")
         start, stop, _ = key.indices(self.nbytes)
-        stop = max(start, stop)
-        out = Segments(())
-        if start == stop:
-            return out
-        first = bisect.bisect_right(self._starts, start) - 1
         parts: list[memoryview] = []
-        i = first
-        while i < len(self._parts) and self._starts[i] < stop:
+        i = bisect.bisect_right(self._starts, start) - 1
+        while start < stop and i < len(self._parts) and self._starts[i] < stop:
             lo = max(start, self._starts[i]) - self._starts[i]
             hi = min(stop, self._starts[i + 1]) - self._starts[i]
             if hi > lo:
                 parts.append(self._parts[i][lo:hi])
             i += 1
-        out._parts = parts
-        starts = [0]
-        for p in parts:
-            starts.append(starts[-1] + p.nbytes)
-        out._starts, out.nbytes = starts, starts[-1]
-        return out
+        return Segments(parts)
 
     def contiguous(self) -> memoryview:
         """All the bytes as one read-only buffer: a view when they lie in one part, else a
