@@ -27,8 +27,14 @@ import re
 
 from fedstack.errors import ConfigError
 
-__all__ = ["MAX_NAME_LENGTH", "NAME_PATTERN", "BadName", "SafeFormatter", "check_agent_name",
-           "safe_text"]
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "NAME_PATTERN",
+    "BadName",
+    "SafeFormatter",
+    "check_agent_name",
+    "safe_text",
+]
 
 MAX_NAME_LENGTH = 128
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}"
@@ -51,9 +57,11 @@ def check_agent_name(name: object) -> str:
     if isinstance(name, str) and _NAME.fullmatch(name):
         return name
     shown = safe_text(name if isinstance(name, str) else repr(name), limit=80)
-    raise BadName(f"agent name {shown!r} is refused: a name has 1-{MAX_NAME_LENGTH} "
-                  "characters, ASCII letters and digits first, then letters, digits and "
-                  ". _ @ + -")
+    raise BadName(
+        f"agent name '{shown}' is refused: a name has 1-{MAX_NAME_LENGTH} "
+        "characters, ASCII letters and digits first, then letters, digits and "
+        ". _ @ + -"
+    )
 
 
 def safe_text(text: object, limit: int | None = None) -> str:

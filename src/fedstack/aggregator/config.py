@@ -201,6 +201,11 @@ class AggregatorConfig:
         True, "serve the operator REST API (/healthz, /api/v1/...) on the agents' port"
     )
 
+    if typing.TYPE_CHECKING:
+        # the generated __init__ converts what it is given (``port="8765"`` is 8765), so
+        # callers may pass any convertible value; a bad one raises ConfigError
+        def __init__(self, **values: Any) -> None: ...
+
     def __post_init__(self) -> None:
         for s in settings():
             value = getattr(self, s.name)

@@ -65,17 +65,26 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run(opts: AgentOptions, trainer: Any, name: str, state_dir: str | Path | None,
-         token: str | None) -> list[dict[str, Any]] | None:
+def _run(
+    opts: AgentOptions, trainer: Any, name: str, state_dir: str | Path | None, token: str | None
+) -> list[dict[str, Any]] | None:
     """One agent until the federation finishes; None if SIGTERM ended it first."""
     from fedstack.agent.runner import run_trainer
 
     try:
         with sigterm_unwinds():
-            return run_trainer(trainer, opts.url, name, token=token,
-                               enrollment_token=opts.enrollment_token,
-                               init_weights=opts.init_weights, state_dir=state_dir,
-                               ca=opts.ca, cert=opts.cert, key=opts.key)
+            return run_trainer(
+                trainer,
+                opts.url,
+                name,
+                token=token,
+                enrollment_token=opts.enrollment_token,
+                init_weights=opts.init_weights,
+                state_dir=state_dir,
+                ca=opts.ca,
+                cert=opts.cert,
+                key=opts.key,
+            )
     except Terminated:
         # run_trainer closed the agent on the way out (bye sent); a pending upload stays
         # in the state directory and is re-sent by the next start
@@ -83,11 +92,20 @@ def _run(opts: AgentOptions, trainer: Any, name: str, state_dir: str | Path | No
         return None
 
 
-Name = Annotated[str, typer.Option("--name", help="the agent's name (letters, digits, "
-                                   ". _ @ + -; see fedstack.names)")]
-StateDir = Annotated[str | None, typer.Option(
-    "--state-dir", help="directory keeping the agent's identity and its unacknowledged "
-    "upload across crashes (default: memory only)")]
+Name = Annotated[
+    str,
+    typer.Option(
+        "--name", help="the agent's name (letters, digits, . _ @ + -; see fedstack.names)"
+    ),
+]
+StateDir = Annotated[
+    str | None,
+    typer.Option(
+        "--state-dir",
+        help="directory keeping the agent's identity and its unacknowledged "
+        "upload across crashes (default: memory only)",
+    ),
+]
 
 
 @with_group("opts", AGENT_OPTIONS)
@@ -106,12 +124,21 @@ def cmd_agent(opts: AgentOptions, name: Name, state_dir: StateDir = None) -> int
 Count = Annotated[int, typer.Option("--count", help="agent processes to run")]
 NamePrefix = Annotated[str, typer.Option("--name-prefix", help="agent i is named PREFIX + i")]
 FirstIndex = Annotated[int, typer.Option("--first-index", help="index of the first agent")]
-NumAgents = Annotated[int | None, typer.Option(
-    "--num-agents", help="num_agents given to every trainer (default: first index + count)")]
-TokensFile = Annotated[str | None, typer.Option(
-    "--tokens-file", help="JSON object: agent name -> credential (others use --token)")]
-StateRoot = Annotated[str | None, typer.Option(
-    "--state-root", help="directory holding one state directory per agent")]
+NumAgents = Annotated[
+    int | None,
+    typer.Option(
+        "--num-agents", help="num_agents given to every trainer (default: first index + count)"
+    ),
+]
+TokensFile = Annotated[
+    str | None,
+    typer.Option(
+        "--tokens-file", help="JSON object: agent name -> credential (others use --token)"
+    ),
+]
+StateRoot = Annotated[
+    str | None, typer.Option("--state-root", help="directory holding one state directory per agent")
+]
 
 _children: list[int] = []
 
@@ -123,9 +150,15 @@ def _forward(signum: int, frame: FrameType | None) -> None:
 
 
 @with_group("opts", AGENT_OPTIONS)
-def cmd_agents(opts: AgentOptions, count: Count, name_prefix: NamePrefix = "agent-",
-               first_index: FirstIndex = 0, num_agents: NumAgents = None,
-               tokens_file: TokensFile = None, state_root: StateRoot = None) -> int:
+def cmd_agents(
+    opts: AgentOptions,
+    count: Count,
+    name_prefix: NamePrefix = "agent-",
+    first_index: FirstIndex = 0,
+    num_agents: NumAgents = None,
+    tokens_file: TokensFile = None,
+    state_root: StateRoot = None,
+) -> int:
     """Run N agent processes forked from one warm parent.
 
     The trainer's module is imported (and its warm_up() run, if it has one) once in the
@@ -141,8 +174,9 @@ def cmd_agents(opts: AgentOptions, count: Count, name_prefix: NamePrefix = "agen
         raise ConfigError("--count must be at least 1")
     if first_index < 0:
         raise ConfigError("--first-index must be >= 0")
-    names = {i: check_agent_name(f"{name_prefix}{i}")
-             for i in range(first_index, first_index + count)}
+    names = {
+        i: check_agent_name(f"{name_prefix}{i}") for i in range(first_index, first_index + count)
+    }
     total = num_agents or first_index + count
     tokens = _read_tokens(tokens_file) if tokens_file else {}
     factory = load_callable(opts.trainer)  # the expensive imports happen here, once
@@ -157,8 +191,9 @@ def cmd_agents(opts: AgentOptions, count: Count, name_prefix: NamePrefix = "agen
         if pid == 0:  # the agent process
             code = 1
             try:
-                code = _child(opts, factory, idx, name, total,
-                              tokens.get(name) or opts.token, state_root)
+                code = _child(
+                    opts, factory, idx, name, total, tokens.get(name) or opts.token, state_root
+                )
             except BaseException:
                 log.exception("agent %s failed", name)
             finally:
@@ -186,13 +221,21 @@ def _read_tokens(path: str) -> dict[str, str]:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--tokens-file {path}: {exc}") from exc
     if not isinstance(loaded, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in loaded.items()):
+        isinstance(k, str) and isinstance(v, str) for k, v in loaded.items()
+    ):
         raise ConfigError("--tokens-file must hold a JSON object of name -> token strings")
     return loaded
 
 
-def _child(opts: AgentOptions, factory: Any, idx: int, name: str, num_agents: int,
-           token: str | None, state_root: str | None) -> int:
+def _child(
+    opts: AgentOptions,
+    factory: Any,
+    idx: int,
+    name: str,
+    num_agents: int,
+    token: str | None,
+    state_root: str | None,
+) -> int:
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_DFL)
     trainer = factory(index=idx, num_agents=num_agents, **opts.trainer_args)

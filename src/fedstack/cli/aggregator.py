@@ -23,15 +23,21 @@ __all__ = ["cmd_aggregator", "cmd_strategies", "parse_aggregator_args"]
 
 log = logging.getLogger("fedstack.cli")
 
-ConfigFile = Annotated[Path | None, typer.Option(
-    "--config", help="TOML or JSON file (book keys accepted); the environment's "
-    "FEDSTACK_<KEY> variables and the flags override it")]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="TOML or JSON file (book keys accepted); the environment's "
+        "FEDSTACK_<KEY> variables and the flags override it",
+    ),
+]
 ReadyFile = Annotated[str | None, typer.Option("--ready-file", hidden=True)]
 
 
 @with_group("flags", AGGREGATOR_SETTINGS)
-def cmd_aggregator(flags: dict[str, Any], config: ConfigFile = None,
-                   ready_file: ReadyFile = None) -> int:
+def cmd_aggregator(
+    flags: dict[str, Any], config: ConfigFile = None, ready_file: ReadyFile = None
+) -> int:
     """Run an aggregator (until --rounds are done, SIGTERM or SIGINT)."""
     cfg = aggregator_config(config, flags, os.environ)
     with aio.runner() as runner:
@@ -62,8 +68,7 @@ async def _serve(cfg: AggregatorConfig, ready_file: str | None) -> None:
     await agg.stop()
 
 
-def parse_aggregator_args(argv: list[str],
-                          env: dict[str, str] | None = None) -> AggregatorConfig:
+def parse_aggregator_args(argv: list[str], env: dict[str, str] | None = None) -> AggregatorConfig:
     """The configuration ``fedstack aggregator ARGV`` would run with (nothing started).
 
     Args:

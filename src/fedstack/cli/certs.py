@@ -13,12 +13,23 @@ __all__ = ["cmd_certs"]
 
 def cmd_certs(
     out: Annotated[str, typer.Option("--out", help="directory to write into (created)")],
-    host: Annotated[list[str] | None, typer.Option(
-        "--host", metavar="H", help="DNS name or IP address the aggregator is reached at, "
-        "repeatable (default: localhost and 127.0.0.1)")] = None,
-    agent: Annotated[list[str] | None, typer.Option(
-        "--agent", metavar="NAME", help="also make a client certificate for this agent, "
-        "repeatable")] = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            metavar="H",
+            help="DNS name or IP address the aggregator is reached at, "
+            "repeatable (default: localhost and 127.0.0.1)",
+        ),
+    ] = None,
+    agent: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--agent",
+            metavar="NAME",
+            help="also make a client certificate for this agent, repeatable",
+        ),
+    ] = None,
     days: Annotated[int, typer.Option("--days", help="validity in days")] = 365,
     force: Annotated[bool, typer.Option("--force", help="overwrite existing files")] = False,
 ) -> int:
@@ -44,13 +55,22 @@ def cmd_certs(
     url_host = f"[{first}]" if ":" in first else first
     print("\nuse it:")
     mtls = f" --tls-client-ca {pki.ca}" if pki.clients else ""
-    print(f"  fedstack aggregator --port {port} --tls-cert {pki.server_cert} "
-          f"--tls-key {pki.server_key}{mtls} --require-tls ...")
-    agent_lines = [(name, f" --cert {cert} --key {key}")
-                   for name, (cert, key) in pki.clients.items()] or [("NAME", "")]
+    print(
+        f"  fedstack aggregator --port {port} --tls-cert {pki.server_cert} "
+        f"--tls-key {pki.server_key}{mtls} --require-tls ..."
+    )
+    agent_lines = [
+        (name, f" --cert {cert} --key {key}") for name, (cert, key) in pki.clients.items()
+    ] or [("NAME", "")]
     for name, client in agent_lines:
-        print(safe_text(f"  fedstack agent --url wss://{url_host}:{port} --ca {pki.ca}{client} "
-                        f"--name {name} ..."))
-    print("  in Python: Agent(url, name, ca=..., cert=..., key=...); config keys tls_cert, "
-          "tls_key, tls_client_ca, require_tls")
+        print(
+            safe_text(
+                f"  fedstack agent --url wss://{url_host}:{port} --ca {pki.ca}{client} "
+                f"--name {name} ..."
+            )
+        )
+    print(
+        "  in Python: Agent(url, name, ca=..., cert=..., key=...); config keys tls_cert, "
+        "tls_key, tls_client_ca, require_tls"
+    )
     return 0

@@ -23,8 +23,12 @@ from fedstack.store import Store
 
 __all__ = ["app"]
 
-app = typer.Typer(help="issue, list and revoke agent and operator credentials",
-                  no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+app = typer.Typer(
+    help="issue, list and revoke agent and operator credentials",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
 
 Db = Annotated[str, typer.Option("--db", help="the aggregator's SQLite file or SQLAlchemy URL")]
 Name = Annotated[str, typer.Argument(metavar="NAME", help="the agent's (or operator's) name")]
@@ -41,11 +45,18 @@ def _store(db: str, blob_dir: str | None) -> Iterator[Store]:
 
 @app.command("add")
 def cmd_add(
-    name: Name, db: Db, blob_dir: BlobDir = None,
-    replace: Annotated[bool, typer.Option(
-        "--replace", help="replace the agent's valid credential (disconnects it)")] = False,
-    operator: Annotated[bool, typer.Option(
-        "--operator", help="an operator credential (for the aggregator's operator API)")
+    name: Name,
+    db: Db,
+    blob_dir: BlobDir = None,
+    replace: Annotated[
+        bool,
+        typer.Option("--replace", help="replace the agent's valid credential (disconnects it)"),
+    ] = False,
+    operator: Annotated[
+        bool,
+        typer.Option(
+            "--operator", help="an operator credential (for the aggregator's operator API)"
+        ),
     ] = False,
     json_: JsonFlag = False,
 ) -> int:
@@ -59,15 +70,20 @@ def cmd_add(
         print(json.dumps({"name": name, "role": role, "token": token}))
     elif operator:
         print(token)
-        print(f"operator credential issued for {name!r}; it is shown only this once. "
-              "Call the operator API with 'Authorization: Bearer <token>', e.g. curl -H "
-              "\"Authorization: Bearer $TOKEN\" http://HOST:PORT/api/v1/status",
-              file=sys.stderr)
+        print(
+            f"operator credential issued for {name!r}; it is shown only this once. "
+            "Call the operator API with 'Authorization: Bearer <token>', e.g. curl -H "
+            '"Authorization: Bearer $TOKEN" http://HOST:PORT/api/v1/status',
+            file=sys.stderr,
+        )
     else:
         print(token)
-        print(f"credential issued for agent {name!r}; it is shown only this once. "
-              f"Start the agent with FEDSTACK_TOKEN={token} (or --token / "
-              "Agent(..., token=...)).", file=sys.stderr)
+        print(
+            f"credential issued for agent {name!r}; it is shown only this once. "
+            f"Start the agent with FEDSTACK_TOKEN={token} (or --token / "
+            "Agent(..., token=...)).",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -81,8 +97,11 @@ def cmd_revoke(name: Name, db: Db, blob_dir: BlobDir = None, json_: JsonFlag = F
         print(json.dumps({"name": name, "revoked": True, "changed": changed}))
     else:
         shown = repr(name)  # repr escapes what a terminal would interpret
-        print(f"revoked the credential of {shown}" if changed
-              else f"the credential of {shown} was already revoked")
+        print(
+            f"revoked the credential of {shown}"
+            if changed
+            else f"the credential of {shown} was already revoked"
+        )
     return 0
 
 
@@ -95,6 +114,19 @@ def cmd_list(db: Db, blob_dir: BlobDir = None, json_: JsonFlag = False) -> int:
         quiet_logs()
         print_json(rows)
     else:
-        console().print(table(rows, ["name", "role", "source", "credential", "created",
-                                     "revoked", "last_seen", "last_address"]))
+        console().print(
+            table(
+                rows,
+                [
+                    "name",
+                    "role",
+                    "source",
+                    "credential",
+                    "created",
+                    "revoked",
+                    "last_seen",
+                    "last_address",
+                ],
+            )
+        )
     return 0

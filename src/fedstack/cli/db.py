@@ -24,8 +24,12 @@ from fedstack.store import Store
 
 __all__ = ["app", "lineage_tree", "plot_rounds", "resolve_run"]
 
-app = typer.Typer(help="inspect the model store", no_args_is_help=True,
-                  add_completion=False, rich_markup_mode=None)
+app = typer.Typer(
+    help="inspect the model store",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
 
 
 @contextmanager
@@ -60,8 +64,18 @@ def lineage_tree(store: Store, model_id: str, depth: int) -> dict[str, Any]:
     if m is None:
         raise StoreError(f"no model {model_id}")
     node: dict[str, Any] = {
-        k: m[k] for k in ("id", "kind", "round", "agent", "producer", "num_samples", "status",
-                          "metrics", "created")
+        k: m[k]
+        for k in (
+            "id",
+            "kind",
+            "round",
+            "agent",
+            "producer",
+            "num_samples",
+            "status",
+            "metrics",
+            "created",
+        )
     }
     if depth > 0:
         node["parents"] = [
@@ -98,58 +112,80 @@ def cmd_runs(db: DbPath, blob_dir: BlobDir = None, json_: JsonFlag = False) -> i
 def cmd_agents(db: DbPath, blob_dir: BlobDir = None, json_: JsonFlag = False) -> int:
     """The agents the store has seen."""
     with _store(db, blob_dir) as store:
-        _show(store.list_agents(), ["id", "name", "created", "last_seen", "last_address"],
-              json_)
+        _show(store.list_agents(), ["id", "name", "created", "last_seen", "last_address"], json_)
     return 0
 
 
 @app.command("events")
-def cmd_events(db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None,
-               json_: JsonFlag = False) -> int:
+def cmd_events(
+    db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None, json_: JsonFlag = False
+) -> int:
     """The audit trail: the run's events and the deployment's (credentials)."""
     with _store(db, blob_dir) as store:
         run_id = resolve_run(store, run) if run or store.list_runs() else None
-        _show(store.events(run_id, deployment=True), ["id", "time", "kind", "agent_id",
-                                                      "detail"], json_)
+        _show(
+            store.events(run_id, deployment=True),
+            ["id", "time", "kind", "agent_id", "detail"],
+            json_,
+        )
     return 0
 
 
-Kind = Annotated[Literal["local", "cluster"] | None,
-                 typer.Option("--kind", help="only this kind of model")]
+Kind = Annotated[
+    Literal["local", "cluster"] | None, typer.Option("--kind", help="only this kind of model")
+]
 
 
 @app.command("models")
-def cmd_models(db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None, kind: Kind = None,
-               json_: JsonFlag = False) -> int:
+def cmd_models(
+    db: DbPath,
+    blob_dir: BlobDir = None,
+    run: RunOpt = None,
+    kind: Kind = None,
+    json_: JsonFlag = False,
+) -> int:
     """The run's models (local uploads and global models)."""
     with _store(db, blob_dir) as store:
         rows = store.models(resolve_run(store, run), kind)
-    _show(rows, ["id", "kind", "round", "agent", "base_version", "num_samples", "status",
-                 "nbytes"], json_)
+    _show(
+        rows,
+        ["id", "kind", "round", "agent", "base_version", "num_samples", "status", "nbytes"],
+        json_,
+    )
     return 0
 
 
 @app.command("rounds")
-def cmd_rounds(db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None,
-               json_: JsonFlag = False) -> int:
+def cmd_rounds(
+    db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None, json_: JsonFlag = False
+) -> int:
     """The run's completed rounds."""
     with _store(db, blob_dir) as store:
         rows = store.rounds(resolve_run(store, run))
     for r in rows:
         r["accuracy"] = r["metrics"].get("eval_accuracy")
-    _show(rows, ["round", "num_updates", "num_samples", "seconds", "accuracy", "model_id"],
-          json_)
+    _show(rows, ["round", "num_updates", "num_samples", "seconds", "accuracy", "model_id"], json_)
     return 0
 
 
-ModelId = Annotated[str | None, typer.Argument(
-    metavar="MODEL_ID", help="a model id or a prefix of one (default: the latest global)")]
+ModelId = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="MODEL_ID", help="a model id or a prefix of one (default: the latest global)"
+    ),
+]
 Depth = Annotated[int, typer.Option("--depth", help="levels to show")]
 
 
 @app.command("lineage")
-def cmd_lineage(db: DbPath, model: ModelId = None, blob_dir: BlobDir = None,
-                run: RunOpt = None, depth: Depth = 2, json_: JsonFlag = False) -> int:
+def cmd_lineage(
+    db: DbPath,
+    model: ModelId = None,
+    blob_dir: BlobDir = None,
+    run: RunOpt = None,
+    depth: Depth = 2,
+    json_: JsonFlag = False,
+) -> int:
     """Which local models and which previous global model a model was made from."""
     with _store(db, blob_dir) as store:
         run_id = resolve_run(store, run)
@@ -173,17 +209,23 @@ def cmd_lineage(db: DbPath, model: ModelId = None, blob_dir: BlobDir = None,
 
 
 @app.command("metrics")
-def cmd_metrics(db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None,
-                json_: JsonFlag = False) -> int:
+def cmd_metrics(
+    db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None, json_: JsonFlag = False
+) -> int:
     """Every round's metrics and every agent's reported metrics."""
     with _store(db, blob_dir) as store:
         run_id = resolve_run(store, run)
         out = {
             "rounds": [{"round": r["round"], **r["metrics"]} for r in store.rounds(run_id)],
             "agents": [
-                {"round": m["round"], "agent": m["agent"], "num_samples": m["num_samples"],
-                 **m["metrics"]}
-                for m in store.models(run_id, "local") if m["status"] != "initial"
+                {
+                    "round": m["round"],
+                    "agent": m["agent"],
+                    "num_samples": m["num_samples"],
+                    **m["metrics"],
+                }
+                for m in store.models(run_id, "local")
+                if m["status"] != "initial"
             ],
         }
     if json_:
@@ -204,17 +246,28 @@ def cmd_metrics(db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None,
     return 0
 
 
-Metric = Annotated[list[str] | None, typer.Option(
-    "--metric", help="a round metric, repeatable (default eval_accuracy and mean_train_loss)")]
-Compare = Annotated[list[str] | None, typer.Option(
-    "--compare", metavar="RUN", help="another run on the same axes, repeatable")]
+Metric = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--metric", help="a round metric, repeatable (default eval_accuracy and mean_train_loss)"
+    ),
+]
+Compare = Annotated[
+    list[str] | None,
+    typer.Option("--compare", metavar="RUN", help="another run on the same axes, repeatable"),
+]
 Out = Annotated[str, typer.Option("--out", help="the PNG to write")]
 
 
 @app.command("plot")
-def cmd_plot(db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None,
-             metric: Metric = None, compare: Compare = None,
-             out: Out = "fedstack-rounds.png") -> int:
+def cmd_plot(
+    db: DbPath,
+    blob_dir: BlobDir = None,
+    run: RunOpt = None,
+    metric: Metric = None,
+    compare: Compare = None,
+    out: Out = "fedstack-rounds.png",
+) -> int:
     """Draw round metrics and round times of one or more runs to a PNG."""
     with _store(db, blob_dir) as store:
         runs = [resolve_run(store, run)] + [resolve_run(store, r) for r in compare or []]
@@ -223,8 +276,9 @@ def cmd_plot(db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None,
     return 0
 
 
-def plot_rounds(store: Store, run_ids: Sequence[str], metrics: Sequence[str],
-                out: str | Path) -> Path:
+def plot_rounds(
+    store: Store, run_ids: Sequence[str], metrics: Sequence[str], out: str | Path
+) -> Path:
     """One panel per metric (and one of round times): each run's value per round, to PNG.
 
     Raises:
@@ -240,21 +294,35 @@ def plot_rounds(store: Store, run_ids: Sequence[str], metrics: Sequence[str],
         raise StoreError("plots need matplotlib: pip install 'fedstack[plot]'") from exc
     names = {r["id"]: r["name"] for r in store.list_runs()}
     series = {rid: store.rounds(rid) for rid in run_ids}
-    shown = [m for m in metrics if any(m in (r["metrics"] or {}) for rows in series.values()
-                                       for r in rows)]
+    shown = [
+        m
+        for m in metrics
+        if any(m in (r["metrics"] or {}) for rows in series.values() for r in rows)
+    ]
     if not shown:
-        raise StoreError(f"no run has the metrics {', '.join(metrics)}; see `fedstack db "
-                         "metrics` for what the rounds hold")
+        raise StoreError(
+            f"no run has the metrics {', '.join(metrics)}; see `fedstack db "
+            "metrics` for what the rounds hold"
+        )
     panels = [*shown, "seconds"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], panels, strict=True):
         for rid, rows in series.items():
-            pts = [(r["round"], r["seconds"] if metric == "seconds" else
-                    (r["metrics"] or {}).get(metric)) for r in rows]
+            pts = [
+                (
+                    r["round"],
+                    r["seconds"] if metric == "seconds" else (r["metrics"] or {}).get(metric),
+                )
+                for r in rows
+            ]
             pts = [(x, y) for x, y in pts if isinstance(y, int | float)]
             if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".",
-                        label=names.get(rid, rid[:8]))
+                ax.plot(
+                    [x for x, _ in pts],
+                    [y for _, y in pts],
+                    marker=".",
+                    label=names.get(rid, rid[:8]),
+                )
         ax.set_xlabel("round")
         ax.set_title("round seconds" if metric == "seconds" else metric)
         ax.grid(alpha=0.3)

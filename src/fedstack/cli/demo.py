@@ -52,20 +52,25 @@ class _DemoArgs:
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "fedstack", *args], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedstack", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def cmd_demo(
     agents: Annotated[int, typer.Option("--agents", help="agent processes")] = 3,
     rounds: Annotated[int, typer.Option("--rounds")] = 10,
-    partition: Annotated[str, typer.Option(
-        "--partition", help="iid or dirichlet:ALPHA")] = "dirichlet:0.5",
+    partition: Annotated[
+        str, typer.Option("--partition", help="iid or dirichlet:ALPHA")
+    ] = "dirichlet:0.5",
     workdir: Annotated[str, typer.Option("--workdir")] = "fedstack-demo",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     delivery: Annotated[Literal["push", "poll"], typer.Option("--delivery")] = "push",
-    timeout: Annotated[float, typer.Option("--timeout", help="give up after this many s")
-                       ] = 600.0,
+    timeout: Annotated[float, typer.Option("--timeout", help="give up after this many s")] = 600.0,
     json_: JsonFlag = False,
 ) -> int:
     """Run a whole federation on bundled data.
@@ -87,28 +92,71 @@ def cmd_demo(
     ready.unlink(missing_ok=True)
     run_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    say(f"fedstack demo: {args.agents} agents x {args.rounds} rounds, digits "
-        f"({args.partition}), {args.delivery} delivery; work folder {work}")
+    say(
+        f"fedstack demo: {args.agents} agents x {args.rounds} rounds, digits "
+        f"({args.partition}), {args.delivery} delivery; work folder {work}"
+    )
     t0 = time.monotonic()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        agg = _spawn([
-            "aggregator", "--host", "127.0.0.1", "--port", "0", "--db", str(db),
-            "--rounds", str(args.rounds), "--threshold", "1.0", "--min-agents", str(args.agents),
-            "--round-timeout", "120", "--delivery", args.delivery, "--evaluator", EVALUATOR,
-            "--run-name", run_name, "--finish-grace", "10", "--ready-file", str(ready),
-            "--auth", "off",  # a local demonstration: loopback agents without credentials
-        ], work / "logs" / "aggregator.log")
+        agg = _spawn(
+            [
+                "aggregator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--db",
+                str(db),
+                "--rounds",
+                str(args.rounds),
+                "--threshold",
+                "1.0",
+                "--min-agents",
+                str(args.agents),
+                "--round-timeout",
+                "120",
+                "--delivery",
+                args.delivery,
+                "--evaluator",
+                EVALUATOR,
+                "--run-name",
+                run_name,
+                "--finish-grace",
+                "10",
+                "--ready-file",
+                str(ready),
+                "--auth",
+                "off",  # a local demonstration: loopback agents without credentials
+            ],
+            work / "logs" / "aggregator.log",
+        )
         procs.append(agg)
         info = _wait_ready(ready, agg, deadline=t0 + 60)
         url = f"ws://127.0.0.1:{info['port']}"
         for i in range(args.agents):
-            procs.append(_spawn([
-                "agent", "--url", url, "--name", f"agent-{i + 1}", "--trainer", TRAINER,
-                "--trainer-arg", f"index={i}", "--trainer-arg", f"num_agents={args.agents}",
-                "--trainer-arg", f"partition={args.partition}",
-                "--trainer-arg", f"seed={args.seed}",
-            ], work / "logs" / f"agent-{i + 1}.log"))
+            procs.append(
+                _spawn(
+                    [
+                        "agent",
+                        "--url",
+                        url,
+                        "--name",
+                        f"agent-{i + 1}",
+                        "--trainer",
+                        TRAINER,
+                        "--trainer-arg",
+                        f"index={i}",
+                        "--trainer-arg",
+                        f"num_agents={args.agents}",
+                        "--trainer-arg",
+                        f"partition={args.partition}",
+                        "--trainer-arg",
+                        f"seed={args.seed}",
+                    ],
+                    work / "logs" / f"agent-{i + 1}.log",
+                )
+            )
         rows = _follow(db, info["run_id"], args, agg, procs, say, deadline=t0 + args.timeout)
         for p in procs:
             p.wait(timeout=60)
@@ -127,16 +175,27 @@ def cmd_demo(
     wall = time.monotonic() - t0
     final = rows[-1]["accuracy"] if rows else None
     say("")
-    say(f"final global accuracy {final:.4f} after {len(rows)} rounds in {wall:.1f} s"
-        if final is not None else "no round completed")
+    say(
+        f"final global accuracy {final:.4f} after {len(rows)} rounds in {wall:.1f} s"
+        if final is not None
+        else "no round completed"
+    )
     say(f"database: {db}  (run {run_name})")
     say(f"inspect it: fedstack db rounds --db {db}   |   fedstack db lineage --db {db}")
     if args.json:
-        print(json.dumps({
-            "final_accuracy": final, "rounds": rows, "wall_seconds": wall,
-            "db": str(db), "run_id": info["run_id"], "agents": args.agents,
-            "partition": args.partition,
-        }))
+        print(
+            json.dumps(
+                {
+                    "final_accuracy": final,
+                    "rounds": rows,
+                    "wall_seconds": wall,
+                    "db": str(db),
+                    "run_id": info["run_id"],
+                    "agents": args.agents,
+                    "partition": args.partition,
+                }
+            )
+        )
     return 0
 
 
@@ -146,21 +205,28 @@ def _wait_ready(ready: Path, agg: subprocess.Popen[bytes], deadline: float) -> d
             data: dict[str, Any] = json.loads(ready.read_text())
             return data
         if agg.poll() is not None:
-            raise DemoError(f"the aggregator exited with code {agg.returncode}; "
-                            f"see {ready.parent / 'logs' / 'aggregator.log'}")
+            raise DemoError(
+                f"the aggregator exited with code {agg.returncode}; "
+                f"see {ready.parent / 'logs' / 'aggregator.log'}"
+            )
         time.sleep(0.02)
     raise DemoError("the aggregator did not start within 60 s")
 
 
-def _follow(db: Path, run_id: str, args: _DemoArgs, agg: subprocess.Popen[bytes],
-            procs: list[subprocess.Popen[bytes]], say: Any,
-            deadline: float) -> list[dict[str, Any]]:
+def _follow(
+    db: Path,
+    run_id: str,
+    args: _DemoArgs,
+    agg: subprocess.Popen[bytes],
+    procs: list[subprocess.Popen[bytes]],
+    say: Any,
+    deadline: float,
+) -> list[dict[str, Any]]:
     """Print each round as its evaluated global model lands in the store."""
     store = Store(str(db))
     shown: list[dict[str, Any]] = []
     out = console(sys.stderr if args.json else sys.stdout)
-    live = Live(_round_table(shown), console=out, auto_refresh=False) if out.is_terminal \
-        else None
+    live = Live(_round_table(shown), console=out, auto_refresh=False) if out.is_terminal else None
     if live is None:
         say(f"{'round':>5}  {'agents':>6}  {'accuracy':>8}  {'round s':>8}  {'train s':>8}")
     else:
@@ -169,23 +235,31 @@ def _follow(db: Path, run_id: str, args: _DemoArgs, agg: subprocess.Popen[bytes]
         while len(shown) < args.rounds:
             if time.monotonic() > deadline:
                 raise DemoError(f"the demo did not finish within {args.timeout:.0f} s")
-            for r in store.rounds(run_id)[len(shown):]:
+            for r in store.rounds(run_id)[len(shown) :]:
                 acc = r["metrics"].get("eval_accuracy")
                 if acc is None:
                     break
-                row = {"round": r["round"], "accuracy": acc, "seconds": r["seconds"],
-                       "agents": r["num_updates"],
-                       "train_seconds": r["metrics"].get("max_train_seconds", 0.0)}
+                row = {
+                    "round": r["round"],
+                    "accuracy": acc,
+                    "seconds": r["seconds"],
+                    "agents": r["num_updates"],
+                    "train_seconds": r["metrics"].get("max_train_seconds", 0.0),
+                }
                 shown.append(row)
                 if live is None:
-                    say(f"{row['round']:>5}  {row['agents']:>6}  {acc:>8.4f}  "
-                        f"{row['seconds']:>8.3f}  {row['train_seconds']:>8.3f}")
+                    say(
+                        f"{row['round']:>5}  {row['agents']:>6}  {acc:>8.4f}  "
+                        f"{row['seconds']:>8.3f}  {row['train_seconds']:>8.3f}"
+                    )
                 else:
                     live.update(_round_table(shown), refresh=True)
             dead = [p for p in procs if p.poll() not in (None, 0)]
             if dead:
-                raise DemoError(f"a federation process exited with code {dead[0].returncode}; "
-                                f"see {db.parent / 'logs'}")
+                raise DemoError(
+                    f"a federation process exited with code {dead[0].returncode}; "
+                    f"see {db.parent / 'logs'}"
+                )
             if agg.poll() is not None and len(shown) < args.rounds:
                 if len(store.rounds(run_id)) == len(shown):
                     raise DemoError("the aggregator stopped before the last round")
@@ -202,6 +276,11 @@ def _round_table(rows: list[dict[str, Any]]) -> Table:
     for col in ("round", "agents", "accuracy", "round s", "train s"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(str(r["round"]), str(r["agents"]), f"{r['accuracy']:.4f}",
-                  f"{r['seconds']:.3f}", f"{r['train_seconds']:.3f}")
+        t.add_row(
+            str(r["round"]),
+            str(r["agents"]),
+            f"{r['accuracy']:.4f}",
+            f"{r['seconds']:.3f}",
+            f"{r['train_seconds']:.3f}",
+        )
     return t

@@ -17,22 +17,27 @@ import typer.main
 from fedstack.cli import agents, aggregator, certs, credentials, db, demo, sim
 from fedstack.cli.output import setup_logging
 from fedstack.errors import FedstackError
+from fedstack.names import safe_text
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(
-    name="fedstack", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
-    pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]},
+    name="fedstack",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="fedstack: federated learning with agents, aggregators and a model store.",
 )
 
 
 @app.callback()
 def _root(
-    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True,
-                                         help="more log output (-v: debug)")] = 0,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="only warnings and errors")
-                     ] = False,
+    verbose: Annotated[
+        int, typer.Option("-v", "--verbose", count=True, help="more log output (-v: debug)")
+    ] = 0,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="only warnings and errors")] = False,
 ) -> None:
     setup_logging(verbose, quiet)
 
@@ -40,17 +45,24 @@ def _root(
 app.command("aggregator", short_help="run an aggregator")(aggregator.cmd_aggregator)
 app.command("agent", short_help="run an agent from a Trainer class")(agents.cmd_agent)
 app.command("agents", short_help="run N agent processes forked from one warm parent")(
-    agents.cmd_agents)
+    agents.cmd_agents
+)
 app.command("strategies", short_help="list the aggregation strategies and parameters")(
-    aggregator.cmd_strategies)
+    aggregator.cmd_strategies
+)
 app.command("demo", short_help="run a whole federation on bundled data")(demo.cmd_demo)
 app.command("sim", short_help="simulate N virtual agents on the real aggregator and agents")(
-    sim.cmd_sim)
+    sim.cmd_sim
+)
 app.add_typer(db.app, name="db", help="inspect the model store")
-app.command("certs", short_help="make a self-signed CA and TLS certificates for a test "
-            "deployment")(certs.cmd_certs)
-app.add_typer(credentials.app, name="credentials",
-              help="issue, list and revoke agent and operator credentials")
+app.command("certs", short_help="make a self-signed CA and TLS certificates for a test deployment")(
+    certs.cmd_certs
+)
+app.add_typer(
+    credentials.app,
+    name="credentials",
+    help="issue, list and revoke agent and operator credentials",
+)
 
 
 def command() -> Any:
@@ -61,8 +73,11 @@ def command() -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Run ``fedstack ARGV`` (default: ``sys.argv[1:]``) and return its exit code."""
     try:
-        rc = command().main(args=sys.argv[1:] if argv is None else list(argv),
-                            prog_name="fedstack", standalone_mode=False)
+        rc = command().main(
+            args=sys.argv[1:] if argv is None else list(argv),
+            prog_name="fedstack",
+            standalone_mode=False,
+        )
         return rc if isinstance(rc, int) else 0
     except typer.TyperException as exc:  # usage errors (typer's own click)
         show = getattr(exc, "show", None)
@@ -72,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedstack: error: {exc.format_message()}", file=sys.stderr)
         return exc.exit_code
     except FedstackError as exc:
-        print(f"fedstack: error: {exc}", file=sys.stderr)
+        print(f"fedstack: error: {safe_text(exc)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, typer.Abort):
         return 130

@@ -18,21 +18,36 @@ import typer
 
 from fedstack.aggregator.config import parse_pairs
 
-__all__ = ["AgentOptions", "BlobDir", "DbPath", "Group", "JsonFlag", "RunOpt",
-           "TrainerArgs", "with_group"]
+__all__ = [
+    "AgentOptions",
+    "BlobDir",
+    "DbPath",
+    "Group",
+    "JsonFlag",
+    "RunOpt",
+    "TrainerArgs",
+    "with_group",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output (one line)")]
 DbPath = Annotated[str, typer.Option("--db", help="SQLite file or SQLAlchemy URL")]
-BlobDir = Annotated[str | None, typer.Option("--blob-dir",
-                                             help="blob directory (non-SQLite databases)")]
-RunOpt = Annotated[str | None, typer.Option("--run",
-                                            help="run id or name (default: the latest run)")]
-TrainerArgs = Annotated[list[str] | None, typer.Option(
-    "--trainer-arg", metavar="KEY=VALUE",
-    help="a trainer argument, repeatable; the value is JSON if it parses (3, 0.5, true), "
-    "else a string")]
+BlobDir = Annotated[
+    str | None, typer.Option("--blob-dir", help="blob directory (non-SQLite databases)")
+]
+RunOpt = Annotated[
+    str | None, typer.Option("--run", help="run id or name (default: the latest run)")
+]
+TrainerArgs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--trainer-arg",
+        metavar="KEY=VALUE",
+        help="a trainer argument, repeatable; the value is JSON if it parses (3, 0.5, true), "
+        "else a string",
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -71,8 +86,9 @@ def with_group(arg: str, group: Group) -> Callable[[F], F]:
 
 
 def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=default)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default
+    )
 
 
 @dataclass(frozen=True)
@@ -102,37 +118,114 @@ class AgentOptions:
     init_weights: bool
 
 
-def _agent_options(url: str, trainer: str, trainer_arg: list[str] | None, token: str | None,
-                   enrollment_token: str | None, ca: str | None, cert: str | None,
-                   key: str | None, init_weights: str) -> AgentOptions:
-    return AgentOptions(url=url, trainer=trainer,
-                        trainer_args=parse_pairs(trainer_arg or [], "--trainer-arg"),
-                        token=token or None, enrollment_token=enrollment_token or None,
-                        ca=ca, cert=cert, key=key, init_weights=init_weights != "zeros")
+def _agent_options(
+    url: str,
+    trainer: str,
+    trainer_arg: list[str] | None,
+    token: str | None,
+    enrollment_token: str | None,
+    ca: str | None,
+    cert: str | None,
+    key: str | None,
+    init_weights: str,
+) -> AgentOptions:
+    return AgentOptions(
+        url=url,
+        trainer=trainer,
+        trainer_args=parse_pairs(trainer_arg or [], "--trainer-arg"),
+        token=token or None,
+        enrollment_token=enrollment_token or None,
+        ca=ca,
+        cert=cert,
+        key=key,
+        init_weights=init_weights != "zeros",
+    )
 
 
-AGENT_OPTIONS = Group(parameters=(
-    _option("url", Annotated[str, typer.Option("--url", help="the aggregator's URL")],
-            "ws://127.0.0.1:8765"),
-    _option("trainer", Annotated[str, typer.Option(
-        "--trainer", help="module:Class implementing fedstack.Trainer")], ...),
-    _option("trainer_arg", TrainerArgs, None),
-    _option("token", Annotated[str | None, typer.Option(
-        "--token", envvar="FEDSTACK_TOKEN", show_envvar=True,
-        help="credential (`fedstack credentials add`)")], None),
-    _option("enrollment_token", Annotated[str | None, typer.Option(
-        "--enrollment-token", envvar="FEDSTACK_ENROLLMENT_TOKEN", show_envvar=True,
-        help="the deployment's enrollment token: registers a NEW name with its own token")],
-        None),
-    _option("ca", Annotated[str | None, typer.Option(
-        "--ca", help="PEM CA of the aggregator's certificate, for wss:// URLs (or "
-        "FEDSTACK_CA; default: the system's trust store)")], None),
-    _option("cert", Annotated[str | None, typer.Option(
-        "--cert", help="PEM client certificate, if the aggregator requires one (mutual "
-        "TLS)")], None),
-    _option("key", Annotated[str | None, typer.Option(
-        "--key", help="PEM key of --cert (default: in the --cert file)")], None),
-    _option("init_weights", Annotated[Literal["agent", "zeros"], typer.Option(
-        "--init-weights", help="offer the trainer's initial weights, or zeros, to start the "
-        "federation")], "agent"),
-), build=_agent_options)
+AGENT_OPTIONS = Group(
+    parameters=(
+        _option(
+            "url",
+            Annotated[str, typer.Option("--url", help="the aggregator's URL")],
+            "ws://127.0.0.1:8765",
+        ),
+        _option(
+            "trainer",
+            Annotated[
+                str, typer.Option("--trainer", help="module:Class implementing fedstack.Trainer")
+            ],
+            ...,
+        ),
+        _option("trainer_arg", TrainerArgs, None),
+        _option(
+            "token",
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--token",
+                    envvar="FEDSTACK_TOKEN",
+                    show_envvar=True,
+                    help="credential (`fedstack credentials add`)",
+                ),
+            ],
+            None,
+        ),
+        _option(
+            "enrollment_token",
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--enrollment-token",
+                    envvar="FEDSTACK_ENROLLMENT_TOKEN",
+                    show_envvar=True,
+                    help="the deployment's enrollment token: registers a NEW name with "
+                    "its own token",
+                ),
+            ],
+            None,
+        ),
+        _option(
+            "ca",
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--ca",
+                    help="PEM CA of the aggregator's certificate, for wss:// URLs (or "
+                    "FEDSTACK_CA; default: the system's trust store)",
+                ),
+            ],
+            None,
+        ),
+        _option(
+            "cert",
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--cert",
+                    help="PEM client certificate, if the aggregator requires one (mutual TLS)",
+                ),
+            ],
+            None,
+        ),
+        _option(
+            "key",
+            Annotated[
+                str | None,
+                typer.Option("--key", help="PEM key of --cert (default: in the --cert file)"),
+            ],
+            None,
+        ),
+        _option(
+            "init_weights",
+            Annotated[
+                Literal["agent", "zeros"],
+                typer.Option(
+                    "--init-weights",
+                    help="offer the trainer's initial weights, or zeros, to start the federation",
+                ),
+            ],
+            "agent",
+        ),
+    ),
+    build=_agent_options,
+)

@@ -30,8 +30,9 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(SafeFormatter(
-            "%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+        handler.setFormatter(
+            SafeFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        )
         root.addHandler(handler)
     root.setLevel(logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO))
 
@@ -46,8 +47,9 @@ def console(file: TextIO | None = None) -> Console:
     is: no markup, no highlighting, no emoji codes; not wrapped when not a terminal."""
     out = file if file is not None else sys.stdout
     wide = None if out.isatty() else 10_000
-    return Console(file=out, markup=False, highlight=False, emoji=False, width=wide,
-                   soft_wrap=False)
+    return Console(
+        file=out, markup=False, highlight=False, emoji=False, width=wide, soft_wrap=False
+    )
 
 
 def print_json(data: Any) -> None:
@@ -87,8 +89,11 @@ def _grow(branch: Tree, node: dict[str, Any]) -> None:
 
 
 def _label(node: dict[str, Any]) -> str:
-    who = node.get("agent") or ("aggregator" if node["kind"] == "cluster"
-                                else str(node["producer"])[:8])
+    who = node.get("agent") or (
+        "aggregator" if node["kind"] == "cluster" else str(node["producer"])[:8]
+    )
     rel = f"[{node['relation']}] " if "relation" in node else ""
-    return safe_text(f"{rel}{node['kind']} {str(node['id'])[:8]} round {node['round']} by "
-                     f"{who} (n={node['num_samples']}, {node['status']})")
+    return safe_text(
+        f"{rel}{node['kind']} {str(node['id'])[:8]} round {node['round']} by "
+        f"{who} (n={node['num_samples']}, {node['status']})"
+    )

@@ -39,8 +39,11 @@ def _default_text(s: Setting) -> str:
 def _metavar(s: Setting) -> str:
     what = accepted(s.type)
     if what.startswith("one of "):
-        return "[" + "|".join(w.strip(" '") for w in what[7:].removesuffix(" (or unset)")
-                              .split(",")) + "]"
+        return (
+            "["
+            + "|".join(w.strip(" '") for w in what[7:].removesuffix(" (or unset)").split(","))
+            + "]"
+        )
     if "integer" in what:
         return "INTEGER"
     if "number" in what:
@@ -65,8 +68,9 @@ def _parameter(s: Setting) -> inspect.Parameter:
         shown = "" if what.startswith("text") else f": {what}"
         option = typer.Option(s.flag, metavar=_metavar(s), help=f"{s.help}{shown}{extra}")
         annotation = Annotated[str | None, option]
-    return inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=None)
+    return inspect.Parameter(
+        s.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=None
+    )
 
 
 def _flag_values(**given: Any) -> dict[str, Any]:
@@ -79,12 +83,14 @@ def _flag_values(**given: Any) -> dict[str, Any]:
 
 
 AGGREGATOR_SETTINGS = Group(
-    parameters=tuple(_parameter(s) for s in settings() if s.cli), build=_flag_values)
+    parameters=tuple(_parameter(s) for s in settings() if s.cli), build=_flag_values
+)
 """The flags of every aggregator setting, packed into ``{name: value or None}``."""
 
 
-def aggregator_config(config: Path | str | None, flags: Mapping[str, Any],
-                      env: Mapping[str, str] | None) -> AggregatorConfig:
+def aggregator_config(
+    config: Path | str | None, flags: Mapping[str, Any], env: Mapping[str, str] | None
+) -> AggregatorConfig:
     """The aggregator's configuration: the ``--config`` file, then the environment, then
     the flags (see :meth:`AggregatorConfig.from_sources`).
 

@@ -24,8 +24,12 @@ class RoundBar:
     def __init__(self, total: int, agents: str) -> None:
         self._agents = agents
         self._progress = Progress(
-            TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+            TextColumn("rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
             console=Console(file=sys.stderr, markup=False, highlight=False),
         )
         self._task = self._progress.add_task("rounds", total=total, status="")
@@ -33,8 +37,9 @@ class RoundBar:
 
     def advance(self, seconds: float) -> None:
         """One more round done, which took ``seconds``."""
-        self._progress.update(self._task, advance=1,
-                              status=f"agents={self._agents} s={seconds:.3f}")
+        self._progress.update(
+            self._task, advance=1, status=f"agents={self._agents} s={seconds:.3f}"
+        )
 
     def close(self) -> None:
         """Stop refreshing; the bar's last state stays on the terminal."""
