@@ -103,7 +103,8 @@ def test_the_decoder_refuses_a_participate_with_a_bad_name(name: str) -> None:
         decode(data)
     assert info.value.code == "bad-name"
     assert not any(c in str(info.value) for c in UNSAFE_CHARS)
-    assert decode(b"".join(encode(Participate(agent_name="agent-1")))).agent_name == "agent-1"
+    ok = decode(b"".join(encode(Participate(agent_name="agent-1"))))
+    assert isinstance(ok, Participate) and ok.agent_name == "agent-1"
 
 
 def test_the_aggregator_refuses_registration_with_bad_names(tmp_path: Path) -> None:

@@ -134,7 +134,7 @@ def test_unknown_keys_variables_and_flags(
 
 def test_strings_are_converted_wherever_they_come_from(tmp_path: Path) -> None:
     assert AggregatorConfig.from_mapping({"inline_blob_bytes": "1024"}).inline_blob_bytes == 1024
-    assert AggregatorConfig(port="9000").port == 9000  # type: ignore[arg-type]
+    assert AggregatorConfig(port="9000").port == 9000
     env = {
         "FEDSTACK_PORT": "9001",
         "FEDSTACK_REQUIRE_TLS": "",
