@@ -41,6 +41,19 @@ def test_defaults_are_valid() -> None:
         {"round_timeout": float("inf")},
         {"max_message_bytes": 10},
         {"heartbeat_interval": 0},
+        {"send_timeout": -5},
+        {"send_timeout": "-5"},
+        {"register_timeout": 0},
+        {"finish_grace": -1},
+        {"strategy_params": "oops"},
+        {"federation": [1, 2]},
+        {"inline_blob_bytes": "lots"},
+        {"inline_blob_bytes": -1},
+        {"upload_budget_bytes": 0},
+        {"auth": "maybe"},
+        {"transport": "udp"},
+        {"run_name": ""},
+        {"require_tls": "perhaps"},
     ],
     ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
 )
@@ -62,6 +75,21 @@ def test_valid_edge_values() -> None:
 def test_wrong_types_raise_config_error() -> None:
     with pytest.raises(ConfigError):
         AggregatorConfig.from_mapping({"threshold": "high"})
+
+
+def test_numbers_written_as_strings_are_converted() -> None:
+    cfg = AggregatorConfig.from_mapping({"inline_blob_bytes": "1024", "send_timeout": "5",
+                                         "rounds": "3", "require_tls": "false"})
+    assert (cfg.inline_blob_bytes, cfg.send_timeout, cfg.rounds) == (1024, 5.0, 3)
+    assert cfg.require_tls is False
+
+
+def test_a_refusal_names_the_key_the_value_and_what_is_accepted() -> None:
+    with pytest.raises(ConfigError) as info:
+        AggregatorConfig.from_mapping({"send_timeout": -5})
+    assert "send_timeout = -5" in str(info.value) and "a number > 0" in str(info.value)
+    with pytest.raises(ConfigError, match="reg_socket = 'x'.*0..65535"):
+        AggregatorConfig.from_mapping({"reg_socket": "x"})  # named as the file names it
 
 
 def test_book_keys_from_json_file(tmp_path: Path) -> None:

@@ -15,13 +15,14 @@ from fedstack.store import Store
 TRAINER = "fedstack.trainers.digits:DigitsLinearTrainer"
 
 
-def _aggregator(tmp: Path, rounds: int, agents: int) -> tuple[subprocess.Popen[bytes], int]:
+def _aggregator(tmp: Path, rounds: int, agents: int,
+                *extra: str) -> tuple[subprocess.Popen[bytes], int]:
     ready = tmp / "ready.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedstack", "-q", "aggregator", "--host", "127.0.0.1",
          "--port", "0", "--db", str(tmp / "agg.db"), "--rounds", str(rounds),
-         "--min-agents", str(agents), "--auth", "off", "--finish-grace", "5",
-         "--ready-file", str(ready)],
+         "--min-agents", str(agents), "--finish-grace", "5",
+         "--ready-file", str(ready), *(extra or ("--auth", "off"))],
         stdout=subprocess.DEVNULL, stderr=open(tmp / "agg.log", "wb"), start_new_session=True)
     deadline = time.monotonic() + 60
     while not ready.exists():
@@ -103,3 +104,43 @@ def test_bad_arguments(tmp_path: Path) -> None:
             [sys.executable, "-m", "fedstack", "agents", "--trainer", TRAINER, *args],
             capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and "error" in proc.stderr
+
+
+def test_agents_do_mutual_tls_with_cert_key_and_token(tmp_path: Path) -> None:
+    from fedstack.security.tls import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki", agents=["site"])
+    cert, key = pki.clients["site"]
+    db = str(tmp_path / "agg.db")
+    tokens = {}
+    for name in ("agent-0", "agent-1"):
+        proc = subprocess.run([sys.executable, "-m", "fedstack", "credentials", "add", name,
+                               "--db", db, "--json"], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        tokens[name] = json.loads(proc.stdout)["token"]
+    tokens_file = tmp_path / "tokens.json"
+    tokens_file.write_text(json.dumps({"agent-0": tokens["agent-0"]}))
+    agg, port = _aggregator(tmp_path, 2, 2, "--tls-cert", str(pki.server_cert), "--tls-key",
+                            str(pki.server_key), "--tls-client-ca", str(pki.ca),
+                            "--require-tls")
+    url = f"wss://127.0.0.1:{port}"
+    try:
+        # without a client certificate the aggregator refuses them: a clear failure
+        proc = _agents(port, 2, "--url", url, "--ca", str(pki.ca), "--tokens-file",
+                       str(tokens_file), "--token", tokens["agent-1"])
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and "certificate" in err, err[-3000:]
+        # with --cert/--key (shared by every agent) and --token for the one not in the file
+        proc = _agents(port, 2, "--url", url, "--ca", str(pki.ca), "--cert", str(cert),
+                       "--key", str(key), "--tokens-file", str(tokens_file),
+                       "--token", tokens["agent-1"])
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        finals = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert sorted(f["agent"] for f in finals) == ["agent-0", "agent-1"]
+        assert agg.wait(60) == 0
+    finally:
+        if agg.poll() is None:
+            os.killpg(agg.pid, signal.SIGKILL)
+            agg.wait(10)

@@ -36,12 +36,10 @@ STRATEGY_PARAMS = {"precision": "float64"}  # order-independent FedAvg (see modu
 
 def aggregator_supports(flag: str) -> bool:
     """Whether ``fedstack aggregator`` knows ``flag`` (e.g. ``--auth``), as the code is now."""
-    from fedstack.cli.main import build_parser
+    from fedstack.cli.main import command
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    agg = sub.choices["aggregator"]  # type: ignore[attr-defined]
-    return any(flag in a.option_strings for a in agg._actions)
+    agg = command().commands["aggregator"]  # type: ignore[attr-defined]
+    return any(flag in p.opts or flag in p.secondary_opts for p in agg.params)
 
 
 def auth_off_args() -> list[str]:

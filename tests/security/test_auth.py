@@ -359,7 +359,7 @@ def test_credentials_cli_round_trip_and_cli_aggregator_requires_auth(
 
 
 def test_auth_config_and_cli_defaults() -> None:
-    from fedstack.cli.main import build_parser
+    from fedstack.cli.aggregator import parse_aggregator_args
 
     assert AggregatorConfig().auth == "required"
     assert AggregatorConfig.from_mapping({"auth": "off"}).auth == "off"
@@ -368,22 +368,21 @@ def test_auth_config_and_cli_defaults() -> None:
     with pytest.raises(ConfigError):
         AggregatorConfig(enrollment_token="short")
     assert "enroll-me" not in repr(AggregatorConfig(enrollment_token="enroll-me-please-0123"))
-    args = build_parser().parse_args(["aggregator"])
-    assert args.auth is None  # -> the config's default, "required"
-    assert build_parser().parse_args(["aggregator", "--auth", "off"]).auth == "off"
+    assert parse_aggregator_args([]).auth == "required"  # no flag: the config's default
+    assert parse_aggregator_args(["--auth", "off"]).auth == "off"
 
 
 def test_aggregator_flags_override_the_config_file(tmp_path: Path) -> None:
-    from fedstack.cli.main import aggregator_config, build_parser
+    from fedstack.cli.aggregator import parse_aggregator_args
 
     conf = tmp_path / "agg.toml"
     conf.write_text('[aggregator]\nthreshold = 0.5\nupload_budget_bytes = 1000\n'
                     'inline_blob_bytes = 0\n')
-    cfg = aggregator_config(build_parser().parse_args(["aggregator", "--config", str(conf)]))
+    cfg = parse_aggregator_args(["--config", str(conf)])
     assert (cfg.threshold, cfg.upload_budget_bytes, cfg.inline_blob_bytes) == (0.5, 1000, 0)
-    cfg = aggregator_config(build_parser().parse_args([
-        "aggregator", "--config", str(conf), "--threshold", "0.75", "--upload-budget-bytes",
-        "4096", "--fanout-budget-bytes", "8192", "--no-operator-api", "--auth", "off"]))
+    cfg = parse_aggregator_args([
+        "--config", str(conf), "--threshold", "0.75", "--upload-budget-bytes",
+        "4096", "--fanout-budget-bytes", "8192", "--no-operator-api", "--auth", "off"])
     assert (cfg.threshold, cfg.upload_budget_bytes, cfg.fanout_budget_bytes) == (0.75, 4096,
                                                                                  8192)
     assert cfg.operator_api is False and cfg.auth == "off"

@@ -432,12 +432,12 @@ def test_malformed_and_oversize_requests_get_4xx_and_never_hurt_the_aggregator(
 
 
 def test_operator_api_can_be_turned_off(tmp_path: Path) -> None:
-    from fedstack.cli.main import build_parser
+    from fedstack.cli.aggregator import parse_aggregator_args
 
     assert AggregatorConfig().operator_api is True
     assert AggregatorConfig.from_mapping({"operator_api": "false"}).operator_api is False
-    assert build_parser().parse_args(["aggregator", "--no-operator-api"]).no_operator_api
-    assert not build_parser().parse_args(["aggregator"]).no_operator_api
+    assert parse_aggregator_args(["--no-operator-api"]).operator_api is False
+    assert parse_aggregator_args([]).operator_api is True
     cfg = AggregatorConfig(port=0, db=str(tmp_path / "off.db"), auth="off",
                            operator_api=False)
     with aggregator_thread(cfg) as agg:

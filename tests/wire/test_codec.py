@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedstack.errors import MessageTooLarge, RemoteProtocolError
+from fedstack.names import NAME_PATTERN
 from fedstack.wire import codec, tensors
 from fedstack.wire.codec import Limits, decode, encode, encode_to_bytes, encoded_size
 from fedstack.wire.messages import (
@@ -372,6 +373,8 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
 def messages(draw: st.DrawFn) -> Message:
     cls = draw(st.sampled_from(list(MESSAGE_TYPES.values())))
     kwargs = {f.name: draw(FIELD_STRATEGIES[str(f.type)]) for f in dataclasses.fields(cls)}
+    if cls is Participate:  # a name of the grammar (others are refused: tests/test_names.py)
+        kwargs["agent_name"] = draw(st.from_regex(NAME_PATTERN, fullmatch=True))
     return cls(**kwargs)
 
 

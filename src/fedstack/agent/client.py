@@ -55,6 +55,7 @@ from fedstack.errors import (
     RemoteProtocolError,
     TLSError,
 )
+from fedstack.names import check_agent_name
 from fedstack.security.tls import client_context, diagnose
 from fedstack.transport import Connection, connect
 from fedstack.types import Metrics, Weights
@@ -150,8 +151,7 @@ class Agent:
         key: str | os.PathLike[str] | None = None,
         state_dir: str | Path | None = None,
     ) -> None:
-        if not name:
-            raise ValueError("an agent needs a name")
+        check_agent_name(name)  # BadName (a ValueError) outside fedstack.names' grammar
         self.url = url
         self.name = name
         self._token = token if token is not None else os.environ.get("FEDSTACK_TOKEN") or None

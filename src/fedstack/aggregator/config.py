@@ -1,209 +1,507 @@
-"""Aggregator configuration: one TOML or JSON file, CLI flags override.
+"""Aggregator configuration: every setting declared once, here.
 
-The book's keys (``setups/config_aggregator.json``) are accepted where they make sense:
-``aggr_ip`` -> host, ``reg_socket`` -> port, ``aggregation_threshold`` -> threshold,
-``polling`` (1 = poll) -> delivery, ``init_weights_flag`` -> init_weights,
-``db_data_path`` -> db. ``round_interval`` and ``recv_socket`` are accepted and ignored
-(rounds are event-driven and one port serves everything).
+Each field of :class:`AggregatorConfig` carries its type with its constraints
+(``Annotated[int, msgspec.Meta(...)]``, ``Literal[...]`` for enumerations), its default and
+its help text (:func:`setting`). Everything else derives from that declaration:
+
+- the keys of a TOML (optionally under ``[aggregator]``) or JSON file (:meth:`load`), with
+  the book's keys accepted where they make sense: ``aggr_ip`` -> host, ``reg_socket`` ->
+  port, ``aggregation_threshold`` -> threshold, ``polling`` (1 = poll) -> delivery,
+  ``init_weights_flag`` -> init_weights, ``db_data_path`` -> db; ``round_interval``,
+  ``recv_socket`` and the book's other socket and database keys are accepted and ignored
+  (rounds are event-driven and one port serves everything);
+- the environment variables ``FEDSTACK_<KEY>`` (:meth:`from_sources`);
+- the ``fedstack aggregator`` flags ``--<key>`` and their help (``fedstack.cli.settings``).
+
+Values are converted with ``msgspec.convert(..., strict=False)``, so ``"1024"`` is the
+integer 1024 wherever it comes from. A value of the wrong type, out of range, an unknown key
+or an unknown enumeration value raises :class:`~fedstack.errors.ConfigError` naming the key,
+the value and what is accepted, before anything starts. Precedence, lowest first: defaults,
+the file, the environment, the flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import sys
 import tomllib
-from dataclasses import dataclass, field
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import msgspec
 
 from fedstack.errors import ConfigError
 
-BOOK_KEYS = {
-    "aggr_ip": "host",
-    "reg_socket": "port",
-    "aggregation_threshold": "threshold",
-    "init_weights_flag": "init_weights",
-    "db_data_path": "db",
+__all__ = ["AggregatorConfig", "ENV_PREFIX", "OTHER_ENVIRONMENT", "Setting", "accepted", "settings"]
+
+ENV_PREFIX = "FEDSTACK_"
+OTHER_ENVIRONMENT = {
+    "FEDSTACK_TOKEN": "an agent's credential (fedstack agent, fedstack agents)",
+    "FEDSTACK_CA": "PEM CA an agent verifies the aggregator's certificate with",
+    "FEDSTACK_CACHE_DIR": "where derived data sets are cached",
 }
-IGNORED_BOOK_KEYS = {"round_interval", "recv_socket", "exch_socket", "db_ip", "db_socket",
-                     "model_path", "db_name", "db_model_path"}
+"""Environment variables fedstack reads outside the aggregator's settings: the aggregator
+accepts them in its environment, and refuses any other unknown ``FEDSTACK_*`` name."""
+
+IGNORED_BOOK_KEYS = frozenset(
+    {
+        "round_interval",
+        "recv_socket",
+        "exch_socket",
+        "db_ip",
+        "db_socket",
+        "model_path",
+        "db_name",
+        "db_model_path",
+    }
+)
+_FLOAT_MAX = sys.float_info.max  # msgspec bounds must be finite: ``le`` this refuses inf
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=_FLOAT_MAX)]
+Fraction = Annotated[float, msgspec.Meta(gt=0, le=1)]
+Name = Annotated[str, msgspec.Meta(min_length=1)]
+Params = dict[str, Any]
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    book: str | None = None,
+    flag: str | None = None,
+    flag_values: Mapping[str, Any] | None = None,
+    cli: bool = True,
+    secret: bool = False,
+) -> Any:
+    """Declare one configuration field (a :func:`dataclasses.field` with its metadata).
+
+    Args:
+        default: The default value (a ``dict`` default means an empty table).
+        help: One line for the reference and ``--help``.
+        book: The book's name for the key, accepted in files.
+        flag: The flag's name when it is not ``--<key>`` (e.g. ``--strategy-param``).
+        flag_values: Words the flag takes instead of the value (``agent`` -> True).
+        cli: Whether ``fedstack aggregator`` has a flag for it.
+        secret: Kept out of ``repr`` and of error messages.
+    """
+    meta = {
+        "help": help,
+        "book": book,
+        "flag": flag,
+        "flag_values": flag_values,
+        "cli": cli,
+        "secret": secret,
+    }
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=dict, metadata=meta, repr=not secret)
+    return dataclasses.field(default=default, metadata=meta, repr=not secret)
 
 
 @dataclass(frozen=True)
 class AggregatorConfig:
-    """Everything an aggregator needs; see the README's configuration reference."""
+    """Everything an aggregator needs; see the README's configuration reference.
 
-    host: str = "127.0.0.1"
-    port: int = 8765
-    transport: str = "tcp"
-    """``tcp``: WebSockets on host:port; ``inproc``: an in-process endpoint
-    ``inproc://RUN_NAME`` for agents in the same process (the simulator)."""
-    db: str = "fedstack.db"
-    blob_dir: str | None = None
-    inline_blob_bytes: int = 256 * 1024
-    """Models (and strategy state) up to this size are kept in the database itself, in the
-    transaction that records them (no blob file, no extra fsync); larger ones are files
-    in ``blob_dir``. 0: always files."""
-    run_name: str = "default"
-    rounds: int | None = None
-    threshold: float = 1.0
-    min_agents: int = 1
-    round_timeout: float | None = 300.0
-    delivery: str = "push"
-    staleness: str = "next"
-    init_weights: bool | None = None
-    strategy: str = "fedavg"
-    strategy_params: dict[str, Any] = field(default_factory=dict)
-    federation: dict[str, Any] = field(default_factory=dict)
-    """Settings sent to every agent when it joins (merged with the strategy's own)."""
-    gate: dict[str, Any] = field(default_factory=dict)
-    """Update checks before aggregation (see fedstack.aggregator.gate.UpdateGate)."""
-    seed: int = 0
-    evaluator: str | None = None
-    max_message_bytes: int = 1 << 30
-    max_num_samples: int = 1 << 31
-    heartbeat_interval: float = 5.0
-    register_timeout: float = 10.0
-    send_timeout: float = 120.0
-    finish_grace: float = 30.0
-    upload_budget_bytes: int = 128 << 20
-    """Bytes of big uploads (>= 1 MiB) being received or processed at once, over all agents:
-    connections beyond it stop reading until there is room (TCP holds their senders)."""
-    fanout_budget_bytes: int = 256 << 20
-    """Bytes of big global-model / welcome messages being sent at once, over all agents."""
-    auth: str = "required"
-    """``required``: every agent presents its credential (``fedstack credentials add``) or
-    enrolls with ``enrollment_token``; ``off``: a name is bound to the first token it shows."""
-    enrollment_token: str | None = field(default=None, repr=False)
-    """Shared secret that lets a NEW agent name register with its own token (never stored)."""
-    tls_cert: str | None = None
-    """PEM certificate (chain) of the aggregator: with it the port speaks only TLS (wss://)."""
-    tls_key: str | None = None
-    """PEM private key of ``tls_cert`` (default: read from the ``tls_cert`` file)."""
-    tls_client_ca: str | None = None
-    """PEM CA file: agents must present a client certificate it signed (mutual TLS)."""
-    require_tls: bool = False
-    """Refuse to start without ``tls_cert`` (so a lost setting cannot downgrade to ws://)."""
-    operator_api: bool = True
-    """Serve the operator REST API (``/healthz``, ``/api/v1/...``) on the agents' port
-    (HTTPS with ``tls_cert``); every call but ``/healthz`` needs an operator token
-    (``fedstack credentials add NAME --operator``), whatever ``auth`` says."""
+    Constructing one (directly, by :meth:`replace` or from a source) converts and checks
+    every field and raises :class:`~fedstack.errors.ConfigError` on a bad value.
+    """
+
+    host: str = setting("127.0.0.1", "address to listen on", book="aggr_ip")
+    port: Port = setting(8765, "port agents connect to (0: any free port)", book="reg_socket")
+    transport: Literal["tcp", "inproc"] = setting(
+        "tcp",
+        "tcp: WebSockets on host:port; inproc: an in-process endpoint "
+        "inproc://RUN_NAME for agents in the same process (the simulator)",
+        cli=False,
+    )
+    db: str = setting("fedstack.db", "SQLite file or SQLAlchemy URL", book="db_data_path")
+    blob_dir: str | None = setting(
+        None, "tensor blob directory (default <db>.blobs; needed for non-SQLite URLs)"
+    )
+    inline_blob_bytes: Annotated[int, msgspec.Meta(ge=0, le=64 << 20)] = setting(
+        256 * 1024,
+        "models up to this size are kept in the database, in the transaction "
+        "that records them (no blob file, no extra fsync); 0: always files",
+    )
+    run_name: Name = setting("default", "name of the run to start or resume")
+    rounds: Count | None = setting(None, "stop after this many rounds (default: never)")
+    threshold: Fraction = setting(
+        1.0,
+        "fraction of active agents whose uploads complete a round (1.0 = synchronous)",
+        book="aggregation_threshold",
+    )
+    min_agents: Count = setting(1, "fewest uploads that make a round")
+    round_timeout: Seconds | None = setting(300.0, "round deadline in seconds")
+    delivery: Literal["push", "poll"] = setting("push", "how agents get the global model")
+    staleness: Literal["next", "drop"] = setting(
+        "next", "what to do with uploads trained on an older global model"
+    )
+    init_weights: bool | None = setting(
+        None,
+        "start from the first agent's weights (agent) or zeros (default: the agent's flag)",
+        book="init_weights_flag",
+        flag_values={"agent": True, "zeros": False},
+    )
+    strategy: Name = setting("fedavg", "aggregation strategy (see `fedstack strategies`)")
+    strategy_params: Params = setting(
+        {}, "a strategy parameter (JSON value), repeatable", flag="--strategy-param"
+    )
+    federation: Params = setting(
+        {}, "a setting sent to every agent when it joins (merged with the strategy's), repeatable"
+    )
+    gate: Params = setting(
+        {},
+        "an update check before aggregation (see fedstack.aggregator.gate.UpdateGate), repeatable",
+    )
+    seed: int = setting(0, "seed of the strategies' random generator")
+    evaluator: str | None = setting(None, "module:function evaluating each global model centrally")
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=1024)] = setting(
+        1 << 30, "largest accepted message"
+    )
+    max_num_samples: Count = setting(1 << 31, "cap on an upload's claimed sample count")
+    heartbeat_interval: Seconds = setting(
+        5.0, "seconds; an agent silent for 3 intervals is dropped"
+    )
+    register_timeout: Seconds = setting(10.0, "seconds a new connection has to register")
+    send_timeout: Seconds = setting(120.0, "seconds a message may take to send")
+    finish_grace: Annotated[float, msgspec.Meta(ge=0, le=_FLOAT_MAX)] = setting(
+        30.0, "seconds to wait for agents to collect the final model"
+    )
+    upload_budget_bytes: Count = setting(
+        128 << 20, "bytes of large uploads received at once, over all agents (further senders wait)"
+    )
+    fanout_budget_bytes: Count = setting(
+        256 << 20, "bytes of the global model queued for sending at once, over all agents"
+    )
+    auth: Literal["required", "off"] = setting(
+        "required",
+        "required: agents present credentials (`fedstack credentials add`) or "
+        "enroll; off: a name is bound to the first token it shows",
+    )
+    enrollment_token: Annotated[str, msgspec.Meta(min_length=16)] | None = setting(
+        None,
+        "shared secret letting NEW agent names register with their own token (never stored)",
+        secret=True,
+    )
+    tls_cert: str | None = setting(
+        None, "PEM certificate (chain): the port then speaks only TLS (wss://)"
+    )
+    tls_key: str | None = setting(None, "PEM key of tls_cert (default: in the tls_cert file)")
+    tls_client_ca: str | None = setting(
+        None, "PEM CA: agents must present a client certificate it signed (mutual TLS)"
+    )
+    require_tls: bool = setting(False, "refuse to start without tls_cert")
+    operator_api: bool = setting(
+        True, "serve the operator REST API (/healthz, /api/v1/...) on the agents' port"
+    )
+
+    if typing.TYPE_CHECKING:
+        # the generated __init__ converts what it is given (``port="8765"`` is 8765), so
+        # callers may pass any convertible value; a bad one raises ConfigError
+        def __init__(self, **values: Any) -> None: ...
 
     def __post_init__(self) -> None:
+        for s in settings():
+            value = getattr(self, s.name)
+            converted = s.convert(value, "aggregator config", s.name)
+            if converted is not value:
+                object.__setattr__(self, s.name, converted)
+        self._check_together()
+
+    def _check_together(self) -> None:
         def bad(msg: str) -> ConfigError:
             return ConfigError(f"aggregator config: {msg}")
 
-        if not 0 <= self.port <= 65535:
-            raise bad(f"port {self.port} is not in 0..65535")
-        if not (0.0 < self.threshold <= 1.0):
-            raise bad(f"threshold {self.threshold} must be in (0, 1]")
-        if self.min_agents < 1:
-            raise bad("min_agents must be at least 1")
-        if self.rounds is not None and self.rounds < 1:
-            raise bad("rounds must be at least 1 (or unset for continuous operation)")
-        if self.round_timeout is not None and not (
-            self.round_timeout > 0 and math.isfinite(self.round_timeout)
-        ):
-            raise bad("round_timeout must be a positive number of seconds")
-        if self.transport not in ("tcp", "inproc"):
-            raise bad(f"transport {self.transport!r} must be 'tcp' or 'inproc'")
         if self.transport == "inproc" and self.tls_cert:
-            raise bad("TLS needs transport 'tcp' (the in-process transport has no sockets)")
-        if self.delivery not in ("push", "poll"):
-            raise bad(f"delivery {self.delivery!r} must be 'push' or 'poll'")
-        if self.auth not in ("required", "off"):
-            raise bad(f"auth {self.auth!r} must be 'required' or 'off'")
-        if self.enrollment_token is not None and len(self.enrollment_token) < 16:
-            raise bad("enrollment_token must have at least 16 characters")
-        if self.staleness not in ("drop", "next"):
-            raise bad(f"staleness {self.staleness!r} must be 'drop' or 'next'")
-        if not 0 <= self.inline_blob_bytes <= 64 << 20:
-            raise bad("inline_blob_bytes must be in 0..64 MiB")
-        if self.max_message_bytes < 1024:
-            raise bad("max_message_bytes is too small")
-        if self.upload_budget_bytes < 1 or self.fanout_budget_bytes < 1:
-            raise bad("upload_budget_bytes and fanout_budget_bytes must be positive")
-        if self.heartbeat_interval <= 0:
-            raise bad("heartbeat_interval must be positive")
+            raise bad("tls_cert needs transport 'tcp' (the in-process transport has no sockets)")
         if self.require_tls and not self.tls_cert:
-            raise bad("require_tls is set but tls_cert (and tls_key) are not: "
-                      "refusing to serve without TLS (make test certificates with "
-                      "`fedstack certs`)")
+            raise bad(
+                "require_tls is set but tls_cert (and tls_key) are not: refusing to "
+                "serve without TLS (make test certificates with `fedstack certs`)"
+            )
         if not self.tls_cert and (self.tls_key or self.tls_client_ca):
             raise bad("tls_key / tls_client_ca need tls_cert")
 
     @property
     def is_async(self) -> bool:
+        """Whether rounds complete before every active agent uploaded."""
         return self.threshold < 1.0
 
     def replace(self, **changes: Any) -> AggregatorConfig:
+        """A copy with ``changes`` applied; ``None`` values leave a field as it is.
+
+        Raises:
+            ConfigError: A changed value is not accepted.
+        """
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @classmethod
-    def from_mapping(cls, data: dict[str, Any]) -> AggregatorConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in IGNORED_BOOK_KEYS:
-                continue
-            if key == "polling":
-                values["delivery"] = "poll" if _coerce("polling", value) else "push"
-                continue
-            name = BOOK_KEYS.get(key, key)
-            if name not in names:
-                known = ", ".join(sorted(names))
-                raise ConfigError(f"aggregator config: unknown key {key!r}; known: {known}")
-            values[name] = _coerce(name, value)
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"aggregator config: {exc}") from exc
+    def from_mapping(
+        cls, data: Mapping[str, Any], source: str = "aggregator config"
+    ) -> AggregatorConfig:
+        """A configuration from a file's table (book keys accepted; see the module doc).
+
+        Raises:
+            ConfigError: An unknown key or a bad value, named with ``source``.
+        """
+        return cls(**_file_values(data, source))
 
     @classmethod
     def load(cls, path: str | Path) -> AggregatorConfig:
-        p = Path(path)
+        """A configuration from a TOML or JSON file (see :meth:`from_sources`)."""
+        return cls.from_sources(file=path)
+
+    @classmethod
+    def from_sources(
+        cls,
+        *,
+        file: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        flags: Mapping[str, Any] | None = None,
+    ) -> AggregatorConfig:
+        """The configuration from its layered sources, lowest precedence first.
+
+        Args:
+            file: A TOML or JSON file (a TOML file's ``[aggregator]`` table, if it has one).
+            env: An environment (``os.environ``): ``FEDSTACK_<KEY>`` values, strings; an
+                empty value counts as unset. Unknown ``FEDSTACK_*`` names are refused
+                unless listed in :data:`OTHER_ENVIRONMENT`.
+            flags: Values given on the command line, by field name (``None``: not given);
+                a table field takes a list of ``KEY=VALUE`` strings, merged into the
+                lower layers' table.
+
+        Raises:
+            ConfigError: The file cannot be read or parsed, or a key or value is refused.
+        """
+        values: dict[str, Any] = {}
+        if file is not None:
+            values.update(_file_values(_read_file(Path(file)), f"config file {file}"))
+        by_name = {s.name: s for s in settings()}
+        if env is not None:
+            for var, text in sorted(env.items()):
+                if not var.startswith(ENV_PREFIX) or var in OTHER_ENVIRONMENT:
+                    continue
+                s = by_name.get(var[len(ENV_PREFIX) :].lower())
+                if s is None or s.env != var:
+                    known = ", ".join(
+                        sorted([x.env for x in by_name.values()] + list(OTHER_ENVIRONMENT))
+                    )
+                    raise ConfigError(
+                        f"environment: unknown variable {var}; fedstack reads {known}"
+                    )
+                if text != "":
+                    values[s.name] = s.convert(
+                        s.parse_text(text, "environment", var), "environment", var
+                    )
+        for name, value in (flags or {}).items():
+            if value is None or value == []:
+                continue
+            s = by_name[name]
+            if s.is_table:
+                value = {**values.get(name, {}), **parse_pairs(value, s.flag)}
+            values[name] = s.convert(value, "command line", s.flag)
+        return cls(**values)
+
+
+class Setting:
+    """One field of :class:`AggregatorConfig`, as the sources see it.
+
+    Attributes:
+        name: The key (``round_timeout``).
+        type: Its annotation, with constraints.
+        default: Its default value.
+        help: One line of help.
+        env: Its environment variable (``FEDSTACK_ROUND_TIMEOUT``).
+        flag: Its flag (``--round-timeout``).
+        book: The book's key for it, if any.
+        flag_values: Words its flag takes instead of values, if any.
+        cli: Whether it has a flag.
+        secret: Kept out of messages.
+    """
+
+    def __init__(self, f: dataclasses.Field[Any], tp: Any) -> None:
+        meta = f.metadata
+        self.name = f.name
+        self.type = tp
+        self.default: Any = {} if f.default_factory is not dataclasses.MISSING else f.default
+        self.help: str = meta["help"]
+        self.env = ENV_PREFIX + f.name.upper()
+        self.flag: str = meta["flag"] or "--" + f.name.replace("_", "-")
+        self.book: str | None = meta["book"]
+        self.flag_values: Mapping[str, Any] | None = meta["flag_values"]
+        self.cli: bool = meta["cli"]
+        self.secret: bool = meta["secret"]
+        self.is_table = typing.get_origin(_strip_optional(tp)) is dict
+
+    def convert(self, value: Any, source: str, key: str) -> Any:
+        """``value`` converted to this setting's type.
+
+        Raises:
+            ConfigError: naming ``source`` and ``key``, the value and what is accepted.
+        """
+        return _convert(self.type, value, source, key, self.secret)
+
+    def parse_text(self, text: str, source: str, key: str) -> Any:
+        """A value written as text (the environment): a table is a JSON object."""
+        if not self.is_table:
+            return text
         try:
-            text = p.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {p}: {exc}") from exc
-        try:
-            data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-            kind = p.suffix[1:] or "JSON"
-            raise ConfigError(f"config file {p} is not valid {kind}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a table/object at the top")
-        if "aggregator" in data and isinstance(data["aggregator"], dict):
-            data = data["aggregator"]
-        return cls.from_mapping(data)
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ConfigError(
+                f"{source}: {key} = {text!r} is refused (not JSON); accepted: {accepted(self.type)}"
+            ) from None
 
 
-_INTS = {"port", "rounds", "min_agents", "max_message_bytes", "max_num_samples", "seed",
-         "upload_budget_bytes", "fanout_budget_bytes"}
-_FLOATS = {"threshold", "round_timeout", "heartbeat_interval", "register_timeout",
-           "send_timeout", "finish_grace"}
-_BOOLS = {"init_weights", "polling", "require_tls", "operator_api"}
+_BOOL_WORDS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+_SETTINGS: tuple[Setting, ...] = ()
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Numbers written as strings (the book's config files do that) become numbers."""
-    if value is None:
-        return None
+def _convert(tp: Any, value: Any, source: str, key: str, secret: bool = False) -> Any:
+    if _strip_optional(tp) is bool and isinstance(value, str):
+        value = _BOOL_WORDS.get(value.strip().lower(), value)
     try:
-        if name in _INTS and not isinstance(value, bool):
-            return int(value)
-        if name in _FLOATS and not isinstance(value, bool):
-            return float(value)
-        if name in _BOOLS:
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(int(value))
-    except (TypeError, ValueError):
-        raise ConfigError(f"aggregator config: {name} = {value!r} is not valid") from None
-    return value
+        return msgspec.convert(value, tp, strict=False)
+    except msgspec.ValidationError as exc:
+        reason = str(exc).split(" - at `$")[0].replace(f"<= {_FLOAT_MAX!r}", "finite")
+        shown = "<hidden>" if secret else repr(value)
+        raise ConfigError(
+            f"{source}: {key} = {shown} is refused ({reason}); accepted: {accepted(tp)}"
+        ) from None
+
+
+def settings() -> tuple[Setting, ...]:
+    """Every setting of :class:`AggregatorConfig`, in declaration order."""
+    global _SETTINGS
+    if not _SETTINGS:
+        hints = typing.get_type_hints(AggregatorConfig, include_extras=True)
+        _SETTINGS = tuple(Setting(f, hints[f.name]) for f in dataclasses.fields(AggregatorConfig))
+    return _SETTINGS
+
+
+def parse_pairs(items: list[str] | tuple[str, ...], flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> a dict; values are JSON where they parse, else strings.
+
+    The one convention of every repeatable ``KEY=VALUE`` flag (``--strategy-param``,
+    ``--trainer-arg``, ``--federation``): ``3`` is an int, ``0.5`` a float, ``true`` a
+    bool, ``[1, 2]`` a list, ``dirichlet:0.5`` a string.
+
+    Raises:
+        ConfigError: An item has no ``=`` or an empty key.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r} must look like key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def accepted(tp: Any) -> str:
+    """What a type accepts, in words (``an integer in 0..65535``)."""
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(accepted(a) for a in inner) + " (or unset)"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is dict:
+        return "a table (key = value)"
+    bounds: dict[str, Any] = {}
+    if origin is Annotated:
+        tp = args[0]
+        for m in args[1:]:
+            if isinstance(m, msgspec.Meta):
+                bounds.update(
+                    {
+                        k: getattr(m, k)
+                        for k in ("gt", "ge", "lt", "le", "min_length")
+                        if getattr(m, k) is not None
+                    }
+                )
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        n = bounds.get("min_length")
+        return (
+            f"text of at least {n} characters"
+            if n and n > 1
+            else ("non-empty text" if n else "text")
+        )
+    kind = "an integer" if tp is int else "a number"
+    parts = []
+    for key, word in (("gt", ">"), ("ge", ">=")):
+        if key in bounds:
+            parts.append(f"{word} {bounds[key]:g}")
+    for key, word in (("lt", "<"), ("le", "<=")):
+        if key in bounds:
+            parts.append("finite" if bounds[key] == _FLOAT_MAX else f"{word} {bounds[key]:g}")
+    if tp is int and "ge" in bounds and "le" in bounds:
+        return f"an integer in {bounds['ge']}..{bounds['le']}"
+    return f"{kind} {', '.join(parts)}".strip() if parts else kind
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _file_values(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A file's table -> converted values by field name (book keys translated)."""
+    by_name = {s.name: s for s in settings()}
+    by_book = {s.book: s for s in settings() if s.book}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in IGNORED_BOOK_KEYS:
+            continue
+        if key == "polling":  # the book's 1 = poll, 0 = push
+            poll = _convert(bool, value, source, key)
+            values["delivery"] = "poll" if poll else "push"
+            continue
+        s = by_name.get(key) or by_book.get(key)
+        if s is None:
+            known = ", ".join(sorted([*by_name, *by_book, "polling"]))
+            raise ConfigError(f"{source}: unknown key {key!r}; known: {known}")
+        values[s.name] = s.convert(value, source, key)
+    return values
+
+
+def _read_file(p: Path) -> dict[str, Any]:
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc}") from exc
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        kind = p.suffix[1:] or "JSON"
+        raise ConfigError(f"config file {p} is not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a table/object at the top")
+    if isinstance(data.get("aggregator"), dict):
+        data = data["aggregator"]
+    return data

@@ -1,109 +1,201 @@
-"""``fedstack agents``: N agent processes on one host, forked from one warm parent.
+"""``fedstack agent`` (one agent) and ``fedstack agents`` (N agents forked from one parent).
 
-Each agent is a separate process with its own :class:`~fedstack.agent.Agent`, connection
-and trainer — exactly what N ``fedstack agent`` commands would run — but the trainer's
-module (PyTorch, scikit-learn, the data files it caches) is imported once, in the parent,
-before it forks. On a small machine that is the difference between seconds and tens of
-seconds of start-up for ten PyTorch agents::
+Both take the same connection and trainer options (:data:`~fedstack.cli.options.AGENT_OPTIONS`:
+``--url``, ``--trainer``, ``--trainer-arg``, ``--token``, ``--enrollment-token``, ``--ca``,
+``--cert``, ``--key``, ``--init-weights``), declared once.
 
-    fedstack agents --url ws://127.0.0.1:8765 --count 10 \\
-        --trainer fedstack.trainers.torch_digits:DigitsMLPTrainer \\
-        --trainer-arg partition=dirichlet:0.5
-
-Agent ``i`` (``--first-index`` + 0..count-1) is named ``PREFIX + i`` and its trainer is
-built as ``Class(index=i, num_agents=--num-agents, **trainer_args)``; if ``Class`` has a
-``warm_up()`` class method it runs once in the parent first. Credentials: the
-aggregator's ``--auth off``, a shared ``--enrollment-token`` (each agent enrolls its name
-with its own token), or ``--tokens-file`` (a JSON object name -> token, as issued by
-``fedstack credentials add``). SIGTERM/SIGINT are passed on to every agent, which leaves
-cleanly. The exit status is 0 when every agent finished the federation.
+``fedstack agents`` runs each agent as a separate process with its own
+:class:`~fedstack.agent.Agent`, connection and trainer, exactly what N ``fedstack agent``
+commands would run, but the trainer's module (PyTorch, scikit-learn, the data files it
+caches) is imported once, in the parent, before it forks: on a small machine that is the
+difference between seconds and tens of seconds of start-up for ten PyTorch agents. Agent
+``i`` (``--first-index`` + 0..count-1) is named ``PREFIX + i`` and its trainer is built as
+``Class(index=i, num_agents=--num-agents, **trainer_args)``; if ``Class`` has a
+``warm_up()`` class method it runs once in the parent first. SIGTERM and SIGINT are passed
+on to every agent, which leaves cleanly; the exit status is 0 when every agent finished.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Annotated, Any
 
+import typer
+
+from fedstack.cli.options import AGENT_OPTIONS, AgentOptions, with_group
 from fedstack.errors import ConfigError
+from fedstack.names import check_agent_name
+
+__all__ = ["Terminated", "cmd_agent", "cmd_agents", "sigterm_unwinds"]
 
 log = logging.getLogger("fedstack.cli")
 
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("agents", help="run N agent processes forked from one warm parent",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="ws://127.0.0.1:8765")
-    p.add_argument("--count", type=int, required=True, help="agent processes to run")
-    p.add_argument("--trainer", required=True, help="module:Class implementing fedstack.Trainer")
-    p.add_argument("--trainer-arg", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--name-prefix", default="agent-")
-    p.add_argument("--first-index", type=int, default=0)
-    p.add_argument("--num-agents", type=int, default=None,
-                   help="num_agents given to every trainer (default: first index + count)")
-    p.add_argument("--tokens-file", help="JSON object: agent name -> credential")
-    p.add_argument("--enrollment-token", help="shared enrollment token "
-                   "(or FEDSTACK_ENROLLMENT_TOKEN)")
-    p.add_argument("--ca", help="PEM CA of the aggregator's certificate (wss:// URLs)")
-    p.add_argument("--state-root", help="directory holding one state directory per agent")
-    p.add_argument("--init-weights", choices=["agent", "zeros"], default="agent")
-    p.set_defaults(func=cmd_agents)
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM: unwinds the training loop, which closes the
+    agent (not an Exception, so a trainer's ``except Exception`` does not swallow it)."""
 
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread, once (a second
+    SIGTERM is ignored: one clean shutdown, not two). Outside the main thread: no change."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(
+    opts: AgentOptions, trainer: Any, name: str, state_dir: str | Path | None, token: str | None
+) -> list[dict[str, Any]] | None:
+    """One agent until the federation finishes; None if SIGTERM ended it first."""
+    from fedstack.agent.runner import run_trainer
+
+    try:
+        with sigterm_unwinds():
+            return run_trainer(
+                trainer,
+                opts.url,
+                name,
+                token=token,
+                enrollment_token=opts.enrollment_token,
+                init_weights=opts.init_weights,
+                state_dir=state_dir,
+                ca=opts.ca,
+                cert=opts.cert,
+                key=opts.key,
+            )
+    except Terminated:
+        # run_trainer closed the agent on the way out (bye sent); a pending upload stays
+        # in the state directory and is re-sent by the next start
+        log.info("SIGTERM: agent %s left the federation", name)
+        return None
+
+
+Name = Annotated[
+    str,
+    typer.Option(
+        "--name", help="the agent's name (letters, digits, . _ @ + -; see fedstack.names)"
+    ),
+]
+StateDir = Annotated[
+    str | None,
+    typer.Option(
+        "--state-dir",
+        help="directory keeping the agent's identity and its unacknowledged "
+        "upload across crashes (default: memory only)",
+    ),
+]
+
+
+@with_group("opts", AGENT_OPTIONS)
+def cmd_agent(opts: AgentOptions, name: Name, state_dir: StateDir = None) -> int:
+    """Run an agent from a Trainer class."""
+    from fedstack.plugins import load_callable
+
+    check_agent_name(name)
+    trainer = load_callable(opts.trainer)(**opts.trainer_args)
+    history = _run(opts, trainer, name, state_dir, opts.token)
+    if history:
+        print(json.dumps(history[-1]))
+    return 0
+
+
+Count = Annotated[int, typer.Option("--count", help="agent processes to run")]
+NamePrefix = Annotated[str, typer.Option("--name-prefix", help="agent i is named PREFIX + i")]
+FirstIndex = Annotated[int, typer.Option("--first-index", help="index of the first agent")]
+NumAgents = Annotated[
+    int | None,
+    typer.Option(
+        "--num-agents", help="num_agents given to every trainer (default: first index + count)"
+    ),
+]
+TokensFile = Annotated[
+    str | None,
+    typer.Option(
+        "--tokens-file", help="JSON object: agent name -> credential (others use --token)"
+    ),
+]
+StateRoot = Annotated[
+    str | None, typer.Option("--state-root", help="directory holding one state directory per agent")
+]
 
 _children: list[int] = []
 
 
 def _forward(signum: int, frame: FrameType | None) -> None:
     for pid in _children:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
 
-def cmd_agents(args: argparse.Namespace) -> int:
-    from fedstack.cli.main import _parse_kv
+@with_group("opts", AGENT_OPTIONS)
+def cmd_agents(
+    opts: AgentOptions,
+    count: Count,
+    name_prefix: NamePrefix = "agent-",
+    first_index: FirstIndex = 0,
+    num_agents: NumAgents = None,
+    tokens_file: TokensFile = None,
+    state_root: StateRoot = None,
+) -> int:
+    """Run N agent processes forked from one warm parent.
+
+    The trainer's module is imported (and its warm_up() run, if it has one) once in the
+    parent, which then forks --count agents: agent i (--first-index + 0..count-1) is named
+    PREFIX + i, its trainer built as Class(index=i, num_agents=--num-agents,
+    **trainer_args). Credentials: --tokens-file (name -> token), else --token; or
+    --enrollment-token; --ca, --cert and --key apply to every agent. SIGTERM and SIGINT are
+    passed on to every agent; the exit status is 0 when every agent finished.
+    """
     from fedstack.plugins import load_callable
 
-    if args.count < 1:
+    if count < 1:
         raise ConfigError("--count must be at least 1")
-    if args.first_index < 0:
+    if first_index < 0:
         raise ConfigError("--first-index must be >= 0")
-    num_agents = args.num_agents or args.first_index + args.count
-    tokens: dict[str, str] = {}
-    if args.tokens_file:
-        try:
-            loaded = json.loads(Path(args.tokens_file).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"--tokens-file {args.tokens_file}: {exc}") from exc
-        if not isinstance(loaded, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in loaded.items()):
-            raise ConfigError("--tokens-file must hold a JSON object of name -> token strings")
-        tokens = loaded
-    factory = load_callable(args.trainer)  # the expensive imports happen here, once
+    names = {
+        i: check_agent_name(f"{name_prefix}{i}") for i in range(first_index, first_index + count)
+    }
+    total = num_agents or first_index + count
+    tokens = _read_tokens(tokens_file) if tokens_file else {}
+    factory = load_callable(opts.trainer)  # the expensive imports happen here, once
     warm = getattr(factory, "warm_up", None)
     if callable(warm):  # optional: one-time costs paid once, before forking
         warm()
-    trainer_args = _parse_kv(args.trainer_arg)
     sys.stdout.flush()
     sys.stderr.flush()
     t0 = time.monotonic()
-    indices = range(args.first_index, args.first_index + args.count)
-    for idx in indices:
+    for idx, name in names.items():
         pid = os.fork()
         if pid == 0:  # the agent process
             code = 1
             try:
-                code = _child(args, factory, trainer_args, idx, num_agents, tokens)
+                code = _child(
+                    opts, factory, idx, name, total, tokens.get(name) or opts.token, state_root
+                )
             except BaseException:
-                log.exception("agent %s%d failed", args.name_prefix, idx)
+                log.exception("agent %s failed", name)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -113,46 +205,42 @@ def cmd_agents(args: argparse.Namespace) -> int:
     failed = 0
     try:
         for pid in list(_children):
-            while True:
-                try:
-                    _, status = os.waitpid(pid, 0)
-                    break
-                except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-                    continue
+            _, status = os.waitpid(pid, 0)
             if os.waitstatus_to_exitcode(status) != 0:
                 failed += 1
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    log.info("%d agent(s) done in %.1f s, %d failed", args.count, time.monotonic() - t0,
-             failed)
+    log.info("%d agent(s) done in %.1f s, %d failed", count, time.monotonic() - t0, failed)
     return 1 if failed else 0
 
 
-def _child(args: argparse.Namespace, factory: Any, trainer_args: dict[str, str], idx: int,
-           num_agents: int, tokens: dict[str, str]) -> int:
-    from fedstack.agent.runner import run_trainer
-    from fedstack.cli.main import _Terminated
+def _read_tokens(path: str) -> dict[str, str]:
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--tokens-file {path}: {exc}") from exc
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in loaded.items()
+    ):
+        raise ConfigError("--tokens-file must hold a JSON object of name -> token strings")
+    return loaded
 
+
+def _child(
+    opts: AgentOptions,
+    factory: Any,
+    idx: int,
+    name: str,
+    num_agents: int,
+    token: str | None,
+    state_root: str | None,
+) -> int:
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_DFL)
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise _Terminated
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    name = f"{args.name_prefix}{idx}"
-    trainer = factory(index=idx, num_agents=num_agents, **trainer_args)
-    state_dir = None if args.state_root is None else Path(args.state_root) / name
-    try:
-        history = run_trainer(
-            trainer, args.url, name, token=tokens.get(name) or os.environ.get("FEDSTACK_TOKEN"),
-            enrollment_token=args.enrollment_token, init_weights=args.init_weights != "zeros",
-            state_dir=state_dir, ca=args.ca,
-        )
-    except _Terminated:
-        return 0
+    trainer = factory(index=idx, num_agents=num_agents, **opts.trainer_args)
+    state_dir = None if state_root is None else Path(state_root) / name
+    history = _run(opts, trainer, name, state_dir, token)
     if history:
         # one write(2) per line: the agents share the parent's stdout, and a pipe keeps
         # writes of up to PIPE_BUF bytes whole

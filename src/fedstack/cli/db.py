@@ -1,55 +1,52 @@
-"""``fedstack db``: inspect the model store (models, rounds, lineage, metrics)."""
+"""``fedstack db VIEW``: inspect the model store, one subcommand per view.
+
+``runs``, ``agents``, ``events``, ``models`` (``--kind``), ``rounds``, ``lineage``
+(``MODEL_ID``, ``--depth``), ``metrics`` and ``plot`` (``--metric``, ``--compare``,
+``--out``); each takes ``--db`` and ``--blob-dir``, ``--run`` where a run is meant, and
+``--json`` (the data, one line) except ``plot``. Agent-controlled text (names, metric keys,
+event details) is shown escaped.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import typer
+
+from fedstack.cli.options import BlobDir, DbPath, JsonFlag, RunOpt
+from fedstack.cli.output import console, print_json, quiet_logs, table, tree
 from fedstack.errors import StoreError
 from fedstack.store import Store
 
+__all__ = ["app", "lineage_tree", "plot_rounds", "resolve_run"]
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("db", help="inspect the model store")
-    p.add_argument("what", choices=["runs", "models", "rounds", "lineage", "metrics", "agents",
-                                    "events", "plot"])
-    p.add_argument("model", nargs="?", help="model id for lineage (default: latest global)")
-    p.add_argument("--db", required=True, help="SQLite file or SQLAlchemy URL")
-    p.add_argument("--blob-dir", help="blob directory (non-SQLite databases)")
-    p.add_argument("--run", help="run id or name (default: the latest run)")
-    p.add_argument("--kind", choices=["local", "cluster"], help="models: only this kind")
-    p.add_argument("--depth", type=int, default=2, help="lineage: levels to show")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--metric", action="append", default=[],
-                   help="plot: a round metric (default eval_accuracy and mean_train_loss)")
-    p.add_argument("--compare", action="append", default=[], metavar="RUN",
-                   help="plot: another run on the same axes (repeatable)")
-    p.add_argument("--out", default="fedstack-rounds.png", help="plot: the PNG to write")
-    p.set_defaults(func=cmd_db)
+app = typer.Typer(
+    help="inspect the model store",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
 
 
-def _short(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    if isinstance(v, str) and len(v) == 32:
-        return v[:8]
-    return "" if v is None else str(v)
-
-
-def table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
-    cells = [[_short(r.get(c)) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
+@contextmanager
+def _store(db: str, blob_dir: str | None) -> Iterator[Store]:
+    store = Store(db, blob_dir)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def resolve_run(store: Store, run: str | None) -> str:
+    """The id of run ``run`` (an id, a prefix of one or a name; None: the latest).
+
+    Raises:
+        StoreError: The database has no run, or none matches.
+    """
     runs = store.list_runs()
     if not runs:
         raise StoreError("the database holds no run yet")
@@ -62,12 +59,23 @@ def resolve_run(store: Store, run: str | None) -> str:
 
 
 def lineage_tree(store: Store, model_id: str, depth: int) -> dict[str, Any]:
+    """Model ``model_id`` and, ``depth`` levels deep, the models it was made from."""
     m = store.model(model_id)
     if m is None:
         raise StoreError(f"no model {model_id}")
     node: dict[str, Any] = {
-        k: m[k] for k in ("id", "kind", "round", "agent", "producer", "num_samples", "status",
-                          "metrics", "created")
+        k: m[k]
+        for k in (
+            "id",
+            "kind",
+            "round",
+            "agent",
+            "producer",
+            "num_samples",
+            "status",
+            "metrics",
+            "created",
+        )
     }
     if depth > 0:
         node["parents"] = [
@@ -77,17 +85,200 @@ def lineage_tree(store: Store, model_id: str, depth: int) -> dict[str, Any]:
     return node
 
 
-def _print_tree(node: dict[str, Any], indent: int = 0) -> None:
-    who = node.get("agent") or ("aggregator" if node["kind"] == "cluster" else node["producer"][:8])
-    rel = f"[{node['relation']}] " if "relation" in node else ""
-    print(f"{'  ' * indent}{rel}{node['kind']} {node['id'][:8]} round {node['round']} by {who} "
-          f"(n={node['num_samples']}, {node['status']})")
-    for p in node.get("parents", []):
-        _print_tree(p, indent + 1)
+def _show(rows: list[dict[str, Any]], cols: Sequence[str], as_json: bool) -> None:
+    if as_json:
+        quiet_logs()
+        print_json(rows)
+        return
+    for r in rows:
+        for k in ("created", "time", "last_seen"):
+            if isinstance(r.get(k), float):
+                r[k] = time.strftime("%H:%M:%S", time.localtime(r[k]))
+    if rows:
+        console().print(table(rows, cols))
+    else:
+        print("(none)")
 
 
-def plot_rounds(store: Store, run_ids: Sequence[str], metrics: Sequence[str],
-                out: str | Path) -> Path:
+@app.command("runs")
+def cmd_runs(db: DbPath, blob_dir: BlobDir = None, json_: JsonFlag = False) -> int:
+    """The runs in the store."""
+    with _store(db, blob_dir) as store:
+        _show(store.list_runs(), ["id", "name", "status", "version", "created"], json_)
+    return 0
+
+
+@app.command("agents")
+def cmd_agents(db: DbPath, blob_dir: BlobDir = None, json_: JsonFlag = False) -> int:
+    """The agents the store has seen."""
+    with _store(db, blob_dir) as store:
+        _show(store.list_agents(), ["id", "name", "created", "last_seen", "last_address"], json_)
+    return 0
+
+
+@app.command("events")
+def cmd_events(
+    db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None, json_: JsonFlag = False
+) -> int:
+    """The audit trail: the run's events and the deployment's (credentials)."""
+    with _store(db, blob_dir) as store:
+        run_id = resolve_run(store, run) if run or store.list_runs() else None
+        _show(
+            store.events(run_id, deployment=True),
+            ["id", "time", "kind", "agent_id", "detail"],
+            json_,
+        )
+    return 0
+
+
+Kind = Annotated[
+    Literal["local", "cluster"] | None, typer.Option("--kind", help="only this kind of model")
+]
+
+
+@app.command("models")
+def cmd_models(
+    db: DbPath,
+    blob_dir: BlobDir = None,
+    run: RunOpt = None,
+    kind: Kind = None,
+    json_: JsonFlag = False,
+) -> int:
+    """The run's models (local uploads and global models)."""
+    with _store(db, blob_dir) as store:
+        rows = store.models(resolve_run(store, run), kind)
+    _show(
+        rows,
+        ["id", "kind", "round", "agent", "base_version", "num_samples", "status", "nbytes"],
+        json_,
+    )
+    return 0
+
+
+@app.command("rounds")
+def cmd_rounds(
+    db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None, json_: JsonFlag = False
+) -> int:
+    """The run's completed rounds."""
+    with _store(db, blob_dir) as store:
+        rows = store.rounds(resolve_run(store, run))
+    for r in rows:
+        r["accuracy"] = r["metrics"].get("eval_accuracy")
+    _show(rows, ["round", "num_updates", "num_samples", "seconds", "accuracy", "model_id"], json_)
+    return 0
+
+
+ModelId = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="MODEL_ID", help="a model id or a prefix of one (default: the latest global)"
+    ),
+]
+Depth = Annotated[int, typer.Option("--depth", help="levels to show")]
+
+
+@app.command("lineage")
+def cmd_lineage(
+    db: DbPath,
+    model: ModelId = None,
+    blob_dir: BlobDir = None,
+    run: RunOpt = None,
+    depth: Depth = 2,
+    json_: JsonFlag = False,
+) -> int:
+    """Which local models and which previous global model a model was made from."""
+    with _store(db, blob_dir) as store:
+        run_id = resolve_run(store, run)
+        if model is None:
+            cluster = store.models(run_id, "cluster")
+            if not cluster:
+                raise StoreError("the run has no global model yet")
+            model_id = cluster[-1]["id"]
+        else:
+            matches = [m["id"] for m in store.models(run_id) if m["id"].startswith(model)]
+            if len(matches) != 1:
+                raise StoreError(f"model id {model!r} matches {len(matches)} models")
+            model_id = matches[0]
+        out = lineage_tree(store, model_id, depth)
+    if json_:
+        quiet_logs()
+        print_json(out)
+    else:
+        console().print(tree(out))
+    return 0
+
+
+@app.command("metrics")
+def cmd_metrics(
+    db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None, json_: JsonFlag = False
+) -> int:
+    """Every round's metrics and every agent's reported metrics."""
+    with _store(db, blob_dir) as store:
+        run_id = resolve_run(store, run)
+        out = {
+            "rounds": [{"round": r["round"], **r["metrics"]} for r in store.rounds(run_id)],
+            "agents": [
+                {
+                    "round": m["round"],
+                    "agent": m["agent"],
+                    "num_samples": m["num_samples"],
+                    **m["metrics"],
+                }
+                for m in store.models(run_id, "local")
+                if m["status"] != "initial"
+            ],
+        }
+    if json_:
+        quiet_logs()
+        print_json(out)
+        return 0
+    for title in ("rounds", "agents"):
+        rows = out[title]
+        keys: list[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        print("per round:" if title == "rounds" else "per agent:")
+        if rows:
+            console().print(table(rows, keys))
+        else:
+            print("(none)")
+        print()
+    return 0
+
+
+Metric = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--metric", help="a round metric, repeatable (default eval_accuracy and mean_train_loss)"
+    ),
+]
+Compare = Annotated[
+    list[str] | None,
+    typer.Option("--compare", metavar="RUN", help="another run on the same axes, repeatable"),
+]
+Out = Annotated[str, typer.Option("--out", help="the PNG to write")]
+
+
+@app.command("plot")
+def cmd_plot(
+    db: DbPath,
+    blob_dir: BlobDir = None,
+    run: RunOpt = None,
+    metric: Metric = None,
+    compare: Compare = None,
+    out: Out = "fedstack-rounds.png",
+) -> int:
+    """Draw round metrics and round times of one or more runs to a PNG."""
+    with _store(db, blob_dir) as store:
+        runs = [resolve_run(store, run)] + [resolve_run(store, r) for r in compare or []]
+        path = plot_rounds(store, runs, metric or ["eval_accuracy", "mean_train_loss"], out)
+    print(f"wrote {path}")
+    return 0
+
+
+def plot_rounds(
+    store: Store, run_ids: Sequence[str], metrics: Sequence[str], out: str | Path
+) -> Path:
     """One panel per metric (and one of round times): each run's value per round, to PNG.
 
     Raises:
@@ -103,21 +294,35 @@ def plot_rounds(store: Store, run_ids: Sequence[str], metrics: Sequence[str],
         raise StoreError("plots need matplotlib: pip install 'fedstack[plot]'") from exc
     names = {r["id"]: r["name"] for r in store.list_runs()}
     series = {rid: store.rounds(rid) for rid in run_ids}
-    shown = [m for m in metrics if any(m in (r["metrics"] or {}) for rows in series.values()
-                                       for r in rows)]
+    shown = [
+        m
+        for m in metrics
+        if any(m in (r["metrics"] or {}) for rows in series.values() for r in rows)
+    ]
     if not shown:
-        raise StoreError(f"no run has the metrics {', '.join(metrics)}; see `fedstack db "
-                         "metrics` for what the rounds hold")
+        raise StoreError(
+            f"no run has the metrics {', '.join(metrics)}; see `fedstack db "
+            "metrics` for what the rounds hold"
+        )
     panels = [*shown, "seconds"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], panels, strict=True):
         for rid, rows in series.items():
-            pts = [(r["round"], r["seconds"] if metric == "seconds" else
-                    (r["metrics"] or {}).get(metric)) for r in rows]
+            pts = [
+                (
+                    r["round"],
+                    r["seconds"] if metric == "seconds" else (r["metrics"] or {}).get(metric),
+                )
+                for r in rows
+            ]
             pts = [(x, y) for x, y in pts if isinstance(y, int | float)]
             if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".",
-                        label=names.get(rid, rid[:8]))
+                ax.plot(
+                    [x for x, _ in pts],
+                    [y for _, y in pts],
+                    marker=".",
+                    label=names.get(rid, rid[:8]),
+                )
         ax.set_xlabel("round")
         ax.set_title("round seconds" if metric == "seconds" else metric)
         ax.grid(alpha=0.3)
@@ -128,89 +333,3 @@ def plot_rounds(store: Store, run_ids: Sequence[str], metrics: Sequence[str],
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def cmd_db(args: argparse.Namespace) -> int:
-    store = Store(args.db, args.blob_dir)
-    try:
-        return _run(store, args)
-    finally:
-        store.close()
-
-
-def _run(store: Store, args: argparse.Namespace) -> int:
-    out: Any
-    if args.what == "runs":
-        out = store.list_runs()
-        cols = ["id", "name", "status", "version", "created"]
-    elif args.what == "agents":
-        out = store.list_agents()
-        cols = ["id", "name", "created", "last_seen", "last_address"]
-    elif args.what == "events":  # the run's events and the deployment's (credentials)
-        run_id = resolve_run(store, args.run) if args.run or store.list_runs() else None
-        out = store.events(run_id, deployment=True)
-        cols = ["id", "time", "kind", "agent_id", "detail"]
-    elif args.what == "models":
-        out = store.models(resolve_run(store, args.run), args.kind)
-        cols = ["id", "kind", "round", "agent", "base_version", "num_samples", "status", "nbytes"]
-    elif args.what == "rounds":
-        out = store.rounds(resolve_run(store, args.run))
-        for r in out:
-            r["accuracy"] = r["metrics"].get("eval_accuracy")
-        cols = ["round", "num_updates", "num_samples", "seconds", "accuracy", "model_id"]
-    elif args.what == "plot":
-        runs = [resolve_run(store, args.run)] + [resolve_run(store, r) for r in args.compare]
-        path = plot_rounds(store, runs, args.metric or ["eval_accuracy", "mean_train_loss"],
-                           args.out)
-        print(f"wrote {path}")
-        return 0
-    elif args.what == "lineage":
-        run_id = resolve_run(store, args.run)
-        model_id = args.model
-        if model_id is None:
-            cluster = store.models(run_id, "cluster")
-            if not cluster:
-                raise StoreError("the run has no global model yet")
-            model_id = cluster[-1]["id"]
-        else:
-            matches = [m["id"] for m in store.models(run_id) if m["id"].startswith(model_id)]
-            if len(matches) != 1:
-                raise StoreError(f"model id {model_id!r} matches {len(matches)} models")
-            model_id = matches[0]
-        out = lineage_tree(store, model_id, args.depth)
-        if args.json:
-            print(json.dumps(out, default=str))
-        else:
-            _print_tree(out)
-        return 0
-    else:  # metrics
-        run_id = resolve_run(store, args.run)
-        out = {
-            "rounds": [{"round": r["round"], **r["metrics"]} for r in store.rounds(run_id)],
-            "agents": [
-                {"round": m["round"], "agent": m["agent"], "num_samples": m["num_samples"],
-                 **m["metrics"]}
-                for m in store.models(run_id, "local") if m["status"] != "initial"
-            ],
-        }
-        if args.json:
-            print(json.dumps(out, default=str))
-            return 0
-        for title in ("rounds", "agents"):
-            rows = out[title]
-            keys: list[str] = []
-            for r in rows:
-                keys += [k for k in r if k not in keys]
-            print(f"per {title[:-1]}:" if title == "rounds" else "per agent:")
-            print(table(rows, keys) if rows else "(none)")
-            print()
-        return 0
-    if args.json:
-        print(json.dumps(out, default=str))
-    else:
-        for r in out:
-            for k in ("created", "time", "last_seen"):
-                if isinstance(r.get(k), float):
-                    r[k] = time.strftime("%H:%M:%S", time.localtime(r[k]))
-        print(table(out, cols) if out else "(none)")
-    return 0

@@ -9,16 +9,22 @@ store and a summary.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from fedstack.cli.options import JsonFlag
+from fedstack.cli.output import console, quiet_logs
 from fedstack.data.partition import parse_partition
 from fedstack.errors import FedstackError
 from fedstack.store import Store
@@ -27,31 +33,55 @@ TRAINER = "fedstack.trainers.digits:DigitsLinearTrainer"
 EVALUATOR = "fedstack.trainers.digits:evaluate_global"
 
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="run a whole federation on bundled data")
-    p.add_argument("--agents", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--partition", default="dirichlet:0.5", help="iid or dirichlet:ALPHA")
-    p.add_argument("--workdir", default="fedstack-demo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--delivery", choices=["push", "poll"], default="push")
-    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many s")
-    p.add_argument("--json", action="store_true", help="end with one JSON line of results")
-    p.set_defaults(func=cmd_demo)
-
-
 class DemoError(FedstackError):
-    pass
+    """The demo could not run or finish."""
+
+
+@dataclass(frozen=True)
+class _DemoArgs:
+    agents: int
+    rounds: int
+    partition: str
+    workdir: str
+    seed: int
+    delivery: str
+    timeout: float
+    json: bool
 
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "fedstack", *args], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedstack", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(
+    agents: Annotated[int, typer.Option("--agents", help="agent processes")] = 3,
+    rounds: Annotated[int, typer.Option("--rounds")] = 10,
+    partition: Annotated[
+        str, typer.Option("--partition", help="iid or dirichlet:ALPHA")
+    ] = "dirichlet:0.5",
+    workdir: Annotated[str, typer.Option("--workdir")] = "fedstack-demo",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    delivery: Annotated[Literal["push", "poll"], typer.Option("--delivery")] = "push",
+    timeout: Annotated[float, typer.Option("--timeout", help="give up after this many s")] = 600.0,
+    json_: JsonFlag = False,
+) -> int:
+    """Run a whole federation on bundled data.
+
+    One aggregator and --agents agent processes over loopback WebSockets, scikit-learn's
+    digits split across the agents (--partition), an SQLite store in --workdir; a live
+    round table, then a summary (--json: one JSON line of results at the end).
+    """
+    args = _DemoArgs(agents, rounds, partition, workdir, seed, delivery, timeout, json_)
+    if args.json:
+        quiet_logs()
     if args.agents < 1 or args.rounds < 1:
         raise DemoError("--agents and --rounds must be at least 1")
     parse_partition(args.partition)  # fail early on a bad spec
@@ -62,28 +92,71 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ready.unlink(missing_ok=True)
     run_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    say(f"fedstack demo: {args.agents} agents x {args.rounds} rounds, digits "
-        f"({args.partition}), {args.delivery} delivery; work folder {work}")
+    say(
+        f"fedstack demo: {args.agents} agents x {args.rounds} rounds, digits "
+        f"({args.partition}), {args.delivery} delivery; work folder {work}"
+    )
     t0 = time.monotonic()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        agg = _spawn([
-            "aggregator", "--host", "127.0.0.1", "--port", "0", "--db", str(db),
-            "--rounds", str(args.rounds), "--threshold", "1.0", "--min-agents", str(args.agents),
-            "--round-timeout", "120", "--delivery", args.delivery, "--evaluator", EVALUATOR,
-            "--run-name", run_name, "--finish-grace", "10", "--ready-file", str(ready),
-            "--auth", "off",  # a local demonstration: loopback agents without credentials
-        ], work / "logs" / "aggregator.log")
+        agg = _spawn(
+            [
+                "aggregator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--db",
+                str(db),
+                "--rounds",
+                str(args.rounds),
+                "--threshold",
+                "1.0",
+                "--min-agents",
+                str(args.agents),
+                "--round-timeout",
+                "120",
+                "--delivery",
+                args.delivery,
+                "--evaluator",
+                EVALUATOR,
+                "--run-name",
+                run_name,
+                "--finish-grace",
+                "10",
+                "--ready-file",
+                str(ready),
+                "--auth",
+                "off",  # a local demonstration: loopback agents without credentials
+            ],
+            work / "logs" / "aggregator.log",
+        )
         procs.append(agg)
         info = _wait_ready(ready, agg, deadline=t0 + 60)
         url = f"ws://127.0.0.1:{info['port']}"
         for i in range(args.agents):
-            procs.append(_spawn([
-                "agent", "--url", url, "--name", f"agent-{i + 1}", "--trainer", TRAINER,
-                "--trainer-arg", f"index={i}", "--trainer-arg", f"num_agents={args.agents}",
-                "--trainer-arg", f"partition={args.partition}",
-                "--trainer-arg", f"seed={args.seed}",
-            ], work / "logs" / f"agent-{i + 1}.log"))
+            procs.append(
+                _spawn(
+                    [
+                        "agent",
+                        "--url",
+                        url,
+                        "--name",
+                        f"agent-{i + 1}",
+                        "--trainer",
+                        TRAINER,
+                        "--trainer-arg",
+                        f"index={i}",
+                        "--trainer-arg",
+                        f"num_agents={args.agents}",
+                        "--trainer-arg",
+                        f"partition={args.partition}",
+                        "--trainer-arg",
+                        f"seed={args.seed}",
+                    ],
+                    work / "logs" / f"agent-{i + 1}.log",
+                )
+            )
         rows = _follow(db, info["run_id"], args, agg, procs, say, deadline=t0 + args.timeout)
         for p in procs:
             p.wait(timeout=60)
@@ -102,16 +175,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     wall = time.monotonic() - t0
     final = rows[-1]["accuracy"] if rows else None
     say("")
-    say(f"final global accuracy {final:.4f} after {len(rows)} rounds in {wall:.1f} s"
-        if final is not None else "no round completed")
+    say(
+        f"final global accuracy {final:.4f} after {len(rows)} rounds in {wall:.1f} s"
+        if final is not None
+        else "no round completed"
+    )
     say(f"database: {db}  (run {run_name})")
     say(f"inspect it: fedstack db rounds --db {db}   |   fedstack db lineage --db {db}")
     if args.json:
-        print(json.dumps({
-            "final_accuracy": final, "rounds": rows, "wall_seconds": wall,
-            "db": str(db), "run_id": info["run_id"], "agents": args.agents,
-            "partition": args.partition,
-        }))
+        print(
+            json.dumps(
+                {
+                    "final_accuracy": final,
+                    "rounds": rows,
+                    "wall_seconds": wall,
+                    "db": str(db),
+                    "run_id": info["run_id"],
+                    "agents": args.agents,
+                    "partition": args.partition,
+                }
+            )
+        )
     return 0
 
 
@@ -121,41 +205,82 @@ def _wait_ready(ready: Path, agg: subprocess.Popen[bytes], deadline: float) -> d
             data: dict[str, Any] = json.loads(ready.read_text())
             return data
         if agg.poll() is not None:
-            raise DemoError(f"the aggregator exited with code {agg.returncode}; "
-                            f"see {ready.parent / 'logs' / 'aggregator.log'}")
+            raise DemoError(
+                f"the aggregator exited with code {agg.returncode}; "
+                f"see {ready.parent / 'logs' / 'aggregator.log'}"
+            )
         time.sleep(0.02)
     raise DemoError("the aggregator did not start within 60 s")
 
 
-def _follow(db: Path, run_id: str, args: argparse.Namespace, agg: subprocess.Popen[bytes],
-            procs: list[subprocess.Popen[bytes]], say: Any,
-            deadline: float) -> list[dict[str, Any]]:
+def _follow(
+    db: Path,
+    run_id: str,
+    args: _DemoArgs,
+    agg: subprocess.Popen[bytes],
+    procs: list[subprocess.Popen[bytes]],
+    say: Any,
+    deadline: float,
+) -> list[dict[str, Any]]:
     """Print each round as its evaluated global model lands in the store."""
     store = Store(str(db))
     shown: list[dict[str, Any]] = []
-    say(f"{'round':>5}  {'agents':>6}  {'accuracy':>8}  {'round s':>8}  {'train s':>8}")
+    out = console(sys.stderr if args.json else sys.stdout)
+    live = Live(_round_table(shown), console=out, auto_refresh=False) if out.is_terminal else None
+    if live is None:
+        say(f"{'round':>5}  {'agents':>6}  {'accuracy':>8}  {'round s':>8}  {'train s':>8}")
+    else:
+        live.start()
     try:
         while len(shown) < args.rounds:
             if time.monotonic() > deadline:
                 raise DemoError(f"the demo did not finish within {args.timeout:.0f} s")
-            for r in store.rounds(run_id)[len(shown):]:
+            for r in store.rounds(run_id)[len(shown) :]:
                 acc = r["metrics"].get("eval_accuracy")
                 if acc is None:
                     break
-                row = {"round": r["round"], "accuracy": acc, "seconds": r["seconds"],
-                       "agents": r["num_updates"],
-                       "train_seconds": r["metrics"].get("max_train_seconds", 0.0)}
+                row = {
+                    "round": r["round"],
+                    "accuracy": acc,
+                    "seconds": r["seconds"],
+                    "agents": r["num_updates"],
+                    "train_seconds": r["metrics"].get("max_train_seconds", 0.0),
+                }
                 shown.append(row)
-                say(f"{row['round']:>5}  {row['agents']:>6}  {acc:>8.4f}  "
-                    f"{row['seconds']:>8.3f}  {row['train_seconds']:>8.3f}")
+                if live is None:
+                    say(
+                        f"{row['round']:>5}  {row['agents']:>6}  {acc:>8.4f}  "
+                        f"{row['seconds']:>8.3f}  {row['train_seconds']:>8.3f}"
+                    )
+                else:
+                    live.update(_round_table(shown), refresh=True)
             dead = [p for p in procs if p.poll() not in (None, 0)]
             if dead:
-                raise DemoError(f"a federation process exited with code {dead[0].returncode}; "
-                                f"see {db.parent / 'logs'}")
+                raise DemoError(
+                    f"a federation process exited with code {dead[0].returncode}; "
+                    f"see {db.parent / 'logs'}"
+                )
             if agg.poll() is not None and len(shown) < args.rounds:
                 if len(store.rounds(run_id)) == len(shown):
                     raise DemoError("the aggregator stopped before the last round")
             time.sleep(0.05)
     finally:
+        if live is not None:
+            live.stop()
         store.close()
     return shown
+
+
+def _round_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(title="fedstack demo", title_justify="left")
+    for col in ("round", "agents", "accuracy", "round s", "train s"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(
+            str(r["round"]),
+            str(r["agents"]),
+            f"{r['accuracy']:.4f}",
+            f"{r['seconds']:.3f}",
+            f"{r['train_seconds']:.3f}",
+        )
+    return t

@@ -30,7 +30,6 @@ import itertools
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -424,14 +423,12 @@ class _Simulation:
     # ------------------------------------------------------------------ progress
     def _open_progress(self) -> None:
         if self._progress is True:
-            from tqdm import tqdm
+            from fedstack.sim.progress import RoundBar
 
-            self._bar = tqdm(total=self.rounds, desc="rounds", unit="round", file=sys.stderr,
-                             dynamic_ncols=True)
+            self._bar = RoundBar(self.rounds, f"{self.k}/{self.n}")
 
     def _report(self, rnd: int, seconds: float, agg: Aggregator) -> None:
         if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(agents=f"{self.k}/{self.n}", s=f"{seconds:.3f}")
+            self._bar.advance(seconds)
         elif callable(self._progress):
             self._progress(rnd, seconds, {"version": agg.state.version})

@@ -30,7 +30,8 @@ I64 = npt.NDArray[np.int64]
 
 
 def coerce_int(name: str, value: object, minimum: int | None = None) -> int:
-    """Read an integer argument that may arrive as a string (from ``--trainer-arg``).
+    """Check an integer argument; a string such as ``"3"`` is converted (Python callers,
+    a federation's fit config).
 
     Args:
         name: Argument name, for the error message.
@@ -62,7 +63,8 @@ def coerce_int(name: str, value: object, minimum: int | None = None) -> int:
 
 
 def coerce_float(name: str, value: object, positive: bool = True) -> float:
-    """Read a float argument that may arrive as a string (from ``--trainer-arg``).
+    """Check a float argument; a string such as ``"0.5"`` is converted (Python callers,
+    a federation's fit config).
 
     Args:
         name: Argument name, for the error message.
@@ -101,7 +103,8 @@ class DigitsTrainerBase:
         lr: SGD learning rate.
         batch_size: Minibatch size.
 
-    Every argument may be given as a string. ``fit``'s ``config`` may override
+    ``--trainer-arg`` values arrive typed (JSON); numbers given as strings (``"3"``) are
+    still converted. ``fit``'s ``config`` may override
     ``epochs``, ``lr`` and ``batch_size`` for one call.
 
     Raises:
@@ -110,13 +113,13 @@ class DigitsTrainerBase:
 
     def __init__(
         self,
-        index: int | str = 0,
-        num_agents: int | str = 1,
+        index: int = 0,
+        num_agents: int = 1,
         partition: str = "iid",
-        seed: int | str = 0,
-        epochs: int | str = 1,
-        lr: float | str = 0.05,
-        batch_size: int | str = 32,
+        seed: int = 0,
+        epochs: int = 1,
+        lr: float = 0.05,
+        batch_size: int = 32,
     ) -> None:
         self.index = coerce_int("index", index, minimum=0)
         self.num_agents = coerce_int("num_agents", num_agents, minimum=1)
@@ -246,13 +249,13 @@ class DigitsLinearTrainer(DigitsTrainerBase):
 
     def __init__(
         self,
-        index: int | str = 0,
-        num_agents: int | str = 1,
+        index: int = 0,
+        num_agents: int = 1,
         partition: str = "iid",
-        seed: int | str = 0,
-        epochs: int | str = 5,
-        lr: float | str = 0.5,
-        batch_size: int | str = 32,
+        seed: int = 0,
+        epochs: int = 5,
+        lr: float = 0.5,
+        batch_size: int = 32,
     ) -> None:
         super().__init__(index, num_agents, partition, seed, epochs, lr, batch_size)
         self._rng = np.random.default_rng([self.seed, self.index])

@@ -36,19 +36,20 @@ class SyntheticTrainer:
         epochs, lr, batch_size: local SGD.
         max_samples: cap of the device's sample count (None: uncapped LogNormal draw).
 
-    Every argument may be given as a string (``--trainer-arg``).
+    ``--trainer-arg`` values arrive typed (JSON); numbers given as strings are still
+    converted.
     """
 
-    def __init__(self, index: int | str = 0, num_agents: int | str = 1, data: str = "1,1",
-                 seed: int | str = 0, epochs: int | str = 1, lr: float | str = 0.01,
-                 batch_size: int | str = 10, max_samples: int | str | None = None) -> None:
+    def __init__(self, index: int = 0, num_agents: int = 1, data: str = "1,1",
+                 seed: int = 0, epochs: int = 1, lr: float = 0.01,
+                 batch_size: int = 10, max_samples: int | None = None) -> None:
         self.index = coerce_int("index", index, minimum=0)
         self.num_agents = coerce_int("num_agents", num_agents, minimum=1)
         self.seed = coerce_int("seed", seed)
         self.epochs = coerce_int("epochs", epochs, minimum=1)
         self.lr = coerce_float("lr", lr)
         self.batch_size = coerce_int("batch_size", batch_size, minimum=1)
-        cap = None if max_samples in (None, "", "none") else coerce_int(
+        cap = None if str(max_samples).strip().lower() in ("none", "") else coerce_int(
             "max_samples", max_samples, minimum=2)
         alpha, beta, iid = parse_synthetic(str(data))
         dev = synthetic_device(alpha, beta, self.index, seed=self.seed, iid=iid,

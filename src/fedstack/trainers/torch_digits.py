@@ -123,13 +123,13 @@ class _TorchDigitsTrainer(DigitsTrainerBase):
 
     def __init__(
         self,
-        index: int | str = 0,
-        num_agents: int | str = 1,
+        index: int = 0,
+        num_agents: int = 1,
         partition: str = "iid",
-        seed: int | str = 0,
-        epochs: int | str = 1,
-        lr: float | str = 0.05,
-        batch_size: int | str = 32,
+        seed: int = 0,
+        epochs: int = 1,
+        lr: float = 0.05,
+        batch_size: int = 32,
     ) -> None:
         super().__init__(index, num_agents, partition, seed, epochs, lr, batch_size)
         torch.set_num_threads(1)
@@ -291,13 +291,13 @@ class DigitsCNNTrainer(_TorchDigitsTrainer):
 
     def __init__(
         self,
-        index: int | str = 0,
-        num_agents: int | str = 1,
+        index: int = 0,
+        num_agents: int = 1,
         partition: str = "iid",
-        seed: int | str = 0,
-        epochs: int | str = 2,
-        lr: float | str = 0.05,
-        batch_size: int | str = 32,
+        seed: int = 0,
+        epochs: int = 2,
+        lr: float = 0.05,
+        batch_size: int = 32,
     ) -> None:
         super().__init__(index, num_agents, partition, seed, epochs, lr, batch_size)
 

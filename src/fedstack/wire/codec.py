@@ -23,6 +23,7 @@ import msgpack
 import numpy as np
 
 from fedstack.errors import LocalProtocolError, MessageTooLarge, ProtocolError, RemoteProtocolError
+from fedstack.names import BadName, check_agent_name
 from fedstack.types import Metrics, Weights
 from fedstack.wire import tensors
 from fedstack.wire.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
@@ -286,4 +287,9 @@ def decode(data: bytes | bytearray | memoryview | Segments,
             raise RemoteProtocolError(f"{tag}: missing field {f.name!r}", code="bad-field")
     if data_view.nbytes not in (pos, pos + tensors.padding(pos)):
         raise RemoteProtocolError("trailing bytes after the last tensor", code="malformed")
+    if tag == "participate":  # a name follows the grammar of fedstack.names
+        try:
+            check_agent_name(kwargs["agent_name"])
+        except BadName as exc:
+            raise RemoteProtocolError(str(exc), code="bad-name") from None
     return MESSAGE_TYPES[tag](**kwargs)

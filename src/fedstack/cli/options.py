@@ -1,0 +1,231 @@
+"""Options shared by several commands, each declared once as an ``Annotated`` alias.
+
+Commands name these aliases in their signatures (``db: DbPath``). Options that always go
+together are a :class:`Group`: its parameters are added to every command that uses it
+(:func:`with_group`) and reach the command as one typed object, so ``fedstack agent`` and
+``fedstack agents`` cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
+
+import typer
+
+from fedstack.aggregator.config import parse_pairs
+
+__all__ = [
+    "AgentOptions",
+    "BlobDir",
+    "DbPath",
+    "Group",
+    "JsonFlag",
+    "RunOpt",
+    "TrainerArgs",
+    "with_group",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output (one line)")]
+DbPath = Annotated[str, typer.Option("--db", help="SQLite file or SQLAlchemy URL")]
+BlobDir = Annotated[
+    str | None, typer.Option("--blob-dir", help="blob directory (non-SQLite databases)")
+]
+RunOpt = Annotated[
+    str | None, typer.Option("--run", help="run id or name (default: the latest run)")
+]
+TrainerArgs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--trainer-arg",
+        metavar="KEY=VALUE",
+        help="a trainer argument, repeatable; the value is JSON if it parses (3, 0.5, true), "
+        "else a string",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Parameters that several commands take together, packed into one object.
+
+    Attributes:
+        parameters: typer parameters (``Annotated`` annotations, defaults).
+        build: Makes the object from those parameters' values, by name.
+    """
+
+    parameters: tuple[inspect.Parameter, ...]
+    build: Callable[..., Any]
+
+
+def with_group(arg: str, group: Group) -> Callable[[F], F]:
+    """Decorate a command taking ``arg`` (the group's object): its command line gets the
+    group's options instead of ``arg``."""
+
+    def decorate(func: F) -> F:
+        sig = inspect.signature(func, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != arg]
+        names = [p.name for p in group.parameters]
+
+        @functools.wraps(func)
+        def command(**values: Any) -> Any:
+            packed = group.build(**{n: values.pop(n) for n in names})
+            return func(**values, **{arg: packed})
+
+        params = [*own, *group.parameters]
+        command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command  # type: ignore[return-value]
+
+    return decorate
+
+
+def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default
+    )
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """How agents connect and train: the options of ``fedstack agent`` and ``agents``.
+
+    Attributes:
+        url: The aggregator's ``ws://`` or ``wss://`` URL.
+        trainer: ``module:Class`` implementing :class:`fedstack.Trainer`.
+        trainer_args: Keyword arguments of the trainer (``--trainer-arg``, JSON values).
+        token: The agent's credential (``FEDSTACK_TOKEN``).
+        enrollment_token: The deployment's enrollment token (``FEDSTACK_ENROLLMENT_TOKEN``).
+        ca: PEM CA of the aggregator's certificate (``wss://``; ``FEDSTACK_CA``).
+        cert: PEM client certificate (mutual TLS).
+        key: PEM key of ``cert`` (default: in the ``cert`` file).
+        init_weights: Whether the agent's initial model may start the federation.
+    """
+
+    url: str
+    trainer: str
+    trainer_args: dict[str, Any]
+    token: str | None
+    enrollment_token: str | None
+    ca: str | None
+    cert: str | None
+    key: str | None
+    init_weights: bool
+
+
+def _agent_options(
+    url: str,
+    trainer: str,
+    trainer_arg: list[str] | None,
+    token: str | None,
+    enrollment_token: str | None,
+    ca: str | None,
+    cert: str | None,
+    key: str | None,
+    init_weights: str,
+) -> AgentOptions:
+    return AgentOptions(
+        url=url,
+        trainer=trainer,
+        trainer_args=parse_pairs(trainer_arg or [], "--trainer-arg"),
+        token=token or None,
+        enrollment_token=enrollment_token or None,
+        ca=ca,
+        cert=cert,
+        key=key,
+        init_weights=init_weights != "zeros",
+    )
+
+
+AGENT_OPTIONS = Group(
+    parameters=(
+        _option(
+            "url",
+            Annotated[str, typer.Option("--url", help="the aggregator's URL")],
+            "ws://127.0.0.1:8765",
+        ),
+        _option(
+            "trainer",
+            Annotated[
+                str, typer.Option("--trainer", help="module:Class implementing fedstack.Trainer")
+            ],
+            ...,
+        ),
+        _option("trainer_arg", TrainerArgs, None),
+        _option(
+            "token",
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--token",
+                    envvar="FEDSTACK_TOKEN",
+                    show_envvar=True,
+                    help="credential (`fedstack credentials add`)",
+                ),
+            ],
+            None,
+        ),
+        _option(
+            "enrollment_token",
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--enrollment-token",
+                    envvar="FEDSTACK_ENROLLMENT_TOKEN",
+                    show_envvar=True,
+                    help="the deployment's enrollment token: registers a NEW name with "
+                    "its own token",
+                ),
+            ],
+            None,
+        ),
+        _option(
+            "ca",
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--ca",
+                    help="PEM CA of the aggregator's certificate, for wss:// URLs (or "
+                    "FEDSTACK_CA; default: the system's trust store)",
+                ),
+            ],
+            None,
+        ),
+        _option(
+            "cert",
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--cert",
+                    help="PEM client certificate, if the aggregator requires one (mutual TLS)",
+                ),
+            ],
+            None,
+        ),
+        _option(
+            "key",
+            Annotated[
+                str | None,
+                typer.Option("--key", help="PEM key of --cert (default: in the --cert file)"),
+            ],
+            None,
+        ),
+        _option(
+            "init_weights",
+            Annotated[
+                Literal["agent", "zeros"],
+                typer.Option(
+                    "--init-weights",
+                    help="offer the trainer's initial weights, or zeros, to start the federation",
+                ),
+            ],
+            "agent",
+        ),
+    ),
+    build=_agent_options,
+)
