@@ -23,7 +23,7 @@ import numpy as np
 from sqlalchemy import Engine, bindparam, create_engine, event, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from fedstack.errors import RegistrationRefused, RemoteProtocolError, StoreError
+from fedstack.errors import RegistrationRefused, StoreError, TensorFileError
 from fedstack.store import schema as s
 from fedstack.store.blobs import (
     BlobStore,
@@ -815,8 +815,8 @@ class Store:
             raise StoreError(f"blob {digest[:12]} is corrupt (hash mismatch)")
         try:
             return decode_weights(memoryview(data))
-        except RemoteProtocolError as exc:
-            raise StoreError(f"blob {digest[:12]} is not readable: {exc}") from exc
+        except TensorFileError as exc:
+            raise TensorFileError(f"blob {digest[:12]} is not readable: {exc}") from exc
 
     def checkpoint(self) -> None:
         """Copy the SQLite write-ahead log into the database file without blocking
