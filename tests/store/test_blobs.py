@@ -130,3 +130,28 @@ def test_get_detects_corruption(tmp_path: Path) -> None:
         blobs.get(digest)
     with pytest.raises(StoreError):
         blobs.get("0" * 64)  # missing
+
+
+def test_a_damaged_blob_is_repaired_by_storing_its_content_again(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
+    w = sample()
+    digest, size = blobs.put(w)
+    path = blobs.path(digest)
+    data = bytearray(path.read_bytes())
+    data[-70] ^= 0x80  # tampered, same size
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="corrupt"):
+        blobs.get(digest)
+    assert blobs.put(w) == (digest, size)
+    assert_same(blobs.get(digest), w)
+    path.write_bytes(bytes(data[:100]))  # truncated
+    assert blobs.put(w) == (digest, size)
+    assert_same(blobs.get(digest), w)
+
+
+def test_an_intact_blob_is_not_rewritten(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
+    digest, _ = blobs.put(sample())
+    before = blobs.path(digest).stat().st_ino
+    blobs.put(sample())
+    assert blobs.path(digest).stat().st_ino == before
