@@ -13,6 +13,7 @@
     ├── RegistrationRefused           the aggregator refused this agent (carries ``code``)
     │   └── CredentialRefused         the credential check refused it (adds ``reason``)
     ├── StoreError                    the model store failed
+    │   ├── StoreConflict             a write conflicts with stored data (a unique key taken)
     │   └── TensorFileError           bytes that should be a tensor file are not a valid one
     ├── TLSError                      TLS setup or certificate verification failed
     └── ConfigError                   a configuration value is invalid
@@ -114,6 +115,11 @@ class CredentialRefused(RegistrationRefused):
 class StoreError(FedstackError):
     """The model store could not read or write. The message never carries SQL text or
     parameters (the details are logged at debug level by the store)."""
+
+
+class StoreConflict(StoreError):
+    """A write conflicts with data already stored (a unique name or id is taken, possibly
+    by a concurrent writer); nothing of the transaction was written."""
 
 
 class TensorFileError(StoreError):

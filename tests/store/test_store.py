@@ -412,33 +412,6 @@ def test_small_blobs_live_in_the_database_large_ones_in_files(tmp_path: Path) ->
         st.close()
 
 
-def test_schema_4_database_is_migrated_to_5(tmp_path: Path) -> None:
-    import sqlite3
-
-    path = tmp_path / "v4.db"
-    st = Store(str(path))
-    run_id, agent, gid = init_run(st)
-    st.close()
-    con = sqlite3.connect(path)
-    con.executescript("DROP TABLE blob_data; UPDATE fedstack_meta SET value = '4' "
-                      "WHERE key = 'schema';")
-    con.commit()
-    con.close()
-    st = Store(str(path), inline_blob_bytes=1 << 20)
-    try:
-        assert st.load_weights(gid)["w"].shape == (3, 4)  # file blobs of schema 4
-        rec, _ = upload(st, run_id, agent, "u-1", 1, 5)  # inlined into the new table
-        np.testing.assert_array_equal(st.load_weights(rec.model_id)["w"], weights(5)["w"])
-    finally:
-        st.close()
-    con = sqlite3.connect(path)
-    try:
-        assert con.execute("SELECT value FROM fedstack_meta WHERE key = 'schema'"
-                           ).fetchone() == (str(s.SCHEMA_VERSION),)
-    finally:
-        con.close()
-
-
 # ---------------------------------------------------------------------------- checkpoints
 def test_checkpoint_moves_the_log_into_the_database_file(store: Store, db: Path,
                                                          tmp_path: Path) -> None:

@@ -43,9 +43,12 @@ def decode_weights(data: memoryview) -> Weights:
 class BlobStore:
     """Tensor blobs in a directory, addressed by the digest of their bytes."""
 
-    def __init__(self, root: str | Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: str | Path, *, fsync: bool = True, create: bool = True) -> None:
+        """``create``: make the directory if it is missing (False for inspection)."""
         self.root = Path(root)
         self.fsync = fsync
+        if not create:
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

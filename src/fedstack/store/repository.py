@@ -9,21 +9,31 @@ them before it acknowledges anything.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import contextlib
+import logging
 import secrets
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import Engine, bindparam, create_engine, event, insert, or_, select, text, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import Engine, bindparam, create_engine, event, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
-from fedstack.errors import RegistrationRefused, StoreError, TensorFileError
+from fedstack.errors import CredentialRefused, StoreConflict, StoreError, TensorFileError
+from fedstack.security import credentials
+from fedstack.security.credentials import (
+    AUTH_MODES,
+    MIN_ENROLLED_TOKEN_CHARS,
+    ROLES,
+    Operator,
+    Registration,
+    fingerprint,
+)
+from fedstack.store import migrations
 from fedstack.store import schema as s
 from fedstack.store.blobs import (
     BlobStore,
@@ -33,6 +43,14 @@ from fedstack.store.blobs import (
     encode_weights,
 )
 from fedstack.types import Metrics, Weights
+
+log = logging.getLogger("fedstack.store")
+
+__all__ = [
+    "AUTH_MODES", "MIN_ENROLLED_TOKEN_CHARS", "ROLES", "CredentialRefused", "Operator",
+    "Registration", "ResumeState", "RunInfo", "Store", "UploadRecord", "fingerprint",
+    "resolve_url", "split_state",
+]
 
 # The statements of the hot paths (every upload, every round), built once: SQLAlchemy
 # then reuses their compiled form and cache keys instead of rebuilding them per call.
@@ -63,65 +81,6 @@ _MODEL_EXTRA = select(s.models.c.extra_blob).where(s.models.c.id == bindparam("m
 
 def new_id() -> str:
     return uuid.uuid4().hex
-
-
-def token_hash(token: str) -> str:
-    """Schema-2 (unsalted) hash of a token; still verified, upgraded on the next use."""
-    return hashlib.sha256(b"fedstack-token:" + token.encode()).hexdigest()
-
-
-AUTH_MODES = ("required", "off")
-ROLES = ("agent", "operator")
-MIN_ENROLLED_TOKEN_CHARS = 16
-_UNKNOWN_OR_WRONG = "unknown agent name or wrong credential"
-
-
-def fingerprint(stored_hash: str | None) -> str | None:
-    """A short, non-secret identifier of a credential (for the audit trail and listings)."""
-    return None if stored_hash is None else stored_hash.rpartition("$")[2][:10]
-
-
-class CredentialRefused(RegistrationRefused):
-    """Registration refused by the credential check.
-
-    ``code`` goes on the wire (it never tells an unknown name from a wrong token);
-    ``reason`` is the precise cause for the audit trail (``no-token``, ``unknown-agent``,
-    ``bad-enrollment``, ``wrong-token``, ``no-credential``, ``weak-token``, ``revoked``).
-    """
-
-    def __init__(self, message: str, code: str, reason: str, *,
-                 credential: str | None = None, source: str | None = None) -> None:
-        super().__init__(message, code)
-        self.reason = reason
-        self.credential = credential
-        self.source = source
-
-
-@dataclass(frozen=True, slots=True)
-class Registration:
-    """An accepted registration: who, and with which credential."""
-
-    agent_id: str
-    new: bool
-    source: str | None  # issued | enrolled | first-use | None (no credential, auth off)
-    credential: str | None  # the stored hash at registration (None: no credential)
-
-    @property
-    def fingerprint(self) -> str | None:
-        return fingerprint(self.credential)
-
-
-@dataclass(frozen=True, slots=True)
-class Operator:
-    """An authenticated operator (see :meth:`Store.authenticate_operator`)."""
-
-    operator_id: str
-    name: str
-    credential: str  # the stored hash
-
-    @property
-    def fingerprint(self) -> str | None:
-        return fingerprint(self.credential)
 
 
 def resolve_url(path_or_url: str) -> tuple[str, Path | None]:
@@ -172,15 +131,24 @@ class Store:
     """One deployment's persistent store (one database for every start of the aggregator)."""
 
     def __init__(self, db: str, blob_dir: str | Path | None = None, *,
-                 durable: bool = True, inline_blob_bytes: int = 0) -> None:
+                 durable: bool = True, inline_blob_bytes: int = 0, migrate: bool = True,
+                 readonly: bool = False) -> None:
         """Open (or create) the store.
 
         ``durable=False`` (the simulator's default) skips the fsyncs: SQLite runs with
         ``synchronous=NORMAL`` and blobs are not synced, so a power cut may lose the last
         commits (never corrupt the database). Deployments keep the default.
-        ``inline_blob_bytes``: see the attribute.
+        ``inline_blob_bytes``: see the attribute. ``migrate``: bring the schema to this
+        fedstack's version (Alembic) and create the database if needed; with False, the
+        database must already be a fedstack store at that version. ``readonly``: see
+        :meth:`open_readonly`.
+
+        Raises:
+            StoreError: the database cannot be opened, is not a fedstack store (without
+                ``migrate``) or its schema cannot be brought up to date.
         """
         self.durable = durable
+        self.readonly = readonly
         self.inline_blob_bytes = inline_blob_bytes
         """Blobs up to this size go into the database (table ``blob_data``), in the same
         transaction as the row that names them: no file, no extra fsync. 0: all files."""
@@ -193,54 +161,75 @@ class Store:
                 )
             blob_dir = self.path.with_name(self.path.name + ".blobs")
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.blobs = BlobStore(blob_dir, fsync=durable)
+            if not migrate and not self.path.is_file():
+                raise StoreError(f"no fedstack store at {self.path}")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from exc
+        self.blobs = BlobStore(blob_dir, fsync=durable, create=not readonly)
         try:
             self.engine: Engine = create_engine(self.url, future=True)
         except (SQLAlchemyError, ImportError) as exc:
-            raise StoreError(f"cannot open database {db!r}: {exc}") from exc
+            log.debug("cannot create the engine for %s", db, exc_info=True)
+            raise StoreError(f"cannot open database {db!r} ({type(exc).__name__})") from None
         self._sqlite = self.engine.dialect.name == "sqlite"
         if self._sqlite:
-            event.listen(self.engine, "connect",
-                         _sqlite_pragmas if durable else _sqlite_pragmas_fast)
+            pragmas = (_sqlite_pragmas_readonly if readonly else
+                       _sqlite_pragmas if durable else _sqlite_pragmas_fast)
+            event.listen(self.engine, "connect", pragmas)
         self._salt = b""
-        for attempt in range(3):  # a concurrent first start may insert the meta rows first
+        if migrate:
+            for attempt in range(3):  # concurrent first starts of several aggregators
+                try:
+                    migrations.upgrade(self.engine)
+                    break
+                except SQLAlchemyError as exc:
+                    if attempt == 2:
+                        self.engine.dispose()
+                        raise _store_error(f"cannot bring database {db!r} up to date",
+                                           exc) from None
+                    time.sleep(0.05 * (attempt + 1))
+        else:
             try:
-                self._init_schema()
-                break
-            except IntegrityError as exc:
-                if attempt == 2:
-                    raise StoreError(f"cannot initialise database {db!r}: {exc}") from exc
+                current = migrations.current(self.engine)
             except SQLAlchemyError as exc:
-                raise StoreError(f"cannot initialise database {db!r}: {exc}") from exc
-
-    def _init_schema(self) -> None:
-        s.metadata.create_all(self.engine)
-        with self.engine.begin() as c:
-            row = c.execute(select(s.meta.c.value).where(s.meta.c.key == "schema")).first()
-            found = version = s.SCHEMA_VERSION if row is None else int(row[0])
-            if row is None:
-                c.execute(insert(s.meta).values(key="schema", value=str(s.SCHEMA_VERSION)))
-            if version == 2:
-                _migrate_2_to_3(c, self.engine)
-                version = 3
-            if version == 3:
-                _migrate_3_to_4(c, self.engine)
-                version = 4
-            if version == 4:  # the blob_data table was made by create_all above
-                c.execute(update(s.meta).where(s.meta.c.key == "schema").values(value="5"))
-                version = 5
-            if version != s.SCHEMA_VERSION:
+                self.engine.dispose()
+                raise _store_error(f"cannot read database {db!r}", exc) from None
+            if current != migrations.HEAD:
+                self.engine.dispose()
                 raise StoreError(
-                    f"database schema version {found} is not supported "
-                    f"(this fedstack uses {s.SCHEMA_VERSION})"
-                )
-            # per-deployment salt of the credential hashes (tokens are never stored)
-            salt = c.execute(select(s.meta.c.value).where(s.meta.c.key == "token_salt")).scalar()
-            if salt is None:
-                salt = secrets.token_hex(32)
-                c.execute(insert(s.meta).values(key="token_salt", value=salt))
-            self._salt = bytes.fromhex(str(salt))
+                    f"{db!r} is not a fedstack store of this version (schema "
+                    f"{current or 'none'}, expected {migrations.HEAD}); the aggregator or "
+                    "'fedstack db upgrade' brings it up to date")
+        self._salt = self._load_salt(create=not readonly)
+
+    @classmethod
+    def open_readonly(cls, db: str, blob_dir: str | Path | None = None) -> Store:
+        """Open an existing store for inspection: no migration, no database or directory
+        created, SQLite's journal mode untouched and every write refused
+        (``PRAGMA query_only``).
+
+        Raises:
+            StoreError: there is no fedstack store of this version at ``db``.
+        """
+        return cls(db, blob_dir, migrate=False, readonly=True)
+
+    def _load_salt(self, *, create: bool) -> bytes:
+        """The per-deployment salt of the credential hashes (made on the first open)."""
+        for attempt in range(2):
+            try:
+                with self._begin() as c:
+                    salt = c.execute(select(s.meta.c.value)
+                                     .where(s.meta.c.key == "token_salt")).scalar()
+                    if salt is None and create:
+                        salt = secrets.token_hex(32)
+                        c.execute(insert(s.meta).values(key="token_salt", value=salt))
+                return b"" if salt is None else bytes.fromhex(str(salt))
+            except StoreConflict:  # a concurrent first open inserted it
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -283,18 +272,21 @@ class Store:
         return [dict(r) for r in rows]
 
     # ------------------------------------------------------------------ agents
+    @property
+    def token_salt(self) -> bytes:
+        """The deployment's salt of the credential hashes (see
+        :mod:`fedstack.security.credentials`)."""
+        return self._salt
+
     def hash_token(self, token: str) -> str:
-        """The stored form of a credential: HMAC-SHA256 under the deployment's salt.
+        """The stored form of a credential (:func:`fedstack.security.credentials.hash_token`)."""
+        return credentials.hash_token(self._salt, token)
 
-        Issued and enrolled tokens carry 256 bits of randomness, so a fast keyed hash is
-        enough (no password stretching); the token itself is never stored.
-        """
-        return "s1$" + hmac.new(self._salt, token.encode(), hashlib.sha256).hexdigest()
-
-    def _verify(self, stored: str, token: str) -> bool:
-        if stored.startswith("s1$"):
-            return hmac.compare_digest(stored, self.hash_token(token))
-        return hmac.compare_digest(stored, token_hash(token))  # schema-2 hash
+    @contextlib.contextmanager
+    def credential_rows(self) -> Iterator[_CredentialRows]:
+        """One transaction over the ``agents`` rows, for the credential policy."""
+        with self._begin() as c:
+            yield _CredentialRows(c)
 
     def register_agent(self, name: str, token: str | None, address: str, *,
                        auth: str = "off", enrollment: bool | None = None) -> tuple[str, bool]:
@@ -304,193 +296,35 @@ class Store:
 
     def authenticate(self, name: str, token: str | None, address: str, *,
                      auth: str = "off", enrollment: bool | None = None) -> Registration:
-        """Check agent ``name``'s credential and record the connection.
-
-        ``auth="required"``: the agent must present a token; a known name must present its
-        credential (issued by :meth:`issue_credential`, bound at enrollment or, before auth
-        was required, at first use); an unknown name is registered only with a valid
-        enrollment token (``enrollment=True``), its own token becoming its credential.
-        ``auth="off"``: the first registration binds the name to the token it presents (if
-        any) and a later one with another token is refused. In both modes a revoked
-        credential is refused. ``enrollment``: None = no enrollment token presented,
-        False = a wrong one.
+        """Check agent ``name``'s credential and record the connection: the policy of
+        :func:`fedstack.security.credentials.authenticate_agent` over this store.
 
         Raises:
             CredentialRefused: (a :class:`RegistrationRefused`) with the wire ``code`` and
                 the audit ``reason``.
+            StoreError: the database failed.
         """
-        if auth not in AUTH_MODES:
-            raise ValueError(f"auth {auth!r} must be one of {AUTH_MODES}")
-        for attempt in range(2):
-            try:
-                return self._authenticate(name, token, address, auth, enrollment)
-            except IntegrityError as exc:  # a concurrent first registration of this name
-                if attempt:
-                    raise StoreError(f"cannot register agent {name!r}: {exc}") from exc
-        raise AssertionError("unreachable")
-
-    def _authenticate(self, name: str, token: str | None, address: str, auth: str,
-                      enrollment: bool | None) -> Registration:
-        now = time.time()
-        th = self.hash_token(token) if token else None
-        fp = fingerprint(th)
-        required = auth == "required"
-        with self._begin() as c:
-            row = c.execute(select(s.agents).where(s.agents.c.name == name)).mappings().first()
-            if required and not token:
-                raise CredentialRefused(
-                    f"agent {name!r}: authentication required (pass the agent's token, "
-                    "e.g. FEDSTACK_TOKEN)", "auth-required", "no-token",
-                    source=None if row is None else row["credential_source"])
-            if row is None:
-                source: str | None
-                if required:
-                    if enrollment is not True:
-                        raise CredentialRefused(
-                            f"agent {name!r}: {_UNKNOWN_OR_WRONG}", "bad-credential",
-                            "unknown-agent" if enrollment is None else "bad-enrollment",
-                            credential=fp)
-                    assert token is not None
-                    if len(token) < MIN_ENROLLED_TOKEN_CHARS:
-                        raise CredentialRefused(
-                            f"agent {name!r}: an enrolling agent's own token must have at "
-                            f"least {MIN_ENROLLED_TOKEN_CHARS} characters", "weak-token",
-                            "weak-token", credential=fp, source="enrolled")
-                    source = "enrolled"
-                else:
-                    source = "first-use" if th is not None else None
-                agent_id = new_id()
-                c.execute(insert(s.agents).values(
-                    id=agent_id, name=name, token_hash=th, created=now, last_seen=now,
-                    last_address=address, credential_source=source,
-                    credential_created=now if th is not None else None,
-                ))
-                return Registration(agent_id, True, source, th)
-            if row["role"] == "operator":  # an operator credential never joins a federation
-                raise CredentialRefused(f"agent {name!r}: {_UNKNOWN_OR_WRONG}", "bad-credential",
-                                        "operator-credential", credential=fp)
-            stored: str | None = row["token_hash"]
-            source = row["credential_source"]
-            if stored is None:
-                if required:
-                    raise CredentialRefused(f"agent {name!r}: {_UNKNOWN_OR_WRONG}",
-                                            "bad-credential", "no-credential", credential=fp)
-            elif token is None or not self._verify(stored, token):
-                message = (f"agent {name!r}: {_UNKNOWN_OR_WRONG}" if required else
-                           f"agent name {name!r} is registered with a different credential")
-                raise CredentialRefused(message, "bad-credential",
-                                        "no-token" if token is None else "wrong-token",
-                                        credential=fp, source=source)
-            if row["revoked_at"] is not None:
-                raise CredentialRefused(f"agent {name!r}: its credential was revoked",
-                                        "revoked", "revoked", credential=fp, source=source)
-            values: dict[str, Any] = {"last_seen": now, "last_address": address}
-            if stored is None and th is not None:  # auth off: bind on first use
-                values.update(token_hash=th, credential_source="first-use",
-                              credential_created=now)
-                stored, source = th, "first-use"
-            elif stored is not None and th is not None and stored != th:
-                values["token_hash"] = stored = th  # upgrade a schema-2 hash
-            c.execute(update(s.agents).where(s.agents.c.id == row["id"]).values(**values))
-            return Registration(str(row["id"]), False, source, stored)
+        return credentials.authenticate_agent(self, name, token, address, auth=auth,
+                                              enrollment=enrollment)
 
     def issue_credential(self, name: str, *, replace: bool = False, role: str = "agent") -> str:
-        """Issue a new credential for agent ``name`` (created if unknown); return the token.
-
-        Only a hash is stored: the token cannot be shown again. A name that already has
-        a valid credential keeps it unless ``replace`` (its agent is then disconnected by
-        the aggregator at its next credential check); a revoked one gets a new credential.
-        ``role="operator"``: a credential for the operator API (names are shared: a name
-        is either an agent's or an operator's).
-        """
-        if role not in ROLES:
-            raise ValueError(f"role {role!r} must be one of {ROLES}")
-        if not name or name != name.strip() or len(name) > 128:
-            raise StoreError("an agent name must have 1-128 characters, no surrounding blanks")
-        token = secrets.token_urlsafe(32)
-        th = self.hash_token(token)
-        now = time.time()
-        with self._begin() as c:
-            row = c.execute(select(s.agents).where(s.agents.c.name == name)).mappings().first()
-            replaced = None
-            if row is None:
-                agent_id = new_id()
-                c.execute(insert(s.agents).values(
-                    id=agent_id, name=name, token_hash=th, created=now, last_seen=now,
-                    last_address="", credential_source="issued", credential_created=now,
-                    role=role,
-                ))
-            else:
-                agent_id = str(row["id"])
-                if row["role"] != role:
-                    raise StoreError(f"{name!r} is the name of an {row['role']}, not an "
-                                     f"{role}; choose another name")
-                if row["token_hash"] is not None and row["revoked_at"] is None:
-                    if not replace:
-                        raise StoreError(
-                            f"agent {name!r} already has a credential "
-                            f"({row['credential_source'] or 'first-use'}, "
-                            f"{fingerprint(row['token_hash'])}); revoke it first or replace it"
-                        )
-                    replaced = fingerprint(row["token_hash"])
-                c.execute(update(s.agents).where(s.agents.c.id == agent_id).values(
-                    token_hash=th, credential_source="issued", credential_created=now,
-                    revoked_at=None,
-                ))
-            c.execute(insert(s.events).values(
-                time=now, run_id=None, agent_id=agent_id, kind="credential_issued",
-                detail={"name": name, "credential": fingerprint(th), "source": "issued",
-                        "replaced": replaced, "role": role}))
-        return token
+        """Issue a new credential for ``name``; return the token (see
+        :func:`fedstack.security.credentials.issue_credential`)."""
+        return credentials.issue_credential(self, name, replace=replace, role=role)
 
     def revoke_credential(self, name: str, *, role: str | None = None) -> bool:
-        """Revoke agent ``name``'s credential: its reconnects are refused and connected
-        aggregators close its connection at their next check. False if already revoked.
-        ``role``: only a credential of this role (an other role's name is "no agent")."""
-        now = time.time()
-        with self._begin() as c:
-            row = c.execute(select(s.agents).where(s.agents.c.name == name)).mappings().first()
-            if row is None or (role is not None and row["role"] != role):
-                raise StoreError(f"no {role or 'agent'} {name!r}")
-            if row["revoked_at"] is not None:
-                return False
-            c.execute(update(s.agents).where(s.agents.c.id == row["id"]).values(revoked_at=now))
-            c.execute(insert(s.events).values(
-                time=now, run_id=None, agent_id=row["id"], kind="credential_revoked",
-                detail={"name": name, "credential": fingerprint(row["token_hash"]),
-                        "source": row["credential_source"], "role": row["role"]}))
-        return True
+        """Revoke ``name``'s credential; False if it was revoked already (see
+        :func:`fedstack.security.credentials.revoke_credential`)."""
+        return credentials.revoke_credential(self, name, role=role)
 
     def authenticate_operator(self, token: str | None, address: str) -> Operator:
-        """Check a bearer token for the operator API; record the use (``last_seen``).
-
-        Only an unrevoked ``operator`` credential passes.
+        """Check a bearer token for the operator API (see
+        :func:`fedstack.security.credentials.authenticate_operator`).
 
         Raises:
-            CredentialRefused: ``reason`` ``no-token``, ``wrong-token`` (unknown),
-                ``agent-credential`` (an agent's token) or ``revoked``.
+            CredentialRefused: the token does not open the operator API.
         """
-        if not token:
-            raise CredentialRefused("operator token required", "auth-required", "no-token")
-        th = self.hash_token(token)
-        fp = fingerprint(th)
-        with self._begin() as c:
-            row = c.execute(select(s.agents).where(s.agents.c.token_hash == th)
-                            ).mappings().first()
-            if row is None or not hmac.compare_digest(str(row["token_hash"]), th):
-                raise CredentialRefused("unknown operator token", "bad-credential",
-                                        "wrong-token", credential=fp)
-            if row["role"] != "operator":
-                raise CredentialRefused("an agent credential cannot use the operator API",
-                                        "forbidden", "agent-credential", credential=fp,
-                                        source=str(row["name"]))
-            if row["revoked_at"] is not None:
-                raise CredentialRefused(f"the credential of operator {row['name']!r} was "
-                                        "revoked", "revoked", "revoked", credential=fp,
-                                        source=str(row["name"]))
-            c.execute(update(s.agents).where(s.agents.c.id == row["id"]).values(
-                last_seen=time.time(), last_address=address[:128]))
-        return Operator(str(row["id"]), str(row["name"]), th)
+        return credentials.authenticate_operator(self, token, address)
 
     def list_credentials(self) -> list[dict[str, Any]]:
         """Every agent's credential state (never the hash)."""
@@ -630,7 +464,7 @@ class Store:
                                        metrics)
                     first[uid] = rec
                     out.append((rec, True))
-        except IntegrityError as exc:
+        except StoreConflict as exc:
             # upload_id is unique: an upload stored before (a re-send) fails the whole
             # transaction. The rare path: one by one, the stored record for that one.
             if len(uploads) > 1:
@@ -638,7 +472,7 @@ class Store:
             uid = uploads[0]["upload_id"]
             existing = self.find_upload(uid)
             if existing is None:  # another constraint (e.g. an unknown run or agent)
-                raise StoreError(f"cannot store upload {uid[:64]!r}: {exc}") from exc
+                raise StoreConflict(f"cannot store upload {uid[:64]!r}: {exc}") from exc
             return [(existing, False)]
         return out
 
@@ -828,7 +662,7 @@ class Store:
             with self.engine.connect() as c:
                 c.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
         except SQLAlchemyError as exc:
-            raise StoreError(f"checkpoint failed: {exc}") from exc
+            raise _store_error("checkpoint failed", exc) from None
 
     # ------------------------------------------------------------------ events
     def log_event(self, kind: str, detail: Mapping[str, Any], *, run_id: str | None = None,
@@ -898,7 +732,9 @@ class Store:
 
 
 class _Txn:
-    """``engine.begin()`` that turns database errors into :class:`StoreError`."""
+    """``engine.begin()`` that turns every database error into :class:`StoreError` (a
+    :class:`StoreConflict` for a constraint violation), with a message free of SQL text
+    and parameters; the details are logged at debug level."""
 
     def __init__(self, engine: Engine) -> None:
         self._cm = engine.begin()
@@ -907,13 +743,61 @@ class _Txn:
         try:
             return self._cm.__enter__()
         except SQLAlchemyError as exc:
-            raise StoreError(f"database unavailable: {exc}") from exc
+            raise _store_error("database unavailable", exc) from None
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> Literal[False]:
         try:
-            return bool(self._cm.__exit__(*exc))
+            self._cm.__exit__(exc_type, exc, tb)
         except SQLAlchemyError as e:
-            raise StoreError(f"database write failed: {e}") from e
+            if e is exc:  # raised in the block, re-raised after the rollback
+                raise _store_error("database operation failed", e) from None
+            raise _store_error("database write failed", e) from None
+        if isinstance(exc, SQLAlchemyError):
+            raise _store_error("database operation failed", exc) from None
+        return False
+
+
+def _store_error(what: str, exc: SQLAlchemyError) -> StoreError:
+    """A :class:`StoreError` for ``exc`` naming its kind, never its SQL or parameters."""
+    log.debug("%s", what, exc_info=exc)
+    orig = getattr(exc, "orig", None)
+    reason = type(orig if orig is not None else exc).__name__
+    if isinstance(exc, OperationalError) and type(orig).__module__ == "sqlite3":
+        # SQLite's own reasons ("database is locked", "disk I/O error", "unable to open
+        # database file", "no such table: runs") carry neither SQL text nor parameters
+        reason = str(orig).splitlines()[0][:120] if str(orig) else reason
+    if isinstance(exc, IntegrityError):
+        return StoreConflict(f"{what}: the write conflicts with stored data ({reason})")
+    return StoreError(f"{what} ({reason})")
+
+
+class _CredentialRows:
+    """The ``agents`` rows in one transaction (implements
+    :class:`fedstack.security.credentials.CredentialRows`)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._c = conn
+
+    def by_name(self, name: str) -> Mapping[str, Any] | None:
+        row = self._c.execute(select(s.agents).where(s.agents.c.name == name)).mappings().first()
+        return None if row is None else dict(row)
+
+    def by_hash(self, token_hash: str) -> Mapping[str, Any] | None:
+        row = self._c.execute(select(s.agents).where(s.agents.c.token_hash == token_hash)
+                              ).mappings().first()
+        return None if row is None else dict(row)
+
+    def insert(self, **values: Any) -> None:
+        self._c.execute(insert(s.agents).values(**values))
+
+    def update(self, agent_id: str, **values: Any) -> None:
+        self._c.execute(update(s.agents).where(s.agents.c.id == agent_id).values(**values))
+
+    def event(self, kind: str, detail: Mapping[str, Any], agent_id: str) -> None:
+        self._c.execute(insert(s.events).values(time=time.time(), run_id=None,
+                                                agent_id=agent_id, kind=kind,
+                                                detail=dict(detail)))
 
 
 def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], Weights]:
@@ -928,25 +812,6 @@ def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], Weights]:
         else:
             scalars[k] = v
     return scalars, arrays
-
-
-def _migrate_2_to_3(c: Any, engine: Engine) -> None:
-    """Schema 2 -> 3: the agents' credential columns."""
-    for col in (s.agents.c.credential_source, s.agents.c.credential_created,
-                s.agents.c.revoked_at):
-        c.execute(text(f"ALTER TABLE agents ADD COLUMN {col.name} "
-                       f"{col.type.compile(dialect=engine.dialect)}"))
-    c.execute(update(s.agents).where(s.agents.c.token_hash.is_not(None))
-              .values(credential_source="first-use"))
-    c.execute(update(s.meta).where(s.meta.c.key == "schema").values(value="3"))
-
-
-def _migrate_3_to_4(c: Any, engine: Engine) -> None:
-    """Schema 3 -> 4: ``agents.role`` (every existing credential is an agent's)."""
-    col = s.agents.c.role
-    c.execute(text(f"ALTER TABLE agents ADD COLUMN {col.name} "
-                   f"{col.type.compile(dialect=engine.dialect)} NOT NULL DEFAULT 'agent'"))
-    c.execute(update(s.meta).where(s.meta.c.key == "schema").values(value="4"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -969,6 +834,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # (Store.checkpoint); the automatic one, inside whichever commit crossed 1,000 pages
     # (a ~7 ms stall every few rounds on the upload path), stays only as a safety net.
     cur.execute(f"PRAGMA wal_autocheckpoint={AUTO_CHECKPOINT_PAGES}")
+    cur.close()
+
+
+def _sqlite_pragmas_readonly(dbapi_conn: Any, _record: Any) -> None:
+    """Inspection: no journal-mode switch (it writes the file header), no writes at all."""
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA query_only=ON")
     cur.close()
 
 
