@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import Engine, bindparam, create_engine, event, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    insert,
+    make_url,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from fedstack.errors import CredentialRefused, StoreConflict, StoreError, TensorFileError
@@ -81,6 +91,14 @@ _MODEL_EXTRA = select(s.models.c.extra_blob).where(s.models.c.id == bindparam("m
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):
+        return "<unparsable database URL>"
 
 
 def resolve_url(path_or_url: str) -> tuple[str, Path | None]:
@@ -153,6 +171,7 @@ class Store:
         """Blobs up to this size go into the database (table ``blob_data``), in the same
         transaction as the row that names them: no file, no extra fsync. 0: all files."""
         self.url, self.path = resolve_url(db)
+        db = _redacted(self.url) if self.path is None else str(self.path)  # for messages
         if blob_dir is None:
             if self.path is None:
                 raise StoreError(
@@ -763,9 +782,9 @@ def _store_error(what: str, exc: SQLAlchemyError) -> StoreError:
     log.debug("%s", what, exc_info=exc)
     orig = getattr(exc, "orig", None)
     reason = type(orig if orig is not None else exc).__name__
-    if isinstance(exc, OperationalError) and type(orig).__module__ == "sqlite3":
-        # SQLite's own reasons ("database is locked", "disk I/O error", "unable to open
-        # database file", "no such table: runs") carry neither SQL text nor parameters
+    if isinstance(exc, OperationalError | IntegrityError) and type(orig).__module__ == "sqlite3":
+        # SQLite's own reasons ("database is locked", "disk I/O error", "no such table:
+        # runs", "UNIQUE constraint failed: agents.name") carry no SQL text or parameters
         reason = str(orig).splitlines()[0][:120] if str(orig) else reason
     if isinstance(exc, IntegrityError):
         return StoreConflict(f"{what}: the write conflicts with stored data ({reason})")
