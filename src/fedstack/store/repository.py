@@ -238,7 +238,7 @@ class Store:
         """The per-deployment salt of the credential hashes (made on the first open)."""
         for attempt in range(2):
             try:
-                with self._begin() as c:
+                with _Txn(self.engine) as c:  # not _begin(): subclasses wrap that
                     salt = c.execute(select(s.meta.c.value)
                                      .where(s.meta.c.key == "token_salt")).scalar()
                     if salt is None and create:
