@@ -4,7 +4,12 @@ SQLite (a file) is the default; any SQLAlchemy URL works (PostgreSQL for several
 aggregators). Metadata lives in tables, tensors in a :class:`BlobStore` directory beside
 the database (``<db>.blobs/`` for SQLite; ``blob_dir`` for other URLs). Every method that
 writes runs in one transaction and returns only after it committed: the aggregator calls
-them before it acknowledges anything.
+them before it acknowledges anything. Every database error leaves as
+:class:`~fedstack.errors.StoreError` without SQL text or parameters.
+
+The schema is brought up to date through Alembic (:mod:`fedstack.store.migrations`) when
+a store opens, unless it is opened for inspection (:meth:`Store.open_readonly`). The
+credential rules live in :mod:`fedstack.security.credentials`; this module keeps their SQL.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from sqlalchemy import (
@@ -26,12 +31,11 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
-    make_url,
     or_,
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from fedstack.errors import CredentialRefused, StoreConflict, StoreError, TensorFileError
 from fedstack.security import credentials
@@ -51,6 +55,15 @@ from fedstack.store.blobs import (
     digest_matches,
     digest_of,
     encode_weights,
+)
+from fedstack.store.database import (
+    Txn,
+    redacted,
+    resolve_url,
+    sqlite_pragmas,
+    sqlite_pragmas_fast,
+    sqlite_pragmas_readonly,
+    store_error,
 )
 from fedstack.types import Metrics, Weights
 
@@ -91,24 +104,6 @@ _MODEL_EXTRA = select(s.models.c.extra_blob).where(s.models.c.id == bindparam("m
 
 def new_id() -> str:
     return uuid.uuid4().hex
-
-
-def _redacted(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (SQLAlchemyError, ValueError):
-        return "<unparsable database URL>"
-
-
-def resolve_url(path_or_url: str) -> tuple[str, Path | None]:
-    """A database argument -> (SQLAlchemy URL, SQLite file path or None)."""
-    if "://" in path_or_url:
-        if path_or_url.startswith("sqlite:///") and path_or_url != "sqlite:///:memory:":
-            return path_or_url, Path(path_or_url[len("sqlite:///") :])
-        return path_or_url, None
-    path = Path(path_or_url).expanduser().resolve()
-    return f"sqlite:///{path}", path
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +166,7 @@ class Store:
         """Blobs up to this size go into the database (table ``blob_data``), in the same
         transaction as the row that names them: no file, no extra fsync. 0: all files."""
         self.url, self.path = resolve_url(db)
-        db = _redacted(self.url) if self.path is None else str(self.path)  # for messages
+        db = redacted(self.url) if self.path is None else str(self.path)  # for messages
         if blob_dir is None:
             if self.path is None:
                 raise StoreError(
@@ -194,8 +189,8 @@ class Store:
             raise StoreError(f"cannot open database {db!r} ({type(exc).__name__})") from None
         self._sqlite = self.engine.dialect.name == "sqlite"
         if self._sqlite:
-            pragmas = (_sqlite_pragmas_readonly if readonly else
-                       _sqlite_pragmas if durable else _sqlite_pragmas_fast)
+            pragmas = (sqlite_pragmas_readonly if readonly else
+                       sqlite_pragmas if durable else sqlite_pragmas_fast)
             event.listen(self.engine, "connect", pragmas)
         self._salt = b""
         if migrate:
@@ -206,7 +201,7 @@ class Store:
                 except SQLAlchemyError as exc:
                     if attempt == 2:
                         self.engine.dispose()
-                        raise _store_error(f"cannot bring database {db!r} up to date",
+                        raise store_error(f"cannot bring database {db!r} up to date",
                                            exc) from None
                     time.sleep(0.05 * (attempt + 1))
         else:
@@ -214,13 +209,13 @@ class Store:
                 current = migrations.current(self.engine)
             except SQLAlchemyError as exc:
                 self.engine.dispose()
-                raise _store_error(f"cannot read database {db!r}", exc) from None
+                raise store_error(f"cannot read database {db!r}", exc) from None
             if current != migrations.HEAD:
                 self.engine.dispose()
                 raise StoreError(
                     f"{db!r} is not a fedstack store of this version (schema "
-                    f"{current or 'none'}, expected {migrations.HEAD}); the aggregator or "
-                    "'fedstack db upgrade' brings it up to date")
+                    f"{current or 'none'}, expected {migrations.HEAD}); an aggregator brings it "
+                    "up to date when it opens it")
         self._salt = self._load_salt(create=not readonly)
 
     @classmethod
@@ -238,7 +233,7 @@ class Store:
         """The per-deployment salt of the credential hashes (made on the first open)."""
         for attempt in range(2):
             try:
-                with _Txn(self.engine) as c:  # not _begin(): subclasses wrap that
+                with Txn(self.engine) as c:  # not _begin(): subclasses wrap that
                     salt = c.execute(select(s.meta.c.value)
                                      .where(s.meta.c.key == "token_salt")).scalar()
                     if salt is None and create:
@@ -681,7 +676,7 @@ class Store:
             with self.engine.connect() as c:
                 c.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
         except SQLAlchemyError as exc:
-            raise _store_error("checkpoint failed", exc) from None
+            raise store_error("checkpoint failed", exc) from None
 
     # ------------------------------------------------------------------ events
     def log_event(self, kind: str, detail: Mapping[str, Any], *, run_id: str | None = None,
@@ -747,48 +742,7 @@ class Store:
 
     # ------------------------------------------------------------------ helpers
     def _begin(self) -> Any:
-        return _Txn(self.engine)
-
-
-class _Txn:
-    """``engine.begin()`` that turns every database error into :class:`StoreError` (a
-    :class:`StoreConflict` for a constraint violation), with a message free of SQL text
-    and parameters; the details are logged at debug level."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._cm = engine.begin()
-
-    def __enter__(self) -> Any:
-        try:
-            return self._cm.__enter__()
-        except SQLAlchemyError as exc:
-            raise _store_error("database unavailable", exc) from None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: Any) -> Literal[False]:
-        try:
-            self._cm.__exit__(exc_type, exc, tb)
-        except SQLAlchemyError as e:
-            if e is exc:  # raised in the block, re-raised after the rollback
-                raise _store_error("database operation failed", e) from None
-            raise _store_error("database write failed", e) from None
-        if isinstance(exc, SQLAlchemyError):
-            raise _store_error("database operation failed", exc) from None
-        return False
-
-
-def _store_error(what: str, exc: SQLAlchemyError) -> StoreError:
-    """A :class:`StoreError` for ``exc`` naming its kind, never its SQL or parameters."""
-    log.debug("%s", what, exc_info=exc)
-    orig = getattr(exc, "orig", None)
-    reason = type(orig if orig is not None else exc).__name__
-    if isinstance(exc, OperationalError | IntegrityError) and type(orig).__module__ == "sqlite3":
-        # SQLite's own reasons ("database is locked", "disk I/O error", "no such table:
-        # runs", "UNIQUE constraint failed: agents.name") carry no SQL text or parameters
-        reason = str(orig).splitlines()[0][:120] if str(orig) else reason
-    if isinstance(exc, IntegrityError):
-        return StoreConflict(f"{what}: the write conflicts with stored data ({reason})")
-    return StoreError(f"{what} ({reason})")
+        return Txn(self.engine)
 
 
 class _CredentialRows:
@@ -838,37 +792,6 @@ class _Staged:
     digest: str
     size: int
     data: bytes | None = None  # None: already in the blob directory
-
-
-AUTO_CHECKPOINT_PAGES = 10_000
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    # Checkpoints (WAL -> database file) run in the background after every round
-    # (Store.checkpoint); the automatic one, inside whichever commit crossed 1,000 pages
-    # (a ~7 ms stall every few rounds on the upload path), stays only as a safety net.
-    cur.execute(f"PRAGMA wal_autocheckpoint={AUTO_CHECKPOINT_PAGES}")
-    cur.close()
-
-
-def _sqlite_pragmas_readonly(dbapi_conn: Any, _record: Any) -> None:
-    """Inspection: no journal-mode switch (it writes the file header), no writes at all."""
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA query_only=ON")
-    cur.close()
-
-
-def _sqlite_pragmas_fast(dbapi_conn: Any, _record: Any) -> None:
-    _sqlite_pragmas(dbapi_conn, _record)
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.close()
 
 
 def _run_info(row: Mapping[str, Any], resumed: bool) -> RunInfo:
