@@ -108,3 +108,11 @@ def sqlite_pragmas_fast(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+
+
+def postgres_readonly(dbapi_conn: Any, _record: Any) -> None:
+    """Inspection on PostgreSQL: every transaction of the connection is read-only."""
+    cur = dbapi_conn.cursor()
+    cur.execute("SET default_transaction_read_only = on")
+    cur.close()
+    dbapi_conn.commit()

@@ -58,6 +58,7 @@ from fedstack.store.blobs import (
 )
 from fedstack.store.database import (
     Txn,
+    postgres_readonly,
     redacted,
     resolve_url,
     sqlite_pragmas,
@@ -188,6 +189,8 @@ class Store:
             log.debug("cannot create the engine for %s", db, exc_info=True)
             raise StoreError(f"cannot open database {db!r} ({type(exc).__name__})") from None
         self._sqlite = self.engine.dialect.name == "sqlite"
+        if readonly and self.engine.dialect.name == "postgresql":
+            event.listen(self.engine, "connect", postgres_readonly)
         if self._sqlite:
             pragmas = (sqlite_pragmas_readonly if readonly else
                        sqlite_pragmas if durable else sqlite_pragmas_fast)
@@ -221,8 +224,8 @@ class Store:
     @classmethod
     def open_readonly(cls, db: str, blob_dir: str | Path | None = None) -> Store:
         """Open an existing store for inspection: no migration, no database or directory
-        created, SQLite's journal mode untouched and every write refused
-        (``PRAGMA query_only``).
+        created, SQLite's journal mode untouched and every write refused (SQLite's
+        ``query_only``, PostgreSQL's ``default_transaction_read_only``).
 
         Raises:
             StoreError: there is no fedstack store of this version at ``db``.
