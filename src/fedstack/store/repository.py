@@ -38,6 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedstack.errors import CredentialRefused, StoreConflict, StoreError, TensorFileError
+from fedstack.files import atomic_write
 from fedstack.security import credentials
 from fedstack.security.credentials import (
     AUTH_MODES,
@@ -668,6 +669,36 @@ class Store:
             return decode_weights(memoryview(data))
         except TensorFileError as exc:
             raise TensorFileError(f"blob {digest[:12]} is not readable: {exc}") from exc
+
+    def export_model(self, model_id: str, path: str | Path) -> Path:
+        """Write model ``model_id`` to ``path`` as a safetensors file (whether its blob is
+        a file or inlined in the database), atomically; returns the path. The file opens
+        with ``safetensors.numpy.load_file`` or ``safetensors.torch.load_file``.
+
+        Raises:
+            StoreError: no such model, its blob is missing or corrupt, or ``path`` cannot
+                be written.
+        """
+        with self._begin() as c:
+            digest = c.execute(_MODEL_BLOB, {"model_id": model_id}).scalar()
+            row = None if digest is None else c.execute(_BLOB_DATA, {"d": digest}).first()
+        if digest is None:
+            raise StoreError(f"no model {model_id}")
+        out = Path(path)
+        if row is None:
+            try:
+                data = self.blobs.path(digest).read_bytes()
+            except OSError as exc:
+                raise StoreError(f"cannot read blob {digest[:12]}: {exc.strerror}") from exc
+        else:
+            data = bytes(row[0])
+        if not digest_matches(digest, data):
+            raise StoreError(f"blob {digest[:12]} is corrupt (hash mismatch)")
+        try:
+            atomic_write(out, data, mode=0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot write {out}: {exc.strerror}") from exc
+        return out
 
     def checkpoint(self) -> None:
         """Copy the SQLite write-ahead log into the database file without blocking
