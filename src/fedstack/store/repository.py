@@ -14,12 +14,11 @@ credential rules live in :mod:`fedstack.security.credentials`; this module keeps
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
-    or_,
     select,
     update,
 )
@@ -39,7 +37,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fedstack.errors import CredentialRefused, StoreConflict, StoreError, TensorFileError
 from fedstack.files import atomic_write
-from fedstack.security import credentials
 from fedstack.security.credentials import (
     AUTH_MODES,
     MIN_ENROLLED_TOKEN_CHARS,
@@ -57,6 +54,7 @@ from fedstack.store.blobs import (
     digest_of,
     encode_weights,
 )
+from fedstack.store.credentials import Credentials
 from fedstack.store.database import (
     Txn,
     postgres_readonly,
@@ -67,6 +65,7 @@ from fedstack.store.database import (
     sqlite_pragmas_readonly,
     store_error,
 )
+from fedstack.store.queries import Queries
 from fedstack.types import Metrics, Weights
 
 log = logging.getLogger("fedstack.store")
@@ -142,7 +141,7 @@ class ResumeState:
     global_extra: Weights
 
 
-class Store:
+class Store(Credentials, Queries):
     """One deployment's persistent store (one database for every start of the aggregator)."""
 
     def __init__(self, db: str, blob_dir: str | Path | None = None, *,
@@ -283,93 +282,6 @@ class Store:
     def finish_run(self, run_id: str) -> None:
         with self._begin() as c:
             c.execute(update(s.runs).where(s.runs.c.id == run_id).values(status="finished"))
-
-    def list_runs(self) -> list[dict[str, Any]]:
-        with self._begin() as c:
-            rows = c.execute(select(s.runs).order_by(s.runs.c.created)).mappings().all()
-        return [dict(r) for r in rows]
-
-    # ------------------------------------------------------------------ agents
-    @property
-    def token_salt(self) -> bytes:
-        """The deployment's salt of the credential hashes (see
-        :mod:`fedstack.security.credentials`)."""
-        return self._salt
-
-    def hash_token(self, token: str) -> str:
-        """The stored form of a credential (:func:`fedstack.security.credentials.hash_token`)."""
-        return credentials.hash_token(self._salt, token)
-
-    @contextlib.contextmanager
-    def credential_rows(self) -> Iterator[_CredentialRows]:
-        """One transaction over the ``agents`` rows, for the credential policy."""
-        with self._begin() as c:
-            yield _CredentialRows(c)
-
-    def register_agent(self, name: str, token: str | None, address: str, *,
-                       auth: str = "off", enrollment: bool | None = None) -> tuple[str, bool]:
-        """The stable id of agent ``name``: :meth:`authenticate` as ``(agent id, new)``."""
-        reg = self.authenticate(name, token, address, auth=auth, enrollment=enrollment)
-        return reg.agent_id, reg.new
-
-    def authenticate(self, name: str, token: str | None, address: str, *,
-                     auth: str = "off", enrollment: bool | None = None) -> Registration:
-        """Check agent ``name``'s credential and record the connection: the policy of
-        :func:`fedstack.security.credentials.authenticate_agent` over this store.
-
-        Raises:
-            CredentialRefused: (a :class:`RegistrationRefused`) with the wire ``code`` and
-                the audit ``reason``.
-            StoreError: the database failed.
-        """
-        return credentials.authenticate_agent(self, name, token, address, auth=auth,
-                                              enrollment=enrollment)
-
-    def issue_credential(self, name: str, *, replace: bool = False, role: str = "agent") -> str:
-        """Issue a new credential for ``name``; return the token (see
-        :func:`fedstack.security.credentials.issue_credential`)."""
-        return credentials.issue_credential(self, name, replace=replace, role=role)
-
-    def revoke_credential(self, name: str, *, role: str | None = None) -> bool:
-        """Revoke ``name``'s credential; False if it was revoked already (see
-        :func:`fedstack.security.credentials.revoke_credential`)."""
-        return credentials.revoke_credential(self, name, role=role)
-
-    def authenticate_operator(self, token: str | None, address: str) -> Operator:
-        """Check a bearer token for the operator API (see
-        :func:`fedstack.security.credentials.authenticate_operator`).
-
-        Raises:
-            CredentialRefused: the token does not open the operator API.
-        """
-        return credentials.authenticate_operator(self, token, address)
-
-    def list_credentials(self) -> list[dict[str, Any]]:
-        """Every agent's credential state (never the hash)."""
-        with self._begin() as c:
-            rows = c.execute(select(s.agents).order_by(s.agents.c.created)).mappings().all()
-        return [{
-            "name": r["name"], "role": r["role"], "agent_id": r["id"],
-            "source": r["credential_source"],
-            "credential": fingerprint(r["token_hash"]), "created": r["credential_created"],
-            "revoked": r["revoked_at"] is not None, "revoked_at": r["revoked_at"],
-            "last_seen": r["last_seen"], "last_address": r["last_address"],
-        } for r in rows]
-
-    def credential_status(self, agent_ids: Sequence[str]) -> dict[str, tuple[str | None, bool]]:
-        """``{agent id: (stored credential hash, revoked)}`` in one query (missing ids are
-        absent): what an aggregator re-checks for its connected agents."""
-        if not agent_ids:
-            return {}
-        with self._begin() as c:
-            rows = c.execute(select(s.agents.c.id, s.agents.c.token_hash, s.agents.c.revoked_at)
-                             .where(s.agents.c.id.in_(list(agent_ids)))).all()
-        return {str(r[0]): (r[1], r[2] is not None) for r in rows}
-
-    def list_agents(self) -> list[dict[str, Any]]:
-        with self._begin() as c:
-            rows = c.execute(select(s.agents).order_by(s.agents.c.created)).mappings().all()
-        return [{k: v for k, v in r.items() if k != "token_hash"} for r in rows]
 
     # ------------------------------------------------------------------ models
     def init_federation(
@@ -719,92 +631,9 @@ class Store:
             c.execute(_INSERT_EVENT, {"time": time.time(), "run_id": run_id,
                                       "agent_id": agent_id, "kind": kind, "detail": dict(detail)})
 
-    # ------------------------------------------------------------------ queries
-    def latest_run_id(self) -> str | None:
-        with self._begin() as c:
-            rid = c.execute(select(s.runs.c.id).order_by(s.runs.c.created.desc()).limit(1)).scalar()
-        return None if rid is None else str(rid)
-
-    def models(self, run_id: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
-        q = select(s.models, s.agents.c.name.label("agent")).outerjoin(
-            s.agents, s.agents.c.id == s.models.c.producer)
-        if run_id is not None:
-            q = q.where(s.models.c.run_id == run_id)
-        if kind is not None:
-            q = q.where(s.models.c.kind == kind)
-        with self._begin() as c:
-            rows = c.execute(q.order_by(s.models.c.round, s.models.c.created)).mappings().all()
-        return [dict(r) for r in rows]
-
-    def rounds(self, run_id: str, limit: int | None = None) -> list[dict[str, Any]]:
-        """The rounds of ``run_id`` in order (only the last ``limit`` if given)."""
-        q = select(s.rounds).where(s.rounds.c.run_id == run_id)
-        if limit is not None:
-            q = q.order_by(s.rounds.c.round.desc()).limit(limit)
-        else:
-            q = q.order_by(s.rounds.c.round)
-        with self._begin() as c:
-            rows = c.execute(q).mappings().all()
-        out = [dict(r) for r in rows]
-        return out[::-1] if limit is not None else out
-
-    def parents(self, model_id: str) -> list[dict[str, Any]]:
-        q = (select(s.lineage.c.relation, s.models, s.agents.c.name.label("agent"))
-             .join(s.models, s.models.c.id == s.lineage.c.parent_id)
-             .outerjoin(s.agents, s.agents.c.id == s.models.c.producer)
-             .where(s.lineage.c.child_id == model_id).order_by(s.models.c.created))
-        with self._begin() as c:
-            return [dict(r) for r in c.execute(q).mappings().all()]
-
-    def model(self, model_id: str) -> dict[str, Any] | None:
-        q = select(s.models, s.agents.c.name.label("agent")).outerjoin(
-            s.agents, s.agents.c.id == s.models.c.producer).where(s.models.c.id == model_id)
-        with self._begin() as c:
-            row = c.execute(q).mappings().first()
-        return None if row is None else dict(row)
-
-    def events(self, run_id: str | None = None, *, deployment: bool = False
-               ) -> list[dict[str, Any]]:
-        """Events of ``run_id`` (all without it); ``deployment`` adds the events that belong
-        to no run (credentials issued and revoked)."""
-        q = select(s.events)
-        if run_id is not None:
-            cond = s.events.c.run_id == run_id
-            q = q.where(or_(cond, s.events.c.run_id.is_(None)) if deployment else cond)
-        with self._begin() as c:
-            return [dict(r) for r in c.execute(q.order_by(s.events.c.id)).mappings().all()]
-
     # ------------------------------------------------------------------ helpers
     def _begin(self) -> Any:
         return Txn(self.engine)
-
-
-class _CredentialRows:
-    """The ``agents`` rows in one transaction (implements
-    :class:`fedstack.security.credentials.CredentialRows`)."""
-
-    def __init__(self, conn: Any) -> None:
-        self._c = conn
-
-    def by_name(self, name: str) -> Mapping[str, Any] | None:
-        row = self._c.execute(select(s.agents).where(s.agents.c.name == name)).mappings().first()
-        return None if row is None else dict(row)
-
-    def by_hash(self, token_hash: str) -> Mapping[str, Any] | None:
-        row = self._c.execute(select(s.agents).where(s.agents.c.token_hash == token_hash)
-                              ).mappings().first()
-        return None if row is None else dict(row)
-
-    def insert(self, **values: Any) -> None:
-        self._c.execute(insert(s.agents).values(**values))
-
-    def update(self, agent_id: str, **values: Any) -> None:
-        self._c.execute(update(s.agents).where(s.agents.c.id == agent_id).values(**values))
-
-    def event(self, kind: str, detail: Mapping[str, Any], agent_id: str) -> None:
-        self._c.execute(insert(s.events).values(time=time.time(), run_id=None,
-                                                agent_id=agent_id, kind=kind,
-                                                detail=dict(detail)))
 
 
 def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], Weights]:
