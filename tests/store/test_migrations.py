@@ -116,4 +116,3 @@ def test_a_store_created_by_the_migration_stores_models(tmp_path: Path) -> None:
         np.testing.assert_array_equal(st.load_weights(gid)["w"], w["w"])
     finally:
         st.close()
-
