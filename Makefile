@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# the tested builds of the extras (CPU torch, ray): pip install -c
+CONSTRAINTS := ci/constraints.txt
 
 .PHONY: demo test lint bench clean
 
@@ -13,13 +15,18 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-# torch==2.13.0 is the CPU build on these machines (a loose pin pulls a CUDA build);
-# ray for the simulator's Ray backend tests (tests/sim/test_ray_backend.py)
-$(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[dev,torch,ray]"
+# the demo's data needs scikit-learn (the demo extra)
+$(VENV)/.demo: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[demo]"
 	touch $@ $(VENV)/.core
 
-demo: $(VENV)/.core
+# every extra, at the builds in $(CONSTRAINTS) (CPU torch; ray for the simulator's Ray
+# backend tests, tests/sim/test_ray_backend.py)
+$(VENV)/.dev: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,demo,certs,torch,ray,plot]"
+	touch $@ $(VENV)/.core $(VENV)/.demo
+
+demo: $(VENV)/.demo
 	$(BIN)/fedstack demo --agents 3 --rounds 10 --partition dirichlet:0.5
 
 test: $(VENV)/.dev

@@ -10,8 +10,11 @@
     ├── ConnectionClosed              the connection ended (carries ``code`` and ``reason``)
     ├── InvalidUpdate                 a model failed validation (carries ``agent_id``, ``round``)
     ├── FederationFinished            the aggregator's last round is over
-    ├── RegistrationRefused           the aggregator refused this agent
+    ├── RegistrationRefused           the aggregator refused this agent (carries ``code``)
+    │   └── CredentialRefused         the credential check refused it (adds ``reason``)
     ├── StoreError                    the model store failed
+    │   ├── StoreConflict             a write conflicts with stored data (a unique key taken)
+    │   └── TensorFileError           bytes that should be a tensor file are not a valid one
     ├── TLSError                      TLS setup or certificate verification failed
     └── ConfigError                   a configuration value is invalid
 
@@ -91,8 +94,37 @@ class RegistrationRefused(FedstackError):
         self.code = code
 
 
+class CredentialRefused(RegistrationRefused):
+    """Registration (or an operator call) refused by the credential check.
+
+    ``code`` goes on the wire (it never tells an unknown name from a wrong token);
+    ``reason`` is the precise cause for the audit trail (``no-token``, ``unknown-agent``,
+    ``bad-enrollment``, ``wrong-token``, ``no-credential``, ``weak-token``, ``revoked``,
+    ``operator-credential``, ``agent-credential``). ``credential`` is the fingerprint of
+    the credential presented and ``source`` how the stored one was obtained, when known.
+    """
+
+    def __init__(self, message: str, code: str, reason: str, *,
+                 credential: str | None = None, source: str | None = None) -> None:
+        super().__init__(message, code)
+        self.reason = reason
+        self.credential = credential
+        self.source = source
+
+
 class StoreError(FedstackError):
-    """The model store could not read or write."""
+    """The model store could not read or write. The message never carries SQL text or
+    parameters (the details are logged at debug level by the store)."""
+
+
+class StoreConflict(StoreError):
+    """A write conflicts with data already stored (a unique name or id is taken, possibly
+    by a concurrent writer); nothing of the transaction was written."""
+
+
+class TensorFileError(StoreError):
+    """Bytes that should be a tensor file (safetensors layout) are not a valid one: too
+    short, a bad header, a dtype not allowed, offsets out of range or not contiguous."""
 
 
 class TLSError(FedstackError):

@@ -88,16 +88,16 @@ def test_pending_round_trip_atomic_files_and_modes(tmp_path: Path) -> None:
     assert files(d) == ["identity.json"]
     disk.save_pending(upload(), "run-1")
     disk.save_identity(agent_id="id-1", version=3)
-    assert files(d) == ["identity.json", "pending.fstb", "pending.json"]  # no temp files
+    assert files(d) == ["identity.json", "pending.json", "pending.safetensors"]  # no temp files
     for f in d.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o600
     ident = json.loads((d / "identity.json").read_text())
     assert ident["name"] == "a1" and ident["agent_id"] == "id-1" and ident["version"] == 3
     assert ident["token"] == "secret-token"
-    (d / ".pending.fstb.x1.tmp").write_bytes(b"half")  # a crash mid-write
+    (d / ".pending.safetensors.x1.tmp").write_bytes(b"half")  # a crash mid-write
     again = AgentStateDir(d, "a1")
     assert again.identity.token == "secret-token" and again.identity.agent_id == "id-1"
-    assert files(d) == ["identity.json", "pending.fstb", "pending.json"]  # leftover removed
+    assert files(d) == ["identity.json", "pending.json", "pending.safetensors"]  # leftover removed
     saved = again.load_pending()
     assert saved is not None and saved.run_id == "run-1"
     up = saved.upload
@@ -118,7 +118,7 @@ def test_torn_pending_upload_is_discarded_with_a_warning(
 ) -> None:
     d = tmp_path / "state"
     AgentStateDir(d, "a1").save_pending(upload(), "run-1")
-    data, meta = d / "pending.fstb", d / "pending.json"
+    data, meta = d / "pending.safetensors", d / "pending.json"
     if damage == "truncate":
         os.truncate(data, data.stat().st_size // 2)
     elif damage == "mismatch":  # crash after the new tensors, before the new metadata

@@ -422,32 +422,3 @@ def test_store_authentication_rules(tmp_path: Path) -> None:
         assert reason("a", token, auth="required") == "bad-credential/wrong-token"
     finally:
         st.close()
-
-
-def test_schema_2_database_is_migrated_and_old_hashes_still_verify(tmp_path: Path) -> None:
-    import sqlite3
-
-    from fedstack.store.repository import token_hash
-
-    path = tmp_path / "old.db"
-    con = sqlite3.connect(path)
-    con.executescript(
-        "CREATE TABLE fedstack_meta (key VARCHAR(64) PRIMARY KEY, value VARCHAR(256) NOT NULL);"
-        "INSERT INTO fedstack_meta VALUES ('schema', '2');"
-        "CREATE TABLE agents (id VARCHAR(32) PRIMARY KEY, name VARCHAR(128) NOT NULL UNIQUE,"
-        " token_hash VARCHAR(128), created FLOAT NOT NULL, last_seen FLOAT NOT NULL,"
-        " last_address VARCHAR(128) NOT NULL);"
-        f"INSERT INTO agents VALUES ('id1', 'old', '{token_hash('t-old')}', 1, 1, 'a');"
-    )
-    con.commit()
-    con.close()
-    st = Store(str(path))
-    try:
-        [row] = st.list_credentials()
-        assert (row["name"], row["source"], row["revoked"]) == ("old", "first-use", False)
-        reg = st.authenticate("old", "t-old", "b", auth="required")
-        assert reg.agent_id == "id1" and reg.credential is not None
-        assert reg.credential.startswith("s1$")  # upgraded to the salted hash
-        assert st.register_agent("old", "t-old", "b") == ("id1", False)
-    finally:
-        st.close()

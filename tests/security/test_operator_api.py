@@ -14,7 +14,6 @@ import http.client
 import json
 import random
 import socket
-import sqlite3
 import ssl
 import threading
 import time
@@ -488,40 +487,6 @@ def test_store_operator_credentials(tmp_path: Path) -> None:
         assert refused(ops) == "wrong-token"
     finally:
         st.close()
-
-
-def test_schema_3_database_is_migrated_to_4_with_agent_roles(tmp_path: Path) -> None:
-    path = tmp_path / "v3.db"
-    st = Store(str(path))
-    token = st.issue_credential("old-agent")
-    st.close()
-    # turn it back into a schema-3 database: no role column
-    con = sqlite3.connect(path)
-    con.executescript(
-        "ALTER TABLE agents DROP COLUMN role;"
-        "UPDATE fedstack_meta SET value = '3' WHERE key = 'schema';"
-    )
-    con.commit()
-    assert "role" not in [r[1] for r in con.execute("PRAGMA table_info(agents)")]
-    con.close()
-    st = Store(str(path))
-    try:
-        [row] = st.list_credentials()
-        assert (row["name"], row["role"], row["source"]) == ("old-agent", "agent", "issued")
-        assert st.authenticate("old-agent", token, "x", auth="required").agent_id
-        with pytest.raises(CredentialRefused):
-            st.authenticate_operator(token, "x")
-        ops = st.issue_credential("ops", role="operator")
-        assert st.authenticate_operator(ops, "x").name == "ops"
-    finally:
-        st.close()
-    con = sqlite3.connect(path)
-    try:
-        assert con.execute("SELECT value FROM fedstack_meta WHERE key = 'schema'"
-                           ).fetchone() == ("5",)  # and on to the current schema
-    finally:
-        con.close()
-    Store(str(path)).close()  # opening a migrated database again is a no-op
 
 
 def test_credentials_cli_operator_role(tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -19,4 +19,4 @@ def test_same_blob_written_concurrently_by_many_threads(tmp_path: Path) -> None:
     assert len(results) == 1
     [(digest, _size)] = results
     np.testing.assert_array_equal(blobs.get(digest)["w"], weights["w"])
-    assert [p.name for p in (tmp_path / "b").rglob("*") if p.is_file()] == [f"{digest}.fstb"]
+    assert [p.name for p in (tmp_path / "b").rglob("*") if p.is_file()] == [f"{digest}.safetensors"]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import blake3
 import numpy as np
 import pytest
 
-from fedstack.errors import LocalProtocolError, RemoteProtocolError, StoreError
+from fedstack.errors import LocalProtocolError, StoreError, TensorFileError
 from fedstack.store.blobs import BlobStore, decode_weights, digest_of, encode_weights
 
 
@@ -43,7 +42,8 @@ def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None
 def test_encode_decode_roundtrip() -> None:
     w = sample()
     data = joined(encode_weights(w))
-    assert data[:4] == b"FSTB"
+    header_len = int.from_bytes(data[:8], "little")
+    assert data[8:9] == b"{" and (8 + header_len) % 64 == 0  # safetensors, aligned data
     got = decode_weights(memoryview(data))
     assert_same(got, w)
     assert all(np.shares_memory(a, np.frombuffer(data, np.uint8)) for a in got.values() if a.size)
@@ -62,9 +62,10 @@ def test_encode_refuses_bad_dtype() -> None:
         encode_weights({"c": np.zeros(2, np.complex128)})
 
 
-@pytest.mark.parametrize("data", [b"", b"FST", b"XXXX\x00\x00\x00\x00", b"FSTB\xff\xff\x00\x00"])
+@pytest.mark.parametrize("data", [b"", b"FST", b"XXXX\x00\x00\x00\x00", b"FSTB\xff\xff\x00\x00",
+                                  b"\x02\x00\x00\x00\x00\x00\x00\x00{}x"])
 def test_decode_refuses_non_blobs(data: bytes) -> None:
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(TensorFileError):
         decode_weights(memoryview(data))
 
 
@@ -90,7 +91,7 @@ def test_atomic_write_leaves_no_tmp_files(tmp_path: Path) -> None:
     blobs.put({"w": np.full(100, 0, np.float32)})  # again: nothing new
     files = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
     assert len(files) == 5
-    assert all(p.suffix == ".fstb" for p in files)
+    assert all(p.suffix == ".safetensors" for p in files)
     assert not [p for p in files if ".tmp" in p.name]
 
 
@@ -131,17 +132,26 @@ def test_get_detects_corruption(tmp_path: Path) -> None:
         blobs.get("0" * 64)  # missing
 
 
-def test_blobs_of_older_stores_named_by_sha256_stay_readable(tmp_path: Path) -> None:
-    """Stores written before BLAKE3 name blobs by their plain sha256 hex digest."""
+def test_a_damaged_blob_is_repaired_by_storing_its_content_again(tmp_path: Path) -> None:
     blobs = BlobStore(tmp_path)
     w = sample()
-    data = joined(encode_weights(w))
-    old = hashlib.sha256(data).hexdigest()
-    path = tmp_path / old[:2] / f"{old}.fstb"
-    path.parent.mkdir()
-    path.write_bytes(data)
-    assert blobs.path(old) == path
-    assert_same(blobs.get(old), w)
-    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    digest, size = blobs.put(w)
+    path = blobs.path(digest)
+    data = bytearray(path.read_bytes())
+    data[-70] ^= 0x80  # tampered, same size
+    path.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="corrupt"):
-        blobs.get(old)
+        blobs.get(digest)
+    assert blobs.put(w) == (digest, size)
+    assert_same(blobs.get(digest), w)
+    path.write_bytes(bytes(data[:100]))  # truncated
+    assert blobs.put(w) == (digest, size)
+    assert_same(blobs.get(digest), w)
+
+
+def test_an_intact_blob_is_not_rewritten(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
+    digest, _ = blobs.put(sample())
+    before = blobs.path(digest).stat().st_ino
+    blobs.put(sample())
+    assert blobs.path(digest).stat().st_ino == before

@@ -412,33 +412,6 @@ def test_small_blobs_live_in_the_database_large_ones_in_files(tmp_path: Path) ->
         st.close()
 
 
-def test_schema_4_database_is_migrated_to_5(tmp_path: Path) -> None:
-    import sqlite3
-
-    path = tmp_path / "v4.db"
-    st = Store(str(path))
-    run_id, agent, gid = init_run(st)
-    st.close()
-    con = sqlite3.connect(path)
-    con.executescript("DROP TABLE blob_data; UPDATE fedstack_meta SET value = '4' "
-                      "WHERE key = 'schema';")
-    con.commit()
-    con.close()
-    st = Store(str(path), inline_blob_bytes=1 << 20)
-    try:
-        assert st.load_weights(gid)["w"].shape == (3, 4)  # file blobs of schema 4
-        rec, _ = upload(st, run_id, agent, "u-1", 1, 5)  # inlined into the new table
-        np.testing.assert_array_equal(st.load_weights(rec.model_id)["w"], weights(5)["w"])
-    finally:
-        st.close()
-    con = sqlite3.connect(path)
-    try:
-        assert con.execute("SELECT value FROM fedstack_meta WHERE key = 'schema'"
-                           ).fetchone() == (str(s.SCHEMA_VERSION),)
-    finally:
-        con.close()
-
-
 # ---------------------------------------------------------------------------- checkpoints
 def test_checkpoint_moves_the_log_into_the_database_file(store: Store, db: Path,
                                                          tmp_path: Path) -> None:
@@ -467,3 +440,29 @@ def test_checkpoint_moves_the_log_into_the_database_file(store: Store, db: Path,
     assert uploads_in_file_alone() < stored
     store.checkpoint()
     assert uploads_in_file_alone() == stored
+
+
+def test_export_model_writes_safetensors_for_inlined_and_file_blobs(tmp_path: Path) -> None:
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    st = Store(str(tmp_path / "f.db"), inline_blob_bytes=4096)
+    try:
+        run = st.open_run("r", {}, "agg")
+        agent, _ = st.register_agent("a", None, "x")
+        small = {"w": np.arange(6, dtype=np.float32), "b": np.ones(2)}
+        gid = st.init_federation(run.id, agent_id=agent, structure=[("w", "float32", (6,))],
+                                 init_weights=True, initial=small, global_weights=small,
+                                 num_samples=1, metrics={}, aggregator_id="agg")
+        big = {"w": np.arange(4096, dtype=np.float32)}
+        rec, _ = st.add_upload(run.id, agent_id=agent, upload_id="u", round=1,
+                               base_version=0, num_samples=1, metrics={}, weights=big,
+                               status="buffered")
+        for model_id, want in ((gid, small), (rec.model_id, big)):
+            out = st.export_model(model_id, tmp_path / f"{model_id}.safetensors")
+            loaded = safetensors_numpy.load_file(str(out))
+            assert set(loaded) == set(want)
+            for k, v in want.items():
+                np.testing.assert_array_equal(loaded[k], v)
+        with pytest.raises(StoreError, match="no model"):
+            st.export_model("nope", tmp_path / "x.safetensors")
+    finally:
+        st.close()

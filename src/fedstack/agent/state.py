@@ -6,32 +6,30 @@ A state directory (created with mode 0700) holds:
     ``{"format": 1, "name", "agent_id", "token", "version", "aggregator_id", "run_id"}``:
     the agent's name (a directory belongs to one agent), the id the aggregator assigned,
     its credential if it has one, and the version of the last global model received.
-``pending.fstb``
-    The tensors of the upload not yet acknowledged, in the blob codec of
-    :mod:`fedstack.store.blobs` (no pickle): the model's arrays as ``m.0, m.1, ...`` and
-    the extra arrays as ``x.0, x.1, ...``, in the order named by ``pending.json``.
+``pending.safetensors``
+    The tensors of the upload not yet acknowledged, a tensor file in the safetensors layout
+    (:mod:`fedstack.wire.tensorfile`, no pickle): the model's arrays as ``m.0, m.1, ...``
+    and the extra arrays as ``x.0, x.1, ...``, in the order named by ``pending.json``; its
+    ``__metadata__`` carries the ``upload_id``.
 ``pending.json``
-    ``{"format": 1, "upload_id", "base_version", "num_samples", "metrics", "run_id",
-    "model": [names], "extra": [names], "blob_bytes", "blob_sha256"}``.
+    ``{"format": 2, "upload_id", "base_version", "num_samples", "metrics", "run_id",
+    "model": [names], "extra": [names], "blob_bytes", "blob_digest"}``.
 
-Every file is written atomically: to a temporary file in the same directory, flushed,
-fsynced, renamed over the final name, then the directory is fsynced. The pending upload is
-written tensors first, metadata last; the metadata carries the size and sha256 of the
-tensor file, so a crash between the two writes (or a damaged file) is detected on load and
-the upload discarded with a warning rather than sent torn. On acknowledgement the metadata
-is removed first, then the tensors.
+Every file is written atomically (:func:`fedstack.files.atomic_write`): to a temporary file
+in the same directory, flushed, fsynced, renamed over the final name, then the directory is
+fsynced. The pending upload is written tensors first, metadata last; the metadata carries
+the size and BLAKE3 digest of the tensor file, so a crash between the two writes (or a
+damaged file) is detected on load and the upload discarded with a warning rather than sent
+torn. On acknowledgement the metadata is removed first, then the tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,60 +37,28 @@ from typing import Any
 import numpy as np
 
 from fedstack.errors import ConfigError, RemoteProtocolError, StoreError
-from fedstack.store.blobs import decode_weights, encode_weights
+from fedstack.files import (
+    atomic_write,
+    digest_matches,
+    digest_of,
+    fsync_dir,
+    install,
+    is_temp_name,
+    write_temp,
+)
 from fedstack.types import Array, Metrics
-from fedstack.wire import ModelUpload
+from fedstack.wire import ModelUpload, tensorfile
 
 log = logging.getLogger("fedstack.agent")
 
 FORMAT = 1
+PENDING_FORMAT = 2
 IDENTITY = "identity.json"
 PENDING_META = "pending.json"
-PENDING_DATA = "pending.fstb"
-_TEMP_PREFIXES = tuple(f".{n}." for n in (IDENTITY, PENDING_META, PENDING_DATA))
+PENDING_DATA = "pending.safetensors"
+_FILES = (IDENTITY, PENDING_META, PENDING_DATA)
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_temp(path: Path, parts: Iterable[bytes | memoryview]) -> Path:
-    """Write ``parts`` to a new temporary file next to ``path``, fsynced; returns its path."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for p in parts:
-                f.write(p)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-        raise
-    return Path(name)
-
-
-def _install(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` over ``path`` and make the rename durable."""
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write(path: str | Path, data: bytes | Iterable[bytes | memoryview]) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (temp file, fsync, rename,
-    fsync of the directory). A crash leaves either the old or the new content."""
-    path = Path(path)
-    parts: Iterable[bytes | memoryview] = [data] if isinstance(data, bytes) else data
-    _install(_write_temp(path, parts), path)
+__all__ = ["AgentStateDir", "Identity", "SavedUpload", "atomic_write"]
 
 
 @dataclass
@@ -144,7 +110,7 @@ class AgentStateDir:
                 self.root.mkdir(mode=0o700, parents=True)
                 os.chmod(self.root, 0o700)
             for leftover in self.root.iterdir():
-                if leftover.name.startswith(_TEMP_PREFIXES) and leftover.name.endswith(".tmp"):
+                if is_temp_name(leftover.name, _FILES):
                     log.info("removing %s left by an interrupted write", leftover)
                     leftover.unlink()
         except OSError as exc:
@@ -220,28 +186,27 @@ class AgentStateDir:
         extra_names = list(extra)
         arrays: dict[str, Array] = {f"m.{i}": upload.model[n] for i, n in enumerate(model_names)}
         arrays.update({f"x.{i}": extra[n] for i, n in enumerate(extra_names)})
-        parts = encode_weights(arrays)
-        h = hashlib.sha256()
-        size = 0
-        for p in parts:
-            h.update(p)
-            size += len(p) if isinstance(p, bytes) else p.nbytes
+        try:
+            parts = tensorfile.encode(arrays, {"upload_id": upload.upload_id})
+        except RemoteProtocolError as exc:  # not expected: the upload was validated
+            raise StoreError(f"cannot encode the pending upload: {exc}") from exc
+        digest, size = digest_of(parts)
         meta = {
-            "format": FORMAT, "upload_id": upload.upload_id,
+            "format": PENDING_FORMAT, "upload_id": upload.upload_id,
             "base_version": upload.base_version, "num_samples": upload.num_samples,
             "metrics": dict(upload.metrics), "run_id": run_id, "model": model_names,
-            "extra": extra_names, "blob_bytes": size, "blob_sha256": h.hexdigest(),
+            "extra": extra_names, "blob_bytes": size, "blob_digest": digest,
         }
         data_tmp: Path | None = None
         meta_tmp: Path | None = None
         try:
-            data_tmp = _write_temp(self.root / PENDING_DATA, parts)
-            meta_tmp = _write_temp(self.root / PENDING_META, [json.dumps(meta).encode()])
+            data_tmp = write_temp(self.root / PENDING_DATA, parts)
+            meta_tmp = write_temp(self.root / PENDING_META, [json.dumps(meta).encode()])
             with self._lock:
                 # tensors first, metadata last: the metadata names the tensors' hash
-                _install(data_tmp, self.root / PENDING_DATA)
+                install(data_tmp, self.root / PENDING_DATA)
                 data_tmp = None
-                _install(meta_tmp, self.root / PENDING_META)
+                install(meta_tmp, self.root / PENDING_META)
                 meta_tmp = None
                 self._pending_id = upload.upload_id
         except OSError as exc:
@@ -268,7 +233,7 @@ class AgentStateDir:
                     (self.root / name).unlink()
                     removed = True
             if removed:
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
         except OSError as exc:
             log.warning("cannot remove the pending upload in %s: %s", self.root, exc)
 
@@ -292,7 +257,7 @@ class AgentStateDir:
                 raise StoreError(f"cannot read {meta_path}: {exc}") from exc
             try:
                 saved = self._read_pending(meta_raw, data_path)
-            except (ValueError, KeyError, TypeError, OSError, RemoteProtocolError) as exc:
+            except (ValueError, KeyError, TypeError, OSError, StoreError) as exc:
                 log.warning("discarding the pending upload in %s: it is torn or damaged (%s)",
                             self.root, exc)
                 self._remove_pending()
@@ -303,9 +268,9 @@ class AgentStateDir:
     @staticmethod
     def _read_pending(meta_raw: bytes, data_path: Path) -> SavedUpload:
         meta = json.loads(meta_raw)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"metadata is not of format {FORMAT}")
-        upload_id, size, digest = meta["upload_id"], meta["blob_bytes"], meta["blob_sha256"]
+        if not isinstance(meta, dict) or meta.get("format") != PENDING_FORMAT:
+            raise ValueError(f"metadata is not of format {PENDING_FORMAT}")
+        upload_id, size, digest = meta["upload_id"], meta["blob_bytes"], meta["blob_digest"]
         base, n = meta["base_version"], meta["num_samples"]
         names, extra_names, metrics = meta["model"], meta["extra"], meta["metrics"]
         if not (isinstance(upload_id, str) and 0 < len(upload_id) <= 64):
@@ -327,9 +292,11 @@ class AgentStateDir:
             got = f.readinto(buf.data)
         if got != size:
             raise ValueError(f"{data_path.name} is truncated")
-        if hashlib.sha256(buf.data).hexdigest() != digest:
-            raise ValueError(f"{data_path.name} does not match its metadata (sha256)")
-        arrays = decode_weights(buf.data)
+        if not digest_matches(digest, buf.data):
+            raise ValueError(f"{data_path.name} does not match its metadata (digest)")
+        arrays, file_meta = tensorfile.decode(buf.data)
+        if file_meta.get("upload_id") != upload_id:
+            raise ValueError(f"{data_path.name} holds another upload than its metadata names")
         if len(arrays) != len(names) + len(extra_names):
             raise ValueError("tensor count does not match the metadata")
         model = {name: arrays[f"m.{i}"] for i, name in enumerate(names)}

@@ -56,8 +56,12 @@ def _split(test_size: float, seed: int) -> tuple[Features, Labels, Features, Lab
                 return parts
         except (OSError, ValueError, KeyError):
             pass  # unreadable or from elsewhere: make it again
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise ConfigError("the digits demo data needs scikit-learn: "
+                          "pip install 'fedstack[demo]'") from None
 
     digits = load_digits()
     x = (np.asarray(digits.data, dtype=np.float32) / np.float32(16.0)).astype(np.float32)
@@ -93,7 +97,8 @@ def load_digits_split(
         fresh copies the caller may modify.
 
     Raises:
-        ConfigError: If ``test_size`` is not in (0, 1).
+        ConfigError: If ``test_size`` is not in (0, 1), or scikit-learn (the ``demo``
+            extra) is not installed.
     """
     test_size = float(test_size)
     if not 0.0 < test_size < 1.0:

@@ -323,12 +323,17 @@ def make_test_pki(
     deployments; a production deployment should use its own CA.
 
     Raises:
-        TLSError: a file exists (without ``overwrite``) or a host/agent name is invalid.
+        TLSError: a file exists (without ``overwrite``), a host/agent name is invalid, or
+            the ``certs`` extra (cryptography) is not installed.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    except ImportError:
+        raise TLSError("making certificates needs cryptography: "
+                       "pip install 'fedstack[certs]'") from None
 
     hosts = list(hosts)
     agent_names = list(agents)

@@ -4,13 +4,17 @@ SQLite (a file) is the default; any SQLAlchemy URL works (PostgreSQL for several
 aggregators). Metadata lives in tables, tensors in a :class:`BlobStore` directory beside
 the database (``<db>.blobs/`` for SQLite; ``blob_dir`` for other URLs). Every method that
 writes runs in one transaction and returns only after it committed: the aggregator calls
-them before it acknowledges anything.
+them before it acknowledges anything. Every database error leaves as
+:class:`~fedstack.errors.StoreError` without SQL text or parameters.
+
+The schema is brought up to date through Alembic (:mod:`fedstack.store.migrations`) when
+a store opens, unless it is opened for inspection (:meth:`Store.open_readonly`). The
+credential rules live in :mod:`fedstack.security.credentials`; this module keeps their SQL.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import logging
 import secrets
 import time
 import uuid
@@ -20,10 +24,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, bindparam, create_engine, event, insert, or_, select, text, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import SQLAlchemyError
 
-from fedstack.errors import RegistrationRefused, RemoteProtocolError, StoreError
+from fedstack.errors import CredentialRefused, StoreConflict, StoreError, TensorFileError
+from fedstack.files import atomic_write
+from fedstack.security.credentials import (
+    AUTH_MODES,
+    MIN_ENROLLED_TOKEN_CHARS,
+    ROLES,
+    Operator,
+    Registration,
+    fingerprint,
+)
+from fedstack.store import migrations
 from fedstack.store import schema as s
 from fedstack.store.blobs import (
     BlobStore,
@@ -32,7 +54,27 @@ from fedstack.store.blobs import (
     digest_of,
     encode_weights,
 )
+from fedstack.store.credentials import Credentials
+from fedstack.store.database import (
+    Txn,
+    postgres_readonly,
+    redacted,
+    resolve_url,
+    sqlite_pragmas,
+    sqlite_pragmas_fast,
+    sqlite_pragmas_readonly,
+    store_error,
+)
+from fedstack.store.queries import Queries
 from fedstack.types import Metrics, Weights
+
+log = logging.getLogger("fedstack.store")
+
+__all__ = [
+    "AUTH_MODES", "MIN_ENROLLED_TOKEN_CHARS", "ROLES", "CredentialRefused", "Operator",
+    "Registration", "ResumeState", "RunInfo", "Store", "UploadRecord", "fingerprint",
+    "resolve_url", "split_state",
+]
 
 # The statements of the hot paths (every upload, every round), built once: SQLAlchemy
 # then reuses their compiled form and cache keys instead of rebuilding them per call.
@@ -63,75 +105,6 @@ _MODEL_EXTRA = select(s.models.c.extra_blob).where(s.models.c.id == bindparam("m
 
 def new_id() -> str:
     return uuid.uuid4().hex
-
-
-def token_hash(token: str) -> str:
-    """Schema-2 (unsalted) hash of a token; still verified, upgraded on the next use."""
-    return hashlib.sha256(b"fedstack-token:" + token.encode()).hexdigest()
-
-
-AUTH_MODES = ("required", "off")
-ROLES = ("agent", "operator")
-MIN_ENROLLED_TOKEN_CHARS = 16
-_UNKNOWN_OR_WRONG = "unknown agent name or wrong credential"
-
-
-def fingerprint(stored_hash: str | None) -> str | None:
-    """A short, non-secret identifier of a credential (for the audit trail and listings)."""
-    return None if stored_hash is None else stored_hash.rpartition("$")[2][:10]
-
-
-class CredentialRefused(RegistrationRefused):
-    """Registration refused by the credential check.
-
-    ``code`` goes on the wire (it never tells an unknown name from a wrong token);
-    ``reason`` is the precise cause for the audit trail (``no-token``, ``unknown-agent``,
-    ``bad-enrollment``, ``wrong-token``, ``no-credential``, ``weak-token``, ``revoked``).
-    """
-
-    def __init__(self, message: str, code: str, reason: str, *,
-                 credential: str | None = None, source: str | None = None) -> None:
-        super().__init__(message, code)
-        self.reason = reason
-        self.credential = credential
-        self.source = source
-
-
-@dataclass(frozen=True, slots=True)
-class Registration:
-    """An accepted registration: who, and with which credential."""
-
-    agent_id: str
-    new: bool
-    source: str | None  # issued | enrolled | first-use | None (no credential, auth off)
-    credential: str | None  # the stored hash at registration (None: no credential)
-
-    @property
-    def fingerprint(self) -> str | None:
-        return fingerprint(self.credential)
-
-
-@dataclass(frozen=True, slots=True)
-class Operator:
-    """An authenticated operator (see :meth:`Store.authenticate_operator`)."""
-
-    operator_id: str
-    name: str
-    credential: str  # the stored hash
-
-    @property
-    def fingerprint(self) -> str | None:
-        return fingerprint(self.credential)
-
-
-def resolve_url(path_or_url: str) -> tuple[str, Path | None]:
-    """A database argument -> (SQLAlchemy URL, SQLite file path or None)."""
-    if "://" in path_or_url:
-        if path_or_url.startswith("sqlite:///") and path_or_url != "sqlite:///:memory:":
-            return path_or_url, Path(path_or_url[len("sqlite:///") :])
-        return path_or_url, None
-    path = Path(path_or_url).expanduser().resolve()
-    return f"sqlite:///{path}", path
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,23 +141,33 @@ class ResumeState:
     global_extra: Weights
 
 
-class Store:
+class Store(Credentials, Queries):
     """One deployment's persistent store (one database for every start of the aggregator)."""
 
     def __init__(self, db: str, blob_dir: str | Path | None = None, *,
-                 durable: bool = True, inline_blob_bytes: int = 0) -> None:
+                 durable: bool = True, inline_blob_bytes: int = 0, migrate: bool = True,
+                 readonly: bool = False) -> None:
         """Open (or create) the store.
 
         ``durable=False`` (the simulator's default) skips the fsyncs: SQLite runs with
         ``synchronous=NORMAL`` and blobs are not synced, so a power cut may lose the last
         commits (never corrupt the database). Deployments keep the default.
-        ``inline_blob_bytes``: see the attribute.
+        ``inline_blob_bytes``: see the attribute. ``migrate``: bring the schema to this
+        fedstack's version (Alembic) and create the database if needed; with False, the
+        database must already be a fedstack store at that version. ``readonly``: see
+        :meth:`open_readonly`.
+
+        Raises:
+            StoreError: the database cannot be opened, is not a fedstack store (without
+                ``migrate``) or its schema cannot be brought up to date.
         """
         self.durable = durable
+        self.readonly = readonly
         self.inline_blob_bytes = inline_blob_bytes
         """Blobs up to this size go into the database (table ``blob_data``), in the same
         transaction as the row that names them: no file, no extra fsync. 0: all files."""
         self.url, self.path = resolve_url(db)
+        db = redacted(self.url) if self.path is None else str(self.path)  # for messages
         if blob_dir is None:
             if self.path is None:
                 raise StoreError(
@@ -193,54 +176,77 @@ class Store:
                 )
             blob_dir = self.path.with_name(self.path.name + ".blobs")
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.blobs = BlobStore(blob_dir, fsync=durable)
+            if not migrate and not self.path.is_file():
+                raise StoreError(f"no fedstack store at {self.path}")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from exc
+        self.blobs = BlobStore(blob_dir, fsync=durable, create=not readonly)
         try:
             self.engine: Engine = create_engine(self.url, future=True)
         except (SQLAlchemyError, ImportError) as exc:
-            raise StoreError(f"cannot open database {db!r}: {exc}") from exc
+            log.debug("cannot create the engine for %s", db, exc_info=True)
+            raise StoreError(f"cannot open database {db!r} ({type(exc).__name__})") from None
         self._sqlite = self.engine.dialect.name == "sqlite"
+        if readonly and self.engine.dialect.name == "postgresql":
+            event.listen(self.engine, "connect", postgres_readonly)
         if self._sqlite:
-            event.listen(self.engine, "connect",
-                         _sqlite_pragmas if durable else _sqlite_pragmas_fast)
+            pragmas = (sqlite_pragmas_readonly if readonly else
+                       sqlite_pragmas if durable else sqlite_pragmas_fast)
+            event.listen(self.engine, "connect", pragmas)
         self._salt = b""
-        for attempt in range(3):  # a concurrent first start may insert the meta rows first
+        if migrate:
+            for attempt in range(3):  # concurrent first starts of several aggregators
+                try:
+                    migrations.upgrade(self.engine)
+                    break
+                except SQLAlchemyError as exc:
+                    if attempt == 2:
+                        self.engine.dispose()
+                        raise store_error(f"cannot bring database {db!r} up to date",
+                                           exc) from None
+                    time.sleep(0.05 * (attempt + 1))
+        else:
             try:
-                self._init_schema()
-                break
-            except IntegrityError as exc:
-                if attempt == 2:
-                    raise StoreError(f"cannot initialise database {db!r}: {exc}") from exc
+                current = migrations.current(self.engine)
             except SQLAlchemyError as exc:
-                raise StoreError(f"cannot initialise database {db!r}: {exc}") from exc
-
-    def _init_schema(self) -> None:
-        s.metadata.create_all(self.engine)
-        with self.engine.begin() as c:
-            row = c.execute(select(s.meta.c.value).where(s.meta.c.key == "schema")).first()
-            found = version = s.SCHEMA_VERSION if row is None else int(row[0])
-            if row is None:
-                c.execute(insert(s.meta).values(key="schema", value=str(s.SCHEMA_VERSION)))
-            if version == 2:
-                _migrate_2_to_3(c, self.engine)
-                version = 3
-            if version == 3:
-                _migrate_3_to_4(c, self.engine)
-                version = 4
-            if version == 4:  # the blob_data table was made by create_all above
-                c.execute(update(s.meta).where(s.meta.c.key == "schema").values(value="5"))
-                version = 5
-            if version != s.SCHEMA_VERSION:
+                self.engine.dispose()
+                raise store_error(f"cannot read database {db!r}", exc) from None
+            if current != migrations.HEAD:
+                self.engine.dispose()
                 raise StoreError(
-                    f"database schema version {found} is not supported "
-                    f"(this fedstack uses {s.SCHEMA_VERSION})"
-                )
-            # per-deployment salt of the credential hashes (tokens are never stored)
-            salt = c.execute(select(s.meta.c.value).where(s.meta.c.key == "token_salt")).scalar()
-            if salt is None:
-                salt = secrets.token_hex(32)
-                c.execute(insert(s.meta).values(key="token_salt", value=salt))
-            self._salt = bytes.fromhex(str(salt))
+                    f"{db!r} is not a fedstack store of this version (schema "
+                    f"{current or 'none'}, expected {migrations.HEAD}); an aggregator brings it "
+                    "up to date when it opens it")
+        self._salt = self._load_salt(create=not readonly)
+
+    @classmethod
+    def open_readonly(cls, db: str, blob_dir: str | Path | None = None) -> Store:
+        """Open an existing store for inspection: no migration, no database or directory
+        created, SQLite's journal mode untouched and every write refused (SQLite's
+        ``query_only``, PostgreSQL's ``default_transaction_read_only``).
+
+        Raises:
+            StoreError: there is no fedstack store of this version at ``db``.
+        """
+        return cls(db, blob_dir, migrate=False, readonly=True)
+
+    def _load_salt(self, *, create: bool) -> bytes:
+        """The per-deployment salt of the credential hashes (made on the first open)."""
+        for attempt in range(2):
+            try:
+                with Txn(self.engine) as c:  # not _begin(): subclasses wrap that
+                    salt = c.execute(select(s.meta.c.value)
+                                     .where(s.meta.c.key == "token_salt")).scalar()
+                    if salt is None and create:
+                        salt = secrets.token_hex(32)
+                        c.execute(insert(s.meta).values(key="token_salt", value=salt))
+                return b"" if salt is None else bytes.fromhex(str(salt))
+            except StoreConflict:  # a concurrent first open inserted it
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -276,248 +282,6 @@ class Store:
     def finish_run(self, run_id: str) -> None:
         with self._begin() as c:
             c.execute(update(s.runs).where(s.runs.c.id == run_id).values(status="finished"))
-
-    def list_runs(self) -> list[dict[str, Any]]:
-        with self._begin() as c:
-            rows = c.execute(select(s.runs).order_by(s.runs.c.created)).mappings().all()
-        return [dict(r) for r in rows]
-
-    # ------------------------------------------------------------------ agents
-    def hash_token(self, token: str) -> str:
-        """The stored form of a credential: HMAC-SHA256 under the deployment's salt.
-
-        Issued and enrolled tokens carry 256 bits of randomness, so a fast keyed hash is
-        enough (no password stretching); the token itself is never stored.
-        """
-        return "s1$" + hmac.new(self._salt, token.encode(), hashlib.sha256).hexdigest()
-
-    def _verify(self, stored: str, token: str) -> bool:
-        if stored.startswith("s1$"):
-            return hmac.compare_digest(stored, self.hash_token(token))
-        return hmac.compare_digest(stored, token_hash(token))  # schema-2 hash
-
-    def register_agent(self, name: str, token: str | None, address: str, *,
-                       auth: str = "off", enrollment: bool | None = None) -> tuple[str, bool]:
-        """The stable id of agent ``name``: :meth:`authenticate` as ``(agent id, new)``."""
-        reg = self.authenticate(name, token, address, auth=auth, enrollment=enrollment)
-        return reg.agent_id, reg.new
-
-    def authenticate(self, name: str, token: str | None, address: str, *,
-                     auth: str = "off", enrollment: bool | None = None) -> Registration:
-        """Check agent ``name``'s credential and record the connection.
-
-        ``auth="required"``: the agent must present a token; a known name must present its
-        credential (issued by :meth:`issue_credential`, bound at enrollment or, before auth
-        was required, at first use); an unknown name is registered only with a valid
-        enrollment token (``enrollment=True``), its own token becoming its credential.
-        ``auth="off"``: the first registration binds the name to the token it presents (if
-        any) and a later one with another token is refused. In both modes a revoked
-        credential is refused. ``enrollment``: None = no enrollment token presented,
-        False = a wrong one.
-
-        Raises:
-            CredentialRefused: (a :class:`RegistrationRefused`) with the wire ``code`` and
-                the audit ``reason``.
-        """
-        if auth not in AUTH_MODES:
-            raise ValueError(f"auth {auth!r} must be one of {AUTH_MODES}")
-        for attempt in range(2):
-            try:
-                return self._authenticate(name, token, address, auth, enrollment)
-            except IntegrityError as exc:  # a concurrent first registration of this name
-                if attempt:
-                    raise StoreError(f"cannot register agent {name!r}: {exc}") from exc
-        raise AssertionError("unreachable")
-
-    def _authenticate(self, name: str, token: str | None, address: str, auth: str,
-                      enrollment: bool | None) -> Registration:
-        now = time.time()
-        th = self.hash_token(token) if token else None
-        fp = fingerprint(th)
-        required = auth == "required"
-        with self._begin() as c:
-            row = c.execute(select(s.agents).where(s.agents.c.name == name)).mappings().first()
-            if required and not token:
-                raise CredentialRefused(
-                    f"agent {name!r}: authentication required (pass the agent's token, "
-                    "e.g. FEDSTACK_TOKEN)", "auth-required", "no-token",
-                    source=None if row is None else row["credential_source"])
-            if row is None:
-                source: str | None
-                if required:
-                    if enrollment is not True:
-                        raise CredentialRefused(
-                            f"agent {name!r}: {_UNKNOWN_OR_WRONG}", "bad-credential",
-                            "unknown-agent" if enrollment is None else "bad-enrollment",
-                            credential=fp)
-                    assert token is not None
-                    if len(token) < MIN_ENROLLED_TOKEN_CHARS:
-                        raise CredentialRefused(
-                            f"agent {name!r}: an enrolling agent's own token must have at "
-                            f"least {MIN_ENROLLED_TOKEN_CHARS} characters", "weak-token",
-                            "weak-token", credential=fp, source="enrolled")
-                    source = "enrolled"
-                else:
-                    source = "first-use" if th is not None else None
-                agent_id = new_id()
-                c.execute(insert(s.agents).values(
-                    id=agent_id, name=name, token_hash=th, created=now, last_seen=now,
-                    last_address=address, credential_source=source,
-                    credential_created=now if th is not None else None,
-                ))
-                return Registration(agent_id, True, source, th)
-            if row["role"] == "operator":  # an operator credential never joins a federation
-                raise CredentialRefused(f"agent {name!r}: {_UNKNOWN_OR_WRONG}", "bad-credential",
-                                        "operator-credential", credential=fp)
-            stored: str | None = row["token_hash"]
-            source = row["credential_source"]
-            if stored is None:
-                if required:
-                    raise CredentialRefused(f"agent {name!r}: {_UNKNOWN_OR_WRONG}",
-                                            "bad-credential", "no-credential", credential=fp)
-            elif token is None or not self._verify(stored, token):
-                message = (f"agent {name!r}: {_UNKNOWN_OR_WRONG}" if required else
-                           f"agent name {name!r} is registered with a different credential")
-                raise CredentialRefused(message, "bad-credential",
-                                        "no-token" if token is None else "wrong-token",
-                                        credential=fp, source=source)
-            if row["revoked_at"] is not None:
-                raise CredentialRefused(f"agent {name!r}: its credential was revoked",
-                                        "revoked", "revoked", credential=fp, source=source)
-            values: dict[str, Any] = {"last_seen": now, "last_address": address}
-            if stored is None and th is not None:  # auth off: bind on first use
-                values.update(token_hash=th, credential_source="first-use",
-                              credential_created=now)
-                stored, source = th, "first-use"
-            elif stored is not None and th is not None and stored != th:
-                values["token_hash"] = stored = th  # upgrade a schema-2 hash
-            c.execute(update(s.agents).where(s.agents.c.id == row["id"]).values(**values))
-            return Registration(str(row["id"]), False, source, stored)
-
-    def issue_credential(self, name: str, *, replace: bool = False, role: str = "agent") -> str:
-        """Issue a new credential for agent ``name`` (created if unknown); return the token.
-
-        Only a hash is stored: the token cannot be shown again. A name that already has
-        a valid credential keeps it unless ``replace`` (its agent is then disconnected by
-        the aggregator at its next credential check); a revoked one gets a new credential.
-        ``role="operator"``: a credential for the operator API (names are shared: a name
-        is either an agent's or an operator's).
-        """
-        if role not in ROLES:
-            raise ValueError(f"role {role!r} must be one of {ROLES}")
-        if not name or name != name.strip() or len(name) > 128:
-            raise StoreError("an agent name must have 1-128 characters, no surrounding blanks")
-        token = secrets.token_urlsafe(32)
-        th = self.hash_token(token)
-        now = time.time()
-        with self._begin() as c:
-            row = c.execute(select(s.agents).where(s.agents.c.name == name)).mappings().first()
-            replaced = None
-            if row is None:
-                agent_id = new_id()
-                c.execute(insert(s.agents).values(
-                    id=agent_id, name=name, token_hash=th, created=now, last_seen=now,
-                    last_address="", credential_source="issued", credential_created=now,
-                    role=role,
-                ))
-            else:
-                agent_id = str(row["id"])
-                if row["role"] != role:
-                    raise StoreError(f"{name!r} is the name of an {row['role']}, not an "
-                                     f"{role}; choose another name")
-                if row["token_hash"] is not None and row["revoked_at"] is None:
-                    if not replace:
-                        raise StoreError(
-                            f"agent {name!r} already has a credential "
-                            f"({row['credential_source'] or 'first-use'}, "
-                            f"{fingerprint(row['token_hash'])}); revoke it first or replace it"
-                        )
-                    replaced = fingerprint(row["token_hash"])
-                c.execute(update(s.agents).where(s.agents.c.id == agent_id).values(
-                    token_hash=th, credential_source="issued", credential_created=now,
-                    revoked_at=None,
-                ))
-            c.execute(insert(s.events).values(
-                time=now, run_id=None, agent_id=agent_id, kind="credential_issued",
-                detail={"name": name, "credential": fingerprint(th), "source": "issued",
-                        "replaced": replaced, "role": role}))
-        return token
-
-    def revoke_credential(self, name: str, *, role: str | None = None) -> bool:
-        """Revoke agent ``name``'s credential: its reconnects are refused and connected
-        aggregators close its connection at their next check. False if already revoked.
-        ``role``: only a credential of this role (an other role's name is "no agent")."""
-        now = time.time()
-        with self._begin() as c:
-            row = c.execute(select(s.agents).where(s.agents.c.name == name)).mappings().first()
-            if row is None or (role is not None and row["role"] != role):
-                raise StoreError(f"no {role or 'agent'} {name!r}")
-            if row["revoked_at"] is not None:
-                return False
-            c.execute(update(s.agents).where(s.agents.c.id == row["id"]).values(revoked_at=now))
-            c.execute(insert(s.events).values(
-                time=now, run_id=None, agent_id=row["id"], kind="credential_revoked",
-                detail={"name": name, "credential": fingerprint(row["token_hash"]),
-                        "source": row["credential_source"], "role": row["role"]}))
-        return True
-
-    def authenticate_operator(self, token: str | None, address: str) -> Operator:
-        """Check a bearer token for the operator API; record the use (``last_seen``).
-
-        Only an unrevoked ``operator`` credential passes.
-
-        Raises:
-            CredentialRefused: ``reason`` ``no-token``, ``wrong-token`` (unknown),
-                ``agent-credential`` (an agent's token) or ``revoked``.
-        """
-        if not token:
-            raise CredentialRefused("operator token required", "auth-required", "no-token")
-        th = self.hash_token(token)
-        fp = fingerprint(th)
-        with self._begin() as c:
-            row = c.execute(select(s.agents).where(s.agents.c.token_hash == th)
-                            ).mappings().first()
-            if row is None or not hmac.compare_digest(str(row["token_hash"]), th):
-                raise CredentialRefused("unknown operator token", "bad-credential",
-                                        "wrong-token", credential=fp)
-            if row["role"] != "operator":
-                raise CredentialRefused("an agent credential cannot use the operator API",
-                                        "forbidden", "agent-credential", credential=fp,
-                                        source=str(row["name"]))
-            if row["revoked_at"] is not None:
-                raise CredentialRefused(f"the credential of operator {row['name']!r} was "
-                                        "revoked", "revoked", "revoked", credential=fp,
-                                        source=str(row["name"]))
-            c.execute(update(s.agents).where(s.agents.c.id == row["id"]).values(
-                last_seen=time.time(), last_address=address[:128]))
-        return Operator(str(row["id"]), str(row["name"]), th)
-
-    def list_credentials(self) -> list[dict[str, Any]]:
-        """Every agent's credential state (never the hash)."""
-        with self._begin() as c:
-            rows = c.execute(select(s.agents).order_by(s.agents.c.created)).mappings().all()
-        return [{
-            "name": r["name"], "role": r["role"], "agent_id": r["id"],
-            "source": r["credential_source"],
-            "credential": fingerprint(r["token_hash"]), "created": r["credential_created"],
-            "revoked": r["revoked_at"] is not None, "revoked_at": r["revoked_at"],
-            "last_seen": r["last_seen"], "last_address": r["last_address"],
-        } for r in rows]
-
-    def credential_status(self, agent_ids: Sequence[str]) -> dict[str, tuple[str | None, bool]]:
-        """``{agent id: (stored credential hash, revoked)}`` in one query (missing ids are
-        absent): what an aggregator re-checks for its connected agents."""
-        if not agent_ids:
-            return {}
-        with self._begin() as c:
-            rows = c.execute(select(s.agents.c.id, s.agents.c.token_hash, s.agents.c.revoked_at)
-                             .where(s.agents.c.id.in_(list(agent_ids)))).all()
-        return {str(r[0]): (r[1], r[2] is not None) for r in rows}
-
-    def list_agents(self) -> list[dict[str, Any]]:
-        with self._begin() as c:
-            rows = c.execute(select(s.agents).order_by(s.agents.c.created)).mappings().all()
-        return [{k: v for k, v in r.items() if k != "token_hash"} for r in rows]
 
     # ------------------------------------------------------------------ models
     def init_federation(
@@ -630,7 +394,7 @@ class Store:
                                        metrics)
                     first[uid] = rec
                     out.append((rec, True))
-        except IntegrityError as exc:
+        except StoreConflict as exc:
             # upload_id is unique: an upload stored before (a re-send) fails the whole
             # transaction. The rare path: one by one, the stored record for that one.
             if len(uploads) > 1:
@@ -638,7 +402,7 @@ class Store:
             uid = uploads[0]["upload_id"]
             existing = self.find_upload(uid)
             if existing is None:  # another constraint (e.g. an unknown run or agent)
-                raise StoreError(f"cannot store upload {uid[:64]!r}: {exc}") from exc
+                raise StoreConflict(f"cannot store upload {uid[:64]!r}: {exc}") from exc
             return [(existing, False)]
         return out
 
@@ -815,8 +579,38 @@ class Store:
             raise StoreError(f"blob {digest[:12]} is corrupt (hash mismatch)")
         try:
             return decode_weights(memoryview(data))
-        except RemoteProtocolError as exc:
-            raise StoreError(f"blob {digest[:12]} is not readable: {exc}") from exc
+        except TensorFileError as exc:
+            raise TensorFileError(f"blob {digest[:12]} is not readable: {exc}") from exc
+
+    def export_model(self, model_id: str, path: str | Path) -> Path:
+        """Write model ``model_id`` to ``path`` as a safetensors file (whether its blob is
+        a file or inlined in the database), atomically; returns the path. The file opens
+        with ``safetensors.numpy.load_file`` or ``safetensors.torch.load_file``.
+
+        Raises:
+            StoreError: no such model, its blob is missing or corrupt, or ``path`` cannot
+                be written.
+        """
+        with self._begin() as c:
+            digest = c.execute(_MODEL_BLOB, {"model_id": model_id}).scalar()
+            row = None if digest is None else c.execute(_BLOB_DATA, {"d": digest}).first()
+        if digest is None:
+            raise StoreError(f"no model {model_id}")
+        out = Path(path)
+        if row is None:
+            try:
+                data = self.blobs.path(digest).read_bytes()
+            except OSError as exc:
+                raise StoreError(f"cannot read blob {digest[:12]}: {exc.strerror}") from exc
+        else:
+            data = bytes(row[0])
+        if not digest_matches(digest, data):
+            raise StoreError(f"blob {digest[:12]} is corrupt (hash mismatch)")
+        try:
+            atomic_write(out, data, mode=0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot write {out}: {exc.strerror}") from exc
+        return out
 
     def checkpoint(self) -> None:
         """Copy the SQLite write-ahead log into the database file without blocking
@@ -828,7 +622,7 @@ class Store:
             with self.engine.connect() as c:
                 c.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
         except SQLAlchemyError as exc:
-            raise StoreError(f"checkpoint failed: {exc}") from exc
+            raise store_error("checkpoint failed", exc) from None
 
     # ------------------------------------------------------------------ events
     def log_event(self, kind: str, detail: Mapping[str, Any], *, run_id: str | None = None,
@@ -837,83 +631,9 @@ class Store:
             c.execute(_INSERT_EVENT, {"time": time.time(), "run_id": run_id,
                                       "agent_id": agent_id, "kind": kind, "detail": dict(detail)})
 
-    # ------------------------------------------------------------------ queries
-    def latest_run_id(self) -> str | None:
-        with self._begin() as c:
-            rid = c.execute(select(s.runs.c.id).order_by(s.runs.c.created.desc()).limit(1)).scalar()
-        return None if rid is None else str(rid)
-
-    def models(self, run_id: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
-        q = select(s.models, s.agents.c.name.label("agent")).outerjoin(
-            s.agents, s.agents.c.id == s.models.c.producer)
-        if run_id is not None:
-            q = q.where(s.models.c.run_id == run_id)
-        if kind is not None:
-            q = q.where(s.models.c.kind == kind)
-        with self._begin() as c:
-            rows = c.execute(q.order_by(s.models.c.round, s.models.c.created)).mappings().all()
-        return [dict(r) for r in rows]
-
-    def rounds(self, run_id: str, limit: int | None = None) -> list[dict[str, Any]]:
-        """The rounds of ``run_id`` in order (only the last ``limit`` if given)."""
-        q = select(s.rounds).where(s.rounds.c.run_id == run_id)
-        if limit is not None:
-            q = q.order_by(s.rounds.c.round.desc()).limit(limit)
-        else:
-            q = q.order_by(s.rounds.c.round)
-        with self._begin() as c:
-            rows = c.execute(q).mappings().all()
-        out = [dict(r) for r in rows]
-        return out[::-1] if limit is not None else out
-
-    def parents(self, model_id: str) -> list[dict[str, Any]]:
-        q = (select(s.lineage.c.relation, s.models, s.agents.c.name.label("agent"))
-             .join(s.models, s.models.c.id == s.lineage.c.parent_id)
-             .outerjoin(s.agents, s.agents.c.id == s.models.c.producer)
-             .where(s.lineage.c.child_id == model_id).order_by(s.models.c.created))
-        with self._begin() as c:
-            return [dict(r) for r in c.execute(q).mappings().all()]
-
-    def model(self, model_id: str) -> dict[str, Any] | None:
-        q = select(s.models, s.agents.c.name.label("agent")).outerjoin(
-            s.agents, s.agents.c.id == s.models.c.producer).where(s.models.c.id == model_id)
-        with self._begin() as c:
-            row = c.execute(q).mappings().first()
-        return None if row is None else dict(row)
-
-    def events(self, run_id: str | None = None, *, deployment: bool = False
-               ) -> list[dict[str, Any]]:
-        """Events of ``run_id`` (all without it); ``deployment`` adds the events that belong
-        to no run (credentials issued and revoked)."""
-        q = select(s.events)
-        if run_id is not None:
-            cond = s.events.c.run_id == run_id
-            q = q.where(or_(cond, s.events.c.run_id.is_(None)) if deployment else cond)
-        with self._begin() as c:
-            return [dict(r) for r in c.execute(q.order_by(s.events.c.id)).mappings().all()]
-
     # ------------------------------------------------------------------ helpers
     def _begin(self) -> Any:
-        return _Txn(self.engine)
-
-
-class _Txn:
-    """``engine.begin()`` that turns database errors into :class:`StoreError`."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._cm = engine.begin()
-
-    def __enter__(self) -> Any:
-        try:
-            return self._cm.__enter__()
-        except SQLAlchemyError as exc:
-            raise StoreError(f"database unavailable: {exc}") from exc
-
-    def __exit__(self, *exc: Any) -> bool:
-        try:
-            return bool(self._cm.__exit__(*exc))
-        except SQLAlchemyError as e:
-            raise StoreError(f"database write failed: {e}") from e
+        return Txn(self.engine)
 
 
 def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], Weights]:
@@ -930,53 +650,11 @@ def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], Weights]:
     return scalars, arrays
 
 
-def _migrate_2_to_3(c: Any, engine: Engine) -> None:
-    """Schema 2 -> 3: the agents' credential columns."""
-    for col in (s.agents.c.credential_source, s.agents.c.credential_created,
-                s.agents.c.revoked_at):
-        c.execute(text(f"ALTER TABLE agents ADD COLUMN {col.name} "
-                       f"{col.type.compile(dialect=engine.dialect)}"))
-    c.execute(update(s.agents).where(s.agents.c.token_hash.is_not(None))
-              .values(credential_source="first-use"))
-    c.execute(update(s.meta).where(s.meta.c.key == "schema").values(value="3"))
-
-
-def _migrate_3_to_4(c: Any, engine: Engine) -> None:
-    """Schema 3 -> 4: ``agents.role`` (every existing credential is an agent's)."""
-    col = s.agents.c.role
-    c.execute(text(f"ALTER TABLE agents ADD COLUMN {col.name} "
-                   f"{col.type.compile(dialect=engine.dialect)} NOT NULL DEFAULT 'agent'"))
-    c.execute(update(s.meta).where(s.meta.c.key == "schema").values(value="4"))
-
-
 @dataclass(frozen=True, slots=True)
 class _Staged:
     digest: str
     size: int
     data: bytes | None = None  # None: already in the blob directory
-
-
-AUTO_CHECKPOINT_PAGES = 10_000
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    # Checkpoints (WAL -> database file) run in the background after every round
-    # (Store.checkpoint); the automatic one, inside whichever commit crossed 1,000 pages
-    # (a ~7 ms stall every few rounds on the upload path), stays only as a safety net.
-    cur.execute(f"PRAGMA wal_autocheckpoint={AUTO_CHECKPOINT_PAGES}")
-    cur.close()
-
-
-def _sqlite_pragmas_fast(dbapi_conn: Any, _record: Any) -> None:
-    _sqlite_pragmas(dbapi_conn, _record)
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.close()
 
 
 def _run_info(row: Mapping[str, Any], resumed: bool) -> RunInfo:

@@ -1,4 +1,8 @@
-"""SQLAlchemy tables of the model store."""
+"""SQLAlchemy tables of the model store.
+
+Changes go through a migration (:mod:`fedstack.store.migrations`): a new revision in
+``migrations/versions/`` and its id in :data:`fedstack.store.migrations.HEAD`.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +20,10 @@ from sqlalchemy import (
     Table,
 )
 
-SCHEMA_VERSION = 5
-# 3: agents.revoked_at, credential_source, credential_created; 4: agents.role;
-# 5: blob_data (small tensor blobs kept in the database)
-
 metadata = MetaData()
 
 meta = Table(
+    # deployment-wide values: the salt of the credential hashes ("token_salt")
     "fedstack_meta",
     metadata,
     Column("key", String(64), primary_key=True),
@@ -62,11 +63,11 @@ agents = Table(
     Column("created", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
     Column("last_address", String(128), nullable=False),
-    # schema 3: operator-issued credentials (see Store.issue_credential)
+    # operator-issued credentials (see fedstack.security.credentials)
     Column("credential_source", String(16), nullable=True),  # issued | enrolled | first-use
     Column("credential_created", Float, nullable=True),
     Column("revoked_at", Float, nullable=True),  # set: the credential is revoked
-    # schema 4: agent | operator (an operator credential opens the operator API, never a
+    # agent | operator (an operator credential opens the operator API, never a
     # federation; an agent credential never opens the operator API)
     Column("role", String(16), nullable=False, default="agent", server_default="agent"),
 )

@@ -1,0 +1,126 @@
+"""The store's read-only views: runs, agents and credentials, models, lineage, rounds and
+events, as plain dictionaries (what ``fedstack db``, the operator API and the simulator
+read). A mixin of :class:`~fedstack.store.Store`; nothing here writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import or_, select
+
+from fedstack.security.credentials import fingerprint
+from fedstack.store import schema as s
+
+
+class Queries:
+    """Read-only queries over the store's tables (see the module docstring)."""
+
+    def _begin(self) -> Any:  # provided by Store: a transaction that raises StoreError
+        raise NotImplementedError
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        with self._begin() as c:
+            rows = c.execute(select(s.runs).order_by(s.runs.c.created)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def list_credentials(self) -> list[dict[str, Any]]:
+        """Every agent's credential state (never the hash)."""
+        with self._begin() as c:
+            rows = c.execute(select(s.agents).order_by(s.agents.c.created)).mappings().all()
+        return [
+            {
+                "name": r["name"],
+                "role": r["role"],
+                "agent_id": r["id"],
+                "source": r["credential_source"],
+                "credential": fingerprint(r["token_hash"]),
+                "created": r["credential_created"],
+                "revoked": r["revoked_at"] is not None,
+                "revoked_at": r["revoked_at"],
+                "last_seen": r["last_seen"],
+                "last_address": r["last_address"],
+            }
+            for r in rows
+        ]
+
+    def credential_status(self, agent_ids: Sequence[str]) -> dict[str, tuple[str | None, bool]]:
+        """``{agent id: (stored credential hash, revoked)}`` in one query (missing ids are
+        absent): what an aggregator re-checks for its connected agents."""
+        if not agent_ids:
+            return {}
+        with self._begin() as c:
+            rows = c.execute(
+                select(s.agents.c.id, s.agents.c.token_hash, s.agents.c.revoked_at).where(
+                    s.agents.c.id.in_(list(agent_ids))
+                )
+            ).all()
+        return {str(r[0]): (r[1], r[2] is not None) for r in rows}
+
+    def list_agents(self) -> list[dict[str, Any]]:
+        with self._begin() as c:
+            rows = c.execute(select(s.agents).order_by(s.agents.c.created)).mappings().all()
+        return [{k: v for k, v in r.items() if k != "token_hash"} for r in rows]
+
+    def latest_run_id(self) -> str | None:
+        with self._begin() as c:
+            rid = c.execute(select(s.runs.c.id).order_by(s.runs.c.created.desc()).limit(1)).scalar()
+        return None if rid is None else str(rid)
+
+    def models(self, run_id: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        q = select(s.models, s.agents.c.name.label("agent")).outerjoin(
+            s.agents, s.agents.c.id == s.models.c.producer
+        )
+        if run_id is not None:
+            q = q.where(s.models.c.run_id == run_id)
+        if kind is not None:
+            q = q.where(s.models.c.kind == kind)
+        with self._begin() as c:
+            rows = c.execute(q.order_by(s.models.c.round, s.models.c.created)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def rounds(self, run_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The rounds of ``run_id`` in order (only the last ``limit`` if given)."""
+        q = select(s.rounds).where(s.rounds.c.run_id == run_id)
+        if limit is not None:
+            q = q.order_by(s.rounds.c.round.desc()).limit(limit)
+        else:
+            q = q.order_by(s.rounds.c.round)
+        with self._begin() as c:
+            rows = c.execute(q).mappings().all()
+        out = [dict(r) for r in rows]
+        return out[::-1] if limit is not None else out
+
+    def parents(self, model_id: str) -> list[dict[str, Any]]:
+        q = (
+            select(s.lineage.c.relation, s.models, s.agents.c.name.label("agent"))
+            .join(s.models, s.models.c.id == s.lineage.c.parent_id)
+            .outerjoin(s.agents, s.agents.c.id == s.models.c.producer)
+            .where(s.lineage.c.child_id == model_id)
+            .order_by(s.models.c.created)
+        )
+        with self._begin() as c:
+            return [dict(r) for r in c.execute(q).mappings().all()]
+
+    def model(self, model_id: str) -> dict[str, Any] | None:
+        q = (
+            select(s.models, s.agents.c.name.label("agent"))
+            .outerjoin(s.agents, s.agents.c.id == s.models.c.producer)
+            .where(s.models.c.id == model_id)
+        )
+        with self._begin() as c:
+            row = c.execute(q).mappings().first()
+        return None if row is None else dict(row)
+
+    def events(
+        self, run_id: str | None = None, *, deployment: bool = False
+    ) -> list[dict[str, Any]]:
+        """Events of ``run_id`` (all without it); ``deployment`` adds the events that belong
+        to no run (credentials issued and revoked)."""
+        q = select(s.events)
+        if run_id is not None:
+            cond = s.events.c.run_id == run_id
+            q = q.where(or_(cond, s.events.c.run_id.is_(None)) if deployment else cond)
+        with self._begin() as c:
+            return [dict(r) for r in c.execute(q.order_by(s.events.c.id)).mappings().all()]
