@@ -244,3 +244,16 @@ def test_a_store_on_read_only_media_is_read_and_writes_are_refused_clearly(
         media.chmod(0o755)
         db.chmod(0o644)
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+def test_a_path_with_url_characters_is_the_file_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "a%20b?#" / "s.db"  # in URL text: "a b", then a query and a fragment
+    db.parent.mkdir()
+    assert cli_main(["-q", "db", "upgrade", "--db", str(db)]) == 0
+    assert cli_main(["-q", "credentials", "add", "alice", "--db", str(db)]) == 0
+    capsys.readouterr()
+    assert cli_main(["credentials", "list", "--db", str(db), "--json"]) == 0
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["alice"]
+    assert db.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["a%20b?#"]

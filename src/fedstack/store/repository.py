@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import (
+    URL,
     Engine,
     bindparam,
     create_engine,
@@ -174,6 +175,9 @@ class Store(Credentials, Queries):
         """Blobs up to this size go into the database (table ``blob_data``), in the same
         transaction as the row that names them: no file, no extra fsync. 0: all files."""
         self.url, self.path = resolve_url(db)
+        # a plain path goes to SQLite as it is: in URL text, "?", "#" and "%" would be parsed
+        engine_url: str | URL = (
+            URL.create("sqlite", database=str(self.path)) if "://" not in db else self.url)
         db = redacted(self.url) if self.path is None else str(self.path)  # for messages
         if blob_dir is None:
             if self.path is None:
@@ -213,7 +217,7 @@ class Store(Credentials, Queries):
                     "sqlite://", poolclass=pool.QueuePool,
                     creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False))
             else:
-                self.engine = create_engine(self.url, future=True)
+                self.engine = create_engine(engine_url, future=True)
         except (SQLAlchemyError, ImportError) as exc:
             log.debug("cannot create the engine for %s", db, exc_info=True)
             raise StoreError(f"cannot open database {db!r} ({type(exc).__name__})") from None
