@@ -141,8 +141,9 @@ def test_credentials_add_refuses_a_bad_name(
     assert cli_main(["credentials", "add", name, "--db", db]) == 2
     err = capsys.readouterr().err.removesuffix("\n")
     assert "agent name" in err and not any(c in err for c in UNSAFE_CHARS)
-    assert cli_main(["credentials", "list", "--db", db, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == []
+    assert not Path(db).exists()  # refused before the store was opened: nothing issued
+    assert cli_main(["credentials", "list", "--db", db, "--json"]) == 2  # read-only: no store
+    assert "no fedstack store" in capsys.readouterr().err
 
 
 def test_a_store_holding_hostile_text_prints_it_escaped(

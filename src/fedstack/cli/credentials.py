@@ -35,8 +35,12 @@ Name = Annotated[str, typer.Argument(metavar="NAME", help="the agent's (or opera
 
 
 @contextmanager
-def _store(db: str, blob_dir: str | None) -> Iterator[Store]:
-    store = Store(db, blob_dir)
+def _store(db: str, blob_dir: str | None, *, readonly: bool = False) -> Iterator[Store]:
+    """The store at ``db``: read-only (no file created, no migration) for ``list``; for
+    ``add`` and ``revoke`` opened for writing, which creates a new store (credentials may
+    be issued before the aggregator's first start) but refuses another application's
+    SQLite file."""
+    store = Store.open_readonly(db, blob_dir) if readonly else Store(db, blob_dir)
     try:
         yield store
     finally:
@@ -108,7 +112,7 @@ def cmd_revoke(name: Name, db: Db, blob_dir: BlobDir = None, json_: JsonFlag = F
 @app.command("list")
 def cmd_list(db: Db, blob_dir: BlobDir = None, json_: JsonFlag = False) -> int:
     """List every credential: name, role, source, fingerprint, state."""
-    with _store(db, blob_dir) as store:
+    with _store(db, blob_dir, readonly=True) as store:
         rows = store.list_credentials()
     if json_:
         quiet_logs()

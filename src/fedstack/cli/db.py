@@ -5,6 +5,12 @@
 ``--out``); each takes ``--db`` and ``--blob-dir``, ``--run`` where a run is meant, and
 ``--json`` (the data, one line) except ``plot``. Agent-controlled text (names, metric keys,
 event details) is shown escaped.
+
+The views open the store read-only (:meth:`Store.open_readonly`): a missing file, another
+application's database, an empty file or a store of another schema version is refused with
+an error (exit 2), never created, converted or migrated. ``upgrade`` is the one subcommand
+that writes: it brings a store's schema up to date (or creates a new store), as the
+aggregator does when it starts.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
 from fedstack.cli.options import BlobDir, DbPath, JsonFlag, RunOpt
 from fedstack.cli.output import console, print_json, quiet_logs, table, tree
 from fedstack.errors import StoreError
-from fedstack.store import Store
+from fedstack.store import Store, migrations
+from fedstack.store.database import redacted, resolve_url
 
 __all__ = ["app", "lineage_tree", "plot_rounds", "resolve_run"]
 
@@ -34,7 +42,7 @@ app = typer.Typer(
 
 @contextmanager
 def _store(db: str, blob_dir: str | None) -> Iterator[Store]:
-    store = Store(db, blob_dir)
+    store = Store.open_readonly(db, blob_dir)
     try:
         yield store
     finally:
@@ -273,6 +281,44 @@ def cmd_plot(
         runs = [resolve_run(store, run)] + [resolve_run(store, r) for r in compare or []]
         path = plot_rounds(store, runs, metric or ["eval_accuracy", "mean_train_loss"], out)
     print(f"wrote {path}")
+    return 0
+
+
+@app.command("upgrade")
+def cmd_upgrade(db: DbPath, blob_dir: BlobDir = None, json_: JsonFlag = False) -> int:
+    """Bring the store's schema up to date (migrations), or create a new store at DB.
+
+    Another application's SQLite file is refused, not converted.
+    """
+    if json_:
+        quiet_logs()
+    url, path = resolve_url(db)
+    created = path is not None and not path.exists()
+    store = Store(db, blob_dir)
+    try:
+        after = migrations.current(store.engine)
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot read the schema revision ({type(exc).__name__})") from None
+    finally:
+        store.close()
+    before = store.schema_from
+    shown = str(path) if path is not None else redacted(url)
+    if json_:
+        print_json(
+            {
+                "db": shown,
+                "created": created,
+                "from": before,
+                "to": after,
+                "changed": before != after,
+            }
+        )
+    elif created or before is None:
+        print(f"created a fedstack store at {shown} (schema {after})")
+    elif before != after:
+        print(f"upgraded {shown} from schema {before} to {after}")
+    else:
+        print(f"{shown} is up to date (schema {after})")
     return 0
 
 

@@ -9,11 +9,14 @@ parameters or a database password; the details go to the ``fedstack.store`` debu
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from sqlalchemy import Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DatabaseError, IntegrityError, SQLAlchemyError
 
 from fedstack.errors import StoreConflict, StoreError
 
@@ -36,6 +39,49 @@ def resolve_url(path_or_url: str) -> tuple[str, Path | None]:
         return path_or_url, None
     path = Path(path_or_url).expanduser().resolve()
     return f"sqlite:///{path}", path
+
+
+def sqlite_readonly_uri(path: Path) -> str:
+    """An SQLite URI (for ``sqlite3.connect(..., uri=True)``) opening ``path`` read-only.
+
+    ``mode=ro``: SQLite never creates, writes or changes the journal mode of the file.
+    On read-only media (its directory cannot be written) without a ``-shm`` file, also
+    ``immutable=1``: SQLite cannot read a WAL database there otherwise, and nothing there
+    can change the file while it is read.
+    """
+    uri = f"file:{quote(str(path))}?mode=ro"
+    if not os.access(path.parent, os.W_OK) and not Path(f"{path}-shm").exists():
+        uri += "&immutable=1"
+    return uri
+
+
+def sqlite_foreign(path: Path, meta_table: str) -> str | None:
+    """Why the SQLite file ``path`` must not be made a fedstack store, or None.
+
+    None: it does not exist, has no table yet (an empty file) or has the table
+    ``meta_table`` (a fedstack store, of any schema revision). Otherwise the reason: it is
+    not an SQLite database, or it holds another application's tables. Read through
+    :func:`sqlite_readonly_uri`: nothing is written.
+    """
+    if not path.exists():
+        return None
+    try:
+        con = sqlite3.connect(sqlite_readonly_uri(path), uri=True)
+        try:
+            tables = {
+                str(name)
+                for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                if not str(name).startswith("sqlite_")
+            }
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        log.debug("cannot read %s as SQLite", path, exc_info=True)
+        return f"cannot be read as an SQLite database ({str(exc)[:120] or type(exc).__name__})"
+    if not tables or meta_table in tables:
+        return None
+    shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+    return f"holds another application's tables ({shown})"
 
 
 class Txn:
@@ -70,9 +116,10 @@ def store_error(what: str, exc: SQLAlchemyError) -> StoreError:
     log.debug("%s", what, exc_info=exc)
     orig = getattr(exc, "orig", None)
     reason = type(orig if orig is not None else exc).__name__
-    if isinstance(exc, OperationalError | IntegrityError) and type(orig).__module__ == "sqlite3":
+    if isinstance(exc, DatabaseError) and type(orig).__module__ == "sqlite3":
         # SQLite's own reasons ("database is locked", "disk I/O error", "no such table:
-        # runs", "UNIQUE constraint failed: agents.name") carry no SQL text or parameters
+        # runs", "UNIQUE constraint failed: agents.name", "file is not a database") carry
+        # no SQL text or parameters
         reason = str(orig).splitlines()[0][:120] if str(orig) else reason
     if isinstance(exc, IntegrityError):
         return StoreConflict(f"{what}: the write conflicts with stored data ({reason})")

@@ -15,7 +15,9 @@ credential rules live in :mod:`fedstack.security.credentials`; this module keeps
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import sqlite3
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -25,11 +27,13 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import (
+    URL,
     Engine,
     bindparam,
     create_engine,
     event,
     insert,
+    pool,
     select,
     update,
 )
@@ -60,9 +64,11 @@ from fedstack.store.database import (
     postgres_readonly,
     redacted,
     resolve_url,
+    sqlite_foreign,
     sqlite_pragmas,
     sqlite_pragmas_fast,
     sqlite_pragmas_readonly,
+    sqlite_readonly_uri,
     store_error,
 )
 from fedstack.store.queries import Queries
@@ -153,13 +159,15 @@ class Store(Credentials, Queries):
         ``synchronous=NORMAL`` and blobs are not synced, so a power cut may lose the last
         commits (never corrupt the database). Deployments keep the default.
         ``inline_blob_bytes``: see the attribute. ``migrate``: bring the schema to this
-        fedstack's version (Alembic) and create the database if needed; with False, the
-        database must already be a fedstack store at that version. ``readonly``: see
-        :meth:`open_readonly`.
+        fedstack's version (Alembic) and create the database if needed; an existing SQLite
+        file that is not a fedstack store (another application's tables, not SQLite) is
+        refused, never converted. With False, the database must already be a fedstack
+        store at that version. ``readonly``: see :meth:`open_readonly`.
 
         Raises:
-            StoreError: the database cannot be opened, is not a fedstack store (without
-                ``migrate``) or its schema cannot be brought up to date.
+            StoreError: the database cannot be opened, is not a fedstack store (an SQLite
+                file; any database without ``migrate``) or its schema cannot be brought up
+                to date.
         """
         self.durable = durable
         self.readonly = readonly
@@ -167,6 +175,9 @@ class Store(Credentials, Queries):
         """Blobs up to this size go into the database (table ``blob_data``), in the same
         transaction as the row that names them: no file, no extra fsync. 0: all files."""
         self.url, self.path = resolve_url(db)
+        # a plain path goes to SQLite as it is: in URL text, "?", "#" and "%" would be parsed
+        engine_url: str | URL = (
+            URL.create("sqlite", database=str(self.path)) if "://" not in db else self.url)
         db = redacted(self.url) if self.path is None else str(self.path)  # for messages
         if blob_dir is None:
             if self.path is None:
@@ -175,16 +186,38 @@ class Store(Credentials, Queries):
                     "when the database is not an SQLite file"
                 )
             blob_dir = self.path.with_name(self.path.name + ".blobs")
+        self.schema_from: str | None = None
+        """The schema revision the database had when this store opened it (None: no
+        fedstack schema yet); after a migration the database is at ``migrations.HEAD``."""
         if self.path is not None:
             if not migrate and not self.path.is_file():
-                raise StoreError(f"no fedstack store at {self.path}")
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from exc
+                raise StoreError(f"no fedstack store at {self.path} (no such file)")
+            if migrate and self.path.exists() and not (
+                os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+            ):
+                raise StoreError(f"{self.path} cannot be written (read-only file system or no "
+                                 "permission); open it read-only to inspect it")
+            if migrate:
+                reason = sqlite_foreign(self.path, s.meta.name)
+                if reason is not None:
+                    raise StoreError(f"{self.path} is not a fedstack store: it {reason}; "
+                                     "refusing to convert it (give the path of a fedstack "
+                                     "store or of a new file)")
+            if not readonly:
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreError(f"cannot create {self.path.parent}: "
+                                     f"{exc.strerror}") from exc
         self.blobs = BlobStore(blob_dir, fsync=durable, create=not readonly)
         try:
-            self.engine: Engine = create_engine(self.url, future=True)
+            if readonly and self.path is not None:  # mode=ro: SQLite itself writes nothing
+                uri = sqlite_readonly_uri(self.path)
+                self.engine: Engine = create_engine(
+                    "sqlite://", poolclass=pool.QueuePool,
+                    creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False))
+            else:
+                self.engine = create_engine(engine_url, future=True)
         except (SQLAlchemyError, ImportError) as exc:
             log.debug("cannot create the engine for %s", db, exc_info=True)
             raise StoreError(f"cannot open database {db!r} ({type(exc).__name__})") from None
@@ -199,8 +232,11 @@ class Store(Credentials, Queries):
         if migrate:
             for attempt in range(3):  # concurrent first starts of several aggregators
                 try:
-                    migrations.upgrade(self.engine)
+                    self.schema_from = migrations.upgrade(self.engine)
                     break
+                except StoreError:
+                    self.engine.dispose()
+                    raise
                 except SQLAlchemyError as exc:
                     if attempt == 2:
                         self.engine.dispose()
@@ -213,19 +249,24 @@ class Store(Credentials, Queries):
             except SQLAlchemyError as exc:
                 self.engine.dispose()
                 raise store_error(f"cannot read database {db!r}", exc) from None
+            self.schema_from = current
+            if current is None:
+                self.engine.dispose()
+                raise StoreError(f"{db!r} is not a fedstack store (no fedstack schema)")
             if current != migrations.HEAD:
                 self.engine.dispose()
                 raise StoreError(
-                    f"{db!r} is not a fedstack store of this version (schema "
-                    f"{current or 'none'}, expected {migrations.HEAD}); an aggregator brings it "
-                    "up to date when it opens it")
+                    f"{db!r} is not a fedstack store of this version (schema {current}, "
+                    f"expected {migrations.HEAD}); `fedstack db upgrade --db DB` or the "
+                    "aggregator brings it up to date")
         self._salt = self._load_salt(create=not readonly)
 
     @classmethod
     def open_readonly(cls, db: str, blob_dir: str | Path | None = None) -> Store:
         """Open an existing store for inspection: no migration, no database or directory
-        created, SQLite's journal mode untouched and every write refused (SQLite's
-        ``query_only``, PostgreSQL's ``default_transaction_read_only``).
+        created, SQLite's journal mode untouched and every write refused (SQLite opens the
+        file with ``mode=ro`` and ``query_only``, ``immutable`` on read-only media;
+        PostgreSQL's ``default_transaction_read_only``).
 
         Raises:
             StoreError: there is no fedstack store of this version at ``db``.

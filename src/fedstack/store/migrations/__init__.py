@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, inspect, text
 
+from fedstack.errors import StoreError
+
 if TYPE_CHECKING:
     from alembic.config import Config
 
@@ -49,15 +51,28 @@ def current(engine: Engine) -> str | None:
         return c.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "head") -> str | None:
     """Bring the database to ``revision`` (creating the schema in an empty database).
+
+    Returns:
+        The revision the database was at before (None: it had no fedstack schema).
 
     Raises:
         sqlalchemy.exc.SQLAlchemyError: a migration failed (it is rolled back where the
             database supports transactional DDL).
+        StoreError: Alembic cannot go from the database's revision to ``revision`` (a
+            revision this fedstack does not know, e.g. written by a newer one).
     """
-    if revision == "head" and current(engine) == HEAD:
-        return
+    before = current(engine)
+    if revision == "head" and before == HEAD:
+        return before
     from alembic import command
+    from alembic.util import CommandError
 
-    command.upgrade(config(engine), revision)
+    try:
+        command.upgrade(config(engine), revision)
+    except CommandError as exc:
+        raise StoreError(
+            f"cannot migrate the schema from revision {before} to {revision}: {exc}"
+        ) from None
+    return before
