@@ -138,7 +138,6 @@ def _agg(state: int) -> AggregatorSession:
 
 def _agent(state: int, poll: bool = False) -> AgentSession:
     s = AgentSession(LIMITS)
-    s.propose(MODEL)
     if state >= 1:
         s.send(Participate(agent_name="a1"))
     if state >= 2:
@@ -160,6 +159,8 @@ def feed(s: Session, data: bytes | Message) -> None:
     """Give ``data`` to ``s``; only documented errors may come out."""
     before = s.state
     known = s.known_version if isinstance(s, AgentSession) else -1
+    structure = s.structure if isinstance(s, AgentSession) else None
+    run = s.run_id if isinstance(s, AgentSession) else None
     try:
         ev = s.receive_bytes(data) if isinstance(data, bytes) else s.receive(data)
     except RemoteProtocolError as exc:
@@ -169,15 +170,23 @@ def feed(s: Session, data: bytes | Message) -> None:
     if isinstance(s, AgentSession):
         assert s.known_version >= known, "the known version went backwards"
         if isinstance(ev, GlobalModelReceived):
-            _check_model(ev.message.model, ev.message.version, s)
+            _check_model(ev.message.model, ev.message.version, s, structure, run)
         elif isinstance(ev, Welcomed) and ev.message.model is not None:
-            _check_model(ev.message.model, ev.message.version, s)
+            _check_model(ev.message.model, ev.message.version, s, structure, run)
             assert s.heartbeat_interval > 0
 
 
-def _check_model(model: dict[str, Any], version: int, s: AgentSession) -> None:
+def _check_model(
+    model: dict[str, Any],
+    version: int,
+    s: AgentSession,
+    structure: list[Any] | None,
+    run: str | None,
+) -> None:
     assert 0 <= version <= MAX_VERSION or version == -1
-    assert tensors.structure(model) == tensors.structure(MODEL), "foreign structure accepted"
+    assert s.structure == tensors.structure(model), "the structure is not the model's"
+    if structure is not None and s.run_id == run:
+        assert tensors.structure(model) == structure, "a foreign structure was accepted"
     for arr in model.values():
         assert bool(np.isfinite(arr).all()) or not s.check_values, "NaN accepted"
 
@@ -398,7 +407,6 @@ def one_input(data: bytes) -> None:
 def conversation(src: Source) -> None:
     """A linked pair exchanging fuzzed messages in a fuzzed order."""
     agent, agg = AgentSession(LIMITS), AggregatorSession(LIMITS)
-    agent.propose(MODEL)
     for _ in range(1 + src.byte() % 8):
         msg = src.pick(SAMPLES) if src.byte() % 2 else hostile_message(src)
         sender, receiver = (agent, agg) if src.byte() % 2 else (agg, agent)

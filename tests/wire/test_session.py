@@ -457,10 +457,8 @@ def test_local_encode_error_keeps_the_state() -> None:
 
 
 # ---------------------------------------------------------------------- a hostile aggregator
-def joined(structure_from_initial: bool = True) -> AgentSession:
+def joined() -> AgentSession:
     s = AgentSession()
-    if structure_from_initial:
-        s.propose(model())
     s.send(Participate(agent_name="a1"))
     s.receive(welcome(0))
     return s
@@ -482,11 +480,10 @@ def joined(structure_from_initial: bool = True) -> AgentSession:
         {"w": np.zeros((2, 3), np.float32), "b": np.array([0, -np.inf, 0], np.float32)},
     ],
 )
-@pytest.mark.parametrize("from_initial", [True, False])
 def test_global_model_of_another_structure_or_not_finite_is_refused(
-    bad_model: dict[str, np.ndarray], from_initial: bool
+    bad_model: dict[str, np.ndarray],
 ) -> None:
-    s = joined(from_initial)
+    s = joined()
     with pytest.raises(RemoteProtocolError) as err:
         s.receive_bytes(_encoded(GlobalModel(version=1, model_id="m", model=bad_model)))
     assert err.value.code == "invalid-model"
@@ -494,12 +491,18 @@ def test_global_model_of_another_structure_or_not_finite_is_refused(
     assert s.known_version == 0 and s.state is State.FAILED
 
 
-def test_welcome_model_is_checked_against_the_initial_model() -> None:
+def test_the_first_model_of_a_run_fixes_the_structure() -> None:
+    """The agent's own initial model does not decide (the federation may have been
+    started by another agent's); the first global model received does, and a welcome
+    after a reconnection in the same run must match it."""
     s = AgentSession()
-    s.propose(model())
+    assert s.structure is None
+    s.send(Participate(agent_name="a1", model={"other": np.zeros(5, np.float32)}))
+    s.receive(welcome(0))
+    assert s.structure == [("w", "float32", (2, 3)), ("b", "float32", (3,))]
+    s.reconnect()
     s.send(Participate(agent_name="a1"))
-    bad = welcome(0)
-    bad = Welcome(**{**bad.__dict__, "model": {"x": np.zeros(2, np.float32)}})
+    bad = Welcome(**{**welcome(1).__dict__, "model": {"x": np.zeros(2, np.float32)}})
     with pytest.raises(RemoteProtocolError) as err:
         s.receive(bad)
     assert err.value.code == "invalid-model" and "x[2]:float32" in str(err.value)
@@ -564,7 +567,7 @@ def test_absurd_welcomes_are_refused(w: Welcome) -> None:
         s.receive(w)
 
 
-def test_a_new_run_may_restart_versions_and_keeps_the_own_structure() -> None:
+def test_a_new_run_may_restart_versions_and_structure() -> None:
     s = joined()
     s.receive(GlobalModel(version=7, model_id="m", model=model()))
     s.reconnect()
@@ -572,9 +575,9 @@ def test_a_new_run_may_restart_versions_and_keeps_the_own_structure() -> None:
     ev = s.receive(welcome(0, run="run2"))
     assert isinstance(ev, Welcomed) and not ev.new_model  # older than known: not delivered
     assert s.run_id == "run2"
-    s2 = joined()
-    s2.reconnect()
-    s2.send(Participate(agent_name="a1"))
+    s.reconnect()
+    s.send(Participate(agent_name="a1"))
     other = Welcome(**{**welcome(9, run="run3").__dict__, "model": {"x": np.zeros(1, np.float32)}})
-    with pytest.raises(RemoteProtocolError):  # the agent's own model still decides
-        s2.receive(other)
+    ev = s.receive(other)
+    assert isinstance(ev, Welcomed) and ev.new_model
+    assert s.structure == [("x", "float32", (1,))]

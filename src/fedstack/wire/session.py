@@ -462,8 +462,9 @@ class AgentSession(_Session):
         self.aggregator_id: str | None = None
         self.run_id: str | None = None
         self.heartbeat_interval = 5.0
-        self._own_structure: list[tuple[str, str, tuple[int, ...]]] | None = None
-        self._structure: list[tuple[str, str, tuple[int, ...]]] | None = None
+        self.structure: list[tuple[str, str, tuple[int, ...]]] | None = None
+        """The federation's model structure (names, dtypes, shapes): fixed by the first
+        global model received in a run; every later one must have it."""
 
     # ------------------------------------------------------------------ agent state
     def reconnect(self) -> None:
@@ -471,13 +472,6 @@ class AgentSession(_Session):
         self.state = State.IDLE
         self.sent_upload = None
         self.polled_version = None
-
-    def propose(self, model: Weights | None) -> None:
-        """The agent's initial model (None: none): its names, shapes and dtypes are the
-        structure every global model must have. Without one, the first global model
-        received in a run fixes the structure."""
-        self._own_structure = None if model is None else tensors.structure(model)
-        self._structure = self._own_structure
 
     @property
     def discard_stale(self) -> bool:
@@ -577,8 +571,8 @@ class AgentSession(_Session):
             new = msg.version > self.known_version
             if new:
                 self.known_version = msg.version
-            if self._structure is None:
-                self._structure = tensors.structure(msg.model)
+            if self.structure is None:
+                self.structure = tensors.structure(msg.model)
             self.polled_version = None
             return GlobalModelReceived(msg, new)
         if isinstance(msg, UploadAck):
@@ -604,9 +598,9 @@ class AgentSession(_Session):
 
     def _welcomed(self, w: Welcome) -> Welcomed:
         if self.run_id is not None and w.run_id != self.run_id:
-            self._structure = self._own_structure  # another run: its own model
-        if self._structure is None and w.model is not None:
-            self._structure = tensors.structure(w.model)
+            self.structure = None  # another run: its own model
+        if self.structure is None and w.model is not None:
+            self.structure = tensors.structure(w.model)
         self.agent_id, self.aggregator_id, self.run_id = w.agent_id, w.aggregator_id, w.run_id
         self.delivery = w.delivery
         self.config = dict(w.config)
@@ -633,9 +627,9 @@ class AgentSession(_Session):
             if msg.delivery not in ("push", "poll"):
                 raise bad(f"with an unknown delivery {msg.delivery[:20]!r}")
             if msg.model is not None:
-                structure = self._structure
+                structure = self.structure
                 if self.run_id is not None and msg.run_id != self.run_id:
-                    structure = self._own_structure
+                    structure = None
                 self._check_model(msg.model, msg.extra, structure)
         elif isinstance(msg, GlobalModel):
             if not 0 <= msg.version <= MAX_VERSION:
@@ -644,7 +638,7 @@ class AgentSession(_Session):
                 raise bad(
                     f"version {msg.version}, older than version {self.known_version} it sent before"
                 )
-            self._check_model(msg.model, msg.extra, self._structure)
+            self._check_model(msg.model, msg.extra, self.structure)
 
     def _check_model(
         self,
