@@ -165,7 +165,8 @@ def feed(s: Session, data: bytes | Message) -> None:
         ev = s.receive_bytes(data) if isinstance(data, bytes) else s.receive(data)
     except RemoteProtocolError as exc:
         assert exc.code in CODES, f"undocumented code {exc.code!r}"
-        assert s.state is State.FAILED, f"refused in {before}, now {s.state}"
+        expected = State.CLOSED if before is State.CLOSED else State.FAILED
+        assert s.state is expected, f"refused in {before}, now {s.state}"
         return
     if isinstance(s, AgentSession):
         assert s.known_version >= known, "the known version went backwards"

@@ -414,10 +414,14 @@ class Agent:
                                     f"{timeout} s")
 
     def _thread_main(self) -> None:
-        with aio.runner() as r:
-            self._loop = r.get_loop()
-            self._loop_ready.set()
-            r.run(self._core.run())
+        try:
+            with aio.runner() as r:
+                self._loop = r.get_loop()
+                self._loop_ready.set()
+                r.run(self._core.run())
+        finally:
+            self._core.stopped = True
+            self._loop_ready.set()  # start() never waits for a loop that failed to open
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the core's loop (the core is touched from its loop only); at
