@@ -14,7 +14,8 @@ Usage from a plain training loop (the book's names)::
         agent.send_trained_model(weights, n, metrics)
     agent.close()
 
-:class:`Agent` is a thin facade over the asyncio core (:class:`fedstack.agent.core.AgentCore`):
+:class:`Agent` is a thin facade over the asyncio core (:class:`fedstack.agent.core.AgentCore`
+and its connection loop, :class:`fedstack.agent.connection.AgentConnection`):
 registration, uploads (kept until acknowledged and re-sent after a reconnect), pushed
 global models or (long-)polling, heartbeats, and reconnection with capped exponential
 backoff and jitter all happen there. :meth:`Agent.start` runs the core on an event loop in
@@ -43,6 +44,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from fedstack import aio
+from fedstack.agent.connection import AgentConnection
 from fedstack.agent.core import AgentCore, ClientState
 from fedstack.buffers import take_arrays
 from fedstack.types import Metrics, Weights
@@ -374,7 +376,8 @@ class Agent:
             RegistrationRefused, TLSError, TimeoutError: as :meth:`start`.
         """
         self._prepare_start()
-        self._task = asyncio.create_task(self._core.run(), name=f"fedstack-agent-{self.name}")
+        self._task = asyncio.create_task(AgentConnection(self._core).run(),
+                                         name=f"fedstack-agent-{self.name}")
         try:
             await self._wait_async(self._core.started, timeout, self._no_welcome(timeout))
         except TimeoutError:
@@ -418,7 +421,7 @@ class Agent:
             with aio.runner() as r:
                 self._loop = r.get_loop()
                 self._loop_ready.set()
-                r.run(self._core.run())
+                r.run(AgentConnection(self._core).run())
         finally:
             self._core.stopped = True
             self._loop_ready.set()  # start() never waits for a loop that failed to open

@@ -1,12 +1,13 @@
-"""The agent's asyncio core: one connection at a time to the aggregator, on one event loop.
+"""The agent's asyncio core: its state, and what it does with what arrives. No I/O.
 
-:class:`AgentCore` runs the protocol through a :class:`~fedstack.wire.session.AgentSession`
-(which holds the rules, the known version, the pending upload and the stale-upload rule):
-registration, uploads kept until acknowledged and re-sent after a reconnect, pushed or
-(long-)polled global models, heartbeats, reconnection with capped exponential backoff and
-full jitter, a TLS diagnosis of failed connections, and persistence through
-:mod:`fedstack.agent.state`. It also holds the book's client state
-(:class:`ClientState`).
+:class:`AgentCore` holds one agent's state around a
+:class:`~fedstack.wire.session.AgentSession` (which holds the protocol rules, the known
+version, the pending upload and THE stale-upload rule): the book's client state
+(:class:`ClientState`), the global model waiting for the trainer, uploads being queued
+(and persisted through :mod:`fedstack.agent.state` before they are sent), the reactions
+to the welcome and to every later event, and the waiters woken at each change. Its I/O
+half, the connection loop (registration, reconnection with backoff, heartbeats, polling,
+TLS diagnosis), is :class:`fedstack.agent.connection.AgentConnection`.
 
 Every method and attribute belongs to the core's event loop: call them from that loop only
 (:class:`fedstack.agent.client.Agent` is the facade that calls in from other threads).
@@ -18,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import enum
 import logging
 import os
-import random
 import secrets
 import uuid
 from collections.abc import Callable, Mapping
@@ -36,16 +35,12 @@ from fedstack.errors import (
     ConnectionClosed,
     FederationFinished,
     FedstackError,
-    LocalProtocolError,
-    ProtocolError,
     RegistrationRefused,
     RemoteProtocolError,
-    TLSError,
 )
-from fedstack.security.tls import client_context, diagnose
-from fedstack.transport import Connection, connect
+from fedstack.security.tls import client_context
 from fedstack.types import Metrics, Weights
-from fedstack.wire import Bye, Error, Heartbeat, Limits, ModelUpload, Poll, UploadAck, Welcome
+from fedstack.wire import Error, Limits, ModelUpload, UploadAck, Welcome
 from fedstack.wire.session import (
     AgentSession,
     Event,
@@ -56,7 +51,6 @@ from fedstack.wire.session import (
     Refused,
     RequestRefused,
     UploadAcknowledged,
-    Welcomed,
 )
 
 log = logging.getLogger("fedstack.agent")
@@ -130,9 +124,9 @@ class AgentCore:
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
         self.ca = ca if ca is not None else (os.environ.get("FEDSTACK_CA") or None)
-        self._client_cert = cert is not None
-        self._ssl = client_context(self.ca, cert, key) if url.startswith("wss://") else None
-        if self._ssl is None and (ca is not None or cert is not None or key is not None):
+        self.client_cert = cert is not None
+        self.ssl = client_context(self.ca, cert, key) if url.startswith("wss://") else None
+        if self.ssl is None and (ca is not None or cert is not None or key is not None):
             log.warning(
                 "%s: --ca/--cert/--key are ignored for %s: only wss:// URLs use TLS", name, url
             )
@@ -158,7 +152,7 @@ class AgentCore:
         self.acknowledged: list[UploadAck] = []
         self.on_refusal: Callable[[Error], None] | None = None
         self._waiters: list[Waiter] = []
-        self._wake: asyncio.Event | None = None
+        self.wake: asyncio.Event | None = None
         self.state_dir = None if state_dir is None else Path(state_dir)
         self.disk: AgentStateDir | None = None
         self._restored: SavedUpload | None = None
@@ -191,14 +185,14 @@ class AgentCore:
         """A future completed at the core's next change of state (a concurrent future
         for a waiter in another thread)."""
         fut: Waiter
-        if threadsafe or self._wake is None:
+        if threadsafe or self.wake is None:
             fut = concurrent.futures.Future()
         else:
             fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         return fut
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
         """Wake every waiter: the state changed."""
         waiters, self._waiters = self._waiters, []
         for fut in waiters:
@@ -207,8 +201,8 @@ class AgentCore:
 
     def _kick(self) -> None:
         """Wake the connection (something to send, or closing)."""
-        if self._wake is not None:
-            self._wake.set()
+        if self.wake is not None:
+            self.wake.set()
 
     def propose(
         self, weights: Mapping[str, Any], num_samples: int, metrics: Mapping[str, Any] | None
@@ -228,7 +222,7 @@ class AgentCore:
     def close(self) -> None:
         """Ask the connection to leave (``bye``) and stop."""
         self.closing = True
-        self._notify()
+        self.notify()
         self._kick()
 
     # ------------------------------------------------------------------ the trainer's side
@@ -320,7 +314,7 @@ class AgentCore:
         self.session.queue_upload(upload)
         if self.state != ClientState.gm_ready:
             self.state = ClientState.sending
-        self._notify()
+        self.notify()
         self._kick()
         return True
 
@@ -339,158 +333,8 @@ class AgentCore:
             return True
         return False
 
-    # ------------------------------------------------------------------ the connection
-    async def run(self) -> None:
-        """Connect, and reconnect, until closed, finished or refused for good."""
-        self._wake = asyncio.Event()
-        try:
-            await self._connection()
-        finally:  # waiters re-check: nothing more will come from this connection
-            self.stopped = True
-            self._notify()
-
-    async def _connection(self) -> None:
-        backoff = 0.05
-        while not self.closing:
-            conn: Connection | None = None
-            try:
-                conn = await connect(
-                    self.url,
-                    max_message_bytes=self.limits.max_message_bytes,
-                    open_timeout=self.connect_timeout,
-                    ssl=self._ssl,
-                )
-                done = await self._run_session(conn)
-                backoff = 0.05
-                if done:
-                    return
-            except RegistrationRefused as exc:
-                self.error = exc
-                return
-            except (OSError, ConnectionClosed, TimeoutError, ProtocolError) as exc:
-                fatal = None if conn is not None else await self._tls_fatal(exc)
-                if fatal is not None:  # a certificate problem: retrying cannot fix it
-                    log.error("%s: %s", self.name, fatal)
-                    self.error = fatal
-                    return
-                if self.closing or self.gm_final:
-                    # after the final model the aggregator goes away: nothing to reconnect to
-                    return
-                level = logging.ERROR if isinstance(exc, RemoteProtocolError) else logging.INFO
-                log.log(
-                    level,
-                    "%s: connection to %s lost (%s); retrying in %.2f s",
-                    self.name,
-                    self.url,
-                    exc or type(exc).__name__,
-                    backoff,
-                )
-            except Exception as exc:
-                # never leave the training loop waiting on a dead connection
-                log.exception("%s: agent connection failed", self.name)
-                self.error = FedstackError(f"agent {self.name} stopped: {exc!r}")
-                return
-            finally:
-                if conn is not None:
-                    conn.abort()
-            self.reconnects += 1
-            # capped exponential backoff with full jitter, interruptible by close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._until_closing(), backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, self.max_backoff)
-
-    async def _tls_fatal(self, exc: BaseException) -> TLSError | None:
-        """A TLSError if opening the connection failed for a TLS reason (wrong CA, host name
-        not in the certificate, client certificate refused or missing, ws:// to a TLS-only
-        port), None if the failure may be transient."""
-        if self.closing:
-            return None
-        try:
-            return await diagnose(
-                self.url,
-                exc,
-                self._ssl,
-                ca=self.ca,
-                client_cert=self._client_cert,
-                timeout=min(2.0, self.connect_timeout),
-            )
-        except Exception:  # the diagnosis must never stop the reconnect loop
-            log.debug("%s: TLS diagnosis failed", self.name, exc_info=True)
-            return None
-
-    async def _until_closing(self) -> None:
-        assert self._wake is not None
-        while not self.closing:
-            await self._wake.wait()
-            self._wake.clear()
-
-    async def _run_session(self, conn: Connection) -> bool:
-        """Run one connection. Returns True when the agent is done (closed or finished)."""
-        assert self._wake is not None
-        s = self.session
-        s.reconnect()
-        conn.write(
-            s.send(
-                s.participate(
-                    self.name,
-                    token=self.token,
-                    enrollment=self.enrollment,
-                    model=self.initial,
-                    init_weights=self.init_weights,
-                    num_samples=self.initial_samples,
-                    metrics=self.initial_metrics,
-                    client=CLIENT,
-                )
-            )
-        )
-        await conn.drain()
-        event = s.receive_bytes(await asyncio.wait_for(conn.recv(), 3600.0))
-        if isinstance(event, Refused):
-            err = event.error
-            if event.permanent:
-                raise RegistrationRefused(
-                    f"{self.url} refused {self.name!r}: {err.message}", code=err.code
-                )
-            # e.g. the aggregator's store is unavailable: a transient failure, retry
-            raise RemoteProtocolError(
-                f"{self.url} could not register {self.name!r} now: {err.message}", code=err.code
-            )
-        assert isinstance(event, Welcomed)
-        self._on_welcome(event.message, event.new_model)
-        del event  # its model (a view of the message buffer) is the agent's, not the frame's
-        interval = s.heartbeat_interval
-        reader = asyncio.create_task(self._reader(conn, 3 * interval))
-        wake = self._wake
-        reader.add_done_callback(lambda _: wake.set())
-        heart = asyncio.create_task(self._heartbeat(conn, interval))
-        try:
-            while True:
-                if reader.done():
-                    return reader.result()  # raises the reader's exception if it failed
-                if self.closing:
-                    with contextlib.suppress(Exception):
-                        conn.write(s.send(Bye(reason="agent closing")))
-                        await asyncio.wait_for(conn.close(), 2.0)
-                    return True
-                upload = s.upload_to_send()
-                if upload is not None:
-                    # the upload's arrays are the agent's own copies, never changed:
-                    # the in-process transport may hand them over without copying
-                    conn.write(s.send(upload), frozen=True)
-                    del upload
-                    await conn.drain()
-                    continue
-                if self.state == ClientState.waiting_gm and s.poll_due():
-                    conn.write(s.send(Poll(known_version=s.known_version, wait=self.poll_wait)))
-                await self._wake.wait()  # set by the reader (also when it ends) and _kick
-                self._wake.clear()
-        finally:
-            heart.cancel()
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
-
-    def _on_welcome(self, w: Welcome, new_model: bool) -> None:
+    # ------------------------------------------------------------------ what arrives
+    def on_welcome(self, w: Welcome, new_model: bool) -> None:
         self.round = w.round
         if self._restored is not None and self._resume_pending(w):
             # the restored upload was trained on this very model: wait for the next one
@@ -521,7 +365,7 @@ class AgentCore:
                 **({"version": version} if version >= 0 else {}),
             )
         self.welcomed = True
-        self._notify()
+        self.notify()
         log.info(
             "%s: welcomed as %s (version %d, %s delivery)",
             self.name,
@@ -569,22 +413,11 @@ class AgentCore:
         self._gm_next_extra = extra or {}
         self.gm_final = final
         self.state = ClientState.gm_ready
-        self._notify()
+        self.notify()
         if self.disk is not None:
             self.disk.save_identity(version=version)
 
-    async def _reader(self, conn: Connection, lease: float) -> bool:
-        assert self._wake is not None
-        while True:
-            async with asyncio.timeout(lease):  # not wait_for: no task per message
-                raw = await conn.recv()
-            event = self.session.receive_bytes(raw)
-            del raw
-            self._on_event(event)
-            del event
-            self._wake.set()
-
-    def _on_event(self, event: Event) -> None:
+    def on_event(self, event: Event) -> None:
         """Act on what the aggregator sent after the welcome."""
         if isinstance(event, GlobalModelReceived):
             msg = event.message
@@ -597,7 +430,7 @@ class AgentCore:
                 self.acknowledged.append(ack)
                 if self.state == ClientState.sending:
                     self.state = ClientState.waiting_gm
-                self._notify()
+                self.notify()
             if self.disk is not None:
                 self.disk.clear_pending(ack.upload_id)  # only if it is the one on disk
             if ack.message:
@@ -613,7 +446,7 @@ class AgentCore:
                     self.disk.clear_pending(event.dropped_upload)
                 if self.state == ClientState.sending:
                     self.state = ClientState.waiting_gm
-                self._notify()
+                self.notify()
         elif isinstance(event, Refused):  # a fatal error: the aggregator closes
             err = event.error
             if event.permanent:  # e.g. revoked: reconnecting cannot help
@@ -626,13 +459,3 @@ class AgentCore:
             raise ConnectionClosed(1001, event.reason)
         else:
             assert isinstance(event, (NotReadyReceived, HeartbeatReceived))
-
-    async def _heartbeat(self, conn: Connection, interval: float) -> None:
-        seq = 0
-        while True:
-            await asyncio.sleep(interval)
-            seq += 1
-            try:
-                conn.write(self.session.send(Heartbeat(seq=seq)))
-            except (ConnectionClosed, LocalProtocolError):
-                return
