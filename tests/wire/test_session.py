@@ -581,3 +581,41 @@ def test_a_new_run_may_restart_versions_and_structure() -> None:
     ev = s.receive(other)
     assert isinstance(ev, Welcomed) and ev.new_model
     assert s.structure == [("x", "float32", (1,))]
+
+
+def _paths(role: Role, start: State, length: int) -> list[list[tuple[Direction, str]]]:
+    """Every path of ``length`` legal steps through the table from ``start``."""
+    out: list[list[tuple[Direction, str]]] = []
+
+    def walk(state: State, path: list[tuple[Direction, str]]) -> None:
+        if len(path) == length:
+            out.append(path)
+            return
+        for step, nxt in TRANSITIONS[(role, state)].items():
+            walk(nxt, [*path, step])
+
+    walk(start, [])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("role", "start"), [(Role.AGENT, State.IDLE), (Role.AGGREGATOR, State.AWAITING_PARTICIPATE)]
+)
+def test_every_legal_sequence_of_four_steps(role: Role, start: State) -> None:
+    """Every path of four legal steps the table allows is accepted by a fresh session,
+    which ends in the state the table says."""
+    paths = _paths(role, start, 4)
+    assert len(paths) > 20
+    for path in paths:
+        s: AgentSession | AggregatorSession = (
+            AgentSession() if role is Role.AGENT else AggregatorSession()
+        )
+        state = start
+        for direction, kind in path:
+            msg = SAMPLES[kind]
+            if direction is Direction.OUT:
+                s.send(msg)
+            else:
+                assert isinstance(s.receive_bytes(_encoded(msg)), Event)
+            state = TRANSITIONS[(role, state)][(direction, kind)]
+            assert s.state is state, path
