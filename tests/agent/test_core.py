@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 from fedstack import Agent, AggregatorConfig
+from fedstack.agent import ClientState
 from fedstack.errors import ConnectionClosed
 from fedstack.testing import aggregator_thread
 from fedstack.transport import WSConnection
 from fedstack.transport.ws import serve
-from fedstack.wire import GlobalModel, Heartbeat, Message, Welcome
-from fedstack.wire.session import AggregatorSession, HeartbeatReceived
+from fedstack.wire import Error, GlobalModel, Heartbeat, Message, Welcome
+from fedstack.wire.session import AggregatorSession, HeartbeatReceived, UploadReceived
 
 MODEL = {"w": np.arange(3, dtype=np.float32)}
 
@@ -47,8 +48,11 @@ class FakeAggregator:
     """Welcomes each connection with ``first`` then sends ``then``; counts connections
     and heartbeats."""
 
-    def __init__(self, first: Welcome, then: list[Message]) -> None:
+    def __init__(
+        self, first: Welcome, then: list[Message], after_upload: list[Message] | None = None
+    ) -> None:
         self.first, self.then = first, then
+        self.after_upload = after_upload or []
         self.connections = 0
         self.heartbeats = 0
 
@@ -63,6 +67,9 @@ class FakeAggregator:
         try:
             while True:
                 event = s.receive_bytes(await asyncio.wait_for(conn.recv(), 5.0))
+                if isinstance(event, UploadReceived):
+                    for msg in self.after_upload:
+                        conn.write(s.send(msg))
                 if isinstance(event, HeartbeatReceived):
                     self.heartbeats += 1
                     assert event.reply is not None
@@ -166,6 +173,39 @@ def test_heartbeats_go_out_at_the_welcomes_interval() -> None:
             await asyncio.sleep(0.65)
             assert 3 <= fake.heartbeats <= 8, fake.heartbeats
             assert fake.connections == 1
+        finally:
+            await a.close_async()
+
+    asyncio.run(with_fake(fake, body))
+
+
+def test_a_refused_upload_keeps_a_newer_model_waiting() -> None:
+    """A newer global model arrives, then the upload trained on the old one is refused:
+    the new model stays ready for the trainer (the client state stays gm_ready)."""
+    fake = FakeAggregator(
+        welcome(),
+        [],
+        after_upload=[
+            GlobalModel(version=1, model_id="m1", model={"w": np.full(3, 5, np.float32)}),
+            Error(code="invalid-model", message="does not fit the strategy"),
+        ],
+    )
+
+    async def body(url: str) -> None:
+        a = Agent(url, name="a", max_backoff=0.2)
+        refused: list[Error] = []
+        a.on_refusal = refused.append
+        await a.start_async(timeout=5)
+        try:
+            gm = await a.wait_for_global_model_async(timeout=5)
+            assert a.send_trained_model({"w": gm["w"] + 1}, 1)
+            for _ in range(100):
+                if refused:
+                    break
+                await asyncio.sleep(0.02)
+            assert [e.code for e in refused] == ["invalid-model"]
+            assert a._pending is None and a.state == ClientState.gm_ready
+            np.testing.assert_array_equal((await a.wait_for_global_model_async(2))["w"], 5)
         finally:
             await a.close_async()
 

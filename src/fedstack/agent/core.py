@@ -69,6 +69,25 @@ class ClientState(enum.IntEnum):
     gm_ready = 3
 
 
+_W, _T, _S, _G = (
+    ClientState.waiting_gm,
+    ClientState.training,
+    ClientState.sending,
+    ClientState.gm_ready,
+)
+
+CLIENT_TRANSITIONS: dict[str, dict[ClientState, ClientState]] = {
+    "model-proposed": {_W: _S, _S: _S},  # send_initial_model, or an upload restored
+    "global-model": {_W: _G, _T: _G, _S: _G, _G: _G},  # a newer global model arrived
+    "handed-over": {_G: _T},  # the trainer took the global model
+    "upload-queued": {_W: _S, _T: _S, _S: _S},  # (a newer model waiting keeps gm_ready)
+    "upload-done": {_S: _W},  # acknowledged, or refused for good
+    "nothing-to-send": {_S: _W},  # welcomed without a model, nothing pending
+}
+"""Every change of the client state: event -> {state before: state after}; an event not
+listed for the current state leaves it as it is."""
+
+
 def clean_metrics(metrics: Mapping[str, Any] | None) -> Metrics:
     """``metrics`` as wire values (numpy scalars become Python numbers).
 
@@ -171,7 +190,7 @@ class AgentCore:
             # welcome decides whether it is still current (see _resume_pending)
             self._restored = saved
             self.session.queue_upload(saved.upload)
-            self.state = ClientState.sending
+            self.move("model-proposed")
             log.info(
                 "%s: restored upload %s (trained on v%d) from %s",
                 self.name,
@@ -192,6 +211,10 @@ class AgentCore:
         self._waiters.append(fut)
         return fut
 
+    def move(self, event: str) -> None:
+        """Change the client state as :data:`CLIENT_TRANSITIONS` says for ``event``."""
+        self.state = CLIENT_TRANSITIONS[event].get(self.state, self.state)
+
     def notify(self) -> None:
         """Wake every waiter: the state changed."""
         waiters, self._waiters = self._waiters, []
@@ -210,7 +233,7 @@ class AgentCore:
         self.initial = {k: np.array(v, copy=True) for k, v in weights.items()}
         self.initial_samples = int(num_samples)
         self.initial_metrics = clean_metrics(metrics)
-        self.state = ClientState.sending
+        self.move("model-proposed")
 
     def prepare_start(self) -> None:
         if self.token is None and self.enrollment is not None:
@@ -236,7 +259,7 @@ class AgentCore:
         if self.error is not None:
             raise self.error
         if self.state == ClientState.gm_ready and self._gm is not None:
-            self.state = ClientState.training
+            self.move("handed-over")
             self.training_base = self.session.known_version
             self.gm_extra = self._gm_next_extra
             if self.gm_final:
@@ -312,8 +335,7 @@ class AgentCore:
         if self.disk is not None and self._not_to_send("saving the model trained on"):
             return False
         self.session.queue_upload(upload)
-        if self.state != ClientState.gm_ready:
-            self.state = ClientState.sending
+        self.move("upload-queued")
         self.notify()
         self._kick()
         return True
@@ -346,8 +368,8 @@ class AgentCore:
             self.gm_final = True
         # an upload trained on an older model that the aggregator never acknowledged is
         # still sent: the aggregator's staleness policy decides what becomes of it
-        if self.state == ClientState.sending and self.session.pending is None and w.model is None:
-            self.state = ClientState.waiting_gm
+        if self.session.pending is None and w.model is None:
+            self.move("nothing-to-send")
         if self.disk is not None:
             known = self.disk.identity.agent_id
             if known is not None and known != w.agent_id:
@@ -412,7 +434,7 @@ class AgentCore:
         self._gm = model
         self._gm_next_extra = extra or {}
         self.gm_final = final
-        self.state = ClientState.gm_ready
+        self.move("global-model")
         self.notify()
         if self.disk is not None:
             self.disk.save_identity(version=version)
@@ -428,8 +450,7 @@ class AgentCore:
             ack = event.message
             if event.matched:
                 self.acknowledged.append(ack)
-                if self.state == ClientState.sending:
-                    self.state = ClientState.waiting_gm
+                self.move("upload-done")
                 self.notify()
             if self.disk is not None:
                 self.disk.clear_pending(ack.upload_id)  # only if it is the one on disk
@@ -444,8 +465,7 @@ class AgentCore:
             if event.dropped_upload is not None:
                 if self.disk is not None:
                     self.disk.clear_pending(event.dropped_upload)
-                if self.state == ClientState.sending:
-                    self.state = ClientState.waiting_gm
+                self.move("upload-done")
                 self.notify()
         elif isinstance(event, Refused):  # a fatal error: the aggregator closes
             err = event.error
