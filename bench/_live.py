@@ -1,5 +1,5 @@
 """Shared helpers of bench/scaling.py and bench/memory.py: one ``fedstack aggregator``
-subprocess on 127.0.0.1 and the load generator (:mod:`fedstack.loadgen`) in another."""
+subprocess on 127.0.0.1 and the load generator (:mod:`fedstack.testing.loadgen`) in another."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def run_live(agents: int, rounds: int, params: int, *, timeout: float = 300.0,
         sampler.start()
         t0 = time.perf_counter()
         lg = subprocess.run(
-            [sys.executable, "-m", "fedstack.loadgen", "--url", f"ws://127.0.0.1:{port}",
+            [sys.executable, "-m", "fedstack.testing.loadgen", "--url", f"ws://127.0.0.1:{port}",
              "--agents", str(agents), "--rounds", str(rounds), "--params", str(params),
              "--tensors", str(tensors), "--timeout", str(timeout), "--json", str(out), "-q"],
             capture_output=True, text=True, timeout=timeout + 60)

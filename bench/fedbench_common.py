@@ -61,8 +61,8 @@ FL_DEP = "Flower deployment"
 
 DIGITS_TRAINER = "fedstack.trainers.torch_digits:DigitsMLPTrainer"
 DIGITS_EVALUATOR = "fedstack.trainers.torch_digits:evaluate_global_mlp"
-PROBE_TRAINER = "fedstack.trainers.probe:ProbeTrainer"
-PROBE_EVALUATOR = "fedstack.trainers.probe:evaluate_probe"
+PROBE_TRAINER = "fedstack.testing.probe:ProbeTrainer"
+PROBE_EVALUATOR = "fedstack.testing.probe:evaluate_probe"
 
 # The task, fixed for every framework (PERF.md's anchor workload).
 DIGITS = {"partition": "dirichlet:0.5", "seed": 0, "epochs": 1, "lr": 0.05, "batch_size": 32}
@@ -246,7 +246,7 @@ def _framework_free_digits(rounds: int, agents: int) -> tuple[list[float], dict[
 
 
 def _framework_free_probe(rounds: int, agents: int) -> tuple[list[float], dict[str, Any]]:
-    from fedstack.trainers.probe import ProbeTrainer, evaluate_probe
+    from fedstack.testing.probe import ProbeTrainer, evaluate_probe
 
     trainers = [ProbeTrainer(index=i, num_agents=agents, **PROBE)  # type: ignore[arg-type]
                 for i in range(agents)]

@@ -3,7 +3,7 @@
     .venv/bin/python bench/memory.py [--quick] [--skip-acceptance]
 
 Each case runs a real ``fedstack aggregator`` subprocess and the load generator
-(``python -m fedstack.loadgen``, all agents in one other process) on 127.0.0.1; every
+(``python -m fedstack.testing.loadgen``, all agents in one other process) on 127.0.0.1; every
 round needs every agent. The aggregator's peak RSS is read from ``/proc/<pid>/status``
 (VmHWM) after the agents got the last global model.
 

@@ -1,7 +1,7 @@
 """The framework-overhead probe: a 100 MB model whose training is ``w + 0.001``.
 
 A 25,000,000-parameter float32 model (one array, 100 MB), 10 agents whose "training" adds
-0.001 to every weight (``fedstack.trainers.probe.ProbeTrainer``), equal-weight FedAvg over
+0.001 to every weight (``fedstack.testing.probe.ProbeTrainer``), equal-weight FedAvg over
 all 10 every round, 5 rounds, and a central "evaluation" (the mean weight, 0.005 at the
 end). With nothing to learn, a round's time is the framework's own cost: moving,
 storing and averaging 10 x 100 MB.
@@ -194,7 +194,7 @@ def main() -> int:
         "task": {"params": fc.PROBE["params"], "dtype": "float32", "delta": fc.PROBE["delta"],
                  "agents": args.agents, "rounds": args.rounds,
                  "strategy": "equal-weight FedAvg, all agents every round",
-                 "evaluation": "central mean weight (fedstack.trainers.probe:evaluate_probe)"},
+                 "evaluation": "central mean weight (fedstack.testing.probe:evaluate_probe)"},
     }
     fc.save_result(result, flower=flower, runs=runs, checks=checks, t_start=t_start,
                    out=Path(args.out), workdir=workdir, keep=args.keep_workdir)

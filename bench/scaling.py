@@ -3,7 +3,7 @@
     .venv/bin/python bench/scaling.py [--quick] [--no-plot] [--simulated]
 
 Each point runs a real ``fedstack aggregator`` subprocess and the load generator
-(``python -m fedstack.loadgen``: all agents in one other process, one event loop, the real
+(``python -m fedstack.testing.loadgen``: all agents in one other process, one event loop, the real
 protocol over real WebSocket connections) on 127.0.0.1; every round needs every agent
 (``--min-agents N``). Round time = the store's round duration (from the previous global
 model to this one: fan-out, "training" (+0.001), uploads, persistence, aggregation),
@@ -90,7 +90,7 @@ def simulated_curve(agent_counts: list[int], params: int) -> list[dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="fedstack-scaling-") as tmp:
         for n in agent_counts:
             rounds = 3 if n <= 1000 else 2
-            res = simulate("fedstack.trainers.probe:ProbeTrainer", {"params": params},
+            res = simulate("fedstack.testing.probe:ProbeTrainer", {"params": params},
                            num_agents=n, rounds=rounds, db=f"{tmp}/sim{n}.db", workers=0)
             secs = res.round_seconds[1:] or res.round_seconds
             rows.append({"agents": n, "round_seconds": statistics.median(secs),

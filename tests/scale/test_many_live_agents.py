@@ -1,6 +1,6 @@
 """1,000 live agents on one aggregator process (issue 5, "Many live agents").
 
-A real ``fedstack aggregator`` subprocess and the load generator (:mod:`fedstack.loadgen`:
+A real ``fedstack aggregator`` subprocess and the load generator (:mod:`fedstack.testing.loadgen`:
 1,000 agents speaking the real protocol over 1,000 WebSocket connections, in ONE other
 process) run 3 rounds of a small model; every round needs all 1,000 agents
 (``--min-agents 1000``), so the aggregator must hold 1,000 concurrent connections.
@@ -38,9 +38,9 @@ def test_1000_live_agents_complete_rounds(tmp_path: Path) -> None:
     t0 = time.monotonic()
     try:
         lg = subprocess.run(
-            [sys.executable, "-m", "fedstack.loadgen", "--url", agg.url, "--agents", str(AGENTS),
-             "--rounds", str(ROUNDS), "--params", "300", "--timeout", "150", "--json", str(out),
-             "-q"],
+            [sys.executable, "-m", "fedstack.testing.loadgen", "--url", agg.url,
+             "--agents", str(AGENTS), "--rounds", str(ROUNDS), "--params", "300",
+             "--timeout", "150", "--json", str(out), "-q"],
             capture_output=True, text=True, timeout=200,
         )
         elapsed = time.monotonic() - t0

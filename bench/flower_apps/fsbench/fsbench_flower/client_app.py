@@ -4,7 +4,7 @@
 ``partition-id`` / ``num-partitions``; the minibatch generator's state is saved in the
 node's Context between rounds, so each node draws exactly the minibatch orders a
 long-lived fedstack agent draws (a ClientApp process may not outlive a round).
-``probe``: :class:`fedstack.trainers.probe.ProbeTrainer` (adds ``probe-delta``).
+``probe``: :class:`fedstack.testing.probe.ProbeTrainer` (adds ``probe-delta``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _trainer(cfg: dict[str, Any], index: int, num: int) -> Any:
            cfg["batch-size"], cfg["probe-params"], cfg["probe-delta"])
     if key not in _TRAINERS:
         if cfg["task"] == "probe":
-            from fedstack.trainers.probe import ProbeTrainer
+            from fedstack.testing.probe import ProbeTrainer
 
             _TRAINERS[key] = ProbeTrainer(params=cfg["probe-params"], delta=cfg["probe-delta"],
                                           index=index, num_agents=num)

@@ -26,7 +26,7 @@ def main(grid: Grid, context: Context) -> None:
     num = int(cfg["num-agents"])
     evaluator: Any
     if cfg["task"] == "probe":
-        from fedstack.trainers.probe import ProbeTrainer, evaluate_probe
+        from fedstack.testing.probe import ProbeTrainer, evaluate_probe
 
         initial = ProbeTrainer(params=cfg["probe-params"]).initial_weights()
         evaluator = evaluate_probe

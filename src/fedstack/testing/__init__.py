@@ -3,6 +3,11 @@
 - :func:`aggregator_thread`: a real aggregator on 127.0.0.1 in a background thread.
 - :class:`AggregatorProcess`: ``fedstack aggregator`` as a subprocess that can be killed
   (SIGKILL, SIGSTOP) and restarted on the same port and database.
+- :mod:`fedstack.testing.loadgen`: many protocol-level agents in one process
+  (``python -m fedstack.testing.loadgen``).
+- :mod:`fedstack.testing.probe`: a framework-overhead probe trainer.
+
+Importing this package does not import the aggregator (the load generator runs without it).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedstack.aggregator import Aggregator, AggregatorConfig
+if TYPE_CHECKING:
+    from fedstack.aggregator import Aggregator, AggregatorConfig
 
 
 def free_port() -> int:
@@ -36,6 +43,8 @@ def aggregator_thread(config: AggregatorConfig, **kwargs: object) -> Iterator[Ag
 
     ``config.port`` 0 picks a free port: read it from ``aggregator.port``.
     """
+    from fedstack.aggregator import Aggregator
+
     started = threading.Event()
     stop: list[asyncio.Event] = []
     holder: list[Aggregator] = []

@@ -3,7 +3,7 @@
 Used by ``bench/overhead_probe.py``: with nothing to learn, a round's time is the
 framework's own cost (moving, storing and averaging the model). Pure numpy::
 
-    fedstack agent --trainer fedstack.trainers.probe:ProbeTrainer \\
+    fedstack agent --trainer fedstack.testing.probe:ProbeTrainer \\
         --trainer-arg params=25000000 --trainer-arg delta=0.001
 """
 

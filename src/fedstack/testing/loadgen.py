@@ -1,20 +1,22 @@
 """Load generator: many live agents in ONE process, on one asyncio (uvloop) event loop.
 
 Each simulated agent speaks the real agent protocol over its own WebSocket connection
-(:func:`fedstack.transport.connect`, :mod:`fedstack.wire` messages), the way
-:meth:`fedstack.agent.client.Agent._session` does: ``participate`` -> ``welcome`` (with the
-global model) -> "train" (``weights + delta``, optionally a sleep) -> ``upload`` (unique
-``upload_id``, ``base_version``) -> ``upload_ack`` -> the next ``global_model`` (pushed, or
-long-polled) -> ... -> ``bye``; heartbeats at the interval the welcome gives.
+(:func:`fedstack.transport.connect`), through the same protocol session as
+:class:`fedstack.agent.Agent` (:class:`fedstack.wire.session.AgentSession`, which holds the
+rules): ``participate`` -> ``welcome`` (with the global model) -> "train" (``weights +
+delta``, optionally a sleep) -> ``upload`` (unique ``upload_id``, ``base_version``) ->
+``upload_ack`` -> the next ``global_model`` (pushed, or long-polled) -> ... -> ``bye``;
+heartbeats at the interval the welcome gives.
 
 Memory stays small whatever the number of agents: agents keep no model of their own (only
 the version they trained on); the "trained" model of a version is computed once and shared
 by every agent that uploads for that version; uploads in flight (client frames are masked,
-so each costs one copy of the model while it is being sent) are bounded by a byte budget.
+so each costs one copy of the model while it is being sent) are bounded by a byte budget
+(:class:`fedstack.transport.budget.ByteBudget`).
 
 Usage::
 
-    python -m fedstack.loadgen --url ws://127.0.0.1:8765 --agents 1000 --rounds 3 \\
+    python -m fedstack.testing.loadgen --url ws://127.0.0.1:8765 --agents 1000 --rounds 3 \\
         --params 256 --json out.json
 
 Every loop is bounded by ``--rounds`` and ``--timeout``.
@@ -39,27 +41,24 @@ from typing import Any
 import numpy as np
 
 from fedstack import aio
-from fedstack.errors import ConnectionClosed, FedstackError
+from fedstack.errors import ConnectionClosed, FedstackError, LocalProtocolError
 from fedstack.transport import Connection, connect
+from fedstack.transport.budget import ByteBudget
 from fedstack.transport.limits import raise_nofile_limit
 from fedstack.types import Weights
-from fedstack.wire import (
-    Bye,
-    Error,
-    GlobalModel,
-    Heartbeat,
-    Limits,
-    ModelUpload,
-    NotReady,
-    Participate,
-    Poll,
-    UploadAck,
-    Welcome,
-    decode,
-    encode,
+from fedstack.wire import Bye, Heartbeat, Limits, ModelUpload, Participate, Poll
+from fedstack.wire.session import (
+    AgentSession,
+    Event,
+    GlobalModelReceived,
+    Left,
+    Refused,
+    RequestRefused,
+    UploadAcknowledged,
+    Welcomed,
 )
 
-log = logging.getLogger("fedstack.loadgen")
+log = logging.getLogger("fedstack.testing.loadgen")
 
 
 def model_of(params: int, tensors: int = 2, dtype: str = "float32") -> Weights:
@@ -136,45 +135,6 @@ class LoadReport:
         return d
 
 
-class _Budget:
-    """An asyncio byte budget: ``acquire(n)`` waits until ``n`` more bytes fit (FIFO);
-    one request is always admitted when nothing is held."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = max(1, limit)
-        self.used = 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-
-    async def acquire(self, n: int) -> None:
-        if not self._waiters and (self.used == 0 or self.used + n <= self.limit):
-            self.used += n
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, fut))
-        try:
-            await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self.release(n)  # granted but cancelled before it ran
-            else:
-                self._waiters = [w for w in self._waiters if w[1] is not fut]
-            raise
-
-    def release(self, n: int) -> None:
-        self.used -= n
-        while self._waiters:
-            need, fut = self._waiters[0]
-            if fut.done():
-                self._waiters.pop(0)
-                continue
-            if self.used == 0 or self.used + need <= self.limit:
-                self._waiters.pop(0)
-                self.used += need
-                fut.set_result(None)
-            else:
-                break
-
-
 class LoadGenerator:
     """Run ``config.agents`` protocol-level agents against one aggregator."""
 
@@ -185,7 +145,7 @@ class LoadGenerator:
         self.initial = model_of(config.params, config.tensors)
         self._train = train
         self._trained: tuple[int, Weights] | None = None  # shared by every agent
-        self._upload_budget = _Budget(config.upload_budget_bytes)
+        self._upload_budget = ByteBudget(max(1, config.upload_budget_bytes), min_bytes=0)
         self._connect_sem: asyncio.Semaphore | None = None
         self.stats = [AgentStats(f"{config.name_prefix}-{i:05d}") for i in range(config.agents)]
         self.connected = 0
@@ -275,6 +235,8 @@ class LoadGenerator:
     async def _agent(self, i: int, on_welcome: Callable[[], None]) -> None:
         st = self.stats[i]
         conn: Connection | None = None
+        # the aggregator under load is trusted: its models' values are not re-checked
+        session = AgentSession(self.limits, check_values=False)
         try:
             assert self._connect_sem is not None
             async with self._connect_sem:
@@ -283,7 +245,7 @@ class LoadGenerator:
                 conn = c
                 self.connected += 1
                 self.connected_peak = max(self.connected_peak, self.connected)
-                c.write(encode(Participate(
+                c.write(session.send(Participate(
                     agent_name=st.name,
                     token=(f"{self.cfg.token_prefix}-{i}" if self.cfg.token_prefix else None),
                     model=self.initial if i == 0 else None, init_weights=True,
@@ -291,8 +253,9 @@ class LoadGenerator:
                     client="fedstack-loadgen/0.1",
                 )))
                 await c.drain()
-                holder = [decode(await asyncio.wait_for(c.recv(), self._left()), self.limits)]
-            await self._session(c, st, holder, on_welcome)
+                holder = [session.receive_bytes(
+                    await asyncio.wait_for(c.recv(), self._left()))]
+            await self._session(c, session, st, holder, on_welcome)
         except (TimeoutError, asyncio.CancelledError):
             st.error = st.error or "timed out"
         except (ConnectionClosed, OSError, FedstackError) as exc:
@@ -304,49 +267,44 @@ class LoadGenerator:
                 self.connected -= 1
                 conn.abort()
 
-    async def _session(self, conn: Connection, st: AgentStats, holder: list[Any],
-                       on_welcome: Callable[[], None]) -> None:
+    async def _session(self, conn: Connection, session: AgentSession, st: AgentStats,
+                       holder: list[Event], on_welcome: Callable[[], None]) -> None:
         cfg = self.cfg
         first = holder.pop()  # no frame keeps the welcome (and its model) alive
-        if isinstance(first, Error):
-            raise FedstackError(f"refused: {first.code}: {first.message}")
-        if not isinstance(first, Welcome):
-            raise FedstackError(f"expected welcome, got {first.TYPE}")
+        if isinstance(first, Refused):
+            raise FedstackError(f"refused: {first.error.code}: {first.error.message}")
+        assert isinstance(first, Welcomed)
+        welcome = first.message
+        del first
         st.welcomed = True
         on_welcome()
-        version, final = first.version, first.finished
-        self._arrived(first.version)
-        poll = first.delivery == "poll"
-        interval = first.heartbeat_interval
+        self._arrived(welcome.version)
+        state: dict[str, Any] = {"final": welcome.finished, "model": welcome.model,
+                                 "ack": None, "error": None}
+        del welcome
         heart: asyncio.Task[None] | None = None
-        state: dict[str, Any] = {"version": version, "final": final, "model": first.model,
-                                 "ack": None, "error": None, "polled": None}
-        del first
         news = asyncio.Event()
         news.set()
-        reader = asyncio.create_task(self._reader(conn, st, state, news))
+        reader = asyncio.create_task(self._reader(conn, session, st, state, news))
         if cfg.heartbeats:
-            heart = asyncio.create_task(self._heartbeat(conn, interval))
+            heart = asyncio.create_task(self._heartbeat(conn, session))
         try:
             trained_on = -1
             while st.uploads < cfg.rounds and not state["final"]:
                 if (cfg.stop_at_version is not None
-                        and state["version"] >= cfg.stop_at_version):
+                        and session.known_version >= cfg.stop_at_version):
                     break
                 # wait for a global model newer than the last one trained on
-                while state["version"] <= trained_on and not state["final"]:
+                while session.known_version <= trained_on and not state["final"]:
                     if reader.done():
                         reader.result()
                         raise ConnectionClosed(reason="reader stopped")
-                    if poll and state["polled"] != state["version"]:
-                        state["polled"] = state["version"]
-                        conn.write(encode(Poll(known_version=state["version"],
-                                               wait=cfg.poll_wait)))
+                    self._poll(conn, session)
                     news.clear()
                     await self._wait(news, reader)
                 if state["final"]:
                     break
-                base = state["version"]
+                base = session.known_version
                 if cfg.train_seconds > 0:
                     await asyncio.sleep(cfg.train_seconds)
                 weights = self.trained(base, state["model"])
@@ -355,35 +313,36 @@ class LoadGenerator:
                 size = sum(int(a.nbytes) for a in weights.values())
                 if size <= cfg.unique_below_bytes:
                     weights = _personal(weights, int(st.name.rpartition("-")[2]))
-                upload_id = uuid.uuid4().hex
+                upload = ModelUpload(
+                    upload_id=uuid.uuid4().hex, base_version=base, num_samples=cfg.num_samples,
+                    metrics={"train_seconds": cfg.train_seconds}, model=weights)
+                del weights
                 await asyncio.wait_for(self._upload_budget.acquire(size), self._left())
                 try:
                     state["ack"] = None
-                    conn.write(encode(ModelUpload(
-                        upload_id=upload_id, base_version=base, num_samples=cfg.num_samples,
-                        metrics={"train_seconds": cfg.train_seconds}, model=weights)))
-                    del weights
+                    session.queue_upload(upload)
+                    conn.write(session.send(upload))
                     st.uploads += 1
                     await asyncio.wait_for(conn.drain(), self._left())
-                    while state["ack"] != upload_id:
+                    while state["ack"] != upload.upload_id:
                         if state["error"] is not None:
                             raise FedstackError(state["error"])
                         news.clear()
                         await self._wait(news, reader)
                 finally:
                     self._upload_budget.release(size)
-                self.acked.append(upload_id)
+                self.acked.append(upload.upload_id)
+                del upload
             # the global model made from the last upload (or the final one) closes the run
-            while state["version"] <= trained_on and not state["final"]:
-                if cfg.stop_at_version is not None and state["version"] >= cfg.stop_at_version:
+            while session.known_version <= trained_on and not state["final"]:
+                if (cfg.stop_at_version is not None
+                        and session.known_version >= cfg.stop_at_version):
                     break
-                if poll and state["polled"] != state["version"]:
-                    state["polled"] = state["version"]
-                    conn.write(encode(Poll(known_version=state["version"], wait=cfg.poll_wait)))
+                self._poll(conn, session)
                 news.clear()
                 await self._wait(news, reader)
             with contextlib.suppress(Exception):
-                conn.write(encode(Bye(reason="load generator done")))
+                conn.write(session.send(Bye(reason="load generator done")))
                 await asyncio.wait_for(conn.close(), 2.0)
         finally:
             if heart is not None:
@@ -391,6 +350,12 @@ class LoadGenerator:
             reader.cancel()
             with contextlib.suppress(BaseException):
                 await reader
+
+    def _poll(self, conn: Connection, session: AgentSession) -> None:
+        """With polling delivery, ask about the known version (once, until answered)."""
+        if session.poll_due():
+            conn.write(session.send(Poll(known_version=session.known_version,
+                                         wait=self.cfg.poll_wait)))
 
     async def _wait(self, news: asyncio.Event, reader: asyncio.Task[None]) -> None:
         woken = asyncio.ensure_future(news.wait())
@@ -411,50 +376,48 @@ class LoadGenerator:
     def _arrived(self, version: int) -> None:
         self.arrivals.setdefault(version, []).append(time.monotonic() - self._t0)
 
-    async def _reader(self, conn: Connection, st: AgentStats, state: dict[str, Any],
-                      news: asyncio.Event) -> None:
+    async def _reader(self, conn: Connection, session: AgentSession, st: AgentStats,
+                      state: dict[str, Any], news: asyncio.Event) -> None:
         while True:
-            raw = await asyncio.wait_for(conn.recv(), self._left())
-            msg = decode(raw, self.limits)
-            del raw
-            if isinstance(msg, GlobalModel):
+            event = session.receive_bytes(await asyncio.wait_for(conn.recv(), self._left()))
+            if isinstance(event, GlobalModelReceived):
+                msg = event.message
                 st.models += 1
                 st.versions.append(msg.version)
                 self._arrived(msg.version)
-                if msg.version > state["version"]:
-                    state["version"] = msg.version
+                if event.new:
                     # only the agent that computes the shared upload needs the weights
                     have = self._trained is not None and self._trained[0] == msg.version
                     last = st.uploads >= self.cfg.rounds or msg.final
                     state["model"] = None if have or last else msg.model
                 state["final"] = state["final"] or msg.final
-            elif isinstance(msg, UploadAck):
+                del msg
+            elif isinstance(event, UploadAcknowledged):
+                ack = event.message
                 st.acks += 1
-                st.ack_statuses[msg.status] = st.ack_statuses.get(msg.status, 0) + 1
-                state["ack"] = msg.upload_id
-            elif isinstance(msg, Error):
-                if msg.fatal:
-                    raise FedstackError(f"aggregator error {msg.code}: {msg.message}")
-                state["error"] = f"{msg.code}: {msg.message}"
-            elif isinstance(msg, Bye):
+                st.ack_statuses[ack.status] = st.ack_statuses.get(ack.status, 0) + 1
+                state["ack"] = ack.upload_id
+            elif isinstance(event, RequestRefused):
+                state["error"] = f"{event.error.code}: {event.error.message}"
+            elif isinstance(event, Refused):  # fatal: the aggregator closes
+                raise FedstackError(f"aggregator error {event.error.code}: "
+                                    f"{event.error.message}")
+            elif isinstance(event, Left):
                 state["final"] = True
                 news.set()
                 return
-            elif isinstance(msg, NotReady):
-                state["polled"] = None  # a long poll ran out: ask again
-            elif isinstance(msg, Heartbeat):
-                pass
-            del msg
+            del event
             news.set()
 
-    async def _heartbeat(self, conn: Connection, interval: float) -> None:
+    async def _heartbeat(self, conn: Connection, session: AgentSession) -> None:
+        interval = session.heartbeat_interval
         seq = 0
         for _ in range(int(self.cfg.timeout / interval) + 2):  # bounded by the run's timeout
             await asyncio.sleep(interval)
             seq += 1
             try:
-                conn.write(encode(Heartbeat(seq=seq)))
-            except ConnectionClosed:
+                conn.write(session.send(Heartbeat(seq=seq)))
+            except (ConnectionClosed, LocalProtocolError):
                 return
 
 
@@ -475,7 +438,7 @@ def run_load(config: LoadConfig) -> LoadReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedstack.loadgen", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fedstack.testing.loadgen", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="ws://127.0.0.1:8765")
     p.add_argument("--agents", type=int, default=100)
