@@ -104,6 +104,7 @@ CODES = frozenset(
         "unexpected-message",
         "bad-message",
         "invalid-model",
+        "bad-name",
     }
 )
 """Every ``code`` a RemoteProtocolError from decoding or a session may carry."""
