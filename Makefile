@@ -32,8 +32,10 @@ demo: $(VENV)/.demo
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
 
+# ruff's lint rules and formatting, and mypy (strict) on src/fedstack and tests/ (pyproject)
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests bench examples experiments
+	$(BIN)/ruff format --check src tests bench examples experiments
 	$(BIN)/mypy
 
 bench: $(VENV)/.dev
