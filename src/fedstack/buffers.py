@@ -1,7 +1,7 @@
 """Large-buffer hygiene: take arrays nobody else holds, and recycle message buffers.
 
 A fresh 100 MB array costs more than its copy: the kernel faults in and zeroes every page
-(on the virtual machines measured here, ``clear_page`` was half of a simulation's CPU).
+(on virtual machines, ``clear_page`` can take a large share of a simulation's CPU).
 Two helpers avoid fresh buffers where it is provably safe:
 
 * :func:`take_arrays` hands over arrays that no one else refers to (a trainer's fresh
@@ -36,8 +36,8 @@ def keep_freed_memory() -> bool:
     By default each array over 32 MB is its own mapping: freeing unmaps it and the next one
     is faulted in and zeroed page by page. A process that frees and allocates 100 MB
     buffers every round (the simulator: global models in, trained models out) then spends
-    more time in the kernel than on the data; on the virtual machines measured here, 1.1 to
-    9 s of system time per 6-round probe simulation instead of 2.4 s of user time. Returns
+    more time in the kernel than on the data (on virtual machines, several times its user
+    time on a probe simulation). Returns
     False (and changes nothing) where there is no glibc ``mallopt``. Process-wide, so the
     ``fedstack sim`` command calls it, not the library.
     """

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
-import numpy as np
 import numpy.typing as npt
 
-Array: TypeAlias = npt.NDArray[np.generic]
+Array: TypeAlias = npt.NDArray[Any]
 Weights: TypeAlias = dict[str, Array]
 """A model as named arrays: the only form in which models cross component boundaries."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import cast
 
 import numpy as np
 import pytest
@@ -16,6 +17,11 @@ from fedstack.errors import InvalidUpdate
 def make_net(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def linear(net: nn.Sequential, index: int) -> nn.Linear:
+    """Layer ``index`` of a :func:`make_net` network (a linear layer)."""
+    return cast(nn.Linear, net[index])
 
 
 def trained_net(seed: int = 0) -> nn.Sequential:
@@ -46,23 +52,24 @@ def test_weights_share_no_memory_with_the_module() -> None:
     weights = module_to_weights(net)
     before = weights["0.weight"].copy()
     with torch.no_grad():
-        net[0].weight.add_(1.0)
+        linear(net, 0).weight.add_(1.0)
     assert np.array_equal(weights["0.weight"], before)
     weights["0.bias"][:] = 42.0
-    assert not torch.any(net[0].bias == 42.0)
+    assert not torch.any(linear(net, 0).bias == 42.0)
 
 
 def test_round_trip_into_a_differently_initialised_module() -> None:
     source = trained_net(seed=0)
     target = make_net(seed=1)
-    assert not torch.equal(source[0].weight, target[0].weight)
+    assert not torch.equal(linear(source, 0).weight, linear(target, 0).weight)
     weights_to_module(target, module_to_weights(source))
     for (name, a), (_, b) in zip(
         source.state_dict().items(), target.state_dict().items(), strict=True
     ):
         assert a.dtype == b.dtype, name
         assert torch.equal(a, b), name
-    assert int(target[1].num_batches_tracked) == 3
+    tracked = cast(nn.BatchNorm1d, target[1]).num_batches_tracked
+    assert tracked is not None and int(tracked) == 3
     source.eval()
     target.eval()
     x = torch.randn(5, 4)
@@ -71,11 +78,11 @@ def test_round_trip_into_a_differently_initialised_module() -> None:
 
 def test_loads_in_place_keeping_parameter_objects() -> None:
     net = make_net(seed=0)
-    param = net[0].weight
+    param = linear(net, 0).weight
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     weights = module_to_weights(trained_net(seed=3))
     weights_to_module(net, weights)
-    assert net[0].weight is param
+    assert linear(net, 0).weight is param
     assert optimizer.param_groups[0]["params"][0] is param
     assert np.array_equal(param.detach().numpy(), weights["0.weight"])
 
@@ -91,8 +98,8 @@ def test_accepts_read_only_and_float64_arrays() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         weights_to_module(net, weights)
-    assert net[0].weight.dtype == torch.float32
-    assert np.allclose(net[0].weight.detach().numpy(), weights["0.weight"])
+    assert linear(net, 0).weight.dtype == torch.float32
+    assert np.allclose(linear(net, 0).weight.detach().numpy(), weights["0.weight"])
 
 
 def test_strict_lists_missing_unexpected_and_mismatched_names() -> None:
@@ -122,13 +129,13 @@ def test_strict_rejects_a_single_missing_buffer() -> None:
 
 def test_non_strict_skips_missing_and_unexpected_names() -> None:
     net = make_net(seed=0)
-    original_bias = net[3].bias.detach().clone()
+    original_bias = linear(net, 3).bias.detach().clone()
     weights = module_to_weights(trained_net(seed=1))
     del weights["3.bias"]
     weights["extra.weight"] = np.zeros(2, dtype=np.float32)
     weights_to_module(net, weights, strict=False)
-    assert np.array_equal(net[0].weight.detach().numpy(), weights["0.weight"])
-    assert torch.equal(net[3].bias, original_bias)
+    assert np.array_equal(linear(net, 0).weight.detach().numpy(), weights["0.weight"])
+    assert torch.equal(linear(net, 3).bias, original_bias)
 
 
 def test_non_strict_still_rejects_shape_mismatch() -> None:

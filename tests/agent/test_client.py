@@ -33,7 +33,8 @@ def test_state_transitions(tmp_path: Path, delivery: str) -> None:
         a = Agent(f"ws://127.0.0.1:{agg.port}", name="a")
         assert a.state == ClientState.waiting_gm
         a.send_initial_model(m(1))
-        assert a.state == ClientState.sending
+        # (mypy keeps the narrowing of the assert above across send_initial_model())
+        assert a.state == ClientState.sending  # type: ignore[comparison-overlap]
         a.start()
         assert a.state == ClientState.gm_ready  # sending -> gm_ready (welcome)
         assert a.delivery == delivery
@@ -192,7 +193,7 @@ def test_async_api_runs_agents_on_the_aggregators_loop(tmp_path: Path, delivery:
             a = Agent(f"ws://127.0.0.1:{agg.port}", name=name)
             a.send_initial_model(m(0))
             await a.start_async(timeout=10)
-            versions = []
+            versions: list[int] = []
             try:
                 while True:
                     try:

@@ -248,7 +248,11 @@ def test_waits_in_several_threads_see_the_same_changes(tmp_path: Any) -> None:
         a.start()
         gm = a.wait_for_global_model(5)
         got: dict[str, Any] = {}
-        flusher = threading.Thread(target=lambda: got.setdefault("flush", a.flush(10)))
+        def flush() -> None:
+            a.flush(10)
+            got.setdefault("flush", None)
+
+        flusher = threading.Thread(target=flush)
         waiter = threading.Thread(target=lambda: got.setdefault("gm", a.wait_for_global_model(10)))
         waiter.start()
         assert a.send_trained_model({"w": gm["w"] + 1}, 1)

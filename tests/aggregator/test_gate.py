@@ -12,16 +12,18 @@ from fedstack import Agent, AggregatorConfig, FederationFinished, Store
 from fedstack.aggregator.gate import UpdateGate, update_norm
 from fedstack.errors import ConfigError
 from fedstack.testing import aggregator_thread
+from fedstack.types import Weights
 
-G = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float64)}
+G: Weights = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float64)}
 
 
 def linear_forward(weights: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
-    return inputs @ weights["w"].reshape(4, 1) + weights["b"][0]
+    out: np.ndarray = inputs @ weights["w"].reshape(4, 1) + weights["b"][0]
+    return out
 
 
 def test_update_norm() -> None:
-    w = {"w": np.array([3, 0, 0, 0], np.float32), "b": np.array([4.0, 0.0])}
+    w: Weights = {"w": np.array([3, 0, 0, 0], np.float32), "b": np.array([4.0, 0.0])}
     assert update_norm(w, G) == pytest.approx(5.0)
 
 
@@ -46,8 +48,8 @@ def test_norm_bound_clips_onto_the_bound() -> None:
 def test_probe_deviation_gate() -> None:
     probe = np.eye(4, dtype=np.float32)
     gate = UpdateGate(probe_inputs=probe, forward=linear_forward, max_deviation=0.5)
-    near = {"w": np.array([0.1, 0.2, 0.0, 0.0], np.float32), "b": np.zeros(2)}
-    far = {"w": np.array([5.0, 0.0, 0.0, 0.0], np.float32), "b": np.zeros(2)}
+    near: Weights = {"w": np.array([0.1, 0.2, 0.0, 0.0], np.float32), "b": np.zeros(2)}
+    far: Weights = {"w": np.array([5.0, 0.0, 0.0, 0.0], np.float32), "b": np.zeros(2)}
     assert gate.check(near, G).accepted
     d = gate.check(far, G)
     assert not d.accepted and "probe set" in d.reason
@@ -77,7 +79,7 @@ def test_rejected_update_is_recorded_and_not_aggregated(tmp_path: Path) -> None:
     # so each round completes at its deadline with the honest update alone
     cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "f.db"), rounds=2, min_agents=1,
                            round_timeout=1, gate={"norm_bound": 10.0}, finish_grace=3)
-    seen: dict[str, list[float]] = {}
+    seen: dict[str, list[float] | list[str]] = {}
 
     def run(name: str, scale: float) -> None:
         a = Agent(f"ws://127.0.0.1:{agg.port}", name=name)
@@ -93,7 +95,7 @@ def test_rejected_update_is_recorded_and_not_aggregated(tmp_path: Path) -> None:
         a.close()
         acks = [x.status for x in a.acknowledged]
         seen[name] = [float(gm["w"][0])]
-        seen[name + "-acks"] = acks  # type: ignore[assignment]
+        seen[name + "-acks"] = acks
 
     with aggregator_thread(cfg) as agg:
         threads = [threading.Thread(target=run, args=("honest", 1.0)),
@@ -104,7 +106,7 @@ def test_rejected_update_is_recorded_and_not_aggregated(tmp_path: Path) -> None:
             t.join(60)
         run_id = agg.run_id
     assert seen["honest"] == [2.0]  # only the honest updates were aggregated (1 + 1)
-    assert set(seen["attacker-acks"]) == {"rejected"}  # type: ignore[arg-type]
+    assert set(seen["attacker-acks"]) == {"rejected"}
     store = Store(str(tmp_path / "f.db"))
     rejected = [m for m in store.models(run_id, "local") if m["status"] == "rejected"]
     assert len(rejected) == 2 and all(m["agent"] == "attacker" for m in rejected)

@@ -114,11 +114,11 @@ def test_agents_do_mutual_tls_with_cert_key_and_token(tmp_path: Path) -> None:
     db = str(tmp_path / "agg.db")
     tokens = {}
     for name in ("agent-0", "agent-1"):
-        proc = subprocess.run([sys.executable, "-m", "fedstack", "credentials", "add", name,
-                               "--db", db, "--json"], capture_output=True, text=True,
-                              timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        tokens[name] = json.loads(proc.stdout)["token"]
+        added = subprocess.run([sys.executable, "-m", "fedstack", "credentials", "add", name,
+                                "--db", db, "--json"], capture_output=True, text=True,
+                               timeout=60)
+        assert added.returncode == 0, added.stderr
+        tokens[name] = json.loads(added.stdout)["token"]
     tokens_file = tmp_path / "tokens.json"
     tokens_file.write_text(json.dumps({"agent-0": tokens["agent-0"]}))
     agg, port = _aggregator(tmp_path, 2, 2, "--tls-cert", str(pki.server_cert), "--tls-key",

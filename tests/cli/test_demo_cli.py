@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ def fedstack(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     work = tmp_path_factory.mktemp("demo")
     proc = fedstack("demo", "--agents", "3", "--rounds", "10", "--partition", "dirichlet:0.5",
                     "--workdir", str(work), "--json")
@@ -25,7 +26,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     return result, work / "fedstack.db"
 
 
-def test_demo_reaches_accuracy(demo: tuple[dict, Path]) -> None:
+def test_demo_reaches_accuracy(demo: tuple[dict[str, Any], Path]) -> None:
     result, db = demo
     assert result["final_accuracy"] >= 0.90
     assert [r["round"] for r in result["rounds"]] == list(range(1, 11))
@@ -35,7 +36,7 @@ def test_demo_reaches_accuracy(demo: tuple[dict, Path]) -> None:
     assert Path(result["db"]) == db and db.exists()
 
 
-def test_db_commands(demo: tuple[dict, Path]) -> None:
+def test_db_commands(demo: tuple[dict[str, Any], Path]) -> None:
     result, db = demo
     rounds = json.loads(fedstack("db", "rounds", "--db", str(db), "--json").stdout)
     assert [r["round"] for r in rounds] == list(range(1, 11))

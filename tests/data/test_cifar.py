@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def folder(tmp_path: Path) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray
     return tmp_path, data
 
 
-def test_load_round_trip(folder: tuple[Path, dict]) -> None:
+def test_load_round_trip(folder: tuple[Path, dict[str, Any]]) -> None:
     parent, data = folder
     x_train, y_train, x_test, y_test = load_cifar10(parent)  # the parent folder works too
     assert x_train.shape == (35, 32, 32, 3) and x_train.dtype == np.uint8
@@ -44,7 +45,8 @@ def test_load_round_trip(folder: tuple[Path, dict]) -> None:
     np.testing.assert_allclose(f[0, 1, 2, 3], (x_test[0, 2, 3, 1] / 255 - 0.5) / 0.5, rtol=1e-6)
 
 
-def test_bad_files_are_clear_errors(tmp_path: Path, folder: tuple[Path, dict]) -> None:
+def test_bad_files_are_clear_errors(tmp_path: Path, folder: tuple[Path, dict[str, Any]]
+                                    ) -> None:
     parent, _ = folder
     bad = parent / "cifar-10-batches-bin" / TRAIN_FILES[0]
     bad.write_bytes(b"\x00" * (RECORD + 5))

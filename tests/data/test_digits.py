@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from sklearn.datasets import load_digits
 
@@ -40,11 +42,16 @@ def test_split_is_stratified() -> None:
     assert np.all(np.abs(np.bincount(y_test) - total * 0.2) <= 1)
 
 
+def arrays(split: tuple[npt.NDArray[Any], ...]) -> tuple[npt.NDArray[Any], ...]:
+    """A split as a tuple of plain arrays (its features and labels differ in dtype)."""
+    return split
+
+
 def test_split_is_deterministic_and_depends_on_seed() -> None:
     a = load_digits_split(seed=0)
     b = load_digits_split(seed=0)
     c = load_digits_split(seed=1)
-    assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+    assert all(np.array_equal(u, v) for u, v in zip(arrays(a), arrays(b), strict=True))
     assert not np.array_equal(a[0], c[0])
 
 
@@ -93,13 +100,13 @@ def test_split_cache_round_trips_and_recovers(tmp_path: Path,
     assert len(files) == 1
     d._split.cache_clear()
     again = d._split(0.25, 7)
-    for a, b in zip(first, again, strict=True):
+    for a, b in zip(arrays(first), arrays(again), strict=True):
         np.testing.assert_array_equal(a, b)
         assert a.dtype == b.dtype and not b.flags.writeable
     files[0].write_bytes(b"not an npz file")
     d._split.cache_clear()
     rebuilt = d._split(0.25, 7)
-    for a, b in zip(first, rebuilt, strict=True):
+    for a, b in zip(arrays(first), arrays(rebuilt), strict=True):
         np.testing.assert_array_equal(a, b)
     with np.load(files[0], allow_pickle=False) as z:  # rewritten
         np.testing.assert_array_equal(z["y_test"], first[3])

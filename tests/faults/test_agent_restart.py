@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from faultlib import (
@@ -38,13 +39,13 @@ DELAY = 0.15
 
 
 def _run(tmp: Path, reference: dict[str, np.ndarray], *, seed: int, state_dir: bool
-         ) -> tuple[list[dict], list[dict]]:
+         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rng = random.Random(seed)
     db = tmp / "fed.db"
     procs: dict[int, subprocess.Popen[bytes]] = {}
     incarnation = dict.fromkeys(range(N_AGENTS), 0)
     reports: list[Path] = []
-    kills: list[dict] = []
+    kills: list[dict[str, Any]] = []
 
     def launch(i: int) -> None:
         report = tmp / f"agent-{i}.{incarnation[i]}.json"

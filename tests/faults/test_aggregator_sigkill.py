@@ -64,14 +64,17 @@ def _trial(tmp: Path, trial: int, reference: dict[str, np.ndarray]) -> list[dict
         targets = sorted(rng.sample(range(1, ROUNDS - 1), KILLS_PER_TRIAL))
         for k in targets:
             kind = rng.choice(["between", "mid-round", "in-flight"])
-            if kind == "between":
-                reached = wait_for(lambda k=k: (p := obs.progress())[0] >= k and p[1] == 0,
-                                   30, 0.002)
-            elif kind == "mid-round":
-                reached = wait_for(lambda k=k: (p := obs.progress())[0] >= k and p[1] >= 1,
-                                   30, 0.002)
-            else:
-                reached = wait_for(lambda k=k: obs.progress()[0] >= k, 30, 0.002)
+
+            def kill_point(k: int = k, kind: str = kind) -> bool:
+                version, buffered = obs.progress()
+                if kind == "between":
+                    return version >= k and buffered == 0
+                if kind == "mid-round":
+                    return version >= k and buffered >= 1
+                return version >= k
+
+            reached = wait_for(kill_point, 30, 0.002)
+            if kind == "in-flight":
                 time.sleep(rng.uniform(0.0, 0.06))
             assert agg.proc is not None
             if not reached or agg.proc.poll() is not None:
@@ -93,14 +96,14 @@ def _trial(tmp: Path, trial: int, reference: dict[str, np.ndarray]) -> list[dict
     summary = check_run(db, ROUNDS, [a.report for a in agents], reference)
     log = agg.log_text()
     resumed = re.findall(r"resumed at version (\d+) with (\d+) buffered", log)
-    done = [k for k in kills if "version" in k]
-    assert len(resumed) == len([k for k in done if k.get("landed") != "after finish"])
-    for k, (v, n) in zip(done, resumed, strict=False):
-        k["resumed_version"], k["resumed_buffered"] = int(v), int(n)
-        assert int(v) == k["version"], (k, v)  # resumed exactly where the store was
+    done = [kill for kill in kills if "version" in kill]
+    assert len(resumed) == len([kill for kill in done if kill.get("landed") != "after finish"])
+    for kill, (v, n) in zip(done, resumed, strict=False):
+        kill["resumed_version"], kill["resumed_buffered"] = int(v), int(n)
+        assert int(v) == kill["version"], (kill, v)  # resumed exactly where the store was
     assert "Traceback" not in log, log[-3000:]
-    for k in done:
-        k["acked"] = summary["acked"]
+    for kill in done:
+        kill["acked"] = summary["acked"]
     return kills
 
 

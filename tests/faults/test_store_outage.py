@@ -92,8 +92,10 @@ def test_store_outage_no_ack_while_down_then_recovers(
             mon = threading.Thread(target=monitor, daemon=True)
             mon.start()
             for at_version, seconds in ((2, 2.0), (5, 1.5)):
-                assert wait_for(lambda v=at_version: obs.progress()[0] >= v
-                                or any(a.error for a in agents), 20)
+                def reached(v: int = at_version) -> bool:
+                    return obs.progress()[0] >= v or any(a.error for a in agents)
+
+                assert wait_for(reached, 20)
                 assert not any(a.error for a in agents), (
                     f"stuck at version {obs.progress()[0]}; agent errors: "
                     f"{[(a.name, a.error) for a in agents]}; alive: "

@@ -7,6 +7,7 @@ import os
 import pickle
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,10 +26,10 @@ class Boom:
         return (os.system, ("touch /tmp/fedstack-pwned",))
 
 
-async def _attack(url: str, payloads: list[bytes | list], *, participate: bool) -> list:
+async def _attack(url: str, payloads: list[bytes | list[Any]], *, participate: bool) -> list[Any]:
     """Send payloads on one connection; return the replies, then 'closed' if it closed."""
     conn = await connect(url, max_message_bytes=1 << 26)
-    replies: list = []
+    replies: list[Any] = []
     try:
         if participate:
             conn.write(encode(Participate(agent_name=f"attacker-{os.urandom(3).hex()}")))
@@ -54,7 +55,7 @@ async def _attack(url: str, payloads: list[bytes | list], *, participate: bool) 
     return replies
 
 
-def _upload(model: dict) -> list:
+def _upload(model: dict[str, Any]) -> list[Any]:
     return encode(ModelUpload(upload_id=os.urandom(8).hex(), base_version=0, num_samples=1,
                               model=model))
 
@@ -95,7 +96,7 @@ def test_hostile_inputs_refused_while_agents_train(federation) -> None:  # type:
     while agg.structure is None:  # wait until the honest agents fixed the structure
         threading.Event().wait(0.01)
 
-    async def attacks() -> dict[str, list]:
+    async def attacks() -> dict[str, list[Any]]:
         out = {}
         out["malformed"] = await _attack(url, [b"\x00\x01garbage-frame"], participate=False)
         out["pickle"] = await _attack(url, [pickle.dumps(Boom())], participate=False)

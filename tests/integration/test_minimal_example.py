@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_example
+from example_loader import load_example
 
 from fedstack import AggregatorConfig, Store
 from fedstack.testing import aggregator_thread

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ HERE = Path(__file__).parent
 ROUNDS = 8
 
 
-def _rounds(db: Path) -> list[dict]:
+def _rounds(db: Path) -> list[dict[str, Any]]:
     store = Store(str(db))
     try:
         run = store.latest_run_id()

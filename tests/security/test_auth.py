@@ -131,8 +131,10 @@ def test_hostile_registrations_refused_100_percent_while_legit_agent_trains(
 
         results = asyncio.run(attacks())
         # the same through the Agent API: start() raises instead of retrying
-        for kwargs, code in [({}, "auth-required"), ({"token": tok["bob"]}, "bad-credential"),
-                             ({"token": "guess"}, "bad-credential")]:
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({}, "auth-required"), ({"token": tok["bob"]}, "bad-credential"),
+            ({"token": "guess"}, "bad-credential")]
+        for kwargs, code in cases:
             intruder = Agent(url, name="alice", **kwargs)
             with pytest.raises(RegistrationRefused) as err:
                 intruder.start(timeout=10)

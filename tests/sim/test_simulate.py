@@ -77,7 +77,7 @@ def test_results_are_in_the_store_for_fedstack_db(tmp_path: Path,
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert all("eval_accuracy" in r["metrics"] for r in rows)
     assert res.final_metrics["eval_accuracy"] == rows[-1]["metrics"]["eval_accuracy"]
-    assert res.final_metrics["eval_accuracy"] > 0.5
+    assert float(res.final_metrics["eval_accuracy"]) > 0.5
     # and the plots work on it unchanged
     png = tmp_path / "rounds.png"
     assert cli_main(["db", "plot", "--db", str(db), "--run", res.run_id, "--out", str(png)]) == 0

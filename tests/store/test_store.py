@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from fedstack.errors import RegistrationRefused, StoreError
 from fedstack.store import Store
 from fedstack.store import schema as s
+from fedstack.types import Weights
 from fedstack.wire.tensors import structure
 
 
@@ -383,7 +384,7 @@ def test_small_blobs_live_in_the_database_large_ones_in_files(tmp_path: Path) ->
         assert blob_files(st) == []  # the initial and global models are small: inlined
         rec, _ = upload(st, run_id, agent, "u-small", 1, 3)
         assert blob_files(st) == []
-        big = {"w": np.arange(4096, dtype=np.float32)}  # 16 KiB: a file
+        big: Weights = {"w": np.arange(4096, dtype=np.float32)}  # 16 KiB: a file
         rec2, created = st.add_upload(run_id, agent_id=agent, upload_id="u-big", round=1,
                                       base_version=0, num_samples=1, metrics={}, weights=big,
                                       status="buffered")
@@ -448,11 +449,11 @@ def test_export_model_writes_safetensors_for_inlined_and_file_blobs(tmp_path: Pa
     try:
         run = st.open_run("r", {}, "agg")
         agent, _ = st.register_agent("a", None, "x")
-        small = {"w": np.arange(6, dtype=np.float32), "b": np.ones(2)}
+        small: Weights = {"w": np.arange(6, dtype=np.float32), "b": np.ones(2)}
         gid = st.init_federation(run.id, agent_id=agent, structure=[("w", "float32", (6,))],
                                  init_weights=True, initial=small, global_weights=small,
                                  num_samples=1, metrics={}, aggregator_id="agg")
-        big = {"w": np.arange(4096, dtype=np.float32)}
+        big: Weights = {"w": np.arange(4096, dtype=np.float32)}
         rec, _ = st.add_upload(run.id, agent_id=agent, upload_id="u", round=1,
                                base_version=0, num_samples=1, metrics={}, weights=big,
                                status="buffered")

@@ -61,7 +61,7 @@ def test_staleness_functions_at_several_t() -> None:
 def test_fedasync_alpha_t(fn: str, params: dict[str, float],
                           expected: dict[int, float]) -> None:
     strat = FedAsync(alpha=0.6, staleness_fn=fn, **params)
-    glob = {"w": np.array([0.0, 10.0])}
+    glob: Weights = {"w": np.array([0.0, 10.0])}
     for t, s in expected.items():
         assert strat.alpha_t(t) == pytest.approx(0.6 * s, rel=1e-15)
         res = run(strat, glob, [Update("a", {"w": np.array([1.0, 0.0])}, 5, staleness=t)])
@@ -98,7 +98,7 @@ def test_fedasync_trigger_and_config() -> None:
 
 
 def test_fedasync_mixes_updates_in_arrival_order() -> None:
-    glob = {"w": np.array([0.0], np.float64)}
+    glob: Weights = {"w": np.array([0.0], np.float64)}
     strat = FedAsync(alpha=0.5, staleness_fn="polynomial", a=1.0)
     res = run(strat, glob, [Update("a", {"w": np.array([4.0])}, 1, staleness=0),
                             Update("b", {"w": np.array([8.0])}, 1, staleness=1)])
@@ -108,8 +108,8 @@ def test_fedasync_mixes_updates_in_arrival_order() -> None:
 
 
 def test_fedasync_keeps_dtypes_and_ignores_sample_counts() -> None:
-    glob = {"w": np.array([1.0, 2.0], np.float32), "i": np.array([10], np.int64)}
-    up = {"w": np.array([3.0, 4.0], np.float32), "i": np.array([13], np.int64)}
+    glob: Weights = {"w": np.array([1.0, 2.0], np.float32), "i": np.array([10], np.int64)}
+    up: Weights = {"w": np.array([3.0, 4.0], np.float32), "i": np.array([13], np.int64)}
     r1 = run(FedAsync(alpha=0.5), glob, [Update("a", up, 1)])
     r2 = run(FedAsync(alpha=0.5), glob, [Update("a", up, 1000)])
     assert r1.weights["w"].dtype == np.float32 and r1.weights["i"].dtype == np.int64
@@ -144,7 +144,7 @@ def test_fedbuff_trigger_and_config() -> None:
 
 
 def test_fedbuff_staleness_down_weights_old_deltas() -> None:
-    glob = {"w": np.array([1.0, 1.0])}
+    glob: Weights = {"w": np.array([1.0, 1.0])}
     fresh = Update("a", {"w": np.array([3.0, 1.0])}, 1, staleness=0)  # delta [2, 0]
     old = Update("b", {"w": np.array([1.0, 5.0])}, 3, staleness=3)  # delta [0, 4], s = 1/2
     res = run(FedBuff(k=2), glob, [fresh, old])
@@ -161,7 +161,7 @@ def test_fedbuff_staleness_down_weights_old_deltas() -> None:
 
 
 def test_fedbuff_normalize_staleness_only_reweights() -> None:
-    glob = {"w": np.array([0.0])}
+    glob: Weights = {"w": np.array([0.0])}
     a = Update("a", {"w": np.array([2.0])}, 1, staleness=3)  # s = 1/2
     b = Update("b", {"w": np.array([6.0])}, 1, staleness=3)
     same = run(FedBuff(k=2, normalize_staleness=True), glob, [a, b])
@@ -174,7 +174,7 @@ def test_fedbuff_normalize_staleness_only_reweights() -> None:
 
 
 def test_fedbuff_server_lr_and_dtypes() -> None:
-    glob = {"w": np.array([1.0, -1.0], np.float32), "i": np.array([10, 0], np.int32)}
+    glob: Weights = {"w": np.array([1.0, -1.0], np.float32), "i": np.array([10, 0], np.int32)}
     ups = [Update("a", {"w": np.array([3.0, 1.0], np.float32),
                         "i": np.array([20, 4], np.int32)}, 1),
            Update("b", {"w": np.array([1.0, 3.0], np.float32),
@@ -186,7 +186,7 @@ def test_fedbuff_server_lr_and_dtypes() -> None:
 
 
 def test_fedbuff_fewer_updates_than_k_still_step() -> None:
-    glob = {"w": np.array([0.0])}
+    glob: Weights = {"w": np.array([0.0])}
     res = run(FedBuff(k=10), glob, [Update("a", {"w": np.array([3.0])}, 2)])
     assert res.weights["w"].tolist() == [3.0]  # the mean over the updates received
 
@@ -214,7 +214,7 @@ def store_round_trip(state: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("strat", [FedAsync(alpha=0.5), FedBuff(k=2)], ids=["fedasync",
                                                                           "fedbuff"])
 def test_update_counter_survives_rounds(strat: strategies.Strategy) -> None:
-    glob = {"w": np.zeros(2)}
+    glob: Weights = {"w": np.zeros(2)}
     state = strat.init_state(glob)
     assert state == {"updates": 0}
     for expected in (2, 4, 6):
@@ -227,7 +227,7 @@ def test_update_counter_survives_rounds(strat: strategies.Strategy) -> None:
 def test_fedbuff_momentum_state_round_trip() -> None:
     beta, lr = 0.5, 1.0
     strat = FedBuff(k=1, server_lr=lr, server_momentum=beta, staleness_fn="constant")
-    glob = {"w": np.array([0.0, 0.0], np.float32)}
+    glob: Weights = {"w": np.array([0.0, 0.0], np.float32)}
     targets = [np.array([2.0, 0.0]), np.array([2.0, 4.0]), np.array([0.0, 0.0])]
     # by hand (heavy ball): m <- beta m + d ; w <- w + lr m
     w, m = np.zeros(2), np.zeros(2)

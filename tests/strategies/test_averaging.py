@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -89,15 +89,15 @@ def test_fedopt_sgd_lr1_no_momentum_is_fedavg_exactly(weighted: bool) -> None:
 def test_fedsgd_lr1_is_fedavg_of_one_step_models() -> None:
     # agents: least squares on their data; one full-batch gradient step from x
     rng = np.random.default_rng(1)
-    x = {"w": rng.standard_normal(3), "b": np.array([0.25], np.float32)}
+    x: Weights = {"w": rng.standard_normal(3), "b": np.array([0.25], np.float32)}
     eta = 0.1
     data = [(rng.standard_normal((n, 3)), rng.standard_normal(n)) for n in (4, 7, 2)]
     ups, grads = [], []
     for i, (a, y) in enumerate(data):
         resid = a @ x["w"] + float(x["b"][0]) - y
-        g = {"w": 2 * a.T @ resid / len(y), "b": np.array([2 * resid.mean()])}
+        g: Weights = {"w": 2 * a.T @ resid / len(y), "b": np.array([2 * resid.mean()])}
         grads.append(g)
-        w = {"w": x["w"] - eta * g["w"], "b": (x["b"] - eta * g["b"]).astype(np.float32)}
+        w: Weights = {"w": x["w"] - eta * g["w"], "b": (x["b"] - eta * g["b"]).astype(np.float32)}
         ups.append(Update(f"a{i}", w, len(y), metrics={"local_steps": 1}))
     out = run(FedSGD(), x, {}, ups).weights
     ref = run(FedAvg(precision="float64"), x, {}, ups).weights
@@ -111,7 +111,7 @@ def test_fedsgd_lr1_is_fedavg_of_one_step_models() -> None:
 
 
 # ---------------------------------------------------------------- hand-computed cases
-X0 = {"w": np.array([1.0, 2.0]), "b": np.array([0.0], np.float32)}
+X0: Weights = {"w": np.array([1.0, 2.0]), "b": np.array([0.0], np.float32)}
 R1 = [Update("a", {"w": np.array([2.0, 2.0]), "b": np.array([1.0], np.float32)}, 1),
       Update("b", {"w": np.array([1.0, 5.0]), "b": np.array([-1.0], np.float32)}, 3)]
 # Delta1 = mean - x0 = ([1.25, 4.25] - [1, 2], -0.5) = ([0.25, 2.25], -0.5)
@@ -127,7 +127,7 @@ def test_fedsgd_server_lr_hand_computed() -> None:
 
 
 def test_fedsgd_gradient_uploads() -> None:
-    x = {"w": np.array([1.0, 2.0]), "b": np.array([0.5], np.float32),
+    x: Weights = {"w": np.array([1.0, 2.0]), "b": np.array([0.5], np.float32),
          "n": np.array([3], np.int32)}
     ups = [Update("a", {"w": np.array([1.0, -2.0]), "b": np.array([4.0], np.float32),
                         "n": np.array([9], np.int32)}, 1),
@@ -267,7 +267,7 @@ def test_adaptive_differs_between_variants() -> None:
 
 
 def test_integer_tensors_take_the_mean_and_have_no_moments() -> None:
-    x = {"w": np.array([0.0]), "n": np.array([10], np.int32), "m": np.array([True, False])}
+    x: Weights = {"w": np.array([0.0]), "n": np.array([10], np.int32), "m": np.array([True, False])}
     ups = [Update("a", {"w": np.array([1.0]), "n": np.array([11], np.int32),
                         "m": np.array([True, True])}, 1),
            Update("b", {"w": np.array([1.0]), "n": np.array([14], np.int32),
@@ -355,16 +355,21 @@ def test_registered_with_defaults() -> None:
     assert isinstance(adam, FedAdam)
     assert (adam.server_lr, adam.beta1, adam.beta2, adam.tau) == (0.1, 0.9, 0.99, 1e-3)
     yogi = strategies.create("FedYogi")
+    assert isinstance(yogi, FedYogi)
     assert (yogi.server_lr, yogi.beta1, yogi.beta2, yogi.tau) == (0.1, 0.9, 0.99, 1e-3)
     ada = strategies.create("fedadagrad")
+    assert isinstance(ada, FedAdagrad)
     assert (ada.server_lr, ada.beta1, ada.tau) == (0.1, 0.9, 1e-3)
     avgm = strategies.create("fedavgm")
+    assert isinstance(avgm, FedAvgM)
     assert (avgm.server_lr, avgm.momentum) == (1.0, 0.9)
     sgd = strategies.create("fedsgd")
     assert isinstance(sgd, FedSGD) and sgd.lr == 1.0 and sgd.upload == "model"
     opt = strategies.create("fedopt")
+    assert isinstance(opt, FedOpt)
     assert (opt.optimizer, opt.server_lr, opt.momentum) == ("sgd", 1.0, 0.0)
     opt_adam = strategies.create("fedopt", optimizer="adam")
+    assert isinstance(opt_adam, FedOpt)
     assert (opt_adam.server_lr, opt_adam.momentum, opt_adam.beta2, opt_adam.tau) == (
         0.1, 0.9, 0.99, 1e-3)
     described = {d["name"]: d for d in strategies.describe()}
@@ -382,8 +387,8 @@ def test_create_with_config_params() -> None:
     assert (s.server_lr, s.beta1, s.beta2, s.tau, s.weighted) == (0.01, 0.5, 0.9, 1e-4, False)
     o = strategies.create("fedopt", optimizer="YOGI", server_lr=0.5, momentum=0.0)
     assert isinstance(o, FedOpt) and (o.optimizer, o.server_lr, o.momentum) == ("yogi", 0.5, 0)
-    assert strategies.create("fedsgd", lr=0.25, upload="gradient").server_lr == 0.25
-    assert strategies.create("fedavgm", momentum=0.0).momentum == 0.0
+    assert cast(FedSGD, strategies.create("fedsgd", lr=0.25, upload="gradient")).server_lr == 0.25
+    assert cast(FedAvgM, strategies.create("fedavgm", momentum=0.0)).momentum == 0.0
 
 
 @pytest.mark.parametrize("name,params", [
@@ -413,7 +418,7 @@ def test_zero_dim_tensors_keep_array_state(name: str) -> None:
     from fedstack.strategies import create
 
     s = create(name)
-    g = {"w": np.zeros(3, np.float32), "b": np.zeros((), np.float64)}
+    g: Weights = {"w": np.zeros(3, np.float32), "b": np.zeros((), np.float64)}
     st = s.init_state(g)
     for _ in range(2):
         acc = s.begin(g, st)

@@ -10,12 +10,13 @@ import pytest
 from fedstack import strategies
 from fedstack.errors import ConfigError
 from fedstack.strategies import FedAvg, Update
-from fedstack.types import Weights
+from fedstack.strategies.base import StrategyState
+from fedstack.types import Metrics, Weights
 
 
 def aggregate(updates: list[Update], template: Weights | None = None,
               weighted: bool = True, precision: str = "auto",
-              ) -> tuple[Weights, dict[str, object], dict[str, object]]:
+              ) -> tuple[Weights, StrategyState, Metrics]:
     strat = FedAvg(weighted=weighted, precision=precision)
     tmpl = template if template is not None else updates[0].weights
     acc = strat.begin(tmpl, strat.init_state(tmpl))
@@ -28,9 +29,9 @@ def aggregate(updates: list[Update], template: Weights | None = None,
 
 def test_book_minimal_example() -> None:
     # two agents with equal sample counts (the book's minimal example)
-    a = {"model1": np.array([[1, 2, 3], [4, 5, 6]], dtype=np.float64),
+    a: Weights = {"model1": np.array([[1, 2, 3], [4, 5, 6]], dtype=np.float64),
          "model2": np.array([[1, 2], [3, 4]], dtype=np.float64)}
-    b = {"model1": np.array([[3, 4, 5], [6, 7, 8]], dtype=np.float64),
+    b: Weights = {"model1": np.array([[3, 4, 5], [6, 7, 8]], dtype=np.float64),
          "model2": np.array([[3, 4], [5, 6]], dtype=np.float64)}
     out, state, diag = aggregate([Update("a", a, 1), Update("b", b, 1)])
     assert out["model1"].tolist() == [[2, 3, 4], [5, 6, 7]]
@@ -40,8 +41,8 @@ def test_book_minimal_example() -> None:
 
 
 def test_book_minimal_example_with_int_arrays() -> None:
-    a = {"model1": np.array([[1, 2, 3], [4, 5, 6]]), "model2": np.array([[1, 2], [3, 4]])}
-    b = {"model1": np.array([[3, 4, 5], [6, 7, 8]]), "model2": np.array([[3, 4], [5, 6]])}
+    a: Weights = {"model1": np.array([[1, 2, 3], [4, 5, 6]]), "model2": np.array([[1, 2], [3, 4]])}
+    b: Weights = {"model1": np.array([[3, 4, 5], [6, 7, 8]]), "model2": np.array([[3, 4], [5, 6]])}
     out, _, _ = aggregate([Update("a", a, 50), Update("b", b, 50)])
     assert out["model1"].dtype == a["model1"].dtype
     assert out["model1"].tolist() == [[2, 3, 4], [5, 6, 7]]
@@ -49,9 +50,9 @@ def test_book_minimal_example_with_int_arrays() -> None:
 
 
 def test_unequal_sample_counts() -> None:
-    a = {"w": np.array([0.0, 0.0, 10.0])}
-    b = {"w": np.array([3.0, 6.0, 1.0])}
-    c = {"w": np.array([6.0, 0.0, 1.0])}
+    a: Weights = {"w": np.array([0.0, 0.0, 10.0])}
+    b: Weights = {"w": np.array([3.0, 6.0, 1.0])}
+    c: Weights = {"w": np.array([6.0, 0.0, 1.0])}
     out, _, diag = aggregate([Update("a", a, 1), Update("b", b, 2), Update("c", c, 3)])
     # (1*a + 2*b + 3*c) / 6
     np.testing.assert_allclose(out["w"], [(0 + 6 + 18) / 6, (0 + 12 + 0) / 6, (10 + 2 + 3) / 6])
@@ -59,8 +60,8 @@ def test_unequal_sample_counts() -> None:
 
 
 def test_unweighted_mean() -> None:
-    a = {"w": np.array([0.0, 0.0])}
-    b = {"w": np.array([3.0, 6.0])}
+    a: Weights = {"w": np.array([0.0, 0.0])}
+    b: Weights = {"w": np.array([3.0, 6.0])}
     out, _, diag = aggregate([Update("a", a, 1), Update("b", b, 1000)], weighted=False)
     np.testing.assert_allclose(out["w"], [1.5, 3.0])
     assert diag["num_samples"] == 1001
@@ -68,8 +69,8 @@ def test_unweighted_mean() -> None:
 
 
 def test_float32_in_float32_out() -> None:
-    a = {"w": np.array([1.0, 2.0], np.float32), "h": np.array([1.0], np.float16)}
-    b = {"w": np.array([2.0, 4.0], np.float32), "h": np.array([2.0], np.float16)}
+    a: Weights = {"w": np.array([1.0, 2.0], np.float32), "h": np.array([1.0], np.float16)}
+    b: Weights = {"w": np.array([2.0, 4.0], np.float32), "h": np.array([2.0], np.float16)}
     out, _, _ = aggregate([Update("a", a, 1), Update("b", b, 3)])
     assert out["w"].dtype == np.float32 and out["h"].dtype == np.float16
     np.testing.assert_allclose(out["w"], [1.75, 3.5])
@@ -102,8 +103,8 @@ def test_precision_is_validated() -> None:
 
 
 def test_int_tensor_rounded_and_kept_int() -> None:
-    a = {"steps": np.array([0, 10, 7], np.int32), "u": np.array([1, 200], np.uint8)}
-    b = {"steps": np.array([1, 11, 7], np.int32), "u": np.array([2, 255], np.uint8)}
+    a: Weights = {"steps": np.array([0, 10, 7], np.int32), "u": np.array([1, 200], np.uint8)}
+    b: Weights = {"steps": np.array([1, 11, 7], np.int32), "u": np.array([2, 255], np.uint8)}
     out, _, _ = aggregate([Update("a", a, 1), Update("b", b, 2)])
     assert out["steps"].dtype == np.int32 and out["u"].dtype == np.uint8
     # (0 + 2) / 3 = 0.67 -> 1 ; (10 + 22) / 3 = 10.67 -> 11 ; 7
@@ -113,8 +114,8 @@ def test_int_tensor_rounded_and_kept_int() -> None:
 
 
 def test_bool_tensor_is_majority() -> None:
-    a = {"m": np.array([True, True, False])}
-    b = {"m": np.array([False, True, False])}
+    a: Weights = {"m": np.array([True, True, False])}
+    b: Weights = {"m": np.array([False, True, False])}
     out, _, _ = aggregate([Update("a", a, 3), Update("b", b, 1)])
     assert out["m"].dtype == np.bool_
     assert out["m"].tolist() == [True, True, False]
@@ -132,8 +133,8 @@ def test_result_independent_of_update_order() -> None:
 
 
 def test_zero_sample_update_counts_once() -> None:
-    a = {"w": np.array([0.0])}
-    b = {"w": np.array([3.0])}
+    a: Weights = {"w": np.array([0.0])}
+    b: Weights = {"w": np.array([3.0])}
     out, _, diag = aggregate([Update("a", a, 0), Update("b", b, 2)])
     np.testing.assert_allclose(out["w"], [2.0])  # weights 1 and 2
     assert diag == {"num_updates": 2, "num_samples": 2}
@@ -145,14 +146,14 @@ def test_zero_sample_update_counts_once() -> None:
 
 
 def test_single_update_is_returned_unchanged() -> None:
-    w = {"w": np.array([1.5, -2.25], np.float32), "i": np.array([3], np.int64)}
+    w: Weights = {"w": np.array([1.5, -2.25], np.float32), "i": np.array([3], np.int64)}
     out, _, _ = aggregate([Update("a", w, 17)])
     assert out["w"].tolist() == [1.5, -2.25] and out["i"].tolist() == [3]
 
 
 def test_inputs_are_not_modified_or_aliased() -> None:
-    a = {"w": np.array([1.0, 2.0])}
-    b = {"w": np.array([3.0, 4.0])}
+    a: Weights = {"w": np.array([1.0, 2.0])}
+    b: Weights = {"w": np.array([3.0, 4.0])}
     strat = FedAvg()
     acc = strat.begin(a, {})
     acc.add(Update("a", a, 1))
@@ -165,8 +166,8 @@ def test_inputs_are_not_modified_or_aliased() -> None:
 
 
 def test_result_follows_the_template_names() -> None:
-    tmpl = {"first": np.zeros(1), "second": np.zeros(2)}
-    up = {"second": np.ones(2), "first": np.ones(1)}
+    tmpl: Weights = {"first": np.zeros(1), "second": np.zeros(2)}
+    up: Weights = {"second": np.ones(2), "first": np.ones(1)}
     out, _, _ = aggregate([Update("a", up, 1)], template=tmpl)
     assert list(out) == ["first", "second"]
 
@@ -195,7 +196,7 @@ def test_weighted_mean_is_independent_of_arrival_order() -> None:
     rng = np.random.default_rng(1)
     ups = [Update(f"a{i}", {"w": rng.normal(size=64).astype(np.float32)}, 10 + i)
            for i in range(2)]
-    tmpl = {"w": np.zeros(64, np.float32)}
+    tmpl: Weights = {"w": np.zeros(64, np.float32)}
     outs = []
     for order in (ups, ups[::-1]):
         acc = FedAvg().begin(tmpl, {})

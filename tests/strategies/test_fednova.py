@@ -39,7 +39,7 @@ def random_updates(rng: np.random.Generator, x: Weights, steps: list[Any]) -> li
 @pytest.mark.parametrize("weighted", [True, False])
 def test_equal_local_steps_is_fedavg(steps: list[Any], weighted: bool) -> None:
     rng = np.random.default_rng(0)
-    x = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3).astype(np.float32)}
+    x: Weights = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3).astype(np.float32)}
     ups = random_updates(rng, x, steps)
     out = run(FedNova(weighted=weighted), x, ups)
     ref = run(FedAvg(weighted=weighted, precision="float64"), x, ups).weights
@@ -53,7 +53,8 @@ def test_equal_local_steps_is_bit_identical_to_fedavg() -> None:
     # stronger than the formula needs: equal steps take FedAvg's own computation
     rng = np.random.default_rng(4)
     # a global model far from the updates: x + (M - x) would lose M's low bits
-    x = {"w": rng.standard_normal(50) * 1e6, "h": rng.standard_normal(8).astype(np.float16)}
+    x: Weights = {"w": rng.standard_normal(50) * 1e6,
+                  "h": rng.standard_normal(8).astype(np.float16)}
     ups = [upd(f"a{i}", {"w": rng.standard_normal(50),
                          "h": rng.standard_normal(8).astype(np.float16)}, i + 1, 7)
            for i in range(3)]
@@ -65,7 +66,7 @@ def test_equal_local_steps_is_bit_identical_to_fedavg() -> None:
 
 
 def test_unequal_steps_hand_computed() -> None:
-    x = {"w": np.array([0.0, 0.0]), "b": np.array([1.0], np.float32)}
+    x: Weights = {"w": np.array([0.0, 0.0]), "b": np.array([1.0], np.float32)}
     ups = [upd("a", {"w": np.array([1.0, 2.0]), "b": np.array([2.0], np.float32)}, 1, 1),
            upd("b", {"w": np.array([4.0, -4.0]), "b": np.array([5.0], np.float32)}, 3, 4)]
     # p = (1/4, 3/4); d_a = x - w_a = (-1, -2 | -1); d_b = (x - w_b) / 4 = (-1, 1 | -1)
@@ -97,7 +98,7 @@ def reference(x: Weights, ups: list[Update], weighted: bool = True) -> Weights:
 @pytest.mark.parametrize("weighted", [True, False])
 def test_unequal_steps_match_the_formula(weighted: bool) -> None:
     rng = np.random.default_rng(1)
-    x = {"w": rng.standard_normal((5, 2)), "b": rng.standard_normal(7).astype(np.float32)}
+    x: Weights = {"w": rng.standard_normal((5, 2)), "b": rng.standard_normal(7).astype(np.float32)}
     ups = random_updates(rng, x, [1, 7, 3, 12.5])
     r = run(FedNova(weighted=weighted), x, ups)
     ref = reference(x, ups, weighted)
@@ -110,7 +111,7 @@ def test_unequal_steps_match_the_formula(weighted: bool) -> None:
 
 def test_result_independent_of_order() -> None:
     rng = np.random.default_rng(2)
-    x = {"w": rng.standard_normal(6)}
+    x: Weights = {"w": rng.standard_normal(6)}
     ups = random_updates(rng, x, [2, 9, 4])
     ref = run(FedNova(), x, ups).weights["w"]
     for perm in itertools.permutations(ups):
@@ -123,7 +124,7 @@ def test_result_independent_of_order() -> None:
                                      {"local_steps": float("nan")},
                                      {"local_steps": float("inf")}])
 def test_missing_or_bad_local_steps_refused(metrics: dict[str, Any]) -> None:
-    x = {"w": np.zeros(2)}
+    x: Weights = {"w": np.zeros(2)}
     u = Update("a", {"w": np.ones(2)}, 3, metrics=metrics)
     s = FedNova()
     with pytest.raises(InvalidUpdate, match="local_steps|local steps") as exc:
@@ -147,7 +148,7 @@ def test_momentum_and_proximal_normalizers() -> None:
     assert p.norm_of(2) == pytest.approx(1.9)
     assert p.norm_of(1) == pytest.approx(1.0)
     # normalized with ||a||: equal steps are still FedAvg, unequal follow the formula
-    x = {"w": np.array([0.0])}
+    x: Weights = {"w": np.array([0.0])}
     ups = [upd("a", {"w": np.array([1.0])}, 1, 1), upd("b", {"w": np.array([4.0])}, 1, 3)]
     # ||a|| = 1 and 4.25; tau_eff = (1 + 4.25) / 2; x - tau_eff * (-1 / 1 - 4 / 4.25) / 2
     expected = 2.625 * (1.0 + 4.0 / 4.25) / 2

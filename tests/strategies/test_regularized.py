@@ -41,7 +41,7 @@ def run(strategy: strategies.Strategy, global_weights: Weights,
 
 def random_updates(seed: int, n: int = 4) -> tuple[Weights, list[Update]]:
     rng = np.random.default_rng(seed)
-    glob = {"w": rng.standard_normal((3, 4)).astype(np.float32),
+    glob: Weights = {"w": rng.standard_normal((3, 4)).astype(np.float32),
             "b": rng.standard_normal(4), "steps": np.array([5, 7], np.int64)}
     ups = [Update(f"a{i}", {"w": rng.standard_normal((3, 4)).astype(np.float32),
                             "b": rng.standard_normal(4),
@@ -232,11 +232,11 @@ def curv_update(agent: str, weights: Weights, rng: np.random.Generator, n: int =
 
 def curv_setup(seed: int = 5) -> tuple[Weights, list[Update]]:
     rng = np.random.default_rng(seed)
-    glob = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32),
+    glob: Weights = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32),
             "count": np.array([0], np.int64)}
     ups = []
     for i, n in enumerate((3, 1, 6)):
-        w = {"w": rng.standard_normal((2, 3)).astype(np.float32),
+        w: Weights = {"w": rng.standard_normal((2, 3)).astype(np.float32),
              "b": rng.standard_normal(3).astype(np.float32), "count": np.array([i], np.int64)}
         ups.append(curv_update(f"a{i}", w, rng, n))
     return glob, ups
@@ -260,7 +260,7 @@ def test_fedcurv_server_sums_statistics_and_averages_weights() -> None:
 
 
 def test_fedcurv_statistics_are_summed_unweighted_and_copied() -> None:
-    glob = {"w": np.zeros(2)}
+    glob: Weights = {"w": np.zeros(2)}
     a = Update("a", {"w": np.array([1.0, 2.0])}, 100,
                extra={"u/w": np.array([1.0, 0.0]), "v/w": np.array([1.0, 0.0])})
     b = Update("b", {"w": np.array([3.0, 4.0])}, 1,
@@ -275,7 +275,7 @@ def test_fedcurv_statistics_are_summed_unweighted_and_copied() -> None:
 
 
 def test_fedcurv_initial_extra_config_and_registry() -> None:
-    glob = {"w": np.ones((2, 2), np.float32), "h": np.ones(3, np.float16),
+    glob: Weights = {"w": np.ones((2, 2), np.float32), "h": np.ones(3, np.float16),
             "n": np.array([1], np.int32), "m": np.array([True])}
     extra = FedCurv().initial_extra(glob)
     assert sorted(extra) == ["u/h", "u/w", "v/h", "v/w"]
@@ -339,18 +339,20 @@ def test_fedcurv_penalty_value_and_gradient(lam: float) -> None:
     model = torch.nn.Linear(3, 2).double()
     rng = np.random.default_rng(1)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    others = [{n: rng.standard_normal(s) for n, s in shapes.items()} for _ in range(2)]
-    fishers = [{n: rng.random(s) + 0.1 for n, s in shapes.items()} for _ in range(3)]
+    others: list[Weights] = [{n: rng.standard_normal(s) for n, s in shapes.items()}
+                             for _ in range(2)]
+    fishers: list[Weights] = [{n: rng.random(s) + 0.1 for n, s in shapes.items()}
+                              for _ in range(3)]
     # total = own (agent 0) + two others, each v = F * w_j
     own: Weights = {}
     for n in shapes:
         own["u/" + n] = fishers[0][n]
         own["v/" + n] = fishers[0][n] * rng.standard_normal(shapes[n])
     total = dict(own)
-    for f, w in zip(fishers[1:], others, strict=True):
+    for f, wo in zip(fishers[1:], others, strict=True):
         for n in shapes:
             total["u/" + n] = total["u/" + n] + f[n]
-            total["v/" + n] = total["v/" + n] + f[n] * w[n]
+            total["v/" + n] = total["v/" + n] + f[n] * wo[n]
     eps = 1e-8
     pen = fedcurv_penalty(model, total, own, lam, eps)
     expected = 0.0

@@ -58,7 +58,7 @@ def book_harness(seed: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
 
 def weiszfeld_direct(points: np.ndarray[Any, Any], iters: int = 5000) -> np.ndarray[Any, Any]:
     """An independent plain Weiszfeld on the vectors themselves (reference)."""
-    z = points.mean(axis=0)
+    z: np.ndarray[Any, Any] = points.mean(axis=0)
     for _ in range(iters):
         d = np.maximum(np.linalg.norm(points - z, axis=1), 1e-12)
         z = (points / d[:, None]).sum(axis=0) / (1.0 / d).sum()
@@ -322,7 +322,7 @@ def test_bulyan_resists_the_outliers() -> None:
 
 # ----------------------------------------------------------------------- NormClip
 def test_normclip_clips_exactly_to_the_bound() -> None:
-    g = {"w": np.array([1.0, 1.0, 1.0]), "b": np.array([2.0])}
+    g: Weights = {"w": np.array([1.0, 1.0, 1.0]), "b": np.array([2.0])}
     big = {"w": np.array([4.0, 5.0, 1.0]), "b": np.array([14.0])}  # delta (3, 4, 0, 12): 13
     r = aggregate(NormClip(bound=2.6), [Update("a", big, 3)], template=g)
     d = np.concatenate([r.weights["w"] - g["w"], r.weights["b"] - g["b"]])
@@ -332,7 +332,7 @@ def test_normclip_clips_exactly_to_the_bound() -> None:
 
 
 def test_normclip_leaves_small_updates_unchanged() -> None:
-    g = {"w": np.array([1.0, 1.0])}
+    g: Weights = {"w": np.array([1.0, 1.0])}
     small = [Update("a", {"w": np.array([1.3, 1.4])}, 1),
              Update("b", {"w": np.array([0.9, 1.0])}, 3)]
     r = aggregate(NormClip(bound=0.5), small, template=g)
@@ -342,7 +342,7 @@ def test_normclip_leaves_small_updates_unchanged() -> None:
 
 
 def test_normclip_weighted_mean_of_clipped_models() -> None:
-    g = {"w": np.array([1.0, 1.0])}
+    g: Weights = {"w": np.array([1.0, 1.0])}
     ups = [Update("a", {"w": np.array([4.0, 5.0])}, 1),   # delta (3, 4) -> (0.6, 0.8)
            Update("b", {"w": np.array([1.3, 1.4])}, 3)]   # delta (0.3, 0.4) unchanged
     r = aggregate(NormClip(bound=1.0), ups, template=g)
@@ -452,7 +452,7 @@ def test_empty_round_raises_value_error() -> None:
 def test_book_robust_estimator_harness(seed: int) -> None:
     x, true = book_harness(seed)
     ups = vec_updates(x)
-    tmpl = {"w": np.zeros(15)}
+    tmpl: Weights = {"w": np.zeros(15)}
 
     def err(strat: Strategy) -> float:
         return float(np.abs(aggregate(strat, ups, tmpl).weights["w"] - true).mean())
@@ -472,7 +472,7 @@ def test_blockwise_rules_match_numpy_on_a_large_tensor() -> None:
     x = rng.standard_normal((7, 200_003)).astype(np.float32)  # several working blocks
     x[3, ::5] = 1e30  # a wild agent on some coordinates
     ups = vec_updates(x, dtype=np.float32)
-    tmpl = {"w": np.zeros(200_003, np.float32)}
+    tmpl: Weights = {"w": np.zeros(200_003, np.float32)}
     x64 = x.astype(np.float64)
     s = np.sort(x64, axis=0)
     med = aggregate(Median(), ups, tmpl).weights["w"]
@@ -508,5 +508,5 @@ def test_streaming_mean_is_blockwise_but_exact() -> None:
         want = want + x.astype(np.float64) * n
     np.testing.assert_array_equal(acc.result().weights["w"], want / sum(ns))
     r = aggregate(MultiKrum(f=1, m=5), ups, {"w": np.zeros(100_003, np.float32)})
-    mean = sum(x.astype(np.float64) for x in xs) / 5
+    mean = np.asarray(sum(x.astype(np.float64) for x in xs)) / 5
     np.testing.assert_array_equal(r.weights["w"], mean.astype(np.float32))

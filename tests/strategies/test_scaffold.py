@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 from fedstack.agent.adapters.torch import module_to_weights, weights_to_module  # noqa: E402
 from fedstack.agent.scaffold import ScaffoldClient  # noqa: E402
 
-X0 = {"w": np.array([1.0, 2.0]), "b": np.array([0.5], np.float32),
+X0: Weights = {"w": np.array([1.0, 2.0]), "b": np.array([0.5], np.float32),
       "n": np.array([4], np.int64)}
 
 
@@ -144,7 +144,7 @@ def test_check_refusals() -> None:
     s.check(good, X0)
     with_other = Update("a", good.weights, 1, extra={**good.extra, "u/w": np.zeros(2)})
     s.check(with_other, X0)  # extras of other features are not SCAFFOLD's business
-    bad_extras = [
+    bad_extras: list[Weights] = [
         {},  # no extras at all
         {"dc/w": np.zeros(2)},  # missing dc/b
         {"dc/w": np.zeros(3), "dc/b": np.zeros(1)},  # wrong shape
@@ -197,7 +197,7 @@ def test_correct_gradients_adds_c_minus_ci() -> None:
     before = {n: p.grad.clone() for n, p in model.named_parameters()}
     rng = np.random.default_rng(0)
     c = {"c/weight": rng.standard_normal((2, 3)), "c/bias": rng.standard_normal(2)}
-    ci = {"weight": rng.standard_normal((2, 3)), "bias": rng.standard_normal(2)}
+    ci: Weights = {"weight": rng.standard_normal((2, 3)), "bias": rng.standard_normal(2)}
     client = ScaffoldClient(ci)
     client.correct_gradients(model, c)
     for n, p in model.named_parameters():
@@ -223,12 +223,12 @@ def test_correct_gradients_adds_c_minus_ci() -> None:
 
 def test_update_control_is_option_two() -> None:
     rng = np.random.default_rng(1)
-    x = {"weight": rng.standard_normal((2, 3)).astype(np.float32),
+    x: Weights = {"weight": rng.standard_normal((2, 3)).astype(np.float32),
          "bias": rng.standard_normal(2).astype(np.float32), "count": np.array([3], np.int64)}
     y = {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f"
          else v + 2 for k, v in x.items()}
     c = {"c/weight": rng.standard_normal((2, 3)), "c/bias": rng.standard_normal(2)}
-    ci = {"weight": rng.standard_normal((2, 3)), "bias": rng.standard_normal(2)}
+    ci: Weights = {"weight": rng.standard_normal((2, 3)), "bias": rng.standard_normal(2)}
     client = ScaffoldClient(ci)
     k_steps, lr = 7, 0.05
     dc = client.update_control(x, y, steps=k_steps, lr=lr, c_global=c)
@@ -296,7 +296,8 @@ def train_federation(data: list[tuple[Any, Any]], use_scaffold: bool, rounds: in
             acc.add(u)
         res = acc.result()
         x, state, extra = res.weights, res.state, res.extra
-    return np.r_[x["weight"].ravel(), x["bias"]]
+    out: np.ndarray[Any, Any] = np.r_[x["weight"].ravel(), x["bias"]]
+    return out
 
 
 def test_scaffold_removes_client_drift_that_fedavg_keeps() -> None:

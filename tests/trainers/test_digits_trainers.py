@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -35,7 +35,8 @@ def fedavg(
         results = [t.fit(model, {}) for t in trainers]
         total = sum(n for _, n, _ in results)
         model = {
-            name: sum(w[name] * (n / total) for w, n, _ in results).astype(model[name].dtype)
+            name: np.asarray(sum(w[name] * (n / total) for w, n, _ in results)).astype(
+                model[name].dtype)
             for name in model
         }
         accuracies.append(float(evaluate(model)["accuracy"]))
@@ -69,12 +70,15 @@ def test_linear_fit_returns_samples_metrics_and_weights() -> None:
     received = trainer.initial_weights()
     received_copy = {k: v.copy() for k, v in received.items()}
 
-    weights, num_samples, metrics = trainer.fit(received, {})
+    weights, num_samples, fit_metrics = trainer.fit(received, {})
 
     assert num_samples == len(y_local) == trainer.num_samples
-    assert set(metrics) == METRIC_KEYS
-    assert all(isinstance(v, float) for v in metrics.values())
-    assert {k: (v.shape, v.dtype) for k, v in weights.items()} == {
+    assert set(fit_metrics) == METRIC_KEYS
+    assert all(isinstance(v, float) for v in fit_metrics.values())
+    metrics = cast(dict[str, float], fit_metrics)  # all floats: asserted just above
+    shapes: dict[str, tuple[tuple[int, ...], object]] = {
+        k: (v.shape, v.dtype) for k, v in weights.items()}
+    assert shapes == {
         "coef": ((10, 64), np.float32),
         "intercept": ((10,), np.float32),
     }
@@ -94,8 +98,9 @@ def test_linear_evaluate_is_central_test_accuracy() -> None:
     before, after = trainer.evaluate(initial, {}), trainer.evaluate(trained, {})
     assert set(after) == {"accuracy", "loss"}
     assert after == evaluate_global(trained)
-    assert after["accuracy"] > 0.9 > before["accuracy"]
-    assert after["loss"] < before["loss"]
+    acc_after, acc_before = float(after["accuracy"]), float(before["accuracy"])
+    assert acc_after > 0.9 > acc_before
+    assert float(after["loss"]) < float(before["loss"])
 
 
 def test_linear_trainer_is_deterministic_per_seed() -> None:

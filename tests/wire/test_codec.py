@@ -7,10 +7,11 @@ import math
 import os
 import pickle
 import struct
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,7 @@ from hypothesis.extra import numpy as hnp
 
 from fedstack.errors import MessageTooLarge, RemoteProtocolError
 from fedstack.names import NAME_PATTERN
+from fedstack.types import Weights
 from fedstack.wire import codec, tensors
 from fedstack.wire.codec import Limits, decode, encode, encode_to_bytes, encoded_size
 from fedstack.wire.messages import (
@@ -120,7 +122,7 @@ def samples() -> list[Message]:
 def raw(header: object, data: bytes = b"", *, version: int = PROTOCOL_VERSION,
         magic: bytes = b"FS", header_len: int | None = None, pad: bool = True) -> bytes:
     """A hand-made message: prefix, msgpack ``header``, padding to 64, ``data``."""
-    hb = msgpack.packb(header, use_bin_type=True)
+    hb: bytes = msgpack.packb(header, use_bin_type=True)
     n = len(hb) if header_len is None else header_len
     out = struct.pack("<2sBBI", magic, version, 0, n) + hb
     if pad:
@@ -168,14 +170,14 @@ def test_roundtrip_with_defaults_only(cls: type[Message]) -> None:
 @pytest.mark.parametrize("cls", WEIGHT_TYPES, ids=lambda c: c.TYPE)
 def test_roundtrip_empty_weights(cls: type[Message]) -> None:
     msg = next(m for m in samples() if type(m) is cls)
-    out = roundtrip(dataclasses.replace(msg, model={}))
+    out = roundtrip(dataclasses.replace(cast(Any, msg), model={}))
     assert out.model == {}  # type: ignore[attr-defined]
 
 
 def test_roundtrip_optional_model_none() -> None:
     for msg in samples():
         if type(msg) in (Participate, Welcome):
-            out = roundtrip(dataclasses.replace(msg, model=None))
+            out = roundtrip(dataclasses.replace(cast(Any, msg), model=None))
             assert out.model is None  # type: ignore[attr-defined]
 
 
@@ -212,15 +214,15 @@ def test_roundtrip_float16_values() -> None:
 
 
 def test_roundtrip_zero_size_tensors() -> None:
-    weights = {"a": np.zeros((0,), np.float32), "b": np.zeros((3, 0, 2), np.int64),
+    weights: Weights = {"a": np.zeros((0,), np.float32), "b": np.zeros((3, 0, 2), np.int64),
                "c": np.ones(3, np.int8)}
     roundtrip(GlobalModel(version=0, model_id="m", model=weights))
     roundtrip(GlobalModel(version=0, model_id="m", model={"only": np.zeros((0, 4))}))
 
 
 def test_roundtrip_zero_dim_arrays() -> None:
-    weights = {"scalar_f": np.array(3.5, dtype=np.float32), "scalar_i": np.array(7, np.int64),
-               "vec": np.arange(3.0)}
+    weights: Weights = {"scalar_f": np.array(3.5, dtype=np.float32),
+                        "scalar_i": np.array(7, np.int64), "vec": np.arange(3.0)}
     out = decode(encode_to_bytes(GlobalModel(version=0, model_id="m", model=weights)))
     assert out.model["scalar_f"].shape == ()  # type: ignore[attr-defined]
     assert out.model["scalar_i"].shape == ()  # type: ignore[attr-defined]
@@ -237,7 +239,7 @@ def test_zero_dim_array_values_survive() -> None:
 
 def test_non_contiguous_inputs_roundtrip() -> None:
     base = np.arange(60, dtype=np.float64).reshape(6, 10)
-    weights = {
+    weights: Weights = {
         "strided": base[::2, ::3],
         "transposed": base.T,
         "fortran": np.asfortranarray(base.astype(np.int32)),
@@ -286,7 +288,7 @@ def test_encoded_layout_prefix_and_alignment() -> None:
 
 
 # ---------------------------------------------------------------------------- zero copy
-def aligned_copy(data: bytes) -> np.ndarray:
+def aligned_copy(data: bytes) -> npt.NDArray[np.uint8]:
     buf = np.empty(len(data) + 128, dtype=np.uint8)
     off = (-buf.ctypes.data) % 64
     out = buf[off : off + len(data)]
@@ -308,7 +310,7 @@ def test_decoded_arrays_are_views_of_input_bytes() -> None:
 def test_decoded_arrays_are_aligned_views_of_aligned_buffer() -> None:
     data = encode_to_bytes(samples()[4])
     buf = aligned_copy(data)
-    out = decode(memoryview(buf))
+    out = decode(buf.data)
     for name, arr in out.model.items():  # type: ignore[attr-defined]
         assert np.shares_memory(arr, buf), name
         assert arr.ctypes.data % 64 == 0, name
@@ -327,7 +329,7 @@ def test_decode_accepts_bytearray_and_memoryview() -> None:
     data = encode_to_bytes(msg)
     assert_msg_equal(decode(bytearray(data)), msg)
     assert_msg_equal(decode(memoryview(data)), msg)
-    assert_msg_equal(decode(memoryview(np.frombuffer(data, np.uint8))), msg)
+    assert_msg_equal(decode(np.frombuffer(data, np.uint8).data), msg)
 
 
 # ---------------------------------------------------------------------------- property
@@ -457,7 +459,8 @@ def test_unknown_field() -> None:
 
 def header_of(msg: Message) -> dict[str, Any]:
     data = encode_to_bytes(msg)
-    return msgpack.unpackb(data[8 : 8 + struct.unpack_from("<I", data, 4)[0]])
+    header: dict[str, Any] = msgpack.unpackb(data[8 : 8 + struct.unpack_from("<I", data, 4)[0]])
+    return header
 
 
 @pytest.mark.parametrize("cls", MESSAGE_TYPES.values(), ids=lambda c: c.TYPE)

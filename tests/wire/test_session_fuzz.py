@@ -34,11 +34,11 @@ def test_ten_thousand_seeded_inputs() -> None:
         if kind == 0:  # random bytes of random length
             data = rng.bytes(int(rng.integers(2, 600)))
         else:  # a seed with some bytes overwritten (keeps the structure mostly intact)
-            data = bytearray(seeds[int(rng.integers(len(seeds)))])
+            mutable = bytearray(seeds[int(rng.integers(len(seeds)))])
             for _ in range(int(rng.integers(1, 6))):
-                pos = int(rng.integers(len(data)))
-                data[pos] = int(rng.integers(256))
-            data = bytes(data)
+                pos = int(rng.integers(len(mutable)))
+                mutable[pos] = int(rng.integers(256))
+            data = bytes(mutable)
         fuzz.one_input(data)
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from fedstack.errors import LocalProtocolError, RemoteProtocolError
+from fedstack.types import Weights
 from fedstack.wire import tensors
 from fedstack.wire.codec import DEFAULT_LIMITS, encode_to_bytes
 from fedstack.wire.messages import GlobalModel
@@ -24,7 +27,7 @@ def test_all_finite_true_for_finite_floats(dtype: type) -> None:
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_all_finite_false_for_nan_and_inf(dtype: type, bad: float) -> None:
-    arr = np.ones((4, 5), dtype=dtype)
+    arr: npt.NDArray[Any] = np.ones((4, 5), dtype=dtype)
     arr[2, 3] = bad
     assert not tensors.all_finite(arr)
     assert not tensors.all_finite(np.array(bad, dtype=dtype))
@@ -126,7 +129,7 @@ def test_prepare_refuses_non_mapping() -> None:
 
 
 def test_prepare_layout_is_aligned_back_to_back_little_endian() -> None:
-    weights = {
+    weights: dict[str, Any] = {
         "a": np.arange(5, dtype=">f4"),  # 20 bytes
         "b": np.zeros((0, 3), dtype=np.int64),  # 0 bytes
         "c": np.arange(16, dtype=np.float32),  # 64 bytes: no padding
@@ -162,14 +165,14 @@ def test_check_name_limits() -> None:
 
 
 def test_structure_and_nbytes() -> None:
-    w = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.int8)}
+    w: Weights = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.int8)}
     assert tensors.structure(w) == [("a", "float32", (2, 3)), ("b", "int8", (4,))]
     assert tensors.nbytes(w) == 28
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_all_finite_narrow_floats_whose_own_precision_sum_overflows(dtype: type) -> None:
-    big = np.full(1000, np.finfo(dtype).max, dtype=dtype)
+    big: npt.NDArray[Any] = np.full(1000, np.finfo(dtype).max, dtype=dtype)
     assert tensors.all_finite(big)  # summed in float32, the total overflows: decided exactly
     big[500] = np.nan
     assert not tensors.all_finite(big)

@@ -23,7 +23,7 @@ The proximal term is ``(mu / 2) ||w - w_t||^2`` with gradient ``mu (w - w_t)`` (
 form; the book's code omits the 1/2, so its checklist writes the gradient
 ``2 mu (w - w_t)``). It covers the trainable parameters (not buffers) and is built from the
 *live* parameters, so it does shape the gradients (the book's code builds it from the
-detached ``param.data``, a no-op; book_spec X-60).
+detached ``param.data``, a no-op).
 
 **FedCurv** (Shoham et al. 2019)::
 

@@ -1,7 +1,7 @@
 """FedProx's Synthetic(alpha, beta) federated dataset (Li et al., MLSys 2020), seeded.
 
 A re-implementation of ``litian96/FedProx:data/synthetic_*/generate_synthetic.py`` and
-``data/synthetic_iid/generate_iid.py`` (see ``literature.md`` section 1.1-1.2), with numpy's
+``data/synthetic_iid/generate_iid.py``, with numpy's
 ``default_rng(seed)`` instead of the unseeded global RNG, so a seed always gives the same
 data (but never the paper's own draw).
 

@@ -27,14 +27,11 @@ cluster (the token is in ``~/.ray/auth_token``, Ray says so once on stderr).
 
 The actors are the default because they cost less per fit for the same bounded memory:
 an actor call goes straight to its worker, a task first leases a worker from the raylet,
-and an agent that trains every round keeps its trainer in its home actor. On a 2-CPU
-machine (2 workers, 16 fits per round, median of 10 rounds) a round of trivial fits took
-6 ms with actors vs 12-14 ms with tasks, a round of digits fits 14-16 ms vs 18-25 ms. In
-whole simulations the aggregator and the agents' messages dominate and the two are within
-run-to-run noise (``bench/sim_ray.py``: 16 digits agents all training, 55-60 ms per round
-either way, 41-43 ms with the local process pool; 20 of 1,000 synthetic agents per round,
-110-180 ms either way, 93-110 ms local): Ray is for clusters and GPUs, not for speed on
-one machine. Results do not depend on the choice: the simulator
+and an agent that trains every round keeps its trainer in its home actor. In whole
+simulations the aggregator and the agents' messages dominate and the two are within
+run-to-run noise, and neither beats the local process pool on one machine
+(``bench/sim_ray.py`` measures all three; figures in ``bench/README.md``): Ray is for
+clusters and GPUs, not for speed on one machine. Results do not depend on the choice: the simulator
 carries each agent's trainer state in :class:`FitTask.state`, so a fit gives the same
 result on any worker, and with an order-independent strategy (FedAvg with
 ``precision="float64"``) the final model is bit for bit that of the local backend.

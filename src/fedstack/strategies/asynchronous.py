@@ -26,7 +26,7 @@ one server step
     w <- w + eta * sum_i p_i s(tau_i) d_i / sum_i p_i
 
 with ``p_i = num_samples_i`` (``weighted``) or 1, and ``s = 1 / sqrt(1 + tau)`` by default
-(the paper's down-weighting, literature.md section 5). As in the paper's algorithm (and
+(the paper's down-weighting). As in the paper's algorithm (and
 APPFL), the staleness factor scales a delta *absolutely*: a buffer of equally stale
 updates takes a shorter step, and it still acts when ``K = 1``. ``normalize_staleness=True``
 divides by ``sum_i p_i s(tau_i)`` instead, so that staleness only shifts the relative

@@ -20,10 +20,9 @@ adaptive step   ``x <- x + eta m / (sqrt(v) + tau)``
 ==============  ================================================================
 
 as in the paper: no bias correction, ``m_{-1} = 0`` and ``v_{-1} = tau^2`` (the paper asks
-for ``v_{-1} >= tau^2``). Defaults follow the shared literature notes
-(``/work/shared/docs/literature.md`` section 3): ``beta1 = 0.9``, ``beta2 = 0.99``,
-``tau = 1e-3`` from the paper; the paper tunes the server rate ``eta`` on a log grid and
-gives no default, so the adaptive strategies take Flower's ``eta = 0.1`` quoted there. The
+for ``v_{-1} >= tau^2``). Defaults: ``beta1 = 0.9``, ``beta2 = 0.99``, ``tau = 1e-3``
+from the paper; the paper tunes the server rate ``eta`` on a log grid and gives no
+default, so the adaptive strategies take Flower's ``eta = 0.1``. The
 client rate ``eta_l`` is the agents' business and has no server-side parameter.
 
 Special cases:
@@ -408,8 +407,8 @@ class FedAdagrad(_Adaptive):
 
     ``m <- beta1 m + (1 - beta1) Delta``, ``v <- v + Delta^2``,
     ``x <- x + eta m / (sqrt(v) + tau)``, element-wise, with ``m_{-1} = 0``,
-    ``v_{-1} = tau^2`` and no bias correction. Defaults from the paper as recorded in the
-    shared literature notes (section 3): ``beta1 = 0.9``, ``tau = 1e-3``; ``eta`` is tuned in
+    ``v_{-1} = tau^2`` and no bias correction. Defaults from the paper: ``beta1 = 0.9``,
+    ``tau = 1e-3``; ``eta`` is tuned in
     the paper, 0.1 is Flower's default (Flower's FedAdagrad also has no momentum: pass
     ``beta1=0`` to get it).
 
@@ -433,8 +432,8 @@ class FedAdam(_Adaptive):
 
     ``m <- beta1 m + (1 - beta1) Delta``, ``v <- beta2 v + (1 - beta2) Delta^2``,
     ``x <- x + eta m / (sqrt(v) + tau)``, element-wise, with ``m_{-1} = 0``,
-    ``v_{-1} = tau^2`` and no bias correction. Defaults from the paper as recorded in the
-    shared literature notes (section 3): ``beta1 = 0.9``, ``beta2 = 0.99``, ``tau = 1e-3``;
+    ``v_{-1} = tau^2`` and no bias correction. Defaults from the paper: ``beta1 = 0.9``,
+    ``beta2 = 0.99``, ``tau = 1e-3``;
     ``eta`` is tuned in the paper, 0.1 is Flower's default.
 
     Args:
@@ -460,8 +459,8 @@ class FedYogi(_Adaptive):
     ``v <- v - (1 - beta2) Delta^2 sign(v - Delta^2)``,
     ``x <- x + eta m / (sqrt(v) + tau)``, element-wise, with ``m_{-1} = 0``,
     ``v_{-1} = tau^2`` and no bias correction. Unlike Adam, ``v`` changes by at most
-    ``(1 - beta2) Delta^2`` per round in either direction. Defaults from the paper as
-    recorded in the shared literature notes (section 3): ``beta1 = 0.9``, ``beta2 = 0.99``,
+    ``(1 - beta2) Delta^2`` per round in either direction. Defaults from the paper:
+    ``beta1 = 0.9``, ``beta2 = 0.99``,
     ``tau = 1e-3``; ``eta`` is tuned in the paper, 0.1 is Flower's FedAdam default.
 
     Args:

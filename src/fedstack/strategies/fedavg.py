@@ -1,31 +1,32 @@
 """FedAvg: the sample-weighted mean of the agents' models (McMahan et al., 2017).
 
 ``w = sum_k n_k w_k / sum_k n_k`` tensor by tensor (the book's ``_average_aggregate``),
-accumulated in float64 as updates arrive and cast back to each tensor's dtype.
+accumulated as updates arrive and cast back to each tensor's dtype.
 
-Streaming and memory: one float64 accumulator per tensor plus one block of work buffers
-(:class:`Scratch`, ~768 KiB) per round, whatever the number of updates; nothing of an update
-is kept after :meth:`WeightedMean.add` returns.
+Precision (``FedAvg(precision=...)``):
 
-Speed: ``acc += n_k * w_k`` is done block by block (:data:`BLOCK` elements, :func:`accumulate`),
-so the float64 copy of a float32 input lives only in the L2 cache and each update costs one
-read of the input plus one read and one write of the accumulator (20 bytes of memory
-traffic per float32 element). Weight 1 (unweighted, or ``weight=1.0``) skips the multiply.
-The result is divided and cast to the tensor's dtype in one pass. ``bench/aggregation.py``
-measures ~6-6.8 GB/s of float32 update bytes for a 1e7-parameter model (larger than the
-caches): 1.0-1.1x numpy's own ``acc64 += x32`` and 1.5x the previous whole-array version
-(which also needed a full-size float64 temporary). The in-place float32 ``acc32 += x32``
-(12 bytes per element) runs at ~23-27 GB/s here; a float64 accumulator moves 20 bytes per
-element, so even a perfect kernel would reach only ~0.6 of that.
+* ``"auto"`` (the default): a float32 tensor is accumulated in float32, as numpy-based
+  frameworks do; every other dtype in float64. Each product and addition rounds to 2**-24,
+  so the relative error grows like ``N * 2**-24`` over ``N`` updates and, beyond two
+  updates, the result depends on the order in which they arrive.
+* ``"float64"``: every tensor is accumulated in float64. A float32 value times an integer
+  sample count below 2**29 is exact in float64 and the float64 sum of ``N`` such terms has a
+  relative error of at most ~``N * 2**-53``, so a float32 result is the correctly rounded
+  mean (except within a hair of a rounding tie) whatever the arrival order
+  (``test_float32_accumulates_in_float64``). It moves 20 instead of 12 bytes of memory per
+  float32 element and update, so it is slower once the model outgrows the caches
+  (``bench/aggregation.py`` measures both).
 
-Precision (why float64): a float32 value times an integer sample count below 2**29 is exact
-in float64, and the float64 sum of N such terms has a relative error of at most ~N * 2**-53,
-so a float32 result is the correctly rounded mean except within a hair of a rounding tie.
-Accumulating float32 inputs in float32 would move 12 instead of 20 bytes per element and
-update (~1.6x faster at best once the model outgrows the caches), but each product and
-addition rounds to 2**-24: in the case of ``test_float32_accumulates_in_float64`` (200
-updates) 84 % of the float32 means come out wrong, by 2 ulps on average and up to 7, and
-the result would depend on the arrival order. That is not worth the speed.
+Streaming and memory: one accumulator per tensor plus one block of work buffers
+(:class:`Scratch`) per round, whatever the number of updates; nothing of an update is kept
+after :meth:`WeightedMean.add` returns.
+
+Speed: ``acc += n_k * w_k`` is done block by block (:func:`accumulate`): in float64, blocks
+of :data:`BLOCK` elements, so the float64 copy of a float32 input lives only in the L2 cache
+and each update costs one read of the input plus one read and one write of the
+accumulator; in float32, blocks of :data:`BLOCK32` elements. Weight 1 (unweighted, or
+``weight=1.0``) skips the multiply. The result is divided and cast to the tensor's dtype in
+one pass.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ with its float64 temporary and float32 staging copy: ~1.3 MiB, about the L2 cach
 
 
 BLOCK32 = 1 << 20
-"""Elements per block of the float32 path (4 MiB temporary): fewer, larger numpy calls
-measured faster here than cache-sized blocks (bench/aggregation.py)."""
+"""Elements per block of the float32 path (4 MiB temporary): fewer, larger numpy calls than
+cache-sized blocks (``bench/aggregation.py`` compares block sizes)."""
 
 
 class Scratch:
@@ -69,8 +70,8 @@ def accumulate(acc: np.ndarray[Any, Any], arr: Array, weight: float, scratch: Sc
     Each element gets exactly ``acc + float64(arr) * weight`` (``acc + float64(arr)`` for
     weight 1): the same numbers as the whole-array expression, without a full-size
     temporary. A float32 block is first copied into a cache-resident float32 buffer and
-    converted there: numpy's float32 -> float64 conversion straight from main memory runs at
-    about half the speed (measured by ``bench/aggregation.py``).
+    converted there, which is faster than numpy's float32 -> float64 conversion straight from
+    main memory (``bench/aggregation.py`` compares the two).
     """
     flat = acc.reshape(-1)
     src = np.asarray(arr).reshape(-1)
@@ -242,8 +243,8 @@ class FedAvg(Strategy):
     """Sample-weighted averaging of the agents' models (``weighted=False``: plain mean).
 
     ``precision="auto"`` accumulates float32 tensors in float32 (as numpy-based frameworks
-    do; ~2x the speed, relative error ~N x 2**-24 and dependent on arrival order beyond
-    two updates); ``"float64"`` accumulates everything in float64 (correctly rounded,
+    do; faster, relative error ~N x 2**-24 and dependent on arrival order beyond two
+    updates); ``"float64"`` accumulates everything in float64 (correctly rounded,
     order-independent results).
     """
 

@@ -14,7 +14,7 @@ with ``||a_k||_1 = tau_k`` for plain local SGD. For local SGD with momentum ``rh
 (``local_momentum``) ``||a_k||_1 = [tau_k - rho (1 - rho^tau_k) / (1 - rho)] / (1 - rho)``,
 and for a FedProx-style proximal term ``mu`` with local rate ``eta_l``
 (``prox_mu``, ``local_lr``) ``||a_k||_1 = [1 - (1 - eta_l mu)^tau_k] / (eta_l mu)``
-(the paper's section 4 and the shared literature notes, section 5). With equal ``tau_k``
+(the paper's section 4). With equal ``tau_k``
 the rule is exactly FedAvg.
 
 Each update must report ``tau_k`` as the metric ``"local_steps"`` (a positive number);

@@ -2,9 +2,8 @@
 Bulyan, and norm clipping.
 
 With ``n`` updates of which up to ``f`` may be arbitrary (faulty or malicious), the plain
-mean can be moved anywhere by a single agent. These rules bound that influence (literature
-notes section 4; the book's chapter 7 "robust mean estimators", checklist G7-05..G7-08 and
-G7-13):
+mean can be moved anywhere by a single agent. These rules bound that influence (the book's
+chapter 7 "robust mean estimators", checklist G7-05..G7-08 and G7-13):
 
 =====================  ==============================================================
 ``median``             coordinate-wise median (Yin et al., ICML 2018; book G7-05)

@@ -190,7 +190,7 @@ def all_finite(arr: Array) -> bool:
         return True
     # Any NaN or infinity makes the sum NaN or infinite, so a finite sum proves every
     # element finite. Summed in the array's own precision (float16 in float32, where it
-    # would overflow at once): a float64 sum of float32 data costs 2.5x as much.
+    # would overflow at once): a float64 sum of float32 data costs several times as much.
     acc = np.float32 if arr.dtype.itemsize < 4 else arr.dtype.type
     with np.errstate(over="ignore", invalid="ignore"):
         total = float(arr.sum(dtype=acc))

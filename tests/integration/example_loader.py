@@ -1,3 +1,5 @@
+"""Load an example script from examples/ as a module (shared by the integration tests)."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -217,8 +218,9 @@ def test_round_trip_matches_what_was_written_and_the_binary_reader(
     binary.mkdir(parents=True)
     for name, (images, labels) in data.items():
         write_batch(binary / f"{name}.bin", labels, images)
-    for a, b in zip(load_cifar10(tmp_path / "bin"), (x_train, y_train, x_test, y_test),
-                    strict=True):
+    arrays: tuple[npt.NDArray[Any], ...] = (x_train, y_train, x_test, y_test)
+    loaded: tuple[npt.NDArray[Any], ...] = load_cifar10(tmp_path / "bin")
+    for a, b in zip(loaded, arrays, strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     assert cifar10_class_names(tmp_path / "py") == CLASSES
@@ -290,7 +292,7 @@ def test_memo_get_of_a_built_dtype_and_other_protocols() -> None:
     got = parse_bytes(bytes(w.out))
     np.testing.assert_array_equal(got[0], a)
     np.testing.assert_array_equal(got[1], b)
-    value = {"f8": np.linspace(0, 1, 5), "i8": np.arange(-3, 3, dtype=np.int64),
+    value: dict[str, Any] = {"f8": np.linspace(0, 1, 5), "i8": np.arange(-3, 3, dtype=np.int64),
              "i2": np.zeros((0, 4), np.int16), "f4F": np.asfortranarray(np.ones((2, 3), "f4")),
              "plain": [1, -2, 2**70, 1.5, None, True, "é", b"\x00\xff", (1, (2,)), {}]}
     for protocol in (2, 3, 4):
@@ -423,7 +425,7 @@ def test_truncated_oversized_and_random_files(tmp_path: Path) -> None:
 for _warm in (b"Vx\n.", b"S'x'\n.", b"X\x01\x00\x00\x00x."):
     list(pickletools.genops(_warm))
 FUZZ_MARKER = Path(tempfile.gettempdir()) / f"fedstack-fuzz-pwned-{os.getpid()}"  # dir exists
-_small, _, _ = batch_dict(np.random.default_rng(5), "f", {"labels": 10})
+_small = batch_dict(np.random.default_rng(5), "f", {"labels": 10})[0]
 _small[b"data"] = _small[b"data"][:2, :16]
 SEEDS = [
     Py2().dict(_small),
