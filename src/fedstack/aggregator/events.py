@@ -3,21 +3,23 @@
 Connections, the credential watcher and the owner's own effect tasks turn what happened
 into one of these and put it on the owner's bounded queue; the owner applies them one at a
 time, in order, to the round state. An event that expects an answer carries a ``reply``
-future the owner resolves once the event is applied. Deadlines are not queued: the owner
-wakes up for them itself (its queue read times out at the next deadline).
+future the owner resolves once the event is applied. The owner also wakes up by itself at its next
+deadline (round deadline, poll expiry, retry); :class:`DeadlineFired` asks it to look at
+its deadlines now (a test that moves a fake clock posts one).
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fedstack.strategies import Result
 from fedstack.types import Weights
 from fedstack.wire import Message, ModelUpload, Poll
 
 if TYPE_CHECKING:
+    from fedstack.aggregator.driver import Replayed
     from fedstack.aggregator.registry import Session
     from fedstack.aggregator.uploads import Planned
     from fedstack.store import UploadRecord
@@ -29,13 +31,6 @@ class AgentJoined:
 
     session: Session
     reply: asyncio.Future[None]
-
-
-@dataclass(eq=False)
-class AgentWelcomed:
-    """The welcome reached ``session``: it may now receive pushed global models."""
-
-    session: Session
 
 
 @dataclass(eq=False)
@@ -99,29 +94,21 @@ class RoundCommitted:
     model_id: str
     finished_wall: float
     error: BaseException | None = None
-    rebuilt: Any = None  # a fresh accumulator after a broken one, fed from the store
+    rebuilt: Replayed | None = None  # a fresh accumulator after a broken one
 
 
 @dataclass(eq=False)
-class Disconnect:
-    """Drop every connected agent called ``name`` with a fatal ``code`` error."""
-
-    name: str
-    code: str
-    message: str
-    detail: dict[str, Any]
-    reply: asyncio.Future[bool] | None = None
-    agent_id: str | None = None  # only this session (the credential watcher)
+class DeadlineFired:
+    """Time passed: act on the round deadline, expired polls and retries now."""
 
 
 Event = (
-    AgentJoined
-    | AgentWelcomed
+    DeadlineFired
+    | AgentJoined
     | AgentLeft
     | FederationStarted
     | UploadReceived
     | PollReceived
     | BatchCommitted
     | RoundCommitted
-    | Disconnect
 )

@@ -96,7 +96,8 @@ class RefusalAudit:
     Within each ``interval``, the first ``burst`` refusals of a source host (and
     ``global_burst`` of all sources) are written as one event each, as before; the others
     are only counted, and :meth:`flush` writes them as ONE event per (kind, source) with
-    ``count`` (how many refusals it stands for) and ``reasons``. A flood of refusals
+    ``count`` (how many refusals it stands for) and ``reasons`` (sources refused beyond
+    the global budget share one such event, ``source_host`` ``"*"``). A flood of refusals
     therefore costs the store a bounded number of writes per interval, whatever its rate.
 
     Args:
@@ -155,6 +156,10 @@ class RefusalAudit:
             self._global.written += 1
             await self._write(kind, detail, run_id, agent_id)
             return True
+        if win.written < self.burst:  # the global budget is out: pool the sources
+            pooled = (kind, "*")
+            win = self._windows.get(pooled) or self._windows.setdefault(
+                pooled, _Window(now + self.interval))
         win.suppressed += 1
         self.suppressed_total += 1
         reason = str(detail.get("reason") or detail.get("code") or "")

@@ -45,6 +45,7 @@ from fedstack.aggregator.events import (
     AgentJoined,
     AgentLeft,
     BatchCommitted,
+    DeadlineFired,
     Event,
     FederationStarted,
     PollReceived,
@@ -450,7 +451,7 @@ class Aggregator:
                                                   + max(0.0, wake - self.clock())):
                         event = await get()
                 except TimeoutError:
-                    event = None
+                    event = DeadlineFired()
             while event is not None:
                 self._apply(event)
                 try:
@@ -489,6 +490,8 @@ class Aggregator:
                 log.info("agent %s left (%d active)", ev.session.name, len(self.sessions))
         elif isinstance(ev, RoundCommitted):
             self._round_done(ev)
+        elif isinstance(ev, DeadlineFired):
+            pass  # _act looks at the clock after every batch of events
         elif isinstance(ev, FederationStarted):
             self.structure = ev.structure
             weights = ev.weights
