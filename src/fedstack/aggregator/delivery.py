@@ -18,7 +18,7 @@ from typing import Any
 
 from fedstack.aggregator.fanout import Fanout, Parts
 from fedstack.aggregator.registry import Session
-from fedstack.errors import ConnectionClosed
+from fedstack.errors import ConnectionClosed, LocalProtocolError
 from fedstack.types import Weights
 from fedstack.wire import NotReady, Welcome
 
@@ -136,7 +136,7 @@ class Delivery:
             else:
                 version = pub.version if pub is not None else -1
                 await session.send(NotReady(version=version, round=version + 1), self.send_timeout)
-        except (ConnectionClosed, TimeoutError):
+        except (ConnectionClosed, TimeoutError, LocalProtocolError):
             session.conn.abort()
 
 

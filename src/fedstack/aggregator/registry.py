@@ -25,7 +25,8 @@ from fedstack.errors import RegistrationRefused, RemoteProtocolError, StoreError
 from fedstack.store import CredentialRefused, Store
 from fedstack.store.repository import fingerprint
 from fedstack.transport import Connection
-from fedstack.wire import Error, Message, Participate, encode
+from fedstack.wire import Error, GlobalModel, Message, Participate, encode
+from fedstack.wire.session import AggregatorSession
 
 log = logging.getLogger("fedstack.aggregator")
 
@@ -57,13 +58,27 @@ class Session:
     source: str | None = None  # issued | enrolled | first-use | None
     scope: TaskScope = field(default_factory=lambda: TaskScope("connection"))
     """Replies and pushes to this agent; closed when the connection ends."""
+    protocol: AggregatorSession | None = None
+    """The connection's protocol session: every message written goes through it (None:
+    written unchecked, e.g. in tests)."""
 
     def write(self, msg: Message) -> None:
-        """Queue ``msg`` on the connection now (frames keep program order)."""
-        self.conn.write(encode(msg))
+        """Queue ``msg`` on the connection now (frames keep program order).
 
-    def write_parts(self, parts: list[bytes | memoryview]) -> None:
-        """Queue an already encoded message (e.g. the shared global model)."""
+        Raises:
+            LocalProtocolError: the protocol does not allow ``msg`` now.
+        """
+        self.conn.write(encode(msg) if self.protocol is None else self.protocol.send(msg))
+
+    def write_parts(self, parts: list[bytes | memoryview],
+                    kind: type[Message] = GlobalModel) -> None:
+        """Queue an already encoded ``kind`` message (e.g. the shared global model).
+
+        Raises:
+            LocalProtocolError: the protocol does not allow it now.
+        """
+        if self.protocol is not None:
+            self.protocol.send_encoded(kind, parts)
         self.conn.write(parts)
 
     async def send(self, msg: Message, timeout: float) -> None:

@@ -81,16 +81,14 @@ from fedstack.types import Metrics, Weights
 from fedstack.wire import (
     Bye,
     Error,
-    Heartbeat,
     Limits,
     Message,
     ModelUpload,
     Participate,
-    Poll,
     Segments,
     UploadAck,
-    decode,
 )
+from fedstack.wire import session as protocol
 from fedstack.wire.tensors import structure as structure_of
 
 __all__ = ["Aggregator", "AggregatorFailed", "Evaluator"]
@@ -655,21 +653,22 @@ class Aggregator:
         session: Session | None = None
         counted = False
         try:
+            proto = protocol.AggregatorSession(self.limits)
             raw = await asyncio.wait_for(conn.recv(), cfg.register_timeout)
-            first = decode(raw, self.limits)
-            if not isinstance(first, Participate):
-                raise RemoteProtocolError("the first message must be participate",
-                                          code="expected-participate")
+            hello = proto.receive_bytes(raw)  # the first message must be participate
+            assert isinstance(hello, protocol.ParticipateReceived)
+            first = hello.message
             session = await self.registry.authenticate(conn, first)
             if session is None:
                 return
+            session.protocol = proto
             if not self._initialized.is_set():
                 if first.model is not None:
                     await self._initialize(session, first)
                 if not self._initialized.is_set():
                     log.info("agent %s waits: the federation has no model yet", session.name)
                     await self._initialized.wait()
-            del raw, first  # free the initial model's receive buffer (the store has it)
+            del raw, first, hello  # free the initial model's buffer (the store has it)
             joined = asyncio.get_running_loop().create_future()
             await self._post(AgentJoined(session, joined))
             counted = True
@@ -704,25 +703,25 @@ class Aggregator:
                 self._connections.discard(task)
 
     async def _receive(self, session: Session) -> None:
-        """The agent's messages, until it says bye (raises when the connection fails)."""
-        cfg, conn = self.config, session.conn
+        """The agent's messages, until it says bye (raises when the connection fails or
+        the agent breaks the protocol: its session decides what is legal when)."""
+        cfg, conn, proto = self.config, session.conn, session.protocol
+        assert proto is not None
         lease = 3 * cfg.heartbeat_interval
         while True:
             raw = await self._recv_leased(conn, lease)
             session.last_seen = time.monotonic()
-            msg = decode(raw, self.limits)
-            if isinstance(msg, ModelUpload):
-                await self._on_upload(session, msg)
-            elif isinstance(msg, Poll):
-                await self._post(PollReceived(session, msg))
-            elif isinstance(msg, Heartbeat):
-                await session.send(Heartbeat(seq=msg.seq), cfg.send_timeout)
-            elif isinstance(msg, Bye):
+            ev = proto.receive_bytes(raw)
+            if isinstance(ev, protocol.UploadReceived):
+                await self._on_upload(session, ev.message)
+            elif isinstance(ev, protocol.PollReceived):
+                await self._post(PollReceived(session, ev.message))
+            elif isinstance(ev, protocol.HeartbeatReceived):
+                if ev.reply is not None:
+                    await session.send(ev.reply, cfg.send_timeout)
+            elif isinstance(ev, protocol.Left):
                 return
-            else:
-                raise RemoteProtocolError(f"unexpected {msg.TYPE} message from an agent",
-                                          code="unexpected-message")
-            del raw, msg  # an upload's buffer is freed now, not at the next message
+            del raw, ev  # an upload's buffer is freed now, not at the next message
 
     async def _recv_leased(self, conn: Connection, lease: float) -> memoryview | Segments:
         """The next message; TimeoutError after ``lease`` s of silence. A connection in the
