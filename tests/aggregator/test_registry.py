@@ -98,3 +98,19 @@ def test_the_global_budget_bounds_many_sources() -> None:
     summaries = [d for _, d in written if d.get("aggregated")]
     assert len(one_by_one) == 20
     assert [(d["source_host"], d["count"]) for d in summaries] == [("*", 180)]
+
+
+def test_a_host_over_its_burst_is_throttled_until_the_window_ends() -> None:
+    audit, _, clock = make(interval=10.0, burst=2, global_burst=100)
+
+    async def main() -> None:
+        for port in (1, 2):
+            assert not audit.over_budget("refused", f"10.0.0.9:{port}")
+            await audit.record("refused", {}, address=f"10.0.0.9:{port}", run_id=None)
+        assert audit.over_budget("refused", "10.0.0.9:3")  # any port of that host
+        assert not audit.over_budget("refused", "10.0.0.8:3")
+        assert not audit.over_budget("operator_api", "10.0.0.9:3")
+        clock.now = 10.0
+        assert not audit.over_budget("refused", "10.0.0.9:3")
+
+    asyncio.run(main())

@@ -15,6 +15,9 @@ for agents: 401 without a valid token, 403 with an agent's or a revoked one. Req
 no body (411/413). Every call but ``/healthz`` -- accepted or refused -- is written to the
 store's audit trail as an ``operator_api`` event (operator, credential fingerprint, address,
 method, path, status, outcome); requests the transport cannot parse (400/431) are not.
+Refused calls are rate-limited per source host: beyond a burst per interval they are
+counted and written as one event with a ``count`` (see
+:meth:`~fedstack.aggregator.service.Aggregator.audit_refusal`).
 """
 
 from __future__ import annotations
@@ -255,7 +258,11 @@ class OperatorAPI:
         if store is None:
             return
         with contextlib.suppress(StoreError):
-            await asyncio.to_thread(store.log_event, AUDIT_KIND, event, run_id=self.agg.run_id)
+            if status >= 400:  # refusals: rate-limited per source, a flood is counted
+                await self.agg.audit_refusal(AUDIT_KIND, event, address=req.remote_address)
+            else:
+                await asyncio.to_thread(store.log_event, AUDIT_KIND, event,
+                                        run_id=self.agg.run_id)
 
 
 def _healthz(req: HttpRequest) -> HttpResponse:

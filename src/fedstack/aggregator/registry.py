@@ -21,17 +21,19 @@ from typing import Any
 
 from fedstack.aggregator.config import AggregatorConfig
 from fedstack.aggregator.tasks import TaskScope
-from fedstack.errors import RegistrationRefused, RemoteProtocolError, StoreError
+from fedstack.errors import ConnectionClosed, RegistrationRefused, RemoteProtocolError, StoreError
 from fedstack.store import CredentialRefused, Store
 from fedstack.store.repository import fingerprint
 from fedstack.transport import Connection
 from fedstack.wire import Error, GlobalModel, Message, Participate, encode
-from fedstack.wire.session import AggregatorSession
+from fedstack.wire.session import AggregatorSession, State
 
 log = logging.getLogger("fedstack.aggregator")
 
 Db = Callable[..., Awaitable[Any]]
-"""Runs a store call on the store thread: ``await db(fn, *args, **kwargs)``."""
+"""Runs a store call off the event loop: ``await db(fn, *args, **kwargs)`` (the
+aggregator gives the registry its own thread, so that a flood of registrations never
+queues in front of the uploads)."""
 
 AUDIT_INTERVAL = 10.0
 """Seconds of one refusal-audit window."""
@@ -39,6 +41,9 @@ AUDIT_BURST = 512
 """Refusals per source (host) and window written one event each; the rest are counted."""
 AUDIT_GLOBAL_BURST = 2048
 """Refusals of all sources per window written one event each."""
+THROTTLE_DELAY = 1.0
+"""Seconds a registration from a host over its refusal burst waits before it is looked at:
+a flood from one host is slowed to (its concurrent connections) attempts a second."""
 _MAX_SOURCES = 4096
 
 
@@ -66,17 +71,25 @@ class Session:
         """Queue ``msg`` on the connection now (frames keep program order).
 
         Raises:
+            ConnectionClosed: the session is over (e.g. the aggregator said bye).
             LocalProtocolError: the protocol does not allow ``msg`` now.
         """
+        self._check_open()
         self.conn.write(encode(msg) if self.protocol is None else self.protocol.send(msg))
+
+    def _check_open(self) -> None:
+        if self.protocol is not None and self.protocol.state is State.CLOSED:
+            raise ConnectionClosed(1001, "the session is over")
 
     def write_parts(self, parts: list[bytes | memoryview],
                     kind: type[Message] = GlobalModel) -> None:
         """Queue an already encoded ``kind`` message (e.g. the shared global model).
 
         Raises:
+            ConnectionClosed: the session is over.
             LocalProtocolError: the protocol does not allow it now.
         """
+        self._check_open()
         if self.protocol is not None:
             self.protocol.send_encoded(kind, parts)
         self.conn.write(parts)
@@ -183,6 +196,12 @@ class RefusalAudit:
         win.run_id = run_id
         return False
 
+    def over_budget(self, kind: str, address: str) -> bool:
+        """True if ``address``'s host used up its burst of ``kind`` refusals in the
+        current window (its next attempts are slowed down, see :data:`THROTTLE_DELAY`)."""
+        win = self._windows.get((kind, source_host(address)))
+        return win is not None and self._clock() < win.until and win.written >= self.burst
+
     async def flush(self, *, force: bool = False) -> None:
         """Write the counts of the windows that are over (all of them if ``force``)."""
         now = self._clock()
@@ -219,7 +238,7 @@ class Registry:
 
     Args:
         config: the aggregator's settings (auth mode, enrollment token, intervals).
-        db: runs a store call on the store thread.
+        db: runs a store call (on the registry's own thread).
         store: a callable returning the open store (the aggregator opens it in ``start``).
         run_id: a callable returning the run id.
     """

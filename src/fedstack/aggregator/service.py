@@ -55,7 +55,7 @@ from fedstack.aggregator.events import (
 from fedstack.aggregator.fanout import Fanout
 from fedstack.aggregator.gate import UpdateGate
 from fedstack.aggregator.operator_api import OperatorAPI
-from fedstack.aggregator.registry import Registry, Session, refusal_detail
+from fedstack.aggregator.registry import THROTTLE_DELAY, Registry, Session, refusal_detail
 from fedstack.aggregator.rounds import RoundState, UploadStatus
 from fedstack.aggregator.statistics import AgentStatistics, AggregatorStatistics
 from fedstack.aggregator.tasks import ScopeClosed, TaskScope
@@ -175,7 +175,8 @@ class Aggregator:
         self._new_version = asyncio.Event()
         # ---- the parts
         self._events: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE_SIZE)
-        self.registry = Registry(config, self._db, lambda: self.store, lambda: self.run_id)
+        self.registry = Registry(config, self._db_registry, lambda: self.store,
+                                 lambda: self.run_id)
         self.sessions = self.registry.sessions
         """Agent id -> the session that counts towards rounds (read-only)."""
         self.fanout = Fanout(config.fanout_budget_bytes)
@@ -210,6 +211,9 @@ class Aggregator:
         """Every database call of the upload path and the round runs on this one thread,
         in the order it was made: the aggregator's writes never wait on each other's
         SQLite locks. It does database work only."""
+        self._registry_thread = cf.ThreadPoolExecutor(1, thread_name_prefix="fedstack-registry")
+        """Registrations, credential checks and refusal audits: a flood of them queues
+        here, never in front of the uploads on the store thread."""
         self._compute_thread = cf.ThreadPoolExecutor(1, thread_name_prefix="fedstack-compute")
         self._db_closed = False
         self._inline = config.transport == "inproc"
@@ -379,8 +383,8 @@ class Aggregator:
             if self._own_store:
                 await self._db(self.store.close)
         self._db_closed = True
-        self._db_thread.shutdown(wait=False)
-        self._compute_thread.shutdown(wait=False)
+        for pool in (self._db_thread, self._registry_thread, self._compute_thread):
+            pool.shutdown(wait=False)
 
     def _fatal(self, name: str, exc: BaseException) -> None:
         """A task the aggregator cannot run without failed: stop, loudly."""
@@ -400,6 +404,16 @@ class Aggregator:
             return await asyncio.to_thread(call)
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, call)
 
+    async def _db_registry(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a registry's database call (authentication, credentials, refusal audit) on
+        the registry thread, in order (inline with the in-process transport)."""
+        call = functools.partial(fn, *args, **kwargs)
+        if self._inline:
+            return call()
+        if self._db_closed:
+            return await asyncio.to_thread(call)
+        return await asyncio.get_running_loop().run_in_executor(self._registry_thread, call)
+
     async def _compute(self, fn: Callable[..., T], *args: Any, nbytes: int = 0) -> T:
         """Run CPU work on ``nbytes`` of arrays: inline when small (or in-process), else on
         the compute thread (one at a time, in order). Never on the store thread."""
@@ -411,6 +425,18 @@ class Aggregator:
     async def _post(self, event: Event) -> None:
         """Queue ``event`` for the owner (waits while the queue is full)."""
         await self._events.put(event)
+
+    async def audit_refusal(self, kind: str, detail: dict[str, Any], *, address: str,
+                            agent_id: str | None = None) -> None:
+        """Write a refusal (of a registration, an operator call) to the audit trail, at a
+        bounded rate per source: a flood is counted, not written row by row (see
+        :class:`~fedstack.aggregator.registry.RefusalAudit`).
+
+        Raises:
+            StoreError: the store could not write it.
+        """
+        await self.registry.audit.record(kind, detail, address=address, run_id=self.run_id,
+                                         agent_id=agent_id)
 
     def statistics(self, *, agents: bool = False) -> AggregatorStatistics:
         """An immutable snapshot (with the connected agents if ``agents``)."""
@@ -654,6 +680,9 @@ class Aggregator:
         counted = False
         try:
             proto = protocol.AggregatorSession(self.limits)
+            if self.registry.audit.over_budget("refused", conn.remote_address):
+                # a host refused again and again: slow it down before any work for it
+                await asyncio.sleep(min(THROTTLE_DELAY, cfg.register_timeout / 2))
             raw = await asyncio.wait_for(conn.recv(), cfg.register_timeout)
             hello = proto.receive_bytes(raw)  # the first message must be participate
             assert isinstance(hello, protocol.ParticipateReceived)
