@@ -399,7 +399,7 @@ async def _test_stop_cancels_and_awaits_every_task(tmp_path: Path) -> None:
     assert len(agg._scope) >= 4  # owner, committer, credential watcher, audit flusher
     waiter = asyncio.ensure_future(agg.wait_for_version(5))
     await agg.stop()
-    assert len(agg._scope) == 0 and agg._scope.closed and not agg._connections
+    assert len(agg._scope) == 0 and agg._scope.closed and not agg.connections.tasks
     assert agg._driver is not None and agg._driver.done()
     with pytest.raises(ConnectionClosed):
         await asyncio.wait_for(waiter, 5)

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from fedstack.aggregator.config import AggregatorConfig
+from fedstack.aggregator.connections import AgentConnections
 from fedstack.aggregator.delivery import Delivery, PollWaiters, Published
 from fedstack.aggregator.driver import Evaluator, RoundDriver
 from fedstack.aggregator.events import (
@@ -55,18 +56,16 @@ from fedstack.aggregator.events import (
 from fedstack.aggregator.fanout import Fanout
 from fedstack.aggregator.gate import UpdateGate
 from fedstack.aggregator.operator_api import OperatorAPI
-from fedstack.aggregator.registry import THROTTLE_DELAY, Registry, Session, refusal_detail
+from fedstack.aggregator.registry import Registry, Session, refusal_detail
 from fedstack.aggregator.rounds import RoundState, UploadStatus
 from fedstack.aggregator.statistics import AgentStatistics, AggregatorStatistics
 from fedstack.aggregator.tasks import ScopeClosed, TaskScope
-from fedstack.aggregator.uploads import Committer, check_upload, plan_batch, upload_id_problem
-from fedstack.aggregator.validation import Structure, validate_model
+from fedstack.aggregator.uploads import Committer, plan_batch
+from fedstack.aggregator.validation import Structure
 from fedstack.errors import (
     ConfigError,
     ConnectionClosed,
     FedstackError,
-    InvalidUpdate,
-    RemoteProtocolError,
     StoreError,
 )
 from fedstack.plugins import load_callable
@@ -74,7 +73,7 @@ from fedstack.security.tls import server_context
 from fedstack.store import Store
 from fedstack.store.repository import fingerprint
 from fedstack.strategies import create
-from fedstack.transport import Connection, inproc, serve
+from fedstack.transport import inproc, serve
 from fedstack.transport.budget import ByteBudget
 from fedstack.transport.limits import raise_nofile_limit
 from fedstack.types import Metrics, Weights
@@ -83,13 +82,8 @@ from fedstack.wire import (
     Error,
     Limits,
     Message,
-    ModelUpload,
-    Participate,
-    Segments,
     UploadAck,
 )
-from fedstack.wire import session as protocol
-from fedstack.wire.tensors import structure as structure_of
 
 __all__ = ["Aggregator", "AggregatorFailed", "Evaluator"]
 
@@ -195,11 +189,10 @@ class Aggregator:
             accumulator=lambda: self.driver.accumulator, post=self._post)
         # ---- tasks and threads
         self._scope = TaskScope("aggregator", on_error=self._fatal)
-        self._connections: set[asyncio.Task[Any]] = set()
+        self.connections = AgentConnections(self)
         self._driver: asyncio.Task[None] | None = None
         """The round owner's task (its loop is the aggregator's loop)."""
         self._initialized = asyncio.Event()
-        self._init_lock = asyncio.Lock()
         self._finished = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Future[None] | None = None
@@ -241,11 +234,11 @@ class Aggregator:
                               lambda: self.registry.watch_credentials(self._revoked))
         self._scope.supervise("refusal-audit", self.registry.audit.run_flusher)
         if cfg.transport == "inproc":
-            self._inproc = await inproc.serve(self._serve_agent, cfg.run_name,
+            self._inproc = await inproc.serve(self.connections.serve, cfg.run_name,
                                               max_message_bytes=cfg.max_message_bytes)
         else:
             self._server = await serve(
-                self._serve_agent, cfg.host, cfg.port, max_message_bytes=cfg.max_message_bytes,
+                self.connections.serve, cfg.host, cfg.port, max_message_bytes=cfg.max_message_bytes,
                 ssl=self.ssl_context, handshake_timeout=cfg.register_timeout,
                 http_handler=OperatorAPI(self).handle if cfg.operator_api else None,
                 receive_budget=self.upload_budget,
@@ -362,14 +355,7 @@ class Aggregator:
                 await s.conn.close(1001, "aggregator stopping", timeout=1.0)
 
         await asyncio.gather(*(bye(s) for s in list(self.sessions.values())))
-        if self._connections:  # the connections end by themselves; the rest are cancelled
-            await asyncio.wait(list(self._connections), timeout=2.0)
-        while self._connections:
-            left = list(self._connections)
-            for t in left:
-                t.cancel()
-            await asyncio.wait(left)
-            self._connections.difference_update(left)
+        await self.connections.close(grace=2.0)  # they end by themselves; or are cancelled
         await self._scope.aclose()
         for up in self._upload_queue:  # nobody waits for these any more
             up.reply.cancel()
@@ -670,177 +656,11 @@ class Aggregator:
             baseline = self._baseline[1]
         return self.gate.check(weights, self.global_weights, baseline)
 
-    # ------------------------------------------------------------------ connections
-    async def _serve_agent(self, conn: Connection) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        cfg = self.config
-        session: Session | None = None
-        counted = False
-        try:
-            proto = protocol.AggregatorSession(self.limits)
-            if self.registry.audit.over_budget("refused", conn.remote_address):
-                # a host refused again and again: slow it down before any work for it
-                await asyncio.sleep(min(THROTTLE_DELAY, cfg.register_timeout / 2))
-            raw = await asyncio.wait_for(conn.recv(), cfg.register_timeout)
-            hello = proto.receive_bytes(raw)  # the first message must be participate
-            assert isinstance(hello, protocol.ParticipateReceived)
-            first = hello.message
-            session = await self.registry.authenticate(conn, first)
-            if session is None:
-                return
-            session.protocol = proto
-            if not self._initialized.is_set():
-                if first.model is not None:
-                    await self._initialize(session, first)
-                if not self._initialized.is_set():
-                    log.info("agent %s waits: the federation has no model yet", session.name)
-                    await self._initialized.wait()
-            del raw, first, hello  # free the initial model's buffer (the store has it)
-            joined = asyncio.get_running_loop().create_future()
-            await self._post(AgentJoined(session, joined))
-            counted = True
-            await joined
-            await self.delivery.welcome(session)
-            assert self.store is not None
-            await self._db(
-                self.store.log_event, "joined",
-                {"name": session.name, "address": session.address},
-                run_id=self.run_id, agent_id=session.agent_id,
-            )
-            await self._receive(session)
-        except RemoteProtocolError as exc:
-            who = session.name if session else conn.remote_address
-            log.warning("protocol error from %s: %s", who, exc)
-            await self.registry.refuse(conn, exc.code, str(exc), session)
-        except TimeoutError:
-            who = session.name if session else conn.remote_address
-            log.warning("%s went silent; closing its connection", who)
-        except ConnectionClosed:
-            pass
-        except Exception as exc:  # a bug: keep serving everyone else, tell this agent
-            log.exception("internal error while serving %s",
-                          session.name if session else conn.remote_address)
-            await self.registry.refuse(conn, "internal-error",
-                                       f"aggregator error: {exc!r}"[:500], session)
-        finally:
-            try:
-                if session is not None:
-                    await self._leave(session, counted)
-            finally:
-                self._connections.discard(task)
-
-    async def _receive(self, session: Session) -> None:
-        """The agent's messages, until it says bye (raises when the connection fails or
-        the agent breaks the protocol: its session decides what is legal when)."""
-        cfg, conn, proto = self.config, session.conn, session.protocol
-        assert proto is not None
-        lease = 3 * cfg.heartbeat_interval
-        while True:
-            raw = await self._recv_leased(conn, lease)
-            session.last_seen = time.monotonic()
-            ev = proto.receive_bytes(raw)
-            if isinstance(ev, protocol.UploadReceived):
-                await self._on_upload(session, ev.message)
-            elif isinstance(ev, protocol.PollReceived):
-                await self._post(PollReceived(session, ev.message))
-            elif isinstance(ev, protocol.HeartbeatReceived):
-                if ev.reply is not None:
-                    await session.send(ev.reply, cfg.send_timeout)
-            elif isinstance(ev, protocol.Left):
-                return
-            del raw, ev  # an upload's buffer is freed now, not at the next message
-
-    async def _recv_leased(self, conn: Connection, lease: float) -> memoryview | Segments:
-        """The next message; TimeoutError after ``lease`` s of silence. A connection in the
-        middle of a big message (arriving, or held back by the upload budget) is not
-        silent: it gets up to ``10 x send_timeout`` more."""
-        extra = 10 * self.config.send_timeout
-        while True:
-            try:
-                async with asyncio.timeout(lease):
-                    return await conn.recv()
-            except TimeoutError:
-                if not getattr(conn, "in_message", False) or extra <= 0:
-                    raise
-                extra -= lease
-
-    async def _leave(self, session: Session, counted: bool) -> None:
-        await session.scope.aclose()  # its pending replies and pushes
-        if counted and not self._stopped.is_set():
-            await self._post(AgentLeft(session))
-            if self.store is not None:
-                with contextlib.suppress(StoreError):
-                    await self._db(self.store.log_event, "left", {"name": session.name},
-                                   run_id=self.run_id, agent_id=session.agent_id)
-        with contextlib.suppress(Exception):
-            await session.conn.close(timeout=1.0)
-
     def _welcome_fields(self) -> dict[str, Any]:
         return {"aggregator_id": self.aggregator_id, "run_id": self.run_id,
                 "delivery": self.config.delivery,
                 "heartbeat_interval": self.config.heartbeat_interval,
                 "config": self.federation_config}
-
-    async def _initialize(self, session: Session, msg: Participate) -> None:
-        """The first model fixes names, shapes and dtypes; its weights or zeros start."""
-        assert self.store is not None and msg.model is not None
-        async with self._init_lock:
-            if self._initialized.is_set():
-                return
-            try:
-                validate_model(msg.model, None, agent_id=session.agent_id)
-            except InvalidUpdate as exc:
-                raise RemoteProtocolError(f"initial model refused: {exc}",
-                                          code="invalid-model") from None
-            use_weights = self.config.init_weights
-            if use_weights is None:
-                use_weights = True if msg.init_weights is None else msg.init_weights
-            initial = {k: np.array(v) for k, v in msg.model.items()}
-            glob = initial if use_weights else {k: np.zeros_like(v) for k, v in initial.items()}
-            structure = structure_of(initial)
-            gid = await self._db(
-                self.store.init_federation, self.run_id, agent_id=session.agent_id,
-                structure=structure, init_weights=use_weights, initial=initial,
-                global_weights=glob, num_samples=max(msg.num_samples, 0),
-                metrics=msg.metrics, aggregator_id=self.aggregator_id,
-            )
-            started = asyncio.get_running_loop().create_future()
-            await self._post(FederationStarted(structure, glob, gid, started))
-            await started
-            log.info("model structure fixed by %s: %s (init from %s)", session.name,
-                     ", ".join(f"{n}{list(s)}:{d}" for n, d, s in structure),
-                     "its weights" if use_weights else "zeros")
-
-    async def _on_upload(self, session: Session, msg: ModelUpload) -> None:
-        """Validate, write the blob, queue for the owner, and send its answer."""
-        assert self.store is not None and self.global_weights is not None
-        cfg = self.config
-        try:
-            check_upload(msg, agent_id=session.agent_id, version=self.state.version,
-                         round=self.state.round, structure=self.structure,
-                         global_weights=self.global_weights, strategy=self.strategy,
-                         max_num_samples=cfg.max_num_samples)
-            problem, code = upload_id_problem(msg.upload_id), "bad-field"
-        except InvalidUpdate as exc:
-            log.warning("refused upload from %s: %s", session.name, exc)
-            problem, code = str(exc), "invalid-model"
-        if problem is not None:
-            await self._db(self.store.log_event, "upload_refused",
-                           {"upload_id": msg.upload_id[:64], "reason": problem[:500]},
-                           run_id=self.run_id, agent_id=session.agent_id)
-            await session.send(Error(code=code, message=problem), cfg.send_timeout)
-            return
-        # The blob first: content-addressed and idempotent (a re-sent upload costs a hash
-        # and a stat). Then the owner plans it into a batch, the committer stores the
-        # record (idempotent by upload_id) and counts it: persisted before counted,
-        # counted before acknowledged.
-        blob = (None if self.store.will_inline(msg.model)
-                else await asyncio.to_thread(self.store.put_blob, msg.model))
-        upload = UploadReceived(session, msg, blob)
-        await self._post(upload)
-        await session.send(await upload.reply, cfg.send_timeout)
 
     # ------------------------------------------------------------------ disconnecting
     def disconnect_agent(self, name: str, code: str, message: str,

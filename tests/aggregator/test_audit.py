@@ -1,11 +1,11 @@
-"""The registry's refusal audit: bounded writes per source, counts kept."""
+"""The refusal audit: bounded writes per source, counts kept, floods throttled."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from fedstack.aggregator.registry import RefusalAudit, source_host
+from fedstack.aggregator.audit import RefusalAudit, source_host
 
 
 class Clock:
