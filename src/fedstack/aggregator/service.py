@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures as cf
 import contextlib
-import functools
 import logging
 import time
 import uuid
@@ -62,6 +60,7 @@ from fedstack.aggregator.statistics import AgentStatistics, AggregatorStatistics
 from fedstack.aggregator.tasks import ScopeClosed, TaskScope
 from fedstack.aggregator.uploads import Committer, plan_batch
 from fedstack.aggregator.validation import Structure
+from fedstack.aggregator.workers import Workers
 from fedstack.errors import (
     ConfigError,
     ConnectionClosed,
@@ -91,9 +90,6 @@ T = TypeVar("T")
 
 EVENT_QUEUE_SIZE = 4096
 """Events waiting for the round owner; a full queue makes connections wait (backpressure)."""
-COMPUTE_INLINE_BYTES = 1 << 20
-"""Arrays up to this size are folded into the accumulator on the event loop (a thread hop
-costs more); bigger ones on the compute thread."""
 MAX_POLL_WAIT = 3600.0
 
 log = logging.getLogger("fedstack.aggregator")
@@ -115,9 +111,14 @@ class Aggregator:
         clock: monotonic seconds for deadlines and poll waits (tests pass a fake clock).
     """
 
-    def __init__(self, config: AggregatorConfig, *, store: Store | None = None,
-                 evaluator: Evaluator | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        *,
+        store: Store | None = None,
+        evaluator: Evaluator | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.clock = clock
         self._own_store = store is None
@@ -134,7 +135,8 @@ class Aggregator:
         self.limits = Limits(max_message_bytes=config.max_message_bytes)
         self.ssl_context = (
             server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
-            if config.tls_cert else None
+            if config.tls_cert
+            else None
         )
         """The TLS context the port serves with (None: plaintext ws://)."""
         self.gate = UpdateGate.from_config(config.gate)
@@ -146,9 +148,12 @@ class Aggregator:
             self.federation_config.setdefault("discard_stale", False)
         # ---- round state: changed only by the owner task (read-only for everyone else)
         self.state = RoundState(
-            threshold=config.threshold, min_agents=config.min_agents,
-            round_timeout=config.round_timeout, max_rounds=config.rounds,
-            staleness_policy=config.staleness, trigger=self.strategy.trigger,
+            threshold=config.threshold,
+            min_agents=config.min_agents,
+            round_timeout=config.round_timeout,
+            max_rounds=config.rounds,
+            staleness_policy=config.staleness,
+            trigger=self.strategy.trigger,
             min_updates=self.strategy.min_updates,
         )
         self.aggregator_id = uuid.uuid4().hex
@@ -168,25 +173,42 @@ class Aggregator:
         self._polls = PollWaiters()
         self._new_version = asyncio.Event()
         # ---- the parts
+        self.workers = Workers(inline=config.transport == "inproc")
+        self._db = self.workers.db
+        """Runs a database call on the store thread (see :class:`Workers`)."""
         self._events: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE_SIZE)
-        self.registry = Registry(config, self._db_registry, lambda: self.store,
-                                 lambda: self.run_id)
+        self.registry = Registry(
+            config, self.workers.registry, lambda: self.store, lambda: self.run_id
+        )
         self.sessions = self.registry.sessions
         """Agent id -> the session that counts towards rounds (read-only)."""
         self.fanout = Fanout(config.fanout_budget_bytes)
         """Global model encoded once per version; bytes of big sends in flight bounded."""
         self.upload_budget = ByteBudget(config.upload_budget_bytes)
         """Bytes of big uploads being received or processed at once (all connections)."""
-        self.delivery = Delivery(self.fanout, lambda: self._published, config.send_timeout,
-                                 self._welcome_fields)
+        self.delivery = Delivery(
+            self.fanout, lambda: self._published, config.send_timeout, self._welcome_fields
+        )
         self.driver = RoundDriver(
-            strategy=self.strategy, rng=self.rng, db=self._db, store=lambda: self.store,
-            run_id=lambda: self.run_id, aggregator_id=lambda: self.aggregator_id,
-            gate=self.gate, evaluator=evaluator)
+            strategy=self.strategy,
+            rng=self.rng,
+            db=self._db,
+            store=lambda: self.store,
+            run_id=lambda: self.run_id,
+            aggregator_id=lambda: self.aggregator_id,
+            gate=self.gate,
+            evaluator=evaluator,
+        )
         self.committer = Committer(
-            db=self._db, compute=self._compute, store=lambda: self.store,
-            run_id=lambda: self.run_id, gate=self.gate, gate_check=self._gate_check,
-            accumulator=lambda: self.driver.accumulator, post=self._post)
+            db=self._db,
+            compute=self.workers.compute,
+            store=lambda: self.store,
+            run_id=lambda: self.run_id,
+            gate=self.gate,
+            gate_check=self._gate_check,
+            accumulator=lambda: self.driver.accumulator,
+            post=self._post,
+        )
         # ---- tasks and threads
         self._scope = TaskScope("aggregator", on_error=self._fatal)
         self.connections = AgentConnections(self)
@@ -200,18 +222,6 @@ class Aggregator:
         self._server: asyncio.Server | None = None
         self._inproc: inproc.InProcServer | None = None
         self.port = config.port
-        self._db_thread = cf.ThreadPoolExecutor(1, thread_name_prefix="fedstack-store")
-        """Every database call of the upload path and the round runs on this one thread,
-        in the order it was made: the aggregator's writes never wait on each other's
-        SQLite locks. It does database work only."""
-        self._registry_thread = cf.ThreadPoolExecutor(1, thread_name_prefix="fedstack-registry")
-        """Registrations, credential checks and refusal audits: a flood of them queues
-        here, never in front of the uploads on the store thread."""
-        self._compute_thread = cf.ThreadPoolExecutor(1, thread_name_prefix="fedstack-compute")
-        self._db_closed = False
-        self._inline = config.transport == "inproc"
-        """In-process transport (the simulator): every party shares this process and its
-        GIL, so a store thread buys no parallelism, only lock hand-offs: calls run inline."""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -219,35 +229,48 @@ class Aggregator:
         cfg = self.config
         raise_nofile_limit()  # one descriptor per agent: 1,000s of agents need more than 1,024
         if self.store is None:
-            self.store = await self._db(Store, cfg.db, cfg.blob_dir,
-                                        inline_blob_bytes=cfg.inline_blob_bytes)
-        run = await self._db(self.store.open_run, cfg.run_name, _public_config(cfg),
-                             self.aggregator_id)
+            self.store = await self._db(
+                Store, cfg.db, cfg.blob_dir, inline_blob_bytes=cfg.inline_blob_bytes
+            )
+        run = await self._db(
+            self.store.open_run, cfg.run_name, _public_config(cfg), self.aggregator_id
+        )
         self.run_id = run.id
         self.aggregator_id = run.aggregator_id
         if run.version >= 0:
             await self._resume(run.structure, run.version)
-        self._driver = self._scope.spawn(self._own(), name="round-owner", critical=True,
-                                         daemon=True)
+        self._driver = self._scope.spawn(
+            self._own(), name="round-owner", critical=True, daemon=True
+        )
         self._scope.spawn(self.committer.run(), name="committer", critical=True, daemon=True)
-        self._scope.supervise("credential-watcher",
-                              lambda: self.registry.watch_credentials(self._revoked))
+        self._scope.supervise(
+            "credential-watcher", lambda: self.registry.watch_credentials(self._revoked)
+        )
         self._scope.supervise("refusal-audit", self.registry.audit.run_flusher)
         if cfg.transport == "inproc":
-            self._inproc = await inproc.serve(self.connections.serve, cfg.run_name,
-                                              max_message_bytes=cfg.max_message_bytes)
+            self._inproc = await inproc.serve(
+                self.connections.serve, cfg.run_name, max_message_bytes=cfg.max_message_bytes
+            )
         else:
             self._server = await serve(
-                self.connections.serve, cfg.host, cfg.port, max_message_bytes=cfg.max_message_bytes,
-                ssl=self.ssl_context, handshake_timeout=cfg.register_timeout,
+                self.connections.serve,
+                cfg.host,
+                cfg.port,
+                max_message_bytes=cfg.max_message_bytes,
+                ssl=self.ssl_context,
+                handshake_timeout=cfg.register_timeout,
                 http_handler=OperatorAPI(self).handle if cfg.operator_api else None,
                 receive_budget=self.upload_budget,
             )
             self.port = self._server.sockets[0].getsockname()[1]
         log.info(
             "aggregator listening on %s%s (run %s, %s, version %d, store %s)",
-            self.url, " with mutual TLS" if cfg.tls_client_ca else "", self.run_id[:8],
-            "resumed" if run.resumed else "new", self.state.version, self.store.url,
+            self.url,
+            " with mutual TLS" if cfg.tls_client_ca else "",
+            self.run_id[:8],
+            "resumed" if run.resumed else "new",
+            self.state.version,
+            self.store.url,
         )
         if self.state.finished:
             self._finished.set()
@@ -281,18 +304,21 @@ class Aggregator:
         self.driver.inputs = replayed.inputs
         self.state.contributors = replayed.contributors
         self._initialized.set()
-        log.info("resumed at version %d with %d buffered upload(s)", resume.version,
-                 len(resume.buffered))
+        log.info(
+            "resumed at version %d with %d buffered upload(s)", resume.version, len(resume.buffered)
+        )
 
-    def _adopt(self, version: int, model_id: str, weights: Weights, extra: Weights,
-               state: dict[str, Any]) -> None:
+    def _adopt(
+        self, version: int, model_id: str, weights: Weights, extra: Weights, state: dict[str, Any]
+    ) -> None:
         """Owner only: ``weights`` is global model ``version``; round ``version + 1`` starts."""
         self.global_weights, self.global_model_id = weights, model_id
         self.global_extra, self.strategy_state = extra, state
         self.state.start(version, self.clock())
         self.driver.begin(weights, state, self.state.round)
-        self._published = Published(version, self.state.round, model_id, weights, extra,
-                                    self.state.finished)
+        self._published = Published(
+            version, self.state.round, model_id, weights, extra, self.state.finished
+        )
 
     async def wait_finished(self) -> None:
         """Return when the last round is over and the agents had ``finish_grace`` seconds
@@ -307,8 +333,7 @@ class Aggregator:
         finished.cancel()
         stopped.cancel()
         if self._failure is not None:
-            raise AggregatorFailed(f"the aggregator stopped: {self._failure!r}") \
-                from self._failure
+            raise AggregatorFailed(f"the aggregator stopped: {self._failure!r}") from self._failure
         if self._stopped.is_set():
             return
         deadline = time.monotonic() + self.config.finish_grace
@@ -368,9 +393,7 @@ class Aggregator:
                 await self.registry.audit.flush(force=True)
             if self._own_store:
                 await self._db(self.store.close)
-        self._db_closed = True
-        for pool in (self._db_thread, self._registry_thread, self._compute_thread):
-            pool.shutdown(wait=False)
+        self.workers.close()
 
     def _fatal(self, name: str, exc: BaseException) -> None:
         """A task the aggregator cannot run without failed: stop, loudly."""
@@ -380,40 +403,13 @@ class Aggregator:
         if self._stopping is None:
             self._stopping = asyncio.ensure_future(self._stop())
 
-    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a database call on the store thread (a plain worker thread once stopped;
-        inline with the in-process transport)."""
-        call = functools.partial(fn, *args, **kwargs)
-        if self._inline:
-            return call()
-        if self._db_closed:
-            return await asyncio.to_thread(call)
-        return await asyncio.get_running_loop().run_in_executor(self._db_thread, call)
-
-    async def _db_registry(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a registry's database call (authentication, credentials, refusal audit) on
-        the registry thread, in order (inline with the in-process transport)."""
-        call = functools.partial(fn, *args, **kwargs)
-        if self._inline:
-            return call()
-        if self._db_closed:
-            return await asyncio.to_thread(call)
-        return await asyncio.get_running_loop().run_in_executor(self._registry_thread, call)
-
-    async def _compute(self, fn: Callable[..., T], *args: Any, nbytes: int = 0) -> T:
-        """Run CPU work on ``nbytes`` of arrays: inline when small (or in-process), else on
-        the compute thread (one at a time, in order). Never on the store thread."""
-        if self._inline or nbytes <= COMPUTE_INLINE_BYTES or self._db_closed:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._compute_thread, functools.partial(fn, *args))
-
     async def _post(self, event: Event) -> None:
         """Queue ``event`` for the owner (waits while the queue is full)."""
         await self._events.put(event)
 
-    async def audit_refusal(self, kind: str, detail: dict[str, Any], *, address: str,
-                            agent_id: str | None = None) -> None:
+    async def audit_refusal(
+        self, kind: str, detail: dict[str, Any], *, address: str, agent_id: str | None = None
+    ) -> None:
         """Write a refusal (of a registration, an operator call) to the audit trail, at a
         bounded rate per source: a flood is counted, not written row by row (see
         :class:`~fedstack.aggregator.registry.RefusalAudit`).
@@ -421,8 +417,9 @@ class Aggregator:
         Raises:
             StoreError: the store could not write it.
         """
-        await self.registry.audit.record(kind, detail, address=address, run_id=self.run_id,
-                                         agent_id=agent_id)
+        await self.registry.audit.record(
+            kind, detail, address=address, run_id=self.run_id, agent_id=agent_id
+        )
 
     def statistics(self, *, agents: bool = False) -> AggregatorStatistics:
         """An immutable snapshot (with the connected agents if ``agents``)."""
@@ -430,20 +427,39 @@ class Aggregator:
         listed: tuple[AgentStatistics, ...] = ()
         if agents:
             now_wall, now_mono = time.time(), time.monotonic()
-            listed = tuple(sorted((AgentStatistics(
-                name=s.name, agent_id=s.agent_id, address=s.address,
-                last_seen=now_wall - (now_mono - s.last_seen),
-                idle_seconds=round(now_mono - s.last_seen, 3),
-                known_version=s.known_version, welcomed=s.welcomed,
-                credential_source=s.source, credential=fingerprint(s.credential),
-            ) for s in list(self.sessions.values())), key=lambda a: a.name))
+            listed = tuple(
+                sorted(
+                    (
+                        AgentStatistics(
+                            name=s.name,
+                            agent_id=s.agent_id,
+                            address=s.address,
+                            last_seen=now_wall - (now_mono - s.last_seen),
+                            idle_seconds=round(now_mono - s.last_seen, 3),
+                            known_version=s.known_version,
+                            welcomed=s.welcomed,
+                            credential_source=s.source,
+                            credential=fingerprint(s.credential),
+                        )
+                        for s in list(self.sessions.values())
+                    ),
+                    key=lambda a: a.name,
+                )
+            )
         return AggregatorStatistics(
-            run_id=self.run_id, aggregator_id=self.aggregator_id, version=self.state.version,
-            round=self.state.round, active_agents=active,
-            contributors=len(self.state.contributors), needed=self.state.needed(active),
-            finished=self.state.finished, rounds_completed=self.rounds_completed,
-            strategy=self.strategy.name, delivery=self.config.delivery,
-            tls=self.ssl_context is not None, uploads_queued=len(self._upload_queue),
+            run_id=self.run_id,
+            aggregator_id=self.aggregator_id,
+            version=self.state.version,
+            round=self.state.round,
+            active_agents=active,
+            contributors=len(self.state.contributors),
+            needed=self.state.needed(active),
+            finished=self.state.finished,
+            rounds_completed=self.rounds_completed,
+            strategy=self.strategy.name,
+            delivery=self.config.delivery,
+            tls=self.ssl_context is not None,
+            uploads_queued=len(self._upload_queue),
             agents=listed,
         )
 
@@ -457,8 +473,9 @@ class Aggregator:
                 event: Event | None = await get()
             else:
                 try:
-                    async with asyncio.timeout_at(asyncio.get_running_loop().time()
-                                                  + max(0.0, wake - self.clock())):
+                    async with asyncio.timeout_at(
+                        asyncio.get_running_loop().time() + max(0.0, wake - self.clock())
+                    ):
                         event = await get()
                 except TimeoutError:
                     event = DeadlineFired()
@@ -505,8 +522,13 @@ class Aggregator:
         elif isinstance(ev, FederationStarted):
             self.structure = ev.structure
             weights = ev.weights
-            self._adopt(0, ev.model_id, weights, self.strategy.initial_extra(weights),
-                        self.strategy.init_state(weights))
+            self._adopt(
+                0,
+                ev.model_id,
+                weights,
+                self.strategy.initial_extra(weights),
+                self.strategy.init_state(weights),
+            )
             self._initialized.set()
             if not ev.reply.done():
                 ev.reply.set_result(None)
@@ -518,27 +540,48 @@ class Aggregator:
         now = self.clock()
         for s, known in self._polls.take_due(now):
             self._reply(s, self.delivery.answer_poll(s, known), "poll")
-        if (self._aggregating or self._batch_in_flight or not self.state.initialized
-                or (self._retry_at is not None and now < self._retry_at)):
+        if (
+            self._aggregating
+            or self._batch_in_flight
+            or not self.state.initialized
+            or (self._retry_at is not None and now < self._retry_at)
+        ):
             return
         self._retry_at = None
         active = len(self.sessions)
         n = len(self.state.contributors)
         dl = self.state.deadline()
-        if (dl is not None and now >= dl and 0 < n < self.state.min_updates
-                and self._warned_round != self.state.round):
+        if (
+            dl is not None
+            and now >= dl
+            and 0 < n < self.state.min_updates
+            and self._warned_round != self.state.round
+        ):
             self._warned_round = self.state.round
-            log.warning("round %d is past its deadline with %d update(s); strategy %s needs "
-                        "at least %d (%d agents active)", self.state.round, n,
-                        self.strategy.name, self.state.min_updates, active)
+            log.warning(
+                "round %d is past its deadline with %d update(s); strategy %s needs "
+                "at least %d (%d agents active)",
+                self.state.round,
+                n,
+                self.strategy.name,
+                self.state.min_updates,
+                active,
+            )
         if self.state.ready(now, active):
             self._aggregating = True
             assert self.global_weights is not None
-            self._scope.spawn(self._aggregate(
-                round=self.state.round, inputs=list(self.state.contributors.values()),
-                base_model_id=self.global_model_id, global_weights=self.global_weights,
-                state=self.strategy_state, version=self.state.version,
-            ), name="aggregate", daemon=True)
+            self._scope.spawn(
+                self._aggregate(
+                    round=self.state.round,
+                    inputs=list(self.state.contributors.values()),
+                    base_model_id=self.global_model_id,
+                    global_weights=self.global_weights,
+                    state=self.strategy_state,
+                    version=self.state.version,
+                ),
+                name="aggregate",
+                daemon=True,
+            )
         elif self._upload_queue:
             self._batch_in_flight = True
             self.committer.submit(plan_batch(self._upload_queue, self.state, now, active))
@@ -555,26 +598,44 @@ class Aggregator:
             session, msg = p.upload.session, p.upload.msg
             reply: Message
             if not created:
-                reply = UploadAck(upload_id=msg.upload_id,
-                                  status=str(UploadStatus.from_stored(rec.status)),
-                                  round=rec.round, message="already received")
+                reply = UploadAck(
+                    upload_id=msg.upload_id,
+                    status=str(UploadStatus.from_stored(rec.status)),
+                    round=rec.round,
+                    message="already received",
+                )
             elif p.status.counts and add_error is not None:  # e.g. a buffered rule is full
                 reply = Error(code="invalid-model", message=add_error)
             else:
                 if p.status is UploadStatus.REJECTED:
-                    log.warning("round %d: rejected the update of %s: %s", self.state.round,
-                                session.name, p.message)
-                    self._audit("update_rejected", {"upload_id": msg.upload_id,
-                                                    "model_id": rec.model_id,
-                                                    "reason": p.message}, session.agent_id)
+                    log.warning(
+                        "round %d: rejected the update of %s: %s",
+                        self.state.round,
+                        session.name,
+                        p.message,
+                    )
+                    self._audit(
+                        "update_rejected",
+                        {"upload_id": msg.upload_id, "model_id": rec.model_id, "reason": p.message},
+                        session.agent_id,
+                    )
                 elif p.status.counts:
                     self.state.contribute(session.agent_id, rec.model_id)
                     self.driver.inputs.append((msg.num_samples, msg.metrics))
-                reply = UploadAck(upload_id=msg.upload_id, status=p.status.value,
-                                  round=self.state.round, message=p.message)
-                log.info("round %d: %s from %s (%d/%d)", self.state.round, p.status.value,
-                         session.name, len(self.state.contributors),
-                         self.state.needed(len(self.sessions)))
+                reply = UploadAck(
+                    upload_id=msg.upload_id,
+                    status=p.status.value,
+                    round=self.state.round,
+                    message=p.message,
+                )
+                log.info(
+                    "round %d: %s from %s (%d/%d)",
+                    self.state.round,
+                    p.status.value,
+                    session.name,
+                    len(self.state.contributors),
+                    self.state.needed(len(self.sessions)),
+                )
             if not p.upload.reply.done():
                 p.upload.reply.set_result(reply)
 
@@ -584,8 +645,7 @@ class Aggregator:
         if self.state.version > msg.known_version or msg.wait <= 0 or self._published is None:
             self._reply(s, self.delivery.answer_poll(s, msg.known_version), "poll")
         else:
-            self._polls.add(s, msg.known_version,
-                            self.clock() + min(msg.wait, MAX_POLL_WAIT))
+            self._polls.add(s, msg.known_version, self.clock() + min(msg.wait, MAX_POLL_WAIT))
 
     def _reply(self, s: Session, coro: Any, name: str) -> None:
         """Send to ``s`` as a task of its connection (dropped if it is closing)."""
@@ -599,8 +659,7 @@ class Aggregator:
 
         async def write() -> None:
             with contextlib.suppress(StoreError):
-                await self._db(store.log_event, kind, detail, run_id=self.run_id,
-                               agent_id=agent_id)
+                await self._db(store.log_event, kind, detail, run_id=self.run_id, agent_id=agent_id)
 
         with contextlib.suppress(ScopeClosed):
             self._scope.spawn(write(), name=f"audit-{kind}")
@@ -619,19 +678,24 @@ class Aggregator:
             if isinstance(ev.error, StoreError):
                 log.error("cannot store round %d (will retry): %s", ev.round, ev.error)
             else:  # a bug must not silently stop the federation: the uploads are stored
-                log.error("aggregation of round %d failed (will retry)", ev.round,
-                          exc_info=ev.error)
+                log.error(
+                    "aggregation of round %d failed (will retry)", ev.round, exc_info=ev.error
+                )
             self._retry_at = self.clock() + 1.0
             return
         result, inputs = ev.result, len(self.state.contributors)
         seconds = ev.finished_wall - self.driver.started_wall
-        self._adopt(self.state.version + 1, ev.model_id, result.weights, result.extra,
-                    result.state)
+        self._adopt(self.state.version + 1, ev.model_id, result.weights, result.extra, result.state)
         self.rounds_completed += 1
         waiter, self._new_version = self._new_version, asyncio.Event()
         waiter.set()
-        log.info("round %d aggregated from %d update(s) in %.3f s%s", ev.round, inputs,
-                 seconds, " (final)" if self.state.finished else "")
+        log.info(
+            "round %d aggregated from %d update(s) in %.3f s%s",
+            ev.round,
+            inputs,
+            seconds,
+            " (final)" if self.state.finished else "",
+        )
         version = self.state.version
         for s, known in self._polls.take_all():
             self._reply(s, self.delivery.answer_poll(s, known), "poll")
@@ -657,14 +721,16 @@ class Aggregator:
         return self.gate.check(weights, self.global_weights, baseline)
 
     def _welcome_fields(self) -> dict[str, Any]:
-        return {"aggregator_id": self.aggregator_id, "run_id": self.run_id,
-                "delivery": self.config.delivery,
-                "heartbeat_interval": self.config.heartbeat_interval,
-                "config": self.federation_config}
+        return {
+            "aggregator_id": self.aggregator_id,
+            "run_id": self.run_id,
+            "delivery": self.config.delivery,
+            "heartbeat_interval": self.config.heartbeat_interval,
+            "config": self.federation_config,
+        }
 
     # ------------------------------------------------------------------ disconnecting
-    def disconnect_agent(self, name: str, code: str, message: str,
-                         detail: dict[str, Any]) -> bool:
+    def disconnect_agent(self, name: str, code: str, message: str, detail: dict[str, Any]) -> bool:
         """Drop the connected agent called ``name`` now: it stops counting towards rounds,
         gets a fatal ``code`` error and its connection closes (audited as ``refused`` with
         ``detail``). False if no agent of that name is connected."""
@@ -675,11 +741,14 @@ class Aggregator:
 
     async def _revoked(self, s: Session, why: str) -> None:
         """The credential watcher found ``s``'s credential revoked or replaced."""
-        self._disconnect(s, "revoked", f"the credential of agent {s.name!r} was {why}",
-                         {"name": s.name, "stage": "credential-check", "reason": why})
+        self._disconnect(
+            s,
+            "revoked",
+            f"the credential of agent {s.name!r} was {why}",
+            {"name": s.name, "stage": "credential-check", "reason": why},
+        )
 
-    def _disconnect(self, s: Session, code: str, message: str,
-                    detail: dict[str, Any]) -> None:
+    def _disconnect(self, s: Session, code: str, message: str, detail: dict[str, Any]) -> None:
         left = AgentLeft(s)
         try:
             self._events.put_nowait(left)  # no longer counts, as soon as the owner runs
@@ -696,5 +765,4 @@ class Aggregator:
 
 
 def _public_config(cfg: AggregatorConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(cfg).items()
-            if k not in ("db", "blob_dir", "enrollment_token")}
+    return {k: v for k, v in asdict(cfg).items() if k not in ("db", "blob_dir", "enrollment_token")}
