@@ -167,9 +167,13 @@ class AgentConnections:
                 extra -= lease
 
     async def _leave(self, session: Session, counted: bool) -> None:
+        """The connection ended: stop counting the agent (the owner outlives the
+        connections, also while the aggregator stops) and audit its leaving."""
         await session.scope.aclose()  # its pending replies and pushes
-        if counted and not self.agg._stopped.is_set():
-            await self.agg._post(AgentLeft(session))
+        if counted:
+            owner = self.agg._driver
+            if owner is not None and not owner.done():
+                await self.agg._post(AgentLeft(session))
             if self.agg.store is not None:
                 with contextlib.suppress(StoreError):
                     await self.agg._db(
