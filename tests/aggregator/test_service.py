@@ -210,6 +210,9 @@ async def test_federation_starts_and_a_round_completes_in_arrival_order(harness:
     for up in ups:
         await h.post(up)
     acks = [await up.reply for up in ups]
+    # persisted before acknowledged: each acknowledged upload is in the store
+    stored = {m["upload_id"] for m in h.store.models(agg.run_id, "local")}
+    assert {up.msg.upload_id for up in ups} <= stored
     assert [type(x) for x in acks] == [UploadAck, UploadAck]
     assert [x.status for x in acks if isinstance(x, UploadAck)] == ["accepted", "accepted"]
     await agg.wait_for_version(1)
