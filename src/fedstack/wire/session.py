@@ -19,7 +19,8 @@ state); each entry maps (direction, message kind) to the next state. A fatal
 ends the session. What the table does not list is illegal: received, it raises
 :class:`~fedstack.errors.RemoteProtocolError` (``code`` ``expected-participate`` for an
 aggregator's first message, else ``unexpected-message``) and the session moves to
-``FAILED``, where only a fatal error (or ``bye``) may still be sent; sent, it raises
+``FAILED``, where only a fatal error (or ``bye``) may still be sent (a CLOSED session stays
+CLOSED); sent, it raises
 :class:`~fedstack.errors.LocalProtocolError` and the state does not change.
 
 Aggregator side::
@@ -90,6 +91,7 @@ __all__ = [
     "UploadAcknowledged",
     "UploadReceived",
     "Welcomed",
+    "kind_of",
 ]
 
 Parts = list[bytes | memoryview]
@@ -319,7 +321,9 @@ class _Session:
             raise LocalProtocolError(
                 f"{self.role} may not send {kind_of(msg)} in state {self.state}"
             )
-        before, self.state = self.state, State.FAILED
+        before = self.state
+        if before is not State.CLOSED:  # CLOSED stays the end
+            self.state = State.FAILED
         if before is State.AWAITING_PARTICIPATE:
             raise RemoteProtocolError(
                 "the first message must be participate", code="expected-participate"
@@ -380,7 +384,8 @@ class _Session:
         try:
             msg = decode(data, self.limits)
         except RemoteProtocolError:
-            self.state = State.FAILED
+            if self.state is not State.CLOSED:
+                self.state = State.FAILED
             raise
         return self.receive(msg)
 
