@@ -122,7 +122,7 @@ class Harness:
         joined = asyncio.get_running_loop().create_future()
         await self.post(AgentJoined(s, joined))
         await joined
-        if self.agg._published is not None:  # as a connection does once it counts
+        if self.agg.owner.published is not None:  # as a connection does once it counts
             await self.agg.delivery.welcome(s)
         return s
 
@@ -423,7 +423,7 @@ async def _test_a_failing_owner_stops_the_aggregator_loudly(
     def boom(ev: Any) -> None:
         raise RuntimeError("owner bug (injected)")
 
-    monkeypatch.setattr(agg, "_apply", boom)
+    monkeypatch.setattr(agg.owner, "_apply", boom)
     await agg._post(DeadlineFired())
     with pytest.raises(AggregatorFailed) as err:
         await asyncio.wait_for(agg.wait_finished(), 5)

@@ -1,9 +1,13 @@
 """The aggregator: serves its cluster of agents, runs rounds, persists, distributes.
 
+:class:`Aggregator` assembles the parts, starts and stops them, and is the public face
+(``start``, ``wait_finished``, ``wait_for_version``, ``statistics``, ``stop``).
+
 One WebSocket port (or an in-process server) serves everything. Each connection runs
-:meth:`Aggregator._serve_agent`, which turns what arrives into typed events
-(:mod:`fedstack.aggregator.events`) on ONE bounded queue. One task, the round owner
-(:meth:`Aggregator._own`), applies them in order to the round state
+:meth:`AgentConnections.serve <fedstack.aggregator.connections.AgentConnections.serve>`,
+which turns what arrives into typed events (:mod:`fedstack.aggregator.events`) on ONE
+bounded queue. One task, the round owner (:class:`~fedstack.aggregator.owner.RoundOwner`),
+applies them in order to the round state
 (:class:`~fedstack.aggregator.rounds.RoundState`, the sessions that count, the published
 global model) and starts effects: a batch of uploads to store
 (:class:`~fedstack.aggregator.uploads.Committer`), a round to aggregate
@@ -25,7 +29,6 @@ round, the current round's acknowledged uploads) and carries on.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -38,27 +41,21 @@ import numpy as np
 
 from fedstack.aggregator.config import AggregatorConfig
 from fedstack.aggregator.connections import AgentConnections
-from fedstack.aggregator.delivery import Delivery, PollWaiters, Published
+from fedstack.aggregator.delivery import Delivery
 from fedstack.aggregator.driver import Evaluator, RoundDriver
 from fedstack.aggregator.events import (
-    AgentJoined,
     AgentLeft,
-    BatchCommitted,
-    DeadlineFired,
     Event,
-    FederationStarted,
-    PollReceived,
-    RoundCommitted,
-    UploadReceived,
 )
 from fedstack.aggregator.fanout import Fanout
 from fedstack.aggregator.gate import UpdateGate
 from fedstack.aggregator.operator_api import OperatorAPI
+from fedstack.aggregator.owner import RoundOwner
 from fedstack.aggregator.registry import Registry, Session, refusal_detail
-from fedstack.aggregator.rounds import RoundState, UploadStatus
+from fedstack.aggregator.rounds import RoundState
 from fedstack.aggregator.statistics import AgentStatistics, AggregatorStatistics
 from fedstack.aggregator.tasks import ScopeClosed, TaskScope
-from fedstack.aggregator.uploads import Committer, plan_batch
+from fedstack.aggregator.uploads import Committer
 from fedstack.aggregator.validation import Structure
 from fedstack.aggregator.workers import Workers
 from fedstack.errors import (
@@ -78,10 +75,7 @@ from fedstack.transport.limits import raise_nofile_limit
 from fedstack.types import Metrics, Weights
 from fedstack.wire import (
     Bye,
-    Error,
     Limits,
-    Message,
-    UploadAck,
 )
 
 __all__ = ["Aggregator", "AggregatorFailed", "Evaluator"]
@@ -90,7 +84,6 @@ T = TypeVar("T")
 
 EVENT_QUEUE_SIZE = 4096
 """Events waiting for the round owner; a full queue makes connections wait (backpressure)."""
-MAX_POLL_WAIT = 3600.0
 
 log = logging.getLogger("fedstack.aggregator")
 
@@ -140,38 +133,16 @@ class Aggregator:
         )
         """The TLS context the port serves with (None: plaintext ws://)."""
         self.gate = UpdateGate.from_config(config.gate)
-        self._baseline: tuple[int, Any] | None = None  # (version, the gate's probe outputs)
         self.rng = np.random.default_rng(config.seed)
         self.federation_config: Metrics = {**config.federation, **self.strategy.agent_config()}
         if self.strategy.trigger is not None:
             # asynchronous rules weigh stale updates themselves: agents must send them
             self.federation_config.setdefault("discard_stale", False)
         # ---- round state: changed only by the owner task (read-only for everyone else)
-        self.state = RoundState(
-            threshold=config.threshold,
-            min_agents=config.min_agents,
-            round_timeout=config.round_timeout,
-            max_rounds=config.rounds,
-            staleness_policy=config.staleness,
-            trigger=self.strategy.trigger,
-            min_updates=self.strategy.min_updates,
-        )
         self.aggregator_id = uuid.uuid4().hex
         self.run_id = ""
-        self.structure: Structure | None = None
-        self.global_weights: Weights | None = None
-        self.global_model_id = ""
-        self.global_extra: Weights = {}
-        self.strategy_state: dict[str, Any] = {}
-        self.rounds_completed = 0
-        self._published: Published | None = None
-        self._upload_queue: collections.deque[UploadReceived] = collections.deque()
-        self._batch_in_flight = False
-        self._aggregating = False
-        self._retry_at: float | None = None
-        self._warned_round = 0
-        self._polls = PollWaiters()
-        self._new_version = asyncio.Event()
+        self.owner = RoundOwner(self)
+        """The round state and the task that changes it (see :mod:`.owner`)."""
         # ---- the parts
         self.workers = Workers(inline=config.transport == "inproc")
         self._db = self.workers.db
@@ -187,7 +158,7 @@ class Aggregator:
         self.upload_budget = ByteBudget(config.upload_budget_bytes)
         """Bytes of big uploads being received or processed at once (all connections)."""
         self.delivery = Delivery(
-            self.fanout, lambda: self._published, config.send_timeout, self._welcome_fields
+            self.fanout, lambda: self.owner.published, config.send_timeout, self._welcome_fields
         )
         self.driver = RoundDriver(
             strategy=self.strategy,
@@ -205,7 +176,7 @@ class Aggregator:
             store=lambda: self.store,
             run_id=lambda: self.run_id,
             gate=self.gate,
-            gate_check=self._gate_check,
+            gate_check=self.owner.gate_check,
             accumulator=lambda: self.driver.accumulator,
             post=self._post,
         )
@@ -222,6 +193,37 @@ class Aggregator:
         self._server: asyncio.Server | None = None
         self._inproc: inproc.InProcServer | None = None
         self.port = config.port
+
+    # ------------------------------------------------------------------ round state (read-only)
+    @property
+    def state(self) -> RoundState:
+        """The round state machine (owned by :attr:`owner`: read, never write)."""
+        return self.owner.state
+
+    @property
+    def structure(self) -> Structure | None:
+        return self.owner.structure
+
+    @property
+    def global_weights(self) -> Weights | None:
+        """The latest global model (None before the federation starts)."""
+        return self.owner.global_weights
+
+    @property
+    def global_model_id(self) -> str:
+        return self.owner.global_model_id
+
+    @property
+    def global_extra(self) -> Weights:
+        return self.owner.global_extra
+
+    @property
+    def strategy_state(self) -> dict[str, Any]:
+        return self.owner.strategy_state
+
+    @property
+    def rounds_completed(self) -> int:
+        return self.owner.rounds_completed
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -240,7 +242,7 @@ class Aggregator:
         if run.version >= 0:
             await self._resume(run.structure, run.version)
         self._driver = self._scope.spawn(
-            self._own(), name="round-owner", critical=True, daemon=True
+            self.owner.run(), name="round-owner", critical=True, daemon=True
         )
         self._scope.spawn(self.committer.run(), name="committer", critical=True, daemon=True)
         self._scope.supervise(
@@ -297,8 +299,8 @@ class Aggregator:
             state, extra = self.strategy.init_state(weights), self.strategy.initial_extra(weights)
         else:
             state, extra = resume.strategy_state, resume.global_extra
-        self.structure = structure
-        self._adopt(resume.version, resume.global_model_id, weights, extra, state)
+        self.owner.structure = structure
+        self.owner.adopt(resume.version, resume.global_model_id, weights, extra, state)
         replayed = await self.driver.replay(weights, state, resume.version, resume.buffered)
         self.driver.accumulator = replayed.accumulator
         self.driver.inputs = replayed.inputs
@@ -306,18 +308,6 @@ class Aggregator:
         self._initialized.set()
         log.info(
             "resumed at version %d with %d buffered upload(s)", resume.version, len(resume.buffered)
-        )
-
-    def _adopt(
-        self, version: int, model_id: str, weights: Weights, extra: Weights, state: dict[str, Any]
-    ) -> None:
-        """Owner only: ``weights`` is global model ``version``; round ``version + 1`` starts."""
-        self.global_weights, self.global_model_id = weights, model_id
-        self.global_extra, self.strategy_state = extra, state
-        self.state.start(version, self.clock())
-        self.driver.begin(weights, state, self.state.round)
-        self._published = Published(
-            version, self.state.round, model_id, weights, extra, self.state.finished
         )
 
     async def wait_finished(self) -> None:
@@ -353,7 +343,7 @@ class Aggregator:
         while self.state.version < version:
             if self._stopped.is_set():
                 raise ConnectionClosed(1001, "aggregator stopped")
-            await self._new_version.wait()
+            await self.owner.new_version.wait()
 
     async def stop(self) -> None:
         """Stop serving: say bye to the agents, close connections, end every task, close
@@ -367,7 +357,7 @@ class Aggregator:
 
     async def _stop(self) -> None:
         self._stopped.set()
-        self._new_version.set()  # wake wait_for_version
+        self.owner.new_version.set()  # wake wait_for_version
         if self._server is not None:
             self._server.close()
         if self._inproc is not None:
@@ -382,9 +372,9 @@ class Aggregator:
         await asyncio.gather(*(bye(s) for s in list(self.sessions.values())))
         await self.connections.close(grace=2.0)  # they end by themselves; or are cancelled
         await self._scope.aclose()
-        for up in self._upload_queue:  # nobody waits for these any more
+        for up in self.owner.upload_queue:  # nobody waits for these any more
             up.reply.cancel()
-        self._upload_queue.clear()
+        self.owner.upload_queue.clear()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
@@ -459,266 +449,9 @@ class Aggregator:
             strategy=self.strategy.name,
             delivery=self.config.delivery,
             tls=self.ssl_context is not None,
-            uploads_queued=len(self._upload_queue),
+            uploads_queued=len(self.owner.upload_queue),
             agents=listed,
         )
-
-    # ------------------------------------------------------------------ the round owner
-    async def _own(self) -> None:
-        """The one task that changes round state: apply events in order, then act."""
-        get = self._events.get
-        while True:
-            wake = self._next_wakeup()
-            if wake is None:
-                event: Event | None = await get()
-            else:
-                try:
-                    async with asyncio.timeout_at(
-                        asyncio.get_running_loop().time() + max(0.0, wake - self.clock())
-                    ):
-                        event = await get()
-                except TimeoutError:
-                    event = DeadlineFired()
-            while event is not None:
-                self._apply(event)
-                try:
-                    event = self._events.get_nowait()
-                except asyncio.QueueEmpty:
-                    event = None
-            self._act()
-
-    def _next_wakeup(self) -> float | None:
-        """The next clock time the owner must act without an event (or None)."""
-        times = [t for t in (self._retry_at, self._polls.next_expiry()) if t is not None]
-        deadline = self.state.deadline()
-        if deadline is not None and deadline > self.clock():  # once past, events decide
-            times.append(deadline)
-        return min(times) if times else None
-
-    def _apply(self, ev: Event) -> None:
-        if isinstance(ev, UploadReceived):
-            self._upload_queue.append(ev)
-        elif isinstance(ev, BatchCommitted):
-            self._counted(ev)
-        elif isinstance(ev, PollReceived):
-            self._poll(ev)
-        elif isinstance(ev, AgentJoined):
-            old = self.registry.add(ev.session)
-            if old is not None:
-                log.info("agent %s reconnected; dropping its previous connection", old.name)
-                self._polls.remove(old)
-                old.conn.abort()
-            log.info("agent %s joined (%d active)", ev.session.name, len(self.sessions))
-            if not ev.reply.done():
-                ev.reply.set_result(None)
-        elif isinstance(ev, AgentLeft):
-            self._polls.remove(ev.session)
-            if self.registry.remove(ev.session):
-                log.info("agent %s left (%d active)", ev.session.name, len(self.sessions))
-        elif isinstance(ev, RoundCommitted):
-            self._round_done(ev)
-        elif isinstance(ev, DeadlineFired):
-            pass  # _act looks at the clock after every batch of events
-        elif isinstance(ev, FederationStarted):
-            self.structure = ev.structure
-            weights = ev.weights
-            self._adopt(
-                0,
-                ev.model_id,
-                weights,
-                self.strategy.initial_extra(weights),
-                self.strategy.init_state(weights),
-            )
-            self._initialized.set()
-            if not ev.reply.done():
-                ev.reply.set_result(None)
-        else:  # pragma: no cover - the union is closed
-            raise TypeError(f"unknown event {ev!r}")
-
-    def _act(self) -> None:
-        """After events: answer expired polls, then aggregate or store the next batch."""
-        now = self.clock()
-        for s, known in self._polls.take_due(now):
-            self._reply(s, self.delivery.answer_poll(s, known), "poll")
-        if (
-            self._aggregating
-            or self._batch_in_flight
-            or not self.state.initialized
-            or (self._retry_at is not None and now < self._retry_at)
-        ):
-            return
-        self._retry_at = None
-        active = len(self.sessions)
-        n = len(self.state.contributors)
-        dl = self.state.deadline()
-        if (
-            dl is not None
-            and now >= dl
-            and 0 < n < self.state.min_updates
-            and self._warned_round != self.state.round
-        ):
-            self._warned_round = self.state.round
-            log.warning(
-                "round %d is past its deadline with %d update(s); strategy %s needs "
-                "at least %d (%d agents active)",
-                self.state.round,
-                n,
-                self.strategy.name,
-                self.state.min_updates,
-                active,
-            )
-        if self.state.ready(now, active):
-            self._aggregating = True
-            assert self.global_weights is not None
-            self._scope.spawn(
-                self._aggregate(
-                    round=self.state.round,
-                    inputs=list(self.state.contributors.values()),
-                    base_model_id=self.global_model_id,
-                    global_weights=self.global_weights,
-                    state=self.strategy_state,
-                    version=self.state.version,
-                ),
-                name="aggregate",
-                daemon=True,
-            )
-        elif self._upload_queue:
-            self._batch_in_flight = True
-            self.committer.submit(plan_batch(self._upload_queue, self.state, now, active))
-
-    def _counted(self, ev: BatchCommitted) -> None:
-        """A batch is stored: count what it stored and answer, in arrival order."""
-        self._batch_in_flight = False
-        if ev.error is not None:  # e.g. the store is unavailable: no acks
-            for p in ev.batch:
-                if not p.upload.reply.done():
-                    p.upload.reply.set_exception(ev.error)
-            return
-        for p, (rec, created, add_error) in zip(ev.batch, ev.results, strict=True):
-            session, msg = p.upload.session, p.upload.msg
-            reply: Message
-            if not created:
-                reply = UploadAck(
-                    upload_id=msg.upload_id,
-                    status=str(UploadStatus.from_stored(rec.status)),
-                    round=rec.round,
-                    message="already received",
-                )
-            elif p.status.counts and add_error is not None:  # e.g. a buffered rule is full
-                reply = Error(code="invalid-model", message=add_error)
-            else:
-                if p.status is UploadStatus.REJECTED:
-                    log.warning(
-                        "round %d: rejected the update of %s: %s",
-                        self.state.round,
-                        session.name,
-                        p.message,
-                    )
-                    self._audit(
-                        "update_rejected",
-                        {"upload_id": msg.upload_id, "model_id": rec.model_id, "reason": p.message},
-                        session.agent_id,
-                    )
-                elif p.status.counts:
-                    self.state.contribute(session.agent_id, rec.model_id)
-                    self.driver.inputs.append((msg.num_samples, msg.metrics))
-                reply = UploadAck(
-                    upload_id=msg.upload_id,
-                    status=p.status.value,
-                    round=self.state.round,
-                    message=p.message,
-                )
-                log.info(
-                    "round %d: %s from %s (%d/%d)",
-                    self.state.round,
-                    p.status.value,
-                    session.name,
-                    len(self.state.contributors),
-                    self.state.needed(len(self.sessions)),
-                )
-            if not p.upload.reply.done():
-                p.upload.reply.set_result(reply)
-
-    def _poll(self, ev: PollReceived) -> None:
-        s, msg = ev.session, ev.msg
-        self._polls.remove(s)  # a new poll replaces the one waiting
-        if self.state.version > msg.known_version or msg.wait <= 0 or self._published is None:
-            self._reply(s, self.delivery.answer_poll(s, msg.known_version), "poll")
-        else:
-            self._polls.add(s, msg.known_version, self.clock() + min(msg.wait, MAX_POLL_WAIT))
-
-    def _reply(self, s: Session, coro: Any, name: str) -> None:
-        """Send to ``s`` as a task of its connection (dropped if it is closing)."""
-        with contextlib.suppress(ScopeClosed):
-            s.scope.spawn(coro, name=name)
-
-    def _audit(self, kind: str, detail: dict[str, Any], agent_id: str | None) -> None:
-        """Write an audit event in the background (a store error is logged)."""
-        store = self.store
-        assert store is not None
-
-        async def write() -> None:
-            with contextlib.suppress(StoreError):
-                await self._db(store.log_event, kind, detail, run_id=self.run_id, agent_id=agent_id)
-
-        with contextlib.suppress(ScopeClosed):
-            self._scope.spawn(write(), name=f"audit-{kind}")
-
-    async def _aggregate(self, **round_input: Any) -> None:
-        """Effect: aggregate the round in progress, report a RoundCommitted."""
-        await self._post(await self.driver.aggregate(**round_input))
-
-    def _round_done(self, ev: RoundCommitted) -> None:
-        self._aggregating = False
-        if ev.error is not None or ev.result is None:
-            if ev.rebuilt is not None:
-                self.driver.accumulator = ev.rebuilt.accumulator
-                self.driver.inputs = ev.rebuilt.inputs
-                self.state.contributors = ev.rebuilt.contributors
-            if isinstance(ev.error, StoreError):
-                log.error("cannot store round %d (will retry): %s", ev.round, ev.error)
-            else:  # a bug must not silently stop the federation: the uploads are stored
-                log.error(
-                    "aggregation of round %d failed (will retry)", ev.round, exc_info=ev.error
-                )
-            self._retry_at = self.clock() + 1.0
-            return
-        result, inputs = ev.result, len(self.state.contributors)
-        seconds = ev.finished_wall - self.driver.started_wall
-        self._adopt(self.state.version + 1, ev.model_id, result.weights, result.extra, result.state)
-        self.rounds_completed += 1
-        waiter, self._new_version = self._new_version, asyncio.Event()
-        waiter.set()
-        log.info(
-            "round %d aggregated from %d update(s) in %.3f s%s",
-            ev.round,
-            inputs,
-            seconds,
-            " (final)" if self.state.finished else "",
-        )
-        version = self.state.version
-        for s, known in self._polls.take_all():
-            self._reply(s, self.delivery.answer_poll(s, known), "poll")
-        if self.config.delivery == "push":
-            for s in self.sessions.values():
-                if s.welcomed and s.known_version < version:
-                    self._reply(s, self.delivery.push(s, version), "push")
-        if self.evaluator is not None:
-            self._scope.spawn(self.driver.evaluate(ev.round, result.weights), name="evaluate")
-        now = time.monotonic()
-        if self.driver.checkpoint_due(self.state.finished, now):
-            self._scope.spawn(self.driver.checkpoint(now), name="checkpoint")
-        if self.state.finished:
-            self._finished.set()
-
-    def _gate_check(self, weights: Weights) -> Any:
-        assert self.gate is not None and self.global_weights is not None
-        baseline = None
-        if self.gate.max_deviation is not None:
-            if self._baseline is None or self._baseline[0] != self.state.version:
-                self._baseline = (self.state.version, self.gate.baseline(self.global_weights))
-            baseline = self._baseline[1]
-        return self.gate.check(weights, self.global_weights, baseline)
 
     def _welcome_fields(self) -> dict[str, Any]:
         return {
