@@ -36,6 +36,7 @@ Db = Callable[..., Awaitable[Any]]
 aggregator gives the registry its own thread, so that a flood of registrations never
 queues in front of the uploads)."""
 
+
 @dataclass(eq=False)
 class Session:
     """One registered agent's connection. Fields other than ``known_version``,
@@ -70,8 +71,9 @@ class Session:
         if self.protocol is not None and self.protocol.state is State.CLOSED:
             raise ConnectionClosed(1001, "the session is over")
 
-    def write_parts(self, parts: list[bytes | memoryview],
-                    kind: type[Message] = GlobalModel) -> None:
+    def write_parts(
+        self, parts: list[bytes | memoryview], kind: type[Message] = GlobalModel
+    ) -> None:
         """Queue an already encoded ``kind`` message (e.g. the shared global model).
 
         Raises:
