@@ -89,7 +89,7 @@ def test_queued_uploads_are_stored_together_and_counted_as_one_by_one(tmp_path: 
         for i, a in enumerate(agents[1:], start=1):
             a.send_trained_model({"w": gms[i]["w"] + 1 + i}, 1)
         deadline = time.monotonic() + 20
-        while len(agg._upload_queue) < 5:  # all five queued behind the held batch
+        while agg.statistics().uploads_queued < 5:  # all five queued behind the held batch
             assert time.monotonic() < deadline, "uploads did not queue"
             time.sleep(0.005)
         store.release.set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedstack.aggregator.rounds import RoundState, Verdict
+from fedstack.aggregator.rounds import RoundState, UploadStatus
 
 
 def state(threshold: float = 1.0, min_agents: int = 1, timeout: float | None = None,
@@ -110,31 +110,31 @@ def test_no_timeout_means_no_deadline() -> None:
 def test_classify_current_duplicate_and_stale() -> None:
     st = state(version=3, policy="next")
     assert st.round == 4
-    assert st.classify("a", 3) is Verdict.CURRENT
-    assert st.classify("a", 4) is Verdict.CURRENT  # from the future: not stale
-    assert st.classify("a", 2) is Verdict.NEXT
-    assert st.classify("a", -1) is Verdict.NEXT
+    assert st.classify("a", 3) is UploadStatus.CURRENT
+    assert st.classify("a", 4) is UploadStatus.CURRENT  # from the future: not stale
+    assert st.classify("a", 2) is UploadStatus.NEXT
+    assert st.classify("a", -1) is UploadStatus.NEXT
     st.contribute("a", "m1")
-    assert st.classify("a", 3) is Verdict.DUPLICATE
-    assert st.classify("a", 0) is Verdict.DUPLICATE
-    assert st.classify("b", 3) is Verdict.CURRENT
+    assert st.classify("a", 3) is UploadStatus.DUPLICATE
+    assert st.classify("a", 0) is UploadStatus.DUPLICATE
+    assert st.classify("b", 3) is UploadStatus.CURRENT
 
 
 def test_classify_stale_with_drop_policy() -> None:
     st = state(version=3, policy="drop")
-    assert st.classify("a", 2) is Verdict.DROP
-    assert st.classify("a", 3) is Verdict.CURRENT
+    assert st.classify("a", 2) is UploadStatus.DROP
+    assert st.classify("a", 3) is UploadStatus.CURRENT
 
 
 def test_classify_finished_after_max_rounds() -> None:
     st = state(version=1, max_rounds=2)
     assert not st.finished
-    assert st.classify("a", 1) is Verdict.CURRENT
+    assert st.classify("a", 1) is UploadStatus.CURRENT
     st.contribute("a", "m")
     st.advance(200.0)
     assert st.version == 2 and st.finished
-    assert st.classify("a", 2) is Verdict.FINISHED
-    assert st.classify("b", 0) is Verdict.FINISHED
+    assert st.classify("a", 2) is UploadStatus.FINISHED
+    assert st.classify("b", 0) is UploadStatus.FINISHED
     st.contribute("b", "m2")
     assert not st.ready(1e9, 1)  # nothing more is aggregated
     assert st.deadline() is None
@@ -143,7 +143,7 @@ def test_classify_finished_after_max_rounds() -> None:
 def test_never_finished_without_max_rounds() -> None:
     st = state(version=10**6, max_rounds=None)
     assert not st.finished
-    assert st.classify("a", 10**6) is Verdict.CURRENT
+    assert st.classify("a", 10**6) is UploadStatus.CURRENT
 
 
 def test_advance_increments_version_and_clears_contributors() -> None:
@@ -156,13 +156,28 @@ def test_advance_increments_version_and_clears_contributors() -> None:
     assert st.contributors == {}
     assert st.deadline() == 25.0
     assert not st.ready(21.0, 4)
-    assert st.classify("a", 0) is Verdict.NEXT  # was current a round ago
-    assert st.classify("a", 1) is Verdict.CURRENT  # no longer a duplicate
+    assert st.classify("a", 0) is UploadStatus.NEXT  # was current a round ago
+    assert st.classify("a", 1) is UploadStatus.CURRENT  # no longer a duplicate
 
 
 def test_verdict_wire_values() -> None:
-    assert {v.value for v in Verdict} == {"accepted", "accepted-late", "stale-dropped",
-                                          "duplicate", "finished"}
+    # the ack statuses agents read; "rejected" (the update gate's) was a fourth string
+    # vocabulary before and is now a member of the one enum
+    assert {v.value for v in UploadStatus} == {"accepted", "accepted-late", "stale-dropped",
+                                               "duplicate", "finished", "rejected"}
+
+
+def test_upload_status_round_trips_through_the_stored_status() -> None:
+    stored = {v: v.stored for v in UploadStatus}
+    assert stored == {UploadStatus.CURRENT: "buffered", UploadStatus.NEXT: "buffered",
+                      UploadStatus.DROP: "stale", UploadStatus.DUPLICATE: "duplicate",
+                      UploadStatus.FINISHED: "late", UploadStatus.REJECTED: "rejected"}
+    for v in UploadStatus:
+        back = UploadStatus.from_stored(v.stored)
+        assert back is (UploadStatus.CURRENT if v is UploadStatus.NEXT else v)
+    assert UploadStatus.from_stored("aggregated") is UploadStatus.CURRENT
+    assert UploadStatus.from_stored("something-new") == "something-new"
+    assert [v for v in UploadStatus if v.counts] == [UploadStatus.CURRENT, UploadStatus.NEXT]
 
 
 def test_strategy_min_updates_hold_the_round() -> None:

@@ -15,6 +15,9 @@ for agents: 401 without a valid token, 403 with an agent's or a revoked one. Req
 no body (411/413). Every call but ``/healthz`` -- accepted or refused -- is written to the
 store's audit trail as an ``operator_api`` event (operator, credential fingerprint, address,
 method, path, status, outcome); requests the transport cannot parse (400/431) are not.
+Refused calls are rate-limited per source host: beyond a burst per interval they are
+counted and written as one event with a ``count`` (see
+:meth:`~fedstack.aggregator.service.Aggregator.audit_refusal`).
 """
 
 from __future__ import annotations
@@ -22,14 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedstack.errors import StoreError
 from fedstack.store import CredentialRefused
-from fedstack.store.repository import Operator, fingerprint
+from fedstack.store.repository import Operator
 from fedstack.transport.http import (
     HttpError,
     HttpRequest,
@@ -161,29 +163,25 @@ class OperatorAPI:
                       segments: list[str]) -> _Outcome:
         from fedstack import __version__
 
-        agg = self.agg
-        stats = agg.statistics()
+        stats = self.agg.statistics()
         return _Outcome(json_response(200, {
-            "run_id": agg.run_id, "aggregator_id": agg.aggregator_id,
-            "round": stats["round"], "version": stats["version"],
-            "finished": stats["finished"], "strategy": agg.strategy.name,
-            "active_agents": stats["active_agents"], "contributors": stats["contributors"],
-            "needed": stats["needed"], "rounds_completed": agg.rounds_completed,
-            "delivery": agg.config.delivery, "tls": agg.ssl_context is not None,
+            "run_id": stats.run_id, "aggregator_id": stats.aggregator_id,
+            "round": stats.round, "version": stats.version,
+            "finished": stats.finished, "strategy": stats.strategy,
+            "active_agents": stats.active_agents, "contributors": stats.contributors,
+            "needed": stats.needed, "rounds_completed": stats.rounds_completed,
+            "delivery": stats.delivery, "tls": stats.tls,
             "fedstack_version": __version__,
         }))
 
     async def _agents(self, req: HttpRequest, operator: Operator,
                       segments: list[str]) -> _Outcome:
-        now_wall, now_mono = time.time(), time.monotonic()
         agents = [{
-            "name": s.name, "agent_id": s.agent_id, "address": s.address,
-            "last_seen": now_wall - (now_mono - s.last_seen),
-            "idle_seconds": round(now_mono - s.last_seen, 3),
-            "known_version": s.known_version, "welcomed": s.welcomed,
-            "credential_source": s.source, "credential": fingerprint(s.credential),
-        } for s in list(self.agg.sessions.values())]
-        agents.sort(key=lambda a: str(a["name"]))
+            "name": a.name, "agent_id": a.agent_id, "address": a.address,
+            "last_seen": a.last_seen, "idle_seconds": a.idle_seconds,
+            "known_version": a.known_version, "welcomed": a.welcomed,
+            "credential_source": a.credential_source, "credential": a.credential,
+        } for a in self.agg.statistics(agents=True).agents]
         return _Outcome(json_response(200, {"count": len(agents), "agents": agents}))
 
     async def _rounds(self, req: HttpRequest, operator: Operator,
@@ -260,7 +258,11 @@ class OperatorAPI:
         if store is None:
             return
         with contextlib.suppress(StoreError):
-            await asyncio.to_thread(store.log_event, AUDIT_KIND, event, run_id=self.agg.run_id)
+            if status >= 400:  # refusals: rate-limited per source, a flood is counted
+                await self.agg.audit_refusal(AUDIT_KIND, event, address=req.remote_address)
+            else:
+                await asyncio.to_thread(store.log_event, AUDIT_KIND, event,
+                                        run_id=self.agg.run_id)
 
 
 def _healthz(req: HttpRequest) -> HttpResponse:

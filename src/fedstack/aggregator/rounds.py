@@ -1,5 +1,8 @@
 """The round state machine, pure: no I/O, no clock (``now`` is an argument).
 
+``now`` is a monotonic time (the aggregator's clock, ``time.monotonic`` unless a test
+injects another); stored timestamps are wall-clock and never pass through here.
+
 Version ``v`` is the global model after ``v`` completed rounds (0 = the initial model);
 round ``v + 1`` is in progress and collects updates. An upload says which version it was
 trained from (``base_version``); its staleness is ``version - base_version``.
@@ -12,12 +15,61 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 
-class Verdict(StrEnum):
+class UploadStatus(StrEnum):
+    """What became of an upload, from the round's verdict to the store to the agent's ack.
+
+    The value is what the agent reads in its ``upload_ack``; :attr:`stored` is the status
+    column of the stored local model (the store later marks ``buffered`` ones
+    ``aggregated``); :meth:`from_stored` maps a stored status back (a re-sent upload is
+    acknowledged with what happened to the first one).
+    """
+
     CURRENT = "accepted"  # counts for the round in progress
     NEXT = "accepted-late"  # stale, accepted into the round in progress (policy "next")
     DROP = "stale-dropped"  # stale, stored but not aggregated (policy "drop")
     DUPLICATE = "duplicate"  # this agent already contributed to the round in progress
     FINISHED = "finished"  # the federation is over
+    REJECTED = "rejected"  # stored, but refused by the update gate
+
+    @property
+    def counts(self) -> bool:
+        """True if the upload counts for the round in progress."""
+        return self in (UploadStatus.CURRENT, UploadStatus.NEXT)
+
+    @property
+    def stored(self) -> str:
+        """The status the store records for an upload with this outcome."""
+        return _STORED[self]
+
+    @property
+    def explanation(self) -> str:
+        """The ack's human-readable message ('' for a plain acceptance)."""
+        return _EXPLAIN[self]
+
+    @classmethod
+    def from_stored(cls, stored: str) -> UploadStatus | str:
+        """The outcome of an upload the store recorded as ``stored`` (unknown: as is)."""
+        return _FROM_STORED.get(stored, stored)
+
+
+_STORED = {
+    UploadStatus.CURRENT: "buffered", UploadStatus.NEXT: "buffered",
+    UploadStatus.DROP: "stale", UploadStatus.DUPLICATE: "duplicate",
+    UploadStatus.FINISHED: "late", UploadStatus.REJECTED: "rejected",
+}
+_FROM_STORED = {
+    "buffered": UploadStatus.CURRENT, "aggregated": UploadStatus.CURRENT,
+    "stale": UploadStatus.DROP, "duplicate": UploadStatus.DUPLICATE,
+    "late": UploadStatus.FINISHED, "rejected": UploadStatus.REJECTED,
+}
+_EXPLAIN = {
+    UploadStatus.CURRENT: "",
+    UploadStatus.NEXT: "trained on an older global model; accepted into the current round",
+    UploadStatus.DROP: "trained on an older global model; stored but not aggregated",
+    UploadStatus.DUPLICATE: "this agent already contributed to the current round",
+    UploadStatus.FINISHED: "the federation is finished",
+    UploadStatus.REJECTED: "refused by the update gate",
+}
 
 
 @dataclass
@@ -53,15 +105,15 @@ class RoundState:
         return max(self.min_agents, math.ceil(self.threshold * active - 1e-9), 1,
                    self.min_updates)
 
-    def classify(self, agent_id: str, base_version: int) -> Verdict:
+    def classify(self, agent_id: str, base_version: int) -> UploadStatus:
         """What to do with an upload from ``agent_id`` trained on ``base_version``."""
         if self.finished:
-            return Verdict.FINISHED
+            return UploadStatus.FINISHED
         if agent_id in self.contributors:
-            return Verdict.DUPLICATE
+            return UploadStatus.DUPLICATE
         if base_version >= self.version:
-            return Verdict.CURRENT
-        return Verdict.NEXT if self.staleness_policy == "next" else Verdict.DROP
+            return UploadStatus.CURRENT
+        return UploadStatus.NEXT if self.staleness_policy == "next" else UploadStatus.DROP
 
     def contribute(self, agent_id: str, model_id: str) -> None:
         self.contributors[agent_id] = model_id

@@ -269,7 +269,7 @@ class _Simulation:
             last = history[-1]["metrics"] if history else {}
             return SimResult(
                 run_id=agg.run_id, run_name=self.run_name, db=str(self.db),
-                rounds=agg.state.version, wall_seconds=wall, round_seconds=round_seconds,
+                rounds=agg.statistics().version, wall_seconds=wall, round_seconds=round_seconds,
                 history=history, final_weights=final, final_metrics=dict(last or {}),
                 agents_trained=len(self.trained), fits=self.fits,
                 backend=self.backend.name, transport=self.transport, setup_seconds=setup,
@@ -285,21 +285,35 @@ class _Simulation:
 
     async def _wait_version(self, agg: Aggregator, version: int,
                             tasks: Sequence[asyncio.Future[Any]] = ()) -> None:
+        """Return when the aggregator published ``version``; SimError if an agent or the
+        run failed first, or the round took longer than the round timeout."""
         deadline = time.monotonic() + self.round_timeout
-        while agg.state.version < version:
-            if isinstance(self.failure, SimError):
-                raise self.failure
-            if self.failure is not None:
-                raise SimError(f"simulation failed: {self.failure!r}") from self.failure
-            for t in tasks:
-                if t.done() and t.exception() is not None:
-                    exc = t.exception()
-                    raise SimError(f"a virtual agent failed: {exc!r}") from exc
-            if time.monotonic() > deadline:
-                raise SimError(
-                    f"round {version} did not complete within {self.round_timeout} s "
-                    f"({len(agg.state.contributors)}/{self.k} updates)")
-            await asyncio.sleep(0.002)
+        waiter = asyncio.ensure_future(agg.wait_for_version(version))
+        try:
+            while not waiter.done():
+                if isinstance(self.failure, SimError):
+                    raise self.failure
+                if self.failure is not None:
+                    raise SimError(f"simulation failed: {self.failure!r}") from self.failure
+                for t in tasks:
+                    if t.done() and t.exception() is not None:
+                        exc = t.exception()
+                        raise SimError(f"a virtual agent failed: {exc!r}") from exc
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SimError(
+                        f"round {version} did not complete within {self.round_timeout} s "
+                        f"({agg.statistics().contributors}/{self.k} updates)")
+                # woken by the new version or an agent task ending; failures set from
+                # callbacks are noticed within 50 ms
+                await asyncio.wait([waiter, *(t for t in tasks if not t.done())],
+                                   timeout=min(left, 0.05),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            if waiter.exception() is not None:
+                raise SimError(f"round {version}: the aggregator stopped") \
+                    from waiter.exception()
+        finally:
+            waiter.cancel()
 
     async def _run_sampled(self, agg: Aggregator) -> list[float]:
         seconds: list[float] = []
@@ -431,4 +445,4 @@ class _Simulation:
         if self._bar is not None:
             self._bar.advance(seconds)
         elif callable(self._progress):
-            self._progress(rnd, seconds, {"version": agg.state.version})
+            self._progress(rnd, seconds, {"version": agg.statistics().version})

@@ -1,0 +1,269 @@
+"""Agent connections: bytes in, events to the round owner out.
+
+:meth:`AgentConnections.serve` runs once per connection (the transport calls it): it
+reads the agent's messages through the connection's protocol session
+(:class:`~fedstack.wire.session.AggregatorSession`, which decides what is legal when),
+registers the agent (:class:`~fedstack.aggregator.registry.Registry`), validates uploads
+(:func:`~fedstack.aggregator.uploads.check_upload`), and hands everything that concerns
+round state to the owner as an event, waiting for its answer where there is one. It never
+changes round state itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedstack.aggregator.audit import THROTTLE_DELAY
+from fedstack.aggregator.events import (
+    AgentJoined,
+    AgentLeft,
+    FederationStarted,
+    PollReceived,
+    UploadReceived,
+)
+from fedstack.aggregator.registry import Session
+from fedstack.aggregator.uploads import check_upload, upload_id_problem
+from fedstack.aggregator.validation import validate_model
+from fedstack.errors import ConnectionClosed, InvalidUpdate, RemoteProtocolError, StoreError
+from fedstack.transport import Connection
+from fedstack.wire import Error, ModelUpload, Participate, Segments
+from fedstack.wire import session as protocol
+from fedstack.wire.tensors import structure as structure_of
+
+if TYPE_CHECKING:
+    from fedstack.aggregator.service import Aggregator
+
+log = logging.getLogger("fedstack.aggregator")
+
+
+class AgentConnections:
+    """The connections of one aggregator's agents.
+
+    Args:
+        aggregator: whose round owner the events go to.
+    """
+
+    def __init__(self, aggregator: Aggregator) -> None:
+        self.agg = aggregator
+        self.tasks: set[asyncio.Task[Any]] = set()
+        """The running :meth:`serve` tasks (the aggregator cancels them on stop)."""
+        self._init_lock = asyncio.Lock()
+
+    async def close(self, grace: float) -> None:
+        """Wait up to ``grace`` s for the connections to end, then cancel and await the
+        rest."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=grace)
+        while self.tasks:
+            left = list(self.tasks)
+            for t in left:
+                t.cancel()
+            await asyncio.wait(left)
+            self.tasks.difference_update(left)
+
+    async def serve(self, conn: Connection) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        cfg = self.agg.config
+        session: Session | None = None
+        counted = False
+        try:
+            proto = protocol.AggregatorSession(self.agg.limits)
+            if self.agg.registry.audit.over_budget("refused", conn.remote_address):
+                # a host refused again and again: slow it down before any work for it
+                await asyncio.sleep(min(THROTTLE_DELAY, cfg.register_timeout / 2))
+            raw = await asyncio.wait_for(conn.recv(), cfg.register_timeout)
+            hello = proto.receive_bytes(raw)  # the first message must be participate
+            assert isinstance(hello, protocol.ParticipateReceived)
+            first = hello.message
+            session = await self.agg.registry.authenticate(conn, first)
+            if session is None:
+                return
+            session.protocol = proto
+            if not self.agg._initialized.is_set():
+                if first.model is not None:
+                    await self._initialize(session, first)
+                if not self.agg._initialized.is_set():
+                    log.info("agent %s waits: the federation has no model yet", session.name)
+                    await self.agg._initialized.wait()
+            del raw, first, hello  # free the initial model's buffer (the store has it)
+            joined = asyncio.get_running_loop().create_future()
+            await self.agg._post(AgentJoined(session, joined))
+            counted = True
+            await joined
+            await self.agg.delivery.welcome(session)
+            assert self.agg.store is not None
+            await self.agg._db(
+                self.agg.store.log_event,
+                "joined",
+                {"name": session.name, "address": session.address},
+                run_id=self.agg.run_id,
+                agent_id=session.agent_id,
+            )
+            await self._receive(session)
+        except RemoteProtocolError as exc:
+            who = session.name if session else conn.remote_address
+            log.warning("protocol error from %s: %s", who, exc)
+            await self.agg.registry.refuse(conn, exc.code, str(exc), session)
+        except TimeoutError:
+            who = session.name if session else conn.remote_address
+            log.warning("%s went silent; closing its connection", who)
+        except ConnectionClosed:
+            pass
+        except Exception as exc:  # a bug: keep serving everyone else, tell this agent
+            log.exception(
+                "internal error while serving %s", session.name if session else conn.remote_address
+            )
+            await self.agg.registry.refuse(
+                conn, "internal-error", f"aggregator error: {exc!r}"[:500], session
+            )
+        finally:
+            try:
+                if session is not None:
+                    await self._leave(session, counted)
+            finally:
+                self.tasks.discard(task)
+
+    async def _receive(self, session: Session) -> None:
+        """The agent's messages, until it says bye (raises when the connection fails or
+        the agent breaks the protocol: its session decides what is legal when)."""
+        cfg, conn, proto = self.agg.config, session.conn, session.protocol
+        assert proto is not None
+        lease = 3 * cfg.heartbeat_interval
+        while True:
+            raw = await self._recv_leased(conn, lease)
+            session.last_seen = time.monotonic()
+            ev = proto.receive_bytes(raw)
+            if isinstance(ev, protocol.UploadReceived):
+                await self._on_upload(session, ev.message)
+            elif isinstance(ev, protocol.PollReceived):
+                await self.agg._post(PollReceived(session, ev.message))
+            elif isinstance(ev, protocol.HeartbeatReceived):
+                if ev.reply is not None:
+                    await session.send(ev.reply, cfg.send_timeout)
+            elif isinstance(ev, protocol.Left):
+                return
+            del raw, ev  # an upload's buffer is freed now, not at the next message
+
+    async def _recv_leased(self, conn: Connection, lease: float) -> memoryview | Segments:
+        """The next message; TimeoutError after ``lease`` s of silence. A connection in the
+        middle of a big message (arriving, or held back by the upload budget) is not
+        silent: it gets up to ``10 x send_timeout`` more."""
+        extra = 10 * self.agg.config.send_timeout
+        while True:
+            try:
+                async with asyncio.timeout(lease):
+                    return await conn.recv()
+            except TimeoutError:
+                if not getattr(conn, "in_message", False) or extra <= 0:
+                    raise
+                extra -= lease
+
+    async def _leave(self, session: Session, counted: bool) -> None:
+        """The connection ended: stop counting the agent (the owner outlives the
+        connections, also while the aggregator stops) and audit its leaving."""
+        await session.scope.aclose()  # its pending replies and pushes
+        if counted:
+            owner = self.agg._driver
+            if owner is not None and not owner.done():
+                await self.agg._post(AgentLeft(session))
+            if self.agg.store is not None:
+                with contextlib.suppress(StoreError):
+                    await self.agg._db(
+                        self.agg.store.log_event,
+                        "left",
+                        {"name": session.name},
+                        run_id=self.agg.run_id,
+                        agent_id=session.agent_id,
+                    )
+        with contextlib.suppress(Exception):
+            await session.conn.close(timeout=1.0)
+
+    async def _initialize(self, session: Session, msg: Participate) -> None:
+        """The first model fixes names, shapes and dtypes; its weights or zeros start."""
+        assert self.agg.store is not None and msg.model is not None
+        async with self._init_lock:
+            if self.agg._initialized.is_set():
+                return
+            try:
+                validate_model(msg.model, None, agent_id=session.agent_id)
+            except InvalidUpdate as exc:
+                raise RemoteProtocolError(
+                    f"initial model refused: {exc}", code="invalid-model"
+                ) from None
+            use_weights = self.agg.config.init_weights
+            if use_weights is None:
+                use_weights = True if msg.init_weights is None else msg.init_weights
+            initial = {k: np.array(v) for k, v in msg.model.items()}
+            glob = initial if use_weights else {k: np.zeros_like(v) for k, v in initial.items()}
+            structure = structure_of(initial)
+            gid = await self.agg._db(
+                self.agg.store.init_federation,
+                self.agg.run_id,
+                agent_id=session.agent_id,
+                structure=structure,
+                init_weights=use_weights,
+                initial=initial,
+                global_weights=glob,
+                num_samples=max(msg.num_samples, 0),
+                metrics=msg.metrics,
+                aggregator_id=self.agg.aggregator_id,
+            )
+            started = asyncio.get_running_loop().create_future()
+            await self.agg._post(FederationStarted(structure, glob, gid, started))
+            await started
+            log.info(
+                "model structure fixed by %s: %s (init from %s)",
+                session.name,
+                ", ".join(f"{n}{list(s)}:{d}" for n, d, s in structure),
+                "its weights" if use_weights else "zeros",
+            )
+
+    async def _on_upload(self, session: Session, msg: ModelUpload) -> None:
+        """Validate, write the blob, queue for the owner, and send its answer."""
+        assert self.agg.store is not None and self.agg.global_weights is not None
+        cfg = self.agg.config
+        try:
+            check_upload(
+                msg,
+                agent_id=session.agent_id,
+                version=self.agg.state.version,
+                round=self.agg.state.round,
+                structure=self.agg.structure,
+                global_weights=self.agg.global_weights,
+                strategy=self.agg.strategy,
+                max_num_samples=cfg.max_num_samples,
+            )
+            problem, code = upload_id_problem(msg.upload_id), "bad-field"
+        except InvalidUpdate as exc:
+            log.warning("refused upload from %s: %s", session.name, exc)
+            problem, code = str(exc), "invalid-model"
+        if problem is not None:
+            await self.agg._db(
+                self.agg.store.log_event,
+                "upload_refused",
+                {"upload_id": msg.upload_id[:64], "reason": problem[:500]},
+                run_id=self.agg.run_id,
+                agent_id=session.agent_id,
+            )
+            await session.send(Error(code=code, message=problem), cfg.send_timeout)
+            return
+        # The blob first: content-addressed and idempotent (a re-sent upload costs a hash
+        # and a stat). Then the owner plans it into a batch, the committer stores the
+        # record (idempotent by upload_id) and counts it: persisted before counted,
+        # counted before acknowledged.
+        blob = (
+            None
+            if self.agg.store.will_inline(msg.model)
+            else await asyncio.to_thread(self.agg.store.put_blob, msg.model)
+        )
+        upload = UploadReceived(session, msg, blob)
+        await self.agg._post(upload)
+        await session.send(await upload.reply, cfg.send_timeout)

@@ -1,0 +1,249 @@
+"""The round driver: the accumulator of the round in progress, aggregation, checkpoints
+and evaluation.
+
+The round owner decides *when* (:meth:`RoundState.ready <fedstack.aggregator.rounds.
+RoundState.ready>`); the driver does the work as effects that report back:
+:meth:`RoundDriver.aggregate` computes the result off the event loop (never on the store
+thread), commits the round, strategy state and global model in ONE store transaction,
+and returns a :class:`~fedstack.aggregator.events.RoundCommitted` (an error inside it,
+never raised: the owner retries). A failing strategy's accumulator is rebuilt from the
+stored uploads, which are all persisted before they are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+
+from fedstack.aggregator.events import RoundCommitted
+from fedstack.aggregator.gate import UpdateGate
+from fedstack.aggregator.uploads import gated
+from fedstack.errors import StoreError
+from fedstack.store import Store, UploadRecord
+from fedstack.strategies import Accumulator, Result, Strategy, Update
+from fedstack.types import Metrics, Weights
+
+log = logging.getLogger("fedstack.aggregator")
+
+CHECKPOINT_INTERVAL = 1.0
+"""Seconds between background checkpoints of the store's log (one after a round at most)."""
+
+Evaluator = Callable[[Weights], Metrics]
+
+
+@dataclasses.dataclass
+class Replayed:
+    """A round's accumulator rebuilt from its stored uploads."""
+
+    accumulator: Accumulator
+    contributors: dict[str, str]  # agent id -> model id
+    inputs: list[tuple[int, Metrics]]  # (num_samples, metrics) per upload
+
+
+class RoundDriver:
+    """Aggregation, checkpointing and evaluation for one aggregator.
+
+    Args:
+        strategy: the aggregation rule.
+        rng: the strategy's seeded generator.
+        db: runs a store call on the store thread.
+        store: returns the open store.
+        run_id: returns the run id.
+        aggregator_id: recorded with each committed round.
+        gate: the update gate (None: none), applied again when uploads are replayed.
+        evaluator: central evaluation of each new global model (None: none).
+    """
+
+    def __init__(
+        self,
+        *,
+        strategy: Strategy,
+        rng: np.random.Generator,
+        db: Callable[..., Awaitable[Any]],
+        store: Callable[[], Store | None],
+        run_id: Callable[[], str],
+        aggregator_id: Callable[[], str],
+        gate: UpdateGate | None,
+        evaluator: Evaluator | None,
+    ) -> None:
+        self.strategy = strategy
+        self.rng = rng
+        self._db = db
+        self._store = store
+        self._run_id = run_id
+        self._aggregator_id = aggregator_id
+        self.gate = gate
+        self.evaluator = evaluator
+        self.accumulator: Accumulator | None = None
+        """The round in progress's accumulator: fed by the committer, taken by
+        :meth:`aggregate`, never both at once (the owner sequences them)."""
+        self.inputs: list[tuple[int, Metrics]] = []
+        self.started_wall = time.time()
+        """When the round in progress started (wall clock, for the stored round)."""
+        self._pending: Result | None = None  # computed but not committed yet: retried
+        self._last_checkpoint = -math.inf
+        self._checkpointing = False
+        self._eval_lock = asyncio.Lock()
+
+    def begin(self, global_weights: Weights, state: dict[str, Any], round: int) -> None:
+        """A fresh accumulator for ``round`` on top of ``global_weights``."""
+        self.accumulator = self.strategy.begin(global_weights, state, round=round, rng=self.rng)
+        self.inputs = []
+        self.started_wall = time.time()
+
+    async def replay(
+        self,
+        global_weights: Weights,
+        state: dict[str, Any],
+        version: int,
+        buffered: list[UploadRecord] | None = None,
+    ) -> Replayed:
+        """A fresh accumulator for round ``version + 1`` fed from the stored uploads
+        (``buffered``, or read from the store)."""
+        store = self._store()
+        assert store is not None
+        if buffered is None:
+            buffered = (await self._db(store.resume_state, self._run_id())).buffered
+        acc = self.strategy.begin(global_weights, state, round=version + 1, rng=self.rng)
+        contributors: dict[str, str] = {}
+        inputs: list[tuple[int, Metrics]] = []
+        for rec in buffered:
+            weights = await self._db(store.load_weights, rec.model_id)
+            extra = await self._db(store.load_extra, rec.model_id)
+            update = Update(
+                rec.agent_id,
+                weights,
+                rec.num_samples,
+                max(0, version - rec.base_version),
+                rec.metrics,
+                rec.model_id,
+                extra,
+            )
+            if self.gate is not None:
+                update = gated(update, self.gate.check(weights, global_weights))
+            acc.add(update)
+            contributors[rec.agent_id] = rec.model_id
+            inputs.append((rec.num_samples, rec.metrics))
+        return Replayed(acc, contributors, inputs)
+
+    async def aggregate(
+        self,
+        *,
+        round: int,
+        inputs: list[str],
+        base_model_id: str,
+        global_weights: Weights,
+        state: dict[str, Any],
+        version: int,
+    ) -> RoundCommitted:
+        """Aggregate the round in progress and commit it; errors are returned, not raised.
+
+        ``inputs`` are the model ids of the round's contributions; ``global_weights``,
+        ``state`` and ``version`` describe the model they were aggregated on (to rebuild
+        the accumulator if the strategy fails)."""
+        store = self._store()
+        assert store is not None and self.accumulator is not None
+        try:
+            if self._pending is None:
+                try:
+                    self._pending = await asyncio.to_thread(self.accumulator.result)
+                except Exception as exc:
+                    # the accumulator is spent or broken: rebuild it from the stored
+                    # uploads (they are all persisted) before the owner retries
+                    rebuilt = await self.replay(global_weights, state, version)
+                    return RoundCommitted(round, None, "", 0.0, exc, rebuilt)
+            result = self._pending  # kept until committed: a store failure retries it
+            num_samples = sum(max(n, 0) for n, _ in self.inputs)
+            metrics: Metrics = {**result.metrics, **mean_metrics(self.inputs)}
+            finished = time.time()
+            model_id = await self._db(
+                store.commit_round,
+                self._run_id(),
+                round=round,
+                weights=result.weights,
+                inputs=inputs,
+                base_model_id=base_model_id or None,
+                num_samples=num_samples,
+                metrics=metrics,
+                started=self.started_wall,
+                finished=finished,
+                aggregator_id=self._aggregator_id(),
+                strategy_state=result.state,
+                extra=result.extra,
+            )
+        except Exception as exc:
+            return RoundCommitted(round, None, "", 0.0, exc)
+        self._pending = None
+        return RoundCommitted(round, result, model_id, finished)
+
+    def checkpoint_due(self, final: bool, now: float) -> bool:
+        """True if a background checkpoint should start now (at most one a second)."""
+        return not self._checkpointing and (
+            final or now - self._last_checkpoint >= CHECKPOINT_INTERVAL
+        )
+
+    async def checkpoint(self, now: float) -> None:
+        """Checkpoint the store's log while the agents train (not on the store thread:
+        a checkpoint never blocks the writes of uploads)."""
+        store = self._store()
+        assert store is not None
+        self._checkpointing = True
+        self._last_checkpoint = now
+        try:
+            await asyncio.to_thread(store.checkpoint)
+        except StoreError as exc:
+            log.warning("store checkpoint failed (retried after the next round): %s", exc)
+        finally:
+            self._checkpointing = False
+
+    async def evaluate(self, rnd: int, weights: Weights) -> None:
+        """Evaluate round ``rnd``'s global model and store its metrics (one at a time, in
+        round order); a failure is logged."""
+        store = self._store()
+        assert self.evaluator is not None and store is not None
+        try:
+            async with self._eval_lock:
+                metrics = await asyncio.to_thread(self.evaluator, weights)
+            await self._db(
+                store.update_round_metrics,
+                self._run_id(),
+                rnd,
+                {f"eval_{k}" if not k.startswith("eval_") else k: v for k, v in metrics.items()},
+            )
+            log.info(
+                "round %d evaluation: %s",
+                rnd,
+                ", ".join(
+                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in metrics.items()
+                ),
+            )
+        except Exception:
+            log.exception("evaluation of round %d failed", rnd)
+
+
+def mean_metrics(inputs: list[tuple[int, Metrics]]) -> Metrics:
+    """Sample-weighted means of the agents' numeric metrics (and the max of train_seconds)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    out: Metrics = {}
+    for n, m in inputs:
+        w = float(max(n, 1))
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                sums[k] = sums.get(k, 0.0) + w * float(v)
+                weights[k] = weights.get(k, 0.0) + w
+                if k == "train_seconds":
+                    out["max_train_seconds"] = max(
+                        float(out.get("max_train_seconds", 0.0)), float(v)
+                    )
+    for k, total in sums.items():
+        out[f"mean_{k}"] = total / weights[k]
+    return out

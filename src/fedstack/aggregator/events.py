@@ -1,0 +1,114 @@
+"""The events the round owner consumes (see :class:`fedstack.aggregator.service.Aggregator`).
+
+Connections, the credential watcher and the owner's own effect tasks turn what happened
+into one of these and put it on the owner's bounded queue; the owner applies them one at a
+time, in order, to the round state. An event that expects an answer carries a ``reply``
+future the owner resolves once the event is applied. The owner also wakes up by itself at its next
+deadline (round deadline, poll expiry, retry); :class:`DeadlineFired` asks it to look at
+its deadlines now (a test that moves a fake clock posts one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fedstack.strategies import Result
+from fedstack.types import Weights
+from fedstack.wire import Message, ModelUpload, Poll
+
+if TYPE_CHECKING:
+    from fedstack.aggregator.driver import Replayed
+    from fedstack.aggregator.registry import Session
+    from fedstack.aggregator.uploads import Planned
+    from fedstack.store import UploadRecord
+
+
+@dataclass(eq=False)
+class AgentJoined:
+    """An authenticated agent is ready to count (``reply``: set once it counts)."""
+
+    session: Session
+    reply: asyncio.Future[None]
+
+
+@dataclass(eq=False)
+class AgentLeft:
+    """``session`` stopped counting (it left, went silent, or was disconnected)."""
+
+    session: Session
+
+
+@dataclass(eq=False)
+class FederationStarted:
+    """The first model was stored: the federation starts at version 0."""
+
+    structure: list[tuple[str, str, tuple[int, ...]]]
+    weights: Weights
+    model_id: str
+    reply: asyncio.Future[None]
+
+
+@dataclass(eq=False)
+class UploadReceived:
+    """A validated upload (its blob, if any, already written) waits to be persisted.
+
+    ``reply`` resolves with the message to send back (the ack or an error) once the upload
+    is stored and counted, or with an exception if it could not be stored."""
+
+    session: Session
+    msg: ModelUpload
+    blob: tuple[str, int] | None
+    reply: asyncio.Future[Message] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+@dataclass(eq=False)
+class PollReceived:
+    """``session`` asks for a newer global model, waiting up to ``msg.wait`` seconds."""
+
+    session: Session
+    msg: Poll
+
+
+@dataclass(eq=False)
+class BatchCommitted:
+    """A batch of uploads is stored (and fed to the accumulator): count and answer them.
+
+    ``results`` holds, per planned upload, (stored record, stored by this batch, the
+    accumulator's refusal or None); ``error`` is set instead if the batch failed."""
+
+    batch: list[Planned]
+    results: list[tuple[UploadRecord, bool, str | None]]
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class RoundCommitted:
+    """The round in progress is aggregated and stored as ``model_id`` (or failed)."""
+
+    round: int
+    result: Result | None
+    model_id: str
+    finished_wall: float
+    error: BaseException | None = None
+    rebuilt: Replayed | None = None  # a fresh accumulator after a broken one
+
+
+@dataclass(eq=False)
+class DeadlineFired:
+    """Time passed: act on the round deadline, expired polls and retries now."""
+
+
+Event = (
+    DeadlineFired
+    | AgentJoined
+    | AgentLeft
+    | FederationStarted
+    | UploadReceived
+    | PollReceived
+    | BatchCommitted
+    | RoundCommitted
+)

@@ -1,0 +1,355 @@
+"""The round owner: the one task that changes an aggregator's round state.
+
+:class:`RoundOwner` holds the round state (:class:`~fedstack.aggregator.rounds.RoundState`,
+the global model, the uploads waiting for the store, the long polls) and
+:meth:`RoundOwner.run` applies the aggregator's events (:mod:`fedstack.aggregator.events`)
+to it one at a time, in order, then acts: it answers expired polls, starts the aggregation
+of a ready round or hands the next batch of uploads to the committer. Its effects report
+back as events. Nothing else writes round state; everything else reads it (or, better,
+:meth:`Aggregator.statistics <fedstack.aggregator.service.Aggregator.statistics>`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from fedstack.aggregator.delivery import PollWaiters, Published
+from fedstack.aggregator.events import (
+    AgentJoined,
+    AgentLeft,
+    BatchCommitted,
+    DeadlineFired,
+    Event,
+    FederationStarted,
+    PollReceived,
+    RoundCommitted,
+    UploadReceived,
+)
+from fedstack.aggregator.registry import Session
+from fedstack.aggregator.rounds import RoundState, UploadStatus
+from fedstack.aggregator.tasks import ScopeClosed
+from fedstack.aggregator.uploads import plan_batch
+from fedstack.aggregator.validation import Structure
+from fedstack.errors import StoreError
+from fedstack.types import Weights
+from fedstack.wire import Error, Message, UploadAck
+
+if TYPE_CHECKING:
+    from fedstack.aggregator.service import Aggregator
+
+log = logging.getLogger("fedstack.aggregator")
+
+MAX_POLL_WAIT = 3600.0
+"""Longest a poll may wait for a new version, seconds."""
+
+
+class RoundOwner:
+    """The round state of one aggregator and the task that changes it.
+
+    Args:
+        aggregator: whose events the owner consumes and whose parts it drives.
+    """
+
+    def __init__(self, aggregator: Aggregator) -> None:
+        self.agg = aggregator
+        self.state = RoundState(
+            threshold=aggregator.config.threshold,
+            min_agents=aggregator.config.min_agents,
+            round_timeout=aggregator.config.round_timeout,
+            max_rounds=aggregator.config.rounds,
+            staleness_policy=aggregator.config.staleness,
+            trigger=aggregator.strategy.trigger,
+            min_updates=aggregator.strategy.min_updates,
+        )
+        self.structure: Structure | None = None
+        self.global_weights: Weights | None = None
+        self.global_model_id = ""
+        self.global_extra: Weights = {}
+        self.strategy_state: dict[str, Any] = {}
+        self.rounds_completed = 0
+        self.published: Published | None = None
+        self.upload_queue: collections.deque[UploadReceived] = collections.deque()
+        self._batch_in_flight = False
+        self._aggregating = False
+        self._retry_at: float | None = None
+        self._warned_round = 0
+        self._polls = PollWaiters()
+        self.new_version = asyncio.Event()
+        self._baseline: tuple[int, Any] | None = None  # (version, the gate's probe outputs)
+
+    def adopt(
+        self, version: int, model_id: str, weights: Weights, extra: Weights, state: dict[str, Any]
+    ) -> None:
+        """Owner only: ``weights`` is global model ``version``; round ``version + 1`` starts."""
+        self.global_weights, self.global_model_id = weights, model_id
+        self.global_extra, self.strategy_state = extra, state
+        self.state.start(version, self.agg.clock())
+        self.agg.driver.begin(weights, state, self.state.round)
+        self.published = Published(
+            version, self.state.round, model_id, weights, extra, self.state.finished
+        )
+
+    async def run(self) -> None:
+        """The one task that changes round state: apply events in order, then act."""
+        get = self.agg._events.get
+        while True:
+            wake = self._next_wakeup()
+            if wake is None:
+                event: Event | None = await get()
+            else:
+                try:
+                    async with asyncio.timeout_at(
+                        asyncio.get_running_loop().time() + max(0.0, wake - self.agg.clock())
+                    ):
+                        event = await get()
+                except TimeoutError:
+                    event = DeadlineFired()
+            while event is not None:
+                self._apply(event)
+                try:
+                    event = self.agg._events.get_nowait()
+                except asyncio.QueueEmpty:
+                    event = None
+            self._act()
+
+    def _next_wakeup(self) -> float | None:
+        """The next clock time the owner must act without an event (or None)."""
+        times = [t for t in (self._retry_at, self._polls.next_expiry()) if t is not None]
+        deadline = self.state.deadline()
+        if deadline is not None and deadline > self.agg.clock():  # once past, events decide
+            times.append(deadline)
+        return min(times) if times else None
+
+    def _apply(self, ev: Event) -> None:
+        if isinstance(ev, UploadReceived):
+            self.upload_queue.append(ev)
+        elif isinstance(ev, BatchCommitted):
+            self._counted(ev)
+        elif isinstance(ev, PollReceived):
+            self._poll(ev)
+        elif isinstance(ev, AgentJoined):
+            old = self.agg.registry.add(ev.session)
+            if old is not None:
+                log.info("agent %s reconnected; dropping its previous connection", old.name)
+                self._polls.remove(old)
+                old.conn.abort()
+            log.info("agent %s joined (%d active)", ev.session.name, len(self.agg.sessions))
+            if not ev.reply.done():
+                ev.reply.set_result(None)
+        elif isinstance(ev, AgentLeft):
+            self._polls.remove(ev.session)
+            if self.agg.registry.remove(ev.session):
+                log.info("agent %s left (%d active)", ev.session.name, len(self.agg.sessions))
+        elif isinstance(ev, RoundCommitted):
+            self._round_done(ev)
+        elif isinstance(ev, DeadlineFired):
+            pass  # _act looks at the clock after every batch of events
+        elif isinstance(ev, FederationStarted):
+            self.structure = ev.structure
+            weights = ev.weights
+            self.adopt(
+                0,
+                ev.model_id,
+                weights,
+                self.agg.strategy.initial_extra(weights),
+                self.agg.strategy.init_state(weights),
+            )
+            self.agg._initialized.set()
+            if not ev.reply.done():
+                ev.reply.set_result(None)
+        else:  # pragma: no cover - the union is closed
+            raise TypeError(f"unknown event {ev!r}")
+
+    def _act(self) -> None:
+        """After events: answer expired polls, then aggregate or store the next batch."""
+        now = self.agg.clock()
+        for s, known in self._polls.take_due(now):
+            self._reply(s, self.agg.delivery.answer_poll(s, known), "poll")
+        if (
+            self._aggregating
+            or self._batch_in_flight
+            or not self.state.initialized
+            or (self._retry_at is not None and now < self._retry_at)
+        ):
+            return
+        self._retry_at = None
+        active = len(self.agg.sessions)
+        n = len(self.state.contributors)
+        dl = self.state.deadline()
+        if (
+            dl is not None
+            and now >= dl
+            and 0 < n < self.state.min_updates
+            and self._warned_round != self.state.round
+        ):
+            self._warned_round = self.state.round
+            log.warning(
+                "round %d is past its deadline with %d update(s); strategy %s needs "
+                "at least %d (%d agents active)",
+                self.state.round,
+                n,
+                self.agg.strategy.name,
+                self.state.min_updates,
+                active,
+            )
+        if self.state.ready(now, active):
+            self._aggregating = True
+            assert self.global_weights is not None
+            self.agg._scope.spawn(
+                self._aggregate(
+                    round=self.state.round,
+                    inputs=list(self.state.contributors.values()),
+                    base_model_id=self.global_model_id,
+                    global_weights=self.global_weights,
+                    state=self.strategy_state,
+                    version=self.state.version,
+                ),
+                name="aggregate",
+                daemon=True,
+            )
+        elif self.upload_queue:
+            self._batch_in_flight = True
+            self.agg.committer.submit(plan_batch(self.upload_queue, self.state, now, active))
+
+    def _counted(self, ev: BatchCommitted) -> None:
+        """A batch is stored: count what it stored and answer, in arrival order."""
+        self._batch_in_flight = False
+        if ev.error is not None:  # e.g. the store is unavailable: no acks
+            for p in ev.batch:
+                if not p.upload.reply.done():
+                    p.upload.reply.set_exception(ev.error)
+            return
+        for p, (rec, created, add_error) in zip(ev.batch, ev.results, strict=True):
+            session, msg = p.upload.session, p.upload.msg
+            reply: Message
+            if not created:
+                reply = UploadAck(
+                    upload_id=msg.upload_id,
+                    status=str(UploadStatus.from_stored(rec.status)),
+                    round=rec.round,
+                    message="already received",
+                )
+            elif p.status.counts and add_error is not None:  # e.g. a buffered rule is full
+                reply = Error(code="invalid-model", message=add_error)
+            else:
+                if p.status is UploadStatus.REJECTED:
+                    log.warning(
+                        "round %d: rejected the update of %s: %s",
+                        self.state.round,
+                        session.name,
+                        p.message,
+                    )
+                    self._audit(
+                        "update_rejected",
+                        {"upload_id": msg.upload_id, "model_id": rec.model_id, "reason": p.message},
+                        session.agent_id,
+                    )
+                elif p.status.counts:
+                    self.state.contribute(session.agent_id, rec.model_id)
+                    self.agg.driver.inputs.append((msg.num_samples, msg.metrics))
+                reply = UploadAck(
+                    upload_id=msg.upload_id,
+                    status=p.status.value,
+                    round=self.state.round,
+                    message=p.message,
+                )
+                log.info(
+                    "round %d: %s from %s (%d/%d)",
+                    self.state.round,
+                    p.status.value,
+                    session.name,
+                    len(self.state.contributors),
+                    self.state.needed(len(self.agg.sessions)),
+                )
+            if not p.upload.reply.done():
+                p.upload.reply.set_result(reply)
+
+    def _poll(self, ev: PollReceived) -> None:
+        s, msg = ev.session, ev.msg
+        self._polls.remove(s)  # a new poll replaces the one waiting
+        if self.state.version > msg.known_version or msg.wait <= 0 or self.published is None:
+            self._reply(s, self.agg.delivery.answer_poll(s, msg.known_version), "poll")
+        else:
+            self._polls.add(s, msg.known_version, self.agg.clock() + min(msg.wait, MAX_POLL_WAIT))
+
+    def _reply(self, s: Session, coro: Any, name: str) -> None:
+        """Send to ``s`` as a task of its connection (dropped if it is closing)."""
+        with contextlib.suppress(ScopeClosed):
+            s.scope.spawn(coro, name=name)
+
+    def _audit(self, kind: str, detail: dict[str, Any], agent_id: str | None) -> None:
+        """Write an audit event in the background (a store error is logged)."""
+        store = self.agg.store
+        assert store is not None
+
+        async def write() -> None:
+            with contextlib.suppress(StoreError):
+                await self.agg._db(
+                    store.log_event, kind, detail, run_id=self.agg.run_id, agent_id=agent_id
+                )
+
+        with contextlib.suppress(ScopeClosed):
+            self.agg._scope.spawn(write(), name=f"audit-{kind}")
+
+    async def _aggregate(self, **round_input: Any) -> None:
+        """Effect: aggregate the round in progress, report a RoundCommitted."""
+        await self.agg._post(await self.agg.driver.aggregate(**round_input))
+
+    def _round_done(self, ev: RoundCommitted) -> None:
+        self._aggregating = False
+        if ev.error is not None or ev.result is None:
+            if ev.rebuilt is not None:
+                self.agg.driver.accumulator = ev.rebuilt.accumulator
+                self.agg.driver.inputs = ev.rebuilt.inputs
+                self.state.contributors = ev.rebuilt.contributors
+            if isinstance(ev.error, StoreError):
+                log.error("cannot store round %d (will retry): %s", ev.round, ev.error)
+            else:  # a bug must not silently stop the federation: the uploads are stored
+                log.error(
+                    "aggregation of round %d failed (will retry)", ev.round, exc_info=ev.error
+                )
+            self._retry_at = self.agg.clock() + 1.0
+            return
+        result, inputs = ev.result, len(self.state.contributors)
+        seconds = ev.finished_wall - self.agg.driver.started_wall
+        self.adopt(self.state.version + 1, ev.model_id, result.weights, result.extra, result.state)
+        self.rounds_completed += 1
+        waiter, self.new_version = self.new_version, asyncio.Event()
+        waiter.set()
+        log.info(
+            "round %d aggregated from %d update(s) in %.3f s%s",
+            ev.round,
+            inputs,
+            seconds,
+            " (final)" if self.state.finished else "",
+        )
+        version = self.state.version
+        for s, known in self._polls.take_all():
+            self._reply(s, self.agg.delivery.answer_poll(s, known), "poll")
+        if self.agg.config.delivery == "push":
+            for s in self.agg.sessions.values():
+                if s.welcomed and s.known_version < version:
+                    self._reply(s, self.agg.delivery.push(s, version), "push")
+        if self.agg.evaluator is not None:
+            self.agg._scope.spawn(
+                self.agg.driver.evaluate(ev.round, result.weights), name="evaluate"
+            )
+        now = time.monotonic()
+        if self.agg.driver.checkpoint_due(self.state.finished, now):
+            self.agg._scope.spawn(self.agg.driver.checkpoint(now), name="checkpoint")
+        if self.state.finished:
+            self.agg._finished.set()
+
+    def gate_check(self, weights: Weights) -> Any:
+        assert self.agg.gate is not None and self.global_weights is not None
+        baseline = None
+        if self.agg.gate.max_deviation is not None:
+            if self._baseline is None or self._baseline[0] != self.state.version:
+                self._baseline = (self.state.version, self.agg.gate.baseline(self.global_weights))
+            baseline = self._baseline[1]
+        return self.agg.gate.check(weights, self.global_weights, baseline)
