@@ -21,7 +21,9 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed as WSLibClosed
 
 from fedstack.errors import ConnectionClosed, MessageTooLarge, RemoteProtocolError
-from fedstack.transport.ws import WSConnection, _mask_into, _unmask, connect, serve
+from fedstack.transport.frames import mask_into as _mask_into
+from fedstack.transport.frames import unmask as _unmask
+from fedstack.transport.ws import WSConnection, connect, serve
 
 pytestmark = pytest.mark.timeout(60)
 
