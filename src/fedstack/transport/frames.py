@@ -103,6 +103,10 @@ Event = Message | Ping | Pong | Close | Violation
 _HEADER, _PAYLOAD, _WAITING, _DONE = range(4)
 
 
+def _noop() -> None:
+    pass
+
+
 def _violation(message: str) -> RemoteProtocolError:
     return RemoteProtocolError(message, "bad-frame")
 
@@ -209,6 +213,8 @@ class FrameParser:
         self._charged = 0  # budget bytes taken for self._msg
         self._pending: tuple[int, int] | None = None  # (new capacity, bytes) asked for
         self._stash = bytearray()  # received while waiting for the budget
+        # one bound method, so that cancel() finds it by identity
+        self._granted_cb: Callable[[], None] = self._granted
 
     # ------------------------------------------------------------------ state
     @property
@@ -240,6 +246,8 @@ class FrameParser:
         self._state = _DONE
         self._drop_message()
         self._stash = bytearray()
+        self._on_granted = None  # no reference cycle keeps the parser (or its owner) alive
+        self._granted_cb = _noop
 
     # ------------------------------------------------------------------ receiving
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -413,7 +421,7 @@ class FrameParser:
         if budget is None or not budget.counts(cap) or cap <= self._charged:
             return True
         more = cap - self._charged
-        if budget.request(more, self._granted, held=self._charged):
+        if budget.request(more, self._granted_cb, held=self._charged):
             self._charged = cap
             return True
         self._pending = (cap, more)
@@ -482,7 +490,7 @@ class FrameParser:
 
     def _drop_message(self) -> None:
         if self._pending is not None and self._budget is not None:
-            if self._budget.cancel(self._granted):
+            if self._budget.cancel(self._granted_cb):
                 self._pending = None
             # else: granted already; _granted gives the bytes back
         if self._charged and self._budget is not None:

@@ -188,7 +188,9 @@ class RequestReader:
             raise HttpError(431, "too many header fields", f"at most {MAX_HEADERS}")
         head = bytes(self._raw)
         end = _HEAD_END.search(head)
-        if len(_CONTENT_LENGTH_LINE.findall(head[: end.start() if end else None])) > 1:
+        if end is None or end.end() > MAX_HEAD_BYTES:
+            raise HttpError(431, "request head too large", f"at most {MAX_HEAD_BYTES} bytes")
+        if len(_CONTENT_LENGTH_LINE.findall(head[: end.start()])) > 1:
             raise HttpError(400, "malformed Content-Length", "send at most one")
         headers: list[tuple[str, str]] = []
         index: dict[str, list[str]] = {}
