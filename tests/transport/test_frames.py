@@ -36,11 +36,9 @@ MB = 1 << 20
 KEY = bytes([0x37, 0xFA, 0x21, 0x3D])  # RFC 6455 section 5.7
 
 
-def wire(opcode: int, data: bytes, *, mask: bool = True, fin: bool = True,
-         rsv: int = 0) -> bytes:
+def wire(opcode: int, data: bytes, *, mask: bool = True, fin: bool = True, rsv: int = 0) -> bytes:
     """One frame as a client (masked) or server (unmasked) sends it."""
-    out = b"".join(bytes(p) for p in frames.serialize(opcode, [data], mask=mask, fin=fin,
-                                                        key=KEY))
+    out = b"".join(bytes(p) for p in frames.serialize(opcode, [data], mask=mask, fin=fin, key=KEY))
     return bytes([out[0] | rsv]) + out[1:]
 
 
@@ -75,8 +73,7 @@ def test_serialize_matches_the_rfc_examples() -> None:
     assert wire(OP_PONG, b"Hello") == bytes.fromhex("8a8537fa213d7f9f4d5158")
     # 256 bytes and 64 KiB binary messages in a single unmasked frame
     assert wire(OP_BINARY, bytes(256), mask=False)[:4] == bytes.fromhex("827e0100")
-    assert wire(OP_BINARY, bytes(65536), mask=False)[:10] == bytes.fromhex(
-        "827f0000000000010000")
+    assert wire(OP_BINARY, bytes(65536), mask=False)[:10] == bytes.fromhex("827f0000000000010000")
 
 
 @pytest.mark.parametrize("n, head", [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)])
@@ -98,8 +95,7 @@ def test_close_payload_cuts_the_reason_on_a_character() -> None:
 
 
 # ---------------------------------------------------------------------------- round trips
-@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 125, 126, 127, 65535, 65536, 65537,
-                               300_000])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 125, 126, 127, 65535, 65536, 65537, 300_000])
 @pytest.mark.parametrize("client_to_server", [True, False])
 def test_round_trip_every_length_encoding(n: int, client_to_server: bool) -> None:
     data = payload(n, n)
@@ -133,10 +129,16 @@ def test_big_payload_is_received_into_its_message_buffer() -> None:
 
 def test_several_messages_in_one_chunk_and_fragments_with_control_frames_between() -> None:
     p = server()
-    raw = (wire(OP_BINARY, b"m1") + wire(OP_BINARY, b"m2")
-           + wire(OP_BINARY, b"hello ", fin=False) + wire(OP_PING, b"ping!")
-           + wire(OP_CONT, b"", fin=False) + wire(OP_PONG, b"pong")
-           + wire(OP_CONT, b"fragmented ", fin=False) + wire(OP_CONT, b"world"))
+    raw = (
+        wire(OP_BINARY, b"m1")
+        + wire(OP_BINARY, b"m2")
+        + wire(OP_BINARY, b"hello ", fin=False)
+        + wire(OP_PING, b"ping!")
+        + wire(OP_CONT, b"", fin=False)
+        + wire(OP_PONG, b"pong")
+        + wire(OP_CONT, b"fragmented ", fin=False)
+        + wire(OP_CONT, b"world")
+    )
     for step in (len(raw), 1, 3):
         events = drip(p, raw, step)
         assert [type(e) for e in events] == [Message, Message, Ping, Pong, Message]
@@ -147,8 +149,9 @@ def test_several_messages_in_one_chunk_and_fragments_with_control_frames_between
 def test_big_fragments_grow_the_buffer_geometrically() -> None:
     p = server()
     parts = [payload(300_000, i) for i in range(6)]
-    raw = b"".join(wire(OP_BINARY if i == 0 else OP_CONT, d, fin=i == 5)
-                   for i, d in enumerate(parts))
+    raw = b"".join(
+        wire(OP_BINARY if i == 0 else OP_CONT, d, fin=i == 5) for i, d in enumerate(parts)
+    )
     caps: list[int] = []
     events: list[Event] = []
     for i in range(0, len(raw), 50_000):
@@ -161,8 +164,9 @@ def test_big_fragments_grow_the_buffer_geometrically() -> None:
 
 def test_close_frame_ends_the_stream() -> None:
     p = server()
-    events = p.feed(wire(OP_CLOSE, struct.pack("!H", 1001) + "bye ü".encode())
-                    + wire(OP_BINARY, b"after"))
+    events = p.feed(
+        wire(OP_CLOSE, struct.pack("!H", 1001) + "bye ü".encode()) + wire(OP_BINARY, b"after")
+    )
     assert events == [Close(1001, "bye ü")] and p.done
     assert p.feed(wire(OP_BINARY, b"more")) == []
     assert server().feed(wire(OP_CLOSE, b"")) == [Close(1005, "")]
@@ -173,31 +177,45 @@ VIOLATIONS: list[tuple[str, bytes, type[RemoteProtocolError]]] = [
     ("rsv1", wire(OP_BINARY, b"abc", rsv=0x40), RemoteProtocolError),
     ("rsv2", wire(OP_BINARY, b"abc", rsv=0x20), RemoteProtocolError),
     ("rsv3", wire(OP_BINARY, b"abc", rsv=0x10), RemoteProtocolError),
-    *[(f"opcode {op}", wire(op, b"abc"), RemoteProtocolError)
-      for op in (3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF)],
+    *[
+        (f"opcode {op}", wire(op, b"abc"), RemoteProtocolError)
+        for op in (3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF)
+    ],
     ("text", wire(OP_TEXT, b"abc"), RemoteProtocolError),
     ("unmasked client frame", wire(OP_BINARY, b"abc", mask=False), RemoteProtocolError),
     ("long ping", wire(OP_PING, b"a" * 126), RemoteProtocolError),
     ("fragmented ping", wire(OP_PING, b"a", fin=False), RemoteProtocolError),
     ("long close", wire(OP_CLOSE, struct.pack("!H", 1000) + b"x" * 124), RemoteProtocolError),
     ("continuation first", wire(OP_CONT, b"abc"), RemoteProtocolError),
-    ("new message inside a fragmented one",
-     wire(OP_BINARY, b"a", fin=False) + wire(OP_BINARY, b"b"), RemoteProtocolError),
+    (
+        "new message inside a fragmented one",
+        wire(OP_BINARY, b"a", fin=False) + wire(OP_BINARY, b"b"),
+        RemoteProtocolError,
+    ),
     ("too large", wire(OP_BINARY, bytes(1025)), MessageTooLarge),
-    ("too large by fragments",
-     wire(OP_BINARY, bytes(600), fin=False) + wire(OP_CONT, bytes(600)), MessageTooLarge),
+    (
+        "too large by fragments",
+        wire(OP_BINARY, bytes(600), fin=False) + wire(OP_CONT, bytes(600)),
+        MessageTooLarge,
+    ),
     ("64-bit length top bit", b"\x82\xff" + struct.pack("!Q", 1 << 63) + KEY, RemoteProtocolError),
     ("1-byte close", wire(OP_CLOSE, b"\x03"), RemoteProtocolError),
-    *[(f"close code {c}", wire(OP_CLOSE, struct.pack("!H", c)), RemoteProtocolError)
-      for c in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535)],
-    ("close reason not UTF-8", wire(OP_CLOSE, struct.pack("!H", 1000) + b"\xff\xfe"),
-     RemoteProtocolError),
+    *[
+        (f"close code {c}", wire(OP_CLOSE, struct.pack("!H", c)), RemoteProtocolError)
+        for c in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535)
+    ],
+    (
+        "close reason not UTF-8",
+        wire(OP_CLOSE, struct.pack("!H", 1000) + b"\xff\xfe"),
+        RemoteProtocolError,
+    ),
 ]
 
 
 @pytest.mark.parametrize("name, bad, kind", VIOLATIONS, ids=[v[0] for v in VIOLATIONS])
 def test_every_violation_is_a_documented_error_after_the_good_events(
-        name: str, bad: bytes, kind: type[RemoteProtocolError]) -> None:
+    name: str, bad: bytes, kind: type[RemoteProtocolError]
+) -> None:
     for step in (len(bad) + 8, 1):
         p = server(max_bytes=1024)
         events = drip(p, wire(OP_BINARY, b"ok") + bad + wire(OP_BINARY, b"ignored"), step)
@@ -218,8 +236,22 @@ def test_masked_frame_to_a_client_is_a_violation() -> None:
 
 
 def test_valid_close_codes_are_accepted() -> None:
-    for code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
-                 3000, 4999):
+    for code in (
+        1000,
+        1001,
+        1002,
+        1003,
+        1007,
+        1008,
+        1009,
+        1010,
+        1011,
+        1012,
+        1013,
+        1014,
+        3000,
+        4999,
+    ):
         assert server().feed(wire(OP_CLOSE, struct.pack("!H", code))) == [Close(code, "")]
 
 
@@ -289,8 +321,9 @@ def test_growth_waits_for_the_budget_and_resumes() -> None:
     granted: list[int] = []
     p = server(budget=budget, on_granted=lambda: granted.append(1))
     parts = [payload(200_000, i) for i in range(5)]
-    raw = b"".join(wire(OP_BINARY if i == 0 else OP_CONT, d, fin=i == 4)
-                   for i, d in enumerate(parts))
+    raw = b"".join(
+        wire(OP_BINARY if i == 0 else OP_CONT, d, fin=i == 4) for i, d in enumerate(parts)
+    )
     events = p.feed(raw)
     assert events == [] and p.waiting and p.in_message
     assert budget.used <= budget.limit
@@ -351,5 +384,6 @@ def test_many_tiny_continuations_after_a_big_fragment_are_cheap() -> None:
     events = p.feed(raw)
     elapsed = time.perf_counter() - t0
     assert [m.nbytes for m in (e.data for e in events if isinstance(e, Message))] == [
-        16 * MB + 7 * 3000]
+        16 * MB + 7 * 3000
+    ]
     assert elapsed < 3.0, elapsed

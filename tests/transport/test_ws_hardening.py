@@ -31,9 +31,11 @@ T = 10.0
 
 
 def handshake_request(port: int) -> bytes:
-    return (f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    return (
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
 
 
 async def raw_open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -75,8 +77,9 @@ def header(opcode: int, length: int, fin: bool = True) -> bytes:
 
 
 async def start(handler: Any, **kw: Any) -> tuple[asyncio.Server, int]:
-    server = await ws.serve(handler, "127.0.0.1", 0, max_message_bytes=kw.pop("max_bytes",
-                                                                               64 * MB), **kw)
+    server = await ws.serve(
+        handler, "127.0.0.1", 0, max_message_bytes=kw.pop("max_bytes", 64 * MB), **kw
+    )
     return server, server.sockets[0].getsockname()[1]
 
 
@@ -261,8 +264,11 @@ def test_malformed_http_gets_4xx_and_no_traceback(caplog: pytest.LogCaptureFixtu
         await conn.recv()
 
     cases = [
-        (b"GET /a?" + b"&".join(b"k%d=v" % i for i in range(30)) + b" HTTP/1.1\r\n"
-         b"Host: x\r\n\r\n", 400),
+        (
+            b"GET /a?" + b"&".join(b"k%d=v" % i for i in range(30)) + b" HTTP/1.1\r\n"
+            b"Host: x\r\n\r\n",
+            400,
+        ),
         (b"GET //[ HTTP/1.1\r\nHost: x\r\n\r\n", 200),
         (b"GET http://[/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"GET /x HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 40000 + b"\r\n\r\n", 431),

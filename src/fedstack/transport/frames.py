@@ -128,8 +128,7 @@ def mask_into(dst: np.ndarray[Any, Any], src: Buffer, key: bytes, phase: int) ->
     k = np.frombuffer((key * 2)[phase : phase + 4], dtype=np.uint8)
     n4 = s.size // 4 * 4
     if n4:
-        np.bitwise_xor(s[:n4].view(np.uint32), k.view(np.uint32)[0],
-                       out=dst[:n4].view(np.uint32))
+        np.bitwise_xor(s[:n4].view(np.uint32), k.view(np.uint32)[0], out=dst[:n4].view(np.uint32))
     if s.size > n4:
         np.bitwise_xor(s[n4:], k[: s.size - n4], out=dst[n4 : s.size])
 
@@ -147,8 +146,9 @@ def frame_header(opcode: int, length: int, mask: bytes | None, fin: bool = True)
     return head + mask if mask is not None else head
 
 
-def serialize(opcode: int, parts: Sequence[Buffer], *, mask: bool,
-              fin: bool = True, key: bytes | None = None) -> list[Buffer]:
+def serialize(
+    opcode: int, parts: Sequence[Buffer], *, mask: bool, fin: bool = True, key: bytes | None = None
+) -> list[Buffer]:
     """One frame carrying ``parts`` back to back, as buffers to write in order.
 
     Server frames (``mask=False``) reference ``parts`` without copying; client frames are
@@ -187,9 +187,15 @@ class FrameParser:
             the parser wait was granted; the caller then calls :meth:`resume`.
     """
 
-    def __init__(self, *, client: bool, max_message_bytes: int,
-                 fragment_cap: int | None = None, budget: ReceiveBudget | None = None,
-                 on_granted: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        client: bool,
+        max_message_bytes: int,
+        fragment_cap: int | None = None,
+        budget: ReceiveBudget | None = None,
+        on_granted: Callable[[], None] | None = None,
+    ) -> None:
         self.client = client
         self.max_message_bytes = max_message_bytes
         self.fragment_cap = max_message_bytes if fragment_cap is None else fragment_cap
@@ -252,8 +258,11 @@ class FrameParser:
     # ------------------------------------------------------------------ receiving
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next received bytes go (write at most its length, from its start)."""
-        if (self._state == _PAYLOAD and self._opcode < 0x8
-                and self._length - self._filled > DIRECT_MIN):
+        if (
+            self._state == _PAYLOAD
+            and self._opcode < 0x8
+            and self._length - self._filled > DIRECT_MIN
+        ):
             assert self._msg is not None
             self._direct = True
             start = self._start + self._filled
@@ -341,8 +350,7 @@ class FrameParser:
                 start = self._start + self._filled
                 target = self._msg if self._opcode < 0x8 else self._ctrl
                 assert target is not None
-                target[start : start + take] = np.frombuffer(data[pos : pos + take],
-                                                             dtype=np.uint8)
+                target[start : start + take] = np.frombuffer(data[pos : pos + take], dtype=np.uint8)
                 self._filled += take
                 pos += take
                 if self._filled == self._length:

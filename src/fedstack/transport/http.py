@@ -10,7 +10,8 @@ parsing, this module enforces fedstack's narrower rules:
 - one request per connection, answered with ``Connection: close``;
 - methods are upper-case tokens; only HTTP/1.0 and 1.1; targets in origin form
   (``/path?query``) or absolute form; at most :data:`MAX_HEADERS` fields, 16 KiB of head
-  and :data:`MAX_QUERY_FIELDS` query fields;
+  and :data:`MAX_QUERY_FIELDS` query fields; no control characters in field values; at
+  most one ``Content-Length`` field (h11 would merge equal ones);
 - no request bodies: :func:`body_refusal` gives the 411 (chunked) or 413 (any
   ``Content-Length`` above 0) answer, and the transport never reads a body;
 - everything malformed raises :class:`HttpError`, which carries its own 4xx answer.
@@ -37,6 +38,7 @@ MAX_BODY_BYTES = 0
 
 _METHOD = re.compile(r"[A-Z]{1,16}")
 _HEAD_END = re.compile(rb"\n\r?\n")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTENT_LENGTH_LINE = re.compile(rb"^content-length[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
@@ -196,6 +198,8 @@ class RequestReader:
         index: dict[str, list[str]] = {}
         for raw_name, value in raw_items:
             name, text = raw_name.decode("latin-1"), value.decode("latin-1")
+            if _BAD_VALUE.search(text):
+                raise HttpError(400, "malformed header field", "control character in a value")
             headers.append((name, text))
             index.setdefault(name.lower(), []).append(text)
         path, query = _split_target(target)
