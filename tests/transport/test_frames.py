@@ -363,6 +363,22 @@ def test_an_aborted_message_frees_its_buffer_with_its_budget_bytes() -> None:
         gc.enable()
 
 
+def test_a_violation_does_not_keep_the_earlier_messages_alive() -> None:
+    """The violation's traceback once held the parser's frame and so every message of
+    the same read, in a cycle only the garbage collector frees."""
+    budget = FakeBudget(1 << 40, min_bytes=1)
+    p = server(budget=budget)
+    gc.disable()
+    try:
+        events = p.feed(wire(OP_BINARY, bytes(70_000)) + wire(OP_TEXT, b"bad"))
+        assert [type(e) for e in events] == [Message, Violation]
+        assert budget.used == 70_000
+        del events
+        assert budget.used == 0
+    finally:
+        gc.enable()
+
+
 def test_fragments_before_admission_are_capped() -> None:
     p = server(fragment_cap=64 * 1024)
     big = payload(1 << 20)

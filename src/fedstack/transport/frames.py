@@ -333,7 +333,9 @@ class FrameParser:
             step(events)
         except RemoteProtocolError as exc:
             self.close()
-            events.append(Violation(exc))
+            # no traceback: it would hold this frame, hence ``events`` and every message
+            # in it, in a reference cycle that only the garbage collector frees
+            events.append(Violation(exc.with_traceback(None)))
 
     def _feed(self, data: memoryview, events: list[Event]) -> None:
         pos, n = 0, len(data)

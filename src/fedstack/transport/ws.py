@@ -419,7 +419,7 @@ class WSConnection(asyncio.BufferedProtocol):
             self.admit()  # the reader accepted the first message
         while not self._messages:
             if self._error is not None:
-                raise self._error
+                raise _fresh(self._error)
             if self._closed:
                 raise ConnectionClosed(self.close_code, self.close_reason)
             self._waiter = asyncio.get_running_loop().create_future()
@@ -511,6 +511,14 @@ class WSConnection(asyncio.BufferedProtocol):
         """Drop the connection at once, without a close frame."""
         if self.transport is not None:
             self.transport.abort()
+def _fresh(err: RemoteProtocolError) -> RemoteProtocolError:
+    """A new exception like ``err``: raising the stored one would chain the connection to
+    itself through the traceback (a cycle that keeps its messages until a GC pass)."""
+    if isinstance(err, MessageTooLarge):
+        return MessageTooLarge(err.size, err.limit)
+    return RemoteProtocolError(str(err), err.code)
+
+
 Handler = Callable[[WSConnection], Awaitable[None]]
 
 
