@@ -341,3 +341,75 @@ def test_ping_flood_does_not_grow_the_write_buffer() -> None:
 
     asyncio.run(main())
     assert peak[0] <= 64 * 1024 + 256, peak[0]
+
+
+_SERVER = """
+import asyncio, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+from fedstack.transport import ws
+
+async def echo(conn):
+    while True:
+        await conn.send([await conn.recv()])
+
+async def main():
+    server = await ws.serve(echo, "127.0.0.1", 0, max_message_bytes=1 << 20,
+                            handshake_timeout=30)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.sleep(40)
+
+asyncio.run(main())
+"""
+
+
+def test_idle_strangers_cannot_exhaust_descriptors() -> None:
+    """Issue 16 finding 4: 300 idle sockets against a server limited to 256 descriptors;
+    an agent connecting afterwards is served (the oldest strangers are dropped), and so is
+    an agent that was already there."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER], stdout=subprocess.PIPE, text=True)
+    idle: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        url = f"ws://127.0.0.1:{port}/"
+
+        async def echo_once(conn: ws.WSConnection, data: bytes) -> bytes:
+            await conn.send([data])
+            return bytes(await asyncio.wait_for(conn.recv(), T))
+
+        async def main() -> None:
+            early = await ws.connect(url, max_message_bytes=MB, open_timeout=T)
+            assert await echo_once(early, b"early") == b"early"
+            for _ in range(300):
+                s = socket.socket()
+                s.setblocking(False)
+                try:
+                    s.connect(("127.0.0.1", port))
+                except BlockingIOError:
+                    pass
+                idle.append(s)
+            await asyncio.sleep(1.0)
+            late = await ws.connect(url, max_message_bytes=MB, open_timeout=T)
+            assert await echo_once(late, b"late") == b"late"
+            assert await echo_once(early, b"still") == b"still"
+            await late.close()
+            await early.close()
+
+        asyncio.run(main())
+        dropped = 0
+        for s in idle[:50]:  # the oldest strangers were closed by the server
+            s.setblocking(True)
+            s.settimeout(2)
+            try:
+                dropped += s.recv(1) == b""
+            except (ConnectionResetError, TimeoutError):
+                dropped += 1
+        assert dropped >= 40, dropped
+    finally:
+        for s in idle:
+            s.close()
+        proc.kill()
+        proc.wait()

@@ -55,6 +55,7 @@ from fedstack.transport.http import (
     RequestReader,
     error_response,
 )
+from fedstack.transport.limits import ConnectionGate
 
 _HS_LOG = logging.getLogger("fedstack.transport.handshake")
 _HS_LOG.setLevel(logging.WARNING)
@@ -80,7 +81,9 @@ class WSConnection(asyncio.BufferedProtocol):
 
     A server connection starts unadmitted: its fragmented messages may hold at most
     ``fragment_cap`` bytes until :meth:`admit` is called, or until the reader asks for a
-    second message (it accepted the first: the agent registered).
+    second message (it accepted the first: the agent registered). Until then, or until
+    the owner sends it a message, it also counts as a stranger for the server's
+    :class:`~fedstack.transport.limits.ConnectionGate`, which may drop it to make room.
     """
 
     def __init__(
@@ -94,8 +97,11 @@ class WSConnection(asyncio.BufferedProtocol):
         http_handler: HttpHandler | None = None,
         receive_budget: ByteBudget | None = None,
         fragment_cap: int | None = None,
+        gate: ConnectionGate | None = None,
     ) -> None:
         self.client = client
+        self._gate = gate
+        self._vouched = gate is None
         self.max_message_bytes = max_message_bytes
         self.handshake_timeout = handshake_timeout
         self._on_open = on_open
@@ -167,6 +173,8 @@ class WSConnection(asyncio.BufferedProtocol):
         self._reader = RequestReader(self.remote_address, tls)
         self._hs_timer = asyncio.get_running_loop().call_later(
             self.handshake_timeout or HANDSHAKE_TIMEOUT, self._handshake_expired)
+        if self._gate is not None:
+            self._gate.opened(self)  # may drop the oldest stranger (or this one)
 
     def _handshake_expired(self) -> None:
         if not self._open and self.transport is not None:
@@ -194,6 +202,8 @@ class WSConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._release()
+        if self._gate is not None:
+            self._gate.closed(self)
         if self._hs_timer is not None:
             self._hs_timer.cancel()
         if not self.opened.done():
@@ -402,6 +412,14 @@ class WSConnection(asyncio.BufferedProtocol):
         limit): call once the peer is registered."""
         self._admitted = True
         self._parser.admit(fragment_cap)
+        self._vouch()
+
+    def _vouch(self) -> None:
+        """The owner accepted this peer: it no longer counts as a stranger."""
+        if not self._vouched:
+            self._vouched = True
+            if self._gate is not None:
+                self._gate.admitted(self)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -458,6 +476,8 @@ class WSConnection(asyncio.BufferedProtocol):
         """
         if self._closed or self.transport is None or self.transport.is_closing():
             raise ConnectionClosed(self.close_code, self.close_reason)
+        if not self._vouched:
+            self._vouch()  # the owner answers it: not a stranger any more
         self._write_frame(OP_BINARY, parts)
 
     async def send(self, parts: Sequence[Buffer]) -> None:
@@ -533,6 +553,7 @@ async def serve(
     http_handler: HttpHandler | None = None,
     receive_budget: ByteBudget | None = None,
     unregistered_fragment_bytes: int | None = UNREGISTERED_FRAGMENT_BYTES,
+    gate: ConnectionGate | None = None,
 ) -> asyncio.Server:
     """Listen on ``host:port``; run ``handler(conn)`` in a task for each opened connection.
 
@@ -544,10 +565,13 @@ async def serve(
     ``receive_budget`` bounds the bytes of big incoming messages held at once over all the
     connections (see :mod:`fedstack.transport.budget`). A connection's fragmented messages
     may hold at most ``unregistered_fragment_bytes`` until it is admitted (see
-    :class:`WSConnection`; None: no such cap).
+    :class:`WSConnection`; None: no such cap). ``gate`` bounds the connections (default:
+    :meth:`ConnectionGate.for_process`): past its bounds the oldest connection that is
+    neither registered nor answered is dropped, so strangers cannot exhaust descriptors.
     """
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
+    gate = gate if gate is not None else ConnectionGate.for_process()
 
     def on_open(conn: WSConnection) -> None:
         async def run() -> None:
@@ -566,7 +590,7 @@ async def serve(
         return WSConnection(client=False, max_message_bytes=max_message_bytes, on_open=on_open,
                             handshake_timeout=handshake_timeout, http_handler=http_handler,
                             receive_budget=receive_budget,
-                            fragment_cap=unregistered_fragment_bytes)
+                            fragment_cap=unregistered_fragment_bytes, gate=gate)
 
     return await loop.create_server(factory, host, port, ssl=ssl, backlog=4096)
 
