@@ -25,12 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
-from websockets.client import ClientProtocol
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
-from websockets.protocol import State
-from websockets.server import ServerProtocol
-from websockets.uri import parse_uri
+from websockets.http11 import Request
 
 from fedstack.errors import ConnectionClosed, MessageTooLarge, RemoteProtocolError
 from fedstack.transport import frames
@@ -46,19 +41,9 @@ from fedstack.transport.frames import (
     Ping,
     Violation,
 )
-from fedstack.transport.http import (
-    MAX_HEAD_BYTES,
-    HttpError,
-    HttpHandler,
-    HttpRequest,
-    HttpResponse,
-    RequestReader,
-    error_response,
-)
+from fedstack.transport.handshake import ClientHandshake, Refused, Routed, ServerHandshake
+from fedstack.transport.http import HttpHandler, HttpRequest, HttpResponse, error_response
 from fedstack.transport.limits import ConnectionGate
-
-_HS_LOG = logging.getLogger("fedstack.transport.handshake")
-_HS_LOG.setLevel(logging.WARNING)
 
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a server connection may take to complete its HTTP upgrade (slow-loris guard)."""
@@ -67,8 +52,6 @@ UNREGISTERED_FRAGMENT_BYTES = 64 * 1024
 _HS_CHUNK = 64 * 1024
 _QUEUE_HIGH = 8  # complete messages buffered before we stop reading (backpressure)
 _HTTP_DISCARD = 1 << 20  # bytes read (and dropped) after a plain HTTP request before we abort
-_BAD_REQUEST = HttpResponse(400, b"Failed to open a WebSocket connection: invalid HTTP "
-                                 b"request.\n", "text/plain; charset=utf-8")
 
 Buffer = bytes | bytearray | memoryview
 
@@ -123,9 +106,7 @@ class WSConnection(asyncio.BufferedProtocol):
         self.close_reason = ""
         # handshake
         self._hs_buf = np.empty(_HS_CHUNK, dtype=np.uint8)
-        self._reader: RequestReader | None = None  # server side
-        self._handshake = bytearray()  # client side: the response head
-        self._hs_proto: ClientProtocol | None = None
+        self._handshake: ServerHandshake | ClientHandshake | None = None
         self._hs_timer: asyncio.TimerHandle | None = None
         # plain HTTP
         self._http = False  # a plain HTTP request is being answered: drop further input
@@ -160,17 +141,16 @@ class WSConnection(asyncio.BufferedProtocol):
         self.remote_address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if self.client:
             assert self._uri is not None
-            proto = ClientProtocol(parse_uri(self._uri), max_size=None, logger=_HS_LOG)
-            self._hs_proto = proto
-            proto.send_request(proto.connect())
-            for chunk in proto.data_to_send():
-                self.transport.write(chunk)
+            client = ClientHandshake(self._uri)
+            self._handshake = client
+            self.transport.write(client.request())
             return
         # drain() waits until the transport handed every byte to the kernel, so a sender
         # that holds a byte budget until drain() returns holds it truly
         self.transport.set_write_buffer_limits(high=64 * 1024, low=0)
         tls = transport.get_extra_info("sslcontext") is not None
-        self._reader = RequestReader(self.remote_address, tls)
+        self._handshake = ServerHandshake(self.remote_address, tls,
+                                          http=self._http_handler is not None)
         self._hs_timer = asyncio.get_running_loop().call_later(
             self.handshake_timeout or HANDSHAKE_TIMEOUT, self._handshake_expired)
         if self._gate is not None:
@@ -300,64 +280,40 @@ class WSConnection(asyncio.BufferedProtocol):
             if self._http_discarded > _HTTP_DISCARD:
                 self._abort("too much data after an HTTP request")
             return
-        if self.client:
-            self._client_handshake(data)
+        assert self.transport is not None
+        hs = self._handshake
+        if isinstance(hs, ClientHandshake):
+            try:
+                rest = hs.feed(data)
+            except ConnectionClosed as exc:
+                self._abort(exc.reason)
+                return
+            if rest is not None:
+                self._opened(rest)
+            return
+        assert hs is not None
+        outcome = hs.feed(data)
+        if outcome is None:
+            return
+        if isinstance(outcome, Routed):
+            self._http = True
+            self._http_task = asyncio.get_running_loop().create_task(
+                self._run_http(outcome.request))
+        elif isinstance(outcome, Refused):
+            if outcome.error is not None:  # a malformed request: answered like HTTP
+                self._http = True
+                self._reply_http(outcome.response)
+            else:  # the upgrade was refused
+                self.transport.write(outcome.response)
+                self._closed = True
+                self.transport.close()
         else:
-            self._server_handshake(data)
-
-    def _client_handshake(self, data: memoryview) -> None:
-        before = len(self._handshake)
-        self._handshake += data
-        end = self._handshake.find(b"\r\n\r\n", max(0, before - 3))
-        if end < 0:
-            if len(self._handshake) > MAX_HEAD_BYTES:
-                self._abort("handshake too large")
-            return
-        rest = bytes(self._handshake[end + 4 :])
-        proto = self._hs_proto
-        assert proto is not None
-        proto.receive_data(bytes(self._handshake[: end + 4]))
-        self._handshake.clear()
-        events = proto.events_received()
-        if proto.state is not State.OPEN or not events:
-            self._abort(f"WebSocket handshake failed: {proto.handshake_exc or 'no response'}")
-            return
-        self._hs_proto = None
-        self._opened(rest)
-
-    def _server_handshake(self, data: memoryview) -> None:
-        assert self._reader is not None and self.transport is not None
-        try:
-            req = self._reader.feed(data)
-        except HttpError as exc:
-            self._http = True
-            self._reply_http(exc.response if self._http_handler else _BAD_REQUEST)
-            return
-        if req is None:
-            return
-        if self._http_handler is not None and not req.is_websocket_upgrade:
-            self._http = True
-            self._http_task = asyncio.get_running_loop().create_task(self._run_http(req))
-            return
-        sproto = ServerProtocol(max_size=None, logger=_HS_LOG)
-        self.request = Request(req.target, Headers(req.headers))
-        response: Response = sproto.accept(self.request)
-        if response.status_code != 101:
-            response = Response(
-                response.status_code, response.reason_phrase,
-                Headers([("Content-Length", str(len(response.body)))]), response.body,
-            )
-        sproto.send_response(response)
-        for chunk in sproto.data_to_send():
-            self.transport.write(chunk)
-        if response.status_code != 101:
-            self._closed = True
-            self.transport.close()
-            return
-        self._opened(self._reader.trailing)
-        self._reader = None
+            self.request = outcome.request
+            self.transport.write(outcome.response)
+            self._opened(outcome.rest)
 
     def _opened(self, rest: bytes) -> None:
+        self._handshake = None
         self._open = True
         if self._hs_timer is not None:
             self._hs_timer.cancel()
@@ -380,14 +336,15 @@ class WSConnection(asyncio.BufferedProtocol):
             response = error_response(500, "internal error", "see the aggregator's log")
         self._reply_http(response)
 
-    def _reply_http(self, response: HttpResponse) -> None:
+    def _reply_http(self, response: HttpResponse | bytes) -> None:
         """Write ``response`` and close; the handshake deadline still bounds the linger."""
         transport = self.transport
         if transport is None or transport.is_closing() or self._http_replied:
             return
         self._http_replied = True
-        transport.write(response.serialize())
-        self.bytes_sent += len(response.body)
+        wire = response if isinstance(response, bytes) else response.serialize()
+        transport.write(wire)
+        self.bytes_sent += len(wire)
         if transport.can_write_eof() and not self._http_eof:
             # half-close and drain what the client still sends (an unread request body
             # would make the kernel reset the connection before the client reads the
