@@ -432,6 +432,22 @@ def test_fragments_before_admission_are_capped() -> None:
     assert message_bytes(q.feed(fragmented(10, 32 * 1024, 3))) == [bytes(10 + 3 * 32 * 1024)]
 
 
+def test_strangers_messages_are_charged_from_64_kib() -> None:
+    """Before admission, a message below the budget's min_bytes but from 64 KiB up is
+    counted all the same (strangers hold nothing big uncounted)."""
+    budget = FakeBudget(1 << 40, min_bytes=MB)
+    p = server(budget=budget, fragment_cap=64 * 1024)
+    p.feed(wire(OP_BINARY, bytes(100_000))[:50_000])
+    assert budget.used == 100_000
+    p.feed(wire(OP_BINARY, bytes(100_000))[50_000:])
+    gc.collect()
+    assert budget.used == 0
+    assert p.feed(wire(OP_BINARY, bytes(1000))) and budget.used == 0  # small: not counted
+    p.admit()
+    p.feed(wire(OP_BINARY, bytes(100_000))[:50_000])
+    assert budget.used == 0  # admitted: only what the budget counts
+
+
 def test_many_tiny_continuations_after_a_big_fragment_are_cheap() -> None:
     """Issue 16 finding 1: each continuation frame copied the whole message so far (a
     16 MiB fragment then 3,000 frames of 7 bytes: 48 GB of copying)."""

@@ -15,8 +15,10 @@ follows, and the caller closes with :attr:`Violation.close_code`.
 Memory is accounted for, not just bounded: every byte of a message buffer is charged to
 the optional receive budget (see :mod:`fedstack.transport.budget`) before it is allocated,
 fragments included. A fragmented message grows its buffer geometrically (each byte is
-copied O(1) times on average), and until :meth:`FrameParser.admit` is called a fragmented
-message may not exceed ``fragment_cap`` bytes (a peer that has not registered holds little).
+copied O(1) times on average). Until :meth:`FrameParser.admit` is called, a fragmented
+message may not exceed ``fragment_cap`` bytes and every message from
+:data:`STRANGER_CHARGE_BYTES` up is charged: a peer that has not registered holds little,
+and nothing big uncounted.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ DIRECT_MIN = SCRATCH_BYTES // 4
 """A payload with more than this left to arrive is received straight into its message."""
 FIRST_FRAGMENT_BYTES = 64 * 1024
 """Initial capacity of a fragmented message's buffer (it then doubles as needed)."""
+STRANGER_CHARGE_BYTES = 64 * 1024
+"""Before :meth:`FrameParser.admit`, messages from this size up are charged to the budget
+even below its ``min_bytes``."""
 CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)})
 """Close codes a peer may send (besides 3000-4999, for applications)."""
 
@@ -199,6 +204,7 @@ class FrameParser:
         self.client = client
         self.max_message_bytes = max_message_bytes
         self.fragment_cap = max_message_bytes if fragment_cap is None else fragment_cap
+        self._admitted = fragment_cap is None
         self._budget = budget
         self._on_granted = on_granted
         # np.empty: pages are touched only as data arrives
@@ -244,8 +250,10 @@ class FrameParser:
         return 0 if self._msg is None else int(self._msg.size)
 
     def admit(self, fragment_cap: int | None = None) -> None:
-        """Allow fragmented messages up to ``fragment_cap`` (default: the message limit)."""
+        """Allow fragmented messages up to ``fragment_cap`` (default: the message limit),
+        and charge the budget only for the messages it counts."""
         self.fragment_cap = self.max_message_bytes if fragment_cap is None else fragment_cap
+        self._admitted = True
 
     def close(self) -> None:
         """Stop: free the message being assembled and give its budget back."""
@@ -428,7 +436,10 @@ class FrameParser:
     def _charge(self, cap: int) -> bool:
         """Take budget bytes for a buffer of ``cap`` bytes; False: wait for the grant."""
         budget = self._budget
-        if budget is None or not budget.counts(cap) or cap <= self._charged:
+        counted = budget is not None and (
+            budget.counts(cap) or (not self._admitted and cap >= STRANGER_CHARGE_BYTES)
+        )
+        if budget is None or not counted or cap <= self._charged:
             return True
         more = cap - self._charged
         if budget.request(more, self._granted_cb, held=self._charged):
