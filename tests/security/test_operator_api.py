@@ -378,7 +378,8 @@ def test_malformed_and_oversize_requests_get_4xx_and_never_hurt_the_aggregator(
         ("folded header", b"GET /healthz HTTP/1.1\r\nX: 1\r\n continued\r\n\r\n", 400),
         ("control char", b"GET /healthz HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400),
         ("two hosts", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
-        ("too many headers", b"GET /healthz HTTP/1.1\r\n" + b"X: 1\r\n" * 150 + b"\r\n", 431),
+        ("too many headers",
+         b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X: 1\r\n" * 150 + b"\r\n", 431),
         ("head too large", b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 40000, 431),
         ("small body", head + b"Content-Length: 5\r\n\r\nhello", 413),
         ("big body", head + b"Content-Length: 600000\r\n\r\n" + b"z" * 600000, 413),
@@ -386,9 +387,16 @@ def test_malformed_and_oversize_requests_get_4xx_and_never_hurt_the_aggregator(
         ("bad length", head + b"Content-Length: -1\r\n\r\n", 400),
         ("two lengths", head + b"Content-Length: 0\r\nContent-Length: 0\r\n\r\n", 400),
         ("chunked", head + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411),
-        ("healthz body", b"GET /healthz HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 413),
-        ("healthz post", b"POST /healthz HTTP/1.1\r\n\r\n", 405),
-        ("no auth, unknown path", b"GET /../../etc/passwd HTTP/1.1\r\n\r\n", 401),
+        ("healthz body", b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 413),
+        ("healthz post", b"POST /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        ("no auth, unknown path", b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 401),
+        # RFC 9112 3.2: an HTTP/1.1 request without Host is a 400
+        ("no host", b"GET /healthz HTTP/1.1\r\n\r\n", 400),
+        ("more than 20 query fields", b"GET /api/v1/rounds?"
+         + b"&".join(b"a%d=1" % i for i in range(30)) + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        ("bracket target", b"GET //[ HTTP/1.1\r\nHost: x\r\n\r\n", 401),
+        ("absolute bracket target", b"GET http://[ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        ("bad method", b"G\x01T /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         ("binary", bytes(rng.randrange(256) for _ in range(3000)) + b"\r\n\r\n", 400),
     ]
     cases += [(f"random {i}", rng.randbytes(rng.randint(1, 2000)).replace(b"\r\n\r\n", b"")

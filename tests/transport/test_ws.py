@@ -21,7 +21,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed as WSLibClosed
 
 from fedstack.errors import ConnectionClosed, MessageTooLarge, RemoteProtocolError
-from fedstack.transport.ws import WSConnection, _mask_into, _unmask, connect, serve
+from fedstack.transport.ws import WSConnection, connect, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -109,44 +109,6 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
 
 def close_code(data: bytes) -> int:
     return int(struct.unpack("!H", data[:2])[0])
-
-
-# ---------------------------------------------------------------------------- mask helpers
-@pytest.mark.parametrize("phase", range(4))
-@pytest.mark.parametrize("n", [*range(10), 31, 64, 1001])
-def test_mask_into_matches_xor_reference(n: int, phase: int) -> None:
-    key = bytes([0x12, 0xA5, 0xFF, 0x3C])
-    src = payload(n, seed=n)
-    dst = np.full(n + 8, 0x77, dtype=np.uint8)
-    _mask_into(dst[3 : 3 + n], src, key, phase)  # an unaligned destination
-    want = bytes(b ^ key[(phase + i) % 4] for i, b in enumerate(src))
-    assert dst[3 : 3 + n].tobytes() == want
-    assert (dst[:3] == 0x77).all() and (dst[3 + n :] == 0x77).all()  # nothing else touched
-
-
-@pytest.mark.parametrize("offset", range(4))
-@pytest.mark.parametrize("n", [*range(10), 33, 1000])
-def test_unmask_matches_xor_reference(n: int, offset: int) -> None:
-    key = os.urandom(4)
-    src = payload(n, seed=n + 7)
-    buf = np.zeros(n + 8, dtype=np.uint8)
-    buf[offset : offset + n] = np.frombuffer(src, dtype=np.uint8)
-    _unmask(buf[offset : offset + n], key)
-    assert buf[offset : offset + n].tobytes() == bytes(b ^ key[i % 4] for i, b in enumerate(src))
-    assert not buf[:offset].any() and not buf[offset + n :].any()
-
-
-def test_mask_parts_continue_the_phase() -> None:
-    # Sending a message in parts masks each part at the phase where the previous ended.
-    key = os.urandom(4)
-    parts = [payload(5, 1), payload(7, 2), payload(1, 3), payload(12, 4)]
-    out = np.empty(sum(map(len, parts)), dtype=np.uint8)
-    off = 0
-    for p in parts:
-        _mask_into(out[off : off + len(p)], p, key, off % 4)
-        off += len(p)
-    _unmask(out, key)
-    assert out.tobytes() == b"".join(parts)
 
 
 # ---------------------------------------------------------------------------- our server + client

@@ -13,7 +13,7 @@ from fedstack.transport.ws import WSConnection, serve
 
 Connection = WSConnection | InProcConnection
 """Either end of a connection: both have ``recv``, ``write``, ``send``, ``drain``,
-``close``, ``abort``, ``is_open`` and ``remote_address``."""
+``close``, ``abort``, ``admit``, ``is_open`` and ``remote_address``."""
 
 __all__ = ["Connection", "InProcConnection", "WSConnection", "connect", "serve"]
 

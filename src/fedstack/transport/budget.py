@@ -18,6 +18,7 @@ import asyncio
 import collections
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 Granted = Callable[[], None]
 
@@ -36,30 +37,35 @@ class ByteBudget:
         self.waited = 0
         self._lock = threading.Lock()
         self._waiters: collections.deque[
-            tuple[int, Granted, asyncio.AbstractEventLoop]] = collections.deque()
+            tuple[int, Granted, asyncio.AbstractEventLoop, int]] = collections.deque()
 
     def counts(self, nbytes: int) -> bool:
         """Whether a message of ``nbytes`` is subject to this budget."""
         return nbytes >= self.min_bytes
 
-    def _fits(self, n: int) -> bool:
-        return self.used == 0 or self.used + n <= self.limit
+    def _fits(self, n: int, held: int = 0) -> bool:
+        return self.used <= held or self.used + n <= self.limit
 
     def _take(self, n: int) -> None:
         self.used += n
         self.granted += 1
         self.peak = max(self.peak, self.used)
 
-    def request(self, n: int, granted: Granted) -> bool:
+    def request(self, n: int, granted: Granted, *, held: int = 0) -> bool:
         """Take ``n`` bytes now (True) or queue the request (False): ``granted()`` is then
-        called on the running event loop once the bytes are taken for it."""
+        called on the running event loop once the bytes are taken for it.
+
+        ``held`` is what the requester already holds (a message whose buffer grows): when
+        nobody else holds anything, its request is admitted whatever its size, as a first
+        request is.
+        """
         loop = asyncio.get_running_loop()
         with self._lock:
-            if not self._waiters and self._fits(n):
+            if not self._waiters and self._fits(n, held):
                 self._take(n)
                 return True
             self.waited += 1
-            self._waiters.append((n, granted, loop))
+            self._waiters.append((n, granted, loop, held))
             return False
 
     def cancel(self, granted: Granted) -> bool:
@@ -76,8 +82,8 @@ class ByteBudget:
         ready: list[tuple[Granted, asyncio.AbstractEventLoop]] = []
         with self._lock:
             self.used = max(0, self.used - n)
-            while self._waiters and self._fits(self._waiters[0][0]):
-                need, cb, loop = self._waiters.popleft()
+            while self._waiters and self._fits(self._waiters[0][0], self._waiters[0][3]):
+                need, cb, loop, _ = self._waiters.popleft()
                 self._take(need)
                 ready.append((cb, loop))
         for cb, loop in ready:
@@ -106,14 +112,20 @@ class ByteBudget:
             raise
 
 
+class Releasable(Protocol):
+    """Anything bytes can be given back to (a :class:`ByteBudget`)."""
+
+    def release(self, n: int) -> None: ...
+
+
 class Hold:
     """Bytes of a budget held by one message; :meth:`release` is idempotent and
     thread-safe (called when the message is freed or its reader moves on)."""
 
     __slots__ = ("_budget", "_lock", "_n")
 
-    def __init__(self, budget: ByteBudget, n: int) -> None:
-        self._budget: ByteBudget | None = budget
+    def __init__(self, budget: Releasable, n: int) -> None:
+        self._budget: Releasable | None = budget
         self._n = n
         self._lock = threading.Lock()
 

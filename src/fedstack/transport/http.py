@@ -1,14 +1,20 @@
-"""Plain HTTP/1.1 requests on the WebSocket port (sans-I/O: bytes in, values out).
+"""Plain HTTP/1.1 on the WebSocket port: requests parsed by h11, responses, refusals.
 
 The aggregator's port answers two kinds of requests: WebSocket upgrades (agents) and short
-HTTP requests (operators; see :mod:`fedstack.aggregator.operator_api`). This module parses
-the request head that :mod:`fedstack.transport.ws` collected (at most 16 KiB, ending with an
-empty line) and serialises responses. It is deliberately small:
+HTTP requests (operators; see :mod:`fedstack.aggregator.operator_api`). One
+:class:`RequestReader` per connection feeds the received bytes to an ``h11`` server
+connection until the request head is complete; :mod:`fedstack.transport.ws` then either
+hands it to the WebSocket handshake or to the HTTP handler. On top of h11's RFC 9112
+parsing, this module enforces fedstack's narrower rules:
 
 - one request per connection, answered with ``Connection: close``;
+- methods are upper-case tokens; only HTTP/1.0 and 1.1; targets in origin form
+  (``/path?query``) or absolute form; at most :data:`MAX_HEADERS` fields, 16 KiB of head
+  and :data:`MAX_QUERY_FIELDS` query fields; no control characters in field values; at
+  most one ``Content-Length`` field (h11 would merge equal ones);
 - no request bodies: :func:`body_refusal` gives the 411 (chunked) or 413 (any
   ``Content-Length`` above 0) answer, and the transport never reads a body;
-- everything malformed raises :class:`HttpError`, which carries its own 400-class answer.
+- everything malformed raises :class:`HttpError`, which carries its own 4xx answer.
 """
 
 from __future__ import annotations
@@ -22,13 +28,18 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import h11
+
 MAX_HEADERS = 100
+MAX_HEAD_BYTES = 16 * 1024
+MAX_QUERY_FIELDS = 20
 MAX_BODY_BYTES = 0
 """Request bodies accepted (none: operator actions take their parameters in the path)."""
 
-_REQUEST_LINE = re.compile(r"([A-Z]{1,16}) (\S{1,8000}) HTTP/(1\.[01])")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_METHOD = re.compile(r"[A-Z]{1,16}")
+_HEAD_END = re.compile(rb"\n\r?\n")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTENT_LENGTH_LINE = re.compile(rb"^content-length[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,52 +129,102 @@ HttpHandler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 """What :func:`fedstack.transport.ws.serve` calls for a request that is not an upgrade."""
 
 
-def parse_request(raw: bytes, remote_address: str = "", tls: bool = False) -> HttpRequest:
-    """Parse a request head (request line, headers, empty line).
+class RequestReader:
+    """Collects one request head from the bytes a connection receives (sans-I/O).
 
-    Raises:
-        HttpError: 400 for anything that is not a well-formed HTTP/1.x request head.
+    :meth:`feed` returns None until the head is complete, then the request;
+    :attr:`trailing` holds the bytes received after a bodiless head (the first WebSocket
+    frames, for an upgrade).
     """
-    try:
-        text = raw.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        raise HttpError(400, "malformed request") from None
-    head, sep, _ = text.partition("\r\n\r\n")
-    if not sep:
-        raise HttpError(400, "malformed request", "the request head must end with CRLF CRLF")
-    lines = head.split("\r\n")
-    m = _REQUEST_LINE.fullmatch(lines[0])
-    if m is None:
-        raise HttpError(400, "malformed request line",
-                        "expected METHOD /path HTTP/1.1")
-    method, target, version = m.group(1), m.group(2), m.group(3)
-    if len(lines) - 1 > MAX_HEADERS:
-        raise HttpError(431, "too many header fields")
-    headers: list[tuple[str, str]] = []
-    index: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or _TOKEN.fullmatch(name) is None:
-            raise HttpError(400, "malformed header field")
-        value = value.strip(" \t")
-        if _BAD_VALUE.search(value):
-            raise HttpError(400, "malformed header field")
-        headers.append((name, value))
-        index.setdefault(name.lower(), []).append(value)
+
+    def __init__(self, remote_address: str = "", tls: bool = False) -> None:
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self._raw = bytearray()  # the bytes fed until the head is complete (bounded)
+        self._remote = remote_address
+        self._tls = tls
+        self.trailing = b""
+
+    def feed(self, data: bytes | bytearray | memoryview) -> HttpRequest | None:
+        """Take received bytes; the request once its head is complete.
+
+        Raises:
+            HttpError: a 400-class answer for a malformed or oversized head.
+        """
+        chunk = bytes(data)
+        if len(self._raw) <= MAX_HEAD_BYTES:
+            self._raw += chunk[: MAX_HEAD_BYTES + 1]
+        try:
+            self._h11.receive_data(chunk)
+            event = self._h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
+            if status == 431:
+                raise HttpError(431, "request head too large",
+                                f"at most {MAX_HEAD_BYTES} bytes") from None
+            raise HttpError(status, "malformed request", str(exc)[:200]) from None
+        if event is h11.NEED_DATA:
+            return None
+        if not isinstance(event, h11.Request):  # pragma: no cover - h11's first event
+            raise HttpError(400, "malformed request")
+        request = self._build(event)
+        if not (request.header_values("content-length")
+                or request.header_values("transfer-encoding")):
+            try:  # a bodiless request: what follows its head belongs to the next protocol
+                if isinstance(self._h11.next_event(), h11.EndOfMessage):
+                    self._h11.next_event()
+                    self.trailing = bytes(self._h11.trailing_data[0])
+            except h11.RemoteProtocolError:  # pragma: no cover - the head was complete
+                pass
+        return request
+
+    def _build(self, ev: h11.Request) -> HttpRequest:
+        method = ev.method.decode("latin-1")
+        target = ev.target.decode("latin-1")
+        version = ev.http_version.decode("latin-1")
+        if _METHOD.fullmatch(method) is None:
+            raise HttpError(400, "malformed request line", "expected METHOD /path HTTP/1.1")
+        if version not in ("1.0", "1.1"):
+            raise HttpError(400, "unsupported HTTP version", "use HTTP/1.1")
+        raw_items = list(ev.headers.raw_items())
+        if len(raw_items) > MAX_HEADERS:
+            raise HttpError(431, "too many header fields", f"at most {MAX_HEADERS}")
+        head = bytes(self._raw)
+        end = _HEAD_END.search(head)
+        if end is None or end.end() > MAX_HEAD_BYTES:
+            raise HttpError(431, "request head too large", f"at most {MAX_HEAD_BYTES} bytes")
+        if len(_CONTENT_LENGTH_LINE.findall(head[: end.start()])) > 1:
+            raise HttpError(400, "malformed Content-Length", "send at most one")
+        headers: list[tuple[str, str]] = []
+        index: dict[str, list[str]] = {}
+        for raw_name, value in raw_items:
+            name, text = raw_name.decode("latin-1"), value.decode("latin-1")
+            if _BAD_VALUE.search(text):
+                raise HttpError(400, "malformed header field", "control character in a value")
+            headers.append((name, text))
+            index.setdefault(name.lower(), []).append(text)
+        path, query = _split_target(target)
+        return HttpRequest(method=method, target=target, path=path, query=query,
+                           version=version, headers=tuple(headers),
+                           remote_address=self._remote, tls=self._tls, _index=index)
+
+
+def _split_target(target: str) -> tuple[str, dict[str, list[str]]]:
+    """(percent-encoded path, query fields) of an origin- or absolute-form target."""
     if target.startswith("/"):
-        parts = urlsplit(target)
+        path, _, query = target.partition("?")
     elif target.startswith(("http://", "https://")):
-        parts = urlsplit(target)  # absolute form
+        try:
+            parts = urlsplit(target)
+        except ValueError:
+            raise HttpError(400, "malformed request target") from None
+        path, query = parts.path or "/", parts.query
     else:
         raise HttpError(400, "unsupported request target", "use an absolute path like /healthz")
-    if version == "1.1" and len(index.get("host", [])) > 1:
-        raise HttpError(400, "more than one Host header")
-    return HttpRequest(
-        method=method, target=target, path=parts.path or "/",
-        query=parse_qs(parts.query, keep_blank_values=True, max_num_fields=20),
-        version=version, headers=tuple(headers), remote_address=remote_address, tls=tls,
-        _index=index,
-    )
+    try:
+        fields = parse_qs(query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+    except ValueError:
+        raise HttpError(400, "too many query fields", f"at most {MAX_QUERY_FIELDS}") from None
+    return path.partition("#")[0] or "/", fields
 
 
 def body_refusal(req: HttpRequest) -> HttpError | None:

@@ -106,6 +106,10 @@ class InProcConnection:
     def is_open(self) -> bool:
         return not self._closed
 
+    def admit(self, fragment_cap: int | None = None) -> None:
+        """Nothing to lift in-process (messages are never fragmented); kept so that
+        owners can treat both transports alike."""
+
     async def recv(self) -> memoryview | Segments:
         """The next complete message.
 
