@@ -143,8 +143,9 @@ def params_for(name: str, n: int, p: int) -> Params | str:
     return out
 
 
-def make_round(n: int, p: int, seed: int = 0) -> tuple[dict[str, np.ndarray[Any, Any]],
-                                                       list[Update]]:
+def make_round(
+    n: int, p: int, seed: int = 0
+) -> tuple[dict[str, np.ndarray[Any, Any]], list[Update]]:
     """A global model and ``n`` distinct float32 updates around it (deltas of norm
     ~0.01-0.02 sqrt(p)), with sample counts in [10, 1000)."""
     rng = np.random.default_rng(seed)
@@ -178,8 +179,9 @@ def aggregate_once(name: str, params: Params, glob: dict[str, Any], ups: list[Up
     return dt
 
 
-def traced_once(name: str, params: Params, glob: dict[str, Any],
-                ups: list[Update]) -> tuple[float, int]:
+def traced_once(
+    name: str, params: Params, glob: dict[str, Any], ups: list[Update]
+) -> tuple[float, int]:
     """One aggregation under tracemalloc: (seconds, peak bytes above the starting point)."""
     gc.collect()
     tracemalloc.start()
@@ -219,7 +221,10 @@ def ref_copy(xs: list[np.ndarray[Any, Any]]) -> float:
 
 
 REFERENCES: dict[str, Callable[[list[np.ndarray[Any, Any]]], float]] = {
-    "inplace f32": ref_inplace32, "f32->f64": ref_f32_to_f64, "copy": ref_copy}
+    "inplace f32": ref_inplace32,
+    "f32->f64": ref_f32_to_f64,
+    "copy": ref_copy,
+}
 
 
 def references(xs: list[np.ndarray[Any, Any]], reps: int) -> dict[str, list[float]]:
@@ -239,8 +244,9 @@ def med(values: list[float]) -> float:
 
 
 # ------------------------------------------------------------------------- runs
-def predict(known: dict[tuple[str, int], tuple[int, float]], name: str, n: int, p: int,
-            ns: list[int]) -> float:
+def predict(
+    known: dict[tuple[str, int], tuple[int, float]], name: str, n: int, p: int, ns: list[int]
+) -> float:
     """Seconds ``name`` should take for (n, p), from its last smaller run: linear in P;
     linear in N for streaming rules, quadratic for buffered ones (Krum's distances)."""
     if (name, n) in known:
@@ -260,8 +266,9 @@ def _params_or_empty(name: str, n: int, p: int) -> Params:
     return {} if isinstance(params, str) else params
 
 
-def run_grid(ns: list[int], ps: list[int], names: list[str]) -> tuple[list[dict[str, Any]],
-                                                                      list[dict[str, Any]]]:
+def run_grid(
+    ns: list[int], ps: list[int], names: list[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     bounds: list[dict[str, Any]] = []
     last: dict[tuple[str, int], tuple[int, float]] = {}  # (name, n) -> (p, seconds)
@@ -270,17 +277,25 @@ def run_grid(ns: list[int], ps: list[int], names: list[str]) -> tuple[list[dict[
             nbytes = n * p * 4
             if nbytes > MEMORY_LIMIT:
                 for name in names:
-                    rows.append({"strategy": name, "n": n, "p": p,
-                                 "skipped": f"update data {nbytes / 1e9:.1f} GB > 6 GB"})
+                    rows.append(
+                        {
+                            "strategy": name,
+                            "n": n,
+                            "p": p,
+                            "skipped": f"update data {nbytes / 1e9:.1f} GB > 6 GB",
+                        }
+                    )
                 continue
             glob, ups = make_round(n, p)
             xs = [u.weights["w"] for u in ups]
             ref = references(xs, REPS)
-            b = {"n": n, "p": p, **{k: med(v) for k, v in ref.items()},
-                 "samples": ref}
+            b = {"n": n, "p": p, **{k: med(v) for k, v in ref.items()}, "samples": ref}
             bounds.append(b)
-            print(f"  N={n:<4d} P={p:.0e}  bound: inplace f32 {b['inplace f32']:.2f} GB/s, "
-                  f"f32->f64 {b['f32->f64']:.2f} GB/s, copy {b['copy']:.2f} GB/s", flush=True)
+            print(
+                f"  N={n:<4d} P={p:.0e}  bound: inplace f32 {b['inplace f32']:.2f} GB/s, "
+                f"f32->f64 {b['f32->f64']:.2f} GB/s, copy {b['copy']:.2f} GB/s",
+                flush=True,
+            )
             for name in names:
                 row: dict[str, Any] = {"strategy": name, "n": n, "p": p}
                 rows.append(row)
@@ -300,16 +315,28 @@ def run_grid(ns: list[int], ps: list[int], names: list[str]) -> tuple[list[dict[
                 except Exception as exc:  # a strategy that cannot use these inputs
                     row["skipped"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:70]}"
                     continue
-                times = [first] if first > ONE_RUN_ABOVE else [
-                    aggregate_once(name, params, glob, mine) for _ in range(REPS)]
+                times = (
+                    [first]
+                    if first > ONE_RUN_ABOVE
+                    else [aggregate_once(name, params, glob, mine) for _ in range(REPS)]
+                )
                 t = med(times)
                 last[(name, n)] = (p, t)
                 gbps = nbytes / t / 1e9
-                row.update(seconds=t, times=times, gbps=gbps, peak_bytes=peak,
-                           x_inplace=gbps / b["inplace f32"], x_f64=gbps / b["f32->f64"],
-                           single_run=len(times) == 1)
-                print(f"    {name:18s} {t:8.3f} s {gbps:7.2f} GB/s  x{row['x_inplace']:.2f} "
-                      f"x{row['x_f64']:.2f}  peak {peak / 1e6:8.1f} MB", flush=True)
+                row.update(
+                    seconds=t,
+                    times=times,
+                    gbps=gbps,
+                    peak_bytes=peak,
+                    x_inplace=gbps / b["inplace f32"],
+                    x_f64=gbps / b["f32->f64"],
+                    single_run=len(times) == 1,
+                )
+                print(
+                    f"    {name:18s} {t:8.3f} s {gbps:7.2f} GB/s  x{row['x_inplace']:.2f} "
+                    f"x{row['x_f64']:.2f}  peak {peak / 1e6:8.1f} MB",
+                    flush=True,
+                )
             del glob, ups, xs
             gc.collect()
     return rows, bounds
@@ -329,13 +356,18 @@ def acceptance(p: int, ns: list[int], reps: int) -> dict[str, Any]:
             for k, f in REFERENCES.items():
                 samples[k].append(nbytes / f(xs) / 1e9)
             samples["fedavg"].append(nbytes / aggregate_once("fedavg", {}, glob, ups) / 1e9)
-        ratios = {k: [a / b for a, b in zip(samples["fedavg"], samples[k], strict=True)]
-                  for k in REFERENCES}
+        ratios = {
+            k: [a / b for a, b in zip(samples["fedavg"], samples[k], strict=True)]
+            for k in REFERENCES
+        }
         _, peak = traced_once("fedavg", {}, glob, ups)
-        out["by_n"][n] = {"gbps": samples, "median_gbps": {k: med(v) for k, v in samples.items()},
-                          "ratio": {k: med(v) for k, v in ratios.items()},
-                          "ratio_range": {k: [min(v), max(v)] for k, v in ratios.items()},
-                          "peak_bytes": peak}
+        out["by_n"][n] = {
+            "gbps": samples,
+            "median_gbps": {k: med(v) for k, v in samples.items()},
+            "ratio": {k: med(v) for k, v in ratios.items()},
+            "ratio_range": {k: [min(v), max(v)] for k, v in ratios.items()},
+            "peak_bytes": peak,
+        }
         del glob, ups, xs
         gc.collect()
     worst = {k: min(out["by_n"][n]["ratio"][k] for n in ns) for k in REFERENCES}
@@ -352,26 +384,37 @@ def fmt_p(p: int) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print("\npeak MB: tracemalloc peak of one aggregation beyond the update data; 'keeps': "
-          "the rule also holds the N updates by reference (N x P x 4 bytes) until result()")
-    print(f"{'strategy':18s} {'N':>4s} {'P':>5s} {'time s':>8s} {'GB/s':>7s} "
-          f"{'x inplace':>9s} {'x f32->f64':>10s} {'peak MB':>9s} {'keeps':>6s}  note")
+    print(
+        "\npeak MB: tracemalloc peak of one aggregation beyond the update data; 'keeps': "
+        "the rule also holds the N updates by reference (N x P x 4 bytes) until result()"
+    )
+    print(
+        f"{'strategy':18s} {'N':>4s} {'P':>5s} {'time s':>8s} {'GB/s':>7s} "
+        f"{'x inplace':>9s} {'x f32->f64':>10s} {'peak MB':>9s} {'keeps':>6s}  note"
+    )
     for r in rows:
         head = f"{r['strategy']:18s} {r['n']:4d} {fmt_p(r['p']):>5s}"
         if "skipped" in r:
-            print(f"{head} {'-':>8s} {'-':>7s} {'-':>9s} {'-':>10s} {'-':>9s} {'-':>6s}  "
-                  f"skipped: {r['skipped']}")
+            print(
+                f"{head} {'-':>8s} {'-':>7s} {'-':>9s} {'-':>10s} {'-':>9s} {'-':>6s}  "
+                f"skipped: {r['skipped']}"
+            )
             continue
         note = "1 run" if r["single_run"] else ""
         keeps = "-" if r["streaming"] else f"{r['n'] * r['p'] * 4 / 1e9:.1f}GB"
-        print(f"{head} {r['seconds']:8.3f} {r['gbps']:7.2f} {r['x_inplace']:9.2f} "
-              f"{r['x_f64']:10.2f} {r['peak_bytes'] / 1e6:9.1f} {keeps:>6s}  {note}")
+        print(
+            f"{head} {r['seconds']:8.3f} {r['gbps']:7.2f} {r['x_inplace']:9.2f} "
+            f"{r['x_f64']:10.2f} {r['peak_bytes'] / 1e6:9.1f} {keeps:>6s}  {note}"
+        )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true",
-                    help="P in {1e5, 1e6} for the grid (the acceptance still runs at 1e7)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="P in {1e5, 1e6} for the grid (the acceptance still runs at 1e7)",
+    )
     ap.add_argument("--only", default="", help="comma-separated strategy names")
     args = ap.parse_args()
 
@@ -391,45 +434,74 @@ def main() -> int:
     print("\nstreaming bound of the same data (GB/s of update bytes, median of 3):")
     print(f"{'N':>4s} {'P':>5s} {'inplace f32':>12s} {'f32->f64':>9s} {'copy':>7s}")
     for b in bounds:
-        print(f"{b['n']:4d} {fmt_p(b['p']):>5s} {b['inplace f32']:12.2f} {b['f32->f64']:9.2f} "
-              f"{b['copy']:7.2f}")
+        print(
+            f"{b['n']:4d} {fmt_p(b['p']):>5s} {b['inplace f32']:12.2f} {b['f32->f64']:9.2f} "
+            f"{b['copy']:7.2f}"
+        )
     print_table(rows)
 
     print(f"\nFedAvg at P=1e7, median of {acc['reps']} interleaved repetitions:")
     for n, r in acc["by_n"].items():
         g = r["median_gbps"]
-        print(f"  N={n:<4d} fedavg {g['fedavg']:.2f} GB/s | inplace f32 {g['inplace f32']:.2f} "
-              f"(x{r['ratio']['inplace f32']:.2f}) | f32->f64 {g['f32->f64']:.2f} "
-              f"(x{r['ratio']['f32->f64']:.2f}) | copy {g['copy']:.2f} "
-              f"(x{r['ratio']['copy']:.2f}) | peak {r['peak_bytes'] / 1e6:.1f} MB")
+        print(
+            f"  N={n:<4d} fedavg {g['fedavg']:.2f} GB/s | inplace f32 {g['inplace f32']:.2f} "
+            f"(x{r['ratio']['inplace f32']:.2f}) | f32->f64 {g['f32->f64']:.2f} "
+            f"(x{r['ratio']['f32->f64']:.2f}) | copy {g['copy']:.2f} "
+            f"(x{r['ratio']['copy']:.2f}) | peak {r['peak_bytes'] / 1e6:.1f} MB"
+        )
 
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "FAIL"
 
     w = acc["worst_ratio"]
     peaks = {n: r["peak_bytes"] / 1e6 for n, r in acc["by_n"].items()}
-    print(f"\n{verdict(acc['throughput_f64_pass'])}: FedAvg throughput at P=1e7 >= 0.50 x the "
-          "streaming bound of a float64 accumulation (f32->f64 accumulate): "
-          f"worst x{w['f32->f64']:.2f}")
-    print(f"{verdict(acc['throughput_inplace_pass'])}: (strict) FedAvg throughput at P=1e7 "
-          f">= 0.50 x the in-place float32 acc += x bound: worst x{w['inplace f32']:.2f} "
-          "(a float64 accumulator caps this at ~0.60; see the module docstring)")
-    print(f"{verdict(acc['memory_pass'])}: FedAvg peak memory does not grow with N at P=1e7: "
-          + ", ".join(f"N={n}: {v:.1f} MB" for n, v in peaks.items()))
+    print(
+        f"\n{verdict(acc['throughput_f64_pass'])}: FedAvg throughput at P=1e7 >= 0.50 x the "
+        "streaming bound of a float64 accumulation (f32->f64 accumulate): "
+        f"worst x{w['f32->f64']:.2f}"
+    )
+    print(
+        f"{verdict(acc['throughput_inplace_pass'])}: (strict) FedAvg throughput at P=1e7 "
+        f">= 0.50 x the in-place float32 acc += x bound: worst x{w['inplace f32']:.2f} "
+        "(a float64 accumulator caps this at ~0.60; see the module docstring)"
+    )
+    print(
+        f"{verdict(acc['memory_pass'])}: FedAvg peak memory does not grow with N at P=1e7: "
+        + ", ".join(f"N={n}: {v:.1f} MB" for n, v in peaks.items())
+    )
     print(f"\nwall time {wall:.0f} s")
 
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "aggregation.json"
-    out.write_text(json.dumps({
-        "bench": "aggregation",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": np.__version__, "platform": platform.platform(),
-                    "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS")},
-        "config": {"ns": ns, "ps": ps, "reps": REPS, "accept_reps": ACCEPT_REPS,
-                   "quick": args.quick, "memory_limit": MEMORY_LIMIT,
-                   "time_limit": TIME_LIMIT},
-        "bounds": bounds, "rows": rows, "acceptance": acc, "wall_seconds": wall,
-    }, indent=1, default=str))
+    out.write_text(
+        json.dumps(
+            {
+                "bench": "aggregation",
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "numpy": np.__version__,
+                    "platform": platform.platform(),
+                    "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+                },
+                "config": {
+                    "ns": ns,
+                    "ps": ps,
+                    "reps": REPS,
+                    "accept_reps": ACCEPT_REPS,
+                    "quick": args.quick,
+                    "memory_limit": MEMORY_LIMIT,
+                    "time_limit": TIME_LIMIT,
+                },
+                "bounds": bounds,
+                "rows": rows,
+                "acceptance": acc,
+                "wall_seconds": wall,
+            },
+            indent=1,
+            default=str,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

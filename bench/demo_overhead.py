@@ -61,21 +61,42 @@ from fedbench_common import RESULTS, TreeMemory, weighted_mean  # noqa: E402
 
 
 def _summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def _fmt(s: dict[str, float], digits: int = 3) -> str:
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f} - {s['max']:.{digits}f}]"
 
 
-def run_demo(agents: int, rounds: int, partition: str, delivery: str,
-             timeout: float) -> dict[str, Any]:
+def run_demo(
+    agents: int, rounds: int, partition: str, delivery: str, timeout: float
+) -> dict[str, Any]:
     """One ``fedstack demo`` run in a fresh work folder; its JSON result plus our timings."""
     with tempfile.TemporaryDirectory(prefix="fs-demo-bench-") as work:
-        cmd = [sys.executable, "-m", "fedstack", "demo", "--agents", str(agents),
-               "--rounds", str(rounds), "--partition", partition, "--json",
-               "--workdir", work, "--delivery", delivery, "--timeout", str(timeout)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedstack",
+            "demo",
+            "--agents",
+            str(agents),
+            "--rounds",
+            str(rounds),
+            "--partition",
+            partition,
+            "--json",
+            "--workdir",
+            work,
+            "--delivery",
+            delivery,
+            "--timeout",
+            str(timeout),
+        ]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         sampler = TreeMemory(interval=0.05)  # the demo is this script's only child
@@ -91,8 +112,10 @@ def run_demo(agents: int, rounds: int, partition: str, delivery: str,
         if proc.returncode != 0:
             logs = Path(work) / "logs" / "aggregator.log"
             tail = logs.read_text()[-2000:] if logs.exists() else ""
-            raise RuntimeError(f"fedstack demo ({delivery}) exited with {proc.returncode}:\n"
-                               f"{err.decode()[-2000:]}\n{tail}")
+            raise RuntimeError(
+                f"fedstack demo ({delivery}) exited with {proc.returncode}:\n"
+                f"{err.decode()[-2000:]}\n{tail}"
+            )
     lines = [ln for ln in out.decode().splitlines() if ln.strip()]
     result: dict[str, Any] = json.loads(lines[-1])
     rows = result["rounds"]
@@ -116,8 +139,10 @@ def framework_free(agents: int, rounds: int, partition: str, seed: int = 0) -> d
     from fedstack.trainers.digits import DigitsLinearTrainer, evaluate_global
 
     t0 = time.perf_counter()
-    trainers = [DigitsLinearTrainer(index=i, num_agents=agents, partition=partition, seed=seed)
-                for i in range(agents)]
+    trainers = [
+        DigitsLinearTrainer(index=i, num_agents=agents, partition=partition, seed=seed)
+        for i in range(agents)
+    ]
     weights = trainers[0].initial_weights()
     round_s, overhead, acc = [], [], 0.0
     for version in range(rounds):
@@ -128,8 +153,12 @@ def framework_free(agents: int, rounds: int, partition: str, seed: int = 0) -> d
         dt = time.perf_counter() - start
         round_s.append(dt)
         overhead.append(dt - sum(float(m["train_seconds"]) for _, _, m in results))
-    return {"round_seconds": round_s, "overhead": overhead, "final_accuracy": acc,
-            "wall_seconds": time.perf_counter() - t0}
+    return {
+        "round_seconds": round_s,
+        "overhead": overhead,
+        "final_accuracy": acc,
+        "wall_seconds": time.perf_counter() - t0,
+    }
 
 
 def main() -> int:
@@ -146,9 +175,12 @@ def main() -> int:
     if args.rounds < 2:
         ap.error("--rounds must be at least 2 (the first round is left out)")
     modes = ("push", "poll")
-    print(f"demo_overhead: fedstack demo --agents {args.agents} --rounds {args.rounds} "
-          f"--partition {args.partition}, {args.reps} runs per delivery mode, "
-          f"{os.cpu_count()} CPUs", flush=True)
+    print(
+        f"demo_overhead: fedstack demo --agents {args.agents} --rounds {args.rounds} "
+        f"--partition {args.partition}, {args.reps} runs per delivery mode, "
+        f"{os.cpu_count()} CPUs",
+        flush=True,
+    )
     t_start = time.monotonic()
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     refs: list[dict[str, Any]] = []
@@ -157,17 +189,24 @@ def main() -> int:
         for mode in modes:
             r = run_demo(args.agents, args.rounds, args.partition, mode, args.timeout)
             runs[mode].append(r)
-            print(f"  rep {rep + 1} {mode}: wall {r['wall_seconds']:.2f} s, overhead/round "
-                  f"median {statistics.median(r['overhead_after_first']):.3f} s, "
-                  f"accuracy {r['final_accuracy']:.4f}", flush=True)
+            print(
+                f"  rep {rep + 1} {mode}: wall {r['wall_seconds']:.2f} s, overhead/round "
+                f"median {statistics.median(r['overhead_after_first']):.3f} s, "
+                f"accuracy {r['final_accuracy']:.4f}",
+                flush=True,
+            )
         refs.append(framework_free(args.agents, args.rounds, args.partition))
 
     summary: dict[str, Any] = {}
     print()
-    print(f"per-round overhead = round s - slowest agent's train s, rounds 2..{args.rounds}; "
-          f"median [min - max]; {args.reps} runs per mode")
-    head = (f"{'mode':<22} {'overhead/round s':>24} {'per-run medians s':>24} "
-            f"{'round s':>24} {'wall s':>20} {'final acc':>8} {'peak RSS MB':>12}")
+    print(
+        f"per-round overhead = round s - slowest agent's train s, rounds 2..{args.rounds}; "
+        f"median [min - max]; {args.reps} runs per mode"
+    )
+    head = (
+        f"{'mode':<22} {'overhead/round s':>24} {'per-run medians s':>24} "
+        f"{'round s':>24} {'wall s':>20} {'final acc':>8} {'peak RSS MB':>12}"
+    )
     print(head)
     for mode in modes:
         rs = runs[mode]
@@ -179,8 +218,9 @@ def main() -> int:
             "overhead_p90": float(np.percentile(pooled, 90)),
             "overhead_per_run_median": _summary(per_run),
             "round_seconds": _summary(round_s),
-            "train_seconds": _summary([row["train_seconds"] for r in rs
-                                       for row in r["rounds"][1:]]),
+            "train_seconds": _summary(
+                [row["train_seconds"] for r in rs for row in r["rounds"][1:]]
+            ),
             "wall_seconds": _summary([r["wall_seconds"] for r in rs]),
             "demo_wall_seconds": _summary([r["demo_wall_seconds"] for r in rs]),
             "final_accuracy": _summary([r["final_accuracy"] for r in rs]),
@@ -188,12 +228,13 @@ def main() -> int:
         }
         summary[mode] = s
         acc = s["final_accuracy"]
-        acc_txt = (f"{acc['median']:.4f}" if acc["min"] == acc["max"]
-                   else f"{acc['median']:.4f}*")
-        print(f"{'fedstack demo, ' + mode:<22} {_fmt(s['overhead_pooled']):>24} "
-              f"{_fmt(s['overhead_per_run_median']):>24} {_fmt(s['round_seconds']):>24} "
-              f"{_fmt(s['wall_seconds'], 2):>20} {acc_txt:>8} "
-              f"{s['peak_rss_mb']['median']:>12.0f}")
+        acc_txt = f"{acc['median']:.4f}" if acc["min"] == acc["max"] else f"{acc['median']:.4f}*"
+        print(
+            f"{'fedstack demo, ' + mode:<22} {_fmt(s['overhead_pooled']):>24} "
+            f"{_fmt(s['overhead_per_run_median']):>24} {_fmt(s['round_seconds']):>24} "
+            f"{_fmt(s['wall_seconds'], 2):>20} {acc_txt:>8} "
+            f"{s['peak_rss_mb']['median']:>12.0f}"
+        )
     ref_over = [o for r in refs for o in r["overhead"][1:]]
     ref_round = [t for r in refs for t in r["round_seconds"][1:]]
     summary["framework_free"] = {
@@ -203,35 +244,56 @@ def main() -> int:
         "final_accuracy": _summary([r["final_accuracy"] for r in refs]),
     }
     ff = summary["framework_free"]
-    print(f"{'framework-free loop':<22} {_fmt(ff['overhead_pooled'], 4):>24} {'':>24} "
-          f"{_fmt(ff['round_seconds'], 4):>24} {_fmt(ff['wall_seconds'], 2):>20} "
-          f"{ff['final_accuracy']['median']:>8.4f} {'':>12}")
-    if any(summary[m]["final_accuracy"]["min"] != summary[m]["final_accuracy"]["max"]
-           for m in modes):
+    print(
+        f"{'framework-free loop':<22} {_fmt(ff['overhead_pooled'], 4):>24} {'':>24} "
+        f"{_fmt(ff['round_seconds'], 4):>24} {_fmt(ff['wall_seconds'], 2):>20} "
+        f"{ff['final_accuracy']['median']:>8.4f} {'':>12}"
+    )
+    if any(
+        summary[m]["final_accuracy"]["min"] != summary[m]["final_accuracy"]["max"] for m in modes
+    ):
         print("(* final accuracy differs between runs; see the JSON)")
     print("(framework-free overhead: round - sum of the trainings; evaluation included)")
     for mode in modes:
         ratio = summary[mode]["round_seconds"]["median"] / ff["round_seconds"]["median"]
         summary[mode]["round_ratio_to_framework_free"] = ratio
-        print(f"{mode}: round time {ratio:.1f} x the framework-free loop's (information; "
-              "PERF.md's 2x target is stated for the torch MLP anchor workload)")
+        print(
+            f"{mode}: round time {ratio:.1f} x the framework-free loop's (information; "
+            "PERF.md's 2x target is stated for the torch MLP anchor workload)"
+        )
     for mode in modes:
         s = summary[mode]
-        print(f"{mode}: overhead p90 {s['overhead_p90']:.3f} s; slowest agent's training "
-              f"{s['train_seconds']['median']:.4f} s/round; demo's own wall time "
-              f"{_fmt(s['demo_wall_seconds'], 2)} s")
+        print(
+            f"{mode}: overhead p90 {s['overhead_p90']:.3f} s; slowest agent's training "
+            f"{s['train_seconds']['median']:.4f} s/round; demo's own wall time "
+            f"{_fmt(s['demo_wall_seconds'], 2)} s"
+        )
     print(f"\ntotal bench time {time.monotonic() - t_start:.0f} s")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "bench": "demo_overhead",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
-        "config": {"agents": args.agents, "rounds": args.rounds, "partition": args.partition,
-                   "reps": args.reps},
-        "summary": summary, "runs": runs, "framework_free": refs,
-    }, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "bench": "demo_overhead",
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "platform": platform.platform(),
+                },
+                "config": {
+                    "agents": args.agents,
+                    "rounds": args.rounds,
+                    "partition": args.partition,
+                    "reps": args.reps,
+                },
+                "summary": summary,
+                "runs": runs,
+                "framework_free": refs,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -138,13 +138,24 @@ class Procs:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.commands: list[str] = []
 
-    def spawn(self, cmd: Sequence[str], log_name: str, env: dict[str, str] | None = None,
-              cwd: str | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self,
+        cmd: Sequence[str],
+        log_name: str,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> subprocess.Popen[bytes]:
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.commands.append(shlex.join(cmd))
         with open(self.logdir / log_name, "wb") as log:
-            p = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                 cwd=cwd, start_new_session=True)
+            p = subprocess.Popen(
+                list(cmd),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,
+            )
         self.procs.append(p)
         self.mem.sids.add(p.pid)
         return p
@@ -198,11 +209,19 @@ def round_stats(round_ends: list[float]) -> dict[str, Any]:
     }
 
 
-def _result(name: str, t0: float, end: float | None, round_ends: list[float],
-            final: dict[str, Any], peak: int, commands: list[str], **extra: Any
-            ) -> dict[str, Any]:
+def _result(
+    name: str,
+    t0: float,
+    end: float | None,
+    round_ends: list[float],
+    final: dict[str, Any],
+    peak: int,
+    commands: list[str],
+    **extra: Any,
+) -> dict[str, Any]:
     return {
-        "name": name, "ok": True,
+        "name": name,
+        "ok": True,
         "wall_seconds": None if end is None else end - t0,
         "first_round_seconds": round_ends[0] - t0 if round_ends else None,
         **round_stats(round_ends),
@@ -233,8 +252,10 @@ def _framework_free_digits(rounds: int, agents: int) -> tuple[list[float], dict[
 
     from fedstack.trainers.torch_digits import DigitsMLPTrainer, evaluate_global_mlp
 
-    trainers = [DigitsMLPTrainer(index=i, num_agents=agents, **DIGITS)  # type: ignore[arg-type]
-                for i in range(agents)]
+    trainers = [
+        DigitsMLPTrainer(index=i, num_agents=agents, **DIGITS)  # type: ignore[arg-type]
+        for i in range(agents)
+    ]
     weights = trainers[0].initial_weights()
     ends: list[float] = []
     metrics: dict[str, Any] = {}
@@ -248,8 +269,10 @@ def _framework_free_digits(rounds: int, agents: int) -> tuple[list[float], dict[
 def _framework_free_probe(rounds: int, agents: int) -> tuple[list[float], dict[str, Any]]:
     from fedstack.testing.probe import ProbeTrainer, evaluate_probe
 
-    trainers = [ProbeTrainer(index=i, num_agents=agents, **PROBE)  # type: ignore[arg-type]
-                for i in range(agents)]
+    trainers = [
+        ProbeTrainer(index=i, num_agents=agents, **PROBE)  # type: ignore[arg-type]
+        for i in range(agents)
+    ]
     w = trainers[0].initial_weights()["w"]
     acc = np.empty_like(w)
     ends: list[float] = []
@@ -302,12 +325,19 @@ def weighted_mean(results: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
     float64, cast back to each tensor's dtype (the framework-free loops' aggregation)."""
     total = float(sum(r[1] for r in results))
     first = results[0][0]
-    return {k: (sum(r[0][k].astype(np.float64) * r[1] for r in results) / total)
-            .astype(first[k].dtype) for k in first}
+    return {
+        k: (sum(r[0][k].astype(np.float64) * r[1] for r in results) / total).astype(first[k].dtype)
+        for k in first
+    }
 
 
-def run_single(cmd: Sequence[str], workdir: Path, log_name: str, timeout: float,
-               env: dict[str, str] | None = None) -> SingleRun:
+def run_single(
+    cmd: Sequence[str],
+    workdir: Path,
+    log_name: str,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> SingleRun:
     """Run ``cmd`` to its end (at most ``timeout`` s), sampling the peak memory of its tree."""
     mem = TreeMemory()
     procs = Procs(mem, workdir)
@@ -324,20 +354,31 @@ def run_single(cmd: Sequence[str], workdir: Path, log_name: str, timeout: float,
     return SingleRun(rc, t0, end, peak, procs.commands)
 
 
-def run_framework_free(task: str, rounds: int, agents: int, workdir: Path,
-                       timeout: float) -> dict[str, Any]:
+def run_framework_free(
+    task: str, rounds: int, agents: int, workdir: Path, timeout: float
+) -> dict[str, Any]:
     """The framework-free loop as a subprocess of this interpreter (fedstack's venv)."""
     name = FF
     out = workdir / f"framework-free-{task}.json"
-    cmd = [FEDSTACK_PY, str(Path(__file__).resolve()), "framework-free", "--task", task,
-           "--rounds", str(rounds), "--agents", str(agents), "--out", str(out)]
+    cmd = [
+        FEDSTACK_PY,
+        str(Path(__file__).resolve()),
+        "framework-free",
+        "--task",
+        task,
+        "--rounds",
+        str(rounds),
+        "--agents",
+        str(agents),
+        "--out",
+        str(out),
+    ]
     log = workdir / f"framework-free-{task}.log"
     r = run_single(cmd, workdir, log.name, timeout)
     if (bad := r.failure(name, timeout, log)) is not None:
         return bad
     data = json.loads(out.read_text())
-    return _result(name, r.t0, r.end, data["round_ends"], data["final_metrics"], r.peak,
-                   r.commands)
+    return _result(name, r.t0, r.end, data["round_ends"], data["final_metrics"], r.peak, r.commands)
 
 
 # --- fedstack ------------------------------------------------------------------------------
@@ -347,8 +388,9 @@ def _trainer_args(task: str, agents: int) -> dict[str, Any]:
     return dict(DIGITS) if task == "digits" else dict(PROBE)
 
 
-def run_fedstack_deployment(task: str, rounds: int, agents: int, workdir: Path,
-                            timeout: float) -> dict[str, Any]:
+def run_fedstack_deployment(
+    task: str, rounds: int, agents: int, workdir: Path, timeout: float
+) -> dict[str, Any]:
     """``fedstack aggregator`` + ``agents`` agent processes (``fedstack agents``) over
     loopback."""
     from fedstack.store import Store
@@ -369,34 +411,76 @@ def run_fedstack_deployment(task: str, rounds: int, agents: int, workdir: Path,
     final: dict[str, Any] = {}
     store: Store | None = None
     try:
-        agg = procs.spawn([
-            *fs, "aggregator", "--host", "127.0.0.1", "--port", "0", "--db", str(db),
-            "--rounds", str(rounds), "--threshold", "1.0", "--min-agents", str(agents),
-            "--round-timeout", str(int(timeout)), "--delivery", "push",
-            "--evaluator", evaluator, "--run-name", f"bench-{task}", "--finish-grace", "10",
-            "--ready-file", str(ready), "--auth", "off",
-        ], f"fedstack-{task}-aggregator.log")
+        agg = procs.spawn(
+            [
+                *fs,
+                "aggregator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--db",
+                str(db),
+                "--rounds",
+                str(rounds),
+                "--threshold",
+                "1.0",
+                "--min-agents",
+                str(agents),
+                "--round-timeout",
+                str(int(timeout)),
+                "--delivery",
+                "push",
+                "--evaluator",
+                evaluator,
+                "--run-name",
+                f"bench-{task}",
+                "--finish-grace",
+                "10",
+                "--ready-file",
+                str(ready),
+                "--auth",
+                "off",
+            ],
+            f"fedstack-{task}-aggregator.log",
+        )
         while not ready.exists():
             if agg.poll() is not None or time.monotonic() > deadline:
-                return failed(name, "the aggregator did not start: "
-                              + _tail(workdir / f"fedstack-{task}-aggregator.log"))
+                return failed(
+                    name,
+                    "the aggregator did not start: "
+                    + _tail(workdir / f"fedstack-{task}-aggregator.log"),
+                )
             time.sleep(0.01)
         info = json.loads(ready.read_text())
         url = f"ws://127.0.0.1:{info['port']}"
         # `fedstack agents`: one process per agent (each its own Agent, connection and
         # trainer), forked from a parent that imported the trainer's module once
-        targs = [a for k, v in _trainer_args(task, agents).items()
-                 for a in ("--trainer-arg", f"{k}={v}")]
-        procs.spawn([*fs, "agents", "--url", url, "--count", str(agents),
-                     "--num-agents", str(agents), "--trainer", trainer, *targs],
-                    f"fedstack-{task}-agents.log")
+        targs = [
+            a for k, v in _trainer_args(task, agents).items() for a in ("--trainer-arg", f"{k}={v}")
+        ]
+        procs.spawn(
+            [
+                *fs,
+                "agents",
+                "--url",
+                url,
+                "--count",
+                str(agents),
+                "--num-agents",
+                str(agents),
+                "--trainer",
+                trainer,
+                *targs,
+            ],
+            f"fedstack-{task}-agents.log",
+        )
         store = Store(str(db))
         # Watch for the final evaluated round with one cheap raw query every 20 ms: the
         # machine has 2 cores and the measured processes use both; the harness must not
         # take a share of them (a full store.rounds() per poll took 5-10 % of a core).
         watch = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        last_sql = ("SELECT round, metrics FROM rounds WHERE run_id = ? "
-                    "ORDER BY round DESC LIMIT 1")
+        last_sql = "SELECT round, metrics FROM rounds WHERE run_id = ? ORDER BY round DESC LIMIT 1"
         while end is None:
             if time.monotonic() > deadline:
                 return failed(name, f"did not finish within {timeout:.0f} s")
@@ -406,14 +490,20 @@ def run_fedstack_deployment(task: str, rounds: int, agents: int, workdir: Path,
                 watch.close()
                 rows = store.rounds(info["run_id"])
                 round_ends = [float(r["finished"]) for r in rows]
-                final = {k: v for k, v in rows[-1]["metrics"].items()
-                         if k.startswith("eval_") or k == "num_updates"}
+                final = {
+                    k: v
+                    for k, v in rows[-1]["metrics"].items()
+                    if k.startswith("eval_") or k == "num_updates"
+                }
                 final["num_updates"] = rows[-1]["num_updates"]
                 break
             dead = [p for p in procs.procs if p.poll() not in (None, 0)]
             if dead:
-                return failed(name, f"a process exited with {dead[0].returncode}: "
-                              + _tail(workdir / f"fedstack-{task}-aggregator.log"))
+                return failed(
+                    name,
+                    f"a process exited with {dead[0].returncode}: "
+                    + _tail(workdir / f"fedstack-{task}-aggregator.log"),
+                )
             time.sleep(0.02)
         # Let the federation finish by itself (agents disconnect, the aggregator exits).
         for p in procs.procs:
@@ -427,12 +517,14 @@ def run_fedstack_deployment(task: str, rounds: int, agents: int, workdir: Path,
             store.close()
         procs.teardown()
         peak = mem.stop()
-    return _result(name, t0, end, round_ends, final, peak, procs.commands,
-                   seconds_until_all_exited=exited - t0)
+    return _result(
+        name, t0, end, round_ends, final, peak, procs.commands, seconds_until_all_exited=exited - t0
+    )
 
 
-def run_fedstack_sim(task: str, rounds: int, agents: int, workdir: Path,
-                     timeout: float) -> dict[str, Any]:
+def run_fedstack_sim(
+    task: str, rounds: int, agents: int, workdir: Path, timeout: float
+) -> dict[str, Any]:
     """``fedstack sim`` (in-process transport, default backend) as one subprocess."""
     name = FS_SIM
     sim_init = REPO / "src" / "fedstack" / "sim" / "__init__.py"
@@ -441,12 +533,35 @@ def run_fedstack_sim(task: str, rounds: int, agents: int, workdir: Path,
     trainer = DIGITS_TRAINER if task == "digits" else PROBE_TRAINER
     evaluator = DIGITS_EVALUATOR if task == "digits" else PROBE_EVALUATOR
     db = workdir / f"fedstack-sim-{task}.db"
-    targs = [a for k, v in _trainer_args(task, agents).items()
-             for a in ("--trainer-arg", f"{k}={v}")]
-    cmd = [FEDSTACK_PY, "-m", "fedstack", "sim", "--agents", str(agents), "--per-round",
-           str(agents), "--rounds", str(rounds), "--trainer", trainer, *targs,
-           "--evaluator", evaluator, "--strategy", "fedavg", "--db", str(db),
-           "--transport", "inproc", "--seed", "0", "--json"]  # default backend: auto
+    targs = [
+        a for k, v in _trainer_args(task, agents).items() for a in ("--trainer-arg", f"{k}={v}")
+    ]
+    cmd = [
+        FEDSTACK_PY,
+        "-m",
+        "fedstack",
+        "sim",
+        "--agents",
+        str(agents),
+        "--per-round",
+        str(agents),
+        "--rounds",
+        str(rounds),
+        "--trainer",
+        trainer,
+        *targs,
+        "--evaluator",
+        evaluator,
+        "--strategy",
+        "fedavg",
+        "--db",
+        str(db),
+        "--transport",
+        "inproc",
+        "--seed",
+        "0",
+        "--json",
+    ]  # default backend: auto
     log = workdir / f"fedstack-sim-{task}.log"
     r = run_single(cmd, workdir, log.name, timeout)
     if (bad := r.failure(name, timeout, log)) is not None:
@@ -469,15 +584,30 @@ def run_fedstack_sim(task: str, rounds: int, agents: int, workdir: Path,
             store.close()
     except Exception:  # noqa: BLE001 - informational fallback only
         round_ends = []
-    final = {k: v for k, v in (res.get("final_metrics") or {}).items()
-             if k.startswith("eval_") or k == "num_updates"}
-    out = _result(name, r.t0, r.end, round_ends, final, r.peak, r.commands,
-                  simulator_wall_seconds=res.get("wall_seconds"),
-                  simulator_round_seconds=res.get("round_seconds"))
+    final = {
+        k: v
+        for k, v in (res.get("final_metrics") or {}).items()
+        if k.startswith("eval_") or k == "num_updates"
+    }
+    out = _result(
+        name,
+        r.t0,
+        r.end,
+        round_ends,
+        final,
+        r.peak,
+        r.commands,
+        simulator_wall_seconds=res.get("wall_seconds"),
+        simulator_round_seconds=res.get("round_seconds"),
+    )
     if not round_ends and res.get("round_seconds"):
         rs = list(res["round_seconds"])[1:]
-        out.update(round_seconds_after_first=rs, mean_round_after_first=statistics.fmean(rs),
-                   median_round_after_first=statistics.median(rs), rounds_completed=len(rs) + 1)
+        out.update(
+            round_seconds_after_first=rs,
+            mean_round_after_first=statistics.fmean(rs),
+            median_round_after_first=statistics.median(rs),
+            rounds_completed=len(rs) + 1,
+        )
     return out
 
 
@@ -485,12 +615,22 @@ def run_fedstack_sim(task: str, rounds: int, agents: int, workdir: Path,
 
 
 def _flower_config(task: str, rounds: int, agents: int, out: Path) -> dict[str, Any]:
-    cfg: dict[str, Any] = {"task": task, "num-rounds": rounds, "num-agents": agents,
-                           "out": str(out)}
+    cfg: dict[str, Any] = {
+        "task": task,
+        "num-rounds": rounds,
+        "num-agents": agents,
+        "out": str(out),
+    }
     if task == "digits":
-        cfg.update({"partition": DIGITS["partition"], "seed": DIGITS["seed"],
-                    "epochs": DIGITS["epochs"], "lr": DIGITS["lr"],
-                    "batch-size": DIGITS["batch_size"]})
+        cfg.update(
+            {
+                "partition": DIGITS["partition"],
+                "seed": DIGITS["seed"],
+                "epochs": DIGITS["epochs"],
+                "lr": DIGITS["lr"],
+                "batch-size": DIGITS["batch_size"],
+            }
+        )
     else:
         cfg.update({"probe-params": PROBE["params"], "probe-delta": PROBE["delta"]})
     return cfg
@@ -518,12 +658,16 @@ def _read_flower_events(out: Path, rounds: int) -> tuple[list[float], dict[str, 
 def _flower_env(workdir: Path, venv_bin: Path) -> dict[str, str]:
     home = workdir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
-    return {**FLOWER_ENV, "FLWR_HOME": str(home),
-            "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return {
+        **FLOWER_ENV,
+        "FLWR_HOME": str(home),
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
 
-def run_flower_sim(task: str, rounds: int, agents: int, workdir: Path, timeout: float,
-                   flower_python: Path) -> dict[str, Any]:
+def run_flower_sim(
+    task: str, rounds: int, agents: int, workdir: Path, timeout: float, flower_python: Path
+) -> dict[str, Any]:
     """Flower's simulation engine: ``flwr.simulation.run_simulation`` (Ray backend)."""
     name = FL_SIM
     out = workdir / f"flower-sim-{task}.jsonl"
@@ -537,15 +681,23 @@ def run_flower_sim(task: str, rounds: int, agents: int, workdir: Path, timeout: 
         return failed(name, f"did not finish within {timeout:.0f} s")
     round_ends, final, done = _read_flower_events(out, rounds)
     if r.rc != 0 or not done:
-        return failed(name, f"exited with {r.rc} after {len(round_ends)} round(s): "
-                      f"{_tail(log)}")
-    return _result(name, r.t0, round_ends[-1], round_ends, final, r.peak, r.commands,
-                   seconds_until_exit=r.end - r.t0,
-                   env={k: v for k, v in env.items() if k != "PATH"})
+        return failed(name, f"exited with {r.rc} after {len(round_ends)} round(s): {_tail(log)}")
+    return _result(
+        name,
+        r.t0,
+        round_ends[-1],
+        round_ends,
+        final,
+        r.peak,
+        r.commands,
+        seconds_until_exit=r.end - r.t0,
+        env={k: v for k, v in env.items() if k != "PATH"},
+    )
 
 
-def run_flower_deployment(task: str, rounds: int, agents: int, workdir: Path, timeout: float,
-                          flower_python: Path) -> dict[str, Any]:
+def run_flower_deployment(
+    task: str, rounds: int, agents: int, workdir: Path, timeout: float, flower_python: Path
+) -> dict[str, Any]:
     """Flower's deployment engine: SuperLink + ``agents`` SuperNodes + ``flwr run``.
 
     All Flower defaults (subprocess isolation, in-memory state, default runtime dependency
@@ -559,7 +711,8 @@ def run_flower_deployment(task: str, rounds: int, agents: int, workdir: Path, ti
     port = free_port()
     (Path(env["FLWR_HOME"]) / "config.toml").write_text(
         f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
     cfg = _flower_config(task, rounds, agents, out)
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())
     mem = TreeMemory()
@@ -570,36 +723,73 @@ def run_flower_deployment(task: str, rounds: int, agents: int, workdir: Path, ti
     round_ends: list[float] = []
     final: dict[str, Any] = {}
     try:
-        link = procs.spawn([str(vbin / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                            "--port", str(port)], f"flower-{task}-superlink.log", env=env)
+        link = procs.spawn(
+            [
+                str(vbin / "flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            f"flower-{task}-superlink.log",
+            env=env,
+        )
         _wait_port(port, link, deadline)
         for i in range(agents):
-            procs.spawn([str(vbin / "flower-supernode"), "--insecure", "--superlink",
-                         f"127.0.0.1:{port}", "--port", str(free_port()), "--node-config",
-                         f"partition-id={i} num-partitions={agents}"],
-                        f"flower-{task}-supernode-{i}.log", env=env)
-        run = procs.spawn([str(vbin / "flwr"), "run", str(FLOWER_APP), "bench", "--stream",
-                           "--run-config", run_config], f"flower-{task}-flwr-run.log", env=env,
-                          cwd=str(workdir))
+            procs.spawn(
+                [
+                    str(vbin / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    f"partition-id={i} num-partitions={agents}",
+                ],
+                f"flower-{task}-supernode-{i}.log",
+                env=env,
+            )
+        run = procs.spawn(
+            [
+                str(vbin / "flwr"),
+                "run",
+                str(FLOWER_APP),
+                "bench",
+                "--stream",
+                "--run-config",
+                run_config,
+            ],
+            f"flower-{task}-flwr-run.log",
+            env=env,
+            cwd=str(workdir),
+        )
         while True:
             round_ends, final, done = _read_flower_events(out, rounds)
             if done:
                 end = round_ends[-1]
                 break
             if time.monotonic() > deadline:
-                return failed(name, f"did not finish within {timeout:.0f} s "
-                              f"({len(round_ends)} round(s) done)", commands=procs.commands)
+                return failed(
+                    name,
+                    f"did not finish within {timeout:.0f} s ({len(round_ends)} round(s) done)",
+                    commands=procs.commands,
+                )
             if run.poll() is not None:
                 time.sleep(1.0)  # the last lines may still be on their way
                 round_ends, final, done = _read_flower_events(out, rounds)
                 if done:
                     end = round_ends[-1]
                     break
-                return failed(name, f"`flwr run` exited with {run.returncode} after "
-                              f"{len(round_ends)} round(s): "
-                              + _tail(workdir / f"flower-{task}-flwr-run.log")
-                              + _tail(workdir / f"flower-{task}-superlink.log"),
-                              commands=procs.commands)
+                return failed(
+                    name,
+                    f"`flwr run` exited with {run.returncode} after "
+                    f"{len(round_ends)} round(s): "
+                    + _tail(workdir / f"flower-{task}-flwr-run.log")
+                    + _tail(workdir / f"flower-{task}-superlink.log"),
+                    commands=procs.commands,
+                )
             time.sleep(0.1)
         try:
             run.wait(timeout=max(1.0, min(60.0, deadline - time.monotonic())))
@@ -609,9 +799,17 @@ def run_flower_deployment(task: str, rounds: int, agents: int, workdir: Path, ti
     finally:
         procs.teardown()
         peak = mem.stop()
-    return _result(name, t0, end, round_ends, final, peak, procs.commands,
-                   flwr_run_exited_seconds=run_exited - t0,
-                   env={k: v for k, v in env.items() if k != "PATH"})
+    return _result(
+        name,
+        t0,
+        end,
+        round_ends,
+        final,
+        peak,
+        procs.commands,
+        flwr_run_exited_seconds=run_exited - t0,
+        env={k: v for k, v in env.items() if k != "PATH"},
+    )
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], deadline: float) -> None:
@@ -635,10 +833,17 @@ def guarded(fn: Any, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return failed(name, f"{type(e).__name__}: {e}")
 
 
-def run_plan(plan: list[tuple[str, Any, tuple[Any, ...]]], task: str, rounds: int,
-             agents: int, workdir: Path, timeout: float,
-             after_each: Any = None, repeats: int = 1,
-             once: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+def run_plan(
+    plan: list[tuple[str, Any, tuple[Any, ...]]],
+    task: str,
+    rounds: int,
+    agents: int,
+    workdir: Path,
+    timeout: float,
+    after_each: Any = None,
+    repeats: int = 1,
+    once: tuple[str, ...] = (),
+) -> dict[str, dict[str, Any]]:
     """Run each ``(name, runner, extra args)`` of ``plan`` (guarded), printing progress;
     ``after_each()`` runs after every run.
 
@@ -659,17 +864,27 @@ def run_plan(plan: list[tuple[str, Any, tuple[Any, ...]]], task: str, rounds: in
             print(f"  running {name}{tag} ...", flush=True)
             r = guarded(fn, name, task, rounds, agents, where, timeout, *extra)
             results[name].append(r)
-            print(f"    {'ok' if r.get('ok') else 'FAILED: ' + r.get('error', '')[:500]}"
-                  + (f", wall {r['wall_seconds']:.2f} s" if r.get("ok") else "")
-                  + (f", {r['mean_round_after_first']:.4f} s per round after the first"
-                     if r.get("ok") and r.get("mean_round_after_first") else ""), flush=True)
+            print(
+                f"    {'ok' if r.get('ok') else 'FAILED: ' + r.get('error', '')[:500]}"
+                + (f", wall {r['wall_seconds']:.2f} s" if r.get("ok") else "")
+                + (
+                    f", {r['mean_round_after_first']:.4f} s per round after the first"
+                    if r.get("ok") and r.get("mean_round_after_first")
+                    else ""
+                ),
+                flush=True,
+            )
             if after_each is not None:
                 after_each()
     return {name: combine_runs(rs) for name, rs in results.items()}
 
 
-_TIMES = ("wall_seconds", "first_round_seconds", "mean_round_after_first",
-          "median_round_after_first")
+_TIMES = (
+    "wall_seconds",
+    "first_round_seconds",
+    "mean_round_after_first",
+    "median_round_after_first",
+)
 
 
 def combine_runs(rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -688,26 +903,44 @@ def combine_runs(rs: list[dict[str, Any]]) -> dict[str, Any]:
     out["peak_tree_rss_bytes"] = max(int(r["peak_tree_rss_bytes"]) for r in ok)
     out["runs"] = len(ok)
     out["failed_runs"] = len(rs) - len(ok)
-    out["repeats"] = [{k: r.get(k) for k in (*_TIMES, "peak_tree_rss_bytes",
-                                             "round_seconds_after_first")} for r in ok]
+    out["repeats"] = [
+        {k: r.get(k) for k in (*_TIMES, "peak_tree_rss_bytes", "round_seconds_after_first")}
+        for r in ok
+    ]
     return out
 
 
-def save_result(result: dict[str, Any], *, flower: Any, runs: Any, checks: Any,
-                t_start: float, out: Path, workdir: Path, keep: bool) -> None:
+def save_result(
+    result: dict[str, Any],
+    *,
+    flower: Any,
+    runs: Any,
+    checks: Any,
+    t_start: float,
+    out: Path,
+    workdir: Path,
+    keep: bool,
+) -> None:
     """Complete a benchmark's JSON (time, machine, runs, acceptance), write it to ``out``
     and remove the work folder unless ``keep``."""
     import platform
     import shutil
 
-    result.update({
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
-        "flower": flower, "runs": runs, "acceptance": checks,
-        "total_seconds": time.monotonic() - t_start,
-        "workdir": str(workdir) if keep else None,
-    })
+    result.update(
+        {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "flower": flower,
+            "runs": runs,
+            "acceptance": checks,
+            "total_seconds": time.monotonic() - t_start,
+            "workdir": str(workdir) if keep else None,
+        }
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwrote {out}")

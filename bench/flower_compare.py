@@ -61,9 +61,11 @@ def _fmt(v: float | None, digits: int = 2) -> str:
 
 
 def print_table(runs: dict[str, dict[str, Any]], metric: str = "eval_accuracy") -> None:
-    head = (f"{'run':<26} {'wall s':>8} {'round 1 s':>9} {'round s (mean r2+)':>19} "
-            f"{'median':>8} {'final ' + metric.removeprefix('eval_'):>14} {'peak MB':>8} "
-            f"{'runs':>4}  {'range of round s (mean r2+)':>27}")
+    head = (
+        f"{'run':<26} {'wall s':>8} {'round 1 s':>9} {'round s (mean r2+)':>19} "
+        f"{'median':>8} {'final ' + metric.removeprefix('eval_'):>14} {'peak MB':>8} "
+        f"{'runs':>4}  {'range of round s (mean r2+)':>27}"
+    )
     print(head)
     print("-" * len(head))
     for name, r in runs.items():
@@ -71,11 +73,13 @@ def print_table(runs: dict[str, dict[str, Any]], metric: str = "eval_accuracy") 
             print(f"{name:<26} {r.get('error', 'failed')[:200]}")
             continue
         final = r["final_metrics"].get(metric)
-        print(f"{name:<26} {_fmt(r['wall_seconds']):>8} {_fmt(r['first_round_seconds']):>9} "
-              f"{_fmt(r['mean_round_after_first'], 4):>19} "
-              f"{_fmt(r['median_round_after_first'], 4):>8} {_fmt(final, 4):>14} "
-              f"{r['peak_tree_rss_bytes'] / 1e6:>8.0f} {r.get('runs', 1):>4}  "
-              f"{_range(r.get('mean_round_after_first_range')):>27}")
+        print(
+            f"{name:<26} {_fmt(r['wall_seconds']):>8} {_fmt(r['first_round_seconds']):>9} "
+            f"{_fmt(r['mean_round_after_first'], 4):>19} "
+            f"{_fmt(r['median_round_after_first'], 4):>8} {_fmt(final, 4):>14} "
+            f"{r['peak_tree_rss_bytes'] / 1e6:>8.0f} {r.get('runs', 1):>4}  "
+            f"{_range(r.get('mean_round_after_first_range')):>27}"
+        )
 
 
 def _range(v: list[float] | None) -> str:
@@ -108,34 +112,59 @@ def acceptance(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         return None if src.get(a) is None or not src.get(b) else src[a] / src[b]
 
     r = ratio(FS_SIM, FL_SIM, w)
-    out.append(_check("fedstack simulation wall < 1/4 of Flower simulation",
-                      None if r is None else r < 0.25,
-                      "missing run" if r is None else
-                      f"{w[FS_SIM]:.2f} s / {w[FL_SIM]:.2f} s = {r:.3f} (target < 0.25)"))
+    out.append(
+        _check(
+            "fedstack simulation wall < 1/4 of Flower simulation",
+            None if r is None else r < 0.25,
+            "missing run"
+            if r is None
+            else f"{w[FS_SIM]:.2f} s / {w[FL_SIM]:.2f} s = {r:.3f} (target < 0.25)",
+        )
+    )
     r = ratio(FS_DEP, FL_SIM, w)
-    out.append(_check("fedstack deployment wall < Flower simulation wall",
-                      None if r is None else r < 1.0,
-                      "missing run" if r is None else
-                      f"{w[FS_DEP]:.2f} s / {w[FL_SIM]:.2f} s = {r:.3f} (target < 1)"))
+    out.append(
+        _check(
+            "fedstack deployment wall < Flower simulation wall",
+            None if r is None else r < 1.0,
+            "missing run"
+            if r is None
+            else f"{w[FS_DEP]:.2f} s / {w[FL_SIM]:.2f} s = {r:.3f} (target < 1)",
+        )
+    )
     r = ratio(FS_DEP, FL_DEP, w)
-    out.append(_check("fedstack deployment wall < 1/20 of Flower deployment",
-                      None if r is None else r < 0.05,
-                      "missing run" if r is None else
-                      f"{w[FS_DEP]:.2f} s / {w[FL_DEP]:.2f} s = {r:.4f} (target < 0.05)"))
+    out.append(
+        _check(
+            "fedstack deployment wall < 1/20 of Flower deployment",
+            None if r is None else r < 0.05,
+            "missing run"
+            if r is None
+            else f"{w[FS_DEP]:.2f} s / {w[FL_DEP]:.2f} s = {r:.4f} (target < 0.05)",
+        )
+    )
     for name in (FS_DEP, FS_SIM):
         r = ratio(name, FF, rnd)
-        out.append(_check(f"{name} per-round (after round 1) within 2x framework-free",
-                          None if r is None else r <= 2.0,
-                          "missing run" if r is None else
-                          f"{rnd[name]:.4f} s / {rnd[FF]:.4f} s = {r:.2f}x (target <= 2)"))
+        out.append(
+            _check(
+                f"{name} per-round (after round 1) within 2x framework-free",
+                None if r is None else r <= 2.0,
+                "missing run"
+                if r is None
+                else f"{rnd[name]:.4f} s / {rnd[FF]:.4f} s = {r:.2f}x (target <= 2)",
+            )
+        )
     for fs in (FS_DEP, FS_SIM):
         for fl in (FL_SIM, FL_DEP):
             a, b = acc.get(fs), acc.get(fl)
             diff = None if a is None or b is None else abs(a - b)
-            out.append(_check(f"final accuracy {fs} vs {fl} within 1 point",
-                              None if diff is None else diff <= 0.01,
-                              "missing run" if diff is None else
-                              f"{a:.4f} vs {b:.4f} (|diff| {diff * 100:.2f} points)"))
+            out.append(
+                _check(
+                    f"final accuracy {fs} vs {fl} within 1 point",
+                    None if diff is None else diff <= 0.01,
+                    "missing run"
+                    if diff is None
+                    else f"{a:.4f} vs {b:.4f} (|diff| {diff * 100:.2f} points)",
+                )
+            )
     return out
 
 
@@ -153,17 +182,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--agents", type=int, default=10)
-    ap.add_argument("--quick", action="store_true",
-                    help="5 rounds and no Flower deployment (about a minute)")
+    ap.add_argument(
+        "--quick", action="store_true", help="5 rounds and no Flower deployment (about a minute)"
+    )
     ap.add_argument("--skip-flower-deployment", action="store_true")
     ap.add_argument("--skip-flower-simulation", action="store_true")
     ap.add_argument("--skip-fedstack-simulation", action="store_true")
     ap.add_argument("--skip-fedstack-deployment", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="runs of each entry, interleaved; the table shows medians and "
-                         "ranges (default 3)")
-    ap.add_argument("--flower-deployment-repeat", type=int, default=1,
-                    help="runs of Flower's deployment engine (6-12 min each; default 1)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of each entry, interleaved; the table shows medians and ranges (default 3)",
+    )
+    ap.add_argument(
+        "--flower-deployment-repeat",
+        type=int,
+        default=1,
+        help="runs of Flower's deployment engine (6-12 min each; default 1)",
+    )
     ap.add_argument("--timeout", type=float, default=1200.0, help="per run, seconds")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and stores")
     ap.add_argument("--out", default=str(fc.RESULTS / "flower_compare.json"))
@@ -182,9 +219,12 @@ def main() -> int:
         flower = ensure_flower_venv()
     flower_python = Path(flower["venv"]) / "bin" / "python" if flower else None
     workdir = fc.new_workdir("fs-flower-compare-")
-    print(f"flower_compare: digits, {args.agents} agents, Dirichlet(0.5), MLP 64-128-10, "
-          f"{args.rounds} rounds; {os.cpu_count()} CPUs; flwr {flower.get('versions', {})}; "
-          f"work folder {workdir}", flush=True)
+    print(
+        f"flower_compare: digits, {args.agents} agents, Dirichlet(0.5), MLP 64-128-10, "
+        f"{args.rounds} rounds; {os.cpu_count()} CPUs; flwr {flower.get('versions', {})}; "
+        f"work folder {workdir}",
+        flush=True,
+    )
     warm_up(flower_python)
 
     plan: list[tuple[str, Any, tuple[Any, ...]]] = [(FF, fc.run_framework_free, ())]
@@ -201,26 +241,49 @@ def main() -> int:
     if args.repeat < 1 or args.flower_deployment_repeat < 1:
         ap.error("--repeat and --flower-deployment-repeat must be at least 1")
     once = (FL_DEP,) if args.flower_deployment_repeat < args.repeat else ()
-    runs = fc.run_plan(plan, "digits", args.rounds, args.agents, workdir, args.timeout,
-                       repeats=max(args.repeat, args.flower_deployment_repeat), once=once)
+    runs = fc.run_plan(
+        plan,
+        "digits",
+        args.rounds,
+        args.agents,
+        workdir,
+        args.timeout,
+        repeats=max(args.repeat, args.flower_deployment_repeat),
+        once=once,
+    )
 
     print()
-    print(f"digits, {args.agents} agents, {args.rounds} rounds (wall: launch -> final global "
-          "model evaluated; single-process runs: -> exit)")
+    print(
+        f"digits, {args.agents} agents, {args.rounds} rounds (wall: launch -> final global "
+        "model evaluated; single-process runs: -> exit)"
+    )
     print_table(runs)
     print()
     print("acceptance (issue 5, benchmark 1):")
     checks = acceptance(runs)
     result = {
-        "benchmark": "flower_compare", "task": {
+        "benchmark": "flower_compare",
+        "task": {
             "dataset": "sklearn digits, 80/20 stratified split seed 0",
-            "agents": args.agents, "rounds": args.rounds, "partition": "dirichlet:0.5",
+            "agents": args.agents,
+            "rounds": args.rounds,
+            "partition": "dirichlet:0.5",
             "model": "MLP 64-128-10 (fedstack.trainers.torch_digits.build_mlp)",
-            "local": fc.DIGITS, "strategy": "sample-weighted FedAvg, all agents every round",
-            "evaluation": "central, fedstack.trainers.torch_digits:evaluate_global_mlp"},
+            "local": fc.DIGITS,
+            "strategy": "sample-weighted FedAvg, all agents every round",
+            "evaluation": "central, fedstack.trainers.torch_digits:evaluate_global_mlp",
+        },
     }
-    fc.save_result(result, flower=flower, runs=runs, checks=checks, t_start=t_start,
-                   out=Path(args.out), workdir=workdir, keep=args.keep_workdir)
+    fc.save_result(
+        result,
+        flower=flower,
+        runs=runs,
+        checks=checks,
+        t_start=t_start,
+        out=Path(args.out),
+        workdir=workdir,
+        keep=args.keep_workdir,
+    )
     return 0
 
 

@@ -97,8 +97,9 @@ def installed_versions() -> dict[str, str]:
         "print(json.dumps(out))\n"
     )
     try:
-        out = subprocess.run([str(python()), "-c", code], capture_output=True, text=True,
-                             timeout=120, check=True).stdout
+        out = subprocess.run(
+            [str(python()), "-c", code], capture_output=True, text=True, timeout=120, check=True
+        ).stdout
     except (subprocess.SubprocessError, OSError):
         return {}
     versions: dict[str, str] = json.loads(out.strip().splitlines()[-1])
@@ -114,8 +115,12 @@ def _is_current(reqs: list[str]) -> bool:
     except (OSError, ValueError):
         return False
     got = installed_versions()
-    return (got.get("flwr") == FLWR_VERSION and got.get("ray") == RAY_VERSION
-            and got.get("torch", "").split("+")[0] == TORCH_VERSION and "fedstack" in got)
+    return (
+        got.get("flwr") == FLWR_VERSION
+        and got.get("ray") == RAY_VERSION
+        and got.get("torch", "").split("+")[0] == TORCH_VERSION
+        and "fedstack" in got
+    )
 
 
 def _pip(args: list[str], log: list[str]) -> None:
@@ -137,8 +142,9 @@ def _declared_requirements() -> list[str]:
         ".replace(\"; extra == 'simulation'\", ''))\n"
         "print(json.dumps(out))\n"
     )
-    out = subprocess.run([str(python()), "-c", code], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [str(python()), "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     lines: list[str] = json.loads(out.strip().splitlines()[-1])
     return lines
 
@@ -150,10 +156,12 @@ def _install_relaxed(reqs: list[str], commands: list[str]) -> list[str]:
     declared = []
     for line in _declared_requirements():
         if line.replace(" ", "").startswith("certifi>=2026.10.19"):
-            notes.append("flwr 1.42.0 requires certifi>=2026.10.19, which the package "
-                         "registry reachable here does not serve (newest: 2026.10.18); "
-                         "installed flwr with --no-deps and certifi>=2026.10.18 instead "
-                         "(a CA bundle one day older; irrelevant on insecure loopback)")
+            notes.append(
+                "flwr 1.42.0 requires certifi>=2026.10.19, which the package "
+                "registry reachable here does not serve (newest: 2026.10.18); "
+                "installed flwr with --no-deps and certifi>=2026.10.18 instead "
+                "(a CA bundle one day older; irrelevant on insecure loopback)"
+            )
             line = "certifi>=2026.10.18"
         declared.append(line)
     rest = [r for r in reqs if not r.startswith("flwr")]
@@ -194,16 +202,23 @@ def ensure_flower_venv(force: bool = False) -> dict[str, object]:
             # declared dependencies as published, relaxing only a floor nobody serves.
             notes.extend(_install_relaxed(reqs, commands))
         _pip(["--no-deps", "-e", str(REPO)], commands)
-        STAMP.write_text(json.dumps({"requirements": reqs, "commands": commands,
-                                     "notes": notes}, indent=2))
+        STAMP.write_text(
+            json.dumps({"requirements": reqs, "commands": commands, "notes": notes}, indent=2)
+        )
     else:
         notes = list(json.loads(STAMP.read_text()).get("notes", []))
     versions = installed_versions()
     if versions.get("flwr") != FLWR_VERSION:
-        raise RuntimeError(f"the Flower venv has flwr {versions.get('flwr')}, "
-                           f"expected {FLWR_VERSION}")
-    return {"venv": str(VENV), "versions": versions, "requirements": reqs,
-            "commands": commands, "notes": notes}
+        raise RuntimeError(
+            f"the Flower venv has flwr {versions.get('flwr')}, expected {FLWR_VERSION}"
+        )
+    return {
+        "venv": str(VENV),
+        "versions": versions,
+        "requirements": reqs,
+        "commands": commands,
+        "notes": notes,
+    }
 
 
 def main() -> int:

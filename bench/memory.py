@@ -31,8 +31,9 @@ MODEL_BYTES_ACCEPT = 100_000_000  # 25 M float32
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-acceptance", action="store_true")
     p.add_argument("--only-acceptance", action="store_true")
@@ -40,18 +41,27 @@ def main() -> int:
     agents_list = [] if args.only_acceptance else [10, 50] if args.quick else [10, 50, 100]
     params = 1_000_000
     rows = []
-    print(f"{'agents':>7} {'model MB':>9} {'rounds':>6} {'agg peak MiB':>13} "
-          f"{'peak/model':>10} {'wall s':>7} {'errors':>6}")
+    print(
+        f"{'agents':>7} {'model MB':>9} {'rounds':>6} {'agg peak MiB':>13} "
+        f"{'peak/model':>10} {'wall s':>7} {'errors':>6}"
+    )
     for n in agents_list:
         r = run_live(n, 2, params, timeout=300)
-        row = {"agents": n, "model_bytes": params * 4, "rounds": len(r["store_rounds"]),
-               "aggregator_peak_rss_mib": r["aggregator_peak_rss_mib"],
-               "wall_seconds": r["wall_seconds_total"], "errors": r["error_count"]}
+        row = {
+            "agents": n,
+            "model_bytes": params * 4,
+            "rounds": len(r["store_rounds"]),
+            "aggregator_peak_rss_mib": r["aggregator_peak_rss_mib"],
+            "wall_seconds": r["wall_seconds_total"],
+            "errors": r["error_count"],
+        }
         rows.append(row)
-        print(f"{n:>7} {params * 4 / 1e6:>9.1f} {row['rounds']:>6} "
-              f"{row['aggregator_peak_rss_mib']:>13.1f} "
-              f"{row['aggregator_peak_rss_mib'] * 2**20 / (params * 4):>10.2f} "
-              f"{row['wall_seconds']:>7.1f} {row['errors']:>6}")
+        print(
+            f"{n:>7} {params * 4 / 1e6:>9.1f} {row['rounds']:>6} "
+            f"{row['aggregator_peak_rss_mib']:>13.1f} "
+            f"{row['aggregator_peak_rss_mib'] * 2**20 / (params * 4):>10.2f} "
+            f"{row['wall_seconds']:>7.1f} {row['errors']:>6}"
+        )
     out: dict[str, object] = {"vs_agents": rows}
     status = 0
     if not args.skip_acceptance:
@@ -60,18 +70,25 @@ def main() -> int:
         r = run_live(n, 1, MODEL_BYTES_ACCEPT // 4, timeout=1800)
         peak = r["aggregator_peak_rss_mib"] * 2**20
         ratio = peak / MODEL_BYTES_ACCEPT
-        ok = (ratio == ratio and ratio < 4.0 and r["error_count"] == 0
-              and len(r["store_rounds"]) == 1)
+        ok = (
+            ratio == ratio and ratio < 4.0 and r["error_count"] == 0 and len(r["store_rounds"]) == 1
+        )
         status = 0 if ok else 1
-        print(f"aggregator peak RSS {peak / 1e6:.0f} MB = {ratio:.2f} x the model size "
-              f"(target < 4x): {'PASS' if ok else 'FAIL'}; round "
-              f"{r['store_rounds'][0]['seconds'] if r['store_rounds'] else float('nan'):.1f} s, "
-              f"wall {r['wall_seconds_total']:.0f} s, load generator peak "
-              f"{r.get('max_rss_mib', float('nan'))} MiB, errors {r['error_count']}")
-        out["acceptance"] = {"agents": n, "model_bytes": MODEL_BYTES_ACCEPT,
-                             "aggregator_peak_rss_bytes": peak, "ratio": ratio,
-                             "pass": ok, "report": {k: v for k, v in r.items()
-                                                    if k != "rounds"}}
+        print(
+            f"aggregator peak RSS {peak / 1e6:.0f} MB = {ratio:.2f} x the model size "
+            f"(target < 4x): {'PASS' if ok else 'FAIL'}; round "
+            f"{r['store_rounds'][0]['seconds'] if r['store_rounds'] else float('nan'):.1f} s, "
+            f"wall {r['wall_seconds_total']:.0f} s, load generator peak "
+            f"{r.get('max_rss_mib', float('nan'))} MiB, errors {r['error_count']}"
+        )
+        out["acceptance"] = {
+            "agents": n,
+            "model_bytes": MODEL_BYTES_ACCEPT,
+            "aggregator_peak_rss_bytes": peak,
+            "ratio": ratio,
+            "pass": ok,
+            "report": {k: v for k, v in r.items() if k != "rounds"},
+        }
     print(f"\nwrote {save('memory', out)}")
     return status
 

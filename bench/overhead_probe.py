@@ -77,36 +77,44 @@ def store_floor(agents: int, workdir: Path, repeat: int = 3) -> dict[str, Any]:
     shutil.rmtree(blobs.root, ignore_errors=True)
     nbytes = (agents + 1) * fc.PROBE["params"] * 4
     sec = sorted(times)[len(times) // 2]
-    return {"seconds_per_round": sec, "bytes_per_round": nbytes,
-            "rounds_measured": repeat, "range": [min(times), max(times)]}
+    return {
+        "seconds_per_round": sec,
+        "bytes_per_round": nbytes,
+        "rounds_measured": repeat,
+        "range": [min(times), max(times)],
+    }
 
 
 def acceptance(runs: dict[str, dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
     """Benchmark 2's targets, each PASS / FAIL / n/a."""
-    rnd = {n: r.get("mean_round_after_first") if r.get("ok") else None
-           for n, r in runs.items()}
+    rnd = {n: r.get("mean_round_after_first") if r.get("ok") else None for n, r in runs.items()}
     out = []
     for name in (FS_DEP, FS_SIM):
         a, b = rnd.get(name), rnd.get(FF)
         r = None if a is None or not b else a / b
-        out.append(_check(f"{name} per-round within 3x framework-free",
-                          None if r is None else r <= 3.0,
-                          "missing run" if r is None else
-                          f"{a:.3f} s / {b:.3f} s = {r:.2f}x (target <= 3)"))
+        out.append(
+            _check(
+                f"{name} per-round within 3x framework-free",
+                None if r is None else r <= 3.0,
+                "missing run" if r is None else f"{a:.3f} s / {b:.3f} s = {r:.2f}x (target <= 3)",
+            )
+        )
     for name in (FS_DEP, FS_SIM):
         a, b = rnd.get(name), rnd.get(FL_DEP)
         r = None if a is None or not b else a / b
-        out.append(_check(f"{name} per-round < 1/5 of Flower deployment",
-                          None if r is None else r < 0.2,
-                          "missing run" if r is None else
-                          f"{a:.3f} s / {b:.3f} s = {r:.3f} (target < 0.2)"))
+        out.append(
+            _check(
+                f"{name} per-round < 1/5 of Flower deployment",
+                None if r is None else r < 0.2,
+                "missing run" if r is None else f"{a:.3f} s / {b:.3f} s = {r:.3f} (target < 0.2)",
+            )
+        )
     expected = rounds * fc.PROBE["delta"]
     for name, r in runs.items():
         if r.get("ok"):
             mean = r["final_metrics"].get("eval_mean")
             ok = mean is not None and abs(mean - expected) < 1e-4
-            out.append(_check(f"{name} final mean weight == {expected:g}", ok,
-                              f"{mean}"))
+            out.append(_check(f"{name} final mean weight == {expected:g}", ok, f"{mean}"))
     return out
 
 
@@ -117,9 +125,13 @@ def main() -> int:
     ap.add_argument("--skip-flower-deployment", action="store_true")
     ap.add_argument("--skip-flower-simulation", action="store_true")
     ap.add_argument("--skip-fedstack-simulation", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="runs of each entry (Flower deployment: one), interleaved; the "
-                         "table shows medians and ranges (default 3)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of each entry (Flower deployment: one), interleaved; the "
+        "table shows medians and ranges (default 3)",
+    )
     ap.add_argument("--timeout", type=float, default=900.0, help="per run, seconds")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and stores")
     ap.add_argument("--out", default=str(fc.RESULTS / "overhead_probe.json"))
@@ -131,15 +143,19 @@ def main() -> int:
     flower: dict[str, Any] = ensure_flower_venv() if need_flower else {}
     flower_python = Path(flower["venv"]) / "bin" / "python" if flower else None
     workdir = fc.new_workdir("fs-overhead-probe-")
-    print(f"overhead_probe: {fc.PROBE['params']:,} float32 parameters "
-          f"({fc.PROBE['params'] * 4 / 1e6:.0f} MB), {args.agents} agents adding "
-          f"{fc.PROBE['delta']}, {args.rounds} rounds; {os.cpu_count()} CPUs; "
-          f"flwr {flower.get('versions', {}).get('flwr', '-')}; work folder {workdir}",
-          flush=True)
+    print(
+        f"overhead_probe: {fc.PROBE['params']:,} float32 parameters "
+        f"({fc.PROBE['params'] * 4 / 1e6:.0f} MB), {args.agents} agents adding "
+        f"{fc.PROBE['delta']}, {args.rounds} rounds; {os.cpu_count()} CPUs; "
+        f"flwr {flower.get('versions', {}).get('flwr', '-')}; work folder {workdir}",
+        flush=True,
+    )
     warm_up(flower_python)
 
     plan: list[tuple[str, Any, tuple[Any, ...]]] = [
-        (FF, fc.run_framework_free, ()), (FS_DEP, fc.run_fedstack_deployment, ())]
+        (FF, fc.run_framework_free, ()),
+        (FS_DEP, fc.run_fedstack_deployment, ()),
+    ]
     if not args.skip_fedstack_simulation:
         plan.append((FS_SIM, fc.run_fedstack_sim, ()))
     if not args.skip_flower_deployment:
@@ -158,46 +174,76 @@ def main() -> int:
     t_start = time.monotonic()
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
-    runs = fc.run_plan(plan, "probe", args.rounds, args.agents, workdir, args.timeout,
-                       after_each=drop_stores, repeats=args.repeat, once=(FL_DEP,))
+    runs = fc.run_plan(
+        plan,
+        "probe",
+        args.rounds,
+        args.agents,
+        workdir,
+        args.timeout,
+        after_each=drop_stores,
+        repeats=args.repeat,
+        once=(FL_DEP,),
+    )
 
     print()
-    print(f"overhead probe: 100 MB model, {args.agents} agents, {args.rounds} rounds "
-          "(wall: launch -> final global model evaluated; single-process runs: -> exit)")
+    print(
+        f"overhead probe: 100 MB model, {args.agents} agents, {args.rounds} rounds "
+        "(wall: launch -> final global model evaluated; single-process runs: -> exit)"
+    )
     print_table(runs, metric="eval_mean")
     print()
     floor = store_floor(args.agents, workdir)
-    raw = raw_socket_floor(int(fc.PROBE["params"]), args.agents, args.rounds,
-                           float(fc.PROBE["delta"]))
+    raw = raw_socket_floor(
+        int(fc.PROBE["params"]), args.agents, args.rounds, float(fc.PROBE["delta"])
+    )
     ff = runs.get(FF, {}).get("mean_round_after_first")
-    print(f"durable-store floor (hash + write + fsync of {args.agents} local models and the "
-          f"global model, {floor['bytes_per_round'] / 1e9:.1f} GB, nothing else): "
-          f"{floor['seconds_per_round']:.3f} s per round"
-          + (f" = {floor['seconds_per_round'] / ff:.2f}x the framework-free loop" if ff
-             else ""))
-    print(f"raw-socket floor (the same round as {args.agents} processes + 1 over blocking "
-          f"loopback sockets, no framework, no store: {raw['bytes_per_round'] / 1e9:.1f} GB "
-          f"through the kernel): {raw['seconds_per_round']:.3f} s per round"
-          + (f" = {raw['seconds_per_round'] / ff:.2f}x the framework-free loop" if ff
-             else ""))
+    print(
+        f"durable-store floor (hash + write + fsync of {args.agents} local models and the "
+        f"global model, {floor['bytes_per_round'] / 1e9:.1f} GB, nothing else): "
+        f"{floor['seconds_per_round']:.3f} s per round"
+        + (f" = {floor['seconds_per_round'] / ff:.2f}x the framework-free loop" if ff else "")
+    )
+    print(
+        f"raw-socket floor (the same round as {args.agents} processes + 1 over blocking "
+        f"loopback sockets, no framework, no store: {raw['bytes_per_round'] / 1e9:.1f} GB "
+        f"through the kernel): {raw['seconds_per_round']:.3f} s per round"
+        + (f" = {raw['seconds_per_round'] / ff:.2f}x the framework-free loop" if ff else "")
+    )
     if ff:
         both = floor["seconds_per_round"] + raw["seconds_per_round"]
-        print(f"the two floors' sum (a deployment overlaps them only partly: the disk "
-              f"waits can, the CPU work of 11 processes on {os.cpu_count()} cores cannot): "
-              f"{both:.3f} s per round = {both / ff:.2f}x the framework-free loop")
+        print(
+            f"the two floors' sum (a deployment overlaps them only partly: the disk "
+            f"waits can, the CPU work of 11 processes on {os.cpu_count()} cores cannot): "
+            f"{both:.3f} s per round = {both / ff:.2f}x the framework-free loop"
+        )
     print()
     print("acceptance (issue 5, benchmark 2):")
     checks = acceptance(runs, args.rounds)
     result = {
-        "benchmark": "overhead_probe", "durable_store_floor": floor,
+        "benchmark": "overhead_probe",
+        "durable_store_floor": floor,
         "raw_socket_floor": raw,
-        "task": {"params": fc.PROBE["params"], "dtype": "float32", "delta": fc.PROBE["delta"],
-                 "agents": args.agents, "rounds": args.rounds,
-                 "strategy": "equal-weight FedAvg, all agents every round",
-                 "evaluation": "central mean weight (fedstack.testing.probe:evaluate_probe)"},
+        "task": {
+            "params": fc.PROBE["params"],
+            "dtype": "float32",
+            "delta": fc.PROBE["delta"],
+            "agents": args.agents,
+            "rounds": args.rounds,
+            "strategy": "equal-weight FedAvg, all agents every round",
+            "evaluation": "central mean weight (fedstack.testing.probe:evaluate_probe)",
+        },
     }
-    fc.save_result(result, flower=flower, runs=runs, checks=checks, t_start=t_start,
-                   out=Path(args.out), workdir=workdir, keep=args.keep_workdir)
+    fc.save_result(
+        result,
+        flower=flower,
+        runs=runs,
+        checks=checks,
+        t_start=t_start,
+        out=Path(args.out),
+        workdir=workdir,
+        keep=args.keep_workdir,
+    )
     return 0
 
 

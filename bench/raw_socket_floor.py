@@ -43,8 +43,9 @@ def _agent(port: int, params: int, delta: float, rounds: int) -> None:
     s.close()
 
 
-def raw_socket_floor(params: int = 25_000_000, agents: int = 10, rounds: int = 5,
-                     delta: float = 0.001) -> dict[str, Any]:
+def raw_socket_floor(
+    params: int = 25_000_000, agents: int = 10, rounds: int = 5, delta: float = 0.001
+) -> dict[str, Any]:
     """Seconds per round of the raw-socket loop (see the module docstring)."""
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
@@ -52,8 +53,10 @@ def raw_socket_floor(params: int = 25_000_000, agents: int = 10, rounds: int = 5
     ls.settimeout(60)
     port = ls.getsockname()[1]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_agent, args=(port, params, delta, rounds), daemon=True)
-             for _ in range(agents)]
+    procs = [
+        ctx.Process(target=_agent, args=(port, params, delta, rounds), daemon=True)
+        for _ in range(agents)
+    ]
     for p in procs:
         p.start()
     try:
@@ -84,13 +87,19 @@ def raw_socket_floor(params: int = 25_000_000, agents: int = 10, rounds: int = 5
             if p.is_alive():
                 p.kill()
     after = times[1:]
-    return {"seconds_per_round": statistics.fmean(after), "median": statistics.median(after),
-            "rounds": times, "final_mean_weight": float(g.mean()),
-            "bytes_per_round": 2 * agents * params * 4}
+    return {
+        "seconds_per_round": statistics.fmean(after),
+        "median": statistics.median(after),
+        "rounds": times,
+        "final_mean_weight": float(g.mean()),
+        "bytes_per_round": 2 * agents * params * 4,
+    }
 
 
 if __name__ == "__main__":
     r = raw_socket_floor()
-    print(f"raw-socket floor: {r['seconds_per_round']:.3f} s per round (rounds 2+; "
-          f"{r['bytes_per_round'] / 1e9:.1f} GB through loopback per round), "
-          f"final mean weight {r['final_mean_weight']:.4f}")
+    print(
+        f"raw-socket floor: {r['seconds_per_round']:.3f} s per round (rounds 2+; "
+        f"{r['bytes_per_round'] / 1e9:.1f} GB through loopback per round), "
+        f"final mean weight {r['final_mean_weight']:.4f}"
+    )

@@ -40,7 +40,8 @@ from _live import RESULTS, run_live, save  # noqa: E402
 
 def round_time(report: dict[str, Any]) -> float:
     secs = [r["seconds"] for r in report["store_rounds"][1:]] or [
-        r["seconds"] for r in report["store_rounds"]]
+        r["seconds"] for r in report["store_rounds"]
+    ]
     return statistics.median(secs) if secs else float("nan")
 
 
@@ -90,23 +91,39 @@ def simulated_curve(agent_counts: list[int], params: int) -> list[dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="fedstack-scaling-") as tmp:
         for n in agent_counts:
             rounds = 3 if n <= 1000 else 2
-            res = simulate("fedstack.testing.probe:ProbeTrainer", {"params": params},
-                           num_agents=n, rounds=rounds, db=f"{tmp}/sim{n}.db", workers=0)
+            res = simulate(
+                "fedstack.testing.probe:ProbeTrainer",
+                {"params": params},
+                num_agents=n,
+                rounds=rounds,
+                db=f"{tmp}/sim{n}.db",
+                workers=0,
+            )
             secs = res.round_seconds[1:] or res.round_seconds
-            rows.append({"agents": n, "round_seconds": statistics.median(secs),
-                         "rounds": res.round_seconds, "wall_seconds": res.wall_seconds,
-                         "persistent": n <= 1000})
+            rows.append(
+                {
+                    "agents": n,
+                    "round_seconds": statistics.median(secs),
+                    "rounds": res.round_seconds,
+                    "wall_seconds": res.wall_seconds,
+                    "persistent": n <= 1000,
+                }
+            )
             print(f"{n:>7} {rows[-1]['round_seconds']:>9.3f}  (simulated)")
     return rows
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--simulated", action="store_true",
-                   help="add the simulated-agent curve (needs fedstack.sim)")
+    p.add_argument(
+        "--simulated",
+        action="store_true",
+        help="add the simulated-agent curve (needs fedstack.sim)",
+    )
     args = p.parse_args()
     agents = [10, 100] if args.quick else [10, 100, 1000]
     sizes = [10**4, 10**5, 10**6] if args.quick else [10**4, 10**5, 10**6, 10**7, 10**8]
@@ -116,16 +133,25 @@ def main() -> int:
     vs_agents = []
     for n in agents:
         r = run_live(n, 3, 10**4, timeout=300)
-        row = {"agents": n, "round_seconds": round_time(r), "join_seconds": r["join_seconds"],
-               "aggregator_peak_rss_mib": r["aggregator_peak_rss_mib"],
-               "errors": r["error_count"], "rounds": r["store_rounds"]}
+        row = {
+            "agents": n,
+            "round_seconds": round_time(r),
+            "join_seconds": r["join_seconds"],
+            "aggregator_peak_rss_mib": r["aggregator_peak_rss_mib"],
+            "errors": r["error_count"],
+            "rounds": r["store_rounds"],
+        }
         vs_agents.append(row)
-        print(f"{n:>7} {row['round_seconds']:>9.3f} {row['join_seconds']:>8.2f} "
-              f"{row['aggregator_peak_rss_mib']:>13.1f} {row['errors']:>6}")
+        print(
+            f"{n:>7} {row['round_seconds']:>9.3f} {row['join_seconds']:>8.2f} "
+            f"{row['aggregator_peak_rss_mib']:>13.1f} {row['errors']:>6}"
+        )
 
     print("\nround time vs model size (2 live agents, 2 rounds)")
-    print(f"{'params':>8} {'MB':>7} {'round s':>9} {'loopback s':>10} {'ratio':>7} "
-          f"{'agg peak MiB':>13} {'errors':>6}")
+    print(
+        f"{'params':>8} {'MB':>7} {'round s':>9} {'loopback s':>10} {'ratio':>7} "
+        f"{'agg peak MiB':>13} {'errors':>6}"
+    )
     vs_size = []
     for n_params in sizes:
         r = run_live(2, 2, n_params, timeout=900)
@@ -133,19 +159,28 @@ def main() -> int:
         # a round moves the model 2x per agent (down and up): 4 model transfers
         ref = loopback_seconds(4 * nbytes)
         rt = round_time(r)
-        row = {"params": n_params, "model_bytes": nbytes, "round_seconds": rt,
-               "loopback_seconds_4_transfers": ref, "ratio": rt / ref if ref > 0 else None,
-               "aggregator_peak_rss_mib": r["aggregator_peak_rss_mib"],
-               "errors": r["error_count"], "rounds": r["store_rounds"]}
+        row = {
+            "params": n_params,
+            "model_bytes": nbytes,
+            "round_seconds": rt,
+            "loopback_seconds_4_transfers": ref,
+            "ratio": rt / ref if ref > 0 else None,
+            "aggregator_peak_rss_mib": r["aggregator_peak_rss_mib"],
+            "errors": r["error_count"],
+            "rounds": r["store_rounds"],
+        }
         vs_size.append(row)
-        print(f"{n_params:>8.0e} {nbytes / 1e6:>7.1f} {rt:>9.3f} {ref:>10.3f} "
-              f"{rt / ref:>7.1f} {row['aggregator_peak_rss_mib']:>13.1f} {row['errors']:>6}")
+        print(
+            f"{n_params:>8.0e} {nbytes / 1e6:>7.1f} {rt:>9.3f} {ref:>10.3f} "
+            f"{rt / ref:>7.1f} {row['aggregator_peak_rss_mib']:>13.1f} {row['errors']:>6}"
+        )
 
     simulated = None
     if args.simulated:
         print("\nround time vs simulated agents (1e4 float32 parameters)")
-        simulated = simulated_curve([10, 100, 1000] if args.quick else
-                                    [10, 100, 1000, 10000], 10**4)
+        simulated = simulated_curve(
+            [10, 100, 1000] if args.quick else [10, 100, 1000, 10000], 10**4
+        )
         if simulated is None:
             print("\nsimulated-agent curve: not available yet (fedstack.sim hook returns None)")
     out = {"vs_agents": vs_agents, "vs_model_size": vs_size, "simulated": simulated}
@@ -169,19 +204,38 @@ def plot(out: dict[str, Any]) -> None:
     a.plot([r["agents"] for r in va], [r["round_seconds"] for r in va], "o-", label="live")
     if out.get("simulated"):
         sim = out["simulated"]
-        a.plot([r["agents"] for r in sim], [r["round_seconds"] for r in sim], "s--",
-               label="simulated")
-    a.set(xscale="log", yscale="log", xlabel="agents", ylabel="round time (s)",
-          title="round time vs agents (1e4 params)")
+        a.plot(
+            [r["agents"] for r in sim], [r["round_seconds"] for r in sim], "s--", label="simulated"
+        )
+    a.set(
+        xscale="log",
+        yscale="log",
+        xlabel="agents",
+        ylabel="round time (s)",
+        title="round time vs agents (1e4 params)",
+    )
     a.legend()
     a.grid(True, which="both", alpha=0.3)
     vs = out["vs_model_size"]
-    b.plot([r["params"] for r in vs], [r["round_seconds"] for r in vs], "o-",
-           label="fedstack round (2 agents)")
-    b.plot([r["params"] for r in vs], [r["loopback_seconds_4_transfers"] for r in vs], "x:",
-           label="raw loopback TCP, 4 transfers")
-    b.set(xscale="log", yscale="log", xlabel="parameters (float32)", ylabel="seconds",
-          title="round time vs model size")
+    b.plot(
+        [r["params"] for r in vs],
+        [r["round_seconds"] for r in vs],
+        "o-",
+        label="fedstack round (2 agents)",
+    )
+    b.plot(
+        [r["params"] for r in vs],
+        [r["loopback_seconds_4_transfers"] for r in vs],
+        "x:",
+        label="raw loopback TCP, 4 transfers",
+    )
+    b.set(
+        xscale="log",
+        yscale="log",
+        xlabel="parameters (float32)",
+        ylabel="seconds",
+        title="round time vs model size",
+    )
     b.legend()
     b.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

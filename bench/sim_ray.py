@@ -30,13 +30,24 @@ def main() -> None:
     for trainer, args, agents, per_round in CASES:
         for label, backend, options in BACKENDS:
             with tempfile.TemporaryDirectory() as d:
-                res = simulate(trainer, args, num_agents=agents, per_round=per_round,
-                               rounds=15, db=f"{d}/bench.db", backend=backend, workers=2,
-                               backend_options=options, seed=1)
+                res = simulate(
+                    trainer,
+                    args,
+                    num_agents=agents,
+                    per_round=per_round,
+                    rounds=15,
+                    db=f"{d}/bench.db",
+                    backend=backend,
+                    workers=2,
+                    backend_options=options,
+                    seed=1,
+                )
             med = statistics.median(res.round_seconds[2:])
-            print(f"{agents:5d} agents, {per_round or agents:3d}/round  {label:10s}  "
-                  f"median round {med * 1000:7.1f} ms  setup {res.setup_seconds:5.2f} s",
-                  flush=True)
+            print(
+                f"{agents:5d} agents, {per_round or agents:3d}/round  {label:10s}  "
+                f"median round {med * 1000:7.1f} ms  setup {res.setup_seconds:5.2f} s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,7 @@ class ChurnAgent:
                 time.sleep(rng.uniform(0.03, 0.12))
                 if self.stop.is_set():  # left mid-training: the round goes on without it
                     break
-                new = {k: v + rng.normal(0, 0.01, v.shape).astype(v.dtype)
-                       for k, v in gm.items()}
+                new = {k: v + rng.normal(0, 0.01, v.shape).astype(v.dtype) for k, v in gm.items()}
                 self.agent.send_trained_model(new, 10)
                 self.rounds += 1
         except Exception as exc:  # reported
@@ -88,7 +87,7 @@ class ChurnAgent:
 
 def slope_per_minute(samples: list[tuple[float, int]]) -> float:
     """Least-squares RSS growth over the second half of the samples, MiB per minute."""
-    half = samples[len(samples) // 2:]
+    half = samples[len(samples) // 2 :]
     if len(half) < 3:
         return 0.0
     t = np.array([s[0] for s in half])
@@ -113,12 +112,29 @@ def main() -> int:
     from dataclasses import fields
 
     from fedstack import AggregatorConfig
-    cfg.write_text(json.dumps({"auth": "off"} if "auth" in
-                              {f.name for f in fields(AggregatorConfig)} else {}))
-    agg = AggregatorProcess(work, "--config", str(cfg), "--db", str(db), "--rounds",
-                            str(rounds), "--min-agents", "1", "--threshold", "1.0",
-                            "--round-timeout", "30", "--heartbeat-interval", "2",
-                            "--finish-grace", "3")
+
+    cfg.write_text(
+        json.dumps({"auth": "off"} if "auth" in {f.name for f in fields(AggregatorConfig)} else {})
+    )
+    agg = AggregatorProcess(
+        work,
+        "--config",
+        str(cfg),
+        "--db",
+        str(db),
+        "--rounds",
+        str(rounds),
+        "--min-agents",
+        "1",
+        "--threshold",
+        "1.0",
+        "--round-timeout",
+        "30",
+        "--heartbeat-interval",
+        "2",
+        "--finish-grace",
+        "3",
+    )
     agg.start()
     assert agg.proc is not None
     proc = psutil.Process(agg.proc.pid)
@@ -129,6 +145,7 @@ def main() -> int:
     t0 = time.monotonic()
     next_sample = t0
     from fedstack import Store
+
     store = Store(str(db))
     done = 0
     try:
@@ -174,25 +191,42 @@ def main() -> int:
     log_errors = [ln for ln in log.splitlines() if " ERROR " in ln or "Traceback" in ln]
     mib = [s[1] / 2**20 for s in samples]
     result: dict[str, Any] = {
-        "rounds_requested": rounds, "rounds_completed": done, "contiguous": contiguous,
-        "seconds": round(elapsed, 1), "agents_joined": joins, "agents_left": leaves,
+        "rounds_requested": rounds,
+        "rounds_completed": done,
+        "contiguous": contiguous,
+        "seconds": round(elapsed, 1),
+        "agents_joined": joins,
+        "agents_left": leaves,
         "told_to_leave": told,
-        "rss_mib": {"first": round(mib[0], 1), "min": round(min(mib), 1),
-                    "max": round(max(mib), 1), "last": round(mib[-1], 1),
-                    "slope_mib_per_min_second_half": round(slope_per_minute(samples), 3)},
+        "rss_mib": {
+            "first": round(mib[0], 1),
+            "min": round(min(mib), 1),
+            "max": round(max(mib), 1),
+            "last": round(mib[-1], 1),
+            "slope_mib_per_min_second_half": round(slope_per_minute(samples), 3),
+        },
         "rss_samples": [(round(t, 1), round(v / 2**20, 2)) for t, v in samples],
-        "agent_errors": errors, "aggregator_log_errors": log_errors[:50],
+        "agent_errors": errors,
+        "aggregator_log_errors": log_errors[:50],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"rounds completed {done}/{rounds} in {elapsed:.1f} s (contiguous: {contiguous}); "
-          f"agents joined {joins}, left {leaves} ({told} told to leave)")
-    print("aggregator RSS MiB over time: " + " ".join(f"{v:.0f}" for v in mib[:: max(1, len(mib)
-                                                                                    // 20)]))
-    print(f"RSS first {mib[0]:.1f}, max {max(mib):.1f}, last {mib[-1]:.1f} MiB; slope over "
-          f"the second half {result['rss_mib']['slope_mib_per_min_second_half']:+.3f} MiB/min")
-    print(f"errors: {len(errors)} agent, {len(log_errors)} aggregator log"
-          + "".join(f"\n  {e}" for e in (errors + log_errors)[:10]))
+    print(
+        f"rounds completed {done}/{rounds} in {elapsed:.1f} s (contiguous: {contiguous}); "
+        f"agents joined {joins}, left {leaves} ({told} told to leave)"
+    )
+    print(
+        "aggregator RSS MiB over time: "
+        + " ".join(f"{v:.0f}" for v in mib[:: max(1, len(mib) // 20)])
+    )
+    print(
+        f"RSS first {mib[0]:.1f}, max {max(mib):.1f}, last {mib[-1]:.1f} MiB; slope over "
+        f"the second half {result['rss_mib']['slope_mib_per_min_second_half']:+.3f} MiB/min"
+    )
+    print(
+        f"errors: {len(errors)} agent, {len(log_errors)} aggregator log"
+        + "".join(f"\n  {e}" for e in (errors + log_errors)[:10])
+    )
     ok = done >= rounds and contiguous and not errors and not log_errors
     return 0 if ok else 1
 

@@ -93,13 +93,16 @@ def _payload(size: int) -> np.ndarray[Any, Any]:
 
 
 def _summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def _fmt(s: dict[str, float], unit: str = "", digits: int = 2) -> str:
-    return (f"{s['median']:.{digits}f}{unit} [{s['min']:.{digits}f} - "
-            f"{s['max']:.{digits}f}]")
+    return f"{s['median']:.{digits}f}{unit} [{s['min']:.{digits}f} - {s['max']:.{digits}f}]"
 
 
 def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -190,8 +193,9 @@ def _fs_client(ctl: Any, port: int, size: int, count: int, loop_kind: str) -> No
         got: Any = None
         for _ in range(count):
             t0 = time.perf_counter()
-            up = ModelUpload(upload_id=uuid.uuid4().hex, base_version=0, num_samples=1,
-                             model={"w": arr})
+            up = ModelUpload(
+                upload_id=uuid.uuid4().hex, base_version=0, num_samples=1, model={"w": arr}
+            )
             await conn.send(encode(up, limits))
             got = decode(await conn.recv(), limits)
             times.append(time.perf_counter() - t0)
@@ -280,8 +284,15 @@ class _Timer:
         return timed
 
 
-STORE_METHODS = ("find_upload", "add_upload", "commit_round", "log_event", "register_agent",
-                 "init_federation", "finish_run")
+STORE_METHODS = (
+    "find_upload",
+    "add_upload",
+    "commit_round",
+    "log_event",
+    "register_agent",
+    "init_federation",
+    "finish_run",
+)
 # Store calls the aggregator makes for each round (top level, i.e. not nested in each other).
 ROUND_STORE_CALLS = ("find_upload", "blobs.put", "add_upload", "commit_round")
 
@@ -292,9 +303,16 @@ def _aggregator_worker(ctl: Any, workdir: str, rounds: int, size: int, variant: 
     from fedstack.aggregator import Aggregator, AggregatorConfig
     from fedstack.store import Store
 
-    cfg = AggregatorConfig(port=0, db=str(Path(workdir) / "fedstack.db"), rounds=rounds,
-                           min_agents=1, delivery="push", finish_grace=10.0,
-                           max_message_bytes=max(2 * size, 1 << 30), auth="off")
+    cfg = AggregatorConfig(
+        port=0,
+        db=str(Path(workdir) / "fedstack.db"),
+        rounds=rounds,
+        min_agents=1,
+        delivery="push",
+        finish_grace=10.0,
+        max_message_bytes=max(2 * size, 1 << 30),
+        auth="off",
+    )
 
     async def main() -> dict[str, Any]:
         store = Store(cfg.db)
@@ -342,8 +360,11 @@ def _run_full(size: int, rounds: int, variant: str, think: float) -> dict[str, A
             if not parent.poll(JOIN_TIMEOUT):
                 raise RuntimeError("the aggregator did not start")
             port = parent.recv()
-            agent = Agent(f"ws://127.0.0.1:{port}", name="bench-agent",
-                          max_message_bytes=max(2 * size, 1 << 30))
+            agent = Agent(
+                f"ws://127.0.0.1:{port}",
+                name="bench-agent",
+                max_message_bytes=max(2 * size, 1 << 30),
+            )
             agent.send_initial_model({"w": _payload(size)}, num_samples=100)
             agent.start(timeout=JOIN_TIMEOUT)
             times: list[float] = []
@@ -358,8 +379,9 @@ def _run_full(size: int, rounds: int, variant: str, think: float) -> dict[str, A
                         raise RuntimeError("the agent refused to upload")
                     gm = agent.wait_for_global_model(timeout=JOIN_TIMEOUT)
                     times.append(time.perf_counter() - t0)
-                if not np.allclose(gm["w"][:1000], _payload(4000) + rounds * np.float32(0.001),
-                                   atol=1e-4):
+                if not np.allclose(
+                    gm["w"][:1000], _payload(4000) + rounds * np.float32(0.001), atol=1e-4
+                ):
                     raise RuntimeError("the global model is not what FedAvg should give")
                 try:
                     agent.wait_for_global_model(timeout=5)
@@ -380,8 +402,7 @@ def _run_full(size: int, rounds: int, variant: str, think: float) -> dict[str, A
     top, calls = stats["top"], stats["calls"]
     per_round = {
         "store": sum(top.get(n, 0.0) for n in ROUND_STORE_CALLS) / rounds,
-        "fedavg": sum(calls.get(n, [0, 0.0])[1] for n in ("fedavg.add", "fedavg.result"))
-        / rounds,
+        "fedavg": sum(calls.get(n, [0, 0.0])[1] for n in ("fedavg.add", "fedavg.result")) / rounds,
     }
     return {
         "round_seconds": times,
@@ -397,14 +418,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--mb", type=float, default=100.0, help="model size in MB (1e6 bytes)")
     ap.add_argument("--reps", type=int, default=5, help="repetitions (>= 3)")
-    ap.add_argument("--warmup", type=int, default=2,
-                    help="untimed round trips per process pair in (a)/(b) (the first is "
-                         "reported as 'cold')")
-    ap.add_argument("--inner", type=int, default=3,
-                    help="timed round trips per process pair in (a)/(b); a rep is their median")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed round trips per process pair in (a)/(b) (the first is reported as 'cold')",
+    )
+    ap.add_argument(
+        "--inner",
+        type=int,
+        default=3,
+        help="timed round trips per process pair in (a)/(b); a rep is their median",
+    )
     ap.add_argument("--rounds", type=int, default=5, help="rounds per full-stack run (c)")
-    ap.add_argument("--think", type=float, default=0.0,
-                    help="seconds the agent waits before each upload in (c) (training time)")
+    ap.add_argument(
+        "--think",
+        type=float,
+        default=0.0,
+        help="seconds the agent waits before each upload in (c) (training time)",
+    )
     ap.add_argument("--skip-full", action="store_true", help="skip (c)")
     ap.add_argument("--out", default=str(RESULTS / "transfer.json"))
     args = ap.parse_args()
@@ -417,14 +449,17 @@ def main() -> int:
     gbps: dict[str, list[float]] = {m: [] for m in modes}
     rtt: dict[str, list[float]] = {m: [] for m in modes}
     cold: dict[str, list[float]] = {m: [] for m in modes}
-    print(f"transfer: {size / 1e6:.0f} MB float32 model ({size // 4:,} parameters), "
-          f"{args.reps} repetitions, {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"transfer: {size / 1e6:.0f} MB float32 model ({size // 4:,} parameters), "
+        f"{args.reps} repetitions, {os.cpu_count()} CPUs",
+        flush=True,
+    )
     t_start = time.monotonic()
     for rep in range(args.reps):
         line = []
         for mode in modes:
             times = _run_pair(mode, size, args.warmup + args.inner)
-            t = statistics.median(times[args.warmup:])
+            t = statistics.median(times[args.warmup :])
             rtt[mode].append(t)
             cold[mode].append(times[0])
             gbps[mode].append(2 * size / t / 1e9)
@@ -438,34 +473,54 @@ def main() -> int:
             for variant in variants:
                 full[variant].append(_run_full(size, args.rounds, variant, args.think))
             f, n = full["full"][-1], full["no-blobs"][-1]
-            print(f"  full stack rep {rep + 1}: round {f['round_mean']:.3f} s (full store; "
-                  f"store calls {f['per_round']['store']:.3f} s), {n['round_mean']:.3f} s "
-                  f"(no blobs)", flush=True)
+            print(
+                f"  full stack rep {rep + 1}: round {f['round_mean']:.3f} s (full store; "
+                f"store calls {f['per_round']['store']:.3f} s), {n['round_mean']:.3f} s "
+                f"(no blobs)",
+                flush=True,
+            )
 
     summ = {m: _summary(gbps[m]) for m in modes}
-    ratios = {m: [gbps[m][i] / gbps["raw"][i] for i in range(args.reps)]
-              for m in ("uvloop", "asyncio")}
+    ratios = {
+        m: [gbps[m][i] / gbps["raw"][i] for i in range(args.reps)] for m in ("uvloop", "asyncio")
+    }
     ratio_of_medians = {m: summ[m]["median"] / summ["raw"]["median"] for m in ratios}
     verdict = "PASS" if ratio_of_medians["uvloop"] >= TARGET else "FAIL"
 
     print()
-    print(f"(a)/(b) {size / 1e6:.0f} MB agent -> aggregator -> agent over loopback; GB/s of "
-          f"payload = 2 x size / round trip; median [min - max] of {args.reps} reps "
-          f"(each: median of {args.inner} round trips after {args.warmup} warm-up)")
-    print(f"{'path':<32} {'GB/s':>20} {'round trip s':>22} {'ratio to raw':>20} "
-          f"{'cold 1st trip s':>16}")
-    names = {"raw": "(a) raw TCP, blocking sockets", "uvloop": "(b) fedstack, uvloop",
-             "asyncio": "(b) fedstack, plain asyncio"}
+    print(
+        f"(a)/(b) {size / 1e6:.0f} MB agent -> aggregator -> agent over loopback; GB/s of "
+        f"payload = 2 x size / round trip; median [min - max] of {args.reps} reps "
+        f"(each: median of {args.inner} round trips after {args.warmup} warm-up)"
+    )
+    print(
+        f"{'path':<32} {'GB/s':>20} {'round trip s':>22} {'ratio to raw':>20} "
+        f"{'cold 1st trip s':>16}"
+    )
+    names = {
+        "raw": "(a) raw TCP, blocking sockets",
+        "uvloop": "(b) fedstack, uvloop",
+        "asyncio": "(b) fedstack, plain asyncio",
+    }
     for m in modes:
-        ratio = "1" if m == "raw" else (
-            f"{ratio_of_medians[m]:.2f} [{min(ratios[m]):.2f} - {max(ratios[m]):.2f}]")
-        print(f"{names[m]:<32} {_fmt(summ[m]):>20} {_fmt(_summary(rtt[m]), digits=3):>22} "
-              f"{ratio:>20} {statistics.median(cold[m]):>16.3f}")
-    print(f"target: fedstack (uvloop) >= {TARGET:.2f} x raw TCP of the same run -> "
-          f"{ratio_of_medians['uvloop']:.2f}  {verdict}")
-    print(f"        plain asyncio: {ratio_of_medians['asyncio']:.2f} "
-          f"({'meets' if ratio_of_medians['asyncio'] >= TARGET else 'below'} the target; "
-          "fedstack processes use uvloop)")
+        ratio = (
+            "1"
+            if m == "raw"
+            else (f"{ratio_of_medians[m]:.2f} [{min(ratios[m]):.2f} - {max(ratios[m]):.2f}]")
+        )
+        print(
+            f"{names[m]:<32} {_fmt(summ[m]):>20} {_fmt(_summary(rtt[m]), digits=3):>22} "
+            f"{ratio:>20} {statistics.median(cold[m]):>16.3f}"
+        )
+    print(
+        f"target: fedstack (uvloop) >= {TARGET:.2f} x raw TCP of the same run -> "
+        f"{ratio_of_medians['uvloop']:.2f}  {verdict}"
+    )
+    print(
+        f"        plain asyncio: {ratio_of_medians['asyncio']:.2f} "
+        f"({'meets' if ratio_of_medians['asyncio'] >= TARGET else 'below'} the target; "
+        "fedstack processes use uvloop)"
+    )
 
     full_summary: dict[str, Any] = {}
     if not args.skip_full:
@@ -477,58 +532,102 @@ def main() -> int:
             if key == "round":
                 return _summary([r["round_mean"] for r in runs])
             if key == "rest":
-                return _summary([r["round_mean"] - r["per_round"]["store"]
-                                 - r["per_round"]["fedavg"] - t_med for r in runs])
+                return _summary(
+                    [
+                        r["round_mean"] - r["per_round"]["store"] - r["per_round"]["fedavg"] - t_med
+                        for r in runs
+                    ]
+                )
             return _summary([r["per_round"][key] for r in runs])
 
         fu, nb = col("full", "round"), col("no-blobs", "round")
         st, st_nb = col("full", "store"), col("no-blobs", "store")
         puts = full["full"][0]["blob_puts"]
-        full_summary = {"transport_only": transport, "rounds_per_run": args.rounds,
-                        "think": args.think, "blob_puts_per_run": puts}
+        full_summary = {
+            "transport_only": transport,
+            "rounds_per_run": args.rounds,
+            "think": args.think,
+            "blob_puts_per_run": puts,
+        }
         for v in variants:
             full_summary[v] = {k: col(v, k) for k in ("round", "store", "fedavg", "rest")}
         print()
-        print(f"(c) full stack: Aggregator (own process, uvloop, SQLite store) + 1 Agent, "
-              f"{args.rounds} rounds per run"
-              + (f", {args.think:g} s 'training' before each upload" if args.think else "")
-              + f"; seconds per round, median [min - max] of {args.reps} runs (each run: "
-              "mean of its rounds)")
+        print(
+            f"(c) full stack: Aggregator (own process, uvloop, SQLite store) + 1 Agent, "
+            f"{args.rounds} rounds per run"
+            + (f", {args.think:g} s 'training' before each upload" if args.think else "")
+            + f"; seconds per round, median [min - max] of {args.reps} runs (each run: "
+            "mean of its rounds)"
+        )
         print(f"{'':<46} {'full store':>22} {'no blobs':>22}")
-        print(f"{'round (upload -> new global model at agent)':<46} {_fmt(fu, digits=3):>22} "
-              f"{_fmt(nb, digits=3):>22}")
-        print(f"{'  model GB/s (2 x size / round)':<46} {2 * size / fu['median'] / 1e9:>22.2f} "
-              f"{2 * size / nb['median'] / 1e9:>22.2f}")
-        print(f"{'  store calls (timed in the aggregator)':<46} {_fmt(st, digits=3):>22} "
-              f"{_fmt(st_nb, digits=3):>22}")
-        print(f"{'  FedAvg add + result (timed)':<46} "
-              f"{_fmt(col('full', 'fedavg'), digits=3):>22} "
-              f"{_fmt(col('no-blobs', 'fedavg'), digits=3):>22}")
-        print(f"{'  transport only ((b) uvloop round trip)':<46} "
-              f"{_fmt(transport, digits=3):>22} {_fmt(transport, digits=3):>22}")
-        print(f"{'  rest (round - the three above, per run)':<46} "
-              f"{_fmt(col('full', 'rest'), digits=3):>22} "
-              f"{_fmt(col('no-blobs', 'rest'), digits=3):>22}")
-        print(f"persistence cost per round: full - no blobs = "
-              f"{fu['median'] - nb['median']:.3f} s (of which in store calls "
-              f"{st['median'] - st_nb['median']:.3f} s); blob puts per round: "
-              f"{(puts - 2) / args.rounds:.0f} (+2 at start)")
+        print(
+            f"{'round (upload -> new global model at agent)':<46} {_fmt(fu, digits=3):>22} "
+            f"{_fmt(nb, digits=3):>22}"
+        )
+        print(
+            f"{'  model GB/s (2 x size / round)':<46} {2 * size / fu['median'] / 1e9:>22.2f} "
+            f"{2 * size / nb['median'] / 1e9:>22.2f}"
+        )
+        print(
+            f"{'  store calls (timed in the aggregator)':<46} {_fmt(st, digits=3):>22} "
+            f"{_fmt(st_nb, digits=3):>22}"
+        )
+        print(
+            f"{'  FedAvg add + result (timed)':<46} "
+            f"{_fmt(col('full', 'fedavg'), digits=3):>22} "
+            f"{_fmt(col('no-blobs', 'fedavg'), digits=3):>22}"
+        )
+        print(
+            f"{'  transport only ((b) uvloop round trip)':<46} "
+            f"{_fmt(transport, digits=3):>22} {_fmt(transport, digits=3):>22}"
+        )
+        print(
+            f"{'  rest (round - the three above, per run)':<46} "
+            f"{_fmt(col('full', 'rest'), digits=3):>22} "
+            f"{_fmt(col('no-blobs', 'rest'), digits=3):>22}"
+        )
+        print(
+            f"persistence cost per round: full - no blobs = "
+            f"{fu['median'] - nb['median']:.3f} s (of which in store calls "
+            f"{st['median'] - st_nb['median']:.3f} s); blob puts per round: "
+            f"{(puts - 2) / args.rounds:.0f} (+2 at start)"
+        )
     print(f"\ntotal bench time {time.monotonic() - t_start:.0f} s")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "bench": "transfer",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": np.__version__, "platform": platform.platform()},
-        "config": {"bytes": size, "params": size // 4, "reps": args.reps,
-                   "warmup": args.warmup, "inner": args.inner, "rounds": args.rounds,
-                   "think": args.think},
-        "gbps": gbps, "round_trip_seconds": rtt, "cold_first_round_trip_seconds": cold,
-        "summary": summ, "ratio_per_rep": ratios, "ratio_of_medians": ratio_of_medians,
-        "target": TARGET, "verdict": verdict,
-        "full_stack": {"summary": full_summary, "runs": full},
-    }, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "bench": "transfer",
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "numpy": np.__version__,
+                    "platform": platform.platform(),
+                },
+                "config": {
+                    "bytes": size,
+                    "params": size // 4,
+                    "reps": args.reps,
+                    "warmup": args.warmup,
+                    "inner": args.inner,
+                    "rounds": args.rounds,
+                    "think": args.think,
+                },
+                "gbps": gbps,
+                "round_trip_seconds": rtt,
+                "cold_first_round_trip_seconds": cold,
+                "summary": summ,
+                "ratio_per_rep": ratios,
+                "ratio_of_medians": ratio_of_medians,
+                "target": TARGET,
+                "verdict": verdict,
+                "full_stack": {"summary": full_summary, "runs": full},
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

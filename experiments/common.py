@@ -194,8 +194,7 @@ class History:
         return values[-1] if values else math.nan
 
     def to_json(self, with_rounds: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {"label": self.label, "seconds": self.seconds,
-                               "evals": self.evals}
+        out: dict[str, Any] = {"label": self.label, "seconds": self.seconds, "evals": self.evals}
         if with_rounds:
             out["rounds"] = self.rounds
         return out
@@ -237,10 +236,15 @@ def run_federation(
     if isinstance(strategy, str):
         strategy = create(strategy, **dict(strategy_params or {}))
     if strategy.trigger is not None:
-        raise ValueError(f"strategy {strategy.name!r} aggregates every {strategy.trigger} "
-                         "update(s); this synchronous loop does not simulate that")
-    bar = progress if isinstance(progress, Progress) else Progress(label, config.rounds,
-                                                                   enabled=bool(progress))
+        raise ValueError(
+            f"strategy {strategy.name!r} aggregates every {strategy.trigger} "
+            "update(s); this synchronous loop does not simulate that"
+        )
+    bar = (
+        progress
+        if isinstance(progress, Progress)
+        else Progress(label, config.rounds, enabled=bool(progress))
+    )
     history = History(label)
     started = time.perf_counter()
     weights = initial_weights
@@ -260,14 +264,28 @@ def run_federation(
             if agent not in plan.epochs:
                 continue  # a dropped straggler
             epochs = plan.epochs[agent]
-            task = Task(r, agent, weights, epochs, agent not in plan.active,
-                        {**agent_config, "epochs": epochs}, extra,
-                        np.random.default_rng([config.seed, r, agent]))
+            task = Task(
+                r,
+                agent,
+                weights,
+                epochs,
+                agent not in plan.active,
+                {**agent_config, "epochs": epochs},
+                extra,
+                np.random.default_rng([config.seed, r, agent]),
+            )
             t1 = time.perf_counter()
             local = train(task)
             train_seconds += time.perf_counter() - t1
-            update = Update(f"agent-{agent}", local.weights, int(local.num_samples), 0,
-                            dict(local.metrics), "", dict(local.extra))
+            update = Update(
+                f"agent-{agent}",
+                local.weights,
+                int(local.num_samples),
+                0,
+                dict(local.metrics),
+                "",
+                dict(local.extra),
+            )
             try:
                 strategy.check(update, weights)
                 acc.add(update)
@@ -275,8 +293,11 @@ def run_federation(
                 rejected.append(f"{update.agent_id}: {exc}")
         aggregate_seconds = time.perf_counter() - t0 - train_seconds
         record: dict[str, Any] = {
-            "round": r, "selected": plan.selected, "active": plan.active,
-            "reported": acc.count, "rejected": rejected,
+            "round": r,
+            "selected": plan.selected,
+            "active": plan.active,
+            "reported": acc.count,
+            "rejected": rejected,
             "train_seconds": train_seconds,
         }
         if acc.count:
@@ -297,8 +318,11 @@ def run_federation(
 
 
 def _summary(metrics: Mapping[str, Any]) -> str:
-    parts = [f"{k}={v:.4g}" for k, v in metrics.items()
-             if k != "round" and isinstance(v, float | int) and not isinstance(v, bool)]
+    parts = [
+        f"{k}={v:.4g}"
+        for k, v in metrics.items()
+        if k != "round" and isinstance(v, float | int) and not isinstance(v, bool)
+    ]
     return " ".join(parts[:3])
 
 
@@ -310,8 +334,9 @@ class Progress:
     line is printed about every 10 % of the rounds.
     """
 
-    def __init__(self, label: str, total: int, *, enabled: bool = True,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self, label: str, total: int, *, enabled: bool = True, stream: TextIO | None = None
+    ) -> None:
         self.label = label
         self.total = total
         self.enabled = enabled
@@ -325,8 +350,10 @@ class Progress:
             return
         if not self.tty and done % self.step and done != self.total:
             return
-        text = (f"{self.label} round {done}/{self.total} "
-                f"({time.perf_counter() - self.started:.1f} s) {note}").rstrip()
+        text = (
+            f"{self.label} round {done}/{self.total} "
+            f"({time.perf_counter() - self.started:.1f} s) {note}"
+        ).rstrip()
         if self.tty:
             self.stream.write("\r\x1b[K" + text)
         else:
@@ -366,8 +393,10 @@ def run_jobs(jobs: Sequence[Job], workers: int = 1) -> dict[tuple[Any, ...], Any
     started = time.perf_counter()
 
     def done(i: int, job: Job) -> None:
-        log(f"[done {i}/{len(jobs)}] {' '.join(map(str, job.key))} "
-            f"({time.perf_counter() - started:.0f} s elapsed)")
+        log(
+            f"[done {i}/{len(jobs)}] {' '.join(map(str, job.key))} "
+            f"({time.perf_counter() - started:.0f} s elapsed)"
+        )
 
     if workers <= 1:
         for i, job in enumerate(order, 1):
@@ -402,27 +431,38 @@ def mean_sd(values: Sequence[float], fmt: str = ".3f") -> str:
     return f"{format(float(arr.mean()), fmt)}±{format(float(arr.std(ddof=1)), fmt)}"
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
-                 title: str = "") -> str:
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> str:
     """A Markdown (pipe) table with aligned columns; floats as 4 significant digits."""
+
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return "nan" if math.isnan(v) else f"{v:.4g}"
         return str(v)
 
     text = [[cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h)
-              for i, h in enumerate(headers)]
-    numeric = [all(_looks_numeric(r[i]) for r in text) and bool(text)
-               for i in range(len(headers))]
+    widths = [
+        max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(headers)
+    ]
+    numeric = [all(_looks_numeric(r[i]) for r in text) and bool(text) for i in range(len(headers))]
 
     def line(values: Sequence[str]) -> str:
-        return "| " + " | ".join(
-            v.rjust(w) if num else v.ljust(w)
-            for v, w, num in zip(values, widths, numeric, strict=True)) + " |"
+        return (
+            "| "
+            + " | ".join(
+                v.rjust(w) if num else v.ljust(w)
+                for v, w, num in zip(values, widths, numeric, strict=True)
+            )
+            + " |"
+        )
 
-    rule = "| " + " | ".join(("-" * (w - 1) + ":") if num else "-" * w
-                             for w, num in zip(widths, numeric, strict=True)) + " |"
+    rule = (
+        "| "
+        + " | ".join(
+            ("-" * (w - 1) + ":") if num else "-" * w
+            for w, num in zip(widths, numeric, strict=True)
+        )
+        + " |"
+    )
     out = [line(headers), rule, *(line(r) for r in text)]
     return (f"{title}\n\n" if title else "") + "\n".join(out)
 
@@ -483,8 +523,14 @@ class Panel:
     ylim: tuple[float, float] | None = None
 
 
-def save_plot(path: Path | str, panels: Sequence[Panel], *, ncols: int = 3,
-              title: str = "", panel_size: tuple[float, float] = (4.2, 3.0)) -> Path:
+def save_plot(
+    path: Path | str,
+    panels: Sequence[Panel],
+    *,
+    ncols: int = 3,
+    title: str = "",
+    panel_size: tuple[float, float] = (4.2, 3.0),
+) -> Path:
     """Draw ``panels`` in a grid (matplotlib, Agg) and save them as ``path`` (PNG)."""
     import matplotlib
 
@@ -495,15 +541,18 @@ def save_plot(path: Path | str, panels: Sequence[Panel], *, ncols: int = 3,
     path.parent.mkdir(parents=True, exist_ok=True)
     ncols = max(1, min(ncols, len(panels)))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, squeeze=False,
-                             figsize=(panel_size[0] * ncols, panel_size[1] * nrows))
+    fig, axes = plt.subplots(
+        nrows, ncols, squeeze=False, figsize=(panel_size[0] * ncols, panel_size[1] * nrows)
+    )
     for ax, panel in zip(axes.flat, panels, strict=False):
         for curve in panel.curves:
-            (line,) = ax.plot(curve.x, curve.y, curve.style, label=curve.label, linewidth=1.2,
-                              color=curve.color)
+            (line,) = ax.plot(
+                curve.x, curve.y, curve.style, label=curve.label, linewidth=1.2, color=curve.color
+            )
             if curve.low is not None and curve.high is not None:
-                ax.fill_between(curve.x, curve.low, curve.high, alpha=0.15,
-                                color=line.get_color(), linewidth=0)
+                ax.fill_between(
+                    curve.x, curve.low, curve.high, alpha=0.15, color=line.get_color(), linewidth=0
+                )
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
@@ -513,7 +562,7 @@ def save_plot(path: Path | str, panels: Sequence[Panel], *, ncols: int = 3,
             ax.set_ylim(*panel.ylim)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
@@ -523,9 +572,16 @@ def save_plot(path: Path | str, panels: Sequence[Panel], *, ncols: int = 3,
     return path
 
 
-def save_heatmap(path: Path | str, matrices: Sequence[tuple[str, np.ndarray[Any, Any]]],
-                 row_labels: Sequence[str], col_labels: Sequence[str], *,
-                 title: str = "", vmin: float = 0.0, vmax: float = 1.0) -> Path:
+def save_heatmap(
+    path: Path | str,
+    matrices: Sequence[tuple[str, np.ndarray[Any, Any]]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    *,
+    title: str = "",
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+) -> Path:
     """Annotated heatmaps side by side (one per ``(subtitle, matrix)``), saved as PNG."""
     import matplotlib
 
@@ -535,8 +591,9 @@ def save_heatmap(path: Path | str, matrices: Sequence[tuple[str, np.ndarray[Any,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(matrices)
-    fig, axes = plt.subplots(1, n, squeeze=False,
-                             figsize=(1.1 * len(col_labels) * n + 1.5, 0.6 * len(row_labels) + 1.8))
+    fig, axes = plt.subplots(
+        1, n, squeeze=False, figsize=(1.1 * len(col_labels) * n + 1.5, 0.6 * len(row_labels) + 1.8)
+    )
     image = None
     for ax, (subtitle, matrix) in zip(axes.flat, matrices, strict=True):
         image = ax.imshow(matrix, vmin=vmin, vmax=vmax, cmap="RdYlGn", aspect="auto")

@@ -88,18 +88,45 @@ def flip(global_: npt.NDArray[Any], local: npt.NDArray[Any], scale: float) -> np
     return (g - scale * (local.astype(np.float64) - g)).astype(global_.dtype)
 
 
-def run_one(partition: str, attack: str, rule: str, seed: int, rounds: int, num_agents: int,
-            num_attackers: int, epochs: int, lr: float, batch_size: int, scale: float,
-            sigma: float, standardise: bool, progress: bool) -> dict[str, Any]:
+def run_one(
+    partition: str,
+    attack: str,
+    rule: str,
+    seed: int,
+    rounds: int,
+    num_agents: int,
+    num_attackers: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    scale: float,
+    sigma: float,
+    standardise: bool,
+    progress: bool,
+) -> dict[str, Any]:
     """One federation; returns its accuracy series (picklable, for the process pool)."""
     mean, std = standardiser() if standardise else (np.float32(0.0), np.float32(1.0))
-    attackers = set() if attack == "none" else {
-        int(a) for a in np.random.default_rng([seed, 7]).choice(num_agents, num_attackers,
-                                                                 replace=False)}
+    attackers = (
+        set()
+        if attack == "none"
+        else {
+            int(a)
+            for a in np.random.default_rng([seed, 7]).choice(
+                num_agents, num_attackers, replace=False
+            )
+        }
+    )
     trainers = []
     for i in range(num_agents):
-        t = DigitsLinearTrainer(index=i, num_agents=num_agents, partition=partition, seed=seed,
-                                epochs=epochs, lr=lr, batch_size=batch_size)
+        t = DigitsLinearTrainer(
+            index=i,
+            num_agents=num_agents,
+            partition=partition,
+            seed=seed,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+        )
         t.x_train = ((t.x_train - mean) / std).astype(np.float32)
         t.x_test = ((t.x_test - mean) / std).astype(np.float32)
         if attack == "label_flip" and i in attackers:
@@ -112,11 +139,15 @@ def run_one(partition: str, attack: str, rule: str, seed: int, rounds: int, num_
         weights, n, metrics = trainers[task.agent].fit(task.weights, task.config)
         if task.agent in attackers:
             if attack == "sign_flip":
-                weights = {k: flip(np.asarray(g), np.asarray(weights[k]), scale)
-                           for k, g in task.weights.items()}
+                weights = {
+                    k: flip(np.asarray(g), np.asarray(weights[k]), scale)
+                    for k, g in task.weights.items()
+                }
             elif attack == "gaussian":
-                weights = {k: (sigma * task.rng.standard_normal(g.shape)).astype(g.dtype)
-                           for k, g in task.weights.items()}
+                weights = {
+                    k: (sigma * task.rng.standard_normal(g.shape)).astype(g.dtype)
+                    for k, g in task.weights.items()
+                }
         return LocalResult(weights, n, metrics)
 
     def evaluate(weights: Weights) -> Metrics:
@@ -126,11 +157,21 @@ def run_one(partition: str, attack: str, rule: str, seed: int, rounds: int, num_
 
     name, params = RULES[rule]
     config = FederationConfig(rounds=rounds, num_agents=num_agents, epochs=epochs, seed=seed)
-    history = run_federation(name, trainers[0].initial_weights(), train, evaluate, config,
-                             strategy_params=params, progress=progress,
-                             label=f"[{partition} {attack} {rule} seed={seed}]")
-    return {**history.to_json(), "attackers": sorted(attackers),
-            "selected": [r.get("metrics", {}).get("selected") for r in history.rounds]}
+    history = run_federation(
+        name,
+        trainers[0].initial_weights(),
+        train,
+        evaluate,
+        config,
+        strategy_params=params,
+        progress=progress,
+        label=f"[{partition} {attack} {rule} seed={seed}]",
+    )
+    return {
+        **history.to_json(),
+        "attackers": sorted(attackers),
+        "selected": [r.get("metrics", {}).get("selected") for r in history.rounds],
+    }
 
 
 def krum_precondition_enforced() -> tuple[bool, str]:
@@ -147,8 +188,9 @@ def krum_precondition_enforced() -> tuple[bool, str]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--partitions", nargs="+", default=["iid", "dirichlet:0.5"])
@@ -161,8 +203,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--scale", type=float, default=4.0, help="sign-flip factor c")
     p.add_argument("--sigma", type=float, default=10.0, help="Gaussian attack sd")
-    p.add_argument("--raw-features", action="store_true",
-                   help="keep the trainer's [0, 1] pixels instead of standardising")
+    p.add_argument(
+        "--raw-features",
+        action="store_true",
+        help="keep the trainer's [0, 1] pixels instead of standardising",
+    )
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--progress", action="store_true", help="per-round progress of every run")
     p.add_argument("--out", default=str(RESULTS_DIR))
@@ -177,15 +222,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         log(f"strategies not registered (yet): {', '.join(missing)}")
         return 2
-    common = {"rounds": args.rounds, "num_agents": args.agents,
-              "num_attackers": args.attackers, "epochs": args.epochs, "lr": args.lr,
-              "batch_size": args.batch_size, "scale": args.scale, "sigma": args.sigma,
-              "standardise": not args.raw_features, "progress": args.progress}
-    jobs = [Job((p, a, r, s), run_one, {"partition": p, "attack": a, "rule": r, "seed": s,
-                                        **common},
-                cost=3.0 if r == "geometric_median" else 1.0)
-            for p in args.partitions for a in args.attacks for r in args.rules
-            for s in args.seeds]
+    common = {
+        "rounds": args.rounds,
+        "num_agents": args.agents,
+        "num_attackers": args.attackers,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "scale": args.scale,
+        "sigma": args.sigma,
+        "standardise": not args.raw_features,
+        "progress": args.progress,
+    }
+    jobs = [
+        Job(
+            (p, a, r, s),
+            run_one,
+            {"partition": p, "attack": a, "rule": r, "seed": s, **common},
+            cost=3.0 if r == "geometric_median" else 1.0,
+        )
+        for p in args.partitions
+        for a in args.attacks
+        for r in args.rules
+        for s in args.seeds
+    ]
     log(f"T3: {len(jobs)} jobs on {args.workers} worker(s), {args.rounds} rounds each")
     started = time.perf_counter()
     results = run_jobs(jobs, args.workers)
@@ -197,13 +257,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     matrices = []
     for p in args.partitions:
         rows = [[a, *[mean_sd(finals(p, a, r)) for r in args.rules]] for a in args.attacks]
-        print(format_table(["attack", *args.rules], rows,
-                           f"T3 ({p}, {args.agents} agents, {args.attackers} attackers, "
-                           f"{args.rounds} rounds): final test accuracy, mean±sd over seeds "
-                           f"{' '.join(map(str, args.seeds))}"))
+        print(
+            format_table(
+                ["attack", *args.rules],
+                rows,
+                f"T3 ({p}, {args.agents} agents, {args.attackers} attackers, "
+                f"{args.rounds} rounds): final test accuracy, mean±sd over seeds "
+                f"{' '.join(map(str, args.seeds))}",
+            )
+        )
         print()
-        matrices.append((p, np.array([[np.mean(finals(p, a, r)) for r in args.rules]
-                                      for a in args.attacks])))
+        matrices.append(
+            (p, np.array([[np.mean(finals(p, a, r)) for r in args.rules] for a in args.attacks]))
+        )
 
     checks: dict[str, Any] = {}
     acceptance: bool | None = None
@@ -219,17 +285,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if not v >= 0.85:
                         bad.append(f"{r}/{a}/seed {s} = {v:.3f}")
         acceptance = not bad
-        worst_robust = min(min(finals("iid", a, r)) for a in need for r in args.rules
-                           if r != "mean")
+        worst_robust = min(
+            min(finals("iid", a, r)) for a in need for r in args.rules if r != "mean"
+        )
         best_mean = max(max(finals("iid", a, "mean")) for a in need)
-        detail = (f"max mean accuracy {best_mean:.3f}, min robust accuracy {worst_robust:.3f}"
-                  + (f"; failing: {', '.join(bad)}" if bad else ""))
+        detail = f"max mean accuracy {best_mean:.3f}, min robust accuracy {worst_robust:.3f}" + (
+            f"; failing: {', '.join(bad)}" if bad else ""
+        )
         checks["acceptance"] = {"ok": acceptance, "detail": detail}
-        print(f"ACCEPTANCE {pass_fail(acceptance)}: IID, sign-flip and Gaussian: mean < 0.35 "
-              f"and every robust rule >= 0.85 in every seed ({detail})")
+        print(
+            f"ACCEPTANCE {pass_fail(acceptance)}: IID, sign-flip and Gaussian: mean < 0.35 "
+            f"and every robust rule >= 0.85 in every seed ({detail})"
+        )
     else:
-        print("ACCEPTANCE not evaluated (needs partition iid, attacks sign_flip and gaussian, "
-              "rule mean)")
+        print(
+            "ACCEPTANCE not evaluated (needs partition iid, attacks sign_flip and gaussian, "
+            "rule mean)"
+        )
     info = informational_checks(args, finals)
     info["krum refuses n <= 2f + 2"] = krum_precondition_enforced()
     checks["info"] = info
@@ -237,16 +309,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  info {pass_fail(ok)}: {name} ({detail})")
     print(f"\ntime: {wall:.0f} s wall on {args.workers} worker(s)")
 
-    paths = [save_heatmap(out / "t3_accuracy.png", matrices, args.attacks, args.rules,
-                          title=f"T3 Byzantine digits: final test accuracy "
-                                f"({args.attackers}/{args.agents} attackers, "
-                                f"{args.rounds} rounds, mean of {len(args.seeds)} seeds)")]
-    payload = {"config": {k: v for k, v in vars(args).items() if k != "out"},
-               "wall_seconds": wall, "checks": checks,
-               "table": {p: {a: {r: finals(p, a, r) for r in args.rules} for a in args.attacks}
-                         for p in args.partitions},
-               "runs": [{"partition": k[0], "attack": k[1], "rule": k[2], "seed": k[3], **v}
-                        for k, v in results.items()]}
+    paths = [
+        save_heatmap(
+            out / "t3_accuracy.png",
+            matrices,
+            args.attacks,
+            args.rules,
+            title=f"T3 Byzantine digits: final test accuracy "
+            f"({args.attackers}/{args.agents} attackers, "
+            f"{args.rounds} rounds, mean of {len(args.seeds)} seeds)",
+        )
+    ]
+    payload = {
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "wall_seconds": wall,
+        "checks": checks,
+        "table": {
+            p: {a: {r: finals(p, a, r) for r in args.rules} for a in args.attacks}
+            for p in args.partitions
+        },
+        "runs": [
+            {"partition": k[0], "attack": k[1], "rule": k[2], "seed": k[3], **v}
+            for k, v in results.items()
+        ],
+    }
     paths.append(save_json(out / "t3_results.json", payload))
     for path in paths:
         log(f"wrote {path}")
@@ -258,33 +344,41 @@ def informational_checks(args: argparse.Namespace, finals: Any) -> dict[str, tup
     info: dict[str, tuple[bool, str]] = {}
     robust = [r for r in args.rules if r != "mean"]
     if "iid" in args.partitions:
-        worst = {a: min(float(np.mean(finals("iid", a, r))) for r in robust)
-                 for a in args.attacks if a != "none"}
+        worst = {
+            a: min(float(np.mean(finals("iid", a, r))) for r in robust)
+            for a in args.attacks
+            if a != "none"
+        }
         info["IID: every robust rule >= 0.89 under every attack (mean of seeds)"] = (
             all(v >= 0.89 for v in worst.values()),
-            ", ".join(f"{a}: worst {v:.3f}" for a, v in worst.items()))
+            ", ".join(f"{a}: worst {v:.3f}" for a, v in worst.items()),
+        )
         if "none" in args.attacks and "mean" in args.rules:
             clean = float(np.mean(finals("iid", "none", "mean")))
-            mean_of: Mapping[str, float] = {r: float(np.mean(finals("iid", "none", r)))
-                                            for r in robust}
+            mean_of: Mapping[str, float] = {
+                r: float(np.mean(finals("iid", "none", r))) for r in robust
+            }
             info["IID clean: robust rules within 0.03 of the mean"] = (
                 all(clean - v <= 0.03 for v in mean_of.values()),
-                f"mean {clean:.3f}; " + ", ".join(f"{r} {v:.3f}" for r, v in mean_of.items()))
+                f"mean {clean:.3f}; " + ", ".join(f"{r} {v:.3f}" for r, v in mean_of.items()),
+            )
     if "dirichlet:0.5" in args.partitions and "none" in args.attacks:
         p = "dirichlet:0.5"
         if "krum" in args.rules and "mean" in args.rules:
             krum = float(np.mean(finals(p, "none", "krum")))
             clean = float(np.mean(finals(p, "none", "mean")))
             info["Dirichlet(0.5) clean: Krum visibly below the mean (known weakness)"] = (
-                krum < clean - 0.05, f"krum {krum:.3f} vs mean {clean:.3f}")
+                krum < clean - 0.05,
+                f"krum {krum:.3f} vs mean {clean:.3f}",
+            )
         keep = [r for r in ("multikrum", "geometric_median") if r in args.rules]
         attacked = [a for a in args.attacks if a != "none"]
         if keep and attacked:
-            worst_keep = {r: min(float(np.mean(finals(p, a, r))) for a in attacked)
-                          for r in keep}
+            worst_keep = {r: min(float(np.mean(finals(p, a, r))) for a in attacked) for r in keep}
             info["Dirichlet(0.5): Multi-Krum and geometric median >= 0.83 under attack"] = (
                 all(v >= 0.83 for v in worst_keep.values()),
-                ", ".join(f"{r} worst {v:.3f}" for r, v in worst_keep.items()))
+                ", ".join(f"{r} worst {v:.3f}" for r, v in worst_keep.items()),
+            )
     return info
 
 

@@ -95,8 +95,13 @@ print(int(kept), (proc.memory_info().rss - base) >> 20)
 
 def test_keep_freed_memory_keeps_a_freed_buffer_for_reuse() -> None:
     def run(mode: str) -> tuple[int, int]:
-        out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE, mode], check=True,
-                             capture_output=True, text=True, timeout=60).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_AFTER_FREE, mode],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
         return int(out[0]), int(out[1])
 
     kept, held_mb = run("keep")

@@ -25,8 +25,12 @@ def test_source_has_no_code_executing_deserialisation() -> None:
                 if node.func.id in BANNED_CALLS:
                     problems.append(f"{path}:{node.lineno}: {node.func.id}()")
                 continue
-            elif isinstance(node, ast.Attribute) and node.attr in ("loads", "load") and \
-                    isinstance(node.value, ast.Name) and node.value.id in BANNED_MODULES:
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("loads", "load")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in BANNED_MODULES
+            ):
                 problems.append(f"{path}:{node.lineno}: {node.value.id}.{node.attr}")
                 continue
             else:

@@ -22,8 +22,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--num-supernodes", type=int, required=True)
     args = ap.parse_args()
-    run_simulation(server_app=server_app, client_app=client_app,
-                   num_supernodes=args.num_supernodes)
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=args.num_supernodes)
     return 0
 
 

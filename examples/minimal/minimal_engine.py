@@ -52,8 +52,11 @@ def run(url: str, name: str, sleep: float = 0.0) -> list[tuple[int, Weights]]:
             except FederationFinished:
                 break
             seen.append((agent.version, {k: np.array(v) for k, v in gm.items()}))
-            print(f"{name}: global model v{agent.version}: "
-                  + ", ".join(f"{k}={v.tolist()}" for k, v in gm.items()), flush=True)
+            print(
+                f"{name}: global model v{agent.version}: "
+                + ", ".join(f"{k}={v.tolist()}" for k, v in gm.items()),
+                flush=True,
+            )
             agent.send_trained_model(training(name, gm, sleep), num_samples=1)
     finally:
         agent.close()

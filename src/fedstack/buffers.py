@@ -66,8 +66,13 @@ _ONE_HOLDER = _one_holder()
 
 def _take(value: Any) -> np.ndarray[Any, Any]:
     # ``value`` is this frame's: exactly one holder means the caller gave up the last other
-    if (type(value) is np.ndarray and value.flags.owndata and value.flags.writeable
-            and value.flags.c_contiguous and _refs(value) <= _ONE_HOLDER):
+    if (
+        type(value) is np.ndarray
+        and value.flags.owndata
+        and value.flags.writeable
+        and value.flags.c_contiguous
+        and _refs(value) <= _ONE_HOLDER
+    ):
         return value
     return np.array(value, copy=True)
 

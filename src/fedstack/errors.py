@@ -104,8 +104,15 @@ class CredentialRefused(RegistrationRefused):
     the credential presented and ``source`` how the stored one was obtained, when known.
     """
 
-    def __init__(self, message: str, code: str, reason: str, *,
-                 credential: str | None = None, source: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: str,
+        reason: str,
+        *,
+        credential: str | None = None,
+        source: str | None = None,
+    ) -> None:
         super().__init__(message, code)
         self.reason = reason
         self.credential = credential

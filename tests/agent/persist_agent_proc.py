@@ -67,12 +67,15 @@ def main() -> None:
         agent.close()
     if args.report:
         with open(args.report, "w") as f:
-            json.dump({
-                "agent_id": agent.agent_id,
-                "versions": versions,
-                "acked": [[a.upload_id, a.status, a.message] for a in agent.acknowledged],
-                "final": {k: v.tolist() for k, v in gm.items()},
-            }, f)
+            json.dump(
+                {
+                    "agent_id": agent.agent_id,
+                    "versions": versions,
+                    "acked": [[a.upload_id, a.status, a.message] for a in agent.acknowledged],
+                    "final": {k: v.tolist() for k, v in gm.items()},
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ def m(v: float) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("delivery", ["push", "poll"])
 def test_state_transitions(tmp_path: Path, delivery: str) -> None:
-    cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "f.db"), rounds=2,
-                           delivery=delivery, finish_grace=2)
+    cfg = AggregatorConfig(
+        auth="off", port=0, db=str(tmp_path / "f.db"), rounds=2, delivery=delivery, finish_grace=2
+    )
     with aggregator_thread(cfg) as agg:
         a = Agent(f"ws://127.0.0.1:{agg.port}", name="a")
         assert a.state == ClientState.waiting_gm
@@ -61,8 +62,9 @@ def test_state_transitions(tmp_path: Path, delivery: str) -> None:
 
 def test_push_discards_result_trained_on_stale_model(tmp_path: Path) -> None:
     """Book A3-14 / C5-07: a newer global model arrived during training -> discard."""
-    cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "f.db"), threshold=0.5, rounds=3,
-                           finish_grace=2)
+    cfg = AggregatorConfig(
+        auth="off", port=0, db=str(tmp_path / "f.db"), threshold=0.5, rounds=3, finish_grace=2
+    )
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
         fast, slow = Agent(url, name="fast"), Agent(url, name="slow")
@@ -80,19 +82,29 @@ def test_push_discards_result_trained_on_stale_model(tmp_path: Path) -> None:
         fast.close()
         slow.close()
         store = Store(str(tmp_path / "f.db"))
-        producers = {x["producer"] for x in store.models(agg.run_id, "local")
-                     if x["status"] != "initial"}
+        producers = {
+            x["producer"] for x in store.models(agg.run_id, "local") if x["status"] != "initial"
+        }
         assert slow.agent_id not in producers  # the discarded model never left the agent
         store.close()
 
 
 @pytest.mark.parametrize("policy,status", [("next", "accepted-late"), ("drop", "stale-dropped")])
-def test_poll_stale_upload_follows_staleness_policy(tmp_path: Path, policy: str,
-                                                    status: str) -> None:
+def test_poll_stale_upload_follows_staleness_policy(
+    tmp_path: Path, policy: str, status: str
+) -> None:
     """Book A3-14: in polling mode a training agent does not poll, so its late result is
     uploaded; the aggregator's staleness policy decides (next round, or store only)."""
-    cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "f.db"), threshold=0.5, rounds=3,
-                           delivery="poll", staleness=policy, finish_grace=2)
+    cfg = AggregatorConfig(
+        auth="off",
+        port=0,
+        db=str(tmp_path / "f.db"),
+        threshold=0.5,
+        rounds=3,
+        delivery="poll",
+        staleness=policy,
+        finish_grace=2,
+    )
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
         fast, slow = Agent(url, name="fast"), Agent(url, name="slow")
@@ -116,8 +128,9 @@ def test_poll_stale_upload_follows_staleness_policy(tmp_path: Path, policy: str,
             wait_until(lambda: agg.state.version == 2)
             r2 = store.rounds(agg.run_id)[1]
             np.testing.assert_array_equal(store.load_weights(r2["model_id"])["w"], 6)
-            assert [p["id"] for p in store.parents(r2["model_id"])
-                    if p["relation"] == "input"] == [late[0]["id"]]
+            assert [p["id"] for p in store.parents(r2["model_id"]) if p["relation"] == "input"] == [
+                late[0]["id"]
+            ]
         else:
             time.sleep(0.3)
             assert agg.state.version == 1 and late[0]["status"] == "stale"
@@ -183,9 +196,16 @@ def test_async_api_runs_agents_on_the_aggregators_loop(tmp_path: Path, delivery:
     from fedstack import Aggregator
 
     async def main() -> tuple[list[float], list[int], list[str]]:
-        cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "a.db"), rounds=3,
-                               min_agents=2, threshold=1.0, delivery=delivery,
-                               finish_grace=0.0)
+        cfg = AggregatorConfig(
+            auth="off",
+            port=0,
+            db=str(tmp_path / "a.db"),
+            rounds=3,
+            min_agents=2,
+            threshold=1.0,
+            delivery=delivery,
+            finish_grace=0.0,
+        )
         agg = Aggregator(cfg)
         await agg.start()
 
@@ -211,8 +231,9 @@ def test_async_api_runs_agents_on_the_aggregators_loop(tmp_path: Path, delivery:
 
         try:
             results = await asyncio.gather(one("x", 1.0), one("y", 3.0))
-            agent_threads = [t.name for t in threading.enumerate()
-                             if t.name.startswith("fedstack-agent-")]
+            agent_threads = [
+                t.name for t in threading.enumerate() if t.name.startswith("fedstack-agent-")
+            ]
             await asyncio.wait_for(agg.wait_finished(), 10)
             assert agg.global_weights is not None
             final = [float(v) for v in agg.global_weights["w"]]
@@ -252,8 +273,15 @@ def test_send_owned_model_never_lets_a_later_change_reach_the_upload(tmp_path: P
     from fedstack import Aggregator
 
     async def main() -> tuple[list[float], list[float], list[float]]:
-        cfg = AggregatorConfig(auth="off", transport="inproc", db=str(tmp_path / "a.db"),
-                               rounds=1, min_agents=1, threshold=1.0, finish_grace=0.0)
+        cfg = AggregatorConfig(
+            auth="off",
+            transport="inproc",
+            db=str(tmp_path / "a.db"),
+            rounds=1,
+            min_agents=1,
+            threshold=1.0,
+            finish_grace=0.0,
+        )
         agg = Aggregator(cfg)
         await agg.start()
         a = Agent(agg.url, name="owner")
@@ -302,9 +330,15 @@ def test_an_agent_keeps_no_global_model_it_handed_over(tmp_path: Path) -> None:
     big = 600_000  # float32: 2.4 MB messages, pooled
 
     async def main() -> tuple[int, int]:
-        cfg = AggregatorConfig(auth="off", transport="inproc", db=str(tmp_path / "a.db"),
-                               rounds=rounds, min_agents=n_agents, threshold=1.0,
-                               finish_grace=0.0)
+        cfg = AggregatorConfig(
+            auth="off",
+            transport="inproc",
+            db=str(tmp_path / "a.db"),
+            rounds=rounds,
+            min_agents=n_agents,
+            threshold=1.0,
+            finish_grace=0.0,
+        )
         agg = Aggregator(cfg)
         await agg.start()
 

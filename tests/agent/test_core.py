@@ -248,6 +248,7 @@ def test_waits_in_several_threads_see_the_same_changes(tmp_path: Any) -> None:
         a.start()
         gm = a.wait_for_global_model(5)
         got: dict[str, Any] = {}
+
         def flush() -> None:
             a.flush(10)
             got.setdefault("flush", None)

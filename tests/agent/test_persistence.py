@@ -27,8 +27,11 @@ from fedstack.wire import ModelUpload
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "persist_agent_proc.py"
-ENV = dict(os.environ, PYTHONUNBUFFERED="1",
-           PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+ENV = dict(
+    os.environ,
+    PYTHONUNBUFFERED="1",
+    PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+)
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -47,9 +50,14 @@ def config(tmp_path: Path, **kw: Any) -> AggregatorConfig:
 
 def upload(uid: str = "u1", base: int = 0, extra: bool = True) -> ModelUpload:
     return ModelUpload(
-        upload_id=uid, base_version=base, num_samples=7, metrics={"acc": 0.5, "tag": "x"},
-        model={"w": np.arange(12, dtype=np.float32).reshape(4, 3),
-               "layer.0/b[1]": np.array(3.0, np.float64)},
+        upload_id=uid,
+        base_version=base,
+        num_samples=7,
+        metrics={"acc": 0.5, "tag": "x"},
+        model={
+            "w": np.arange(12, dtype=np.float32).reshape(4, 3),
+            "layer.0/b[1]": np.array(3.0, np.float64),
+        },
         extra={"c": np.ones(5, np.int64)} if extra else None,
     )
 
@@ -192,8 +200,18 @@ def test_pending_upload_survives_sigkill_and_is_stored_once(tmp_path: Path) -> N
         b.send_initial_model({"w": np.zeros((4, 3), np.float32)})
         b.start()
         gm_b = b.wait_for_global_model(10)
-        cmd = [sys.executable, str(SCRIPT), "--url", url, "--name", "a",
-               "--state-dir", str(d), "--report", str(tmp_path / "a.json")]
+        cmd = [
+            sys.executable,
+            str(SCRIPT),
+            "--url",
+            url,
+            "--name",
+            "a",
+            "--state-dir",
+            str(d),
+            "--report",
+            str(tmp_path / "a.json"),
+        ]
         first = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=ENV)
         try:
             assert store.entered.wait(20), "the agent's upload never reached the store"
@@ -242,14 +260,27 @@ def test_sigterm_on_fedstack_agent_says_bye_and_exits_0(
     with aggregator_thread(config(tmp_path, min_agents=2)) as agg:
         assert agg.store is not None
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedstack", "agent", "--url", f"ws://127.0.0.1:{agg.port}",
-             "--name", "t1", "--trainer", "persist_agent_proc:AddOne", "--state-dir", str(d)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+            [
+                sys.executable,
+                "-m",
+                "fedstack",
+                "agent",
+                "--url",
+                f"ws://127.0.0.1:{agg.port}",
+                "--name",
+                "t1",
+                "--trainer",
+                "persist_agent_proc:AddOne",
+                "--state-dir",
+                str(d),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ENV,
         )
         try:
             # joined, trained on v0, uploaded and acknowledged; now waiting for round 2
-            wait_until(lambda: any(m["upload_id"] for m in
-                                   agg.store.models(agg.run_id, "local")))  # type: ignore
+            wait_until(lambda: any(m["upload_id"] for m in agg.store.models(agg.run_id, "local")))  # type: ignore
             wait_until(lambda: not (d / "pending.json").exists())
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=15)

@@ -78,8 +78,9 @@ def test_wrong_types_raise_config_error() -> None:
 
 
 def test_numbers_written_as_strings_are_converted() -> None:
-    cfg = AggregatorConfig.from_mapping({"inline_blob_bytes": "1024", "send_timeout": "5",
-                                         "rounds": "3", "require_tls": "false"})
+    cfg = AggregatorConfig.from_mapping(
+        {"inline_blob_bytes": "1024", "send_timeout": "5", "rounds": "3", "require_tls": "false"}
+    )
     assert (cfg.inline_blob_bytes, cfg.send_timeout, cfg.rounds) == (1024, 5.0, 3)
     assert cfg.require_tls is False
 
@@ -94,31 +95,37 @@ def test_a_refusal_names_the_key_the_value_and_what_is_accepted() -> None:
 
 def test_book_keys_from_json_file(tmp_path: Path) -> None:
     path = tmp_path / "config_aggregator.json"
-    path.write_text(json.dumps({
-        "aggr_ip": "0.0.0.0",
-        "reg_socket": 9001,
-        "aggregation_threshold": 0.5,
-        "polling": 1,
-        "init_weights_flag": 0,
-        "round_interval": 5,
-        "recv_socket": 4321,
-        "exch_socket": 7890,
-        "db_ip": "localhost",
-        "db_socket": 9017,
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "aggr_ip": "0.0.0.0",
+                "reg_socket": 9001,
+                "aggregation_threshold": 0.5,
+                "polling": 1,
+                "init_weights_flag": 0,
+                "round_interval": 5,
+                "recv_socket": 4321,
+                "exch_socket": 7890,
+                "db_ip": "localhost",
+                "db_socket": 9017,
+            }
+        )
+    )
     cfg = AggregatorConfig.load(path)
     assert cfg.host == "0.0.0.0"
     assert cfg.port == 9001
     assert cfg.threshold == 0.5 and cfg.is_async
     assert cfg.delivery == "poll"
     assert cfg.init_weights is False
-    assert cfg == AggregatorConfig(host="0.0.0.0", port=9001, threshold=0.5, delivery="poll",
-                                   init_weights=False)
+    assert cfg == AggregatorConfig(
+        host="0.0.0.0", port=9001, threshold=0.5, delivery="poll", init_weights=False
+    )
 
 
 def test_book_polling_zero_and_init_flag_one() -> None:
-    cfg = AggregatorConfig.from_mapping({"polling": 0, "init_weights_flag": 1,
-                                         "db_data_path": "/tmp/x.db"})
+    cfg = AggregatorConfig.from_mapping(
+        {"polling": 0, "init_weights_flag": 1, "db_data_path": "/tmp/x.db"}
+    )
     assert (cfg.delivery, cfg.init_weights, cfg.db) == ("push", True, "/tmp/x.db")
 
 
@@ -139,12 +146,17 @@ def test_toml_file_with_aggregator_table(tmp_path: Path) -> None:
     path.write_text(
         '[aggregator]\nhost = "0.0.0.0"\nport = 9100\nthreshold = 0.75\nmin_agents = 2\n'
         'rounds = 5\ndelivery = "poll"\nstaleness = "drop"\nround_timeout = 30.5\n'
-        '\n[aggregator.strategy_params]\nweighted = false\n'
+        "\n[aggregator.strategy_params]\nweighted = false\n"
         '\n[agent]\nname = "ignored: another component\'s table"\n'
     )
     cfg = AggregatorConfig.load(path)
     assert (cfg.host, cfg.port, cfg.threshold, cfg.min_agents, cfg.rounds) == (
-        "0.0.0.0", 9100, 0.75, 2, 5)
+        "0.0.0.0",
+        9100,
+        0.75,
+        2,
+        5,
+    )
     assert (cfg.delivery, cfg.staleness, cfg.round_timeout) == ("poll", "drop", 30.5)
     assert cfg.strategy_params == {"weighted": False}
 
@@ -165,9 +177,10 @@ def test_unknown_key_raises_config_error_naming_it(tmp_path: Path) -> None:
         AggregatorConfig.load(path)
 
 
-@pytest.mark.parametrize(("name", "text"), [("bad.json", "{not json"),
-                                            ("bad.toml", "port = = 1"),
-                                            ("list.json", "[1, 2]")])
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("bad.json", "{not json"), ("bad.toml", "port = = 1"), ("list.json", "[1, 2]")],
+)
 def test_bad_files_raise_config_error(tmp_path: Path, name: str, text: str) -> None:
     path = tmp_path / name
     path.write_text(text)

@@ -67,18 +67,29 @@ def test_gate_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="probe_inputs"):
         UpdateGate(max_deviation=1.0)
     np.save(tmp_path / "probe.npy", np.eye(4, dtype=np.float32))
-    gate = UpdateGate.from_config({
-        "probe_inputs": str(tmp_path / "probe.npy"),
-        "forward": "test_gate:linear_forward", "max_deviation": 0.5,
-    })
+    gate = UpdateGate.from_config(
+        {
+            "probe_inputs": str(tmp_path / "probe.npy"),
+            "forward": "test_gate:linear_forward",
+            "max_deviation": 0.5,
+        }
+    )
     assert gate is not None and gate.probe_inputs is not None
 
 
 def test_rejected_update_is_recorded_and_not_aggregated(tmp_path: Path) -> None:
     # both agents are active (threshold 1.0 needs 2 uploads); the attacker's are refused,
     # so each round completes at its deadline with the honest update alone
-    cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "f.db"), rounds=2, min_agents=1,
-                           round_timeout=1, gate={"norm_bound": 10.0}, finish_grace=3)
+    cfg = AggregatorConfig(
+        auth="off",
+        port=0,
+        db=str(tmp_path / "f.db"),
+        rounds=2,
+        min_agents=1,
+        round_timeout=1,
+        gate={"norm_bound": 10.0},
+        finish_grace=3,
+    )
     seen: dict[str, list[float] | list[str]] = {}
 
     def run(name: str, scale: float) -> None:
@@ -98,8 +109,10 @@ def test_rejected_update_is_recorded_and_not_aggregated(tmp_path: Path) -> None:
         seen[name + "-acks"] = acks
 
     with aggregator_thread(cfg) as agg:
-        threads = [threading.Thread(target=run, args=("honest", 1.0)),
-                   threading.Thread(target=run, args=("attacker", 1000.0))]
+        threads = [
+            threading.Thread(target=run, args=("honest", 1.0)),
+            threading.Thread(target=run, args=("attacker", 1000.0)),
+        ]
         for t in threads:
             t.start()
         for t in threads:

@@ -20,8 +20,16 @@ def w(v: float) -> dict[str, np.ndarray]:
 
 
 def upload_args(uid: str, agent: str, v: float) -> dict[str, Any]:
-    return {"agent_id": agent, "upload_id": uid, "round": 1, "base_version": 0,
-            "num_samples": 1, "metrics": {"v": v}, "weights": w(v), "status": "buffered"}
+    return {
+        "agent_id": agent,
+        "upload_id": uid,
+        "round": 1,
+        "base_version": 0,
+        "num_samples": 1,
+        "metrics": {"v": v},
+        "weights": w(v),
+        "status": "buffered",
+    }
 
 
 @pytest.fixture
@@ -29,17 +37,27 @@ def store_run(tmp_path: Path) -> Any:
     st = Store(str(tmp_path / "s.db"), inline_blob_bytes=256 * 1024)
     run = st.open_run("r", {}, "agg")
     agent, _ = st.register_agent("a0", None, "x")
-    st.init_federation(run.id, agent_id=agent, structure=[("w", "float32", (4,))],
-                       init_weights=True, initial=w(0), global_weights=w(0), num_samples=1,
-                       metrics={}, aggregator_id="agg")
+    st.init_federation(
+        run.id,
+        agent_id=agent,
+        structure=[("w", "float32", (4,))],
+        init_weights=True,
+        initial=w(0),
+        global_weights=w(0),
+        num_samples=1,
+        metrics={},
+        aggregator_id="agg",
+    )
     yield st, run.id, agent
     st.close()
 
 
 def test_add_uploads_one_transaction_dedupes_and_falls_back(store_run: Any) -> None:
     st, run_id, agent = store_run
-    out = st.add_uploads(run_id, [upload_args("u1", agent, 1), upload_args("u2", agent, 2),
-                                  upload_args("u1", agent, 1)])
+    out = st.add_uploads(
+        run_id,
+        [upload_args("u1", agent, 1), upload_args("u2", agent, 2), upload_args("u1", agent, 1)],
+    )
     assert [created for _, created in out] == [True, True, False]
     assert out[2][0].model_id == out[0][0].model_id  # the same upload_id: stored once
     # a batch holding an upload stored before: one by one, the old one returned as is
@@ -75,8 +93,16 @@ def test_queued_uploads_are_stored_together_and_counted_as_one_by_one(tmp_path: 
     and the rest are counted in round 2 (stale: trained on v0, accepted late)."""
     db = str(tmp_path / "g.db")
     store = GatedStore(db)
-    cfg = AggregatorConfig(auth="off", port=0, db=db, rounds=2, min_agents=3, threshold=0.5,
-                           staleness="next", finish_grace=0.5)
+    cfg = AggregatorConfig(
+        auth="off",
+        port=0,
+        db=db,
+        rounds=2,
+        min_agents=3,
+        threshold=0.5,
+        staleness="next",
+        finish_grace=0.5,
+    )
     with aggregator_thread(cfg, store=store) as agg:
         agents = [Agent(f"ws://127.0.0.1:{agg.port}", name=f"a{i}") for i in range(6)]
         for a in agents:
@@ -111,8 +137,9 @@ def test_queued_uploads_are_stored_together_and_counted_as_one_by_one(tmp_path: 
     check = Store(db)
     try:  # round 1 is the mean of exactly the three uploads stored for round 1
         ups = [check.load_weights(i)["w"] for i in inputs[1]]
-        np.testing.assert_allclose(check.load_weights(rounds[0]["model_id"])["w"],
-                                   np.mean(ups, axis=0), rtol=1e-6)
+        np.testing.assert_allclose(
+            check.load_weights(rounds[0]["model_id"])["w"], np.mean(ups, axis=0), rtol=1e-6
+        )
         assert len({float(u[0]) for u in ups}) == 3
     finally:
         check.close()

@@ -7,11 +7,22 @@ import pytest
 from fedstack.aggregator.rounds import RoundState, UploadStatus
 
 
-def state(threshold: float = 1.0, min_agents: int = 1, timeout: float | None = None,
-          max_rounds: int | None = None, policy: str = "next", version: int = 0,
-          now: float = 100.0) -> RoundState:
-    st = RoundState(threshold=threshold, min_agents=min_agents, round_timeout=timeout,
-                    max_rounds=max_rounds, staleness_policy=policy)
+def state(
+    threshold: float = 1.0,
+    min_agents: int = 1,
+    timeout: float | None = None,
+    max_rounds: int | None = None,
+    policy: str = "next",
+    version: int = 0,
+    now: float = 100.0,
+) -> RoundState:
+    st = RoundState(
+        threshold=threshold,
+        min_agents=min_agents,
+        round_timeout=timeout,
+        max_rounds=max_rounds,
+        staleness_policy=policy,
+    )
     st.start(version, now)
     return st
 
@@ -64,8 +75,9 @@ def test_ready_follows_the_number_of_active_agents() -> None:
 
 
 def test_ready_false_before_initialisation() -> None:
-    st = RoundState(threshold=0.5, min_agents=1, round_timeout=1.0, max_rounds=None,
-                    staleness_policy="next")
+    st = RoundState(
+        threshold=0.5, min_agents=1, round_timeout=1.0, max_rounds=None, staleness_policy="next"
+    )
     assert not st.initialized and st.round == 0
     st.contribute("a", "m")
     assert not st.ready(1e9, 1)
@@ -163,15 +175,26 @@ def test_advance_increments_version_and_clears_contributors() -> None:
 def test_verdict_wire_values() -> None:
     # the ack statuses agents read; "rejected" (the update gate's) was a fourth string
     # vocabulary before and is now a member of the one enum
-    assert {v.value for v in UploadStatus} == {"accepted", "accepted-late", "stale-dropped",
-                                               "duplicate", "finished", "rejected"}
+    assert {v.value for v in UploadStatus} == {
+        "accepted",
+        "accepted-late",
+        "stale-dropped",
+        "duplicate",
+        "finished",
+        "rejected",
+    }
 
 
 def test_upload_status_round_trips_through_the_stored_status() -> None:
     stored = {v: v.stored for v in UploadStatus}
-    assert stored == {UploadStatus.CURRENT: "buffered", UploadStatus.NEXT: "buffered",
-                      UploadStatus.DROP: "stale", UploadStatus.DUPLICATE: "duplicate",
-                      UploadStatus.FINISHED: "late", UploadStatus.REJECTED: "rejected"}
+    assert stored == {
+        UploadStatus.CURRENT: "buffered",
+        UploadStatus.NEXT: "buffered",
+        UploadStatus.DROP: "stale",
+        UploadStatus.DUPLICATE: "duplicate",
+        UploadStatus.FINISHED: "late",
+        UploadStatus.REJECTED: "rejected",
+    }
     for v in UploadStatus:
         back = UploadStatus.from_stored(v.stored)
         assert back is (UploadStatus.CURRENT if v is UploadStatus.NEXT else v)
@@ -183,8 +206,14 @@ def test_upload_status_round_trips_through_the_stored_status() -> None:
 def test_strategy_min_updates_hold_the_round() -> None:
     from fedstack.aggregator.rounds import RoundState
 
-    s = RoundState(threshold=0.5, min_agents=1, round_timeout=10.0, max_rounds=None,
-                   staleness_policy="next", min_updates=5)
+    s = RoundState(
+        threshold=0.5,
+        min_agents=1,
+        round_timeout=10.0,
+        max_rounds=None,
+        staleness_policy="next",
+        min_updates=5,
+    )
     s.start(0, now=0.0)
     for i in range(4):
         s.contribute(f"a{i}", f"m{i}")

@@ -49,8 +49,7 @@ def test_round_is_retried_after_store_failures(tmp_path: Path) -> None:
     store.close()
 
 
-def test_failing_strategy_is_rebuilt_from_stored_uploads(tmp_path: Path,
-                                                         monkeypatch: Any) -> None:
+def test_failing_strategy_is_rebuilt_from_stored_uploads(tmp_path: Path, monkeypatch: Any) -> None:
     calls = {"n": 0}
     original = FedAvg.begin
 
@@ -68,8 +67,9 @@ def test_failing_strategy_is_rebuilt_from_stored_uploads(tmp_path: Path,
         return acc
 
     monkeypatch.setattr(FedAvg, "begin", flaky_begin)
-    cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "f.db"), rounds=1, min_agents=2,
-                           finish_grace=2)
+    cfg = AggregatorConfig(
+        auth="off", port=0, db=str(tmp_path / "f.db"), rounds=1, min_agents=2, finish_grace=2
+    )
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
         agents = [Agent(url, name=f"a{i}") for i in range(2)]

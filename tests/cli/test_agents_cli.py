@@ -15,15 +15,37 @@ from fedstack.store import Store
 TRAINER = "fedstack.trainers.digits:DigitsLinearTrainer"
 
 
-def _aggregator(tmp: Path, rounds: int, agents: int,
-                *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+def _aggregator(
+    tmp: Path, rounds: int, agents: int, *extra: str
+) -> tuple[subprocess.Popen[bytes], int]:
     ready = tmp / "ready.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedstack", "-q", "aggregator", "--host", "127.0.0.1",
-         "--port", "0", "--db", str(tmp / "agg.db"), "--rounds", str(rounds),
-         "--min-agents", str(agents), "--finish-grace", "5",
-         "--ready-file", str(ready), *(extra or ("--auth", "off"))],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "agg.log", "wb"), start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "fedstack",
+            "-q",
+            "aggregator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--db",
+            str(tmp / "agg.db"),
+            "--rounds",
+            str(rounds),
+            "--min-agents",
+            str(agents),
+            "--finish-grace",
+            "5",
+            "--ready-file",
+            str(ready),
+            *(extra or ("--auth", "off")),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "agg.log", "wb"),
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while not ready.exists():
         assert proc.poll() is None, (tmp / "agg.log").read_text()[-2000:]
@@ -34,10 +56,27 @@ def _aggregator(tmp: Path, rounds: int, agents: int,
 
 def _agents(port: int, count: int, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "fedstack", "-q", "agents", "--url", f"ws://127.0.0.1:{port}",
-         "--count", str(count), "--trainer", TRAINER, "--trainer-arg", "partition=iid",
-         *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "fedstack",
+            "-q",
+            "agents",
+            "--url",
+            f"ws://127.0.0.1:{port}",
+            "--count",
+            str(count),
+            "--trainer",
+            TRAINER,
+            "--trainer-arg",
+            "partition=iid",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_agents_run_a_whole_federation_as_separate_processes(tmp_path: Path) -> None:
@@ -57,8 +96,7 @@ def test_agents_run_a_whole_federation_as_separate_processes(tmp_path: Path) -> 
     try:
         run = store.list_runs()[-1]["id"]
         rounds = store.rounds(run)
-        addresses = {e["detail"].get("address") for e in store.events(run)
-                     if e["kind"] == "joined"}
+        addresses = {e["detail"].get("address") for e in store.events(run) if e["kind"] == "joined"}
     finally:
         store.close()
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
@@ -102,7 +140,10 @@ def test_bad_arguments(tmp_path: Path) -> None:
     for args in (["--count", "0"], ["--count", "2", "--tokens-file", str(bad)]):
         proc = subprocess.run(
             [sys.executable, "-m", "fedstack", "agents", "--trainer", TRAINER, *args],
-            capture_output=True, text=True, timeout=60)
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 2 and "error" in proc.stderr
 
 
@@ -114,27 +155,62 @@ def test_agents_do_mutual_tls_with_cert_key_and_token(tmp_path: Path) -> None:
     db = str(tmp_path / "agg.db")
     tokens = {}
     for name in ("agent-0", "agent-1"):
-        added = subprocess.run([sys.executable, "-m", "fedstack", "credentials", "add", name,
-                                "--db", db, "--json"], capture_output=True, text=True,
-                               timeout=60)
+        added = subprocess.run(
+            [sys.executable, "-m", "fedstack", "credentials", "add", name, "--db", db, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert added.returncode == 0, added.stderr
         tokens[name] = json.loads(added.stdout)["token"]
     tokens_file = tmp_path / "tokens.json"
     tokens_file.write_text(json.dumps({"agent-0": tokens["agent-0"]}))
-    agg, port = _aggregator(tmp_path, 2, 2, "--tls-cert", str(pki.server_cert), "--tls-key",
-                            str(pki.server_key), "--tls-client-ca", str(pki.ca),
-                            "--require-tls")
+    agg, port = _aggregator(
+        tmp_path,
+        2,
+        2,
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+        "--tls-client-ca",
+        str(pki.ca),
+        "--require-tls",
+    )
     url = f"wss://127.0.0.1:{port}"
     try:
         # without a client certificate the aggregator refuses them: a clear failure
-        proc = _agents(port, 2, "--url", url, "--ca", str(pki.ca), "--tokens-file",
-                       str(tokens_file), "--token", tokens["agent-1"])
+        proc = _agents(
+            port,
+            2,
+            "--url",
+            url,
+            "--ca",
+            str(pki.ca),
+            "--tokens-file",
+            str(tokens_file),
+            "--token",
+            tokens["agent-1"],
+        )
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 1 and "certificate" in err, err[-3000:]
         # with --cert/--key (shared by every agent) and --token for the one not in the file
-        proc = _agents(port, 2, "--url", url, "--ca", str(pki.ca), "--cert", str(cert),
-                       "--key", str(key), "--tokens-file", str(tokens_file),
-                       "--token", tokens["agent-1"])
+        proc = _agents(
+            port,
+            2,
+            "--url",
+            url,
+            "--ca",
+            str(pki.ca),
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--tokens-file",
+            str(tokens_file),
+            "--token",
+            tokens["agent-1"],
+        )
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-3000:]
         finals = [json.loads(line) for line in out.splitlines() if line.startswith("{")]

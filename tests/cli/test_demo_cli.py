@@ -12,15 +12,26 @@ import pytest
 
 
 def fedstack(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fedstack", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedstack", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     work = tmp_path_factory.mktemp("demo")
-    proc = fedstack("demo", "--agents", "3", "--rounds", "10", "--partition", "dirichlet:0.5",
-                    "--workdir", str(work), "--json")
+    proc = fedstack(
+        "demo",
+        "--agents",
+        "3",
+        "--rounds",
+        "10",
+        "--partition",
+        "dirichlet:0.5",
+        "--workdir",
+        str(work),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return result, work / "fedstack.db"

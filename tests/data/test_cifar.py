@@ -45,8 +45,7 @@ def test_load_round_trip(folder: tuple[Path, dict[str, Any]]) -> None:
     np.testing.assert_allclose(f[0, 1, 2, 3], (x_test[0, 2, 3, 1] / 255 - 0.5) / 0.5, rtol=1e-6)
 
 
-def test_bad_files_are_clear_errors(tmp_path: Path, folder: tuple[Path, dict[str, Any]]
-                                    ) -> None:
+def test_bad_files_are_clear_errors(tmp_path: Path, folder: tuple[Path, dict[str, Any]]) -> None:
     parent, _ = folder
     bad = parent / "cifar-10-batches-bin" / TRAIN_FILES[0]
     bad.write_bytes(b"\x00" * (RECORD + 5))

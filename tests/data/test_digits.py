@@ -87,8 +87,9 @@ def test_partition_digits_rejects_bad_index_and_spec() -> None:
         partition_digits(0, 3, "zipf")
 
 
-def test_split_cache_round_trips_and_recovers(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_split_cache_round_trips_and_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The first process stores the split; later ones load the same arrays without
     importing scikit-learn; a damaged cache file is rebuilt, never trusted."""
     from fedstack.data import digits as d

@@ -43,6 +43,7 @@ N = 6  # images per generated batch
 
 # -- writers -----------------------------------------------------------------------------
 
+
 def write_batch(path: Path, labels: np.ndarray, images: np.ndarray) -> None:
     """The binary version of the same batch (as in test_cifar.py)."""
     chw = images.transpose(0, 3, 1, 2).reshape(len(labels), -1)
@@ -58,16 +59,18 @@ class Py2:
 
     def put(self) -> int:
         self.memo += 1
-        self.out += b"q" + bytes([self.memo]) if self.memo < 256 else \
-            b"r" + struct.pack("<I", self.memo)
+        self.out += (
+            b"q" + bytes([self.memo]) if self.memo < 256 else b"r" + struct.pack("<I", self.memo)
+        )
         return self.memo
 
     def get(self, idx: int) -> None:
         self.out += b"h" + bytes([idx])
 
     def s(self, b: bytes) -> None:
-        self.out += (b"U" + bytes([len(b)]) if len(b) < 256 else
-                     b"T" + struct.pack("<i", len(b))) + b
+        self.out += (
+            b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<i", len(b))
+        ) + b
         self.put()
 
     def i(self, v: int) -> None:
@@ -150,8 +153,11 @@ class Py2:
         return bytes(self.out)
 
 
-def batch_dict(rng: np.random.Generator, name: str, label_keys: dict[str, int],
-               ) -> tuple[dict[bytes, Any], np.ndarray, dict[str, list[int]]]:
+def batch_dict(
+    rng: np.random.Generator,
+    name: str,
+    label_keys: dict[str, int],
+) -> tuple[dict[bytes, Any], np.ndarray, dict[str, list[int]]]:
     """The real structure: CHW rows of 3072 bytes, labels as Python int lists."""
     images = rng.integers(0, 256, size=(N, 32, 32, 3), dtype=np.uint8)
     labels = {k: [int(x) for x in rng.integers(0, n, size=N)] for k, n in label_keys.items()}
@@ -166,8 +172,11 @@ def write(path: Path, d: dict[bytes, Any], style: str) -> None:
     path.write_bytes(Py2().dict(d) if style == "py2" else pickle.dumps(d, protocol=2))
 
 
-def make_cifar10(root: Path, style: str, seed: int = 0,
-                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def make_cifar10(
+    root: Path,
+    style: str,
+    seed: int = 0,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -176,13 +185,17 @@ def make_cifar10(root: Path, style: str, seed: int = 0,
         d, images, labels = batch_dict(rng, name, {"labels": 10})
         write(folder / name, d, style)
         data[name] = (images, np.array(labels["labels"]))
-    meta = {b"num_cases_per_batch": N, b"label_names": [c.encode() for c in CLASSES],
-            b"num_vis": 3072}
+    meta = {
+        b"num_cases_per_batch": N,
+        b"label_names": [c.encode() for c in CLASSES],
+        b"num_vis": 3072,
+    }
     write(folder / "batches.meta", meta, style)
     return data
 
 
 # -- round trips -------------------------------------------------------------------------
+
 
 def test_numpy_pickles_with_an_allow_listed_name() -> None:
     blob = pickle.dumps(np.zeros(2, np.uint8), protocol=2)
@@ -204,13 +217,14 @@ def test_py2_style_bytes_are_what_pickle_itself_reads() -> None:
 
 @pytest.mark.parametrize("style", ["py2", "pickle"])
 def test_round_trip_matches_what_was_written_and_the_binary_reader(
-        tmp_path: Path, style: str) -> None:
+    tmp_path: Path, style: str
+) -> None:
     data = make_cifar10(tmp_path / "py", style)
     x_train, y_train, x_test, y_test = load_cifar10(tmp_path / "py")
     assert x_train.shape == (5 * N, 32, 32, 3) and x_train.dtype == np.uint8
     assert y_train.dtype == np.int64 and x_train.flags.c_contiguous
     np.testing.assert_array_equal(x_train[:N], data["data_batch_1"][0])
-    np.testing.assert_array_equal(y_train[N:2 * N], data["data_batch_2"][1])
+    np.testing.assert_array_equal(y_train[N : 2 * N], data["data_batch_2"][1])
     np.testing.assert_array_equal(x_test, data["test_batch"][0])
     np.testing.assert_array_equal(y_test, data["test_batch"][1])
     # The same images and labels in the binary format read back identically.
@@ -241,8 +255,7 @@ def test_format_is_auto_detected(tmp_path: Path) -> None:
     (binary / "test_batch.bin").write_bytes(b"")
     assert detect_cifar10(tmp_path) == (binary, "binary")  # both present: binary first
     names = [f"c{i}" for i in range(10)]
-    (folder / "batches.meta").write_bytes(Py2().dict({b"label_names": [n.encode()
-                                                                         for n in names]}))
+    (folder / "batches.meta").write_bytes(Py2().dict({b"label_names": [n.encode() for n in names]}))
     (folder / "test_batch.bin").unlink(missing_ok=True)
     assert cifar10_class_names(folder) == names
 
@@ -274,9 +287,9 @@ def test_cifar100_python_and_binary(tmp_path: Path) -> None:
         chw = images.transpose(0, 3, 1, 2).reshape(N, -1)
         lab = np.stack([labels["coarse_labels"], labels["fine_labels"]], axis=1)
         (binary / f"{name}.bin").write_bytes(
-            np.concatenate([lab.astype(np.uint8), chw], axis=1).tobytes())
-    for a, b in zip(load_cifar100(tmp_path / "b"), (x_train, y_train, x_test, y_test),
-                    strict=True):
+            np.concatenate([lab.astype(np.uint8), chw], axis=1).tobytes()
+        )
+    for a, b in zip(load_cifar100(tmp_path / "b"), (x_train, y_train, x_test, y_test), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -292,9 +305,13 @@ def test_memo_get_of_a_built_dtype_and_other_protocols() -> None:
     got = parse_bytes(bytes(w.out))
     np.testing.assert_array_equal(got[0], a)
     np.testing.assert_array_equal(got[1], b)
-    value: dict[str, Any] = {"f8": np.linspace(0, 1, 5), "i8": np.arange(-3, 3, dtype=np.int64),
-             "i2": np.zeros((0, 4), np.int16), "f4F": np.asfortranarray(np.ones((2, 3), "f4")),
-             "plain": [1, -2, 2**70, 1.5, None, True, "é", b"\x00\xff", (1, (2,)), {}]}
+    value: dict[str, Any] = {
+        "f8": np.linspace(0, 1, 5),
+        "i8": np.arange(-3, 3, dtype=np.int64),
+        "i2": np.zeros((0, 4), np.int16),
+        "f4F": np.asfortranarray(np.ones((2, 3), "f4")),
+        "plain": [1, -2, 2**70, 1.5, None, True, "é", b"\x00\xff", (1, (2,)), {}],
+    }
     for protocol in (2, 3, 4):
         got = parse_bytes(pickle.dumps(value, protocol=protocol))
         assert got["plain"] == value["plain"]
@@ -305,6 +322,7 @@ def test_memo_get_of_a_built_dtype_and_other_protocols() -> None:
 
 
 # -- hostile files -----------------------------------------------------------------------
+
 
 class Reduce:
     def __init__(self, func: Any, args: tuple[Any, ...]) -> None:
@@ -369,8 +387,14 @@ def _array(shape: tuple[int, ...], dtype: str, raw: bytes, order: bytes = b"|") 
     w.glob(b"numpy.core.multiarray", b"_reconstruct")
     w.glob(b"numpy", b"ndarray")
     w.out += b"K\x00\x85U\x01b\x87R(K\x01"
-    w.out += b"(" + b"".join(b"J" + struct.pack("<i", n) if n < 2**31 else
-                             b"\x8a\x08" + struct.pack("<q", n) for n in shape) + b"t"
+    w.out += (
+        b"("
+        + b"".join(
+            b"J" + struct.pack("<i", n) if n < 2**31 else b"\x8a\x08" + struct.pack("<q", n)
+            for n in shape
+        )
+        + b"t"
+    )
     w.glob(b"numpy", b"dtype")
     w.out += b"U" + bytes([len(dtype)]) + dtype.encode() + b"K\x00K\x01\x87R"
     w.out += b"(K\x03U\x01" + order + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
@@ -458,8 +482,9 @@ def _parse_untrusted(blob: bytes) -> None:
     assert not FUZZ_MARKER.exists()  # nothing was run
 
 
-FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @FUZZ
@@ -469,11 +494,15 @@ def test_random_bytes_only_raise_config_error(blob: bytes) -> None:
 
 
 @FUZZ
-@given(st.sampled_from(SEEDS),
-       st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=6),
-       st.integers(0, 1 << 20), st.booleans())
-def test_mutated_pickles_only_raise_config_error(seed: bytes, edits: list[tuple[int, int]],
-                                                 cut: int, truncate: bool) -> None:
+@given(
+    st.sampled_from(SEEDS),
+    st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=6),
+    st.integers(0, 1 << 20),
+    st.booleans(),
+)
+def test_mutated_pickles_only_raise_config_error(
+    seed: bytes, edits: list[tuple[int, int]], cut: int, truncate: bool
+) -> None:
     blob = bytearray(seed)
     for pos, byte in edits:
         blob[pos % len(blob)] = byte

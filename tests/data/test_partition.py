@@ -152,8 +152,9 @@ def test_shards_give_each_agent_few_classes() -> None:
     assert np.mean([len(np.unique(y[p])) for p in parts]) <= 2.2
     again = parse_partition("shards:2")(y, 10, 0)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
-    assert not all(np.array_equal(a, b) for a, b in zip(parts, shards(y, 10, 2, seed=1),
-                                                        strict=True))
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(parts, shards(y, 10, 2, seed=1), strict=True)
+    )
 
 
 def test_quantity_skew_sizes_vary_labels_do_not() -> None:

@@ -16,8 +16,12 @@ from fedstack.data.synthetic import (
 )
 from fedstack.errors import ConfigError
 
-CONFIGS = {"iid": (0.0, 0.0, True), "0,0": (0.0, 0.0, False), "0.5,0.5": (0.5, 0.5, False),
-           "1,1": (1.0, 1.0, False)}
+CONFIGS = {
+    "iid": (0.0, 0.0, True),
+    "0,0": (0.0, 0.0, False),
+    "0.5,0.5": (0.5, 0.5, False),
+    "1,1": (1.0, 1.0, False),
+}
 
 
 def gradient_dissimilarity(devices: list[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -38,9 +42,11 @@ def label_distance(devices: list[tuple[np.ndarray, np.ndarray]]) -> float:
     """Mean total-variation distance between each device's label histogram and the pooled one."""
     pooled = np.bincount(np.concatenate([y for _, y in devices]), minlength=10).astype(float)
     pooled /= pooled.sum()
-    return float(np.mean([
-        0.5 * np.abs(np.bincount(y, minlength=10) / len(y) - pooled).sum() for _, y in devices
-    ]))
+    return float(
+        np.mean(
+            [0.5 * np.abs(np.bincount(y, minlength=10) / len(y) - pooled).sum() for _, y in devices]
+        )
+    )
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -78,7 +84,7 @@ def test_feature_covariance_is_the_shared_diagonal() -> None:
     assert len(device.y) > 1000
     centred = device.x - device.feature_mean
     assert np.allclose(centred.var(0), feature_variances(), rtol=0.2)
-    assert np.allclose(feature_variances()[:3], [1.0, 2 ** -1.2, 3 ** -1.2])
+    assert np.allclose(feature_variances()[:3], [1.0, 2**-1.2, 3**-1.2])
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -94,11 +100,15 @@ def test_deterministic_per_seed(name: str) -> None:
 
 def test_heterogeneity_grows_with_alpha_and_beta() -> None:
     for seed in range(5):
-        dis = {name: gradient_dissimilarity(generate_synthetic(a, b, iid=iid, seed=seed))
-               for name, (a, b, iid) in CONFIGS.items()}
+        dis = {
+            name: gradient_dissimilarity(generate_synthetic(a, b, iid=iid, seed=seed))
+            for name, (a, b, iid) in CONFIGS.items()
+        }
         assert dis["iid"] < 0.2 < 20 < dis["0,0"] < dis["0.5,0.5"] < dis["1,1"], (seed, dis)
-        labels = {name: label_distance(generate_synthetic(a, b, iid=iid, seed=seed))
-                  for name, (a, b, iid) in CONFIGS.items()}
+        labels = {
+            name: label_distance(generate_synthetic(a, b, iid=iid, seed=seed))
+            for name, (a, b, iid) in CONFIGS.items()
+        }
         assert labels["iid"] < 0.2 and min(labels["0,0"], labels["1,1"]) > 0.6, (seed, labels)
 
 
@@ -131,9 +141,14 @@ def test_load_synthetic_matches_generate_and_split() -> None:
 
 @pytest.mark.parametrize(
     ("spec", "expected"),
-    [("iid", (0.0, 0.0, True)), ("Synthetic_IID", (0.0, 0.0, True)), ("1,1", (1.0, 1.0, False)),
-     ("(0.5, 0.5)", (0.5, 0.5, False)), ("synthetic_0_0", (0.0, 0.0, False)),
-     ("synthetic(1,0.5)", (1.0, 0.5, False))],
+    [
+        ("iid", (0.0, 0.0, True)),
+        ("Synthetic_IID", (0.0, 0.0, True)),
+        ("1,1", (1.0, 1.0, False)),
+        ("(0.5, 0.5)", (0.5, 0.5, False)),
+        ("synthetic_0_0", (0.0, 0.0, False)),
+        ("synthetic(1,0.5)", (1.0, 0.5, False)),
+    ],
 )
 def test_parse_synthetic(spec: str, expected: tuple[float, float, bool]) -> None:
     assert parse_synthetic(spec) == expected

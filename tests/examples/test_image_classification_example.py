@@ -12,9 +12,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_compare_one_and_two_agents(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples/image_classification/run.py"), "--compare",
-         "--rounds", "3", "--work-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "examples/image_classification/run.py"),
+            "--compare",
+            "--rounds",
+            "3",
+            "--work-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     for n in (1, 2):

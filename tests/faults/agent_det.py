@@ -33,16 +33,21 @@ def main() -> None:
     kwargs: dict[str, object] = {}
     if args.state_dir:
         kwargs["state_dir"] = args.state_dir
-    agent = Agent(args.url, name=args.name, max_backoff=0.3, connect_timeout=3.0,
-                  **kwargs)  # type: ignore[arg-type]
+    agent = Agent(args.url, name=args.name, max_backoff=0.3, connect_timeout=3.0, **kwargs)  # type: ignore[arg-type]
     agent.send_initial_model(faultlib.initial_model())
     report: dict[str, object] = {"pid_started": True}
     out = Path(args.report)
     agent.start(timeout=60)
     faultlib.write_json(out, report)
     try:
-        faultlib.agent_loop(agent, args.seed, report, delay=args.delay, timeout=90,
-                            on_round=lambda: faultlib.write_json(out, report))
+        faultlib.agent_loop(
+            agent,
+            args.seed,
+            report,
+            delay=args.delay,
+            timeout=90,
+            on_round=lambda: faultlib.write_json(out, report),
+        )
         report["done"] = True
     finally:
         agent.close(timeout=5)

@@ -28,10 +28,18 @@ class ProxyStats:
 
 
 class ChaosProxy:
-    def __init__(self, upstream_port: int, *, seed: int, max_cuts: int = 10,
-                 max_stalls: int = 10, cut_after: tuple[float, float] = (0.05, 0.8),
-                 stall: tuple[float, float] = (0.1, 0.8), fault_seconds: float = 15.0,
-                 cut_probability: float = 0.7) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        *,
+        seed: int,
+        max_cuts: int = 10,
+        max_stalls: int = 10,
+        cut_after: tuple[float, float] = (0.05, 0.8),
+        stall: tuple[float, float] = (0.1, 0.8),
+        fault_seconds: float = 15.0,
+        cut_probability: float = 0.7,
+    ) -> None:
         self.upstream_port = upstream_port
         self.rng = random.Random(seed)
         self.max_cuts, self.max_stalls = max_cuts, max_stalls
@@ -97,8 +105,11 @@ class ChaosProxy:
             return
         stall_until = [0.0, 0.0]  # per direction
         cut_at = None
-        if (self.faulty and self.stats.cuts < self.max_cuts
-                and self.rng.random() < self.cut_probability):
+        if (
+            self.faulty
+            and self.stats.cuts < self.max_cuts
+            and self.rng.random() < self.cut_probability
+        ):
             cut_at = time.monotonic() + self.rng.uniform(*self.cut_after)
 
         async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, d: int) -> None:
@@ -106,8 +117,7 @@ class ChaosProxy:
                 data = await r.read(65536)
                 if not data:
                     break
-                if (self.faulty and self.stats.stalls < self.max_stalls
-                        and self.rng.random() < 0.05):
+                if self.faulty and self.stats.stalls < self.max_stalls and self.rng.random() < 0.05:
                     dur = self.rng.uniform(*self.stall)
                     self.stats.stalls += 1
                     self.stats.stalled_seconds += dur

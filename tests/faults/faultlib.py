@@ -61,17 +61,40 @@ def aggregator_args(db: Path, rounds: int, *extra: str) -> list[str]:
     (works whether or not the CLI has an ``--auth`` flag yet)."""
     cfg = db.with_name(db.name + ".config.json")
     cfg.write_text(json.dumps(auth_off_config()))
-    return ["--config", str(cfg), "--db", str(db), "--rounds", str(rounds),
-            "--min-agents", str(N_AGENTS), "--threshold", "1.0", "--heartbeat-interval", "1",
-            "--finish-grace", "5", "--strategy-param", "precision=float64", *extra]
+    return [
+        "--config",
+        str(cfg),
+        "--db",
+        str(db),
+        "--rounds",
+        str(rounds),
+        "--min-agents",
+        str(N_AGENTS),
+        "--threshold",
+        "1.0",
+        "--heartbeat-interval",
+        "1",
+        "--finish-grace",
+        "5",
+        "--strategy-param",
+        "precision=float64",
+        *extra,
+    ]
 
 
 def aggregator_config(db: Path, rounds: int, **kw: Any) -> Any:
     from fedstack import AggregatorConfig
 
-    base: dict[str, Any] = dict(port=0, db=str(db), rounds=rounds, min_agents=N_AGENTS,
-                                threshold=1.0, heartbeat_interval=1.0, finish_grace=5.0,
-                                strategy_params=dict(STRATEGY_PARAMS))
+    base: dict[str, Any] = dict(
+        port=0,
+        db=str(db),
+        rounds=rounds,
+        min_agents=N_AGENTS,
+        threshold=1.0,
+        heartbeat_interval=1.0,
+        finish_grace=5.0,
+        strategy_params=dict(STRATEGY_PARAMS),
+    )
     base.update(auth_off_config())
     base.update(kw)
     return AggregatorConfig(**base)
@@ -90,16 +113,25 @@ def target(seed: int) -> dict[str, np.ndarray]:
 def train(gm: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
     """A pure function of the global model and the agent's seed."""
     t = target(seed)
-    return {k: (gm[k].astype(np.float64) + 0.1 * (t[k].astype(np.float64) - gm[k]))
-            .astype(np.float32) for k in SHAPES}
+    return {
+        k: (gm[k].astype(np.float64) + 0.1 * (t[k].astype(np.float64) - gm[k])).astype(np.float32)
+        for k in SHAPES
+    }
 
 
 def samples(seed: int) -> int:
     return 10 + seed
 
 
-def agent_loop(agent: Agent, seed: int, report: dict[str, Any], *, delay: float = 0.0,
-               timeout: float = 60.0, on_round: Callable[[], None] | None = None) -> None:
+def agent_loop(
+    agent: Agent,
+    seed: int,
+    report: dict[str, Any],
+    *,
+    delay: float = 0.0,
+    timeout: float = 60.0,
+    on_round: Callable[[], None] | None = None,
+) -> None:
     """Train on every global model until the federation finishes; fill ``report``."""
     report.setdefault("versions", [])
     while True:
@@ -132,8 +164,15 @@ class ThreadAgent:
     error: list[BaseException] = field(default_factory=list)
 
 
-def start_thread_agent(url: str, name: str, seed: int, *, delay: float = 0.0,
-                       max_backoff: float = 0.3, start_timeout: float = 60.0) -> ThreadAgent:
+def start_thread_agent(
+    url: str,
+    name: str,
+    seed: int,
+    *,
+    delay: float = 0.0,
+    max_backoff: float = 0.3,
+    start_timeout: float = 60.0,
+) -> ThreadAgent:
     agent = Agent(url, name=name, max_backoff=max_backoff, connect_timeout=3.0)
     agent.send_initial_model(initial_model())
     ta = ThreadAgent(name, seed, agent, threading.Thread(daemon=True, name=f"agent-{name}"))
@@ -162,10 +201,29 @@ def join_all(agents: list[ThreadAgent], timeout: float) -> None:
     assert not errors, f"agents failed: {errors}"
 
 
-def agent_cmd(url: str, name: str, seed: int, report: Path, *, delay: float = 0.0,
-              state_dir: Path | None = None) -> list[str]:
-    cmd = [sys.executable, str(AGENT_SCRIPT), "--url", url, "--name", name, "--seed", str(seed),
-           "--report", str(report), "--delay", str(delay)]
+def agent_cmd(
+    url: str,
+    name: str,
+    seed: int,
+    report: Path,
+    *,
+    delay: float = 0.0,
+    state_dir: Path | None = None,
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        str(AGENT_SCRIPT),
+        "--url",
+        url,
+        "--name",
+        name,
+        "--seed",
+        str(seed),
+        "--report",
+        str(report),
+        "--delay",
+        str(delay),
+    ]
     if state_dir is not None:
         cmd += ["--state-dir", str(state_dir)]
     return cmd
@@ -225,9 +283,14 @@ def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.005) -> b
 
 
 # ---------------------------------------------------------------------- invariants
-def check_run(db: Path, rounds: int, reports: list[dict[str, Any]],
-              reference: dict[str, np.ndarray] | None, *, n_agents: int = N_AGENTS
-              ) -> dict[str, Any]:
+def check_run(
+    db: Path,
+    rounds: int,
+    reports: list[dict[str, Any]],
+    reference: dict[str, np.ndarray] | None,
+    *,
+    n_agents: int = N_AGENTS,
+) -> dict[str, Any]:
     """Assert the fault-trial invariants on a finished run; return a summary.
 
     - one run, finished, rounds 1..R contiguous (no gaps, no duplicates);
@@ -244,8 +307,9 @@ def check_run(db: Path, rounds: int, reports: list[dict[str, Any]],
         assert runs[0]["status"] == "finished", runs[0]["status"]
         run_id = runs[0]["id"]
         rows = store.rounds(run_id)
-        assert [r["round"] for r in rows] == list(range(1, rounds + 1)), \
+        assert [r["round"] for r in rows] == list(range(1, rounds + 1)), (
             f"rounds not contiguous: {[r['round'] for r in rows]}"
+        )
         cluster = store.models(run_id, "cluster")
         per_round: dict[int, int] = {}
         for m in cluster:
@@ -261,8 +325,9 @@ def check_run(db: Path, rounds: int, reports: list[dict[str, Any]],
                 aggregated_by_round.setdefault(m["round"], set()).add(m["id"])
         for r in rows:
             inputs = {p["id"] for p in store.parents(r["model_id"]) if p["relation"] == "input"}
-            assert inputs == aggregated_by_round.get(r["round"], set()), \
+            assert inputs == aggregated_by_round.get(r["round"], set()), (
                 f"round {r['round']}: inputs differ from that round's aggregated uploads"
+            )
             assert len(inputs) == r["num_updates"] == n_agents, (r["round"], len(inputs))
             producers = {by_id[i]["producer"] for i in inputs}
             assert len(producers) == n_agents, f"round {r['round']}: an agent counted twice"

@@ -38,8 +38,9 @@ KILLS = 4
 DELAY = 0.15
 
 
-def _run(tmp: Path, reference: dict[str, np.ndarray], *, seed: int, state_dir: bool
-         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _run(
+    tmp: Path, reference: dict[str, np.ndarray], *, seed: int, state_dir: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rng = random.Random(seed)
     db = tmp / "fed.db"
     procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -51,10 +52,11 @@ def _run(tmp: Path, reference: dict[str, np.ndarray], *, seed: int, state_dir: b
         report = tmp / f"agent-{i}.{incarnation[i]}.json"
         reports.append(report)
         sd = tmp / f"state-{i}" if state_dir else None
-        procs[i] = subprocess.Popen(agent_cmd(url, f"agent-{i}", i, report, delay=DELAY,
-                                              state_dir=sd),
-                                    stdout=subprocess.DEVNULL,
-                                    stderr=open(tmp / f"agent-{i}.{incarnation[i]}.log", "wb"))  # noqa: SIM115
+        procs[i] = subprocess.Popen(
+            agent_cmd(url, f"agent-{i}", i, report, delay=DELAY, state_dir=sd),
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / f"agent-{i}.{incarnation[i]}.log", "wb"),
+        )  # noqa: SIM115
         incarnation[i] += 1
 
     obs = Observer(db)
@@ -92,13 +94,13 @@ def _run(tmp: Path, reference: dict[str, np.ndarray], *, seed: int, state_dir: b
     return reps, kills
 
 
-def test_agent_sigkill_restart(tmp_path: Path, reference: dict[int, dict[str, np.ndarray]]
-                               ) -> None:
+def test_agent_sigkill_restart(tmp_path: Path, reference: dict[int, dict[str, np.ndarray]]) -> None:
     _run(tmp_path, reference[ROUNDS], seed=7, state_dir=False)
 
 
-def test_agent_restart_with_state_dir(tmp_path: Path,
-                                      reference: dict[int, dict[str, np.ndarray]]) -> None:
+def test_agent_restart_with_state_dir(
+    tmp_path: Path, reference: dict[int, dict[str, np.ndarray]]
+) -> None:
     reps, _ = _run(tmp_path, reference[ROUNDS], seed=11, state_dir=True)
     store = Store(str(tmp_path / "fed.db"))
     try:

@@ -57,8 +57,10 @@ def _trial(tmp: Path, trial: int, reference: dict[str, np.ndarray]) -> list[dict
     obs = Observer(db)
     kills: list[dict[str, object]] = []
     agg.start()
-    agents = [start_thread_agent(agg.url, f"agent-{i}", i, delay=rng.uniform(0.01, 0.06))
-              for i in range(N_AGENTS)]
+    agents = [
+        start_thread_agent(agg.url, f"agent-{i}", i, delay=rng.uniform(0.01, 0.06))
+        for i in range(N_AGENTS)
+    ]
     try:
         # kill points: increasing round numbers, so each kill lands in a later round
         targets = sorted(rng.sample(range(1, ROUNDS - 1), KILLS_PER_TRIAL))
@@ -82,8 +84,7 @@ def _trial(tmp: Path, trial: int, reference: dict[str, np.ndarray]) -> list[dict
                 continue
             agg.kill(signal.SIGKILL)
             version, buffered = obs.progress()
-            kills.append({"trial": trial, "kind": kind, "version": version,
-                          "buffered": buffered})
+            kills.append({"trial": trial, "kind": kind, "version": version, "buffered": buffered})
             if _run_finished(db):  # the kill came after the run was marked finished
                 kills[-1]["landed"] = "after finish"
                 break
@@ -107,8 +108,9 @@ def _trial(tmp: Path, trial: int, reference: dict[str, np.ndarray]) -> list[dict
     return kills
 
 
-def test_aggregator_sigkill_trials(tmp_path: Path, reference: dict[int, dict[str, np.ndarray]]
-                                   ) -> None:
+def test_aggregator_sigkill_trials(
+    tmp_path: Path, reference: dict[int, dict[str, np.ndarray]]
+) -> None:
     started = time.monotonic()
     kills: list[dict[str, object]] = []
     for trial in range(TRIALS):
@@ -118,11 +120,18 @@ def test_aggregator_sigkill_trials(tmp_path: Path, reference: dict[int, dict[str
     landed = [k for k in kills if "version" in k]
     mid = [k for k in landed if int(k["buffered"]) > 0]  # type: ignore[call-overload]
     between = [k for k in landed if int(k["buffered"]) == 0]  # type: ignore[call-overload]
-    summary = {"trials": TRIALS, "kills": len(landed), "mid_round_with_buffered": len(mid),
-               "between_rounds": len(between),
-               "by_kind": {kind: sum(1 for k in landed if k["kind"] == kind)
-                           for kind in ("between", "mid-round", "in-flight")},
-               "seconds": round(time.monotonic() - started, 1), "detail": kills}
+    summary = {
+        "trials": TRIALS,
+        "kills": len(landed),
+        "mid_round_with_buffered": len(mid),
+        "between_rounds": len(between),
+        "by_kind": {
+            kind: sum(1 for k in landed if k["kind"] == kind)
+            for kind in ("between", "mid-round", "in-flight")
+        },
+        "seconds": round(time.monotonic() - started, 1),
+        "detail": kills,
+    }
     print("\nSIGKILL trials:", json.dumps({k: v for k, v in summary.items() if k != "detail"}))
     for k in kills:
         print("  ", k)

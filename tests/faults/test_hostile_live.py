@@ -38,8 +38,9 @@ class Boom:
         return (os.system, ("touch /tmp/fedstack-pwned-live",))
 
 
-def frame(payload: bytes, *, opcode: int = 2, fin: bool = True, length: int | None = None,
-          rsv: int = 0) -> bytes:
+def frame(
+    payload: bytes, *, opcode: int = 2, fin: bool = True, length: int | None = None, rsv: int = 0
+) -> bytes:
     n = len(payload) if length is None else length
     b0 = (0x80 if fin else 0) | rsv | opcode
     if n < 126:
@@ -55,9 +56,11 @@ def frame(payload: bytes, *, opcode: int = 2, fin: bool = True, length: int | No
 
 def upgrade(port: int) -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
-    return (f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    return (
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
 
 
 class Attacker:
@@ -67,8 +70,7 @@ class Attacker:
         self.thrown: Counter[str] = Counter()
         self.outcome: Counter[str] = Counter()
 
-    async def _open(self, handshake: bool
-                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _open(self, handshake: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         r, w = await asyncio.open_connection("127.0.0.1", self.port)
         if handshake:
             w.write(upgrade(self.port))
@@ -76,8 +78,9 @@ class Attacker:
             assert head.startswith(b"HTTP/1.1 101"), head[:80]
         return r, w
 
-    async def _throw(self, kind: str, data: bytes, handshake: bool = True,
-                     linger: float = 0.5) -> None:
+    async def _throw(
+        self, kind: str, data: bytes, handshake: bool = True, linger: float = 0.5
+    ) -> None:
         self.thrown[kind] += 1
         try:
             r, w = await self._open(handshake)
@@ -123,16 +126,29 @@ class Attacker:
         rng = self.rng
         jobs = []
         for _ in range(40):
-            jobs.append(self._throw("random bytes, no handshake",
-                                    rng.randbytes(rng.randint(1, 8192)), handshake=False))
+            jobs.append(
+                self._throw(
+                    "random bytes, no handshake",
+                    rng.randbytes(rng.randint(1, 8192)),
+                    handshake=False,
+                )
+            )
         for _ in range(30):
-            jobs.append(self._throw("random bytes after handshake",
-                                    rng.randbytes(rng.randint(1, 8192))))
+            jobs.append(
+                self._throw("random bytes after handshake", rng.randbytes(rng.randint(1, 8192)))
+            )
         for _ in range(20):
-            jobs.append(self._throw("random frame header bits",
-                                    frame(rng.randbytes(64), opcode=rng.randrange(16),
-                                          rsv=rng.choice([0, 0x40, 0x20, 0x10]),
-                                          fin=rng.random() < 0.5)))
+            jobs.append(
+                self._throw(
+                    "random frame header bits",
+                    frame(
+                        rng.randbytes(64),
+                        opcode=rng.randrange(16),
+                        rsv=rng.choice([0, 0x40, 0x20, 0x10]),
+                        fin=rng.random() < 0.5,
+                    ),
+                )
+            )
         for _ in range(20):
             n = rng.randint(200, 60000)
             jobs.append(self._throw("truncated frame", frame(b"\x00" * n)[: rng.randint(2, n)]))
@@ -141,28 +157,43 @@ class Attacker:
                 jobs.append(self._throw("pickle payload", frame(pickle.dumps(obj))))
         for n in (1 << 62, (1 << 63) - 1, 1 << 40, LIMIT + 1):
             for _ in range(5):
-                jobs.append(self._throw("huge length prefix", frame(b"", length=n)[:10] +
-                                        os.urandom(4)))
+                jobs.append(
+                    self._throw("huge length prefix", frame(b"", length=n)[:10] + os.urandom(4))
+                )
         for _ in range(10):  # claims just under the limit and sends nothing more
-            jobs.append(self._throw("near-limit frame, no payload",
-                                    frame(b"", length=LIMIT - 1), linger=ATTACK_SECONDS))
+            jobs.append(
+                self._throw(
+                    "near-limit frame, no payload",
+                    frame(b"", length=LIMIT - 1),
+                    linger=ATTACK_SECONDS,
+                )
+            )
         for _ in range(15):
-            jobs.append(self._slow("slow-loris handshake", b"", upgrade(self.port),
-                                   handshake=False))
+            jobs.append(
+                self._slow("slow-loris handshake", b"", upgrade(self.port), handshake=False)
+            )
         for _ in range(15):
-            jobs.append(self._slow("slow-loris frame", frame(b"", length=500_000)[:14],
-                                   os.urandom(1000), handshake=True))
+            jobs.append(
+                self._slow(
+                    "slow-loris frame",
+                    frame(b"", length=500_000)[:14],
+                    os.urandom(1000),
+                    handshake=True,
+                )
+            )
         rng.shuffle(jobs)
         await asyncio.wait_for(asyncio.gather(*jobs), ATTACK_SECONDS + 20)
 
 
-def test_hostile_inputs_while_agents_train(tmp_path: Path,
-                                           reference: dict[int, dict[str, np.ndarray]]) -> None:
+def test_hostile_inputs_while_agents_train(
+    tmp_path: Path, reference: dict[int, dict[str, np.ndarray]]
+) -> None:
     marker = Path("/tmp/fedstack-pwned-live")
     marker.unlink(missing_ok=True)
     db = tmp_path / "fed.db"
-    agg = AggregatorProcess(tmp_path, *aggregator_args(db, ROUNDS, "--max-message-bytes",
-                                                       str(LIMIT)))
+    agg = AggregatorProcess(
+        tmp_path, *aggregator_args(db, ROUNDS, "--max-message-bytes", str(LIMIT))
+    )
     agg.start()
     assert agg.proc is not None
     proc = psutil.Process(agg.proc.pid)
@@ -180,8 +211,7 @@ def test_hostile_inputs_while_agents_train(tmp_path: Path,
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        agents = [start_thread_agent(agg.url, f"agent-{i}", i, delay=0.4)
-                  for i in range(N_AGENTS)]
+        agents = [start_thread_agent(agg.url, f"agent-{i}", i, delay=0.4) for i in range(N_AGENTS)]
         time.sleep(0.5)  # the federation is running
         baseline = max(v for _, v in rss)
         attacker = Attacker(agg.port, seed=5)
@@ -196,12 +226,16 @@ def test_hostile_inputs_while_agents_train(tmp_path: Path,
         agg.close()
     summary = check_run(db, ROUNDS, [a.report for a in agents], reference[ROUNDS])
     peak = max(v for _, v in rss)
-    print(f"\nhostile inputs thrown: {sum(attacker.thrown.values())} "
-          f"{dict(attacker.thrown)} in {attack_seconds:.1f} s")
+    print(
+        f"\nhostile inputs thrown: {sum(attacker.thrown.values())} "
+        f"{dict(attacker.thrown)} in {attack_seconds:.1f} s"
+    )
     for k, v in sorted(attacker.outcome.items()):
         print(f"   {v:3d}  {k}")
-    print(f"aggregator RSS: baseline {baseline / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB; "
-          f"uploads {summary['statuses']}")
+    print(
+        f"aggregator RSS: baseline {baseline / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB; "
+        f"uploads {summary['statuses']}"
+    )
     assert not marker.exists(), "a pickle payload was executed"
     assert sum(attacker.thrown.values()) >= 180
     assert peak - baseline < RSS_BOUND, (baseline, peak)

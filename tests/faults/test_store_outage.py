@@ -69,7 +69,8 @@ class FlakyStore(Store):
 
 
 def test_store_outage_no_ack_while_down_then_recovers(
-        tmp_path: Path, reference: dict[int, dict[str, np.ndarray]]) -> None:
+    tmp_path: Path, reference: dict[int, dict[str, np.ndarray]]
+) -> None:
     db = tmp_path / "fed.db"
     store = FlakyStore(str(db))
     seen: dict[str, float] = {}
@@ -79,8 +80,7 @@ def test_store_outage_no_ack_while_down_then_recovers(
     try:
         with aggregator_thread(aggregator_config(db, ROUNDS), store=store) as agg:
             url = f"ws://127.0.0.1:{agg.port}"
-            agents = [start_thread_agent(url, f"agent-{i}", i, delay=0.05)
-                      for i in range(N_AGENTS)]
+            agents = [start_thread_agent(url, f"agent-{i}", i, delay=0.05) for i in range(N_AGENTS)]
 
             def monitor() -> None:  # when did each acknowledgement reach its agent?
                 while not stop.is_set():
@@ -92,6 +92,7 @@ def test_store_outage_no_ack_while_down_then_recovers(
             mon = threading.Thread(target=monitor, daemon=True)
             mon.start()
             for at_version, seconds in ((2, 2.0), (5, 1.5)):
+
                 def reached(v: int = at_version) -> bool:
                     return obs.progress()[0] >= v or any(a.error for a in agents)
 
@@ -99,7 +100,8 @@ def test_store_outage_no_ack_while_down_then_recovers(
                 assert not any(a.error for a in agents), (
                     f"stuck at version {obs.progress()[0]}; agent errors: "
                     f"{[(a.name, a.error) for a in agents]}; alive: "
-                    f"{[a.thread.is_alive() for a in agents]}")
+                    f"{[a.thread.is_alive() for a in agents]}"
+                )
                 time.sleep(0.03)  # usually lands with uploads of the next round in flight
                 t0 = time.monotonic()
                 store.down = True
@@ -119,12 +121,15 @@ def test_store_outage_no_ack_while_down_then_recovers(
     assert all(u in store.stored_at for u in seen), "an upload was acknowledged, never stored"
     assert all(d >= 0 for d in late.values()), "an acknowledgement arrived before its store"
     during = [u for u in seen for (t0, t1) in outages if t0 + 0.01 < seen[u] <= t1]
-    assert all(store.stored_at[u] < t0 for u in during for (t0, _t1) in outages
-               if t0 < seen[u]), "an upload was stored while the store was down"
+    assert all(store.stored_at[u] < t0 for u in during for (t0, _t1) in outages if t0 < seen[u]), (
+        "an upload was stored while the store was down"
+    )
     assert store.refused, "the outage never hit the aggregator"
-    print(f"\nstore outages {[round(b - a, 2) for a, b in outages]} s: {len(store.refused)} "
-          f"refused store operations, {len(during)} acks in flight during outages, "
-          f"{summary['acked']} acks, reconnects {[a.report['reconnects'] for a in agents]}")
+    print(
+        f"\nstore outages {[round(b - a, 2) for a, b in outages]} s: {len(store.refused)} "
+        f"refused store operations, {len(during)} acks in flight during outages, "
+        f"{summary['acked']} acks, reconnects {[a.report['reconnects'] for a in agents]}"
+    )
 
 
 def test_agent_joining_during_store_outage_is_not_refused_for_good(tmp_path: Path) -> None:
@@ -137,8 +142,9 @@ def test_agent_joining_during_store_outage_is_not_refused_for_good(tmp_path: Pat
     try:
         with aggregator_thread(aggregator_config(db, 1, min_agents=1), store=store) as agg:
             store.down = True
-            agent = Agent(f"ws://127.0.0.1:{agg.port}", name="late", max_backoff=0.3,
-                          connect_timeout=3.0)
+            agent = Agent(
+                f"ws://127.0.0.1:{agg.port}", name="late", max_backoff=0.3, connect_timeout=3.0
+            )
             agent.send_initial_model(initial_model())
             t = threading.Thread(target=lambda: _start(agent, errors), daemon=True)
             t.start()

@@ -49,13 +49,16 @@ def main() -> None:
         agent.close()
     if args.report:
         with open(args.report, "w") as f:
-            json.dump({
-                "versions": versions,
-                "acked": [a.upload_id for a in agent.acknowledged],
-                "final": {k: v.tolist() for k, v in gm.items()},
-                "reconnects": agent.reconnects,
-                "discarded": discarded,
-            }, f)
+            json.dump(
+                {
+                    "versions": versions,
+                    "acked": [a.upload_id for a in agent.acknowledged],
+                    "final": {k: v.tolist() for k, v in gm.items()},
+                    "reconnects": agent.reconnects,
+                    "discarded": discarded,
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":

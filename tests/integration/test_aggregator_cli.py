@@ -15,11 +15,20 @@ from fedstack.testing import AggregatorProcess
 
 def test_book_config_zero_init_and_graceful_sigterm(tmp_path: Path) -> None:
     config = tmp_path / "config_aggregator.json"
-    config.write_text(json.dumps({
-        "aggr_ip": "127.0.0.1", "reg_socket": 8765, "recv_socket": 4321,
-        "round_interval": 5, "aggregation_threshold": 1.0, "polling": 1,
-        "init_weights_flag": 0, "db_data_path": str(tmp_path / "book.db"),
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "aggr_ip": "127.0.0.1",
+                "reg_socket": 8765,
+                "recv_socket": 4321,
+                "round_interval": 5,
+                "aggregation_threshold": 1.0,
+                "polling": 1,
+                "init_weights_flag": 0,
+                "db_data_path": str(tmp_path / "book.db"),
+            }
+        )
+    )
     agg = AggregatorProcess(tmp_path, "--config", str(config), "--auth", "off")
     agg.start()
     try:

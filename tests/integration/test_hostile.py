@@ -56,14 +56,22 @@ async def _attack(url: str, payloads: list[bytes | list[Any]], *, participate: b
 
 
 def _upload(model: dict[str, Any]) -> list[Any]:
-    return encode(ModelUpload(upload_id=os.urandom(8).hex(), base_version=0, num_samples=1,
-                              model=model))
+    return encode(
+        ModelUpload(upload_id=os.urandom(8).hex(), base_version=0, num_samples=1, model=model)
+    )
 
 
 @pytest.fixture()
 def federation(tmp_path: Path):  # type: ignore[no-untyped-def]
-    cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "f.db"), rounds=6, min_agents=2,
-                           max_message_bytes=LIMIT, finish_grace=5)
+    cfg = AggregatorConfig(
+        auth="off",
+        port=0,
+        db=str(tmp_path / "f.db"),
+        rounds=6,
+        min_agents=2,
+        max_message_bytes=LIMIT,
+        finish_grace=5,
+    )
     with aggregator_thread(cfg) as agg:
         results: dict[str, list[int]] = {}
 
@@ -100,37 +108,53 @@ def test_hostile_inputs_refused_while_agents_train(federation) -> None:  # type:
         out = {}
         out["malformed"] = await _attack(url, [b"\x00\x01garbage-frame"], participate=False)
         out["pickle"] = await _attack(url, [pickle.dumps(Boom())], participate=False)
-        out["pickle_after_join"] = await _attack(url, [pickle.dumps({"w": [1, 2]})],
-                                                 participate=True)
-        out["wrong_shape"] = await _attack(url, [_upload({"w": np.zeros(9, np.float32)})],
-                                           participate=True)
-        out["wrong_dtype"] = await _attack(url, [_upload({"w": np.zeros(8, np.float64)})],
-                                           participate=True)
+        out["pickle_after_join"] = await _attack(
+            url, [pickle.dumps({"w": [1, 2]})], participate=True
+        )
+        out["wrong_shape"] = await _attack(
+            url, [_upload({"w": np.zeros(9, np.float32)})], participate=True
+        )
+        out["wrong_dtype"] = await _attack(
+            url, [_upload({"w": np.zeros(8, np.float64)})], participate=True
+        )
         out["non_finite"] = await _attack(
-            url, [_upload({"w": np.array([1, np.nan, 0, 0, 0, 0, 0, 0], np.float32)})],
-            participate=True)
+            url,
+            [_upload({"w": np.array([1, np.nan, 0, 0, 0, 0, 0, 0], np.float32)})],
+            participate=True,
+        )
         out["extra_tensor"] = await _attack(
-            url, [_upload({"w": np.zeros(8, np.float32), "x": np.zeros(1, np.float32)})],
-            participate=True)
+            url,
+            [_upload({"w": np.zeros(8, np.float32), "x": np.zeros(1, np.float32)})],
+            participate=True,
+        )
         out["oversized"] = await _attack(url, [b"\x00" * (2 * LIMIT)], participate=True)
-        out["truncated"] = await _attack(url, [_upload({"w": np.zeros(8, np.float32)})[0][:20]],
-                                         participate=True)
+        out["truncated"] = await _attack(
+            url, [_upload({"w": np.zeros(8, np.float32)})[0][:20]], participate=True
+        )
         return out
 
     out = asyncio.run(attacks())
     for t in threads:
         t.join(120)
     # protocol violations: an error reply, then the connection is closed
-    for case, code in [("malformed", "malformed"), ("pickle", "malformed"),
-                       ("pickle_after_join", "malformed"), ("oversized", "too-large"),
-                       ("truncated", "malformed")]:
+    for case, code in [
+        ("malformed", "malformed"),
+        ("pickle", "malformed"),
+        ("pickle_after_join", "malformed"),
+        ("oversized", "too-large"),
+        ("truncated", "malformed"),
+    ]:
         replies = out[case]
         assert isinstance(replies[0], Error), (case, replies)
         assert replies[0].code == code and replies[0].fatal, (case, replies[0])
         assert replies[-1] == "closed", case
     # invalid models: an error reply naming the problem; the connection stays usable
-    for case, words in [("wrong_shape", "shape"), ("wrong_dtype", "dtype"),
-                        ("non_finite", "NaN"), ("extra_tensor", "unexpected")]:
+    for case, words in [
+        ("wrong_shape", "shape"),
+        ("wrong_dtype", "dtype"),
+        ("non_finite", "NaN"),
+        ("extra_tensor", "unexpected"),
+    ]:
         replies = out[case]
         assert isinstance(replies[0], Error) and replies[0].code == "invalid-model", case
         assert words in replies[0].message, (case, replies[0].message)

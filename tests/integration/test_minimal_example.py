@@ -17,8 +17,15 @@ engine = load_example("examples/minimal/minimal_engine.py")
 
 @pytest.mark.parametrize("delivery", ["push", "poll"])
 def test_minimal_example_global_model(tmp_path: Path, delivery: str) -> None:
-    cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "f.db"), rounds=3, min_agents=2,
-                           delivery=delivery, finish_grace=5)
+    cfg = AggregatorConfig(
+        auth="off",
+        port=0,
+        db=str(tmp_path / "f.db"),
+        rounds=3,
+        min_agents=2,
+        delivery=delivery,
+        finish_grace=5,
+    )
     results: dict[str, list[tuple[int, dict[str, np.ndarray]]]] = {}
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"

@@ -49,19 +49,44 @@ def _wait(cond, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
 
 def test_sigkill_between_and_during_rounds_resumes_the_run(tmp_path: Path) -> None:
     db = tmp_path / "fed.db"
-    agg = AggregatorProcess(tmp_path, "--db", str(db), "--rounds", str(ROUNDS),
-                            "--min-agents", "3", "--threshold", "1.0",
-                            "--heartbeat-interval", "1", "--finish-grace", "10", "--auth", "off")
+    agg = AggregatorProcess(
+        tmp_path,
+        "--db",
+        str(db),
+        "--rounds",
+        str(ROUNDS),
+        "--min-agents",
+        "3",
+        "--threshold",
+        "1.0",
+        "--heartbeat-interval",
+        "1",
+        "--finish-grace",
+        "10",
+        "--auth",
+        "off",
+    )
     agg.start()
     agents = []
     try:
         for i, delay in enumerate((0.05, 0.15, 0.3)):
-            agents.append(subprocess.Popen(
-                [sys.executable, str(HERE / "agent_proc.py"), "--url", agg.url,
-                 "--name", f"agent-{i}", "--delay", str(delay),
-                 "--report", str(tmp_path / f"agent-{i}.json")],
-                stdout=subprocess.DEVNULL,
-            ))
+            agents.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(HERE / "agent_proc.py"),
+                        "--url",
+                        agg.url,
+                        "--name",
+                        f"agent-{i}",
+                        "--delay",
+                        str(delay),
+                        "--report",
+                        str(tmp_path / f"agent-{i}.json"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                )
+            )
         # 1) between rounds: right after round 2 is committed
         _wait(lambda: len(_rounds(db)) >= 2)
         agg.kill(signal.SIGKILL)
@@ -104,8 +129,10 @@ def test_sigkill_between_and_during_rounds_resumes_the_run(tmp_path: Path) -> No
     store.close()
     log = agg.log_text()
     assert log.count("aggregator listening") == 3
-    resumed = [(int(v), int(n)) for v, n in
-               re.findall(r"resumed at version (\d+) with (\d+) buffered", log)]
+    resumed = [
+        (int(v), int(n))
+        for v, n in re.findall(r"resumed at version (\d+) with (\d+) buffered", log)
+    ]
     assert len(resumed) == 2
     assert resumed[0][0] >= 2
     assert resumed[1][0] >= 4 and resumed[1][1] >= 1  # the kill landed mid-round

@@ -106,15 +106,24 @@ def test_strategy_end_to_end(tmp_path: Path, strategy: str, transport: str) -> N
     """Over WebSockets, and over the in-process transport (the simulator's), where uploads
     reach the strategy as read-only views of the agent's own arrays."""
     cfg = AggregatorConfig(
-        port=0, db=str(tmp_path / "f.db"), rounds=ROUNDS, min_agents=3, threshold=1.0,
-        strategy=strategy, strategy_params=PARAMS.get(strategy, {}), finish_grace=5,
-        round_timeout=20, auth="off", transport=transport,
+        port=0,
+        db=str(tmp_path / "f.db"),
+        rounds=ROUNDS,
+        min_agents=3,
+        threshold=1.0,
+        strategy=strategy,
+        strategy_params=PARAMS.get(strategy, {}),
+        finish_grace=5,
+        round_timeout=20,
+        auth="off",
+        transport=transport,
     )
     out: dict[str, Any] = {}
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}" if transport == "tcp" else agg.url
-        threads = [threading.Thread(target=agent_loop, args=(url, k, strategy, out))
-                   for k in range(3)]
+        threads = [
+            threading.Thread(target=agent_loop, args=(url, k, strategy, out)) for k in range(3)
+        ]
         for t in threads:
             t.start()
         for t in threads:

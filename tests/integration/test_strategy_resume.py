@@ -34,11 +34,21 @@ def agent_loop(url: str, k: int, out: dict[str, Any]) -> None:
 
 def run(tmp: Path, strategy: str, params: dict[str, Any], restart_at: int | None) -> np.ndarray:
     port = free_port()
-    cfg = AggregatorConfig(auth="off", port=port, db=str(tmp / "f.db"), rounds=ROUNDS, min_agents=2,
-                           strategy=strategy, strategy_params=params, finish_grace=5)
+    cfg = AggregatorConfig(
+        auth="off",
+        port=port,
+        db=str(tmp / "f.db"),
+        rounds=ROUNDS,
+        min_agents=2,
+        strategy=strategy,
+        strategy_params=params,
+        finish_grace=5,
+    )
     out: dict[str, Any] = {}
-    threads = [threading.Thread(target=agent_loop, args=(f"ws://127.0.0.1:{port}", k, out))
-               for k in range(2)]
+    threads = [
+        threading.Thread(target=agent_loop, args=(f"ws://127.0.0.1:{port}", k, out))
+        for k in range(2)
+    ]
     if restart_at is not None:
         with aggregator_thread(cfg) as agg:
             for t in threads:
@@ -65,12 +75,16 @@ def run(tmp: Path, strategy: str, params: dict[str, Any], restart_at: int | None
     return final
 
 
-@pytest.mark.parametrize("strategy,params", [
-    ("fedavgm", {"server_lr": 1.0, "momentum": 0.9}),
-    ("fedadam", {"server_lr": 0.3}),
-])
-def test_restart_continues_the_strategy_state(tmp_path: Path, strategy: str,
-                                              params: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "strategy,params",
+    [
+        ("fedavgm", {"server_lr": 1.0, "momentum": 0.9}),
+        ("fedadam", {"server_lr": 0.3}),
+    ],
+)
+def test_restart_continues_the_strategy_state(
+    tmp_path: Path, strategy: str, params: dict[str, Any]
+) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     straight = run(tmp_path / "a", strategy, params, restart_at=None)

@@ -30,8 +30,9 @@ def model(value: float) -> dict[str, np.ndarray]:
 
 
 def test_threshold_half_of_four_aggregates_at_second_distinct_upload(tmp_path: Path) -> None:
-    cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "f.db"), threshold=0.5, rounds=1,
-                           finish_grace=2)
+    cfg = AggregatorConfig(
+        auth="off", port=0, db=str(tmp_path / "f.db"), threshold=0.5, rounds=1, finish_grace=2
+    )
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
         agents = [Agent(url, name=f"a{i}") for i in range(4)]
@@ -73,8 +74,15 @@ def _spawn_idle(url: str, name: str) -> subprocess.Popen[bytes]:
 
 
 def test_sync_round_completes_when_an_agent_is_killed(tmp_path: Path) -> None:
-    cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "f.db"), threshold=1.0, rounds=1,
-                           round_timeout=60, finish_grace=2)
+    cfg = AggregatorConfig(
+        auth="off",
+        port=0,
+        db=str(tmp_path / "f.db"),
+        threshold=1.0,
+        rounds=1,
+        round_timeout=60,
+        finish_grace=2,
+    )
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
         a = Agent(url, name="alive")
@@ -101,8 +109,16 @@ def test_sync_round_completes_when_an_agent_is_killed(tmp_path: Path) -> None:
 
 
 def test_sync_round_completes_at_deadline_when_an_agent_hangs(tmp_path: Path) -> None:
-    cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "f.db"), threshold=1.0, rounds=1,
-                           round_timeout=1.5, heartbeat_interval=30, finish_grace=2)
+    cfg = AggregatorConfig(
+        auth="off",
+        port=0,
+        db=str(tmp_path / "f.db"),
+        threshold=1.0,
+        rounds=1,
+        round_timeout=1.5,
+        heartbeat_interval=30,
+        finish_grace=2,
+    )
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
         a = Agent(url, name="alive")
@@ -128,8 +144,9 @@ def test_sync_round_completes_at_deadline_when_an_agent_hangs(tmp_path: Path) ->
 
 
 def test_min_agents_holds_the_first_round(tmp_path: Path) -> None:
-    cfg = AggregatorConfig(auth="off", port=0, db=str(tmp_path / "f.db"), min_agents=2, rounds=1,
-                           finish_grace=2)
+    cfg = AggregatorConfig(
+        auth="off", port=0, db=str(tmp_path / "f.db"), min_agents=2, rounds=1, finish_grace=2
+    )
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
         a1 = Agent(url, name="a1")

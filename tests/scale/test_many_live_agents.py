@@ -29,19 +29,50 @@ pytestmark = pytest.mark.slow
 def test_1000_live_agents_complete_rounds(tmp_path: Path) -> None:
     db = tmp_path / "agg.db"
     agg = AggregatorProcess(
-        tmp_path, "--db", str(db), "--auth", "off", "--min-agents", str(AGENTS),
-        "--threshold", "1.0", "--rounds", str(ROUNDS), "--round-timeout", "150",
-        "--finish-grace", "2", "--heartbeat-interval", "5",
+        tmp_path,
+        "--db",
+        str(db),
+        "--auth",
+        "off",
+        "--min-agents",
+        str(AGENTS),
+        "--threshold",
+        "1.0",
+        "--rounds",
+        str(ROUNDS),
+        "--round-timeout",
+        "150",
+        "--finish-grace",
+        "2",
+        "--heartbeat-interval",
+        "5",
     )
     agg.start()
     out = tmp_path / "loadgen.json"
     t0 = time.monotonic()
     try:
         lg = subprocess.run(
-            [sys.executable, "-m", "fedstack.testing.loadgen", "--url", agg.url,
-             "--agents", str(AGENTS), "--rounds", str(ROUNDS), "--params", "300",
-             "--timeout", "150", "--json", str(out), "-q"],
-            capture_output=True, text=True, timeout=200,
+            [
+                sys.executable,
+                "-m",
+                "fedstack.testing.loadgen",
+                "--url",
+                agg.url,
+                "--agents",
+                str(AGENTS),
+                "--rounds",
+                str(ROUNDS),
+                "--params",
+                "300",
+                "--timeout",
+                "150",
+                "--json",
+                str(out),
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=200,
         )
         elapsed = time.monotonic() - t0
         assert out.exists(), lg.stderr[-3000:]
@@ -50,8 +81,10 @@ def test_1000_live_agents_complete_rounds(tmp_path: Path) -> None:
         assert agg.wait(30) == 0
     finally:
         agg.close()
-    print(f"\n1,000 live agents: {elapsed:.1f} s, join {report['join_seconds']:.1f} s, "
-          f"rounds {[r.get('round_seconds') for r in report['rounds']]}")
+    print(
+        f"\n1,000 live agents: {elapsed:.1f} s, join {report['join_seconds']:.1f} s, "
+        f"rounds {[r.get('round_seconds') for r in report['rounds']]}"
+    )
 
     assert report["connected_peak"] == AGENTS
     assert report["welcomed"] == AGENTS

@@ -48,8 +48,9 @@ def issue(db: Path, *names: str, revoke: tuple[str, ...] = ()) -> dict[str, str]
     return tokens
 
 
-async def attempt(url: str, name: str, token: str | None = None,
-                  enrollment: str | None = None) -> tuple[Any, bool]:
+async def attempt(
+    url: str, name: str, token: str | None = None, enrollment: str | None = None
+) -> tuple[Any, bool]:
     """One registration over a raw connection: (first reply, whether it was then closed)."""
     conn = await connect(url, max_message_bytes=1 << 20)
     try:
@@ -77,8 +78,11 @@ def assert_all_refused(results: list[tuple[Any, bool]], code: str) -> None:
 
 
 def refusals(store: Store, run_id: str) -> list[dict[str, Any]]:
-    return [e["detail"] for e in store.events(run_id)
-            if e["kind"] == "refused" and e["detail"].get("stage") == "auth"]
+    return [
+        e["detail"]
+        for e in store.events(run_id)
+        if e["kind"] == "refused" and e["detail"].get("stage") == "auth"
+    ]
 
 
 def train(agent: Agent, out: dict[str, Any], pause: float = 0.0) -> None:
@@ -96,12 +100,12 @@ def train(agent: Agent, out: dict[str, Any], pause: float = 0.0) -> None:
 
 
 # ---------------------------------------------------------------------------- acceptance
-def test_hostile_registrations_refused_100_percent_while_legit_agent_trains(
-        tmp_path: Path) -> None:
+def test_hostile_registrations_refused_100_percent_while_legit_agent_trains(tmp_path: Path) -> None:
     db = tmp_path / "f.db"
     tok = issue(db, "alice", "bob", "carol", revoke=("carol",))
-    cfg = AggregatorConfig(port=0, db=str(db), rounds=5, min_agents=1, finish_grace=3,
-                           heartbeat_interval=0.5)
+    cfg = AggregatorConfig(
+        port=0, db=str(db), rounds=5, min_agents=1, finish_grace=3, heartbeat_interval=0.5
+    )
     assert cfg.auth == "required"  # the default
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
@@ -115,25 +119,31 @@ def test_hostile_registrations_refused_100_percent_while_legit_agent_trains(
 
         async def attacks() -> dict[str, list[tuple[Any, bool]]]:
             def many(**kw: Any) -> Any:
-                return asyncio.gather(*(attempt(url, **{k: v(i) if callable(v) else v
-                                                        for k, v in kw.items()})
-                                        for i in range(ATTEMPTS)))
+                return asyncio.gather(
+                    *(
+                        attempt(url, **{k: v(i) if callable(v) else v for k, v in kw.items()})
+                        for i in range(ATTEMPTS)
+                    )
+                )
+
             return {
                 "unauthenticated": await many(name="alice"),
-                "wrong-token": await many(name="alice",
-                                          token=lambda i: secrets.token_urlsafe(32)),
+                "wrong-token": await many(name="alice", token=lambda i: secrets.token_urlsafe(32)),
                 "impersonating": await many(name="alice", token=tok["bob"]),
                 "revoked": await many(name="carol", token=tok["carol"]),
-                "unknown": await many(name=lambda i: f"mallory-{i}",
-                                      token=lambda i: secrets.token_urlsafe(32)),
+                "unknown": await many(
+                    name=lambda i: f"mallory-{i}", token=lambda i: secrets.token_urlsafe(32)
+                ),
                 "unknown-no-token": await many(name=lambda i: f"eve-{i}"),
             }
 
         results = asyncio.run(attacks())
         # the same through the Agent API: start() raises instead of retrying
         cases: list[tuple[dict[str, Any], str]] = [
-            ({}, "auth-required"), ({"token": tok["bob"]}, "bad-credential"),
-            ({"token": "guess"}, "bad-credential")]
+            ({}, "auth-required"),
+            ({"token": tok["bob"]}, "bad-credential"),
+            ({"token": "guess"}, "bad-credential"),
+        ]
         for kwargs, code in cases:
             intruder = Agent(url, name="alice", **kwargs)
             with pytest.raises(RegistrationRefused) as err:
@@ -162,27 +172,30 @@ def test_hostile_registrations_refused_100_percent_while_legit_agent_trains(
         assert Counter(e["reason"] for e in events) == {
             "no-token": 2 * ATTEMPTS + 1,  # unauthenticated, unknown without token, Agent API
             "wrong-token": 2 * ATTEMPTS + 2,  # wrong token, impersonation, Agent API
-            "revoked": ATTEMPTS, "unknown-agent": ATTEMPTS,
+            "revoked": ATTEMPTS,
+            "unknown-agent": ATTEMPTS,
         }
         assert all(e["address"].startswith("127.0.0.1:") and e["name"] for e in events)
         bob_fp = next(c["credential"] for c in st.list_credentials() if c["name"] == "bob")
-        impersonations = [e for e in events if e["name"] == "alice"
-                          and e["credential"] == bob_fp]
+        impersonations = [e for e in events if e["name"] == "alice" and e["credential"] == bob_fp]
         assert len(impersonations) == ATTEMPTS + 1  # bob's credential, presented as alice
         accepted = [e for e in st.events(run_id) if e["kind"] == "authenticated"]
-        assert [(e["agent_id"], e["detail"]["name"], e["detail"]["source"])
-                for e in accepted] == [(alice_id, "alice", "issued")]
+        assert [(e["agent_id"], e["detail"]["name"], e["detail"]["source"]) for e in accepted] == [
+            (alice_id, "alice", "issued")
+        ]
     finally:
         st.close()
 
 
-def test_enrollment_registers_new_names_only(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_enrollment_registers_new_names_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     db = tmp_path / "f.db"
     tok = issue(db, "alice")
     enroll = secrets.token_urlsafe(24)
-    cfg = AggregatorConfig(port=0, db=str(db), rounds=None, enrollment_token=enroll,
-                           heartbeat_interval=0.5)
+    cfg = AggregatorConfig(
+        port=0, db=str(db), rounds=None, enrollment_token=enroll, heartbeat_interval=0.5
+    )
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
         newbie = Agent(url, name="newbie", enrollment_token=enroll)
@@ -217,22 +230,34 @@ def test_enrollment_registers_new_names_only(tmp_path: Path,
         alice.start(timeout=10)
         alice.close()
     codes = {k: (v[0].code if isinstance(v[0], Error) else v[0]) for k, v in out.items()}
-    assert codes == {"takeover-enrolled": "bad-credential", "takeover-issued": "bad-credential",
-                     "wrong-enrollment": "bad-credential", "no-own-token": "auth-required",
-                     "weak-own-token": "weak-token"}
+    assert codes == {
+        "takeover-enrolled": "bad-credential",
+        "takeover-issued": "bad-credential",
+        "wrong-enrollment": "bad-credential",
+        "no-own-token": "auth-required",
+        "weak-own-token": "weak-token",
+    }
     st = Store(str(db))
     try:
         creds = {c["name"]: c for c in st.list_credentials()}
         assert {n: c["source"] for n, c in creds.items()} == {
-            "alice": "issued", "newbie": "enrolled", "from-env": "enrolled"}
+            "alice": "issued",
+            "newbie": "enrolled",
+            "from-env": "enrolled",
+        }
         run_id = st.latest_run_id()
         assert run_id is not None
-        reasons = {e["name"]: e["reason"] for e in refusals(st, run_id)
-                   if e["name"] == "mallory" and e["enrollment"] == "invalid"}
+        reasons = {
+            e["name"]: e["reason"]
+            for e in refusals(st, run_id)
+            if e["name"] == "mallory" and e["enrollment"] == "invalid"
+        }
         assert reasons == {"mallory": "bad-enrollment"}
         accepted = [e["detail"] for e in st.events(run_id) if e["kind"] == "authenticated"]
         assert [(e["name"], e["source"], e["new"], e["enrollment"]) for e in accepted[:2]] == [
-            ("newbie", "enrolled", True, "valid"), ("newbie", "enrolled", False, "none")]
+            ("newbie", "enrolled", True, "valid"),
+            ("newbie", "enrolled", False, "none"),
+        ]
         stored = b"".join(p.read_bytes() for p in tmp_path.glob("f.db*") if p.is_file())
         for secret in (enroll, tok["alice"], newbie.token):
             assert secret.encode() not in stored  # only hashes, never tokens
@@ -241,12 +266,10 @@ def test_enrollment_registers_new_names_only(tmp_path: Path,
         st.close()
 
 
-def test_revocation_disconnects_within_seconds_and_reconnect_is_refused(
-        tmp_path: Path) -> None:
+def test_revocation_disconnects_within_seconds_and_reconnect_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "f.db"
     tok = issue(db, "alice", "bob")
-    cfg = AggregatorConfig(port=0, db=str(db), rounds=None, min_agents=1,
-                           heartbeat_interval=0.5)
+    cfg = AggregatorConfig(port=0, db=str(db), rounds=None, min_agents=1, heartbeat_interval=0.5)
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
         alice = Agent(url, name="alice", token=tok["alice"])
@@ -291,20 +314,22 @@ def test_revocation_disconnects_within_seconds_and_reconnect_is_refused(
         fresh.close()
         run_id = agg.run_id
     try:
-        kinds = [(e["kind"], e["detail"].get("reason")) for e in st.events(run_id,
-                                                                            deployment=True)]
+        kinds = [(e["kind"], e["detail"].get("reason")) for e in st.events(run_id, deployment=True)]
         assert ("credential_revoked", None) in kinds
         assert ("refused", "revoked") in kinds  # the disconnect and the refused reconnect
         checks = [e for e in st.events(run_id) if e["detail"].get("stage") == "credential-check"]
         assert [(e["agent_id"], e["detail"]["reason"]) for e in checks] == [
-            (bob_id, "revoked"), (alice.agent_id, "replaced")]
+            (bob_id, "revoked"),
+            (alice.agent_id, "replaced"),
+        ]
     finally:
         st.close()
 
 
 # ---------------------------------------------------------------------------- CLI
 def test_credentials_cli_round_trip_and_cli_aggregator_requires_auth(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import json
     import subprocess
     import sys
@@ -314,8 +339,9 @@ def test_credentials_cli_round_trip_and_cli_aggregator_requires_auth(
     db = tmp_path / "cli.db"
 
     def fedstack(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "fedstack", *args], capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "fedstack", *args], capture_output=True, text=True, timeout=60
+        )
 
     add = fedstack("credentials", "add", "site-1", "--db", str(db))
     assert add.returncode == 0, add.stderr
@@ -324,8 +350,7 @@ def test_credentials_cli_round_trip_and_cli_aggregator_requires_auth(
     again = fedstack("credentials", "add", "site-1", "--db", str(db))
     assert again.returncode == 2 and "already has a credential" in again.stderr
     listed = json.loads(fedstack("credentials", "list", "--db", str(db), "--json").stdout)
-    assert [(c["name"], c["source"], c["revoked"]) for c in listed] == [
-        ("site-1", "issued", False)]
+    assert [(c["name"], c["source"], c["revoked"]) for c in listed] == [("site-1", "issued", False)]
     assert token not in json.dumps(listed)
     # the aggregator CLI requires authentication by default; FEDSTACK_TOKEN is the credential
     agg = AggregatorProcess(tmp_path, "--db", str(db), "--rounds", "1", "--finish-grace", "2")
@@ -378,15 +403,27 @@ def test_aggregator_flags_override_the_config_file(tmp_path: Path) -> None:
     from fedstack.cli.aggregator import parse_aggregator_args
 
     conf = tmp_path / "agg.toml"
-    conf.write_text('[aggregator]\nthreshold = 0.5\nupload_budget_bytes = 1000\n'
-                    'inline_blob_bytes = 0\n')
+    conf.write_text(
+        "[aggregator]\nthreshold = 0.5\nupload_budget_bytes = 1000\ninline_blob_bytes = 0\n"
+    )
     cfg = parse_aggregator_args(["--config", str(conf)])
     assert (cfg.threshold, cfg.upload_budget_bytes, cfg.inline_blob_bytes) == (0.5, 1000, 0)
-    cfg = parse_aggregator_args([
-        "--config", str(conf), "--threshold", "0.75", "--upload-budget-bytes",
-        "4096", "--fanout-budget-bytes", "8192", "--no-operator-api", "--auth", "off"])
-    assert (cfg.threshold, cfg.upload_budget_bytes, cfg.fanout_budget_bytes) == (0.75, 4096,
-                                                                                 8192)
+    cfg = parse_aggregator_args(
+        [
+            "--config",
+            str(conf),
+            "--threshold",
+            "0.75",
+            "--upload-budget-bytes",
+            "4096",
+            "--fanout-budget-bytes",
+            "8192",
+            "--no-operator-api",
+            "--auth",
+            "off",
+        ]
+    )
+    assert (cfg.threshold, cfg.upload_budget_bytes, cfg.fanout_budget_bytes) == (0.75, 4096, 8192)
     assert cfg.operator_api is False and cfg.auth == "off"
     assert cfg.inline_blob_bytes == 0  # not overridden: the file's value stays
 
@@ -409,8 +446,9 @@ def test_store_authentication_rules(tmp_path: Path) -> None:
         assert reason("a", token + "x", auth="required") == "bad-credential/wrong-token"
         assert reason("a", token + "x", auth="off") == "bad-credential/wrong-token"
         assert reason("b", token, auth="required") == "bad-credential/unknown-agent"
-        assert reason("b", token, auth="required",
-                      enrollment=False) == "bad-credential/bad-enrollment"
+        assert (
+            reason("b", token, auth="required", enrollment=False) == "bad-credential/bad-enrollment"
+        )
         st.register_agent("c", None, "x")  # auth off: no credential
         assert reason("c", token, auth="required") == "bad-credential/no-credential"
         st.revoke_credential("a")

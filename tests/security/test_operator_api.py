@@ -33,9 +33,13 @@ from fedstack.security import PKIFiles, client_context, make_test_pki
 from fedstack.store import CredentialRefused
 from fedstack.testing import AggregatorProcess, aggregator_thread
 
-ENDPOINTS = [("GET", "/api/v1/status"), ("GET", "/api/v1/agents"),
-             ("GET", "/api/v1/rounds?limit=3"), ("POST", "/api/v1/agents/alice/revoke"),
-             ("POST", "/api/v1/shutdown")]
+ENDPOINTS = [
+    ("GET", "/api/v1/status"),
+    ("GET", "/api/v1/agents"),
+    ("GET", "/api/v1/rounds?limit=3"),
+    ("POST", "/api/v1/agents/alice/revoke"),
+    ("POST", "/api/v1/shutdown"),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -61,9 +65,15 @@ def issue(db: Path) -> dict[str, str]:
     return tokens
 
 
-def call(port: int, method: str, path: str, token: str | None = None, *,
-         context: ssl.SSLContext | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, Any, http.client.HTTPResponse]:
+def call(
+    port: int,
+    method: str,
+    path: str,
+    token: str | None = None,
+    *,
+    context: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, http.client.HTTPResponse]:
     """One request: (status, decoded JSON body, response)."""
     conn: http.client.HTTPConnection
     if context is None:
@@ -153,11 +163,13 @@ def wait_until(cond: Any, timeout: float = 10.0) -> None:
 
 # ---------------------------------------------------------------------------- acceptance
 def test_operator_api_refuses_intruders_and_serves_operators_while_agents_train(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     db = tmp_path / "f.db"
     tok = issue(db)
-    cfg = AggregatorConfig(port=0, db=str(db), rounds=None, min_agents=1,
-                           heartbeat_interval=30.0)  # the API disconnects, not the watcher
+    cfg = AggregatorConfig(
+        port=0, db=str(db), rounds=None, min_agents=1, heartbeat_interval=30.0
+    )  # the API disconnects, not the watcher
     with aggregator_thread(cfg) as agg:
         port = agg.port
         url = f"ws://127.0.0.1:{port}"
@@ -176,9 +188,12 @@ def test_operator_api_refuses_intruders_and_serves_operators_while_agents_train(
             ("basic auth", None, {"Authorization": f"Basic {tok['ops']}"}, 401),
             ("two tokens", None, {"Authorization": f"Bearer {tok['ops']} {tok['ops']}"}, 401),
         ]
-        jobs = [(kind, method, path, token, headers, want)
-                for kind, token, headers, want in intruders
-                for method, path in ENDPOINTS for _ in range(4)]
+        jobs = [
+            (kind, method, path, token, headers, want)
+            for kind, token, headers, want in intruders
+            for method, path in ENDPOINTS
+            for _ in range(4)
+        ]
         random.Random(0).shuffle(jobs)
 
         def attack(job: tuple[Any, ...]) -> tuple[str, int, int, Any]:
@@ -301,7 +316,9 @@ def test_shutdown_stops_the_cli_aggregator(tmp_path: Path) -> None:
     assert "operator ops requested shutdown" in agg.log_text()
     events = audit(db)
     assert [(e["path"], e["status"], e["operator"]) for e in events] == [
-        ("/api/v1/shutdown", 403, None), ("/api/v1/shutdown", 202, "ops")]
+        ("/api/v1/shutdown", 403, None),
+        ("/api/v1/shutdown", 202, "ops"),
+    ]
 
 
 # ---------------------------------------------------------------------------- TLS
@@ -313,8 +330,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKIFiles:
 def test_https_operator_api_on_the_wss_port(tmp_path: Path, pki: PKIFiles) -> None:
     db = tmp_path / "tls.db"
     tok = issue(db)
-    cfg = AggregatorConfig(port=0, db=str(db), min_agents=1, tls_cert=str(pki.server_cert),
-                           tls_key=str(pki.server_key), require_tls=True, register_timeout=2.0)
+    cfg = AggregatorConfig(
+        port=0,
+        db=str(db),
+        min_agents=1,
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        require_tls=True,
+        register_timeout=2.0,
+    )
     ctx = client_context(pki.ca)
     with aggregator_thread(cfg) as agg:
         port = agg.port
@@ -332,12 +356,14 @@ def test_https_operator_api_on_the_wss_port(tmp_path: Path, pki: PKIFiles) -> No
             assert status in (401, 403)
         # a client that does not trust the aggregator's CA does not get through
         with pytest.raises(ssl.SSLCertVerificationError):
-            call(port, "GET", "/api/v1/status", tok["ops"],
-                 context=ssl.create_default_context())
+            call(port, "GET", "/api/v1/status", tok["ops"], context=ssl.create_default_context())
         # plain HTTP on the TLS port gets no HTTP answer at all
         t0 = time.monotonic()
-        reply = raw(port, b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n"
-                          b"Authorization: Bearer " + tok["ops"].encode() + b"\r\n\r\n")
+        reply = raw(
+            port,
+            b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + tok["ops"].encode() + b"\r\n\r\n",
+        )
         assert not reply.startswith(b"HTTP/") and time.monotonic() - t0 < 5
         assert b"run_id" not in reply
         # the agent was not disturbed
@@ -351,14 +377,16 @@ def test_https_operator_api_on_the_wss_port(tmp_path: Path, pki: PKIFiles) -> No
 @pytest.fixture
 def bare_aggregator(tmp_path: Path) -> Iterator[Aggregator]:
     """An aggregator (agents' auth off) whose store has no operator credential yet."""
-    cfg = AggregatorConfig(port=0, db=str(tmp_path / "h.db"), auth="off", min_agents=1,
-                           register_timeout=1.0)
+    cfg = AggregatorConfig(
+        port=0, db=str(tmp_path / "h.db"), auth="off", min_agents=1, register_timeout=1.0
+    )
     with aggregator_thread(cfg) as agg:
         yield agg
 
 
 def test_malformed_and_oversize_requests_get_4xx_and_never_hurt_the_aggregator(
-        bare_aggregator: Aggregator, tmp_path: Path) -> None:
+    bare_aggregator: Aggregator, tmp_path: Path
+) -> None:
     agg = bare_aggregator
     port = agg.port
     # no operator credential issued yet: every API call is refused, saying how to issue one
@@ -378,8 +406,11 @@ def test_malformed_and_oversize_requests_get_4xx_and_never_hurt_the_aggregator(
         ("folded header", b"GET /healthz HTTP/1.1\r\nX: 1\r\n continued\r\n\r\n", 400),
         ("control char", b"GET /healthz HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400),
         ("two hosts", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
-        ("too many headers",
-         b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X: 1\r\n" * 150 + b"\r\n", 431),
+        (
+            "too many headers",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X: 1\r\n" * 150 + b"\r\n",
+            431,
+        ),
         ("head too large", b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 40000, 431),
         ("small body", head + b"Content-Length: 5\r\n\r\nhello", 413),
         ("big body", head + b"Content-Length: 600000\r\n\r\n" + b"z" * 600000, 413),
@@ -392,15 +423,26 @@ def test_malformed_and_oversize_requests_get_4xx_and_never_hurt_the_aggregator(
         ("no auth, unknown path", b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 401),
         # RFC 9112 3.2: an HTTP/1.1 request without Host is a 400
         ("no host", b"GET /healthz HTTP/1.1\r\n\r\n", 400),
-        ("more than 20 query fields", b"GET /api/v1/rounds?"
-         + b"&".join(b"a%d=1" % i for i in range(30)) + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (
+            "more than 20 query fields",
+            b"GET /api/v1/rounds?"
+            + b"&".join(b"a%d=1" % i for i in range(30))
+            + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            400,
+        ),
         ("bracket target", b"GET //[ HTTP/1.1\r\nHost: x\r\n\r\n", 401),
         ("absolute bracket target", b"GET http://[ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         ("bad method", b"G\x01T /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         ("binary", bytes(rng.randrange(256) for _ in range(3000)) + b"\r\n\r\n", 400),
     ]
-    cases += [(f"random {i}", rng.randbytes(rng.randint(1, 2000)).replace(b"\r\n\r\n", b"")
-               + b"\r\n\r\n", 400) for i in range(20)]
+    cases += [
+        (
+            f"random {i}",
+            rng.randbytes(rng.randint(1, 2000)).replace(b"\r\n\r\n", b"") + b"\r\n\r\n",
+            400,
+        )
+        for i in range(20)
+    ]
 
     def send(case: tuple[str, bytes, int]) -> tuple[str, int, int]:
         name, data, want = case
@@ -411,8 +453,7 @@ def test_malformed_and_oversize_requests_get_4xx_and_never_hurt_the_aggregator(
             assert got == want, (name, got)
     # a slow-loris request is dropped at the handshake deadline, unanswered
     t0 = time.monotonic()
-    assert raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", timeout=5,
-               half_close=False) == b""
+    assert raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", timeout=5, half_close=False) == b""
     assert time.monotonic() - t0 < 3
     # the aggregator is unharmed: the API answers, an agent federates
     status, body, _ = call(port, "GET", "/healthz")
@@ -445,8 +486,7 @@ def test_operator_api_can_be_turned_off(tmp_path: Path) -> None:
     assert AggregatorConfig.from_mapping({"operator_api": "false"}).operator_api is False
     assert parse_aggregator_args(["--no-operator-api"]).operator_api is False
     assert parse_aggregator_args([]).operator_api is True
-    cfg = AggregatorConfig(port=0, db=str(tmp_path / "off.db"), auth="off",
-                           operator_api=False)
+    cfg = AggregatorConfig(port=0, db=str(tmp_path / "off.db"), auth="off", operator_api=False)
     with aggregator_thread(cfg) as agg:
         reply = raw(agg.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status_of(reply) == 426 and b"application/json" not in reply  # no API
@@ -497,8 +537,7 @@ def test_store_operator_credentials(tmp_path: Path) -> None:
         st.close()
 
 
-def test_credentials_cli_operator_role(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                       ) -> None:
+def test_credentials_cli_operator_role(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from fedstack.cli.main import main as cli_main
 
     db = str(tmp_path / "c.db")

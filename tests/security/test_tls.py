@@ -56,8 +56,14 @@ def other_pki(tmp_path_factory: pytest.TempPathFactory) -> PKIFiles:
 
 def tls_config(tmp_path: Path, pki: PKIFiles, **kw: Any) -> AggregatorConfig:
     base: dict[str, Any] = dict(
-        auth="off", port=0, db=str(tmp_path / "f.db"), rounds=3, min_agents=2,
-        finish_grace=5, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+        auth="off",
+        port=0,
+        db=str(tmp_path / "f.db"),
+        rounds=3,
+        min_agents=2,
+        finish_grace=5,
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
         require_tls=True,
     )
     base.update(kw)
@@ -129,23 +135,26 @@ def timed_start_error(agent: Agent, limit: float = 5.0) -> TLSError:
 
 
 # ---------------------------------------------------------------------- federation
-def test_minimal_federation_over_wss(tls_aggregator: Aggregator, pki: PKIFiles,
-                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_minimal_federation_over_wss(
+    tls_aggregator: Aggregator, pki: PKIFiles, caplog: pytest.LogCaptureFixture
+) -> None:
     url = f"wss://127.0.0.1:{tls_aggregator.port}"
     ca = {"ca": str(pki.ca)}
     check_minimal_results(federate(url, a1=ca, a2=ca))
 
 
-def test_listening_line_says_wss(tmp_path: Path, pki: PKIFiles,
-                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_listening_line_says_wss(
+    tmp_path: Path, pki: PKIFiles, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level("INFO", logger="fedstack.aggregator"):
         with aggregator_thread(tls_config(tmp_path, pki)) as agg:
             port = agg.port
     assert f"listening on wss://127.0.0.1:{port}" in caplog.text
 
 
-def test_ca_from_environment(tls_aggregator: Aggregator, pki: PKIFiles,
-                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ca_from_environment(
+    tls_aggregator: Aggregator, pki: PKIFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FEDSTACK_CA", str(pki.ca))
     agent = Agent(f"wss://localhost:{tls_aggregator.port}", name="a1")  # DNS SAN too
     agent.send_initial_model(weights("a1"))
@@ -187,8 +196,9 @@ def test_wrong_ca_fails_fast(tls_aggregator: Aggregator, other_pki: PKIFiles) ->
 def test_certificate_for_another_host_fails_fast(tmp_path: Path) -> None:
     elsewhere = make_test_pki(tmp_path / "pki", hosts=["aggregator.example"])
     with aggregator_thread(tls_config(tmp_path, elsewhere)) as agg:
-        err = timed_start_error(Agent(f"wss://127.0.0.1:{agg.port}", name="a1",
-                                      ca=str(elsewhere.ca)))
+        err = timed_start_error(
+            Agent(f"wss://127.0.0.1:{agg.port}", name="a1", ca=str(elsewhere.ca))
+        )
     assert "not valid for this host" in str(err)
 
 
@@ -201,21 +211,24 @@ def mtls_aggregator(tmp_path: Path, pki: PKIFiles) -> Iterator[Aggregator]:
 
 def test_mutual_tls_federation(mtls_aggregator: Aggregator, pki: PKIFiles) -> None:
     url = f"wss://127.0.0.1:{mtls_aggregator.port}"
-    kw = {n: {"ca": str(pki.ca), "cert": str(pki.clients[n][0]), "key": str(pki.clients[n][1])}
-          for n in ("a1", "a2")}
+    kw = {
+        n: {"ca": str(pki.ca), "cert": str(pki.clients[n][0]), "key": str(pki.clients[n][1])}
+        for n in ("a1", "a2")
+    }
     check_minimal_results(federate(url, **kw))
 
 
-def test_mutual_tls_refuses_agent_without_certificate(mtls_aggregator: Aggregator,
-                                                      pki: PKIFiles) -> None:
+def test_mutual_tls_refuses_agent_without_certificate(
+    mtls_aggregator: Aggregator, pki: PKIFiles
+) -> None:
     url = f"wss://127.0.0.1:{mtls_aggregator.port}"
     err = timed_start_error(Agent(url, name="a1", ca=str(pki.ca)))
     assert "client certificate" in str(err) and "--cert" in str(err)
 
 
-def test_mutual_tls_refuses_certificate_of_another_ca(mtls_aggregator: Aggregator,
-                                                      pki: PKIFiles,
-                                                      other_pki: PKIFiles) -> None:
+def test_mutual_tls_refuses_certificate_of_another_ca(
+    mtls_aggregator: Aggregator, pki: PKIFiles, other_pki: PKIFiles
+) -> None:
     cert, key = other_pki.clients["a1"]
     url = f"wss://127.0.0.1:{mtls_aggregator.port}"
     err = timed_start_error(Agent(url, name="a1", ca=str(pki.ca), cert=str(cert), key=str(key)))
@@ -236,8 +249,10 @@ def test_require_tls_without_certificate_refuses_to_start(tmp_path: Path) -> Non
 
 def test_tls_keys_from_a_config_file(tmp_path: Path, pki: PKIFiles) -> None:
     path = tmp_path / "agg.toml"
-    path.write_text(f'[aggregator]\ntls_cert = "{pki.server_cert}"\n'
-                    f'tls_key = "{pki.server_key}"\nrequire_tls = "yes"\n')
+    path.write_text(
+        f'[aggregator]\ntls_cert = "{pki.server_cert}"\n'
+        f'tls_key = "{pki.server_key}"\nrequire_tls = "yes"\n'
+    )
     cfg = AggregatorConfig.load(path)
     assert cfg.require_tls is True and cfg.tls_cert == str(pki.server_cert)
 
@@ -283,8 +298,20 @@ def test_server_certificate_names_hosts(pki: PKIFiles) -> None:
 
 def test_certs_cli(tmp_path: Path) -> None:
     out = tmp_path / "certs"
-    cmd = [sys.executable, "-m", "fedstack", "certs", "--out", str(out), "--host", "localhost",
-           "--host", "10.0.0.5", "--agent", "a1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedstack",
+        "certs",
+        "--out",
+        str(out),
+        "--host",
+        "localhost",
+        "--host",
+        "10.0.0.5",
+        "--agent",
+        "a1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     for name in ("ca.pem", "ca.key", "server.pem", "server.key", "agent-a1.pem", "agent-a1.key"):

@@ -27,8 +27,15 @@ class ResourceProbe:
         import ray
 
         got = ray.get_runtime_context().get_assigned_resources()
-        return (dict(weights), 1, {"cpus": float(got.get("CPU", 0.0)),
-                                   "gpus": float(got.get("GPU", 0.0)), "pid": os.getpid()})
+        return (
+            dict(weights),
+            1,
+            {
+                "cpus": float(got.get("CPU", 0.0)),
+                "gpus": float(got.get("GPU", 0.0)),
+                "pid": os.getpid(),
+            },
+        )
 
     def evaluate(self, weights: Weights, config: Mapping[str, Any]) -> Metrics:
         return {}

@@ -46,13 +46,16 @@ def local_ray() -> Iterator[None]:
         assert not ray.is_initialized()
 
 
-def _fits(backend: RayBackend, trainer: str, n: int, args: dict[str, Any] | None = None,
-          batch: int = 1) -> list[FitResult]:
+def _fits(
+    backend: RayBackend, trainer: str, n: int, args: dict[str, Any] | None = None, batch: int = 1
+) -> list[FitResult]:
     w = {"w": np.zeros(4, np.float32)}
     out: list[FitResult] = []
     for start in range(0, n, batch):
-        futs = [backend.submit(FitTask(trainer, dict(args or {}), i, n, w, {}))
-                for i in range(start, min(n, start + batch))]
+        futs = [
+            backend.submit(FitTask(trainer, dict(args or {}), i, n, w, {}))
+            for i in range(start, min(n, start + batch))
+        ]
         out += [f.result(timeout=60) for f in futs]
     return out
 
@@ -65,17 +68,27 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 
 def test_same_final_model_as_the_local_backends(tmp_path: Path) -> None:
     def final(name: str, per_round: int | None, **kw: Any) -> dict[str, np.ndarray]:
-        res = simulate(DIGITS, {"partition": "dirichlet:0.5", "epochs": 2}, num_agents=8,
-                       per_round=per_round, rounds=3, strategy_params=EXACT,
-                       db=str(tmp_path / f"{name}.db"), seed=4, **kw)
+        res = simulate(
+            DIGITS,
+            {"partition": "dirichlet:0.5", "epochs": 2},
+            num_agents=8,
+            per_round=per_round,
+            rounds=3,
+            strategy_params=EXACT,
+            db=str(tmp_path / f"{name}.db"),
+            seed=4,
+            **kw,
+        )
         assert res.rounds == 3
         return res.final_weights
 
     # every agent in every round (connected throughout), fits on a pool of actors
     _same(final("actors", None, backend="ray", workers=2), final("inline", None, workers=0))
     # 3 of 8 sampled per round, every fit a Ray task (any worker may run any agent)
-    _same(final("tasks", 3, backend="ray", workers=2, backend_options={"actors": False}),
-          final("local", 3, workers=2))
+    _same(
+        final("tasks", 3, backend="ray", workers=2, backend_options={"actors": False}),
+        final("local", 3, workers=2),
+    )
 
 
 def test_cpus_per_agent_are_reserved_and_gpus_without_gpus_are_refused() -> None:
@@ -111,7 +124,7 @@ def test_workers_are_recycled_and_a_leaky_trainer_stays_bounded() -> None:
     assert [pids[i] for i in (0, 20, 40)] == list(dict.fromkeys(pids))  # 3 workers in turn
     assert Counter(pids) == {p: 20 for p in set(pids)}
     rss = [float(r.metrics["rss_mb"]) for r in res]
-    windows = [rss[i:i + 20] for i in (0, 20, 40)]
+    windows = [rss[i : i + 20] for i in (0, 20, 40)]
     assert windows[0][-1] - windows[0][0] > 40  # the leak is real (4 MiB x 19 fits) ...
     assert max(windows[2]) < max(windows[0]) + 40  # ... but a new worker starts afresh
     # tasks: Ray's workers exit after max_calls tasks
@@ -125,9 +138,18 @@ def test_workers_are_recycled_and_a_leaky_trainer_stays_bounded() -> None:
 
 def test_a_trainer_error_reaches_the_caller(tmp_path: Path) -> None:
     with pytest.raises(SimError, match="boom in fit"):
-        simulate(FAILING, {}, num_agents=3, per_round=2, rounds=2, backend="ray", workers=2,
-                 backend_options={"actors": False}, db=str(tmp_path / "f.db"),
-                 round_timeout=30)
+        simulate(
+            FAILING,
+            {},
+            num_agents=3,
+            per_round=2,
+            rounds=2,
+            backend="ray",
+            workers=2,
+            backend_options={"actors": False},
+            db=str(tmp_path / "f.db"),
+            round_timeout=30,
+        )
 
 
 def test_without_ray_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,11 +163,27 @@ def test_a_cluster_address_nobody_answers_fails_fast() -> None:
         _probe("127.0.0.1:1", timeout=5)
 
 
-def test_sim_cli_with_the_ray_backend(tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
-    rc = cli_main(["sim", "--backend", "ray", "--workers", "2", "--cpus-per-agent", "1",
-                   "--agents", "6", "--per-round", "4", "--rounds", "2",
-                   "--db", str(tmp_path / "cli.db"), "--json"])
+def test_sim_cli_with_the_ray_backend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli_main(
+        [
+            "sim",
+            "--backend",
+            "ray",
+            "--workers",
+            "2",
+            "--cpus-per-agent",
+            "1",
+            "--agents",
+            "6",
+            "--per-round",
+            "4",
+            "--rounds",
+            "2",
+            "--db",
+            str(tmp_path / "cli.db"),
+            "--json",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["backend"] == "ray" and out["rounds"] == 2 and out["fits"] == 8

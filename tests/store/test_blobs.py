@@ -62,8 +62,16 @@ def test_encode_refuses_bad_dtype() -> None:
         encode_weights({"c": np.zeros(2, np.complex128)})
 
 
-@pytest.mark.parametrize("data", [b"", b"FST", b"XXXX\x00\x00\x00\x00", b"FSTB\xff\xff\x00\x00",
-                                  b"\x02\x00\x00\x00\x00\x00\x00\x00{}x"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"FST",
+        b"XXXX\x00\x00\x00\x00",
+        b"FSTB\xff\xff\x00\x00",
+        b"\x02\x00\x00\x00\x00\x00\x00\x00{}x",
+    ],
+)
 def test_decode_refuses_non_blobs(data: bytes) -> None:
     with pytest.raises(TensorFileError):
         decode_weights(memoryview(data))

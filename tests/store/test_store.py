@@ -55,26 +55,59 @@ def init_run(store: Store, name: str = "r") -> tuple[str, str, str]:
     run = store.open_run(name, {"threshold": 1.0}, "agg")
     agent, _ = store.register_agent("a0", None, "127.0.0.1:1")
     w = weights(0)
-    gid = store.init_federation(run.id, agent_id=agent, structure=structure(w),
-                                init_weights=True, initial=w, global_weights=w, num_samples=1,
-                                metrics={}, aggregator_id="agg")
+    gid = store.init_federation(
+        run.id,
+        agent_id=agent,
+        structure=structure(w),
+        init_weights=True,
+        initial=w,
+        global_weights=w,
+        num_samples=1,
+        metrics={},
+        aggregator_id="agg",
+    )
     return run.id, agent, gid
 
 
-def upload(store: Store, run_id: str, agent: str, uid: str, rnd: int, seed: int,
-           status: str = "buffered", base: int | None = None) -> Any:
-    rec, created = store.add_upload(run_id, agent_id=agent, upload_id=uid, round=rnd,
-                                    base_version=rnd - 1 if base is None else base,
-                                    num_samples=10 + seed, metrics={"acc": seed / 10},
-                                    weights=weights(seed), status=status)
+def upload(
+    store: Store,
+    run_id: str,
+    agent: str,
+    uid: str,
+    rnd: int,
+    seed: int,
+    status: str = "buffered",
+    base: int | None = None,
+) -> Any:
+    rec, created = store.add_upload(
+        run_id,
+        agent_id=agent,
+        upload_id=uid,
+        round=rnd,
+        base_version=rnd - 1 if base is None else base,
+        num_samples=10 + seed,
+        metrics={"acc": seed / 10},
+        weights=weights(seed),
+        status=status,
+    )
     return rec, created
 
 
-def commit(store: Store, run_id: str, rnd: int, inputs: list[str], base: str | None,
-           seed: int = 99) -> str:
-    return store.commit_round(run_id, round=rnd, weights=weights(seed), inputs=inputs,
-                              base_model_id=base, num_samples=20, metrics={"loss": 0.5},
-                              started=100.0, finished=102.5, aggregator_id="agg")
+def commit(
+    store: Store, run_id: str, rnd: int, inputs: list[str], base: str | None, seed: int = 99
+) -> str:
+    return store.commit_round(
+        run_id,
+        round=rnd,
+        weights=weights(seed),
+        inputs=inputs,
+        base_model_id=base,
+        num_samples=20,
+        metrics={"loss": 0.5},
+        started=100.0,
+        finished=102.5,
+        aggregator_id="agg",
+    )
 
 
 # ---------------------------------------------------------------------------- runs
@@ -162,7 +195,12 @@ def test_add_upload_is_idempotent_by_upload_id(store: Store) -> None:
     rec, created = upload(store, run_id, agent, "u-1", 1, 1)
     assert created
     assert (rec.upload_id, rec.round, rec.base_version, rec.num_samples, rec.status) == (
-        "u-1", 1, 0, 11, "buffered")
+        "u-1",
+        1,
+        0,
+        11,
+        "buffered",
+    )
     before = count(store, s.models)
     rec2, created2 = upload(store, run_id, agent, "u-1", 1, 2)  # different weights, same id
     assert not created2
@@ -188,7 +226,8 @@ def test_commit_round_writes_lineage_round_and_version(store: Store) -> None:
     assert store.global_model_id(run_id, 1) == mid
     parents = store.parents(mid)
     assert sorted((p["relation"], p["id"]) for p in parents) == sorted(
-        [("input", r1.model_id), ("input", r2.model_id), ("base", gid)])
+        [("input", r1.model_id), ("input", r2.model_id), ("base", gid)]
+    )
     assert {p["agent"] for p in parents if p["relation"] == "input"} == {"a0", "a1"}
     for rid in (r1.model_id, r2.model_id):
         m = store.model(rid)
@@ -196,10 +235,18 @@ def test_commit_round_writes_lineage_round_and_version(store: Store) -> None:
     model = store.model(mid)
     assert model is not None
     assert (model["kind"], model["round"], model["status"], model["base_version"]) == (
-        "cluster", 1, "global", 0)
+        "cluster",
+        1,
+        "global",
+        0,
+    )
     [rnd] = store.rounds(run_id)
     assert (rnd["round"], rnd["model_id"], rnd["num_updates"], rnd["num_samples"]) == (
-        1, mid, 2, 20)
+        1,
+        mid,
+        2,
+        20,
+    )
     assert rnd["seconds"] == pytest.approx(2.5)
     assert rnd["metrics"] == {"loss": 0.5}
     got = store.load_weights(mid)
@@ -289,8 +336,17 @@ def test_load_weights_identical_arrays_and_dtypes(store: Store) -> None:
     w = weights(5)
     w["big_endian"] = np.arange(4, dtype=">i4")
     w["empty"] = np.zeros((0, 2), np.float32)
-    rec, _ = store.add_upload(run_id, agent_id=agent, upload_id="u", round=1, base_version=0,
-                              num_samples=1, metrics={}, weights=w, status="buffered")
+    rec, _ = store.add_upload(
+        run_id,
+        agent_id=agent,
+        upload_id="u",
+        round=1,
+        base_version=0,
+        num_samples=1,
+        metrics={},
+        weights=w,
+        status="buffered",
+    )
     got = store.load_weights(rec.model_id)
     assert list(got) == list(w)
     for k, v in w.items():
@@ -385,9 +441,17 @@ def test_small_blobs_live_in_the_database_large_ones_in_files(tmp_path: Path) ->
         rec, _ = upload(st, run_id, agent, "u-small", 1, 3)
         assert blob_files(st) == []
         big: Weights = {"w": np.arange(4096, dtype=np.float32)}  # 16 KiB: a file
-        rec2, created = st.add_upload(run_id, agent_id=agent, upload_id="u-big", round=1,
-                                      base_version=0, num_samples=1, metrics={}, weights=big,
-                                      status="buffered")
+        rec2, created = st.add_upload(
+            run_id,
+            agent_id=agent,
+            upload_id="u-big",
+            round=1,
+            base_version=0,
+            num_samples=1,
+            metrics={},
+            weights=big,
+            status="buffered",
+        )
         assert created and len(blob_files(st)) == 1
         np.testing.assert_array_equal(st.load_weights(rec.model_id)["w"], weights(3)["w"])
         np.testing.assert_array_equal(st.load_weights(rec2.model_id)["w"], big["w"])
@@ -398,8 +462,11 @@ def test_small_blobs_live_in_the_database_large_ones_in_files(tmp_path: Path) ->
         # a damaged row is detected by its hash, never decoded as if it were fine
         digest = st.model(rec.model_id)["blob"]  # type: ignore[index]
         with st.engine.begin() as c:
-            c.execute(s.blob_data.update().where(s.blob_data.c.digest == digest)
-                      .values(data=b"FSTB" + b"\0" * 60))
+            c.execute(
+                s.blob_data.update()
+                .where(s.blob_data.c.digest == digest)
+                .values(data=b"FSTB" + b"\0" * 60)
+            )
         with pytest.raises(StoreError, match="corrupt"):
             st.load_weights(rec.model_id)
     finally:
@@ -414,8 +481,9 @@ def test_small_blobs_live_in_the_database_large_ones_in_files(tmp_path: Path) ->
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def test_checkpoint_moves_the_log_into_the_database_file(store: Store, db: Path,
-                                                         tmp_path: Path) -> None:
+def test_checkpoint_moves_the_log_into_the_database_file(
+    store: Store, db: Path, tmp_path: Path
+) -> None:
     """Commits land in the write-ahead log (the automatic checkpoint waits for 10,000
     pages); Store.checkpoint copies them into the database file itself."""
     import shutil
@@ -450,13 +518,29 @@ def test_export_model_writes_safetensors_for_inlined_and_file_blobs(tmp_path: Pa
         run = st.open_run("r", {}, "agg")
         agent, _ = st.register_agent("a", None, "x")
         small: Weights = {"w": np.arange(6, dtype=np.float32), "b": np.ones(2)}
-        gid = st.init_federation(run.id, agent_id=agent, structure=[("w", "float32", (6,))],
-                                 init_weights=True, initial=small, global_weights=small,
-                                 num_samples=1, metrics={}, aggregator_id="agg")
+        gid = st.init_federation(
+            run.id,
+            agent_id=agent,
+            structure=[("w", "float32", (6,))],
+            init_weights=True,
+            initial=small,
+            global_weights=small,
+            num_samples=1,
+            metrics={},
+            aggregator_id="agg",
+        )
         big: Weights = {"w": np.arange(4096, dtype=np.float32)}
-        rec, _ = st.add_upload(run.id, agent_id=agent, upload_id="u", round=1,
-                               base_version=0, num_samples=1, metrics={}, weights=big,
-                               status="buffered")
+        rec, _ = st.add_upload(
+            run.id,
+            agent_id=agent,
+            upload_id="u",
+            round=1,
+            base_version=0,
+            num_samples=1,
+            metrics={},
+            weights=big,
+            status="buffered",
+        )
         for model_id, want in ((gid, small), (rec.model_id, big)):
             out = st.export_model(model_id, tmp_path / f"{model_id}.safetensors")
             loaded = safetensors_numpy.load_file(str(out))

@@ -16,8 +16,12 @@ from fedstack.strategies.asynchronous import FedAsync, FedBuff, staleness_functi
 from fedstack.types import Weights
 
 
-def run(strategy: strategies.Strategy, global_weights: Weights, updates: list[Update],
-        state: dict[str, Any] | None = None) -> strategies.Result:
+def run(
+    strategy: strategies.Strategy,
+    global_weights: Weights,
+    updates: list[Update],
+    state: dict[str, Any] | None = None,
+) -> strategies.Result:
     st = strategy.init_state(global_weights) if state is None else state
     acc = strategy.begin(global_weights, st)
     for u in updates:
@@ -27,8 +31,11 @@ def run(strategy: strategies.Strategy, global_weights: Weights, updates: list[Up
 
 
 def model(rng: np.random.Generator) -> Weights:
-    return {"w": rng.standard_normal((3, 2)).astype(np.float32),
-            "b": rng.standard_normal(2) * 1e6, "n": rng.integers(0, 100, 3).astype(np.int32)}
+    return {
+        "w": rng.standard_normal((3, 2)).astype(np.float32),
+        "b": rng.standard_normal(2) * 1e6,
+        "n": rng.integers(0, 100, 3).astype(np.int32),
+    }
 
 
 # ---------------------------------------------------------------------------- staleness
@@ -53,13 +60,15 @@ def test_staleness_functions_at_several_t() -> None:
         staleness_function("polynomial", a=-1)
 
 
-@pytest.mark.parametrize(("fn", "params", "expected"), [
-    ("constant", {}, {0: 1.0, 2: 1.0, 10: 1.0}),
-    ("polynomial", {"a": 0.5}, {0: 1.0, 3: 0.5, 8: 1 / 3}),
-    ("hinge", {"a": 10, "b": 4}, {0: 1.0, 4: 1.0, 5: 1 / 11, 6: 1 / 21}),
-])
-def test_fedasync_alpha_t(fn: str, params: dict[str, float],
-                          expected: dict[int, float]) -> None:
+@pytest.mark.parametrize(
+    ("fn", "params", "expected"),
+    [
+        ("constant", {}, {0: 1.0, 2: 1.0, 10: 1.0}),
+        ("polynomial", {"a": 0.5}, {0: 1.0, 3: 0.5, 8: 1 / 3}),
+        ("hinge", {"a": 10, "b": 4}, {0: 1.0, 4: 1.0, 5: 1 / 11, 6: 1 / 21}),
+    ],
+)
+def test_fedasync_alpha_t(fn: str, params: dict[str, float], expected: dict[int, float]) -> None:
     strat = FedAsync(alpha=0.6, staleness_fn=fn, **params)
     glob: Weights = {"w": np.array([0.0, 10.0])}
     for t, s in expected.items():
@@ -89,10 +98,20 @@ def test_fedasync_trigger_and_config() -> None:
     assert FedAsync().agent_config() == {}
     assert FedAsync(rho=0.01).agent_config() == {"fedprox_mu": 0.01}
     params = {d["name"]: d["params"] for d in strategies.describe()}
-    assert params["fedasync"] == {"alpha": 0.6, "staleness_fn": "constant", "a": 0.5,
-                                  "b": 4.0, "rho": 0.0}
-    for bad in ({"alpha": 0.0}, {"alpha": 1.5}, {"staleness_fn": "linear"}, {"a": -1},
-                {"rho": -0.1}):
+    assert params["fedasync"] == {
+        "alpha": 0.6,
+        "staleness_fn": "constant",
+        "a": 0.5,
+        "b": 4.0,
+        "rho": 0.0,
+    }
+    for bad in (
+        {"alpha": 0.0},
+        {"alpha": 1.5},
+        {"staleness_fn": "linear"},
+        {"a": -1},
+        {"rho": -0.1},
+    ):
         with pytest.raises(ConfigError):
             strategies.create("fedasync", **bad)
 
@@ -100,8 +119,14 @@ def test_fedasync_trigger_and_config() -> None:
 def test_fedasync_mixes_updates_in_arrival_order() -> None:
     glob: Weights = {"w": np.array([0.0], np.float64)}
     strat = FedAsync(alpha=0.5, staleness_fn="polynomial", a=1.0)
-    res = run(strat, glob, [Update("a", {"w": np.array([4.0])}, 1, staleness=0),
-                            Update("b", {"w": np.array([8.0])}, 1, staleness=1)])
+    res = run(
+        strat,
+        glob,
+        [
+            Update("a", {"w": np.array([4.0])}, 1, staleness=0),
+            Update("b", {"w": np.array([8.0])}, 1, staleness=1),
+        ],
+    )
     # w = 0.5*0 + 0.5*4 = 2 ; alpha_t = 0.5 * 1/2 = 0.25 -> 0.75*2 + 0.25*8 = 3.5
     assert res.weights["w"].tolist() == [3.5]
     assert res.metrics["num_updates"] == 2 and res.metrics["alpha_t_min"] == 0.25
@@ -137,8 +162,14 @@ def test_fedbuff_trigger_and_config() -> None:
     s = strategies.create("fedbuff", k=4, server_lr=0.5)
     assert isinstance(s, FedBuff) and s.trigger == 4 and s.server_lr == 0.5
     assert FedBuff().agent_config() == {}
-    for bad in ({"k": 0}, {"k": 2.5}, {"server_lr": 0.0}, {"staleness_fn": "x"},
-                {"server_momentum": 1.0}, {"server_momentum": -0.5}):
+    for bad in (
+        {"k": 0},
+        {"k": 2.5},
+        {"server_lr": 0.0},
+        {"staleness_fn": "x"},
+        {"server_momentum": 1.0},
+        {"server_momentum": -0.5},
+    ):
         with pytest.raises(ConfigError):
             strategies.create("fedbuff", **bad)
 
@@ -175,10 +206,10 @@ def test_fedbuff_normalize_staleness_only_reweights() -> None:
 
 def test_fedbuff_server_lr_and_dtypes() -> None:
     glob: Weights = {"w": np.array([1.0, -1.0], np.float32), "i": np.array([10, 0], np.int32)}
-    ups = [Update("a", {"w": np.array([3.0, 1.0], np.float32),
-                        "i": np.array([20, 4], np.int32)}, 1),
-           Update("b", {"w": np.array([1.0, 3.0], np.float32),
-                        "i": np.array([10, 0], np.int32)}, 1)]
+    ups = [
+        Update("a", {"w": np.array([3.0, 1.0], np.float32), "i": np.array([20, 4], np.int32)}, 1),
+        Update("b", {"w": np.array([1.0, 3.0], np.float32), "i": np.array([10, 0], np.int32)}, 1),
+    ]
     res = run(FedBuff(k=2, server_lr=0.5), glob, ups)
     assert res.weights["w"].dtype == np.float32 and res.weights["i"].dtype == np.int32
     # mean delta w: [1, 3]; i: [5, 2] -> + 0.5 * delta
@@ -211,15 +242,18 @@ def store_round_trip(state: dict[str, Any]) -> dict[str, Any]:
     return {**json.loads(json.dumps(scalars)), **arrays}
 
 
-@pytest.mark.parametrize("strat", [FedAsync(alpha=0.5), FedBuff(k=2)], ids=["fedasync",
-                                                                          "fedbuff"])
+@pytest.mark.parametrize("strat", [FedAsync(alpha=0.5), FedBuff(k=2)], ids=["fedasync", "fedbuff"])
 def test_update_counter_survives_rounds(strat: strategies.Strategy) -> None:
     glob: Weights = {"w": np.zeros(2)}
     state = strat.init_state(glob)
     assert state == {"updates": 0}
     for expected in (2, 4, 6):
-        res = run(strat, glob, [Update("a", {"w": np.ones(2)}, 1),
-                                Update("b", {"w": np.ones(2)}, 1)], store_round_trip(state))
+        res = run(
+            strat,
+            glob,
+            [Update("a", {"w": np.ones(2)}, 1), Update("b", {"w": np.ones(2)}, 1)],
+            store_round_trip(state),
+        )
         state, glob = res.state, res.weights
         assert state["updates"] == expected
 
@@ -236,8 +270,9 @@ def test_fedbuff_momentum_state_round_trip() -> None:
         d = t - w
         m = beta * m + d
         w = w + lr * m
-        res = run(strat, glob, [Update("a", {"w": t.astype(np.float32)}, 1)],
-                  store_round_trip(state))
+        res = run(
+            strat, glob, [Update("a", {"w": t.astype(np.float32)}, 1)], store_round_trip(state)
+        )
         assert res.weights["w"].dtype == np.float32
         np.testing.assert_allclose(res.weights["w"], w, rtol=1e-6)
         np.testing.assert_allclose(res.state["momentum/w"], m, rtol=1e-6)

@@ -37,8 +37,9 @@ def run(strat: Strategy, x: Weights, state: dict[str, Any], updates: list[Update
     return acc.result()
 
 
-def rounds(strat: Strategy, x: Weights, batches: list[list[Update]],
-           state: dict[str, Any] | None = None) -> tuple[Weights, dict[str, Any]]:
+def rounds(
+    strat: Strategy, x: Weights, batches: list[list[Update]], state: dict[str, Any] | None = None
+) -> tuple[Weights, dict[str, Any]]:
     st = strat.init_state(x) if state is None else state
     for ups in batches:
         r = run(strat, x, st, ups)
@@ -46,8 +47,9 @@ def rounds(strat: Strategy, x: Weights, batches: list[list[Update]],
     return x, st
 
 
-def random_round(rng: np.random.Generator, x: Weights, k: int = 3,
-                 scale: float = 0.5) -> list[Update]:
+def random_round(
+    rng: np.random.Generator, x: Weights, k: int = 3, scale: float = 0.5
+) -> list[Update]:
     out = []
     for i in range(k):
         w: Weights = {}
@@ -61,8 +63,11 @@ def random_round(rng: np.random.Generator, x: Weights, k: int = 3,
 
 
 def model(rng: np.random.Generator) -> Weights:
-    return {"w": rng.standard_normal((3, 2)), "b": rng.standard_normal(4).astype(np.float32),
-            "steps": np.array([5, 7], np.int64)}
+    return {
+        "w": rng.standard_normal((3, 2)),
+        "b": rng.standard_normal(4).astype(np.float32),
+        "steps": np.array([5, 7], np.int64),
+    }
 
 
 # ---------------------------------------------------------------- equivalences with FedAvg
@@ -70,9 +75,11 @@ def model(rng: np.random.Generator) -> Weights:
 def test_fedopt_sgd_lr1_no_momentum_is_fedavg_exactly(weighted: bool) -> None:
     rng = np.random.default_rng(0)
     x = model(rng)
-    for strat in (FedOpt(weighted=weighted),
-                  FedOpt("sgd", server_lr=1.0, momentum=0.0, weighted=weighted),
-                  FedAvgM(server_lr=1.0, momentum=0.0, weighted=weighted)):
+    for strat in (
+        FedOpt(weighted=weighted),
+        FedOpt("sgd", server_lr=1.0, momentum=0.0, weighted=weighted),
+        FedAvgM(server_lr=1.0, momentum=0.0, weighted=weighted),
+    ):
         xa, xo = x, x
         st = strat.init_state(x)
         for _ in range(3):
@@ -112,8 +119,10 @@ def test_fedsgd_lr1_is_fedavg_of_one_step_models() -> None:
 
 # ---------------------------------------------------------------- hand-computed cases
 X0: Weights = {"w": np.array([1.0, 2.0]), "b": np.array([0.0], np.float32)}
-R1 = [Update("a", {"w": np.array([2.0, 2.0]), "b": np.array([1.0], np.float32)}, 1),
-      Update("b", {"w": np.array([1.0, 5.0]), "b": np.array([-1.0], np.float32)}, 3)]
+R1 = [
+    Update("a", {"w": np.array([2.0, 2.0]), "b": np.array([1.0], np.float32)}, 1),
+    Update("b", {"w": np.array([1.0, 5.0]), "b": np.array([-1.0], np.float32)}, 3),
+]
 # Delta1 = mean - x0 = ([1.25, 4.25] - [1, 2], -0.5) = ([0.25, 2.25], -0.5)
 
 
@@ -127,12 +136,31 @@ def test_fedsgd_server_lr_hand_computed() -> None:
 
 
 def test_fedsgd_gradient_uploads() -> None:
-    x: Weights = {"w": np.array([1.0, 2.0]), "b": np.array([0.5], np.float32),
-         "n": np.array([3], np.int32)}
-    ups = [Update("a", {"w": np.array([1.0, -2.0]), "b": np.array([4.0], np.float32),
-                        "n": np.array([9], np.int32)}, 1),
-           Update("b", {"w": np.array([5.0, 2.0]), "b": np.array([0.0], np.float32),
-                        "n": np.array([9], np.int32)}, 3)]
+    x: Weights = {
+        "w": np.array([1.0, 2.0]),
+        "b": np.array([0.5], np.float32),
+        "n": np.array([3], np.int32),
+    }
+    ups = [
+        Update(
+            "a",
+            {
+                "w": np.array([1.0, -2.0]),
+                "b": np.array([4.0], np.float32),
+                "n": np.array([9], np.int32),
+            },
+            1,
+        ),
+        Update(
+            "b",
+            {
+                "w": np.array([5.0, 2.0]),
+                "b": np.array([0.0], np.float32),
+                "n": np.array([9], np.int32),
+            },
+            3,
+        ),
+    ]
     out = run(FedSGD(lr=0.5, upload="gradient"), x, {}, ups).weights
     # mean gradient ([4, 1], [1]); x - 0.5 * g
     np.testing.assert_array_equal(out["w"], [-1.0, 1.5])
@@ -164,9 +192,15 @@ def test_fedavgm_two_rounds_hand_computed() -> None:
     np.testing.assert_array_equal(r1.state["v/b"], [-0.5])
     np.testing.assert_array_equal(r1.weights["w"], [1.5, 6.5])
     np.testing.assert_array_equal(r1.weights["b"], np.array([-1.0], np.float32))
-    r2 = run(strat, r1.weights, r1.state, [
-        Update("a", {"w": np.array([2.5, 6.5]), "b": np.array([-1.0], np.float32)}, 1),
-        Update("b", {"w": np.array([1.5, 6.5]), "b": np.array([-1.0], np.float32)}, 1)])
+    r2 = run(
+        strat,
+        r1.weights,
+        r1.state,
+        [
+            Update("a", {"w": np.array([2.5, 6.5]), "b": np.array([-1.0], np.float32)}, 1),
+            Update("b", {"w": np.array([1.5, 6.5]), "b": np.array([-1.0], np.float32)}, 1),
+        ],
+    )
     # Delta2 = ([0.5, 0], 0); v2 = 0.5 v1 + Delta2; x2 = x1 + 2 v2
     np.testing.assert_array_equal(r2.state["v/w"], [0.625, 1.125])
     np.testing.assert_array_equal(r2.state["v/b"], [-0.25])
@@ -181,17 +215,29 @@ def test_fedadagrad_first_step_hand_computed() -> None:
     r = run(FedAdagrad(), X0, FedAdagrad().init_state(X0), R1)
     # m = 0.1 Delta; v = tau^2 + Delta^2; x + 0.1 m / (sqrt(v) + tau)
     for d, x0, got in ((0.25, 1.0, r.weights["w"][0]), (2.25, 2.0, r.weights["w"][1])):
-        assert got == pytest.approx(x0 + 0.1 * 0.1 * d / (math.sqrt(1e-6 + d * d) + 1e-3),
-                                    rel=1e-15)
-    assert r.weights["b"][0] == pytest.approx(-0.1 * 0.05 / (math.sqrt(1e-6 + 0.25) + 1e-3),
-                                              rel=1e-6)
+        assert got == pytest.approx(
+            x0 + 0.1 * 0.1 * d / (math.sqrt(1e-6 + d * d) + 1e-3), rel=1e-15
+        )
+    assert r.weights["b"][0] == pytest.approx(
+        -0.1 * 0.05 / (math.sqrt(1e-6 + 0.25) + 1e-3), rel=1e-6
+    )
     np.testing.assert_allclose(r.state["m/w"], [0.025, 0.225], rtol=1e-15)
     np.testing.assert_allclose(r.state["v/w"], [1e-6 + 0.0625, 1e-6 + 5.0625], rtol=1e-15)
 
 
 # ---------------------------------------------------------------- adaptive: reference
-def reference_step(kind: str, x: float, delta: float, m: float, v: float, *, eta: float,
-                   b1: float, b2: float, tau: float) -> tuple[float, float, float]:
+def reference_step(
+    kind: str,
+    x: float,
+    delta: float,
+    m: float,
+    v: float,
+    *,
+    eta: float,
+    b1: float,
+    b2: float,
+    tau: float,
+) -> tuple[float, float, float]:
     """Reddi et al. 2021, Algorithm 2, one coordinate, written out by hand."""
     m = b1 * m + (1 - b1) * delta
     if kind == "adagrad":
@@ -205,8 +251,16 @@ def reference_step(kind: str, x: float, delta: float, m: float, v: float, *, eta
     return x + eta * m / (math.sqrt(v) + tau), m, v
 
 
-def reference_rounds(kind: str, x: Weights, batches: list[list[Update]], *, eta: float,
-                     b1: float, b2: float, tau: float) -> tuple[Weights, dict[str, Any]]:
+def reference_rounds(
+    kind: str,
+    x: Weights,
+    batches: list[list[Update]],
+    *,
+    eta: float,
+    b1: float,
+    b2: float,
+    tau: float,
+) -> tuple[Weights, dict[str, Any]]:
     xs = {k: [float(t) for t in v.ravel()] for k, v in x.items()}
     ms = {k: [0.0] * len(v) for k, v in xs.items()}
     vs = {k: [tau * tau] * len(v) for k, v in xs.items()}
@@ -216,8 +270,16 @@ def reference_rounds(kind: str, x: Weights, batches: list[list[Update]], *, eta:
             for i in range(len(xs[k])):
                 mean = sum(u.num_samples * float(u.weights[k].ravel()[i]) for u in ups) / total
                 xs[k][i], ms[k][i], vs[k][i] = reference_step(
-                    kind, xs[k][i], mean - xs[k][i], ms[k][i], vs[k][i],
-                    eta=eta, b1=b1, b2=b2, tau=tau)
+                    kind,
+                    xs[k][i],
+                    mean - xs[k][i],
+                    ms[k][i],
+                    vs[k][i],
+                    eta=eta,
+                    b1=b1,
+                    b2=b2,
+                    tau=tau,
+                )
         # the strategy's next round starts from the model cast to its dtype
         xs = {k: [float(t) for t in np.asarray(v, x[k].dtype)] for k, v in xs.items()}
     out = {k: np.asarray(v).reshape(x[k].shape).astype(x[k].dtype) for k, v in xs.items()}
@@ -226,23 +288,35 @@ def reference_rounds(kind: str, x: Weights, batches: list[list[Update]], *, eta:
     return out, state
 
 
-@pytest.mark.parametrize("kind,strat", [
-    ("adagrad", FedAdagrad()),
-    ("adam", FedAdam()),
-    ("yogi", FedYogi()),
-    ("adam", FedAdam(server_lr=0.5, beta1=0.5, beta2=0.9, tau=1e-2)),
-    ("yogi", FedOpt("yogi", server_lr=0.3, momentum=0.2, beta2=0.5, tau=0.05)),
-    ("adagrad", FedOpt("adagrad", server_lr=1.0, momentum=0.0, tau=1e-4)),
-])
+@pytest.mark.parametrize(
+    "kind,strat",
+    [
+        ("adagrad", FedAdagrad()),
+        ("adam", FedAdam()),
+        ("yogi", FedYogi()),
+        ("adam", FedAdam(server_lr=0.5, beta1=0.5, beta2=0.9, tau=1e-2)),
+        ("yogi", FedOpt("yogi", server_lr=0.3, momentum=0.2, beta2=0.5, tau=0.05)),
+        ("adagrad", FedOpt("adagrad", server_lr=1.0, momentum=0.0, tau=1e-4)),
+    ],
+)
 def test_adaptive_two_rounds_match_reference(kind: str, strat: FedOpt) -> None:
     r1 = run(strat, X0, strat.init_state(X0), R1)
     x1 = r1.weights
     # round 2: one coordinate moves a lot, one a little, and one not at all (b)
-    r2_updates = [Update("a", {"w": x1["w"] + np.array([3.0, 0.03]), "b": x1["b"].copy()}, 2),
-                  Update("c", {"w": x1["w"] + np.array([1.0, -0.01]), "b": x1["b"].copy()}, 2)]
+    r2_updates = [
+        Update("a", {"w": x1["w"] + np.array([3.0, 0.03]), "b": x1["b"].copy()}, 2),
+        Update("c", {"w": x1["w"] + np.array([1.0, -0.01]), "b": x1["b"].copy()}, 2),
+    ]
     r2 = run(strat, x1, r1.state, r2_updates)
-    ref_x, ref_state = reference_rounds(kind, X0, [R1, r2_updates], eta=strat.server_lr,
-                                        b1=strat.momentum, b2=strat.beta2, tau=strat.tau)
+    ref_x, ref_state = reference_rounds(
+        kind,
+        X0,
+        [R1, r2_updates],
+        eta=strat.server_lr,
+        b1=strat.momentum,
+        b2=strat.beta2,
+        tau=strat.tau,
+    )
     np.testing.assert_allclose(r2.weights["w"], ref_x["w"], rtol=1e-13)
     assert r2.weights["b"].dtype == np.float32
     np.testing.assert_allclose(r2.weights["b"], ref_x["b"], rtol=1e-6)
@@ -257,8 +331,9 @@ def test_adaptive_two_rounds_match_reference(kind: str, strat: FedOpt) -> None:
 
 def test_adaptive_differs_between_variants() -> None:
     # the three rules agree on round 1 only if they are wired to the same formula
-    outs = [run(s, X0, s.init_state(X0), R1).state["v/w"]
-            for s in (FedAdagrad(), FedAdam(), FedYogi())]
+    outs = [
+        run(s, X0, s.init_state(X0), R1).state["v/w"] for s in (FedAdagrad(), FedAdam(), FedYogi())
+    ]
     # adagrad: tau^2 + D^2 ; adam: 0.99 tau^2 + 0.01 D^2 ; yogi: tau^2 + 0.01 D^2
     d2 = np.array([0.0625, 5.0625])
     np.testing.assert_allclose(outs[0], 1e-6 + d2, rtol=1e-14)
@@ -268,10 +343,18 @@ def test_adaptive_differs_between_variants() -> None:
 
 def test_integer_tensors_take_the_mean_and_have_no_moments() -> None:
     x: Weights = {"w": np.array([0.0]), "n": np.array([10], np.int32), "m": np.array([True, False])}
-    ups = [Update("a", {"w": np.array([1.0]), "n": np.array([11], np.int32),
-                        "m": np.array([True, True])}, 1),
-           Update("b", {"w": np.array([1.0]), "n": np.array([14], np.int32),
-                        "m": np.array([False, True])}, 3)]
+    ups = [
+        Update(
+            "a",
+            {"w": np.array([1.0]), "n": np.array([11], np.int32), "m": np.array([True, True])},
+            1,
+        ),
+        Update(
+            "b",
+            {"w": np.array([1.0]), "n": np.array([14], np.int32), "m": np.array([False, True])},
+            3,
+        ),
+    ]
     s = FedAdam()
     assert set(s.init_state(x)) == {"step", "m/w", "v/w"}
     r = run(s, x, s.init_state(x), ups)
@@ -317,15 +400,18 @@ def checkpoint(state: dict[str, Any], blobs: BlobStore) -> dict[str, Any]:
     return restored
 
 
-@pytest.mark.parametrize("name,params", [
-    ("fedavgm", {"server_lr": 0.7, "momentum": 0.8}),
-    ("fedadagrad", {}),
-    ("fedadam", {"server_lr": 0.05}),
-    ("fedyogi", {"beta2": 0.9}),
-    ("fedopt", {"optimizer": "adam", "momentum": 0.5}),
-    ("fedopt", {"optimizer": "sgd", "server_lr": 0.5, "momentum": 0.3}),
-    ("fedsgd", {"lr": 0.5}),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("fedavgm", {"server_lr": 0.7, "momentum": 0.8}),
+        ("fedadagrad", {}),
+        ("fedadam", {"server_lr": 0.05}),
+        ("fedyogi", {"beta2": 0.9}),
+        ("fedopt", {"optimizer": "adam", "momentum": 0.5}),
+        ("fedopt", {"optimizer": "sgd", "server_lr": 0.5, "momentum": 0.3}),
+        ("fedsgd", {"lr": 0.5}),
+    ],
+)
 def test_state_survives_a_checkpoint(name: str, params: dict[str, Any], tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     x0 = model(rng)
@@ -350,7 +436,8 @@ def test_state_survives_a_checkpoint(name: str, params: dict[str, Any], tmp_path
 # ---------------------------------------------------------------- registry and config
 def test_registered_with_defaults() -> None:
     assert {"fedsgd", "fedavgm", "fedopt", "fedadagrad", "fedadam", "fedyogi"} <= set(
-        strategies.names())
+        strategies.names()
+    )
     adam = strategies.create("fedadam")
     assert isinstance(adam, FedAdam)
     assert (adam.server_lr, adam.beta1, adam.beta2, adam.tau) == (0.1, 0.9, 0.99, 1e-3)
@@ -371,18 +458,25 @@ def test_registered_with_defaults() -> None:
     opt_adam = strategies.create("fedopt", optimizer="adam")
     assert isinstance(opt_adam, FedOpt)
     assert (opt_adam.server_lr, opt_adam.momentum, opt_adam.beta2, opt_adam.tau) == (
-        0.1, 0.9, 0.99, 1e-3)
+        0.1,
+        0.9,
+        0.99,
+        1e-3,
+    )
     described = {d["name"]: d for d in strategies.describe()}
     assert described["fedadam"]["params"] == {
-        "server_lr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3, "weighted": True}
-    assert described["fedavgm"]["params"] == {"server_lr": 1.0, "momentum": 0.9,
-                                              "weighted": True}
+        "server_lr": 0.1,
+        "beta1": 0.9,
+        "beta2": 0.99,
+        "tau": 1e-3,
+        "weighted": True,
+    }
+    assert described["fedavgm"]["params"] == {"server_lr": 1.0, "momentum": 0.9, "weighted": True}
     assert described["fedopt"]["streaming"] is True
 
 
 def test_create_with_config_params() -> None:
-    s = strategies.create("fedadam", server_lr=0.01, beta1=0.5, beta2=0.9, tau=1e-4,
-                          weighted=False)
+    s = strategies.create("fedadam", server_lr=0.01, beta1=0.5, beta2=0.9, tau=1e-4, weighted=False)
     assert isinstance(s, FedAdam)
     assert (s.server_lr, s.beta1, s.beta2, s.tau, s.weighted) == (0.01, 0.5, 0.9, 1e-4, False)
     o = strategies.create("fedopt", optimizer="YOGI", server_lr=0.5, momentum=0.0)
@@ -391,28 +485,32 @@ def test_create_with_config_params() -> None:
     assert cast(FedAvgM, strategies.create("fedavgm", momentum=0.0)).momentum == 0.0
 
 
-@pytest.mark.parametrize("name,params", [
-    ("fedadam", {"momentum": 0.9}),  # fedadam calls it beta1
-    ("fedavgm", {"beta1": 0.9}),
-    ("fedadagrad", {"beta2": 0.9}),
-    ("fedsgd", {"server_lr": 1.0}),
-    ("fedyogi", {"learning_rate": 0.1}),
-    ("fedopt", {"optimizer": "rmsprop"}),
-    ("fedopt", {"momentum": 1.0}),
-    ("fedopt", {"server_lr": 0.0}),
-    ("fedopt", {"server_lr": "fast"}),
-    ("fedadam", {"tau": -1e-3}),
-    ("fedadam", {"beta2": 1.5}),
-    ("fedyogi", {"server_lr": float("nan")}),
-    ("fedsgd", {"upload": "delta"}),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("fedadam", {"momentum": 0.9}),  # fedadam calls it beta1
+        ("fedavgm", {"beta1": 0.9}),
+        ("fedadagrad", {"beta2": 0.9}),
+        ("fedsgd", {"server_lr": 1.0}),
+        ("fedyogi", {"learning_rate": 0.1}),
+        ("fedopt", {"optimizer": "rmsprop"}),
+        ("fedopt", {"momentum": 1.0}),
+        ("fedopt", {"server_lr": 0.0}),
+        ("fedopt", {"server_lr": "fast"}),
+        ("fedadam", {"tau": -1e-3}),
+        ("fedadam", {"beta2": 1.5}),
+        ("fedyogi", {"server_lr": float("nan")}),
+        ("fedsgd", {"upload": "delta"}),
+    ],
+)
 def test_bad_config_is_a_config_error(name: str, params: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         strategies.create(name, **params)
 
 
-@pytest.mark.parametrize("name", ["fedadagrad", "fedadam", "fedyogi", "fedavgm", "fedsgd",
-                                  "fedopt"])
+@pytest.mark.parametrize(
+    "name", ["fedadagrad", "fedadam", "fedyogi", "fedavgm", "fedsgd", "fedopt"]
+)
 def test_zero_dim_tensors_keep_array_state(name: str) -> None:
     """0-d tensors (e.g. a scalar bias): numpy returns scalars for some 0-d results."""
     from fedstack.strategies import create
@@ -422,8 +520,14 @@ def test_zero_dim_tensors_keep_array_state(name: str) -> None:
     st = s.init_state(g)
     for _ in range(2):
         acc = s.begin(g, st)
-        acc.add(Update("a", {"w": np.ones(3, np.float32), "b": np.array(1.0)}, 1,
-                       metrics={"local_steps": 1}))
+        acc.add(
+            Update(
+                "a",
+                {"w": np.ones(3, np.float32), "b": np.array(1.0)},
+                1,
+                metrics={"local_steps": 1},
+            )
+        )
         res = acc.result()
         g, st = res.weights, res.state
     assert g["b"].shape == () and g["b"].dtype == np.float64 and np.isfinite(g["b"])

@@ -14,9 +14,12 @@ from fedstack.strategies.base import StrategyState
 from fedstack.types import Metrics, Weights
 
 
-def aggregate(updates: list[Update], template: Weights | None = None,
-              weighted: bool = True, precision: str = "auto",
-              ) -> tuple[Weights, StrategyState, Metrics]:
+def aggregate(
+    updates: list[Update],
+    template: Weights | None = None,
+    weighted: bool = True,
+    precision: str = "auto",
+) -> tuple[Weights, StrategyState, Metrics]:
     strat = FedAvg(weighted=weighted, precision=precision)
     tmpl = template if template is not None else updates[0].weights
     acc = strat.begin(tmpl, strat.init_state(tmpl))
@@ -29,10 +32,14 @@ def aggregate(updates: list[Update], template: Weights | None = None,
 
 def test_book_minimal_example() -> None:
     # two agents with equal sample counts (the book's minimal example)
-    a: Weights = {"model1": np.array([[1, 2, 3], [4, 5, 6]], dtype=np.float64),
-         "model2": np.array([[1, 2], [3, 4]], dtype=np.float64)}
-    b: Weights = {"model1": np.array([[3, 4, 5], [6, 7, 8]], dtype=np.float64),
-         "model2": np.array([[3, 4], [5, 6]], dtype=np.float64)}
+    a: Weights = {
+        "model1": np.array([[1, 2, 3], [4, 5, 6]], dtype=np.float64),
+        "model2": np.array([[1, 2], [3, 4]], dtype=np.float64),
+    }
+    b: Weights = {
+        "model1": np.array([[3, 4, 5], [6, 7, 8]], dtype=np.float64),
+        "model2": np.array([[3, 4], [5, 6]], dtype=np.float64),
+    }
     out, state, diag = aggregate([Update("a", a, 1), Update("b", b, 1)])
     assert out["model1"].tolist() == [[2, 3, 4], [5, 6, 7]]
     assert out["model2"].tolist() == [[2, 3], [4, 5]]
@@ -80,8 +87,10 @@ def test_float32_in_float32_out() -> None:
 def test_float32_accumulates_in_float64() -> None:
     # many small float32 updates: a float32 running sum would drift visibly
     rng = np.random.default_rng(2)
-    ups = [Update(str(i), {"w": rng.random(100, dtype=np.float32)}, int(rng.integers(1, 9)))
-           for i in range(200)]
+    ups = [
+        Update(str(i), {"w": rng.random(100, dtype=np.float32)}, int(rng.integers(1, 9)))
+        for i in range(200)
+    ]
     out, _, _ = aggregate(ups, precision="float64")
     n = np.array([u.num_samples for u in ups], dtype=np.float64)
     exact = sum(u.weights["w"].astype(np.float64) * k for u, k in zip(ups, n, strict=True))
@@ -123,8 +132,14 @@ def test_bool_tensor_is_majority() -> None:
 
 def test_result_independent_of_update_order() -> None:
     rng = np.random.default_rng(7)
-    ups = [Update(f"a{i}", {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)},
-                  int(rng.integers(0, 50))) for i in range(5)]
+    ups = [
+        Update(
+            f"a{i}",
+            {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)},
+            int(rng.integers(0, 50)),
+        )
+        for i in range(5)
+    ]
     ref, _, _ = aggregate(ups)
     for perm in itertools.permutations(ups):
         out, _, _ = aggregate(list(perm))
@@ -194,8 +209,7 @@ def test_create_strategies() -> None:
 def test_weighted_mean_is_independent_of_arrival_order() -> None:
     # float32 inputs times non-integer-friendly weights: a float32 multiply would round
     rng = np.random.default_rng(1)
-    ups = [Update(f"a{i}", {"w": rng.normal(size=64).astype(np.float32)}, 10 + i)
-           for i in range(2)]
+    ups = [Update(f"a{i}", {"w": rng.normal(size=64).astype(np.float32)}, 10 + i) for i in range(2)]
     tmpl: Weights = {"w": np.zeros(64, np.float32)}
     outs = []
     for order in (ups, ups[::-1]):

@@ -53,11 +53,19 @@ def test_equal_local_steps_is_bit_identical_to_fedavg() -> None:
     # stronger than the formula needs: equal steps take FedAvg's own computation
     rng = np.random.default_rng(4)
     # a global model far from the updates: x + (M - x) would lose M's low bits
-    x: Weights = {"w": rng.standard_normal(50) * 1e6,
-                  "h": rng.standard_normal(8).astype(np.float16)}
-    ups = [upd(f"a{i}", {"w": rng.standard_normal(50),
-                         "h": rng.standard_normal(8).astype(np.float16)}, i + 1, 7)
-           for i in range(3)]
+    x: Weights = {
+        "w": rng.standard_normal(50) * 1e6,
+        "h": rng.standard_normal(8).astype(np.float16),
+    }
+    ups = [
+        upd(
+            f"a{i}",
+            {"w": rng.standard_normal(50), "h": rng.standard_normal(8).astype(np.float16)},
+            i + 1,
+            7,
+        )
+        for i in range(3)
+    ]
     out = run(FedNova(), x, ups).weights
     ref = run(FedAvg(precision="float64"), x, ups).weights
     for k in x:
@@ -67,8 +75,10 @@ def test_equal_local_steps_is_bit_identical_to_fedavg() -> None:
 
 def test_unequal_steps_hand_computed() -> None:
     x: Weights = {"w": np.array([0.0, 0.0]), "b": np.array([1.0], np.float32)}
-    ups = [upd("a", {"w": np.array([1.0, 2.0]), "b": np.array([2.0], np.float32)}, 1, 1),
-           upd("b", {"w": np.array([4.0, -4.0]), "b": np.array([5.0], np.float32)}, 3, 4)]
+    ups = [
+        upd("a", {"w": np.array([1.0, 2.0]), "b": np.array([2.0], np.float32)}, 1, 1),
+        upd("b", {"w": np.array([4.0, -4.0]), "b": np.array([5.0], np.float32)}, 3, 4),
+    ]
     # p = (1/4, 3/4); d_a = x - w_a = (-1, -2 | -1); d_b = (x - w_b) / 4 = (-1, 1 | -1)
     # sum p d = (-1, 0.25 | -1); tau_eff = 1/4 + 3 = 3.25; x - 3.25 * sum p d
     r = run(FedNova(), x, ups)
@@ -89,8 +99,10 @@ def reference(x: Weights, ups: list[Update], weighted: bool = True) -> Weights:
     out = {}
     for k, xk in x.items():
         x64 = xk.astype(np.float64)
-        direction = sum(pk * (x64 - u.weights[k].astype(np.float64)) / tk
-                        for pk, tk, u in zip(p, tau, ups, strict=True))
+        direction = sum(
+            pk * (x64 - u.weights[k].astype(np.float64)) / tk
+            for pk, tk, u in zip(p, tau, ups, strict=True)
+        )
         out[k] = x64 - tau_eff * direction
     return out
 
@@ -103,8 +115,7 @@ def test_unequal_steps_match_the_formula(weighted: bool) -> None:
     r = run(FedNova(weighted=weighted), x, ups)
     ref = reference(x, ups, weighted)
     np.testing.assert_allclose(r.weights["w"], ref["w"], rtol=1e-12, atol=1e-13)
-    np.testing.assert_allclose(r.weights["b"], ref["b"].astype(np.float32), rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(r.weights["b"], ref["b"].astype(np.float32), rtol=1e-6, atol=1e-6)
     fedavg = run(FedAvg(weighted=weighted, precision="float64"), x, ups).weights["w"]
     assert np.abs(r.weights["w"] - fedavg).max() > 1e-2
 
@@ -115,14 +126,23 @@ def test_result_independent_of_order() -> None:
     ups = random_updates(rng, x, [2, 9, 4])
     ref = run(FedNova(), x, ups).weights["w"]
     for perm in itertools.permutations(ups):
-        np.testing.assert_allclose(run(FedNova(), x, list(perm)).weights["w"], ref,
-                                   rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(
+            run(FedNova(), x, list(perm)).weights["w"], ref, rtol=1e-12, atol=1e-13
+        )
 
 
-@pytest.mark.parametrize("metrics", [{}, {"local_steps": 0}, {"local_steps": -3},
-                                     {"local_steps": "5"}, {"local_steps": True},
-                                     {"local_steps": float("nan")},
-                                     {"local_steps": float("inf")}])
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {},
+        {"local_steps": 0},
+        {"local_steps": -3},
+        {"local_steps": "5"},
+        {"local_steps": True},
+        {"local_steps": float("nan")},
+        {"local_steps": float("inf")},
+    ],
+)
 def test_missing_or_bad_local_steps_refused(metrics: dict[str, Any]) -> None:
     x: Weights = {"w": np.zeros(2)}
     u = Update("a", {"w": np.ones(2)}, 3, metrics=metrics)
@@ -160,7 +180,12 @@ def test_registry_and_config() -> None:
     s = strategies.create("fednova", weighted=False, local_momentum=0.9)
     assert isinstance(s, FedNova) and s.weighted is False and s.local_momentum == 0.9
     assert FedNova.streaming
-    for bad in ({"local_steps": 3}, {"local_momentum": 1.0}, {"prox_mu": 0.1},
-                {"prox_mu": -1.0}, {"prox_mu": 0.1, "local_lr": 0.1, "local_momentum": 0.5}):
+    for bad in (
+        {"local_steps": 3},
+        {"local_momentum": 1.0},
+        {"prox_mu": 0.1},
+        {"prox_mu": -1.0},
+        {"prox_mu": 0.1, "local_lr": 0.1, "local_momentum": 0.5},
+    ):
         with pytest.raises(ConfigError):
             strategies.create("fednova", **bad)

@@ -25,12 +25,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 def requires_torch(test: F) -> F:
     """Mark a test as needing torch (skipped without the torch extra)."""
     marked: F = pytest.mark.torch(
-        pytest.mark.skipif(torch is None, reason="needs the torch extra")(test))
+        pytest.mark.skipif(torch is None, reason="needs the torch extra")(test)
+    )
     return marked
 
 
-def run(strategy: strategies.Strategy, global_weights: Weights,
-        updates: list[Update]) -> strategies.Result:
+def run(
+    strategy: strategies.Strategy, global_weights: Weights, updates: list[Update]
+) -> strategies.Result:
     acc = strategy.begin(global_weights, strategy.init_state(global_weights))
     for u in updates:
         strategy.check(u, global_weights)
@@ -41,12 +43,23 @@ def run(strategy: strategies.Strategy, global_weights: Weights,
 
 def random_updates(seed: int, n: int = 4) -> tuple[Weights, list[Update]]:
     rng = np.random.default_rng(seed)
-    glob: Weights = {"w": rng.standard_normal((3, 4)).astype(np.float32),
-            "b": rng.standard_normal(4), "steps": np.array([5, 7], np.int64)}
-    ups = [Update(f"a{i}", {"w": rng.standard_normal((3, 4)).astype(np.float32),
-                            "b": rng.standard_normal(4),
-                            "steps": rng.integers(0, 20, 2)},
-                  int(rng.integers(1, 100))) for i in range(n)]
+    glob: Weights = {
+        "w": rng.standard_normal((3, 4)).astype(np.float32),
+        "b": rng.standard_normal(4),
+        "steps": np.array([5, 7], np.int64),
+    }
+    ups = [
+        Update(
+            f"a{i}",
+            {
+                "w": rng.standard_normal((3, 4)).astype(np.float32),
+                "b": rng.standard_normal(4),
+                "steps": rng.integers(0, 20, 2),
+            },
+            int(rng.integers(1, 100)),
+        )
+        for i in range(n)
+    ]
     return glob, ups
 
 
@@ -67,8 +80,7 @@ def test_fedprox_server_is_fedavg_exactly(mu: float, weighted: bool) -> None:
 def test_fedprox_agent_config_and_registry() -> None:
     assert FedProx().agent_config() == {"fedprox_mu": 0.01}
     assert FedProx(mu=0).agent_config() == {"fedprox_mu": 0.0}
-    assert FedProx(mu=0.5, gamma=0.9).agent_config() == {"fedprox_mu": 0.5,
-                                                         "fedprox_gamma": 0.9}
+    assert FedProx(mu=0.5, gamma=0.9).agent_config() == {"fedprox_mu": 0.5, "fedprox_gamma": 0.9}
     s = strategies.create("fedprox", mu=0.1, weighted=False)
     assert isinstance(s, FedProx) and s.mu == 0.1 and not s.weighted and s.trigger is None
     for bad in ({"mu": -0.1}, {"mu": float("nan")}, {"gamma": 1.5}, {"gamma": -1.0}):
@@ -109,8 +121,9 @@ def _local_train(mu: float | None, steps: int = 25, seed: int = 0) -> tuple[Any,
 
 
 def _distance(model: Any, glob: Weights) -> float:
-    return float(sum(np.sum((p.detach().numpy() - glob[n]) ** 2)
-                     for n, p in model.named_parameters()) ** 0.5)
+    return float(
+        sum(np.sum((p.detach().numpy() - glob[n]) ** 2) for n, p in model.named_parameters()) ** 0.5
+    )
 
 
 @requires_torch
@@ -136,18 +149,26 @@ def test_proximal_term_value_and_gradient() -> None:
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).double()
     rng = np.random.default_rng(3)
-    glob = {k: v + rng.standard_normal(v.shape) if v.dtype.kind == "f" else v
-            for k, v in module_to_weights(model).items()}  # buffers included: ignored
+    glob = {
+        k: v + rng.standard_normal(v.shape) if v.dtype.kind == "f" else v
+        for k, v in module_to_weights(model).items()
+    }  # buffers included: ignored
     mu = 0.7
     term = proximal_term(model, glob, mu)
-    expected = 0.5 * mu * sum(float(np.sum((p.detach().numpy() - glob[n]) ** 2))
-                              for n, p in model.named_parameters())
+    expected = (
+        0.5
+        * mu
+        * sum(
+            float(np.sum((p.detach().numpy() - glob[n]) ** 2)) for n, p in model.named_parameters()
+        )
+    )
     assert term.item() == pytest.approx(expected, rel=1e-12)
     term.backward()
     for n, p in model.named_parameters():
         assert p.grad is not None
-        np.testing.assert_allclose(p.grad.numpy(), mu * (p.detach().numpy() - glob[n]),
-                                   rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(
+            p.grad.numpy(), mu * (p.detach().numpy() - glob[n]), rtol=1e-12, atol=1e-15
+        )
     # float32 global weights against a float64 model, and torch tensors, work the same
     glob32 = {k: v.astype(np.float32) for k, v in glob.items()}
     assert proximal_term(model, glob32, mu).item() == pytest.approx(expected, rel=1e-6)
@@ -191,7 +212,7 @@ def _gamma_epochs(gamma: float, max_epochs: int = 30) -> int:
     for epoch in range(1, max_epochs + 1):
         for i in range(0, 32, 8):  # 4 mini-batches per epoch
             opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x[i:i + 8]), y[i:i + 8]) + prox()
+            loss = torch.nn.functional.mse_loss(model(x[i : i + 8]), y[i : i + 8]) + prox()
             loss.backward()
             rule.accumulate(model)
             opt.step()
@@ -220,8 +241,9 @@ def test_grad_norm() -> None:
 
 
 # ---------------------------------------------------------------------------- FedCurv server
-def curv_update(agent: str, weights: Weights, rng: np.random.Generator, n: int = 1,
-                dtype: Any = np.float32) -> Update:
+def curv_update(
+    agent: str, weights: Weights, rng: np.random.Generator, n: int = 1, dtype: Any = np.float32
+) -> Update:
     extra: Weights = {}
     for name in fisher_tensor_names(weights):
         u = rng.random(weights[name].shape).astype(dtype)
@@ -232,12 +254,18 @@ def curv_update(agent: str, weights: Weights, rng: np.random.Generator, n: int =
 
 def curv_setup(seed: int = 5) -> tuple[Weights, list[Update]]:
     rng = np.random.default_rng(seed)
-    glob: Weights = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32),
-            "count": np.array([0], np.int64)}
+    glob: Weights = {
+        "w": np.zeros((2, 3), np.float32),
+        "b": np.zeros(3, np.float32),
+        "count": np.array([0], np.int64),
+    }
     ups = []
     for i, n in enumerate((3, 1, 6)):
-        w: Weights = {"w": rng.standard_normal((2, 3)).astype(np.float32),
-             "b": rng.standard_normal(3).astype(np.float32), "count": np.array([i], np.int64)}
+        w: Weights = {
+            "w": rng.standard_normal((2, 3)).astype(np.float32),
+            "b": rng.standard_normal(3).astype(np.float32),
+            "count": np.array([i], np.int64),
+        }
         ups.append(curv_update(f"a{i}", w, rng, n))
     return glob, ups
 
@@ -245,8 +273,11 @@ def curv_setup(seed: int = 5) -> tuple[Weights, list[Update]]:
 def test_fedcurv_server_sums_statistics_and_averages_weights() -> None:
     glob, ups = curv_setup()
     out = run(FedCurv(), glob, ups)
-    ref = run(FedAvg(precision="float64"), glob,
-              [Update(u.agent_id, u.weights, u.num_samples) for u in ups])
+    ref = run(
+        FedAvg(precision="float64"),
+        glob,
+        [Update(u.agent_id, u.weights, u.num_samples) for u in ups],
+    )
     for k in ref.weights:
         assert out.weights[k].dtype == ref.weights[k].dtype
         np.testing.assert_array_equal(out.weights[k], ref.weights[k])
@@ -261,10 +292,18 @@ def test_fedcurv_server_sums_statistics_and_averages_weights() -> None:
 
 def test_fedcurv_statistics_are_summed_unweighted_and_copied() -> None:
     glob: Weights = {"w": np.zeros(2)}
-    a = Update("a", {"w": np.array([1.0, 2.0])}, 100,
-               extra={"u/w": np.array([1.0, 0.0]), "v/w": np.array([1.0, 0.0])})
-    b = Update("b", {"w": np.array([3.0, 4.0])}, 1,
-               extra={"u/w": np.array([0.5, 2.0]), "v/w": np.array([1.5, 8.0])})
+    a = Update(
+        "a",
+        {"w": np.array([1.0, 2.0])},
+        100,
+        extra={"u/w": np.array([1.0, 0.0]), "v/w": np.array([1.0, 0.0])},
+    )
+    b = Update(
+        "b",
+        {"w": np.array([3.0, 4.0])},
+        1,
+        extra={"u/w": np.array([0.5, 2.0]), "v/w": np.array([1.5, 8.0])},
+    )
     acc = FedCurv(weighted=False).begin(glob, {})
     acc.add(a)
     acc.add(b)
@@ -275,23 +314,31 @@ def test_fedcurv_statistics_are_summed_unweighted_and_copied() -> None:
 
 
 def test_fedcurv_initial_extra_config_and_registry() -> None:
-    glob: Weights = {"w": np.ones((2, 2), np.float32), "h": np.ones(3, np.float16),
-            "n": np.array([1], np.int32), "m": np.array([True])}
+    glob: Weights = {
+        "w": np.ones((2, 2), np.float32),
+        "h": np.ones(3, np.float16),
+        "n": np.array([1], np.int32),
+        "m": np.array([True]),
+    }
     extra = FedCurv().initial_extra(glob)
     assert sorted(extra) == ["u/h", "u/w", "v/h", "v/w"]
     for k, v in extra.items():
         assert v.dtype == glob[k[2:]].dtype and not v.any()
     assert FedCurv().agent_config() == {"fedcurv_lambda": 1.0, "fedcurv_eps": 1e-8}
     s = strategies.create("fedcurv", lam=0.5, eps=0.0)
-    assert isinstance(s, FedCurv) and s.agent_config() == {"fedcurv_lambda": 0.5,
-                                                           "fedcurv_eps": 0.0}
+    assert isinstance(s, FedCurv) and s.agent_config() == {
+        "fedcurv_lambda": 0.5,
+        "fedcurv_eps": 0.0,
+    }
     for bad in ({"lam": -1.0}, {"eps": float("inf")}, {"lambda_": 1.0}):
         with pytest.raises(ConfigError):
             strategies.create("fedcurv", **bad)
 
 
-@pytest.mark.parametrize("problem", ["no extras", "missing v", "unexpected", "shape",
-                                     "negative u", "int tensor stats", "complex"])
+@pytest.mark.parametrize(
+    "problem",
+    ["no extras", "missing v", "unexpected", "shape", "negative u", "int tensor stats", "complex"],
+)
 def test_fedcurv_check_refuses_bad_extras(problem: str) -> None:
     glob, ups = curv_setup()
     extra = dict(ups[0].extra)
@@ -339,10 +386,10 @@ def test_fedcurv_penalty_value_and_gradient(lam: float) -> None:
     model = torch.nn.Linear(3, 2).double()
     rng = np.random.default_rng(1)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    others: list[Weights] = [{n: rng.standard_normal(s) for n, s in shapes.items()}
-                             for _ in range(2)]
-    fishers: list[Weights] = [{n: rng.random(s) + 0.1 for n, s in shapes.items()}
-                              for _ in range(3)]
+    others: list[Weights] = [
+        {n: rng.standard_normal(s) for n, s in shapes.items()} for _ in range(2)
+    ]
+    fishers: list[Weights] = [{n: rng.random(s) + 0.1 for n, s in shapes.items()} for _ in range(3)]
     # total = own (agent 0) + two others, each v = F * w_j
     own: Weights = {}
     for n in shapes:
@@ -369,10 +416,8 @@ def test_fedcurv_penalty_value_and_gradient(lam: float) -> None:
         uu = total["u/" + n] - own["u/" + n]
         vv = total["v/" + n] - own["v/" + n]
         assert p.grad is not None
-        np.testing.assert_allclose(p.grad.numpy(), 2 * lam * (w * uu - vv), rtol=1e-10,
-                                   atol=1e-12)
-        ewc = sum(2 * lam * f[n] * (w - wj[n]) for f, wj in zip(fishers[1:], others,
-                                                                  strict=True))
+        np.testing.assert_allclose(p.grad.numpy(), 2 * lam * (w * uu - vv), rtol=1e-10, atol=1e-12)
+        ewc = sum(2 * lam * f[n] * (w - wj[n]) for f, wj in zip(fishers[1:], others, strict=True))
         np.testing.assert_allclose(p.grad.numpy(), ewc, rtol=1e-9, atol=1e-12)
 
 
@@ -397,8 +442,7 @@ def test_fedcurv_penalty_has_no_nan_where_u_is_zero(eps: float) -> None:
     mine = _extra_for(model, u)
     assert fedcurv_penalty(model, mine, mine, 2.0, eps).item() == 0.0
     # mixed: U = 0 on some entries only -> finite, and no pull there
-    u2 = {n: np.where(np.arange(v.size).reshape(v.shape) % 2 == 0, 0.0, 1.0)
-          for n, v in u.items()}
+    u2 = {n: np.where(np.arange(v.size).reshape(v.shape) % 2 == 0, 0.0, 1.0) for n, v in u.items()}
     stats = _extra_for(model, u2)
     for n in u2:  # a rounding residue in V where U = 0 must not pull either
         stats["v/" + n] = np.where(u2[n] == 0.0, 0.5, stats["v/" + n])
@@ -435,8 +479,13 @@ def test_fisher_diagonal_is_the_mean_of_squared_gradients() -> None:
     model = torch.nn.Linear(2, 1).double()
     model.train()
     rng = np.random.default_rng(4)
-    batches = [(torch.from_numpy(rng.standard_normal((4, 2))),
-                torch.from_numpy(rng.standard_normal((4, 1)))) for _ in range(3)]
+    batches = [
+        (
+            torch.from_numpy(rng.standard_normal((4, 2))),
+            torch.from_numpy(rng.standard_normal((4, 1))),
+        )
+        for _ in range(3)
+    ]
     w = model.weight.detach().numpy().copy()  # (1, 2)
     b = model.bias.detach().numpy().copy()  # (1,)
 
@@ -446,8 +495,7 @@ def test_fisher_diagonal_is_the_mean_of_squared_gradients() -> None:
 
     def by_hand(pairs: list[tuple[Any, Any]]) -> tuple[Any, Any]:
         gs = [grads(x, y) for x, y in pairs]
-        return (np.mean([g[0] ** 2 for g in gs], axis=0),
-                np.mean([g[1] ** 2 for g in gs], axis=0))
+        return (np.mean([g[0] ** 2 for g in gs], axis=0), np.mean([g[1] ** 2 for g in gs], axis=0))
 
     mse = torch.nn.functional.mse_loss
     fisher = fisher_diagonal(model, batches, mse)
@@ -462,7 +510,7 @@ def test_fisher_diagonal_is_the_mean_of_squared_gradients() -> None:
     np.testing.assert_allclose(fisher2["weight"], fw2, rtol=1e-12)
     # per_sample: the textbook empirical Fisher over single examples
     fisher3 = fisher_diagonal(model, batches, mse, per_sample=True)
-    singles = [(x.numpy()[i:i + 1], y.numpy()[i:i + 1]) for x, y in batches for i in range(4)]
+    singles = [(x.numpy()[i : i + 1], y.numpy()[i : i + 1]) for x, y in batches for i in range(4)]
     fw3, fb3 = by_hand(singles)
     np.testing.assert_allclose(fisher3["weight"], fw3, rtol=1e-12)
     np.testing.assert_allclose(fisher3["bias"], fb3, rtol=1e-12)
@@ -478,8 +526,9 @@ def test_fedcurv_extras_fit_the_strategy_check() -> None:
     from fedstack.agent.regularizers import fedcurv_extras, fisher_diagonal
 
     torch.manual_seed(6)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
-                                torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+    )
     x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
     fisher = fisher_diagonal(model, [(x, y)], torch.nn.functional.cross_entropy)
     extra = fedcurv_extras(model, fisher)

@@ -23,21 +23,25 @@ from fedstack.strategies.robust import (
 )
 from fedstack.types import Weights
 
-ROBUST = ["median", "trimmed_mean", "krum", "multikrum", "geometric_median", "bulyan",
-          "normclip"]
+ROBUST = ["median", "trimmed_mean", "krum", "multikrum", "geometric_median", "bulyan", "normclip"]
 
 
-def vec_updates(rows: Any, name: str = "w", dtype: Any = np.float64,
-                samples: list[int] | None = None) -> list[Update]:
+def vec_updates(
+    rows: Any, name: str = "w", dtype: Any = np.float64, samples: list[int] | None = None
+) -> list[Update]:
     arr = np.asarray(rows, dtype=dtype)
-    return [Update(f"a{i}", {name: arr[i].copy()}, samples[i] if samples else 1)
-            for i in range(arr.shape[0])]
+    return [
+        Update(f"a{i}", {name: arr[i].copy()}, samples[i] if samples else 1)
+        for i in range(arr.shape[0])
+    ]
 
 
-def aggregate(strategy: Strategy, updates: list[Update],
-              template: Weights | None = None) -> Result:
-    tmpl = template if template is not None else {
-        k: np.zeros_like(v) for k, v in updates[0].weights.items()}
+def aggregate(strategy: Strategy, updates: list[Update], template: Weights | None = None) -> Result:
+    tmpl = (
+        template
+        if template is not None
+        else {k: np.zeros_like(v) for k, v in updates[0].weights.items()}
+    )
     acc = strategy.begin(tmpl, strategy.init_state(tmpl))
     for u in updates:
         acc.add(u)
@@ -74,10 +78,12 @@ def test_book_coordinate_median() -> None:
 
 
 def test_median_even_count_takes_mean_of_middle_pair_per_tensor() -> None:
-    a = [{"m": np.array([[1.0, 8.0]]), "b": np.array([0.0])},
-         {"m": np.array([[2.0, 6.0]]), "b": np.array([10.0])},
-         {"m": np.array([[4.0, 4.0]]), "b": np.array([-3.0])},
-         {"m": np.array([[100.0, -7.0]]), "b": np.array([1.0])}]
+    a = [
+        {"m": np.array([[1.0, 8.0]]), "b": np.array([0.0])},
+        {"m": np.array([[2.0, 6.0]]), "b": np.array([10.0])},
+        {"m": np.array([[4.0, 4.0]]), "b": np.array([-3.0])},
+        {"m": np.array([[100.0, -7.0]]), "b": np.array([1.0])},
+    ]
     ups = [Update(f"a{i}", w, 5) for i, w in enumerate(a)]
     r = aggregate(Median(), ups)
     np.testing.assert_array_equal(r.weights["m"], [[3.0, 5.0]])
@@ -226,8 +232,9 @@ def test_multikrum_with_m_equal_n_is_the_mean() -> None:
 # -------------------------------------------------------------- geometric median
 def test_geometric_median_of_symmetric_points_is_their_centre() -> None:
     c = np.array([3.0, -2.0, 7.5])
-    offsets = np.concatenate([np.eye(3) * 2.0, -np.eye(3) * 2.0,
-                              [[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]]])
+    offsets = np.concatenate(
+        [np.eye(3) * 2.0, -np.eye(3) * 2.0, [[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]]]
+    )
     r = aggregate(GeometricMedian(), vec_updates(c + offsets))
     np.testing.assert_allclose(r.weights["w"], c, rtol=0, atol=1e-12)
     assert r.metrics["converged"] is True
@@ -333,8 +340,10 @@ def test_normclip_clips_exactly_to_the_bound() -> None:
 
 def test_normclip_leaves_small_updates_unchanged() -> None:
     g: Weights = {"w": np.array([1.0, 1.0])}
-    small = [Update("a", {"w": np.array([1.3, 1.4])}, 1),
-             Update("b", {"w": np.array([0.9, 1.0])}, 3)]
+    small = [
+        Update("a", {"w": np.array([1.3, 1.4])}, 1),
+        Update("b", {"w": np.array([0.9, 1.0])}, 3),
+    ]
     r = aggregate(NormClip(bound=0.5), small, template=g)
     ref = aggregate(FedAvg(precision="float64"), small, template=g)
     np.testing.assert_array_equal(r.weights["w"], ref.weights["w"])
@@ -343,8 +352,10 @@ def test_normclip_leaves_small_updates_unchanged() -> None:
 
 def test_normclip_weighted_mean_of_clipped_models() -> None:
     g: Weights = {"w": np.array([1.0, 1.0])}
-    ups = [Update("a", {"w": np.array([4.0, 5.0])}, 1),   # delta (3, 4) -> (0.6, 0.8)
-           Update("b", {"w": np.array([1.3, 1.4])}, 3)]   # delta (0.3, 0.4) unchanged
+    ups = [
+        Update("a", {"w": np.array([4.0, 5.0])}, 1),  # delta (3, 4) -> (0.6, 0.8)
+        Update("b", {"w": np.array([1.3, 1.4])}, 3),
+    ]  # delta (0.3, 0.4) unchanged
     r = aggregate(NormClip(bound=1.0), ups, template=g)
     np.testing.assert_allclose(r.weights["w"], [1.375, 1.5], rtol=1e-15)
     r = aggregate(NormClip(bound=1.0, weighted=False), ups, template=g)
@@ -363,8 +374,12 @@ def test_normclip_needs_a_positive_bound() -> None:
 # ------------------------------------------------------------- shared behaviour
 def make(name: str) -> Strategy:
     params: dict[str, dict[str, Any]] = {
-        "trimmed_mean": {"beta": 0.2}, "krum": {"f": 1}, "multikrum": {"f": 1},
-        "bulyan": {"f": 1}, "normclip": {"bound": 100.0}}
+        "trimmed_mean": {"beta": 0.2},
+        "krum": {"f": 1},
+        "multikrum": {"f": 1},
+        "bulyan": {"f": 1},
+        "normclip": {"bound": 100.0},
+    }
     return strategies.create(name, **params.get(name, {}))
 
 
@@ -373,15 +388,21 @@ def test_dtypes_and_shapes_preserved(name: str) -> None:
     rng = np.random.default_rng(8)
     ups = []
     for i in range(7):
-        ups.append(Update(f"a{i}", {
-            "f32": rng.standard_normal((3, 4)).astype(np.float32),
-            "f16": rng.standard_normal(5).astype(np.float16),
-            "i32": rng.integers(-5, 5, 4).astype(np.int32),
-            "u8": rng.integers(0, 255, 2).astype(np.uint8),
-            "m": rng.random(3) < 0.5,
-            "s0": np.array(rng.standard_normal(), dtype=np.float32),  # 0-d
-            "empty": np.zeros((0, 3), np.float64),
-        }, int(rng.integers(1, 10))))
+        ups.append(
+            Update(
+                f"a{i}",
+                {
+                    "f32": rng.standard_normal((3, 4)).astype(np.float32),
+                    "f16": rng.standard_normal(5).astype(np.float16),
+                    "i32": rng.integers(-5, 5, 4).astype(np.int32),
+                    "u8": rng.integers(0, 255, 2).astype(np.uint8),
+                    "m": rng.random(3) < 0.5,
+                    "s0": np.array(rng.standard_normal(), dtype=np.float32),  # 0-d
+                    "empty": np.zeros((0, 3), np.float64),
+                },
+                int(rng.integers(1, 10)),
+            )
+        )
     tmpl = {k: np.zeros_like(v) for k, v in ups[0].weights.items()}
     r = aggregate(make(name), ups, template=tmpl)
     assert list(r.weights) == list(tmpl)
@@ -432,8 +453,13 @@ def test_registered_with_parameters() -> None:
     assert params["krum"] == {"f": 1, "max_updates": 1000}
     assert params["multikrum"] == {"f": 1, "m": None, "max_updates": 1000}
     assert params["trimmed_mean"] == {"beta": 0.1, "max_updates": 1000}
-    assert params["geometric_median"] == {"max_iter": 100, "eps": 1e-6, "nu": 1e-6,
-                                          "weighted": False, "max_updates": 1000}
+    assert params["geometric_median"] == {
+        "max_iter": 100,
+        "eps": 1e-6,
+        "nu": 1e-6,
+        "weighted": False,
+        "max_updates": 1000,
+    }
     assert params["bulyan"] == {"f": 1, "max_updates": 1000}
     assert params["normclip"] == {"bound": None, "weighted": True}
     streaming = {d["name"]: d["streaming"] for d in strategies.describe()}
@@ -459,8 +485,14 @@ def test_book_robust_estimator_harness(seed: int) -> None:
 
     mean_err = err(FedAvg(weighted=False, precision="float64"))
     assert mean_err > 10.0  # ~250 / K per coordinate
-    for strat in (Median(), GeometricMedian(), Krum(f=2), MultiKrum(f=2),
-                  TrimmedMean(beta=0.1), Bulyan(f=1)):
+    for strat in (
+        Median(),
+        GeometricMedian(),
+        Krum(f=2),
+        MultiKrum(f=2),
+        TrimmedMean(beta=0.1),
+        Bulyan(f=1),
+    ):
         e = err(strat)
         assert e < 2.0, (strat.name, e)
         assert e < mean_err / 10, (strat.name, e, mean_err)

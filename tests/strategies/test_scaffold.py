@@ -23,15 +23,22 @@ torch = pytest.importorskip("torch")
 from fedstack.agent.adapters.torch import module_to_weights, weights_to_module  # noqa: E402
 from fedstack.agent.scaffold import ScaffoldClient  # noqa: E402
 
-X0: Weights = {"w": np.array([1.0, 2.0]), "b": np.array([0.5], np.float32),
-      "n": np.array([4], np.int64)}
+X0: Weights = {
+    "w": np.array([1.0, 2.0]),
+    "b": np.array([0.5], np.float32),
+    "n": np.array([4], np.int64),
+}
 
 
-def up(agent: str, w: list[float], b: float, dw: list[float], db: float, n: int = 1,
-       count: int = 4) -> Update:
-    return Update(agent, {"w": np.array(w), "b": np.array([b], np.float32),
-                          "n": np.array([count], np.int64)}, n,
-                  extra={"dc/w": np.array(dw), "dc/b": np.array([db], np.float32)})
+def up(
+    agent: str, w: list[float], b: float, dw: list[float], db: float, n: int = 1, count: int = 4
+) -> Update:
+    return Update(
+        agent,
+        {"w": np.array(w), "b": np.array([b], np.float32), "n": np.array([count], np.int64)},
+        n,
+        extra={"dc/w": np.array(dw), "dc/b": np.array([db], np.float32)},
+    )
 
 
 def run(strat: Strategy, x: Weights, state: dict[str, Any], ups: list[Update]) -> Result:
@@ -49,8 +56,10 @@ def test_server_update_formulas() -> None:
     assert set(st) == {"c/w", "c/b"}  # no control for the integer tensor, no agent list
     st["c/w"] = np.array([0.1, -0.1])
     st["c/b"] = np.array([1.0])
-    ups = [up("a", [3.0, 2.0], 1.5, [0.4, 0.0], 2.0, n=1, count=5),
-           up("b", [1.0, 6.0], 0.5, [0.0, 0.8], -1.0, n=3, count=6)]
+    ups = [
+        up("a", [3.0, 2.0], 1.5, [0.4, 0.0], 2.0, n=1, count=5),
+        up("b", [1.0, 6.0], 0.5, [0.0, 0.8], -1.0, n=3, count=6),
+    ]
     r = run(s, X0, st, ups)
     # mean (uniform) of y - x: ([1, 2], 0.5); x + 0.5 * that
     np.testing.assert_allclose(r.weights["w"], [1.5, 3.0], rtol=1e-15)
@@ -68,8 +77,17 @@ def test_server_update_formulas() -> None:
 
 def test_global_lr_one_is_the_fedavg_mean() -> None:
     rng = np.random.default_rng(0)
-    ups = [up(f"a{i}", list(rng.standard_normal(2)), float(rng.standard_normal()),
-              [0.0, 0.0], 0.0, n=int(rng.integers(1, 9))) for i in range(3)]
+    ups = [
+        up(
+            f"a{i}",
+            list(rng.standard_normal(2)),
+            float(rng.standard_normal()),
+            [0.0, 0.0],
+            0.0,
+            n=int(rng.integers(1, 9)),
+        )
+        for i in range(3)
+    ]
     for weighted in (False, True):
         r = run(Scaffold(weighted=weighted), X0, Scaffold().init_state(X0), ups)
         ref = run_fedavg(ups, weighted)
@@ -92,8 +110,9 @@ def test_extras_round_and_agent_count_tracked_in_state() -> None:
     assert not extra0["c/w"].any() and extra0["c/w"].shape == (2,)
     st = s.init_state(X0)
     assert st["agents"] == []
-    r1 = run(s, X0, st, [up("a", [1, 2], 0.5, [1.0, 2.0], 4.0),
-                         up("b", [1, 2], 0.5, [3.0, 0.0], 0.0)])
+    r1 = run(
+        s, X0, st, [up("a", [1, 2], 0.5, [1.0, 2.0], 4.0), up("b", [1, 2], 0.5, [3.0, 0.0], 0.0)]
+    )
     # N = 2 agents seen: c = (dc_a + dc_b) / 2
     np.testing.assert_allclose(r1.state["c/w"], [2.0, 1.0])
     assert r1.state["agents"] == ["a", "b"] and r1.metrics["num_agents"] == 2
@@ -112,9 +131,11 @@ def test_extras_round_and_agent_count_tracked_in_state() -> None:
 
 def test_state_survives_json_and_array_round_trip() -> None:
     s = Scaffold(global_lr=0.7)
-    rounds = [[up("a", [2, 1], 1.0, [1.0, 2.0], 4.0), up("b", [0, 3], 0.0, [3.0, 0.0], 1.0)],
-              [up("c", [1, 1], 0.5, [0.5, 0.5], 0.5)],
-              [up("a", [3, 1], 0.2, [-1.0, 0.0], 0.0), up("c", [1, 0], 0.1, [0.0, 1.0], 2.0)]]
+    rounds = [
+        [up("a", [2, 1], 1.0, [1.0, 2.0], 4.0), up("b", [0, 3], 0.0, [3.0, 0.0], 1.0)],
+        [up("c", [1, 1], 0.5, [0.5, 0.5], 0.5)],
+        [up("a", [3, 1], 0.2, [-1.0, 0.0], 0.0), up("c", [1, 0], 0.1, [0.0, 1.0], 2.0)],
+    ]
     x, st = X0, s.init_state(X0)
     results = []
     for ups in rounds:
@@ -172,8 +193,13 @@ def test_registry_and_config() -> None:
     assert (s.global_lr, s.num_agents, s.weighted) == (0.5, 10, True)
     d = Scaffold()
     assert (d.global_lr, d.num_agents, d.weighted) == (1.0, None, False)
-    for bad in ({"num_agents": 0}, {"num_agents": 2.5}, {"global_lr": 0.0},
-                {"global_lr": -1.0}, {"lr": 1.0}):
+    for bad in (
+        {"num_agents": 0},
+        {"num_agents": 2.5},
+        {"global_lr": 0.0},
+        {"global_lr": -1.0},
+        {"lr": 1.0},
+    ):
         with pytest.raises(ConfigError):
             strategies.create("scaffold", **bad)
 
@@ -185,8 +211,10 @@ def linear(seed: int = 0) -> Any:
 
 
 def test_helper_module_does_not_import_torch() -> None:
-    code = ("import sys, fedstack.agent.scaffold, fedstack.strategies.scaffold; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, fedstack.agent.scaffold, fedstack.strategies.scaffold; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -201,13 +229,18 @@ def test_correct_gradients_adds_c_minus_ci() -> None:
     client = ScaffoldClient(ci)
     client.correct_gradients(model, c)
     for n, p in model.named_parameters():
-        np.testing.assert_allclose((p.grad - before[n]).numpy(), c[f"c/{n}"] - ci[n],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            (p.grad - before[n]).numpy(), c[f"c/{n}"] - ci[n], rtol=1e-5, atol=1e-6
+        )
         assert p.grad.dtype == torch.float32
     # a second call with the same c adds the same correction again (cached tensors)
     client.correct_gradients(model, c)
-    np.testing.assert_allclose((model.bias.grad - before["bias"]).numpy(),
-                               2 * (c["c/bias"] - ci["bias"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        (model.bias.grad - before["bias"]).numpy(),
+        2 * (c["c/bias"] - ci["bias"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # parameters without a gradient are left alone; missing controls count as zero
     fresh = linear()
     ScaffoldClient().correct_gradients(fresh, c)
@@ -223,10 +256,17 @@ def test_correct_gradients_adds_c_minus_ci() -> None:
 
 def test_update_control_is_option_two() -> None:
     rng = np.random.default_rng(1)
-    x: Weights = {"weight": rng.standard_normal((2, 3)).astype(np.float32),
-         "bias": rng.standard_normal(2).astype(np.float32), "count": np.array([3], np.int64)}
-    y = {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f"
-         else v + 2 for k, v in x.items()}
+    x: Weights = {
+        "weight": rng.standard_normal((2, 3)).astype(np.float32),
+        "bias": rng.standard_normal(2).astype(np.float32),
+        "count": np.array([3], np.int64),
+    }
+    y = {
+        k: (v + 0.1 * rng.standard_normal(v.shape)).astype(v.dtype)
+        if v.dtype.kind == "f"
+        else v + 2
+        for k, v in x.items()
+    }
     c = {"c/weight": rng.standard_normal((2, 3)), "c/bias": rng.standard_normal(2)}
     ci: Weights = {"weight": rng.standard_normal((2, 3)), "bias": rng.standard_normal(2)}
     client = ScaffoldClient(ci)
@@ -255,8 +295,9 @@ def test_update_control_is_option_two() -> None:
 
 
 # ---------------------------------------------------------------- client drift
-def federation_data(seed: int = 0, n: int = 30, d: int = 4,
-                    k: int = 3) -> list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]:
+def federation_data(
+    seed: int = 0, n: int = 30, d: int = 4, k: int = 3
+) -> list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]:
     """Linear regression with different feature distributions and targets per agent."""
     rng = np.random.default_rng(seed)
     out = []
@@ -266,8 +307,9 @@ def federation_data(seed: int = 0, n: int = 30, d: int = 4,
     return out
 
 
-def train_federation(data: list[tuple[Any, Any]], use_scaffold: bool, rounds: int,
-                     steps: int, lr: float) -> np.ndarray[Any, Any]:
+def train_federation(
+    data: list[tuple[Any, Any]], use_scaffold: bool, rounds: int, steps: int, lr: float
+) -> np.ndarray[Any, Any]:
     model = torch.nn.Linear(data[0][0].shape[1], 1).double()
     with torch.no_grad():
         model.weight.zero_()

@@ -36,7 +36,8 @@ def fedavg(
         total = sum(n for _, n, _ in results)
         model = {
             name: np.asarray(sum(w[name] * (n / total) for w, n, _ in results)).astype(
-                model[name].dtype)
+                model[name].dtype
+            )
             for name in model
         }
         accuracies.append(float(evaluate(model)["accuracy"]))
@@ -77,7 +78,8 @@ def test_linear_fit_returns_samples_metrics_and_weights() -> None:
     assert all(isinstance(v, float) for v in fit_metrics.values())
     metrics = cast(dict[str, float], fit_metrics)  # all floats: asserted just above
     shapes: dict[str, tuple[tuple[int, ...], object]] = {
-        k: (v.shape, v.dtype) for k, v in weights.items()}
+        k: (v.shape, v.dtype) for k, v in weights.items()
+    }
     assert shapes == {
         "coef": ((10, 64), np.float32),
         "intercept": ((10,), np.float32),

@@ -62,8 +62,9 @@ def test_uploads_received_within_budget() -> None:
             del msg
             await conn.close()
 
-        server = await ws.serve(handler, "127.0.0.1", 0, max_message_bytes=1 << 30,
-                                receive_budget=budget)
+        server = await ws.serve(
+            handler, "127.0.0.1", 0, max_message_bytes=1 << 30, receive_budget=budget
+        )
         port = server.sockets[0].getsockname()[1]
 
         async def client(i: int) -> str:
@@ -104,16 +105,19 @@ def test_fanout_encodes_once_and_stays_within_budget() -> None:
 
         server = await ws.serve(handler, "127.0.0.1", 0, max_message_bytes=1 << 30)
         port = server.sockets[0].getsockname()[1]
-        clients = [await ws.connect(f"ws://127.0.0.1:{port}", max_message_bytes=1 << 30)
-                   for _ in range(n_clients)]
+        clients = [
+            await ws.connect(f"ws://127.0.0.1:{port}", max_message_bytes=1 << 30)
+            for _ in range(n_clients)
+        ]
         await asyncio.wait_for(ready.wait(), 10)
 
         stop = asyncio.Event()
 
         async def sample() -> None:
             while not stop.is_set():
-                total = sum(c.transport.get_write_buffer_size() for c in conns
-                            if c.transport is not None)
+                total = sum(
+                    c.transport.get_write_buffer_size() for c in conns if c.transport is not None
+                )
                 max_buffered[0] = max(max_buffered[0], total)
                 await asyncio.sleep(0)
 
@@ -127,8 +131,7 @@ def test_fanout_encodes_once_and_stays_within_budget() -> None:
             await asyncio.sleep(0.02)  # slow readers: the budget must hold the others back
             return (await asyncio.wait_for(c.recv(), 30)).nbytes
 
-        sizes = await asyncio.gather(*(push(c) for c in conns),
-                                     *(receive(c) for c in clients))
+        sizes = await asyncio.gather(*(push(c) for c in conns), *(receive(c) for c in clients))
         stop.set()
         await sampler
         for c in clients:

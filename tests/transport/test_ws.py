@@ -45,8 +45,9 @@ async def echo(conn: WSConnection) -> None:
         await conn.send([msg])
 
 
-async def start(handler: Callable[[WSConnection], Awaitable[None]] = echo,
-                max_bytes: int = 64 * MB) -> tuple[asyncio.Server, str, int]:
+async def start(
+    handler: Callable[[WSConnection], Awaitable[None]] = echo, max_bytes: int = 64 * MB
+) -> tuple[asyncio.Server, str, int]:
     server = await serve(handler, "127.0.0.1", 0, max_message_bytes=max_bytes)
     port = server.sockets[0].getsockname()[1]
     return server, f"ws://127.0.0.1:{port}/", port
@@ -143,8 +144,9 @@ def test_echo_50_mb_exact_bytes(runner: str) -> None:
         try:
             data = np.random.default_rng(5).integers(0, 256, n, dtype=np.uint8)
             # sent from several parts (as the codec does), received as one message
-            await conn.send([memoryview(data[:7]), memoryview(data[7 : 30 * MB]),
-                             memoryview(data[30 * MB :])])
+            await conn.send(
+                [memoryview(data[:7]), memoryview(data[7 : 30 * MB]), memoryview(data[30 * MB :])]
+            )
             got = await asyncio.wait_for(conn.recv(), 30)
             assert got.nbytes == n
             assert np.array_equal(np.frombuffer(got, dtype=np.uint8), data)
@@ -475,8 +477,12 @@ def test_raw_fragments_with_interleaved_ping() -> None:
         server, _, port = await start()
         reader, writer = await raw_open(port)
         try:
-            writer.write(frame(0x2, b"hello ", fin=False) + frame(0x9, b"ping!")
-                         + frame(0x0, b"fragmented ", fin=False) + frame(0x0, b"world"))
+            writer.write(
+                frame(0x2, b"hello ", fin=False)
+                + frame(0x9, b"ping!")
+                + frame(0x0, b"fragmented ", fin=False)
+                + frame(0x0, b"world")
+            )
             op, fin, data = await read_frame(reader)
             assert (op, fin, data) == (0xA, True, b"ping!")
             op, fin, data = await read_frame(reader)
@@ -502,8 +508,7 @@ def test_raw_fragments_with_interleaved_ping() -> None:
         ("unmasked client frame", frame(0x2, b"abc", mask=False)),
         ("reserved bit", frame(0x2, b"abc", rsv=0x40)),
         ("continuation first", frame(0x0, b"abc")),
-        ("new message inside a fragmented one",
-         frame(0x2, b"a", fin=False) + frame(0x2, b"b")),
+        ("new message inside a fragmented one", frame(0x2, b"a", fin=False) + frame(0x2, b"b")),
         ("fragmented ping", frame(0x9, b"a", fin=False)),
         ("long ping", frame(0x9, b"a" * 126)),
         ("unknown opcode", frame(0x3, b"abc")),
@@ -550,8 +555,7 @@ def _split_handshake_case(cut_from_end: int) -> None:
         conns: list[WSConnection] = []
 
         def factory() -> WSConnection:
-            c = WSConnection(client=False, max_message_bytes=MB,
-                             on_open=lambda _c: opened.set())
+            c = WSConnection(client=False, max_message_bytes=MB, on_open=lambda _c: opened.set())
             conns.append(c)
             return c
 
@@ -629,8 +633,9 @@ def test_server_drops_a_connection_that_never_finishes_its_handshake() -> None:
         async def handler(conn: Any) -> None:
             await conn.recv()
 
-        server = await wsmod.serve(handler, "127.0.0.1", 0, max_message_bytes=1 << 20,
-                                   handshake_timeout=0.3)
+        server = await wsmod.serve(
+            handler, "127.0.0.1", 0, max_message_bytes=1 << 20, handshake_timeout=0.3
+        )
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # ... and never the rest

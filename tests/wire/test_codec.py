@@ -38,13 +38,24 @@ from fedstack.wire.messages import (
     Welcome,
 )
 
-FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
-PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+PROPERTY = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
-WEIGHT_TYPES = [cls for cls in MESSAGE_TYPES.values()
-                if any(f.name == "model" for f in dataclasses.fields(cls))]
+WEIGHT_TYPES = [
+    cls for cls in MESSAGE_TYPES.values() if any(f.name == "model" for f in dataclasses.fields(cls))
+]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -101,14 +112,35 @@ def model() -> dict[str, np.ndarray]:
 
 def samples() -> list[Message]:
     return [
-        Participate(agent_name="agent-1", token="s3cret", model=model(), init_weights=True,
-                    num_samples=120, metrics={"acc": 0.5, "n": 3, "tag": "x", "ok": True},
-                    known_version=4, client="fedstack/0.1"),
-        Welcome(agent_id="a" * 32, aggregator_id="g" * 32, run_id="r" * 32, version=3, round=4,
-                model_id="m" * 32, model=model(), delivery="poll", finished=True,
-                heartbeat_interval=2.5),
-        ModelUpload(upload_id="u-1", base_version=3, num_samples=10,
-                    metrics={"loss": 0.25, "neg": -1}, model=model()),
+        Participate(
+            agent_name="agent-1",
+            token="s3cret",
+            model=model(),
+            init_weights=True,
+            num_samples=120,
+            metrics={"acc": 0.5, "n": 3, "tag": "x", "ok": True},
+            known_version=4,
+            client="fedstack/0.1",
+        ),
+        Welcome(
+            agent_id="a" * 32,
+            aggregator_id="g" * 32,
+            run_id="r" * 32,
+            version=3,
+            round=4,
+            model_id="m" * 32,
+            model=model(),
+            delivery="poll",
+            finished=True,
+            heartbeat_interval=2.5,
+        ),
+        ModelUpload(
+            upload_id="u-1",
+            base_version=3,
+            num_samples=10,
+            metrics={"loss": 0.25, "neg": -1},
+            model=model(),
+        ),
         UploadAck(upload_id="u-1", status="accepted", round=4, message="ok"),
         GlobalModel(version=4, model_id="m1", model=model(), final=True),
         Poll(known_version=3, wait=1.5),
@@ -119,8 +151,15 @@ def samples() -> list[Message]:
     ]
 
 
-def raw(header: object, data: bytes = b"", *, version: int = PROTOCOL_VERSION,
-        magic: bytes = b"FS", header_len: int | None = None, pad: bool = True) -> bytes:
+def raw(
+    header: object,
+    data: bytes = b"",
+    *,
+    version: int = PROTOCOL_VERSION,
+    magic: bytes = b"FS",
+    header_len: int | None = None,
+    pad: bool = True,
+) -> bytes:
     """A hand-made message: prefix, msgpack ``header``, padding to 64, ``data``."""
     hb: bytes = msgpack.packb(header, use_bin_type=True)
     n = len(hb) if header_len is None else header_len
@@ -136,8 +175,11 @@ def gm_header(table: list[list[object]], **fields: object) -> dict[str, object]:
     return {"t": "global_model", "f": f, "x": {"model": table}}
 
 
-def rejects(data: bytes | bytearray | memoryview, code: str | None = None,
-            limits: Limits = codec.DEFAULT_LIMITS) -> RemoteProtocolError:
+def rejects(
+    data: bytes | bytearray | memoryview,
+    code: str | None = None,
+    limits: Limits = codec.DEFAULT_LIMITS,
+) -> RemoteProtocolError:
     with pytest.raises(RemoteProtocolError) as info:
         decode(data, limits)
     if code is not None:
@@ -162,8 +204,13 @@ def test_roundtrip_with_defaults_only(cls: type[Message]) -> None:
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
             continue
-        kwargs[f.name] = {"str": "s", "int": 0, "Weights": {}, "Weights | None": None,
-                          "float": 0.0}[str(f.type)]
+        kwargs[f.name] = {
+            "str": "s",
+            "int": 0,
+            "Weights": {},
+            "Weights | None": None,
+            "float": 0.0,
+        }[str(f.type)]
     roundtrip(cls(**kwargs))
 
 
@@ -182,8 +229,10 @@ def test_roundtrip_optional_model_none() -> None:
 
 
 def test_none_for_required_model_is_rejected() -> None:
-    rejects(raw({"t": "global_model", "f": {"version": 1, "model_id": "m", "model": None},
-                 "x": {}}), "bad-field")
+    rejects(
+        raw({"t": "global_model", "f": {"version": 1, "model_id": "m", "model": None}, "x": {}}),
+        "bad-field",
+    )
 
 
 @pytest.mark.parametrize("dtype", list(tensors.DTYPES))
@@ -214,15 +263,21 @@ def test_roundtrip_float16_values() -> None:
 
 
 def test_roundtrip_zero_size_tensors() -> None:
-    weights: Weights = {"a": np.zeros((0,), np.float32), "b": np.zeros((3, 0, 2), np.int64),
-               "c": np.ones(3, np.int8)}
+    weights: Weights = {
+        "a": np.zeros((0,), np.float32),
+        "b": np.zeros((3, 0, 2), np.int64),
+        "c": np.ones(3, np.int8),
+    }
     roundtrip(GlobalModel(version=0, model_id="m", model=weights))
     roundtrip(GlobalModel(version=0, model_id="m", model={"only": np.zeros((0, 4))}))
 
 
 def test_roundtrip_zero_dim_arrays() -> None:
-    weights: Weights = {"scalar_f": np.array(3.5, dtype=np.float32),
-                        "scalar_i": np.array(7, np.int64), "vec": np.arange(3.0)}
+    weights: Weights = {
+        "scalar_f": np.array(3.5, dtype=np.float32),
+        "scalar_i": np.array(7, np.int64),
+        "vec": np.arange(3.0),
+    }
     out = decode(encode_to_bytes(GlobalModel(version=0, model_id="m", model=weights)))
     assert out.model["scalar_f"].shape == ()  # type: ignore[attr-defined]
     assert out.model["scalar_i"].shape == ()  # type: ignore[attr-defined]
@@ -231,8 +286,11 @@ def test_roundtrip_zero_dim_arrays() -> None:
 
 def test_zero_dim_array_values_survive() -> None:
     # Whatever the shape bug, the value itself must come back.
-    out = decode(encode_to_bytes(GlobalModel(version=0, model_id="m",
-                                             model={"s": np.array(-2.25, np.float64)})))
+    out = decode(
+        encode_to_bytes(
+            GlobalModel(version=0, model_id="m", model={"s": np.array(-2.25, np.float64)})
+        )
+    )
     got = out.model["s"]  # type: ignore[attr-defined]
     assert got.size == 1 and got.dtype == np.float64 and float(got.reshape(-1)[0]) == -2.25
 
@@ -272,8 +330,11 @@ def test_encode_does_not_copy_contiguous_tensors() -> None:
 
 
 def test_encoded_layout_prefix_and_alignment() -> None:
-    msg = GlobalModel(version=0, model_id="m", model={"a": np.arange(5, dtype=np.float32),
-                                                      "b": np.arange(3, dtype=np.int16)})
+    msg = GlobalModel(
+        version=0,
+        model_id="m",
+        model={"a": np.arange(5, dtype=np.float32), "b": np.arange(3, dtype=np.int16)},
+    )
     data = encode_to_bytes(msg)
     magic, version, flags, hlen = struct.unpack_from("<2sBBI", data)
     assert (magic, version, flags) == (b"FS", PROTOCOL_VERSION, 0)
@@ -404,8 +465,11 @@ def test_unsupported_protocol_version(version: int) -> None:
 
 
 def test_truncated_everywhere_before_the_data_end() -> None:
-    msg = GlobalModel(version=1, model_id="m", model={"a": np.arange(5, dtype=np.float32),
-                                                      "b": np.ones((3, 3), np.int16)})
+    msg = GlobalModel(
+        version=1,
+        model_id="m",
+        model={"a": np.arange(5, dtype=np.float32), "b": np.ones((3, 3), np.int16)},
+    )
     data = encode_to_bytes(msg)
     data_end = len(data) - tensors.padding(18)
     assert data[data_end - 18 : data_end] == msg.model["b"].tobytes()
@@ -415,8 +479,11 @@ def test_truncated_everywhere_before_the_data_end() -> None:
 
 
 def test_truncated_header_of_tensorless_messages() -> None:
-    for msg in (Bye(reason="bye" * 10), UploadAck(upload_id="u", status="s", round=1),
-                Participate(agent_name="a", metrics={"k": 1.5})):
+    for msg in (
+        Bye(reason="bye" * 10),
+        UploadAck(upload_id="u", status="s", round=1),
+        Participate(agent_name="a", metrics={"k": 1.5}),
+    ):
         data = encode_to_bytes(msg)
         header_end = 8 + struct.unpack_from("<I", data, 4)[0]
         for cut in range(header_end):
@@ -430,11 +497,19 @@ def test_header_length_beyond_buffer() -> None:
     rejects(raw({"t": "bye", "f": {"reason": "x" * 40}, "x": {}}), "malformed", limits)
 
 
-@pytest.mark.parametrize("header", [[1, 2, 3], "bye", 7, None,
-                                    {"t": "bye", "f": {}},
-                                    {"t": "bye", "f": {}, "x": {}, "y": 1},
-                                    {"t": "bye", "f": [], "x": {}},
-                                    {"t": "bye", "f": {}, "x": []}])
+@pytest.mark.parametrize(
+    "header",
+    [
+        [1, 2, 3],
+        "bye",
+        7,
+        None,
+        {"t": "bye", "f": {}},
+        {"t": "bye", "f": {}, "x": {}, "y": 1},
+        {"t": "bye", "f": [], "x": {}},
+        {"t": "bye", "f": {}, "x": []},
+    ],
+)
 def test_non_map_or_misshapen_header(header: object) -> None:
     rejects(raw(header), "malformed")
 
@@ -470,8 +545,11 @@ def test_missing_required_field(cls: type[Message]) -> None:
         msg = dataclasses.replace(msg, model={})  # type: ignore[call-arg]
     header = header_of(msg)
     assert isinstance(decode(raw(header)), cls)  # complete: decodes
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     for name in required:
         h = {"t": header["t"], "f": dict(header["f"]), "x": dict(header["x"])}
         h["f"].pop(name, None)
@@ -507,9 +585,20 @@ def test_missing_required_field(cls: type[Message]) -> None:
         ("participate", {"agent_name": "a", "metrics": {"s": "x" * 1025}}),
         ("participate", {"agent_name": "a", "metrics": [1]}),
         ("participate", {"agent_name": "a", "metrics": None}),
-        ("welcome", {"agent_id": "a", "aggregator_id": "g", "run_id": "r", "version": 0,
-                     "round": 1, "model_id": "m", "model": None, "delivery": "push",
-                     "heartbeat_interval": float("nan")}),
+        (
+            "welcome",
+            {
+                "agent_id": "a",
+                "aggregator_id": "g",
+                "run_id": "r",
+                "version": 0,
+                "round": 1,
+                "model_id": "m",
+                "model": None,
+                "delivery": "push",
+                "heartbeat_interval": float("nan"),
+            },
+        ),
     ],
 )
 def test_wrong_field_types(tag: str, fields: dict[str, object]) -> None:
@@ -517,10 +606,12 @@ def test_wrong_field_types(tag: str, fields: dict[str, object]) -> None:
 
 
 def test_string_longer_than_limit() -> None:
-    rejects(raw({"t": "bye", "f": {"reason": "x" * 11}, "x": {}}), "bad-field",
-            Limits(max_str_len=10))
-    assert decode(raw({"t": "bye", "f": {"reason": "x" * 10}, "x": {}}),
-                  Limits(max_str_len=10)) == Bye(reason="x" * 10)
+    rejects(
+        raw({"t": "bye", "f": {"reason": "x" * 11}, "x": {}}), "bad-field", Limits(max_str_len=10)
+    )
+    assert decode(
+        raw({"t": "bye", "f": {"reason": "x" * 10}, "x": {}}), Limits(max_str_len=10)
+    ) == Bye(reason="x" * 10)
 
 
 def test_too_many_metrics() -> None:
@@ -529,17 +620,37 @@ def test_too_many_metrics() -> None:
 
 
 def test_weights_field_with_non_table_value_is_rejected() -> None:
-    rejects(raw({"t": "global_model", "f": {"version": 1, "model_id": "m", "model": 5},
-                 "x": {}}), "bad-field")
+    rejects(
+        raw({"t": "global_model", "f": {"version": 1, "model_id": "m", "model": 5}, "x": {}}),
+        "bad-field",
+    )
 
 
 def test_weights_field_given_twice() -> None:
-    rejects(raw({"t": "participate", "f": {"agent_name": "a", "model": None},
-                 "x": {"model": []}}), "bad-field")
+    rejects(
+        raw({"t": "participate", "f": {"agent_name": "a", "model": None}, "x": {"model": []}}),
+        "bad-field",
+    )
 
 
-@pytest.mark.parametrize("dtype", ["object", "complex64", "complex128", "O", ">f4", "<f4",
-                                   "float128", "datetime64", "U8", "V8", "", 3, None])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        "object",
+        "complex64",
+        "complex128",
+        "O",
+        ">f4",
+        "<f4",
+        "float128",
+        "datetime64",
+        "U8",
+        "V8",
+        "",
+        3,
+        None,
+    ],
+)
 def test_disallowed_dtype(dtype: object) -> None:
     rejects(raw(gm_header([["a", dtype, [2], 0, 8]]), bytes(64)), "bad-dtype")
 
@@ -548,21 +659,23 @@ def test_object_array_cannot_be_encoded() -> None:
     from fedstack.errors import LocalProtocolError
 
     with pytest.raises(LocalProtocolError):
-        encode_to_bytes(GlobalModel(version=0, model_id="m",
-                                    model={"o": np.array([object()], dtype=object)}))
+        encode_to_bytes(
+            GlobalModel(version=0, model_id="m", model={"o": np.array([object()], dtype=object)})
+        )
     with pytest.raises(LocalProtocolError):
-        encode_to_bytes(GlobalModel(version=0, model_id="m",
-                                    model={"c": np.zeros(2, np.complex64)}))
+        encode_to_bytes(
+            GlobalModel(version=0, model_id="m", model={"c": np.zeros(2, np.complex64)})
+        )
 
 
-@pytest.mark.parametrize(("shape", "nbytes"), [([2], 9), ([2], 7), ([2, 2], 8), ([], 0),
-                                               ([0], 8), ([2], -8)])
+@pytest.mark.parametrize(
+    ("shape", "nbytes"), [([2], 9), ([2], 7), ([2, 2], 8), ([], 0), ([0], 8), ([2], -8)]
+)
 def test_nbytes_not_matching_shape(shape: list[int], nbytes: int) -> None:
     rejects(raw(gm_header([["a", "float32", shape, 0, nbytes]]), bytes(64)), "bad-tensor")
 
 
-@pytest.mark.parametrize("shape", [[-1], [1.0], ["2"], [True], "2", 2, None, [2**40],
-                                   [1] * 9])
+@pytest.mark.parametrize("shape", [[-1], [1.0], ["2"], [True], "2", 2, None, [2**40], [1] * 9])
 def test_invalid_shape(shape: object) -> None:
     rejects(raw(gm_header([["a", "uint8", shape, 0, 2]]), bytes(64)), "bad-tensor")
 
@@ -588,10 +701,12 @@ def test_overlapping_or_out_of_range_offsets(table: list[list[object]]) -> None:
 
 def test_valid_hand_made_table_is_accepted() -> None:
     # the same construction as the rejection tests, but valid: proves they test one thing
-    data = (np.arange(4, dtype=np.float32).tobytes() + bytes(48)
-            + np.arange(4, dtype="<f4").tobytes())
-    msg = decode(raw(gm_header([["a", "float32", [4], 0, 16], ["b", "float32", [2, 2], 64, 16]]),
-                     data))
+    data = (
+        np.arange(4, dtype=np.float32).tobytes() + bytes(48) + np.arange(4, dtype="<f4").tobytes()
+    )
+    msg = decode(
+        raw(gm_header([["a", "float32", [4], 0, 16], ["b", "float32", [2, 2], 64, 16]]), data)
+    )
     assert isinstance(msg, GlobalModel)
     assert msg.model["b"].shape == (2, 2)
     assert msg.model["b"].tolist() == [[0, 1], [2, 3]]
@@ -599,8 +714,13 @@ def test_valid_hand_made_table_is_accepted() -> None:
 
 @pytest.mark.parametrize("table", ["x", [["a", "float32", [1]]], [("a",)], [None], {"a": 1}])
 def test_malformed_tensor_table(table: object) -> None:
-    rejects(raw({"t": "global_model", "f": {"version": 1, "model_id": "m"},
-                 "x": {"model": table}}, bytes(64)), "bad-tensor")
+    rejects(
+        raw(
+            {"t": "global_model", "f": {"version": 1, "model_id": "m"}, "x": {"model": table}},
+            bytes(64),
+        ),
+        "bad-tensor",
+    )
 
 
 def test_duplicate_tensor_names() -> None:
@@ -608,8 +728,24 @@ def test_duplicate_tensor_names() -> None:
     rejects(raw(gm_header(table), bytes(128)), "bad-tensor")
 
 
-@pytest.mark.parametrize("name", ["a b", "a\x00", "caf\u00e9", "", "a;rm", "../x\\y", "\na",
-                                  "a\nb", "tab\t", "x" * 257, 5, None, ["a"]])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a b",
+        "a\x00",
+        "caf\u00e9",
+        "",
+        "a;rm",
+        "../x\\y",
+        "\na",
+        "a\nb",
+        "tab\t",
+        "x" * 257,
+        5,
+        None,
+        ["a"],
+    ],
+)
 def test_bad_tensor_names(name: object) -> None:
     rejects(raw(gm_header([[name, "uint8", [4], 0, 4]]), bytes(64)), "bad-tensor")
 
@@ -621,8 +757,11 @@ def test_tensor_name_with_trailing_newline_is_rejected() -> None:
 def test_name_length_limit() -> None:
     ok = raw(gm_header([["x" * 256, "uint8", [4], 0, 4]]), bytes(64))
     assert isinstance(decode(ok), GlobalModel)
-    rejects(raw(gm_header([["abcdefghi", "uint8", [4], 0, 4]]), bytes(64)), "bad-tensor",
-            Limits(max_name_len=8))
+    rejects(
+        raw(gm_header([["abcdefghi", "uint8", [4], 0, 4]]), bytes(64)),
+        "bad-tensor",
+        Limits(max_name_len=8),
+    )
 
 
 def test_too_many_tensors() -> None:
@@ -694,8 +833,11 @@ def test_pickle_payloads_are_rejected_and_never_executed(tmp_path: Any) -> None:
 def test_pickle_as_tensor_bytes_is_only_data(tmp_path: Any) -> None:
     marker = tmp_path / "pwned"
     p = pickle.dumps(_Evil(str(marker)))
-    out = decode(encode_to_bytes(GlobalModel(version=0, model_id="m",
-                                             model={"p": np.frombuffer(p, np.uint8)})))
+    out = decode(
+        encode_to_bytes(
+            GlobalModel(version=0, model_id="m", model={"p": np.frombuffer(p, np.uint8)})
+        )
+    )
     assert out.model["p"].tobytes() == p  # type: ignore[attr-defined]
     assert not marker.exists()
 
@@ -770,20 +912,36 @@ def test_fuzz_single_bit_flips_in_header(data: bytes, draw: st.DataObject) -> No
 
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(),
     st.text(max_size=8),
 )
-json_like = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                         | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=8)
-field_names = st.sampled_from(sorted({f.name for c in MESSAGE_TYPES.values()
-                                      for f in dataclasses.fields(c)} - {"model"}) + ["zz"])
-entries = st.lists(st.one_of(
-    st.tuples(st.one_of(names, st.text(max_size=4)),
-              st.sampled_from([*tensors.DTYPES, "object", "c8"]),
-              st.lists(st.integers(-1, 6), max_size=3),
-              st.integers(-64, 256), st.integers(-8, 256)).map(list),
-    json_like,
-), max_size=4)
+json_like = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
+field_names = st.sampled_from(
+    sorted({f.name for c in MESSAGE_TYPES.values() for f in dataclasses.fields(c)} - {"model"})
+    + ["zz"]
+)
+entries = st.lists(
+    st.one_of(
+        st.tuples(
+            st.one_of(names, st.text(max_size=4)),
+            st.sampled_from([*tensors.DTYPES, "object", "c8"]),
+            st.lists(st.integers(-1, 6), max_size=3),
+            st.integers(-64, 256),
+            st.integers(-8, 256),
+        ).map(list),
+        json_like,
+    ),
+    max_size=4,
+)
 
 
 @st.composite
@@ -805,9 +963,15 @@ def structured(draw: st.DrawFn) -> bytes:
             entry = draw(st.sampled_from(x["model"]))
             if not (isinstance(entry, list) and len(entry) == 5):
                 continue
-            entry[draw(st.integers(0, 4))] = draw(st.one_of(
-                json_like, st.integers(-64, 1024), st.lists(st.integers(-1, 6), max_size=3),
-                st.sampled_from([*tensors.DTYPES, "object", "c8"]), names))
+            entry[draw(st.integers(0, 4))] = draw(
+                st.one_of(
+                    json_like,
+                    st.integers(-64, 1024),
+                    st.lists(st.integers(-1, 6), max_size=3),
+                    st.sampled_from([*tensors.DTYPES, "object", "c8"]),
+                    names,
+                )
+            )
         elif what == "table":
             x["model"] = draw(entries)
         elif what == "tag":

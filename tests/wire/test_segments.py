@@ -12,16 +12,26 @@ from fedstack.wire import ModelUpload, Segments, decode, encode, encode_to_bytes
 def _upload() -> ModelUpload:
     rng = np.random.default_rng(0)
     return ModelUpload(
-        upload_id="u1", base_version=3, num_samples=7, metrics={"acc": 0.5},
-        model={"a": rng.standard_normal((4, 5)).astype(np.float32),
-               "b": np.arange(3, dtype=np.int64), "c": np.zeros(0, np.float32)},
+        upload_id="u1",
+        base_version=3,
+        num_samples=7,
+        metrics={"acc": 0.5},
+        model={
+            "a": rng.standard_normal((4, 5)).astype(np.float32),
+            "b": np.arange(3, dtype=np.int64),
+            "c": np.zeros(0, np.float32),
+        },
         extra={"e": np.ones(2, np.float64)},
     )
 
 
 def _same(x: ModelUpload, y: ModelUpload) -> None:
     assert (x.upload_id, x.base_version, x.num_samples, x.metrics) == (
-        y.upload_id, y.base_version, y.num_samples, y.metrics)
+        y.upload_id,
+        y.base_version,
+        y.num_samples,
+        y.metrics,
+    )
     for a, b in ((x.model, y.model), (x.extra or {}, y.extra or {})):
         assert list(a) == list(b)
         for k in a:

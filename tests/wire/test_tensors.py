@@ -72,8 +72,9 @@ def test_all_finite_big_endian() -> None:
 
 
 # ---------------------------------------------------------------------------- prepare
-@pytest.mark.parametrize("name", ["", "a b", "caf\u00e9", "x;y", "a\x00", "\na", "a\\b", "tab\t",
-                                  1, None, ("a",)])
+@pytest.mark.parametrize(
+    "name", ["", "a b", "caf\u00e9", "x;y", "a\x00", "\na", "a\\b", "tab\t", 1, None, ("a",)]
+)
 def test_prepare_refuses_bad_names(name: object) -> None:
     with pytest.raises(LocalProtocolError):
         tensors.prepare({name: np.zeros(2)}, 0)  # type: ignore[dict-item]
@@ -112,7 +113,8 @@ def test_prepare_accepts_the_whole_name_alphabet() -> None:
         np.array([b"ab"]),
         np.zeros(2, dtype="datetime64[s]"),
         np.zeros(2, dtype="timedelta64[s]"),
-        np.zeros(2, dtype=np.longdouble) if np.dtype(np.longdouble).itemsize > 8
+        np.zeros(2, dtype=np.longdouble)
+        if np.dtype(np.longdouble).itemsize > 8
         else np.zeros(2, dtype="V8"),
         np.zeros(2, dtype=[("a", "<i4")]),
     ],

@@ -113,10 +113,19 @@ class Agent:
         state_dir: str | Path | None = None,
     ) -> None:
         self._core = AgentCore(
-            url, name, token=token, enrollment_token=enrollment_token,
-            init_weights=init_weights, max_message_bytes=max_message_bytes,
-            poll_wait=poll_wait, max_backoff=max_backoff, connect_timeout=connect_timeout,
-            ca=ca, cert=cert, key=key, state_dir=state_dir,
+            url,
+            name,
+            token=token,
+            enrollment_token=enrollment_token,
+            init_weights=init_weights,
+            max_message_bytes=max_message_bytes,
+            poll_wait=poll_wait,
+            max_backoff=max_backoff,
+            connect_timeout=connect_timeout,
+            ca=ca,
+            cert=cert,
+            key=key,
+            state_dir=state_dir,
         )
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -269,8 +278,9 @@ class Agent:
             TimeoutError: no welcome within ``timeout`` seconds.
         """
         self._prepare_start()
-        self._thread = threading.Thread(target=self._thread_main,
-                                        name=f"fedstack-agent-{self.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._thread_main, name=f"fedstack-agent-{self.name}", daemon=True
+        )
         self._thread.start()
         self._loop_ready.wait()
         try:
@@ -289,8 +299,9 @@ class Agent:
             FederationFinished: the final global model was already returned.
             TimeoutError: nothing arrived within ``timeout`` seconds.
         """
-        return self._wait(self._core.take_global, timeout,
-                          lambda: TimeoutError("no new global model in time"))
+        return self._wait(
+            self._core.take_global, timeout, lambda: TimeoutError("no new global model in time")
+        )
 
     def send_trained_model(
         self,
@@ -328,8 +339,13 @@ class Agent:
         extras = take_arrays(extra) if extra else None
         return self._queue_upload(model, num_samples, metrics, extras)
 
-    def _queue_upload(self, model: Weights, num_samples: int,
-                      metrics: Mapping[str, Any] | None, extras: Weights | None) -> bool:
+    def _queue_upload(
+        self,
+        model: Weights,
+        num_samples: int,
+        metrics: Mapping[str, Any] | None,
+        extras: Weights | None,
+    ) -> bool:
         """Queue the upload of ``model``/``extras``, which are private to this agent."""
         core = self._core
         upload = self._call(core.new_upload, model, num_samples, metrics, extras)
@@ -376,8 +392,9 @@ class Agent:
             RegistrationRefused, TLSError, TimeoutError: as :meth:`start`.
         """
         self._prepare_start()
-        self._task = asyncio.create_task(AgentConnection(self._core).run(),
-                                         name=f"fedstack-agent-{self.name}")
+        self._task = asyncio.create_task(
+            AgentConnection(self._core).run(), name=f"fedstack-agent-{self.name}"
+        )
         try:
             await self._wait_async(self._core.started, timeout, self._no_welcome(timeout))
         except TimeoutError:
@@ -386,8 +403,9 @@ class Agent:
 
     async def wait_for_global_model_async(self, timeout: float | None = None) -> Weights:
         """:meth:`wait_for_global_model` without blocking the event loop."""
-        return await self._wait_async(self._core.take_global, timeout,
-                                      lambda: TimeoutError("no new global model in time"))
+        return await self._wait_async(
+            self._core.take_global, timeout, lambda: TimeoutError("no new global model in time")
+        )
 
     async def flush_async(self, timeout: float | None = 60.0) -> None:
         """:meth:`flush` without blocking the event loop."""
@@ -409,12 +427,12 @@ class Agent:
         self._core.prepare_start()
 
     def _no_welcome(self, timeout: float | None) -> Callable[[], BaseException]:
-        return lambda: TimeoutError(f"no welcome from {self.url} within {timeout} s; "
-                                    "is the aggregator running?")
+        return lambda: TimeoutError(
+            f"no welcome from {self.url} within {timeout} s; is the aggregator running?"
+        )
 
     def _not_flushed(self, timeout: float | None) -> Callable[[], BaseException]:
-        return lambda: TimeoutError(f"{self.name}: upload not acknowledged within "
-                                    f"{timeout} s")
+        return lambda: TimeoutError(f"{self.name}: upload not acknowledged within {timeout} s")
 
     def _thread_main(self) -> None:
         try:
@@ -452,13 +470,18 @@ class Agent:
                 if not thread.is_alive() and fut.cancel():  # the loop ended without it
                     return fn(*args)
 
-    def _wait(self, check: Callable[[], T | None], timeout: float | None,
-              on_timeout: Callable[[], BaseException]) -> T:
+    def _wait(
+        self,
+        check: Callable[[], T | None],
+        timeout: float | None,
+        on_timeout: Callable[[], BaseException],
+    ) -> T:
         """Block until ``check()`` (run on the core's loop) gives a result."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             got: tuple[T | None, concurrent.futures.Future[None] | None] = self._call(
-                self._check_or_wait, check)
+                self._check_or_wait, check
+            )
             result, changed = got
             if result is not None:
                 return result
@@ -470,8 +493,9 @@ class Agent:
                 with contextlib.suppress(concurrent.futures.TimeoutError):
                     changed.result(1.0 if remaining is None else min(remaining, 1.0))
 
-    def _check_or_wait(self, check: Callable[[], T | None]
-                       ) -> tuple[T | None, concurrent.futures.Future[None] | None]:
+    def _check_or_wait(
+        self, check: Callable[[], T | None]
+    ) -> tuple[T | None, concurrent.futures.Future[None] | None]:
         result = check()
         if result is not None:
             return result, None
@@ -479,8 +503,12 @@ class Agent:
         assert isinstance(fut, concurrent.futures.Future)
         return None, fut
 
-    async def _wait_async(self, check: Callable[[], T | None], timeout: float | None,
-                          on_timeout: Callable[[], BaseException]) -> T:
+    async def _wait_async(
+        self,
+        check: Callable[[], T | None],
+        timeout: float | None,
+        on_timeout: Callable[[], BaseException],
+    ) -> T:
         """Wait on the running loop until ``check()`` gives a result."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -499,4 +527,3 @@ class Agent:
                         await changed
             except TimeoutError:
                 raise on_timeout() from None
-

@@ -80,21 +80,22 @@ def _to_param(value: np.ndarray[Any, Any], param: torch.Tensor) -> torch.Tensor:
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64)).to(
-        device=param.device, dtype=param.dtype)
+        device=param.device, dtype=param.dtype
+    )
 
 
 def _check_shape(name: str, value: np.ndarray[Any, Any], param: torch.Tensor) -> None:
     if tuple(value.shape) != tuple(param.shape):
-        raise ValueError(f"{name!r} has shape {tuple(value.shape)}, the parameter has "
-                         f"{tuple(param.shape)}")
+        raise ValueError(
+            f"{name!r} has shape {tuple(value.shape)}, the parameter has {tuple(param.shape)}"
+        )
 
 
 def _number(name: str, value: float, high: float | None = None) -> float:
     v = float(value)
     if not math.isfinite(v) or v < 0 or (high is not None and v > high):
         rng = f"[0, {high:g}]" if high is not None else ">= 0"
-        raise ValueError(f"{name} must be {'in ' if high is not None else ''}{rng}, "
-                         f"got {value!r}")
+        raise ValueError(f"{name} must be {'in ' if high is not None else ''}{rng}, got {value!r}")
     return v
 
 
@@ -118,8 +119,9 @@ class ProximalTerm:
         ValueError: If ``mu`` is negative or not finite, or a shape differs.
     """
 
-    def __init__(self, model: torch.nn.Module, global_weights: Mapping[str, Any],
-                 mu: float) -> None:
+    def __init__(
+        self, model: torch.nn.Module, global_weights: Mapping[str, Any], mu: float
+    ) -> None:
         self.mu = _number("mu", mu)
         self._params = _trainable(model)
         missing = [n for n, _ in self._params if n not in global_weights]
@@ -145,8 +147,9 @@ class ProximalTerm:
         return 0.5 * self.mu * total
 
 
-def proximal_term(model: torch.nn.Module, global_weights: Mapping[str, Any],
-                  mu: float) -> torch.Tensor:
+def proximal_term(
+    model: torch.nn.Module, global_weights: Mapping[str, Any], mu: float
+) -> torch.Tensor:
     """``(mu / 2) sum_params ||w - w_t||^2``: FedProx's proximal term, to add to the loss.
 
     Its gradient with respect to each parameter is ``mu (w - w_t)``. Converts
@@ -210,8 +213,10 @@ class GammaInexact:
         """Add the trainable parameters' current gradients to this epoch's sum."""
         import torch
 
-        grads = [torch.zeros_like(p, dtype=torch.float64) if p.grad is None
-                 else p.grad.detach().double() for _, p in _trainable(model)]
+        grads = [
+            torch.zeros_like(p, dtype=torch.float64) if p.grad is None else p.grad.detach().double()
+            for _, p in _trainable(model)
+        ]
         if not self._sum:
             self._sum = [g.clone() for g in grads]
         else:
@@ -331,8 +336,11 @@ def fedcurv_extras(model: torch.nn.Module, fisher: Mapping[str, Any]) -> Weights
         w = tensor.detach().to("cpu").double().numpy()
         u = _as_float64(fisher[name]) if name in fisher else np.zeros_like(w)
         _check_shape(name, u, tensor)
-        dtype = np.float32 if tensor.dtype == torch.bfloat16 else \
-            torch.empty((), dtype=tensor.dtype).numpy().dtype
+        dtype = (
+            np.float32
+            if tensor.dtype == torch.bfloat16
+            else torch.empty((), dtype=tensor.dtype).numpy().dtype
+        )
         extra[U_PREFIX + name] = u.astype(dtype)
         extra[V_PREFIX + name] = (u * w).astype(dtype)
     return extra
@@ -366,9 +374,14 @@ class FedCurvPenalty:
         ValueError: On a shape mismatch or a negative/non-finite ``lam`` or ``eps``.
     """
 
-    def __init__(self, model: torch.nn.Module, global_extra: Mapping[str, Any],
-                 own_extra: Mapping[str, Any] | None = None, lam: float = 1.0,
-                 eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        global_extra: Mapping[str, Any],
+        own_extra: Mapping[str, Any] | None = None,
+        lam: float = 1.0,
+        eps: float = 1e-8,
+    ) -> None:
         self.lam = _number("lam", lam)
         self.eps = _number("eps", eps)
         self._params: list[torch.nn.Parameter] = []
@@ -413,9 +426,13 @@ class FedCurvPenalty:
         return self.lam * (total + self.constant)
 
 
-def fedcurv_penalty(model: torch.nn.Module, global_extra: Mapping[str, Any],
-                    own_extra: Mapping[str, Any] | None, lam: float,
-                    eps: float = 1e-8) -> torch.Tensor:
+def fedcurv_penalty(
+    model: torch.nn.Module,
+    global_extra: Mapping[str, Any],
+    own_extra: Mapping[str, Any] | None,
+    lam: float,
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """FedCurv's penalty (see :class:`FedCurvPenalty`, which converts the statistics once
     and is the one to use inside a training loop)."""
     return FedCurvPenalty(model, global_extra, own_extra, lam, eps)()

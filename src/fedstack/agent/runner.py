@@ -36,9 +36,12 @@ def run_trainer(trainer: Trainer, url: str, name: str, **agent_args: Any) -> lis
                 break
             final = gm
             version = agent.version
-            config = {"version": version, "name": name,
-                      "federation": dict(agent.federation_config),
-                      "global_extra": agent.global_extra}
+            config = {
+                "version": version,
+                "name": name,
+                "federation": dict(agent.federation_config),
+                "global_extra": agent.global_extra,
+            }
             out = trainer.fit(gm, config)
             # our own dicts of the result: arrays the trainer does not keep are then held
             # by nothing else, and the agent sends them without a copy (send_owned_model)

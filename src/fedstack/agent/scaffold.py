@@ -106,8 +106,9 @@ class ScaffoldClient:
                     self._corrections[name] = corr
                 grad.add_(corr)
 
-    def _correction(self, name: str, shape: tuple[int, ...],
-                    c_global: Mapping[str, Array]) -> F64 | None:
+    def _correction(
+        self, name: str, shape: tuple[int, ...], c_global: Mapping[str, Array]
+    ) -> F64 | None:
         c = _control_of(c_global, name)
         ci = self.control.get(name)
         if c is None and ci is None:
@@ -118,8 +119,9 @@ class ScaffoldClient:
                 continue
             a = np.asarray(arr, dtype=np.float64)
             if a.shape != shape:
-                raise ValueError(f"scaffold control for {name!r} has shape {a.shape}, "
-                                 f"the parameter {shape}")
+                raise ValueError(
+                    f"scaffold control for {name!r} has shape {a.shape}, the parameter {shape}"
+                )
             out += sign * a
         return out
 
@@ -155,8 +157,10 @@ class ScaffoldClient:
             raise ValueError(f"steps and lr must be positive, got {steps!r} and {lr!r}")
         c_all = c_global if c_global is not None else self._source
         if c_all is None:
-            raise ValueError("no server control known: pass c_global (the round's extra "
-                             "arrays) or call correct_gradients first")
+            raise ValueError(
+                "no server control known: pass c_global (the round's extra "
+                "arrays) or call correct_gradients first"
+            )
         scale = 1.0 / (float(steps) * float(lr))
         out: Weights = {}
         new_control: dict[str, F64] = {}
@@ -173,13 +177,15 @@ class ScaffoldClient:
             if c is not None:
                 ca = np.asarray(c, dtype=np.float64)
                 if ca.shape != xa.shape:
-                    raise ValueError(f"scaffold control for {name!r} has shape {ca.shape}, "
-                                     f"the tensor {xa.shape}")
+                    raise ValueError(
+                        f"scaffold control for {name!r} has shape {ca.shape}, the tensor {xa.shape}"
+                    )
                 dc -= ca
             ci = self.control.get(name)
             if ci is not None and ci.shape != xa.shape:
-                raise ValueError(f"the agent's control for {name!r} has shape {ci.shape}, "
-                                 f"the tensor {xa.shape}")
+                raise ValueError(
+                    f"the agent's control for {name!r} has shape {ci.shape}, the tensor {xa.shape}"
+                )
             new_control[name] = dc.copy() if ci is None else ci + dc
             out[DC_PREFIX + name] = dc.astype(np.result_type(xa.dtype, np.float32))
         self.control.update(new_control)

@@ -71,9 +71,14 @@ class Identity:
     run_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"format": FORMAT, "name": self.name, "agent_id": self.agent_id,
-                               "version": self.version, "aggregator_id": self.aggregator_id,
-                               "run_id": self.run_id}
+        out: dict[str, Any] = {
+            "format": FORMAT,
+            "name": self.name,
+            "agent_id": self.agent_id,
+            "version": self.version,
+            "aggregator_id": self.aggregator_id,
+            "run_id": self.run_id,
+        }
         if self.token is not None:
             out["token"] = self.token
         return out
@@ -114,8 +119,9 @@ class AgentStateDir:
                     log.info("removing %s left by an interrupted write", leftover)
                     leftover.unlink()
         except OSError as exc:
-            raise ConfigError(f"cannot use {self.root} as the agent's state directory: "
-                              f"{exc}") from exc
+            raise ConfigError(
+                f"cannot use {self.root} as the agent's state directory: {exc}"
+            ) from exc
         self.identity = self._load_identity(name)
         changed = not (self.root / IDENTITY).exists()
         if token is not None and token != self.identity.token:
@@ -144,17 +150,23 @@ class AgentStateDir:
             if type(version) is not int:
                 raise ValueError("version must be an integer")
             ident = Identity(
-                name=stored, agent_id=_opt_str(doc.get("agent_id"), "agent_id"),
-                token=_opt_str(doc.get("token"), "token"), version=version,
+                name=stored,
+                agent_id=_opt_str(doc.get("agent_id"), "agent_id"),
+                token=_opt_str(doc.get("token"), "token"),
+                version=version,
                 aggregator_id=_opt_str(doc.get("aggregator_id"), "aggregator_id"),
                 run_id=_opt_str(doc.get("run_id"), "run_id"),
             )
         except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError included
-            raise ConfigError(f"the agent identity {path} is unreadable ({exc}); move it away "
-                              "to start this agent afresh") from None
+            raise ConfigError(
+                f"the agent identity {path} is unreadable ({exc}); move it away "
+                "to start this agent afresh"
+            ) from None
         if ident.name != name:
-            raise ConfigError(f"state directory {self.root} belongs to agent {ident.name!r}, "
-                              f"not {name!r}: give each agent its own state directory")
+            raise ConfigError(
+                f"state directory {self.root} belongs to agent {ident.name!r}, "
+                f"not {name!r}: give each agent its own state directory"
+            )
         return ident
 
     def _write_identity(self) -> None:
@@ -192,10 +204,16 @@ class AgentStateDir:
             raise StoreError(f"cannot encode the pending upload: {exc}") from exc
         digest, size = digest_of(parts)
         meta = {
-            "format": PENDING_FORMAT, "upload_id": upload.upload_id,
-            "base_version": upload.base_version, "num_samples": upload.num_samples,
-            "metrics": dict(upload.metrics), "run_id": run_id, "model": model_names,
-            "extra": extra_names, "blob_bytes": size, "blob_digest": digest,
+            "format": PENDING_FORMAT,
+            "upload_id": upload.upload_id,
+            "base_version": upload.base_version,
+            "num_samples": upload.num_samples,
+            "metrics": dict(upload.metrics),
+            "run_id": run_id,
+            "model": model_names,
+            "extra": extra_names,
+            "blob_bytes": size,
+            "blob_digest": digest,
         }
         data_tmp: Path | None = None
         meta_tmp: Path | None = None
@@ -249,8 +267,10 @@ class AgentStateDir:
                 meta_raw = meta_path.read_bytes()
             except FileNotFoundError:
                 if data_path.exists():
-                    log.info("removing tensors of an upload whose metadata was never written "
-                             "(%s)", data_path)
+                    log.info(
+                        "removing tensors of an upload whose metadata was never written (%s)",
+                        data_path,
+                    )
                     self._remove_pending()
                 return None
             except OSError as exc:
@@ -258,8 +278,11 @@ class AgentStateDir:
             try:
                 saved = self._read_pending(meta_raw, data_path)
             except (ValueError, KeyError, TypeError, OSError, StoreError) as exc:
-                log.warning("discarding the pending upload in %s: it is torn or damaged (%s)",
-                            self.root, exc)
+                log.warning(
+                    "discarding the pending upload in %s: it is torn or damaged (%s)",
+                    self.root,
+                    exc,
+                )
                 self._remove_pending()
                 return None
             self._pending_id = saved.upload.upload_id
@@ -277,8 +300,11 @@ class AgentStateDir:
             raise ValueError("bad upload_id")
         if not all(type(v) is int for v in (size, base, n)) or not isinstance(digest, str):
             raise ValueError("bad size, hash, base_version or num_samples")
-        if not (isinstance(names, list) and isinstance(extra_names, list)
-                and all(isinstance(x, str) for x in names + extra_names)):
+        if not (
+            isinstance(names, list)
+            and isinstance(extra_names, list)
+            and all(isinstance(x, str) for x in names + extra_names)
+        ):
             raise ValueError("bad tensor names")
         if not isinstance(metrics, dict) or not all(
             isinstance(v, (bool, int, float, str)) for v in metrics.values()
@@ -302,7 +328,12 @@ class AgentStateDir:
         model = {name: arrays[f"m.{i}"] for i, name in enumerate(names)}
         extra = {name: arrays[f"x.{i}"] for i, name in enumerate(extra_names)}
         clean: Metrics = {str(k): v for k, v in metrics.items()}
-        upload = ModelUpload(upload_id=upload_id, base_version=base, num_samples=n,
-                             metrics=clean, model=model, extra=extra or None)
+        upload = ModelUpload(
+            upload_id=upload_id,
+            base_version=base,
+            num_samples=n,
+            metrics=clean,
+            model=model,
+            extra=extra or None,
+        )
         return SavedUpload(upload, _opt_str(meta.get("run_id"), "run_id"))
-

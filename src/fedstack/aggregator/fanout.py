@@ -41,13 +41,21 @@ class Fanout:
         self.encodings = 0
         """How many times a global model was encoded (once per version and finality)."""
 
-    def encoded(self, version: int, model_id: str, weights: Weights, final: bool,
-                extra: Weights | None) -> tuple[Parts, int]:
+    def encoded(
+        self, version: int, model_id: str, weights: Weights, final: bool, extra: Weights | None
+    ) -> tuple[Parts, int]:
         """The ``global_model`` message of ``version``, encoded once and shared."""
         key = (version, model_id, final)
         if key != self._key:
-            self._parts = encode(GlobalModel(version=version, model_id=model_id, model=weights,
-                                             final=final, extra=extra or None))
+            self._parts = encode(
+                GlobalModel(
+                    version=version,
+                    model_id=model_id,
+                    model=weights,
+                    final=final,
+                    extra=extra or None,
+                )
+            )
             self._size = encoded_size(self._parts)
             self._key = key
             self.encodings += 1

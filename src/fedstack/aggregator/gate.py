@@ -99,8 +99,9 @@ class UpdateGate:
             max_deviation=None if dev is None else float(dev),
         )
 
-    def check(self, weights: Weights, global_weights: Weights,
-              baseline: Array | None = None) -> GateDecision:
+    def check(
+        self, weights: Weights, global_weights: Weights, baseline: Array | None = None
+    ) -> GateDecision:
         """Decide on ``weights``. ``baseline``: the global model's probe outputs, if known."""
         metrics: Metrics = {}
         if self.norm_bound is not None:
@@ -109,14 +110,18 @@ class UpdateGate:
             if norm > self.norm_bound:
                 if self.action == "reject":
                     return GateDecision(
-                        False, weights,
+                        False,
+                        weights,
                         f"update norm {norm:.4g} exceeds the bound {self.norm_bound:.4g}",
                         metrics,
                     )
                 scale = self.norm_bound / norm
                 weights = {
-                    k: np.add(ref, scale * np.subtract(weights[k], ref, dtype=np.float64),
-                              dtype=np.float64).astype(ref.dtype)
+                    k: np.add(
+                        ref,
+                        scale * np.subtract(weights[k], ref, dtype=np.float64),
+                        dtype=np.float64,
+                    ).astype(ref.dtype)
                     for k, ref in global_weights.items()
                 }
                 metrics["clip_scale"] = scale
@@ -129,7 +134,8 @@ class UpdateGate:
             metrics["probe_deviation"] = dev
             if not math.isfinite(dev) or dev > self.max_deviation:
                 return GateDecision(
-                    False, weights,
+                    False,
+                    weights,
                     f"outputs on the probe set deviate by {dev:.4g} from the global model's "
                     f"(limit {self.max_deviation:.4g})",
                     metrics,

@@ -50,8 +50,10 @@ AUDIT_KIND = "operator_api"
 DEFAULT_ROUNDS = 20
 MAX_ROUNDS = 1000
 _MAX_TOKEN_CHARS = 512
-_ISSUE_HINT = ("send 'Authorization: Bearer TOKEN' with an operator token; issue one with "
-               "`fedstack credentials add NAME --operator --db DATABASE`")
+_ISSUE_HINT = (
+    "send 'Authorization: Bearer TOKEN' with an operator token; issue one with "
+    "`fedstack credentials add NAME --operator --db DATABASE`"
+)
 _AUTH_HEADERS = (("WWW-Authenticate", 'Bearer realm="fedstack"'),)
 _ROUTES: dict[tuple[str, ...], tuple[str, str]] = {
     # path pattern ("*" = one segment) -> (method, handler name)
@@ -98,8 +100,9 @@ class OperatorAPI:
             response, after = outcome.response, outcome.after
             detail.update(outcome.detail)
         except HttpError as exc:
-            response = error_response(exc.status, exc.error, exc.hint,
-                                      _AUTH_HEADERS if exc.status == 401 else ())
+            response = error_response(
+                exc.status, exc.error, exc.hint, _AUTH_HEADERS if exc.status == 401 else ()
+            )
             detail.setdefault("reason", exc.error)
         await self._audit(req, operator, response.status, detail)
         if after is not None:
@@ -116,25 +119,27 @@ class OperatorAPI:
         if len(values) == 1:
             scheme, _, rest = values[0].partition(" ")
             rest = rest.strip()
-            if (scheme.lower() == "bearer" and 0 < len(rest) <= _MAX_TOKEN_CHARS
-                    and len(rest.split()) == 1):
+            if (
+                scheme.lower() == "bearer"
+                and 0 < len(rest) <= _MAX_TOKEN_CHARS
+                and len(rest.split()) == 1
+            ):
                 token = rest
         if token is None:
             detail["reason"] = "no-token" if not values else "malformed-authorization"
             raise HttpError(401, "operator token required", _ISSUE_HINT)
         try:
-            return await asyncio.to_thread(store.authenticate_operator, token,
-                                           req.remote_address)
+            return await asyncio.to_thread(store.authenticate_operator, token, req.remote_address)
         except CredentialRefused as exc:
             detail.update(reason=exc.reason, credential=exc.credential)
             if exc.source is not None:  # who holds the refused credential
                 detail["agent" if exc.reason == "agent-credential" else "name"] = exc.source
             if exc.reason == "agent-credential":
-                raise HttpError(403, "an agent credential cannot use the operator API",
-                                _ISSUE_HINT) from None
+                raise HttpError(
+                    403, "an agent credential cannot use the operator API", _ISSUE_HINT
+                ) from None
             if exc.reason == "revoked":
-                raise HttpError(403, "this operator credential was revoked",
-                                _ISSUE_HINT) from None
+                raise HttpError(403, "this operator credential was revoked", _ISSUE_HINT) from None
             raise HttpError(401, "unknown operator token", _ISSUE_HINT) from None
         except StoreError as exc:
             log.error("cannot check an operator token, the store is unavailable: %s", exc)
@@ -146,46 +151,73 @@ class OperatorAPI:
         segments = req.segments()
         for pattern, (method, name) in _ROUTES.items():
             if len(pattern) != len(segments) or not all(
-                    p in ("*", s) for p, s in zip(pattern, segments, strict=True)):
+                p in ("*", s) for p, s in zip(pattern, segments, strict=True)
+            ):
                 continue
             if req.method != method:
-                return _Outcome(error_response(
-                    405, f"{req.method} is not allowed here", f"use {method}",
-                    (("Allow", method),)), {"reason": "method not allowed"})
+                return _Outcome(
+                    error_response(
+                        405,
+                        f"{req.method} is not allowed here",
+                        f"use {method}",
+                        (("Allow", method),),
+                    ),
+                    {"reason": "method not allowed"},
+                )
             route: Callable[[HttpRequest, Operator, list[str]], Any] = getattr(self, name)
             result: _Outcome = await route(req, operator, segments)
             return result
-        raise HttpError(404, "no such endpoint", "endpoints: GET /healthz, GET /api/v1/status, "
-                        "GET /api/v1/agents, GET /api/v1/rounds?limit=N, "
-                        "POST /api/v1/agents/NAME/revoke, POST /api/v1/shutdown")
+        raise HttpError(
+            404,
+            "no such endpoint",
+            "endpoints: GET /healthz, GET /api/v1/status, "
+            "GET /api/v1/agents, GET /api/v1/rounds?limit=N, "
+            "POST /api/v1/agents/NAME/revoke, POST /api/v1/shutdown",
+        )
 
-    async def _status(self, req: HttpRequest, operator: Operator,
-                      segments: list[str]) -> _Outcome:
+    async def _status(self, req: HttpRequest, operator: Operator, segments: list[str]) -> _Outcome:
         from fedstack import __version__
 
         stats = self.agg.statistics()
-        return _Outcome(json_response(200, {
-            "run_id": stats.run_id, "aggregator_id": stats.aggregator_id,
-            "round": stats.round, "version": stats.version,
-            "finished": stats.finished, "strategy": stats.strategy,
-            "active_agents": stats.active_agents, "contributors": stats.contributors,
-            "needed": stats.needed, "rounds_completed": stats.rounds_completed,
-            "delivery": stats.delivery, "tls": stats.tls,
-            "fedstack_version": __version__,
-        }))
+        return _Outcome(
+            json_response(
+                200,
+                {
+                    "run_id": stats.run_id,
+                    "aggregator_id": stats.aggregator_id,
+                    "round": stats.round,
+                    "version": stats.version,
+                    "finished": stats.finished,
+                    "strategy": stats.strategy,
+                    "active_agents": stats.active_agents,
+                    "contributors": stats.contributors,
+                    "needed": stats.needed,
+                    "rounds_completed": stats.rounds_completed,
+                    "delivery": stats.delivery,
+                    "tls": stats.tls,
+                    "fedstack_version": __version__,
+                },
+            )
+        )
 
-    async def _agents(self, req: HttpRequest, operator: Operator,
-                      segments: list[str]) -> _Outcome:
-        agents = [{
-            "name": a.name, "agent_id": a.agent_id, "address": a.address,
-            "last_seen": a.last_seen, "idle_seconds": a.idle_seconds,
-            "known_version": a.known_version, "welcomed": a.welcomed,
-            "credential_source": a.credential_source, "credential": a.credential,
-        } for a in self.agg.statistics(agents=True).agents]
+    async def _agents(self, req: HttpRequest, operator: Operator, segments: list[str]) -> _Outcome:
+        agents = [
+            {
+                "name": a.name,
+                "agent_id": a.agent_id,
+                "address": a.address,
+                "last_seen": a.last_seen,
+                "idle_seconds": a.idle_seconds,
+                "known_version": a.known_version,
+                "welcomed": a.welcomed,
+                "credential_source": a.credential_source,
+                "credential": a.credential,
+            }
+            for a in self.agg.statistics(agents=True).agents
+        ]
         return _Outcome(json_response(200, {"count": len(agents), "agents": agents}))
 
-    async def _rounds(self, req: HttpRequest, operator: Operator,
-                      segments: list[str]) -> _Outcome:
+    async def _rounds(self, req: HttpRequest, operator: Operator, segments: list[str]) -> _Outcome:
         raw = req.query.get("limit", [str(DEFAULT_ROUNDS)])
         if len(raw) != 1 or not raw[0].isdigit() or not 1 <= int(raw[0]) <= MAX_ROUNDS:
             raise HttpError(400, "bad limit", f"limit must be an integer in 1..{MAX_ROUNDS}")
@@ -194,16 +226,23 @@ class OperatorAPI:
         try:
             rows = await asyncio.to_thread(store.rounds, self.agg.run_id, int(raw[0]))
         except StoreError as exc:
-            raise HttpError(503, "the aggregator's store is unavailable", "retry later") \
-                from exc
-        keys = ("round", "started", "finished", "seconds", "model_id", "num_updates",
-                "num_samples", "metrics")
+            raise HttpError(503, "the aggregator's store is unavailable", "retry later") from exc
+        keys = (
+            "round",
+            "started",
+            "finished",
+            "seconds",
+            "model_id",
+            "num_updates",
+            "num_samples",
+            "metrics",
+        )
         rounds = [{k: r.get(k) for k in keys} for r in rows]
-        return _Outcome(json_response(200, {"run_id": self.agg.run_id, "count": len(rounds),
-                                            "rounds": rounds}))
+        return _Outcome(
+            json_response(200, {"run_id": self.agg.run_id, "count": len(rounds), "rounds": rounds})
+        )
 
-    async def _revoke(self, req: HttpRequest, operator: Operator,
-                      segments: list[str]) -> _Outcome:
+    async def _revoke(self, req: HttpRequest, operator: Operator, segments: list[str]) -> _Outcome:
         name = segments[3]
         store = self.agg.store
         assert store is not None
@@ -211,49 +250,80 @@ class OperatorAPI:
         try:
             known = len(name) <= 128 and any(
                 c["name"] == name and c["role"] == "agent"
-                for c in await asyncio.to_thread(store.list_credentials))
+                for c in await asyncio.to_thread(store.list_credentials)
+            )
             if not known:
-                raise HttpError(404, f"no agent {name[:128]!r}",
-                                "GET /api/v1/agents lists the connected agents")
+                raise HttpError(
+                    404, f"no agent {name[:128]!r}", "GET /api/v1/agents lists the connected agents"
+                )
             changed = await asyncio.to_thread(store.revoke_credential, name, role="agent")
         except StoreError as exc:
-            raise HttpError(503, "the aggregator's store is unavailable", "retry later") \
-                from exc
+            raise HttpError(503, "the aggregator's store is unavailable", "retry later") from exc
         disconnected = self.agg.disconnect_agent(
-            name, "revoked", f"the credential of agent {name!r} was revoked by an operator",
-            {"name": name, "stage": "operator-revoke", "reason": "revoked",
-             "operator": operator.name})
-        log.warning("operator %s revoked the credential of agent %s%s", operator.name, name,
-                    " and disconnected it" if disconnected else "")
+            name,
+            "revoked",
+            f"the credential of agent {name!r} was revoked by an operator",
+            {
+                "name": name,
+                "stage": "operator-revoke",
+                "reason": "revoked",
+                "operator": operator.name,
+            },
+        )
+        log.warning(
+            "operator %s revoked the credential of agent %s%s",
+            operator.name,
+            name,
+            " and disconnected it" if disconnected else "",
+        )
         detail.update(changed=changed, disconnected=disconnected)
-        return _Outcome(json_response(200, {"name": name, "revoked": True, "changed": changed,
-                                            "disconnected": disconnected}), detail)
+        return _Outcome(
+            json_response(
+                200,
+                {"name": name, "revoked": True, "changed": changed, "disconnected": disconnected},
+            ),
+            detail,
+        )
 
-    async def _shutdown(self, req: HttpRequest, operator: Operator,
-                        segments: list[str]) -> _Outcome:
-        log.warning("operator %s requested shutdown (the run resumes from the store on "
-                    "restart)", operator.name)
+    async def _shutdown(
+        self, req: HttpRequest, operator: Operator, segments: list[str]
+    ) -> _Outcome:
+        log.warning(
+            "operator %s requested shutdown (the run resumes from the store on restart)",
+            operator.name,
+        )
 
         def stop() -> None:  # after the audit event is written, before the answer is sent
             if self._stop_task is None:
                 self._stop_task = asyncio.get_running_loop().create_task(self.agg.stop())
 
-        return _Outcome(json_response(202, {"status": "stopping", "run_id": self.agg.run_id}),
-                        after=stop)
+        return _Outcome(
+            json_response(202, {"status": "stopping", "run_id": self.agg.run_id}), after=stop
+        )
 
     # ------------------------------------------------------------------ audit
-    async def _audit(self, req: HttpRequest, operator: Operator | None, status: int,
-                     detail: dict[str, Any]) -> None:
+    async def _audit(
+        self, req: HttpRequest, operator: Operator | None, status: int, detail: dict[str, Any]
+    ) -> None:
         outcome = "accepted" if status < 400 else "refused"
         event = {
             "operator": operator.name if operator else detail.pop("name", None),
             "credential": operator.fingerprint if operator else detail.pop("credential", None),
-            "address": req.remote_address, "method": req.method, "path": req.path[:256],
-            "status": status, "outcome": outcome, **detail,
+            "address": req.remote_address,
+            "method": req.method,
+            "path": req.path[:256],
+            "status": status,
+            "outcome": outcome,
+            **detail,
         }
         (log.info if status < 400 else log.warning)(
-            "operator API: %s %s from %s (%s) -> %d", req.method, req.path[:200],
-            req.remote_address, event["operator"] or "unauthenticated", status)
+            "operator API: %s %s from %s (%s) -> %d",
+            req.method,
+            req.path[:200],
+            req.remote_address,
+            event["operator"] or "unauthenticated",
+            status,
+        )
         store = self.agg.store
         if store is None:
             return
@@ -261,14 +331,14 @@ class OperatorAPI:
             if status >= 400:  # refusals: rate-limited per source, a flood is counted
                 await self.agg.audit_refusal(AUDIT_KIND, event, address=req.remote_address)
             else:
-                await asyncio.to_thread(store.log_event, AUDIT_KIND, event,
-                                        run_id=self.agg.run_id)
+                await asyncio.to_thread(store.log_event, AUDIT_KIND, event, run_id=self.agg.run_id)
 
 
 def _healthz(req: HttpRequest) -> HttpResponse:
     if req.method != "GET":
-        return error_response(405, f"{req.method} is not allowed here", "use GET",
-                              (("Allow", "GET"),))
+        return error_response(
+            405, f"{req.method} is not allowed here", "use GET", (("Allow", "GET"),)
+        )
     refusal = body_refusal(req)
     if refusal is not None:
         return refusal.response

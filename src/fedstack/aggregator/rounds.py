@@ -53,14 +53,20 @@ class UploadStatus(StrEnum):
 
 
 _STORED = {
-    UploadStatus.CURRENT: "buffered", UploadStatus.NEXT: "buffered",
-    UploadStatus.DROP: "stale", UploadStatus.DUPLICATE: "duplicate",
-    UploadStatus.FINISHED: "late", UploadStatus.REJECTED: "rejected",
+    UploadStatus.CURRENT: "buffered",
+    UploadStatus.NEXT: "buffered",
+    UploadStatus.DROP: "stale",
+    UploadStatus.DUPLICATE: "duplicate",
+    UploadStatus.FINISHED: "late",
+    UploadStatus.REJECTED: "rejected",
 }
 _FROM_STORED = {
-    "buffered": UploadStatus.CURRENT, "aggregated": UploadStatus.CURRENT,
-    "stale": UploadStatus.DROP, "duplicate": UploadStatus.DUPLICATE,
-    "late": UploadStatus.FINISHED, "rejected": UploadStatus.REJECTED,
+    "buffered": UploadStatus.CURRENT,
+    "aggregated": UploadStatus.CURRENT,
+    "stale": UploadStatus.DROP,
+    "duplicate": UploadStatus.DUPLICATE,
+    "late": UploadStatus.FINISHED,
+    "rejected": UploadStatus.REJECTED,
 }
 _EXPLAIN = {
     UploadStatus.CURRENT: "",
@@ -102,8 +108,7 @@ class RoundState:
     def needed(self, active: int) -> int:
         """Distinct uploads that complete the round: max(min_agents, ceil(threshold x active),
         the strategy's min_updates)."""
-        return max(self.min_agents, math.ceil(self.threshold * active - 1e-9), 1,
-                   self.min_updates)
+        return max(self.min_agents, math.ceil(self.threshold * active - 1e-9), 1, self.min_updates)
 
     def classify(self, agent_id: str, base_version: int) -> UploadStatus:
         """What to do with an upload from ``agent_id`` trained on ``base_version``."""

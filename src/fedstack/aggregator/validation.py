@@ -9,14 +9,20 @@ from fedstack.wire.tensors import all_finite, dtype_name
 Structure = list[tuple[str, str, tuple[int, ...]]]
 
 
-def validate_model(weights: Weights, structure: Structure | None, *, agent_id: str | None = None,
-                   round: int | None = None) -> None:
+def validate_model(
+    weights: Weights,
+    structure: Structure | None,
+    *,
+    agent_id: str | None = None,
+    round: int | None = None,
+) -> None:
     """Refuse a model whose names, shapes or dtypes differ from ``structure`` or that holds
     NaN or infinity.
 
     Raises:
         InvalidUpdate: with a message naming the first problem found.
     """
+
     def bad(msg: str) -> InvalidUpdate:
         return InvalidUpdate(msg, agent_id=agent_id, round=round)
 
@@ -44,13 +50,22 @@ def validate_model(weights: Weights, structure: Structure | None, *, agent_id: s
             raise bad(f"tensor {name!r} holds NaN or infinite values")
 
 
-def validate_extra(extra: Weights, *, agent_id: str | None = None, round: int | None = None,
-                   max_tensors: int = 16384) -> None:
+def validate_extra(
+    extra: Weights,
+    *,
+    agent_id: str | None = None,
+    round: int | None = None,
+    max_tensors: int = 16384,
+) -> None:
     """Extra arrays are free-form but must be finite and few enough."""
     if len(extra) > max_tensors:
-        raise InvalidUpdate(f"{len(extra)} extra arrays exceed the limit of {max_tensors}",
-                            agent_id=agent_id, round=round)
+        raise InvalidUpdate(
+            f"{len(extra)} extra arrays exceed the limit of {max_tensors}",
+            agent_id=agent_id,
+            round=round,
+        )
     for name, arr in extra.items():
         if not all_finite(arr):
-            raise InvalidUpdate(f"extra array {name!r} holds NaN or infinite values",
-                                agent_id=agent_id, round=round)
+            raise InvalidUpdate(
+                f"extra array {name!r} holds NaN or infinite values", agent_id=agent_id, round=round
+            )

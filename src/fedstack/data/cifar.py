@@ -46,8 +46,7 @@ TEST_FILE = "test_batch.bin"
 PY_TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 PY_TEST_FILE = "test_batch"
 PY_META_FILE = "batches.meta"
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-           "ship", "truck"]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 Images = npt.NDArray[np.uint8]
 Labels = npt.NDArray[np.int64]
@@ -55,12 +54,16 @@ Format = Literal["binary", "python"]
 LabelMode = Literal["fine", "coarse"]
 
 
-def _find(root: str | Path, name: str, bin_dir: str, py_dir: str, bin_test: str,
-          py_test: str) -> tuple[Path, Format]:
+def _find(
+    root: str | Path, name: str, bin_dir: str, py_dir: str, bin_test: str, py_test: str
+) -> tuple[Path, Format]:
     root = Path(root).expanduser()
     cands: list[tuple[Path, Format, str]] = [
-        (root, "binary", bin_test), (root, "python", py_test),
-        (root / bin_dir, "binary", bin_test), (root / py_dir, "python", py_test)]
+        (root, "binary", bin_test),
+        (root, "python", py_test),
+        (root / bin_dir, "binary", bin_test),
+        (root / py_dir, "python", py_test),
+    ]
     for cand, fmt, test in cands:
         if (cand / test).is_file():
             return cand, fmt
@@ -73,8 +76,9 @@ def _find(root: str | Path, name: str, bin_dir: str, py_dir: str, bin_test: str,
 
 def detect_cifar10(root: str | Path) -> tuple[Path, Format]:
     """The folder holding CIFAR-10's batches under ``root`` and its format."""
-    return _find(root, "CIFAR-10", "cifar-10-batches-bin", "cifar-10-batches-py",
-                 TEST_FILE, PY_TEST_FILE)
+    return _find(
+        root, "CIFAR-10", "cifar-10-batches-bin", "cifar-10-batches-py", TEST_FILE, PY_TEST_FILE
+    )
 
 
 def detect_cifar100(root: str | Path) -> tuple[Path, Format]:
@@ -84,12 +88,14 @@ def detect_cifar100(root: str | Path) -> tuple[Path, Format]:
 
 # -- binary version ----------------------------------------------------------------------
 
+
 def _read_records(path: Path, label_bytes: int) -> tuple[Images, npt.NDArray[np.uint8]]:
     record = label_bytes + PIXELS
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % record:
-        raise ConfigError(f"{path}: {raw.size} bytes is not a whole number of "
-                          f"{record}-byte CIFAR records")
+        raise ConfigError(
+            f"{path}: {raw.size} bytes is not a whole number of {record}-byte CIFAR records"
+        )
     rec = raw.reshape(-1, record)
     images = rec[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), rec[:, :label_bytes]
@@ -126,6 +132,7 @@ def read_batch100(path: str | Path, label_mode: LabelMode = "fine") -> tuple[Ima
 
 # -- python version ----------------------------------------------------------------------
 
+
 def _field(path: Path, d: Any, key: str) -> Any:
     """``d[key]`` for a dict written by Python 2 (bytes keys) or Python 3 (str keys)."""
     if type(d) is not dict:
@@ -151,16 +158,20 @@ def _py_labels(path: Path, value: Any, key: str, n: int, n_classes: int) -> Labe
     return _check_labels(path, labels, n_classes)
 
 
-def _py_batch(path: str | Path, label_keys: list[tuple[str, int]]
-              ) -> tuple[Images, list[Labels]]:
+def _py_batch(path: str | Path, label_keys: list[tuple[str, int]]) -> tuple[Images, list[Labels]]:
     path = Path(path)
     d = parse_file(path)
     data = _field(path, d, "data")
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-            and data.shape[1] == PIXELS):
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == np.uint8
+        and data.ndim == 2
+        and data.shape[1] == PIXELS
+    ):
         shape = data.shape if isinstance(data, np.ndarray) else type(data).__name__
-        raise ConfigError(f"{path}: 'data' must be a uint8 array of shape (N, {PIXELS}), "
-                          f"found {shape}")
+        raise ConfigError(
+            f"{path}: 'data' must be a uint8 array of shape (N, {PIXELS}), found {shape}"
+        )
     n = data.shape[0]
     images = np.ascontiguousarray(data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1))
     labels = [_py_labels(path, _field(path, d, key), key, n, k) for key, k in label_keys]
@@ -179,8 +190,10 @@ def read_python_batch(path: str | Path) -> tuple[Images, Labels]:
     return images, labels
 
 
-def read_python_batch100(path: str | Path, label_mode: LabelMode = "fine",
-                         ) -> tuple[Images, Labels]:
+def read_python_batch100(
+    path: str | Path,
+    label_mode: LabelMode = "fine",
+) -> tuple[Images, Labels]:
     """One CIFAR-100 python-version file (``train`` / ``test``), read without unpickling."""
     key, n = ("fine_labels", 100) if _mode(label_mode) == "fine" else ("coarse_labels", 20)
     images, (labels,) = _py_batch(path, [(key, n)])
@@ -212,8 +225,12 @@ def _mode(label_mode: str) -> LabelMode:
 
 # -- loaders -----------------------------------------------------------------------------
 
-def load_cifar10(root: str | Path, *, train_files: list[str] | None = None,
-                 ) -> tuple[Images, Labels, Images, Labels]:
+
+def load_cifar10(
+    root: str | Path,
+    *,
+    train_files: list[str] | None = None,
+) -> tuple[Images, Labels, Images, Labels]:
     """Load CIFAR-10 from ``root``: an extracted archive (binary or python version) or its
     parent folder; the format is detected. ``train_files`` picks training batches by name
     (with or without ``.bin``).
@@ -233,8 +250,7 @@ def load_cifar10(root: str | Path, *, train_files: list[str] | None = None,
     if missing:
         raise ConfigError(f"{folder}: missing CIFAR-10 batch file(s) {missing}")
     parts = [read(folder / n) for n in names]
-    x_train = (np.concatenate([p[0] for p in parts]) if parts
-               else np.empty((0, 32, 32, 3), np.uint8))
+    x_train = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, 32, 32, 3), np.uint8)
     y_train = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
     x_test, y_test = read(folder / test)
     return x_train, y_train, x_test, y_test
@@ -251,8 +267,11 @@ def cifar10_class_names(root: str | Path) -> list[str]:
     return list(CLASSES)
 
 
-def load_cifar100(root: str | Path, *, label_mode: LabelMode = "fine",
-                  ) -> tuple[Images, Labels, Images, Labels]:
+def load_cifar100(
+    root: str | Path,
+    *,
+    label_mode: LabelMode = "fine",
+) -> tuple[Images, Labels, Images, Labels]:
     """Load CIFAR-100 from ``root`` (``cifar-100-binary`` or ``cifar-100-python``, or its
     parent folder); ``label_mode`` picks the 100 fine or the 20 coarse labels.
 
@@ -266,8 +285,7 @@ def load_cifar100(root: str | Path, *, label_mode: LabelMode = "fine",
         raise ConfigError(f"{folder}: missing CIFAR-100 file {train}")
     if fmt == "binary":
         return (*read_batch100(folder / train, mode), *read_batch100(folder / test, mode))
-    return (*read_python_batch100(folder / train, mode),
-            *read_python_batch100(folder / test, mode))
+    return (*read_python_batch100(folder / train, mode), *read_python_batch100(folder / test, mode))
 
 
 def cifar100_class_names(root: str | Path, label_mode: LabelMode = "fine") -> list[str]:

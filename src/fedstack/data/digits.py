@@ -49,8 +49,11 @@ def _split(test_size: float, seed: int) -> tuple[Features, Labels, Features, Lab
         try:
             with np.load(path, allow_pickle=False) as z:
                 parts = (z["x_train"], z["y_train"], z["x_test"], z["y_test"])
-            if (all(p.ndim == n for p, n in zip(parts, (2, 1, 2, 1), strict=True))
-                    and parts[0].dtype == np.float32 and parts[1].dtype == np.int64):
+            if (
+                all(p.ndim == n for p, n in zip(parts, (2, 1, 2, 1), strict=True))
+                and parts[0].dtype == np.float32
+                and parts[1].dtype == np.int64
+            ):
                 for part in parts:
                     part.setflags(write=False)
                 return parts
@@ -60,8 +63,9 @@ def _split(test_size: float, seed: int) -> tuple[Features, Labels, Features, Lab
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise ConfigError("the digits demo data needs scikit-learn: "
-                          "pip install 'fedstack[demo]'") from None
+        raise ConfigError(
+            "the digits demo data needs scikit-learn: pip install 'fedstack[demo]'"
+        ) from None
 
     digits = load_digits()
     x = (np.asarray(digits.data, dtype=np.float32) / np.float32(16.0)).astype(np.float32)

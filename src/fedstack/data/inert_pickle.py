@@ -60,8 +60,9 @@ class Limits:
     max_ndim: int = 32
 
 
-_RECONSTRUCT = frozenset({"numpy.core.multiarray._reconstruct",
-                          "numpy._core.multiarray._reconstruct"})
+_RECONSTRUCT = frozenset(
+    {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"}
+)
 _NDARRAY = "numpy.ndarray"
 _DTYPE = "numpy.dtype"
 _ENCODE = "_codecs.encode"
@@ -70,17 +71,34 @@ _ALLOWED_GLOBALS = _RECONSTRUCT | _BYTES | {_NDARRAY, _DTYPE, _ENCODE}
 
 # (type code, byte-order char in the dtype's pickled state) -> dtype. Only these are built.
 _DTYPES: dict[tuple[str, str], np.dtype[Any]] = {
-    ("u1", "|"): np.dtype("u1"), ("i1", "|"): np.dtype("i1"),
-    ("i2", "<"): np.dtype("<i2"), ("i4", "<"): np.dtype("<i4"), ("i8", "<"): np.dtype("<i8"),
-    ("f4", "<"): np.dtype("<f4"), ("f8", "<"): np.dtype("<f8"),
+    ("u1", "|"): np.dtype("u1"),
+    ("i1", "|"): np.dtype("i1"),
+    ("i2", "<"): np.dtype("<i2"),
+    ("i4", "<"): np.dtype("<i4"),
+    ("i8", "<"): np.dtype("<i8"),
+    ("f4", "<"): np.dtype("<f4"),
+    ("f8", "<"): np.dtype("<f8"),
 }
 
 _SCALAR_KEYS = (str, bytes, int, float, bool, type(None))
 
 # Opcodes that only push a decoded argument (ints, floats, strings, bytes).
-_PUSH_ARG = frozenset({"BININT", "BININT1", "BININT2", "LONG1", "LONG4", "BINFLOAT",
-                       "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
-                       "BINBYTES", "SHORT_BINBYTES", "BINBYTES8"})
+_PUSH_ARG = frozenset(
+    {
+        "BININT",
+        "BININT1",
+        "BININT2",
+        "LONG1",
+        "LONG4",
+        "BINFLOAT",
+        "BINUNICODE",
+        "SHORT_BINUNICODE",
+        "BINUNICODE8",
+        "BINBYTES",
+        "SHORT_BINBYTES",
+        "BINBYTES8",
+    }
+)
 _PUSH_CONST: dict[str, Any] = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
 
 
@@ -175,8 +193,7 @@ class _Machine:
 
     def open_container(self, c: Any, kind: type) -> None:
         if type(c) is not kind:
-            raise _Refused(f"{'APPEND' if kind is list else 'SETITEM'}(S) on a "
-                           f"{type(c).__name__}")
+            raise _Refused(f"{'APPEND' if kind is list else 'SETITEM'}(S) on a {type(c).__name__}")
         if id(c) in self.sealed:
             raise _Refused(f"a {kind.__name__} changed after it was put in another container")
 
@@ -277,8 +294,14 @@ class _Machine:
             raise _Refused(f"REDUCE {func.name} with arguments of type {type(args).__name__}")
         name = func.name
         if name in _RECONSTRUCT:
-            if (len(args) == 3 and type(args[0]) is _Marker and args[0].name == _NDARRAY
-                    and type(args[1]) is tuple and args[1] == (0,) and _text(args[2]) == "b"):
+            if (
+                len(args) == 3
+                and type(args[0]) is _Marker
+                and args[0].name == _NDARRAY
+                and type(args[1]) is tuple
+                and args[1] == (0,)
+                and _text(args[2]) == "b"
+            ):
                 return _Pending("array")
             raise _Refused(f"REDUCE {name} with arguments other than numpy writes")
         if name == _DTYPE:
@@ -286,12 +309,13 @@ class _Machine:
             if code is None or not (_is_int(args[1], 0) and _is_int(args[2], 1)):
                 raise _Refused("REDUCE numpy.dtype with arguments other than numpy writes")
             if code not in {c for c, _ in _DTYPES}:
-                raise _Refused(f"numpy dtype {code!r} is not in the allow-list "
-                               f"{sorted({c for c, _ in _DTYPES})}")
+                raise _Refused(
+                    f"numpy dtype {code!r} is not in the allow-list "
+                    f"{sorted({c for c, _ in _DTYPES})}"
+                )
             return _Pending("dtype", code)
         if name == _ENCODE:  # Python 3, protocol < 3: bytes spelled _codecs.encode(s, latin1)
-            if (len(args) == 2 and type(args[0]) is str
-                    and _text(args[1]) in ("latin1", "latin-1")):
+            if len(args) == 2 and type(args[0]) is str and _text(args[1]) in ("latin1", "latin-1"):
                 try:
                     return args[0].encode("latin-1")
                 except UnicodeEncodeError:
@@ -315,15 +339,24 @@ class _Machine:
     @staticmethod
     def build_dtype(code: str, state: tuple[Any, ...]) -> np.dtype[Any]:
         # (version 3, byte order, subarray, names, fields, elsize, alignment, flags)
-        if not (len(state) == 8 and _is_int(state[0], 3)
-                and state[2] is None and state[3] is None and state[4] is None
-                and _is_int(state[5], -1) and _is_int(state[6], -1) and _is_int(state[7], 0)):
+        if not (
+            len(state) == 8
+            and _is_int(state[0], 3)
+            and state[2] is None
+            and state[3] is None
+            and state[4] is None
+            and _is_int(state[5], -1)
+            and _is_int(state[6], -1)
+            and _is_int(state[7], 0)
+        ):
             raise _Refused("BUILD numpy.dtype with a state other than a plain numeric dtype")
         order = _text(state[1])
         dtype = _DTYPES.get((code, order or ""))
         if dtype is None:
-            raise _Refused(f"numpy dtype {code!r} with byte order {order!r} is not in the "
-                           "allow-list (little-endian or '|' only)")
+            raise _Refused(
+                f"numpy dtype {code!r} with byte order {order!r} is not in the "
+                "allow-list (little-endian or '|' only)"
+            )
         return dtype
 
     def build_array(self, state: tuple[Any, ...]) -> np.ndarray[Any, Any]:
@@ -337,8 +370,11 @@ class _Machine:
             raise _Refused("BUILD numpy.ndarray with a non-boolean is_fortran flag")
         if type(raw) is not bytes:
             raise _Refused(f"numpy array data given as {type(raw).__name__}, not raw bytes")
-        if (type(shape) is not tuple or len(shape) > self.limits.max_ndim
-                or not all(_is_int(n) and n >= 0 for n in shape)):
+        if (
+            type(shape) is not tuple
+            or len(shape) > self.limits.max_ndim
+            or not all(_is_int(n) and n >= 0 for n in shape)
+        ):
             raise _Refused("numpy array shape is not a tuple of non-negative ints")
         count = 1
         for n in shape:
@@ -346,11 +382,14 @@ class _Machine:
             if count * dtype.itemsize > len(raw):
                 break
         if count * dtype.itemsize != len(raw):
-            raise _Refused(f"numpy array of shape {self.short(shape)} and dtype {dtype} "
-                           f"needs a different byte count than the {len(raw)} given")
+            raise _Refused(
+                f"numpy array of shape {self.short(shape)} and dtype {dtype} "
+                f"needs a different byte count than the {len(raw)} given"
+            )
         flat = np.frombuffer(raw, dtype=dtype)
         return flat.reshape(tuple(int(n) for n in shape), order="F" if fortran else "C").copy(
-            order="K")
+            order="K"
+        )
 
     @staticmethod
     def short(shape: tuple[Any, ...]) -> str:
@@ -368,8 +407,10 @@ def parse_bytes(data: bytes, source: str = "<bytes>", limits: Limits | None = No
     """
     limits = limits or Limits()
     if len(data) > limits.max_bytes:
-        raise ConfigError(f"{source}: {len(data)} bytes is over the {limits.max_bytes}-byte "
-                          "limit for a pickled data file")
+        raise ConfigError(
+            f"{source}: {len(data)} bytes is over the {limits.max_bytes}-byte "
+            "limit for a pickled data file"
+        )
     m = _Machine(limits)
     stream = io.BytesIO(data)
     op_name, pos = "(start)", 0
@@ -437,9 +478,11 @@ def parse_bytes(data: bytes, source: str = "<bytes>", limits: Limits | None = No
                         raise _Refused("STACK_GLOBAL on values that are not strings")
                 full = f"{module}.{name}"
                 if full not in _ALLOWED_GLOBALS:
-                    raise _Refused(f"refused {op_name} {full[:200]!r}: only numpy array "
-                                   "markers are accepted and nothing named in the file is "
-                                   "imported or called")
+                    raise _Refused(
+                        f"refused {op_name} {full[:200]!r}: only numpy array "
+                        "markers are accepted and nothing named in the file is "
+                        "imported or called"
+                    )
                 m.push(_Marker(full))
             elif op_name == "REDUCE":
                 args = m.pop()
@@ -465,11 +508,14 @@ def parse_bytes(data: bytes, source: str = "<bytes>", limits: Limits | None = No
     except _Refused as e:
         raise ConfigError(f"{source}: pickle opcode {op_name} at byte {pos}: {e}") from None
     except Exception as e:  # malformed input: genops' ValueError, bad unicode, bad types...
-        raise ConfigError(f"{source}: not a readable pickle (after opcode {op_name} at byte "
-                          f"{pos}): {type(e).__name__}: {str(e)[:200]}") from None
+        raise ConfigError(
+            f"{source}: not a readable pickle (after opcode {op_name} at byte "
+            f"{pos}): {type(e).__name__}: {str(e)[:200]}"
+        ) from None
     if stream.tell() != len(data):
-        raise ConfigError(f"{source}: {len(data) - stream.tell()} trailing bytes after the "
-                          "pickle's STOP opcode")
+        raise ConfigError(
+            f"{source}: {len(data) - stream.tell()} trailing bytes after the pickle's STOP opcode"
+        )
     return result
 
 
@@ -481,8 +527,10 @@ def parse_file(path: str | Path, limits: Limits | None = None) -> Any:
     try:
         size = p.stat().st_size
         if size > limits.max_bytes:
-            raise ConfigError(f"{p}: {size} bytes is over the {limits.max_bytes}-byte limit "
-                              "for a pickled data file")
+            raise ConfigError(
+                f"{p}: {size} bytes is over the {limits.max_bytes}-byte limit "
+                "for a pickled data file"
+            )
         with p.open("rb") as f:
             data = f.read(limits.max_bytes + 1)
     except OSError as e:

@@ -123,8 +123,9 @@ def dirichlet(
     )
 
 
-def shards(labels: npt.ArrayLike, num_agents: int, classes_per_agent: int,
-           seed: int = 0) -> list[IndexArray]:
+def shards(
+    labels: npt.ArrayLike, num_agents: int, classes_per_agent: int, seed: int = 0
+) -> list[IndexArray]:
     """Pathological non-IID split (McMahan et al. 2017): sort the rows by label, cut them
     into ``num_agents * classes_per_agent`` shards and deal each agent that many shards.
 
@@ -152,8 +153,9 @@ def shards(labels: npt.ArrayLike, num_agents: int, classes_per_agent: int,
     ]
 
 
-def quantity_skew(labels: npt.ArrayLike, num_agents: int, alpha: float, seed: int = 0,
-                  min_samples: int = 1) -> list[IndexArray]:
+def quantity_skew(
+    labels: npt.ArrayLike, num_agents: int, alpha: float, seed: int = 0, min_samples: int = 1
+) -> list[IndexArray]:
     """IID labels, unequal sizes: agent shares drawn from Dirichlet(alpha) (small alpha =
     very unequal), every agent keeping at least ``min_samples`` rows.
 
@@ -184,8 +186,7 @@ def _number(spec: str, arg: str, what: str, example: str) -> float:
         value = float(arg)
     except ValueError:
         raise ConfigError(
-            f"partition {spec!r}: {what} {arg.strip()!r} is not a number (use e.g. "
-            f"{example!r})"
+            f"partition {spec!r}: {what} {arg.strip()!r} is not a number (use e.g. {example!r})"
         ) from None
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(
@@ -231,13 +232,15 @@ def parse_partition(spec: str) -> Partitioner:
     )
 
 
-def _shards_partitioner(labels: npt.ArrayLike, num_agents: int, seed: int = 0, *,
-                        classes_per_agent: int) -> list[IndexArray]:
+def _shards_partitioner(
+    labels: npt.ArrayLike, num_agents: int, seed: int = 0, *, classes_per_agent: int
+) -> list[IndexArray]:
     return shards(labels, num_agents, classes_per_agent, seed)
 
 
-def _quantity_partitioner(labels: npt.ArrayLike, num_agents: int, seed: int = 0, *,
-                          alpha: float) -> list[IndexArray]:
+def _quantity_partitioner(
+    labels: npt.ArrayLike, num_agents: int, seed: int = 0, *, alpha: float
+) -> list[IndexArray]:
     return quantity_skew(labels, num_agents, alpha, seed)
 
 

@@ -90,8 +90,9 @@ def sample_counts(num_devices: int, rng: np.random.Generator) -> npt.NDArray[np.
 
 def feature_variances(dimension: int = DIMENSION) -> npt.NDArray[np.float64]:
     """The diagonal of the shared feature covariance: ``j^-1.2`` for ``j = 1..dimension``."""
-    variances: npt.NDArray[np.float64] = np.power(np.arange(1, dimension + 1, dtype=np.float64),
-                                                  -1.2)
+    variances: npt.NDArray[np.float64] = np.power(
+        np.arange(1, dimension + 1, dtype=np.float64), -1.2
+    )
     return variances
 
 
@@ -266,7 +267,11 @@ def generate_synthetic(
         )
     else:
         devices = synthetic_devices(
-            alpha, beta, num_devices=num_devices, seed=seed, dimension=dimension,
+            alpha,
+            beta,
+            num_devices=num_devices,
+            seed=seed,
+            dimension=dimension,
             num_classes=num_classes,
         )
     return [(d.x, d.y) for d in devices]

@@ -130,8 +130,14 @@ def is_fatal_tls_error(exc: BaseException) -> bool:
     """
     if isinstance(exc, ssl.SSLCertVerificationError):
         return True
-    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError
-                  | ssl.SSLWantReadError | ssl.SSLWantWriteError):
+    if isinstance(
+        exc,
+        ssl.SSLEOFError
+        | ssl.SSLZeroReturnError
+        | ssl.SSLSyscallError
+        | ssl.SSLWantReadError
+        | ssl.SSLWantWriteError,
+    ):
         return False
     if isinstance(exc, ssl.SSLError):
         reason = str(exc.reason or "").upper()
@@ -143,27 +149,40 @@ def is_fatal_tls_error(exc: BaseException) -> bool:
 
 def describe_tls_failure(url: str, exc: BaseException, ca: StrPath | None = None) -> str:
     """A message for a fatal TLS failure connecting to ``url`` that says what to check."""
-    where = (f"the CA file {os.fspath(ca)!r}" if ca is not None
-             else "no CA file was given, so the system trust store was used")
+    where = (
+        f"the CA file {os.fspath(ca)!r}"
+        if ca is not None
+        else "no CA file was given, so the system trust store was used"
+    )
     hint_ca = f"check the CA file ({where}; set it with --ca or FEDSTACK_CA)"
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = exc.verify_message or str(exc)
         if "hostname" in why.lower() or "ip address mismatch" in why.lower():
-            return (f"TLS: the certificate of {url} is not valid for this host ({why}); "
-                    "connect with a host name or address the certificate names, or make a "
-                    f"certificate for it (fedstack certs --host ...); also {hint_ca}")
-        return (f"TLS: cannot verify the certificate of {url} ({why}): {hint_ca}; it must "
-                "hold the CA that signed the aggregator's certificate")
+            return (
+                f"TLS: the certificate of {url} is not valid for this host ({why}); "
+                "connect with a host name or address the certificate names, or make a "
+                f"certificate for it (fedstack certs --host ...); also {hint_ca}"
+            )
+        return (
+            f"TLS: cannot verify the certificate of {url} ({why}): {hint_ca}; it must "
+            "hold the CA that signed the aggregator's certificate"
+        )
     reason = str(getattr(exc, "reason", "") or exc).upper()
     if "CERTIFICATE_REQUIRED" in reason or "HANDSHAKE_FAILURE" in reason:
-        return (f"TLS: {url} refused the handshake ({reason.lower()}): it requires a client "
-                "certificate signed by its client CA (--cert/--key)")
+        return (
+            f"TLS: {url} refused the handshake ({reason.lower()}): it requires a client "
+            "certificate signed by its client CA (--cert/--key)"
+        )
     if "BAD_CERTIFICATE" in reason or "UNKNOWN_CA" in reason or "CERTIFICATE" in reason:
-        return (f"TLS: {url} refused this agent's client certificate ({reason.lower()}): it "
-                "must be signed by the CA the aggregator trusts (tls_client_ca)")
+        return (
+            f"TLS: {url} refused this agent's client certificate ({reason.lower()}): it "
+            "must be signed by the CA the aggregator trusts (tls_client_ca)"
+        )
     if "WRONG_VERSION_NUMBER" in reason or "UNKNOWN_PROTOCOL" in reason:
-        return (f"TLS: {url} does not speak TLS ({reason.lower()}); use ws:// if the "
-                "aggregator runs without TLS")
+        return (
+            f"TLS: {url} does not speak TLS ({reason.lower()}); use ws:// if the "
+            "aggregator runs without TLS"
+        )
     return f"TLS: handshake with {url} failed: {exc}"
 
 
@@ -242,8 +261,11 @@ async def diagnose(
     if is_fatal_tls_error(exc):
         return TLSError(describe_tls_failure(url, exc, ca))
     parts = urlsplit(url)
-    if (not isinstance(exc, ConnectionClosed) or parts.hostname is None
-            or parts.scheme not in ("ws", "wss")):
+    if (
+        not isinstance(exc, ConnectionClosed)
+        or parts.hostname is None
+        or parts.scheme not in ("ws", "wss")
+    ):
         return None
     if exc.reason.startswith("WebSocket handshake failed"):
         return None  # the peer answered in HTTP: not a TLS problem
@@ -332,8 +354,9 @@ def make_test_pki(
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     except ImportError:
-        raise TLSError("making certificates needs cryptography: "
-                       "pip install 'fedstack[certs]'") from None
+        raise TLSError(
+            "making certificates needs cryptography: pip install 'fedstack[certs]'"
+        ) from None
 
     hosts = list(hosts)
     agent_names = list(agents)
@@ -343,22 +366,29 @@ def make_test_pki(
         raise TLSError("make_test_pki: days must be at least 1")
     for name in agent_names:
         if not _NAME_RE.match(name):
-            raise TLSError(f"make_test_pki: agent name {name!r} cannot be a file name "
-                           "(letters, digits, '.', '_', '-')")
+            raise TLSError(
+                f"make_test_pki: agent name {name!r} cannot be a file name "
+                "(letters, digits, '.', '_', '-')"
+            )
     if len(set(agent_names)) != len(agent_names):
         raise TLSError("make_test_pki: agent names repeat")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = PKIFiles(
-        directory=out, ca=out / "ca.pem", ca_key=out / "ca.key",
-        server_cert=out / "server.pem", server_key=out / "server.key",
+        directory=out,
+        ca=out / "ca.pem",
+        ca_key=out / "ca.key",
+        server_cert=out / "server.pem",
+        server_key=out / "server.key",
         clients={n: (out / f"agent-{n}.pem", out / f"agent-{n}.key") for n in agent_names},
     )
     if not overwrite:
         existing = [str(p) for p in files.all_files() if p.exists()]
         if existing:
-            raise TLSError(f"make_test_pki: {', '.join(existing)} already exist(s); "
-                           "choose another directory or overwrite (--force)")
+            raise TLSError(
+                f"make_test_pki: {', '.join(existing)} already exist(s); "
+                "choose another directory or overwrite (--force)"
+            )
 
     sans: list[x509.GeneralName] = []
     for h in hosts:
@@ -366,8 +396,9 @@ def make_test_pki(
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             if not re.match(r"^[A-Za-z0-9*]([A-Za-z0-9.*-]*[A-Za-z0-9])?$", h):
-                raise TLSError(f"make_test_pki: {h!r} is neither a host name nor an IP "
-                               "address") from None
+                raise TLSError(
+                    f"make_test_pki: {h!r} is neither a host name nor an IP address"
+                ) from None
             sans.append(x509.DNSName(h))
 
     now = datetime.datetime.now(datetime.UTC)
@@ -377,52 +408,86 @@ def make_test_pki(
         return ec.generate_private_key(ec.SECP256R1())
 
     def key_pem(k: ec.EllipticCurvePrivateKey) -> bytes:
-        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                               serialization.NoEncryption())
+        return k.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     ca_key = new_key()
-    ca_name = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedstack test PKI"),
-        x509.NameAttribute(NameOID.COMMON_NAME, "fedstack test CA"),
-    ])
+    ca_name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedstack test PKI"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "fedstack test CA"),
+        ]
+    )
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
 
-    def leaf(common_name: str, usage: x509.ObjectIdentifier,
-             alt: list[x509.GeneralName] | None) -> tuple[bytes, bytes]:
+    def leaf(
+        common_name: str, usage: x509.ObjectIdentifier, alt: list[x509.GeneralName] | None
+    ) -> tuple[bytes, bytes]:
         key = new_key()
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedstack test PKI"),
-                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-            ]))
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedstack test PKI"),
+                        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                    ]
+                )
+            )
             .issuer_name(ca_name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end)
+            .not_valid_before(start)
+            .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
             .add_extension(aki, critical=False)
         )
         if alt:

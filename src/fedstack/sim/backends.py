@@ -28,8 +28,14 @@ from fedstack.errors import ConfigError
 from fedstack.sim.worker import FitResult, FitTask, TrainerCache, initial_weights, run_fit, warm_up
 from fedstack.types import Weights
 
-__all__ = ["AutoBackend", "Backend", "InlineBackend", "LocalBackend", "create_backend",
-           "default_workers"]
+__all__ = [
+    "AutoBackend",
+    "Backend",
+    "InlineBackend",
+    "LocalBackend",
+    "create_backend",
+    "default_workers",
+]
 
 
 class Backend(Protocol):
@@ -39,8 +45,9 @@ class Backend(Protocol):
         """Start one fit; the future holds its result (or the trainer's exception)."""
         ...
 
-    def initial_weights(self, trainer: str, trainer_args: Mapping[str, Any],
-                        num_agents: int) -> Weights:
+    def initial_weights(
+        self, trainer: str, trainer_args: Mapping[str, Any], num_agents: int
+    ) -> Weights:
         """The initial model (agent 0's trainer's ``initial_weights()``)."""
         ...
 
@@ -73,11 +80,13 @@ class InlineBackend:
             fut.set_exception(exc)
         return fut
 
-    def initial_weights(self, trainer: str, trainer_args: Mapping[str, Any],
-                        num_agents: int) -> Weights:
+    def initial_weights(
+        self, trainer: str, trainer_args: Mapping[str, Any], num_agents: int
+    ) -> Weights:
         with self._lock:
-            return dict(self._cache.get(trainer, dict(trainer_args), 0,
-                                        num_agents).initial_weights())
+            return dict(
+                self._cache.get(trainer, dict(trainer_args), 0, num_agents).initial_weights()
+            )
 
     def close(self) -> None:
         pass
@@ -88,8 +97,14 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, workers: int | None = None, *, max_tasks_per_worker: int | None = 2000,
-                 start_method: str = "forkserver", warm: str | None = None) -> None:
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        max_tasks_per_worker: int | None = 2000,
+        start_method: str = "forkserver",
+        warm: str | None = None,
+    ) -> None:
         self.workers = workers or default_workers()
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
@@ -99,8 +114,9 @@ class LocalBackend:
             # run again in the workers (trainers are named as module:Callable anyway)
             ctx.set_forkserver_preload(["fedstack.sim.worker"])
         self._pools = [
-            cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx,
-                                   max_tasks_per_child=max_tasks_per_worker)
+            cf.ProcessPoolExecutor(
+                max_workers=1, mp_context=ctx, max_tasks_per_child=max_tasks_per_worker
+            )
             for _ in range(self.workers)
         ]
         if warm is not None:  # start every worker now, importing the trainer's module
@@ -110,10 +126,12 @@ class LocalBackend:
     def submit(self, task: FitTask) -> cf.Future[FitResult]:
         return self._pools[task.index % self.workers].submit(run_fit, task)
 
-    def initial_weights(self, trainer: str, trainer_args: Mapping[str, Any],
-                        num_agents: int) -> Weights:
-        return self._pools[0].submit(initial_weights, trainer, dict(trainer_args),
-                                     num_agents).result()
+    def initial_weights(
+        self, trainer: str, trainer_args: Mapping[str, Any], num_agents: int
+    ) -> Weights:
+        return (
+            self._pools[0].submit(initial_weights, trainer, dict(trainer_args), num_agents).result()
+        )
 
     def close(self) -> None:
         for p in self._pools:
@@ -137,8 +155,14 @@ class AutoBackend:
     IPC_FIXED_SECONDS = 0.001
     SKIP_FITS = 3
 
-    def __init__(self, workers: int | None = None, *, trainer: str | None = None,
-                 probe_fits: int = 10, **options: Any) -> None:
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        trainer: str | None = None,
+        probe_fits: int = 10,
+        **options: Any,
+    ) -> None:
         self.workers = workers or default_workers()
         self._trainer = trainer
         self._options = options
@@ -163,32 +187,37 @@ class AutoBackend:
         if fut.exception() is None and self.workers > 1 and self.decision is None:
             res = fut.result()
             moved = sum(a.nbytes for a in task.weights.values()) + sum(
-                a.nbytes for a in res.weights.values())
+                a.nbytes for a in res.weights.values()
+            )
             with self._lock:
                 self._fits.append((res.fit_seconds, moved))
-                if (len(self._fits) >= self._probe_fits + self.SKIP_FITS
-                        and self.decision is None):
+                if len(self._fits) >= self._probe_fits + self.SKIP_FITS and self.decision is None:
                     self._decide()
         return fut
 
     def _decide(self) -> None:
         # the first fits of a process pay one-time costs (imports, allocator warm-up):
         # judge by the median of the fits after them
-        fits = sorted(f for f, _ in self._fits[self.SKIP_FITS:])
+        fits = sorted(f for f, _ in self._fits[self.SKIP_FITS :])
         fit = fits[len(fits) // 2]
         moved = sum(b for _, b in self._fits) / len(self._fits)
         ipc = moved / self.IPC_BYTES_PER_SECOND + self.IPC_FIXED_SECONDS
         gain = fit * (1 - 1 / self.workers)
         if gain > 2 * ipc:
             self._pool = LocalBackend(self.workers, warm=self._trainer, **self._options)
-            self.decision = (f"worker pool of {self.workers}: median fit {fit * 1e3:.1f} ms, "
-                             f"transfer ~{ipc * 1e3:.1f} ms")
+            self.decision = (
+                f"worker pool of {self.workers}: median fit {fit * 1e3:.1f} ms, "
+                f"transfer ~{ipc * 1e3:.1f} ms"
+            )
         else:
-            self.decision = (f"inline: median fit {fit * 1e3:.1f} ms does not pay for moving "
-                             f"{moved / 1e6:.2f} MB to a worker (~{ipc * 1e3:.1f} ms)")
+            self.decision = (
+                f"inline: median fit {fit * 1e3:.1f} ms does not pay for moving "
+                f"{moved / 1e6:.2f} MB to a worker (~{ipc * 1e3:.1f} ms)"
+            )
 
-    def initial_weights(self, trainer: str, trainer_args: Mapping[str, Any],
-                        num_agents: int) -> Weights:
+    def initial_weights(
+        self, trainer: str, trainer_args: Mapping[str, Any], num_agents: int
+    ) -> Weights:
         return self._inline.initial_weights(trainer, trainer_args, num_agents)
 
     def close(self) -> None:
@@ -196,8 +225,9 @@ class AutoBackend:
             self._pool.close()
 
 
-def create_backend(name: str, workers: int | None = None, *, trainer: str | None = None,
-                   **options: Any) -> Backend:
+def create_backend(
+    name: str, workers: int | None = None, *, trainer: str | None = None, **options: Any
+) -> Backend:
     """``auto``, ``inline``, ``local`` (``workers=0`` means inline) or ``ray``."""
     if name in ("local", "auto") and workers == 0:
         name = "inline"

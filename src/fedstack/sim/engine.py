@@ -90,12 +90,18 @@ class SimResult:
     def summary(self) -> dict[str, Any]:
         """A JSON-able summary (what ``fedstack sim --json`` prints)."""
         return {
-            "run_id": self.run_id, "run_name": self.run_name, "db": self.db,
-            "rounds": self.rounds, "wall_seconds": round(self.wall_seconds, 4),
+            "run_id": self.run_id,
+            "run_name": self.run_name,
+            "db": self.db,
+            "rounds": self.rounds,
+            "wall_seconds": round(self.wall_seconds, 4),
             "setup_seconds": round(self.setup_seconds, 4),
             "round_seconds": [round(s, 5) for s in self.round_seconds],
-            "final_metrics": self.final_metrics, "agents_trained": self.agents_trained,
-            "fits": self.fits, "backend": self.backend, "transport": self.transport,
+            "final_metrics": self.final_metrics,
+            "agents_trained": self.agents_trained,
+            "fits": self.fits,
+            "backend": self.backend,
+            "transport": self.transport,
             **self.extra,
         }
 
@@ -177,14 +183,27 @@ def simulate(
     be = create_backend(backend, workers, trainer=trainer, **dict(backend_options or {}))
     try:
         sim = _Simulation(
-            trainer=trainer, trainer_args=dict(trainer_args or {}), num_agents=num_agents,
-            per_round=k, rounds=rounds, strategy=strategy,
-            strategy_params=dict(strategy_params or {}), federation=dict(federation or {}),
-            evaluator=evaluator, db=db,
-            run_name=run_name or f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-"
-                                 f"{next(_run_ids)}",
-            transport=transport, backend=be, seed=seed, delivery=delivery, durable=durable,
-            round_timeout=round_timeout, persistent=persistent, progress=progress, t0=t0,
+            trainer=trainer,
+            trainer_args=dict(trainer_args or {}),
+            num_agents=num_agents,
+            per_round=k,
+            rounds=rounds,
+            strategy=strategy,
+            strategy_params=dict(strategy_params or {}),
+            federation=dict(federation or {}),
+            evaluator=evaluator,
+            db=db,
+            run_name=run_name
+            or f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_run_ids)}",
+            transport=transport,
+            backend=be,
+            seed=seed,
+            delivery=delivery,
+            durable=durable,
+            round_timeout=round_timeout,
+            persistent=persistent,
+            progress=progress,
+            t0=t0,
         )
         return _run(sim.run())
     finally:
@@ -213,12 +232,30 @@ def _run(coro: Any) -> SimResult:
 
 
 class _Simulation:
-    def __init__(self, *, trainer: str, trainer_args: dict[str, Any], num_agents: int,
-                 per_round: int, rounds: int, strategy: str, strategy_params: dict[str, Any],
-                 federation: dict[str, Any], evaluator: str | None, db: str, run_name: str,
-                 transport: str, backend: Backend, seed: int, delivery: str, durable: bool,
-                 round_timeout: float, persistent: bool,
-                 progress: bool | Callable[[int, float, Metrics], None], t0: float) -> None:
+    def __init__(
+        self,
+        *,
+        trainer: str,
+        trainer_args: dict[str, Any],
+        num_agents: int,
+        per_round: int,
+        rounds: int,
+        strategy: str,
+        strategy_params: dict[str, Any],
+        federation: dict[str, Any],
+        evaluator: str | None,
+        db: str,
+        run_name: str,
+        transport: str,
+        backend: Backend,
+        seed: int,
+        delivery: str,
+        durable: bool,
+        round_timeout: float,
+        persistent: bool,
+        progress: bool | Callable[[int, float, Metrics], None],
+        t0: float,
+    ) -> None:
         self.trainer, self.trainer_args = trainer, trainer_args
         self.n, self.k, self.rounds = num_agents, per_round, rounds
         self.backend, self.transport = backend, transport
@@ -227,12 +264,26 @@ class _Simulation:
         self.t0 = t0
         self.db, self.durable, self.run_name = db, durable, run_name
         self.config = AggregatorConfig(
-            host="127.0.0.1", port=0, transport="tcp" if transport == "loopback" else "inproc",
-            db=db, run_name=run_name, rounds=rounds, threshold=1.0, min_agents=per_round,
-            round_timeout=None, delivery=delivery, strategy=strategy,
-            strategy_params=strategy_params, federation=federation, seed=seed,
-            evaluator=evaluator, auth="off", finish_grace=0.0,
-            heartbeat_interval=30.0, register_timeout=60.0, send_timeout=round_timeout,
+            host="127.0.0.1",
+            port=0,
+            transport="tcp" if transport == "loopback" else "inproc",
+            db=db,
+            run_name=run_name,
+            rounds=rounds,
+            threshold=1.0,
+            min_agents=per_round,
+            round_timeout=None,
+            delivery=delivery,
+            strategy=strategy,
+            strategy_params=strategy_params,
+            federation=federation,
+            seed=seed,
+            evaluator=evaluator,
+            auth="off",
+            finish_grace=0.0,
+            heartbeat_interval=30.0,
+            register_timeout=60.0,
+            send_timeout=round_timeout,
         )
         self.states: dict[int, dict[str, Any]] = {}
         self.trained: set[int] = set()
@@ -246,13 +297,15 @@ class _Simulation:
 
     # ------------------------------------------------------------------ the run
     async def run(self) -> SimResult:
-        store = await asyncio.to_thread(Store, self.db, durable=self.durable,
-                                        inline_blob_bytes=self.config.inline_blob_bytes)
+        store = await asyncio.to_thread(
+            Store, self.db, durable=self.durable, inline_blob_bytes=self.config.inline_blob_bytes
+        )
         agg = Aggregator(self.config, store=store)
         try:
             self._check_strategy(agg)
             self.initial = await asyncio.to_thread(
-                self.backend.initial_weights, self.trainer, self.trainer_args, self.n)
+                self.backend.initial_weights, self.trainer, self.trainer_args, self.n
+            )
             await agg.start()
             self.url = agg.url
             setup = time.perf_counter() - self.t0
@@ -268,14 +321,25 @@ class _Simulation:
             final = {k: np.array(v) for k, v in agg.global_weights.items()}
             last = history[-1]["metrics"] if history else {}
             return SimResult(
-                run_id=agg.run_id, run_name=self.run_name, db=str(self.db),
-                rounds=agg.statistics().version, wall_seconds=wall, round_seconds=round_seconds,
-                history=history, final_weights=final, final_metrics=dict(last or {}),
-                agents_trained=len(self.trained), fits=self.fits,
-                backend=self.backend.name, transport=self.transport, setup_seconds=setup,
-                extra={k: v for k, v in (("backend_decision",
-                                          getattr(self.backend, "decision", None)),)
-                       if v is not None},
+                run_id=agg.run_id,
+                run_name=self.run_name,
+                db=str(self.db),
+                rounds=agg.statistics().version,
+                wall_seconds=wall,
+                round_seconds=round_seconds,
+                history=history,
+                final_weights=final,
+                final_metrics=dict(last or {}),
+                agents_trained=len(self.trained),
+                fits=self.fits,
+                backend=self.backend.name,
+                transport=self.transport,
+                setup_seconds=setup,
+                extra={
+                    k: v
+                    for k, v in (("backend_decision", getattr(self.backend, "decision", None)),)
+                    if v is not None
+                },
             )
         finally:
             if self._bar is not None:
@@ -283,8 +347,9 @@ class _Simulation:
             await agg.stop()
             await asyncio.to_thread(store.close)
 
-    async def _wait_version(self, agg: Aggregator, version: int,
-                            tasks: Sequence[asyncio.Future[Any]] = ()) -> None:
+    async def _wait_version(
+        self, agg: Aggregator, version: int, tasks: Sequence[asyncio.Future[Any]] = ()
+    ) -> None:
         """Return when the aggregator published ``version``; SimError if an agent or the
         run failed first, or the round took longer than the round timeout."""
         deadline = time.monotonic() + self.round_timeout
@@ -303,15 +368,17 @@ class _Simulation:
                 if left <= 0:
                     raise SimError(
                         f"round {version} did not complete within {self.round_timeout} s "
-                        f"({agg.statistics().contributors}/{self.k} updates)")
+                        f"({agg.statistics().contributors}/{self.k} updates)"
+                    )
                 # woken by the new version or an agent task ending; failures set from
                 # callbacks are noticed within 50 ms
-                await asyncio.wait([waiter, *(t for t in tasks if not t.done())],
-                                   timeout=min(left, 0.05),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    [waiter, *(t for t in tasks if not t.done())],
+                    timeout=min(left, 0.05),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
             if waiter.exception() is not None:
-                raise SimError(f"round {version}: the aggregator stopped") \
-                    from waiter.exception()
+                raise SimError(f"round {version}: the aggregator stopped") from waiter.exception()
         finally:
             waiter.cancel()
 
@@ -320,8 +387,10 @@ class _Simulation:
         for rnd in range(1, self.rounds + 1):
             start = time.perf_counter()
             chosen = [int(i) for i in np.sort(self.rng.choice(self.n, self.k, replace=False))]
-            tasks = [asyncio.ensure_future(self._one_round(idx, rnd == 1 and j == 0))
-                     for j, idx in enumerate(chosen)]
+            tasks = [
+                asyncio.ensure_future(self._one_round(idx, rnd == 1 and j == 0))
+                for j, idx in enumerate(chosen)
+            ]
             try:
                 await asyncio.gather(*tasks)
             except BaseException as exc:
@@ -334,8 +403,9 @@ class _Simulation:
         return seconds
 
     async def _run_persistent(self, agg: Aggregator) -> list[float]:
-        tasks = [asyncio.ensure_future(self._persistent_agent(idx, idx == 0))
-                 for idx in range(self.n)]
+        tasks = [
+            asyncio.ensure_future(self._persistent_agent(idx, idx == 0)) for idx in range(self.n)
+        ]
         seconds: list[float] = []
         try:
             await self._wait_version(agg, 0, tasks)
@@ -360,8 +430,9 @@ class _Simulation:
 
     # ------------------------------------------------------------------ one virtual agent
     def _agent(self, idx: int, initial: bool) -> Agent:
-        agent = Agent(self.url, name=f"sim-{idx:0{self.width}d}", max_backoff=1.0,
-                      connect_timeout=30.0)
+        agent = Agent(
+            self.url, name=f"sim-{idx:0{self.width}d}", max_backoff=1.0, connect_timeout=30.0
+        )
         agent.on_refusal = functools.partial(self._refused, agent.name)
         if initial:
             assert self.initial is not None
@@ -373,25 +444,34 @@ class _Simulation:
         # federation's settings); no later round can go differently, so stop now
         self.failure = self.failure or SimError(
             f"the aggregator refused {name}'s {err.code} request: {err.message} "
-            f"(trainer {self.trainer}, strategy {self.config.strategy!r})")
+            f"(trainer {self.trainer}, strategy {self.config.strategy!r})"
+        )
 
     def _check_strategy(self, agg: Aggregator) -> None:
         s = agg.strategy
         need = max(s.min_updates, s.trigger or 0)
         if need > self.k:
-            what = (f"aggregates every {s.trigger} updates" if (s.trigger or 0) >= s.min_updates
-                    else f"needs at least {s.min_updates} updates to aggregate")
+            what = (
+                f"aggregates every {s.trigger} updates"
+                if (s.trigger or 0) >= s.min_updates
+                else f"needs at least {s.min_updates} updates to aggregate"
+            )
             raise ConfigError(
                 f"strategy {self.config.strategy!r} {what}, but {self.k} agents train per "
                 f"round: sample at least {need} per round, or change the strategy's "
-                "parameters")
+                "parameters"
+            )
 
     async def _train(self, agent: Agent, idx: int, gm: Weights) -> None:
-        config = {"version": agent.version, "name": agent.name,
-                  "federation": dict(agent.federation_config),
-                  "global_extra": dict(agent.global_extra)}
-        task = FitTask(self.trainer, self.trainer_args, idx, self.n, gm, config,
-                       self.states.get(idx))
+        config = {
+            "version": agent.version,
+            "name": agent.name,
+            "federation": dict(agent.federation_config),
+            "global_extra": dict(agent.global_extra),
+        }
+        task = FitTask(
+            self.trainer, self.trainer_args, idx, self.n, gm, config, self.states.get(idx)
+        )
         fut = self.backend.submit(task)  # inline: already done; else a worker's future
         res = fut.result() if fut.done() else await asyncio.wrap_future(fut)
         del fut, task, gm

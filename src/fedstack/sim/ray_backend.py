@@ -88,8 +88,10 @@ def _import_ray() -> Any:
     try:
         return importlib.import_module("ray")
     except ImportError as exc:
-        raise ConfigError("the Ray backend needs Ray: pip install 'fedstack[ray]' "
-                          f"(or use --backend local) [{exc}]") from exc
+        raise ConfigError(
+            "the Ray backend needs Ray: pip install 'fedstack[ray]' "
+            f"(or use --backend local) [{exc}]"
+        ) from exc
 
 
 # ---------------------------------------------------------------------- in Ray's workers
@@ -109,8 +111,9 @@ class _FitActor:
     def fit(self, task: FitTask) -> FitResult:
         return run_fit(task)
 
-    def initial_weights(self, trainer: str, trainer_args: dict[str, Any],
-                        num_agents: int) -> Weights:
+    def initial_weights(
+        self, trainer: str, trainer_args: dict[str, Any], num_agents: int
+    ) -> Weights:
         return initial_weights(trainer, trainer_args, num_agents)
 
     def pid(self) -> int:
@@ -125,8 +128,9 @@ def _fit_task(task: FitTask, paths: tuple[str, ...]) -> FitResult:
     return run_fit(task)
 
 
-def _initial_weights_task(trainer: str, trainer_args: dict[str, Any], num_agents: int,
-                          paths: tuple[str, ...]) -> Weights:
+def _initial_weights_task(
+    trainer: str, trainer_args: dict[str, Any], num_agents: int, paths: tuple[str, ...]
+) -> Weights:
     _add_paths(paths)
     return initial_weights(trainer, trainer_args, num_agents)
 
@@ -141,9 +145,10 @@ def _probe(address: str, timeout: float = 10.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise ConfigError(f"no Ray cluster answers at {address} ({exc}); start one with "
-                          "`ray start --head` or leave out --ray-address for a local Ray"
-                          ) from exc
+        raise ConfigError(
+            f"no Ray cluster answers at {address} ({exc}); start one with "
+            "`ray start --head` or leave out --ray-address for a local Ray"
+        ) from exc
 
 
 class _Slot:
@@ -177,11 +182,19 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, workers: int | None = None, *, address: str | None = None,
-                 num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 max_calls: int = DEFAULT_MAX_CALLS, actors: bool = True,
-                 init_options: Mapping[str, Any] | None = None,
-                 timeout: float = 600.0, warm: str | None = None) -> None:
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        address: str | None = None,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        max_calls: int = DEFAULT_MAX_CALLS,
+        actors: bool = True,
+        init_options: Mapping[str, Any] | None = None,
+        timeout: float = 600.0,
+        warm: str | None = None,
+    ) -> None:
         if workers is not None and workers < 1:
             raise ConfigError("the Ray backend needs workers >= 1 (or none: from the cluster)")
         if num_cpus < 0 or num_gpus < 0:
@@ -205,38 +218,54 @@ class RayBackend:
             self.workers = self._check_resources(workers)
             if actors:
                 self._actor_cls = self.ray.remote(
-                    num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_concurrency=1,
-                    max_restarts=0)(_FitActor)
+                    num_cpus=self.num_cpus,
+                    num_gpus=self.num_gpus,
+                    max_concurrency=1,
+                    max_restarts=0,
+                )(_FitActor)
                 self._slots = [_Slot(self._new_actor()) for _ in range(self.workers)]
-                self._wait([s.actor.warm_up.remote(warm) for s in self._slots],
-                           f"start {self.workers} Ray workers")
+                self._wait(
+                    [s.actor.warm_up.remote(warm) for s in self._slots],
+                    f"start {self.workers} Ray workers",
+                )
             else:
                 self._fit = self.ray.remote(
-                    num_cpus=self.num_cpus, num_gpus=self.num_gpus,
-                    max_calls=self.max_calls, max_retries=0)(_fit_task)
+                    num_cpus=self.num_cpus,
+                    num_gpus=self.num_gpus,
+                    max_calls=self.max_calls,
+                    max_retries=0,
+                )(_fit_task)
                 self._init = self.ray.remote(
-                    num_cpus=self.num_cpus, num_gpus=self.num_gpus,
-                    max_calls=self.max_calls, max_retries=0)(_initial_weights_task)
+                    num_cpus=self.num_cpus,
+                    num_gpus=self.num_gpus,
+                    max_calls=self.max_calls,
+                    max_retries=0,
+                )(_initial_weights_task)
         except BaseException:
             self.close()
             raise
 
     # ------------------------------------------------------------------ setup
-    def _connect(self, workers: int | None, address: str | None,
-                 options: dict[str, Any]) -> None:
+    def _connect(self, workers: int | None, address: str | None, options: dict[str, Any]) -> None:
         ray = self.ray
         if ray.is_initialized():
             log.info("using the Ray this process is already connected to")
             return
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                  "configure_logging": False}
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "configure_logging": False,
+        }
         if address is None:
             from fedstack.sim.backends import default_workers
 
             self._temp_dir = tempfile.mkdtemp(prefix="fedstack-ray-")
-            kwargs.update(num_cpus=workers or default_workers(), _temp_dir=self._temp_dir,
-                          _node_ip_address="127.0.0.1")
+            kwargs.update(
+                num_cpus=workers or default_workers(),
+                _temp_dir=self._temp_dir,
+                _node_ip_address="127.0.0.1",
+            )
         else:
             _probe(address)
             kwargs["address"] = address
@@ -258,11 +287,13 @@ class RayBackend:
             raise ConfigError(
                 f"{self.num_gpus:g} GPU per agent was asked for but the Ray cluster has "
                 f"{gpus:g} GPU: use --gpus-per-agent 0 (num_gpus=0) to train on CPUs, or "
-                "join a cluster with GPUs (--ray-address)")
+                "join a cluster with GPUs (--ray-address)"
+            )
         if self.num_cpus > cpus:
             raise ConfigError(
                 f"{self.num_cpus:g} CPU per agent was asked for but the Ray cluster has "
-                f"{cpus:g} CPU: lower --cpus-per-agent (num_cpus)")
+                f"{cpus:g} CPU: lower --cpus-per-agent (num_cpus)"
+            )
         fit = math.inf
         if self.num_cpus > 0:
             fit = cpus // self.num_cpus
@@ -278,7 +309,8 @@ class RayBackend:
             raise ConfigError(
                 f"{workers} Ray workers with {self.num_cpus:g} CPU and {self.num_gpus:g} GPU "
                 f"each do not fit in the cluster ({cpus:g} CPU, {gpus:g} GPU): ask for at "
-                f"most {int(fit)} workers, or fewer CPUs/GPUs per agent")
+                f"most {int(fit)} workers, or fewer CPUs/GPUs per agent"
+            )
         return workers
 
     def _new_actor(self) -> Any:
@@ -310,8 +342,9 @@ class RayBackend:
         fut.add_done_callback(done)
         return fut
 
-    def initial_weights(self, trainer: str, trainer_args: Mapping[str, Any],
-                        num_agents: int) -> Weights:
+    def initial_weights(
+        self, trainer: str, trainer_args: Mapping[str, Any], num_agents: int
+    ) -> Weights:
         if self.actors:
             with self._lock:
                 actor = self._slots[0].actor
@@ -325,8 +358,10 @@ class RayBackend:
         try:
             return self.ray.get(refs, timeout=self.timeout)
         except self.ray.exceptions.GetTimeoutError as exc:
-            raise ConfigError(f"the Ray cluster did not {what} within {self.timeout:g} s "
-                              "(are its resources taken by other jobs?)") from exc
+            raise ConfigError(
+                f"the Ray cluster did not {what} within {self.timeout:g} s "
+                "(are its resources taken by other jobs?)"
+            ) from exc
 
     def worker_pids(self) -> list[int]:
         """The process ids of the pool's current actors (empty with tasks)."""

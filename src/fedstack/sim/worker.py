@@ -59,10 +59,12 @@ class TrainerCache:
     def __init__(self, capacity: int = 256) -> None:
         self.capacity = capacity
         self._items: collections.OrderedDict[tuple[str, str, int, int], Any] = (
-            collections.OrderedDict())
+            collections.OrderedDict()
+        )
 
-    def get(self, trainer: str, trainer_args: Mapping[str, Any], index: int,
-            num_agents: int) -> Any:
+    def get(
+        self, trainer: str, trainer_args: Mapping[str, Any], index: int, num_agents: int
+    ) -> Any:
         key = (trainer, repr(sorted(trainer_args.items())), index, num_agents)
         obj = self._items.get(key)
         if obj is None:
@@ -91,9 +93,16 @@ def run_fit(task: FitTask, cache: TrainerCache | None = None) -> FitResult:
     weights, num_samples, metrics = out[0], int(out[1]), dict(out[2])
     extra = out[3] if len(out) > 3 else None
     state = trainer.get_state() if hasattr(trainer, "get_state") else None
-    return FitResult(task.index, dict(weights), num_samples, metrics,
-                     None if extra is None else dict(extra), state,
-                     time.perf_counter() - t0, fit_seconds)
+    return FitResult(
+        task.index,
+        dict(weights),
+        num_samples,
+        metrics,
+        None if extra is None else dict(extra),
+        state,
+        time.perf_counter() - t0,
+        fit_seconds,
+    )
 
 
 def initial_weights(trainer: str, trainer_args: Mapping[str, Any], num_agents: int) -> Weights:

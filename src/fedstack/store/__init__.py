@@ -11,6 +11,11 @@ from fedstack.store.repository import (
 )
 
 __all__ = [
-    "BlobStore", "CredentialRefused", "Registration", "ResumeState", "RunInfo", "Store",
+    "BlobStore",
+    "CredentialRefused",
+    "Registration",
+    "ResumeState",
+    "RunInfo",
+    "Store",
     "UploadRecord",
 ]

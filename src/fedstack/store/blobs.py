@@ -52,12 +52,13 @@ class BlobStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot create the blob directory {self.root}: "
-                             f"{exc.strerror}") from exc
+            raise StoreError(
+                f"cannot create the blob directory {self.root}: {exc.strerror}"
+            ) from exc
 
     def path(self, digest: str) -> Path:
         """Where the blob ``digest`` lives (whether or not it exists)."""
-        return self.root / digest[len(DIGEST_PREFIX):][:2] / f"{digest}{SUFFIX}"
+        return self.root / digest[len(DIGEST_PREFIX) :][:2] / f"{digest}{SUFFIX}"
 
     def put(self, weights: Mapping[str, Array]) -> tuple[str, int]:
         """Store ``weights``; returns (digest, size in bytes).
@@ -96,8 +97,7 @@ class BlobStore:
             with open(path, "rb", buffering=0) as f:
                 got = f.readinto(buf.data)
         except OSError as exc:
-            raise StoreError(f"cannot read blob {digest[:12]} at {path}: "
-                             f"{exc.strerror}") from exc
+            raise StoreError(f"cannot read blob {digest[:12]} at {path}: {exc.strerror}") from exc
         if got != size:
             raise StoreError(f"blob {digest[:12]} is truncated")
         if verify and not digest_matches(digest, buf.data):

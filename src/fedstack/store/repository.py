@@ -77,9 +77,19 @@ from fedstack.types import Metrics, Weights
 log = logging.getLogger("fedstack.store")
 
 __all__ = [
-    "AUTH_MODES", "MIN_ENROLLED_TOKEN_CHARS", "ROLES", "CredentialRefused", "Operator",
-    "Registration", "ResumeState", "RunInfo", "Store", "UploadRecord", "fingerprint",
-    "resolve_url", "split_state",
+    "AUTH_MODES",
+    "MIN_ENROLLED_TOKEN_CHARS",
+    "ROLES",
+    "CredentialRefused",
+    "Operator",
+    "Registration",
+    "ResumeState",
+    "RunInfo",
+    "Store",
+    "UploadRecord",
+    "fingerprint",
+    "resolve_url",
+    "split_state",
 ]
 
 # The statements of the hot paths (every upload, every round), built once: SQLAlchemy
@@ -94,17 +104,27 @@ _INSERT_LINEAGE = insert(s.lineage)
 _INSERT_ROUND = insert(s.rounds)
 _INSERT_EVENT = insert(s.events)
 _RUN_VERSION = select(s.runs.c.version).where(s.runs.c.id == bindparam("run_id"))
-_SET_RUN_VERSION = (update(s.runs).where(s.runs.c.id == bindparam("b_run"))
-                    .values(version=bindparam("b_version")))
-_MARK_AGGREGATED = (update(s.models).where(s.models.c.id.in_(bindparam("b_ids", expanding=True)))
-                    .values(status="aggregated"))
+_SET_RUN_VERSION = (
+    update(s.runs).where(s.runs.c.id == bindparam("b_run")).values(version=bindparam("b_version"))
+)
+_MARK_AGGREGATED = (
+    update(s.models)
+    .where(s.models.c.id.in_(bindparam("b_ids", expanding=True)))
+    .values(status="aggregated")
+)
 _ROUND_METRICS = select(s.rounds.c.metrics, s.rounds.c.model_id).where(
-    s.rounds.c.run_id == bindparam("b_run"), s.rounds.c.round == bindparam("b_round"))
-_SET_ROUND_METRICS = (update(s.rounds).where(s.rounds.c.run_id == bindparam("b_run"),
-                                             s.rounds.c.round == bindparam("b_round"))
-                      .values(metrics=bindparam("b_metrics")))
-_SET_MODEL_METRICS = (update(s.models).where(s.models.c.id == bindparam("b_model"))
-                      .values(metrics=bindparam("b_metrics")))
+    s.rounds.c.run_id == bindparam("b_run"), s.rounds.c.round == bindparam("b_round")
+)
+_SET_ROUND_METRICS = (
+    update(s.rounds)
+    .where(s.rounds.c.run_id == bindparam("b_run"), s.rounds.c.round == bindparam("b_round"))
+    .values(metrics=bindparam("b_metrics"))
+)
+_SET_MODEL_METRICS = (
+    update(s.models)
+    .where(s.models.c.id == bindparam("b_model"))
+    .values(metrics=bindparam("b_metrics"))
+)
 _MODEL_BLOB = select(s.models.c.blob).where(s.models.c.id == bindparam("model_id"))
 _MODEL_EXTRA = select(s.models.c.extra_blob).where(s.models.c.id == bindparam("model_id"))
 
@@ -150,9 +170,16 @@ class ResumeState:
 class Store(Credentials, Queries):
     """One deployment's persistent store (one database for every start of the aggregator)."""
 
-    def __init__(self, db: str, blob_dir: str | Path | None = None, *,
-                 durable: bool = True, inline_blob_bytes: int = 0, migrate: bool = True,
-                 readonly: bool = False) -> None:
+    def __init__(
+        self,
+        db: str,
+        blob_dir: str | Path | None = None,
+        *,
+        durable: bool = True,
+        inline_blob_bytes: int = 0,
+        migrate: bool = True,
+        readonly: bool = False,
+    ) -> None:
         """Open (or create) the store.
 
         ``durable=False`` (the simulator's default) skips the fsyncs: SQLite runs with
@@ -177,7 +204,8 @@ class Store(Credentials, Queries):
         self.url, self.path = resolve_url(db)
         # a plain path goes to SQLite as it is: in URL text, "?", "#" and "%" would be parsed
         engine_url: str | URL = (
-            URL.create("sqlite", database=str(self.path)) if "://" not in db else self.url)
+            URL.create("sqlite", database=str(self.path)) if "://" not in db else self.url
+        )
         db = redacted(self.url) if self.path is None else str(self.path)  # for messages
         if blob_dir is None:
             if self.path is None:
@@ -192,30 +220,37 @@ class Store(Credentials, Queries):
         if self.path is not None:
             if not migrate and not self.path.is_file():
                 raise StoreError(f"no fedstack store at {self.path} (no such file)")
-            if migrate and self.path.exists() and not (
-                os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+            if (
+                migrate
+                and self.path.exists()
+                and not (os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK))
             ):
-                raise StoreError(f"{self.path} cannot be written (read-only file system or no "
-                                 "permission); open it read-only to inspect it")
+                raise StoreError(
+                    f"{self.path} cannot be written (read-only file system or no "
+                    "permission); open it read-only to inspect it"
+                )
             if migrate:
                 reason = sqlite_foreign(self.path, s.meta.name)
                 if reason is not None:
-                    raise StoreError(f"{self.path} is not a fedstack store: it {reason}; "
-                                     "refusing to convert it (give the path of a fedstack "
-                                     "store or of a new file)")
+                    raise StoreError(
+                        f"{self.path} is not a fedstack store: it {reason}; "
+                        "refusing to convert it (give the path of a fedstack "
+                        "store or of a new file)"
+                    )
             if not readonly:
                 try:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
-                    raise StoreError(f"cannot create {self.path.parent}: "
-                                     f"{exc.strerror}") from exc
+                    raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from exc
         self.blobs = BlobStore(blob_dir, fsync=durable, create=not readonly)
         try:
             if readonly and self.path is not None:  # mode=ro: SQLite itself writes nothing
                 uri = sqlite_readonly_uri(self.path)
                 self.engine: Engine = create_engine(
-                    "sqlite://", poolclass=pool.QueuePool,
-                    creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False))
+                    "sqlite://",
+                    poolclass=pool.QueuePool,
+                    creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
+                )
             else:
                 self.engine = create_engine(engine_url, future=True)
         except (SQLAlchemyError, ImportError) as exc:
@@ -225,8 +260,13 @@ class Store(Credentials, Queries):
         if readonly and self.engine.dialect.name == "postgresql":
             event.listen(self.engine, "connect", postgres_readonly)
         if self._sqlite:
-            pragmas = (sqlite_pragmas_readonly if readonly else
-                       sqlite_pragmas if durable else sqlite_pragmas_fast)
+            pragmas = (
+                sqlite_pragmas_readonly
+                if readonly
+                else sqlite_pragmas
+                if durable
+                else sqlite_pragmas_fast
+            )
             event.listen(self.engine, "connect", pragmas)
         self._salt = b""
         if migrate:
@@ -240,8 +280,7 @@ class Store(Credentials, Queries):
                 except SQLAlchemyError as exc:
                     if attempt == 2:
                         self.engine.dispose()
-                        raise store_error(f"cannot bring database {db!r} up to date",
-                                           exc) from None
+                        raise store_error(f"cannot bring database {db!r} up to date", exc) from None
                     time.sleep(0.05 * (attempt + 1))
         else:
             try:
@@ -258,7 +297,8 @@ class Store(Credentials, Queries):
                 raise StoreError(
                     f"{db!r} is not a fedstack store of this version (schema {current}, "
                     f"expected {migrations.HEAD}); `fedstack db upgrade --db DB` or the "
-                    "aggregator brings it up to date")
+                    "aggregator brings it up to date"
+                )
         self._salt = self._load_salt(create=not readonly)
 
     @classmethod
@@ -278,8 +318,9 @@ class Store(Credentials, Queries):
         for attempt in range(2):
             try:
                 with Txn(self.engine) as c:  # not _begin(): subclasses wrap that
-                    salt = c.execute(select(s.meta.c.value)
-                                     .where(s.meta.c.key == "token_salt")).scalar()
+                    salt = c.execute(
+                        select(s.meta.c.value).where(s.meta.c.key == "token_salt")
+                    ).scalar()
                     if salt is None and create:
                         salt = secrets.token_hex(32)
                         c.execute(insert(s.meta).values(key="token_salt", value=salt))
@@ -296,18 +337,28 @@ class Store(Credentials, Queries):
     def open_run(self, name: str, config: Mapping[str, Any], aggregator_id: str) -> RunInfo:
         """Resume the latest unfinished run called ``name``, or start a new one."""
         with self._begin() as c:
-            row = c.execute(
-                select(s.runs)
-                .where(s.runs.c.name == name, s.runs.c.status == "running")
-                .order_by(s.runs.c.created.desc())
-                .limit(1)
-            ).mappings().first()
+            row = (
+                c.execute(
+                    select(s.runs)
+                    .where(s.runs.c.name == name, s.runs.c.status == "running")
+                    .order_by(s.runs.c.created.desc())
+                    .limit(1)
+                )
+                .mappings()
+                .first()
+            )
             if row is not None:
                 return _run_info(row, resumed=True)
             run_id = new_id()
             values = dict(
-                id=run_id, name=name, created=time.time(), status="running",
-                config=dict(config), structure=None, init_weights=None, version=-1,
+                id=run_id,
+                name=name,
+                created=time.time(),
+                status="running",
+                config=dict(config),
+                structure=None,
+                init_weights=None,
+                version=-1,
                 aggregator_id=aggregator_id,
             )
             c.execute(insert(s.runs).values(**values))
@@ -349,23 +400,52 @@ class Store(Credentials, Queries):
         local_id, global_id = new_id(), new_id()
         with self._begin() as c:
             self._write_inline(c, local, glob)
-            c.execute(insert(s.models).values(
-                id=local_id, run_id=run_id, kind="local", producer=agent_id, round=0,
-                base_version=None, num_samples=num_samples, metrics=dict(metrics),
-                blob=local_blob, nbytes=local_n, created=now, status="initial", upload_id=None,
-            ))
-            c.execute(insert(s.models).values(
-                id=global_id, run_id=run_id, kind="cluster", producer=aggregator_id, round=0,
-                base_version=None, num_samples=num_samples, metrics={}, blob=glob_blob,
-                nbytes=glob_n, created=now, status="global", upload_id=None,
-            ))
-            c.execute(insert(s.lineage).values(
-                child_id=global_id, parent_id=local_id, relation="input"
-            ))
-            c.execute(update(s.runs).where(s.runs.c.id == run_id).values(
-                structure=[[n, d, list(sh)] for n, d, sh in structure],
-                init_weights=init_weights, version=0,
-            ))
+            c.execute(
+                insert(s.models).values(
+                    id=local_id,
+                    run_id=run_id,
+                    kind="local",
+                    producer=agent_id,
+                    round=0,
+                    base_version=None,
+                    num_samples=num_samples,
+                    metrics=dict(metrics),
+                    blob=local_blob,
+                    nbytes=local_n,
+                    created=now,
+                    status="initial",
+                    upload_id=None,
+                )
+            )
+            c.execute(
+                insert(s.models).values(
+                    id=global_id,
+                    run_id=run_id,
+                    kind="cluster",
+                    producer=aggregator_id,
+                    round=0,
+                    base_version=None,
+                    num_samples=num_samples,
+                    metrics={},
+                    blob=glob_blob,
+                    nbytes=glob_n,
+                    created=now,
+                    status="global",
+                    upload_id=None,
+                )
+            )
+            c.execute(
+                insert(s.lineage).values(child_id=global_id, parent_id=local_id, relation="input")
+            )
+            c.execute(
+                update(s.runs)
+                .where(s.runs.c.id == run_id)
+                .values(
+                    structure=[[n, d, list(sh)] for n, d, sh in structure],
+                    init_weights=init_weights,
+                    version=0,
+                )
+            )
         return global_id
 
     def add_upload(
@@ -391,14 +471,27 @@ class Store(Credentials, Queries):
         Returns:
             (the stored record, True if this call stored it; False if it was there already).
         """
-        return self.add_uploads(run_id, [{
-            "agent_id": agent_id, "upload_id": upload_id, "round": round,
-            "base_version": base_version, "num_samples": num_samples, "metrics": metrics,
-            "weights": weights, "status": status, "blob": blob, "extra": extra,
-        }])[0]
+        return self.add_uploads(
+            run_id,
+            [
+                {
+                    "agent_id": agent_id,
+                    "upload_id": upload_id,
+                    "round": round,
+                    "base_version": base_version,
+                    "num_samples": num_samples,
+                    "metrics": metrics,
+                    "weights": weights,
+                    "status": status,
+                    "blob": blob,
+                    "extra": extra,
+                }
+            ],
+        )[0]
 
-    def add_uploads(self, run_id: str, uploads: Sequence[Mapping[str, Any]]
-                    ) -> list[tuple[UploadRecord, bool]]:
+    def add_uploads(
+        self, run_id: str, uploads: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[UploadRecord, bool]]:
         """Several :meth:`add_upload` calls (each a mapping of its keyword arguments) in
         ONE transaction: one commit, one fsync (group commit). Falls back to one call per
         upload if one of them was stored before (a re-sent upload). Returns what each call
@@ -422,17 +515,35 @@ class Store(Credentials, Queries):
                     self._write_inline(c, st, extra_st)
                     model_id = new_id()
                     metrics = dict(up["metrics"])
-                    c.execute(_INSERT_MODEL, {
-                        "id": model_id, "run_id": run_id, "kind": "local",
-                        "producer": up["agent_id"], "round": up["round"],
-                        "base_version": up["base_version"], "num_samples": up["num_samples"],
-                        "metrics": metrics, "blob": st.digest, "nbytes": st.size,
-                        "created": now, "status": up["status"], "upload_id": uid,
-                        "extra_blob": extra_st.digest if extra_st else None,
-                    })
-                    rec = UploadRecord(model_id, up["agent_id"], uid, up["round"],
-                                       up["base_version"], up["num_samples"], up["status"],
-                                       metrics)
+                    c.execute(
+                        _INSERT_MODEL,
+                        {
+                            "id": model_id,
+                            "run_id": run_id,
+                            "kind": "local",
+                            "producer": up["agent_id"],
+                            "round": up["round"],
+                            "base_version": up["base_version"],
+                            "num_samples": up["num_samples"],
+                            "metrics": metrics,
+                            "blob": st.digest,
+                            "nbytes": st.size,
+                            "created": now,
+                            "status": up["status"],
+                            "upload_id": uid,
+                            "extra_blob": extra_st.digest if extra_st else None,
+                        },
+                    )
+                    rec = UploadRecord(
+                        model_id,
+                        up["agent_id"],
+                        uid,
+                        up["round"],
+                        up["base_version"],
+                        up["num_samples"],
+                        up["status"],
+                        metrics,
+                    )
                     first[uid] = rec
                     out.append((rec, True))
         except StoreConflict as exc:
@@ -491,12 +602,25 @@ class Store(Credentials, Queries):
                     f"round {round} cannot follow version {version}: another aggregator "
                     "process is writing this run"
                 )
-            c.execute(_INSERT_MODEL, {
-                "id": model_id, "run_id": run_id, "kind": "cluster", "producer": aggregator_id,
-                "round": round, "base_version": round - 1, "num_samples": num_samples,
-                "metrics": dict(metrics), "blob": blob, "nbytes": nbytes, "created": finished,
-                "status": "global", "upload_id": None, "extra_blob": extra_blob,
-            })
+            c.execute(
+                _INSERT_MODEL,
+                {
+                    "id": model_id,
+                    "run_id": run_id,
+                    "kind": "cluster",
+                    "producer": aggregator_id,
+                    "round": round,
+                    "base_version": round - 1,
+                    "num_samples": num_samples,
+                    "metrics": dict(metrics),
+                    "blob": blob,
+                    "nbytes": nbytes,
+                    "created": finished,
+                    "status": "global",
+                    "upload_id": None,
+                    "extra_blob": extra_blob,
+                },
+            )
             rows = [{"child_id": model_id, "parent_id": i, "relation": "input"} for i in inputs]
             if base_model_id is not None:
                 rows.append({"child_id": model_id, "parent_id": base_model_id, "relation": "base"})
@@ -504,12 +628,22 @@ class Store(Credentials, Queries):
                 c.execute(_INSERT_LINEAGE, rows)
             if inputs:
                 c.execute(_MARK_AGGREGATED, {"b_ids": list(inputs)})
-            c.execute(_INSERT_ROUND, {
-                "run_id": run_id, "round": round, "started": started, "finished": finished,
-                "seconds": finished - started, "model_id": model_id,
-                "num_updates": len(inputs), "num_samples": num_samples,
-                "metrics": dict(metrics), "strategy_state": scalars, "state_blob": state_blob,
-            })
+            c.execute(
+                _INSERT_ROUND,
+                {
+                    "run_id": run_id,
+                    "round": round,
+                    "started": started,
+                    "finished": finished,
+                    "seconds": finished - started,
+                    "model_id": model_id,
+                    "num_updates": len(inputs),
+                    "num_samples": num_samples,
+                    "metrics": dict(metrics),
+                    "strategy_state": scalars,
+                    "state_blob": state_blob,
+                },
+            )
             c.execute(_SET_RUN_VERSION, {"b_run": run_id, "b_version": round})
         return model_id
 
@@ -529,16 +663,24 @@ class Store(Credentials, Queries):
             version = c.execute(select(s.runs.c.version).where(s.runs.c.id == run_id)).scalar_one()
             gid = c.execute(
                 select(s.models.c.id).where(
-                    s.models.c.run_id == run_id, s.models.c.kind == "cluster",
+                    s.models.c.run_id == run_id,
+                    s.models.c.kind == "cluster",
                     s.models.c.round == version,
                 )
             ).scalar()
-            rows = c.execute(
-                select(s.models).where(s.models.c.run_id == run_id,
-                                       s.models.c.status == "buffered",
-                                       s.models.c.round == version + 1)
-                .order_by(s.models.c.created)
-            ).mappings().all()
+            rows = (
+                c.execute(
+                    select(s.models)
+                    .where(
+                        s.models.c.run_id == run_id,
+                        s.models.c.status == "buffered",
+                        s.models.c.round == version + 1,
+                    )
+                    .order_by(s.models.c.created)
+                )
+                .mappings()
+                .all()
+            )
             last = c.execute(
                 select(s.rounds.c.strategy_state, s.rounds.c.state_blob, s.models.c.extra_blob)
                 .join(s.models, s.models.c.id == s.rounds.c.model_id)
@@ -556,9 +698,13 @@ class Store(Credentials, Queries):
 
     def global_model_id(self, run_id: str, version: int) -> str | None:
         with self._begin() as c:
-            gid = c.execute(select(s.models.c.id).where(
-                s.models.c.run_id == run_id, s.models.c.kind == "cluster",
-                s.models.c.round == version)).scalar()
+            gid = c.execute(
+                select(s.models.c.id).where(
+                    s.models.c.run_id == run_id,
+                    s.models.c.kind == "cluster",
+                    s.models.c.round == version,
+                )
+            ).scalar()
         return None if gid is None else str(gid)
 
     def load_extra(self, model_id: str) -> Weights:
@@ -592,16 +738,19 @@ class Store(Credentials, Queries):
             if st is None or st.data is None:
                 continue
             if self._sqlite:  # one statement: content-addressed, the same bytes once
-                c.execute(_INSERT_BLOB_OR_IGNORE,
-                          {"digest": st.digest, "size": st.size, "data": st.data})
+                c.execute(
+                    _INSERT_BLOB_OR_IGNORE, {"digest": st.digest, "size": st.size, "data": st.data}
+                )
             elif c.execute(_BLOB_EXISTS, {"d": st.digest}).first() is None:
                 c.execute(_INSERT_BLOB, {"digest": st.digest, "size": st.size, "data": st.data})
 
     def will_inline(self, weights: Mapping[str, Any]) -> bool:
         """True if ``weights`` are small enough for the database (checked on the raw sizes,
         with room for the encoding's header and padding)."""
-        return self.inline_blob_bytes > 0 and sum(
-            np.asarray(a).nbytes for a in weights.values()) < self.inline_blob_bytes // 2
+        return (
+            self.inline_blob_bytes > 0
+            and sum(np.asarray(a).nbytes for a in weights.values()) < self.inline_blob_bytes // 2
+        )
 
     def put_blob(self, weights: Mapping[str, Any]) -> tuple[str, int] | None:
         """Write ``weights`` to the blob directory ahead of :meth:`add_upload` (outside the
@@ -666,11 +815,25 @@ class Store(Credentials, Queries):
             raise store_error("checkpoint failed", exc) from None
 
     # ------------------------------------------------------------------ events
-    def log_event(self, kind: str, detail: Mapping[str, Any], *, run_id: str | None = None,
-                  agent_id: str | None = None) -> None:
+    def log_event(
+        self,
+        kind: str,
+        detail: Mapping[str, Any],
+        *,
+        run_id: str | None = None,
+        agent_id: str | None = None,
+    ) -> None:
         with self._begin() as c:
-            c.execute(_INSERT_EVENT, {"time": time.time(), "run_id": run_id,
-                                      "agent_id": agent_id, "kind": kind, "detail": dict(detail)})
+            c.execute(
+                _INSERT_EVENT,
+                {
+                    "time": time.time(),
+                    "run_id": run_id,
+                    "agent_id": agent_id,
+                    "kind": kind,
+                    "detail": dict(detail),
+                },
+            )
 
     # ------------------------------------------------------------------ helpers
     def _begin(self) -> Any:
@@ -701,16 +864,26 @@ class _Staged:
 def _run_info(row: Mapping[str, Any], resumed: bool) -> RunInfo:
     structure = row["structure"]
     return RunInfo(
-        id=row["id"], name=row["name"], status=row["status"], version=int(row["version"]),
+        id=row["id"],
+        name=row["name"],
+        status=row["status"],
+        version=int(row["version"]),
         structure=None if structure is None else [(n, d, tuple(sh)) for n, d, sh in structure],
-        init_weights=row["init_weights"], aggregator_id=row["aggregator_id"],
-        config=dict(row["config"]), resumed=resumed,
+        init_weights=row["init_weights"],
+        aggregator_id=row["aggregator_id"],
+        config=dict(row["config"]),
+        resumed=resumed,
     )
 
 
 def _upload(row: Mapping[str, Any]) -> UploadRecord:
     return UploadRecord(
-        model_id=row["id"], agent_id=row["producer"], upload_id=row["upload_id"] or "",
-        round=int(row["round"]), base_version=int(row["base_version"] or 0),
-        num_samples=int(row["num_samples"]), status=row["status"], metrics=dict(row["metrics"]),
+        model_id=row["id"],
+        agent_id=row["producer"],
+        upload_id=row["upload_id"] or "",
+        round=int(row["round"]),
+        base_version=int(row["base_version"] or 0),
+        num_samples=int(row["num_samples"]),
+        status=row["status"],
+        metrics=dict(row["metrics"]),
     )

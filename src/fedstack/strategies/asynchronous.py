@@ -60,8 +60,9 @@ STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
 F64 = np.ndarray[Any, np.dtype[np.float64]]
 
 
-def _number(name: str, value: float, *, low: float = 0.0, low_open: bool = False,
-            high: float | None = None) -> float:
+def _number(
+    name: str, value: float, *, low: float = 0.0, low_open: bool = False, high: float | None = None
+) -> float:
     v = float(value)
     ok = math.isfinite(v) and (v > low if low_open else v >= low)
     if high is not None:
@@ -72,8 +73,9 @@ def _number(name: str, value: float, *, low: float = 0.0, low_open: bool = False
     return v
 
 
-def staleness_function(kind: str = "constant", a: float = 0.5,
-                       b: float = 4.0) -> Callable[[int], float]:
+def staleness_function(
+    kind: str = "constant", a: float = 0.5, b: float = 4.0
+) -> Callable[[int], float]:
     """The staleness weight ``s(t)`` named ``kind`` (see the module docstring).
 
     Args:
@@ -93,8 +95,7 @@ def staleness_function(kind: str = "constant", a: float = 0.5,
         return lambda t: float((max(t, 0) + 1.0) ** -a)
     if kind == "hinge":
         return lambda t: 1.0 if max(t, 0) <= b else 1.0 / (a * (t - b) + 1.0)
-    raise ValueError(f"staleness_fn must be one of {', '.join(STALENESS_FUNCTIONS)}, "
-                     f"got {kind!r}")
+    raise ValueError(f"staleness_fn must be one of {', '.join(STALENESS_FUNCTIONS)}, got {kind!r}")
 
 
 def _updates_done(state: Mapping[str, Any]) -> int:
@@ -105,8 +106,9 @@ def _updates_done(state: Mapping[str, Any]) -> int:
 class FedAsyncAccumulator:
     """Mixes each update into a float64 copy of the global model as it arrives."""
 
-    def __init__(self, global_weights: Weights, strategy: FedAsync,
-                 state: Mapping[str, Any]) -> None:
+    def __init__(
+        self, global_weights: Weights, strategy: FedAsync, state: Mapping[str, Any]
+    ) -> None:
         self._template = global_weights
         self._alpha = strategy.alpha
         self._s = strategy.staleness
@@ -144,9 +146,13 @@ class FedAsyncAccumulator:
         self._done = True
         weights = {k: cast_like(self._w[k], ref) for k, ref in self._template.items()}
         self._w, self._tmp = {}, {}
-        metrics: Metrics = {"num_updates": self.count, "num_samples": self._samples,
-                            "alpha_t": self._alphas[-1], "alpha_t_min": min(self._alphas),
-                            "max_staleness": self._max_staleness}
+        metrics: Metrics = {
+            "num_updates": self.count,
+            "num_samples": self._samples,
+            "alpha_t": self._alphas[-1],
+            "alpha_t_min": min(self._alphas),
+            "max_staleness": self._max_staleness,
+        }
         return Result(weights, {"updates": self._before + self.count}, metrics)
 
 
@@ -167,8 +173,14 @@ class FedAsync(Strategy):
     name = "fedasync"
     trigger = 1
 
-    def __init__(self, alpha: float = 0.6, staleness_fn: str = "constant", a: float = 0.5,
-                 b: float = 4.0, rho: float = 0.0) -> None:
+    def __init__(
+        self,
+        alpha: float = 0.6,
+        staleness_fn: str = "constant",
+        a: float = 0.5,
+        b: float = 4.0,
+        rho: float = 0.0,
+    ) -> None:
         self.alpha = _number("alpha", alpha, low_open=True, high=1.0)
         self.staleness_fn = str(staleness_fn)
         self.a = float(a)
@@ -207,8 +219,9 @@ class FedBuffAccumulator:
     ``eta C / P == 1`` this is ``m`` bit for bit, i.e. FedAvg's result.
     """
 
-    def __init__(self, global_weights: Weights, strategy: FedBuff,
-                 state: Mapping[str, Any]) -> None:
+    def __init__(
+        self, global_weights: Weights, strategy: FedBuff, state: Mapping[str, Any]
+    ) -> None:
         self._template = global_weights
         self._strategy = strategy
         self._state = state
@@ -252,9 +265,12 @@ class FedBuffAccumulator:
                 state[f"momentum/{k}"] = step
                 new[k] = g + lr * step
         weights = {k: cast_like(new[k], ref) for k, ref in self._template.items()}
-        metrics: Metrics = {"num_updates": self._mean.count, "num_samples": self._mean.samples,
-                            "staleness_weight_mean": self._mean.total / self._p,
-                            "max_staleness": self._max_staleness}
+        metrics: Metrics = {
+            "num_updates": self._mean.count,
+            "num_samples": self._mean.samples,
+            "staleness_weight_mean": self._mean.total / self._p,
+            "max_staleness": self._max_staleness,
+        }
         return Result(weights, state, metrics)
 
 
@@ -281,9 +297,17 @@ class FedBuff(Strategy):
 
     name = "fedbuff"
 
-    def __init__(self, k: int = 10, server_lr: float = 1.0, weighted: bool = True,
-                 staleness_fn: str = "polynomial", a: float = 0.5, b: float = 4.0,
-                 normalize_staleness: bool = False, server_momentum: float = 0.0) -> None:
+    def __init__(
+        self,
+        k: int = 10,
+        server_lr: float = 1.0,
+        weighted: bool = True,
+        staleness_fn: str = "polynomial",
+        a: float = 0.5,
+        b: float = 4.0,
+        normalize_staleness: bool = False,
+        server_momentum: float = 0.0,
+    ) -> None:
         if isinstance(k, bool) or int(k) != k or int(k) < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         self.k = int(k)

@@ -79,14 +79,24 @@ M_PREFIX = "m/"
 V_PREFIX = "v/"
 
 
-def _number(name: str, value: object, low: float, high: float, *, low_open: bool = False,
-            high_open: bool = True) -> float:
+def _number(
+    name: str,
+    value: object,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> float:
     """``value`` as a float in the interval, or ValueError (-> ConfigError in ``create``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r}")
     v = float(value)
-    ok = math.isfinite(v) and (v > low if low_open else v >= low) and (
-        v < high if high_open else v <= high)
+    ok = (
+        math.isfinite(v)
+        and (v > low if low_open else v >= low)
+        and (v < high if high_open else v <= high)
+    )
     if not ok:
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
@@ -98,8 +108,7 @@ def _is_float(arr: np.ndarray[Any, Any]) -> bool:
     return bool(arr.dtype.kind == "f")
 
 
-def _moment(state: Mapping[str, Any], key: str, like: np.ndarray[Any, Any],
-            initial: float) -> F64:
+def _moment(state: Mapping[str, Any], key: str, like: np.ndarray[Any, Any], initial: float) -> F64:
     """The state array ``key`` as float64 (not copied), or a fresh one filled with ``initial``."""
     arr = state.get(key)
     if arr is None:
@@ -151,11 +160,16 @@ class FedOpt(Strategy):
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
         adaptive = opt != "sgd"
         self.optimizer = opt
-        self.server_lr = _number("server_lr", (0.1 if adaptive else 1.0)
-                                 if server_lr is None else server_lr, 0.0, math.inf,
-                                 low_open=True)
-        self.momentum = _number("momentum", (0.9 if adaptive else 0.0)
-                                if momentum is None else momentum, 0.0, 1.0)
+        self.server_lr = _number(
+            "server_lr",
+            (0.1 if adaptive else 1.0) if server_lr is None else server_lr,
+            0.0,
+            math.inf,
+            low_open=True,
+        )
+        self.momentum = _number(
+            "momentum", (0.9 if adaptive else 0.0) if momentum is None else momentum, 0.0, 1.0
+        )
         self.beta2 = _number("beta2", beta2, 0.0, 1.0)
         self.tau = _number("tau", tau, 0.0, math.inf, low_open=True)
         self.weighted = bool(weighted)
@@ -174,14 +188,15 @@ class FedOpt(Strategy):
     def init_state(self, weights: Weights) -> StrategyState:
         """``{"step": 0}`` and the initial moments (``m = 0``, ``v = tau^2``; SGD: ``v = 0``)."""
         state: StrategyState = {"step": 0}
-        v0 = self.tau ** 2 if self.adaptive else 0.0
+        v0 = self.tau**2 if self.adaptive else 0.0
         for name, ref in weights.items():
             arr = np.asarray(ref)
             if not _is_float(arr):
                 continue
             for key in self.state_keys(name):
-                state[key] = np.full(arr.shape, v0 if key.startswith(V_PREFIX) else 0.0,
-                                     dtype=np.float64)
+                state[key] = np.full(
+                    arr.shape, v0 if key.startswith(V_PREFIX) else 0.0, dtype=np.float64
+                )
         return state
 
     def begin(
@@ -236,7 +251,7 @@ class FedOpt(Strategy):
         b1 = self.momentum
         m = np.asarray(_moment(state, M_PREFIX + name, x, 0.0) * b1)
         m += (1.0 - b1) * d
-        v_prev = _moment(state, V_PREFIX + name, x, self.tau ** 2)
+        v_prev = _moment(state, V_PREFIX + name, x, self.tau**2)
         d2 = d
         np.square(d, out=d2)  # Delta^2 (Delta itself is no longer needed)
         if self.optimizer == "adagrad":
@@ -255,8 +270,9 @@ class FedOpt(Strategy):
         np.add(step, x, out=step, dtype=np.float64)
         return step
 
-    def combine_mean(self, mean: Mapping[str, F64], global_weights: Weights,
-                     state: Mapping[str, Any]) -> tuple[Weights, StrategyState, float]:
+    def combine_mean(
+        self, mean: Mapping[str, F64], global_weights: Weights, state: Mapping[str, Any]
+    ) -> tuple[Weights, StrategyState, float]:
         """New weights, new state and ``||Delta||`` from the round's mean model."""
         new_state: StrategyState = {"step": int(state.get("step", 0)) + 1}
         out: Weights = {}
@@ -274,8 +290,7 @@ class FedOpt(Strategy):
 class ServerOptAccumulator:
     """Streams the round's weighted mean; the optimizer step happens in :meth:`result`."""
 
-    def __init__(self, strategy: FedOpt, global_weights: Weights,
-                 state: Mapping[str, Any]) -> None:
+    def __init__(self, strategy: FedOpt, global_weights: Weights, state: Mapping[str, Any]) -> None:
         self._strategy = strategy
         self._global = global_weights
         self._state = state
@@ -296,10 +311,16 @@ class ServerOptAccumulator:
     def result(self) -> Result:
         mean = self._mean.mean64()
         weights, state, norm = self._strategy.combine_mean(mean, self._global, self._state)
-        return Result(weights, state, {
-            "num_updates": self._mean.count, "num_samples": self._mean.samples,
-            "server_step": int(state["step"]), "delta_norm": norm,
-        })
+        return Result(
+            weights,
+            state,
+            {
+                "num_updates": self._mean.count,
+                "num_samples": self._mean.samples,
+                "server_step": int(state["step"]),
+                "delta_norm": norm,
+            },
+        )
 
 
 @register
@@ -318,8 +339,9 @@ class FedAvgM(FedOpt):
 
     name = "fedavgm"
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9,
-                 weighted: bool = True) -> None:
+    def __init__(
+        self, server_lr: float = 1.0, momentum: float = 0.9, weighted: bool = True
+    ) -> None:
         super().__init__("sgd", server_lr=server_lr, momentum=momentum, weighted=weighted)
 
 
@@ -367,11 +389,13 @@ class FedSGD(FedOpt):
         if steps is not None and (isinstance(steps, bool | str) or steps != 1):
             raise InvalidUpdate(
                 f"fedsgd: the update reports local_steps={steps!r}; FedSGD agents take one "
-                "gradient step per round (use fedavg for several)", agent_id=update.agent_id,
+                "gradient step per round (use fedavg for several)",
+                agent_id=update.agent_id,
             )
 
-    def combine_mean(self, mean: Mapping[str, F64], global_weights: Weights,
-                     state: Mapping[str, Any]) -> tuple[Weights, StrategyState, float]:
+    def combine_mean(
+        self, mean: Mapping[str, F64], global_weights: Weights, state: Mapping[str, Any]
+    ) -> tuple[Weights, StrategyState, float]:
         if self.upload == "model":
             return super().combine_mean(mean, global_weights, state)
         out: Weights = {}
@@ -390,10 +414,24 @@ class FedSGD(FedOpt):
 class _Adaptive(FedOpt):
     """Shared constructor of the three adaptive FedOpt strategies."""
 
-    def _setup(self, optimizer: str, server_lr: float, beta1: float, beta2: float, tau: float,
-               weighted: bool) -> None:
-        FedOpt.__init__(self, optimizer, server_lr=server_lr, momentum=beta1, beta2=beta2,
-                        tau=tau, weighted=weighted)
+    def _setup(
+        self,
+        optimizer: str,
+        server_lr: float,
+        beta1: float,
+        beta2: float,
+        tau: float,
+        weighted: bool,
+    ) -> None:
+        FedOpt.__init__(
+            self,
+            optimizer,
+            server_lr=server_lr,
+            momentum=beta1,
+            beta2=beta2,
+            tau=tau,
+            weighted=weighted,
+        )
 
     @property
     def beta1(self) -> float:
@@ -421,8 +459,9 @@ class FedAdagrad(_Adaptive):
 
     name = "fedadagrad"
 
-    def __init__(self, server_lr: float = 0.1, beta1: float = 0.9, tau: float = 1e-3,
-                 weighted: bool = True) -> None:
+    def __init__(
+        self, server_lr: float = 0.1, beta1: float = 0.9, tau: float = 1e-3, weighted: bool = True
+    ) -> None:
         self._setup("adagrad", server_lr, beta1, 0.99, tau, weighted)
 
 
@@ -446,8 +485,14 @@ class FedAdam(_Adaptive):
 
     name = "fedadam"
 
-    def __init__(self, server_lr: float = 0.1, beta1: float = 0.9, beta2: float = 0.99,
-                 tau: float = 1e-3, weighted: bool = True) -> None:
+    def __init__(
+        self,
+        server_lr: float = 0.1,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        weighted: bool = True,
+    ) -> None:
         self._setup("adam", server_lr, beta1, beta2, tau, weighted)
 
 
@@ -473,6 +518,12 @@ class FedYogi(_Adaptive):
 
     name = "fedyogi"
 
-    def __init__(self, server_lr: float = 0.1, beta1: float = 0.9, beta2: float = 0.99,
-                 tau: float = 1e-3, weighted: bool = True) -> None:
+    def __init__(
+        self,
+        server_lr: float = 0.1,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        weighted: bool = True,
+    ) -> None:
         self._setup("yogi", server_lr, beta1, beta2, tau, weighted)

@@ -147,7 +147,8 @@ class BufferedAccumulator:
         if len(self.updates) >= self.max_updates:
             raise InvalidUpdate(
                 f"this strategy keeps at most {self.max_updates} updates per round "
-                "(raise its max_updates parameter)", agent_id=update.agent_id,
+                "(raise its max_updates parameter)",
+                agent_id=update.agent_id,
             )
         self.updates.append(update)
 
@@ -230,8 +231,9 @@ _DISCOVERED = False
 def _parameters(cls: type[Strategy]) -> tuple[list[inspect.Parameter], bool]:
     """A strategy's named constructor parameters, and whether it also takes ``**kwargs``."""
     given = inspect.signature(cls.__init__).parameters.values()
-    named = [p for p in given
-             if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    named = [
+        p for p in given if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     return named, any(p.kind is p.VAR_KEYWORD for p in given)
 
 
@@ -248,12 +250,14 @@ def create(name: str, **params: Any) -> Strategy:
         if unknown:
             raise ConfigError(
                 f"strategy {name!r} has no parameter(s) {', '.join(unknown)}; it takes: "
-                + (", ".join(p.name for p in accepted) or "none"))
+                + (", ".join(p.name for p in accepted) or "none")
+            )
     missing = [p.name for p in accepted if p.default is p.empty and p.name not in params]
     if missing:
         raise ConfigError(
             f"strategy {name!r} needs the parameter(s) {', '.join(missing)} (e.g. "
-            f"--strategy-param {missing[0]}=..., or strategy_params in the config)")
+            f"--strategy-param {missing[0]}=..., or strategy_params in the config)"
+        )
     try:
         return cls(**params)
     except TypeError as exc:
@@ -273,9 +277,16 @@ def describe() -> list[dict[str, Any]]:
     out = []
     for key in names():
         cls = _REGISTRY[key]
-        params = {p.name: (None if p.default is p.empty else p.default)
-                  for p in _parameters(cls)[0]}
+        params = {
+            p.name: (None if p.default is p.empty else p.default) for p in _parameters(cls)[0]
+        }
         doc = (inspect.getdoc(cls) or "").splitlines()
-        out.append({"name": key, "summary": doc[0] if doc else "", "params": params,
-                    "streaming": cls.streaming})
+        out.append(
+            {
+                "name": key,
+                "summary": doc[0] if doc else "",
+                "params": params,
+                "streaming": cls.streaming,
+            }
+        )
     return out

@@ -62,8 +62,9 @@ class Scratch:
         self.f32: np.ndarray[Any, np.dtype[np.float32]] = np.empty(BLOCK32, dtype=np.float32)
 
 
-def accumulate(acc: np.ndarray[Any, Any], arr: Array, weight: float, scratch: Scratch,
-               assign: bool = False) -> None:
+def accumulate(
+    acc: np.ndarray[Any, Any], arr: Array, weight: float, scratch: Scratch, assign: bool = False
+) -> None:
     """``acc += weight * arr`` (``assign``: ``acc[...] = weight * arr``) in float64, block by
     block (``acc`` is C-contiguous).
 
@@ -115,8 +116,7 @@ def accumulate(acc: np.ndarray[Any, Any], arr: Array, weight: float, scratch: Sc
             np.add(blk, tmp, out=blk)
 
 
-def divide_into(acc: np.ndarray[Any, Any], total: float, out: Array,
-                scratch: Scratch) -> None:
+def divide_into(acc: np.ndarray[Any, Any], total: float, out: Array, scratch: Scratch) -> None:
     """``out[...] = acc / total`` cast to ``out``'s floating dtype, block by block (the
     same numbers as ``(acc / total).astype(out.dtype)``)."""
     src = acc.reshape(-1)
@@ -131,8 +131,9 @@ def divide_into(acc: np.ndarray[Any, Any], total: float, out: Array,
 class WeightedMean:
     """Streaming (weighted) mean of updates' weights: the core of the averaging family."""
 
-    def __init__(self, template: Weights, weighted: bool = True,
-                 precision: str = "float64") -> None:
+    def __init__(
+        self, template: Weights, weighted: bool = True, precision: str = "float64"
+    ) -> None:
         if precision not in ("auto", "float64"):
             raise ValueError(f"precision {precision!r} must be 'auto' or 'float64'")
         self._template = template
@@ -166,8 +167,10 @@ class WeightedMean:
                 self._acc[name] = np.empty(arr.shape, np.float32 if fast else np.float64)
             acc = self._acc[name]
             if arr.shape != acc.shape:
-                raise InvalidUpdate(f"tensor {name!r} has shape {arr.shape}, expected "
-                                    f"{acc.shape}", agent_id=update.agent_id)
+                raise InvalidUpdate(
+                    f"tensor {name!r} has shape {arr.shape}, expected {acc.shape}",
+                    agent_id=update.agent_id,
+                )
             accumulate(acc, arr, w, self._scratch, assign=first)
         self.total += w
         self.count += 1
@@ -205,8 +208,9 @@ class WeightedMean:
             acc = self._acc[name]
             if acc.dtype == ref.dtype == np.float32:
                 # float32 accumulator: divide in place and hand it out (no new array)
-                np.divide(acc, np.float64(self.total), out=acc, dtype=np.float64,
-                          casting="same_kind")
+                np.divide(
+                    acc, np.float64(self.total), out=acc, dtype=np.float64, casting="same_kind"
+                )
                 out[name] = acc
             elif ref.dtype.kind == "f" and ref.dtype != np.float64:
                 res = np.empty(acc.shape, dtype=ref.dtype)
@@ -234,8 +238,9 @@ class FedAvgAccumulator:
 
     def result(self) -> Result:
         weights = self._mean.mean_like(self._template)
-        return Result(weights, {}, {"num_updates": self._mean.count,
-                                    "num_samples": self._mean.samples})
+        return Result(
+            weights, {}, {"num_updates": self._mean.count, "num_samples": self._mean.samples}
+        )
 
 
 @register

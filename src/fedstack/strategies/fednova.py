@@ -53,15 +53,18 @@ def local_steps_of(update: Update) -> float:
     if value is None:
         raise InvalidUpdate(
             "fednova: the update does not report its number of local steps "
-            f"(metric {STEPS_METRIC!r})", agent_id=update.agent_id,
+            f"(metric {STEPS_METRIC!r})",
+            agent_id=update.agent_id,
         )
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InvalidUpdate(f"fednova: {STEPS_METRIC} must be a number, got {value!r}",
-                            agent_id=update.agent_id)
+        raise InvalidUpdate(
+            f"fednova: {STEPS_METRIC} must be a number, got {value!r}", agent_id=update.agent_id
+        )
     steps = float(value)
     if not math.isfinite(steps) or steps <= 0:
-        raise InvalidUpdate(f"fednova: {STEPS_METRIC} must be positive, got {value!r}",
-                            agent_id=update.agent_id)
+        raise InvalidUpdate(
+            f"fednova: {STEPS_METRIC} must be positive, got {value!r}", agent_id=update.agent_id
+        )
     return steps
 
 
@@ -170,6 +173,13 @@ class FedNovaAccumulator:
                 m *= c
                 np.add(m, ref, out=m, dtype=np.float64)
             out[name] = cast_like(m, ref)
-        return Result(out, {}, {"num_updates": self._mean.count,
-                                "num_samples": self._mean.samples,
-                                "tau_eff": tau_eff, "nova_scale": 1.0 if self._equal else c})
+        return Result(
+            out,
+            {},
+            {
+                "num_updates": self._mean.count,
+                "num_samples": self._mean.samples,
+                "tau_eff": tau_eff,
+                "nova_scale": 1.0 if self._equal else c,
+            },
+        )

@@ -58,8 +58,9 @@ V_PREFIX = "v/"
 def _finite_nonnegative(name: str, value: float, *, positive: bool = False) -> float:
     v = float(value)
     if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}"
+        )
     return v
 
 
@@ -80,8 +81,7 @@ class FedProx(Strategy):
 
     name = "fedprox"
 
-    def __init__(self, mu: float = 0.01, weighted: bool = True,
-                 gamma: float | None = None) -> None:
+    def __init__(self, mu: float = 0.01, weighted: bool = True, gamma: float | None = None) -> None:
         self.mu = _finite_nonnegative("mu", mu)
         self.weighted = bool(weighted)
         if gamma is not None:
@@ -169,14 +169,16 @@ def _check_extra(update: Update, global_weights: Weights, names: list[str]) -> N
         for prefix in (U_PREFIX, V_PREFIX):
             arr = np.asarray(update.extra[prefix + name])
             if arr.shape != shape:
-                raise bad(f"extra array {prefix + name!r} has shape {arr.shape}, "
-                          f"the tensor has {shape}")
+                raise bad(
+                    f"extra array {prefix + name!r} has shape {arr.shape}, the tensor has {shape}"
+                )
             if arr.dtype.kind not in "fiu":
-                raise bad(f"extra array {prefix + name!r} has dtype {arr.dtype}, "
-                          "expected a real number type")
+                raise bad(
+                    f"extra array {prefix + name!r} has dtype {arr.dtype}, "
+                    "expected a real number type"
+                )
             if prefix == U_PREFIX and arr.size and bool(np.any(np.less(arr, 0))):
-                raise bad(f"extra array {prefix + name!r} (a Fisher diagonal) has "
-                          "negative entries")
+                raise bad(f"extra array {prefix + name!r} (a Fisher diagonal) has negative entries")
 
 
 @register

@@ -131,8 +131,9 @@ class RobustAccumulator(BufferedAccumulator):
     def result(self) -> Result:
         n = len(self.updates)
         if 0 < n < self.min_updates and not self._done:
-            raise ValueError(f"{self.requirement}: needs at least {self.min_updates} "
-                             f"updates, got {n}")
+            raise ValueError(
+                f"{self.requirement}: needs at least {self.min_updates} updates, got {n}"
+            )
         return super().result()
 
 
@@ -140,15 +141,15 @@ def _check_max_updates(max_updates: int, needed: int = 1) -> int:
     if isinstance(max_updates, bool) or not isinstance(max_updates, int) or max_updates < 1:
         raise ValueError(f"max_updates must be a positive integer, got {max_updates!r}")
     if max_updates < needed:
-        raise ValueError(f"max_updates={max_updates} is below the {needed} updates this rule "
-                         "needs per round")
+        raise ValueError(
+            f"max_updates={max_updates} is below the {needed} updates this rule needs per round"
+        )
     return max_updates
 
 
 def _check_f(f: int) -> int:
     if isinstance(f, bool) or not isinstance(f, int) or f < 0:
-        raise ValueError(f"f (the number of Byzantine agents) must be an integer >= 0, "
-                         f"got {f!r}")
+        raise ValueError(f"f (the number of Byzantine agents) must be an integer >= 0, got {f!r}")
     return f
 
 
@@ -157,16 +158,18 @@ def _flat(arr: Array) -> Array:
     return np.asarray(arr).reshape(-1)
 
 
-def _tensors(template: Weights, updates: Sequence[Update]) -> Iterator[tuple[str, Array,
-                                                                               list[Array]]]:
+def _tensors(
+    template: Weights, updates: Sequence[Update]
+) -> Iterator[tuple[str, Array, list[Array]]]:
     """For every template tensor: its name, the template array and the updates' flat views."""
     for name, ref in template.items():
         ref = np.asarray(ref)
         flats = [_flat(u.weights[name]) for u in updates]
         for u, f in zip(updates, flats, strict=True):
             if f.size != ref.size:
-                raise InvalidUpdate(f"tensor {name!r} has {f.size} values, expected "
-                                    f"{ref.size}", agent_id=u.agent_id)
+                raise InvalidUpdate(
+                    f"tensor {name!r} has {f.size} values, expected {ref.size}", agent_id=u.agent_id
+                )
         yield name, ref, flats
 
 
@@ -175,8 +178,10 @@ def _block_len(n: int, itemsize: int = 8) -> int:
 
 
 def _metrics(updates: Sequence[Update], **extra: float | int | str | bool) -> Metrics:
-    out: Metrics = {"num_updates": len(updates),
-                    "num_samples": sum(max(u.num_samples, 0) for u in updates)}
+    out: Metrics = {
+        "num_updates": len(updates),
+        "num_samples": sum(max(u.num_samples, 0) for u in updates),
+    }
     out.update(extra)
     return out
 
@@ -185,8 +190,9 @@ def _ids(updates: Sequence[Update], idx: Sequence[int]) -> str:
     return ",".join(updates[i].agent_id for i in idx)
 
 
-def _mean_of(template: Weights, updates: Sequence[Update], weights: Sequence[float] | None = None
-             ) -> Weights:
+def _mean_of(
+    template: Weights, updates: Sequence[Update], weights: Sequence[float] | None = None
+) -> Weights:
     """The (weighted) mean of ``updates`` cast like ``template`` (float64 accumulation)."""
     acc = WeightedMean(template, weighted=False)
     for i, u in enumerate(updates):
@@ -240,6 +246,7 @@ def _trimmed_rule(k: int) -> SortedRule:
         kept = n - 2 * k
         total = np.add.reduce(s[:, k : n - k], axis=1, dtype=np.float64)
         return np.asarray(total / kept, dtype=np.float64)
+
     return rule
 
 
@@ -248,6 +255,7 @@ def _closest_to_median_rule(beta: int) -> SortedRule:
     median. In sorted order they form the window ``s[j : j + beta]`` whose start ``j`` is the
     number of windows that lose to the next one (``med - s[j] > s[j + beta] - med``, a
     monotone test); of two values equally far from the median the smaller is kept."""
+
     def rule(s: np.ndarray[Any, Any]) -> F64:
         n = s.shape[1]
         med = _median_rule(s)
@@ -261,6 +269,7 @@ def _closest_to_median_rule(beta: int) -> SortedRule:
                 out[rows] = np.add.reduce(s[rows, j : j + beta], axis=1, dtype=np.float64)
         out /= beta
         return out
+
     return rule
 
 
@@ -338,8 +347,9 @@ class _Buffered(Strategy):
     def requirement(self) -> str:
         return self.name
 
-    def combine(self, global_weights: Weights, updates: list[Update],
-                state: Mapping[str, Any]) -> Result:
+    def combine(
+        self, global_weights: Weights, updates: list[Update], state: Mapping[str, Any]
+    ) -> Result:
         raise NotImplementedError
 
     def begin(
@@ -350,8 +360,14 @@ class _Buffered(Strategy):
         round: int = 1,
         rng: np.random.Generator | None = None,
     ) -> RobustAccumulator:
-        return RobustAccumulator(global_weights, state, self.combine, self.max_updates,
-                                 self.min_updates, self.requirement())
+        return RobustAccumulator(
+            global_weights,
+            state,
+            self.combine,
+            self.max_updates,
+            self.min_updates,
+            self.requirement(),
+        )
 
 
 @register
@@ -368,8 +384,9 @@ class Median(_Buffered):
     def __init__(self, max_updates: int = DEFAULT_MAX_UPDATES) -> None:
         super().__init__(max_updates)
 
-    def combine(self, global_weights: Weights, updates: list[Update],
-                state: Mapping[str, Any]) -> Result:
+    def combine(
+        self, global_weights: Weights, updates: list[Update], state: Mapping[str, Any]
+    ) -> Result:
         weights = _coordinatewise(global_weights, updates, _median_rule)
         return Result(weights, {}, _metrics(updates))
 
@@ -391,8 +408,9 @@ class TrimmedMean(_Buffered):
     def __init__(self, beta: float = 0.1, max_updates: int = DEFAULT_MAX_UPDATES) -> None:
         beta = float(beta)
         if not 0.0 <= beta < 0.5:
-            raise ValueError(f"beta (the fraction trimmed at each end) must be in [0, 0.5), "
-                             f"got {beta}")
+            raise ValueError(
+                f"beta (the fraction trimmed at each end) must be in [0, 0.5), got {beta}"
+            )
         self.beta = beta
         super().__init__(max_updates)
 
@@ -400,8 +418,9 @@ class TrimmedMean(_Buffered):
         """Values dropped at each end of a coordinate with ``n`` updates."""
         return int(math.floor(self.beta * n + 1e-9))
 
-    def combine(self, global_weights: Weights, updates: list[Update],
-                state: Mapping[str, Any]) -> Result:
+    def combine(
+        self, global_weights: Weights, updates: list[Update], state: Mapping[str, Any]
+    ) -> Result:
         n = len(updates)
         k = self.trimmed(n)
         if k == 0:
@@ -442,8 +461,9 @@ class Krum(_Buffered):
         dist = pairwise_sq_distances(global_weights, updates)
         return _krum_scores(dist, list(range(len(updates))), self.f)
 
-    def combine(self, global_weights: Weights, updates: list[Update],
-                state: Mapping[str, Any]) -> Result:
+    def combine(
+        self, global_weights: Weights, updates: list[Update], state: Mapping[str, Any]
+    ) -> Result:
         scores = self.scores(global_weights, updates)
         best = int(np.argmin(scores))
         chosen = updates[best]
@@ -453,10 +473,12 @@ class Krum(_Buffered):
             if arr.dtype == ref.dtype:
                 weights[name] = arr.copy().reshape(np.shape(ref))
             else:
-                weights[name] = cast_like(np.asarray(arr, dtype=np.float64), ref
-                                          ).reshape(np.shape(ref))
-        return Result(weights, {}, _metrics(updates, selected=chosen.agent_id,
-                                            score=float(scores[best])))
+                weights[name] = cast_like(np.asarray(arr, dtype=np.float64), ref).reshape(
+                    np.shape(ref)
+                )
+        return Result(
+            weights, {}, _metrics(updates, selected=chosen.agent_id, score=float(scores[best]))
+        )
 
 
 @register
@@ -472,25 +494,27 @@ class MultiKrum(Krum):
 
     name = "multikrum"
 
-    def __init__(self, f: int = 1, m: int | None = None,
-                 max_updates: int = DEFAULT_MAX_UPDATES) -> None:
+    def __init__(
+        self, f: int = 1, m: int | None = None, max_updates: int = DEFAULT_MAX_UPDATES
+    ) -> None:
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            raise ValueError(f"m (the number of updates averaged) must be a positive integer "
-                             f"or None, got {m!r}")
+            raise ValueError(
+                f"m (the number of updates averaged) must be a positive integer or None, got {m!r}"
+            )
         self.m = m
         super().__init__(f, max_updates)
 
     def selected_count(self, n: int) -> int:
         return min(n, self.m if self.m is not None else n - self.f)
 
-    def combine(self, global_weights: Weights, updates: list[Update],
-                state: Mapping[str, Any]) -> Result:
+    def combine(
+        self, global_weights: Weights, updates: list[Update], state: Mapping[str, Any]
+    ) -> Result:
         scores = self.scores(global_weights, updates)
         m = self.selected_count(len(updates))
         order = [int(i) for i in np.argsort(scores, kind="stable")[:m]]
         weights = _mean_of(global_weights, [updates[i] for i in order])
-        return Result(weights, {}, _metrics(updates, selected=_ids(updates, order),
-                                            num_selected=m))
+        return Result(weights, {}, _metrics(updates, selected=_ids(updates, order), num_selected=m))
 
 
 @register
@@ -516,8 +540,14 @@ class GeometricMedian(_Buffered):
 
     name = "geometric_median"
 
-    def __init__(self, max_iter: int = 100, eps: float = 1e-6, nu: float = 1e-6,
-                 weighted: bool = False, max_updates: int = DEFAULT_MAX_UPDATES) -> None:
+    def __init__(
+        self,
+        max_iter: int = 100,
+        eps: float = 1e-6,
+        nu: float = 1e-6,
+        weighted: bool = False,
+        max_updates: int = DEFAULT_MAX_UPDATES,
+    ) -> None:
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
         if not (float(eps) > 0 and math.isfinite(eps)):
@@ -556,18 +586,19 @@ class GeometricMedian(_Buffered):
             converged = step <= self.eps * max(float(np.median(d)), self.nu)
         return c, iterations, converged, float(np.einsum("i,i->", alpha, d))
 
-    def combine(self, global_weights: Weights, updates: list[Update],
-                state: Mapping[str, Any]) -> Result:
+    def combine(
+        self, global_weights: Weights, updates: list[Update], state: Mapping[str, Any]
+    ) -> Result:
         if self.weighted:
-            alpha = np.array([float(u.num_samples) if u.num_samples > 0 else 1.0
-                              for u in updates])
+            alpha = np.array([float(u.num_samples) if u.num_samples > 0 else 1.0 for u in updates])
         else:
             alpha = np.ones(len(updates))
         gram = gram_of_deltas(global_weights, updates)
         c, it, converged, objective = self.coefficients(gram, alpha)
         weights = _mean_of(global_weights, updates, [float(x) for x in c])
-        return Result(weights, {}, _metrics(updates, iterations=it, converged=converged,
-                                            objective=objective))
+        return Result(
+            weights, {}, _metrics(updates, iterations=it, converged=converged, objective=objective)
+        )
 
 
 @register
@@ -616,14 +647,21 @@ class Bulyan(_Buffered):
             chosen.append(pick)
         return chosen
 
-    def combine(self, global_weights: Weights, updates: list[Update],
-                state: Mapping[str, Any]) -> Result:
+    def combine(
+        self, global_weights: Weights, updates: list[Update], state: Mapping[str, Any]
+    ) -> Result:
         chosen = self.select(global_weights, updates)
         beta = len(chosen) - 2 * self.f
-        weights = _coordinatewise(global_weights, [updates[i] for i in sorted(chosen)],
-                                  _closest_to_median_rule(beta))
-        return Result(weights, {}, _metrics(updates, selected=_ids(updates, chosen),
-                                            num_selected=len(chosen), num_averaged=beta))
+        weights = _coordinatewise(
+            global_weights, [updates[i] for i in sorted(chosen)], _closest_to_median_rule(beta)
+        )
+        return Result(
+            weights,
+            {},
+            _metrics(
+                updates, selected=_ids(updates, chosen), num_selected=len(chosen), num_averaged=beta
+            ),
+        )
 
 
 # ------------------------------------------------------------------- norm clipping
@@ -690,10 +728,16 @@ class NormClipAccumulator:
                 m *= s / big_a
                 m += np.asarray(ref, dtype=np.float64) * ((big_a - s) / big_a)
             weights[name] = cast_like(m, ref)
-        return Result(weights, {}, {"num_updates": self._mean.count,
-                                    "num_samples": self._mean.samples,
-                                    "num_clipped": self._clipped,
-                                    "max_update_norm": self._max_norm})
+        return Result(
+            weights,
+            {},
+            {
+                "num_updates": self._mean.count,
+                "num_samples": self._mean.samples,
+                "num_clipped": self._clipped,
+                "max_update_norm": self._max_norm,
+            },
+        )
 
 
 @register

@@ -82,13 +82,15 @@ class Scaffold(Strategy):
 
     name = "scaffold"
 
-    def __init__(self, global_lr: float = 1.0, num_agents: int | None = None,
-                 weighted: bool = False) -> None:
+    def __init__(
+        self, global_lr: float = 1.0, num_agents: int | None = None, weighted: bool = False
+    ) -> None:
         lr = float(global_lr)
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"global_lr must be positive, got {global_lr!r}")
-        if num_agents is not None and (isinstance(num_agents, bool)
-                                       or not isinstance(num_agents, int) or num_agents < 1):
+        if num_agents is not None and (
+            isinstance(num_agents, bool) or not isinstance(num_agents, int) or num_agents < 1
+        ):
             raise ValueError(f"num_agents must be a positive integer, got {num_agents!r}")
         self.global_lr = lr
         self.num_agents = num_agents
@@ -96,16 +98,20 @@ class Scaffold(Strategy):
 
     def init_state(self, weights: Weights) -> StrategyState:
         """``c = 0`` for every floating-point tensor (and no agents seen)."""
-        state: StrategyState = {C_PREFIX + k: np.zeros(np.shape(weights[k]), dtype=np.float64)
-                                for k in control_names(weights)}
+        state: StrategyState = {
+            C_PREFIX + k: np.zeros(np.shape(weights[k]), dtype=np.float64)
+            for k in control_names(weights)
+        }
         if self.num_agents is None:
             state["agents"] = []
         return state
 
     def initial_extra(self, weights: Weights) -> Weights:
         """``"c/<tensor>"`` zeros, sent with the first global model."""
-        return {C_PREFIX + k: np.zeros(np.shape(weights[k]), dtype=_wire_dtype(weights[k]))
-                for k in control_names(weights)}
+        return {
+            C_PREFIX + k: np.zeros(np.shape(weights[k]), dtype=_wire_dtype(weights[k]))
+            for k in control_names(weights)
+        }
 
     def check(self, update: Update, global_weights: Weights) -> None:
         names = control_names(global_weights)
@@ -117,8 +123,9 @@ class Scaffold(Strategy):
                 continue
             a = np.asarray(arr)
             if a.shape != np.shape(global_weights[k]):
-                bad.append(f"{DC_PREFIX + k} has shape {a.shape}, the model "
-                           f"{np.shape(global_weights[k])}")
+                bad.append(
+                    f"{DC_PREFIX + k} has shape {a.shape}, the model {np.shape(global_weights[k])}"
+                )
             elif a.dtype.kind not in "fiu":
                 bad.append(f"{DC_PREFIX + k} has dtype {a.dtype}")
         known = {DC_PREFIX + k for k in names}
@@ -126,7 +133,8 @@ class Scaffold(Strategy):
         if bad:
             raise InvalidUpdate(
                 "scaffold: the update must carry the control-variate change 'dc/<tensor>' "
-                "for every floating-point tensor: " + "; ".join(bad[:10])
+                "for every floating-point tensor: "
+                + "; ".join(bad[:10])
                 + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""),
                 agent_id=update.agent_id,
             )
@@ -145,19 +153,25 @@ class Scaffold(Strategy):
 class ScaffoldAccumulator:
     """Streams the mean model and the sum of the ``Delta c_i``."""
 
-    def __init__(self, strategy: Scaffold, global_weights: Weights,
-                 state: Mapping[str, Any]) -> None:
+    def __init__(
+        self, strategy: Scaffold, global_weights: Weights, state: Mapping[str, Any]
+    ) -> None:
         self._strategy = strategy
         self._global = global_weights
         self._names = control_names(global_weights)
         self._c: dict[str, F64] = {}
         for k in self._names:
             c = state.get(C_PREFIX + k)
-            arr = (np.zeros(np.shape(global_weights[k])) if c is None
-                   else np.asarray(c, dtype=np.float64))
+            arr = (
+                np.zeros(np.shape(global_weights[k]))
+                if c is None
+                else np.asarray(c, dtype=np.float64)
+            )
             if arr.shape != np.shape(global_weights[k]):
-                raise ValueError(f"strategy state {C_PREFIX + k!r} has shape {arr.shape}, "
-                                 f"the model tensor {np.shape(global_weights[k])}")
+                raise ValueError(
+                    f"strategy state {C_PREFIX + k!r} has shape {arr.shape}, "
+                    f"the model tensor {np.shape(global_weights[k])}"
+                )
             self._c[k] = arr
         self._seen: set[str] = set(state.get("agents") or [])
         self._mean = WeightedMean(global_weights, strategy.weighted)
@@ -203,6 +217,14 @@ class ScaffoldAccumulator:
             sq += float(np.sum(np.square(c)))
         if s.num_agents is None:
             state["agents"] = sorted(self._seen)
-        return Result(out, state, {"num_updates": updates, "num_samples": self._mean.samples,
-                                   "num_agents": n_agents, "control_norm": math.sqrt(sq)},
-                      extra)
+        return Result(
+            out,
+            state,
+            {
+                "num_updates": updates,
+                "num_samples": self._mean.samples,
+                "num_agents": n_agents,
+                "control_norm": math.sqrt(sq),
+            },
+            extra,
+        )

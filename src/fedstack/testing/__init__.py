@@ -102,17 +102,31 @@ class AggregatorProcess:
         ready = self.workdir / f"aggregator-{self.starts}.ready"
         log = open(self.workdir / f"aggregator-{self.starts}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fedstack", "aggregator", "--host", "127.0.0.1",
-             "--port", str(self.port), "--ready-file", str(ready), *self.args],
-            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            [
+                sys.executable,
+                "-m",
+                "fedstack",
+                "aggregator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--ready-file",
+                str(ready),
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
         log.close()
         self.starts += 1
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"aggregator exited with {self.proc.returncode}: "
-                                   f"{self.log_text()[-2000:]}")
+                raise RuntimeError(
+                    f"aggregator exited with {self.proc.returncode}: {self.log_text()[-2000:]}"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError("aggregator did not start")
             time.sleep(0.02)

@@ -138,8 +138,9 @@ class LoadReport:
 class LoadGenerator:
     """Run ``config.agents`` protocol-level agents against one aggregator."""
 
-    def __init__(self, config: LoadConfig,
-                 train: Callable[[Weights, int], Weights] | None = None) -> None:
+    def __init__(
+        self, config: LoadConfig, train: Callable[[Weights, int], Weights] | None = None
+    ) -> None:
         self.cfg = config
         self.limits = Limits(max_message_bytes=config.max_message_bytes)
         self.initial = model_of(config.params, config.tensors)
@@ -190,8 +191,9 @@ class LoadGenerator:
             if time.monotonic() > self._deadline:
                 break
             await asyncio.sleep(0.01)
-        tasks = [first] + [asyncio.create_task(self._agent(i, on_welcome))
-                           for i in range(1, cfg.agents)]
+        tasks = [first] + [
+            asyncio.create_task(self._agent(i, on_welcome)) for i in range(1, cfg.agents)
+        ]
         remaining = max(0.0, self._deadline - time.monotonic())
         join_task = asyncio.create_task(joined.wait())
         await asyncio.wait({join_task}, timeout=remaining)
@@ -215,18 +217,31 @@ class LoadGenerator:
         rounds = []
         for v in sorted(self.arrivals):
             ts = self.arrivals[v]
-            rounds.append({"version": v, "agents": len(ts), "first_s": round(min(ts), 4),
-                           "last_s": round(max(ts), 4)})
+            rounds.append(
+                {
+                    "version": v,
+                    "agents": len(ts),
+                    "first_s": round(min(ts), 4),
+                    "last_s": round(max(ts), 4),
+                }
+            )
         for prev, cur in zip(rounds, rounds[1:], strict=False):
             cur["round_seconds"] = round(cur["last_s"] - prev["last_s"], 4)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return LoadReport(
-            agents=self.cfg.agents, connected_peak=self.connected_peak,
+            agents=self.cfg.agents,
+            connected_peak=self.connected_peak,
             welcomed=sum(s.welcomed for s in self.stats),
-            uploads=sum(s.uploads for s in self.stats), acks=sum(s.acks for s in self.stats),
-            ack_statuses=statuses, errors=errors[:20], error_count=len(errors),
-            join_seconds=round(join_seconds, 4), wall_seconds=round(wall, 4), rounds=rounds,
-            max_rss_mib=round(rss, 1), acked_upload_ids=list(self.acked),
+            uploads=sum(s.uploads for s in self.stats),
+            acks=sum(s.acks for s in self.stats),
+            ack_statuses=statuses,
+            errors=errors[:20],
+            error_count=len(errors),
+            join_seconds=round(join_seconds, 4),
+            wall_seconds=round(wall, 4),
+            rounds=rounds,
+            max_rss_mib=round(rss, 1),
+            acked_upload_ids=list(self.acked),
         )
 
     def _left(self) -> float:
@@ -240,21 +255,31 @@ class LoadGenerator:
         try:
             assert self._connect_sem is not None
             async with self._connect_sem:
-                c = await connect(self.cfg.url, max_message_bytes=self.cfg.max_message_bytes,
-                                  open_timeout=min(30.0, self._left()))
+                c = await connect(
+                    self.cfg.url,
+                    max_message_bytes=self.cfg.max_message_bytes,
+                    open_timeout=min(30.0, self._left()),
+                )
                 conn = c
                 self.connected += 1
                 self.connected_peak = max(self.connected_peak, self.connected)
-                c.write(session.send(Participate(
-                    agent_name=st.name,
-                    token=(f"{self.cfg.token_prefix}-{i}" if self.cfg.token_prefix else None),
-                    model=self.initial if i == 0 else None, init_weights=True,
-                    num_samples=self.cfg.num_samples, known_version=-1,
-                    client="fedstack-loadgen/0.1",
-                )))
+                c.write(
+                    session.send(
+                        Participate(
+                            agent_name=st.name,
+                            token=(
+                                f"{self.cfg.token_prefix}-{i}" if self.cfg.token_prefix else None
+                            ),
+                            model=self.initial if i == 0 else None,
+                            init_weights=True,
+                            num_samples=self.cfg.num_samples,
+                            known_version=-1,
+                            client="fedstack-loadgen/0.1",
+                        )
+                    )
+                )
                 await c.drain()
-                holder = [session.receive_bytes(
-                    await asyncio.wait_for(c.recv(), self._left()))]
+                holder = [session.receive_bytes(await asyncio.wait_for(c.recv(), self._left()))]
             await self._session(c, session, st, holder, on_welcome)
         except (TimeoutError, asyncio.CancelledError):
             st.error = st.error or "timed out"
@@ -267,8 +292,14 @@ class LoadGenerator:
                 self.connected -= 1
                 conn.abort()
 
-    async def _session(self, conn: Connection, session: AgentSession, st: AgentStats,
-                       holder: list[Event], on_welcome: Callable[[], None]) -> None:
+    async def _session(
+        self,
+        conn: Connection,
+        session: AgentSession,
+        st: AgentStats,
+        holder: list[Event],
+        on_welcome: Callable[[], None],
+    ) -> None:
         cfg = self.cfg
         first = holder.pop()  # no frame keeps the welcome (and its model) alive
         if isinstance(first, Refused):
@@ -279,8 +310,12 @@ class LoadGenerator:
         st.welcomed = True
         on_welcome()
         self._arrived(welcome.version)
-        state: dict[str, Any] = {"final": welcome.finished, "model": welcome.model,
-                                 "ack": None, "error": None}
+        state: dict[str, Any] = {
+            "final": welcome.finished,
+            "model": welcome.model,
+            "ack": None,
+            "error": None,
+        }
         del welcome
         heart: asyncio.Task[None] | None = None
         news = asyncio.Event()
@@ -291,8 +326,7 @@ class LoadGenerator:
         try:
             trained_on = -1
             while st.uploads < cfg.rounds and not state["final"]:
-                if (cfg.stop_at_version is not None
-                        and session.known_version >= cfg.stop_at_version):
+                if cfg.stop_at_version is not None and session.known_version >= cfg.stop_at_version:
                     break
                 # wait for a global model newer than the last one trained on
                 while session.known_version <= trained_on and not state["final"]:
@@ -314,8 +348,12 @@ class LoadGenerator:
                 if size <= cfg.unique_below_bytes:
                     weights = _personal(weights, int(st.name.rpartition("-")[2]))
                 upload = ModelUpload(
-                    upload_id=uuid.uuid4().hex, base_version=base, num_samples=cfg.num_samples,
-                    metrics={"train_seconds": cfg.train_seconds}, model=weights)
+                    upload_id=uuid.uuid4().hex,
+                    base_version=base,
+                    num_samples=cfg.num_samples,
+                    metrics={"train_seconds": cfg.train_seconds},
+                    model=weights,
+                )
                 del weights
                 await asyncio.wait_for(self._upload_budget.acquire(size), self._left())
                 try:
@@ -335,8 +373,7 @@ class LoadGenerator:
                 del upload
             # the global model made from the last upload (or the final one) closes the run
             while session.known_version <= trained_on and not state["final"]:
-                if (cfg.stop_at_version is not None
-                        and session.known_version >= cfg.stop_at_version):
+                if cfg.stop_at_version is not None and session.known_version >= cfg.stop_at_version:
                     break
                 self._poll(conn, session)
                 news.clear()
@@ -354,14 +391,16 @@ class LoadGenerator:
     def _poll(self, conn: Connection, session: AgentSession) -> None:
         """With polling delivery, ask about the known version (once, until answered)."""
         if session.poll_due():
-            conn.write(session.send(Poll(known_version=session.known_version,
-                                         wait=self.cfg.poll_wait)))
+            conn.write(
+                session.send(Poll(known_version=session.known_version, wait=self.cfg.poll_wait))
+            )
 
     async def _wait(self, news: asyncio.Event, reader: asyncio.Task[None]) -> None:
         woken = asyncio.ensure_future(news.wait())
         try:
-            await asyncio.wait({woken, reader}, timeout=self._left(),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {woken, reader}, timeout=self._left(), return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             woken.cancel()
         if reader.done():
@@ -376,8 +415,14 @@ class LoadGenerator:
     def _arrived(self, version: int) -> None:
         self.arrivals.setdefault(version, []).append(time.monotonic() - self._t0)
 
-    async def _reader(self, conn: Connection, session: AgentSession, st: AgentStats,
-                      state: dict[str, Any], news: asyncio.Event) -> None:
+    async def _reader(
+        self,
+        conn: Connection,
+        session: AgentSession,
+        st: AgentStats,
+        state: dict[str, Any],
+        news: asyncio.Event,
+    ) -> None:
         while True:
             event = session.receive_bytes(await asyncio.wait_for(conn.recv(), self._left()))
             if isinstance(event, GlobalModelReceived):
@@ -400,8 +445,7 @@ class LoadGenerator:
             elif isinstance(event, RequestRefused):
                 state["error"] = f"{event.error.code}: {event.error.message}"
             elif isinstance(event, Refused):  # fatal: the aggregator closes
-                raise FedstackError(f"aggregator error {event.error.code}: "
-                                    f"{event.error.message}")
+                raise FedstackError(f"aggregator error {event.error.code}: {event.error.message}")
             elif isinstance(event, Left):
                 state["final"] = True
                 news.set()
@@ -438,8 +482,11 @@ def run_load(config: LoadConfig) -> LoadReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedstack.testing.loadgen", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedstack.testing.loadgen",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--url", default="ws://127.0.0.1:8765")
     p.add_argument("--agents", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3, help="uploads per agent")
@@ -455,14 +502,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the report (with acked upload ids) here")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     cfg = LoadConfig(
-        url=args.url, agents=args.agents, rounds=args.rounds, params=int(args.params),
-        tensors=args.tensors, train_seconds=args.train_seconds, timeout=args.timeout,
+        url=args.url,
+        agents=args.agents,
+        rounds=args.rounds,
+        params=int(args.params),
+        tensors=args.tensors,
+        train_seconds=args.train_seconds,
+        timeout=args.timeout,
         connect_concurrency=args.connect_concurrency,
         upload_budget_bytes=int(args.upload_budget_mb * (1 << 20)),
-        stop_at_version=args.stop_at_version, token_prefix=args.token_prefix,
+        stop_at_version=args.stop_at_version,
+        token_prefix=args.token_prefix,
         name_prefix=args.name_prefix,
     )
     report = run_load(cfg)
@@ -473,8 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}, indent=1))
         for r in report.rounds:
-            print(f"v{r['version']:>4}: {r['agents']:>6} agents, first {r['first_s']:.3f} s, "
-                  f"last {r['last_s']:.3f} s, round {r.get('round_seconds', math.nan):.3f} s")
+            print(
+                f"v{r['version']:>4}: {r['agents']:>6} agents, first {r['first_s']:.3f} s, "
+                f"last {r['last_s']:.3f} s, round {r.get('round_seconds', math.nan):.3f} s"
+            )
     return 0 if report.error_count == 0 else 1
 
 

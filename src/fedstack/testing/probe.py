@@ -42,8 +42,13 @@ class ProbeTrainer:
         ConfigError: If an argument is invalid.
     """
 
-    def __init__(self, params: int | str = 25_000_000, delta: float | str = 0.001,
-                 index: int | str = 0, num_agents: int | str = 1) -> None:
+    def __init__(
+        self,
+        params: int | str = 25_000_000,
+        delta: float | str = 0.001,
+        index: int | str = 0,
+        num_agents: int | str = 1,
+    ) -> None:
         self.params = coerce_int("params", params, minimum=1)
         self.delta = coerce_float("delta", delta, positive=False)
         self.index = coerce_int("index", index, minimum=0)

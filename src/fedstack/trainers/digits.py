@@ -182,8 +182,17 @@ def _loss_and_accuracy(x: F32, y: I64, coef: F32, intercept: F32) -> tuple[float
     return float(loss), float(accuracy)
 
 
-def softmax_sgd(x: F32, y: I64, coef: F32, intercept: F32, *, epochs: int, lr: float,
-                batch_size: int, rng: np.random.Generator) -> tuple[F32, F32, list[float]]:
+def softmax_sgd(
+    x: F32,
+    y: I64,
+    coef: F32,
+    intercept: F32,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> tuple[F32, F32, list[float]]:
     """Minibatch SGD on the cross-entropy of ``softmax(x @ coef.T + intercept)``.
 
     Returns the trained copies of ``coef`` and ``intercept`` and the minibatch losses of
@@ -302,8 +311,9 @@ class DigitsLinearTrainer(DigitsTrainerBase):
         start = time.perf_counter()
         x, y = self.x_train, self.y_train
         n = len(y)
-        coef, intercept, batch_losses = softmax_sgd(x, y, coef, intercept, epochs=epochs,
-                                                    lr=lr, batch_size=batch_size, rng=self._rng)
+        coef, intercept, batch_losses = softmax_sgd(
+            x, y, coef, intercept, epochs=epochs, lr=lr, batch_size=batch_size, rng=self._rng
+        )
         train_seconds = time.perf_counter() - start
 
         _, local_accuracy = _loss_and_accuracy(x, y, coef, intercept)

@@ -40,20 +40,30 @@ class SyntheticTrainer:
     converted.
     """
 
-    def __init__(self, index: int = 0, num_agents: int = 1, data: str = "1,1",
-                 seed: int = 0, epochs: int = 1, lr: float = 0.01,
-                 batch_size: int = 10, max_samples: int | None = None) -> None:
+    def __init__(
+        self,
+        index: int = 0,
+        num_agents: int = 1,
+        data: str = "1,1",
+        seed: int = 0,
+        epochs: int = 1,
+        lr: float = 0.01,
+        batch_size: int = 10,
+        max_samples: int | None = None,
+    ) -> None:
         self.index = coerce_int("index", index, minimum=0)
         self.num_agents = coerce_int("num_agents", num_agents, minimum=1)
         self.seed = coerce_int("seed", seed)
         self.epochs = coerce_int("epochs", epochs, minimum=1)
         self.lr = coerce_float("lr", lr)
         self.batch_size = coerce_int("batch_size", batch_size, minimum=1)
-        cap = None if str(max_samples).strip().lower() in ("none", "") else coerce_int(
-            "max_samples", max_samples, minimum=2)
+        cap = (
+            None
+            if str(max_samples).strip().lower() in ("none", "")
+            else coerce_int("max_samples", max_samples, minimum=2)
+        )
         alpha, beta, iid = parse_synthetic(str(data))
-        dev = synthetic_device(alpha, beta, self.index, seed=self.seed, iid=iid,
-                               max_samples=cap)
+        dev = synthetic_device(alpha, beta, self.index, seed=self.seed, iid=iid, max_samples=cap)
         order = np.random.default_rng([self.seed, self.index, 1]).permutation(len(dev.y))
         cut = max(1, int(0.9 * len(dev.y)))
         x = dev.x.astype(np.float32)
@@ -63,8 +73,10 @@ class SyntheticTrainer:
 
     def initial_weights(self) -> Weights:
         """Zeros (the FedProx reference's initial model)."""
-        return {"coef": np.zeros((NUM_CLASSES, DIMENSION), np.float32),
-                "intercept": np.zeros(NUM_CLASSES, np.float32)}
+        return {
+            "coef": np.zeros((NUM_CLASSES, DIMENSION), np.float32),
+            "intercept": np.zeros(NUM_CLASSES, np.float32),
+        }
 
     def _check(self, weights: Weights) -> tuple[Any, Any]:
         if set(weights) != {"coef", "intercept"}:
@@ -72,22 +84,37 @@ class SyntheticTrainer:
         coef = np.asarray(weights["coef"], dtype=np.float32)
         intercept = np.asarray(weights["intercept"], dtype=np.float32)
         if coef.shape != (NUM_CLASSES, DIMENSION) or intercept.shape != (NUM_CLASSES,):
-            raise InvalidUpdate(f"coef {coef.shape} / intercept {intercept.shape} do not fit "
-                                f"({NUM_CLASSES}, {DIMENSION}) / ({NUM_CLASSES},)")
+            raise InvalidUpdate(
+                f"coef {coef.shape} / intercept {intercept.shape} do not fit "
+                f"({NUM_CLASSES}, {DIMENSION}) / ({NUM_CLASSES},)"
+            )
         return coef, intercept
 
     def fit(self, weights: Weights, config: Mapping[str, Any]) -> tuple[Weights, int, Metrics]:
         coef, intercept = self._check(weights)
         epochs = coerce_int("epochs", config.get("epochs", self.epochs), minimum=1)
         start = time.perf_counter()
-        coef, intercept, losses = softmax_sgd(self.x_train, self.y_train, coef, intercept,
-                                              epochs=epochs, lr=self.lr,
-                                              batch_size=self.batch_size, rng=self._rng)
+        coef, intercept, losses = softmax_sgd(
+            self.x_train,
+            self.y_train,
+            coef,
+            intercept,
+            epochs=epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            rng=self._rng,
+        )
         seconds = time.perf_counter() - start
         _, accuracy = _loss_and_accuracy(self.x_train, self.y_train, coef, intercept)
-        return ({"coef": coef, "intercept": intercept}, len(self.y_train),
-                {"train_loss": float(np.mean(losses)), "local_accuracy": accuracy,
-                 "train_seconds": seconds})
+        return (
+            {"coef": coef, "intercept": intercept},
+            len(self.y_train),
+            {
+                "train_loss": float(np.mean(losses)),
+                "local_accuracy": accuracy,
+                "train_seconds": seconds,
+            },
+        )
 
     def evaluate(self, weights: Weights, config: Mapping[str, Any]) -> Metrics:
         coef, intercept = self._check(weights)

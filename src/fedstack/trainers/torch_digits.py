@@ -76,8 +76,9 @@ def _evaluate_global(model: nn.Module, weights: Weights) -> Metrics:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 360 small samples: threads only add wake-ups and spinning
     try:
-        loss, accuracy = _loss_and_accuracy(model, torch.from_numpy(x_test),
-                                            torch.from_numpy(y_test))
+        loss, accuracy = _loss_and_accuracy(
+            model, torch.from_numpy(x_test), torch.from_numpy(y_test)
+        )
     finally:
         torch.set_num_threads(threads)
     return {"accuracy": accuracy, "loss": loss}
@@ -162,8 +163,9 @@ class _TorchDigitsTrainer(DigitsTrainerBase):
         return {"generator": self._generator.get_state().numpy().copy()}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        self._generator.set_state(torch.from_numpy(np.asarray(state["generator"],
-                                                              dtype=np.uint8).copy()))
+        self._generator.set_state(
+            torch.from_numpy(np.asarray(state["generator"], dtype=np.uint8).copy())
+        )
 
     def initial_weights(self) -> Weights:
         """The model initialised from ``seed``: identical for every agent with that seed.
@@ -203,8 +205,9 @@ class _TorchDigitsTrainer(DigitsTrainerBase):
         params = list(self.model.parameters())
         # plain SGD needs no optimizer object: the same update as torch.optim.SGD
         # (param.add_(grad, alpha=-lr)) without importing torch._dynamo on the first fit
-        optimizer = (torch.optim.SGD(params, lr=lr, momentum=self.momentum)
-                     if self.momentum else None)
+        optimizer = (
+            torch.optim.SGD(params, lr=lr, momentum=self.momentum) if self.momentum else None
+        )
         n = len(self._y)
         batch_losses: list[float] = []
         for _ in range(epochs):

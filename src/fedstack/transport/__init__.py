@@ -30,9 +30,11 @@ async def connect(
     if url.startswith("inproc://"):
         from fedstack.transport import inproc
 
-        return await inproc.connect(url, max_message_bytes=max_message_bytes,
-                                    open_timeout=open_timeout)
+        return await inproc.connect(
+            url, max_message_bytes=max_message_bytes, open_timeout=open_timeout
+        )
     from fedstack.transport import ws
 
-    return await ws.connect(url, max_message_bytes=max_message_bytes,
-                            open_timeout=open_timeout, ssl=ssl)
+    return await ws.connect(
+        url, max_message_bytes=max_message_bytes, open_timeout=open_timeout, ssl=ssl
+    )

@@ -36,8 +36,9 @@ class ByteBudget:
         self.granted = 0
         self.waited = 0
         self._lock = threading.Lock()
-        self._waiters: collections.deque[
-            tuple[int, Granted, asyncio.AbstractEventLoop, int]] = collections.deque()
+        self._waiters: collections.deque[tuple[int, Granted, asyncio.AbstractEventLoop, int]] = (
+            collections.deque()
+        )
 
     def counts(self, nbytes: int) -> bool:
         """Whether a message of ``nbytes`` is subject to this budget."""

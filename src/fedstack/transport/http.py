@@ -59,22 +59,29 @@ class HttpResponse:
         lines = [f"HTTP/1.1 {self.status} {reason}"]
         if self.body or self.status not in (204, 304):
             lines.append(f"Content-Type: {self.content_type}")
-        lines += [f"Content-Length: {len(self.body)}", "Connection: close",
-                  "Cache-Control: no-store", "X-Content-Type-Options: nosniff"]
+        lines += [
+            f"Content-Length: {len(self.body)}",
+            "Connection: close",
+            "Cache-Control: no-store",
+            "X-Content-Type-Options: nosniff",
+        ]
         lines += [f"{k}: {v}" for k, v in self.headers]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
 
 
-def json_response(status: int, payload: Any,
-                  headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
+def json_response(
+    status: int, payload: Any, headers: tuple[tuple[str, str], ...] = ()
+) -> HttpResponse:
     """``payload`` as a JSON response (non-finite floats become null)."""
-    body = json.dumps(_finite(payload), separators=(",", ":"), allow_nan=False,
-                      default=str).encode()
+    body = json.dumps(
+        _finite(payload), separators=(",", ":"), allow_nan=False, default=str
+    ).encode()
     return HttpResponse(status, body, "application/json", headers)
 
 
-def error_response(status: int, error: str, hint: str = "",
-                   headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
+def error_response(
+    status: int, error: str, hint: str = "", headers: tuple[tuple[str, str], ...] = ()
+) -> HttpResponse:
     """The JSON error shape of every refusal: ``{"error": ..., "hint": ...}``."""
     return json_response(status, {"error": error, "hint": hint}, headers)
 
@@ -121,8 +128,10 @@ class HttpRequest:
 
     @property
     def is_websocket_upgrade(self) -> bool:
-        return any("websocket" in [t.strip().lower() for t in v.split(",")]
-                   for v in self.header_values("upgrade"))
+        return any(
+            "websocket" in [t.strip().lower() for t in v.split(",")]
+            for v in self.header_values("upgrade")
+        )
 
 
 HttpHandler = Callable[[HttpRequest], Awaitable[HttpResponse]]
@@ -159,16 +168,18 @@ class RequestReader:
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
             if status == 431:
-                raise HttpError(431, "request head too large",
-                                f"at most {MAX_HEAD_BYTES} bytes") from None
+                raise HttpError(
+                    431, "request head too large", f"at most {MAX_HEAD_BYTES} bytes"
+                ) from None
             raise HttpError(status, "malformed request", str(exc)[:200]) from None
         if event is h11.NEED_DATA:
             return None
         if not isinstance(event, h11.Request):  # pragma: no cover - h11's first event
             raise HttpError(400, "malformed request")
         request = self._build(event)
-        if not (request.header_values("content-length")
-                or request.header_values("transfer-encoding")):
+        if not (
+            request.header_values("content-length") or request.header_values("transfer-encoding")
+        ):
             try:  # a bodiless request: what follows its head belongs to the next protocol
                 if isinstance(self._h11.next_event(), h11.EndOfMessage):
                     self._h11.next_event()
@@ -203,9 +214,17 @@ class RequestReader:
             headers.append((name, text))
             index.setdefault(name.lower(), []).append(text)
         path, query = _split_target(target)
-        return HttpRequest(method=method, target=target, path=path, query=query,
-                           version=version, headers=tuple(headers),
-                           remote_address=self._remote, tls=self._tls, _index=index)
+        return HttpRequest(
+            method=method,
+            target=target,
+            path=path,
+            query=query,
+            version=version,
+            headers=tuple(headers),
+            remote_address=self._remote,
+            tls=self._tls,
+            _index=index,
+        )
 
 
 def _split_target(target: str) -> tuple[str, dict[str, list[str]]]:
@@ -234,16 +253,18 @@ def body_refusal(req: HttpRequest) -> HttpError | None:
     above :data:`MAX_BODY_BYTES`, 400 for a malformed or repeated ``Content-Length``.
     """
     if req.header_values("transfer-encoding"):
-        return HttpError(411, "length required",
-                         "send no request body (parameters go in the path)")
+        return HttpError(411, "length required", "send no request body (parameters go in the path)")
     lengths = req.header_values("content-length")
     if not lengths:
         return None
     if len(lengths) > 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
         return HttpError(400, "malformed Content-Length")
     if int(lengths[0]) > MAX_BODY_BYTES:
-        return HttpError(413, "request body too large",
-                         "operator requests take no body: parameters go in the path")
+        return HttpError(
+            413,
+            "request body too large",
+            "operator requests take no body: parameters go in the path",
+        )
     return None
 
 

@@ -52,8 +52,13 @@ _ids = itertools.count(1)
 class InProcConnection:
     """One end of an in-process connection (see the module docstring)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_message_bytes: int,
-                 remote_address: str, pool: BufferPool | None = None) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        max_message_bytes: int,
+        remote_address: str,
+        pool: BufferPool | None = None,
+    ) -> None:
         self._loop = loop
         self._pool = pool
         self.max_message_bytes = max_message_bytes
@@ -163,8 +168,7 @@ class InProcConnection:
     async def drain(self) -> None:
         """Messages are handed over at once: nothing to wait for."""
 
-    async def close(self, code: int | None = None, reason: str = "",
-                    timeout: float = 2.0) -> None:
+    async def close(self, code: int | None = None, reason: str = "", timeout: float = 2.0) -> None:
         self._shutdown(1000 if code is None else code, reason)
 
     def abort(self) -> None:
@@ -185,8 +189,9 @@ Handler = Callable[[InProcConnection], Awaitable[None]]
 class InProcServer:
     """A named in-process endpoint; :meth:`close` unregisters it."""
 
-    def __init__(self, name: str, handler: Handler, loop: asyncio.AbstractEventLoop,
-                 max_message_bytes: int) -> None:
+    def __init__(
+        self, name: str, handler: Handler, loop: asyncio.AbstractEventLoop, max_message_bytes: int
+    ) -> None:
         self.name = name
         self.url = f"inproc://{name}"
         self._handler = handler
@@ -223,8 +228,9 @@ class InProcServer:
         self.pool.clear()
 
 
-async def serve(handler: Handler, name: str | None = None, *,
-                max_message_bytes: int) -> InProcServer:
+async def serve(
+    handler: Handler, name: str | None = None, *, max_message_bytes: int
+) -> InProcServer:
     """Register an in-process server; ``inproc://NAME`` then reaches ``handler``."""
     name = name or f"aggregator-{next(_ids)}"
     server = InProcServer(name, handler, asyncio.get_running_loop(), max_message_bytes)
@@ -235,8 +241,9 @@ async def serve(handler: Handler, name: str | None = None, *,
     return server
 
 
-async def connect(url: str, *, max_message_bytes: int,
-                  open_timeout: float = 10.0) -> InProcConnection:
+async def connect(
+    url: str, *, max_message_bytes: int, open_timeout: float = 10.0
+) -> InProcConnection:
     """Open a connection to the in-process server named by ``inproc://NAME``.
 
     Raises:
@@ -252,8 +259,9 @@ async def connect(url: str, *, max_message_bytes: int,
     loop = asyncio.get_running_loop()
     cid = next(_ids)
     client = InProcConnection(loop, max_message_bytes, f"inproc:{name}", server.pool)
-    srv_end = InProcConnection(server._loop, server.max_message_bytes, f"inproc:client-{cid}",
-                               server.pool)
+    srv_end = InProcConnection(
+        server._loop, server.max_message_bytes, f"inproc:client-{cid}", server.pool
+    )
     client.peer, srv_end.peer = srv_end, client
     if server._loop is loop:
         server._accept(srv_end)

@@ -75,8 +75,9 @@ class ConnectionGate:
         """A new connection (unadmitted); drops the oldest strangers if over a bound."""
         self._open.add(conn)
         self._unadmitted[conn] = None
-        while self._unadmitted and (len(self._unadmitted) > self.max_unadmitted
-                                    or len(self._open) > self.max_connections):
+        while self._unadmitted and (
+            len(self._unadmitted) > self.max_unadmitted or len(self._open) > self.max_connections
+        ):
             oldest = next(iter(self._unadmitted))
             self._drop(oldest)
         if len(self._open) > self.max_connections:  # only admitted ones left: refuse

@@ -93,9 +93,13 @@ class WSConnection(asyncio.BufferedProtocol):
         # big incoming messages take bytes of this budget (shared by the server's
         # connections) from their first frame header until they are freed or the reader
         # asks for the next message; when it is spent, reading stops (TCP backpressure)
-        self._parser = FrameParser(client=client, max_message_bytes=max_message_bytes,
-                                   fragment_cap=fragment_cap, budget=receive_budget,
-                                   on_granted=self._budget_granted)
+        self._parser = FrameParser(
+            client=client,
+            max_message_bytes=max_message_bytes,
+            fragment_cap=fragment_cap,
+            budget=receive_budget,
+            on_granted=self._budget_granted,
+        )
         self._admitted = fragment_cap is None
         self.transport: asyncio.Transport | None = None
         self.remote_address: str = ""
@@ -149,10 +153,12 @@ class WSConnection(asyncio.BufferedProtocol):
         # that holds a byte budget until drain() returns holds it truly
         self.transport.set_write_buffer_limits(high=64 * 1024, low=0)
         tls = transport.get_extra_info("sslcontext") is not None
-        self._handshake = ServerHandshake(self.remote_address, tls,
-                                          http=self._http_handler is not None)
+        self._handshake = ServerHandshake(
+            self.remote_address, tls, http=self._http_handler is not None
+        )
         self._hs_timer = asyncio.get_running_loop().call_later(
-            self.handshake_timeout or HANDSHAKE_TIMEOUT, self._handshake_expired)
+            self.handshake_timeout or HANDSHAKE_TIMEOUT, self._handshake_expired
+        )
         if self._gate is not None:
             self._gate.opened(self)  # may drop the oldest stranger (or this one)
 
@@ -187,8 +193,9 @@ class WSConnection(asyncio.BufferedProtocol):
         if self._hs_timer is not None:
             self._hs_timer.cancel()
         if not self.opened.done():
-            self.opened.set_exception(ConnectionClosed(self.close_code, self.close_reason or
-                                                       "closed during handshake"))
+            self.opened.set_exception(
+                ConnectionClosed(self.close_code, self.close_reason or "closed during handshake")
+            )
             self.opened.exception()  # mark retrieved
         if not self.closed_future.done():
             self.closed_future.set_result(None)
@@ -227,8 +234,9 @@ class WSConnection(asyncio.BufferedProtocol):
             elif isinstance(ev, Close):
                 self.close_code, self.close_reason = ev.code, ev.reason
                 if not self._closed:
-                    self._write_frame(OP_CLOSE, [frames.close_payload(ev.code)[:2]]
-                                      if ev.code != 1005 else [])
+                    self._write_frame(
+                        OP_CLOSE, [frames.close_payload(ev.code)[:2]] if ev.code != 1005 else []
+                    )
                     self._closed = True
                     if self.transport is not None:
                         self.transport.close()
@@ -298,7 +306,8 @@ class WSConnection(asyncio.BufferedProtocol):
         if isinstance(outcome, Routed):
             self._http = True
             self._http_task = asyncio.get_running_loop().create_task(
-                self._run_http(outcome.request))
+                self._run_http(outcome.request)
+            )
         elif isinstance(outcome, Refused):
             if outcome.error is not None:  # a malformed request: answered like HTTP
                 self._http = True
@@ -331,8 +340,11 @@ class WSConnection(asyncio.BufferedProtocol):
             response = await self._http_handler(req)
         except Exception:
             logging.getLogger("fedstack.transport").exception(
-                "HTTP handler failed on %s %s from %s", req.method, req.path[:200],
-                self.remote_address)
+                "HTTP handler failed on %s %s from %s",
+                req.method,
+                req.path[:200],
+                self.remote_address,
+            )
             response = error_response(500, "internal error", "see the aggregator's log")
         self._reply_http(response)
 
@@ -418,8 +430,9 @@ class WSConnection(asyncio.BufferedProtocol):
         assert self.transport is not None
         out = frames.serialize(opcode, parts, mask=self.client)
         self.transport.writelines(out)
-        length = memoryview(out[1]).nbytes if self.client else sum(
-            memoryview(p).nbytes for p in parts)
+        length = (
+            memoryview(out[1]).nbytes if self.client else sum(memoryview(p).nbytes for p in parts)
+        )
         self.bytes_sent += length
         return length
 
@@ -488,6 +501,8 @@ class WSConnection(asyncio.BufferedProtocol):
         """Drop the connection at once, without a close frame."""
         if self.transport is not None:
             self.transport.abort()
+
+
 def _fresh(err: RemoteProtocolError) -> RemoteProtocolError:
     """A new exception like ``err``: raising the stored one would chain the connection to
     itself through the traceback (a cycle that keeps its messages until a GC pass)."""
@@ -544,10 +559,16 @@ async def serve(
         task.add_done_callback(tasks.discard)
 
     def factory() -> WSConnection:
-        return WSConnection(client=False, max_message_bytes=max_message_bytes, on_open=on_open,
-                            handshake_timeout=handshake_timeout, http_handler=http_handler,
-                            receive_budget=receive_budget,
-                            fragment_cap=unregistered_fragment_bytes, gate=gate)
+        return WSConnection(
+            client=False,
+            max_message_bytes=max_message_bytes,
+            on_open=on_open,
+            handshake_timeout=handshake_timeout,
+            http_handler=http_handler,
+            receive_budget=receive_budget,
+            fragment_cap=unregistered_fragment_bytes,
+            gate=gate,
+        )
 
     return await loop.create_server(factory, host, port, ssl=ssl, backlog=4096)
 
@@ -578,9 +599,7 @@ async def connect(
         return WSConnection(client=True, max_message_bytes=max_message_bytes, uri=url)
 
     async def open_() -> WSConnection:
-        _, proto = await loop.create_connection(
-            factory, host, port, ssl=ssl if secure else None
-        )
+        _, proto = await loop.create_connection(factory, host, port, ssl=ssl if secure else None)
         await proto.opened
         return proto
 

@@ -198,8 +198,9 @@ def encode_to_bytes(msg: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
     return b"".join(encode(msg, limits))
 
 
-def decode(data: bytes | bytearray | memoryview | Segments,
-           limits: Limits = DEFAULT_LIMITS) -> Message:
+def decode(
+    data: bytes | bytearray | memoryview | Segments, limits: Limits = DEFAULT_LIMITS
+) -> Message:
     """Decode one message, validating every field; arrays are views of ``data``.
 
     ``data`` may be :class:`~fedstack.wire.segments.Segments` (a message handed over as

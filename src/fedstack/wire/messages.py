@@ -161,7 +161,15 @@ class Bye(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
-        Participate, Welcome, ModelUpload, UploadAck, GlobalModel,
-        Poll, NotReady, Error, Heartbeat, Bye,
+        Participate,
+        Welcome,
+        ModelUpload,
+        UploadAck,
+        GlobalModel,
+        Poll,
+        NotReady,
+        Error,
+        Heartbeat,
+        Bye,
     )
 }

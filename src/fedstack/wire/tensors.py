@@ -25,9 +25,17 @@ ALIGN = 64
 DTYPES: dict[str, np.dtype[np.generic]] = {
     name: np.dtype(name).newbyteorder("<")
     for name in (
-        "float16", "float32", "float64",
-        "int8", "int16", "int32", "int64",
-        "uint8", "uint16", "uint32", "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
         "bool",
     )
 }
@@ -45,6 +53,7 @@ def dtype_name(dtype: np.dtype[Any]) -> str:
         if name in DTYPES:
             _DTYPE_NAMES[dtype] = name
     return name
+
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:/\-\[\]]+")
 MAX_NAME_LEN = 256
@@ -95,11 +104,14 @@ def prepare(weights: Mapping[str, object], start: int) -> tuple[list[TensorEntry
     arrays: list[Array] = []
     offset = start
     for name, value in weights.items():
-        if (not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN
-                or not _NAME_RE.fullmatch(name)):
+        if (
+            not isinstance(name, str)
+            or not name
+            or len(name) > MAX_NAME_LEN
+            or not _NAME_RE.fullmatch(name)
+        ):
             raise LocalProtocolError(
-                f"invalid tensor name {name!r}: 1-{MAX_NAME_LEN} characters of "
-                "[A-Za-z0-9_.:/-[]]"
+                f"invalid tensor name {name!r}: 1-{MAX_NAME_LEN} characters of [A-Za-z0-9_.:/-[]]"
             )
         arr = np.asarray(value)
         dname = dtype_name(arr.dtype)
@@ -141,8 +153,9 @@ def read(
     end = start
     for raw in table:
         if not isinstance(raw, list) or len(raw) != 5:
-            raise RemoteProtocolError("tensor entry must be [name, dtype, shape, offset, nbytes]",
-                                      code="bad-tensor")
+            raise RemoteProtocolError(
+                "tensor entry must be [name, dtype, shape, offset, nbytes]", code="bad-tensor"
+            )
         name, dname, shape, offset, nbytes = raw
         name = check_name(name, max_name_len)
         if name in out:
@@ -203,8 +216,9 @@ def all_finite(arr: Array) -> bool:
 
 def structure(weights: Mapping[str, Array]) -> list[tuple[str, str, tuple[int, ...]]]:
     """The (name, dtype, shape) signature of a model, in order."""
-    return [(k, dtype_name(np.asarray(v).dtype), tuple(np.asarray(v).shape))
-            for k, v in weights.items()]
+    return [
+        (k, dtype_name(np.asarray(v).dtype), tuple(np.asarray(v).shape)) for k, v in weights.items()
+    ]
 
 
 def nbytes(weights: Mapping[str, Array]) -> int:

@@ -22,20 +22,37 @@ _TRAINERS: dict[tuple[Any, ...], Any] = {}
 
 
 def _trainer(cfg: dict[str, Any], index: int, num: int) -> Any:
-    key = (cfg["task"], index, num, cfg["partition"], cfg["seed"], cfg["epochs"], cfg["lr"],
-           cfg["batch-size"], cfg["probe-params"], cfg["probe-delta"])
+    key = (
+        cfg["task"],
+        index,
+        num,
+        cfg["partition"],
+        cfg["seed"],
+        cfg["epochs"],
+        cfg["lr"],
+        cfg["batch-size"],
+        cfg["probe-params"],
+        cfg["probe-delta"],
+    )
     if key not in _TRAINERS:
         if cfg["task"] == "probe":
             from fedstack.testing.probe import ProbeTrainer
 
-            _TRAINERS[key] = ProbeTrainer(params=cfg["probe-params"], delta=cfg["probe-delta"],
-                                          index=index, num_agents=num)
+            _TRAINERS[key] = ProbeTrainer(
+                params=cfg["probe-params"], delta=cfg["probe-delta"], index=index, num_agents=num
+            )
         else:
             from fedstack.trainers.torch_digits import DigitsMLPTrainer
 
             _TRAINERS[key] = DigitsMLPTrainer(
-                index=index, num_agents=num, partition=cfg["partition"], seed=cfg["seed"],
-                epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch-size"])
+                index=index,
+                num_agents=num,
+                partition=cfg["partition"],
+                seed=cfg["seed"],
+                epochs=cfg["epochs"],
+                lr=cfg["lr"],
+                batch_size=cfg["batch-size"],
+            )
     return _TRAINERS[key]
 
 
@@ -58,11 +75,13 @@ def train(msg: Message, context: Context) -> Message:
     weights = to_weights(msg.content["arrays"])
     new, n, metrics = trainer.fit(weights, {"version": msg.content["config"]["server-round"]})
     if generator is not None:
-        context.state["fsbench"] = ArrayRecord(
-            {"generator": Array(generator.get_state().numpy())})
-    reply = RecordDict({
-        "arrays": to_record(new),
-        "metrics": MetricRecord({"num-examples": int(n),
-                                 **{k: float(v) for k, v in metrics.items()}}),
-    })
+        context.state["fsbench"] = ArrayRecord({"generator": Array(generator.get_state().numpy())})
+    reply = RecordDict(
+        {
+            "arrays": to_record(new),
+            "metrics": MetricRecord(
+                {"num-examples": int(n), **{k: float(v) for k, v in metrics.items()}}
+            ),
+        }
+    )
     return Message(content=reply, reply_to=msg)

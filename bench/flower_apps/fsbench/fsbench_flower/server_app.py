@@ -33,8 +33,9 @@ def main(grid: Grid, context: Context) -> None:
     else:
         from fedstack.trainers.torch_digits import DigitsMLPTrainer, evaluate_global_mlp
 
-        initial = DigitsMLPTrainer(index=0, num_agents=num, partition=cfg["partition"],
-                                   seed=cfg["seed"]).initial_weights()
+        initial = DigitsMLPTrainer(
+            index=0, num_agents=num, partition=cfg["partition"], seed=cfg["seed"]
+        ).initial_weights()
         evaluator = evaluate_global_mlp
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -44,9 +45,14 @@ def main(grid: Grid, context: Context) -> None:
 
     # Every node trains in every round (fraction_train 1.0, all num-agents nodes);
     # no federated (client-side) evaluation: the task evaluates centrally, like fedstack.
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num,
-                      min_available_nodes=num)
-    strategy.start(grid=grid, initial_arrays=to_record(initial),
-                   num_rounds=int(cfg["num-rounds"]), train_config=ConfigRecord(),
-                   evaluate_fn=evaluate_fn)
+    strategy = FedAvg(
+        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num, min_available_nodes=num
+    )
+    strategy.start(
+        grid=grid,
+        initial_arrays=to_record(initial),
+        num_rounds=int(cfg["num-rounds"]),
+        train_config=ConfigRecord(),
+        evaluate_fn=evaluate_fn,
+    )
     log_event(cfg, event="serverapp-end")
