@@ -38,7 +38,7 @@ def aggregator_supports(flag: str) -> bool:
     """Whether ``fedstack aggregator`` knows ``flag`` (e.g. ``--auth``), as the code is now."""
     from fedstack.cli.main import command
 
-    agg = command().commands["aggregator"]  # type: ignore[attr-defined]
+    agg = command().commands["aggregator"]
     return any(flag in p.opts or flag in p.secondary_opts for p in agg.params)
 
 

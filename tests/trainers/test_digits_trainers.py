@@ -118,15 +118,16 @@ def test_linear_trainer_accepts_string_arguments() -> None:
     typed = DigitsLinearTrainer(
         index=1, num_agents=3, partition="dirichlet:0.5", seed=2, epochs=2, lr=0.1, batch_size=16
     )
-    text = DigitsLinearTrainer(
-        index="1",
-        num_agents="3",
-        partition="dirichlet:0.5",
-        seed="2",
-        epochs="2",
-        lr="0.1",
-        batch_size="16",
-    )
+    as_text: dict[str, Any] = {
+        "index": "1",
+        "num_agents": "3",
+        "partition": "dirichlet:0.5",
+        "seed": "2",
+        "epochs": "2",
+        "lr": "0.1",
+        "batch_size": "16",
+    }
+    text = DigitsLinearTrainer(**as_text)
     assert (text.index, text.num_agents, text.seed, text.epochs, text.batch_size) == (
         1,
         3,
@@ -212,7 +213,8 @@ def test_cnn_learns() -> None:
 def test_torch_fit_returns_samples_metrics_and_state_dict(
     cls: type[DigitsMLPTrainer], evaluate: Callable[[Weights], Metrics]
 ) -> None:
-    trainer = cls(index="0", num_agents="2", partition="dirichlet:0.5", seed="1")
+    as_text: dict[str, Any] = {"index": "0", "num_agents": "2", "seed": "1"}
+    trainer = cls(partition="dirichlet:0.5", **as_text)
     assert isinstance(trainer, Trainer)
     received = trainer.initial_weights()
     weights, num_samples, metrics = trainer.fit(received, {})

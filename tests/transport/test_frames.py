@@ -124,7 +124,7 @@ def test_header_length_encodings(n: int, head: int) -> None:
 
 
 def test_server_frames_reference_the_parts_without_copying() -> None:
-    parts = [b"ab", bytearray(b"cd"), memoryview(b"ef")]
+    parts: list[bytes | bytearray | memoryview] = [b"ab", bytearray(b"cd"), memoryview(b"ef")]
     out = frames.serialize(OP_BINARY, parts, mask=False)
     assert out[0] == b"\x82\x06" and all(a is b for a, b in zip(out[1:], parts, strict=True))
 
@@ -394,7 +394,7 @@ def test_an_aborted_message_frees_its_buffer_with_its_budget_bytes() -> None:
     p = server(budget=budget)
     p.feed(wire(OP_BINARY, bytes(4 * MB))[: 2 * MB])
     assert p.in_message and budget.used == 4 * MB
-    buf = weakref.ref(p._msg)  # type: ignore[arg-type]
+    buf = weakref.ref(p._msg)
     gc.disable()
     try:
         p.close()

@@ -21,7 +21,7 @@ def test_messages_cross_event_loops_in_both_directions() -> None:
         async def handler(conn: inproc.InProcConnection) -> None:
             while True:
                 try:
-                    msg = await conn.recv()
+                    msg: Any = await conn.recv()
                 except ConnectionClosed:
                     done.set()
                     return
@@ -44,8 +44,8 @@ def test_messages_cross_event_loops_in_both_directions() -> None:
         out = []
         for i in range(50):
             payload = np.full(1000 + i, i, dtype=np.uint8)
-            conn.write([memoryview(payload)])
-            reply = await asyncio.wait_for(conn.recv(), 5)
+            conn.write([payload.data])
+            reply: Any = await asyncio.wait_for(conn.recv(), 5)
             out.append(bytes(reply))
         await conn.close()
         return out
@@ -69,7 +69,9 @@ async def _collecting_server(
                 await got.put(await conn.recv())
 
     server = await inproc.serve(handler, max_message_bytes=max_bytes)
-    return server, await connect(server.url, max_message_bytes=max_bytes), got
+    client = await connect(server.url, max_message_bytes=max_bytes)
+    assert isinstance(client, inproc.InProcConnection)
+    return server, client, got
 
 
 def test_received_buffers_are_writable_copies() -> None:

@@ -144,9 +144,7 @@ def test_echo_50_mb_exact_bytes(runner: str) -> None:
         try:
             data = np.random.default_rng(5).integers(0, 256, n, dtype=np.uint8)
             # sent from several parts (as the codec does), received as one message
-            await conn.send(
-                [memoryview(data[:7]), memoryview(data[7 : 30 * MB]), memoryview(data[30 * MB :])]
-            )
+            await conn.send([data[:7].data, data[7 : 30 * MB].data, data[30 * MB :].data])
             got = await asyncio.wait_for(conn.recv(), 30)
             assert got.nbytes == n
             assert np.array_equal(np.frombuffer(got, dtype=np.uint8), data)
