@@ -562,3 +562,37 @@ def test_credentials_cli_operator_role(tmp_path: Path, capsys: pytest.CaptureFix
             st.authenticate_operator(token, "x")
     finally:
         st.close()
+
+
+def test_store_errors_answer_503_without_internals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16 finding 6: a store that fails (e.g. PostgreSQL restarting) makes the operator
+    API answer 503 with a retry hint, never 500 and never the database's own text."""
+    db = tmp_path / "f6.db"
+    tokens = issue(db)
+    cfg = AggregatorConfig(port=0, db=str(db), auth="required")
+    with aggregator_thread(cfg) as agg:
+        assert agg.store is not None
+        status, _, _ = call(agg.port, "GET", "/api/v1/status", tokens["ops"])
+        assert status == 200
+
+        import sqlalchemy.exc
+
+        from fedstack.store.credentials import AgentRows
+
+        def failing(*args: Any, **kwargs: Any) -> Any:  # what psycopg raises mid-restart
+            raise sqlalchemy.exc.OperationalError(
+                "SELECT token_hash FROM credentials WHERE token_hash = %(h)s",
+                {"h": "secret-hash"},
+                Exception("server closed the connection unexpectedly"),
+            )
+
+        monkeypatch.setattr(AgentRows, "by_hash", failing)
+        status, body, _ = call(agg.port, "GET", "/api/v1/status", tokens["ops"])
+        assert status == 503
+        text = json.dumps(body)
+        assert "SELECT" not in text and "secret-hash" not in text and "closed" not in text
+        monkeypatch.undo()
+        status, _, _ = call(agg.port, "GET", "/api/v1/status", tokens["ops"])
+        assert status == 200  # recovered by itself once the store answers again
