@@ -7,6 +7,7 @@ import collections
 import concurrent.futures as cf
 import functools
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -187,3 +188,53 @@ def test_committer_stores_on_the_store_thread_and_counts_elsewhere(big: bool) ->
     assert [u.model_id for u in acc.updates] == ["m-a-2", "m-c-1"]
     assert acc.threads and not any(t.startswith("fedstack-store") for t in acc.threads)
     assert all(t.startswith("fedstack-compute") for t in acc.threads) == big
+
+
+class CountingAccumulator:
+    """Counts updates without keeping them (a real accumulator keeps sums, not models)."""
+
+    def __init__(self) -> None:
+        self.added = 0
+
+    def add(self, update: Update) -> None:
+        self.added += 1
+
+
+def test_committer_lets_go_of_a_committed_batch() -> None:
+    """An upload's receive buffer holds bytes of the upload budget until it is freed: a
+    committer that kept its last batch while waiting for the next one would hold back the
+    next big upload until some other batch came (uploads received one by one)."""
+    store, acc = FakeStore(), CountingAccumulator()
+
+    async def main() -> list[bool]:
+        posted: asyncio.Queue[BatchCommitted] = asyncio.Queue()
+
+        async def inline(fn: Any, *args: Any, nbytes: int = 0, **kw: Any) -> Any:
+            return fn(*args, **kw)
+
+        committer = Committer(
+            db=inline,
+            compute=inline,
+            store=lambda: store,  # type: ignore[arg-type,return-value]
+            run_id=lambda: "r",
+            gate=None,
+            gate_check=lambda w: None,
+            accumulator=lambda: acc,  # type: ignore[arg-type,return-value]
+            post=posted.put,
+        )
+        task = asyncio.ensure_future(committer.run())
+        ups = [upload("a"), upload("b")]
+        buffers = [weakref.ref(u.msg.model["w"]) for u in ups]
+        committer.submit(plan_batch(collections.deque(ups), state(), 0.0, 5))
+        del ups
+        async with asyncio.timeout(10):
+            ev = await posted.get()
+        assert ev.error is None and [created for _, created, _ in ev.results] == [True, True]
+        del ev  # the owner is done with the batch
+        await asyncio.sleep(0)  # the committer waits for the next batch
+        alive = [ref() is not None for ref in buffers]
+        task.cancel()
+        return alive
+
+    assert asyncio.run(main()) == [False, False]
+    assert acc.added == 2

@@ -207,8 +207,12 @@ class Committer:
                 results = await self._commit(batch)
             except Exception as exc:  # e.g. the store is unavailable: no acks
                 await self._post(BatchCommitted(batch, [], exc))
+                del batch
                 continue
             await self._post(BatchCommitted(batch, results))
+            # Drop the batch now: its uploads' receive buffers hold the upload budget
+            # until freed, and the next batch cannot arrive while they do.
+            del batch, results
 
     async def _commit(self, batch: list[Planned]) -> Results:
         if self._gate is not None:
