@@ -163,3 +163,32 @@ def test_an_intact_blob_is_not_rewritten(tmp_path: Path) -> None:
     before = blobs.path(digest).stat().st_ino
     blobs.put(sample())
     assert blobs.path(digest).stat().st_ino == before
+
+
+def test_storing_known_content_again_does_not_read_the_file_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten agents uploading the same 100 MB model must not cost nine 100 MB reads: a file
+    this store wrote is trusted while unchanged, and checked again once it changes."""
+    import fedstack.store.blobs as blobs_module
+
+    blobs = BlobStore(tmp_path)
+    digest, size = blobs.put(sample())
+    reads: list[str] = []
+    real = blobs_module.file_matches  # type: ignore[attr-defined]  # patched where put() looks
+
+    def counting(d: str, path: Path) -> bool:
+        reads.append(d)
+        return real(d, path)
+
+    monkeypatch.setattr(blobs_module, "file_matches", counting)
+    for _ in range(3):
+        assert blobs.put(sample()) == (digest, size)
+    assert reads == []
+    path = blobs.path(digest)
+    data = bytearray(path.read_bytes())
+    data[-70] ^= 0x80
+    path.write_bytes(bytes(data))
+    assert blobs.put(sample()) == (digest, size)  # changed: checked, found damaged, repaired
+    assert reads == [digest]
+    assert_same(blobs.get(digest), sample())

@@ -47,6 +47,9 @@ class BlobStore:
         """``create``: make the directory if it is missing (False for inspection)."""
         self.root = Path(root)
         self.fsync = fsync
+        self._intact: dict[str, tuple[int, int, int]] = {}
+        """digest -> (inode, size, mtime) of a file this store wrote or verified: storing
+        the same content again does not read 100 MB back while the file is unchanged."""
         if not create:
             return
         try:
@@ -65,7 +68,9 @@ class BlobStore:
 
         Idempotent: a blob already stored with the same digest is kept if it is intact,
         and replaced if it fails its integrity check (a damaged or tampered file is
-        repaired by storing its content again).
+        repaired by storing its content again). A file this store wrote or verified is not
+        hashed again while its inode, size and modification time are unchanged (any write
+        to it changes them); :meth:`get` always verifies.
 
         Raises:
             StoreError: the blob could not be written.
@@ -74,15 +79,28 @@ class BlobStore:
         digest, size = digest_of(parts)
         final = self.path(digest)
         try:
-            if final.exists() and final.stat().st_size == size and file_matches(digest, final):
-                return digest, size
+            if final.exists():
+                st = final.stat()
+                seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+                if self._intact.get(digest) == seen or (
+                    st.st_size == size and file_matches(digest, final)
+                ):
+                    self._remember(digest, seen)
+                    return digest, size
             final.parent.mkdir(parents=True, exist_ok=True)
             # unique temporary name: two threads may store the same content at once
             tmp = write_temp(final, parts, fsync=self.fsync, mode=0o666, drop_cache=True)
             install_file(tmp, final, fsync=self.fsync)
+            st = final.stat()
+            self._remember(digest, (st.st_ino, st.st_size, st.st_mtime_ns))
         except OSError as exc:
             raise StoreError(f"cannot write blob to {final.parent}: {exc.strerror}") from exc
         return digest, size
+
+    def _remember(self, digest: str, seen: tuple[int, int, int]) -> None:
+        if len(self._intact) >= 65536:  # bounded: forget, then verify again on demand
+            self._intact.clear()
+        self._intact[digest] = seen
 
     def get(self, digest: str, *, verify: bool = True) -> Weights:
         """Load the blob ``digest`` (its hash is checked unless ``verify`` is False).
