@@ -86,6 +86,7 @@ class AgentConnections:
             session = await self.agg.registry.authenticate(conn, first)
             if session is None:
                 return
+            conn.admit()  # registered: lift the stranger's caps before its next frame arrives
             session.protocol = proto
             if not self.agg._initialized.is_set():
                 if first.model is not None:

@@ -9,6 +9,7 @@ and PostgreSQL alike (``render_as_batch`` makes SQLite's ``ALTER TABLE`` work).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,13 +67,19 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
     before = current(engine)
     if revision == "head" and before == HEAD:
         return before
-    from alembic import command
-    from alembic.util import CommandError
-
+    quiet = logging.getLogger("alembic")  # its INFO lines say nothing an operator needs
+    level = quiet.level
+    quiet.setLevel(max(level, logging.WARNING))
     try:
-        command.upgrade(config(engine), revision)
-    except CommandError as exc:
-        raise StoreError(
-            f"cannot migrate the schema from revision {before} to {revision}: {exc}"
-        ) from None
+        from alembic import command
+        from alembic.util import CommandError
+
+        try:
+            command.upgrade(config(engine), revision)
+        except CommandError as exc:
+            raise StoreError(
+                f"cannot migrate the schema from revision {before} to {revision}: {exc}"
+            ) from None
+    finally:
+        quiet.setLevel(level)
     return before
