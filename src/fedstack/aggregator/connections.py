@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,6 +41,13 @@ if TYPE_CHECKING:
     from fedstack.aggregator.service import Aggregator
 
 log = logging.getLogger("fedstack.aggregator")
+
+
+def internal_error_message(incident: str) -> str:
+    """What an agent is told about an internal error: nothing of its cause (exception
+    text can carry server paths, SQL and its parameters), only the incident id under
+    which the aggregator's log has the details."""
+    return f"internal aggregator error (incident {incident}); the operator's log has the details"
 
 
 class AgentConnections:
@@ -117,12 +125,17 @@ class AgentConnections:
             log.warning("%s went silent; closing its connection", who)
         except ConnectionClosed:
             pass
-        except Exception as exc:  # a bug: keep serving everyone else, tell this agent
+        except Exception:  # a bug or a store failure: keep serving everyone else
+            # The details (paths, SQL, exception text) go to the log only; the agent gets
+            # a generic message with the incident id the operator can look up.
+            incident = uuid.uuid4().hex[:12]
             log.exception(
-                "internal error while serving %s", session.name if session else conn.remote_address
+                "internal error (incident %s) while serving %s",
+                incident,
+                session.name if session else conn.remote_address,
             )
             await self.agg.registry.refuse(
-                conn, "internal-error", f"aggregator error: {exc!r}"[:500], session
+                conn, "internal-error", internal_error_message(incident), session
             )
         finally:
             try:
