@@ -39,7 +39,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from fedstack.errors import CredentialRefused, StoreConflict, StoreError, TensorFileError
+from fedstack.errors import (
+    CorruptBlob,
+    CredentialRefused,
+    StoreConflict,
+    StoreError,
+    TensorFileError,
+)
 from fedstack.files import atomic_write
 from fedstack.security.credentials import (
     AUTH_MODES,
@@ -124,6 +130,14 @@ _SET_MODEL_METRICS = (
     update(s.models)
     .where(s.models.c.id == bindparam("b_model"))
     .values(metrics=bindparam("b_metrics"))
+)
+_SET_STATUS = (
+    update(s.models)
+    .where(s.models.c.id == bindparam("b_model"))
+    .values(status=bindparam("b_status"))
+)
+_QUARANTINE_INFO = select(s.models.c.producer, s.models.c.upload_id).where(
+    s.models.c.id == bindparam("model_id")
 )
 _MODEL_BLOB = select(s.models.c.blob).where(s.models.c.id == bindparam("model_id"))
 _MODEL_EXTRA = select(s.models.c.extra_blob).where(s.models.c.id == bindparam("model_id"))
@@ -558,6 +572,27 @@ class Store(Credentials, Queries):
             return [(existing, False)]
         return out
 
+    def quarantine_upload(self, run_id: str, model_id: str, reason: str) -> None:
+        """Mark a stored local model whose data is damaged ``quarantined`` (it is never
+        aggregated nor replayed again) and audit it, in one transaction."""
+        with self._begin() as c:
+            row = c.execute(_QUARANTINE_INFO, {"model_id": model_id}).first()
+            c.execute(_SET_STATUS, {"b_model": model_id, "b_status": "quarantined"})
+            c.execute(
+                _INSERT_EVENT,
+                {
+                    "time": time.time(),
+                    "run_id": run_id,
+                    "agent_id": None if row is None else row[0],
+                    "kind": "upload_quarantined",
+                    "detail": {
+                        "model_id": model_id,
+                        "upload_id": None if row is None else row[1],
+                        "reason": reason[:500],
+                    },
+                },
+            )
+
     def find_upload(self, upload_id: str) -> UploadRecord | None:
         with self._begin() as c:
             row = c.execute(_FIND_UPLOAD, {"upload_id": upload_id}).mappings().first()
@@ -766,7 +801,7 @@ class Store(Credentials, Queries):
             return self.blobs.get(digest)
         data = bytes(row[0])
         if not digest_matches(digest, data):
-            raise StoreError(f"blob {digest[:12]} is corrupt (hash mismatch)")
+            raise CorruptBlob(f"blob {digest[:12]} is corrupt (hash mismatch)")
         try:
             return decode_weights(memoryview(data))
         except TensorFileError as exc:
