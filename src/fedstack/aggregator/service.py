@@ -84,6 +84,8 @@ T = TypeVar("T")
 
 EVENT_QUEUE_SIZE = 4096
 """Events waiting for the round owner; a full queue makes connections wait (backpressure)."""
+DATABASE_CHECK_INTERVAL = 1.0
+"""Seconds between two checks that the SQLite database file was not deleted or replaced."""
 
 log = logging.getLogger("fedstack.aggregator")
 
@@ -249,6 +251,7 @@ class Aggregator:
             "credential-watcher", lambda: self.registry.watch_credentials(self._revoked)
         )
         self._scope.supervise("refusal-audit", self.registry.audit.run_flusher)
+        self._scope.spawn(self._watch_database(), name="database-watch", critical=True, daemon=True)
         if cfg.transport == "inproc":
             self._inproc = await inproc.serve(
                 self.connections.serve, cfg.run_name, max_message_bytes=cfg.max_message_bytes
@@ -384,6 +387,16 @@ class Aggregator:
             if self._own_store:
                 await self._db(self.store.close)
         self.workers.close()
+
+    async def _watch_database(self) -> None:
+        """Every :data:`DATABASE_CHECK_INTERVAL` s, check the store's database file is
+        still there (raises :class:`~fedstack.errors.DatabaseReplaced`, which stops the
+        aggregator: going on would lose credentials and runs on the next start)."""
+        store = self.store
+        assert store is not None
+        while True:
+            await asyncio.sleep(DATABASE_CHECK_INTERVAL)
+            await asyncio.to_thread(store.check_database)  # a stat, not the store thread
 
     def _fatal(self, name: str, exc: BaseException) -> None:
         """A task the aggregator cannot run without failed: stop, loudly."""

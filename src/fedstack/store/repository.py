@@ -42,6 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fedstack.errors import (
     CorruptBlob,
     CredentialRefused,
+    DatabaseReplaced,
     StoreConflict,
     StoreError,
     TensorFileError,
@@ -184,6 +185,8 @@ class ResumeState:
 class Store(Credentials, Queries):
     """One deployment's persistent store (one database for every start of the aggregator)."""
 
+    _file_id: tuple[int, int] | None = None  # the SQLite file opened (see check_database)
+
     def __init__(
         self,
         db: str,
@@ -314,6 +317,43 @@ class Store(Credentials, Queries):
                     "aggregator brings it up to date"
                 )
         self._salt = self._load_salt(create=not readonly)
+        self._file_id = self._sqlite_file_id()
+
+    def _sqlite_file_id(self) -> tuple[int, int] | None:
+        """(device, inode) of the SQLite file (None: not an SQLite file)."""
+        if self.path is None or not self._sqlite:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def check_database(self) -> None:
+        """Check that the SQLite file this store opened is still the one at its path
+        (a stat: cheap enough to call every second and before every round commit). A
+        no-op for other databases.
+
+        Raises:
+            DatabaseReplaced: the file was deleted, or another file took its path (SQLite
+                would go on writing to the unlinked file: every later write, credentials
+                included, would be lost on restart).
+        """
+        if self._file_id is None:
+            return
+        try:
+            st = os.stat(self.path)  # type: ignore[arg-type]
+        except FileNotFoundError:
+            raise DatabaseReplaced(
+                f"the database file {self.path} was deleted while the store had it open"
+            ) from None
+        except OSError:
+            return  # e.g. a permission change: the open file is still the store
+        if (st.st_dev, st.st_ino) != self._file_id:
+            raise DatabaseReplaced(
+                f"the database file {self.path} was replaced by another file while the "
+                "store had it open"
+            )
 
     @classmethod
     def open_readonly(cls, db: str, blob_dir: str | Path | None = None) -> Store:
@@ -629,6 +669,7 @@ class Store(Credentials, Queries):
         state_blob = state_staged.digest if state_staged else None
         extra_blob = extra_staged.digest if extra_staged else None
         model_id = new_id()
+        self.check_database()  # never commit a round into a deleted file
         with self._begin() as c:
             self._write_inline(c, staged, state_staged, extra_staged)
             version = c.execute(_RUN_VERSION, {"run_id": run_id}).scalar_one()
