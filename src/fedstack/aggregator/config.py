@@ -129,6 +129,26 @@ class AggregatorConfig:
         "models up to this size are kept in the database, in the transaction "
         "that records them (no blob file, no extra fsync); 0: always files",
     )
+    agent_round_storage_bytes: Count | None = setting(
+        None,
+        "bytes of uploads (weights and the extra arrays the strategy reads, plus 1 KiB a "
+        "record) one agent may have stored in one round; further uploads are refused with "
+        "quota-exceeded (default: 4 x max_message_bytes)",
+    )
+    round_storage_bytes: Count | None = setting(
+        None,
+        "bytes of uploads all agents together may have stored in one round; further "
+        "uploads are refused with quota-exceeded (default: no limit beyond the per-agent one)",
+    )
+    keep_local_models: Literal["all", "last", "metadata"] = setting(
+        "all",
+        "retention of the agents' local models after each round: all (every one, as the "
+        "book asks), last (their weights for the last keep_local_rounds rounds only) or "
+        "metadata (their records only, no weights)",
+    )
+    keep_local_rounds: Count = setting(
+        1, "rounds whose local models keep their weights with keep_local_models = last"
+    )
     run_name: Name = setting("default", "name of the run to start or resume")
     rounds: Count | None = setting(None, "stop after this many rounds (default: never)")
     threshold: Fraction = setting(

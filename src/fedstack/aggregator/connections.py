@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -28,6 +29,7 @@ from fedstack.aggregator.events import (
     PollReceived,
     UploadReceived,
 )
+from fedstack.aggregator.quotas import QUOTA_EXCEEDED, kept_extra, nbytes
 from fedstack.aggregator.registry import Session
 from fedstack.aggregator.uploads import check_upload, upload_id_problem
 from fedstack.aggregator.validation import validate_model
@@ -258,14 +260,36 @@ class AgentConnections:
         except InvalidUpdate as exc:
             log.warning("refused upload from %s: %s", session.name, exc)
             problem, code = str(exc), "invalid-model"
-        if problem is not None:
-            await self.agg._db(
-                self.agg.store.log_event,
-                "upload_refused",
-                {"upload_id": msg.upload_id[:64], "reason": problem[:500]},
-                run_id=self.agg.run_id,
-                agent_id=session.agent_id,
+        if problem is None:
+            # extra arrays the strategy does not read are never stored nor passed on; what
+            # is left is charged to the agent's and the round's storage quotas
+            extra = kept_extra(msg.extra, self.agg.strategy.reads_extra)
+            if extra is not msg.extra:
+                msg = dataclasses.replace(msg, extra=extra)
+            over = self.agg.storage_quota.charge(
+                session.agent_id, self.agg.state.round, nbytes(msg.model) + nbytes(extra)
             )
+            if over is not None:
+                problem, code = over, QUOTA_EXCEEDED
+        if problem is not None:
+            detail = {"upload_id": msg.upload_id[:64], "reason": problem[:500]}
+            if code == QUOTA_EXCEEDED:  # a flood: audited at a bounded rate, counted beyond
+                with contextlib.suppress(StoreError):
+                    await self.agg.registry.audit.record(
+                        "upload_refused",
+                        {**detail, "code": code},
+                        address=session.address,
+                        run_id=self.agg.run_id,
+                        agent_id=session.agent_id,
+                    )
+            else:
+                await self.agg._db(
+                    self.agg.store.log_event,
+                    "upload_refused",
+                    detail,
+                    run_id=self.agg.run_id,
+                    agent_id=session.agent_id,
+                )
             await session.send(Error(code=code, message=problem), cfg.send_timeout)
             return
         # The blob first: content-addressed and idempotent (a re-sent upload costs a hash

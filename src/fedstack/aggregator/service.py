@@ -51,7 +51,9 @@ from fedstack.aggregator.fanout import Fanout
 from fedstack.aggregator.gate import UpdateGate
 from fedstack.aggregator.operator_api import OperatorAPI
 from fedstack.aggregator.owner import RoundOwner
+from fedstack.aggregator.quotas import StorageQuota
 from fedstack.aggregator.registry import Registry, Session, refusal_detail
+from fedstack.aggregator.retention import Retention
 from fedstack.aggregator.rounds import RoundState
 from fedstack.aggregator.statistics import AgentStatistics, AggregatorStatistics
 from fedstack.aggregator.tasks import ScopeClosed, TaskScope
@@ -158,6 +160,11 @@ class Aggregator:
         self.fanout = Fanout(config.fanout_budget_bytes)
         """Global model encoded once per version; bytes of big sends in flight bounded."""
         self.upload_budget = ByteBudget(config.upload_budget_bytes)
+        self.storage_quota = StorageQuota(
+            config.agent_round_storage_bytes or 4 * config.max_message_bytes,
+            config.round_storage_bytes,
+        )
+        self.retention = Retention(self)
         """Bytes of big uploads being received or processed at once (all connections)."""
         self.delivery = Delivery(
             self.fanout, lambda: self.owner.published, config.send_timeout, self._welcome_fields

@@ -84,6 +84,17 @@ class BlobStore:
             raise StoreError(f"cannot write blob to {final.parent}: {exc.strerror}") from exc
         return digest, size
 
+    def delete(self, digest: str) -> None:
+        """Remove the blob ``digest`` if it exists (the caller made sure no record names it).
+
+        Raises:
+            StoreError: it exists but cannot be removed.
+        """
+        try:
+            self.path(digest).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot remove blob {digest[:12]}: {exc.strerror}") from exc
+
     def get(self, digest: str, *, verify: bool = True) -> Weights:
         """Load the blob ``digest`` (its hash is checked unless ``verify`` is False).
 

@@ -31,6 +31,7 @@ from sqlalchemy import (
     Engine,
     bindparam,
     create_engine,
+    delete,
     event,
     insert,
     pool,
@@ -612,6 +613,47 @@ class Store(Credentials, Queries):
             return [(existing, False)]
         return out
 
+    def prune_local_models(self, run_id: str, up_to_round: int) -> tuple[int, int]:
+        """Retention: drop the weights (and extra arrays) of ``run_id``'s local models of
+        rounds ``<= up_to_round`` that are no longer waiting for a round (``initial`` and
+        ``buffered`` ones are kept); their records stay, with an empty ``blob``. Blobs no
+        longer referenced by any model or round are then deleted (inlined ones in the same
+        transaction, files after it).
+
+        Returns:
+            (local models pruned, blobs deleted).
+        """
+        with self._begin() as c:
+            rows = c.execute(
+                select(s.models.c.id, s.models.c.blob, s.models.c.extra_blob).where(
+                    s.models.c.run_id == run_id,
+                    s.models.c.kind == "local",
+                    s.models.c.round <= up_to_round,
+                    s.models.c.blob != "",
+                    s.models.c.status.not_in(("initial", "buffered")),
+                )
+            ).all()
+            if not rows:
+                return 0, 0
+            ids = [r[0] for r in rows]
+            digests = {d for r in rows for d in (r[1], r[2]) if d}
+            for i in range(0, len(ids), 500):
+                c.execute(
+                    update(s.models)
+                    .where(s.models.c.id.in_(ids[i : i + 500]))
+                    .values(blob="", extra_blob=None)
+                )
+            wanted = list(digests)
+            used: set[str] = set()
+            for col in (s.models.c.blob, s.models.c.extra_blob, s.rounds.c.state_blob):
+                used.update(c.execute(select(col).distinct().where(col.in_(wanted))).scalars())
+            unused = digests - used
+            if unused:
+                c.execute(delete(s.blob_data).where(s.blob_data.c.digest.in_(list(unused))))
+        for d in unused:
+            self.blobs.delete(d)
+        return len(ids), len(unused)
+
     def quarantine_upload(self, run_id: str, model_id: str, reason: str) -> None:
         """Mark a stored local model whose data is damaged ``quarantined`` (it is never
         aggregated nor replayed again) and audit it, in one transaction."""
@@ -794,6 +836,8 @@ class Store(Credentials, Queries):
             blob = c.execute(_MODEL_BLOB, {"model_id": model_id}).scalar()
         if blob is None:
             raise StoreError(f"no model {model_id}")
+        if blob == "":
+            raise StoreError(f"the weights of model {model_id} were not kept (retention)")
         return self.get_blob(blob)
 
     # ------------------------------------------------------------------ blobs
