@@ -193,6 +193,12 @@ class AggregatorConfig:
     finish_grace: Annotated[float, msgspec.Meta(ge=0, le=_FLOAT_MAX)] = setting(
         30.0, "seconds to wait for agents to collect the final model"
     )
+    min_transfer_rate: Annotated[int, msgspec.Meta(ge=0)] = setting(
+        32 * 1024,
+        "bytes/s an agent must keep up while sending a big message or reading a global "
+        "model (checked every 2 s; slower: dropped, so that it does not hold the shared "
+        "budgets); a message may take max(send_timeout, its size / this rate); 0: no minimum",
+    )
     upload_budget_bytes: Count = setting(
         128 << 20, "bytes of large uploads received at once, over all agents (further senders wait)"
     )

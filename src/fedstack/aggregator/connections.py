@@ -29,6 +29,7 @@ from fedstack.aggregator.events import (
     PollReceived,
     UploadReceived,
 )
+from fedstack.aggregator.pacing import RATE_WINDOW, ReceiveWatch, TooSlow
 from fedstack.aggregator.quotas import QUOTA_EXCEEDED, kept_extra, nbytes
 from fedstack.aggregator.registry import Session
 from fedstack.aggregator.uploads import check_upload, upload_id_problem
@@ -122,6 +123,10 @@ class AgentConnections:
             who = session.name if session else conn.remote_address
             log.warning("protocol error from %s: %s", who, exc)
             await self.agg.registry.refuse(conn, exc.code, str(exc), session)
+        except TooSlow as exc:
+            who = session.name if session else conn.remote_address
+            log.warning("%s is too slow; closing its connection: %s", who, exc)
+            await self.agg.registry.refuse(conn, "too-slow", str(exc), session)
         except TimeoutError:
             who = session.name if session else conn.remote_address
             log.warning("%s went silent; closing its connection", who)
@@ -170,16 +175,33 @@ class AgentConnections:
     async def _recv_leased(self, conn: Connection, lease: float) -> memoryview | Segments:
         """The next message; TimeoutError after ``lease`` s of silence. A connection in the
         middle of a big message (arriving, or held back by the upload budget) is not
-        silent: it gets up to ``10 x send_timeout`` more."""
-        extra = 10 * self.agg.config.send_timeout
+        silent: it gets up to ``10 x send_timeout`` more, as long as its message keeps
+        arriving at ``min_transfer_rate`` (checked every :data:`RATE_WINDOW` s; slower:
+        :class:`~fedstack.aggregator.pacing.TooSlow`, and the budget it held is free)."""
+        cfg = self.agg.config
+        watch = ReceiveWatch(conn, cfg.min_transfer_rate)
+        loop = asyncio.get_running_loop()
+        extra = 10 * cfg.send_timeout
+        quiet = 0.0
         while True:
+            arriving = getattr(conn, "in_message", False)
+            wait = min(RATE_WINDOW, extra) if arriving else lease - quiet
+            started = loop.time()
             try:
-                async with asyncio.timeout(lease):
+                async with asyncio.timeout(wait):
                     return await conn.recv()
             except TimeoutError:
-                if not getattr(conn, "in_message", False) or extra <= 0:
+                elapsed = loop.time() - started
+                if not getattr(conn, "in_message", False):
+                    quiet += elapsed
+                    if quiet >= lease:
+                        raise
+                    continue
+                quiet = 0.0
+                watch.check(elapsed)
+                extra -= elapsed
+                if extra <= 0:
                     raise
-                extra -= lease
 
     async def _leave(self, session: Session, counted: bool) -> None:
         """The connection ended: stop counting the agent (the owner outlives the

@@ -167,7 +167,11 @@ class Aggregator:
         self.retention = Retention(self)
         """Bytes of big uploads being received or processed at once (all connections)."""
         self.delivery = Delivery(
-            self.fanout, lambda: self.owner.published, config.send_timeout, self._welcome_fields
+            self.fanout,
+            lambda: self.owner.published,
+            config.send_timeout,
+            self._welcome_fields,
+            config.min_transfer_rate,
         )
         self.driver = RoundDriver(
             strategy=self.strategy,
