@@ -23,6 +23,7 @@ from fedstack.aggregator.pacing import RATE_WINDOW, TooSlow, deadline_for, drain
 from fedstack.errors import ConnectionClosed
 from fedstack.testing import aggregator_thread
 from fedstack.transport import connect
+from fedstack.transport.ws import WSConnection
 from fedstack.wire import Participate, Welcome, decode, encode
 
 ROUNDS = 4
@@ -54,6 +55,7 @@ async def _trickle(url: str, seconds: float) -> float | None:
         conn.write(encode(Participate(agent_name="slowpoke")))
         while not isinstance(decode(await asyncio.wait_for(conn.recv(), 10)), Welcome):
             pass
+        assert isinstance(conn, WSConnection)
         transport = conn.transport
         assert transport is not None
         # one masked binary frame of ANNOUNCED bytes, its payload sent slowly
