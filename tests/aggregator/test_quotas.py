@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedstack.aggregator.quotas import RECORD_BYTES, StorageQuota, kept_extra, nbytes
+from fedstack.aggregator.quotas import (
+    AUTO_UPLOADS,
+    RECORD_BYTES,
+    StorageQuota,
+    auto_quota,
+    kept_extra,
+    nbytes,
+)
 from fedstack.strategies import create
 
 
@@ -42,3 +49,12 @@ def test_quota_per_agent_and_per_round() -> None:
 def test_nbytes() -> None:
     assert nbytes(None) == 0
     assert nbytes({"a": np.zeros(3, np.float32), "b": np.zeros(2, np.float64)}) == 28
+
+
+def test_automatic_quota_follows_the_model_size() -> None:
+    assert auto_quota(1000, 1 << 40) == AUTO_UPLOADS * (3000 + RECORD_BYTES)
+    assert auto_quota(1 << 30, 1 << 31) == 1 << 31  # capped
+    q = StorageQuota(per_agent=None, cap=1 << 40)
+    for _ in range(AUTO_UPLOADS):
+        assert q.charge("a", 1, 3000, model_bytes=1000) is None
+    assert q.charge("a", 1, 3000, model_bytes=1000) is not None

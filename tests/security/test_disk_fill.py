@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from sqlalchemy import func, select
 
 from fedstack import Agent, AggregatorConfig, FederationFinished, Store
-from fedstack.aggregator.quotas import RECORD_BYTES
+from fedstack.aggregator.quotas import RECORD_BYTES, auto_quota
 from fedstack.aggregator.retention import prune_up_to
 from fedstack.store import schema
 from fedstack.testing import aggregator_thread
@@ -84,7 +85,9 @@ async def flood(url: str) -> dict[str, int]:
     return codes
 
 
-def test_upload_flood_stays_within_the_storage_quota(tmp_path: Path) -> None:
+@pytest.mark.parametrize("configured", [True, False], ids=["configured", "automatic"])
+def test_upload_flood_stays_within_the_storage_quota(tmp_path: Path, configured: bool) -> None:
+    quota = QUOTA if configured else auto_quota(8 * 4, 1 << 40)
     blob_dir = tmp_path / "blobs"
     cfg = AggregatorConfig(
         auth="off",
@@ -93,7 +96,7 @@ def test_upload_flood_stays_within_the_storage_quota(tmp_path: Path) -> None:
         blob_dir=str(blob_dir),
         rounds=2,
         min_agents=2,  # the flooder alone never completes the round
-        agent_round_storage_bytes=QUOTA,
+        agent_round_storage_bytes=QUOTA if configured else None,
     )
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
@@ -106,9 +109,9 @@ def test_upload_flood_stays_within_the_storage_quota(tmp_path: Path) -> None:
         after = stored_bytes(cfg.db, blob_dir)
     grown, records = after[0] - before[0], after[1] - before[1]
     # the unguarded aggregator stored every extra array: FLOOD x 16 KiB
-    assert grown <= QUOTA, f"the store grew by {grown} bytes over a quota of {QUOTA}"
-    assert records <= QUOTA // RECORD_BYTES + 1
-    assert codes.get("quota-exceeded", 0) >= FLOOD - QUOTA // RECORD_BYTES - 1, codes
+    assert grown <= quota, f"the store grew by {grown} bytes over a quota of {quota}"
+    assert records <= quota // RECORD_BYTES + 1
+    assert codes.get("quota-exceeded", 0) >= FLOOD - quota // RECORD_BYTES - 1, codes
     assert codes.get("ack", 0) >= 1, codes
 
 

@@ -133,7 +133,8 @@ class AggregatorConfig:
         None,
         "bytes of uploads (weights and the extra arrays the strategy reads, plus 1 KiB a "
         "record) one agent may have stored in one round; further uploads are refused with "
-        "quota-exceeded (default: 4 x max_message_bytes)",
+        "quota-exceeded (default: 8 uploads of the model with twice its size in extra "
+        "arrays, at most 4 x max_message_bytes)",
     )
     round_storage_bytes: Count | None = setting(
         None,

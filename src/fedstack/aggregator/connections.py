@@ -289,7 +289,10 @@ class AgentConnections:
             if extra is not msg.extra:
                 msg = dataclasses.replace(msg, extra=extra)
             over = self.agg.storage_quota.charge(
-                session.agent_id, self.agg.state.round, nbytes(msg.model) + nbytes(extra)
+                session.agent_id,
+                self.agg.state.round,
+                nbytes(msg.model) + nbytes(extra),
+                nbytes(self.agg.global_weights),
             )
             if over is not None:
                 problem, code = over, QUOTA_EXCEEDED

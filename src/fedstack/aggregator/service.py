@@ -161,8 +161,9 @@ class Aggregator:
         """Global model encoded once per version; bytes of big sends in flight bounded."""
         self.upload_budget = ByteBudget(config.upload_budget_bytes)
         self.storage_quota = StorageQuota(
-            config.agent_round_storage_bytes or 4 * config.max_message_bytes,
+            config.agent_round_storage_bytes,
             config.round_storage_bytes,
+            cap=4 * config.max_message_bytes,
         )
         self.retention = Retention(self)
         """Bytes of big uploads being received or processed at once (all connections)."""
