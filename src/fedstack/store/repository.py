@@ -906,6 +906,8 @@ class Store(Credentials, Queries):
             row = None if digest is None else c.execute(_BLOB_DATA, {"d": digest}).first()
         if digest is None:
             raise StoreError(f"no model {model_id}")
+        if digest == "":
+            raise StoreError(f"the weights of model {model_id} were not kept (retention)")
         out = Path(path)
         if row is None:
             try:
