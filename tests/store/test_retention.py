@@ -6,13 +6,67 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import select
-from test_store import commit, init_run, upload, weights
 
 from fedstack.errors import StoreError
-from fedstack.store import Store
+from fedstack.store import Store, UploadRecord
 from fedstack.store import schema as s
+from fedstack.wire.tensors import structure
+
+
+def weights(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4)}
+
+
+def init_run(store: Store) -> tuple[str, str, str]:
+    run = store.open_run("r", {}, "agg")
+    agent, _ = store.register_agent("a0", None, "127.0.0.1:1")
+    w = weights(0)
+    gid = store.init_federation(
+        run.id,
+        agent_id=agent,
+        structure=structure(w),
+        init_weights=True,
+        initial=w,
+        global_weights=w,
+        num_samples=1,
+        metrics={},
+        aggregator_id="agg",
+    )
+    return run.id, agent, gid
+
+
+def upload(store: Store, run: str, agent: str, uid: str, rnd: int, seed: int) -> UploadRecord:
+    rec, _ = store.add_upload(
+        run,
+        agent_id=agent,
+        upload_id=uid,
+        round=rnd,
+        base_version=rnd - 1,
+        num_samples=1,
+        metrics={},
+        weights=weights(seed),
+        status="buffered",
+    )
+    return rec
+
+
+def commit(store: Store, run: str, rnd: int, inputs: list[str], base: str, seed: int) -> str:
+    return store.commit_round(
+        run,
+        round=rnd,
+        weights=weights(seed),
+        inputs=inputs,
+        base_model_id=base,
+        num_samples=1,
+        metrics={},
+        started=1.0,
+        finished=2.0,
+        aggregator_id="agg",
+    )
 
 
 @pytest.mark.parametrize("inline", [0, 1 << 20], ids=["files", "inline"])
@@ -24,9 +78,7 @@ def test_prune_keeps_records_and_shared_blobs(tmp_path: Path, inline: int) -> No
         recs = []
         for rnd in (1, 2, 3):
             # round 3's upload has the content of round 1's: that blob must survive
-            rec, _ = upload(
-                store, run, agent, f"u{rnd}", rnd, seed=1 if rnd in (1, 3) else 10 + rnd
-            )
+            rec = upload(store, run, agent, f"u{rnd}", rnd, seed=1 if rnd in (1, 3) else 10 + rnd)
             recs.append(rec)
             base = commit(store, run, rnd, [rec.model_id], base, seed=50 + rnd)
         pruned, deleted = store.prune_local_models(run, 2)
