@@ -10,6 +10,9 @@ growth and the longest ``/healthz`` answer time. Everything is bounded in time.
 
     python bench/attacks.py [--seconds 8] [--only fragments,slow]
 
+It uses only the command line, the wire protocol and the agent API, so it also measures
+an older fedstack (``PYTHONPATH=<old tree>/src``) for before/after figures.
+
 Attacks:
     fragments  4 unregistered connections: a 4 MiB first fragment, then tiny continuation
                frames (finding 1)
@@ -38,12 +41,17 @@ from typing import Any
 import numpy as np
 
 from fedstack import Agent, FederationFinished
-from fedstack.testing import free_port
 from fedstack.transport import connect
 from fedstack.wire import Participate, encode
 
 PARAMS = 300_000
 ATTACKS = ("fragments", "aborted", "refusals", "idle", "slow")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------------------- attacks
