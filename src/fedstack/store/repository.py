@@ -38,6 +38,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedstack.errors import (
@@ -103,10 +104,21 @@ __all__ = [
 # The statements of the hot paths (every upload, every round), built once: SQLAlchemy
 # then reuses their compiled form and cache keys instead of rebuilding them per call.
 _FIND_UPLOAD = select(s.models).where(s.models.c.upload_id == bindparam("upload_id"))
-_BLOB_EXISTS = select(s.blob_data.c.size).where(s.blob_data.c.digest == bindparam("d"))
 _BLOB_DATA = select(s.blob_data.c.data).where(s.blob_data.c.digest == bindparam("d"))
 _INSERT_BLOB = insert(s.blob_data)
-_INSERT_BLOB_OR_IGNORE = insert(s.blob_data).prefix_with("OR IGNORE", dialect="sqlite")
+_UPSERT = sqlite_insert(s.blob_data)
+_INSERT_BLOB_OR_REPAIR = _UPSERT.on_conflict_do_update(
+    index_elements=[s.blob_data.c.digest],
+    set_={"size": _UPSERT.excluded.size, "data": _UPSERT.excluded.data},
+    where=s.blob_data.c.data != _UPSERT.excluded.data,
+)
+"""Content-addressed: the same bytes once; a stored copy that differs from them (damaged or
+tampered: the digest names the content) is repaired by storing the content again."""
+_REPAIR_BLOB = (
+    update(s.blob_data)
+    .where(s.blob_data.c.digest == bindparam("d"))
+    .values(size=bindparam("b_size"), data=bindparam("b_data"))
+)
 _INSERT_MODEL = insert(s.models)
 _INSERT_LINEAGE = insert(s.lineage)
 _INSERT_ROUND = insert(s.rounds)
@@ -857,12 +869,16 @@ class Store(Credentials, Queries):
         for st in staged:
             if st is None or st.data is None:
                 continue
-            if self._sqlite:  # one statement: content-addressed, the same bytes once
+            if self._sqlite:  # one statement: the same bytes once, a damaged copy repaired
                 c.execute(
-                    _INSERT_BLOB_OR_IGNORE, {"digest": st.digest, "size": st.size, "data": st.data}
+                    _INSERT_BLOB_OR_REPAIR, {"digest": st.digest, "size": st.size, "data": st.data}
                 )
-            elif c.execute(_BLOB_EXISTS, {"d": st.digest}).first() is None:
+                continue
+            row = c.execute(_BLOB_DATA, {"d": st.digest}).first()
+            if row is None:
                 c.execute(_INSERT_BLOB, {"digest": st.digest, "size": st.size, "data": st.data})
+            elif bytes(row[0]) != st.data:  # damaged or tampered: the content repairs it
+                c.execute(_REPAIR_BLOB, {"d": st.digest, "b_size": st.size, "b_data": st.data})
 
     def will_inline(self, weights: Mapping[str, Any]) -> bool:
         """True if ``weights`` are small enough for the database (checked on the raw sizes,
