@@ -1,12 +1,13 @@
 """Hostile clients against a live aggregator: what each attack of issue 16 (findings 1-4
 and 7) costs the honest agents.
 
-One ``fedstack aggregator`` subprocess on 127.0.0.1 (``--auth off``, two honest agents per
-round, small upload budget); two honest agents in this process train in a loop on a
-1.2 MB model (its uploads count against the upload budget). For a baseline window and
-then for each attack (run by this script in a separate process, so it does not share our
-interpreter), the table shows the honest round rate, the aggregator's resident-memory
-growth and the longest ``/healthz`` answer time. Everything is bounded in time.
+One ``fedstack aggregator`` subprocess on 127.0.0.1 (``--auth off``, a round is two uploads
+whatever the number of attackers registered, small upload budget); two honest agents in
+this process train in a loop on a 1.2 MB model (its uploads count against the upload
+budget). For a baseline window and then for each attack (run by this script in a separate
+process, so it does not share our interpreter), the table shows the honest round rate, the
+aggregator's resident-memory growth and the longest ``/healthz`` answer time. Everything is
+bounded in time.
 
     python bench/attacks.py [--seconds 8] [--only fragments,slow]
 
@@ -110,7 +111,9 @@ async def attack_refusals(url: str, end: float) -> None:
         while time.monotonic() < end:
             try:
                 conn = await connect(url, max_message_bytes=1 << 20)
-                conn.write(encode(Participate(agent_name="h0", token="wrong-token-" * 3)))
+                # "victim" is bound to the first token it showed: every later one is wrong
+                token = os.urandom(16).hex()
+                conn.write(encode(Participate(agent_name="victim", token=token)))
                 await asyncio.wait_for(conn.recv(), 10)
             except Exception:
                 pass
@@ -242,8 +245,8 @@ def main() -> int:
             [
                 sys.executable, "-m", "fedstack", "-q", "aggregator",
                 "--host", "127.0.0.1", "--port", str(port), "--db", str(d / "agg.db"),
-                "--auth", "off", "--min-agents", "2", "--threshold", "1.0",
-                "--round-timeout", "30", "--heartbeat-interval", "2",
+                "--auth", "off", "--min-agents", "2", "--threshold", "0.1",
+                "--round-timeout", "30", "--heartbeat-interval", "1",
                 "--upload-budget-bytes", str(4 << 20), "--ready-file", str(ready),
             ],
             stdout=log,
@@ -252,7 +255,7 @@ def main() -> int:
         log.close()
         stop = threading.Event()
         url = f"ws://127.0.0.1:{port}"
-        rows: list[tuple[str, float, float, float]] = []
+        rows: list[tuple[str, float, float, float, int]] = []
         try:
             deadline = time.monotonic() + 30
             while not ready.exists():
@@ -271,7 +274,7 @@ def main() -> int:
                 time.sleep(0.05)
             probe = Probe(agg.pid, port)
             for name in ("none", *args.only.split(",")):
-                time.sleep(1.0)  # let the previous attack's connections go
+                time.sleep(3.5)  # the previous attack's sessions expire (3 heartbeats)
                 probe.reset()
                 base_rss = rss_mib(agg.pid)
                 n0, t0 = len(versions), time.monotonic()
@@ -291,10 +294,11 @@ def main() -> int:
                 with probe.lock:
                     growth = max(probe.rss, default=base_rss) - base_rss
                     stall = probe.stall
-                rows.append((name, rate, growth, stall))
+                alive = sum(t.is_alive() for t in agents)
+                rows.append((name, rate, growth, stall, alive))
                 print(
                     f"{name:10s} rounds/s {rate:7.2f}  RSS growth {growth:7.1f} MiB  "
-                    f"longest /healthz {stall * 1000:8.1f} ms",
+                    f"longest /healthz {stall * 1000:8.1f} ms  honest agents alive {alive}",
                     flush=True,
                 )
             probe.stop.set()
@@ -306,11 +310,17 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 agg.kill()
     base = rows[0][1] if rows else 0.0
-    print("\n| attack | honest rounds/s | vs. none | RSS growth MiB | longest /healthz ms |")
-    print("|---|---|---|---|---|")
-    for name, rate, growth, stall in rows:
+    print(
+        "\n| attack | honest rounds/s | vs. none | RSS growth MiB | longest /healthz ms "
+        "| honest agents alive |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, rate, growth, stall, alive in rows:
         ratio = rate / base if base else float("nan")
-        print(f"| {name} | {rate:.2f} | {ratio:.2f}x | {growth:.1f} | {stall * 1000:.0f} |")
+        print(
+            f"| {name} | {rate:.2f} | {ratio:.2f}x | {growth:.1f} | {stall * 1000:.0f} "
+            f"| {alive}/2 |"
+        )
     return 0
 
 
