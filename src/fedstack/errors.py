@@ -129,6 +129,16 @@ class StoreConflict(StoreError):
     by a concurrent writer); nothing of the transaction was written."""
 
 
+class CorruptBlob(StoreError):
+    """A stored blob is missing, truncated or fails its hash check: the data is damaged,
+    not the store unavailable (retrying does not help)."""
+
+
+class DatabaseReplaced(StoreError):
+    """The database file an aggregator opened was deleted or replaced while it ran: every
+    later write would be lost on restart, so the aggregator stops."""
+
+
 class TensorFileError(StoreError):
     """Bytes that should be a tensor file (safetensors layout) are not a valid one: too
     short, a bad header, a dtype not allowed, offsets out of range or not contiguous."""

@@ -264,7 +264,9 @@ def test_async_waits_time_out_clearly() -> None:
     asyncio.run(main())
 
 
-def test_send_owned_model_never_lets_a_later_change_reach_the_upload(tmp_path: Path) -> None:
+def test_send_owned_model_never_lets_a_later_change_reach_the_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """send_owned_model sends a fresh array uncopied (the in-process transport hands it
     over as it is), but an array the caller still holds is copied first: changing it
     right after the call must not change what the aggregator receives and stores."""
@@ -283,6 +285,8 @@ def test_send_owned_model_never_lets_a_later_change_reach_the_upload(tmp_path: P
             finish_grace=0.0,
         )
         agg = Aggregator(cfg)
+        # the aggregator stores only the extra arrays its strategy reads: keep them all
+        monkeypatch.setattr(type(agg.strategy), "reads_extra", None)
         await agg.start()
         a = Agent(agg.url, name="owner")
         a.send_initial_model(m(0))

@@ -247,6 +247,16 @@ def test_refused_upload_is_dropped_and_other_refusals_keep_it() -> None:
     assert p.agent.pending is None and p.agent.state is State.JOINED
 
 
+def test_upload_over_the_storage_quota_is_dropped() -> None:
+    p = Pair()
+    p.join()
+    p.agent.queue_upload(upload("u1"))
+    p.agent_sends(upload("u1"))
+    ev = p.agg_sends(Error(code="quota-exceeded", message="over"))
+    assert ev == RequestRefused(Error(code="quota-exceeded", message="over"), "u1")
+    assert p.agent.pending is None and p.agent.state is State.JOINED
+
+
 def test_ack_of_another_upload_does_not_clear_the_pending_one() -> None:
     p = Pair()
     p.join()

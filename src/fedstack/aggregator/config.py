@@ -129,6 +129,27 @@ class AggregatorConfig:
         "models up to this size are kept in the database, in the transaction "
         "that records them (no blob file, no extra fsync); 0: always files",
     )
+    agent_round_storage_bytes: Count | None = setting(
+        None,
+        "bytes of uploads (weights and the extra arrays the strategy reads, plus 1 KiB a "
+        "record) one agent may have stored in one round; further uploads are refused with "
+        "quota-exceeded (default: 8 uploads of the model with twice its size in extra "
+        "arrays, at most 4 x max_message_bytes)",
+    )
+    round_storage_bytes: Count | None = setting(
+        None,
+        "bytes of uploads all agents together may have stored in one round; further "
+        "uploads are refused with quota-exceeded (default: no limit beyond the per-agent one)",
+    )
+    keep_local_models: Literal["all", "last", "metadata"] = setting(
+        "all",
+        "retention of the agents' local models after each round: all (every one, as the "
+        "book asks), last (their weights for the last keep_local_rounds rounds only) or "
+        "metadata (their records only, no weights)",
+    )
+    keep_local_rounds: Count = setting(
+        1, "rounds whose local models keep their weights with keep_local_models = last"
+    )
     run_name: Name = setting("default", "name of the run to start or resume")
     rounds: Count | None = setting(None, "stop after this many rounds (default: never)")
     threshold: Fraction = setting(
@@ -172,6 +193,12 @@ class AggregatorConfig:
     send_timeout: Seconds = setting(120.0, "seconds a message may take to send")
     finish_grace: Annotated[float, msgspec.Meta(ge=0, le=_FLOAT_MAX)] = setting(
         30.0, "seconds to wait for agents to collect the final model"
+    )
+    min_transfer_rate: Annotated[int, msgspec.Meta(ge=0)] = setting(
+        32 * 1024,
+        "bytes/s an agent must keep up while sending a big message or reading a global "
+        "model (checked every 2 s; slower: dropped, so that it does not hold the shared "
+        "budgets); a message may take max(send_timeout, its size / this rate); 0: no minimum",
     )
     upload_budget_bytes: Count = setting(
         128 << 20, "bytes of large uploads received at once, over all agents (further senders wait)"

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +29,8 @@ from fedstack.aggregator.events import (
     PollReceived,
     UploadReceived,
 )
+from fedstack.aggregator.pacing import RATE_WINDOW, ReceiveWatch, TooSlow
+from fedstack.aggregator.quotas import QUOTA_EXCEEDED, kept_extra, nbytes
 from fedstack.aggregator.registry import Session
 from fedstack.aggregator.uploads import check_upload, upload_id_problem
 from fedstack.aggregator.validation import validate_model
@@ -40,6 +44,13 @@ if TYPE_CHECKING:
     from fedstack.aggregator.service import Aggregator
 
 log = logging.getLogger("fedstack.aggregator")
+
+
+def internal_error_message(incident: str) -> str:
+    """What an agent is told about an internal error: nothing of its cause (exception
+    text can carry server paths, SQL and its parameters), only the incident id under
+    which the aggregator's log has the details."""
+    return f"internal aggregator error (incident {incident}); the operator's log has the details"
 
 
 class AgentConnections:
@@ -113,17 +124,26 @@ class AgentConnections:
             who = session.name if session else conn.remote_address
             log.warning("protocol error from %s: %s", who, exc)
             await self.agg.registry.refuse(conn, exc.code, str(exc), session)
+        except TooSlow as exc:
+            who = session.name if session else conn.remote_address
+            log.warning("%s is too slow; closing its connection: %s", who, exc)
+            await self.agg.registry.refuse(conn, "too-slow", str(exc), session)
         except TimeoutError:
             who = session.name if session else conn.remote_address
             log.warning("%s went silent; closing its connection", who)
         except ConnectionClosed:
             pass
-        except Exception as exc:  # a bug: keep serving everyone else, tell this agent
+        except Exception:  # a bug or a store failure: keep serving everyone else
+            # The details (paths, SQL, exception text) go to the log only; the agent gets
+            # a generic message with the incident id the operator can look up.
+            incident = uuid.uuid4().hex[:12]
             log.exception(
-                "internal error while serving %s", session.name if session else conn.remote_address
+                "internal error (incident %s) while serving %s",
+                incident,
+                session.name if session else conn.remote_address,
             )
             await self.agg.registry.refuse(
-                conn, "internal-error", f"aggregator error: {exc!r}"[:500], session
+                conn, "internal-error", internal_error_message(incident), session
             )
         finally:
             try:
@@ -156,16 +176,33 @@ class AgentConnections:
     async def _recv_leased(self, conn: Connection, lease: float) -> memoryview | Segments:
         """The next message; TimeoutError after ``lease`` s of silence. A connection in the
         middle of a big message (arriving, or held back by the upload budget) is not
-        silent: it gets up to ``10 x send_timeout`` more."""
-        extra = 10 * self.agg.config.send_timeout
+        silent: it gets up to ``10 x send_timeout`` more, as long as its message keeps
+        arriving at ``min_transfer_rate`` (checked every :data:`RATE_WINDOW` s; slower:
+        :class:`~fedstack.aggregator.pacing.TooSlow`, and the budget it held is free)."""
+        cfg = self.agg.config
+        watch = ReceiveWatch(conn, cfg.min_transfer_rate)
+        loop = asyncio.get_running_loop()
+        extra = 10 * cfg.send_timeout
+        quiet = 0.0
         while True:
+            arriving = getattr(conn, "in_message", False)
+            wait = min(RATE_WINDOW, extra) if arriving else lease - quiet
+            started = loop.time()
             try:
-                async with asyncio.timeout(lease):
+                async with asyncio.timeout(wait):
                     return await conn.recv()
             except TimeoutError:
-                if not getattr(conn, "in_message", False) or extra <= 0:
+                elapsed = loop.time() - started
+                if not getattr(conn, "in_message", False):
+                    quiet += elapsed
+                    if quiet >= lease:
+                        raise
+                    continue
+                quiet = 0.0
+                watch.check(elapsed)
+                extra -= elapsed
+                if extra <= 0:
                     raise
-                extra -= lease
 
     async def _leave(self, session: Session, counted: bool) -> None:
         """The connection ended: stop counting the agent (the owner outlives the
@@ -246,14 +283,39 @@ class AgentConnections:
         except InvalidUpdate as exc:
             log.warning("refused upload from %s: %s", session.name, exc)
             problem, code = str(exc), "invalid-model"
-        if problem is not None:
-            await self.agg._db(
-                self.agg.store.log_event,
-                "upload_refused",
-                {"upload_id": msg.upload_id[:64], "reason": problem[:500]},
-                run_id=self.agg.run_id,
-                agent_id=session.agent_id,
+        if problem is None:
+            # extra arrays the strategy does not read are never stored nor passed on; what
+            # is left is charged to the agent's and the round's storage quotas
+            extra = kept_extra(msg.extra, self.agg.strategy.reads_extra)
+            if extra is not msg.extra:
+                msg = dataclasses.replace(msg, extra=extra)
+            over = self.agg.storage_quota.charge(
+                session.agent_id,
+                self.agg.state.round,
+                nbytes(msg.model) + nbytes(extra),
+                nbytes(self.agg.global_weights),
             )
+            if over is not None:
+                problem, code = over, QUOTA_EXCEEDED
+        if problem is not None:
+            detail = {"upload_id": msg.upload_id[:64], "reason": problem[:500]}
+            if code == QUOTA_EXCEEDED:  # a flood: audited at a bounded rate, counted beyond
+                with contextlib.suppress(StoreError):
+                    await self.agg.registry.audit.record(
+                        "upload_refused",
+                        {**detail, "code": code},
+                        address=session.address,
+                        run_id=self.agg.run_id,
+                        agent_id=session.agent_id,
+                    )
+            else:
+                await self.agg._db(
+                    self.agg.store.log_event,
+                    "upload_refused",
+                    detail,
+                    run_id=self.agg.run_id,
+                    agent_id=session.agent_id,
+                )
             await session.send(Error(code=code, message=problem), cfg.send_timeout)
             return
         # The blob first: content-addressed and idempotent (a re-sent upload costs a hash

@@ -9,7 +9,6 @@ runs out.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import logging
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedstack.aggregator.fanout import Fanout, Parts
+from fedstack.aggregator.pacing import drain_paced
 from fedstack.aggregator.registry import Session
 from fedstack.errors import ConnectionClosed, LocalProtocolError
 from fedstack.types import Weights
@@ -50,6 +50,9 @@ class Delivery:
         send_timeout: seconds one agent's send may take (the wait for the budget: 10x).
         welcome_fields: the welcome's fixed fields (aggregator and run id, delivery,
             heartbeat interval, federation config), read when a welcome is sent.
+        min_rate: bytes/s an agent must read a big send at (0: no minimum; see
+            :mod:`fedstack.aggregator.pacing`); the send's deadline is then
+            ``max(send_timeout, size / min_rate)``.
     """
 
     def __init__(
@@ -58,11 +61,13 @@ class Delivery:
         latest: Callable[[], Published | None],
         send_timeout: float,
         welcome_fields: Callable[[], dict[str, Any]],
+        min_rate: int = 0,
     ) -> None:
         self.fanout = fanout
         self._latest = latest
         self.send_timeout = send_timeout
         self._welcome_fields = welcome_fields
+        self.min_rate = min_rate
 
     async def welcome(self, session: Session) -> None:
         """Send ``session`` its welcome (with the model unless it already has this version)."""
@@ -89,7 +94,9 @@ class Delivery:
             )
             session.known_version = pub.version
             session.welcomed = True
-            await asyncio.wait_for(session.conn.drain(), self.send_timeout)
+            await drain_paced(
+                session.conn, pub.nbytes if send_model else 0, self.send_timeout, self.min_rate
+            )
         finally:
             self.fanout.release(held)
 
@@ -109,8 +116,7 @@ class Delivery:
             parts, _ = self.encoded(pub)
             session.write_parts(parts)
             session.known_version = max(session.known_version, pub.version)
-            async with asyncio.timeout(self.send_timeout):
-                await session.conn.drain()
+            await drain_paced(session.conn, nbytes, self.send_timeout, self.min_rate)
         finally:
             self.fanout.release(held)
 

@@ -25,7 +25,7 @@ import numpy as np
 from fedstack.aggregator.events import RoundCommitted
 from fedstack.aggregator.gate import UpdateGate
 from fedstack.aggregator.uploads import gated
-from fedstack.errors import StoreError
+from fedstack.errors import CorruptBlob, StoreError, TensorFileError
 from fedstack.store import Store, UploadRecord
 from fedstack.strategies import Accumulator, Result, Strategy, Update
 from fedstack.types import Metrics, Weights
@@ -115,8 +115,20 @@ class RoundDriver:
         contributors: dict[str, str] = {}
         inputs: list[tuple[int, Metrics]] = []
         for rec in buffered:
-            weights = await self._db(store.load_weights, rec.model_id)
-            extra = await self._db(store.load_extra, rec.model_id)
+            try:
+                weights = await self._db(store.load_weights, rec.model_id)
+                extra = await self._db(store.load_extra, rec.model_id)
+            except (CorruptBlob, TensorFileError) as exc:
+                # damaged data, not an unavailable store: this one upload is set aside
+                # (marked and audited), the run goes on without it
+                log.warning(
+                    "quarantined the buffered upload %s of agent %s: %s",
+                    rec.upload_id[:64],
+                    rec.agent_id,
+                    exc,
+                )
+                await self._db(store.quarantine_upload, self._run_id(), rec.model_id, str(exc))
+                continue
             update = Update(
                 rec.agent_id,
                 weights,

@@ -339,6 +339,8 @@ class RoundOwner:
             self.agg._scope.spawn(
                 self.agg.driver.evaluate(ev.round, result.weights), name="evaluate"
             )
+        if self.agg.config.keep_local_models != "all":
+            self.agg._scope.spawn(self.agg.retention.after_commit(ev.round), name="retention")
         now = time.monotonic()
         if self.agg.driver.checkpoint_due(self.state.finished, now):
             self.agg._scope.spawn(self.agg.driver.checkpoint(now), name="checkpoint")

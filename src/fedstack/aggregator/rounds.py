@@ -67,6 +67,7 @@ _FROM_STORED = {
     "duplicate": UploadStatus.DUPLICATE,
     "late": UploadStatus.FINISHED,
     "rejected": UploadStatus.REJECTED,
+    "quarantined": UploadStatus.REJECTED,  # its stored data was found damaged
 }
 _EXPLAIN = {
     UploadStatus.CURRENT: "",

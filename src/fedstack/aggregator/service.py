@@ -51,7 +51,9 @@ from fedstack.aggregator.fanout import Fanout
 from fedstack.aggregator.gate import UpdateGate
 from fedstack.aggregator.operator_api import OperatorAPI
 from fedstack.aggregator.owner import RoundOwner
+from fedstack.aggregator.quotas import StorageQuota
 from fedstack.aggregator.registry import Registry, Session, refusal_detail
+from fedstack.aggregator.retention import Retention
 from fedstack.aggregator.rounds import RoundState
 from fedstack.aggregator.statistics import AgentStatistics, AggregatorStatistics
 from fedstack.aggregator.tasks import ScopeClosed, TaskScope
@@ -84,6 +86,8 @@ T = TypeVar("T")
 
 EVENT_QUEUE_SIZE = 4096
 """Events waiting for the round owner; a full queue makes connections wait (backpressure)."""
+DATABASE_CHECK_INTERVAL = 1.0
+"""Seconds between two checks that the SQLite database file was not deleted or replaced."""
 
 log = logging.getLogger("fedstack.aggregator")
 
@@ -156,9 +160,19 @@ class Aggregator:
         self.fanout = Fanout(config.fanout_budget_bytes)
         """Global model encoded once per version; bytes of big sends in flight bounded."""
         self.upload_budget = ByteBudget(config.upload_budget_bytes)
+        self.storage_quota = StorageQuota(
+            config.agent_round_storage_bytes,
+            config.round_storage_bytes,
+            cap=4 * config.max_message_bytes,
+        )
+        self.retention = Retention(self)
         """Bytes of big uploads being received or processed at once (all connections)."""
         self.delivery = Delivery(
-            self.fanout, lambda: self.owner.published, config.send_timeout, self._welcome_fields
+            self.fanout,
+            lambda: self.owner.published,
+            config.send_timeout,
+            self._welcome_fields,
+            config.min_transfer_rate,
         )
         self.driver = RoundDriver(
             strategy=self.strategy,
@@ -249,6 +263,7 @@ class Aggregator:
             "credential-watcher", lambda: self.registry.watch_credentials(self._revoked)
         )
         self._scope.supervise("refusal-audit", self.registry.audit.run_flusher)
+        self._scope.spawn(self._watch_database(), name="database-watch", critical=True, daemon=True)
         if cfg.transport == "inproc":
             self._inproc = await inproc.serve(
                 self.connections.serve, cfg.run_name, max_message_bytes=cfg.max_message_bytes
@@ -384,6 +399,16 @@ class Aggregator:
             if self._own_store:
                 await self._db(self.store.close)
         self.workers.close()
+
+    async def _watch_database(self) -> None:
+        """Every :data:`DATABASE_CHECK_INTERVAL` s, check the store's database file is
+        still there (raises :class:`~fedstack.errors.DatabaseReplaced`, which stops the
+        aggregator: going on would lose credentials and runs on the next start)."""
+        store = self.store
+        assert store is not None
+        while True:
+            await asyncio.sleep(DATABASE_CHECK_INTERVAL)
+            await asyncio.to_thread(store.check_database)  # a stat, not the store thread
 
     def _fatal(self, name: str, exc: BaseException) -> None:
         """A task the aggregator cannot run without failed: stop, loudly."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedstack.errors import StoreError, TensorFileError
+from fedstack.errors import CorruptBlob, StoreError, TensorFileError
 from fedstack.files import DIGEST_PREFIX, digest_matches, digest_of, file_matches, write_temp
 from fedstack.files import install as install_file
 from fedstack.types import Array, Weights
@@ -102,6 +102,18 @@ class BlobStore:
             self._intact.clear()
         self._intact[digest] = seen
 
+    def delete(self, digest: str) -> None:
+        """Remove the blob ``digest`` if it exists (the caller made sure no record names it).
+
+        Raises:
+            StoreError: it exists but cannot be removed.
+        """
+        self._intact.pop(digest, None)
+        try:
+            self.path(digest).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot remove blob {digest[:12]}: {exc.strerror}") from exc
+
     def get(self, digest: str, *, verify: bool = True) -> Weights:
         """Load the blob ``digest`` (its hash is checked unless ``verify`` is False).
 
@@ -114,12 +126,14 @@ class BlobStore:
             buf = np.empty(size, dtype=np.uint8)
             with open(path, "rb", buffering=0) as f:
                 got = f.readinto(buf.data)
+        except FileNotFoundError as exc:
+            raise CorruptBlob(f"blob {digest[:12]} is missing at {path}") from exc
         except OSError as exc:
             raise StoreError(f"cannot read blob {digest[:12]} at {path}: {exc.strerror}") from exc
         if got != size:
-            raise StoreError(f"blob {digest[:12]} is truncated")
+            raise CorruptBlob(f"blob {digest[:12]} is truncated")
         if verify and not digest_matches(digest, buf.data):
-            raise StoreError(f"blob {digest[:12]} is corrupt (hash mismatch)")
+            raise CorruptBlob(f"blob {digest[:12]} is corrupt (hash mismatch)")
         try:
             return decode_weights(buf.data)
         except TensorFileError as exc:

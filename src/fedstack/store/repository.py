@@ -31,15 +31,24 @@ from sqlalchemy import (
     Engine,
     bindparam,
     create_engine,
+    delete,
     event,
     insert,
     pool,
     select,
     update,
 )
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
-from fedstack.errors import CredentialRefused, StoreConflict, StoreError, TensorFileError
+from fedstack.errors import (
+    CorruptBlob,
+    CredentialRefused,
+    DatabaseReplaced,
+    StoreConflict,
+    StoreError,
+    TensorFileError,
+)
 from fedstack.files import atomic_write
 from fedstack.security.credentials import (
     AUTH_MODES,
@@ -95,10 +104,21 @@ __all__ = [
 # The statements of the hot paths (every upload, every round), built once: SQLAlchemy
 # then reuses their compiled form and cache keys instead of rebuilding them per call.
 _FIND_UPLOAD = select(s.models).where(s.models.c.upload_id == bindparam("upload_id"))
-_BLOB_EXISTS = select(s.blob_data.c.size).where(s.blob_data.c.digest == bindparam("d"))
 _BLOB_DATA = select(s.blob_data.c.data).where(s.blob_data.c.digest == bindparam("d"))
 _INSERT_BLOB = insert(s.blob_data)
-_INSERT_BLOB_OR_IGNORE = insert(s.blob_data).prefix_with("OR IGNORE", dialect="sqlite")
+_UPSERT = sqlite_insert(s.blob_data)
+_INSERT_BLOB_OR_REPAIR = _UPSERT.on_conflict_do_update(
+    index_elements=[s.blob_data.c.digest],
+    set_={"size": _UPSERT.excluded.size, "data": _UPSERT.excluded.data},
+    where=s.blob_data.c.data != _UPSERT.excluded.data,
+)
+"""Content-addressed: the same bytes once; a stored copy that differs from them (damaged or
+tampered: the digest names the content) is repaired by storing the content again."""
+_REPAIR_BLOB = (
+    update(s.blob_data)
+    .where(s.blob_data.c.digest == bindparam("d"))
+    .values(size=bindparam("b_size"), data=bindparam("b_data"))
+)
 _INSERT_MODEL = insert(s.models)
 _INSERT_LINEAGE = insert(s.lineage)
 _INSERT_ROUND = insert(s.rounds)
@@ -124,6 +144,14 @@ _SET_MODEL_METRICS = (
     update(s.models)
     .where(s.models.c.id == bindparam("b_model"))
     .values(metrics=bindparam("b_metrics"))
+)
+_SET_STATUS = (
+    update(s.models)
+    .where(s.models.c.id == bindparam("b_model"))
+    .values(status=bindparam("b_status"))
+)
+_QUARANTINE_INFO = select(s.models.c.producer, s.models.c.upload_id).where(
+    s.models.c.id == bindparam("model_id")
 )
 _MODEL_BLOB = select(s.models.c.blob).where(s.models.c.id == bindparam("model_id"))
 _MODEL_EXTRA = select(s.models.c.extra_blob).where(s.models.c.id == bindparam("model_id"))
@@ -169,6 +197,8 @@ class ResumeState:
 
 class Store(Credentials, Queries):
     """One deployment's persistent store (one database for every start of the aggregator)."""
+
+    _file_id: tuple[int, int] | None = None  # the SQLite file opened (see check_database)
 
     def __init__(
         self,
@@ -300,6 +330,43 @@ class Store(Credentials, Queries):
                     "aggregator brings it up to date"
                 )
         self._salt = self._load_salt(create=not readonly)
+        self._file_id = self._sqlite_file_id()
+
+    def _sqlite_file_id(self) -> tuple[int, int] | None:
+        """(device, inode) of the SQLite file (None: not an SQLite file)."""
+        if self.path is None or not self._sqlite:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def check_database(self) -> None:
+        """Check that the SQLite file this store opened is still the one at its path
+        (a stat: cheap enough to call every second and before every round commit). A
+        no-op for other databases.
+
+        Raises:
+            DatabaseReplaced: the file was deleted, or another file took its path (SQLite
+                would go on writing to the unlinked file: every later write, credentials
+                included, would be lost on restart).
+        """
+        if self._file_id is None:
+            return
+        try:
+            st = os.stat(self.path)  # type: ignore[arg-type]
+        except FileNotFoundError:
+            raise DatabaseReplaced(
+                f"the database file {self.path} was deleted while the store had it open"
+            ) from None
+        except OSError:
+            return  # e.g. a permission change: the open file is still the store
+        if (st.st_dev, st.st_ino) != self._file_id:
+            raise DatabaseReplaced(
+                f"the database file {self.path} was replaced by another file while the "
+                "store had it open"
+            )
 
     @classmethod
     def open_readonly(cls, db: str, blob_dir: str | Path | None = None) -> Store:
@@ -558,6 +625,68 @@ class Store(Credentials, Queries):
             return [(existing, False)]
         return out
 
+    def prune_local_models(self, run_id: str, up_to_round: int) -> tuple[int, int]:
+        """Retention: drop the weights (and extra arrays) of ``run_id``'s local models of
+        rounds ``<= up_to_round`` that are no longer waiting for a round (``initial`` and
+        ``buffered`` ones are kept); their records stay, with an empty ``blob``. Blobs no
+        longer referenced by any model or round are then deleted (inlined ones in the same
+        transaction, files after it).
+
+        Returns:
+            (local models pruned, blobs deleted).
+        """
+        with self._begin() as c:
+            rows = c.execute(
+                select(s.models.c.id, s.models.c.blob, s.models.c.extra_blob).where(
+                    s.models.c.run_id == run_id,
+                    s.models.c.kind == "local",
+                    s.models.c.round <= up_to_round,
+                    s.models.c.blob != "",
+                    s.models.c.status.not_in(("initial", "buffered")),
+                )
+            ).all()
+            if not rows:
+                return 0, 0
+            ids = [r[0] for r in rows]
+            digests = {d for r in rows for d in (r[1], r[2]) if d}
+            for i in range(0, len(ids), 500):
+                c.execute(
+                    update(s.models)
+                    .where(s.models.c.id.in_(ids[i : i + 500]))
+                    .values(blob="", extra_blob=None)
+                )
+            wanted = list(digests)
+            used: set[str] = set()
+            for col in (s.models.c.blob, s.models.c.extra_blob, s.rounds.c.state_blob):
+                used.update(c.execute(select(col).distinct().where(col.in_(wanted))).scalars())
+            unused = digests - used
+            if unused:
+                c.execute(delete(s.blob_data).where(s.blob_data.c.digest.in_(list(unused))))
+        for d in unused:
+            self.blobs.delete(d)
+        return len(ids), len(unused)
+
+    def quarantine_upload(self, run_id: str, model_id: str, reason: str) -> None:
+        """Mark a stored local model whose data is damaged ``quarantined`` (it is never
+        aggregated nor replayed again) and audit it, in one transaction."""
+        with self._begin() as c:
+            row = c.execute(_QUARANTINE_INFO, {"model_id": model_id}).first()
+            c.execute(_SET_STATUS, {"b_model": model_id, "b_status": "quarantined"})
+            c.execute(
+                _INSERT_EVENT,
+                {
+                    "time": time.time(),
+                    "run_id": run_id,
+                    "agent_id": None if row is None else row[0],
+                    "kind": "upload_quarantined",
+                    "detail": {
+                        "model_id": model_id,
+                        "upload_id": None if row is None else row[1],
+                        "reason": reason[:500],
+                    },
+                },
+            )
+
     def find_upload(self, upload_id: str) -> UploadRecord | None:
         with self._begin() as c:
             row = c.execute(_FIND_UPLOAD, {"upload_id": upload_id}).mappings().first()
@@ -594,6 +723,7 @@ class Store(Credentials, Queries):
         state_blob = state_staged.digest if state_staged else None
         extra_blob = extra_staged.digest if extra_staged else None
         model_id = new_id()
+        self.check_database()  # never commit a round into a deleted file
         with self._begin() as c:
             self._write_inline(c, staged, state_staged, extra_staged)
             version = c.execute(_RUN_VERSION, {"run_id": run_id}).scalar_one()
@@ -718,6 +848,8 @@ class Store(Credentials, Queries):
             blob = c.execute(_MODEL_BLOB, {"model_id": model_id}).scalar()
         if blob is None:
             raise StoreError(f"no model {model_id}")
+        if blob == "":
+            raise StoreError(f"the weights of model {model_id} were not kept (retention)")
         return self.get_blob(blob)
 
     # ------------------------------------------------------------------ blobs
@@ -737,12 +869,16 @@ class Store(Credentials, Queries):
         for st in staged:
             if st is None or st.data is None:
                 continue
-            if self._sqlite:  # one statement: content-addressed, the same bytes once
+            if self._sqlite:  # one statement: the same bytes once, a damaged copy repaired
                 c.execute(
-                    _INSERT_BLOB_OR_IGNORE, {"digest": st.digest, "size": st.size, "data": st.data}
+                    _INSERT_BLOB_OR_REPAIR, {"digest": st.digest, "size": st.size, "data": st.data}
                 )
-            elif c.execute(_BLOB_EXISTS, {"d": st.digest}).first() is None:
+                continue
+            row = c.execute(_BLOB_DATA, {"d": st.digest}).first()
+            if row is None:
                 c.execute(_INSERT_BLOB, {"digest": st.digest, "size": st.size, "data": st.data})
+            elif bytes(row[0]) != st.data:  # damaged or tampered: the content repairs it
+                c.execute(_REPAIR_BLOB, {"d": st.digest, "b_size": st.size, "b_data": st.data})
 
     def will_inline(self, weights: Mapping[str, Any]) -> bool:
         """True if ``weights`` are small enough for the database (checked on the raw sizes,
@@ -766,7 +902,7 @@ class Store(Credentials, Queries):
             return self.blobs.get(digest)
         data = bytes(row[0])
         if not digest_matches(digest, data):
-            raise StoreError(f"blob {digest[:12]} is corrupt (hash mismatch)")
+            raise CorruptBlob(f"blob {digest[:12]} is corrupt (hash mismatch)")
         try:
             return decode_weights(memoryview(data))
         except TensorFileError as exc:
@@ -786,6 +922,8 @@ class Store(Credentials, Queries):
             row = None if digest is None else c.execute(_BLOB_DATA, {"d": digest}).first()
         if digest is None:
             raise StoreError(f"no model {model_id}")
+        if digest == "":
+            raise StoreError(f"the weights of model {model_id} were not kept (retention)")
         out = Path(path)
         if row is None:
             try:

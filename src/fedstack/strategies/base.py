@@ -82,6 +82,11 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     streaming: ClassVar[bool] = True
     """True when memory does not grow with the number of updates in a round."""
+    reads_extra: ClassVar[tuple[str, ...] | None] = ()
+    """Name prefixes of the extra arrays (``Update.extra``) this rule reads. The
+    aggregator keeps only those: any other extra array an agent sends is dropped after
+    :meth:`check`, never stored nor passed on. ``None``: every extra array (a rule that
+    cannot say which it reads)."""
     trigger: int | None = None
     """Aggregate after this many accepted updates, instead of the aggregator's threshold
     rule (FedAsync: 1, FedBuff: K). None: the threshold rule decides."""

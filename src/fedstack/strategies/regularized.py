@@ -195,6 +195,7 @@ class FedCurv(Strategy):
     """
 
     name = "fedcurv"
+    reads_extra = (U_PREFIX, V_PREFIX)
 
     def __init__(self, lam: float = 1.0, eps: float = 1e-8, weighted: bool = True) -> None:
         self.lam = _finite_nonnegative("lam", lam)

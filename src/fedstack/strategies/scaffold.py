@@ -81,6 +81,7 @@ class Scaffold(Strategy):
     """
 
     name = "scaffold"
+    reads_extra = (DC_PREFIX,)
 
     def __init__(
         self, global_lr: float = 1.0, num_agents: int | None = None, weighted: bool = False

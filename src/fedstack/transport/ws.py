@@ -373,6 +373,12 @@ class WSConnection(asyncio.BufferedProtocol):
         return self._parser.in_message
 
     @property
+    def waiting_for_budget(self) -> bool:
+        """Reading is suspended until the receive budget grants the bytes of the message
+        that is arriving (the peer is held back by us, not slow)."""
+        return self._parser.waiting
+
+    @property
     def is_open(self) -> bool:
         return self._open and not self._closed
 

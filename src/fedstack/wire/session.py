@@ -103,6 +103,10 @@ REGISTRATION_REFUSALS = AUTH_ERRORS | {"refused", "bad-name"}
 """Error codes answering ``participate`` that no retry can fix (others, e.g.
 ``unavailable``, are transient)."""
 
+UPLOAD_REFUSALS = frozenset({"invalid-model", "quota-exceeded"})
+"""Non-fatal error codes answering an upload that sending it again cannot fix: the agent
+drops that upload."""
+
 MAX_VERSION = 2**53
 """Largest global-model version an agent accepts (exact as a float, as JSON needs)."""
 
@@ -593,7 +597,7 @@ class AgentSession(_Session):
             if msg.fatal:
                 return Refused(msg, msg.code in AUTH_ERRORS)
             dropped = None
-            if msg.code == "invalid-model" and self.pending is not None:
+            if msg.code in UPLOAD_REFUSALS and self.pending is not None:
                 dropped, self.pending = self.pending.upload_id, None
             return RequestRefused(msg, dropped)
         if isinstance(msg, Welcome):
