@@ -296,6 +296,7 @@ _KIND_VALUES: dict[str, Callable[[Source], Any]] = {
     "Metrics": Source.metrics,
     "Weights": lambda s: s.weights() or MODEL,
     "Weights | None": Source.weights,
+    "list[str]": lambda s: s.pick([[], [s.str()], ["ws://127.0.0.1:1", s.str()]]),
 }
 
 

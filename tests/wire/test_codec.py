@@ -429,6 +429,7 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "Metrics": metrics_st,
     "Weights": weights_st,
     "Weights | None": st.none() | weights_st,
+    "list[str]": st.lists(st.text(max_size=40), max_size=5),
 }
 
 
@@ -994,3 +995,28 @@ def test_all_finite_is_not_part_of_decoding() -> None:
     arr = np.array([math.nan, math.inf], dtype=np.float32)
     out = decode(encode_to_bytes(GlobalModel(version=0, model_id="m", model={"n": arr})))
     assert out.model["n"].tobytes() == arr.tobytes()  # type: ignore[attr-defined]
+
+
+def test_list_of_strings_field_is_bounded() -> None:
+    """A welcome's aggregator list: strings only, at most MAX_LIST_ITEMS of them."""
+    from fedstack.wire.codec import MAX_LIST_ITEMS
+
+    base = dict(
+        agent_id="a",
+        aggregator_id="b",
+        run_id="r",
+        version=0,
+        round=1,
+        model_id="m",
+        model=None,
+        delivery="push",
+    )
+    ok = Welcome(**base, aggregators=["ws://127.0.0.1:1", "wss://h:2"])  # type: ignore[arg-type]
+    assert decode(encode_to_bytes(ok)) == ok
+    for bad in (["x"] * (MAX_LIST_ITEMS + 1), [1, 2], "ws://a"):
+        header = msgpack.packb(
+            {"t": "welcome", "f": {**base, "aggregators": bad}, "x": {}}, use_bin_type=True
+        )
+        data = struct.pack("<2sBBI", b"FS", 1, 0, len(header)) + header
+        with pytest.raises(RemoteProtocolError, match="aggregators"):
+            decode(data)

@@ -525,6 +525,22 @@ def test_the_first_model_of_a_run_fixes_the_structure() -> None:
         s2.receive(nan)
 
 
+def test_a_welcome_lists_only_aggregator_urls() -> None:
+    """The federation's other aggregators are where the agent fails over to: only
+    ws://, wss:// or inproc:// addresses are accepted, nothing an agent could be
+    tricked into opening otherwise."""
+    s = AgentSession()
+    s.send(Participate(agent_name="a1"))
+    peers = ["ws://127.0.0.1:9001", "wss://b.example:8765"]
+    event = s.receive(Welcome(**{**welcome(0).__dict__, "aggregators": peers}))
+    assert isinstance(event, Welcomed) and event.message.aggregators == peers
+    for bad in ("http://x", "file:///etc/passwd", "ws://a\x1b[2J"):
+        s2 = AgentSession()
+        s2.send(Participate(agent_name="a1"))
+        with pytest.raises(RemoteProtocolError, match="not a URL"):
+            s2.receive(Welcome(**{**welcome(0).__dict__, "aggregators": [bad]}))
+
+
 def test_nan_allowed_through_when_values_are_not_checked() -> None:
     s = AgentSession(check_values=False)
     s.send(Participate(agent_name="a1"))

@@ -60,7 +60,11 @@ _KINDS = {
     "Metrics": ("metrics", False),
     "Weights": ("weights", False),
     "Weights | None": ("weights", True),
+    "list[str]": ("strs", False),
 }
+
+MAX_LIST_ITEMS = 64
+"""Most items in a list-of-strings field (e.g. the federation's aggregators in a welcome)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,13 @@ def _check_value(f: _Field, value: object, limits: Limits, err: type[ProtocolErr
         return value
     if f.kind == "metrics":
         return check_metrics(value, limits, fail)
+    if f.kind == "strs":
+        if not isinstance(value, list) or len(value) > MAX_LIST_ITEMS:
+            raise fail(f"must be a list of at most {MAX_LIST_ITEMS} strings")
+        for item in value:
+            if not isinstance(item, str) or len(item) > limits.max_name_len * 2:
+                raise fail(f"items must be strings of at most {limits.max_name_len * 2} characters")
+        return list(value)
     # weights travel in the tensor table; in the field map only null is allowed
     raise fail("tensors must be sent in the tensor table")
 

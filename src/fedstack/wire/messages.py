@@ -72,6 +72,8 @@ class Welcome(Message):
     heartbeat_interval: float = 5.0
     config: Metrics = field(default_factory=dict)
     extra: Weights | None = None
+    aggregators: list[str] = field(default_factory=list)
+    """The URLs of the federation's other live aggregators (where to fail over to)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -635,6 +635,9 @@ class AgentSession(_Session):
                 )
             if msg.delivery not in ("push", "poll"):
                 raise bad(f"with an unknown delivery {msg.delivery[:20]!r}")
+            for url in msg.aggregators:
+                if not url.startswith(("ws://", "wss://", "inproc://")) or not url.isprintable():
+                    raise bad(f"with an aggregator address that is not a URL: {url[:64]!r}")
             if msg.model is not None:
                 structure = self.structure
                 if self.run_id is not None and msg.run_id != self.run_id:
