@@ -10,6 +10,7 @@ upper tier.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,9 @@ import pytest
 
 from fedstack import Agent, AggregatorConfig, FederationFinished, Store
 from fedstack.aggregator import Aggregator
+from fedstack.aggregator.upstream import UPSTREAM_TOKEN_ENV
+from fedstack.errors import RegistrationRefused
+from fedstack.security import make_test_pki
 from fedstack.testing import aggregator_thread
 
 SHAPE = (4,)
@@ -56,6 +60,7 @@ class ConstAgent:
     value: float
     n: int
     initial: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
     received: list[tuple[int, np.ndarray]] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
     finished: bool = False
@@ -67,7 +72,7 @@ class ConstAgent:
         return self
 
     def _run(self) -> None:
-        agent = Agent(self.url, self.name, max_backoff=0.5, connect_timeout=5.0)
+        agent = Agent(self.url, self.name, max_backoff=0.5, connect_timeout=5.0, **self.options)
         agent.send_initial_model({"w": np.full(SHAPE, self.initial)}, self.n)
         try:
             agent.start(timeout=30)
@@ -277,5 +282,64 @@ def test_edge_started_before_the_upper_has_a_model(tmp_path: Path, stack: ExitSt
     expected = weighted((1.0, 10), (4.0, 30))
     for a in (leaf, direct):
         assert np.all(a.received[0][1] == 7.0)
+        for _, w in a.received[1:]:
+            np.testing.assert_allclose(w, expected, atol=1e-12)
+
+
+def test_upstream_over_tls_with_a_credential(
+    tmp_path: Path, stack: ExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wss:// upper aggregator that requires credentials: the edge presents the token
+    of FEDSTACK_UPSTREAM_TOKEN and verifies the upper's certificate with upstream_ca; a
+    wrong token stops the edge at start with RegistrationRefused."""
+    pki = make_test_pki(tmp_path / "pki")
+    db = tmp_path / "upper.db"
+    store = Store(str(db))
+    try:
+        direct_token = store.issue_credential("direct")
+        edge_token = store.issue_credential("edge1")
+    finally:
+        store.close()
+    upper = start_agg(
+        stack,
+        config(
+            db,
+            min_agents=2,
+            auth="required",
+            tls_cert=str(pki.server_cert),
+            tls_key=str(pki.server_key),
+        ),
+    )
+    up_url = f"wss://localhost:{upper.port}"
+    options = {"token": direct_token, "ca": str(pki.ca)}
+    direct = ConstAgent(up_url, "direct", 1.0, 10, options=options).start()
+    wait_for(lambda: upper.state.version == 0, 20, "the upper run to start")
+    edge_cfg = config(
+        tmp_path / "edge.db",
+        min_agents=1,
+        name="edge1",
+        upstream=up_url,
+        upstream_ca=str(pki.ca),
+        upstream_timeout=15.0,
+    )
+    monkeypatch.setenv(UPSTREAM_TOKEN_ENV, "not-the-token-of-edge1-at-all")
+
+    async def refused() -> None:
+        agg = Aggregator(edge_cfg.replace(db=str(tmp_path / "refused.db")))
+        try:
+            with pytest.raises(RegistrationRefused):
+                await agg.start()
+        finally:
+            await agg.stop()
+
+    asyncio.run(refused())
+    monkeypatch.setenv(UPSTREAM_TOKEN_ENV, edge_token)
+    edge = start_agg(stack, edge_cfg)
+    assert edge.state.version == 0
+    leaf = ConstAgent(f"ws://127.0.0.1:{edge.port}", "e1", 3.0, 30).start()
+    for a in (direct, leaf):
+        a.join(40)
+    expected = weighted((1.0, 10), (3.0, 30))
+    for a in (direct, leaf):
         for _, w in a.received[1:]:
             np.testing.assert_allclose(w, expected, atol=1e-12)

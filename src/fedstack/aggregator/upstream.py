@@ -185,6 +185,12 @@ class UpstreamLink:
         return self._open and self.core.session.state is State.JOINED
 
     @property
+    def connecting(self) -> bool:
+        """True while a connection is open and not welcomed yet (e.g. the upper aggregator
+        holds it until its federation has a model)."""
+        return self._open and self.core.session.state is not State.JOINED
+
+    @property
     def stopped(self) -> bool:
         """True once the link will not connect again (closed, refused, finished)."""
         return self._task is not None and self._task.done()
@@ -470,7 +476,7 @@ class UpstreamSynthesis:
         first agent) is proposed upstream; a welcome while the aggregator has none yet
         starts its run from the upper global model."""
         agg, link = self.agg, self.link
-        while link.first_version is None and not link.stopped:
+        while not link.core.welcomed and not link.stopped:
             if agg._initialized.is_set():
                 assert agg.global_weights is not None
                 await link.propose(agg.global_weights)
@@ -480,7 +486,8 @@ class UpstreamSynthesis:
                 if upper is not None:
                     await self._initialize_from(upper)
                 return
-            await asyncio.sleep(0.1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(agg._initialized.wait(), 0.1)
 
     async def _initialize_from(self, upper: UpperGlobal) -> None:
         """Version 0 of this aggregator's run = the upper global model (unless its first
@@ -640,7 +647,7 @@ class UpstreamSynthesis:
         base = self.base_version if self.base_version >= 0 else (link.first_version or 0)
         if p.upload_id is None:
             p.upload_id = link.upload(cluster.weights, cluster.num_samples, base, cluster.metrics)
-        if not link.connected:
+        if not link.connected and not link.connecting:
             log.warning(
                 "round %d: upstream %s unreachable; continuing from our own semi-global model "
                 "(it is sent when the link comes back)",
