@@ -444,7 +444,7 @@ class Federation:
     def leave_federation(self, run_id: str, aggregator_id: str) -> None:
         """Mark the member stopped (a clean shutdown); a row taken over by another
         aggregator meanwhile is left alone."""
-        started = self._sessions().pop(aggregator_id, None)
+        started = self._sessions().get(aggregator_id)  # kept: a later heartbeat fails
         cond = [_A.c.id == aggregator_id, _A.c.run_id == run_id]
         if started is not None:
             cond.append(_A.c.started == started)
