@@ -232,6 +232,9 @@ def test_heartbeat_liveness_is_judged_on_the_database_clock(opener: Opener) -> N
     assert ma.heartbeat <= st.db_now() + 1e-3  # written by the database's clock
     assert not mb.live and mb.status == "live"  # silent for longer than the liveness
     assert st.members(run_id, liveness=LIVE)[1].live  # ... but not for 5 s
+    # another Store object (it did not join A) may heartbeat A too
+    (other_a, _) = opener().heartbeat(run_id, a.id, active_agents=4, version=0, liveness=0.4)
+    assert other_a.active_agents == 4 and other_a.heartbeat >= ma.heartbeat
     st.heartbeat(run_id, b.id, active_agents=0, version=0, liveness=0.4)
     st.leave_federation(run_id, b.id)
     view = st.federation_view(run_id, 1, liveness=LIVE)
