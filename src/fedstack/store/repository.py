@@ -450,6 +450,10 @@ class Store(Credentials, Queries, Federation):
         """Record the first model (it fixes the structure) and global model version 0.
 
         Returns the id of global model 0.
+
+        Raises:
+            StoreConflict: the run has its first model already (another member of a
+                federation recorded it first; read the run again).
         """
         local = self._stage(initial)
         glob = self._stage(global_weights)
@@ -495,15 +499,17 @@ class Store(Credentials, Queries, Federation):
             c.execute(
                 insert(s.lineage).values(child_id=global_id, parent_id=local_id, relation="input")
             )
-            c.execute(
+            started = c.execute(
                 update(s.runs)
-                .where(s.runs.c.id == run_id)
+                .where(s.runs.c.id == run_id, s.runs.c.version == -1)
                 .values(
                     structure=[[n, d, list(sh)] for n, d, sh in structure],
                     init_weights=init_weights,
                     version=0,
                 )
-            )
+            ).rowcount
+            if started != 1:  # another member of a federation started the run first
+                raise StoreConflict(f"run {run_id} already has its first model")
         return global_id
 
     def add_upload(

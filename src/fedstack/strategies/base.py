@@ -300,6 +300,8 @@ def describe() -> list[dict[str, Any]]:
                 "summary": doc[0] if doc else "",
                 "params": params,
                 "streaming": cls.streaming,
+                "federation": "refused" if cls.federation_refusal else cls.federation,
+                "federation_refusal": cls.federation_refusal,
             }
         )
     return out
