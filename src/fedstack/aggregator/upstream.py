@@ -500,18 +500,22 @@ class UpstreamSynthesis:
                 return
             weights = {k: np.array(v) for k, v in upper.weights.items()}
             structure = structure_of(weights)
-            gid = await agg._db(
-                store.init_federation,
-                agg.run_id,
-                agent_id=agg.aggregator_id,
-                structure=structure,
-                init_weights=True,
-                initial=weights,
-                global_weights=weights,
-                num_samples=0,
-                metrics={"upstream_version": upper.version},
-                aggregator_id=agg.aggregator_id,
-            )
+            try:
+                gid = await agg._db(
+                    store.init_federation,
+                    agg.run_id,
+                    agent_id=agg.aggregator_id,
+                    structure=structure,
+                    init_weights=True,
+                    initial=weights,
+                    global_weights=weights,
+                    num_samples=0,
+                    metrics={"upstream_version": upper.version},
+                    aggregator_id=agg.aggregator_id,
+                )
+            except StoreConflict:  # another member of this federation started the run
+                log.info("another member of the federation recorded the first model")
+                return
             started = asyncio.get_running_loop().create_future()
             await agg._post(FederationStarted(structure, weights, gid, started))
             await started
