@@ -11,6 +11,7 @@ upper tier.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from fedstack.aggregator import Aggregator
 from fedstack.aggregator.upstream import UPSTREAM_TOKEN_ENV
 from fedstack.errors import RegistrationRefused
 from fedstack.security import make_test_pki
-from fedstack.testing import aggregator_thread
+from fedstack.testing import AggregatorProcess, aggregator_thread, free_port
 
 SHAPE = (4,)
 ROUNDS = 3
@@ -343,3 +344,79 @@ def test_upstream_over_tls_with_a_credential(
     for a in (direct, leaf):
         for _, w in a.received[1:]:
             np.testing.assert_allclose(w, expected, atol=1e-12)
+
+
+def test_cli_edge_aggregator(
+    tmp_path: Path, stack: ExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fedstack aggregator --name edge1 --upstream URL`` in a subprocess, with its
+    credential in FEDSTACK_UPSTREAM_TOKEN, below an upper aggregator requiring one."""
+    db = tmp_path / "upper.db"
+    store = Store(str(db))
+    try:
+        direct_token = store.issue_credential("direct")
+        edge_token = store.issue_credential("edge1")
+    finally:
+        store.close()
+    upper = start_agg(stack, config(db, min_agents=2, auth="required"))
+    up_url = f"ws://127.0.0.1:{upper.port}"
+    direct = ConstAgent(up_url, "direct", 1.0, 10, options={"token": direct_token}).start()
+    wait_for(lambda: upper.state.version == 0, 20, "the upper run to start")
+    monkeypatch.setenv(UPSTREAM_TOKEN_ENV, edge_token)
+    # the edge's settings: flags, and (auth) a file
+    (tmp_path / "edge.json").write_text(json.dumps({"auth": "off", "round_timeout": 60}))
+    edge = AggregatorProcess(
+        tmp_path,
+        *("--config", str(tmp_path / "edge.json"), "--db", str(tmp_path / "edge.db")),
+        *("--name", "edge1", "--upstream", up_url, "--upstream-timeout", "15"),
+        *("--rounds", str(ROUNDS), "--min-agents", "1", "--threshold", "1.0"),
+        *("--heartbeat-interval", "0.5", "--finish-grace", "2"),
+        *("--strategy-param", "precision=float64"),
+    )
+    stack.callback(edge.close)
+    edge.start()
+    leaf = ConstAgent(edge.url, "e1", 3.0, 30).start()
+    for a in (direct, leaf):
+        a.join(40)
+    assert edge.wait(20) == 0, edge.log_text()[-2000:]
+    expected = weighted((1.0, 10), (3.0, 30))
+    for a in (direct, leaf):
+        assert [v for v, _ in a.received] == list(range(ROUNDS + 1)), a.name
+        for _, w in a.received[1:]:
+            np.testing.assert_allclose(w, expected, atol=1e-12)
+
+
+def test_edge_restarted_carries_on(tmp_path: Path, stack: ExitStack) -> None:
+    """An edge aggregator stopped after a round and started again on its database and
+    port resumes its run (same member) and keeps following the upper global model."""
+    upper = start_agg(stack, config(tmp_path / "upper.db", min_agents=2))
+    up_url = f"ws://127.0.0.1:{upper.port}"
+    direct = ConstAgent(up_url, "direct", 1.0, 10).start()
+    wait_for(lambda: upper.state.version == 0, 20, "the upper run to start")
+    edge_cfg = config(
+        tmp_path / "edge.db",
+        port=free_port(),
+        min_agents=2,
+        name="edge1",
+        upstream=up_url,
+        upstream_timeout=15.0,
+    )
+    with aggregator_thread(edge_cfg) as first:
+        e_url = f"ws://127.0.0.1:{first.port}"
+        leaves = [
+            ConstAgent(e_url, "e1", 2.0, 20).start(),
+            ConstAgent(e_url, "e2", 5.0, 30).start(),
+        ]
+        wait_for(lambda: first.state.version >= 1, 20, "a first edge round")
+        member = first.aggregator_id
+    edge = start_agg(stack, edge_cfg)
+    assert edge.aggregator_id == member and edge.state.version >= 1
+    for a in [direct, *leaves]:
+        a.join(40)
+    finish(upper)
+    finish(edge)
+    expected = weighted((1.0, 10), (2.0, 20), (5.0, 30))
+    for a in [direct, *leaves]:
+        for v, w in a.received[1:]:
+            np.testing.assert_allclose(w, expected, atol=1e-12, err_msg=f"{a.name} v{v}")
+    check_lineage(tmp_path / "edge.db", {"e1", "e2"})

@@ -441,7 +441,7 @@ class Aggregator:
         self.owner.structure = structure
         self.owner.adopt(resume.version, resume.global_model_id, weights, extra, state)
         if own.delivered is not None and own.delivered > resume.version:
-            if isinstance(self.sink, SharedStoreSynthesis):
+            if isinstance(self.sink, (SharedStoreSynthesis, UpstreamSynthesis)):
                 self.owner._aggregating = True  # until that round's global model exists
                 sink, rnd = self.sink, own.delivered
                 self._scope.spawn(
@@ -477,7 +477,11 @@ class Aggregator:
         )
 
     async def _complete_delivered(
-        self, sink: SharedStoreSynthesis, rnd: int, state: dict[str, Any], extra: Weights
+        self,
+        sink: SharedStoreSynthesis | UpstreamSynthesis,
+        rnd: int,
+        state: dict[str, Any],
+        extra: Weights,
     ) -> None:
         """Resume: wait for (or make) the global model of the delivered round ``rnd``."""
         pause = 0.5

@@ -31,7 +31,8 @@ backoff, heartbeats, polling, TLS) running as a task of the aggregator's
 
 The first global model: if the upper aggregator has a federation going when the
 aggregator starts a new run, its current global model is the aggregator's version 0
-(:meth:`UpstreamSynthesis.start` waits up to ``upstream_timeout`` for the welcome);
+(:meth:`UpstreamSynthesis.start` waits up to ``upstream_timeout``, at most
+:data:`INITIAL_WAIT` s, for the welcome);
 otherwise the aggregator's first agent's model starts the run as usual, and it is proposed
 upstream as the initial model (it starts the upper federation if that has none yet).
 
@@ -64,6 +65,7 @@ from fedstack.errors import (
     FedstackError,
     RegistrationRefused,
     StoreConflict,
+    StoreError,
     TLSError,
 )
 from fedstack.transport import Connection
@@ -85,6 +87,11 @@ UPSTREAM_TOKEN_ENV = "FEDSTACK_UPSTREAM_TOKEN"
 
 MAX_BACKOFF = 5.0
 """Cap of the link's reconnection backoff, seconds (an edge's link comes back quickly)."""
+INITIAL_WAIT = 10.0
+"""Longest wait at the start of a new run for the upper aggregator's welcome (its global
+model becomes version 0), seconds (and at most ``upstream_timeout``). An upper aggregator
+that has no model yet holds the connection without answering: the run then starts from
+its first agent's model, which is proposed upstream."""
 POLL_STEP = 0.05
 """Longest sleep between two looks at the link while waiting, seconds."""
 COUNTED = ("accepted", "accepted-late", "duplicate")
@@ -310,15 +317,23 @@ class UpstreamLink:
             await asyncio.sleep(min(remaining, POLL_STEP))
 
     def upload(
-        self, weights: Weights, num_samples: int, base_version: int, metrics: Metrics
+        self,
+        weights: Weights,
+        num_samples: int,
+        base_version: int,
+        metrics: Metrics,
+        upload_id: str | None = None,
     ) -> str:
         """Queue ``weights`` as this aggregator's upload (it replaces any upload not yet
         acknowledged, and is re-sent after each reconnection until acknowledged).
-        ``base_version`` is clamped to the versions the upper aggregator issued."""
+        ``base_version`` is clamped to the versions the upper aggregator issued.
+        ``upload_id`` (1-64 characters; default: a random one) names it: the upper
+        aggregator stores an id once, so the same id sent again (after a restart) is
+        answered with what became of the first."""
         known = self.core.session.known_version
         base = max(0, base_version if known < 0 else min(base_version, known))
         upload = ModelUpload(
-            upload_id=uuid.uuid4().hex,
+            upload_id=upload_id or uuid.uuid4().hex,
             base_version=base,
             num_samples=max(0, int(num_samples)),
             metrics=wire_metrics(metrics),
@@ -436,13 +451,14 @@ class UpstreamSynthesis:
         self.base_version = -1
         """The upper version this aggregator's current global model came from (-1: none)."""
         self._progress: _Progress | None = None
-        self._init_lock = asyncio.Lock()
+        self._closing = False
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Connect upstream. Call in :meth:`Aggregator.start` once the run is open and the
-        round owner runs, before listening: a new run takes the upper global model as its
-        version 0 if the upper aggregator answers within ``upstream_timeout``.
+        round owner runs, before the agents' connections are let in: a new run takes the
+        upper global model as its version 0 if the upper aggregator answers within
+        ``upstream_timeout`` (at most :data:`INITIAL_WAIT` s).
 
         Raises:
             RegistrationRefused, TLSError: the upper aggregator refused this aggregator's
@@ -456,7 +472,7 @@ class UpstreamSynthesis:
             await self.link.propose(agg.global_weights)
         self.link.start(agg._scope)
         if not initialized:
-            upper = await self.link.wait_welcome(self.timeout)
+            upper = await self.link.wait_welcome(min(self.timeout, INITIAL_WAIT))
             if upper is not None:
                 await self._initialize_from(upper)
             else:
@@ -468,7 +484,9 @@ class UpstreamSynthesis:
         agg._scope.supervise("upstream-first-model", self._first_model)
 
     async def close(self) -> None:
-        """Say bye upstream and end the link."""
+        """Say bye upstream and end the link (a round being published is then left to the
+        aggregator's stop: it is not committed, and is completed after a restart)."""
+        self._closing = True
         await self.link.close()
 
     async def _first_model(self) -> None:
@@ -594,6 +612,49 @@ class UpstreamSynthesis:
             version=cluster.round, model_id=gid, weights=weights, extra=extra, metrics=metrics
         )
 
+    async def complete(self, round: int, extra: Weights) -> Adopted:
+        """The global model that follows cluster round ``round``, whose semi-global model
+        was stored before a restart but not followed by a global model: it is exchanged
+        upstream (or adopted offline) like a fresh one. ``extra`` goes to the cluster's
+        agents with it.
+
+        Raises:
+            StoreError: the store failed, or holds no semi-global model of ``round`` of
+                this aggregator.
+        """
+        agg = self.agg
+        store = agg.store
+        assert store is not None
+        view = await agg._db(
+            store.federation_view, agg.run_id, round, liveness=agg.config.liveness_timeout
+        )
+        mine = [
+            g
+            for g in view.semi_globals
+            if g.aggregator_id == agg.aggregator_id and g.round == round
+        ]
+        if not mine:
+            raise StoreError(f"no semi-global model of round {round} of this aggregator")
+        semi = mine[0]
+        weights = await agg._db(store.load_weights, semi.model_id)
+        self._progress = _Progress(round, semi_id=semi.model_id)
+        return await self.publish(
+            ClusterRound(
+                round=round,
+                base_version=round - 1,
+                base_model_id=agg.global_model_id,
+                weights=weights,
+                extra=extra,
+                strategy_state={},
+                num_samples=semi.num_samples,
+                num_updates=semi.num_updates,
+                inputs=[],
+                metrics=dict(semi.metrics),
+                started=semi.finished,
+                finished=semi.finished,
+            )
+        )
+
     async def _commit_semi(self, cluster: ClusterRound) -> str:
         agg = self.agg
         store = agg.store
@@ -645,12 +706,27 @@ class UpstreamSynthesis:
         """Upload the semi-global model; the upper global model to continue from, or None
         (offline, timed out, or not usable)."""
         link, r = self.link, cluster.round
+        if not link.core.welcomed and not link.stopped:
+            # just (re)started: give the first connection its chance (returns at once when
+            # the upper aggregator is unreachable)
+            with contextlib.suppress(FedstackError):
+                await link.wait_welcome(min(self.timeout, INITIAL_WAIT))
+        if self._closing:  # the aggregator is stopping: nothing is committed
+            await asyncio.get_running_loop().create_future()  # until cancelled
         if link.stopped:
             log.warning("round %d: the upstream link is down for good (%s)", r, link.error)
             return None
         base = self.base_version if self.base_version >= 0 else (link.first_version or 0)
         if p.upload_id is None:
-            p.upload_id = link.upload(cluster.weights, cluster.num_samples, base, cluster.metrics)
+            # one id per cluster round of this member: sent again after a restart, the
+            # upper aggregator answers with what became of the first
+            p.upload_id = link.upload(
+                cluster.weights,
+                cluster.num_samples,
+                base,
+                cluster.metrics,
+                upload_id=f"{self.agg.aggregator_id[:40]}-{r}"[:64],
+            )
         if not link.connected and not link.connecting:
             log.warning(
                 "round %d: upstream %s unreachable; continuing from our own semi-global model "
@@ -660,6 +736,8 @@ class UpstreamSynthesis:
             )
             return None
         ack, upper = await link.exchange(p.upload_id, self.timeout)
+        if self._closing:
+            await asyncio.get_running_loop().create_future()  # until cancelled
         if upper is not None and not self._fits(upper):
             upper = None
         if upper is None:
