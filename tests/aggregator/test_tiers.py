@@ -62,6 +62,7 @@ class ConstAgent:
     n: int
     initial: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
+    delay: float = 0.0  # seconds of "training" per round
     received: list[tuple[int, np.ndarray]] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
     finished: bool = False
@@ -84,6 +85,7 @@ class ConstAgent:
                     self.finished = True
                     return
                 self.received.append((agent.version, np.array(gm["w"])))
+                time.sleep(self.delay)
                 agent.send_trained_model({"w": np.full(SHAPE, self.value)}, self.n)
         except BaseException as exc:  # reported by join()
             self.errors.append(exc)
@@ -154,13 +156,15 @@ def check_lineage(db: Path, agents: set[str]) -> None:
         store.close()
 
 
+@pytest.mark.parametrize("delivery", ["push", "poll"])
 def test_two_tiers_edge_agents_receive_the_upper_global_model(
-    tmp_path: Path, stack: ExitStack
+    tmp_path: Path, stack: ExitStack, delivery: str
 ) -> None:
     """upper <- (direct agent, edge <- (e1, e2)): the edge's agents receive the upper's
     global model, which holds the direct agent's contribution; the edge's store has
-    global <- semi-global <- local models."""
-    upper = start_agg(stack, config(tmp_path / "upper.db", min_agents=2))
+    global <- semi-global <- local models. The upper pushes its global models, or its
+    agents (the edge's link too) poll for them."""
+    upper = start_agg(stack, config(tmp_path / "upper.db", min_agents=2, delivery=delivery))
     up_url = f"ws://127.0.0.1:{upper.port}"
     direct = ConstAgent(up_url, "direct", 1.0, 10).start()
     wait_for(lambda: upper.state.version == 0, 20, "the upper run to start")
@@ -419,4 +423,43 @@ def test_edge_restarted_carries_on(tmp_path: Path, stack: ExitStack) -> None:
     for a in [direct, *leaves]:
         for v, w in a.received[1:]:
             np.testing.assert_allclose(w, expected, atol=1e-12, err_msg=f"{a.name} v{v}")
+    check_lineage(tmp_path / "edge.db", {"e1", "e2"})
+
+
+def test_edge_below_a_member_of_a_horizontal_federation(tmp_path: Path, stack: ExitStack) -> None:
+    """The upper tier is itself a horizontal federation (members A and B on one store):
+    the edge is one agent of member A; every leaf, on either member or below the edge,
+    receives the synthesis of all clusters."""
+    fed = dict(
+        run_name="upper",
+        federation_heartbeat=0.2,
+        liveness_timeout=2.0,
+        synthesis_timeout=20.0,
+        blob_dir=str(tmp_path / "upper.blobs"),
+    )
+    up_db = tmp_path / "upper.db"
+    a = start_agg(stack, config(up_db, name="A", min_agents=2, **fed))
+    b = start_agg(stack, config(up_db, name="B", min_agents=1, **fed))
+    a_url, b_url = (f"ws://127.0.0.1:{m.port}" for m in (a, b))
+    # the members' rounds take longer than a federation heartbeat: each member's stored
+    # version is current when the other one delivers (sync synthesis waits for it)
+    direct_a = ConstAgent(a_url, "a", 1.0, 10, delay=0.5).start()
+    wait_for(lambda: a.state.version == 0 and b.state.version == 0, 20, "the upper run")
+    direct_b = ConstAgent(b_url, "b", 2.0, 20, delay=0.5).start()
+    edge = start_agg(
+        stack,
+        config(
+            tmp_path / "edge.db", min_agents=2, name="edge", upstream=a_url, upstream_timeout=20.0
+        ),
+    )
+    e_url = f"ws://127.0.0.1:{edge.port}"
+    leaves = [ConstAgent(e_url, "e1", 4.0, 30).start(), ConstAgent(e_url, "e2", 8.0, 40).start()]
+    everyone = [direct_a, direct_b, *leaves]
+    for agent in everyone:
+        agent.join(40)
+    expected = weighted((1.0, 10), (2.0, 20), (4.0, 30), (8.0, 40))
+    for agent in everyone:
+        assert [v for v, _ in agent.received] == list(range(ROUNDS + 1)), agent.name
+        for v, w in agent.received[1:]:
+            np.testing.assert_allclose(w, expected, atol=1e-12, err_msg=f"{agent.name} v{v}")
     check_lineage(tmp_path / "edge.db", {"e1", "e2"})
