@@ -63,6 +63,7 @@ class ConstAgent:
     initial: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
     delay: float = 0.0  # seconds of "training" per round
+    shape: tuple[int, ...] = SHAPE
     received: list[tuple[int, np.ndarray]] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
     finished: bool = False
@@ -75,7 +76,7 @@ class ConstAgent:
 
     def _run(self) -> None:
         agent = Agent(self.url, self.name, max_backoff=0.5, connect_timeout=5.0, **self.options)
-        agent.send_initial_model({"w": np.full(SHAPE, self.initial)}, self.n)
+        agent.send_initial_model({"w": np.full(self.shape, self.initial)}, self.n)
         try:
             agent.start(timeout=30)
             while True:
@@ -86,7 +87,7 @@ class ConstAgent:
                     return
                 self.received.append((agent.version, np.array(gm["w"])))
                 time.sleep(self.delay)
-                agent.send_trained_model({"w": np.full(SHAPE, self.value)}, self.n)
+                agent.send_trained_model({"w": np.full(self.shape, self.value)}, self.n)
         except BaseException as exc:  # reported by join()
             self.errors.append(exc)
         finally:
@@ -463,3 +464,50 @@ def test_edge_below_a_member_of_a_horizontal_federation(tmp_path: Path, stack: E
         for v, w in agent.received[1:]:
             np.testing.assert_allclose(w, expected, atol=1e-12, err_msg=f"{agent.name} v{v}")
     check_lineage(tmp_path / "edge.db", {"e1", "e2"})
+
+
+def test_upper_of_another_model_structure_is_never_adopted(
+    tmp_path: Path, stack: ExitStack
+) -> None:
+    """The upper aggregator is away when the edge starts (its first agent's model starts
+    the run), and comes up with a model of another shape: the edge's upload is refused
+    there, nothing of the upper is adopted, the edge leaves the upper aggregator (which
+    goes on with its other agent) and its cluster trains on its own."""
+    port = free_port()
+    edge = start_agg(
+        stack,
+        config(
+            tmp_path / "edge.db",
+            min_agents=1,
+            rounds=6,
+            name="edge1",
+            upstream=f"ws://127.0.0.1:{port}",
+            upstream_timeout=2.0,
+        ),
+    )
+    assert edge.state.version == -1  # the upper aggregator was unreachable: no wait
+    leaf = ConstAgent(f"ws://127.0.0.1:{edge.port}", "e1", 3.0, 30, delay=0.3).start()
+    upper = start_agg(stack, config(tmp_path / "upper.db", port=port, min_agents=1, rounds=50))
+    direct = ConstAgent(f"ws://127.0.0.1:{port}", "d", 1.0, 10, shape=(3,), delay=0.1).start()
+    leaf.join(40)
+    finish(edge)
+    assert all(np.all(w == 3.0) for _, w in leaf.received[1:])  # its own semi-global models
+    store = read_store(tmp_path / "edge.db")
+    try:
+        rounds = store.rounds(store.latest_run_id())  # type: ignore[arg-type]
+        assert len(rounds) == 6 and all(r["metrics"]["upstream_offline"] == 1 for r in rounds)
+    finally:
+        store.close()
+    # the edge reached the upper aggregator, and left it: its rounds go on without it
+    wait_for(lambda: upper.state.version >= 2, 20, "the upper aggregator's rounds")
+    store = read_store(tmp_path / "upper.db")
+    try:
+        seen = [
+            e["kind"]
+            for e in store.events(store.latest_run_id())
+            if e["kind"] in ("joined", "left") and (e["detail"] or {}).get("name") == "edge1"
+        ]
+    finally:
+        store.close()
+    assert seen[:2] == ["joined", "left"], seen
+    assert not direct.errors

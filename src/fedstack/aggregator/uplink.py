@@ -170,6 +170,15 @@ class UpstreamLink:
     def reconnects(self) -> int:
         return self.core.reconnects
 
+    @property
+    def last_refusal(self) -> str | None:
+        """The message of the upper aggregator's latest refusal of a request (None: none);
+        text from the upper aggregator: show it quoted."""
+        refusals = self.core.refusals
+        if len(refusals) > 64:  # the core keeps every refusal: keep the recent ones only
+            del refusals[:-16]
+        return refusals[-1].message if refusals else None
+
     # ------------------------------------------------------------------ lifecycle
     def start(self, scope: TaskScope) -> None:
         """Start connecting (as a task of ``scope``); returns at once."""
@@ -234,14 +243,15 @@ class UpstreamLink:
             )
         return self.latest
 
-    async def changed(self, timeout: float) -> None:
-        """Return at the core's next change of state, or after ``timeout`` s."""
+    async def changed(self, timeout: float | None = None) -> None:
+        """Return at the core's next change of state (a welcome, a global model, an
+        acknowledgement, a refusal, the connection loop's end), or after ``timeout`` s."""
         fut = self.core.waiter()
         try:
             if isinstance(fut, asyncio.Future):
                 await asyncio.wait_for(asyncio.shield(fut), timeout)
-            else:
-                await asyncio.sleep(min(timeout, POLL_STEP))
+            else:  # the connection loop has not started yet
+                await asyncio.sleep(POLL_STEP if timeout is None else min(timeout, POLL_STEP))
         except TimeoutError:
             pass
 

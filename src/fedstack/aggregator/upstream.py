@@ -138,6 +138,8 @@ class UpstreamSynthesis:
         """The upper version this aggregator's current global model came from (-1: none)."""
         self._progress: _Progress | None = None
         self._closing = False
+        self._told_down = False
+        self._down: str | None = None  # why this aggregator closed the link for good
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -167,7 +169,7 @@ class UpstreamSynthesis:
                     "starts this run and is proposed upstream",
                     self.link.url,
                 )
-        agg._scope.supervise("upstream-first-model", self._first_model)
+        agg._scope.supervise("upstream-watch", self._watch)
 
     async def close(self) -> None:
         """Say bye upstream and end the link (a round being published is then left to the
@@ -175,24 +177,38 @@ class UpstreamSynthesis:
         self._closing = True
         await self.link.close()
 
-    async def _first_model(self) -> None:
-        """Until the link's first welcome: the aggregator's first global model (from its
-        first agent) is proposed upstream; a welcome while the aggregator has none yet
-        starts its run from the upper global model."""
+    async def _watch(self) -> None:
+        """While the link runs. Until its first welcome: the aggregator's first global
+        model (from its first agent) is proposed upstream, and a welcome while the
+        aggregator has none yet starts its run from the upper global model. Then: an
+        upper global model of another structure than this aggregator's makes it leave the
+        upper aggregator (its uploads could never count there, and as an agent that never
+        delivers it would hold the upper rounds until their deadline)."""
         agg, link = self.agg, self.link
         while not link.stopped:
             if agg._initialized.is_set():
                 if not link.core.welcomed:
                     assert agg.global_weights is not None
                     await link.propose(agg.global_weights)
-                return
+                break
             if link.core.welcomed:
                 upper = link.refresh()
                 if upper is not None:
                     await self._initialize_from(upper)
-                return
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(agg._initialized.wait(), 0.1)
+        while not link.stopped:
+            latest = link.refresh()
+            if latest is not None and agg.structure is not None and not self._fits(latest):
+                await self._leave("the upstream model has another structure than this one's")
+                return
+            await link.changed()
+
+    async def _leave(self, why: str) -> None:
+        """Close the link for good (``why`` is logged with the next round)."""
+        self._down = why
+        await self.link.close()
 
     async def _initialize_from(self, upper: UpperGlobal) -> None:
         """Version 0 of this aggregator's run = the upper global model (unless its first
@@ -400,8 +416,18 @@ class UpstreamSynthesis:
                 await link.wait_welcome(min(self.timeout, INITIAL_WAIT))
         if self._closing:  # the aggregator is stopping: nothing is committed
             await asyncio.get_running_loop().create_future()  # until cancelled
+        latest = link.refresh()
+        if latest is not None and not link.stopped and not self._fits(latest):
+            await self._leave("the upstream model has another structure than this one's")
         if link.stopped:
-            log.warning("round %d: the upstream link is down for good (%s)", r, link.error)
+            if not self._told_down:
+                self._told_down = True
+                log.warning(
+                    "round %d: the upstream link is down for good (%s); this aggregator "
+                    "continues on its own semi-global models",
+                    r,
+                    link.error or self._down or "the upper federation finished",
+                )
             return None
         base = self.base_version if self.base_version >= 0 else (link.first_version or 0)
         if p.upload_id is None:
@@ -428,19 +454,25 @@ class UpstreamSynthesis:
         if upper is not None and not self._fits(upper):
             upper = None
         if upper is None:
+            if ack is not None:
+                why = f"upload {ack.status[:32]!r}"
+            elif link.core.session.pending is None and link.last_refusal is not None:
+                why = f"upload refused: {link.last_refusal[:200]!r}"
+            else:
+                why = "not acknowledged"
             log.warning(
                 "round %d: no upstream global model within %.1f s (%s); continuing from our "
                 "own semi-global model",
                 r,
                 self.timeout,
-                "not acknowledged" if ack is None else f"upload {ack.status}",
+                why,
             )
         else:
             log.info(
                 "round %d: upstream global model version %d adopted (upload %s)",
                 r,
                 upper.version,
-                ack.status if ack else "?",
+                repr(ack.status[:32]) if ack else "?",
             )
         return upper
 
