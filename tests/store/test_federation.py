@@ -199,6 +199,15 @@ def test_join_refuses_a_live_name_and_takes_over_a_dead_one(opener: Opener) -> N
         first.join_federation("0" * 32, name="Z", url="ws://x:1", liveness=LIVE)
 
 
+def test_members_starting_together_open_one_run(opener: Opener) -> None:
+    stores = [opener() for _ in range(4)]
+    for trial in range(3):
+        runs = _race([functools.partial(st.open_run, f"run-{trial}", {}, "agg") for st in stores])
+        assert len({r.id for r in runs}) == 1, runs
+        assert sum(not r.resumed for r in runs) == 1
+    assert len(stores[0].list_runs()) == 3
+
+
 def test_concurrent_joins_of_one_name_admit_exactly_one(opener: Opener) -> None:
     stores = [opener() for _ in range(4)]
     run_id, _ = _run(stores[0])

@@ -14,6 +14,7 @@ credential rules live in :mod:`fedstack.security.credentials`; this module keeps
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -33,6 +34,8 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
+    func,
     insert,
     pool,
     select,
@@ -156,6 +159,9 @@ _SET_STATUS = (
 _QUARANTINE_INFO = select(s.models.c.producer, s.models.c.upload_id).where(
     s.models.c.id == bindparam("model_id")
 )
+_LOCK_RUNS = update(s.runs).where(false()).values(status=s.runs.c.status)
+"""Touches nothing, but takes SQLite's write lock: what follows reads current data."""
+_PG_LOCK_NAME = select(func.pg_advisory_xact_lock(bindparam("b_key")))
 _MODEL_BLOB = select(s.models.c.blob).where(s.models.c.id == bindparam("model_id"))
 _MODEL_EXTRA = select(s.models.c.extra_blob).where(s.models.c.id == bindparam("model_id"))
 
@@ -393,8 +399,18 @@ class Store(Credentials, Queries, Federation):
 
     # ------------------------------------------------------------------ runs
     def open_run(self, name: str, config: Mapping[str, Any], aggregator_id: str) -> RunInfo:
-        """Resume the latest unfinished run called ``name``, or start a new one."""
+        """Resume the latest unfinished run called ``name``, or start a new one.
+
+        Serialised per name (the members of a federation start at the same time and must
+        all get the same run): SQLite takes its write lock first, PostgreSQL an advisory
+        lock on the name, before the run is looked up.
+        """
         with self._begin() as c:
+            if self._sqlite:
+                c.execute(_LOCK_RUNS)
+            elif self.engine.dialect.name == "postgresql":
+                key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+                c.execute(_PG_LOCK_NAME, {"b_key": key})
             row = (
                 c.execute(
                     select(s.runs)
