@@ -372,10 +372,11 @@ def test_claim_uploads_of_a_dead_member_once(opener: Opener) -> None:
     ids = {first.find_upload(f"{a}-2-1.0").agent_id for a in agents}  # type: ignore[union-attr]
     assert first.claim_uploads(run_id, b.id, list(ids), round=3, liveness=LIVE) == []
     first.leave_federation(run_id, dead.id)
+    many = [f"{i:032x}" for i in range(300)] + list(ids) + [f"{i:032x}" for i in range(300, 900)]
     for _ in range(3):  # the same uploads, claimed by two members at once
         results = _race(
             [
-                functools.partial(st.claim_uploads, run_id, m.id, list(ids), round=3, liveness=LIVE)
+                functools.partial(st.claim_uploads, run_id, m.id, many, round=3, liveness=LIVE)
                 for st, m in ((second, b), (third, c))
             ]
         )

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 
 from fedstack.errors import StoreConflict, StoreError
 from fedstack.store import schema as s
@@ -151,6 +151,8 @@ _CLAIMABLE = (
         _M.c.kind == "local",
         _M.c.round <= bindparam("b_round"),
         _M.c.producer.in_(bindparam("b_agents", expanding=True)),
+        # held by no one, or by a member that is not live (never by the claimer)
+        or_(_M.c.cluster.is_(None), _M.c.cluster.not_in(bindparam("b_live", expanding=True))),
     )
     .order_by(_M.c.created)
 )
@@ -507,18 +509,26 @@ class Federation(Members):
                 for r in c.execute(_MEMBERS, {"b_run": run_id}).mappings()
                 if _member(r, now, liveness).live
             }
-            candidates = (
-                c.execute(
+            live.add(aggregator_id)
+            agents = list(dict.fromkeys(agent_ids))
+            candidates = [
+                row
+                for i in range(0, len(agents), 500)
+                for row in c.execute(
                     _CLAIMABLE,
-                    {"b_run": run_id, "b_round": round, "b_agents": list(dict.fromkeys(agent_ids))},
+                    {
+                        "b_run": run_id,
+                        "b_round": round,
+                        "b_agents": agents[i : i + 500],
+                        "b_live": sorted(live),
+                    },
                 )
                 .mappings()
                 .all()
-            )
+            ]
+            candidates.sort(key=lambda r: r["created"])
             for row in candidates:
                 holder = row["cluster"]
-                if holder == aggregator_id or holder in live:
-                    continue
                 params = {"b_id": row["id"], "b_new": aggregator_id, "b_round": round}
                 if holder is None:
                     n = c.execute(_CLAIM_UNHELD, params).rowcount
