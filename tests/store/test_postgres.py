@@ -7,6 +7,7 @@ per test (``pg_url``)."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -259,3 +260,32 @@ def test_pruned_blobs_leave_the_database(pg_url: str) -> None:
             assert c.execute(select(func.count()).select_from(s.blob_data)).scalar() == 1
     finally:
         st.close()
+
+
+def test_store_recovers_by_itself_across_restart_and_outage(tmp_path: Path) -> None:
+    from fedstack.testing.postgres import PostgresServer, unavailable_reason
+
+    if (reason := unavailable_reason()) is not None:
+        pytest.skip(reason)
+    w = {"w": np.arange(6, dtype=np.float32)}
+    with PostgresServer() as server:  # its own: the session's server is shared
+        st = Store(server.url)
+        try:
+            run_id, aid, gid = _init(st, w)
+            server.restart()  # every pooled connection is cut: the pre-ping replaces them
+            np.testing.assert_array_equal(st.load_weights(gid)["w"], w["w"])
+            server.stop()
+            t0 = time.monotonic()
+            for uid in ("down-1", "down-2"):
+                with pytest.raises(StoreError) as info:
+                    _upload(st, run_id, aid, uid, w)
+                assert "127.0.0.1" not in str(info.value) and "INSERT" not in str(info.value)
+            with pytest.raises(StoreError):
+                st.load_weights(gid)
+            assert time.monotonic() - t0 < 15  # fails fast, never hangs
+            server.start()
+            mid = _upload(st, run_id, aid, "up-again", w)
+            np.testing.assert_array_equal(st.load_weights(mid)["w"], w["w"])
+            assert st.find_upload("down-1") is None  # nothing half-stored
+        finally:
+            st.close()
