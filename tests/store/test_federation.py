@@ -32,22 +32,24 @@ Opener = Callable[[], Store]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """(database argument, blob directory) of a new, empty store on each backend."""
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str | None]]:
+    """(database argument, blob directory) of a new, empty store on each backend; on
+    PostgreSQL every blob lives in the database (what a multi-host federation uses)."""
     if request.param == "sqlite":
         yield str(tmp_path / "fed.db"), str(tmp_path / "fed.db.blobs")
     else:
         server: PostgresServer = request.getfixturevalue("postgres")
-        yield server.create_database(), str(tmp_path / "blobs")
+        yield server.create_database(), None
 
 
 @pytest.fixture
-def opener(backend: tuple[str, str]) -> Iterator[Opener]:
+def opener(backend: tuple[str, str | None]) -> Iterator[Opener]:
     """Opens another Store on the same database (another aggregator process's view)."""
     opened: list[Store] = []
 
     def open_store() -> Store:
-        st = Store(backend[0], backend[1], inline_blob_bytes=1 << 12)
+        # SQLite: blobs as files; PostgreSQL: in the database
+        st = Store(backend[0], backend[1])
         opened.append(st)
         return st
 
@@ -438,7 +440,7 @@ def test_cluster_resume(opener: Opener) -> None:
 
 
 # ---------------------------------------------------------------------- migration
-def test_a_0001_store_is_upgraded_to_0002(backend: tuple[str, str]) -> None:
+def test_a_0001_store_is_upgraded_to_0002(backend: tuple[str, str | None]) -> None:
     db, blobs = backend
     url = f"sqlite:///{db}" if "://" not in db else db
     engine = create_engine(url)
@@ -483,14 +485,14 @@ def test_a_0001_store_is_upgraded_to_0002(backend: tuple[str, str]) -> None:
 
 # ---------------------------------------------------------------------- fedstack db
 def test_db_aggregators_lineage_and_rounds(
-    opener: Opener, backend: tuple[str, str], capsys: pytest.CaptureFixture[str]
+    opener: Opener, backend: tuple[str, str | None], capsys: pytest.CaptureFixture[str]
 ) -> None:
     st = opener()
     run_id, gid, a_id = _acceptance(st)
     evil = st.join_federation(run_id, name="E\x1b[31mvil\n", url="ws://e\x07:1", liveness=LIVE)
     st.leave_federation(run_id, evil.id)
     st.heartbeat(run_id, a_id, active_agents=2, version=1, liveness=LIVE)
-    db = ["--db", backend[0], "--blob-dir", backend[1]]
+    db = ["--db", backend[0], *(["--blob-dir", backend[1]] if backend[1] else [])]
 
     assert cli_main(["db", "aggregators", *db, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
