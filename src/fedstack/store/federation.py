@@ -1,17 +1,15 @@
-"""The SQL of the horizontal federation: members, semi-global models, global synthesis.
+"""The SQL of the horizontal federation: semi-global models, the global model, uploads
+that move between members.
 
-A mixin of :class:`~fedstack.store.Store` (like ``Queries`` and ``Credentials``). A
-*member* is one aggregator of a run's federation: a row of ``aggregators``, stable per
-(run, name), that a restarted aggregator of that name takes over if it is not live. Each
-member stores the result of its cluster rounds as **semi-global** models (a
-``cluster_rounds`` row each); the global model of version v is synthesised from the
-semi-globals of round v and committed by :meth:`Federation.commit_global`, which the
-``rounds`` primary key and the run's version guard make race-safe: of several members
-committing version v, exactly one wins, the others get None.
-
-Liveness is judged on the DATABASE's clock (:meth:`Federation.db_now`: SQLite
-``julianday('now')``, PostgreSQL ``now()``), never on a host's: a member is live while its
-status is ``live`` and its last heartbeat is at most ``liveness`` seconds old.
+A mixin of :class:`~fedstack.store.Store` (like ``Queries`` and ``Credentials``); the
+members themselves (join, heartbeat, liveness on the database's clock) are
+:class:`~fedstack.store.members.Members`, its base. Each member stores the result of its
+cluster rounds as **semi-global** models (a ``cluster_rounds`` row each); the global model
+of version v is synthesised from semi-globals and committed by
+:meth:`Federation.commit_global`, which the run's version guard and the ``rounds`` primary
+key make race-safe: of several members committing version v, exactly one wins, the others
+get None. Local models record the member holding them (``models.cluster``); the buffered
+uploads of a member that is no longer live are claimed by the member their agent moved to.
 
 As everywhere in the store, each write is one transaction that has committed when the
 method returns, and every database error leaves as :class:`~fedstack.errors.StoreError`
@@ -25,45 +23,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import (
-    Float,
-    bindparam,
-    cast,
-    func,
-    insert,
-    literal_column,
-    select,
-    update,
-)
+from sqlalchemy import bindparam, func, insert, select, update
 
 from fedstack.errors import StoreConflict, StoreError
 from fedstack.store import schema as s
+from fedstack.store.members import _MEMBERS, _RUN_VERSION, Member, Members, _member
 from fedstack.store.records import UploadRecord, split_state, upload_record
 from fedstack.types import Metrics, Weights
 
-if TYPE_CHECKING:
-    from sqlalchemy import Engine
-
 __all__ = ["ClusterResume", "Federation", "FederationView", "Member", "SemiGlobal"]
-
-MAX_NAME = 128
-MAX_URL = 512
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    """One aggregator of a run's federation, as its row was when read."""
-
-    id: str
-    name: str
-    url: str
-    upstream: str | None
-    started: float  # database clock, seconds since the epoch
-    heartbeat: float  # database clock
-    status: str  # "live" | "stopped"
-    active_agents: int
-    version: int  # the global version the member reported
-    live: bool  # computed when read: status "live" and a recent heartbeat
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,39 +70,12 @@ class ClusterResume:
     buffered: list[UploadRecord]  # the buffered uploads it holds (any round)
 
 
-# The database clock in seconds since the epoch, per dialect.
-_CLOCK: dict[str, Any] = {
-    "sqlite": (func.julianday(literal_column("'now'")) - 2440587.5) * 86400.0,
-    "postgresql": cast(func.extract("epoch", func.now()), Float),
-}
-
 _A = s.aggregators
 _CR = s.cluster_rounds
 _M = s.models
 
-_MEMBERS = select(_A).where(_A.c.run_id == bindparam("b_run")).order_by(_A.c.name)
-_MEMBER_BY_NAME = select(_A).where(
-    _A.c.run_id == bindparam("b_run"), _A.c.name == bindparam("b_name")
-)
-_RUN_VERSION = select(s.runs.c.version).where(s.runs.c.id == bindparam("b_run"))
-_INSERT_MEMBER = insert(_A)
-_TAKE_OVER = (
-    update(_A)
-    .where(
-        _A.c.id == bindparam("b_id"),
-        _A.c.status == bindparam("b_old_status"),
-        _A.c.heartbeat == bindparam("b_old_heartbeat"),
-    )
-    .values(
-        url=bindparam("b_url"),
-        upstream=bindparam("b_upstream"),
-        started=bindparam("b_now"),
-        heartbeat=bindparam("b_now"),
-        status="live",
-        active_agents=0,
-        version=bindparam("b_version"),
-    )
-)
+_RUN_VERSION_SHARED = _RUN_VERSION.with_for_update(read=True)
+_SET_STATUS = update(_M).where(_M.c.id == bindparam("b_model")).values(status=bindparam("b_status"))
 _MODEL_ROUND = select(_M.c.kind, _M.c.round).where(_M.c.id == bindparam("b_model"))
 _DELIVERED = select(_CR.c.status).where(
     _CR.c.run_id == bindparam("b_run"),
@@ -272,188 +213,15 @@ class _Lost(Exception):
     """commit_global: the run's version is no longer the one the round follows."""
 
 
-class Federation:
+class Federation(Members):
     """The federation methods of :class:`~fedstack.store.Store` (see the module docstring)."""
 
     if TYPE_CHECKING:
-        engine: Engine
-        _federation_sessions: dict[str, float]
 
         def _stage(self, weights: Mapping[str, Any]) -> Any: ...
         def _write_inline(self, c: Any, *staged: Any) -> None: ...
         def get_blob(self, digest: str) -> Weights: ...
         def check_database(self) -> None: ...
-
-    def _begin(self) -> Any:  # provided by Store: a transaction that raises StoreError
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------ clock
-    def _clock(self) -> Any:
-        """The SQL expression of the database's clock (seconds since the epoch)."""
-        clock = _CLOCK.get(self.engine.dialect.name)
-        if clock is None:
-            raise StoreError(
-                f"the federation needs SQLite or PostgreSQL (not {self.engine.dialect.name})"
-            )
-        return clock
-
-    def _now(self, c: Any) -> float:
-        return float(c.execute(select(self._clock())).scalar_one())
-
-    def db_now(self) -> float:
-        """The database's clock, in seconds since the epoch (what liveness is judged on)."""
-        with self._begin() as c:
-            return self._now(c)
-
-    # ------------------------------------------------------------------ members
-    def _sessions(self) -> dict[str, float]:
-        try:
-            return self._federation_sessions
-        except AttributeError:
-            self._federation_sessions = {}
-            return self._federation_sessions
-
-    def join_federation(
-        self, run_id: str, *, name: str, url: str, upstream: str | None = None, liveness: float
-    ) -> Member:
-        """Join ``run_id``'s federation as member ``name`` reachable at ``url``.
-
-        A new name gets a new row (a new id); a name whose row is not live (stopped, or no
-        heartbeat for ``liveness`` seconds) is taken over: same id, so the member keeps its
-        buffered uploads and cluster rounds. Returns the member as stored (live).
-
-        Raises:
-            StoreConflict: a live member has that name (or another aggregator joined under
-                that name at the same moment).
-            StoreError: no such run, a name or URL too long, or the database failed.
-        """
-        if not name or len(name) > MAX_NAME:
-            raise StoreError(f"an aggregator name has 1 to {MAX_NAME} characters")
-        if len(url) > MAX_URL or (upstream is not None and len(upstream) > MAX_URL):
-            raise StoreError(f"an aggregator URL has at most {MAX_URL} characters")
-        for _attempt in range(3):
-            live: Member | None = None
-            try:
-                with self._begin() as c:
-                    now = self._now(c)
-                    version = c.execute(_RUN_VERSION, {"b_run": run_id}).scalar()
-                    if version is None:
-                        raise StoreError(f"no run {run_id}")
-                    row = (
-                        c.execute(_MEMBER_BY_NAME, {"b_run": run_id, "b_name": name})
-                        .mappings()
-                        .first()
-                    )
-                    if row is None:
-                        values = {
-                            "id": uuid.uuid4().hex,
-                            "run_id": run_id,
-                            "name": name,
-                            "url": url,
-                            "upstream": upstream,
-                            "started": now,
-                            "heartbeat": now,
-                            "status": "live",
-                            "active_agents": 0,
-                            "version": int(version),
-                        }
-                        c.execute(_INSERT_MEMBER, values)
-                        member = _member(values, now, liveness)
-                    else:
-                        old = _member(row, now, liveness)
-                        if old.live:
-                            live = old
-                        else:
-                            taken = c.execute(
-                                _TAKE_OVER,
-                                {
-                                    "b_id": old.id,
-                                    "b_old_status": old.status,
-                                    "b_old_heartbeat": old.heartbeat,
-                                    "b_url": url,
-                                    "b_upstream": upstream,
-                                    "b_now": now,
-                                    "b_version": int(version),
-                                },
-                            ).rowcount
-                            if taken != 1:
-                                continue  # another aggregator took it over or it revived
-                            member = _member(
-                                {
-                                    **row,
-                                    "url": url,
-                                    "upstream": upstream,
-                                    "started": now,
-                                    "heartbeat": now,
-                                    "status": "live",
-                                    "active_agents": 0,
-                                    "version": int(version),
-                                },
-                                now,
-                                liveness,
-                            )
-            except StoreConflict:
-                continue  # a concurrent first join of that name: read it again
-            if live is not None:
-                raise StoreConflict(
-                    f"an aggregator named {name!r} is already live in this run (last "
-                    f"heartbeat {max(0.0, now - live.heartbeat):.1f} s ago, at "
-                    f"{live.url!r}); give this one another name or stop that one"
-                )
-            self._sessions()[member.id] = member.started
-            return member
-        raise StoreConflict(f"another aggregator is joining this run as {name!r} right now")
-
-    def heartbeat(
-        self, run_id: str, aggregator_id: str, *, active_agents: int, version: int, liveness: float
-    ) -> list[Member]:
-        """Record that member ``aggregator_id`` is alive (on the database's clock) with
-        ``active_agents`` connected agents at global ``version``; returns every member
-        of the run, ``live`` judged on ``liveness`` seconds.
-
-        Raises:
-            StoreConflict: the member's row was taken over by another aggregator of that
-                name (or the member left): this aggregator must stop.
-        """
-        started = self._sessions().get(aggregator_id)
-        cond = [_A.c.id == aggregator_id, _A.c.run_id == run_id, _A.c.status == "live"]
-        if started is not None:
-            cond.append(_A.c.started == started)
-        stmt = (
-            update(_A)
-            .where(*cond)
-            .values(heartbeat=self._clock(), active_agents=active_agents, version=version)
-        )
-        with self._begin() as c:
-            if c.execute(stmt).rowcount != 1:
-                raise StoreConflict(
-                    f"aggregator {aggregator_id[:8]} is no longer a member of the run "
-                    "(its row was taken over by another aggregator of that name, or it left)"
-                )
-            now = self._now(c)
-            rows = c.execute(_MEMBERS, {"b_run": run_id}).mappings().all()
-        return [_member(r, now, liveness) for r in rows]
-
-    def members(self, run_id: str, *, liveness: float) -> list[Member]:
-        """Every member of ``run_id``'s federation, by name (read only)."""
-        with self._begin() as c:
-            now = self._now(c)
-            rows = c.execute(_MEMBERS, {"b_run": run_id}).mappings().all()
-        return [_member(r, now, liveness) for r in rows]
-
-    def leave_federation(self, run_id: str, aggregator_id: str) -> None:
-        """Mark the member stopped (a clean shutdown); a row taken over by another
-        aggregator meanwhile is left alone."""
-        started = self._sessions().pop(aggregator_id, None)
-        cond = [_A.c.id == aggregator_id, _A.c.run_id == run_id]
-        if started is not None:
-            cond.append(_A.c.started == started)
-        with self._begin() as c:
-            c.execute(
-                update(_A)
-                .where(*cond)
-                .values(status="stopped", active_agents=0, heartbeat=self._clock())
-            )
 
     # ------------------------------------------------------------------ semi-globals
     def commit_semi_global(
@@ -505,7 +273,6 @@ class Federation:
                     base = c.execute(_MODEL_ROUND, {"b_model": base_model_id}).first()
                     if base is not None and base[0] == "cluster":
                         base_version = int(base[1])
-                status = "late" if int(version) >= round else "delivered"
                 c.execute(
                     _INSERT_MODEL,
                     {
@@ -520,12 +287,19 @@ class Federation:
                         "blob": staged.digest,
                         "nbytes": staged.size,
                         "created": finished,
-                        "status": status,
+                        "status": "delivered",
                         "upload_id": None,
                         "extra_blob": extra_staged.digest if extra_staged else None,
                         "cluster": aggregator_id,
                     },
                 )
+                # after a write (SQLite: the write lock is held, the read is current) and
+                # FOR SHARE (PostgreSQL: waits for a global being committed): a global of
+                # this round committed meanwhile makes this semi-global late
+                version = c.execute(_RUN_VERSION_SHARED, {"b_run": run_id}).scalar_one()
+                status = "late" if int(version) >= round else "delivered"
+                if status == "late":
+                    c.execute(_SET_STATUS, {"b_model": model_id, "b_status": status})
                 rows = [{"child_id": model_id, "parent_id": i, "relation": "input"} for i in inputs]
                 if base_model_id is not None:
                     rows.append(
@@ -797,19 +571,3 @@ class Federation:
             delivered=None if delivered is None else int(delivered),
             buffered=[upload_record(r) for r in rows],
         )
-
-
-def _member(row: Mapping[str, Any], now: float, liveness: float) -> Member:
-    heartbeat = float(row["heartbeat"])
-    return Member(
-        id=row["id"],
-        name=row["name"],
-        url=row["url"],
-        upstream=row["upstream"],
-        started=float(row["started"]),
-        heartbeat=heartbeat,
-        status=row["status"],
-        active_agents=int(row["active_agents"]),
-        version=int(row["version"]),
-        live=row["status"] == "live" and now - heartbeat <= liveness,
-    )
