@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 
 from fedstack import Agent, AggregatorConfig, Store
 from fedstack.aggregator.service import Aggregator
+from fedstack.cli.main import main as cli_main
 from fedstack.errors import ConfigError
 from fedstack.testing import aggregator_thread
 from fedstack.testing.postgres import PostgresServer
@@ -70,14 +72,16 @@ def members(*configs: AggregatorConfig) -> Iterator[list[Aggregator]]:
 
 
 @contextlib.contextmanager
-def agents(specs: list[tuple[str, str]], first: str | None = None) -> Iterator[dict[str, Agent]]:
-    """Agents ``(name, url)`` started through the book's API; ``first`` sends the initial
-    model ([0.0]) that starts the federation. Closed on exit."""
+def agents(
+    specs: list[tuple[str, str]], first: str | tuple[str, ...] | None = None
+) -> Iterator[dict[str, Agent]]:
+    """Agents ``(name, url)`` started through the book's API, in order; ``first`` (names)
+    send the initial model ([0.0]) that may start the federation. Closed on exit."""
     made: dict[str, Agent] = {}
     try:
         for name, url in specs:
             a = Agent(url, name=name, max_backoff=0.5)
-            if name == first:
+            if first is not None and name in ((first,) if isinstance(first, str) else first):
                 a.send_initial_model(model(0.0))
             made[name] = a
         for a in made.values():
@@ -116,14 +120,14 @@ def wait_heartbeats(db: str, run_id: str, blobs: Path, expected: dict[str, int])
     )
 
 
-def two_clusters_one_round(db: str, blobs: Path) -> None:
+def two_clusters_one_round(db: str, blobs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Acceptance 1: A's agents upload [0] (5 samples each), B's [10] (15 samples each);
     threshold 1.0, one round: every agent gets [7.5]; lineage global <- 2 semi-global <- 4
     local."""
     with members(member_config(db, blobs, "a"), member_config(db, blobs, "b")) as (a, b):
         assert a.aggregator_id != b.aggregator_id and a.run_id == b.run_id
         specs = [("a1", a.url), ("a2", a.url), ("b1", b.url), ("b2", b.url)]
-        with agents(specs, first="a1") as ag:
+        with agents(specs, first=("a1", "b1")) as ag:  # b1's initial model: b races a
             wait_heartbeats(db, a.run_id, blobs, {"a": 2, "b": 2})
             for x in ag.values():
                 np.testing.assert_array_equal(x.wait_for_global_model(20)["w"], [0.0])
@@ -160,14 +164,27 @@ def two_clusters_one_round(db: str, blobs: Path) -> None:
         assert by_cluster == {10, 30}
     finally:
         store.close()
+    # the operator's view: fedstack db lineage (global <- 2 semi-global <- 4 local)
+    capsys.readouterr()
+    assert cli_main(["db", "lineage", "--db", db, "--blob-dir", str(blobs), "--json"]) == 0
+    tree = json.loads(capsys.readouterr().out)
+    assert tree["kind"] == "cluster" and tree["round"] == 1
+    semis = [p for p in tree["parents"] if p["relation"] == "input"]
+    assert sorted(p["aggregator"] for p in semis) == ["a", "b"]
+    assert {p["kind"] for p in semis} == {"semi-global"}
+    leaves = [q for p in semis for q in p["parents"] if q["relation"] == "input"]
+    assert len(leaves) == 4 and {q["kind"] for q in leaves} == {"local"}
+    assert sorted(q["agent"] for q in leaves) == ["a1", "a2", "b1", "b2"]
 
 
-def test_two_clusters_sqlite(tmp_path: Path) -> None:
-    two_clusters_one_round(str(tmp_path / "fed.db"), tmp_path / "blobs")
+def test_two_clusters_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    two_clusters_one_round(str(tmp_path / "fed.db"), tmp_path / "blobs", capsys)
 
 
-def test_two_clusters_postgresql(pg_url: str, postgres: PostgresServer, tmp_path: Path) -> None:
-    two_clusters_one_round(pg_url, tmp_path / "blobs")
+def test_two_clusters_postgresql(
+    pg_url: str, postgres: PostgresServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    two_clusters_one_round(pg_url, tmp_path / "blobs", capsys)
 
 
 def test_member_without_agents_follows(tmp_path: Path) -> None:
@@ -374,5 +391,32 @@ def test_upload_held_by_a_killed_member_is_claimed_once(tmp_path: Path) -> None:
             inputs = [q["id"] for q in store.parents(semi["id"]) if q["relation"] == "input"]
             assert copies[0]["id"] in inputs and len(inputs) == 2
             assert semi["num_samples"] == 20
+        finally:
+            store.close()
+
+
+def test_members_started_at_once_agree_on_the_first_model(tmp_path: Path) -> None:
+    """Both members get an initial model at the same moment: one records global model 0,
+    the other adopts it (the run's version guard), and both serve the same model."""
+    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    with members(member_config(db, blobs, "a"), member_config(db, blobs, "b")) as (a, b):
+        made = [Agent(a.url, name="a1"), Agent(b.url, name="b1")]
+        for x, v in zip(made, (1.0, 2.0), strict=True):
+            x.send_initial_model(model(v))
+        starters = [threading.Thread(target=x.start, kwargs={"timeout": 30}) for x in made]
+        try:
+            for t in starters:
+                t.start()
+            for t in starters:
+                t.join(40)
+            got = [x.wait_for_global_model(20)["w"][0] for x in made]
+            assert got[0] == got[1] and got[0] in (1.0, 2.0)
+            assert a.global_model_id == b.global_model_id
+        finally:
+            for x in made:
+                x.close(timeout=5)
+        store = Store(db, str(blobs))
+        try:
+            assert [m["round"] for m in store.models(a.run_id, "cluster")] == [0]
         finally:
             store.close()
