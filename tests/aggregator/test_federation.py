@@ -448,3 +448,43 @@ def test_sync_rounds_wait_for_every_member_with_agents(tmp_path: Path) -> None:
             assert {r["num_samples"] for r in rounds} == {4}
         finally:
             store.close()
+
+
+def test_restarted_member_waits_for_the_synthesis_of_its_delivered_round(tmp_path: Path) -> None:
+    """b delivered round 1 and stopped before its synthesis; restarted, it does not start
+    a new round but waits for round 1's global model, which it then serves."""
+    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    cfg_b = member_config(db, blobs, "b", port=free_port(), rounds=2)
+    with aggregator_thread(member_config(db, blobs, "a", rounds=2)) as a:
+        with contextlib.ExitStack() as b_life:
+            b = b_life.enter_context(aggregator_thread(cfg_b))
+            specs = [("a1", a.url), ("a2", a.url), ("b1", b.url), ("b2", b.url)]
+            with agents(specs, first="a1") as ag:
+                wait_heartbeats(db, a.run_id, blobs, {"a": 2, "b": 2})
+                for x in ag.values():
+                    x.wait_for_global_model(20)
+                for n in ("b1", "b2"):
+                    assert ag[n].send_trained_model(model(10.0), 15)
+
+                def delivered() -> bool:
+                    store = Store(db, str(blobs))
+                    try:
+                        return bool(store.models(a.run_id, "semi-global"))
+                    finally:
+                        store.close()
+
+                wait_until(delivered, what="b's semi-global model")
+                b_life.close()  # b stops while it waits for a's semi-global model
+                with aggregator_thread(cfg_b) as b2:
+                    assert b2.state.version == 0 and b2.rounds_completed == 0
+                    wait_heartbeats(db, a.run_id, blobs, {"a": 2, "b": 2})
+                    for n in ("a1", "a2"):
+                        assert ag[n].send_trained_model(model(0.0), 5)
+                    for x in ag.values():
+                        np.testing.assert_array_equal(x.wait_for_global_model(30)["w"], [7.5])
+                    assert b2.state.version == 1 and b2.rounds_completed == 1
+                    semis = Store(db, str(blobs))
+                    try:
+                        assert len(semis.models(a.run_id, "semi-global")) == 2
+                    finally:
+                        semis.close()
