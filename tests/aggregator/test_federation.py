@@ -25,7 +25,7 @@ import pytest
 from fedstack import Agent, AggregatorConfig, Store
 from fedstack.aggregator.service import Aggregator
 from fedstack.cli.main import main as cli_main
-from fedstack.errors import ConfigError
+from fedstack.errors import ConfigError, StoreError
 from fedstack.testing import aggregator_thread
 from fedstack.testing.postgres import PostgresServer
 
@@ -488,3 +488,41 @@ def test_restarted_member_waits_for_the_synthesis_of_its_delivered_round(tmp_pat
                         assert len(semis.models(a.run_id, "semi-global")) == 2
                     finally:
                         semis.close()
+
+
+def test_member_rechecks_its_uploads_after_a_heartbeat_gap(tmp_path: Path) -> None:
+    """While a member cannot heartbeat (its database calls fail) others may take it for
+    dead and claim an upload it counted; once it heartbeats again it rebuilds its round
+    from the uploads it still holds, so nothing is counted twice."""
+    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    with members(member_config(db, blobs, "a")) as (a,):
+        with agents([("a1", a.url), ("a2", a.url)], first="a1") as ag:
+            for x in ag.values():
+                x.wait_for_global_model(20)
+            assert ag["a1"].send_trained_model(model(1.0), 1)
+            ag["a1"].flush(20)
+            assert set(a.state.contributors) == {ag["a1"].agent_id}
+            assert a.store is not None
+            real = a.store.heartbeat
+            broken = threading.Event()
+            broken.set()
+
+            def heartbeat(*args: Any, **kwargs: Any) -> Any:
+                if broken.is_set():
+                    raise StoreError("database unavailable (test)")
+                return real(*args, **kwargs)
+
+            a.store.heartbeat = heartbeat  # type: ignore[method-assign]
+            other = Store(db, str(blobs))
+            try:
+                wait_until(lambda: not live_members(db, a.run_id, blobs)["a"][0], what="a dead")
+                c = other.join_federation(a.run_id, name="c", url="ws://c:1", liveness=LIVENESS)
+                claimed = other.claim_uploads(
+                    a.run_id, c.id, [ag["a1"].agent_id], round=1, liveness=LIVENESS
+                )
+                assert len(claimed) == 1
+                broken.clear()
+                wait_until(lambda: not a.state.contributors, what="a's round rebuilt")
+                assert live_members(db, a.run_id, blobs)["a"][0]
+            finally:
+                other.close()
