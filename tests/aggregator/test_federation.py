@@ -517,8 +517,10 @@ def test_member_rechecks_its_uploads_after_a_heartbeat_gap(tmp_path: Path) -> No
             try:
                 wait_until(lambda: not live_members(db, a.run_id, blobs)["a"][0], what="a dead")
                 c = other.join_federation(a.run_id, name="c", url="ws://c:1", liveness=LIVENESS)
+                agent_id = ag["a1"].agent_id
+                assert agent_id is not None
                 claimed = other.claim_uploads(
-                    a.run_id, c.id, [ag["a1"].agent_id], round=1, liveness=LIVENESS
+                    a.run_id, c.id, [agent_id], round=1, liveness=LIVENESS
                 )
                 assert len(claimed) == 1
                 broken.clear()
