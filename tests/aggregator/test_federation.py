@@ -142,6 +142,7 @@ def two_clusters_one_round(db: str, blobs: Path, capsys: pytest.CaptureFixture[s
                 np.testing.assert_array_equal(got, [7.5])
             assert {x.version for x in ag.values()} == {1}
             assert set(a.membership.peers if a.membership else []) == {b.url}
+            assert (a.statistics().name, a.statistics().peers) == ("a", (b.url,))
         run_id = a.run_id
     store = Store(db, str(blobs))
     try:

@@ -347,6 +347,14 @@ class Aggregator:
         cfg, membership = self.config, self.membership
         assert membership is not None and self.store is not None
         await self._listen(self._serve_member, f"{cfg.run_name}.{cfg.name}")
+        if cfg.advertise_url is None and cfg.host in ("0.0.0.0", "::", ""):
+            log.warning(
+                "member %s listens on every interface (%s) without advertise_url: the other "
+                "members' agents are told %s, which they cannot reach; set --advertise-url",
+                cfg.name,
+                cfg.host or "*",
+                self.url,
+            )
         try:
             if not run.resumed:
                 run = await self._db(_first_run, self.store, run)
@@ -647,6 +655,8 @@ class Aggregator:
             tls=self.ssl_context is not None,
             uploads_queued=len(self.owner.upload_queue),
             agents=listed,
+            name=self.config.name,
+            peers=tuple(self.membership.peers) if self.membership is not None else (),
         )
 
     def _welcome_fields(self) -> dict[str, Any]:
