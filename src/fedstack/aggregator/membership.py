@@ -9,8 +9,10 @@ standalone aggregator has none. It
 - heartbeats every ``federation_heartbeat`` s with the number of connected agents and the
   global version (the database's clock decides liveness), keeps the other live members'
   URLs for the agents' welcomes (:attr:`Membership.peers`), and *claims* the buffered
-  uploads that dead members held for agents now connected here (posting
-  :class:`~fedstack.aggregator.events.UploadsClaimed` to the round owner);
+  uploads that dead members held for agents that recently connected here (posting
+  :class:`~fedstack.aggregator.events.UploadsClaimed` to the round owner); after a
+  heartbeat gap longer than ``liveness_timeout`` it has the owner re-check which of its
+  counted uploads it still holds;
 - follows the run: when the run's global version moves past this member's (other members
   synthesised without it, or it has no agents), it loads that global model and posts
   :class:`~fedstack.aggregator.events.GlobalAdvanced` (or, before this member has a model
@@ -59,6 +61,9 @@ log = logging.getLogger("fedstack.aggregator")
 
 FOLLOW_INTERVAL = 0.25
 """Seconds between two looks at the run's global version."""
+CLAIM_WINDOW_LIVENESS = 4
+"""An agent's buffered uploads held by dead members are looked for during its first
+``CLAIM_WINDOW_LIVENESS x liveness_timeout`` seconds connected here."""
 MAX_PEERS = 64
 """Most peer URLs told to an agent in a welcome (the wire bounds the list too)."""
 
@@ -84,6 +89,7 @@ class Membership:
         """The other live members' advertised URLs (for ``Welcome.aggregators``)."""
         self._poke = asyncio.Event()
         self._followed = -1  # the latest version a GlobalAdvanced was posted for
+        self._arrived: dict[str, float] = {}  # agent id -> when first seen connected here
 
     # ------------------------------------------------------------------ lifecycle
     async def join(self, url: str) -> Member:
@@ -144,6 +150,7 @@ class Membership:
         """
         assert self.member is not None
         last_beat = self.agg.clock()
+        warned = False
         while True:
             self._poke.clear()
             try:
@@ -156,12 +163,16 @@ class Membership:
                 )
                 return
             except StoreError as exc:  # the database is unavailable: keep trying, quietly
-                if self.agg.clock() - last_beat > self.cfg.liveness_timeout:
+                if not warned and self.agg.clock() - last_beat > self.cfg.liveness_timeout:
+                    warned = True
                     log.warning(
-                        "federation heartbeat failing for %.1f s: %s",
+                        "no federation heartbeat for %.1f s (the other members now take this "
+                        "one for dead): %s",
                         self.agg.clock() - last_beat,
                         exc,
                     )
+            else:
+                warned = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), self.cfg.federation_heartbeat)
 
@@ -191,12 +202,13 @@ class Membership:
             )
             current = Adopted(state.version, self.agg.global_model_id, weights, {}, {})
             await self.agg._post(GlobalAdvanced(current, recheck=True))
-        if state.initialized and not state.finished and self.agg.sessions:
+        recent = self._recent_agents()
+        if state.initialized and not state.finished and recent:
             claimed = await self.agg._db(
                 store.claim_uploads,
                 self.agg.run_id,
                 me,
-                list(self.agg.sessions),
+                recent,
                 round=state.round,
                 liveness=self.cfg.liveness_timeout,
             )
@@ -207,6 +219,16 @@ class Membership:
                     len(claimed),
                 )
                 await self.agg._post(UploadsClaimed(list(claimed)))
+
+    def _recent_agents(self) -> list[str]:
+        """The connected agents that arrived within the claim window: only an agent that
+        moved here can have uploads held by a member that died, and that member is seen
+        dead at most ``liveness_timeout`` after the agent left it."""
+        now = self.agg.clock()
+        window = CLAIM_WINDOW_LIVENESS * self.cfg.liveness_timeout
+        arrived = {a: self._arrived.get(a, now) for a in self.agg.sessions}
+        self._arrived = arrived
+        return [a for a, t in arrived.items() if now - t <= window]
 
     async def run_follow(self) -> None:
         """Watch the run's global version; post what this member must adopt. Forever.
