@@ -345,7 +345,18 @@ class Aggregator:
         cfg, membership = self.config, self.membership
         assert membership is not None and self.store is not None
         await self._listen(self._serve_member, f"{cfg.run_name}.{cfg.name}")
+        if cfg.advertise_url is None and cfg.host in ("0.0.0.0", "::", ""):
+            log.warning(
+                "member %s listens on every interface (%s) without advertise_url: the other "
+                "members' agents are told %s, which they cannot reach; set --advertise-url",
+                cfg.name,
+                cfg.host or "*",
+                self.url,
+            )
         try:
+            if not run.resumed:
+                run = await self._db(_first_run, self.store, run)
+                self.run_id = run.id
             member = await membership.join(cfg.advertise_url or self.url)
             self.aggregator_id = member.id
             current = await self._db(self.store.get_run, self.run_id)
@@ -654,6 +665,8 @@ class Aggregator:
             tls=self.ssl_context is not None,
             uploads_queued=len(self.owner.upload_queue),
             agents=listed,
+            name=self.config.name,
+            peers=tuple(self.membership.peers) if self.membership is not None else (),
         )
 
     def _welcome_fields(self) -> dict[str, Any]:
@@ -701,6 +714,18 @@ class Aggregator:
 
         with contextlib.suppress(ScopeClosed):
             self._scope.spawn(refuse(), name="refuse")
+
+
+def _first_run(store: Store, mine: RunInfo) -> RunInfo:
+    """Members started at the same moment may each have created a run of that name: all
+    take the oldest running one (the same for everyone); an unused one of ours is closed."""
+    running = [r for r in store.list_runs() if r["name"] == mine.name and r["status"] == "running"]
+    first = min(running, key=lambda r: (r["created"], r["id"]), default=None)
+    if first is None or first["id"] == mine.id:
+        return mine
+    store.finish_run(mine.id)
+    log.info("run %r was created by another member at the same time: joining it", mine.name)
+    return store.get_run(first["id"])
 
 
 def _public_config(cfg: AggregatorConfig) -> dict[str, Any]:
