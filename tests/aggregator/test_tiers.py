@@ -442,11 +442,19 @@ def test_edge_below_a_member_of_a_horizontal_federation(tmp_path: Path, stack: E
     a = start_agg(stack, config(up_db, name="A", min_agents=2, **fed))
     b = start_agg(stack, config(up_db, name="B", min_agents=1, **fed))
     a_url, b_url = (f"ws://127.0.0.1:{m.port}" for m in (a, b))
-    # the members' rounds take longer than a federation heartbeat: each member's stored
-    # version is current when the other one delivers (sync synthesis waits for it)
-    direct_a = ConstAgent(a_url, "a", 1.0, 10, delay=0.5).start()
+    direct_a = ConstAgent(a_url, "a", 1.0, 10).start()
     wait_for(lambda: a.state.version == 0 and b.state.version == 0, 20, "the upper run")
-    direct_b = ConstAgent(b_url, "b", 2.0, 20, delay=0.5).start()
+
+    def a_has_agents() -> bool:  # A's member row says so (B's synthesis waits for A then)
+        store = read_store(up_db)
+        try:
+            view = store.federation_view(a.run_id, 1, liveness=2.0)
+        finally:
+            store.close()
+        return any(m.name == "A" and m.active_agents > 0 for m in view.members)
+
+    wait_for(a_has_agents, 20, "member A's heartbeat with its agent")
+    direct_b = ConstAgent(b_url, "b", 2.0, 20).start()
     edge = start_agg(
         stack,
         config(
