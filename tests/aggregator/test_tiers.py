@@ -481,6 +481,14 @@ def test_upper_of_another_model_structure_is_never_adopted(
     the run), and comes up with a model of another shape: the edge's upload is refused
     there, nothing of the upper is adopted, the edge leaves the upper aggregator (which
     goes on with its other agent) and its cluster trains on its own."""
+    # the upper's run exists with its model before it listens on the edge's upstream port
+    # (else the edge's link could start it with the edge's model)
+    upper_cfg = config(tmp_path / "upper.db", min_agents=1, rounds=50)
+    with aggregator_thread(upper_cfg) as seed:
+        first = Agent(f"ws://127.0.0.1:{seed.port}", "d", max_backoff=0.5)
+        first.send_initial_model({"w": np.zeros(3)}, 10)
+        first.start(timeout=20)
+        first.close()
     port = free_port()
     edge = start_agg(
         stack,
@@ -495,7 +503,8 @@ def test_upper_of_another_model_structure_is_never_adopted(
     )
     assert edge.state.version == -1  # the upper aggregator was unreachable: no wait
     leaf = ConstAgent(f"ws://127.0.0.1:{edge.port}", "e1", 3.0, 30, delay=0.3).start()
-    upper = start_agg(stack, config(tmp_path / "upper.db", port=port, min_agents=1, rounds=50))
+    upper = start_agg(stack, upper_cfg.replace(port=port))
+    assert upper.state.version == 0
     direct = ConstAgent(f"ws://127.0.0.1:{port}", "d", 1.0, 10, shape=(3,), delay=0.1).start()
     leaf.join(40)
     finish(edge)
