@@ -26,7 +26,7 @@ import pytest
 from fedstack import Agent, AggregatorConfig, FederationFinished, Store
 from fedstack.aggregator import Aggregator
 from fedstack.aggregator.upstream import UPSTREAM_TOKEN_ENV
-from fedstack.errors import RegistrationRefused
+from fedstack.errors import ConfigError, RegistrationRefused
 from fedstack.security import make_test_pki
 from fedstack.testing import AggregatorProcess, aggregator_thread, free_port
 
@@ -528,3 +528,15 @@ def test_upper_of_another_model_structure_is_never_adopted(
         store.close()
     assert seen[:2] == ["joined", "left"], seen
     assert not direct.errors
+
+
+def test_upstream_settings_are_checked(tmp_path: Path) -> None:
+    """An unreadable upstream_ca is a ConfigError at construction, before anything runs."""
+    cfg = config(
+        tmp_path / "edge.db",
+        name="edge1",
+        upstream="wss://localhost:1",
+        upstream_ca=str(tmp_path / "missing-ca.pem"),
+    )
+    with pytest.raises(ConfigError, match="upstream_ca"):
+        Aggregator(cfg)

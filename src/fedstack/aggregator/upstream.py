@@ -64,7 +64,7 @@ import numpy as np
 from fedstack.aggregator.events import FederationStarted
 from fedstack.aggregator.federation import Adopted, ClusterRound
 from fedstack.aggregator.uplink import MAX_BACKOFF, UpperGlobal, UpstreamLink
-from fedstack.errors import ConfigError, FedstackError, StoreConflict, StoreError
+from fedstack.errors import ConfigError, FedstackError, StoreConflict, StoreError, TLSError
 from fedstack.types import Metrics, Weights
 from fedstack.wire.tensors import structure as structure_of
 
@@ -106,7 +106,8 @@ class UpstreamSynthesis:
             :data:`UPSTREAM_TOKEN_ENV`).
 
     Raises:
-        ConfigError: ``name`` is not set, or is not a valid agent name.
+        ConfigError: ``name`` is not set or is not a valid agent name, or ``upstream_ca``
+            cannot be read.
     """
 
     def __init__(self, agg: Aggregator, *, token: str | None = None) -> None:
@@ -134,6 +135,8 @@ class UpstreamSynthesis:
             )
         except ValueError as exc:
             raise ConfigError(f"aggregator config: name {cfg.name!r}: {exc}") from None
+        except TLSError as exc:
+            raise ConfigError(f"aggregator config: upstream_ca: {exc}") from None
         self.base_version = -1
         """The upper version this aggregator's current global model came from (-1: none)."""
         self._progress: _Progress | None = None
