@@ -121,7 +121,7 @@ class AgentConnection:
                     "%s: connection to %s lost (%s); %s",
                     core.name,
                     safe_url(url),
-                    exc or type(exc).__name__,
+                    str(exc) or type(exc).__name__,
                     "trying the next aggregator" if more else f"retrying in {backoff:.2f} s",
                 )
             except Exception as exc:
