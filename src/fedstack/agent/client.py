@@ -26,6 +26,11 @@ agents on one loop) uses the same agent without a thread: ``await agent.start_as
 blocks without a ``state_dir``) and ``await agent.close_async()``. The book's state
 machine (``waiting_gm -> training -> sending -> gm_ready``) is kept, driven by events
 instead of a state file polled every 5 s.
+
+Several aggregators (members of one federation, book rows 34-37): ``Agent(["ws://a:8765",
+"ws://b:8765"], name=...)`` connects to the first and fails over to the others (and to
+those the welcomes name, :attr:`Agent.aggregators`) when its aggregator dies or stops
+answering; :meth:`Agent.move_to` moves on purpose. The pending upload follows either way.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ version, the pending upload and THE stale-upload rule): the book's client state
 (:class:`ClientState`), the global model waiting for the trainer, uploads being queued
 (and persisted through :mod:`fedstack.agent.state` before they are sent), the reactions
 to the welcome and to every later event, and the waiters woken at each change. Its I/O
-half, the connection loop (registration, reconnection with backoff, heartbeats, polling,
-TLS diagnosis), is :class:`fedstack.agent.connection.AgentConnection`.
+half, the connection loop (registration, reconnection with backoff and failover between
+the known aggregators, heartbeats, polling, TLS diagnosis), is
+:class:`fedstack.agent.connection.AgentConnection`. The aggregator URLs it knows (given,
+learned from welcomes) are a :class:`fedstack.agent.urls.KnownAggregators`.
 
 Every method and attribute belongs to the core's event loop: call them from that loop only
 (:class:`fedstack.agent.client.Agent` is the facade that calls in from other threads).
