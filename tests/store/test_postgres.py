@@ -1,17 +1,11 @@
 """The store on PostgreSQL: the Alembic revisions build the schema, models round-trip,
 errors are StoreError, and inspection is read-only. Needs a local PostgreSQL installation
-(``initdb``/``pg_ctl``) and psycopg; skipped otherwise. The server is a throwaway cluster
-on 127.0.0.1, stopped at the end."""
+(``initdb``/``pg_ctl``) and psycopg; skipped otherwise. The server is the session's
+throwaway cluster on 127.0.0.1 (``postgres`` fixture, tests/conftest.py), a fresh database
+per test (``pg_url``)."""
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import subprocess
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,69 +14,8 @@ import pytest
 from fedstack.errors import StoreConflict, StoreError
 from fedstack.store import Store, migrations
 from fedstack.store import schema as s
-from fedstack.testing import free_port
 
 pytest.importorskip("psycopg")
-
-
-def _bindir() -> Path | None:
-    found = shutil.which("pg_ctl")
-    candidates = [str(Path(found).resolve().parent)] if found else []
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-    for c in candidates:
-        if (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
-            return Path(c)
-    return None
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    bindir = _bindir()
-    if bindir is None:
-        pytest.skip("no PostgreSQL installation")
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses root: run the cluster as the postgres user
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    # not under pytest's tmp_path: its parents are private to this user
-    root = Path(tempfile.mkdtemp(prefix="fedstack-pg-"))
-    try:
-        if prefix:
-            shutil.chown(root, "postgres")
-        yield from _cluster(bindir, root, prefix)
-    finally:
-        for _ in range(20):  # the server's last processes may still be exiting
-            shutil.rmtree(root, ignore_errors=True)
-            if not root.exists():
-                break
-            time.sleep(0.1)
-
-
-def _cluster(bindir: Path, root: Path, prefix: list[str]) -> Iterator[str]:
-    def run(*args: str) -> int:
-        return subprocess.run([*prefix, *args], capture_output=True, timeout=120).returncode
-
-    data, port = root / "data", free_port()
-    if run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "fed"):
-        pytest.skip("initdb failed")
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
-    if run(
-        str(bindir / "pg_ctl"),
-        "-D",
-        str(data),
-        "-l",
-        str(root / "log"),
-        "-w",
-        "-o",
-        options,
-        "start",
-    ):
-        pytest.skip("PostgreSQL did not start")
-    try:
-        yield f"postgresql+psycopg://fed@127.0.0.1:{port}/postgres"
-    finally:
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
 
 
 def test_store_on_postgresql(pg_url: str, tmp_path: Path) -> None:
