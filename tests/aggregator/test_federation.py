@@ -545,3 +545,27 @@ def test_member_rechecks_its_uploads_after_a_heartbeat_gap(tmp_path: Path) -> No
                 assert live_members(db, a.run_id, blobs)["a"][0]
             finally:
                 other.close()
+
+
+def test_fedasync_runs_per_cluster_with_async_synthesis(tmp_path: Path) -> None:
+    """A trigger strategy in a federation (async synthesis): every accepted update makes a
+    cluster round; each member's step is synthesised with the others' latest."""
+    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    kw: dict[str, Any] = dict(
+        rounds=2, synthesis="async", strategy="fedasync", strategy_params={"alpha": 0.5}
+    )
+    with members(member_config(db, blobs, "a", **kw), member_config(db, blobs, "b", **kw)) as (
+        a,
+        b,
+    ):
+        with agents([("a1", a.url), ("b1", b.url)], first="a1") as ag:
+            a1, b1 = ag["a1"], ag["b1"]
+            a1.wait_for_global_model(20)
+            b1.wait_for_global_model(20)
+            assert a1.send_trained_model(model(4.0), 1)
+            np.testing.assert_array_equal(a1.wait_for_global_model(20)["w"], [2.0])  # a alone
+            np.testing.assert_array_equal(b1.wait_for_global_model(20)["w"], [2.0])  # followed
+            assert b1.send_trained_model(model(8.0), 1)
+            # b's step from 2: 5; synthesis with a's latest (round 1, within the bound): 3.5
+            np.testing.assert_array_equal(b1.wait_for_global_model(20)["w"], [3.5])
+            np.testing.assert_array_equal(a1.wait_for_global_model(20)["w"], [3.5])
