@@ -32,7 +32,7 @@ from fedstack.testing.postgres import PostgresServer
 pytestmark = pytest.mark.timeout(120)
 
 HEARTBEAT = 0.1
-LIVENESS = 1.0
+LIVENESS = 2.0  # 20 heartbeats: room for a loaded machine
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -256,10 +256,11 @@ def test_async_synthesis_staleness_bound(
 
 def test_duplicate_live_name_is_refused(tmp_path: Path) -> None:
     db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
-    with members(member_config(db, blobs, "a")):
+    slow = dict(liveness_timeout=30.0)  # never taken for dead, however loaded the host
+    with members(member_config(db, blobs, "a", **slow)):
         with (
             pytest.raises(ConfigError, match="already live"),
-            aggregator_thread(member_config(db, blobs, "a")),
+            aggregator_thread(member_config(db, blobs, "a", **slow)),
         ):
             pass  # pragma: no cover - the start fails
 
