@@ -932,3 +932,106 @@ def test_a_federation_member_killed_its_agents_fail_over_to_the_other(
     for name, v in reference.items():
         np.testing.assert_allclose(final[name], v, rtol=0, atol=1e-5)
     assert f"failing over from {a.url!r} to {b.url!r}" in caplog.text
+
+
+def _lockstep(db: Path, version: int) -> None:
+    """Return once every live member's row shows ``version`` (rows are updated at each
+    member's heartbeat; sync synthesis waits only for live members whose row shows the
+    previous version, so agents that train only then make every round from all)."""
+    wait_for(
+        lambda: all(v >= version for live, v in _members(db, True).values() if live),
+        20,
+        f"live members at version {version}",
+    )
+
+
+@pytest.mark.skipif(
+    not faultlib.aggregator_supports("--name"), reason="no federation (aggregator --name)"
+)
+def test_an_agent_moves_between_federation_members_mid_run(tmp_path: Path) -> None:
+    """Book row 37: agent 0 trains on member a, moves to member b mid-run (bye to a,
+    welcome from b) and continues with the synthesised global model; agent 1 stays on a,
+    agent 2 on b. Every round's global model is synthesised from both members and the
+    run ends with the fault-free result of three agents."""
+    rounds, k = 4, 2
+    db = tmp_path / "fed.db"
+
+    def member(name: str) -> Any:
+        return faultlib.aggregator_config(
+            db,
+            rounds,
+            min_agents=1,
+            finish_grace=1.0,
+            run_name="fed",
+            name=name,
+            federation_heartbeat=FED_HEARTBEAT,
+            liveness_timeout=FED_LIVENESS,
+            synthesis_timeout=10.0,
+        )
+
+    moved = threading.Event()
+
+    def gate(ag: LoopAgent, version: int) -> None:
+        _lockstep(db, version)
+        if version == k:  # round k+1: agent 0 trains for b, which waits for it
+            assert moved.wait(30)
+
+    with aggregator_thread(member("a")) as a, aggregator_thread(member("b")) as b:
+        wait_for(lambda: _members(db) == {"a": (True, 0), "b": (True, 0)}, 10, "members live")
+        x = Agent(a.url, name="agent-0", max_backoff=0.3, connect_timeout=2.0)
+        x.send_initial_model(faultlib.initial_model())
+        x.start(timeout=20)
+        others = [
+            loop_agent([a.url], 1, before_send=gate),
+            loop_agent([b.url], 2, before_send=gate),
+        ]
+        for ag in others:
+            ag.start()
+        wait_for(lambda: _members(db) == {"a": (True, 2), "b": (True, 1)}, 20, "agents in")
+        report: dict[str, Any] = {"versions": []}
+        while True:
+            try:
+                gm = x.wait_for_global_model(30)
+            except FederationFinished:
+                break
+            version = x.version
+            report["versions"].append(version)
+            report["final"] = {n: v.tolist() for n, v in gm.items()}
+            _lockstep(db, version)
+            if version == k:
+                x.move_to(b.url, timeout=20)
+                assert x.url == b.url and x.aggregator_id == b.aggregator_id
+                assert x.aggregators == [a.url, b.url]
+                wait_for(lambda: len(a.sessions) == 1, 5, "agent 0 left a")
+                assert x.run_id == a.run_id and x.version == k
+                wait_for(lambda: _members(db)["b"] == (True, 2), 5, "b's heartbeat")
+                moved.set()
+            x.send_trained_model(faultlib.train(gm, 0), faultlib.samples(0))
+        x.close()
+        for ag in others:
+            ag.join(30)
+        report["acked"] = [[u.upload_id, u.status] for u in x.acknowledged]
+    assert report["versions"] == list(range(rounds + 1)), report["versions"]
+    store = Store(str(db))
+    try:
+        run_id = store.list_runs()[0]["id"]
+        rows = store.rounds(run_id)
+        assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+        assert [r["metrics"].get("synthesis_members") for r in rows] == ["a,b"] * rounds
+        local = {m["upload_id"]: m for m in store.models(run_id, "local")}
+        for rep in (report, *(ag.report for ag in others)):
+            for upload_id, _ in rep["acked"]:
+                assert upload_id in local
+        # agent 0's uploads: rounds 1..k held by a, the later ones by b
+        x_rounds = sorted(
+            (m["round"], m["cluster"])
+            for m in local.values()
+            if m["producer"] == x.agent_id and m["status"] == "aggregated"
+        )
+        assert [r for r, _ in x_rounds] == list(range(1, rounds + 1)), x_rounds
+        assert [c for _, c in x_rounds] == [a.aggregator_id] * k + [b.aggregator_id] * (rounds - k)
+        final = store.load_weights(rows[-1]["model_id"])
+    finally:
+        store.close()
+    for n, v in faultlib.simulate(rounds, 3).items():
+        np.testing.assert_allclose(final[n], v, rtol=0, atol=1e-5)
