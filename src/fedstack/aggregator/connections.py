@@ -139,18 +139,21 @@ class AgentConnections:
             log.warning("%s went silent; closing its connection", who)
         except ConnectionClosed:
             pass
-        except Exception:  # a bug or a store failure: keep serving everyone else
-            # The details (paths, SQL, exception text) go to the log only; the agent gets
-            # a generic message with the incident id the operator can look up.
-            incident = uuid.uuid4().hex[:12]
-            log.exception(
-                "internal error (incident %s) while serving %s",
-                incident,
-                session.name if session else conn.remote_address,
-            )
-            await self.agg.registry.refuse(
-                conn, "internal-error", internal_error_message(incident), session
-            )
+        except Exception as exc:  # a bug or a store failure: keep serving everyone else
+            who = session.name if session else conn.remote_address
+            if type(exc) is StoreError:  # the database is away (not damaged data, no bug):
+                # nothing was acknowledged; the agent reconnects and sends it again
+                log.error("the store is unavailable while serving %s: %s", who, exc)
+                message = "the aggregator's store is unavailable; retry later"
+                await self.agg.registry.refuse(conn, "unavailable", message, session)
+            else:
+                # The details (paths, SQL, exception text) go to the log only; the agent
+                # gets a generic message with the incident id the operator can look up.
+                incident = uuid.uuid4().hex[:12]
+                log.exception("internal error (incident %s) while serving %s", incident, who)
+                await self.agg.registry.refuse(
+                    conn, "internal-error", internal_error_message(incident), session
+                )
         finally:
             try:
                 if session is not None:
