@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,17 +37,19 @@ from typing import Any
 import numpy as np
 import pytest
 from faultlib import (
+    ThreadAgent,
+    agent_loop,
     aggregator_args,
+    initial_model,
     join_all,
-    start_thread_agent,
     wait_for,
 )
 
-from fedstack import Store
+from fedstack import Agent, Store
 from fedstack.testing import AggregatorProcess, free_port
 
 TRIALS = 10
-ROUNDS = 6
+ROUNDS = 10
 MEMBERS = ("a1", "a2", "a3")
 PER_MEMBER = 2
 N_AGENTS = len(MEMBERS) * PER_MEMBER
@@ -56,7 +60,7 @@ ULP_TOLERANCE = 2e-6  # float32 rounding of semi-global models, accumulated over
 def _member_args(db: Path, name: str, port: int) -> list[str]:
     args = aggregator_args(db, ROUNDS)
     i = args.index("--min-agents")
-    args[i + 1] = "1"  # a member's cluster changes size when agents fail over
+    args[i + 1] = str(PER_MEMBER)  # each member starts its first round with its agents
     return [
         *args,
         "--name",
@@ -86,9 +90,7 @@ class Federation:
             port = free_port()
             d = tmp / name
             d.mkdir()
-            self.members[name] = AggregatorProcess(
-                d, *_member_args(self.db, name, port), port=port
-            )
+            self.members[name] = AggregatorProcess(d, *_member_args(self.db, name, port), port=port)
 
     def start(self) -> None:
         for m in self.members.values():
@@ -103,18 +105,35 @@ class Federation:
             m.close()
 
 
-def _start_agents(fed: Federation, rng: random.Random) -> list[Any]:
+def _start_agents(fed: Federation, rng: random.Random) -> list[ThreadAgent]:
+    """Thread agents of :mod:`faultlib`'s deterministic task, two per member, each given
+    every member's URL (its home first). None trains before all are welcomed (and the
+    members' heartbeats show them): the first round is every cluster's."""
+    gate = threading.Barrier(N_AGENTS + 1)
     agents = []
     for i in range(N_AGENTS):
         home = MEMBERS[i // PER_MEMBER]
-        agents.append(
-            start_thread_agent(
-                fed.urls(home),  # type: ignore[arg-type]
-                f"agent-{i}",
-                i,
-                delay=rng.uniform(0.01, 0.06),
-            )
-        )
+        agent = Agent(fed.urls(home), name=f"agent-{i}", max_backoff=0.3, connect_timeout=3.0)
+        agent.send_initial_model(initial_model())
+        ta = ThreadAgent(f"agent-{i}", i, agent, threading.Thread())
+
+        def run(ta: ThreadAgent = ta, delay: float = rng.uniform(0.05, 0.12)) -> None:
+            try:
+                ta.agent.start(timeout=60)
+                gate.wait(60)  # all welcomed
+                gate.wait(60)  # ... and the members' heartbeats show them
+                agent_loop(ta.agent, ta.seed, ta.report, delay=delay, timeout=90)
+            except BaseException as exc:  # reported to the test
+                ta.error.append(exc)
+            finally:
+                ta.agent.close(timeout=5)
+
+        ta.thread = threading.Thread(target=run, daemon=True, name=f"agent-{i}")
+        ta.thread.start()
+        agents.append(ta)
+    gate.wait(60)
+    time.sleep(0.5)
+    gate.wait(60)
     return agents
 
 
@@ -128,13 +147,21 @@ def _progress(db: Path, victim: str) -> tuple[int, int]:
         if run is None:
             return 0, 0
         version = max(store.get_run(run).version, 0)
-        ids = {m["id"]: m["name"] for m in store.list_members(run)}
+        ids = {m.id: m.name for m in store.members(run, liveness=60.0)}
         held = sum(
             1
             for m in store.models(run, "local")
             if m["status"] == "buffered" and ids.get(m.get("cluster") or "") == victim
         )
         return version, held
+    finally:
+        store.close()
+
+
+def _finished(db: Path) -> bool:
+    store = Store(str(db))
+    try:
+        return any(r["status"] == "finished" for r in store.list_runs())
     finally:
         store.close()
 
@@ -148,7 +175,7 @@ def run_federation(tmp: Path, rng: random.Random, kill: bool) -> dict[str, Any]:
     try:
         if kill:
             victim = rng.choice(MEMBERS)
-            k = rng.randrange(1, ROUNDS - 2)
+            k = rng.randrange(1, ROUNDS // 2)
             kind = rng.choice(["mid-round", "in-flight"])
 
             def reached() -> bool:
@@ -163,8 +190,12 @@ def run_federation(tmp: Path, rng: random.Random, kill: bool) -> dict[str, Any]:
             proc.kill(signal.SIGKILL)
             version, held = _progress(fed.db, victim)
             event = {"victim": victim, "kind": kind, "version": version, "held": held}
-            time.sleep(rng.uniform(0.5, 2.5))
-            proc.start()  # rejoins under the same name
+            time.sleep(rng.uniform(0.1, 0.6))  # within its liveness: it waits to rejoin
+            if _finished(fed.db):
+                event["restart"] = "after the run finished"
+            else:
+                proc.start()  # rejoins under the same name, with the same member id
+                event["restart"] = "rejoined"
         join_all(agents, 90)
         for name, m in fed.members.items():
             assert m.wait(60) == 0, f"{name}: {m.log_text()[-3000:]}"
@@ -173,6 +204,13 @@ def run_federation(tmp: Path, rng: random.Random, kill: bool) -> dict[str, Any]:
     summary = check_federated_run(fed.db, [a.report for a in agents])
     for name, m in fed.members.items():
         assert "Traceback" not in m.log_text(), f"{name}: {m.log_text()[-3000:]}"
+    if event.get("restart") == "rejoined":  # the same member (id) of the same run, twice
+        victim = event["victim"]
+        joins = re.findall(
+            rf"joined the federation of run (\w+) as '{victim}' \(member (\w+)",
+            fed.members[victim].log_text(),
+        )
+        assert len(joins) == 2 and joins[0] == joins[1], joins
     summary["event"] = event
     return summary
 
@@ -225,7 +263,7 @@ def check_federated_run(db: Path, reports: list[dict[str, Any]]) -> dict[str, An
                 assert upload_id in stored, f"acknowledged upload {upload_id} not in the store"
         left = [m["upload_id"] for m in local.values() if m["status"] == "buffered"]
         assert not left, f"uploads still buffered after the run: {left}"
-        members = {m["name"]: m for m in store.list_members(run_id)}
+        members = {m.name: m for m in store.members(run_id, liveness=60.0)}
         assert set(members) == set(MEMBERS), members
         final = store.load_weights(rounds[-1]["model_id"])
         return {"final": final, "acked": acked, "members": members}
