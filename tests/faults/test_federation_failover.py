@@ -49,7 +49,7 @@ from fedstack import Agent, Store
 from fedstack.testing import AggregatorProcess, free_port
 
 TRIALS = 10
-ROUNDS = 10
+ROUNDS = 8
 MEMBERS = ("a1", "a2", "a3")
 PER_MEMBER = 2
 N_AGENTS = len(MEMBERS) * PER_MEMBER
@@ -93,8 +93,22 @@ class Federation:
             self.members[name] = AggregatorProcess(d, *_member_args(self.db, name, port), port=port)
 
     def start(self) -> None:
-        for m in self.members.values():
-            m.start()
+        """Start the members at once (each start waits for its ready file)."""
+        errors: list[BaseException] = []
+
+        def start(m: AggregatorProcess) -> None:
+            try:
+                m.start()
+            except BaseException as exc:  # re-raised below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start, args=(m,)) for m in self.members.values()]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        if errors:
+            raise errors[0]
 
     def urls(self, home: str) -> list[str]:
         order = [home] + [n for n in MEMBERS if n != home]

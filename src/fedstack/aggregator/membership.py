@@ -257,6 +257,7 @@ class Membership:
                 recent,
                 round=state.round,
                 liveness=self.cfg.liveness_timeout,
+                older_only=self.barrier.applies,
             )
             if claimed:
                 log.info(

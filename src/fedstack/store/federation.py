@@ -184,6 +184,7 @@ _CLAIMABLE = (
     )
     .order_by(_M.c.created)
 )
+_CLAIMABLE_OLDER = _CLAIMABLE.where(_M.c.round < bindparam("b_round"))
 _CLAIM_FROM = (
     update(_M)
     .where(
@@ -539,12 +540,16 @@ class Federation(Members):
         *,
         round: int,
         liveness: float,
+        older_only: bool = False,
     ) -> list[UploadRecord]:
         """Take over the buffered uploads of rounds ``<= round`` of the agents
         ``agent_ids`` (now connected to this member) that no live member holds (their
         holder is not live, or none is recorded): each is relabelled to ``round`` and held
         by ``aggregator_id`` from now on. Atomic per upload: of two members claiming the
-        same upload exactly one gets it. Returns the claimed ones, oldest first."""
+        same upload exactly one gets it. Returns the claimed ones, oldest first.
+        ``older_only``: only uploads of rounds before ``round`` (with sync synthesis, a
+        dead member's uploads of the round in progress are delivered as its semi-global
+        model instead: see :mod:`fedstack.aggregator.barrier`)."""
         if not agent_ids:
             return []
         claimed: list[UploadRecord] = []
@@ -561,7 +566,7 @@ class Federation(Members):
                 row
                 for i in range(0, len(agents), 500)
                 for row in c.execute(
-                    _CLAIMABLE,
+                    _CLAIMABLE_OLDER if older_only else _CLAIMABLE,
                     {
                         "b_run": run_id,
                         "b_round": round,
