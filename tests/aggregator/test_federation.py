@@ -32,7 +32,7 @@ from fedstack.testing.postgres import PostgresServer
 pytestmark = pytest.mark.timeout(120)
 
 HEARTBEAT = 0.1
-LIVENESS = 1.0
+LIVENESS = 2.0  # 20 heartbeats: room for a loaded machine
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -118,6 +118,16 @@ def wait_heartbeats(db: str, run_id: str, blobs: Path, expected: dict[str, int])
         ),
         what=f"heartbeats {expected}",
     )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_db(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Path]:
+    """The federation's store: a SQLite file, or a fresh database on a real PostgreSQL
+    server (skipped where none can be started); and the blob directory."""
+    if request.param == "sqlite":
+        return str(tmp_path / "fed.db"), tmp_path / "blobs"
+    url: str = request.getfixturevalue("pg_url")
+    return url, tmp_path / "blobs"
 
 
 def two_clusters_one_round(db: str, blobs: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -209,10 +219,12 @@ def test_member_without_agents_follows(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bound,expected", [(1, 5.0), (0, 0.0)])
-def test_async_synthesis_staleness_bound(tmp_path: Path, bound: int, expected: float) -> None:
+def test_async_synthesis_staleness_bound(
+    shared_db: tuple[str, Path], tmp_path: Path, bound: int, expected: float
+) -> None:
     """Async: global V is synthesised from each member's latest semi-global model of a
     round >= V - staleness_bound, right after a member delivers."""
-    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    db, blobs = shared_db
     kw: dict[str, Any] = dict(rounds=3, synthesis="async", staleness_bound=bound)
     with members(member_config(db, blobs, "a", **kw), member_config(db, blobs, "b", **kw)) as (
         a,
@@ -244,18 +256,19 @@ def test_async_synthesis_staleness_bound(tmp_path: Path, bound: int, expected: f
 
 def test_duplicate_live_name_is_refused(tmp_path: Path) -> None:
     db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
-    with members(member_config(db, blobs, "a")):
+    slow = dict(liveness_timeout=30.0)  # never taken for dead, however loaded the host
+    with members(member_config(db, blobs, "a", **slow)):
         with (
             pytest.raises(ConfigError, match="already live"),
-            aggregator_thread(member_config(db, blobs, "a")),
+            aggregator_thread(member_config(db, blobs, "a", **slow)),
         ):
             pass  # pragma: no cover - the start fails
 
 
-def test_restarted_member_rejoins_and_resumes(tmp_path: Path) -> None:
+def test_restarted_member_rejoins_and_resumes(shared_db: tuple[str, Path], tmp_path: Path) -> None:
     """A member stopped and started again with the same name keeps its id, resumes its
     cluster's buffered upload, and the federation completes the next round with it."""
-    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    db, blobs = shared_db
     port = free_port()
     cfg_a = member_config(db, blobs, "a", rounds=3)
     # min_agents 2: the resumed round waits for b's agents to reconnect (else its one
@@ -353,10 +366,12 @@ def member_process(
         proc.wait(10)
 
 
-def test_upload_held_by_a_killed_member_is_claimed_once(tmp_path: Path) -> None:
+def test_upload_held_by_a_killed_member_is_claimed_once(
+    shared_db: tuple[str, Path], tmp_path: Path
+) -> None:
     """b acknowledges b1's upload and is SIGKILLed (no leave); b1 reconnects to a; once b
     is no longer live a claims the upload, counts it once, and the round completes."""
-    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    db, blobs = shared_db
     token = "token-of-agent-b1-" + "x" * 16
     with members(member_config(db, blobs, "a")) as (a,):
         with agents([("a1", a.url)], first="a1") as ag:
@@ -396,10 +411,12 @@ def test_upload_held_by_a_killed_member_is_claimed_once(tmp_path: Path) -> None:
             store.close()
 
 
-def test_members_started_at_once_agree_on_the_first_model(tmp_path: Path) -> None:
+def test_members_started_at_once_agree_on_the_first_model(
+    shared_db: tuple[str, Path], tmp_path: Path
+) -> None:
     """Both members get an initial model at the same moment: one records global model 0,
     the other adopts it (the run's version guard), and both serve the same model."""
-    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    db, blobs = shared_db
     with members(member_config(db, blobs, "a"), member_config(db, blobs, "b")) as (a, b):
         made = [Agent(a.url, name="a1"), Agent(b.url, name="b1")]
         for x, v in zip(made, (1.0, 2.0), strict=True):
@@ -529,3 +546,27 @@ def test_member_rechecks_its_uploads_after_a_heartbeat_gap(tmp_path: Path) -> No
                 assert live_members(db, a.run_id, blobs)["a"][0]
             finally:
                 other.close()
+
+
+def test_fedasync_runs_per_cluster_with_async_synthesis(tmp_path: Path) -> None:
+    """A trigger strategy in a federation (async synthesis): every accepted update makes a
+    cluster round; each member's step is synthesised with the others' latest."""
+    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    kw: dict[str, Any] = dict(
+        rounds=2, synthesis="async", strategy="fedasync", strategy_params={"alpha": 0.5}
+    )
+    with members(member_config(db, blobs, "a", **kw), member_config(db, blobs, "b", **kw)) as (
+        a,
+        b,
+    ):
+        with agents([("a1", a.url), ("b1", b.url)], first="a1") as ag:
+            a1, b1 = ag["a1"], ag["b1"]
+            a1.wait_for_global_model(20)
+            b1.wait_for_global_model(20)
+            assert a1.send_trained_model(model(4.0), 1)
+            np.testing.assert_array_equal(a1.wait_for_global_model(20)["w"], [2.0])  # a alone
+            np.testing.assert_array_equal(b1.wait_for_global_model(20)["w"], [2.0])  # followed
+            assert b1.send_trained_model(model(8.0), 1)
+            # b's step from 2: 5; synthesis with a's latest (round 1, within the bound): 3.5
+            np.testing.assert_array_equal(b1.wait_for_global_model(20)["w"], [3.5])
+            np.testing.assert_array_equal(a1.wait_for_global_model(20)["w"], [3.5])

@@ -149,6 +149,23 @@ class DeadlineFired:
     """Time passed: act on the round deadline, expired polls and retries now."""
 
 
+@dataclass(eq=False)
+class Excused:
+    """Federation: ``agents`` (connected here) contributed to ``round`` through another
+    member before they moved here (see ``RoundState.excused``)."""
+
+    round: int
+    agents: set[str]
+
+
+@dataclass(eq=False)
+class BarrierOpened:
+    """Sync synthesis: every live member's cluster is complete for ``round`` (or the
+    wait timed out): this member may deliver its semi-global model of ``round``."""
+
+    round: int
+
+
 Event = (
     DeadlineFired
     | AgentJoined
@@ -162,4 +179,6 @@ Event = (
     | Followed
     | UploadsClaimed
     | ClaimsAbsorbed
+    | Excused
+    | BarrierOpened
 )

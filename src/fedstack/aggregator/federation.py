@@ -172,6 +172,8 @@ class SharedStoreSynthesis:
 
     # ------------------------------------------------------------------ sync
     async def _sync(self, round: int, extra: Weights, deadline: float) -> Adopted:
+        from fedstack.aggregator.barrier import deliver_orphans, has_dead_undelivered
+
         store = self.agg.store
         assert store is not None
         pause = POLL_FIRST
@@ -203,6 +205,19 @@ class SharedStoreSynthesis:
                 and (m.version == round - 1 or latest.get(m.id, -1) == round - 1)
             ]
             timed_out = self.agg.clock() >= deadline
+            mine = any(sg.aggregator_id == self.agg.aggregator_id for sg in delivered)
+            if timed_out and not mine:  # (a conflict taken for a delivery): publish again
+                raise StoreError(f"the semi-global model of round {round} is not in the store")
+            if (
+                not timed_out
+                and has_dead_undelivered(view, round)
+                and await deliver_orphans(self.agg, round)
+            ):
+                # a dead member held acknowledged uploads of this round: delivered here
+                # or by another survivor (or being delivered): look again before
+                # synthesising, so they are part of this round's global model
+                await asyncio.sleep(pause)
+                continue
             if delivered and (not waiting or timed_out):
                 if waiting:
                     log.warning(

@@ -31,6 +31,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from fedstack.aggregator.barrier import RoundBarrier
 from fedstack.aggregator.events import (
     ClaimsAbsorbed,
     FederationStarted,
@@ -52,6 +53,7 @@ from fedstack.errors import (
 from fedstack.strategies import Update
 
 if TYPE_CHECKING:
+    from fedstack.aggregator.rounds import RoundState
     from fedstack.aggregator.service import Aggregator
     from fedstack.store import Member, UploadRecord
 
@@ -87,6 +89,8 @@ class Membership:
         self.member: Member | None = None
         self.peers: list[str] = []
         """The other live members' advertised URLs (for ``Welcome.aggregators``)."""
+        self.barrier = RoundBarrier(aggregator)
+        """The sync synthesis barrier (see :mod:`fedstack.aggregator.barrier`)."""
         self._poke = asyncio.Event()
         self._followed = -1  # the latest version a GlobalAdvanced was posted for
         self._arrived: dict[str, float] = {}  # agent id -> when first seen connected here
@@ -101,21 +105,35 @@ class Membership:
         """
         store = self.agg.store
         assert store is not None and self.cfg.name is not None
-        try:
-            member = await self.agg._db(
-                store.join_federation,
-                self.agg.run_id,
-                name=self.cfg.name,
-                url=url,
-                upstream=self.cfg.upstream,
-                liveness=self.cfg.liveness_timeout,
-            )
-        except StoreConflict as exc:
-            raise ConfigError(
-                f"an aggregator called {self.cfg.name!r} is already live in run "
-                f"{self.cfg.run_name!r} (heartbeat within {self.cfg.liveness_timeout:g} s): "
-                f"choose another --name, or stop that one first ({exc})"
-            ) from None
+        waited = False
+        while True:
+            try:
+                member = await self.agg._db(
+                    store.join_federation,
+                    self.agg.run_id,
+                    name=self.cfg.name,
+                    url=url,
+                    upstream=self.cfg.upstream,
+                    liveness=self.cfg.liveness_timeout,
+                )
+                break
+            except StoreConflict as exc:
+                pause = None if waited else await self._silent_for()
+                if pause is None:
+                    raise ConfigError(
+                        f"an aggregator called {self.cfg.name!r} is already live in run "
+                        f"{self.cfg.run_name!r} (heartbeat within "
+                        f"{self.cfg.liveness_timeout:g} s): choose another --name, or stop "
+                        f"that one first ({exc})"
+                    ) from None
+                log.info(
+                    "member %r still looks live but has not heartbeaten for a while (this "
+                    "aggregator restarted?): joining in %.1f s when it expires",
+                    self.cfg.name,
+                    pause,
+                )
+                waited = True
+                await asyncio.sleep(pause)
         self.member = member
         log.info(
             "joined the federation of run %s as %r (member %s, %s)",
@@ -125,6 +143,23 @@ class Membership:
             url,
         )
         return member
+
+    async def _silent_for(self) -> float | None:
+        """If the live row of this member's name has stopped heartbeating (no beat for
+        more than two heartbeat intervals: a previous start of this aggregator that
+        died), the seconds until it expires; None if it is heartbeating (a duplicate)."""
+        store = self.agg.store
+        assert store is not None
+        members = await self.agg._db(
+            store.members, self.agg.run_id, liveness=self.cfg.liveness_timeout
+        )
+        now = await self.agg._db(store.db_now)
+        for m in members:
+            if m.name == self.cfg.name and m.live:
+                age = now - m.heartbeat
+                if age > 2 * self.cfg.federation_heartbeat:
+                    return max(0.0, self.cfg.liveness_timeout - age) + 0.1
+        return None
 
     async def leave(self) -> None:
         """Mark this member stopped (its agents' uploads may then be claimed at once).
@@ -138,8 +173,19 @@ class Membership:
             log.warning("could not record leaving the federation: %s", exc)
 
     def poke(self) -> None:
-        """Heartbeat now (the global version changed)."""
+        """Heartbeat now (the global version or the agents connected here changed)."""
         self._poke.set()
+
+    def barrier_open(self, round: int) -> bool:
+        """Owner: may this member deliver ``round`` now (see :class:`RoundBarrier`)?"""
+        return self.barrier.is_open(round)
+
+    def joined(self, agent_id: str, state: RoundState) -> None:
+        """Owner: ``agent_id`` joined: heartbeat soon (the others see it has agents) and
+        look whether it already contributed to the round elsewhere."""
+        self.poke()
+        if self.barrier.applies:
+            self.barrier.joined(agent_id, state)
 
     # ------------------------------------------------------------------ background loops
     async def run_heartbeat(self) -> None:
@@ -211,6 +257,7 @@ class Membership:
                 recent,
                 round=state.round,
                 liveness=self.cfg.liveness_timeout,
+                older_only=self.barrier.applies,
             )
             if claimed:
                 log.info(

@@ -22,10 +22,12 @@ from fedstack.aggregator.delivery import PollWaiters, Published
 from fedstack.aggregator.events import (
     AgentJoined,
     AgentLeft,
+    BarrierOpened,
     BatchCommitted,
     ClaimsAbsorbed,
     DeadlineFired,
     Event,
+    Excused,
     FederationStarted,
     Followed,
     GlobalAdvanced,
@@ -151,10 +153,19 @@ class RoundOwner:
             log.info("agent %s joined (%d active)", ev.session.name, len(self.agg.sessions))
             if not ev.reply.done():
                 ev.reply.set_result(None)
+            if self.agg.membership is not None:
+                self.agg.membership.joined(ev.session.agent_id, self.state)
         elif isinstance(ev, AgentLeft):
             self._polls.remove(ev.session)
             if self.agg.registry.remove(ev.session):
                 log.info("agent %s left (%d active)", ev.session.name, len(self.agg.sessions))
+                if self.agg.membership is not None:
+                    self.agg.membership.poke()
+        elif isinstance(ev, Excused):
+            if ev.round == self.state.round:
+                self.state.excused.update(ev.agents - self.state.contributors.keys())
+        elif isinstance(ev, BarrierOpened):
+            pass  # _act asks the membership again
         elif isinstance(ev, RoundCommitted):
             self._round_done(ev)
         elif isinstance(ev, DeadlineFired):
@@ -223,7 +234,7 @@ class RoundOwner:
                 self.state.min_updates,
                 active,
             )
-        if self.state.ready(now, active):
+        if self.state.ready(now, active) and self._barrier_open():
             self._aggregating = True
             assert self.global_weights is not None
             self.agg._scope.spawn(
@@ -241,6 +252,12 @@ class RoundOwner:
         elif self.upload_queue:
             self._batch_in_flight = True
             self.agg.committer.submit(plan_batch(self.upload_queue, self.state, now, active))
+
+    def _barrier_open(self) -> bool:
+        """Sync synthesis: deliver only once every live member's cluster is complete for
+        this round (see :meth:`Membership.barrier_open`); always True otherwise."""
+        membership = self.agg.membership
+        return membership is None or membership.barrier_open(self.state.round)
 
     def _counted(self, ev: BatchCommitted) -> None:
         """A batch is stored: count what it stored and answer, in arrival order."""
@@ -459,6 +476,7 @@ class RoundOwner:
         self._batch_in_flight = False
         for rec in ev.added:
             self.state.contribute(rec.agent_id, rec.model_id)
+            self.state.excused.discard(rec.agent_id)
             self.agg.driver.inputs.append((rec.num_samples, rec.metrics))
         if ev.added:
             log.info(

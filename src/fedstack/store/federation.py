@@ -89,6 +89,34 @@ _INSERT_ROUND = insert(s.rounds)
 _MARK_AGGREGATED = (
     update(_M).where(_M.c.id.in_(bindparam("b_ids", expanding=True))).values(status="aggregated")
 )
+_MARK_HELD_AGGREGATED = (
+    update(_M)
+    .where(
+        _M.c.id.in_(bindparam("b_ids", expanding=True)),
+        _M.c.status == "buffered",
+        _M.c.cluster == bindparam("b_held"),
+    )
+    .values(status="aggregated")
+)
+_CONTRIBUTED = select(_M.c.producer).where(
+    _M.c.run_id == bindparam("b_run"),
+    _M.c.kind == "local",
+    _M.c.round == bindparam("b_round"),
+    _M.c.status.in_(("buffered", "aggregated")),
+    _M.c.producer.in_(bindparam("b_agents", expanding=True)),
+    or_(_M.c.cluster.is_(None), _M.c.cluster != bindparam("b_agg")),
+)
+_ORPHANS = (
+    select(_M)
+    .where(
+        _M.c.run_id == bindparam("b_run"),
+        _M.c.kind == "local",
+        _M.c.status == "buffered",
+        _M.c.round == bindparam("b_round"),
+        _M.c.cluster.in_(bindparam("b_dead", expanding=True)),
+    )
+    .order_by(_M.c.created)
+)
 _ADVANCE_RUN = (
     update(s.runs)
     .where(s.runs.c.id == bindparam("b_run"), s.runs.c.version == bindparam("b_from"))
@@ -156,6 +184,7 @@ _CLAIMABLE = (
     )
     .order_by(_M.c.created)
 )
+_CLAIMABLE_OLDER = _CLAIMABLE.where(_M.c.round < bindparam("b_round"))
 _CLAIM_FROM = (
     update(_M)
     .where(
@@ -241,6 +270,7 @@ class Federation(Members):
         finished: float,
         strategy_state: Mapping[str, Any] | None = None,
         extra: Weights | None = None,
+        held_by: str | None = None,
     ) -> str:
         """Store member ``aggregator_id``'s semi-global model of cluster ``round``, in one
         transaction: the model (kind ``semi-global``), its lineage (``input``: the local
@@ -249,8 +279,13 @@ class Federation(Members):
         blob). Its status is ``delivered``, or ``late`` if the global model of ``round``
         exists already. ``extra``: the arrays stored with the model. Returns its id.
 
+        ``held_by``: the ``inputs`` must all still be buffered and held by that member
+        (a survivor delivering a dead member's round: an input claimed meanwhile by
+        another member refuses the whole delivery, so no upload is counted twice).
+
         Raises:
-            StoreConflict: the member delivered ``round`` already.
+            StoreConflict: the member delivered ``round`` already, or (``held_by``) an
+                input is no longer buffered there.
             StoreError: the database failed.
         """
         staged = self._stage(weights)
@@ -300,6 +335,10 @@ class Federation(Members):
                 # this round committed meanwhile makes this semi-global late
                 version = c.execute(_RUN_VERSION_SHARED, {"b_run": run_id}).scalar_one()
                 status = "late" if int(version) >= round else "delivered"
+                if status == "late" and held_by is not None:
+                    # a dead member's uploads stay buffered (claimable), never aggregated
+                    # into a semi-global model no global model will use
+                    raise StoreConflict(f"round {round} was synthesised already")
                 if status == "late":
                     c.execute(_SET_STATUS, {"b_model": model_id, "b_status": status})
                 rows = [{"child_id": model_id, "parent_id": i, "relation": "input"} for i in inputs]
@@ -309,7 +348,15 @@ class Federation(Members):
                     )
                 if rows:
                     c.execute(_INSERT_LINEAGE, rows)
-                if inputs:
+                if inputs and held_by is not None:
+                    ids = list(dict.fromkeys(inputs))
+                    n = c.execute(_MARK_HELD_AGGREGATED, {"b_ids": ids, "b_held": held_by})
+                    if n.rowcount != len(ids):
+                        raise StoreConflict(
+                            f"round {round} of member {aggregator_id[:8]}: an input is no "
+                            "longer buffered there (claimed or aggregated meanwhile)"
+                        )
+                elif inputs:
                     c.execute(_MARK_AGGREGATED, {"b_ids": list(inputs)})
                 c.execute(
                     _INSERT_CLUSTER_ROUND,
@@ -493,12 +540,16 @@ class Federation(Members):
         *,
         round: int,
         liveness: float,
+        older_only: bool = False,
     ) -> list[UploadRecord]:
         """Take over the buffered uploads of rounds ``<= round`` of the agents
         ``agent_ids`` (now connected to this member) that no live member holds (their
         holder is not live, or none is recorded): each is relabelled to ``round`` and held
         by ``aggregator_id`` from now on. Atomic per upload: of two members claiming the
-        same upload exactly one gets it. Returns the claimed ones, oldest first."""
+        same upload exactly one gets it. Returns the claimed ones, oldest first.
+        ``older_only``: only uploads of rounds before ``round`` (with sync synthesis, a
+        dead member's uploads of the round in progress are delivered as its semi-global
+        model instead: see :mod:`fedstack.aggregator.barrier`)."""
         if not agent_ids:
             return []
         claimed: list[UploadRecord] = []
@@ -515,7 +566,7 @@ class Federation(Members):
                 row
                 for i in range(0, len(agents), 500)
                 for row in c.execute(
-                    _CLAIMABLE,
+                    _CLAIMABLE_OLDER if older_only else _CLAIMABLE,
                     {
                         "b_run": run_id,
                         "b_round": round,
@@ -537,6 +588,61 @@ class Federation(Members):
                 if n == 1:
                     claimed.append(upload_record({**row, "round": round, "cluster": aggregator_id}))
         return claimed
+
+    def contributed_elsewhere(
+        self, run_id: str, aggregator_id: str, agent_ids: Sequence[str], round: int
+    ) -> set[str]:
+        """Which of ``agent_ids`` already contributed to ``round`` through another member
+        (an upload of that round buffered or aggregated anywhere but at
+        ``aggregator_id``): agents that moved here after uploading. Read only."""
+        agents = list(dict.fromkeys(agent_ids))
+        out: set[str] = set()
+        with self._begin() as c:
+            for i in range(0, len(agents), 500):
+                out.update(
+                    c.execute(
+                        _CONTRIBUTED,
+                        {
+                            "b_run": run_id,
+                            "b_round": round,
+                            "b_agents": agents[i : i + 500],
+                            "b_agg": aggregator_id,
+                        },
+                    ).scalars()
+                )
+        return out
+
+    def orphaned_rounds(
+        self, run_id: str, round: int, *, liveness: float
+    ) -> dict[str, list[UploadRecord]]:
+        """The buffered uploads of ``round`` held by members that are not live and did not
+        deliver ``round``, by member id: what a survivor delivers on their behalf (with
+        :meth:`commit_semi_global`'s ``held_by``). Read only."""
+        with self._begin() as c:
+            now = self._now(c)
+            dead = [
+                r["id"]
+                for r in c.execute(MEMBERS_OF_RUN, {"b_run": run_id}).mappings()
+                if not member_of_row(r, now, liveness).live
+            ]
+            if not dead:
+                return {}
+            rows = c.execute(
+                _ORPHANS, {"b_run": run_id, "b_round": round, "b_dead": dead}
+            ).mappings()
+            out: dict[str, list[UploadRecord]] = {}
+            for row in rows:
+                out.setdefault(row["cluster"], []).append(upload_record(row))
+            if out:
+                delivered = set(
+                    c.execute(
+                        select(_CR.c.aggregator_id).where(
+                            _CR.c.run_id == run_id, _CR.c.round == round
+                        )
+                    ).scalars()
+                )
+                out = {k: v for k, v in out.items() if k not in delivered}
+        return out
 
     def carry_uploads(
         self, run_id: str, model_ids: Sequence[str], *, round: int, drop: bool

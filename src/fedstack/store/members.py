@@ -55,6 +55,7 @@ class Member:
     active_agents: int
     version: int  # the global version the member reported
     live: bool  # computed when read: status "live" and a recent heartbeat
+    ready_round: int = -1  # the latest round whose cluster is complete (sync barrier)
 
 
 # The database clock in seconds since the epoch, per dialect.
@@ -101,7 +102,13 @@ _TAKE_OVER = (
         status="live",
         active_agents=0,
         version=bindparam("b_version"),
+        ready_round=-1,
     )
+)
+_MARK_READY = (
+    update(_A)
+    .where(_A.c.id == bindparam("b_id"), _A.c.run_id == bindparam("b_run"))
+    .values(ready_round=bindparam("b_round"))
 )
 
 
@@ -266,6 +273,12 @@ class Members:
             rows = c.execute(MEMBERS_OF_RUN, {"b_run": run_id}).mappings().all()
         return [member_of_row(r, now, liveness) for r in rows]
 
+    def mark_ready(self, run_id: str, aggregator_id: str, round: int) -> None:
+        """Record that member ``aggregator_id``'s cluster is complete for ``round`` (the
+        sync synthesis barrier: the other members wait for it before they deliver)."""
+        with self._begin() as c:
+            c.execute(_MARK_READY, {"b_id": aggregator_id, "b_run": run_id, "b_round": round})
+
     def members(self, run_id: str, *, liveness: float) -> list[Member]:
         """Every member of ``run_id``'s federation, by name (read only)."""
         with self._begin() as c:
@@ -303,4 +316,5 @@ def member_of_row(row: Mapping[str, Any], now: float, liveness: float) -> Member
         active_agents=int(row["active_agents"]),
         version=int(row["version"]),
         live=row["status"] == "live" and now - heartbeat <= liveness,
+        ready_round=int(row.get("ready_round", -1)),
     )

@@ -138,6 +138,8 @@ aggregators = Table(
     Column("status", String(16), nullable=False),  # live | stopped
     Column("active_agents", Integer, nullable=False),
     Column("version", Integer, nullable=False),  # the global version the member is at
+    # the latest round whose cluster is complete here (the sync synthesis barrier)
+    Column("ready_round", Integer, nullable=False, default=-1, server_default="-1"),
     UniqueConstraint("run_id", "name", name="uq_aggregators_run_name"),
 )
 

@@ -31,6 +31,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("active_agents", sa.Integer, nullable=False),
         sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("ready_round", sa.Integer, nullable=False, server_default="-1"),
         sa.UniqueConstraint("run_id", "name", name="uq_aggregators_run_name"),
     )
     op.create_table(
