@@ -298,6 +298,10 @@ def test_restarted_member_rejoins_and_resumes(shared_db: tuple[str, Path], tmp_p
                     assert b2.aggregator_id == b_id
                     assert b2.state.version == 1
                     assert set(b2.state.contributors) == {ag["b1"].agent_id}
+                    # meanwhile b's agents may have failed over to a: they move back
+                    for n in ("b1", "b2"):
+                        if ag[n].url != b2.url:
+                            ag[n].move_to(b2.url)
                     wait_heartbeats(db, a.run_id, blobs, {"a": 2, "b": 2})
                     assert ag["b2"].send_trained_model(model(10.0), 15)
                     for n in ("a1", "a2"):
