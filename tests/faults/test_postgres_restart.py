@@ -2,18 +2,23 @@
 
 A real aggregator process (``python -m fedstack aggregator --db postgresql+psycopg://...``,
 every blob in the database) and three deterministic thread agents run on a throwaway
-PostgreSQL server. The server is restarted once and later stopped for 3 s, each time with
-a round in progress. Asserted: while the server is down the aggregator acknowledges
-nothing it had not stored before the outage began; it recovers by itself (no restart of
-the aggregator, no operator action); the run then completes exactly (rounds contiguous,
-every acknowledged upload in the store, final model bit-identical to the fault-free run).
+PostgreSQL server, which is restarted once and stopped for 3 s, each time with uploads of
+a round in flight, then stopped for 2 s while a round commit is in progress (held back by
+a row lock the test takes on the run, so that the outage lands inside it).
+
+Asserted: while the server is down the aggregator acknowledges nothing it had not stored
+before; it recovers by itself (no restart of the aggregator, no operator action), retrying
+the cut round commit; the run then completes exactly (rounds contiguous, every
+acknowledged upload in the store, final model bit-identical to the fault-free run).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -80,12 +85,17 @@ def test_postgres_restart_and_outage_mid_run(
         mon = threading.Thread(target=monitor, daemon=True)
         mon.start()
         try:
-            for at_version, kind in ((2, "restart"), (5, "stop")):
-                assert wait_for(lambda v=at_version: progress() >= v, 40, 0.01), (
+            for at_version, kind in ((2, "restart"), (4, "stop"), (6, "stop-commit")):
+                reached = functools.partial(lambda v: progress() >= v, at_version)
+                assert wait_for(reached, 40, 0.01), (
                     f"stuck at version {progress.version} before the {kind}; "
                     f"agent errors {[a.error for a in agents if a.error]}"
                 )
-                time.sleep(0.03)  # with uploads of the next round in flight
+                held = _hold_run_row(server) if kind == "stop-commit" else None
+                if held is not None:  # the next round's commit waits for the row lock
+                    assert wait_for(lambda: _lock_waiters(server) > 0, 30, 0.01), "no commit"
+                else:
+                    time.sleep(0.03)  # with uploads of the next round in flight
                 t0 = time.time()
                 if kind == "restart":
                     server.restart()
@@ -93,8 +103,10 @@ def test_postgres_restart_and_outage_mid_run(
                 else:
                     server.stop()  # returns once the server is down (transactions aborted)
                     down = time.time()
-                    time.sleep(OUTAGE)
+                    time.sleep(OUTAGE if held is None else OUTAGE - 1)
                     server.start()
+                if held is not None:
+                    held.close()
                 outages.append((kind, t0, down, time.time()))
                 assert agg.proc is not None and agg.proc.poll() is None, "aggregator died"
             join_all(agents, 90)
@@ -116,6 +128,7 @@ def test_postgres_restart_and_outage_mid_run(
     during = {u: (t, created[u]) for u, t in seen.items() if down < t <= up}
     assert all(c < down for _, c in during.values()), (down, up, during)
     assert "the store is unavailable" in log, "the outage never reached the aggregator"
+    assert "cannot store round 7 (will retry)" in log, "the round commit was not cut"
     print(
         f"\noutages {[(k, round(b - a, 2)) for k, a, _, b in outages]}: {summary['acked']} acks, "
         f"{len(during)} acked during the stop, reconnects "
@@ -132,3 +145,25 @@ def _created(url: str) -> dict[str, float]:
         return {m["upload_id"]: m["created"] for m in store.models(run, "local") if m["upload_id"]}
     finally:
         store.close()
+
+
+def _hold_run_row(server: PostgresServer) -> Any:
+    """A connection holding a ``FOR NO KEY UPDATE`` lock on the run's row: the round
+    commit (which updates the run's version) waits for it; uploads (foreign-key checks
+    take ``KEY SHARE``) do not."""
+    import psycopg
+
+    con = psycopg.connect(server.conninfo("fed"))
+    con.execute("SELECT id FROM runs FOR NO KEY UPDATE")
+    return con
+
+
+def _lock_waiters(server: PostgresServer) -> int:
+    import psycopg
+
+    with psycopg.connect(server.conninfo("fed"), autocommit=True) as con:
+        row = con.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'fed' "
+            "AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return 0 if row is None else int(row[0])
