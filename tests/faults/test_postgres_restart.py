@@ -70,7 +70,8 @@ def test_postgres_restart_and_outage_mid_run(
         agg = AggregatorProcess(tmp_path, *args)
         progress = Progress(url)
         seen: dict[str, float] = {}  # upload id -> wall time its ack reached the agent
-        outages: list[tuple[str, float, float, float]] = []  # kind, asked, down, up again
+        # kind, stop asked, down (stop returned), start asked, up (start returned)
+        outages: list[tuple[str, float, float, float, float]] = []
         stop = threading.Event()
         agg.start()
         agents = [start_thread_agent(agg.url, f"agent-{i}", i, delay=0.05) for i in range(N_AGENTS)]
@@ -99,15 +100,16 @@ def test_postgres_restart_and_outage_mid_run(
                 t0 = time.time()
                 if kind == "restart":
                     server.restart()
-                    down = t0
+                    down = restart = t0
                 else:
                     server.stop()  # returns once the server is down (transactions aborted)
                     down = time.time()
                     time.sleep(OUTAGE if held is None else OUTAGE - 1)
+                    restart = time.time()
                     server.start()
                 if held is not None:
                     held.close()
-                outages.append((kind, t0, down, time.time()))
+                outages.append((kind, t0, down, restart, time.time()))
                 assert agg.proc is not None and agg.proc.poll() is None, "aggregator died"
             join_all(agents, 90)
             assert agg.wait(60) == 0
@@ -124,14 +126,15 @@ def test_postgres_restart_and_outage_mid_run(
     # no acknowledgement while the server was down but for uploads stored before (in
     # flight when it stopped); nothing acknowledged that is not stored
     assert all(u in created for u in seen), "an acknowledged upload is not in the store"
-    _, _, down, up = outages[1]
-    during = {u: (t, created[u]) for u, t in seen.items() if down < t <= up}
-    assert all(c < down for _, c in during.values()), (down, up, during)
+    during: dict[str, tuple[float, float]] = {}
+    for _, _, down, restart, _ in outages[1:]:  # the server surely down in [down, restart]
+        during.update({u: (t, created[u]) for u, t in seen.items() if down < t <= restart})
+        assert all(c < down for _, c in during.values()), (down, restart, during)
     assert "the store is unavailable" in log, "the outage never reached the aggregator"
     assert "cannot store round 7 (will retry)" in log, "the round commit was not cut"
     print(
-        f"\noutages {[(k, round(b - a, 2)) for k, a, _, b in outages]}: {summary['acked']} acks, "
-        f"{len(during)} acked during the stop, reconnects "
+        f"\noutages {[(k, round(b - a, 2)) for k, a, _, _, b in outages]}: "
+        f"{summary['acked']} acks, {len(during)} acked during the stops, reconnects "
         f"{[a.report.get('reconnects') for a in agents]}"
     )
 
