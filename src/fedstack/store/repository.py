@@ -19,6 +19,7 @@ credential rules live in :mod:`fedstack.security.credentials`; this module keeps
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -38,6 +39,8 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
+    func,
     insert,
     pool,
     select,
@@ -90,7 +93,10 @@ from fedstack.store.database import (
     sqlite_readonly_uri,
     store_error,
 )
+from fedstack.store.federation import Federation
 from fedstack.store.queries import Queries
+from fedstack.store.records import UploadRecord, split_state
+from fedstack.store.records import upload_record as _upload
 from fedstack.types import Metrics, Weights
 
 log = logging.getLogger("fedstack.store")
@@ -170,6 +176,9 @@ _SET_STATUS = (
 _QUARANTINE_INFO = select(s.models.c.producer, s.models.c.upload_id).where(
     s.models.c.id == bindparam("model_id")
 )
+_LOCK_RUNS = update(s.runs).where(false()).values(status=s.runs.c.status)
+"""Touches nothing, but takes SQLite's write lock: what follows reads current data."""
+_PG_LOCK_NAME = select(func.pg_advisory_xact_lock(bindparam("b_key")))
 _MODEL_BLOB = select(s.models.c.blob).where(s.models.c.id == bindparam("model_id"))
 _MODEL_EXTRA = select(s.models.c.extra_blob).where(s.models.c.id == bindparam("model_id"))
 
@@ -192,18 +201,6 @@ class RunInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class UploadRecord:
-    model_id: str
-    agent_id: str
-    upload_id: str
-    round: int
-    base_version: int
-    num_samples: int
-    status: str
-    metrics: Metrics
-
-
-@dataclass(frozen=True, slots=True)
 class ResumeState:
     version: int
     global_model_id: str | None
@@ -212,7 +209,7 @@ class ResumeState:
     global_extra: Weights
 
 
-class Store(Credentials, Queries):
+class Store(Credentials, Queries, Federation):
     """One deployment's persistent store (one database for every start of the aggregator)."""
 
     _file_id: tuple[int, int] | None = None  # the SQLite file opened (see check_database)
@@ -440,8 +437,18 @@ class Store(Credentials, Queries):
 
     # ------------------------------------------------------------------ runs
     def open_run(self, name: str, config: Mapping[str, Any], aggregator_id: str) -> RunInfo:
-        """Resume the latest unfinished run called ``name``, or start a new one."""
+        """Resume the latest unfinished run called ``name``, or start a new one.
+
+        Serialised per name (the members of a federation start at the same time and must
+        all get the same run): SQLite takes its write lock first, PostgreSQL an advisory
+        lock on the name, before the run is looked up.
+        """
         with self._begin() as c:
+            if self._sqlite:
+                c.execute(_LOCK_RUNS)
+            elif self.engine.dialect.name == "postgresql":
+                key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+                c.execute(_PG_LOCK_NAME, {"b_key": key})
             row = (
                 c.execute(
                     select(s.runs)
@@ -497,6 +504,10 @@ class Store(Credentials, Queries):
         """Record the first model (it fixes the structure) and global model version 0.
 
         Returns the id of global model 0.
+
+        Raises:
+            StoreConflict: the run has its first model already (another member of a
+                federation recorded it first; read the run again).
         """
         local = self._stage(initial)
         glob = self._stage(global_weights)
@@ -542,15 +553,17 @@ class Store(Credentials, Queries):
             c.execute(
                 insert(s.lineage).values(child_id=global_id, parent_id=local_id, relation="input")
             )
-            c.execute(
+            started = c.execute(
                 update(s.runs)
-                .where(s.runs.c.id == run_id)
+                .where(s.runs.c.id == run_id, s.runs.c.version == -1)
                 .values(
                     structure=[[n, d, list(sh)] for n, d, sh in structure],
                     init_weights=init_weights,
                     version=0,
                 )
-            )
+            ).rowcount
+            if started != 1:  # another member of a federation started the run first
+                raise StoreConflict(f"run {run_id} already has its first model")
         return global_id
 
     def add_upload(
@@ -600,7 +613,9 @@ class Store(Credentials, Queries):
         """Several :meth:`add_upload` calls (each a mapping of its keyword arguments) in
         ONE transaction: one commit, one fsync (group commit). Falls back to one call per
         upload if one of them was stored before (a re-sent upload). Returns what each call
-        would have returned, in order; an upload_id given twice is stored once."""
+        would have returned, in order; an upload_id given twice is stored once. A mapping
+        may also give ``"cluster"``: the federation member holding the upload (see
+        :meth:`~fedstack.store.federation.Federation.claim_uploads`)."""
         staged = []
         for up in uploads:
             blob = up.get("blob")
@@ -637,6 +652,7 @@ class Store(Credentials, Queries):
                             "status": up["status"],
                             "upload_id": uid,
                             "extra_blob": extra_st.digest if extra_st else None,
+                            "cluster": up.get("cluster"),
                         },
                     )
                     rec = UploadRecord(
@@ -648,6 +664,7 @@ class Store(Credentials, Queries):
                         up["num_samples"],
                         up["status"],
                         metrics,
+                        up.get("cluster"),
                     )
                     first[uid] = rec
                     out.append((rec, True))
@@ -695,7 +712,12 @@ class Store(Credentials, Queries):
                 )
             wanted = list(digests)
             used: set[str] = set()
-            for col in (s.models.c.blob, s.models.c.extra_blob, s.rounds.c.state_blob):
+            for col in (
+                s.models.c.blob,
+                s.models.c.extra_blob,
+                s.rounds.c.state_blob,
+                s.cluster_rounds.c.state_blob,
+            ):
                 used.update(c.execute(select(col).distinct().where(col.in_(wanted))).scalars())
             unused = digests - used
             if unused:
@@ -1064,20 +1086,6 @@ class Store(Credentials, Queries):
         return Txn(self.engine)
 
 
-def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], Weights]:
-    """A strategy state -> (JSON scalars, numpy arrays)."""
-    scalars: dict[str, Any] = {}
-    arrays: Weights = {}
-    for k, v in state.items():
-        if isinstance(v, np.ndarray):
-            arrays[k] = v
-        elif isinstance(v, np.generic):
-            scalars[k] = v.item()
-        else:
-            scalars[k] = v
-    return scalars, arrays
-
-
 @dataclass(frozen=True, slots=True)
 class _Staged:
     digest: str
@@ -1097,17 +1105,4 @@ def _run_info(row: Mapping[str, Any], resumed: bool) -> RunInfo:
         aggregator_id=row["aggregator_id"],
         config=dict(row["config"]),
         resumed=resumed,
-    )
-
-
-def _upload(row: Mapping[str, Any]) -> UploadRecord:
-    return UploadRecord(
-        model_id=row["id"],
-        agent_id=row["producer"],
-        upload_id=row["upload_id"] or "",
-        round=int(row["round"]),
-        base_version=int(row["base_version"] or 0),
-        num_samples=int(row["num_samples"]),
-        status=row["status"],
-        metrics=dict(row["metrics"]),
     )
