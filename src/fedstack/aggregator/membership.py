@@ -27,6 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fedstack.aggregator.events import (
@@ -137,11 +140,36 @@ class Membership:
 
     # ------------------------------------------------------------------ background loops
     async def run_heartbeat(self) -> None:
-        """Heartbeat, refresh the peers, claim dead members' uploads; forever.
+        """Heartbeat, refresh the peers, claim dead members' uploads; forever. While the
+        store is unavailable, tried again every heartbeat interval (never a longer pause:
+        the other members would take this one for dead)."""
+        await self._through_outages("heartbeat", self._heartbeats, self.cfg.federation_heartbeat)
 
-        Raises:
-            StoreError: the store failed (the scope restarts this loop after a pause).
-        """
+    async def run_follow(self) -> None:
+        """Watch the run's global version; post what this member must adopt. Forever;
+        while the store is unavailable, tried again every poll interval."""
+        await self._through_outages("follow", self._follow, FOLLOW_INTERVAL)
+
+    async def _through_outages(
+        self, what: str, loop: Callable[[], Awaitable[None]], pause: float
+    ) -> None:
+        """Run ``loop()`` again ``pause`` s after each :class:`StoreError` (the store is
+        away: one warning per outage); other errors go to the supervising scope."""
+        last_failure = -math.inf
+        while True:
+            try:
+                await loop()
+                return
+            except StoreConflict:
+                raise
+            except StoreError as exc:
+                now = time.monotonic()
+                if now - last_failure > 4 * pause + 1.0:  # not failing just before: new
+                    log.warning("federation %s: the store is unavailable (retrying): %s", what, exc)
+                last_failure = now
+            await asyncio.sleep(pause)
+
+    async def _heartbeats(self) -> None:
         store = self.agg.store
         assert store is not None and self.member is not None
         me = self.member.id
@@ -183,12 +211,7 @@ class Membership:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), self.cfg.federation_heartbeat)
 
-    async def run_follow(self) -> None:
-        """Watch the run's global version; post what this member must adopt. Forever.
-
-        Raises:
-            StoreError: the store failed (the scope restarts this loop after a pause).
-        """
+    async def _follow(self) -> None:
         store = self.agg.store
         assert store is not None
         while True:
