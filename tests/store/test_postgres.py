@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select, text, update
 
-from fedstack.errors import CorruptBlob, StoreConflict, StoreError
+from fedstack.errors import CorruptBlob, StoreConflict, StoreError, StoreUnavailable
 from fedstack.store import Store, migrations
 from fedstack.store import schema as s
 
@@ -272,16 +272,21 @@ def test_store_recovers_by_itself_across_restart_and_outage(tmp_path: Path) -> N
         st = Store(server.url)
         try:
             run_id, aid, gid = _init(st, w)
+            row = st.model(gid)
+            assert row is not None
+            digest = row["blob"]
             server.restart()  # every pooled connection is cut: the pre-ping replaces them
             np.testing.assert_array_equal(st.load_weights(gid)["w"], w["w"])
             server.stop()
             t0 = time.monotonic()
             for uid in ("down-1", "down-2"):
-                with pytest.raises(StoreError) as info:
+                with pytest.raises(StoreUnavailable) as info:
                     _upload(st, run_id, aid, uid, w)
                 assert "127.0.0.1" not in str(info.value) and "INSERT" not in str(info.value)
-            with pytest.raises(StoreError):
+            with pytest.raises(StoreUnavailable):
                 st.load_weights(gid)
+            with pytest.raises(StoreUnavailable):
+                st.get_blob(digest)  # the binary read path
             assert time.monotonic() - t0 < 15  # fails fast, never hangs
             server.start()
             mid = _upload(st, run_id, aid, "up-again", w)

@@ -16,9 +16,9 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from sqlalchemy import Engine, make_url
-from sqlalchemy.exc import DatabaseError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError, SQLAlchemyError
 
-from fedstack.errors import StoreConflict, StoreError
+from fedstack.errors import StoreConflict, StoreError, StoreUnavailable
 
 log = logging.getLogger("fedstack.store")
 
@@ -123,6 +123,10 @@ def store_error(what: str, exc: SQLAlchemyError) -> StoreError:
         reason = str(orig).splitlines()[0][:120] if str(orig) else reason
     if isinstance(exc, IntegrityError):
         return StoreConflict(f"{what}: the write conflicts with stored data ({reason})")
+    if getattr(exc, "connection_invalidated", False) or (
+        isinstance(exc, OperationalError) and type(orig).__module__.split(".")[0] != "sqlite3"
+    ):  # a database server gone or going away (SQLite's operational errors are other)
+        return StoreUnavailable(f"{what} ({reason})")
     return StoreError(f"{what} ({reason})")
 
 
@@ -235,5 +239,6 @@ def read_blob_postgres(c: Any, digest: str) -> bytes | None:
     except psycopg.Error as exc:
         # a connection the server dropped is replaced by the pool's pre-ping at next use
         log.debug("cannot read blob %s", digest[:12], exc_info=True)
-        raise StoreError(f"database operation failed ({type(exc).__name__})") from None
+        kind = StoreUnavailable if isinstance(exc, psycopg.OperationalError) else StoreError
+        raise kind(f"database operation failed ({type(exc).__name__})") from None
     return None if row is None else bytes(row[0])
