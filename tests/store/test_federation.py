@@ -190,11 +190,11 @@ def test_join_refuses_a_live_name_and_takes_over_a_dead_one(opener: Opener) -> N
         first.heartbeat(run_id, a.id, active_agents=1, version=0, liveness=LIVE)
     second.heartbeat(run_id, a.id, active_agents=1, version=0, liveness=LIVE)
     # a member that stopped heartbeating is taken over after the liveness timeout
-    c = first.join_federation(run_id, name="C", url="ws://h4:1", liveness=0.3)
+    c = first.join_federation(run_id, name="C", url="ws://h4:1", liveness=1.0)
     with pytest.raises(StoreConflict):
-        second.join_federation(run_id, name="C", url="ws://h5:1", liveness=0.3)
-    time.sleep(0.45)
-    assert second.join_federation(run_id, name="C", url="ws://h5:1", liveness=0.3).id == c.id
+        second.join_federation(run_id, name="C", url="ws://h5:1", liveness=1.0)
+    time.sleep(1.1)
+    assert second.join_federation(run_id, name="C", url="ws://h5:1", liveness=1.0).id == c.id
     with pytest.raises(StoreError, match="name"):
         first.join_federation(run_id, name="", url="ws://x:1", liveness=LIVE)
     with pytest.raises(StoreError, match="no run"):
