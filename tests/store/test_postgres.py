@@ -192,6 +192,11 @@ def test_every_blob_lives_in_postgresql_without_blob_dir(pg_url: str, tmp_path: 
         np.testing.assert_array_equal(ro.load_weights(mid)["w"], big["w"])
     finally:
         ro.close()
+    from fedstack.cli.main import main as cli_main
+
+    # the operator's commands need no --blob-dir either
+    assert cli_main(["db", "upgrade", "--db", pg_url]) == 0
+    assert cli_main(["db", "models", "--db", pg_url, "--json"]) == 0
 
 
 def test_same_blob_stored_concurrently_by_two_stores(pg_url: str) -> None:
