@@ -299,3 +299,15 @@ def test_store_recovers_by_itself_across_restart_and_outage(tmp_path: Path) -> N
             assert st.find_upload("down-1") is None  # nothing half-stored
         finally:
             st.close()
+
+
+def test_engine_options_for_postgresql_only() -> None:
+    from fedstack.store.database import engine_options
+
+    opts = engine_options("postgresql+psycopg://u@db.example:5432/fed?connect_timeout=2")
+    assert opts["pool_pre_ping"] is True
+    args = opts["connect_args"]
+    assert "connect_timeout" not in args  # the URL's own value is kept
+    assert args["keepalives"] == 1 and args["keepalives_idle"] > 0
+    assert engine_options("postgresql+asyncpg://u@h/fed") == {"pool_pre_ping": True}
+    assert engine_options("sqlite:///fed.db") == {}

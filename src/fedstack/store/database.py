@@ -206,13 +206,25 @@ def engine_options(url: str) -> dict[str, Any]:
     keepalives (each unless the URL's query sets it). Nothing for other databases."""
     if not is_postgresql(url):
         return {}
-    given = set(make_url(url).query)
+    parsed = make_url(url)
+    driver = parsed.get_driver_name()
+    if driver not in ("psycopg", "psycopg2"):  # libpq's keywords mean nothing to others
+        return {"pool_pre_ping": True}
     wanted: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, **KEEPALIVES}
-    args = {k: v for k, v in wanted.items() if k not in given}
-    if make_url(url).get_driver_name() != "psycopg":
-        # other drivers may not take libpq's keywords: only the timeout, which they all do
-        args = {k: v for k, v in args.items() if k == "connect_timeout"}
+    if driver != "psycopg" or _libpq_version() < 120000:
+        del wanted["tcp_user_timeout"]  # libpq 12 and later only
+    args = {k: v for k, v in wanted.items() if k not in set(parsed.query)}
     return {"pool_pre_ping": True, "connect_args": args}
+
+
+def _libpq_version() -> int:
+    """The version of the libpq psycopg runs on (e.g. 160002); 0 if unknown."""
+    try:
+        import psycopg
+
+        return int(psycopg.pq.version())
+    except Exception:  # no psycopg, or a libpq it cannot query: assume the oldest
+        return 0
 
 
 def read_blob_postgres(c: Any, digest: str) -> bytes | None:
