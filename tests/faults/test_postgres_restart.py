@@ -170,13 +170,10 @@ def test_federation_on_postgres_restart_and_outage_mid_run(tmp_path: Path) -> No
         f"\nfederation outages {[(k, round(b - a, 2)) for k, a, _, _, b in outages]}, "
         f"reconnects {[r.get('reconnects') for r in run.reports]}, departures {departures}"
     )
-    if departures:
-        # Known gap (reported to the federation's owners): sync synthesis waits only for
-        # members whose last heartbeat counted agents, and a member whose agents are
-        # reconnecting after the outage reports none for a moment, so another member
-        # may synthesise without it. Everything above held; the final model is then not
-        # the fault-free one.
-        pytest.xfail(f"run not exact after the outages: {departures}")
+    # exact: every global from both members, each from its cluster's agents (sync
+    # synthesis waits for a live member that delivered the round before, even while its
+    # agents reconnect after the outage and its heartbeat counts none)
+    assert not departures, departures
 
 
 Outage = tuple[str, float, float, float, float]
