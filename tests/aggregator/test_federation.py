@@ -7,6 +7,7 @@ agents through the book's API, a real SQLite file or a real PostgreSQL server.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -255,14 +256,19 @@ def test_async_synthesis_staleness_bound(
 
 
 def test_duplicate_live_name_is_refused(tmp_path: Path) -> None:
+    """A second aggregator of a live member's name refuses to start (and frees its port)."""
     db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
     slow = dict(liveness_timeout=30.0)  # never taken for dead, however loaded the host
-    with members(member_config(db, blobs, "a", **slow)):
-        with (
-            pytest.raises(ConfigError, match="already live"),
-            aggregator_thread(member_config(db, blobs, "a", **slow)),
-        ):
-            pass  # pragma: no cover - the start fails
+
+    async def second() -> Aggregator:
+        agg = Aggregator(member_config(db, blobs, "a", **slow))
+        await agg.start()
+        return agg  # pragma: no cover - the start fails
+
+    with members(member_config(db, blobs, "a", **slow)) as (first,):
+        with pytest.raises(ConfigError, match="already live"):
+            asyncio.run(second())
+        assert live_members(db, first.run_id, blobs)["a"][0]
 
 
 def test_restarted_member_rejoins_and_resumes(shared_db: tuple[str, Path], tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select, text, update
 
-from fedstack.errors import CorruptBlob, StoreConflict, StoreError
+from fedstack.errors import CorruptBlob, StoreConflict, StoreError, StoreUnavailable
 from fedstack.store import Store, migrations
 from fedstack.store import schema as s
 
@@ -192,6 +192,11 @@ def test_every_blob_lives_in_postgresql_without_blob_dir(pg_url: str, tmp_path: 
         np.testing.assert_array_equal(ro.load_weights(mid)["w"], big["w"])
     finally:
         ro.close()
+    from fedstack.cli.main import main as cli_main
+
+    # the operator's commands need no --blob-dir either
+    assert cli_main(["db", "upgrade", "--db", pg_url]) == 0
+    assert cli_main(["db", "models", "--db", pg_url, "--json"]) == 0
 
 
 def test_same_blob_stored_concurrently_by_two_stores(pg_url: str) -> None:
@@ -272,16 +277,21 @@ def test_store_recovers_by_itself_across_restart_and_outage(tmp_path: Path) -> N
         st = Store(server.url)
         try:
             run_id, aid, gid = _init(st, w)
+            row = st.model(gid)
+            assert row is not None
+            digest = row["blob"]
             server.restart()  # every pooled connection is cut: the pre-ping replaces them
             np.testing.assert_array_equal(st.load_weights(gid)["w"], w["w"])
             server.stop()
             t0 = time.monotonic()
             for uid in ("down-1", "down-2"):
-                with pytest.raises(StoreError) as info:
+                with pytest.raises(StoreUnavailable) as info:
                     _upload(st, run_id, aid, uid, w)
                 assert "127.0.0.1" not in str(info.value) and "INSERT" not in str(info.value)
-            with pytest.raises(StoreError):
+            with pytest.raises(StoreUnavailable):
                 st.load_weights(gid)
+            with pytest.raises(StoreUnavailable):
+                st.get_blob(digest)  # the binary read path
             assert time.monotonic() - t0 < 15  # fails fast, never hangs
             server.start()
             mid = _upload(st, run_id, aid, "up-again", w)
@@ -289,3 +299,15 @@ def test_store_recovers_by_itself_across_restart_and_outage(tmp_path: Path) -> N
             assert st.find_upload("down-1") is None  # nothing half-stored
         finally:
             st.close()
+
+
+def test_engine_options_for_postgresql_only() -> None:
+    from fedstack.store.database import engine_options
+
+    opts = engine_options("postgresql+psycopg://u@db.example:5432/fed?connect_timeout=2")
+    assert opts["pool_pre_ping"] is True
+    args = opts["connect_args"]
+    assert "connect_timeout" not in args  # the URL's own value is kept
+    assert args["keepalives"] == 1 and args["keepalives_idle"] > 0
+    assert engine_options("postgresql+asyncpg://u@h/fed") == {"pool_pre_ping": True}
+    assert engine_options("sqlite:///fed.db") == {}

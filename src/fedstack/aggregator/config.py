@@ -127,7 +127,10 @@ class AggregatorConfig:
     )
     db: str = setting("fedstack.db", "SQLite file or SQLAlchemy URL", book="db_data_path")
     blob_dir: str | None = setting(
-        None, "tensor blob directory (default <db>.blobs; needed for non-SQLite URLs)"
+        None,
+        "tensor blob directory (default <db>.blobs for SQLite; on PostgreSQL unset = every "
+        "blob in the database, set = a directory every aggregator shares; needed for other "
+        "URLs)",
     )
     inline_blob_bytes: Annotated[int, msgspec.Meta(ge=0, le=64 << 20)] = setting(
         256 * 1024,

@@ -40,6 +40,7 @@ from fedstack.errors import (
     RemoteProtocolError,
     StoreConflict,
     StoreError,
+    StoreUnavailable,
 )
 from fedstack.transport import Connection
 from fedstack.wire import Error, ModelUpload, Participate, Segments
@@ -141,7 +142,7 @@ class AgentConnections:
             pass
         except Exception as exc:  # a bug or a store failure: keep serving everyone else
             who = session.name if session else conn.remote_address
-            if type(exc) is StoreError:  # the database is away (not damaged data, no bug):
+            if isinstance(exc, StoreUnavailable):  # the database server is away (no bug):
                 # nothing was acknowledged; the agent reconnects and sends it again
                 log.error("the store is unavailable while serving %s: %s", who, exc)
                 message = "the aggregator's store is unavailable; retry later"

@@ -196,11 +196,14 @@ class SharedStoreSynthesis:
                     return await self._load(view.version, gid, extra)
             latest = {sg.aggregator_id: sg.round for sg in view.semi_globals}
             delivered = [sg for sg in view.semi_globals if sg.round == round]
+            # waited for: live members at version round - 1 that have agents, or that
+            # delivered round - 1 (their agents may be reconnecting, e.g. after a store
+            # outage, so that their last heartbeat counted none)
             waiting = [
                 m.name
                 for m in view.members
                 if m.live
-                and m.active_agents > 0
+                and (m.active_agents > 0 or latest.get(m.id, -1) == round - 1)
                 and latest.get(m.id, -1) != round
                 and (m.version == round - 1 or latest.get(m.id, -1) == round - 1)
             ]

@@ -16,9 +16,9 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from sqlalchemy import Engine, make_url
-from sqlalchemy.exc import DatabaseError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError, SQLAlchemyError
 
-from fedstack.errors import StoreConflict, StoreError
+from fedstack.errors import StoreConflict, StoreError, StoreUnavailable
 
 log = logging.getLogger("fedstack.store")
 
@@ -123,6 +123,10 @@ def store_error(what: str, exc: SQLAlchemyError) -> StoreError:
         reason = str(orig).splitlines()[0][:120] if str(orig) else reason
     if isinstance(exc, IntegrityError):
         return StoreConflict(f"{what}: the write conflicts with stored data ({reason})")
+    if getattr(exc, "connection_invalidated", False) or (
+        isinstance(exc, OperationalError) and type(orig).__module__.split(".")[0] != "sqlite3"
+    ):  # a database server gone or going away (SQLite's operational errors are other)
+        return StoreUnavailable(f"{what} ({reason})")
     return StoreError(f"{what} ({reason})")
 
 
@@ -202,13 +206,25 @@ def engine_options(url: str) -> dict[str, Any]:
     keepalives (each unless the URL's query sets it). Nothing for other databases."""
     if not is_postgresql(url):
         return {}
-    given = set(make_url(url).query)
+    parsed = make_url(url)
+    driver = parsed.get_driver_name()
+    if driver not in ("psycopg", "psycopg2"):  # libpq's keywords mean nothing to others
+        return {"pool_pre_ping": True}
     wanted: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, **KEEPALIVES}
-    args = {k: v for k, v in wanted.items() if k not in given}
-    if make_url(url).get_driver_name() != "psycopg":
-        # other drivers may not take libpq's keywords: only the timeout, which they all do
-        args = {k: v for k, v in args.items() if k == "connect_timeout"}
+    if driver != "psycopg" or _libpq_version() < 120000:
+        del wanted["tcp_user_timeout"]  # libpq 12 and later only
+    args = {k: v for k, v in wanted.items() if k not in set(parsed.query)}
     return {"pool_pre_ping": True, "connect_args": args}
+
+
+def _libpq_version() -> int:
+    """The version of the libpq psycopg runs on (e.g. 160002); 0 if unknown."""
+    try:
+        import psycopg
+
+        return int(psycopg.pq.version())
+    except Exception:  # no psycopg, or a libpq it cannot query: assume the oldest
+        return 0
 
 
 def read_blob_postgres(c: Any, digest: str) -> bytes | None:
@@ -235,5 +251,6 @@ def read_blob_postgres(c: Any, digest: str) -> bytes | None:
     except psycopg.Error as exc:
         # a connection the server dropped is replaced by the pool's pre-ping at next use
         log.debug("cannot read blob %s", digest[:12], exc_info=True)
-        raise StoreError(f"database operation failed ({type(exc).__name__})") from None
+        kind = StoreUnavailable if isinstance(exc, psycopg.OperationalError) else StoreError
+        raise kind(f"database operation failed ({type(exc).__name__})") from None
     return None if row is None else bytes(row[0])

@@ -226,6 +226,11 @@ class Store(Credentials, Queries, Federation):
     ) -> None:
         """Open (or create) the store.
 
+        ``blob_dir``: where tensor blobs are files. Default: ``<db>.blobs`` beside an SQLite
+        file; on PostgreSQL, None keeps EVERY blob in the database (reachable from every
+        aggregator host; at most :data:`~fedstack.store.database.MAX_DATABASE_BLOB_BYTES`
+        each), while a directory every aggregator shares keeps those over
+        ``inline_blob_bytes`` in files there. Required for other URLs.
         ``durable=False`` (the simulator's default) skips the fsyncs: SQLite runs with
         ``synchronous=NORMAL`` and blobs are not synced, so a power cut may lose the last
         commits (never corrupt the database). Deployments keep the default.
