@@ -376,11 +376,12 @@ def member_process(
         proc.wait(10)
 
 
-def test_upload_held_by_a_killed_member_is_claimed_once(
+def test_upload_held_by_a_killed_member_is_counted_once(
     shared_db: tuple[str, Path], tmp_path: Path
 ) -> None:
     """b acknowledges b1's upload and is SIGKILLed (no leave); b1 reconnects to a; once b
-    is no longer live a claims the upload, counts it once, and the round completes."""
+    is no longer live a delivers b's round on its behalf (b's semi-global model, from the
+    upload b held), so the upload counts once, in the round it was acknowledged for."""
     db, blobs = shared_db
     token = "token-of-agent-b1-" + "x" * 16
     with members(member_config(db, blobs, "a")) as (a,):
@@ -413,10 +414,17 @@ def test_upload_held_by_a_killed_member_is_claimed_once(
             copies = [m for m in store.models(a.run_id, "local") if m["upload_id"] == upload_id]
             assert len(copies) == 1 and copies[0]["status"] == "aggregated"
             gid = store.rounds(a.run_id)[0]["model_id"]
-            (semi,) = [p for p in store.parents(gid) if p["relation"] == "input"]
-            inputs = [q["id"] for q in store.parents(semi["id"]) if q["relation"] == "input"]
-            assert copies[0]["id"] in inputs and len(inputs) == 2
-            assert semi["num_samples"] == 20
+            semis = [p for p in store.parents(gid) if p["relation"] == "input"]
+            held = {
+                q["id"]: s
+                for s in semis
+                for q in store.parents(s["id"])
+                if q["relation"] == "input"
+            }
+            assert len(held) == 2 and sum(s["num_samples"] for s in semis) == 20
+            by_b = held[copies[0]["id"]]  # b's semi-global model, delivered by a
+            assert by_b["producer"] != a.aggregator_id
+            assert by_b["metrics"]["delivered_by"] == "a" and by_b["num_samples"] == 15
         finally:
             store.close()
 
