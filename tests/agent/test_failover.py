@@ -862,9 +862,9 @@ def test_a_federation_member_killed_its_agents_fail_over_to_the_other(
             assert others_may_go.wait(30)
 
     def after_send(ag: LoopAgent, version: int) -> None:
-        pending = ag.agent._pending
-        if version == k and pending is not None:
-            held.append(pending.upload_id)
+        if version == k:  # the upload just sent: pending, or already acknowledged
+            pending, acked = ag.agent._pending, list(ag.agent.acknowledged)
+            held.append(pending.upload_id if pending is not None else acked[-1].upload_id)
 
     with processes(a, b):
         a.start()
