@@ -919,14 +919,15 @@ def test_a_federation_member_killed_its_agents_fail_over_to_the_other(
         rows = store.rounds(run_id)
         assert [r["round"] for r in rows] == list(range(1, rounds + 1))  # each global once
         members = [r["metrics"].get("synthesis_members") for r in rows]
-        assert members == ["a,b"] * k + ["b"] * (rounds - k), members
+        # round k+1: a died holding an acknowledged upload; b delivered a's round for it
+        assert members == ["a,b"] * (k + 1) + ["b"] * (rounds - k - 1), members
         local = store.models(run_id, "local")
         stored = {m["upload_id"]: m for m in local if m["upload_id"]}
         for rep in reports:
             for upload_id, _ in rep["acked"]:
                 assert upload_id in stored, f"acknowledged upload {upload_id} not stored"
         assert not [m for m in local if m["status"] == "buffered"]
-        # held by a, claimed by b: in round k+1, once
+        # held by a, delivered by b as a's semi-global model of round k+1: once
         assert stored[held[0]]["status"] == "aggregated" and stored[held[0]]["round"] == k + 1
         final = store.load_weights(rows[-1]["model_id"])
     finally:
