@@ -126,7 +126,15 @@ def _semi(
     )
 
 
-def _global(st: Store, run_id: str, round: int, semis: list[SemiGlobal], base: str) -> str | None:
+def _global(
+    st: Store,
+    run_id: str,
+    round: int,
+    semis: list[SemiGlobal],
+    base: str,
+    *,
+    complete: bool = False,
+) -> str | None:
     total = sum(g.num_samples for g in semis)
     weights = {"w": np.zeros(3, dtype=np.float64)}
     for g in semis:
@@ -143,6 +151,7 @@ def _global(st: Store, run_id: str, round: int, semis: list[SemiGlobal], base: s
         aggregator_id=semis[0].aggregator_id,
         started=time.time(),
         finished=time.time(),
+        complete=complete,
     )
 
 
@@ -357,6 +366,44 @@ def test_commit_global_race_has_exactly_one_winner(opener: Opener) -> None:
     assert [r["round"] for r in stores[0].rounds(run_id)] == list(range(7))[1:]
     cluster = [m for m in stores[0].models(run_id, "cluster") if m["round"] > 0]
     assert sorted(m["round"] for m in cluster) == list(range(1, 7))  # no version twice
+
+
+def test_complete_global_refuses_to_leave_out_a_delivered_semi_global(opener: Opener) -> None:
+    """Sync synthesis: a semi-global model of the round delivered after the synthesiser
+    read the round (a dead member's, delivered by a survivor) makes ``commit_global``
+    with ``complete`` refuse, so the round is synthesised again from all of them; a dead
+    member's delivery after the global model exists is refused in turn (its uploads stay
+    buffered: nothing is aggregated into a model no global model uses)."""
+    st = opener()
+    run_id, base = _run(st)
+    a, b, dead = (
+        st.join_federation(run_id, name=n, url=f"ws://{n}:1", liveness=LIVE) for n in "ABD"
+    )
+    _semi(st, run_id, a.id, [], 0.0, 5, base)
+    seen = st.federation_view(run_id, 1, liveness=LIVE).semi_globals
+    up = _upload(st, run_id, "d1", 7.0, 3, round=1, cluster=dead.id)
+    _semi(st, run_id, dead.id, [up], 7.0, 3, base)  # ... as a survivor does, meanwhile
+    assert _global(st, run_id, 1, seen, base, complete=True) is None
+    assert st.get_run(run_id).version == 0  # nothing committed
+    full = st.federation_view(run_id, 1, liveness=LIVE).semi_globals
+    gid = _global(st, run_id, 1, full, base, complete=True)
+    assert gid is not None and len(full) == 2
+    late = _upload(st, run_id, "d2", 9.0, 3, round=1, cluster=b.id)
+    with pytest.raises(StoreConflict):
+        st.commit_semi_global(
+            run_id,
+            aggregator_id=b.id,
+            round=1,
+            weights={"w": np.full(3, 9.0, dtype=np.float32)},
+            inputs=[late],
+            base_model_id=base,
+            num_samples=3,
+            metrics={},
+            started=time.time(),
+            finished=time.time(),
+            held_by=b.id,
+        )
+    assert st.model(late)["status"] == "buffered"  # type: ignore[index]
 
 
 # ---------------------------------------------------------------------- uploads that move

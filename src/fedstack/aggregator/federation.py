@@ -195,6 +195,12 @@ class SharedStoreSynthesis:
                 if gid is not None:
                     return await self._load(view.version, gid, extra)
             latest = {sg.aggregator_id: sg.round for sg in view.semi_globals}
+            # a round delivered on a dead member's behalf says nothing of its agents
+            own = {
+                sg.aggregator_id: sg.round
+                for sg in view.semi_globals
+                if "delivered_by" not in sg.metrics
+            }
             delivered = [sg for sg in view.semi_globals if sg.round == round]
             # waited for: live members at version round - 1 that have agents, or that
             # delivered round - 1 (their agents may be reconnecting, e.g. after a store
@@ -203,7 +209,7 @@ class SharedStoreSynthesis:
                 m.name
                 for m in view.members
                 if m.live
-                and (m.active_agents > 0 or latest.get(m.id, -1) == round - 1)
+                and (m.active_agents > 0 or own.get(m.id, -1) == round - 1)
                 and latest.get(m.id, -1) != round
                 and (m.version == round - 1 or latest.get(m.id, -1) == round - 1)
             ]
@@ -297,6 +303,7 @@ class SharedStoreSynthesis:
             aggregator_id=self.agg.aggregator_id,
             started=started_wall,
             finished=time.time(),
+            complete=self.cfg.synthesis == "sync",
         )
         if gid is None:
             return None

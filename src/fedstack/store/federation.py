@@ -117,6 +117,11 @@ _ORPHANS = (
     )
     .order_by(_M.c.created)
 )
+_DELIVERED_OF_ROUND = select(_CR.c.model_id).where(
+    _CR.c.run_id == bindparam("b_run"),
+    _CR.c.round == bindparam("b_round"),
+    _CR.c.status == "delivered",
+)
 _ADVANCE_RUN = (
     update(s.runs)
     .where(s.runs.c.id == bindparam("b_run"), s.runs.c.version == bindparam("b_from"))
@@ -238,6 +243,10 @@ _PENDING_DELIVERY = select(func.max(_CR.c.round)).where(
     _CR.c.status == "delivered",
     _CR.c.round > bindparam("b_version"),
 )
+
+
+class _Incomplete(Exception):
+    """commit_global: a semi-global model of the round is missing from the inputs."""
 
 
 class _Lost(Exception):
@@ -437,6 +446,7 @@ class Federation(Members):
         started: float,
         finished: float,
         extra: Weights | None = None,
+        complete: bool = False,
     ) -> str | None:
         """Commit global model ``round`` synthesised from ``semi_globals`` (SemiGlobal
         records or model ids), stored like a standalone round's (kind ``cluster``,
@@ -448,9 +458,15 @@ class Federation(Members):
         still ``round - 1`` (and the ``rounds`` primary key backs it up), so of several
         members committing ``round`` exactly one wins.
 
+        ``complete`` (sync synthesis): refuse, returning None, if a semi-global model of
+        ``round`` delivered and not among ``semi_globals`` exists by then (e.g. a dead
+        member's round delivered by a survivor meanwhile): the caller reads the round's
+        semi-global models again and synthesises from all of them.
+
         Returns:
             The global model's id, or None if another member committed ``round`` first
-            (read the winner's with :meth:`federation_view`).
+            (read the winner's with :meth:`federation_view`) or, with ``complete``, the
+            inputs are no longer all of the round's.
 
         Raises:
             StoreError: the run's version is below ``round - 1`` (rounds must follow each
@@ -471,6 +487,14 @@ class Federation(Members):
                 ).rowcount
                 if moved != 1:
                     raise _Lost
+                if complete:  # after the run's row lock: concurrent deliveries are visible
+                    present = set(
+                        c.execute(
+                            _DELIVERED_OF_ROUND, {"b_run": run_id, "b_round": round}
+                        ).scalars()
+                    )
+                    if not present <= set(ids):
+                        raise _Incomplete
                 c.execute(
                     _INSERT_MODEL,
                     {
@@ -517,6 +541,8 @@ class Federation(Members):
                         "state_blob": None,
                     },
                 )
+        except _Incomplete:
+            return None
         except (_Lost, StoreConflict) as exc:
             with self._begin() as c:
                 version = c.execute(RUN_VERSION, {"b_run": run_id}).scalar()
