@@ -1,0 +1,303 @@
+"""A federation member's background work: membership, liveness, following, claims.
+
+:class:`Membership` belongs to an aggregator with a ``name`` (or an ``upstream``); a
+standalone aggregator has none. It
+
+- joins the federation at start (:meth:`Membership.join`: the member row of
+  (run, name) is taken over if it is not live, so a restarted member keeps its id, its
+  buffered uploads and its strategy state; a live member of that name refuses the start);
+- heartbeats every ``federation_heartbeat`` s with the number of connected agents and the
+  global version (the database's clock decides liveness), keeps the other live members'
+  URLs for the agents' welcomes (:attr:`Membership.peers`), and *claims* the buffered
+  uploads that dead members held for agents now connected here (posting
+  :class:`~fedstack.aggregator.events.UploadsClaimed` to the round owner);
+- follows the run: when the run's global version moves past this member's (other members
+  synthesised without it, or it has no agents), it loads that global model and posts
+  :class:`~fedstack.aggregator.events.GlobalAdvanced` (or, before this member has a model
+  at all, :class:`~fedstack.aggregator.events.FederationStarted`);
+- leaves on stop (:meth:`Membership.leave`).
+
+The owner-side effects of following and claiming (:func:`carry_contributions`,
+:func:`absorb_claims`) are here too: they run as effects of the round owner and report
+back with an event, like every other effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from fedstack.aggregator.events import (
+    ClaimsAbsorbed,
+    FederationStarted,
+    Followed,
+    GlobalAdvanced,
+    UploadsClaimed,
+)
+from fedstack.aggregator.federation import Adopted
+from fedstack.aggregator.uploads import gated
+from fedstack.errors import (
+    ConfigError,
+    CorruptBlob,
+    FedstackError,
+    InvalidUpdate,
+    StoreConflict,
+    StoreError,
+    TensorFileError,
+)
+from fedstack.strategies import Update
+
+if TYPE_CHECKING:
+    from fedstack.aggregator.service import Aggregator
+    from fedstack.store import Member, UploadRecord
+
+__all__ = ["FederationLost", "Membership", "absorb_claims", "carry_contributions"]
+
+log = logging.getLogger("fedstack.aggregator")
+
+FOLLOW_INTERVAL = 0.25
+"""Seconds between two looks at the run's global version."""
+MAX_PEERS = 64
+"""Most peer URLs told to an agent in a welcome (the wire bounds the list too)."""
+
+
+class FederationLost(FedstackError):
+    """Another aggregator took this member's row over (it was considered dead): this one
+    must stop, or two aggregators would act as the same member."""
+
+
+class Membership:
+    """The federation work of one member (see the module doc).
+
+    Args:
+        aggregator: the member; its store, run, config and round state are read, events
+            are posted to its round owner.
+    """
+
+    def __init__(self, aggregator: Aggregator) -> None:
+        self.agg = aggregator
+        self.cfg = aggregator.config
+        self.member: Member | None = None
+        self.peers: list[str] = []
+        """The other live members' advertised URLs (for ``Welcome.aggregators``)."""
+        self._poke = asyncio.Event()
+        self._followed = -1  # the latest version a GlobalAdvanced was posted for
+
+    # ------------------------------------------------------------------ lifecycle
+    async def join(self, url: str) -> Member:
+        """Join the run's federation as ``config.name`` advertising ``url``.
+
+        Raises:
+            ConfigError: a live member already has this name.
+            StoreError: the store failed.
+        """
+        store = self.agg.store
+        assert store is not None and self.cfg.name is not None
+        try:
+            member = await self.agg._db(
+                store.join_federation,
+                self.agg.run_id,
+                name=self.cfg.name,
+                url=url,
+                upstream=self.cfg.upstream,
+                liveness=self.cfg.liveness_timeout,
+            )
+        except StoreConflict as exc:
+            raise ConfigError(
+                f"an aggregator called {self.cfg.name!r} is already live in run "
+                f"{self.cfg.run_name!r} (heartbeat within {self.cfg.liveness_timeout:g} s): "
+                f"choose another --name, or stop that one first ({exc})"
+            ) from None
+        self.member = member
+        log.info(
+            "joined the federation of run %s as %r (member %s, %s)",
+            self.agg.run_id[:8],
+            member.name,
+            member.id[:8],
+            url,
+        )
+        return member
+
+    async def leave(self) -> None:
+        """Mark this member stopped (its agents' uploads may then be claimed at once).
+        A store failure is logged: the heartbeat's expiry says the same later."""
+        store = self.agg.store
+        if store is None or self.member is None:
+            return
+        try:
+            await self.agg._db(store.leave_federation, self.agg.run_id, self.member.id)
+        except StoreError as exc:
+            log.warning("could not record leaving the federation: %s", exc)
+
+    def poke(self) -> None:
+        """Heartbeat now (the global version changed)."""
+        self._poke.set()
+
+    # ------------------------------------------------------------------ background loops
+    async def run_heartbeat(self) -> None:
+        """Heartbeat, refresh the peers, claim dead members' uploads; forever.
+
+        Raises:
+            StoreError: the store failed (the scope restarts this loop after a pause).
+        """
+        store = self.agg.store
+        assert store is not None and self.member is not None
+        me = self.member.id
+        while True:
+            self._poke.clear()
+            state = self.agg.state
+            try:
+                members = await self.agg._db(
+                    store.heartbeat,
+                    self.agg.run_id,
+                    me,
+                    active_agents=len(self.agg.sessions),
+                    version=state.version,
+                    liveness=self.cfg.liveness_timeout,
+                )
+            except StoreConflict as exc:
+                self.agg._fatal(
+                    "federation-heartbeat",
+                    FederationLost(f"member {self.cfg.name!r} was taken over: {exc}"),
+                )
+                return
+            self.peers = [m.url for m in members if m.live and m.id != me][:MAX_PEERS]
+            if state.initialized and not state.finished and self.agg.sessions:
+                claimed = await self.agg._db(
+                    store.claim_uploads,
+                    self.agg.run_id,
+                    me,
+                    list(self.agg.sessions),
+                    round=state.round,
+                    liveness=self.cfg.liveness_timeout,
+                )
+                if claimed:
+                    log.info(
+                        "claimed %d buffered upload(s) of agents now connected here from "
+                        "members that are no longer live",
+                        len(claimed),
+                    )
+                    await self.agg._post(UploadsClaimed(list(claimed)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), self.cfg.federation_heartbeat)
+
+    async def run_follow(self) -> None:
+        """Watch the run's global version; post what this member must adopt. Forever.
+
+        Raises:
+            StoreError: the store failed (the scope restarts this loop after a pause).
+        """
+        store = self.agg.store
+        assert store is not None
+        while True:
+            await asyncio.sleep(FOLLOW_INTERVAL)
+            state = self.agg.state
+            run = await self.agg._db(store.get_run, self.agg.run_id)
+            if run.version < 0 or run.version <= max(state.version, self._followed):
+                continue
+            gid = await self.agg._db(store.global_model_id, self.agg.run_id, run.version)
+            if gid is None:
+                continue
+            weights = await self.agg._db(store.load_weights, gid)
+            if not state.initialized:
+                if run.structure is None:
+                    continue
+                started = asyncio.get_running_loop().create_future()
+                log.info("the federation started elsewhere: joining at version %d", run.version)
+                await self.agg._post(
+                    FederationStarted(run.structure, weights, gid, started, version=run.version)
+                )
+                await started
+            else:
+                row = await self.agg._db(store.model, gid)
+                metrics = dict(row["metrics"] or {}) if row else {}
+                await self.agg._post(
+                    GlobalAdvanced(Adopted(run.version, gid, weights, {}, metrics))
+                )
+            self._followed = run.version
+
+
+async def carry_contributions(
+    agg: Aggregator, adopted: Adopted, contributions: dict[str, str], state: dict[str, Any]
+) -> Followed:
+    """Owner effect: the round in progress is superseded by ``adopted``; carry its
+    ``contributions`` (agent id -> model id) into the round after it per the staleness
+    policy (``next``: still buffered, relabelled, and fed to the new accumulator; ``drop``:
+    stored as stale) and build that round's accumulator. Errors are returned."""
+    store = agg.store
+    assert store is not None
+    drop = agg.config.staleness == "drop"
+    ids = list(contributions.values())
+    try:
+        if ids:
+            await agg._db(
+                store.carry_uploads, agg.run_id, ids, round=adopted.version + 1, drop=drop
+            )
+        buffered: list[UploadRecord] = []
+        if ids and not drop:
+            wanted = set(ids)
+            held = await agg._db(store.cluster_resume, agg.run_id, agg.aggregator_id)
+            buffered = [r for r in held.buffered if r.model_id in wanted]
+        replayed = await agg.driver.replay(adopted.weights, state, adopted.version, buffered)
+    except Exception as exc:
+        return Followed(adopted, None, exc)
+    return Followed(adopted, replayed)
+
+
+async def absorb_claims(
+    agg: Aggregator, records: list[UploadRecord], version: int, duplicates: list[str]
+) -> ClaimsAbsorbed:
+    """Owner effect: feed claimed uploads to the round in progress (round ``version +
+    1``) as a replay does (load, gate, ``Update``); relabel those claimed for another
+    round first, and store ``duplicates`` (model ids of agents that already contributed
+    to the round) as stale. Errors are returned (the uploads stay buffered and held
+    here: a resume replays them)."""
+    store = agg.store
+    assert store is not None and agg.global_weights is not None
+    acc = agg.driver.accumulator
+    assert acc is not None
+    round_ = version + 1
+    added: list[UploadRecord] = []
+    try:
+        stale = duplicates + [
+            r.model_id
+            for r in records
+            if agg.config.staleness == "drop" and r.base_version < version
+        ]
+        if stale:
+            await agg._db(store.carry_uploads, agg.run_id, stale, round=round_, drop=True)
+        moved = [r.model_id for r in records if r.round != round_ and r.model_id not in stale]
+        if moved:
+            await agg._db(store.carry_uploads, agg.run_id, moved, round=round_, drop=False)
+        for rec in records:
+            if rec.model_id in stale:
+                continue
+            try:
+                weights = await agg._db(store.load_weights, rec.model_id)
+                extra = await agg._db(store.load_extra, rec.model_id)
+            except (CorruptBlob, TensorFileError) as exc:
+                log.warning("quarantined the claimed upload %s: %s", rec.upload_id[:64], exc)
+                await agg._db(store.quarantine_upload, agg.run_id, rec.model_id, str(exc))
+                continue
+            update = Update(
+                rec.agent_id,
+                weights,
+                rec.num_samples,
+                max(0, version - rec.base_version),
+                rec.metrics,
+                rec.model_id,
+                extra,
+            )
+            if agg.gate is not None:
+                update = gated(update, agg.owner.gate_check(weights))
+            try:
+                acc.add(update)
+            except InvalidUpdate as exc:
+                log.warning("claimed upload %s refused: %s", rec.upload_id[:64], exc)
+                continue
+            added.append(rec)
+    except Exception as exc:
+        return ClaimsAbsorbed(added, exc)
+    return ClaimsAbsorbed(added)
