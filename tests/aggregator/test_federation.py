@@ -420,3 +420,31 @@ def test_members_started_at_once_agree_on_the_first_model(tmp_path: Path) -> Non
             assert [m["round"] for m in store.models(a.run_id, "cluster")] == [0]
         finally:
             store.close()
+
+
+def test_sync_rounds_wait_for_every_member_with_agents(tmp_path: Path) -> None:
+    """Several rounds back to back (agents answer at once): every global model is
+    synthesised from both members' semi-global models of its round."""
+    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    n = 5
+    with members(
+        member_config(db, blobs, "a", rounds=n), member_config(db, blobs, "b", rounds=n)
+    ) as (a, b):
+        with agents([("a1", a.url), ("b1", b.url)], first="a1") as ag:
+            a1, b1 = ag["a1"], ag["b1"]
+            a1.wait_for_global_model(20)
+            b1.wait_for_global_model(20)
+            wait_heartbeats(db, a.run_id, blobs, {"a": 1, "b": 1})
+            for r in range(1, n + 1):
+                assert a1.send_trained_model(model(float(r)), 1)
+                assert b1.send_trained_model(model(float(3 * r)), 3)
+                for x in (a1, b1):
+                    np.testing.assert_array_equal(x.wait_for_global_model(30)["w"], [2.5 * r])
+        store = Store(db, str(blobs))
+        try:
+            rounds = store.rounds(a.run_id)
+            assert [r["round"] for r in rounds] == list(range(1, n + 1))
+            assert {r["metrics"]["synthesis_members"] for r in rounds} == {"a,b"}
+            assert {r["num_samples"] for r in rounds} == {4}
+        finally:
+            store.close()

@@ -177,11 +177,14 @@ class SharedStoreSynthesis:
         pause = POLL_FIRST
         waited_from = time.perf_counter()
         while True:
+            # each member's LATEST semi-global: round ``round`` = delivered; ``round - 1``
+            # = it is at version round - 1 even if its heartbeat does not say so yet
             view = await self.agg._db(
                 store.federation_view,
                 self.agg.run_id,
                 round,
                 liveness=self.cfg.liveness_timeout,
+                latest=True,
             )
             if view.global_model_id is not None:
                 return await self._load(round, view.global_model_id, extra)
@@ -189,17 +192,18 @@ class SharedStoreSynthesis:
                 gid = await self.agg._db(store.global_model_id, self.agg.run_id, view.version)
                 if gid is not None:
                     return await self._load(view.version, gid, extra)
-            delivered = {sg.aggregator_id for sg in view.semi_globals}
+            latest = {sg.aggregator_id: sg.round for sg in view.semi_globals}
+            delivered = [sg for sg in view.semi_globals if sg.round == round]
             waiting = [
                 m.name
                 for m in view.members
                 if m.live
                 and m.active_agents > 0
-                and m.version == round - 1
-                and m.id not in delivered
+                and latest.get(m.id, -1) != round
+                and (m.version == round - 1 or latest.get(m.id, -1) == round - 1)
             ]
             timed_out = self.agg.clock() >= deadline
-            if view.semi_globals and (not waiting or timed_out):
+            if delivered and (not waiting or timed_out):
                 if waiting:
                     log.warning(
                         "round %d: synthesising without %s (no semi-global model within %g s)",
@@ -208,7 +212,7 @@ class SharedStoreSynthesis:
                         self.cfg.synthesis_timeout,
                     )
                 wait_seconds = time.perf_counter() - waited_from
-                adopted = await self._synthesise(round, view.semi_globals, extra, wait_seconds)
+                adopted = await self._synthesise(round, delivered, extra, wait_seconds)
                 if adopted is not None:
                     return adopted
                 continue  # another member won the race: read its global model

@@ -699,9 +699,7 @@ class Aggregator:
 def _first_run(store: Store, mine: RunInfo) -> RunInfo:
     """Members started at the same moment may each have created a run of that name: all
     take the oldest running one (the same for everyone); an unused one of ours is closed."""
-    running = [
-        r for r in store.list_runs() if r["name"] == mine.name and r["status"] == "running"
-    ]
+    running = [r for r in store.list_runs() if r["name"] == mine.name and r["status"] == "running"]
     first = min(running, key=lambda r: (r["created"], r["id"]), default=None)
     if first is None or first["id"] == mine.id:
         return mine
