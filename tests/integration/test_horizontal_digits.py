@@ -2,7 +2,10 @@
 horizontal federation of 3 aggregators x 3 agents ends within 1 accuracy point of one
 aggregator with the same 9 agents.
 
-Both federations run in this process on one event loop: real :class:`Aggregator` objects
+The federated run starts its agents so that the clusters begin round 1 together (as
+``fedstack demo --aggregators`` does): sync synthesis waits only for the members the store
+shows at the round with agents, and a digits round (milliseconds) is much shorter than a
+heartbeat. Both federations run in this process on one event loop: real :class:`Aggregator` objects
 (the 3 members each with its OWN :class:`Store` on one SQLite file, ``synthesis`` sync) on
 real loopback sockets, and 9 real :class:`Agent` objects through the book's API (their
 async form), each training :class:`DigitsLinearTrainer` on its share. Everything is
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ import numpy as np
 
 from fedstack import Agent, AggregatorConfig, FederationFinished, Store, aio
 from fedstack.aggregator import Aggregator
+from fedstack.store import Member
 from fedstack.trainers.digits import DigitsLinearTrainer, evaluate_global
 from fedstack.types import Weights
 
@@ -105,11 +110,33 @@ async def _federation(
     try:
         for agg in aggs:  # one after the other: the first creates the run
             await agg.start()
-        agents = [
-            asyncio.ensure_future(_agent(agg.url, i, finals))
-            for agg, c in zip(aggs, clusters, strict=True)
-            for i in c
-        ]
+        home = {i: aggs[j] for j, c in enumerate(clusters) for i in c}
+        agents: list[asyncio.Future[int]] = []
+
+        def start(i: int) -> None:
+            agents.append(asyncio.ensure_future(_agent(home[i].url, i, finals)))
+
+        if not federated:
+            for i in home:
+                start(i)
+        else:
+            # a synchronous start, as `fedstack demo --aggregators` does: the first agent
+            # brings the first model; once every member holds it, the other members'
+            # agents; once the store shows them with their clusters, the first member's
+            # remaining agents (a member seen without agents is not waited for)
+            first, rest = clusters[0][0], clusters[0][1:]
+            start(first)
+            await _until(stores[0], aggs, lambda m: m.version >= 0)
+            for c in clusters[1:]:
+                for i in c:
+                    start(i)
+            await _until(
+                stores[0],
+                aggs,
+                lambda m: m.id == aggs[0].aggregator_id or m.active_agents >= len(clusters[1]),
+            )
+            for i in rest:
+                start(i)
         fits = await asyncio.wait_for(asyncio.gather(*agents), 2 * TIMEOUT)
         await asyncio.wait_for(asyncio.gather(*(a.wait_finished() for a in aggs)), TIMEOUT)
         run_id = aggs[0].run_id
@@ -134,6 +161,17 @@ async def _federation(
         "run_ids": {a.run_id for a in aggs},
         "member_ids": [a.aggregator_id for a in aggs],
     }
+
+
+async def _until(store: Store, aggs: list[Aggregator], ok: Callable[[Member], bool]) -> None:
+    """Wait until the store shows every member satisfying ``ok`` (bounded)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        view = await asyncio.to_thread(store.federation_view, aggs[0].run_id, 1, liveness=5.0)
+        if len(view.members) == len(aggs) and all(ok(m) for m in view.members):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the members did not reach the expected state in time")
 
 
 def _run(db: Path, run_name: str, clusters: list[list[int]], federated: bool) -> dict[str, Any]:

@@ -17,8 +17,18 @@ interpreter (no GIL shared by K round owners and their aggregation threads, so t
 cores of a small machine are used), and a crash of one member shows up as a failed
 process with its own log in ``WORKDIR/logs/aN.log`` instead of taking the demo down.
 The cost is one interpreter start per member, paid in parallel. The first member is
-started alone (it creates the run) and the others once it is ready, so no two processes
-race to create the same run.
+started alone (it creates the run) and the others once it is ready.
+
+The agents start in three steps so that the clusters begin round 1 together: ``agent-1``
+(a1's) brings the first model; once every member holds it (the store shows version 0 in
+each member's row), the agents of a2..aK; once the store shows those members with their
+whole clusters, a1's remaining agents. Without this, a demo round (tens of milliseconds of
+training) is much shorter than the federation's coordination intervals (heartbeats,
+following the run's version): sync synthesis waits only for the members its store view
+shows at the round with agents, so a member whose agents connected a moment later would
+trail the others for the whole run, its semi-global models arriving after the global
+model of their round was made (stored as ``late``). With one agent in a1's cluster
+(``--agents`` = K) a1 may still run its first rounds alone.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +50,7 @@ from rich.table import Table
 from fedstack.cli.demo import EVALUATOR, TRAINER, DemoArgs, DemoError, spawn, wait_ready
 from fedstack.cli.output import console
 from fedstack.names import safe_text
-from fedstack.store import Store
+from fedstack.store import Member, Store
 from fedstack.types import Metrics, Weights
 
 __all__ = ["run_horizontal"]
@@ -48,6 +59,11 @@ LIVENESS = 5.0
 """Seconds of heartbeat silence after which the store calls a member dead (display only)."""
 ROUND_TIMEOUT = 120.0
 """A cluster round's deadline (s): generous, the demo's clusters are all connected."""
+HEARTBEAT = 0.2
+"""Seconds between two heartbeats of a member (default 1 s). A demo round takes well under
+a second, and sync synthesis waits only for the members whose last heartbeat shows agents:
+at 1 s the first rounds could be synthesised before a member that is just getting its
+agents is seen with them."""
 
 
 @dataclass
@@ -80,6 +96,8 @@ def _aggregator_args(
         name,
         "--synthesis",
         "sync",
+        "--federation-heartbeat",
+        str(HEARTBEAT),
         "--host",
         "127.0.0.1",
         "--port",
@@ -144,7 +162,8 @@ def run_horizontal(args: DemoArgs, k: int) -> int:
         if any(m.run_id != run_id for m in members):
             raise DemoError("the aggregators did not join the same run; see the logs")
         urls = [m.url for m in members]
-        for i in range(args.agents):
+
+        def start_agent(i: int) -> None:
             j = i % k
             name = f"agent-{i + 1}"
             members[j].agents.append(name)
@@ -170,6 +189,25 @@ def run_horizontal(args: DemoArgs, k: int) -> int:
                     work / "logs" / f"{name}.log",
                 )
             )
+
+        # a synchronous start (see the module docstring): agent-1 brings the first model
+        # to a1; once every member holds it, the other members' agents; once the store
+        # shows those members with their whole clusters, a1's remaining agents
+        start_agent(0)
+        _wait_members(db, run_id, members, lambda m: m.version >= 0, t0 + 60, "the first model")
+        for i in range(1, args.agents):
+            if i % k != 0:
+                start_agent(i)
+        _wait_members(
+            db,
+            run_id,
+            members,
+            lambda m: m.name == names[0] or m.active_agents >= len(clusters[names.index(m.name)]),
+            t0 + 60,
+            "their agents",
+        )
+        for i in range(k, args.agents, k):
+            start_agent(i)
         rows = _follow(db, run_id, args, names, members, procs, say, deadline=t0 + args.timeout)
         for p in procs:
             p.wait(timeout=60)
@@ -229,6 +267,30 @@ def _ready(m: _Member, deadline: float) -> None:
     m.run_id = str(info["run_id"])
 
 
+def _wait_members(
+    db: Path,
+    run_id: str,
+    members: list[_Member],
+    ok: Callable[[Member], bool],
+    deadline: float,
+    what: str,
+) -> None:
+    """Return once the store shows every member (all of ``members``) satisfying ``ok``."""
+    store = Store(str(db))
+    try:
+        while time.monotonic() < deadline:
+            view = store.federation_view(run_id, 1, liveness=LIVENESS)
+            if len(view.members) >= len(members) and all(ok(m) for m in view.members):
+                return
+            dead = [m for m in members if m.proc.poll() is not None]
+            if dead:
+                raise DemoError(f"aggregator {dead[0].name} exited; see {dead[0].log}")
+            time.sleep(0.02)
+    finally:
+        store.close()
+    raise DemoError(f"the aggregators did not all get {what} in time; see {members[0].log.parent}")
+
+
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -241,11 +303,11 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait(timeout=10)
 
 
-def _round_row(
-    store: Store, run_id: str, r: dict[str, Any], previous: float | None
-) -> dict[str, Any]:
-    """One round of the table: the global model's accuracy (evaluated here, the same
-    function the aggregators run) and each member's semi-global model's."""
+def _round_row(store: Store, run_id: str, r: dict[str, Any], previous: float) -> dict[str, Any]:
+    """One round of the table: the global model's accuracy (the aggregators' evaluation,
+    or, when the store has none yet, the same function run here) and each member's
+    semi-global model's; ``seconds`` from ``previous`` (the previous global model's time)
+    to this one."""
     rnd = int(r["round"])
     acc = r["metrics"].get("eval_accuracy")
     if not isinstance(acc, float):
@@ -264,7 +326,7 @@ def _round_row(
     return {
         "round": rnd,
         "accuracy": float(acc),
-        "seconds": finished - previous if previous is not None else float(r["seconds"]),
+        "seconds": max(0.0, finished - previous),
         "agents": r["num_updates"],
         "train_seconds": r["metrics"].get("max_train_seconds", 0.0),
         "synthesis_seconds": r["metrics"].get("synthesis_seconds"),
@@ -301,7 +363,7 @@ def _follow(
             if time.monotonic() > deadline:
                 raise DemoError(f"the demo did not finish within {args.timeout:.0f} s")
             for r in store.rounds(run_id)[len(shown) :]:
-                prev = shown[-1]["finished"] if shown else None
+                prev = shown[-1]["finished"] if shown else _first_model_time(store, run_id)
                 row = _round_row(store, run_id, r, prev)
                 shown.append(row)
                 if live is None:
@@ -325,6 +387,13 @@ def _follow(
     for row in shown:
         row.pop("finished")
     return shown
+
+
+def _first_model_time(store: Store, run_id: str) -> float:
+    """When the federation's first model (version 0) was stored."""
+    gid = store.global_model_id(run_id, 0)
+    row = store.model(gid) if gid is not None else None
+    return float(row["created"]) if row is not None else time.time()
 
 
 def _acc(row: dict[str, Any], name: str) -> str:
