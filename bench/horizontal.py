@@ -21,10 +21,14 @@ Round time = the interval between consecutive global models in the store (``fini
 of round r minus round r - 1), median over rounds 2..R (the first round includes the
 agents joining). Synthesis time = the median of the global rounds' ``synthesis_seconds``
 metric (recorded by the member that synthesised: reading the semi-global models, the
-weighted combination, the commit). Printed ratios: federated / single (what the issue
-bounds: synthesis adds at most 10 %) and federated / independent (the federation's cost
-at equal load: on a machine with fewer cores than processes the single-aggregator ratio
-also measures K clusters sharing the CPU).
+weighted combination, the commit); synthesis latency = from the last semi-global model a
+global model was made from to that global model (what the federation adds after the
+slowest cluster's round: polling the store, synthesis, commit). Printed ratios:
+federated / single (what the issue bounds: synthesis adds at most 10 %) and federated /
+independent (the federation's cost at equal load: on a machine with fewer cores than
+processes the single-aggregator ratio also measures K clusters sharing the CPU).
+``--store postgresql`` runs every aggregator on a throwaway local PostgreSQL server
+instead (the multi-host configuration; fsync off there).
 
 ``--repeat N`` interleaves the kinds (independent, federated, per K, N times) so a noisy
 minute hits all alike; medians are reported. ``--quick``: 50 agents per aggregator,
@@ -35,6 +39,7 @@ K = 1 and 2, 4 rounds. Results: table on stdout, JSON in bench/results/horizonta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -43,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +62,7 @@ START_TIMEOUT = 60.0
 
 
 def _aggregator(
-    d: Path, tag: str, db: Path, agents: int, rounds: int, timeout: float, fed: list[str]
+    d: Path, tag: str, db: str, agents: int, rounds: int, timeout: float, fed: list[str]
 ) -> tuple[subprocess.Popen[bytes], Path]:
     ready = d / f"{tag}.ready"
     args = [
@@ -70,7 +76,7 @@ def _aggregator(
         "--port",
         "0",
         "--db",
-        str(db),
+        db,
         "--auth",
         "off",
         "--min-agents",
@@ -114,15 +120,18 @@ def run_once(
     federated: bool,
     synthesis: str = "sync",
     timeout: float = 300.0,
+    new_db: Callable[[Path, str], str] | None = None,
 ) -> dict[str, Any]:
     """One run of ``k`` aggregators with ``agents`` live agents each (see the module
-    docstring); returns its round times, synthesis times and errors."""
+    docstring); returns its round times, synthesis times and errors. ``new_db(dir, tag)``
+    makes a fresh database (default: an SQLite file in ``dir``)."""
     with tempfile.TemporaryDirectory(prefix="fedstack-horizontal-") as tmp:
         d = Path(tmp)
+        make = new_db or (lambda d, tag: str(d / f"{tag}.db"))
         names = [f"a{j + 1}" for j in range(k)]
-        dbs = [d / "fed.db"] * k if federated else [d / f"{n}.db" for n in names]
+        dbs = [make(d, "fed")] * k if federated else [make(d, n) for n in names]
         if federated:
-            Store(str(dbs[0])).close()  # the schema exists before the members start
+            Store(dbs[0]).close()  # the schema exists before the members start
         procs: list[subprocess.Popen[bytes]] = []
         loads: list[subprocess.Popen[str]] = []
         try:
@@ -184,7 +193,7 @@ def run_once(
                 except subprocess.TimeoutExpired:
                     p.send_signal(signal.SIGTERM)
                     p.wait(30)
-            per_db = [_rounds(db) for db in (dbs[:1] if federated else dbs)]
+            per_db = [_rounds(db, federated) for db in (dbs[:1] if federated else dbs)]
             agg_errors = sum(
                 1
                 for n in names
@@ -203,9 +212,16 @@ def run_once(
         for r in rows[1:]
         if isinstance(r["metrics"].get("synthesis_seconds"), int | float)
     ]
+    latency = [
+        float(r["synthesis_latency"])
+        for rows in per_db
+        for r in rows[1:]
+        if r.get("synthesis_latency") is not None
+    ]
     return {
         "k": k,
         "federated": federated,
+        "synthesis_latency_seconds": statistics.median(latency) if latency else None,
         "agents_per_aggregator": agents,
         "rounds_completed": [len(rows) for rows in per_db],
         "round_seconds": statistics.mean(medians) if medians else float("nan"),
@@ -217,13 +233,16 @@ def run_once(
     }
 
 
-def _rounds(db: Path) -> list[dict[str, Any]]:
-    store = Store(str(db))
+def _rounds(db: str, federated: bool) -> list[dict[str, Any]]:
+    """The run's global rounds; federated: with ``synthesis_latency`` = from the last
+    semi-global model the global model was made from to the global model (wall clock)."""
+    store = Store(db)
     try:
         run_id = store.latest_run_id()
         rows = store.rounds(run_id) if run_id is not None else []
-        return [
-            {
+        out = []
+        for r in rows:
+            row = {
                 "round": r["round"],
                 "finished": r["finished"],
                 "seconds": r["seconds"],
@@ -232,8 +251,13 @@ def _rounds(db: Path) -> list[dict[str, Any]]:
                     k: v for k, v in r["metrics"].items() if isinstance(v, int | float | str)
                 },
             }
-            for r in rows
-        ]
+            if federated and run_id is not None:
+                used = str(r["metrics"].get("synthesis_members", "")).split(",")
+                view = store.federation_view(run_id, r["round"], liveness=5.0)
+                last = [sg.finished for sg in view.semi_globals if sg.name in used]
+                row["synthesis_latency"] = r["finished"] - max(last) if last else None
+            out.append(row)
+        return out
     finally:
         store.close()
 
@@ -254,6 +278,13 @@ def main() -> int:
     p.add_argument("--params", type=int, default=10**4, help="model parameters (float32)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--synthesis", choices=("sync", "async"), default="sync")
+    p.add_argument(
+        "--store",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="sqlite: files on this host (a federation shares one); postgresql: a throwaway "
+        "local server (fedstack.testing.postgres; fsync off), a fresh database per run",
+    )
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--plot", metavar="FILE", help="write a PNG plot here")
     args = p.parse_args()
@@ -263,43 +294,56 @@ def main() -> int:
     n = args.agents_per_aggregator
     print(
         f"horizontal federation: {n} live agents per aggregator, {args.rounds} rounds, "
-        f"{args.params:.0e} float32 parameters, {args.synthesis} synthesis, "
+        f"{args.params:.0e} float32 parameters, {args.synthesis} synthesis, {args.store}, "
         f"{args.repeat} repeat(s)"
     )
     runs: list[dict[str, Any]] = []
-    for rep in range(args.repeat):
-        for k in ks:
-            for federated in (False, True):
-                r = run_once(
-                    k,
-                    n,
-                    args.rounds,
-                    args.params,
-                    federated=federated,
-                    synthesis=args.synthesis,
-                    timeout=args.timeout,
-                )
-                r["repeat"] = rep
-                runs.append(r)
-                kind = "federated" if federated else "independent"
-                synth = r["synthesis_seconds"]
-                print(
-                    f"  K={k} {kind:<11} round {r['round_seconds']:.3f} s"
-                    + (f", synthesis {synth:.4f} s" if synth is not None else "")
-                    + f", errors {r['errors']}"
-                )
+    with contextlib.ExitStack() as stack:
+        new_db: Callable[[Path, str], str] | None = None
+        if args.store == "postgresql":
+            from fedstack.testing.postgres import PostgresServer
+
+            pg = stack.enter_context(PostgresServer())
+
+            def new_db(d: Path, tag: str) -> str:
+                return pg.create_database()
+
+        for rep in range(args.repeat):
+            for k in ks:
+                for federated in (False, True):
+                    r = run_once(
+                        k,
+                        n,
+                        args.rounds,
+                        args.params,
+                        federated=federated,
+                        synthesis=args.synthesis,
+                        timeout=args.timeout,
+                        new_db=new_db,
+                    )
+                    r["repeat"] = rep
+                    runs.append(r)
+                    kind = "federated" if federated else "independent"
+                    synth = r["synthesis_seconds"]
+                    print(
+                        f"  K={k} {kind:<11} round {r['round_seconds']:.3f} s"
+                        + (f", synthesis {synth:.4f} s" if synth is not None else "")
+                        + f", errors {r['errors']}"
+                    )
     rows = summarize(runs, ks)
     print()
     print(
         f"{'K':>3} {'agents':>7} {'federated s':>12} {'independent s':>14} {'single s':>9} "
-        f"{'fed/single':>11} {'fed/indep':>10} {'synthesis s':>12} {'synth/round':>12}"
+        f"{'fed/single':>11} {'fed/indep':>10} {'synthesis s':>12} {'latency s':>10} "
+        f"{'latency/round':>14}"
     )
     for row in rows:
         print(
             f"{row['k']:>3} {row['agents']:>7} {row['federated_seconds']:>12.3f} "
             f"{row['independent_seconds']:>14.3f} {row['single_seconds']:>9.3f} "
             f"{row['ratio_vs_single']:>11.3f} {row['ratio_vs_independent']:>10.3f} "
-            f"{_fmt(row['synthesis_seconds'], 12, 4)} {_fmt(row['synthesis_share'], 12, 3)}"
+            f"{_fmt(row['synthesis_seconds'], 12, 4)} "
+            f"{_fmt(row['synthesis_latency_seconds'], 10, 4)} {_fmt(row['latency_share'], 14, 3)}"
         )
     out = {"config": vars(args), "table": rows, "runs": runs}
     print(f"\nwrote {save('horizontal', out)}")
@@ -326,6 +370,7 @@ def summarize(runs: list[dict[str, Any]], ks: list[int]) -> list[dict[str, Any]]
         fed = med(k, True, "round_seconds") or float("nan")
         ind = med(k, False, "round_seconds") or float("nan")
         synth = med(k, True, "synthesis_seconds")
+        latency = med(k, True, "synthesis_latency_seconds")
         ref = single if single is not None else float("nan")
         rows.append(
             {
@@ -338,6 +383,8 @@ def summarize(runs: list[dict[str, Any]], ks: list[int]) -> list[dict[str, Any]]
                 "ratio_vs_independent": fed / ind,
                 "synthesis_seconds": synth,
                 "synthesis_share": None if synth is None else synth / fed,
+                "synthesis_latency_seconds": latency,
+                "latency_share": None if latency is None else latency / fed,
             }
         )
     return rows
@@ -367,16 +414,21 @@ def plot(rows: list[dict[str, Any]], path: Path, n: int) -> None:
     a.legend()
     a.grid(True, alpha=0.3)
     synth = [r["synthesis_seconds"] or 0.0 for r in rows]
-    b.bar([str(k) for k in ks], synth, color="tab:orange")
+    latency = [r["synthesis_latency_seconds"] or 0.0 for r in rows]
+    x = list(range(len(ks)))
+    b.bar([i - 0.2 for i in x], synth, 0.4, label="synthesis (metric)", color="tab:orange")
+    b.bar([i + 0.2 for i in x], latency, 0.4, label="last semi-global -> global", color="tab:red")
     for i, r in enumerate(rows):
         b.annotate(
             f"{r['ratio_vs_single']:.2f}x single\n{r['ratio_vs_independent']:.2f}x indep.",
-            (i, synth[i]),
+            (i, max(synth[i], latency[i])),
             ha="center",
             va="bottom",
             fontsize=8,
         )
-    b.set(xlabel="aggregators K", ylabel="synthesis time per round (s)", title="synthesis")
+    b.set_xticks(x, [str(k) for k in ks])
+    b.legend(fontsize=8)
+    b.set(xlabel="aggregators K", ylabel="seconds per round (median)", title="synthesis")
     b.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
