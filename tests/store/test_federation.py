@@ -32,22 +32,24 @@ Opener = Callable[[], Store]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """(database argument, blob directory) of a new, empty store on each backend."""
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str | None]]:
+    """(database argument, blob directory) of a new, empty store on each backend; on
+    PostgreSQL every blob lives in the database (what a multi-host federation uses)."""
     if request.param == "sqlite":
         yield str(tmp_path / "fed.db"), str(tmp_path / "fed.db.blobs")
     else:
         server: PostgresServer = request.getfixturevalue("postgres")
-        yield server.create_database(), str(tmp_path / "blobs")
+        yield server.create_database(), None
 
 
 @pytest.fixture
-def opener(backend: tuple[str, str]) -> Iterator[Opener]:
+def opener(backend: tuple[str, str | None]) -> Iterator[Opener]:
     """Opens another Store on the same database (another aggregator process's view)."""
     opened: list[Store] = []
 
     def open_store() -> Store:
-        st = Store(backend[0], backend[1], inline_blob_bytes=1 << 12)
+        # SQLite: blobs as files; PostgreSQL: in the database
+        st = Store(backend[0], backend[1])
         opened.append(st)
         return st
 
@@ -188,11 +190,11 @@ def test_join_refuses_a_live_name_and_takes_over_a_dead_one(opener: Opener) -> N
         first.heartbeat(run_id, a.id, active_agents=1, version=0, liveness=LIVE)
     second.heartbeat(run_id, a.id, active_agents=1, version=0, liveness=LIVE)
     # a member that stopped heartbeating is taken over after the liveness timeout
-    c = first.join_federation(run_id, name="C", url="ws://h4:1", liveness=0.3)
+    c = first.join_federation(run_id, name="C", url="ws://h4:1", liveness=1.0)
     with pytest.raises(StoreConflict):
-        second.join_federation(run_id, name="C", url="ws://h5:1", liveness=0.3)
-    time.sleep(0.45)
-    assert second.join_federation(run_id, name="C", url="ws://h5:1", liveness=0.3).id == c.id
+        second.join_federation(run_id, name="C", url="ws://h5:1", liveness=1.0)
+    time.sleep(1.1)
+    assert second.join_federation(run_id, name="C", url="ws://h5:1", liveness=1.0).id == c.id
     with pytest.raises(StoreError, match="name"):
         first.join_federation(run_id, name="", url="ws://x:1", liveness=LIVE)
     with pytest.raises(StoreError, match="no run"):
@@ -438,7 +440,7 @@ def test_cluster_resume(opener: Opener) -> None:
 
 
 # ---------------------------------------------------------------------- migration
-def test_a_0001_store_is_upgraded_to_0002(backend: tuple[str, str]) -> None:
+def test_a_0001_store_is_upgraded_to_0002(backend: tuple[str, str | None]) -> None:
     db, blobs = backend
     url = f"sqlite:///{db}" if "://" not in db else db
     engine = create_engine(url)
@@ -483,14 +485,14 @@ def test_a_0001_store_is_upgraded_to_0002(backend: tuple[str, str]) -> None:
 
 # ---------------------------------------------------------------------- fedstack db
 def test_db_aggregators_lineage_and_rounds(
-    opener: Opener, backend: tuple[str, str], capsys: pytest.CaptureFixture[str]
+    opener: Opener, backend: tuple[str, str | None], capsys: pytest.CaptureFixture[str]
 ) -> None:
     st = opener()
     run_id, gid, a_id = _acceptance(st)
     evil = st.join_federation(run_id, name="E\x1b[31mvil\n", url="ws://e\x07:1", liveness=LIVE)
     st.leave_federation(run_id, evil.id)
     st.heartbeat(run_id, a_id, active_agents=2, version=1, liveness=LIVE)
-    db = ["--db", backend[0], "--blob-dir", backend[1]]
+    db = ["--db", backend[0], *(["--blob-dir", backend[1]] if backend[1] else [])]
 
     assert cli_main(["db", "aggregators", *db, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

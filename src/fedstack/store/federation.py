@@ -27,7 +27,7 @@ from sqlalchemy import bindparam, func, insert, or_, select, update
 
 from fedstack.errors import StoreConflict, StoreError
 from fedstack.store import schema as s
-from fedstack.store.members import _MEMBERS, _RUN_VERSION, Member, Members, _member
+from fedstack.store.members import MEMBERS_OF_RUN, RUN_VERSION, Member, Members, member_of_row
 from fedstack.store.records import UploadRecord, split_state, upload_record
 from fedstack.types import Metrics, Weights
 
@@ -74,7 +74,7 @@ _A = s.aggregators
 _CR = s.cluster_rounds
 _M = s.models
 
-_RUN_VERSION_SHARED = _RUN_VERSION.with_for_update(read=True)
+_RUN_VERSION_SHARED = RUN_VERSION.with_for_update(read=True)
 _SET_STATUS = update(_M).where(_M.c.id == bindparam("b_model")).values(status=bindparam("b_status"))
 _MODEL_ROUND = select(_M.c.kind, _M.c.round).where(_M.c.id == bindparam("b_model"))
 _DELIVERED = select(_CR.c.status).where(
@@ -267,7 +267,7 @@ class Federation(Members):
                 duplicate = True
             else:
                 self._write_inline(c, staged, state_staged, extra_staged)
-                version = c.execute(_RUN_VERSION, {"b_run": run_id}).scalar()
+                version = c.execute(RUN_VERSION, {"b_run": run_id}).scalar()
                 if version is None:
                     raise StoreError(f"no run {run_id}")
                 base_version = round - 1
@@ -341,11 +341,11 @@ class Federation(Members):
         sorted by member name. Read in one transaction; nothing is written."""
         with self._begin() as c:
             now = self._now(c)
-            version = c.execute(_RUN_VERSION, {"b_run": run_id}).scalar()
+            version = c.execute(RUN_VERSION, {"b_run": run_id}).scalar()
             if version is None:
                 raise StoreError(f"no run {run_id}")
             gid = c.execute(_GLOBAL_OF_ROUND, {"b_run": run_id, "b_round": round}).scalar()
-            rows = c.execute(_MEMBERS, {"b_run": run_id}).mappings().all()
+            rows = c.execute(MEMBERS_OF_RUN, {"b_run": run_id}).mappings().all()
             semi = c.execute(
                 _SEMI_LATEST if latest else _SEMI_OF_ROUND, {"b_run": run_id, "b_round": round}
             ).all()
@@ -370,7 +370,7 @@ class Federation(Members):
         return FederationView(
             version=int(version),
             global_model_id=None if gid is None else str(gid),
-            members=[_member(r, now, liveness) for r in rows],
+            members=[member_of_row(r, now, liveness) for r in rows],
             semi_globals=semis,
         )
 
@@ -472,7 +472,7 @@ class Federation(Members):
                 )
         except (_Lost, StoreConflict) as exc:
             with self._begin() as c:
-                version = c.execute(_RUN_VERSION, {"b_run": run_id}).scalar()
+                version = c.execute(RUN_VERSION, {"b_run": run_id}).scalar()
             if version is None:
                 raise StoreError(f"no run {run_id}") from None
             if int(version) >= round:
@@ -506,8 +506,8 @@ class Federation(Members):
             now = self._now(c)
             live = {
                 r["id"]
-                for r in c.execute(_MEMBERS, {"b_run": run_id}).mappings()
-                if _member(r, now, liveness).live
+                for r in c.execute(MEMBERS_OF_RUN, {"b_run": run_id}).mappings()
+                if member_of_row(r, now, liveness).live
             }
             live.add(aggregator_id)
             agents = list(dict.fromkeys(agent_ids))
@@ -560,7 +560,7 @@ class Federation(Members):
         cluster round's strategy state and extra arrays, the latest round it delivered
         whose global model does not exist yet, and the buffered uploads it holds."""
         with self._begin() as c:
-            version = c.execute(_RUN_VERSION, {"b_run": run_id}).scalar()
+            version = c.execute(RUN_VERSION, {"b_run": run_id}).scalar()
             if version is None:
                 raise StoreError(f"no run {run_id}")
             args = {"b_run": run_id, "b_agg": aggregator_id}

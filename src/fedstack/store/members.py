@@ -27,7 +27,15 @@ from fedstack.store import schema as s
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-__all__ = ["MAX_NAME", "MAX_URL", "Member", "Members"]
+__all__ = [
+    "MAX_NAME",
+    "MAX_URL",
+    "MEMBERS_OF_RUN",
+    "RUN_VERSION",
+    "Member",
+    "Members",
+    "member_of_row",
+]
 
 MAX_NAME = 128
 MAX_URL = 512
@@ -59,11 +67,11 @@ _NOW = {dialect: select(clock) for dialect, clock in _CLOCK.items()}
 
 _A = s.aggregators
 
-_MEMBERS = select(_A).where(_A.c.run_id == bindparam("b_run")).order_by(_A.c.name)
+MEMBERS_OF_RUN = select(_A).where(_A.c.run_id == bindparam("b_run")).order_by(_A.c.name)
 _MEMBER_BY_NAME = select(_A).where(
     _A.c.run_id == bindparam("b_run"), _A.c.name == bindparam("b_name")
 )
-_RUN_VERSION = select(s.runs.c.version).where(s.runs.c.id == bindparam("b_run"))
+RUN_VERSION = select(s.runs.c.version).where(s.runs.c.id == bindparam("b_run"))
 _INSERT_MEMBER = insert(_A)
 _HEARTBEAT_WHERE = (
     _A.c.id == bindparam("b_id"),
@@ -157,7 +165,7 @@ class Members:
             try:
                 with self._begin() as c:
                     now = self._now(c)
-                    version = c.execute(_RUN_VERSION, {"b_run": run_id}).scalar()
+                    version = c.execute(RUN_VERSION, {"b_run": run_id}).scalar()
                     if version is None:
                         raise StoreError(f"no run {run_id}")
                     row = (
@@ -179,9 +187,9 @@ class Members:
                             "version": int(version),
                         }
                         c.execute(_INSERT_MEMBER, values)
-                        member = _member(values, now, liveness)
+                        member = member_of_row(values, now, liveness)
                     else:
-                        old = _member(row, now, liveness)
+                        old = member_of_row(row, now, liveness)
                         if old.live:
                             live = old
                         else:
@@ -199,7 +207,7 @@ class Members:
                             ).rowcount
                             if taken != 1:
                                 continue  # another aggregator took it over or it revived
-                            member = _member(
+                            member = member_of_row(
                                 {
                                     **row,
                                     "url": url,
@@ -255,15 +263,15 @@ class Members:
                     "(its row was taken over by another aggregator of that name, or it left)"
                 )
             now = self._now(c)
-            rows = c.execute(_MEMBERS, {"b_run": run_id}).mappings().all()
-        return [_member(r, now, liveness) for r in rows]
+            rows = c.execute(MEMBERS_OF_RUN, {"b_run": run_id}).mappings().all()
+        return [member_of_row(r, now, liveness) for r in rows]
 
     def members(self, run_id: str, *, liveness: float) -> list[Member]:
         """Every member of ``run_id``'s federation, by name (read only)."""
         with self._begin() as c:
             now = self._now(c)
-            rows = c.execute(_MEMBERS, {"b_run": run_id}).mappings().all()
-        return [_member(r, now, liveness) for r in rows]
+            rows = c.execute(MEMBERS_OF_RUN, {"b_run": run_id}).mappings().all()
+        return [member_of_row(r, now, liveness) for r in rows]
 
     def leave_federation(self, run_id: str, aggregator_id: str) -> None:
         """Mark the member stopped (a clean shutdown); a row taken over by another
@@ -280,7 +288,9 @@ class Members:
             )
 
 
-def _member(row: Mapping[str, Any], now: float, liveness: float) -> Member:
+def member_of_row(row: Mapping[str, Any], now: float, liveness: float) -> Member:
+    """The :class:`Member` of an ``aggregators`` row, ``live`` judged at ``now`` (the
+    database clock) on ``liveness`` seconds."""
     heartbeat = float(row["heartbeat"])
     return Member(
         id=row["id"],
