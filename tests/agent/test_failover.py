@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import subprocess
@@ -137,6 +138,7 @@ class LoopAgent:
     agent: Agent
     seed: int
     before_send: Callable[[LoopAgent, int], None] | None = None
+    after_send: Callable[[LoopAgent, int], None] | None = None
     report: dict[str, Any] = field(default_factory=dict)
     error: list[BaseException] = field(default_factory=list)
     thread: threading.Thread | None = None
@@ -162,6 +164,8 @@ class LoopAgent:
                 if self.before_send is not None:
                     self.before_send(self, a.version)
                 a.send_trained_model(faultlib.train(gm, self.seed), faultlib.samples(self.seed), {})
+                if self.after_send is not None:
+                    self.after_send(self, a.version)
         except BaseException as exc:
             self.error.append(exc)
         finally:
@@ -763,3 +767,271 @@ def test_fedstack_agent_with_two_urls_reaches_the_live_one(tmp_path: Path) -> No
         timeout=60,
     )
     assert cli.returncode == 2 and "not an aggregator URL" in cli.stderr, cli.stderr
+
+
+# ---------------------------------------------------------------------- (g) a federation
+FED_HEARTBEAT = 0.2  # the members' heartbeat in the store
+FED_LIVENESS = 1.5  # a member silent this long (database clock) is dead
+
+
+def _member_args(db: Path, name: str, rounds: int) -> list[str]:
+    cfg = db.with_name(db.name + ".config.json")
+    cfg.write_text(json.dumps(faultlib.auth_off_config()))
+    return [
+        "--config",
+        str(cfg),
+        "--db",
+        str(db),
+        "--run-name",
+        "fed",
+        "--name",
+        name,
+        "--rounds",
+        str(rounds),
+        "--min-agents",
+        "1",
+        "--threshold",
+        "1.0",
+        "--heartbeat-interval",
+        str(HEARTBEAT),
+        "--finish-grace",
+        "3",
+        "--federation-heartbeat",
+        str(FED_HEARTBEAT),
+        "--liveness-timeout",
+        str(FED_LIVENESS),
+        "--synthesis-timeout",
+        "10",
+        "--strategy-param",
+        "precision=float64",
+    ]
+
+
+def _members(db: Path, with_version: bool = False) -> dict[str, tuple[bool, int]]:
+    """name -> (live, active agents), or (live, version), of the latest run's members, as
+    their heartbeats left them in the store."""
+    store = Store(str(db))
+    try:
+        run = store.latest_run_id()
+        if run is None:
+            return {}
+        return {
+            m.name: (m.live, m.version if with_version else m.active_agents)
+            for m in store.members(run, liveness=FED_LIVENESS)
+        }
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(
+    not faultlib.aggregator_supports("--name"), reason="no federation (aggregator --name)"
+)
+def test_a_federation_member_killed_its_agents_fail_over_to_the_other(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Members a and b of one federation (one SQLite store, run "fed"), two agents each.
+    a's agents are given only a's URL and learn b's from the welcome. In round K+1 only
+    agent 0 (on a) uploads at first: a stores it (buffered, acknowledged) and is
+    SIGKILLed. a's agents fail over to b within a few heartbeat intervals; the others
+    then upload; b claims agent 0's upload (held by a, once a is dead) and makes round
+    K+1 from all four. The run completes with every round's global model made once,
+    every acknowledged upload stored, and the result of a fault-free run (to float32
+    rounding: semi-global models are cast once more)."""
+    caplog.set_level(logging.INFO, logger="fedstack.agent")
+    rounds, k = 5, 2
+    db = tmp_path / "fed.db"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = AggregatorProcess(tmp_path / "a", *_member_args(db, "a", rounds))
+    b = AggregatorProcess(tmp_path / "b", *_member_args(db, "b", rounds))
+    everyone_in, others_may_go = threading.Event(), threading.Event()
+    held: list[str] = []  # agent 0's upload of round k+1, held by a when it dies
+
+    def gate(ag: LoopAgent, version: int) -> None:
+        if version == 0:  # every round of the reference has all four agents
+            assert everyone_in.wait(30)
+        # lockstep: train once every live member's row shows this version (a member's
+        # row is updated at its heartbeats; sync synthesis waits only for live members
+        # whose row shows the previous version)
+        wait_for(
+            lambda: all(v >= version for live, v in _members(db, True).values() if live),
+            20,
+            f"live members at version {version}",
+        )
+        if version == k and ag.seed != 0:
+            assert others_may_go.wait(30)
+
+    def after_send(ag: LoopAgent, version: int) -> None:
+        pending = ag.agent._pending
+        if version == k and pending is not None:
+            held.append(pending.upload_id)
+
+    with processes(a, b):
+        a.start()
+        b.start()
+        wait_for(lambda: _members(db) == {"a": (True, 0), "b": (True, 0)}, 10, "members live")
+        time.sleep(3 * FED_HEARTBEAT)  # a's next heartbeat lists b among its peers
+        agents = [
+            loop_agent([a.url], 0, before_send=gate, after_send=after_send),  # learns b
+            loop_agent([a.url], 1, before_send=gate),
+            loop_agent([b.url, a.url], 2, before_send=gate),
+            loop_agent([b.url, a.url], 3, before_send=gate),
+        ]
+        for ag in agents:
+            ag.start()
+        wait_for(lambda: _members(db) == {"a": (True, 2), "b": (True, 2)}, 20, "agents in")
+        everyone_in.set()
+        for ag in agents[:2]:
+            assert ag.agent.aggregators == [a.url, b.url]  # b learned from a's welcome
+        wait_for(
+            lambda: held != [] and stored_upload_ids(db).get(held[0]) == "buffered",
+            30,
+            "agent 0's upload of round k+1 stored by a",
+        )
+        welcomes = {ag.agent.name: ag.agent._core.welcomes for ag in agents[:2]}
+        t_kill = time.monotonic()
+        a.kill()  # SIGKILL
+        wait_for(
+            lambda: all(
+                ag.agent.url == b.url and ag.agent._core.welcomes > welcomes[ag.agent.name]
+                for ag in agents[:2]
+            ),
+            3 * HEARTBEAT + 3,
+            "a's agents welcomed by b",
+        )
+        t_moved = time.monotonic() - t_kill
+        others_may_go.set()
+        for ag in agents:
+            ag.join(60)
+        assert b.wait(30) == 0
+    assert t_moved < 2 * HEARTBEAT + 1, t_moved
+    reports = [ag.report for ag in agents]
+    for rep in reports:
+        assert rep["versions"] == list(range(rounds + 1)), rep["versions"]
+    store = Store(str(db))
+    try:
+        runs = store.list_runs()
+        assert len(runs) == 1 and runs[0]["status"] == "finished", runs
+        run_id = runs[0]["id"]
+        rows = store.rounds(run_id)
+        assert [r["round"] for r in rows] == list(range(1, rounds + 1))  # each global once
+        members = [r["metrics"].get("synthesis_members") for r in rows]
+        assert members == ["a,b"] * k + ["b"] * (rounds - k), members
+        local = store.models(run_id, "local")
+        stored = {m["upload_id"]: m for m in local if m["upload_id"]}
+        for rep in reports:
+            for upload_id, _ in rep["acked"]:
+                assert upload_id in stored, f"acknowledged upload {upload_id} not stored"
+        assert not [m for m in local if m["status"] == "buffered"]
+        # held by a, claimed by b: in round k+1, once
+        assert stored[held[0]]["status"] == "aggregated" and stored[held[0]]["round"] == k + 1
+        final = store.load_weights(rows[-1]["model_id"])
+    finally:
+        store.close()
+    reference = faultlib.simulate(rounds, 4)
+    for name, v in reference.items():
+        np.testing.assert_allclose(final[name], v, rtol=0, atol=1e-5)
+    assert f"failing over from {a.url!r} to {b.url!r}" in caplog.text
+
+
+def _lockstep(db: Path, version: int) -> None:
+    """Return once every live member's row shows ``version`` (rows are updated at each
+    member's heartbeat; sync synthesis waits only for live members whose row shows the
+    previous version, so agents that train only then make every round from all)."""
+    wait_for(
+        lambda: all(v >= version for live, v in _members(db, True).values() if live),
+        20,
+        f"live members at version {version}",
+    )
+
+
+@pytest.mark.skipif(
+    not faultlib.aggregator_supports("--name"), reason="no federation (aggregator --name)"
+)
+def test_an_agent_moves_between_federation_members_mid_run(tmp_path: Path) -> None:
+    """Book row 37: agent 0 trains on member a, moves to member b mid-run (bye to a,
+    welcome from b) and continues with the synthesised global model; agent 1 stays on a,
+    agent 2 on b. Every round's global model is synthesised from both members and the
+    run ends with the fault-free result of three agents."""
+    rounds, k = 4, 2
+    db = tmp_path / "fed.db"
+
+    def member(name: str) -> Any:
+        return faultlib.aggregator_config(
+            db,
+            rounds,
+            min_agents=1,
+            finish_grace=1.0,
+            run_name="fed",
+            name=name,
+            federation_heartbeat=FED_HEARTBEAT,
+            liveness_timeout=FED_LIVENESS,
+            synthesis_timeout=10.0,
+        )
+
+    moved = threading.Event()
+
+    def gate(ag: LoopAgent, version: int) -> None:
+        _lockstep(db, version)
+        if version == k:  # round k+1: agent 0 trains for b, which waits for it
+            assert moved.wait(30)
+
+    with aggregator_thread(member("a")) as a, aggregator_thread(member("b")) as b:
+        wait_for(lambda: _members(db) == {"a": (True, 0), "b": (True, 0)}, 10, "members live")
+        x = Agent(a.url, name="agent-0", max_backoff=0.3, connect_timeout=2.0)
+        x.send_initial_model(faultlib.initial_model())
+        x.start(timeout=20)
+        others = [
+            loop_agent([a.url], 1, before_send=gate),
+            loop_agent([b.url], 2, before_send=gate),
+        ]
+        for ag in others:
+            ag.start()
+        wait_for(lambda: _members(db) == {"a": (True, 2), "b": (True, 1)}, 20, "agents in")
+        report: dict[str, Any] = {"versions": []}
+        while True:
+            try:
+                gm = x.wait_for_global_model(30)
+            except FederationFinished:
+                break
+            version = x.version
+            report["versions"].append(version)
+            report["final"] = {n: v.tolist() for n, v in gm.items()}
+            _lockstep(db, version)
+            if version == k:
+                x.move_to(b.url, timeout=20)
+                assert x.url == b.url and x.aggregator_id == b.aggregator_id
+                assert x.aggregators == [a.url, b.url]
+                wait_for(lambda: len(a.sessions) == 1, 5, "agent 0 left a")
+                assert x.run_id == a.run_id and x.version == k
+                wait_for(lambda: _members(db)["b"] == (True, 2), 5, "b's heartbeat")
+                moved.set()
+            x.send_trained_model(faultlib.train(gm, 0), faultlib.samples(0))
+        x.close()
+        for ag in others:
+            ag.join(30)
+        report["acked"] = [[u.upload_id, u.status] for u in x.acknowledged]
+    assert report["versions"] == list(range(rounds + 1)), report["versions"]
+    store = Store(str(db))
+    try:
+        run_id = store.list_runs()[0]["id"]
+        rows = store.rounds(run_id)
+        assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+        assert [r["metrics"].get("synthesis_members") for r in rows] == ["a,b"] * rounds
+        local = {m["upload_id"]: m for m in store.models(run_id, "local")}
+        for rep in (report, *(ag.report for ag in others)):
+            for upload_id, _ in rep["acked"]:
+                assert upload_id in local
+        # agent 0's uploads: rounds 1..k held by a, the later ones by b
+        x_rounds = sorted(
+            (m["round"], m["cluster"])
+            for m in local.values()
+            if m["producer"] == x.agent_id and m["status"] == "aggregated"
+        )
+        assert [r for r, _ in x_rounds] == list(range(1, rounds + 1)), x_rounds
+        assert [c for _, c in x_rounds] == [a.aggregator_id] * k + [b.aggregator_id] * (rounds - k)
+        final = store.load_weights(rows[-1]["model_id"])
+    finally:
+        store.close()
+    for n, v in faultlib.simulate(rounds, 3).items():
+        np.testing.assert_allclose(final[n], v, rtol=0, atol=1e-5)

@@ -25,7 +25,7 @@ import pytest
 from fedstack import Agent, AggregatorConfig, Store
 from fedstack.aggregator.service import Aggregator
 from fedstack.cli.main import main as cli_main
-from fedstack.errors import ConfigError
+from fedstack.errors import ConfigError, StoreError
 from fedstack.testing import aggregator_thread
 from fedstack.testing.postgres import PostgresServer
 
@@ -120,6 +120,16 @@ def wait_heartbeats(db: str, run_id: str, blobs: Path, expected: dict[str, int])
     )
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_db(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Path]:
+    """The federation's store: a SQLite file, or a fresh database on a real PostgreSQL
+    server (skipped where none can be started); and the blob directory."""
+    if request.param == "sqlite":
+        return str(tmp_path / "fed.db"), tmp_path / "blobs"
+    url: str = request.getfixturevalue("pg_url")
+    return url, tmp_path / "blobs"
+
+
 def two_clusters_one_round(db: str, blobs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Acceptance 1: A's agents upload [0] (5 samples each), B's [10] (15 samples each);
     threshold 1.0, one round: every agent gets [7.5]; lineage global <- 2 semi-global <- 4
@@ -142,6 +152,7 @@ def two_clusters_one_round(db: str, blobs: Path, capsys: pytest.CaptureFixture[s
                 np.testing.assert_array_equal(got, [7.5])
             assert {x.version for x in ag.values()} == {1}
             assert set(a.membership.peers if a.membership else []) == {b.url}
+            assert (a.statistics().name, a.statistics().peers) == ("a", (b.url,))
         run_id = a.run_id
     store = Store(db, str(blobs))
     try:
@@ -208,10 +219,12 @@ def test_member_without_agents_follows(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bound,expected", [(1, 5.0), (0, 0.0)])
-def test_async_synthesis_staleness_bound(tmp_path: Path, bound: int, expected: float) -> None:
+def test_async_synthesis_staleness_bound(
+    shared_db: tuple[str, Path], tmp_path: Path, bound: int, expected: float
+) -> None:
     """Async: global V is synthesised from each member's latest semi-global model of a
     round >= V - staleness_bound, right after a member delivers."""
-    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    db, blobs = shared_db
     kw: dict[str, Any] = dict(rounds=3, synthesis="async", staleness_bound=bound)
     with members(member_config(db, blobs, "a", **kw), member_config(db, blobs, "b", **kw)) as (
         a,
@@ -251,10 +264,10 @@ def test_duplicate_live_name_is_refused(tmp_path: Path) -> None:
             pass  # pragma: no cover - the start fails
 
 
-def test_restarted_member_rejoins_and_resumes(tmp_path: Path) -> None:
+def test_restarted_member_rejoins_and_resumes(shared_db: tuple[str, Path], tmp_path: Path) -> None:
     """A member stopped and started again with the same name keeps its id, resumes its
     cluster's buffered upload, and the federation completes the next round with it."""
-    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    db, blobs = shared_db
     port = free_port()
     cfg_a = member_config(db, blobs, "a", rounds=3)
     # min_agents 2: the resumed round waits for b's agents to reconnect (else its one
@@ -352,10 +365,12 @@ def member_process(
         proc.wait(10)
 
 
-def test_upload_held_by_a_killed_member_is_claimed_once(tmp_path: Path) -> None:
+def test_upload_held_by_a_killed_member_is_claimed_once(
+    shared_db: tuple[str, Path], tmp_path: Path
+) -> None:
     """b acknowledges b1's upload and is SIGKILLed (no leave); b1 reconnects to a; once b
     is no longer live a claims the upload, counts it once, and the round completes."""
-    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    db, blobs = shared_db
     token = "token-of-agent-b1-" + "x" * 16
     with members(member_config(db, blobs, "a")) as (a,):
         with agents([("a1", a.url)], first="a1") as ag:
@@ -395,10 +410,12 @@ def test_upload_held_by_a_killed_member_is_claimed_once(tmp_path: Path) -> None:
             store.close()
 
 
-def test_members_started_at_once_agree_on_the_first_model(tmp_path: Path) -> None:
+def test_members_started_at_once_agree_on_the_first_model(
+    shared_db: tuple[str, Path], tmp_path: Path
+) -> None:
     """Both members get an initial model at the same moment: one records global model 0,
     the other adopts it (the run's version guard), and both serve the same model."""
-    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    db, blobs = shared_db
     with members(member_config(db, blobs, "a"), member_config(db, blobs, "b")) as (a, b):
         made = [Agent(a.url, name="a1"), Agent(b.url, name="b1")]
         for x, v in zip(made, (1.0, 2.0), strict=True):
@@ -448,3 +465,107 @@ def test_sync_rounds_wait_for_every_member_with_agents(tmp_path: Path) -> None:
             assert {r["num_samples"] for r in rounds} == {4}
         finally:
             store.close()
+
+
+def test_restarted_member_waits_for_the_synthesis_of_its_delivered_round(tmp_path: Path) -> None:
+    """b delivered round 1 and stopped before its synthesis; restarted, it does not start
+    a new round but waits for round 1's global model, which it then serves."""
+    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    cfg_b = member_config(db, blobs, "b", port=free_port(), rounds=2)
+    with aggregator_thread(member_config(db, blobs, "a", rounds=2)) as a:
+        with contextlib.ExitStack() as b_life:
+            b = b_life.enter_context(aggregator_thread(cfg_b))
+            specs = [("a1", a.url), ("a2", a.url), ("b1", b.url), ("b2", b.url)]
+            with agents(specs, first="a1") as ag:
+                wait_heartbeats(db, a.run_id, blobs, {"a": 2, "b": 2})
+                for x in ag.values():
+                    x.wait_for_global_model(20)
+                for n in ("b1", "b2"):
+                    assert ag[n].send_trained_model(model(10.0), 15)
+
+                def delivered() -> bool:
+                    store = Store(db, str(blobs))
+                    try:
+                        return bool(store.models(a.run_id, "semi-global"))
+                    finally:
+                        store.close()
+
+                wait_until(delivered, what="b's semi-global model")
+                b_life.close()  # b stops while it waits for a's semi-global model
+                with aggregator_thread(cfg_b) as b2:
+                    assert b2.state.version == 0 and b2.rounds_completed == 0
+                    wait_heartbeats(db, a.run_id, blobs, {"a": 2, "b": 2})
+                    for n in ("a1", "a2"):
+                        assert ag[n].send_trained_model(model(0.0), 5)
+                    for x in ag.values():
+                        np.testing.assert_array_equal(x.wait_for_global_model(30)["w"], [7.5])
+                    assert b2.state.version == 1 and b2.rounds_completed == 1
+                    semis = Store(db, str(blobs))
+                    try:
+                        assert len(semis.models(a.run_id, "semi-global")) == 2
+                    finally:
+                        semis.close()
+
+
+def test_member_rechecks_its_uploads_after_a_heartbeat_gap(tmp_path: Path) -> None:
+    """While a member cannot heartbeat (its database calls fail) others may take it for
+    dead and claim an upload it counted; once it heartbeats again it rebuilds its round
+    from the uploads it still holds, so nothing is counted twice."""
+    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    with members(member_config(db, blobs, "a")) as (a,):
+        with agents([("a1", a.url), ("a2", a.url)], first="a1") as ag:
+            for x in ag.values():
+                x.wait_for_global_model(20)
+            assert ag["a1"].send_trained_model(model(1.0), 1)
+            ag["a1"].flush(20)
+            assert set(a.state.contributors) == {ag["a1"].agent_id}
+            assert a.store is not None
+            real = a.store.heartbeat
+            broken = threading.Event()
+            broken.set()
+
+            def heartbeat(*args: Any, **kwargs: Any) -> Any:
+                if broken.is_set():
+                    raise StoreError("database unavailable (test)")
+                return real(*args, **kwargs)
+
+            a.store.heartbeat = heartbeat  # type: ignore[method-assign]
+            other = Store(db, str(blobs))
+            try:
+                wait_until(lambda: not live_members(db, a.run_id, blobs)["a"][0], what="a dead")
+                c = other.join_federation(a.run_id, name="c", url="ws://c:1", liveness=LIVENESS)
+                agent_id = ag["a1"].agent_id
+                assert agent_id is not None
+                claimed = other.claim_uploads(
+                    a.run_id, c.id, [agent_id], round=1, liveness=LIVENESS
+                )
+                assert len(claimed) == 1
+                broken.clear()
+                wait_until(lambda: not a.state.contributors, what="a's round rebuilt")
+                assert live_members(db, a.run_id, blobs)["a"][0]
+            finally:
+                other.close()
+
+
+def test_fedasync_runs_per_cluster_with_async_synthesis(tmp_path: Path) -> None:
+    """A trigger strategy in a federation (async synthesis): every accepted update makes a
+    cluster round; each member's step is synthesised with the others' latest."""
+    db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
+    kw: dict[str, Any] = dict(
+        rounds=2, synthesis="async", strategy="fedasync", strategy_params={"alpha": 0.5}
+    )
+    with members(member_config(db, blobs, "a", **kw), member_config(db, blobs, "b", **kw)) as (
+        a,
+        b,
+    ):
+        with agents([("a1", a.url), ("b1", b.url)], first="a1") as ag:
+            a1, b1 = ag["a1"], ag["b1"]
+            a1.wait_for_global_model(20)
+            b1.wait_for_global_model(20)
+            assert a1.send_trained_model(model(4.0), 1)
+            np.testing.assert_array_equal(a1.wait_for_global_model(20)["w"], [2.0])  # a alone
+            np.testing.assert_array_equal(b1.wait_for_global_model(20)["w"], [2.0])  # followed
+            assert b1.send_trained_model(model(8.0), 1)
+            # b's step from 2: 5; synthesis with a's latest (round 1, within the bound): 3.5
+            np.testing.assert_array_equal(b1.wait_for_global_model(20)["w"], [3.5])
+            np.testing.assert_array_equal(a1.wait_for_global_model(20)["w"], [3.5])

@@ -16,6 +16,7 @@ from fedstack.aggregator.config import OTHER_ENVIRONMENT
 from fedstack.aggregator.service import Aggregator
 from fedstack.aggregator.synthesis import SynthesisInput, synthesize, weights_of
 from fedstack.cli.aggregator import parse_aggregator_args
+from fedstack.cli.main import main as cli_main
 from fedstack.errors import ConfigError, InvalidUpdate
 from fedstack.strategies import describe
 
@@ -192,7 +193,7 @@ def test_trigger_strategies_need_async_synthesis(tmp_path: Path) -> None:
     assert plain.sink is None and plain.membership is None and plain.driver.sink is None
 
 
-def test_every_strategy_states_how_it_federates() -> None:
+def test_every_strategy_states_how_it_federates(capsys: pytest.CaptureFixture[str]) -> None:
     table = {d["name"]: d for d in describe()}
     assert table["scaffold"]["federation"] == "refused"
     assert table["fednova"]["federation"] == "refused"
@@ -200,3 +201,6 @@ def test_every_strategy_states_how_it_federates() -> None:
         assert table[name]["federation"] == "per-cluster", name
     for d in table.values():
         assert (d["federation"] == "refused") == bool(d["federation_refusal"])
+    assert cli_main(["strategies"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("federation: refused") == 2 and "federation: per-cluster" in out

@@ -72,19 +72,21 @@ class AgentConnection:
         backoff = 0.05
         cycle: list[str] = []  # the URLs still to try in this cycle (see _next_cycle)
         while not core.closing:
-            if core.moving is not None:  # move_to(): its URL first, at once
+            moving = core.moving is not None
+            if moving:  # move_to(): its URL first, at once (home is that URL)
                 core.moving = None
                 cycle = core.known.cycle()
             if not cycle:
                 cycle = core.known.cycle()
             url = cycle.pop(0)
             if url != core.url:
-                log.info(
-                    "%s: failing over from %s to %s",
-                    core.name,
-                    safe_url(core.url),
-                    safe_url(url),
-                )
+                if not moving:
+                    log.info(
+                        "%s: failing over from %s to %s",
+                        core.name,
+                        safe_url(core.url),
+                        safe_url(url),
+                    )
                 core.url = url
             conn: Connection | None = None
             welcomes = core.welcomes

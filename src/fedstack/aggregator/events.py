@@ -107,9 +107,14 @@ class RoundCommitted:
 @dataclass(eq=False)
 class GlobalAdvanced:
     """Federation: the run's global version moved past this member's (others synthesised
-    it): adopt ``adopted`` once no round of this member is being aggregated."""
+    it): adopt ``adopted`` once no round of this member is being aggregated.
+
+    ``recheck``: ``adopted`` is the member's current global model; the round in progress
+    is rebuilt from the uploads the member still holds (after a heartbeat gap, others may
+    have claimed some)."""
 
     adopted: Adopted
+    recheck: bool = False
 
 
 @dataclass(eq=False)

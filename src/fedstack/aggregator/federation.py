@@ -203,6 +203,9 @@ class SharedStoreSynthesis:
                 and (m.version == round - 1 or latest.get(m.id, -1) == round - 1)
             ]
             timed_out = self.agg.clock() >= deadline
+            mine = any(sg.aggregator_id == self.agg.aggregator_id for sg in delivered)
+            if timed_out and not mine:  # (a conflict taken for a delivery): publish again
+                raise StoreError(f"the semi-global model of round {round} is not in the store")
             if delivered and (not waiting or timed_out):
                 if waiting:
                     log.warning(

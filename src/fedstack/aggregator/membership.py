@@ -9,8 +9,10 @@ standalone aggregator has none. It
 - heartbeats every ``federation_heartbeat`` s with the number of connected agents and the
   global version (the database's clock decides liveness), keeps the other live members'
   URLs for the agents' welcomes (:attr:`Membership.peers`), and *claims* the buffered
-  uploads that dead members held for agents now connected here (posting
-  :class:`~fedstack.aggregator.events.UploadsClaimed` to the round owner);
+  uploads that dead members held for agents that recently connected here (posting
+  :class:`~fedstack.aggregator.events.UploadsClaimed` to the round owner); after a
+  heartbeat gap longer than ``liveness_timeout`` it has the owner re-check which of its
+  counted uploads it still holds;
 - follows the run: when the run's global version moves past this member's (other members
   synthesised without it, or it has no agents), it loads that global model and posts
   :class:`~fedstack.aggregator.events.GlobalAdvanced` (or, before this member has a model
@@ -59,6 +61,9 @@ log = logging.getLogger("fedstack.aggregator")
 
 FOLLOW_INTERVAL = 0.25
 """Seconds between two looks at the run's global version."""
+CLAIM_WINDOW_LIVENESS = 4
+"""An agent's buffered uploads held by dead members are looked for during its first
+``CLAIM_WINDOW_LIVENESS x liveness_timeout`` seconds connected here."""
 MAX_PEERS = 64
 """Most peer URLs told to an agent in a welcome (the wire bounds the list too)."""
 
@@ -84,6 +89,7 @@ class Membership:
         """The other live members' advertised URLs (for ``Welcome.aggregators``)."""
         self._poke = asyncio.Event()
         self._followed = -1  # the latest version a GlobalAdvanced was posted for
+        self._arrived: dict[str, float] = {}  # agent id -> when first seen connected here
 
     # ------------------------------------------------------------------ lifecycle
     async def join(self, url: str) -> Member:
@@ -142,46 +148,87 @@ class Membership:
         Raises:
             StoreError: the store failed (the scope restarts this loop after a pause).
         """
-        store = self.agg.store
-        assert store is not None and self.member is not None
-        me = self.member.id
+        assert self.member is not None
+        last_beat = self.agg.clock()
+        warned = False
         while True:
             self._poke.clear()
-            state = self.agg.state
             try:
-                members = await self.agg._db(
-                    store.heartbeat,
-                    self.agg.run_id,
-                    me,
-                    active_agents=len(self.agg.sessions),
-                    version=state.version,
-                    liveness=self.cfg.liveness_timeout,
-                )
+                await self._beat(last_beat)
+                last_beat = self.agg.clock()
             except StoreConflict as exc:
                 self.agg._fatal(
                     "federation-heartbeat",
                     FederationLost(f"member {self.cfg.name!r} was taken over: {exc}"),
                 )
                 return
-            self.peers = [m.url for m in members if m.live and m.id != me][:MAX_PEERS]
-            if state.initialized and not state.finished and self.agg.sessions:
-                claimed = await self.agg._db(
-                    store.claim_uploads,
-                    self.agg.run_id,
-                    me,
-                    list(self.agg.sessions),
-                    round=state.round,
-                    liveness=self.cfg.liveness_timeout,
-                )
-                if claimed:
-                    log.info(
-                        "claimed %d buffered upload(s) of agents now connected here from "
-                        "members that are no longer live",
-                        len(claimed),
+            except StoreError as exc:  # the database is unavailable: keep trying, quietly
+                if not warned and self.agg.clock() - last_beat > self.cfg.liveness_timeout:
+                    warned = True
+                    log.warning(
+                        "no federation heartbeat for %.1f s (the other members now take this "
+                        "one for dead): %s",
+                        self.agg.clock() - last_beat,
+                        exc,
                     )
-                    await self.agg._post(UploadsClaimed(list(claimed)))
+            else:
+                warned = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), self.cfg.federation_heartbeat)
+
+    async def _beat(self, last_beat: float) -> None:
+        """One heartbeat (and claim sweep). After a gap longer than ``liveness_timeout``
+        (the store was unreachable) the other members may have taken this one for dead and
+        claimed uploads it counts: the owner re-checks what it still holds."""
+        store = self.agg.store
+        assert store is not None and self.member is not None
+        me = self.member.id
+        state = self.agg.state
+        members = await self.agg._db(
+            store.heartbeat,
+            self.agg.run_id,
+            me,
+            active_agents=len(self.agg.sessions),
+            version=state.version,
+            liveness=self.cfg.liveness_timeout,
+        )
+        self.peers = [m.url for m in members if m.live and m.id != me][:MAX_PEERS]
+        gap = self.agg.clock() - last_beat
+        weights = self.agg.global_weights
+        if gap > self.cfg.liveness_timeout and state.contributors and weights is not None:
+            log.warning(
+                "no heartbeat for %.1f s: re-checking which uploads this member still holds",
+                gap,
+            )
+            current = Adopted(state.version, self.agg.global_model_id, weights, {}, {})
+            await self.agg._post(GlobalAdvanced(current, recheck=True))
+        recent = self._recent_agents()
+        if state.initialized and not state.finished and recent:
+            claimed = await self.agg._db(
+                store.claim_uploads,
+                self.agg.run_id,
+                me,
+                recent,
+                round=state.round,
+                liveness=self.cfg.liveness_timeout,
+            )
+            if claimed:
+                log.info(
+                    "claimed %d buffered upload(s) of agents now connected here from "
+                    "members that are no longer live",
+                    len(claimed),
+                )
+                await self.agg._post(UploadsClaimed(list(claimed)))
+
+    def _recent_agents(self) -> list[str]:
+        """The connected agents that arrived within the claim window: only an agent that
+        moved here can have uploads held by a member that died, and that member is seen
+        dead at most ``liveness_timeout`` after the agent left it."""
+        now = self.agg.clock()
+        window = CLAIM_WINDOW_LIVENESS * self.cfg.liveness_timeout
+        arrived = {a: self._arrived.get(a, now) for a in self.agg.sessions}
+        self._arrived = arrived
+        return [a for a, t in arrived.items() if now - t <= window]
 
     async def run_follow(self) -> None:
         """Watch the run's global version; post what this member must adopt. Forever.
@@ -189,49 +236,62 @@ class Membership:
         Raises:
             StoreError: the store failed (the scope restarts this loop after a pause).
         """
-        store = self.agg.store
-        assert store is not None
         while True:
             await asyncio.sleep(FOLLOW_INTERVAL)
-            state = self.agg.state
-            run = await self.agg._db(store.get_run, self.agg.run_id)
-            if run.version < 0 or run.version <= max(state.version, self._followed):
-                continue
-            gid = await self.agg._db(store.global_model_id, self.agg.run_id, run.version)
-            if gid is None:
-                continue
-            weights = await self.agg._db(store.load_weights, gid)
-            if not state.initialized:
-                if run.structure is None:
-                    continue
-                started = asyncio.get_running_loop().create_future()
-                log.info("the federation started elsewhere: joining at version %d", run.version)
-                await self.agg._post(
-                    FederationStarted(run.structure, weights, gid, started, version=run.version)
-                )
-                await started
-            else:
-                row = await self.agg._db(store.model, gid)
-                metrics = dict(row["metrics"] or {}) if row else {}
-                await self.agg._post(
-                    GlobalAdvanced(Adopted(run.version, gid, weights, {}, metrics))
-                )
-            self._followed = run.version
+            try:
+                await self._follow_once()
+            except StoreError as exc:  # the database is unavailable: look again later
+                log.debug("following the run's version failed: %s", exc)
+
+    async def _follow_once(self) -> None:
+        """Post what to adopt if the run's global version is ahead of this member's."""
+        store = self.agg.store
+        assert store is not None
+        state = self.agg.state
+        run = await self.agg._db(store.get_run, self.agg.run_id)
+        if run.version < 0 or run.version <= max(state.version, self._followed):
+            return
+        gid = await self.agg._db(store.global_model_id, self.agg.run_id, run.version)
+        if gid is None:
+            return
+        if not state.initialized and run.structure is None:
+            return
+        weights = await self.agg._db(store.load_weights, gid)
+        if not state.initialized:
+            assert run.structure is not None
+            started = asyncio.get_running_loop().create_future()
+            log.info("the federation started elsewhere: joining at version %d", run.version)
+            await self.agg._post(
+                FederationStarted(run.structure, weights, gid, started, version=run.version)
+            )
+            await started
+        else:
+            row = await self.agg._db(store.model, gid)
+            metrics = dict(row["metrics"] or {}) if row else {}
+            await self.agg._post(GlobalAdvanced(Adopted(run.version, gid, weights, {}, metrics)))
+        self._followed = run.version
 
 
 async def carry_contributions(
-    agg: Aggregator, adopted: Adopted, contributions: dict[str, str], state: dict[str, Any]
+    agg: Aggregator,
+    adopted: Adopted,
+    contributions: dict[str, str],
+    state: dict[str, Any],
+    *,
+    recheck: bool = False,
 ) -> Followed:
     """Owner effect: the round in progress is superseded by ``adopted``; carry its
     ``contributions`` (agent id -> model id) into the round after it per the staleness
     policy (``next``: still buffered, relabelled, and fed to the new accumulator; ``drop``:
-    stored as stale) and build that round's accumulator. Errors are returned."""
+    stored as stale) and build that round's accumulator from those this member still
+    holds. ``recheck``: ``adopted`` is the current global model; only the rebuild from
+    what is still held happens. Errors are returned."""
     store = agg.store
     assert store is not None
-    drop = agg.config.staleness == "drop"
+    drop = agg.config.staleness == "drop" and not recheck
     ids = list(contributions.values())
     try:
-        if ids:
+        if ids and not recheck:
             await agg._db(
                 store.carry_uploads, agg.run_id, ids, round=adopted.version + 1, drop=drop
             )

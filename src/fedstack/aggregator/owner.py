@@ -90,6 +90,7 @@ class RoundOwner:
         # ---- federation only (see fedstack.aggregator.membership)
         self._follow: Adopted | None = None  # a newer global model to adopt when idle
         self._claimed: list[UploadRecord] = []  # claimed uploads to feed to the round
+        self._recheck = False  # rebuild the round from the uploads still held here
 
     def adopt(
         self, version: int, model_id: str, weights: Weights, extra: Weights, state: dict[str, Any]
@@ -178,6 +179,7 @@ class RoundOwner:
         elif isinstance(ev, GlobalAdvanced):
             if self._follow is None or ev.adopted.version > self._follow.version:
                 self._follow = ev.adopted
+            self._recheck = self._recheck or ev.recheck
         elif isinstance(ev, Followed):
             self._followed(ev)
         elif isinstance(ev, UploadsClaimed):
@@ -385,12 +387,20 @@ class RoundOwner:
         from fedstack.aggregator.membership import absorb_claims, carry_contributions
 
         follow, self._follow = self._follow, None
-        if follow is not None and follow.version > self.state.version:
+        recheck, self._recheck = self._recheck, False
+        if follow is not None and (
+            follow.version > self.state.version
+            or (recheck and follow.version == self.state.version)
+        ):
             self._aggregating = True  # nothing else until the round is carried over
             self.agg._scope.spawn(
                 self._report(
                     carry_contributions(
-                        self.agg, follow, dict(self.state.contributors), self.strategy_state
+                        self.agg,
+                        follow,
+                        dict(self.state.contributors),
+                        self.strategy_state,
+                        recheck=follow.version == self.state.version,
                     )
                 ),
                 name="follow",

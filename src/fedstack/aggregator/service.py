@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import time
 import uuid
@@ -68,6 +67,7 @@ from fedstack.aggregator.rounds import RoundState
 from fedstack.aggregator.statistics import AgentStatistics, AggregatorStatistics
 from fedstack.aggregator.tasks import ScopeClosed, TaskScope
 from fedstack.aggregator.uploads import Committer
+from fedstack.aggregator.upstream import UpstreamSynthesis
 from fedstack.aggregator.validation import Structure
 from fedstack.aggregator.workers import Workers
 from fedstack.errors import (
@@ -223,6 +223,8 @@ class Aggregator:
         """A federation member's background work (see :mod:`.membership`)."""
         self.sink: RoundSink | None = None
         """Where cluster rounds go in a federation or below an upstream aggregator."""
+        self.upstream: UpstreamSynthesis | None = None
+        """The sink and link of an aggregator below an upstream one (see :mod:`.upstream`)."""
         self._joined = asyncio.Event()
         if config.federated:
             self._check_federation()
@@ -249,12 +251,8 @@ class Aggregator:
     def _make_sink(self) -> RoundSink:
         if self.config.upstream is None:
             return SharedStoreSynthesis(self)
-        try:  # the tiers' sink (fedstack.aggregator.upstream)
-            module = importlib.import_module("fedstack.aggregator.upstream")
-        except ImportError as exc:
-            raise ConfigError(f"upstream aggregators are not available: {exc}") from None
-        sink: RoundSink = module.UpstreamSynthesis(self)
-        return sink
+        self.upstream = UpstreamSynthesis(self)  # the tiers' sink
+        return self.upstream
 
     # ------------------------------------------------------------------ round state (read-only)
     @property
@@ -347,6 +345,14 @@ class Aggregator:
         cfg, membership = self.config, self.membership
         assert membership is not None and self.store is not None
         await self._listen(self._serve_member, f"{cfg.run_name}.{cfg.name}")
+        if cfg.advertise_url is None and cfg.host in ("0.0.0.0", "::", ""):
+            log.warning(
+                "member %s listens on every interface (%s) without advertise_url: the other "
+                "members' agents are told %s, which they cannot reach; set --advertise-url",
+                cfg.name,
+                cfg.host or "*",
+                self.url,
+            )
         try:
             if not run.resumed:
                 run = await self._db(_first_run, self.store, run)
@@ -362,6 +368,12 @@ class Aggregator:
         self._spawn_tasks()
         self._scope.supervise("federation-heartbeat", membership.run_heartbeat)
         self._scope.supervise("federation-follow", membership.run_follow)
+        if self.upstream is not None:  # a new run may start from the upper global model
+            try:
+                await self.upstream.start()
+            except BaseException:
+                await self.stop()
+                raise
         self._joined.set()
         self._started(run)
 
@@ -440,7 +452,7 @@ class Aggregator:
         self.owner.structure = structure
         self.owner.adopt(resume.version, resume.global_model_id, weights, extra, state)
         if own.delivered is not None and own.delivered > resume.version:
-            if isinstance(self.sink, SharedStoreSynthesis):
+            if isinstance(self.sink, (SharedStoreSynthesis, UpstreamSynthesis)):
                 self.owner._aggregating = True  # until that round's global model exists
                 sink, rnd = self.sink, own.delivered
                 self._scope.spawn(
@@ -476,7 +488,11 @@ class Aggregator:
         )
 
     async def _complete_delivered(
-        self, sink: SharedStoreSynthesis, rnd: int, state: dict[str, Any], extra: Weights
+        self,
+        sink: SharedStoreSynthesis | UpstreamSynthesis,
+        rnd: int,
+        state: dict[str, Any],
+        extra: Weights,
     ) -> None:
         """Resume: wait for (or make) the global model of the delivered round ``rnd``."""
         pause = 0.5
@@ -545,6 +561,8 @@ class Aggregator:
             self._server.close()
         if self._inproc is not None:
             self._inproc.close()
+        if self.upstream is not None:
+            await self.upstream.close()
 
         async def bye(s: Session) -> None:
             with contextlib.suppress(Exception):
@@ -647,6 +665,8 @@ class Aggregator:
             tls=self.ssl_context is not None,
             uploads_queued=len(self.owner.upload_queue),
             agents=listed,
+            name=self.config.name,
+            peers=tuple(self.membership.peers) if self.membership is not None else (),
         )
 
     def _welcome_fields(self) -> dict[str, Any]:
