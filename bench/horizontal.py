@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/horizontal.py [--quick] [--agents-per-aggregator N]
         [--aggregators 1,2,4] [--rounds R] [--params P] [--repeat N] [--plot FILE]
+        [--store sqlite|postgresql] [--synthesis sync|async]
 
 For each K in ``--aggregators`` (default 1, 2, 4) at a fixed number of live agents per
 aggregator (default 250, so 1,000 at K = 4), three kinds of run on 127.0.0.1, each
@@ -18,21 +19,23 @@ WebSockets, "training" = +0.001 on a 1e4-parameter float32 model):
   issue's "single aggregator with the same cluster size".
 
 Round time = the interval between consecutive global models in the store (``finished``
-of round r minus round r - 1), median over rounds 2..R (the first round includes the
-agents joining). Synthesis time = the median of the global rounds' ``synthesis_seconds``
-metric (recorded by the member that synthesised: reading the semi-global models, the
-weighted combination, the commit); synthesis latency = from the last semi-global model a
-global model was made from to that global model (what the federation adds after the
-slowest cluster's round: polling the store, synthesis, commit). Printed ratios:
-federated / single (what the issue bounds: synthesis adds at most 10 %) and federated /
-independent (the federation's cost at equal load: on a machine with fewer cores than
-processes the single-aggregator ratio also measures K clusters sharing the CPU).
-``--store postgresql`` runs every aggregator on a throwaway local PostgreSQL server
-instead (the multi-host configuration; fsync off there).
+of round r minus round r - 1), median over rounds 3..R (``WARMUP`` = 2): the first rounds
+include the agents joining and, in a federation, the members settling into step (a
+member whose agents were all connected a moment later than the others' trails them for a
+round or two: see ``fedstack.cli.demo_horizontal``). Synthesis time = the median of the
+global rounds' ``synthesis_seconds`` metric (recorded by the member that synthesised:
+reading the semi-global models, the weighted combination, the commit); synthesis latency
+= from the last semi-global model a global model was made from to that global model
+(what the federation adds after the slowest cluster's round: polling the store,
+synthesis, commit). Printed ratios: federated / single (what the issue bounds: synthesis
+adds at most 10 %) and federated / independent (the federation's cost at equal load: on
+a machine with fewer cores than processes the single-aggregator ratio also measures K
+clusters sharing the CPU). ``--store postgresql`` runs every aggregator on a throwaway
+local PostgreSQL server instead (the multi-host configuration; fsync off there).
 
 ``--repeat N`` interleaves the kinds (independent, federated, per K, N times) so a noisy
 minute hits all alike; medians are reported. ``--quick``: 50 agents per aggregator,
-K = 1 and 2, 4 rounds. Results: table on stdout, JSON in bench/results/horizontal.json,
+K = 1 and 2, 6 rounds. Results: table on stdout, JSON in bench/results/horizontal.json,
 ``--plot FILE`` a PNG (matplotlib: the ``plot`` extra).
 """
 
@@ -59,6 +62,8 @@ from _live import save  # noqa: E402
 from fedstack.store import Store  # noqa: E402
 
 START_TIMEOUT = 60.0
+WARMUP = 2
+"""Rounds left out of the figures (joining, members settling into step)."""
 
 
 def _aggregator(
@@ -205,17 +210,17 @@ def run_once(
                 if child.poll() is None:
                     child.kill()
                     child.wait(10)
-    medians = [_median_interval(rows) for rows in per_db]
+    medians = [_median_interval(rows[WARMUP - 1 :]) for rows in per_db]
     synth = [
         float(r["metrics"]["synthesis_seconds"])
         for rows in per_db
-        for r in rows[1:]
+        for r in rows[WARMUP:]
         if isinstance(r["metrics"].get("synthesis_seconds"), int | float)
     ]
     latency = [
         float(r["synthesis_latency"])
         for rows in per_db
-        for r in rows[1:]
+        for r in rows[WARMUP:]
         if r.get("synthesis_latency") is not None
     ]
     return {
@@ -271,10 +276,12 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="50 agents per aggregator, K = 1, 2")
+    p.add_argument(
+        "--quick", action="store_true", help="50 agents per aggregator, K = 1, 2, 6 rounds"
+    )
     p.add_argument("--agents-per-aggregator", type=int, default=250)
     p.add_argument("--aggregators", default="1,2,4", help="comma-separated K values")
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=8, help=f"at least {WARMUP + 2}")
     p.add_argument("--params", type=int, default=10**4, help="model parameters (float32)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--synthesis", choices=("sync", "async"), default="sync")
@@ -289,7 +296,9 @@ def main() -> int:
     p.add_argument("--plot", metavar="FILE", help="write a PNG plot here")
     args = p.parse_args()
     if args.quick:
-        args.agents_per_aggregator, args.aggregators, args.rounds = 50, "1,2", 4
+        args.agents_per_aggregator, args.aggregators, args.rounds = 50, "1,2", 6
+    if args.rounds < WARMUP + 2:
+        p.error(f"--rounds must be at least {WARMUP + 2}")
     ks = [int(x) for x in args.aggregators.split(",") if x.strip()]
     n = args.agents_per_aggregator
     print(
