@@ -19,19 +19,21 @@ WebSockets, "training" = +0.001 on a 1e4-parameter float32 model):
   issue's "single aggregator with the same cluster size".
 
 Round time = the interval between consecutive global models in the store (``finished``
-of round r minus round r - 1), median over rounds 3..R (``WARMUP`` = 2): the first rounds
-include the agents joining and, in a federation, the members settling into step (a
-member whose agents were all connected a moment later than the others' trails them for a
-round or two: see ``fedstack.cli.demo_horizontal``). Synthesis time = the median of the
-global rounds' ``synthesis_seconds`` metric (recorded by the member that synthesised:
-reading the semi-global models, the weighted combination, the commit); synthesis latency
-= from the last semi-global model a global model was made from to that global model
-(what the federation adds after the slowest cluster's round: polling the store,
-synthesis, commit). Printed ratios: federated / single (what the issue bounds: synthesis
-adds at most 10 %) and federated / independent (the federation's cost at equal load: on
-a machine with fewer cores than processes the single-aggregator ratio also measures K
-clusters sharing the CPU). ``--store postgresql`` runs every aggregator on a throwaway
-local PostgreSQL server instead (the multi-host configuration; fsync off there).
+of round r minus round r - 1), median over rounds 3..R (``WARMUP`` = 2): the first
+rounds include the agents joining and, in a federation, the members settling into step
+(a member whose agents were all connected a moment later than the others' trails them
+for a round or two: see ``fedstack.cli.demo_horizontal``). Synthesis time = the median
+of the global rounds' ``synthesis_seconds`` metric (recorded by the member that
+synthesised: reading the semi-global models, the weighted combination, the commit);
+synthesis latency = from the last semi-global model a global model was made from to that
+global model (what the federation adds after the slowest cluster's round: polling the
+store, synthesis, commit). Printed ratios: federated / single (what the issue bounds:
+synthesis adds at most 10 %) and federated / independent (the federation's cost at equal
+load: on a machine with fewer cores than processes the single-aggregator ratio also
+measures K clusters sharing the CPU). ``complete``: the share of the measured federated
+rounds whose global model was made from every cluster's agents. ``--store postgresql``
+runs every aggregator on a throwaway local PostgreSQL server instead (the multi-host
+configuration; fsync off there).
 
 ``--repeat N`` interleaves the kinds (independent, federated, per K, N times) so a noisy
 minute hits all alike; medians are reported. ``--quick``: 50 agents per aggregator,
@@ -223,9 +225,12 @@ def run_once(
         for r in rows[WARMUP:]
         if r.get("synthesis_latency") is not None
     ]
+    measured = [r for rows in per_db for r in rows[WARMUP:]]
+    full = [r["num_updates"] >= agents * (k if federated else 1) for r in measured]
     return {
         "k": k,
         "federated": federated,
+        "complete_rounds": sum(full) / len(full) if full else None,
         "synthesis_latency_seconds": statistics.median(latency) if latency else None,
         "agents_per_aggregator": agents,
         "rounds_completed": [len(rows) for rows in per_db],
@@ -344,7 +349,7 @@ def main() -> int:
     print(
         f"{'K':>3} {'agents':>7} {'federated s':>12} {'independent s':>14} {'single s':>9} "
         f"{'fed/single':>11} {'fed/indep':>10} {'synthesis s':>12} {'latency s':>10} "
-        f"{'latency/round':>14}"
+        f"{'latency/round':>14} {'complete':>9}"
     )
     for row in rows:
         print(
@@ -352,7 +357,8 @@ def main() -> int:
             f"{row['independent_seconds']:>14.3f} {row['single_seconds']:>9.3f} "
             f"{row['ratio_vs_single']:>11.3f} {row['ratio_vs_independent']:>10.3f} "
             f"{_fmt(row['synthesis_seconds'], 12, 4)} "
-            f"{_fmt(row['synthesis_latency_seconds'], 10, 4)} {_fmt(row['latency_share'], 14, 3)}"
+            f"{_fmt(row['synthesis_latency_seconds'], 10, 4)} {_fmt(row['latency_share'], 14, 3)} "
+            f"{_fmt(row['complete_rounds'], 9, 2)}"
         )
     out = {"config": vars(args), "table": rows, "runs": runs}
     print(f"\nwrote {save('horizontal', out)}")
@@ -380,6 +386,7 @@ def summarize(runs: list[dict[str, Any]], ks: list[int]) -> list[dict[str, Any]]
         ind = med(k, False, "round_seconds") or float("nan")
         synth = med(k, True, "synthesis_seconds")
         latency = med(k, True, "synthesis_latency_seconds")
+        complete = med(k, True, "complete_rounds")
         ref = single if single is not None else float("nan")
         rows.append(
             {
@@ -394,6 +401,7 @@ def summarize(runs: list[dict[str, Any]], ks: list[int]) -> list[dict[str, Any]]
                 "synthesis_share": None if synth is None else synth / fed,
                 "synthesis_latency_seconds": latency,
                 "latency_share": None if latency is None else latency / fed,
+                "complete_rounds": complete,
             }
         )
     return rows
