@@ -19,25 +19,26 @@ WebSockets, "training" = +0.001 on a 1e4-parameter float32 model):
   issue's "single aggregator with the same cluster size".
 
 Round time = the interval between consecutive global models in the store (``finished``
-of round r minus round r - 1), median over rounds 3..R (``WARMUP`` = 2): the first
-rounds include the agents joining and, in a federation, the members settling into step
-(a member whose agents were all connected a moment later than the others' trails them
-for a round or two: see ``fedstack.cli.demo_horizontal``). Synthesis time = the median
-of the global rounds' ``synthesis_seconds`` metric (recorded by the member that
-synthesised: reading the semi-global models, the weighted combination, the commit);
-synthesis latency = from the last semi-global model a global model was made from to that
-global model (what the federation adds after the slowest cluster's round: polling the
-store, synthesis, commit). Printed ratios: federated / single (what the issue bounds:
-synthesis adds at most 10 %) and federated / independent (the federation's cost at equal
-load: on a machine with fewer cores than processes the single-aggregator ratio also
-measures K clusters sharing the CPU). ``complete``: the share of the measured federated
-rounds whose global model was made from every cluster's agents. ``--store postgresql``
-runs every aggregator on a throwaway local PostgreSQL server instead (the multi-host
-configuration; fsync off there).
+of round r minus round r - 1), median over the intervals between consecutive COMPLETE
+rounds (made from every cluster's agents) among rounds 2..R, the intervals from round 3
+on (``WARMUP`` = 2): the first rounds include the agents joining and, in a federation,
+the members settling into step (a member whose agents were all connected a moment later
+than the others' trails them for a few rounds: see ``fedstack.cli.demo_horizontal``).
+Synthesis time = the median of the global rounds' ``synthesis_seconds`` metric (recorded
+by the member that synthesised: reading the semi-global models, the weighted
+combination, the commit); synthesis latency = from the last semi-global model a global
+model was made from to that global model (what the federation adds after the slowest
+cluster's round: polling the store, synthesis, commit). Printed ratios: federated /
+single (what the issue bounds: synthesis adds at most 10 %) and federated / independent
+(the federation's cost at equal load: on a machine with fewer cores than processes the
+single-aggregator ratio also measures K clusters sharing the CPU). ``complete``: the
+share of the measured federated rounds whose global model was made from every cluster's
+agents. ``--store postgresql`` runs every aggregator on a throwaway local PostgreSQL
+server instead (the multi-host configuration; fsync off there).
 
 ``--repeat N`` interleaves the kinds (independent, federated, per K, N times) so a noisy
 minute hits all alike; medians are reported. ``--quick``: 50 agents per aggregator,
-K = 1 and 2, 6 rounds. Results: table on stdout, JSON in bench/results/horizontal.json,
+K = 1 and 2, 8 rounds. Results: table on stdout, JSON in bench/results/horizontal.json,
 ``--plot FILE`` a PNG (matplotlib: the ``plot`` extra).
 """
 
@@ -212,21 +213,27 @@ def run_once(
                 if child.poll() is None:
                     child.kill()
                     child.wait(10)
-    medians = [_median_interval(rows[WARMUP - 1 :]) for rows in per_db]
+    need = agents * (k if federated else 1)  # a complete round: every cluster's agents
+    for rows in per_db:
+        for r in rows:
+            r["complete"] = r["num_updates"] >= need
+    # steady state: past the warm-up, consecutive complete rounds only (a federation's
+    # members may need a few rounds to fall into step; "complete_rounds" says how many)
+    steady = [[r for r in rows[WARMUP - 1 :] if r["complete"]] for rows in per_db]
+    medians = [_median_interval(rows) for rows in steady]
     synth = [
         float(r["metrics"]["synthesis_seconds"])
-        for rows in per_db
-        for r in rows[WARMUP:]
+        for rows in steady
+        for r in rows[1:]
         if isinstance(r["metrics"].get("synthesis_seconds"), int | float)
     ]
     latency = [
         float(r["synthesis_latency"])
-        for rows in per_db
-        for r in rows[WARMUP:]
+        for rows in steady
+        for r in rows[1:]
         if r.get("synthesis_latency") is not None
     ]
-    measured = [r for rows in per_db for r in rows[WARMUP:]]
-    full = [r["num_updates"] >= agents * (k if federated else 1) for r in measured]
+    full = [r["complete"] for rows in per_db for r in rows[WARMUP:]]
     return {
         "k": k,
         "federated": federated,
@@ -273,7 +280,12 @@ def _rounds(db: str, federated: bool) -> list[dict[str, Any]]:
 
 
 def _median_interval(rows: list[dict[str, Any]]) -> float:
-    gaps = [b["finished"] - a["finished"] for a, b in zip(rows, rows[1:], strict=False)]
+    """Median interval between consecutive rounds of ``rows`` (nan: fewer than two)."""
+    gaps = [
+        b["finished"] - a["finished"]
+        for a, b in zip(rows, rows[1:], strict=False)
+        if b["round"] == a["round"] + 1
+    ]
     return statistics.median(gaps) if gaps else float("nan")
 
 
@@ -286,7 +298,7 @@ def main() -> int:
     )
     p.add_argument("--agents-per-aggregator", type=int, default=250)
     p.add_argument("--aggregators", default="1,2,4", help="comma-separated K values")
-    p.add_argument("--rounds", type=int, default=8, help=f"at least {WARMUP + 2}")
+    p.add_argument("--rounds", type=int, default=10, help=f"at least {WARMUP + 2}")
     p.add_argument("--params", type=int, default=10**4, help="model parameters (float32)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--synthesis", choices=("sync", "async"), default="sync")
@@ -301,7 +313,7 @@ def main() -> int:
     p.add_argument("--plot", metavar="FILE", help="write a PNG plot here")
     args = p.parse_args()
     if args.quick:
-        args.agents_per_aggregator, args.aggregators, args.rounds = 50, "1,2", 6
+        args.agents_per_aggregator, args.aggregators, args.rounds = 50, "1,2", 8
     if args.rounds < WARMUP + 2:
         p.error(f"--rounds must be at least {WARMUP + 2}")
     ks = [int(x) for x in args.aggregators.split(",") if x.strip()]

@@ -96,7 +96,7 @@ async def _agent(url: str, index: int, out: dict[int, Weights]) -> int:
 
 
 async def _federation(
-    db: Path, run_name: str, clusters: list[list[int]], federated: bool
+    db: Path, run_name: str, clusters: list[list[int]], federated: bool, staged: bool = True
 ) -> dict[str, Any]:
     stores = [await asyncio.to_thread(Store, str(db)) for _ in clusters]
     aggs = [
@@ -116,7 +116,7 @@ async def _federation(
         def start(i: int) -> None:
             agents.append(asyncio.ensure_future(_agent(home[i].url, i, finals)))
 
-        if not federated:
+        if not (federated and staged):
             for i in home:
                 start(i)
         else:
@@ -174,9 +174,11 @@ async def _until(store: Store, aggs: list[Aggregator], ok: Callable[[Member], bo
     raise AssertionError("the members did not reach the expected state in time")
 
 
-def _run(db: Path, run_name: str, clusters: list[list[int]], federated: bool) -> dict[str, Any]:
+def _run(
+    db: Path, run_name: str, clusters: list[list[int]], federated: bool, staged: bool = True
+) -> dict[str, Any]:
     with aio.runner() as r:
-        result: dict[str, Any] = r.run(_federation(db, run_name, clusters, federated))
+        result: dict[str, Any] = r.run(_federation(db, run_name, clusters, federated, staged))
     return result
 
 
