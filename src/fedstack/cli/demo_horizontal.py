@@ -25,9 +25,10 @@ each member's row), the agents of a2..aK; once the store shows those members wit
 whole clusters, a1's remaining agents. Without this, a demo round (tens of milliseconds of
 training) is much shorter than the federation's coordination intervals (heartbeats,
 following the run's version): sync synthesis waits only for the members its store view
-shows at the round with agents, so a member whose agents connected a moment later would
-trail the others for the whole run, its semi-global models arriving after the global
-model of their round was made (stored as ``late``). With one agent in a1's cluster
+shows at the round with agents, so a member whose agents connected a moment later could
+trail the others for several rounds (in a 10-round demo, often all of them), its
+semi-global models arriving after the global model of their round was made (stored as
+``late``) and the global model made from the other clusters alone. With one agent in a1's cluster
 (``--agents`` = K) a1 may still run its first rounds alone.
 """
 
