@@ -7,6 +7,7 @@ agents through the book's API, a real SQLite file or a real PostgreSQL server.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -32,7 +33,7 @@ from fedstack.testing.postgres import PostgresServer
 pytestmark = pytest.mark.timeout(120)
 
 HEARTBEAT = 0.1
-LIVENESS = 1.0
+LIVENESS = 2.0  # 20 heartbeats: room for a loaded machine
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -255,13 +256,19 @@ def test_async_synthesis_staleness_bound(
 
 
 def test_duplicate_live_name_is_refused(tmp_path: Path) -> None:
+    """A second aggregator of a live member's name refuses to start (and frees its port)."""
     db, blobs = str(tmp_path / "fed.db"), tmp_path / "blobs"
-    with members(member_config(db, blobs, "a")):
-        with (
-            pytest.raises(ConfigError, match="already live"),
-            aggregator_thread(member_config(db, blobs, "a")),
-        ):
-            pass  # pragma: no cover - the start fails
+    slow = dict(liveness_timeout=30.0)  # never taken for dead, however loaded the host
+
+    async def second() -> Aggregator:
+        agg = Aggregator(member_config(db, blobs, "a", **slow))
+        await agg.start()
+        return agg  # pragma: no cover - the start fails
+
+    with members(member_config(db, blobs, "a", **slow)) as (first,):
+        with pytest.raises(ConfigError, match="already live"):
+            asyncio.run(second())
+        assert live_members(db, first.run_id, blobs)["a"][0]
 
 
 def test_restarted_member_rejoins_and_resumes(shared_db: tuple[str, Path], tmp_path: Path) -> None:
