@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 
 from fedstack.agent.core import CLIENT, AgentCore, ClientState
 from fedstack.agent.urls import safe_url
@@ -70,7 +71,7 @@ class AgentConnection:
     async def _connection(self) -> None:
         core = self.core
         backoff = 0.05
-        cycle: list[str] = []  # the URLs still to try in this cycle (see _next_cycle)
+        cycle: list[str] = []  # the URLs still to try in this cycle (KnownAggregators.cycle)
         while not core.closing:
             moving = core.moving is not None
             if moving:  # move_to(): its URL first, at once (home is that URL)
@@ -115,7 +116,11 @@ class AgentConnection:
                 if core.closing or core.gm_final:
                     # after the final model the aggregator goes away: nothing to reconnect to
                     return
-                lease_expired = isinstance(exc, TimeoutError) and core.welcomes > welcomes
+                welcomed = core.welcomes > welcomes
+                lease_expired = isinstance(exc, TimeoutError) and welcomed
+                lasted = time.monotonic() - core.welcomed_at
+                if welcomed and lasted >= 3 * core.session.heartbeat_interval:
+                    backoff = 0.05  # it was a stable connection: the backoff starts over
                 level = logging.ERROR if isinstance(exc, RemoteProtocolError) else logging.INFO
                 more = bool(cycle) and core.welcomes == welcomes and core.moving is None
                 log.log(

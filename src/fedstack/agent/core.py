@@ -25,6 +25,7 @@ import enum
 import logging
 import os
 import secrets
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -139,6 +140,7 @@ class AgentCore:
         self.moving: str | None = None
         """A URL :meth:`move_to` asked for, until the connection loop goes there."""
         self.welcomes = 0
+        self.welcomed_at = 0.0  # time.monotonic() of the latest welcome
         self.name = name
         self.token = token if token is not None else os.environ.get("FEDSTACK_TOKEN") or None
         self.enrollment = (
@@ -425,6 +427,7 @@ class AgentCore:
     def on_welcome(self, w: Welcome, new_model: bool) -> None:
         previous = self.session.aggregator_id if self.welcomes else None
         self.welcomes += 1
+        self.welcomed_at = time.monotonic()
         self.known.home = self.url
         if self.known.learn(w.aggregators, self.url) and self.known.learned:
             log.info(
