@@ -26,7 +26,7 @@ import pytest
 from fedstack import Agent, AggregatorConfig, FederationFinished, Store
 from fedstack.aggregator import Aggregator
 from fedstack.aggregator.upstream import UPSTREAM_TOKEN_ENV
-from fedstack.errors import RegistrationRefused
+from fedstack.errors import ConfigError, RegistrationRefused
 from fedstack.security import make_test_pki
 from fedstack.testing import AggregatorProcess, aggregator_thread, free_port
 
@@ -63,6 +63,7 @@ class ConstAgent:
     initial: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
     delay: float = 0.0  # seconds of "training" per round
+    shape: tuple[int, ...] = SHAPE
     received: list[tuple[int, np.ndarray]] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
     finished: bool = False
@@ -75,7 +76,7 @@ class ConstAgent:
 
     def _run(self) -> None:
         agent = Agent(self.url, self.name, max_backoff=0.5, connect_timeout=5.0, **self.options)
-        agent.send_initial_model({"w": np.full(SHAPE, self.initial)}, self.n)
+        agent.send_initial_model({"w": np.full(self.shape, self.initial)}, self.n)
         try:
             agent.start(timeout=30)
             while True:
@@ -86,7 +87,7 @@ class ConstAgent:
                     return
                 self.received.append((agent.version, np.array(gm["w"])))
                 time.sleep(self.delay)
-                agent.send_trained_model({"w": np.full(SHAPE, self.value)}, self.n)
+                agent.send_trained_model({"w": np.full(self.shape, self.value)}, self.n)
         except BaseException as exc:  # reported by join()
             self.errors.append(exc)
         finally:
@@ -441,11 +442,19 @@ def test_edge_below_a_member_of_a_horizontal_federation(tmp_path: Path, stack: E
     a = start_agg(stack, config(up_db, name="A", min_agents=2, **fed))
     b = start_agg(stack, config(up_db, name="B", min_agents=1, **fed))
     a_url, b_url = (f"ws://127.0.0.1:{m.port}" for m in (a, b))
-    # the members' rounds take longer than a federation heartbeat: each member's stored
-    # version is current when the other one delivers (sync synthesis waits for it)
-    direct_a = ConstAgent(a_url, "a", 1.0, 10, delay=0.5).start()
+    direct_a = ConstAgent(a_url, "a", 1.0, 10).start()
     wait_for(lambda: a.state.version == 0 and b.state.version == 0, 20, "the upper run")
-    direct_b = ConstAgent(b_url, "b", 2.0, 20, delay=0.5).start()
+
+    def a_has_agents() -> bool:  # A's member row says so (B's synthesis waits for A then)
+        store = read_store(up_db)
+        try:
+            view = store.federation_view(a.run_id, 1, liveness=2.0)
+        finally:
+            store.close()
+        return any(m.name == "A" and m.active_agents > 0 for m in view.members)
+
+    wait_for(a_has_agents, 20, "member A's heartbeat with its agent")
+    direct_b = ConstAgent(b_url, "b", 2.0, 20).start()
     edge = start_agg(
         stack,
         config(
@@ -463,3 +472,71 @@ def test_edge_below_a_member_of_a_horizontal_federation(tmp_path: Path, stack: E
         for v, w in agent.received[1:]:
             np.testing.assert_allclose(w, expected, atol=1e-12, err_msg=f"{agent.name} v{v}")
     check_lineage(tmp_path / "edge.db", {"e1", "e2"})
+
+
+def test_upper_of_another_model_structure_is_never_adopted(
+    tmp_path: Path, stack: ExitStack
+) -> None:
+    """The upper aggregator is away when the edge starts (its first agent's model starts
+    the run), and comes up with a model of another shape: the edge's upload is refused
+    there, nothing of the upper is adopted, the edge leaves the upper aggregator (which
+    goes on with its other agent) and its cluster trains on its own."""
+    # the upper's run exists with its model before it listens on the edge's upstream port
+    # (else the edge's link could start it with the edge's model)
+    upper_cfg = config(tmp_path / "upper.db", min_agents=1, rounds=50)
+    with aggregator_thread(upper_cfg) as seed:
+        first = Agent(f"ws://127.0.0.1:{seed.port}", "d", max_backoff=0.5)
+        first.send_initial_model({"w": np.zeros(3)}, 10)
+        first.start(timeout=20)
+        first.close()
+    port = free_port()
+    edge = start_agg(
+        stack,
+        config(
+            tmp_path / "edge.db",
+            min_agents=1,
+            rounds=6,
+            name="edge1",
+            upstream=f"ws://127.0.0.1:{port}",
+            upstream_timeout=2.0,
+        ),
+    )
+    assert edge.state.version == -1  # the upper aggregator was unreachable: no wait
+    leaf = ConstAgent(f"ws://127.0.0.1:{edge.port}", "e1", 3.0, 30, delay=0.3).start()
+    upper = start_agg(stack, upper_cfg.replace(port=port))
+    assert upper.state.version == 0
+    direct = ConstAgent(f"ws://127.0.0.1:{port}", "d", 1.0, 10, shape=(3,), delay=0.1).start()
+    leaf.join(40)
+    finish(edge)
+    assert all(np.all(w == 3.0) for _, w in leaf.received[1:])  # its own semi-global models
+    store = read_store(tmp_path / "edge.db")
+    try:
+        rounds = store.rounds(store.latest_run_id())  # type: ignore[arg-type]
+        assert len(rounds) == 6 and all(r["metrics"]["upstream_offline"] == 1 for r in rounds)
+    finally:
+        store.close()
+    # the edge reached the upper aggregator, and left it: its rounds go on without it
+    wait_for(lambda: upper.state.version >= 2, 20, "the upper aggregator's rounds")
+    store = read_store(tmp_path / "upper.db")
+    try:
+        seen = [
+            e["kind"]
+            for e in store.events(store.latest_run_id())
+            if e["kind"] in ("joined", "left") and (e["detail"] or {}).get("name") == "edge1"
+        ]
+    finally:
+        store.close()
+    assert seen[:2] == ["joined", "left"], seen
+    assert not direct.errors
+
+
+def test_upstream_settings_are_checked(tmp_path: Path) -> None:
+    """An unreadable upstream_ca is a ConfigError at construction, before anything runs."""
+    cfg = config(
+        tmp_path / "edge.db",
+        name="edge1",
+        upstream="wss://localhost:1",
+        upstream_ca=str(tmp_path / "missing-ca.pem"),
+    )
+    with pytest.raises(ConfigError, match="upstream_ca"):
+        Aggregator(cfg)

@@ -7,11 +7,10 @@ upper aggregator's federation as the agent called ``name`` (book rows 33 and 71:
 intermediate server close to low-compute devices; an edge aggregator with intermittent
 connectivity). Three tiers and more work the same way (top <- middle <- edge <- agents).
 
-:class:`UpstreamLink` is the connection to the upper aggregator: the agent's asyncio core
-(:class:`~fedstack.agent.core.AgentCore` and its connection loop
-:class:`~fedstack.agent.connection.AgentConnection`: registration, reconnection with
-backoff, heartbeats, polling, TLS) running as a task of the aggregator's
-:class:`~fedstack.aggregator.tasks.TaskScope`, on its event loop.
+:class:`~fedstack.aggregator.uplink.UpstreamLink` is the connection to the upper
+aggregator: the agent's asyncio core running as a task of the aggregator's
+:class:`~fedstack.aggregator.tasks.TaskScope`, on its event loop (see
+:mod:`fedstack.aggregator.uplink`).
 
 :class:`UpstreamSynthesis` is the aggregator's round sink
 (:class:`~fedstack.aggregator.federation.RoundSink`). After each cluster round it
@@ -36,9 +35,18 @@ aggregator starts a new run, its current global model is the aggregator's versio
 otherwise the aggregator's first agent's model starts the run as usual, and it is proposed
 upstream as the initial model (it starts the upper federation if that has none yet).
 
+Each cluster round's upload has its own id (the member id and the round): after a restart
+the aggregator completes a round whose semi-global model it stored before it stopped
+(:meth:`UpstreamSynthesis.complete`), and an upload the upper aggregator already has is
+answered with what became of it. Only the weights, the sample count and the metrics go up:
+the cluster's extra arrays and server state stay with the cluster (its strategy runs per
+cluster), and the upper global model's extra arrays are not adopted.
+
 Everything the upper aggregator sends is checked by the agent's protocol session (model
 structure, finite values, versions); a model of another structure than this aggregator's
-is never adopted.
+is never adopted. Members of one federation that each have an upstream are not
+synthesised together: each commits the global model of its rounds (the first one of a
+version wins, the others adopt it).
 """
 
 from __future__ import annotations
@@ -48,355 +56,33 @@ import contextlib
 import logging
 import os
 import time
-import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedstack.agent.connection import AgentConnection
-from fedstack.agent.core import AgentCore
 from fedstack.aggregator.events import FederationStarted
 from fedstack.aggregator.federation import Adopted, ClusterRound
-from fedstack.aggregator.tasks import TaskScope
-from fedstack.errors import (
-    ConfigError,
-    FedstackError,
-    RegistrationRefused,
-    StoreConflict,
-    StoreError,
-    TLSError,
-)
-from fedstack.transport import Connection
+from fedstack.aggregator.uplink import MAX_BACKOFF, UpperGlobal, UpstreamLink
+from fedstack.errors import ConfigError, FedstackError, StoreConflict, StoreError, TLSError
 from fedstack.types import Metrics, Weights
-from fedstack.wire import ModelUpload, UploadAck
-from fedstack.wire.session import State
 from fedstack.wire.tensors import structure as structure_of
 
 if TYPE_CHECKING:
     from fedstack.aggregator.service import Aggregator
 
-__all__ = ["UPSTREAM_TOKEN_ENV", "UpperGlobal", "UpstreamLink", "UpstreamSynthesis"]
+__all__ = ["INITIAL_WAIT", "UPSTREAM_TOKEN_ENV", "UpperGlobal", "UpstreamLink", "UpstreamSynthesis"]
 
 log = logging.getLogger("fedstack.aggregator.upstream")
 
 UPSTREAM_TOKEN_ENV = "FEDSTACK_UPSTREAM_TOKEN"
 """The environment variable holding this aggregator's credential at the upper aggregator
 (``fedstack credentials add NAME`` on the upper aggregator's store prints it)."""
-
-MAX_BACKOFF = 5.0
-"""Cap of the link's reconnection backoff, seconds (an edge's link comes back quickly)."""
 INITIAL_WAIT = 10.0
 """Longest wait at the start of a new run for the upper aggregator's welcome (its global
 model becomes version 0), seconds (and at most ``upstream_timeout``). An upper aggregator
 that has no model yet holds the connection without answering: the run then starts from
 its first agent's model, which is proposed upstream."""
-POLL_STEP = 0.05
-"""Longest sleep between two looks at the link while waiting, seconds."""
-COUNTED = ("accepted", "accepted-late", "duplicate")
-"""Acknowledgement statuses after which the upper global of the ack's round includes this
-aggregator's contribution (``duplicate``: an earlier upload of ours counts in that round)."""
-
-
-@dataclass(frozen=True)
-class UpperGlobal:
-    """A global model of the upper aggregator, as the link received it."""
-
-    version: int
-    weights: Weights
-    extra: Weights
-    final: bool
-
-
-class _LinkConnection(AgentConnection):
-    """The agent's connection loop, telling the link whether a connection is open."""
-
-    def __init__(self, link: UpstreamLink) -> None:
-        super().__init__(link.core)
-        self.link = link
-
-    async def _run_session(self, conn: Connection) -> bool:
-        self.link._open = True
-        try:
-            return await super()._run_session(conn)
-        finally:
-            self.link._open = False
-
-
-class UpstreamLink:
-    """The connection to the upper aggregator, as its agent called ``name``.
-
-    Call everything from the aggregator's event loop. :meth:`start` runs the connection as
-    a task of ``scope``; :meth:`close` says bye and ends it.
-
-    Args:
-        url: the upper aggregator (``ws://`` or ``wss://``).
-        name: the agent name there (the aggregator's ``name``).
-        token: the credential there (None: none, e.g. an upper aggregator with auth off).
-        ca: PEM CA verifying a ``wss://`` upper aggregator's certificate (None: the
-            ``FEDSTACK_CA`` environment variable, else the system's trust store).
-        max_message_bytes: largest message accepted from the upper aggregator.
-        connect_timeout: seconds to open one connection.
-        max_backoff: cap of the reconnection backoff, seconds.
-
-    Raises:
-        BadName (a ValueError): ``name`` is not a valid agent name.
-        TLSError: ``ca`` cannot be read.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        name: str,
-        *,
-        token: str | None,
-        ca: str | None = None,
-        max_message_bytes: int = 1 << 30,
-        connect_timeout: float = 10.0,
-        max_backoff: float = MAX_BACKOFF,
-    ) -> None:
-        self.core = AgentCore(
-            url,
-            name,
-            token=token,
-            enrollment_token=None,
-            init_weights=True,
-            max_message_bytes=max_message_bytes,
-            poll_wait=30.0,
-            max_backoff=max_backoff,
-            connect_timeout=connect_timeout,
-            ca=ca,
-            cert=None,
-            key=None,
-            state_dir=None,
-        )
-        # never the agents' variables of this process: the aggregator's enrollment secret
-        # (FEDSTACK_ENROLLMENT_TOKEN) must not travel upstream, nor an agent's token
-        self.core.token = token
-        self.core.enrollment = None
-        self.url = url
-        self.name = name
-        self.latest: UpperGlobal | None = None
-        """The newest upper global model received (None: none yet)."""
-        self.first_version: int | None = None
-        """The upper version at this link's first welcome (None: never welcomed)."""
-        self._scope: TaskScope | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._open = False  # a connection to the upper aggregator is open
-
-    # ------------------------------------------------------------------ state
-    @property
-    def connected(self) -> bool:
-        """True while a connection is open and welcomed."""
-        return self._open and self.core.session.state is State.JOINED
-
-    @property
-    def connecting(self) -> bool:
-        """True while a connection is open and not welcomed yet (e.g. the upper aggregator
-        holds it until its federation has a model)."""
-        return self._open and self.core.session.state is not State.JOINED
-
-    @property
-    def stopped(self) -> bool:
-        """True once the link will not connect again (closed, refused, finished)."""
-        return self._task is not None and self._task.done()
-
-    @property
-    def error(self) -> FedstackError | None:
-        """Why the link stopped for good (e.g. a refused credential), if it did."""
-        return self.core.error
-
-    @property
-    def known_version(self) -> int:
-        """The newest upper version received (-1: none)."""
-        return self.core.session.known_version
-
-    @property
-    def reconnects(self) -> int:
-        return self.core.reconnects
-
-    # ------------------------------------------------------------------ lifecycle
-    def start(self, scope: TaskScope) -> None:
-        """Start connecting (as a task of ``scope``); returns at once."""
-        self._scope = scope
-        self._spawn()
-
-    def _spawn(self) -> None:
-        assert self._scope is not None
-        self.core.stopped = False
-        self._task = self._scope.spawn(
-            _LinkConnection(self).run(), name=f"upstream-{self.name}", daemon=True
-        )
-        self._task.add_done_callback(self._ended)
-
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        self._open = False
-        if task is self._task and not task.cancelled() and self.core.error is not None:
-            log.error("link to the upstream aggregator %s stopped: %s", self.url, self.core.error)
-
-    async def propose(self, weights: Weights, num_samples: int = 1) -> None:
-        """Make ``weights`` the initial model offered to the upper aggregator (it starts
-        the upper federation if that has none yet). A connection not welcomed yet is
-        restarted so that its ``participate`` carries the model."""
-        self.core.propose(weights, num_samples, {})
-        task = self._task
-        if self.core.welcomed or task is None or task.done():
-            return
-        task.remove_done_callback(self._ended)
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        self._open = False
-        self._spawn()
-
-    async def close(self, timeout: float = 2.0) -> None:
-        """Say bye to the upper aggregator and end the connection (waits up to
-        ``timeout`` s, then cancels it)."""
-        self.core.close()
-        task = self._task
-        if task is not None and not task.done():
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(task), timeout)
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-
-    # ------------------------------------------------------------------ models
-    def refresh(self) -> UpperGlobal | None:
-        """Take a newly received upper global model, if any, into :attr:`latest`; returns
-        :attr:`latest`."""
-        core = self.core
-        if core.welcomed and self.first_version is None:
-            self.first_version = core.session.known_version
-        try:
-            weights = core.take_global()
-        except FedstackError:  # finished, closed, or the link's error: nothing new
-            weights = None
-        if weights is not None:
-            self.latest = UpperGlobal(
-                core.training_base, weights, dict(core.gm_extra), core.gm_final
-            )
-        return self.latest
-
-    async def changed(self, timeout: float) -> None:
-        """Return at the core's next change of state, or after ``timeout`` s."""
-        fut = self.core.waiter()
-        try:
-            if isinstance(fut, asyncio.Future):
-                await asyncio.wait_for(asyncio.shield(fut), timeout)
-            else:
-                await asyncio.sleep(min(timeout, POLL_STEP))
-        except TimeoutError:
-            pass
-
-    async def wait_welcome(self, timeout: float) -> UpperGlobal | None:
-        """Wait up to ``timeout`` s for the first welcome; the upper global model it
-        carried (None: not welcomed in time, or the upper aggregator is unreachable: a
-        connection attempt failed and none is open now).
-
-        Raises:
-            RegistrationRefused, TLSError: the upper aggregator refused this aggregator
-                (its credential, its name) or its certificate does not verify.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.core.welcomed:
-                return self.refresh()
-            err = self.core.error
-            if isinstance(err, (RegistrationRefused, TLSError)):
-                raise err
-            if self.stopped:
-                return None
-            if self.core.reconnects > 0 and not self._open:
-                return None  # not reachable now: do not hold the aggregator's start
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            await asyncio.sleep(min(remaining, POLL_STEP))
-
-    def upload(
-        self,
-        weights: Weights,
-        num_samples: int,
-        base_version: int,
-        metrics: Metrics,
-        upload_id: str | None = None,
-    ) -> str:
-        """Queue ``weights`` as this aggregator's upload (it replaces any upload not yet
-        acknowledged, and is re-sent after each reconnection until acknowledged).
-        ``base_version`` is clamped to the versions the upper aggregator issued.
-        ``upload_id`` (1-64 characters; default: a random one) names it: the upper
-        aggregator stores an id once, so the same id sent again (after a restart) is
-        answered with what became of the first."""
-        known = self.core.session.known_version
-        base = max(0, base_version if known < 0 else min(base_version, known))
-        upload = ModelUpload(
-            upload_id=upload_id or uuid.uuid4().hex,
-            base_version=base,
-            num_samples=max(0, int(num_samples)),
-            metrics=wire_metrics(metrics),
-            model={k: np.array(v, copy=True) for k, v in weights.items()},
-            extra=None,
-        )
-        self.core.commit_upload(upload)
-        return upload.upload_id
-
-    def ack(self, upload_id: str) -> UploadAck | None:
-        """The acknowledgement of ``upload_id``, once received."""
-        acks = self.core.acknowledged
-        if len(acks) > 64:  # the core keeps every ack: keep the recent ones only
-            del acks[:-16]
-        for a in reversed(acks):
-            if a.upload_id == upload_id:
-                return a
-        return None
-
-    async def exchange(
-        self, upload_id: str, timeout: float
-    ) -> tuple[UploadAck | None, UpperGlobal | None]:
-        """Wait up to ``timeout`` s for the acknowledgement of ``upload_id`` and then for
-        the upper global model that includes it (the version of the round it counts in).
-        Returns (the ack or None, that global model or None). A ``stale-dropped`` upload
-        returns the newest upper global model at once (the upper aggregator moved on
-        without it); ``finished`` or a refusal returns no model."""
-        deadline = time.monotonic() + timeout
-        ack: UploadAck | None = None
-        target: int | None = None
-        while True:
-            self.refresh()
-            if ack is None:
-                ack = self.ack(upload_id)
-                pending = self.core.session.pending
-                if ack is None and (pending is None or pending.upload_id != upload_id):
-                    return None, None  # refused (invalid-model, quota), or replaced
-                if ack is not None:
-                    if ack.status in COUNTED:
-                        target = ack.round
-                    elif ack.status == "stale-dropped":
-                        return ack, self.latest
-                    else:  # finished, rejected: the upper aggregator will not use it
-                        return ack, None
-            if target is not None and self.latest is not None and self.latest.version >= target:
-                return ack, self.latest
-            if self.stopped:
-                return ack, None
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return ack, None
-            await self.changed(min(remaining, 1.0))
-
-
-def wire_metrics(metrics: Mapping[str, Any]) -> Metrics:
-    """The numbers, strings and bools of ``metrics`` (numpy scalars as Python numbers)."""
-    out: Metrics = {}
-    for k, v in metrics.items():
-        if isinstance(v, np.generic):
-            v = v.item()
-        if isinstance(v, (bool, int, float, str)):
-            out[str(k)] = v
-    return out
 
 
 @dataclass
@@ -420,7 +106,8 @@ class UpstreamSynthesis:
             :data:`UPSTREAM_TOKEN_ENV`).
 
     Raises:
-        ConfigError: ``name`` is not set, or is not a valid agent name.
+        ConfigError: ``name`` is not set or is not a valid agent name, or ``upstream_ca``
+            cannot be read.
     """
 
     def __init__(self, agg: Aggregator, *, token: str | None = None) -> None:
@@ -448,10 +135,14 @@ class UpstreamSynthesis:
             )
         except ValueError as exc:
             raise ConfigError(f"aggregator config: name {cfg.name!r}: {exc}") from None
+        except TLSError as exc:
+            raise ConfigError(f"aggregator config: upstream_ca: {exc}") from None
         self.base_version = -1
         """The upper version this aggregator's current global model came from (-1: none)."""
         self._progress: _Progress | None = None
         self._closing = False
+        self._told_down = False
+        self._down: str | None = None  # why this aggregator closed the link for good
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -481,7 +172,7 @@ class UpstreamSynthesis:
                     "starts this run and is proposed upstream",
                     self.link.url,
                 )
-        agg._scope.supervise("upstream-first-model", self._first_model)
+        agg._scope.supervise("upstream-watch", self._watch)
 
     async def close(self) -> None:
         """Say bye upstream and end the link (a round being published is then left to the
@@ -489,23 +180,38 @@ class UpstreamSynthesis:
         self._closing = True
         await self.link.close()
 
-    async def _first_model(self) -> None:
-        """Until the link's first welcome: the aggregator's first global model (from its
-        first agent) is proposed upstream; a welcome while the aggregator has none yet
-        starts its run from the upper global model."""
+    async def _watch(self) -> None:
+        """While the link runs. Until its first welcome: the aggregator's first global
+        model (from its first agent) is proposed upstream, and a welcome while the
+        aggregator has none yet starts its run from the upper global model. Then: an
+        upper global model of another structure than this aggregator's makes it leave the
+        upper aggregator (its uploads could never count there, and as an agent that never
+        delivers it would hold the upper rounds until their deadline)."""
         agg, link = self.agg, self.link
-        while not link.core.welcomed and not link.stopped:
+        while not link.stopped:
             if agg._initialized.is_set():
-                assert agg.global_weights is not None
-                await link.propose(agg.global_weights)
-                return
+                if not link.core.welcomed:
+                    assert agg.global_weights is not None
+                    await link.propose(agg.global_weights)
+                break
             if link.core.welcomed:
                 upper = link.refresh()
                 if upper is not None:
                     await self._initialize_from(upper)
-                return
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(agg._initialized.wait(), 0.1)
+        while not link.stopped:
+            latest = link.refresh()
+            if latest is not None and agg.structure is not None and not self._fits(latest):
+                await self._leave("the upstream model has another structure than this one's")
+                return
+            await link.changed()
+
+    async def _leave(self, why: str) -> None:
+        """Close the link for good (``why`` is logged with the next round)."""
+        self._down = why
+        await self.link.close()
 
     async def _initialize_from(self, upper: UpperGlobal) -> None:
         """Version 0 of this aggregator's run = the upper global model (unless its first
@@ -713,8 +419,18 @@ class UpstreamSynthesis:
                 await link.wait_welcome(min(self.timeout, INITIAL_WAIT))
         if self._closing:  # the aggregator is stopping: nothing is committed
             await asyncio.get_running_loop().create_future()  # until cancelled
+        latest = link.refresh()
+        if latest is not None and not link.stopped and not self._fits(latest):
+            await self._leave("the upstream model has another structure than this one's")
         if link.stopped:
-            log.warning("round %d: the upstream link is down for good (%s)", r, link.error)
+            if not self._told_down:
+                self._told_down = True
+                log.warning(
+                    "round %d: the upstream link is down for good (%s); this aggregator "
+                    "continues on its own semi-global models",
+                    r,
+                    link.error or self._down or "the upper federation finished",
+                )
             return None
         base = self.base_version if self.base_version >= 0 else (link.first_version or 0)
         if p.upload_id is None:
@@ -735,25 +451,31 @@ class UpstreamSynthesis:
                 link.url,
             )
             return None
-        ack, upper = await link.exchange(p.upload_id, self.timeout)
+        ack, upper = await link.exchange(p.upload_id, base, self.timeout)
         if self._closing:
             await asyncio.get_running_loop().create_future()  # until cancelled
         if upper is not None and not self._fits(upper):
             upper = None
         if upper is None:
+            if ack is not None:
+                why = f"upload {ack.status[:32]!r}"
+            elif link.core.session.pending is None and link.last_refusal is not None:
+                why = f"upload refused: {link.last_refusal[:200]!r}"
+            else:
+                why = "not acknowledged"
             log.warning(
                 "round %d: no upstream global model within %.1f s (%s); continuing from our "
                 "own semi-global model",
                 r,
                 self.timeout,
-                "not acknowledged" if ack is None else f"upload {ack.status}",
+                why,
             )
         else:
             log.info(
                 "round %d: upstream global model version %d adopted (upload %s)",
                 r,
                 upper.version,
-                ack.status if ack else "?",
+                repr(ack.status[:32]) if ack else "?",
             )
         return upper
 
