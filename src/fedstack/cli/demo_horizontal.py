@@ -195,16 +195,19 @@ def run_horizontal(args: DemoArgs, k: int) -> int:
         # to a1; once every member holds it, the other members' agents; once the store
         # shows those members with their whole clusters, a1's remaining agents
         start_agent(0)
-        _wait_members(db, run_id, members, lambda m: m.version >= 0, t0 + 60, "the first model")
+        _wait_members(
+            db, run_id, members, lambda m: m.version >= 0, time.monotonic() + 60, "the first model"
+        )
         for i in range(1, args.agents):
             if i % k != 0:
                 start_agent(i)
+        cluster_size = {n: len(c) for n, c in zip(names[1:], clusters[1:], strict=True)}
         _wait_members(
             db,
             run_id,
             members,
-            lambda m: m.name == names[0] or m.active_agents >= len(clusters[names.index(m.name)]),
-            t0 + 60,
+            lambda m: m.active_agents >= cluster_size.get(m.name, 0),
+            time.monotonic() + 60,
             "their agents",
         )
         for i in range(k, args.agents, k):
