@@ -61,6 +61,7 @@ def test_per_aggregator_figures(demo: tuple[dict[str, Any], str, Path]) -> None:
     for r in result["rounds"]:
         assert sorted(r["aggregators"]) == ["a1", "a2"]
         assert all(0 <= a["accuracy"] <= 1 for a in r["aggregators"].values())
+        assert all(a["in_global"] for a in r["aggregators"].values())
         assert sum(a["agents"] for a in r["aggregators"].values()) == r["agents"]
     last = result["rounds"][-1]["aggregators"]
     assert [m["final_accuracy"] for m in members] == [

@@ -233,6 +233,8 @@ def run_horizontal(args: DemoArgs, k: int) -> int:
         }
         for m in members
     ]
+    if any(not a["in_global"] for r in rows for a in r["aggregators"].values()):
+        say("* late: delivered after the global model of its round was made (not in it)")
     say("")
     if final is None:
         say("no round completed")
@@ -325,6 +327,8 @@ def _round_row(store: Store, run_id: str, r: dict[str, Any], previous: float) ->
             "accuracy": float(_evaluate(store.load_weights(sg.model_id))["accuracy"]),
             "agents": sg.num_updates,
             "num_samples": sg.num_samples,
+            # False: delivered after the global model of its round was made (late)
+            "in_global": sg.status == "synthesized",
         }
     finished = float(r["finished"])
     return {
@@ -402,7 +406,9 @@ def _first_model_time(store: Store, run_id: str) -> float:
 
 def _acc(row: dict[str, Any], name: str) -> str:
     m = row["aggregators"].get(name)
-    return "-" if m is None else f"{m['accuracy']:.4f}"
+    if m is None:
+        return "-"
+    return f"{m['accuracy']:.4f}" + ("" if m["in_global"] else "*")
 
 
 def _line(row: dict[str, Any], names: list[str]) -> str:
