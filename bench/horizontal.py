@@ -141,7 +141,7 @@ def run_once(
         if federated:
             Store(dbs[0]).close()  # the schema exists before the members start
         procs: list[subprocess.Popen[bytes]] = []
-        loads: list[subprocess.Popen[str]] = []
+        loads: list[subprocess.Popen[bytes]] = []
         try:
             ports = []
             for j, name in enumerate(names):
@@ -159,41 +159,42 @@ def run_once(
                     ports.append(_wait_ready(d, name, procs[j], d / f"{name}.ready"))
             t0 = time.perf_counter()
             for j, port in enumerate(ports):
-                loads.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "fedstack.testing.loadgen",
-                            "--url",
-                            f"ws://127.0.0.1:{port}",
-                            "--agents",
-                            str(agents),
-                            "--rounds",
-                            str(rounds),
-                            "--params",
-                            str(params),
-                            "--timeout",
-                            str(timeout),
-                            "--name-prefix",
-                            f"m{j + 1}",
-                            "--json",
-                            str(d / f"lg{j}.json"),
-                            "-q",
-                        ],
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        text=True,
+                with open(d / f"lg{j}.log", "wb") as lg_log:  # files: no pipe fills up
+                    loads.append(
+                        subprocess.Popen(
+                            [
+                                sys.executable,
+                                "-m",
+                                "fedstack.testing.loadgen",
+                                "--url",
+                                f"ws://127.0.0.1:{port}",
+                                "--agents",
+                                str(agents),
+                                "--rounds",
+                                str(rounds),
+                                "--params",
+                                str(params),
+                                "--timeout",
+                                str(timeout),
+                                "--name-prefix",
+                                f"m{j + 1}",
+                                "--json",
+                                str(d / f"lg{j}.json"),
+                                "-q",
+                            ],
+                            stdout=lg_log,
+                            stderr=subprocess.STDOUT,
+                        )
                     )
-                )
             lg_errors = 0
             for j, lg in enumerate(loads):
-                _, err = lg.communicate(timeout=timeout + 60)
+                lg.wait(timeout=timeout + 60)
                 out = d / f"lg{j}.json"
                 report = json.loads(out.read_text()) if out.exists() else {"error_count": 1}
                 lg_errors += int(report.get("error_count", 1))
                 if not out.exists():
-                    print(f"load generator {j} failed: {err[-1000:]}", file=sys.stderr)
+                    tail = (d / f"lg{j}.log").read_text(errors="replace")[-1000:]
+                    print(f"load generator {j} failed: {tail}", file=sys.stderr)
             wall = time.perf_counter() - t0
             for p in procs:
                 try:
