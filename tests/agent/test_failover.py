@@ -403,6 +403,9 @@ def test_learned_urls_come_from_each_welcome_and_the_given_ones_stay() -> None:
     # the same host and port under another spelling is the same aggregator
     _feed_welcome(agent, _welcome(aggregators=["ws://10.0.0.2:8765", "ws://10.0.0.1:8765/"]))
     assert agent.aggregators == [a, b]
+    # a member listening on every interface that advertises no address: not learned
+    _feed_welcome(agent, _welcome(aggregators=["ws://0.0.0.0:8765", "ws://[::]:1", c]))
+    assert agent.aggregators == [a, b, c]
     # at most MAX_LEARNED are kept; an entry that is not a usable URL is skipped
     many = [f"ws://10.1.{i // 250}.{i % 250}:1" for i in range(MAX_LEARNED + 10)]
     _feed_welcome(agent, _welcome(aggregators=["ws://nohost:0", *many[: MAX_LEARNED + 10]]))
@@ -862,9 +865,9 @@ def test_a_federation_member_killed_its_agents_fail_over_to_the_other(
             assert others_may_go.wait(30)
 
     def after_send(ag: LoopAgent, version: int) -> None:
-        pending = ag.agent._pending
-        if version == k and pending is not None:
-            held.append(pending.upload_id)
+        if version == k:  # the upload just sent: pending, or already acknowledged
+            pending, acked = ag.agent._pending, list(ag.agent.acknowledged)
+            held.append(pending.upload_id if pending is not None else acked[-1].upload_id)
 
     with processes(a, b):
         a.start()

@@ -9,8 +9,9 @@ welcome's list replaces the previous one, the given URLs are always kept, at mos
 (:meth:`KnownAggregators.cycle`): the current one first, once, then the others in order.
 
 Learned URLs come from the aggregator, so they are treated as attacker-controlled: only
-``ws://``/``wss://``/``inproc://`` URLs with a host are kept, never a ``ws://`` URL when
-the agent was given ``wss://`` ones (no downgrade to clear text for the credential), and
+``ws://``/``wss://``/``inproc://`` URLs with a host are kept (not an unspecified address
+such as ``0.0.0.0``), never a ``ws://`` URL when the agent was given ``wss://`` ones (no
+downgrade to clear text for the credential), and
 they are logged only as truncated ``repr`` text (:func:`safe_url`).
 
 Everything here runs on the agent core's event loop (no locks).
@@ -43,6 +44,9 @@ MAX_LEARNED = 32
 """Most URLs kept from the welcomes (the given ones are always kept)."""
 
 MAX_URL_LEN = 512
+
+UNSPECIFIED = frozenset({"0.0.0.0", "::", "0:0:0:0:0:0:0:0"})
+"""Listening addresses that name no host: never learned as an aggregator's URL."""
 
 
 def safe_url(url: str) -> str:
@@ -179,6 +183,11 @@ class KnownAggregators:
                 continue
             if self.tls_only and not url.startswith("wss://"):
                 log.debug("ignoring a learned aggregator URL without TLS: %s", safe_url(url))
+                continue
+            if urlsplit(url).hostname in UNSPECIFIED:
+                # a member listening on all interfaces that advertises no address: from
+                # here that would be this host, not the member
+                log.debug("ignoring a learned aggregator URL without an address: %s", safe_url(url))
                 continue
             key = endpoint(url)
             if key not in seen:
