@@ -5,6 +5,10 @@ scikit-learn's bundled digits are split across the agents (IID or Dirichlet labe
 the aggregator keeps everything in an SQLite store in the work folder and evaluates each
 global model on the held-out test split. The demo prints a live per-round table from the
 store and a summary.
+
+``--aggregators K`` (K > 1) runs a horizontal federation instead
+(:mod:`fedstack.cli.demo_horizontal`): K aggregator processes sharing the SQLite file, the
+agents spread over them. K = 1 (the default) is the single-aggregator demo above.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ class DemoError(FedstackError):
 
 
 @dataclass(frozen=True)
-class _DemoArgs:
+class DemoArgs:
+    """The demo's options, checked."""
+
     agents: int
     rounds: int
     partition: str
@@ -49,7 +55,8 @@ class _DemoArgs:
     json: bool
 
 
-def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``python -m fedstack ARGS`` in its own session, output to ``log_path``."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
         return subprocess.Popen(
@@ -62,7 +69,21 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
 
 
 def cmd_demo(
-    agents: Annotated[int, typer.Option("--agents", help="agent processes")] = 3,
+    agents: Annotated[
+        int | None,
+        typer.Option(
+            "--agents",
+            help="agent processes (default 3; with --aggregators K > 1: 2 per aggregator)",
+        ),
+    ] = None,
+    aggregators: Annotated[
+        int,
+        typer.Option(
+            "--aggregators",
+            help="aggregator processes; K > 1 runs a horizontal federation sharing one "
+            "SQLite file (semi-global models synthesised into the global model)",
+        ),
+    ] = 1,
     rounds: Annotated[int, typer.Option("--rounds")] = 10,
     partition: Annotated[
         str, typer.Option("--partition", help="iid or dirichlet:ALPHA")
@@ -78,13 +99,29 @@ def cmd_demo(
     One aggregator and --agents agent processes over loopback WebSockets, scikit-learn's
     digits split across the agents (--partition), an SQLite store in --workdir; a live
     round table, then a summary (--json: one JSON line of results at the end).
+    With --aggregators K > 1: K aggregators (a1..aK) on the same SQLite file form one
+    federation, the agents spread over them; the table adds each aggregator's
+    semi-global model's accuracy.
     """
-    args = _DemoArgs(agents, rounds, partition, workdir, seed, delivery, timeout, json_)
+    if aggregators < 1:
+        raise DemoError("--aggregators must be at least 1")
+    if agents is None:
+        agents = 3 if aggregators == 1 else 2 * aggregators
+    args = DemoArgs(agents, rounds, partition, workdir, seed, delivery, timeout, json_)
     if args.json:
         quiet_logs()
     if args.agents < 1 or args.rounds < 1:
         raise DemoError("--agents and --rounds must be at least 1")
     parse_partition(args.partition)  # fail early on a bad spec
+    if aggregators > 1:
+        from fedstack.cli.demo_horizontal import run_horizontal
+
+        if args.agents < aggregators:
+            raise DemoError(
+                f"--agents ({args.agents}) must be at least --aggregators ({aggregators}): "
+                "every aggregator needs a cluster"
+            )
+        return run_horizontal(args, aggregators)
     work = Path(args.workdir).resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
     db = work / "fedstack.db"
@@ -99,7 +136,7 @@ def cmd_demo(
     t0 = time.monotonic()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        agg = _spawn(
+        agg = spawn(
             [
                 "aggregator",
                 "--host",
@@ -132,11 +169,11 @@ def cmd_demo(
             work / "logs" / "aggregator.log",
         )
         procs.append(agg)
-        info = _wait_ready(ready, agg, deadline=t0 + 60)
+        info = wait_ready(ready, agg, deadline=t0 + 60)
         url = f"ws://127.0.0.1:{info['port']}"
         for i in range(args.agents):
             procs.append(
-                _spawn(
+                spawn(
                     [
                         "agent",
                         "--url",
@@ -199,24 +236,26 @@ def cmd_demo(
     return 0
 
 
-def _wait_ready(ready: Path, agg: subprocess.Popen[bytes], deadline: float) -> dict[str, Any]:
+def wait_ready(
+    ready: Path, agg: subprocess.Popen[bytes], deadline: float, log: Path | None = None
+) -> dict[str, Any]:
+    """The aggregator's ready file (port, run id), once written; DemoError (pointing at
+    ``log``) if it exits or ``deadline`` (monotonic) passes first."""
+    log = log or ready.parent / "logs" / "aggregator.log"
     while time.monotonic() < deadline:
         if ready.exists():
             data: dict[str, Any] = json.loads(ready.read_text())
             return data
         if agg.poll() is not None:
-            raise DemoError(
-                f"the aggregator exited with code {agg.returncode}; "
-                f"see {ready.parent / 'logs' / 'aggregator.log'}"
-            )
+            raise DemoError(f"the aggregator exited with code {agg.returncode}; see {log}")
         time.sleep(0.02)
-    raise DemoError("the aggregator did not start within 60 s")
+    raise DemoError(f"the aggregator did not start in time; see {log}")
 
 
 def _follow(
     db: Path,
     run_id: str,
-    args: _DemoArgs,
+    args: DemoArgs,
     agg: subprocess.Popen[bytes],
     procs: list[subprocess.Popen[bytes]],
     say: Any,
