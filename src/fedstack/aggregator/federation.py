@@ -131,6 +131,7 @@ class SharedStoreSynthesis:
         self.agg = aggregator
         self.cfg = aggregator.config
         self._own: dict[str, Weights] = {}  # model id -> weights of our own semi-globals
+        self._round_started = float("inf")  # wall clock: the cluster round published last
 
     async def publish(self, cluster: ClusterRound) -> Adopted:
         store = self.agg.store
@@ -152,6 +153,7 @@ class SharedStoreSynthesis:
                 extra=cluster.extra or None,
             )
             self._own = {model_id: cluster.weights}
+            self._round_started = cluster.started
         except StoreConflict:
             # a retry after a failure that happened once the delivery was committed
             log.info("round %d: semi-global model was already delivered", cluster.round)
@@ -273,7 +275,9 @@ class SharedStoreSynthesis:
         None: another member committed that version first."""
         store = self.agg.store
         assert store is not None
-        started_wall, t0 = time.time(), time.perf_counter()
+        # the global round spans from this member's cluster round's start (a stored
+        # round's "seconds" is the round's duration, not the synthesis's)
+        started_wall, t0 = min(time.time(), self._round_started), time.perf_counter()
         inputs = []
         for sg in sorted(semi_globals, key=lambda x: (x.name, x.model_id)):
             weights = self._own.get(sg.model_id)
