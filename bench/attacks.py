@@ -159,6 +159,26 @@ async def attack_slow(url: str, end: float) -> None:
     await asyncio.gather(*(one(i) for i in range(2)))
 
 
+async def attack_joined(url: str, end: float) -> None:
+    """(Reference for ``slow``: the same registrations, without any upload.)"""
+
+    async def one(i: int) -> None:
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+            try:
+                conn = await _register(url, f"joiner{i}-{n}")
+            except Exception:
+                await asyncio.sleep(0.2)
+                continue
+            t0 = time.monotonic()
+            while time.monotonic() < min(end, t0 + 3) and not conn.transport.is_closing():
+                await asyncio.sleep(0.5)
+            conn.abort()
+
+    await asyncio.gather(*(one(i) for i in range(2)))
+
+
 def run_attack(name: str, url: str, seconds: float) -> None:
     fn = globals()[f"attack_{name}"]
     end = time.monotonic() + seconds
