@@ -22,6 +22,8 @@ Attacks:
     refusals   32 concurrent registrations with a wrong token (finding 3)
     idle       800 idle TCP connections that never finish the handshake (finding 4)
     slow       2 registered agents announcing 3 MiB uploads and sending 8 KB/s (finding 7)
+    joined     (not run by default; ``--only joined``) the slow attack's churn of
+               registrations without any upload: what registering alone costs
 """
 
 from __future__ import annotations
