@@ -74,6 +74,7 @@ class AgentConnections:
         self.tasks: set[asyncio.Task[Any]] = set()
         """The running :meth:`serve` tasks (the aggregator cancels them on stop)."""
         self._init_lock = asyncio.Lock()
+        self._first_limit: int | None = None
 
     async def close(self, grace: float) -> None:
         """Wait up to ``grace`` s for the connections to end, then cancel and await the
@@ -92,11 +93,14 @@ class AgentConnections:
         has a model, the message limit (the first participate carries the model); then
         the codec's header limit plus the model's bytes (a participate may carry the
         agent's initial model again, which must match the federation's structure)."""
+        if self._first_limit is not None:
+            return self._first_limit
         weights = self.agg.global_weights
         if weights is None or not self.agg._initialized.is_set():
             return self.agg.config.max_message_bytes
         plausible = self.agg.limits.max_header_bytes + nbytes(weights) + ALIGN * len(weights)
-        return min(self.agg.config.max_message_bytes, plausible)
+        self._first_limit = min(self.agg.config.max_message_bytes, plausible)  # fixed now
+        return self._first_limit
 
     async def serve(self, conn: Connection) -> None:
         task = asyncio.current_task()
