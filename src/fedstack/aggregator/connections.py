@@ -11,7 +11,8 @@ changes round state itself.
 Fairness in the receive budget (issue 16, finding 7): a connection is charged as a
 stranger of its host until it registers, then as its agent's account
 (:meth:`WSConnection.admit`); an agent that trickles, goes silent in the middle of an
-upload or breaks the protocol is penalised (:meth:`WSConnection.penalize`: a strike on
+upload, breaks the protocol once registered or announces a first message over the limit
+is penalised (:meth:`WSConnection.penalize`: a strike on
 its identity, see :mod:`fedstack.transport.standing`), so that rejoining does not clear
 it. Before registration a message may not exceed what a participate plausibly takes
 (:meth:`AgentConnections.first_message_limit`), and it must arrive at the minimum rate.
@@ -42,7 +43,13 @@ from fedstack.aggregator.quotas import QUOTA_EXCEEDED, kept_extra, nbytes
 from fedstack.aggregator.registry import Session
 from fedstack.aggregator.uploads import check_upload, upload_id_problem
 from fedstack.aggregator.validation import validate_model
-from fedstack.errors import ConnectionClosed, InvalidUpdate, RemoteProtocolError, StoreError
+from fedstack.errors import (
+    ConnectionClosed,
+    InvalidUpdate,
+    MessageTooLarge,
+    RemoteProtocolError,
+    StoreError,
+)
 from fedstack.transport import Connection
 from fedstack.wire import Error, ModelUpload, Participate, Segments
 from fedstack.wire import session as protocol
@@ -157,7 +164,8 @@ class AgentConnections:
         except RemoteProtocolError as exc:
             who = session.name if session else conn.remote_address
             log.warning("protocol error from %s: %s", who, exc)
-            conn.penalize()
+            if session is not None or isinstance(exc, MessageTooLarge):
+                conn.penalize()  # (a stranger's malformed hello is a refusal, not a strike)
             await self.agg.registry.refuse(conn, exc.code, str(exc), session)
         except TooSlow as exc:
             who = session.name if session else conn.remote_address

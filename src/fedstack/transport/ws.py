@@ -430,8 +430,9 @@ class WSConnection(asyncio.BufferedProtocol):
         return max(0.0, until - tab.budget.clock())
 
     def penalize(self) -> None:
-        """The peer misbehaved with the receive budget (trickled, aborted, broke the
-        protocol mid-upload): its account takes one strike (once per connection)."""
+        """The peer misbehaved (trickled, went silent mid-upload, broke the protocol; an
+        upload it drops while holding budget bytes does this by itself): its account
+        takes one strike (once per connection; see :mod:`fedstack.transport.standing`)."""
         if self._tab is not None and not self._penalized:
             self._penalized = True
             self._tab.strike()
