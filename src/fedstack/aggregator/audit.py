@@ -21,9 +21,9 @@ from fedstack.errors import StoreError
 
 AUDIT_INTERVAL = 10.0
 """Seconds of one refusal-audit window."""
-AUDIT_BURST = 32
+AUDIT_BURST = 512
 """Refusals per source (host) and window written one event each; the rest are counted."""
-AUDIT_GLOBAL_BURST = 256
+AUDIT_GLOBAL_BURST = 2048
 """Refusals of all sources per window written one event each."""
 THROTTLE_DELAY = 1.0
 """Seconds a registration from a host over its refusal burst waits before it is looked at:
