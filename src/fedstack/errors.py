@@ -129,6 +129,11 @@ class StoreConflict(StoreError):
     by a concurrent writer); nothing of the transaction was written."""
 
 
+class StoreUnavailable(StoreError):
+    """The database server cannot be reached (down, restarting, the connection cut):
+    nothing of the transaction was written, and the same call succeeds once it is back."""
+
+
 class CorruptBlob(StoreError):
     """A stored blob is missing, truncated or fails its hash check: the data is damaged,
     not the store unavailable (retrying does not help)."""

@@ -24,7 +24,17 @@ from fedstack.cli import db as db_cli
 from fedstack.cli.main import main as cli_main
 from fedstack.store import Store, migrations
 
-VIEWS = ["runs", "agents", "events", "models", "rounds", "lineage", "metrics", "plot"]
+VIEWS = [
+    "runs",
+    "agents",
+    "aggregators",
+    "events",
+    "models",
+    "rounds",
+    "lineage",
+    "metrics",
+    "plot",
+]
 READERS = [["db", v] for v in VIEWS] + [["credentials", "list"]]
 WRITERS = [["credentials", "add", "alice"], ["credentials", "revoke", "alice"]]
 

@@ -5,6 +5,11 @@ seeded RNG decides per connection after how long it is cut (both sides aborted, 
 mid-frame) and when its traffic stalls (forwarding paused in one or both directions for
 ``stall`` seconds). Once ``max_cuts`` cuts and ``max_stalls`` stalls were spent, or
 ``fault_seconds`` after the start, the proxy forwards faithfully: every fault is bounded.
+
+A test can also cut the link on command (a network partition): :meth:`ChaosProxy.cut`
+aborts every open connection now and, until :meth:`ChaosProxy.restore`, aborts each new
+one as soon as it is accepted (the client sees its connection reset); the random faults
+above go on as before.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ class ProxyStats:
     stalls: int = 0
     stalled_seconds: float = 0.0
     bytes: int = 0
+    partitions: int = 0  # cut() calls
+    refused: int = 0  # connections aborted at once while cut
     log: list[str] = field(default_factory=list)
 
 
@@ -54,6 +61,35 @@ class ChaosProxy:
         self._thread = threading.Thread(target=self._run, daemon=True, name="chaos-proxy")
         self._t0 = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._partitioned = threading.Event()
+
+    @property
+    def partitioned(self) -> bool:
+        """True between :meth:`cut` and :meth:`restore`."""
+        return self._partitioned.is_set()
+
+    def cut(self, timeout: float = 5.0) -> None:
+        """Partition now: abort every open connection (both sides) and, until
+        :meth:`restore`, every new one as soon as it is accepted. Returns once the open
+        connections are aborted."""
+        self._partitioned.set()
+        assert self._loop is not None
+        done = threading.Event()
+
+        def abort_all() -> None:
+            self.stats.partitions += 1
+            self.stats.log.append(f"partition: {len(self._tasks)} connection(s) cut")
+            for t in list(self._tasks):
+                t.cancel()
+            done.set()
+
+        self._loop.call_soon_threadsafe(abort_all)
+        assert done.wait(timeout), "the proxy's loop did not answer"
+
+    def restore(self) -> None:
+        """End the partition: new connections are forwarded again."""
+        self._partitioned.clear()
+        self.stats.log.append("partition restored")
 
     @property
     def faulty(self) -> bool:
@@ -98,10 +134,26 @@ class ChaosProxy:
         assert task is not None
         self._tasks.add(task)
         self.stats.connections += 1
+        if self.partitioned:
+            self.stats.refused += 1
+            cw.transport.abort()
+            self._tasks.discard(task)
+            return
         try:
             ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         except OSError:
             cw.close()
+            self._tasks.discard(task)
+            return
+        except asyncio.CancelledError:  # cut while connecting upstream
+            cw.transport.abort()
+            self._tasks.discard(task)
+            return
+        if self.partitioned:  # cut while connecting upstream
+            self.stats.refused += 1
+            for w in (cw, uw):
+                w.transport.abort()
+            self._tasks.discard(task)
             return
         stall_until = [0.0, 0.0]  # per direction
         cut_at = None

@@ -284,7 +284,7 @@ def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.005) -> b
 
 # ---------------------------------------------------------------------- invariants
 def check_run(
-    db: Path,
+    db: Path | str,
     rounds: int,
     reports: list[dict[str, Any]],
     reference: dict[str, np.ndarray] | None,

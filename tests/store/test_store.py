@@ -430,7 +430,7 @@ def test_database_is_one_persistent_file(db: Path) -> None:
 
 def test_non_sqlite_url_needs_blob_dir() -> None:
     with pytest.raises(StoreError):
-        Store("postgresql://user@localhost/db")
+        Store("mysql+pymysql://user@localhost/db")
 
 
 def test_small_blobs_live_in_the_database_large_ones_in_files(tmp_path: Path) -> None:

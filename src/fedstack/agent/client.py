@@ -26,6 +26,11 @@ agents on one loop) uses the same agent without a thread: ``await agent.start_as
 blocks without a ``state_dir``) and ``await agent.close_async()``. The book's state
 machine (``waiting_gm -> training -> sending -> gm_ready``) is kept, driven by events
 instead of a state file polled every 5 s.
+
+Several aggregators (members of one federation, book rows 34-37): ``Agent(["ws://a:8765",
+"ws://b:8765"], name=...)`` connects to the first and fails over to the others (and to
+those the welcomes name, :attr:`Agent.aggregators`) when its aggregator dies or stops
+answering; :meth:`Agent.move_to` moves on purpose. The pending upload follows either way.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,6 +51,7 @@ import numpy as np
 from fedstack import aio
 from fedstack.agent.connection import AgentConnection
 from fedstack.agent.core import AgentCore, ClientState
+from fedstack.agent.urls import safe_url
 from fedstack.buffers import take_arrays
 from fedstack.types import Metrics, Weights
 from fedstack.wire import Error, Limits, ModelUpload, UploadAck
@@ -62,7 +68,12 @@ class Agent:
     """A federated-learning agent: trains where its data lives, exchanges only weights.
 
     Args:
-        url: the aggregator, ``ws://HOST:PORT``.
+        url: the aggregator, ``ws://HOST:PORT`` (``wss://`` with TLS), or a sequence of
+            them: members of one federation (aggregators sharing a store and a run). The
+            agent connects to the first; when its aggregator refuses connections, drops
+            the connection or stops answering, it fails over to the next one known (see
+            :attr:`aggregators`; :mod:`fedstack.agent.connection`) and continues with the
+            federation's global model, its credential and its pending upload.
         name: this agent's stable name (same name and token -> same agent after restarts).
         token: the agent's credential (``fedstack credentials add NAME`` prints it);
             default: the ``FEDSTACK_TOKEN`` environment variable.
@@ -92,12 +103,13 @@ class Agent:
     heartbeat interval is refused (logged; the agent reconnects with backoff).
 
     Raises:
-        ConfigError: ``state_dir`` belongs to an agent of another name, or is unusable.
+        ConfigError: ``url`` is not an aggregator URL (or a sequence of them, at least
+            one), or ``state_dir`` belongs to an agent of another name, or is unusable.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         name: str,
         *,
         token: str | None = None,
@@ -135,7 +147,15 @@ class Agent:
     # ------------------------------------------------------------------ what the core knows
     @property
     def url(self) -> str:
+        """The aggregator connected to (or being tried now)."""
         return self._core.url
+
+    @property
+    def aggregators(self) -> list[str]:
+        """Every aggregator URL known: the given ones (and those moved to), then the ones
+        learned from the latest welcome (the federation's other live members, at most
+        :data:`~fedstack.agent.urls.MAX_LEARNED`)."""
+        return list(self._core.known.all)
 
     @property
     def name(self) -> str:
@@ -376,6 +396,27 @@ class Agent:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def move_to(self, url: str, timeout: float | None = 60.0) -> None:
+        """Leave the current aggregator (``bye``) and join the one at ``url`` (book row 37),
+        added to :attr:`aggregators`; return once it welcomed this agent. The upload
+        awaiting acknowledgement follows (re-sent with its upload_id) and the agent
+        continues with the global model that aggregator has.
+
+        Raises:
+            ConfigError: ``url`` is not an aggregator URL.
+            RuntimeError: the agent is not started.
+            TimeoutError: not welcomed by ``url`` within ``timeout`` seconds (the agent
+                keeps running, with whichever known aggregator it reaches).
+            RegistrationRefused, TLSError: as :meth:`start`.
+        """
+        if self._thread is None:
+            raise RuntimeError("move_to() needs a started agent (start())")
+        since = self._call(lambda: self._core.welcomes)
+        target = self._call(self._core.move_to, url)
+        self._wait(
+            lambda: self._core.moved(target, since), timeout, self._not_moved(target, timeout)
+        )
+
     def __enter__(self) -> Agent:
         return self
 
@@ -411,6 +452,16 @@ class Agent:
         """:meth:`flush` without blocking the event loop."""
         await self._wait_async(self._core.flushed, timeout, self._not_flushed(timeout))
 
+    async def move_to_async(self, url: str, timeout: float | None = 60.0) -> None:
+        """:meth:`move_to` without blocking the event loop (after :meth:`start_async`)."""
+        if self._task is None:
+            raise RuntimeError("move_to_async() needs an agent started with start_async()")
+        since = self._core.welcomes
+        target = self._core.move_to(url)
+        await self._wait_async(
+            lambda: self._core.moved(target, since), timeout, self._not_moved(target, timeout)
+        )
+
     async def close_async(self, timeout: float = 10.0) -> None:
         """:meth:`close` without blocking the event loop."""
         self._core.close()
@@ -429,6 +480,12 @@ class Agent:
     def _no_welcome(self, timeout: float | None) -> Callable[[], BaseException]:
         return lambda: TimeoutError(
             f"no welcome from {self.url} within {timeout} s; is the aggregator running?"
+        )
+
+    def _not_moved(self, url: str, timeout: float | None) -> Callable[[], BaseException]:
+        return lambda: TimeoutError(
+            f"{self.name}: no welcome from {safe_url(url)} within {timeout} s "
+            f"(now with {safe_url(self.url)})"
         )
 
     def _not_flushed(self, timeout: float | None) -> Callable[[], BaseException]:

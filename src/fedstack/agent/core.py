@@ -6,8 +6,10 @@ version, the pending upload and THE stale-upload rule): the book's client state
 (:class:`ClientState`), the global model waiting for the trainer, uploads being queued
 (and persisted through :mod:`fedstack.agent.state` before they are sent), the reactions
 to the welcome and to every later event, and the waiters woken at each change. Its I/O
-half, the connection loop (registration, reconnection with backoff, heartbeats, polling,
-TLS diagnosis), is :class:`fedstack.agent.connection.AgentConnection`.
+half, the connection loop (registration, reconnection with backoff and failover between
+the known aggregators, heartbeats, polling, TLS diagnosis), is
+:class:`fedstack.agent.connection.AgentConnection`. The aggregator URLs it knows (given,
+learned from welcomes) are a :class:`fedstack.agent.urls.KnownAggregators`.
 
 Every method and attribute belongs to the core's event loop: call them from that loop only
 (:class:`fedstack.agent.client.Agent` is the facade that calls in from other threads).
@@ -23,14 +25,17 @@ import enum
 import logging
 import os
 import secrets
+import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from ssl import SSLContext
 from typing import Any
 
 import numpy as np
 
 from fedstack.agent.state import AgentStateDir, SavedUpload
+from fedstack.agent.urls import KnownAggregators, safe_url
 from fedstack.errors import (
     ConnectionClosed,
     FederationFinished,
@@ -113,7 +118,7 @@ class AgentCore:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         name: str,
         *,
         token: str | None,
@@ -129,7 +134,13 @@ class AgentCore:
         state_dir: str | Path | None,
     ) -> None:
         check_agent_name(name)  # BadName (a ValueError) outside fedstack.names' grammar
-        self.url = url
+        self.known = KnownAggregators(url)  # ConfigError: not aggregator URLs
+        self.url = self.known.home
+        """The aggregator connected to (or being tried now)."""
+        self.moving: str | None = None
+        """A URL :meth:`move_to` asked for, until the connection loop goes there."""
+        self.welcomes = 0
+        self.welcomed_at = 0.0  # time.monotonic() of the latest welcome
         self.name = name
         self.token = token if token is not None else os.environ.get("FEDSTACK_TOKEN") or None
         self.enrollment = (
@@ -144,13 +155,19 @@ class AgentCore:
         self.connect_timeout = connect_timeout
         self.ca = ca if ca is not None else (os.environ.get("FEDSTACK_CA") or None)
         self.client_cert = cert is not None
-        self.ssl = client_context(self.ca, cert, key) if url.startswith("wss://") else None
-        if self.ssl is None and (ca is not None or cert is not None or key is not None):
+        self._cert, self._key = cert, key
+        self._ssl: SSLContext | None = None
+        if self.known.tls_only:  # certificate files are read now: errors show at once
+            self._ssl = client_context(self.ca, cert, key)
+        elif ca is not None or cert is not None or key is not None:
             log.warning(
-                "%s: --ca/--cert/--key are ignored for %s: only wss:// URLs use TLS", name, url
+                "%s: --ca/--cert/--key are ignored for %s: only wss:// URLs use TLS",
+                name,
+                ", ".join(self.known.given),
             )
         # an aggregator in this process (the simulator) is trusted with its values
-        self.session = AgentSession(self.limits, check_values=not url.startswith("inproc://"))
+        inproc = all(u.startswith("inproc://") for u in self.known.given)
+        self.session = AgentSession(self.limits, check_values=not inproc)
         self.state = ClientState.waiting_gm
         self.initial: Weights | None = None
         self.initial_samples = 1
@@ -198,6 +215,57 @@ class AgentCore:
                 saved.upload.base_version,
                 state_dir,
             )
+
+    # ------------------------------------------------------------------ aggregators
+    @property
+    def ssl(self) -> SSLContext | None:
+        """The TLS context of :attr:`url` (None unless it is a ``wss://`` URL)."""
+        return self.ssl_for(self.url)
+
+    def ssl_for(self, url: str) -> SSLContext | None:
+        """The TLS context for ``url``: None for ``ws://`` and ``inproc://``."""
+        if not url.startswith("wss://"):
+            return None
+        if self._ssl is None:  # a wss:// URL added later (move_to)
+            self._ssl = client_context(self.ca, self._cert, self._key)
+        return self._ssl
+
+    @property
+    def aggregators(self) -> list[str]:
+        """Every aggregator URL known: the given ones, then those learned from welcomes."""
+        return self.known.all
+
+    def move_to(self, url: str) -> str:
+        """Ask the connection to leave its aggregator (``bye``) and join ``url`` (added to
+        the known URLs); the pending upload follows. Returns the checked URL.
+
+        Raises:
+            ConfigError: ``url`` is not an aggregator URL.
+        """
+        url = self.known.add(url)
+        self.ssl_for(url)  # a TLS setting problem shows here, not in the loop
+        self.known.home = url
+        self.moving = url
+        log.info("%s: moving from %s to %s", self.name, safe_url(self.url), safe_url(url))
+        self.notify()
+        self._kick()
+        return url
+
+    def moved(self, url: str, since: int) -> bool | None:
+        """True once welcomed by ``url`` after :attr:`welcomes` was ``since``; else None.
+
+        Raises:
+            the connection's error; ConnectionClosed if the connection loop stopped.
+        """
+        if self.welcomes > since and self.moving is None and self.url == url:
+            return True
+        if self.error is not None:
+            raise self.error
+        if self.stopped:
+            raise ConnectionClosed(reason="agent stopped before it reached the aggregator")
+        if self.closing:
+            raise ConnectionClosed(reason="agent closed")
+        return None
 
     # ------------------------------------------------------------------ changes and waiters
     def waiter(self, threadsafe: bool = False) -> Waiter:
@@ -357,6 +425,25 @@ class AgentCore:
 
     # ------------------------------------------------------------------ what arrives
     def on_welcome(self, w: Welcome, new_model: bool) -> None:
+        previous = self.session.aggregator_id if self.welcomes else None
+        self.welcomes += 1
+        self.welcomed_at = time.monotonic()
+        self.known.home = self.url
+        if self.known.learn(w.aggregators, self.url) and self.known.learned:
+            log.info(
+                "%s: aggregators of this federation: %s",
+                self.name,
+                ", ".join(safe_url(u) for u in self.known.learned),
+            )
+        if previous is not None and previous != w.aggregator_id:
+            log.info(
+                "%s: now with aggregator %s at %s (run %s, version %d)",
+                self.name,
+                safe_url(w.aggregator_id[:32]),
+                safe_url(self.url),
+                safe_url(w.run_id[:32]),
+                w.version,
+            )
         self.round = w.round
         if self._restored is not None and self._resume_pending(w):
             # the restored upload was trained on this very model: wait for the next one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fedstack.agent.client import Agent
@@ -13,8 +14,11 @@ from fedstack.types import Metrics
 log = logging.getLogger("fedstack.agent")
 
 
-def run_trainer(trainer: Trainer, url: str, name: str, **agent_args: Any) -> list[Metrics]:
-    """Join the federation at ``url`` as ``name`` and train until it finishes.
+def run_trainer(
+    trainer: Trainer, url: str | Sequence[str], name: str, **agent_args: Any
+) -> list[Metrics]:
+    """Join the federation at ``url`` (one aggregator URL, or several: see
+    :class:`~fedstack.agent.client.Agent`) as ``name`` and train until it finishes.
 
     Each global model goes to ``trainer.fit`` with a config holding the round's version,
     the agent's name, the federation's settings (``federation``: e.g. ``fedprox_mu``) and

@@ -44,6 +44,8 @@ OTHER_ENVIRONMENT = {
     "FEDSTACK_TOKEN": "an agent's credential (fedstack agent, fedstack agents)",
     "FEDSTACK_CA": "PEM CA an agent verifies the aggregator's certificate with",
     "FEDSTACK_CACHE_DIR": "where derived data sets are cached",
+    "FEDSTACK_UPSTREAM_TOKEN": "the credential an aggregator with `upstream` presents to its "
+    "upper aggregator (as an agent called `name`)",
 }
 """Environment variables fedstack reads outside the aggregator's settings: the aggregator
 accepts them in its environment, and refuses any other unknown ``FEDSTACK_*`` name."""
@@ -67,6 +69,9 @@ Count = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=_FLOAT_MAX)]
 Fraction = Annotated[float, msgspec.Meta(gt=0, le=1)]
 Name = Annotated[str, msgspec.Meta(min_length=1)]
+MemberName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+"""A federation member's name: 1-64 letters, digits, ``.``, ``_``, ``-`` (shown to
+operators and agents: no spaces, no control characters)."""
 Params = dict[str, Any]
 
 
@@ -122,7 +127,10 @@ class AggregatorConfig:
     )
     db: str = setting("fedstack.db", "SQLite file or SQLAlchemy URL", book="db_data_path")
     blob_dir: str | None = setting(
-        None, "tensor blob directory (default <db>.blobs; needed for non-SQLite URLs)"
+        None,
+        "tensor blob directory (default <db>.blobs for SQLite; on PostgreSQL unset = every "
+        "blob in the database, set = a directory every aggregator shares; needed for other "
+        "URLs)",
     )
     inline_blob_bytes: Annotated[int, msgspec.Meta(ge=0, le=64 << 20)] = setting(
         256 * 1024,
@@ -227,6 +235,53 @@ class AggregatorConfig:
     operator_api: bool = setting(
         True, "serve the operator REST API (/healthz, /api/v1/...) on the agents' port"
     )
+    # ---- the horizontal federation (issue 12): unset name and upstream = standalone
+    name: MemberName | None = setting(
+        None,
+        "this aggregator's name in its federation (all aggregators with the same db and "
+        "run_name and a name form one; unique among the live ones); unset: standalone",
+    )
+    advertise_url: str | None = setting(
+        None,
+        "ws:// or wss:// URL agents reach this aggregator at, told to the other members' "
+        "agents for failover (default: ws(s)://host:port)",
+    )
+    synthesis: Literal["sync", "async"] = setting(
+        "sync",
+        "how the global model is made from the members' semi-global models: sync (those of "
+        "the same round, waiting up to synthesis_timeout) or async (each member's latest "
+        "within staleness_bound)",
+    )
+    synthesis_timeout: Seconds = setting(
+        30.0,
+        "sync synthesis: seconds after delivering its semi-global model a member waits for "
+        "the other live members' before synthesising from those delivered",
+    )
+    staleness_bound: Annotated[int, msgspec.Meta(ge=0)] = setting(
+        2,
+        "async synthesis: global version V uses semi-global models of rounds >= V - this",
+    )
+    federation_heartbeat: Seconds = setting(
+        1.0, "seconds between two heartbeats of a member in the shared store"
+    )
+    liveness_timeout: Seconds = setting(
+        5.0,
+        "a member whose heartbeat is older than this (database clock) is dead: its agents' "
+        "buffered uploads may be claimed by the members they reconnect to",
+    )
+    upstream: str | None = setting(
+        None,
+        "ws:// or wss:// URL of an upper aggregator: this one takes part there as ONE agent "
+        "called `name` whose upload is its semi-global model (token: FEDSTACK_UPSTREAM_TOKEN)",
+    )
+    upstream_ca: str | None = setting(
+        None, "PEM CA the upstream aggregator's certificate is verified with (wss://)"
+    )
+    upstream_timeout: Seconds = setting(
+        60.0,
+        "seconds to wait for the upper aggregator's global model after uploading; then the "
+        "own semi-global model becomes the global one (metrics upstream_offline = 1)",
+    )
 
     if typing.TYPE_CHECKING:
         # the generated __init__ converts what it is given (``port="8765"`` is 8765), so
@@ -254,6 +309,34 @@ class AggregatorConfig:
             )
         if not self.tls_cert and (self.tls_key or self.tls_client_ca):
             raise bad("tls_key / tls_client_ca need tls_cert")
+        self._check_federation(bad)
+
+    def _check_federation(self, bad: typing.Callable[[str], ConfigError]) -> None:
+        for key in ("advertise_url", "upstream"):
+            url = getattr(self, key)
+            if url is not None and not _is_ws_url(url):
+                raise bad(f"{key} = {url!r} is refused: a ws:// or wss:// URL with a host")
+        if self.upstream is not None and self.name is None:
+            raise bad(
+                "upstream needs name (the aggregator joins the upper aggregator as an "
+                "agent of that name)"
+            )
+        if self.advertise_url is not None and self.name is None:
+            raise bad("advertise_url needs name (only federation members advertise a URL)")
+        if self.upstream_ca is not None and not (self.upstream or "").startswith("wss://"):
+            raise bad("upstream_ca needs a wss:// upstream")
+        if self.liveness_timeout <= self.federation_heartbeat:
+            raise bad(
+                f"liveness_timeout ({self.liveness_timeout:g} s) must be longer than "
+                f"federation_heartbeat ({self.federation_heartbeat:g} s), or every member "
+                "would look dead between two heartbeats (3 heartbeats or more is wise)"
+            )
+
+    @property
+    def federated(self) -> bool:
+        """Whether this aggregator is a member of a federation or has an upstream (else it
+        is standalone: no federation code runs at all)."""
+        return self.name is not None or self.upstream is not None
 
     @property
     def is_async(self) -> bool:
@@ -462,13 +545,15 @@ def accepted(tp: Any) -> str:
                 bounds.update(
                     {
                         k: getattr(m, k)
-                        for k in ("gt", "ge", "lt", "le", "min_length")
+                        for k in ("gt", "ge", "lt", "le", "min_length", "pattern")
                         if getattr(m, k) is not None
                     }
                 )
     if tp is bool:
         return "true or false"
     if tp is str:
+        if "pattern" in bounds:
+            return "1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit)"
         n = bounds.get("min_length")
         return (
             f"text of at least {n} characters"
@@ -486,6 +571,18 @@ def accepted(tp: Any) -> str:
     if tp is int and "ge" in bounds and "le" in bounds:
         return f"an integer in {bounds['ge']}..{bounds['le']}"
     return f"{kind} {', '.join(parts)}".strip() if parts else kind
+
+
+def _is_ws_url(url: str) -> bool:
+    """Whether ``url`` is ``ws://HOST[:PORT][/PATH]`` or ``wss://...`` with a host."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("ws", "wss") and bool(parts.hostname) and url.isprintable()
 
 
 def _strip_optional(tp: Any) -> Any:

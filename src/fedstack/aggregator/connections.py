@@ -48,7 +48,9 @@ from fedstack.errors import (
     InvalidUpdate,
     MessageTooLarge,
     RemoteProtocolError,
+    StoreConflict,
     StoreError,
+    StoreUnavailable,
 )
 from fedstack.transport import Connection
 from fedstack.wire import Error, ModelUpload, Participate, Segments
@@ -181,18 +183,21 @@ class AgentConnections:
             log.warning("%s went silent; closing its connection", who)
         except ConnectionClosed:
             pass
-        except Exception:  # a bug or a store failure: keep serving everyone else
-            # The details (paths, SQL, exception text) go to the log only; the agent gets
-            # a generic message with the incident id the operator can look up.
-            incident = uuid.uuid4().hex[:12]
-            log.exception(
-                "internal error (incident %s) while serving %s",
-                incident,
-                session.name if session else conn.remote_address,
-            )
-            await self.agg.registry.refuse(
-                conn, "internal-error", internal_error_message(incident), session
-            )
+        except Exception as exc:  # a bug or a store failure: keep serving everyone else
+            who = session.name if session else conn.remote_address
+            if isinstance(exc, StoreUnavailable):  # the database server is away (no bug):
+                # nothing was acknowledged; the agent reconnects and sends it again
+                log.error("the store is unavailable while serving %s: %s", who, exc)
+                message = "the aggregator's store is unavailable; retry later"
+                await self.agg.registry.refuse(conn, "unavailable", message, session)
+            else:
+                # The details (paths, SQL, exception text) go to the log only; the agent
+                # gets a generic message with the incident id the operator can look up.
+                incident = uuid.uuid4().hex[:12]
+                log.exception("internal error (incident %s) while serving %s", incident, who)
+                await self.agg.registry.refuse(
+                    conn, "internal-error", internal_error_message(incident), session
+                )
         finally:
             try:
                 if session is not None:
@@ -290,18 +295,26 @@ class AgentConnections:
             initial = {k: np.array(v) for k, v in msg.model.items()}
             glob = initial if use_weights else {k: np.zeros_like(v) for k, v in initial.items()}
             structure = structure_of(initial)
-            gid = await self.agg._db(
-                self.agg.store.init_federation,
-                self.agg.run_id,
-                agent_id=session.agent_id,
-                structure=structure,
-                init_weights=use_weights,
-                initial=initial,
-                global_weights=glob,
-                num_samples=max(msg.num_samples, 0),
-                metrics=msg.metrics,
-                aggregator_id=self.agg.aggregator_id,
-            )
+            try:
+                gid = await self.agg._db(
+                    self.agg.store.init_federation,
+                    self.agg.run_id,
+                    agent_id=session.agent_id,
+                    structure=structure,
+                    init_weights=use_weights,
+                    initial=initial,
+                    global_weights=glob,
+                    num_samples=max(msg.num_samples, 0),
+                    metrics=msg.metrics,
+                    aggregator_id=self.agg.aggregator_id,
+                )
+            except StoreConflict:
+                if self.agg.membership is None:
+                    raise
+                # another member started the run first: its model is adopted by the
+                # membership's follower (the agent waits for it like any other)
+                log.info("another member of the federation recorded the first model")
+                return
             started = asyncio.get_running_loop().create_future()
             await self.agg._post(FederationStarted(structure, glob, gid, started))
             await started

@@ -8,6 +8,11 @@ thread), commits the round, strategy state and global model in ONE store transac
 and returns a :class:`~fedstack.aggregator.events.RoundCommitted` (an error inside it,
 never raised: the owner retries). A failing strategy's accumulator is rebuilt from the
 stored uploads, which are all persisted before they are counted.
+
+In a federation (or below an upstream aggregator) :attr:`RoundDriver.sink` is set: the
+round's result is then a :class:`~fedstack.aggregator.federation.ClusterRound` handed to
+``sink.publish``, and the global model to continue from is what it returns (see
+:mod:`fedstack.aggregator.federation`). Without a sink nothing of this runs.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +34,9 @@ from fedstack.errors import CorruptBlob, StoreError, TensorFileError
 from fedstack.store import Store, UploadRecord
 from fedstack.strategies import Accumulator, Result, Strategy, Update
 from fedstack.types import Metrics, Weights
+
+if TYPE_CHECKING:
+    from fedstack.aggregator.federation import RoundSink
 
 log = logging.getLogger("fedstack.aggregator")
 
@@ -87,6 +95,8 @@ class RoundDriver:
         self.inputs: list[tuple[int, Metrics]] = []
         self.started_wall = time.time()
         """When the round in progress started (wall clock, for the stored round)."""
+        self.sink: RoundSink | None = None
+        """Where cluster rounds go in a federation (None: committed as the global model)."""
         self._pending: Result | None = None  # computed but not committed yet: retried
         self._last_checkpoint = -math.inf
         self._checkpointing = False
@@ -97,6 +107,11 @@ class RoundDriver:
         self.accumulator = self.strategy.begin(global_weights, state, round=round, rng=self.rng)
         self.inputs = []
         self.started_wall = time.time()
+
+    def discard_pending(self) -> None:
+        """Forget a computed round that was not committed (a federation member followed
+        a newer global model instead)."""
+        self._pending = None
 
     async def replay(
         self,
@@ -175,6 +190,10 @@ class RoundDriver:
             num_samples = sum(max(n, 0) for n, _ in self.inputs)
             metrics: Metrics = {**result.metrics, **mean_metrics(self.inputs)}
             finished = time.time()
+            if self.sink is not None:
+                return await self._publish(
+                    round, result, inputs, base_model_id, version, num_samples, metrics, finished
+                )
             model_id = await self._db(
                 store.commit_round,
                 self._run_id(),
@@ -194,6 +213,44 @@ class RoundDriver:
             return RoundCommitted(round, None, "", 0.0, exc)
         self._pending = None
         return RoundCommitted(round, result, model_id, finished)
+
+    async def _publish(
+        self,
+        round: int,
+        result: Result,
+        inputs: list[str],
+        base_model_id: str,
+        version: int,
+        num_samples: int,
+        metrics: Metrics,
+        finished: float,
+    ) -> RoundCommitted:
+        """Federation: hand the cluster round to the sink and report the global model it
+        returns (the cluster's strategy state stays the member's own)."""
+        from fedstack.aggregator.federation import ClusterRound
+
+        assert self.sink is not None
+        adopted = await self.sink.publish(
+            ClusterRound(
+                round=round,
+                base_version=version,
+                base_model_id=base_model_id,
+                weights=result.weights,
+                extra=result.extra,
+                strategy_state=result.state,
+                num_samples=num_samples,
+                num_updates=len(inputs),
+                inputs=list(inputs),
+                metrics=metrics,
+                started=self.started_wall,
+                finished=finished,
+            )
+        )
+        self._pending = None
+        adopted_result = Result(adopted.weights, result.state, adopted.metrics, adopted.extra)
+        return RoundCommitted(
+            round, adopted_result, adopted.model_id, time.time(), version=adopted.version
+        )
 
     def checkpoint_due(self, final: bool, now: float) -> bool:
         """True if a background checkpoint should start now (at most one a second)."""

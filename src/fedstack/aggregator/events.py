@@ -20,6 +20,7 @@ from fedstack.wire import Message, ModelUpload, Poll
 
 if TYPE_CHECKING:
     from fedstack.aggregator.driver import Replayed
+    from fedstack.aggregator.federation import Adopted
     from fedstack.aggregator.registry import Session
     from fedstack.aggregator.uploads import Planned
     from fedstack.store import UploadRecord
@@ -42,12 +43,14 @@ class AgentLeft:
 
 @dataclass(eq=False)
 class FederationStarted:
-    """The first model was stored: the federation starts at version 0."""
+    """The first model was stored: the federation starts at version 0 (or, for a member
+    of a federation that another member started, at the run's ``version``)."""
 
     structure: list[tuple[str, str, tuple[int, ...]]]
     weights: Weights
     model_id: str
     reply: asyncio.Future[None]
+    version: int = 0
 
 
 @dataclass(eq=False)
@@ -87,7 +90,10 @@ class BatchCommitted:
 
 @dataclass(eq=False)
 class RoundCommitted:
-    """The round in progress is aggregated and stored as ``model_id`` (or failed)."""
+    """The round in progress is aggregated and stored as ``model_id`` (or failed).
+
+    ``version`` is the global version to adopt when it is not ``round`` (a federation's
+    asynchronous synthesis may jump versions; None: ``round``)."""
 
     round: int
     result: Result | None
@@ -95,11 +101,69 @@ class RoundCommitted:
     finished_wall: float
     error: BaseException | None = None
     rebuilt: Replayed | None = None  # a fresh accumulator after a broken one
+    version: int | None = None
+
+
+@dataclass(eq=False)
+class GlobalAdvanced:
+    """Federation: the run's global version moved past this member's (others synthesised
+    it): adopt ``adopted`` once no round of this member is being aggregated.
+
+    ``recheck``: ``adopted`` is the member's current global model; the round in progress
+    is rebuilt from the uploads the member still holds (after a heartbeat gap, others may
+    have claimed some)."""
+
+    adopted: Adopted
+    recheck: bool = False
+
+
+@dataclass(eq=False)
+class Followed:
+    """Federation: the in-progress contributions were carried into the round after
+    ``adopted`` (``replayed``: the new round's accumulator), or ``error``."""
+
+    adopted: Adopted
+    replayed: Replayed | None
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class UploadsClaimed:
+    """Federation: buffered uploads that a dead member held, of agents connected here,
+    are now held by this member (not counted yet)."""
+
+    records: list[UploadRecord]
+
+
+@dataclass(eq=False)
+class ClaimsAbsorbed:
+    """Federation: claimed uploads fed to the round's accumulator (``added``), or
+    ``error`` (they stay claimed and buffered: the next resume replays them)."""
+
+    added: list[UploadRecord]
+    error: BaseException | None = None
 
 
 @dataclass(eq=False)
 class DeadlineFired:
     """Time passed: act on the round deadline, expired polls and retries now."""
+
+
+@dataclass(eq=False)
+class Excused:
+    """Federation: ``agents`` (connected here) contributed to ``round`` through another
+    member before they moved here (see ``RoundState.excused``)."""
+
+    round: int
+    agents: set[str]
+
+
+@dataclass(eq=False)
+class BarrierOpened:
+    """Sync synthesis: every live member's cluster is complete for ``round`` (or the
+    wait timed out): this member may deliver its semi-global model of ``round``."""
+
+    round: int
 
 
 Event = (
@@ -111,4 +175,10 @@ Event = (
     | PollReceived
     | BatchCommitted
     | RoundCommitted
+    | GlobalAdvanced
+    | Followed
+    | UploadsClaimed
+    | ClaimsAbsorbed
+    | Excused
+    | BarrierOpened
 )

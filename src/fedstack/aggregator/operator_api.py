@@ -179,10 +179,16 @@ class OperatorAPI:
         from fedstack import __version__
 
         stats = self.agg.statistics()
+        federation = (
+            {}
+            if stats.name is None
+            else {"federation": {"name": stats.name, "peers": list(stats.peers)}}
+        )
         return _Outcome(
             json_response(
                 200,
                 {
+                    **federation,
                     "run_id": stats.run_id,
                     "aggregator_id": stats.aggregator_id,
                     "round": stats.round,

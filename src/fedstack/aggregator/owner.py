@@ -22,13 +22,19 @@ from fedstack.aggregator.delivery import PollWaiters, Published
 from fedstack.aggregator.events import (
     AgentJoined,
     AgentLeft,
+    BarrierOpened,
     BatchCommitted,
+    ClaimsAbsorbed,
     DeadlineFired,
     Event,
+    Excused,
     FederationStarted,
+    Followed,
+    GlobalAdvanced,
     PollReceived,
     RoundCommitted,
     UploadReceived,
+    UploadsClaimed,
 )
 from fedstack.aggregator.registry import Session
 from fedstack.aggregator.rounds import RoundState, UploadStatus
@@ -40,7 +46,9 @@ from fedstack.types import Weights
 from fedstack.wire import Error, Message, UploadAck
 
 if TYPE_CHECKING:
+    from fedstack.aggregator.federation import Adopted
     from fedstack.aggregator.service import Aggregator
+    from fedstack.store import UploadRecord
 
 log = logging.getLogger("fedstack.aggregator")
 
@@ -81,6 +89,10 @@ class RoundOwner:
         self._polls = PollWaiters()
         self.new_version = asyncio.Event()
         self._baseline: tuple[int, Any] | None = None  # (version, the gate's probe outputs)
+        # ---- federation only (see fedstack.aggregator.membership)
+        self._follow: Adopted | None = None  # a newer global model to adopt when idle
+        self._claimed: list[UploadRecord] = []  # claimed uploads to feed to the round
+        self._recheck = False  # rebuild the round from the uploads still held here
 
     def adopt(
         self, version: int, model_id: str, weights: Weights, extra: Weights, state: dict[str, Any]
@@ -141,19 +153,32 @@ class RoundOwner:
             log.info("agent %s joined (%d active)", ev.session.name, len(self.agg.sessions))
             if not ev.reply.done():
                 ev.reply.set_result(None)
+            if self.agg.membership is not None:
+                self.agg.membership.joined(ev.session.agent_id, self.state)
         elif isinstance(ev, AgentLeft):
             self._polls.remove(ev.session)
             if self.agg.registry.remove(ev.session):
                 log.info("agent %s left (%d active)", ev.session.name, len(self.agg.sessions))
+                if self.agg.membership is not None:
+                    self.agg.membership.poke()
+        elif isinstance(ev, Excused):
+            if ev.round == self.state.round:
+                self.state.excused.update(ev.agents - self.state.contributors.keys())
+        elif isinstance(ev, BarrierOpened):
+            pass  # _act asks the membership again
         elif isinstance(ev, RoundCommitted):
             self._round_done(ev)
         elif isinstance(ev, DeadlineFired):
             pass  # _act looks at the clock after every batch of events
         elif isinstance(ev, FederationStarted):
+            if self.state.initialized:  # another member's start, seen after our own
+                if not ev.reply.done():
+                    ev.reply.set_result(None)
+                return
             self.structure = ev.structure
             weights = ev.weights
             self.adopt(
-                0,
+                ev.version,
                 ev.model_id,
                 weights,
                 self.agg.strategy.initial_extra(weights),
@@ -162,6 +187,16 @@ class RoundOwner:
             self.agg._initialized.set()
             if not ev.reply.done():
                 ev.reply.set_result(None)
+        elif isinstance(ev, GlobalAdvanced):
+            if self._follow is None or ev.adopted.version > self._follow.version:
+                self._follow = ev.adopted
+            self._recheck = self._recheck or ev.recheck
+        elif isinstance(ev, Followed):
+            self._followed(ev)
+        elif isinstance(ev, UploadsClaimed):
+            self._claimed.extend(ev.records)
+        elif isinstance(ev, ClaimsAbsorbed):
+            self._absorbed(ev)
         else:  # pragma: no cover - the union is closed
             raise TypeError(f"unknown event {ev!r}")
 
@@ -178,6 +213,8 @@ class RoundOwner:
         ):
             return
         self._retry_at = None
+        if (self._follow is not None or self._claimed) and self._federation_effect():
+            return
         active = len(self.agg.sessions)
         n = len(self.state.contributors)
         dl = self.state.deadline()
@@ -197,7 +234,7 @@ class RoundOwner:
                 self.state.min_updates,
                 active,
             )
-        if self.state.ready(now, active):
+        if self.state.ready(now, active) and self._barrier_open():
             self._aggregating = True
             assert self.global_weights is not None
             self.agg._scope.spawn(
@@ -215,6 +252,12 @@ class RoundOwner:
         elif self.upload_queue:
             self._batch_in_flight = True
             self.agg.committer.submit(plan_batch(self.upload_queue, self.state, now, active))
+
+    def _barrier_open(self) -> bool:
+        """Sync synthesis: deliver only once every live member's cluster is complete for
+        this round (see :meth:`Membership.barrier_open`); always True otherwise."""
+        membership = self.agg.membership
+        return membership is None or membership.barrier_open(self.state.round)
 
     def _counted(self, ev: BatchCommitted) -> None:
         """A batch is stored: count what it stored and answer, in arrival order."""
@@ -317,10 +360,9 @@ class RoundOwner:
             return
         result, inputs = ev.result, len(self.state.contributors)
         seconds = ev.finished_wall - self.agg.driver.started_wall
-        self.adopt(self.state.version + 1, ev.model_id, result.weights, result.extra, result.state)
+        version = self.state.version + 1 if ev.version is None else ev.version
+        self.adopt(version, ev.model_id, result.weights, result.extra, result.state)
         self.rounds_completed += 1
-        waiter, self.new_version = self.new_version, asyncio.Event()
-        waiter.set()
         log.info(
             "round %d aggregated from %d update(s) in %.3f s%s",
             ev.round,
@@ -328,16 +370,10 @@ class RoundOwner:
             seconds,
             " (final)" if self.state.finished else "",
         )
-        version = self.state.version
-        for s, known in self._polls.take_all():
-            self._reply(s, self.agg.delivery.answer_poll(s, known), "poll")
-        if self.agg.config.delivery == "push":
-            for s in self.agg.sessions.values():
-                if s.welcomed and s.known_version < version:
-                    self._reply(s, self.agg.delivery.push(s, version), "push")
+        self._announce()
         if self.agg.evaluator is not None:
             self.agg._scope.spawn(
-                self.agg.driver.evaluate(ev.round, result.weights), name="evaluate"
+                self.agg.driver.evaluate(version, result.weights), name="evaluate"
             )
         if self.agg.config.keep_local_models != "all":
             self.agg._scope.spawn(self.agg.retention.after_commit(ev.round), name="retention")
@@ -346,6 +382,112 @@ class RoundOwner:
             self.agg._scope.spawn(self.agg.driver.checkpoint(now), name="checkpoint")
         if self.state.finished:
             self.agg._finished.set()
+
+    def _announce(self) -> None:
+        """A new global version was adopted: wake its waiters, answer the polls, push it."""
+        waiter, self.new_version = self.new_version, asyncio.Event()
+        waiter.set()
+        version = self.state.version
+        for s, known in self._polls.take_all():
+            self._reply(s, self.agg.delivery.answer_poll(s, known), "poll")
+        if self.agg.config.delivery == "push":
+            for s in self.agg.sessions.values():
+                if s.welcomed and s.known_version < version:
+                    self._reply(s, self.agg.delivery.push(s, version), "push")
+        if self.agg.membership is not None:
+            self.agg.membership.poke()
+
+    # ------------------------------------------------------------------ federation
+    def _federation_effect(self) -> bool:
+        """Start following a newer global model, or absorbing claimed uploads (before
+        aggregating or storing more uploads). True if an effect started."""
+        from fedstack.aggregator.membership import absorb_claims, carry_contributions
+
+        follow, self._follow = self._follow, None
+        recheck, self._recheck = self._recheck, False
+        if follow is not None and (
+            follow.version > self.state.version
+            or (recheck and follow.version == self.state.version)
+        ):
+            self._aggregating = True  # nothing else until the round is carried over
+            self.agg._scope.spawn(
+                self._report(
+                    carry_contributions(
+                        self.agg,
+                        follow,
+                        dict(self.state.contributors),
+                        self.strategy_state,
+                        recheck=follow.version == self.state.version,
+                    )
+                ),
+                name="follow",
+                daemon=True,
+            )
+            return True
+        claimed, self._claimed = self._claimed, []
+        fresh: dict[str, UploadRecord] = {}
+        duplicates: list[str] = []  # the round keeps one upload per agent
+        for rec in claimed:
+            if rec.agent_id in self.state.contributors or rec.agent_id in fresh:
+                duplicates.append(rec.model_id)
+            else:
+                fresh[rec.agent_id] = rec
+        self._batch_in_flight = True  # the accumulator is fed by one effect at a time
+        self.agg._scope.spawn(
+            self._report(
+                absorb_claims(self.agg, list(fresh.values()), self.state.version, duplicates)
+            ),
+            name="absorb-claims",
+            daemon=True,
+        )
+        return True
+
+    async def _report(self, effect: Any) -> None:
+        await self.agg._post(await effect)
+
+    def _followed(self, ev: Followed) -> None:
+        self._aggregating = False
+        if ev.error is not None or ev.replayed is None:
+            log.error("cannot carry round %d over (will retry): %s", self.state.round, ev.error)
+            if self._follow is None:
+                self._follow = ev.adopted
+            self._retry_at = self.agg.clock() + 1.0
+            return
+        a = ev.adopted
+        carried = len(ev.replayed.contributors)
+        log.info(
+            "following the federation: adopted global model %d (was %d; %d contribution(s) "
+            "carried into round %d)",
+            a.version,
+            self.state.version,
+            carried,
+            a.version + 1,
+        )
+        self.agg.driver.discard_pending()
+        self.adopt(a.version, a.model_id, a.weights, self.global_extra, self.strategy_state)
+        self.agg.driver.accumulator = ev.replayed.accumulator
+        self.agg.driver.inputs = ev.replayed.inputs
+        self.state.contributors = ev.replayed.contributors
+        self._announce()
+        if self.state.finished:
+            self.agg._finished.set()
+
+    def _absorbed(self, ev: ClaimsAbsorbed) -> None:
+        self._batch_in_flight = False
+        for rec in ev.added:
+            self.state.contribute(rec.agent_id, rec.model_id)
+            self.state.excused.discard(rec.agent_id)
+            self.agg.driver.inputs.append((rec.num_samples, rec.metrics))
+        if ev.added:
+            log.info(
+                "round %d: %d claimed upload(s) counted (%d/%d)",
+                self.state.round,
+                len(ev.added),
+                len(self.state.contributors),
+                self.state.needed(len(self.agg.sessions)),
+            )
+        if ev.error is not None:
+            log.error("claimed uploads not counted (counted on resume): %s", ev.error)
 
     def gate_check(self, weights: Weights) -> Any:
         assert self.agg.gate is not None and self.global_weights is not None

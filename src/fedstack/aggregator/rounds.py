@@ -93,6 +93,10 @@ class RoundState:
     version: int = -1
     started: float = 0.0
     contributors: dict[str, str] = field(default_factory=dict)  # agent id -> model id
+    excused: set[str] = field(default_factory=set)
+    """Agents that contributed to the round in progress through another member of a
+    horizontal federation (they moved here after uploading): they count towards the
+    round's completeness, and a second upload of theirs is a duplicate."""
 
     @property
     def round(self) -> int:
@@ -115,7 +119,7 @@ class RoundState:
         """What to do with an upload from ``agent_id`` trained on ``base_version``."""
         if self.finished:
             return UploadStatus.FINISHED
-        if agent_id in self.contributors:
+        if agent_id in self.contributors or agent_id in self.excused:
             return UploadStatus.DUPLICATE
         if base_version >= self.version:
             return UploadStatus.CURRENT
@@ -131,7 +135,12 @@ class RoundState:
 
     def ready(self, now: float, active: int) -> bool:
         """True when the round in progress should be aggregated now."""
-        return self.ready_with(len(self.contributors), now, active)
+        n = len(self.contributors)
+        if self.excused:  # counted for completeness; nothing of theirs to aggregate here
+            if n == 0:
+                return False
+            n += len(self.excused - self.contributors.keys())
+        return self.ready_with(n, now, active)
 
     def ready_with(self, n: int, now: float, active: int) -> bool:
         """:meth:`ready` if the round had ``n`` contributions."""
@@ -152,8 +161,10 @@ class RoundState:
         self.version += 1
         self.started = now
         self.contributors = {}
+        self.excused = set()
 
     def start(self, version: int, now: float) -> None:
         self.version = version
         self.started = now
         self.contributors = {}
+        self.excused = set()

@@ -24,6 +24,12 @@ fails is restarted, or (the owner, the committer) stops the aggregator loudly.
 Deadlines use a monotonic clock (``clock``, injectable); stored timestamps are wall-clock.
 On start the aggregator reloads the run from the store (structure, latest global model,
 round, the current round's acknowledged uploads) and carries on.
+
+With a ``name`` (or an ``upstream``) the aggregator is a member of a horizontal federation
+(:mod:`fedstack.aggregator.federation`): it joins at start (its id is then its member
+row's), its cluster rounds go to :attr:`Aggregator.sink`, and :attr:`Aggregator.membership`
+heartbeats, follows the run and claims dead members' uploads. Without either, none of this
+exists and nothing of it runs.
 """
 
 from __future__ import annotations
@@ -46,9 +52,12 @@ from fedstack.aggregator.driver import Evaluator, RoundDriver
 from fedstack.aggregator.events import (
     AgentLeft,
     Event,
+    RoundCommitted,
 )
 from fedstack.aggregator.fanout import Fanout
+from fedstack.aggregator.federation import RoundSink, SharedStoreSynthesis
 from fedstack.aggregator.gate import UpdateGate
+from fedstack.aggregator.membership import Membership
 from fedstack.aggregator.operator_api import OperatorAPI
 from fedstack.aggregator.owner import RoundOwner
 from fedstack.aggregator.quotas import StorageQuota
@@ -58,6 +67,7 @@ from fedstack.aggregator.rounds import RoundState
 from fedstack.aggregator.statistics import AgentStatistics, AggregatorStatistics
 from fedstack.aggregator.tasks import ScopeClosed, TaskScope
 from fedstack.aggregator.uploads import Committer
+from fedstack.aggregator.upstream import UpstreamSynthesis
 from fedstack.aggregator.validation import Structure
 from fedstack.aggregator.workers import Workers
 from fedstack.errors import (
@@ -68,10 +78,10 @@ from fedstack.errors import (
 )
 from fedstack.plugins import load_callable
 from fedstack.security.tls import server_context
-from fedstack.store import Store
+from fedstack.store import RunInfo, Store
 from fedstack.store.repository import fingerprint
-from fedstack.strategies import create
-from fedstack.transport import inproc, serve
+from fedstack.strategies import Result, create
+from fedstack.transport import Connection, inproc, serve
 from fedstack.transport.budget import ByteBudget
 from fedstack.transport.limits import raise_nofile_limit
 from fedstack.types import Metrics, Weights
@@ -193,6 +203,7 @@ class Aggregator:
             gate_check=self.owner.gate_check,
             accumulator=lambda: self.driver.accumulator,
             post=self._post,
+            cluster=(lambda: self.aggregator_id) if config.federated else None,
         )
         # ---- tasks and threads
         self._scope = TaskScope("aggregator", on_error=self._fatal)
@@ -207,6 +218,41 @@ class Aggregator:
         self._server: asyncio.Server | None = None
         self._inproc: inproc.InProcServer | None = None
         self.port = config.port
+        # ---- the horizontal federation (None for a standalone aggregator)
+        self.membership: Membership | None = None
+        """A federation member's background work (see :mod:`.membership`)."""
+        self.sink: RoundSink | None = None
+        """Where cluster rounds go in a federation or below an upstream aggregator."""
+        self.upstream: UpstreamSynthesis | None = None
+        """The sink and link of an aggregator below an upstream one (see :mod:`.upstream`)."""
+        self._joined = asyncio.Event()
+        if config.federated:
+            self._check_federation()
+            self.membership = Membership(self)
+            self.sink = self._make_sink()
+            self.driver.sink = self.sink
+
+    def _check_federation(self) -> None:
+        """Refuse a strategy that cannot run per cluster (see ``Strategy.federation``)."""
+        cfg, strategy = self.config, self.strategy
+        why = strategy.federation_refusal
+        if why:
+            raise ConfigError(
+                f"strategy {strategy.name!r} cannot run in a horizontal federation "
+                f"(name or upstream is set): {why}"
+            )
+        if strategy.trigger is not None and cfg.upstream is None and cfg.synthesis == "sync":
+            raise ConfigError(
+                f"strategy {strategy.name!r} makes a round of every {strategy.trigger} "
+                "update(s): in a federation it needs --synthesis async (sync synthesis "
+                "would make every member wait for the others after each update)"
+            )
+
+    def _make_sink(self) -> RoundSink:
+        if self.config.upstream is None:
+            return SharedStoreSynthesis(self)
+        self.upstream = UpstreamSynthesis(self)  # the tiers' sink
+        return self.upstream
 
     # ------------------------------------------------------------------ round state (read-only)
     @property
@@ -253,8 +299,16 @@ class Aggregator:
         )
         self.run_id = run.id
         self.aggregator_id = run.aggregator_id
+        if self.membership is not None:
+            await self._start_member(run)
+            return
         if run.version >= 0:
             await self._resume(run.structure, run.version)
+        self._spawn_tasks()
+        await self._listen(self.connections.serve, cfg.run_name)
+        self._started(run)
+
+    def _spawn_tasks(self) -> None:
         self._driver = self._scope.spawn(
             self.owner.run(), name="round-owner", critical=True, daemon=True
         )
@@ -264,13 +318,16 @@ class Aggregator:
         )
         self._scope.supervise("refusal-audit", self.registry.audit.run_flusher)
         self._scope.spawn(self._watch_database(), name="database-watch", critical=True, daemon=True)
+
+    async def _listen(self, handler: Callable[[Connection], Any], inproc_name: str) -> None:
+        cfg = self.config
         if cfg.transport == "inproc":
             self._inproc = await inproc.serve(
-                self.connections.serve, cfg.run_name, max_message_bytes=cfg.max_message_bytes
+                handler, inproc_name, max_message_bytes=cfg.max_message_bytes
             )
         else:
             self._server = await serve(
-                self.connections.serve,
+                handler,
                 cfg.host,
                 cfg.port,
                 max_message_bytes=cfg.max_message_bytes,
@@ -281,6 +338,58 @@ class Aggregator:
                 first_message_bytes=self.connections.first_message_limit,
             )
             self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _start_member(self, run: RunInfo) -> None:
+        """A federation member's start: listen (connections wait), join (the member id
+        becomes the aggregator id), resume its cluster, start the federation's tasks, and
+        let the connections in."""
+        cfg, membership = self.config, self.membership
+        assert membership is not None and self.store is not None
+        await self._listen(self._serve_member, f"{cfg.run_name}.{cfg.name}")
+        if cfg.advertise_url is None and cfg.host in ("0.0.0.0", "::", ""):
+            log.warning(
+                "member %s listens on every interface (%s) without advertise_url: the other "
+                "members' agents are told %s, which they cannot reach; set --advertise-url",
+                cfg.name,
+                cfg.host or "*",
+                self.url,
+            )
+        try:
+            if not run.resumed:
+                run = await self._db(_first_run, self.store, run)
+                self.run_id = run.id
+            member = await membership.join(cfg.advertise_url or self.url)
+            self.aggregator_id = member.id
+            current = await self._db(self.store.get_run, self.run_id)
+            if current.version >= 0:
+                await self._resume_member(current.structure, current.version)
+        except BaseException:
+            await self.stop()
+            raise
+        self._spawn_tasks()
+        self._scope.supervise("federation-heartbeat", membership.run_heartbeat)
+        self._scope.supervise("federation-follow", membership.run_follow)
+        if self.upstream is not None:  # a new run may start from the upper global model
+            try:
+                await self.upstream.start()
+            except BaseException:
+                await self.stop()
+                raise
+        self._joined.set()
+        self._started(run)
+
+    async def _serve_member(self, conn: Connection) -> None:
+        """A member's connections wait until it joined and resumed."""
+        await self._joined.wait()
+        if self._stopped.is_set():
+            with contextlib.suppress(Exception):
+                await conn.close(1001, "aggregator stopping", timeout=1.0)
+            return
+        await self.connections.serve(conn)
+
+    def _started(self, run: RunInfo) -> None:
+        cfg = self.config
+        assert self.store is not None
         log.info(
             "aggregator listening on %s%s (run %s, %s, version %d, store %s)",
             self.url,
@@ -324,6 +433,81 @@ class Aggregator:
         self._initialized.set()
         log.info(
             "resumed at version %d with %d buffered upload(s)", resume.version, len(resume.buffered)
+        )
+
+    async def _resume_member(self, structure: Structure | None, version: int) -> None:
+        """A federation member's resume: the run's latest global model, and its OWN
+        cluster: strategy state, extra arrays, buffered uploads (carried into the round in
+        progress per the staleness policy), and a round it delivered that was not
+        synthesised yet (it then waits for that synthesis before a new round)."""
+        assert self.store is not None
+        resume = await self._db(self.store.resume_state, self.run_id)
+        if resume.global_model_id is None:
+            raise StoreError(f"run {self.run_id}: global model {version} is missing")
+        own = await self._db(self.store.cluster_resume, self.run_id, self.aggregator_id)
+        weights = await self._db(self.store.load_weights, resume.global_model_id)
+        if own.strategy_state is None:
+            state, extra = self.strategy.init_state(weights), self.strategy.initial_extra(weights)
+        else:
+            state, extra = own.strategy_state, own.extra
+        self.owner.structure = structure
+        self.owner.adopt(resume.version, resume.global_model_id, weights, extra, state)
+        if own.delivered is not None and own.delivered > resume.version:
+            if isinstance(self.sink, (SharedStoreSynthesis, UpstreamSynthesis)):
+                self.owner._aggregating = True  # until that round's global model exists
+                sink, rnd = self.sink, own.delivered
+                self._scope.spawn(
+                    self._complete_delivered(sink, rnd, state, extra),
+                    name="resume-synthesis",
+                    daemon=True,
+                )
+        drop = self.config.staleness == "drop"
+        moved = [r.model_id for r in own.buffered if r.round != resume.version + 1]
+        if moved:
+            await self._db(
+                self.store.carry_uploads,
+                self.run_id,
+                moved,
+                round=resume.version + 1,
+                drop=drop,
+            )
+        dropped = set(moved) if drop else set()
+        buffered = [r for r in own.buffered if r.model_id not in dropped]
+        replayed = await self.driver.replay(weights, state, resume.version, buffered)
+        self.driver.accumulator = replayed.accumulator
+        self.driver.inputs = replayed.inputs
+        self.state.contributors = replayed.contributors
+        self._initialized.set()
+        log.info(
+            "member %s resumed at version %d with %d buffered upload(s)%s",
+            self.config.name,
+            resume.version,
+            len(buffered),
+            f"; round {own.delivered} delivered, waiting for its synthesis"
+            if self.owner._aggregating
+            else "",
+        )
+
+    async def _complete_delivered(
+        self,
+        sink: SharedStoreSynthesis | UpstreamSynthesis,
+        rnd: int,
+        state: dict[str, Any],
+        extra: Weights,
+    ) -> None:
+        """Resume: wait for (or make) the global model of the delivered round ``rnd``."""
+        pause = 0.5
+        while True:
+            try:
+                adopted = await sink.complete(rnd, extra)
+                break
+            except StoreError as exc:
+                log.warning("waiting for the synthesis of round %d: %s", rnd, exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
+        result = Result(adopted.weights, state, adopted.metrics, adopted.extra)
+        await self._post(
+            RoundCommitted(rnd, result, adopted.model_id, time.time(), version=adopted.version)
         )
 
     async def wait_finished(self) -> None:
@@ -378,6 +562,8 @@ class Aggregator:
             self._server.close()
         if self._inproc is not None:
             self._inproc.close()
+        if self.upstream is not None:
+            await self.upstream.close()
 
         async def bye(s: Session) -> None:
             with contextlib.suppress(Exception):
@@ -388,6 +574,9 @@ class Aggregator:
         await asyncio.gather(*(bye(s) for s in list(self.sessions.values())))
         await self.connections.close(grace=2.0)  # they end by themselves; or are cancelled
         await self._scope.aclose()
+        self._joined.set()  # connections still waiting for the join end now
+        if self.membership is not None:
+            await self.membership.leave()
         for up in self.owner.upload_queue:  # nobody waits for these any more
             up.reply.cancel()
         self.owner.upload_queue.clear()
@@ -477,16 +666,21 @@ class Aggregator:
             tls=self.ssl_context is not None,
             uploads_queued=len(self.owner.upload_queue),
             agents=listed,
+            name=self.config.name,
+            peers=tuple(self.membership.peers) if self.membership is not None else (),
         )
 
     def _welcome_fields(self) -> dict[str, Any]:
-        return {
+        fields = {
             "aggregator_id": self.aggregator_id,
             "run_id": self.run_id,
             "delivery": self.config.delivery,
             "heartbeat_interval": self.config.heartbeat_interval,
             "config": self.federation_config,
         }
+        if self.membership is not None:
+            fields["aggregators"] = list(self.membership.peers)
+        return fields
 
     # ------------------------------------------------------------------ disconnecting
     def disconnect_agent(self, name: str, code: str, message: str, detail: dict[str, Any]) -> bool:
@@ -521,6 +715,18 @@ class Aggregator:
 
         with contextlib.suppress(ScopeClosed):
             self._scope.spawn(refuse(), name="refuse")
+
+
+def _first_run(store: Store, mine: RunInfo) -> RunInfo:
+    """Members started at the same moment may each have created a run of that name: all
+    take the oldest running one (the same for everyone); an unused one of ours is closed."""
+    running = [r for r in store.list_runs() if r["name"] == mine.name and r["status"] == "running"]
+    first = min(running, key=lambda r: (r["created"], r["id"]), default=None)
+    if first is None or first["id"] == mine.id:
+        return mine
+    store.finish_run(mine.id)
+    log.info("run %r was created by another member at the same time: joining it", mine.name)
+    return store.get_run(first["id"])
 
 
 def _public_config(cfg: AggregatorConfig) -> dict[str, Any]:

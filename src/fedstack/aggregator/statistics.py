@@ -45,3 +45,7 @@ class AggregatorStatistics:
     """Uploads waiting for the store (behind the batch being stored)."""
     agents: tuple[AgentStatistics, ...] = ()
     """The connected agents (empty unless asked for: ``statistics(agents=True)``)."""
+    name: str | None = None
+    """The member's name in a horizontal federation (None: standalone)."""
+    peers: tuple[str, ...] = ()
+    """The other live members' advertised URLs (what agents are told in welcomes)."""

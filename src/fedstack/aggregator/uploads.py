@@ -128,14 +128,17 @@ def plan_batch(
 
 
 def persist_batch(
-    store: Store, run_id: str, batch: list[Planned]
+    store: Store, run_id: str, batch: list[Planned], cluster: str | None = None
 ) -> list[tuple[UploadRecord, bool]]:
     """The store thread's part: every upload of ``batch`` in ONE transaction (idempotent
-    by upload_id). Database work only."""
+    by upload_id). Database work only. ``cluster``: the federation member that holds
+    them (None: a standalone aggregator)."""
+    held = {} if cluster is None else {"cluster": cluster}
     return store.add_uploads(
         run_id,
         [
             {
+                **held,
                 "agent_id": p.upload.session.agent_id,
                 "upload_id": p.upload.msg.upload_id,
                 "round": p.round,
@@ -171,6 +174,8 @@ class Committer:
         gate_check: the update gate's check of a model (None: no gate).
         accumulator: returns the round's accumulator at the time a batch is counted.
         post: hands the result to the round owner.
+        cluster: returns the federation member id the uploads are held by (None: a
+            standalone aggregator; nothing is recorded).
     """
 
     def __init__(
@@ -184,6 +189,7 @@ class Committer:
         gate_check: Callable[[Weights], Any],
         accumulator: Callable[[], Accumulator | None],
         post: Callable[[BatchCommitted], Awaitable[None]],
+        cluster: Callable[[], str] | None = None,
     ) -> None:
         self._db = db
         self._compute = compute
@@ -193,6 +199,7 @@ class Committer:
         self._gate_check = gate_check
         self._accumulator = accumulator
         self._post = post
+        self._cluster = cluster
         self._batches: asyncio.Queue[list[Planned]] = asyncio.Queue(maxsize=1)
 
     def submit(self, batch: list[Planned]) -> None:
@@ -229,7 +236,8 @@ class Committer:
                 p.update = gated(p.update, decision)
         store = self._store()
         assert store is not None
-        stored = await self._db(persist_batch, store, self._run_id(), batch)
+        cluster = None if self._cluster is None else self._cluster()
+        stored = await self._db(persist_batch, store, self._run_id(), batch, cluster)
         fresh = [
             (p, rec)
             for p, (rec, created) in zip(batch, stored, strict=True)

@@ -1,8 +1,9 @@
 """``fedstack agent`` (one agent) and ``fedstack agents`` (N agents forked from one parent).
 
 Both take the same connection and trainer options (:data:`~fedstack.cli.options.AGENT_OPTIONS`:
-``--url``, ``--trainer``, ``--trainer-arg``, ``--token``, ``--enrollment-token``, ``--ca``,
-``--cert``, ``--key``, ``--init-weights``), declared once.
+``--url`` (repeatable: the members of a federation, with failover), ``--trainer``,
+``--trainer-arg``, ``--token``, ``--enrollment-token``, ``--ca``, ``--cert``, ``--key``,
+``--init-weights``), declared once.
 
 ``fedstack agents`` runs each agent as a separate process with its own
 :class:`~fedstack.agent.Agent`, connection and trainer, exactly what N ``fedstack agent``
@@ -75,7 +76,7 @@ def _run(
         with sigterm_unwinds():
             return run_trainer(
                 trainer,
-                opts.url,
+                list(opts.urls),
                 name,
                 token=token,
                 enrollment_token=opts.enrollment_token,

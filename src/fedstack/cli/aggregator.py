@@ -107,4 +107,5 @@ def cmd_strategies(json_: JsonFlag = False) -> int:
         kind = "streaming" if s["streaming"] else "buffered"
         print(safe_text(f"{s['name']:<16} {kind:<9}  {s['summary']}"))
         print(safe_text(f"{'':<16} params: {params}"))
+        print(safe_text(f"{'':<16} federation: {s['federation']}"))
     return 0

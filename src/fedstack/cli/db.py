@@ -1,10 +1,11 @@
 """``fedstack db VIEW``: inspect the model store, one subcommand per view.
 
-``runs``, ``agents``, ``events``, ``models`` (``--kind``), ``rounds``, ``lineage``
-(``MODEL_ID``, ``--depth``), ``metrics`` and ``plot`` (``--metric``, ``--compare``,
-``--out``); each takes ``--db`` and ``--blob-dir``, ``--run`` where a run is meant, and
-``--json`` (the data, one line) except ``plot``. Agent-controlled text (names, metric keys,
-event details) is shown escaped.
+``runs``, ``agents``, ``aggregators`` (a federation's members, ``--liveness``),
+``events``, ``models`` (``--kind``), ``rounds``, ``lineage`` (``MODEL_ID``, ``--depth``:
+global <- semi-global <- local models in a federation), ``metrics`` and ``plot``
+(``--metric``, ``--compare``, ``--out``); each takes ``--db`` and ``--blob-dir``, ``--run``
+where a run is meant, and ``--json`` (the data, one line) except ``plot``. Agent- and
+peer-controlled text (names, URLs, metric keys, event details) is shown escaped.
 
 The views open the store read-only (:meth:`Store.open_readonly`): a missing file, another
 application's database, an empty file or a store of another schema version is refused with
@@ -66,11 +67,19 @@ def resolve_run(store: Store, run: str | None) -> str:
     raise StoreError(f"no run {run!r}; runs: {', '.join(r['name'] for r in runs)}")
 
 
-def lineage_tree(store: Store, model_id: str, depth: int) -> dict[str, Any]:
-    """Model ``model_id`` and, ``depth`` levels deep, the models it was made from."""
+def lineage_tree(
+    store: Store, model_id: str, depth: int, *, members: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Model ``model_id`` and, ``depth`` levels deep, the models it was made from.
+
+    A model produced by a federation member (a semi-global or a global model) names it
+    under ``"aggregator"`` (``members``: ``{member id: name}``, read from the store if
+    not given)."""
     m = store.model(model_id)
     if m is None:
         raise StoreError(f"no model {model_id}")
+    if members is None:
+        members = store.aggregator_names()
     node: dict[str, Any] = {
         k: m[k]
         for k in (
@@ -85,9 +94,14 @@ def lineage_tree(store: Store, model_id: str, depth: int) -> dict[str, Any]:
             "created",
         )
     }
+    if m["kind"] != "local" and m["producer"] in members:
+        node["aggregator"] = members[m["producer"]]
     if depth > 0:
         node["parents"] = [
-            {"relation": p["relation"], **lineage_tree(store, p["id"], depth - 1)}
+            {
+                "relation": p["relation"],
+                **lineage_tree(store, p["id"], depth - 1, members=members),
+            }
             for p in store.parents(model_id)
         ]
     return node
@@ -99,7 +113,7 @@ def _show(rows: list[dict[str, Any]], cols: Sequence[str], as_json: bool) -> Non
         print_json(rows)
         return
     for r in rows:
-        for k in ("created", "time", "last_seen"):
+        for k in ("created", "time", "last_seen", "started"):
             if isinstance(r.get(k), float):
                 r[k] = time.strftime("%H:%M:%S", time.localtime(r[k]))
     if rows:
@@ -124,6 +138,46 @@ def cmd_agents(db: DbPath, blob_dir: BlobDir = None, json_: JsonFlag = False) ->
     return 0
 
 
+Liveness = Annotated[
+    float,
+    typer.Option("--liveness", help="seconds without a heartbeat after which a member is not live"),
+]
+
+
+@app.command("aggregators")
+def cmd_aggregators(
+    db: DbPath,
+    blob_dir: BlobDir = None,
+    run: RunOpt = None,
+    liveness: Liveness = 5.0,
+    json_: JsonFlag = False,
+) -> int:
+    """The run's federation: its aggregators, their liveness and semi-global models."""
+    with _store(db, blob_dir) as store:
+        run_id = resolve_run(store, run)
+        now = store.db_now()
+        members = store.members(run_id, liveness=liveness)
+        delivered = store.semi_globals_delivered(run_id)
+    rows = [
+        {
+            "name": m.name,
+            "id": m.id,
+            "url": m.url,
+            "upstream": m.upstream,
+            "state": "live" if m.live else ("stopped" if m.status == "stopped" else "lost"),
+            "heartbeat_age": round(max(0.0, now - m.heartbeat), 3),
+            "active_agents": m.active_agents,
+            "version": m.version,
+            "semi_globals": delivered.get(m.id, 0),
+            "started": m.started,
+        }
+        for m in members
+    ]
+    cols = ["name", "id", "url", "state", "heartbeat_age", "active_agents", "version"]
+    _show(rows, [*cols, "semi_globals"], json_)
+    return 0
+
+
 @app.command("events")
 def cmd_events(
     db: DbPath, blob_dir: BlobDir = None, run: RunOpt = None, json_: JsonFlag = False
@@ -140,7 +194,8 @@ def cmd_events(
 
 
 Kind = Annotated[
-    Literal["local", "cluster"] | None, typer.Option("--kind", help="only this kind of model")
+    Literal["local", "cluster", "semi-global"] | None,
+    typer.Option("--kind", help="only this kind of model"),
 ]
 
 
@@ -152,7 +207,7 @@ def cmd_models(
     kind: Kind = None,
     json_: JsonFlag = False,
 ) -> int:
-    """The run's models (local uploads and global models)."""
+    """The run's models (local uploads, semi-global and global models)."""
     with _store(db, blob_dir) as store:
         rows = store.models(resolve_run(store, run), kind)
     _show(
@@ -169,10 +224,17 @@ def cmd_rounds(
 ) -> int:
     """The run's completed rounds."""
     with _store(db, blob_dir) as store:
-        rows = store.rounds(resolve_run(store, run))
+        run_id = resolve_run(store, run)
+        rows = store.rounds(run_id)
+        synthesis = store.round_synthesis(run_id)
+    cols = ["round", "num_updates", "num_samples", "seconds", "accuracy", "model_id"]
     for r in rows:
         r["accuracy"] = r["metrics"].get("eval_accuracy")
-    _show(rows, ["round", "num_updates", "num_samples", "seconds", "accuracy", "model_id"], json_)
+        if synthesis:  # a federated run: what each global model was synthesised from
+            r["semi_globals"], r["aggregators"] = synthesis.get(r["round"], (0, 0))
+    if synthesis:
+        cols[3:3] = ["semi_globals", "aggregators"]
+    _show(rows, cols, json_)
     return 0
 
 
@@ -194,7 +256,8 @@ def cmd_lineage(
     depth: Depth = 2,
     json_: JsonFlag = False,
 ) -> int:
-    """Which local models and which previous global model a model was made from."""
+    """Which models (and which previous global model) a model was made from: a
+    federation's global model from semi-global models, those from local ones."""
     with _store(db, blob_dir) as store:
         run_id = resolve_run(store, run)
         if model is None:

@@ -96,7 +96,8 @@ class AgentOptions:
     """How agents connect and train: the options of ``fedstack agent`` and ``agents``.
 
     Attributes:
-        url: The aggregator's ``ws://`` or ``wss://`` URL.
+        urls: The aggregators' ``ws://`` or ``wss://`` URLs (``--url``, repeatable: members
+            of one federation, tried in order; see :class:`fedstack.agent.Agent`).
         trainer: ``module:Class`` implementing :class:`fedstack.Trainer`.
         trainer_args: Keyword arguments of the trainer (``--trainer-arg``, JSON values).
         token: The agent's credential (``FEDSTACK_TOKEN``).
@@ -107,7 +108,7 @@ class AgentOptions:
         init_weights: Whether the agent's initial model may start the federation.
     """
 
-    url: str
+    urls: tuple[str, ...]
     trainer: str
     trainer_args: dict[str, Any]
     token: str | None
@@ -117,9 +118,17 @@ class AgentOptions:
     key: str | None
     init_weights: bool
 
+    @property
+    def url(self) -> str:
+        """The first aggregator URL."""
+        return self.urls[0]
+
+
+DEFAULT_AGENT_URL = "ws://127.0.0.1:8765"
+
 
 def _agent_options(
-    url: str,
+    url: list[str] | None,
     trainer: str,
     trainer_arg: list[str] | None,
     token: str | None,
@@ -129,8 +138,10 @@ def _agent_options(
     key: str | None,
     init_weights: str,
 ) -> AgentOptions:
+    from fedstack.agent.urls import check_urls
+
     return AgentOptions(
-        url=url,
+        urls=tuple(check_urls(url or [DEFAULT_AGENT_URL])),  # ConfigError: not a URL
         trainer=trainer,
         trainer_args=parse_pairs(trainer_arg or [], "--trainer-arg"),
         token=token or None,
@@ -146,8 +157,15 @@ AGENT_OPTIONS = Group(
     parameters=(
         _option(
             "url",
-            Annotated[str, typer.Option("--url", help="the aggregator's URL")],
-            "ws://127.0.0.1:8765",
+            Annotated[
+                list[str] | None,
+                typer.Option(
+                    "--url",
+                    help="an aggregator's URL; repeat it for the members of a federation "
+                    f"(tried in order, failover to the next) [default: {DEFAULT_AGENT_URL}]",
+                ),
+            ],
+            None,
         ),
         _option(
             "trainer",

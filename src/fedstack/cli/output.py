@@ -89,11 +89,15 @@ def _grow(branch: Tree, node: dict[str, Any]) -> None:
 
 
 def _label(node: dict[str, Any]) -> str:
-    who = node.get("agent") or (
-        "aggregator" if node["kind"] == "cluster" else str(node["producer"])[:8]
-    )
+    member = node.get("aggregator")  # a federation member's name (semi-global, global)
+    if node["kind"] == "semi-global":
+        who = f"of aggregator {member or str(node['producer'])[:8]}"
+    elif node["kind"] == "cluster":
+        who = f"by aggregator {member}" if member else "by aggregator"
+    else:
+        who = f"by {node.get('agent') or str(node['producer'])[:8]}"
     rel = f"[{node['relation']}] " if "relation" in node else ""
     return safe_text(
-        f"{rel}{node['kind']} {str(node['id'])[:8]} round {node['round']} by "
+        f"{rel}{node['kind']} {str(node['id'])[:8]} round {node['round']} "
         f"{who} (n={node['num_samples']}, {node['status']})"
     )

@@ -16,9 +16,9 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from sqlalchemy import Engine, make_url
-from sqlalchemy.exc import DatabaseError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError, SQLAlchemyError
 
-from fedstack.errors import StoreConflict, StoreError
+from fedstack.errors import StoreConflict, StoreError, StoreUnavailable
 
 log = logging.getLogger("fedstack.store")
 
@@ -123,6 +123,10 @@ def store_error(what: str, exc: SQLAlchemyError) -> StoreError:
         reason = str(orig).splitlines()[0][:120] if str(orig) else reason
     if isinstance(exc, IntegrityError):
         return StoreConflict(f"{what}: the write conflicts with stored data ({reason})")
+    if getattr(exc, "connection_invalidated", False) or (
+        isinstance(exc, OperationalError) and type(orig).__module__.split(".")[0] != "sqlite3"
+    ):  # a database server gone or going away (SQLite's operational errors are other)
+        return StoreUnavailable(f"{what} ({reason})")
     return StoreError(f"{what} ({reason})")
 
 
@@ -163,3 +167,90 @@ def postgres_readonly(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("SET default_transaction_read_only = on")
     cur.close()
     dbapi_conn.commit()
+
+
+# ---------------------------------------------------------------------- PostgreSQL
+MAX_DATABASE_BLOB_BYTES = (1 << 30) - (1 << 16)
+"""The largest blob the store keeps in PostgreSQL (1 GiB - 64 KiB): one ``bytea`` value
+holds at most 1 GB, and the server allocates a value and its protocol message whole.
+Larger blobs are refused with :class:`StoreError` unless the store has a blob directory."""
+
+CONNECT_TIMEOUT = 5
+"""Seconds a new PostgreSQL connection may take (libpq ``connect_timeout``) unless the URL
+says otherwise: while the server is down, calls fail within this bound instead of hanging."""
+
+KEEPALIVES = {
+    # a connection to a server that vanished (host down, network cut) is detected within
+    # about 25 s instead of the system's default two hours; a transfer the server stops
+    # acknowledging fails after tcp_user_timeout
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
+
+
+def is_postgresql(url: str) -> bool:
+    """True if the SQLAlchemy URL ``url`` names a PostgreSQL database (any driver)."""
+    try:
+        return make_url(url).get_backend_name() == "postgresql"
+    except (SQLAlchemyError, ValueError):
+        return False
+
+
+def engine_options(url: str) -> dict[str, Any]:
+    """``create_engine`` keyword arguments for ``url``: for PostgreSQL, ``pool_pre_ping``
+    (a pooled connection the server dropped, e.g. across a restart, is replaced before use:
+    the store recovers by itself once the server is back), a connect timeout and TCP
+    keepalives (each unless the URL's query sets it). Nothing for other databases."""
+    if not is_postgresql(url):
+        return {}
+    parsed = make_url(url)
+    driver = parsed.get_driver_name()
+    if driver not in ("psycopg", "psycopg2"):  # libpq's keywords mean nothing to others
+        return {"pool_pre_ping": True}
+    wanted: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, **KEEPALIVES}
+    if driver != "psycopg" or _libpq_version() < 120000:
+        del wanted["tcp_user_timeout"]  # libpq 12 and later only
+    args = {k: v for k, v in wanted.items() if k not in set(parsed.query)}
+    return {"pool_pre_ping": True, "connect_args": args}
+
+
+def _libpq_version() -> int:
+    """The version of the libpq psycopg runs on (e.g. 160002); 0 if unknown."""
+    try:
+        import psycopg
+
+        return int(psycopg.pq.version())
+    except Exception:  # no psycopg, or a libpq it cannot query: assume the oldest
+        return 0
+
+
+def read_blob_postgres(c: Any, digest: str) -> bytes | None:
+    """The bytes of blob ``digest`` from table ``blob_data`` on PostgreSQL (None: no such
+    row), fetched in binary format inside ``c``'s transaction (a SQLAlchemy connection
+    with the psycopg driver): the text format would double them as hex, which the server
+    cannot build for a value over 512 MB.
+
+    Raises:
+        StoreError: the database failed (its text stays in the debug log).
+    """
+    raw = c.connection.driver_connection
+    if not hasattr(raw, "cursor") or raw.__class__.__module__.split(".")[0] != "psycopg":
+        from sqlalchemy import text
+
+        row = c.execute(text("SELECT data FROM blob_data WHERE digest = :d"), {"d": digest}).first()
+        return None if row is None else bytes(row[0])
+    import psycopg
+
+    try:
+        with raw.cursor(binary=True) as cur:
+            cur.execute("SELECT data FROM blob_data WHERE digest = %s", (digest,))
+            row = cur.fetchone()
+    except psycopg.Error as exc:
+        # a connection the server dropped is replaced by the pool's pre-ping at next use
+        log.debug("cannot read blob %s", digest[:12], exc_info=True)
+        kind = StoreUnavailable if isinstance(exc, psycopg.OperationalError) else StoreError
+        raise kind(f"database operation failed ({type(exc).__name__})") from None
+    return None if row is None else bytes(row[0])

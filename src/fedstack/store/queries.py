@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 
 from fedstack.security.credentials import fingerprint
 from fedstack.store import schema as s
@@ -124,3 +124,42 @@ class Queries:
             q = q.where(or_(cond, s.events.c.run_id.is_(None)) if deployment else cond)
         with self._begin() as c:
             return [dict(r) for r in c.execute(q.order_by(s.events.c.id)).mappings().all()]
+
+    def aggregator_names(self) -> dict[str, str]:
+        """``{member id: name}`` of every federation member of every run."""
+        with self._begin() as c:
+            rows = c.execute(select(s.aggregators.c.id, s.aggregators.c.name)).all()
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    def semi_globals_delivered(self, run_id: str) -> dict[str, int]:
+        """``{member id: semi-global models delivered}`` in ``run_id``."""
+        cr = s.cluster_rounds
+        with self._begin() as c:
+            rows = c.execute(
+                select(cr.c.aggregator_id, func.count())
+                .where(cr.c.run_id == run_id)
+                .group_by(cr.c.aggregator_id)
+            ).all()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def round_synthesis(self, run_id: str) -> dict[int, tuple[int, int]]:
+        """``{round: (semi-global models, members)}`` the global model of each federated
+        round of ``run_id`` was synthesised from (rounds of a standalone run: absent)."""
+        parent = s.models.alias("parent")
+        q = (
+            select(s.rounds.c.round, func.count(), func.count(parent.c.producer.distinct()))
+            .select_from(
+                s.rounds.join(s.lineage, s.lineage.c.child_id == s.rounds.c.model_id).join(
+                    parent, parent.c.id == s.lineage.c.parent_id
+                )
+            )
+            .where(
+                s.rounds.c.run_id == run_id,
+                s.lineage.c.relation == "input",
+                parent.c.kind == "semi-global",
+            )
+            .group_by(s.rounds.c.round)
+        )
+        with self._begin() as c:
+            rows = c.execute(q).all()
+        return {int(r[0]): (int(r[1]), int(r[2])) for r in rows}

@@ -1,10 +1,15 @@
 """The store's API: runs, agents, models, lineage, rounds and events over SQLAlchemy.
 
 SQLite (a file) is the default; any SQLAlchemy URL works (PostgreSQL for several
-aggregators). Metadata lives in tables, tensors in a :class:`BlobStore` directory beside
-the database (``<db>.blobs/`` for SQLite; ``blob_dir`` for other URLs). Every method that
-writes runs in one transaction and returns only after it committed: the aggregator calls
-them before it acknowledges anything. Every database error leaves as
+aggregators). Metadata lives in tables. Tensors (blobs, content-addressed by their BLAKE3
+digest and checked on every read) live in a :class:`BlobStore` directory beside an SQLite
+file (``<db>.blobs/``; small ones in the database, see ``inline_blob_bytes``); on
+PostgreSQL without ``blob_dir``, ALL of them live in the database (table ``blob_data``),
+so every aggregator host reaches them through the database alone (at most
+:data:`~fedstack.store.database.MAX_DATABASE_BLOB_BYTES`, about 1 GiB, per blob); with
+``blob_dir`` (a directory every aggregator shares), as for SQLite. Other URLs need
+``blob_dir``. Every method that writes runs in one transaction and returns only after it
+committed: the aggregator calls them before it acknowledges anything. Every database error leaves as
 :class:`~fedstack.errors.StoreError` without SQL text or parameters.
 
 The schema is brought up to date through Alembic (:mod:`fedstack.store.migrations`) when
@@ -14,6 +19,7 @@ credential rules live in :mod:`fedstack.security.credentials`; this module keeps
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -33,11 +39,14 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
+    func,
     insert,
     pool,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -69,8 +78,12 @@ from fedstack.store.blobs import (
 )
 from fedstack.store.credentials import Credentials
 from fedstack.store.database import (
+    MAX_DATABASE_BLOB_BYTES,
     Txn,
+    engine_options,
+    is_postgresql,
     postgres_readonly,
+    read_blob_postgres,
     redacted,
     resolve_url,
     sqlite_foreign,
@@ -80,7 +93,10 @@ from fedstack.store.database import (
     sqlite_readonly_uri,
     store_error,
 )
+from fedstack.store.federation import Federation
 from fedstack.store.queries import Queries
+from fedstack.store.records import UploadRecord, split_state
+from fedstack.store.records import upload_record as _upload
 from fedstack.types import Metrics, Weights
 
 log = logging.getLogger("fedstack.store")
@@ -114,6 +130,13 @@ _INSERT_BLOB_OR_REPAIR = _UPSERT.on_conflict_do_update(
 )
 """Content-addressed: the same bytes once; a stored copy that differs from them (damaged or
 tampered: the digest names the content) is repaired by storing the content again."""
+_PG_INSERT_BLOB = (
+    postgresql_insert(s.blob_data)
+    .on_conflict_do_nothing(index_elements=[s.blob_data.c.digest])
+    .returning(s.blob_data.c.digest)
+)
+"""PostgreSQL: the same bytes once, whoever stores them first (two aggregators storing the
+same content at once do not conflict); no row returned: a copy was there (compared)."""
 _REPAIR_BLOB = (
     update(s.blob_data)
     .where(s.blob_data.c.digest == bindparam("d"))
@@ -153,6 +176,9 @@ _SET_STATUS = (
 _QUARANTINE_INFO = select(s.models.c.producer, s.models.c.upload_id).where(
     s.models.c.id == bindparam("model_id")
 )
+_LOCK_RUNS = update(s.runs).where(false()).values(status=s.runs.c.status)
+"""Touches nothing, but takes SQLite's write lock: what follows reads current data."""
+_PG_LOCK_NAME = select(func.pg_advisory_xact_lock(bindparam("b_key")))
 _MODEL_BLOB = select(s.models.c.blob).where(s.models.c.id == bindparam("model_id"))
 _MODEL_EXTRA = select(s.models.c.extra_blob).where(s.models.c.id == bindparam("model_id"))
 
@@ -175,18 +201,6 @@ class RunInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class UploadRecord:
-    model_id: str
-    agent_id: str
-    upload_id: str
-    round: int
-    base_version: int
-    num_samples: int
-    status: str
-    metrics: Metrics
-
-
-@dataclass(frozen=True, slots=True)
 class ResumeState:
     version: int
     global_model_id: str | None
@@ -195,7 +209,7 @@ class ResumeState:
     global_extra: Weights
 
 
-class Store(Credentials, Queries):
+class Store(Credentials, Queries, Federation):
     """One deployment's persistent store (one database for every start of the aggregator)."""
 
     _file_id: tuple[int, int] | None = None  # the SQLite file opened (see check_database)
@@ -212,6 +226,11 @@ class Store(Credentials, Queries):
     ) -> None:
         """Open (or create) the store.
 
+        ``blob_dir``: where tensor blobs are files. Default: ``<db>.blobs`` beside an SQLite
+        file; on PostgreSQL, None keeps EVERY blob in the database (reachable from every
+        aggregator host; at most :data:`~fedstack.store.database.MAX_DATABASE_BLOB_BYTES`
+        each), while a directory every aggregator shares keeps those over
+        ``inline_blob_bytes`` in files there. Required for other URLs.
         ``durable=False`` (the simulator's default) skips the fsyncs: SQLite runs with
         ``synchronous=NORMAL`` and blobs are not synced, so a power cut may lose the last
         commits (never corrupt the database). Deployments keep the default.
@@ -237,13 +256,13 @@ class Store(Credentials, Queries):
             URL.create("sqlite", database=str(self.path)) if "://" not in db else self.url
         )
         db = redacted(self.url) if self.path is None else str(self.path)  # for messages
-        if blob_dir is None:
-            if self.path is None:
-                raise StoreError(
-                    f"{db}: give blob_dir (a directory every aggregator can reach) "
-                    "when the database is not an SQLite file"
-                )
+        if blob_dir is None and self.path is not None:
             blob_dir = self.path.with_name(self.path.name + ".blobs")
+        elif blob_dir is None and not is_postgresql(self.url):
+            raise StoreError(
+                f"{db}: give blob_dir (a directory every aggregator can reach) "
+                "when the database is neither an SQLite file nor PostgreSQL"
+            )
         self.schema_from: str | None = None
         """The schema revision the database had when this store opened it (None: no
         fedstack schema yet); after a migration the database is at ``migrations.HEAD``."""
@@ -272,7 +291,10 @@ class Store(Credentials, Queries):
                     self.path.parent.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
                     raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from exc
-        self.blobs = BlobStore(blob_dir, fsync=durable, create=not readonly)
+        self._files = (
+            None if blob_dir is None else BlobStore(blob_dir, fsync=durable, create=not readonly)
+        )
+        """The blob directory; None: every blob lives in the database (PostgreSQL)."""
         try:
             if readonly and self.path is not None:  # mode=ro: SQLite itself writes nothing
                 uri = sqlite_readonly_uri(self.path)
@@ -282,11 +304,12 @@ class Store(Credentials, Queries):
                     creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
                 )
             else:
-                self.engine = create_engine(engine_url, future=True)
+                self.engine = create_engine(engine_url, future=True, **engine_options(self.url))
         except (SQLAlchemyError, ImportError) as exc:
             log.debug("cannot create the engine for %s", db, exc_info=True)
             raise StoreError(f"cannot open database {db!r} ({type(exc).__name__})") from None
         self._sqlite = self.engine.dialect.name == "sqlite"
+        self._postgres = self.engine.dialect.name == "postgresql"
         if readonly and self.engine.dialect.name == "postgresql":
             event.listen(self.engine, "connect", postgres_readonly)
         if self._sqlite:
@@ -331,6 +354,23 @@ class Store(Credentials, Queries):
                 )
         self._salt = self._load_salt(create=not readonly)
         self._file_id = self._sqlite_file_id()
+
+    @property
+    def blobs(self) -> BlobStore:
+        """The blob directory.
+
+        Raises:
+            StoreError: this store keeps every blob in the database (PostgreSQL without
+                ``blob_dir``): see :attr:`blobs_in_database`.
+        """
+        if self._files is None:
+            raise StoreError("this store keeps its blobs in the database (no blob directory)")
+        return self._files
+
+    @property
+    def blobs_in_database(self) -> bool:
+        """True if every blob lives in the database (PostgreSQL without ``blob_dir``)."""
+        return self._files is None
 
     def _sqlite_file_id(self) -> tuple[int, int] | None:
         """(device, inode) of the SQLite file (None: not an SQLite file)."""
@@ -402,8 +442,18 @@ class Store(Credentials, Queries):
 
     # ------------------------------------------------------------------ runs
     def open_run(self, name: str, config: Mapping[str, Any], aggregator_id: str) -> RunInfo:
-        """Resume the latest unfinished run called ``name``, or start a new one."""
+        """Resume the latest unfinished run called ``name``, or start a new one.
+
+        Serialised per name (the members of a federation start at the same time and must
+        all get the same run): SQLite takes its write lock first, PostgreSQL an advisory
+        lock on the name, before the run is looked up.
+        """
         with self._begin() as c:
+            if self._sqlite:
+                c.execute(_LOCK_RUNS)
+            elif self.engine.dialect.name == "postgresql":
+                key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+                c.execute(_PG_LOCK_NAME, {"b_key": key})
             row = (
                 c.execute(
                     select(s.runs)
@@ -459,6 +509,10 @@ class Store(Credentials, Queries):
         """Record the first model (it fixes the structure) and global model version 0.
 
         Returns the id of global model 0.
+
+        Raises:
+            StoreConflict: the run has its first model already (another member of a
+                federation recorded it first; read the run again).
         """
         local = self._stage(initial)
         glob = self._stage(global_weights)
@@ -504,15 +558,17 @@ class Store(Credentials, Queries):
             c.execute(
                 insert(s.lineage).values(child_id=global_id, parent_id=local_id, relation="input")
             )
-            c.execute(
+            started = c.execute(
                 update(s.runs)
-                .where(s.runs.c.id == run_id)
+                .where(s.runs.c.id == run_id, s.runs.c.version == -1)
                 .values(
                     structure=[[n, d, list(sh)] for n, d, sh in structure],
                     init_weights=init_weights,
                     version=0,
                 )
-            )
+            ).rowcount
+            if started != 1:  # another member of a federation started the run first
+                raise StoreConflict(f"run {run_id} already has its first model")
         return global_id
 
     def add_upload(
@@ -562,7 +618,9 @@ class Store(Credentials, Queries):
         """Several :meth:`add_upload` calls (each a mapping of its keyword arguments) in
         ONE transaction: one commit, one fsync (group commit). Falls back to one call per
         upload if one of them was stored before (a re-sent upload). Returns what each call
-        would have returned, in order; an upload_id given twice is stored once."""
+        would have returned, in order; an upload_id given twice is stored once. A mapping
+        may also give ``"cluster"``: the federation member holding the upload (see
+        :meth:`~fedstack.store.federation.Federation.claim_uploads`)."""
         staged = []
         for up in uploads:
             blob = up.get("blob")
@@ -599,6 +657,7 @@ class Store(Credentials, Queries):
                             "status": up["status"],
                             "upload_id": uid,
                             "extra_blob": extra_st.digest if extra_st else None,
+                            "cluster": up.get("cluster"),
                         },
                     )
                     rec = UploadRecord(
@@ -610,6 +669,7 @@ class Store(Credentials, Queries):
                         up["num_samples"],
                         up["status"],
                         metrics,
+                        up.get("cluster"),
                     )
                     first[uid] = rec
                     out.append((rec, True))
@@ -657,13 +717,19 @@ class Store(Credentials, Queries):
                 )
             wanted = list(digests)
             used: set[str] = set()
-            for col in (s.models.c.blob, s.models.c.extra_blob, s.rounds.c.state_blob):
+            for col in (
+                s.models.c.blob,
+                s.models.c.extra_blob,
+                s.rounds.c.state_blob,
+                s.cluster_rounds.c.state_blob,
+            ):
                 used.update(c.execute(select(col).distinct().where(col.in_(wanted))).scalars())
             unused = digests - used
             if unused:
                 c.execute(delete(s.blob_data).where(s.blob_data.c.digest.in_(list(unused))))
-        for d in unused:
-            self.blobs.delete(d)
+        if self._files is not None:  # in the database, they went with the transaction
+            for d in unused:
+                self._files.delete(d)
         return len(ids), len(unused)
 
     def quarantine_upload(self, run_id: str, model_id: str, reason: str) -> None:
@@ -854,12 +920,24 @@ class Store(Credentials, Queries):
 
     # ------------------------------------------------------------------ blobs
     def _stage(self, weights: Mapping[str, Any]) -> _Staged:
-        """Encode ``weights``: small enough -> bytes to insert with the row (see
-        ``inline_blob_bytes``), else written to the blob directory now."""
-        if self.inline_blob_bytes > 0:
+        """Encode ``weights``: bytes to insert with the row if they go into the database
+        (every blob without a blob directory; else up to ``inline_blob_bytes``), else
+        written to the blob directory now.
+
+        Raises:
+            StoreError: too big for one database value (:data:`MAX_DATABASE_BLOB_BYTES`)
+                and no blob directory, or the blob file cannot be written.
+        """
+        if self._files is None or self.inline_blob_bytes > 0:
             parts = encode_weights(weights)
             size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-            if size <= self.inline_blob_bytes:
+            if self._files is None or size <= self.inline_blob_bytes:
+                if size > MAX_DATABASE_BLOB_BYTES:
+                    raise StoreError(
+                        f"a blob of {size} bytes is over the {MAX_DATABASE_BLOB_BYTES} bytes "
+                        "the database keeps in one value; give the store a blob directory "
+                        "(blob_dir, shared by every aggregator) for larger models"
+                    )
                 data = b"".join(parts)
                 return _Staged(digest_of([data])[0], size, data)
         digest, size = self.blobs.put(weights)
@@ -874,33 +952,68 @@ class Store(Credentials, Queries):
                     _INSERT_BLOB_OR_REPAIR, {"digest": st.digest, "size": st.size, "data": st.data}
                 )
                 continue
-            row = c.execute(_BLOB_DATA, {"d": st.digest}).first()
-            if row is None:
-                c.execute(_INSERT_BLOB, {"digest": st.digest, "size": st.size, "data": st.data})
-            elif bytes(row[0]) != st.data:  # damaged or tampered: the content repairs it
+            if self._postgres:
+                values = {"digest": st.digest, "size": st.size, "data": st.data}
+                if c.execute(_PG_INSERT_BLOB, values).first() is not None:
+                    continue  # stored now
+                stored = read_blob_postgres(c, st.digest)
+            else:
+                row = c.execute(_BLOB_DATA, {"d": st.digest}).first()
+                if row is None:
+                    c.execute(_INSERT_BLOB, {"digest": st.digest, "size": st.size, "data": st.data})
+                    continue
+                stored = bytes(row[0])
+            if stored != st.data:  # damaged or tampered: the content repairs it
                 c.execute(_REPAIR_BLOB, {"d": st.digest, "b_size": st.size, "b_data": st.data})
 
+    def _blob_bytes(self, c: Any, digest: str) -> bytes | None:
+        """The bytes of the database's copy of blob ``digest`` (None: not in the database)."""
+        if self._postgres:
+            return read_blob_postgres(c, digest)
+        row = c.execute(_BLOB_DATA, {"d": digest}).first()
+        return None if row is None else bytes(row[0])
+
     def will_inline(self, weights: Mapping[str, Any]) -> bool:
-        """True if ``weights`` are small enough for the database (checked on the raw sizes,
-        with room for the encoding's header and padding)."""
+        """True if ``weights`` are small enough to go into the database with the row that
+        names them (checked on the raw sizes, with room for the encoding's header and
+        padding); bigger ones go through :meth:`put_blob` first."""
         return (
             self.inline_blob_bytes > 0
             and sum(np.asarray(a).nbytes for a in weights.values()) < self.inline_blob_bytes // 2
         )
 
     def put_blob(self, weights: Mapping[str, Any]) -> tuple[str, int] | None:
-        """Write ``weights`` to the blob directory ahead of :meth:`add_upload` (outside the
-        caller's locks) if they are too big to be inlined; None if they will be inlined."""
-        return None if self.will_inline(weights) else self.blobs.put(weights)
+        """Store ``weights`` ahead of :meth:`add_upload` (outside the caller's locks) if
+        they are too big to be inlined: in the blob directory, or in the database in a
+        transaction of their own when there is none. Returns (digest, size) to hand to
+        :meth:`add_upload`; None if they will be inlined.
+
+        Raises:
+            StoreError: the blob cannot be stored (see :meth:`_stage`; database errors).
+        """
+        if self.will_inline(weights):
+            return None
+        if self._files is not None:
+            return self._files.put(weights)
+        staged = self._stage(weights)
+        with self._begin() as c:
+            self._write_inline(c, staged)
+        return staged.digest, staged.size
 
     def get_blob(self, digest: str) -> Weights:
         """The blob ``digest``, from the database or the blob directory; its hash is
-        checked either way."""
+        checked either way.
+
+        Raises:
+            CorruptBlob: it is missing or its bytes do not match its digest.
+            StoreError: it cannot be read.
+        """
         with self._begin() as c:
-            row = c.execute(_BLOB_DATA, {"d": digest}).first()
-        if row is None:
-            return self.blobs.get(digest)
-        data = bytes(row[0])
+            data = self._blob_bytes(c, digest)
+        if data is None:
+            if self._files is None:
+                raise CorruptBlob(f"blob {digest[:12]} is missing from the database")
+            return self._files.get(digest)
         if not digest_matches(digest, data):
             raise CorruptBlob(f"blob {digest[:12]} is corrupt (hash mismatch)")
         try:
@@ -910,7 +1023,7 @@ class Store(Credentials, Queries):
 
     def export_model(self, model_id: str, path: str | Path) -> Path:
         """Write model ``model_id`` to ``path`` as a safetensors file (whether its blob is
-        a file or inlined in the database), atomically; returns the path. The file opens
+        a file or in the database), atomically; returns the path. The file opens
         with ``safetensors.numpy.load_file`` or ``safetensors.torch.load_file``.
 
         Raises:
@@ -919,19 +1032,19 @@ class Store(Credentials, Queries):
         """
         with self._begin() as c:
             digest = c.execute(_MODEL_BLOB, {"model_id": model_id}).scalar()
-            row = None if digest is None else c.execute(_BLOB_DATA, {"d": digest}).first()
+            data = None if not digest else self._blob_bytes(c, digest)
         if digest is None:
             raise StoreError(f"no model {model_id}")
         if digest == "":
             raise StoreError(f"the weights of model {model_id} were not kept (retention)")
         out = Path(path)
-        if row is None:
+        if data is None:
+            if self._files is None:
+                raise StoreError(f"blob {digest[:12]} is missing from the database")
             try:
-                data = self.blobs.path(digest).read_bytes()
+                data = self._files.path(digest).read_bytes()
             except OSError as exc:
                 raise StoreError(f"cannot read blob {digest[:12]}: {exc.strerror}") from exc
-        else:
-            data = bytes(row[0])
         if not digest_matches(digest, data):
             raise StoreError(f"blob {digest[:12]} is corrupt (hash mismatch)")
         try:
@@ -978,20 +1091,6 @@ class Store(Credentials, Queries):
         return Txn(self.engine)
 
 
-def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], Weights]:
-    """A strategy state -> (JSON scalars, numpy arrays)."""
-    scalars: dict[str, Any] = {}
-    arrays: Weights = {}
-    for k, v in state.items():
-        if isinstance(v, np.ndarray):
-            arrays[k] = v
-        elif isinstance(v, np.generic):
-            scalars[k] = v.item()
-        else:
-            scalars[k] = v
-    return scalars, arrays
-
-
 @dataclass(frozen=True, slots=True)
 class _Staged:
     digest: str
@@ -1011,17 +1110,4 @@ def _run_info(row: Mapping[str, Any], resumed: bool) -> RunInfo:
         aggregator_id=row["aggregator_id"],
         config=dict(row["config"]),
         resumed=resumed,
-    )
-
-
-def _upload(row: Mapping[str, Any]) -> UploadRecord:
-    return UploadRecord(
-        model_id=row["id"],
-        agent_id=row["producer"],
-        upload_id=row["upload_id"] or "",
-        round=int(row["round"]),
-        base_version=int(row["base_version"] or 0),
-        num_samples=int(row["num_samples"]),
-        status=row["status"],
-        metrics=dict(row["metrics"]),
     )

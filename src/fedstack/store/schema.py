@@ -18,6 +18,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -87,13 +88,16 @@ models = Table(
     Column("nbytes", Integer, nullable=False),
     Column("created", Float, nullable=False),
     # local: initial | buffered | aggregated | stale | duplicate | late | rejected;
-    # cluster: global
+    # cluster: global; semi-global: delivered | synthesized | late
     Column("status", String(16), nullable=False),
     Column("upload_id", String(64), nullable=True, unique=True),
     Column("extra_blob", String(64), nullable=True),  # extra named arrays (strategy data)
+    # local models in a federation: the member aggregator holding it (revision 0002)
+    Column("cluster", String(32), nullable=True),
 )
 Index("ix_models_run_kind_round", models.c.run_id, models.c.kind, models.c.round)
 Index("ix_models_run_status", models.c.run_id, models.c.status)
+Index("ix_models_run_status_cluster", models.c.run_id, models.c.status, models.c.cluster)
 
 lineage = Table(
     "lineage",
@@ -118,6 +122,45 @@ rounds = Table(
     Column("strategy_state", JSON, nullable=True),  # the strategy's scalars after the round
     Column("state_blob", String(64), nullable=True),  # ... and its arrays
 )
+
+aggregators = Table(
+    # the members of a run's federation (revision 0002): one row per (run, name), taken
+    # over by a restarted member of that name; times on the database's clock
+    "aggregators",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("run_id", String(32), ForeignKey("runs.id"), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("url", String(512), nullable=False),
+    Column("upstream", String(512), nullable=True),
+    Column("started", Float, nullable=False),
+    Column("heartbeat", Float, nullable=False),
+    Column("status", String(16), nullable=False),  # live | stopped
+    Column("active_agents", Integer, nullable=False),
+    Column("version", Integer, nullable=False),  # the global version the member is at
+    # the latest round whose cluster is complete here (the sync synthesis barrier)
+    Column("ready_round", Integer, nullable=False, default=-1, server_default="-1"),
+    UniqueConstraint("run_id", "name", name="uq_aggregators_run_name"),
+)
+
+cluster_rounds = Table(
+    # a member's cluster round: its semi-global model (revision 0002)
+    "cluster_rounds",
+    metadata,
+    Column("run_id", String(32), ForeignKey("runs.id"), primary_key=True),
+    Column("aggregator_id", String(32), primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("model_id", String(32), ForeignKey("models.id"), nullable=False),
+    Column("num_updates", Integer, nullable=False),
+    Column("num_samples", Integer, nullable=False),
+    Column("started", Float, nullable=False),
+    Column("finished", Float, nullable=False),
+    Column("metrics", JSON, nullable=False),
+    Column("strategy_state", JSON, nullable=True),  # the strategy's scalars after the round
+    Column("state_blob", String(64), nullable=True),  # ... and its arrays
+    Column("status", String(16), nullable=False),  # delivered | synthesized | late
+)
+Index("ix_cluster_rounds_run_round", cluster_rounds.c.run_id, cluster_rounds.c.round)
 
 events = Table(
     "events",

@@ -7,6 +7,12 @@ of server steps since the global version it was trained from (``version - base_v
 see :mod:`fedstack.aggregator.rounds`). Run the aggregator with the staleness policy
 ``"next"`` (accept stale uploads); with ``"drop"`` stale uploads never reach the strategy.
 
+In a horizontal federation both run per cluster and need ``synthesis = "async"``: each
+member takes its server steps on its own agents' updates, and the global model is
+synthesised from each member's latest semi-global model within the staleness bound
+(synchronous synthesis would make every member wait for the others after each step; the
+aggregator refuses that combination at start).
+
 **Staleness functions** ``s(t)`` (Xie, Koyejo & Gupta 2019, section 4; the forms used by
 APPFL's FedAsync aggregator):
 

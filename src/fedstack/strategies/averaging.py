@@ -142,6 +142,13 @@ class FedOpt(Strategy):
         tau: Adaptivity ``tau`` of the adaptive optimizers (1e-3, the paper's).
         weighted: Weight the agents by their sample counts (as FedAvg); False gives the
             paper's plain mean over the round's agents.
+
+    In a horizontal federation the server optimizer runs per cluster: each member keeps
+    its own momentum / moment estimates (committed with its cluster rounds) and steps on
+    its cluster's mean change from the shared global model; the global model is the
+    sample-weighted synthesis of those steps. With SGD without momentum this is exactly
+    the one-aggregator result; with momentum or adaptive moments it is the per-cluster
+    variant (each cluster's state sees only its own agents).
     """
 
     name = "fedopt"

@@ -90,6 +90,14 @@ class Strategy(ABC):
     trigger: int | None = None
     """Aggregate after this many accepted updates, instead of the aggregator's threshold
     rule (FedAsync: 1, FedBuff: K). None: the threshold rule decides."""
+    federation: ClassVar[str] = "per-cluster"
+    """How the rule runs in a horizontal federation (several aggregators, one store):
+    ``"per-cluster"``: every member applies it to its own cluster's updates, with its own
+    server state (committed with the member's cluster rounds) and its own extra arrays,
+    and the global model is the sample-weighted synthesis of the members' results."""
+    federation_refusal: ClassVar[str | None] = None
+    """Why this rule cannot run that way (then an aggregator with ``name`` or
+    ``upstream`` refuses to start with it), and what to use instead; None: it can."""
 
     @property
     def min_updates(self) -> int:
@@ -292,6 +300,8 @@ def describe() -> list[dict[str, Any]]:
                 "summary": doc[0] if doc else "",
                 "params": params,
                 "streaming": cls.streaming,
+                "federation": "refused" if cls.federation_refusal else cls.federation,
+                "federation_refusal": cls.federation_refusal,
             }
         )
     return out

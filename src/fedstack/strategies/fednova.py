@@ -81,9 +81,20 @@ class FedNova(Strategy):
         local_momentum: The agents' local SGD momentum ``rho`` (0: plain SGD).
         prox_mu: The agents' proximal coefficient ``mu`` (FedProx; 0: none).
         local_lr: The agents' learning rate ``eta_l`` (needed only with ``prox_mu``).
+
+    Refused in a horizontal federation (:attr:`federation_refusal`): ``tau_eff`` must be
+    computed over all agents of the round; per-cluster normalisations with different
+    ``tau_eff`` synthesised by sample weight re-introduce the objective inconsistency
+    FedNova removes.
     """
 
     name = "fednova"
+    federation_refusal = (
+        "its normalisation (tau_eff, the weighted mean of local step counts) must be over "
+        "ALL agents of a round; per-cluster values synthesised by sample weight bring back "
+        "the objective inconsistency FedNova removes; use fedavg or fedprox in the "
+        "federation, or FedNova on one aggregator"
+    )
 
     def __init__(
         self,

@@ -192,6 +192,10 @@ class FedCurv(Strategy):
             ``fedcurv_eps`` (default 1e-8).
         weighted: Weight the average of the weights by ``num_samples`` (as FedAvg). The
             statistics are always summed unweighted.
+
+    In a horizontal federation it runs per cluster: the Fisher sums sent to a member's
+    agents are those of its own cluster (extra arrays are per cluster), the weights are
+    synthesised with the other members'.
     """
 
     name = "fedcurv"

@@ -332,7 +332,13 @@ def _krum_scores(dist: F64, idx: Sequence[int], f: int) -> F64:
 
 # ---------------------------------------------------------------------- strategies
 class _Buffered(Strategy):
-    """Shared plumbing of the buffered (order-statistic) rules."""
+    """Shared plumbing of the buffered (order-statistic) rules.
+
+    In a horizontal federation these rules run PER CLUSTER: each member applies the rule
+    to its own agents' updates (so ``f`` and ``min_updates`` are per cluster), and the
+    global model is the sample-weighted synthesis of the members' results. The members
+    themselves are trusted: a Byzantine aggregator is not defended against.
+    """
 
     streaming = False
 
@@ -751,6 +757,10 @@ class NormClip(Strategy):
     (``weighted=True``) or not. Updates within the bound pass unchanged. Streaming: one float64
     accumulator the size of the model, whatever the number of updates. Metrics:
     ``num_clipped``, ``max_update_norm``.
+
+    In a horizontal federation it runs per cluster (each member clips its own agents'
+    updates against the global model); the synthesis of clipped means stays within the
+    bound of the global model.
     """
 
     name = "normclip"

@@ -78,10 +78,19 @@ class Scaffold(Strategy):
             the distinct agents seen so far (kept in the state). ``N`` is never taken below
             the round's number of updates.
         weighted: Weight the models by sample counts (False: the paper's plain mean).
+
+    Refused in a horizontal federation (:attr:`federation_refusal`): the server control
+    variate ``c`` must be the mean correction over ALL agents, and every agent must get
+    the same ``c``; per-cluster variates synthesised by sample weight are neither.
     """
 
     name = "scaffold"
     reads_extra = (DC_PREFIX,)
+    federation_refusal = (
+        "its server control variate must be the mean over ALL agents and the same for "
+        "every agent, which per-cluster aggregation cannot give; run SCAFFOLD on one "
+        "aggregator, or use fedavg / fedprox / fedavgm in the federation"
+    )
 
     def __init__(
         self, global_lr: float = 1.0, num_agents: int | None = None, weighted: bool = False

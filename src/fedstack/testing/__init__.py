@@ -56,6 +56,9 @@ def aggregator_thread(config: AggregatorConfig, **kwargs: object) -> Iterator[Ag
         stop.append(asyncio.Event())
         try:
             await agg.start()
+        except BaseException as exc:  # recorded before the caller is woken up
+            errors.append(exc)
+            raise
         finally:
             started.set()
         await stop[0].wait()
@@ -65,7 +68,8 @@ def aggregator_thread(config: AggregatorConfig, **kwargs: object) -> Iterator[Ag
         try:
             asyncio.run(main())
         except BaseException as exc:  # surfaced to the caller below
-            errors.append(exc)
+            if exc not in errors:
+                errors.append(exc)
             started.set()
 
     thread = threading.Thread(target=run, name="fedstack-aggregator", daemon=True)
