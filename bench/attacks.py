@@ -22,6 +22,8 @@ Attacks:
     refusals   32 concurrent registrations with a wrong token (finding 3)
     idle       800 idle TCP connections that never finish the handshake (finding 4)
     slow       2 registered agents announcing 3 MiB uploads and sending 8 KB/s (finding 7)
+    joined     (not run by default; ``--only joined``) the slow attack's churn of
+               registrations without any upload: what registering alone costs
 """
 
 from __future__ import annotations
@@ -153,6 +155,26 @@ async def attack_slow(url: str, end: float) -> None:
             t.write(_frame_header(3 << 20, fin=True, opcode=2))
             while time.monotonic() < end and not t.is_closing():
                 t.write(os.urandom(4096))
+                await asyncio.sleep(0.5)
+            conn.abort()
+
+    await asyncio.gather(*(one(i) for i in range(2)))
+
+
+async def attack_joined(url: str, end: float) -> None:
+    """(Reference for ``slow``: the same registrations, without any upload.)"""
+
+    async def one(i: int) -> None:
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+            try:
+                conn = await _register(url, f"joiner{i}-{n}")
+            except Exception:
+                await asyncio.sleep(0.2)
+                continue
+            t0 = time.monotonic()
+            while time.monotonic() < min(end, t0 + 3) and not conn.transport.is_closing():
                 await asyncio.sleep(0.5)
             conn.abort()
 

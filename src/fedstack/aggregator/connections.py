@@ -7,6 +7,15 @@ registers the agent (:class:`~fedstack.aggregator.registry.Registry`), validates
 (:func:`~fedstack.aggregator.uploads.check_upload`), and hands everything that concerns
 round state to the owner as an event, waiting for its answer where there is one. It never
 changes round state itself.
+
+Fairness in the receive budget (issue 16, finding 7): a connection is charged as a
+stranger of its host until it registers, then as its agent's account
+(:meth:`WSConnection.admit`); an agent that trickles, goes silent in the middle of an
+upload, breaks the protocol once registered or announces a first message over the limit
+is penalised (:meth:`WSConnection.penalize`: a strike on
+its identity, see :mod:`fedstack.transport.standing`), so that rejoining does not clear
+it. Before registration a message may not exceed what a participate plausibly takes
+(:meth:`AgentConnections.first_message_limit`), and it must arrive at the minimum rate.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from fedstack.aggregator.validation import validate_model
 from fedstack.errors import (
     ConnectionClosed,
     InvalidUpdate,
+    MessageTooLarge,
     RemoteProtocolError,
     StoreConflict,
     StoreError,
@@ -45,6 +55,7 @@ from fedstack.errors import (
 from fedstack.transport import Connection
 from fedstack.wire import Error, ModelUpload, Participate, Segments
 from fedstack.wire import session as protocol
+from fedstack.wire.tensors import ALIGN
 from fedstack.wire.tensors import structure as structure_of
 
 if TYPE_CHECKING:
@@ -72,6 +83,7 @@ class AgentConnections:
         self.tasks: set[asyncio.Task[Any]] = set()
         """The running :meth:`serve` tasks (the aggregator cancels them on stop)."""
         self._init_lock = asyncio.Lock()
+        self._first_limit: int | None = None
 
     async def close(self, grace: float) -> None:
         """Wait up to ``grace`` s for the connections to end, then cancel and await the
@@ -85,6 +97,20 @@ class AgentConnections:
             await asyncio.wait(left)
             self.tasks.difference_update(left)
 
+    def first_message_limit(self) -> int:
+        """The largest first message of an unregistered connection: before the federation
+        has a model, the message limit (the first participate carries the model); then
+        the codec's header limit plus the model's bytes (a participate may carry the
+        agent's initial model again, which must match the federation's structure)."""
+        if self._first_limit is not None:
+            return self._first_limit
+        weights = self.agg.global_weights
+        if weights is None or not self.agg._initialized.is_set():
+            return self.agg.config.max_message_bytes
+        plausible = self.agg.limits.max_header_bytes + nbytes(weights) + ALIGN * len(weights)
+        self._first_limit = min(self.agg.config.max_message_bytes, plausible)  # fixed now
+        return self._first_limit
+
     async def serve(self, conn: Connection) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -97,14 +123,23 @@ class AgentConnections:
             if self.agg.registry.audit.over_budget("refused", conn.remote_address):
                 # a host refused again and again: slow it down before any work for it
                 await asyncio.sleep(min(THROTTLE_DELAY, cfg.register_timeout / 2))
-            raw = await asyncio.wait_for(conn.recv(), cfg.register_timeout)
+            cooling = conn.cooling()
+            if cooling > 0:
+                # its host recently aborted or trickled uploads: no registration (no store
+                # write, no welcome) for it before the cool-down ends
+                await asyncio.sleep(min(cooling, cfg.register_timeout / 2))
+            async with asyncio.timeout(cfg.register_timeout):
+                # a first message that trickles is cut within seconds, not at the deadline
+                raw = await self._recv_leased(conn, cfg.register_timeout)
             hello = proto.receive_bytes(raw)  # the first message must be participate
             assert isinstance(hello, protocol.ParticipateReceived)
             first = hello.message
             session = await self.agg.registry.authenticate(conn, first)
             if session is None:
                 return
-            conn.admit()  # registered: lift the stranger's caps before its next frame arrives
+            # registered: lift the stranger's caps before its next frame arrives, and charge
+            # its uploads to its own standing
+            conn.admit(account=session.agent_id)
             session.protocol = proto
             if not self.agg._initialized.is_set():
                 if first.model is not None:
@@ -119,7 +154,8 @@ class AgentConnections:
             await joined
             await self.agg.delivery.welcome(session)
             assert self.agg.store is not None
-            await self.agg._db(
+            # on the registry's thread: a churn of joins does not queue before the uploads
+            await self.agg.workers.registry(
                 self.agg.store.log_event,
                 "joined",
                 {"name": session.name, "address": session.address},
@@ -130,13 +166,20 @@ class AgentConnections:
         except RemoteProtocolError as exc:
             who = session.name if session else conn.remote_address
             log.warning("protocol error from %s: %s", who, exc)
+            if session is not None or isinstance(exc, MessageTooLarge):
+                conn.penalize()  # (a stranger's malformed hello is a refusal, not a strike)
             await self.agg.registry.refuse(conn, exc.code, str(exc), session)
         except TooSlow as exc:
             who = session.name if session else conn.remote_address
             log.warning("%s is too slow; closing its connection: %s", who, exc)
+            conn.penalize()
             await self.agg.registry.refuse(conn, "too-slow", str(exc), session)
         except TimeoutError:
             who = session.name if session else conn.remote_address
+            if getattr(conn, "in_message", False) and not getattr(
+                conn, "waiting_for_budget", False
+            ):
+                conn.penalize()  # silent in the middle of a message (not held back by us)
             log.warning("%s went silent; closing its connection", who)
         except ConnectionClosed:
             pass
@@ -224,7 +267,7 @@ class AgentConnections:
                 await self.agg._post(AgentLeft(session))
             if self.agg.store is not None:
                 with contextlib.suppress(StoreError):
-                    await self.agg._db(
+                    await self.agg.workers.registry(
                         self.agg.store.log_event,
                         "left",
                         {"name": session.name},

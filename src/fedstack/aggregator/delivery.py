@@ -68,6 +68,7 @@ class Delivery:
         self.send_timeout = send_timeout
         self._welcome_fields = welcome_fields
         self.min_rate = min_rate
+        self._pushing: dict[Session, int] = {}  # -> the newest version asked for it
 
     async def welcome(self, session: Session) -> None:
         """Send ``session`` its welcome (with the model unless it already has this version)."""
@@ -121,17 +122,40 @@ class Delivery:
             self.fanout.release(held)
 
     async def push(self, session: Session, version: int) -> None:
-        """:meth:`send_global` after a round, dropping an agent that cannot take it."""
+        """:meth:`send_global` after a round, dropping an agent that cannot take it.
+
+        At most one push is in flight per agent: a push asked for while one is in flight
+        is folded into it (the latest model follows once the agent took the previous
+        one), so an agent that reads slowly or not at all holds one model's bytes of the
+        fan-out budget and of its write buffer, not one per version published meanwhile
+        (issue 16 finding 7)."""
+        if session in self._pushing:
+            self._pushing[session] = max(self._pushing[session], version)
+            return
+        self._pushing[session] = version
         try:
-            await self.send_global(session)
-        except ConnectionClosed:  # it is leaving (e.g. a sampled agent that uploaded)
-            log.debug(
-                "%s closed its connection before version %d reached it", session.name, version
-            )
-            session.conn.abort()
-        except (TimeoutError, OSError):
-            log.warning("could not push version %d to %s; dropping it", version, session.name)
-            session.conn.abort()
+            while True:
+                try:
+                    await self.send_global(session)
+                except ConnectionClosed:  # it is leaving (e.g. a sampled agent that uploaded)
+                    log.debug(
+                        "%s closed its connection before version %d reached it",
+                        session.name,
+                        version,
+                    )
+                    session.conn.abort()
+                    return
+                except (TimeoutError, OSError):
+                    log.warning(
+                        "could not push version %d to %s; dropping it", version, session.name
+                    )
+                    session.conn.abort()
+                    return
+                version = self._pushing[session]
+                if session.known_version >= version:
+                    return
+        finally:
+            self._pushing.pop(session, None)
 
     async def answer_poll(self, session: Session, known_version: int) -> None:
         """The global model if newer than ``known_version``, else ``not_ready``."""

@@ -335,6 +335,7 @@ class Aggregator:
                 handshake_timeout=cfg.register_timeout,
                 http_handler=OperatorAPI(self).handle if cfg.operator_api else None,
                 receive_budget=self.upload_budget,
+                first_message_bytes=self.connections.first_message_limit,
             )
             self.port = self._server.sockets[0].getsockname()[1]
 

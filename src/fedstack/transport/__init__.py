@@ -13,7 +13,8 @@ from fedstack.transport.ws import WSConnection, serve
 
 Connection = WSConnection | InProcConnection
 """Either end of a connection: both have ``recv``, ``write``, ``send``, ``drain``,
-``close``, ``abort``, ``admit``, ``is_open`` and ``remote_address``."""
+``close``, ``abort``, ``admit``, ``penalize``, ``cooling``, ``is_open`` and
+``remote_address``."""
 
 __all__ = ["Connection", "InProcConnection", "WSConnection", "connect", "serve"]
 

@@ -16,9 +16,13 @@ Memory is accounted for, not just bounded: every byte of a message buffer is cha
 the optional receive budget (see :mod:`fedstack.transport.budget`) before it is allocated,
 fragments included. A fragmented message grows its buffer geometrically (each byte is
 copied O(1) times on average). Until :meth:`FrameParser.admit` is called, a fragmented
-message may not exceed ``fragment_cap`` bytes and every message from
-:data:`STRANGER_CHARGE_BYTES` up is charged: a peer that has not registered holds little,
-and nothing big uncounted.
+message may not exceed ``fragment_cap`` bytes, no message may exceed ``first_cap``
+(what registration plausibly needs) and every message from :data:`STRANGER_CHARGE_BYTES`
+up is charged: a peer that has not registered holds little, and nothing big uncounted.
+
+Work per frame is bounded by bytes: a message may be cut into :data:`FREE_FRAGMENTS`
+frames, and beyond that its frames must carry :data:`MIN_FRAGMENT_AVERAGE` bytes on
+average (a flood of empty or tiny continuation frames is a violation, not CPU burnt).
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ FIRST_FRAGMENT_BYTES = 64 * 1024
 STRANGER_CHARGE_BYTES = 64 * 1024
 """Before :meth:`FrameParser.admit`, messages from this size up are charged to the budget
 even below its ``min_bytes``."""
+FREE_FRAGMENTS = 64
+"""Frames a message may be cut into whatever their sizes."""
+MIN_FRAGMENT_AVERAGE = 1024
+"""Beyond :data:`FREE_FRAGMENTS`, a message's frames must carry this many bytes on average."""
 CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)})
 """Close codes a peer may send (besides 3000-4999, for applications)."""
 
@@ -61,6 +69,10 @@ class ReceiveBudget(Protocol):
     def cancel(self, granted: Callable[[], None]) -> bool: ...
 
     def release(self, n: int) -> None: ...
+
+
+Limit = int | Callable[[], int]
+"""A size limit, or a callable giving the limit in force now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +199,11 @@ class FrameParser:
         max_message_bytes: the largest message accepted.
         fragment_cap: the largest message accepted in several frames until :meth:`admit`
             (None: ``max_message_bytes``).
-        budget: charged for every message buffer it counts, before it is allocated.
+        first_cap: the largest message accepted at all until :meth:`admit` (None: no
+            more than ``max_message_bytes``); a callable is asked at each message.
+        budget: charged for every message buffer it counts, before it is allocated. If it
+            has a ``hold(n)`` method (a :class:`~fedstack.transport.budget.Tab`), a
+            complete message's :class:`Hold` comes from it.
         on_granted: called (on the budget's event loop) when a budget request that made
             the parser wait was granted; the caller then calls :meth:`resume`.
     """
@@ -198,13 +214,15 @@ class FrameParser:
         client: bool,
         max_message_bytes: int,
         fragment_cap: int | None = None,
+        first_cap: Limit | None = None,
         budget: ReceiveBudget | None = None,
         on_granted: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
+        self.first_cap = first_cap
         self.max_message_bytes = max_message_bytes
         self.fragment_cap = max_message_bytes if fragment_cap is None else fragment_cap
-        self._admitted = fragment_cap is None
+        self._admitted = fragment_cap is None and first_cap is None
         self._budget = budget
         self._on_granted = on_granted
         # np.empty: pages are touched only as data arrives
@@ -223,8 +241,11 @@ class FrameParser:
         self._msg: np.ndarray[Any, Any] | None = None  # the message being assembled
         self._msg_len = 0
         self._charged = 0  # budget bytes taken for self._msg
+        self._frames = 0  # frames of self._msg so far
         self._pending: tuple[int, int] | None = None  # (new capacity, bytes) asked for
         self._stash = bytearray()  # received while waiting for the budget
+        self.dropped_partial = False
+        """An incomplete message holding budget bytes was dropped by :meth:`close`."""
         # one bound method, so that cancel() finds it by identity
         self._granted_cb: Callable[[], None] = self._granted
 
@@ -233,6 +254,11 @@ class FrameParser:
     def in_message(self) -> bool:
         """A data message is being assembled or is waiting for the budget."""
         return self._msg is not None or self._state == _WAITING
+
+    @property
+    def holding(self) -> bool:
+        """An incomplete message holds budget bytes."""
+        return self._charged > 0 and self._msg is not None
 
     @property
     def waiting(self) -> bool:
@@ -255,8 +281,14 @@ class FrameParser:
         self.fragment_cap = self.max_message_bytes if fragment_cap is None else fragment_cap
         self._admitted = True
 
+    def charge_to(self, budget: ReceiveBudget | None) -> None:
+        """Charge messages that begin from now on to ``budget`` (before the first frame:
+        e.g. once the peer's address is known)."""
+        self._budget = budget
+
     def close(self) -> None:
         """Stop: free the message being assembled and give its budget back."""
+        self.dropped_partial = self.dropped_partial or self.holding
         self._state = _DONE
         self._drop_message()
         self._stash = bytearray()
@@ -420,6 +452,16 @@ class FrameParser:
         fragmented = not fin or self._msg is not None
         if fragmented and total > self.fragment_cap:
             raise MessageTooLarge(total, self.fragment_cap)
+        if not self._admitted and self.first_cap is not None:
+            first = self.first_cap if isinstance(self.first_cap, int) else self.first_cap()
+            if total > first:
+                raise MessageTooLarge(total, first)
+        if fragmented:
+            self._frames += 1
+            if self._frames > FREE_FRAGMENTS + total // MIN_FRAGMENT_AVERAGE:
+                raise _violation(
+                    f"{self._frames} fragments for {total} bytes (tiny-fragment flood)"
+                )
         cap = self.capacity
         limit = min(self.fragment_cap, self.max_message_bytes)
         if self._msg is None:
@@ -483,11 +525,12 @@ class FrameParser:
             return
         hold: Hold | None = None
         if self._charged and self._budget is not None:
-            hold = Hold(self._budget, self._charged)
+            make = getattr(self._budget, "hold", None)
+            hold = make(self._charged) if make is not None else Hold(self._budget, self._charged)
             weakref.finalize(msg, hold.release)  # freed buffer -> bytes back
         events.append(Message(msg.data[: self._msg_len], hold))
         self._msg = None
-        self._msg_len = self._charged = 0
+        self._msg_len = self._charged = self._frames = 0
 
     def _control(self, opcode: int, payload: bytes, events: list[Event]) -> None:
         if opcode == OP_PING:
@@ -516,6 +559,6 @@ class FrameParser:
             # else: granted already; _granted gives the bytes back
         if self._charged and self._budget is not None:
             self._budget.release(self._charged)
-        self._charged = 0
+        self._charged = self._frames = 0
         self._msg = None
         self._msg_len = 0

@@ -111,9 +111,16 @@ class InProcConnection:
     def is_open(self) -> bool:
         return not self._closed
 
-    def admit(self, fragment_cap: int | None = None) -> None:
-        """Nothing to lift in-process (messages are never fragmented); kept so that
-        owners can treat both transports alike."""
+    def admit(self, fragment_cap: int | None = None, *, account: str | None = None) -> None:
+        """Nothing to lift in-process (messages are never fragmented, no receive budget);
+        kept so that owners can treat both transports alike."""
+
+    def cooling(self) -> float:
+        """No receive budget in-process: never cooling down."""
+        return 0.0
+
+    def penalize(self) -> None:
+        """No receive budget in-process: nothing to penalise."""
 
     async def recv(self) -> memoryview | Segments:
         """The next complete message.

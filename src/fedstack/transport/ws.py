@@ -29,7 +29,7 @@ from websockets.http11 import Request
 
 from fedstack.errors import ConnectionClosed, MessageTooLarge, RemoteProtocolError
 from fedstack.transport import frames
-from fedstack.transport.budget import ByteBudget, Hold
+from fedstack.transport.budget import ByteBudget, Hold, Tab
 from fedstack.transport.frames import (
     OP_BINARY,
     OP_CLOSE,
@@ -37,6 +37,7 @@ from fedstack.transport.frames import (
     Close,
     Event,
     FrameParser,
+    Limit,
     Message,
     Ping,
     Violation,
@@ -44,6 +45,7 @@ from fedstack.transport.frames import (
 from fedstack.transport.handshake import ClientHandshake, Refused, Routed, ServerHandshake
 from fedstack.transport.http import HttpHandler, HttpRequest, HttpResponse, error_response
 from fedstack.transport.limits import ConnectionGate
+from fedstack.transport.standing import host_of
 
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a server connection may take to complete its HTTP upgrade (slow-loris guard)."""
@@ -67,6 +69,12 @@ class WSConnection(asyncio.BufferedProtocol):
     second message (it accepted the first: the agent registered). Until then, or until
     the owner sends it a message, it also counts as a stranger for the server's
     :class:`~fedstack.transport.limits.ConnectionGate`, which may drop it to make room.
+
+    With a :class:`~fedstack.transport.budget.ByteBudget`, a server connection is charged
+    through a :class:`~fedstack.transport.budget.Tab`: as a stranger of its source host
+    until :meth:`admit` names the agent's account, and its account takes a strike when the
+    peer drops an upload that held budget bytes (or the owner calls :meth:`penalize`).
+    Until admitted, no message may exceed ``first_cap`` bytes (what registration needs).
     """
 
     def __init__(
@@ -81,6 +89,7 @@ class WSConnection(asyncio.BufferedProtocol):
         receive_budget: ByteBudget | None = None,
         fragment_cap: int | None = None,
         gate: ConnectionGate | None = None,
+        first_cap: Limit | None = None,
     ) -> None:
         self.client = client
         self._gate = gate
@@ -97,9 +106,14 @@ class WSConnection(asyncio.BufferedProtocol):
             client=client,
             max_message_bytes=max_message_bytes,
             fragment_cap=fragment_cap,
+            first_cap=first_cap,
             budget=receive_budget,
             on_granted=self._budget_granted,
         )
+        self._receive_budget = receive_budget
+        self._tab: Tab | None = None  # set when the peer's address is known (server side)
+        self._penalized = False
+        self._local_close = False  # we closed or dropped it (no strike for the peer)
         self._admitted = fragment_cap is None
         self.transport: asyncio.Transport | None = None
         self.remote_address: str = ""
@@ -152,6 +166,10 @@ class WSConnection(asyncio.BufferedProtocol):
         # drain() waits until the transport handed every byte to the kernel, so a sender
         # that holds a byte budget until drain() returns holds it truly
         self.transport.set_write_buffer_limits(high=64 * 1024, low=0)
+        budget = self._receive_budget
+        if isinstance(budget, ByteBudget):
+            self._tab = budget.tab(budget.standing.account(self._host_key))
+            self._parser.charge_to(self._tab)
         tls = transport.get_extra_info("sslcontext") is not None
         self._handshake = ServerHandshake(
             self.remote_address, tls, http=self._http_handler is not None
@@ -185,9 +203,15 @@ class WSConnection(asyncio.BufferedProtocol):
             return True  # the client finished sending: keep the socket open for the answer
         return None
 
+    @property
+    def _host_key(self) -> str:
+        return f"host {host_of(self.remote_address)}"
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._release()
+        if self._parser.dropped_partial and not self._local_close:
+            self.penalize()  # the peer dropped an upload that held budget bytes
         if self._gate is not None:
             self._gate.closed(self)
         if self._hs_timer is not None:
@@ -382,12 +406,36 @@ class WSConnection(asyncio.BufferedProtocol):
     def is_open(self) -> bool:
         return self._open and not self._closed
 
-    def admit(self, fragment_cap: int | None = None) -> None:
+    def admit(self, fragment_cap: int | None = None, *, account: str | None = None) -> None:
         """Lift the cap on fragmented messages (to ``fragment_cap``, default the message
-        limit): call once the peer is registered."""
+        limit) and on the first message: call once the peer is registered. ``account``
+        (e.g. the agent's id) names whose standing the receive budget serves its messages
+        by from now on (None: no standing, trusted; see
+        :class:`~fedstack.transport.budget.Tab`)."""
         self._admitted = True
         self._parser.admit(fragment_cap)
+        if self._tab is not None:
+            standing = self._tab.budget.standing
+            key = None if account is None else f"agent {account}"
+            self._tab.admit(None if key is None else standing.account(key, parent=self._host_key))
         self._vouch()
+
+    def cooling(self) -> float:
+        """Seconds left of the cool-down its account serves (0: none; see
+        :mod:`fedstack.transport.standing`)."""
+        tab = self._tab
+        if tab is None:
+            return 0.0
+        until = tab.account.not_before(stranger=tab.stranger)
+        return max(0.0, until - tab.budget.clock())
+
+    def penalize(self) -> None:
+        """The peer misbehaved (trickled, went silent mid-upload, broke the protocol; an
+        upload it drops while holding budget bytes does this by itself): its account
+        takes one strike (once per connection; see :mod:`fedstack.transport.standing`)."""
+        if self._tab is not None and not self._penalized:
+            self._penalized = True
+            self._tab.strike()
 
     def _vouch(self) -> None:
         """The owner accepted this peer: it no longer counts as a stranger."""
@@ -474,6 +522,7 @@ class WSConnection(asyncio.BufferedProtocol):
 
     def _abort(self, reason: str) -> None:
         self.close_reason = self.close_reason or reason
+        self._local_close = True
         self._closed = True
         if self.transport is not None:
             self.transport.close()
@@ -486,6 +535,7 @@ class WSConnection(asyncio.BufferedProtocol):
         """
         if self.transport is None:
             return
+        self._local_close = True
         if code is None:
             if self._error is None:
                 code = 1000
@@ -505,6 +555,7 @@ class WSConnection(asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         """Drop the connection at once, without a close frame."""
+        self._local_close = True
         if self.transport is not None:
             self.transport.abort()
 
@@ -532,6 +583,7 @@ async def serve(
     receive_budget: ByteBudget | None = None,
     unregistered_fragment_bytes: int | None = UNREGISTERED_FRAGMENT_BYTES,
     gate: ConnectionGate | None = None,
+    first_message_bytes: Limit | None = None,
 ) -> asyncio.Server:
     """Listen on ``host:port``; run ``handler(conn)`` in a task for each opened connection.
 
@@ -546,6 +598,8 @@ async def serve(
     :class:`WSConnection`; None: no such cap). ``gate`` bounds the connections (default:
     :meth:`ConnectionGate.for_process`): past its bounds the oldest connection that is
     neither registered nor answered is dropped, so strangers cannot exhaust descriptors.
+    ``first_message_bytes`` (a size, or a callable asked at each message) caps every
+    message of a connection until it is admitted (None: ``max_message_bytes``).
     """
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
@@ -574,6 +628,7 @@ async def serve(
             receive_budget=receive_budget,
             fragment_cap=unregistered_fragment_bytes,
             gate=gate,
+            first_cap=first_message_bytes,
         )
 
     return await loop.create_server(factory, host, port, ssl=ssl, backlog=4096)
