@@ -97,6 +97,9 @@ models = Table(
 )
 Index("ix_models_run_kind_round", models.c.run_id, models.c.kind, models.c.round)
 Index("ix_models_run_status", models.c.run_id, models.c.status)
+# retention asks which blobs are still referenced (revision 0002)
+Index("ix_models_blob", models.c.blob)
+Index("ix_models_extra_blob", models.c.extra_blob)
 Index("ix_models_run_status_cluster", models.c.run_id, models.c.status, models.c.cluster)
 
 lineage = Table(
@@ -122,6 +125,7 @@ rounds = Table(
     Column("strategy_state", JSON, nullable=True),  # the strategy's scalars after the round
     Column("state_blob", String(64), nullable=True),  # ... and its arrays
 )
+Index("ix_rounds_state_blob", rounds.c.state_blob)
 
 aggregators = Table(
     # the members of a run's federation (revision 0002): one row per (run, name), taken

@@ -1,6 +1,7 @@
 """The horizontal federation: the members of a run (``aggregators``), their cluster
 rounds and semi-global models (``cluster_rounds``), and the member holding each local
-model (``models.cluster``).
+model (``models.cluster``); and indexes on the blob columns (retention asks which blobs
+are still referenced).
 
 Revision ID: 0002
 Revises: 0001
@@ -53,9 +54,16 @@ def upgrade() -> None:
     # a nullable column without a default: a plain ALTER TABLE ADD COLUMN on SQLite too
     op.add_column("models", sa.Column("cluster", sa.String(32), nullable=True))
     op.create_index("ix_models_run_status_cluster", "models", ["run_id", "status", "cluster"])
+    # retention's "is this blob still referenced?" (no scan of every model)
+    op.create_index("ix_models_blob", "models", ["blob"])
+    op.create_index("ix_models_extra_blob", "models", ["extra_blob"])
+    op.create_index("ix_rounds_state_blob", "rounds", ["state_blob"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_rounds_state_blob", table_name="rounds")
+    op.drop_index("ix_models_extra_blob", table_name="models")
+    op.drop_index("ix_models_blob", table_name="models")
     op.drop_index("ix_models_run_status_cluster", table_name="models")
     with op.batch_alter_table("models") as batch:
         batch.drop_column("cluster")
