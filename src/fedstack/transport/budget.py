@@ -202,6 +202,19 @@ class ByteBudget:
         if wake is not None:
             self._arm(*wake)
 
+    def contended(self, pool: int) -> bool:
+        """Whether requests wait that the bytes held in ``pool`` hold back: requests of
+        that pool, or, while ``pool`` holds an oversized message, any request (the other
+        pool then admits none). Lock-free (a racy snapshot): for periodic checks, e.g. the
+        aggregator cutting an upload that would hold others past the round deadline."""
+        if pool == TRUSTED_POOL:
+            mine = bool(self._queues[TRUSTED])
+        else:
+            mine = bool(self._queues[NEW]) or bool(self._queues[SUSPECT])
+        if mine:
+            return True
+        return self.held[pool] > self._cap(pool) and any(self._queues)
+
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         """Re-examine the queues at clock time ``when`` (a cool-down ends)."""
 
@@ -326,6 +339,11 @@ class Tab:
 
     def counts(self, nbytes: int) -> bool:
         return self.budget.counts(nbytes)
+
+    def contended(self) -> bool:
+        """Whether other requests wait for the pool the message in progress holds bytes of
+        (see :meth:`ByteBudget.contended`)."""
+        return self.budget.contended(pool_of(self._tier))
 
     def request(self, n: int, granted: Granted, *, held: int = 0) -> bool:
         if held == 0:  # a new message: served by the account's tier now
