@@ -21,11 +21,13 @@ import numpy as np
 import pytest
 
 from fedstack import Agent, AggregatorConfig, FederationFinished
+from fedstack.aggregator.pacing import RATE_WINDOW, Overdue, ReceiveWatch, TooSlow, check_period
 from fedstack.aggregator.service import Aggregator
 from fedstack.errors import ConnectionClosed
 from fedstack.testing import aggregator_thread
 from fedstack.transport import connect
-from fedstack.transport.standing import SUSPECT, TRUSTED
+from fedstack.transport.budget import PROBATION_POOL, TRUSTED_POOL, ByteBudget
+from fedstack.transport.standing import NEW, SUSPECT, TRUSTED
 from fedstack.transport.ws import WSConnection
 from fedstack.wire import Error, ModelUpload, Participate, UploadAck, Welcome, decode, encode
 
@@ -171,6 +173,11 @@ def test_an_upload_holding_others_past_the_round_deadline_is_cut(tmp_path: Path)
             time.sleep(max(0.0, slow.started + OBSERVE - time.monotonic()))
             standing = agg.upload_budget.standing
             tier_after = standing.account(f"agent {slow.agent_id}").tier()
+            honest_tiers = [
+                standing.account(f"agent {s.agent_id}").tier()
+                for s in agg.sessions.values()
+                if s.name.startswith("honest")
+            ]
         finally:
             stop.set()
             for h in honest:
@@ -189,3 +196,80 @@ def test_an_upload_holding_others_past_the_round_deadline_is_cut(tmp_path: Path)
     assert OVERDUE in slow.codes, slow.codes
     assert slow.close_reason == OVERDUE
     assert tier_after == SUSPECT  # a strike for its identity
+    assert honest_tiers == [TRUSTED, TRUSTED]  # honest uploads were never cut
+
+
+class _Conn:
+    """What :class:`ReceiveWatch` reads of a connection, set by hand."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total = total
+        self.got = 0
+        self.bytes_received = 0
+        self.in_message = True
+        self.waiting_for_budget = False
+        self.holds_contended = True
+
+    @property
+    def message_progress(self) -> tuple[int, int | None]:
+        return self.got, self.total
+
+
+def test_the_projection_cuts_only_an_upload_that_holds_others_past_the_deadline() -> None:
+    conn = _Conn(total=10_000_000)
+    watch = ReceiveWatch(conn, 0)
+    conn.got = 1000
+    watch.check_deadline(100.0, 110.0, 10.0)  # first seen: nothing judged yet
+    conn.got = 1_001_000  # 1 MB/s: 9 s left, ends at 110 s: in time
+    watch.check_deadline(101.0, 110.0, 10.0)
+    conn.got = 1_501_000  # 750 kB/s since first seen: ends after 112 s, beyond 110 s
+    conn.holds_contended = False  # nobody waits: it may take its time
+    watch.check_deadline(102.0, 110.0, 10.0)
+    conn.holds_contended = True
+    conn.waiting_for_budget = True  # held back by the budget itself: not judged
+    watch.check_deadline(102.0, 110.0, 10.0)
+    conn.waiting_for_budget = False
+    watch.check_deadline(102.0, None, 10.0)  # no round deadline: today's behaviour
+    with pytest.raises(Overdue, match="round deadline"):
+        watch.check_deadline(102.0, 110.0, 10.0)
+
+
+def test_a_round_stuck_past_its_deadline_gives_an_upload_a_round_timeout() -> None:
+    """Past the deadline (a round that waits for more agents), a fresh upload is judged
+    against its own start plus the round timeout, not cut at once; once that passed while
+    others wait, it is cut whatever its projection."""
+    conn = _Conn(total=None)  # fragmented: its size is not known
+    watch = ReceiveWatch(conn, 0)
+    conn.got = 10
+    watch.check_deadline(50.0, 40.0, 5.0)  # deadline 10 s ago
+    conn.got = 20
+    watch.check_deadline(54.0, 40.0, 5.0)  # until 55 s: in time
+    with pytest.raises(Overdue, match="past the round deadline"):
+        watch.check_deadline(55.0, 40.0, 5.0)
+
+
+def test_the_minimum_rate_is_judged_over_whole_windows_of_short_checks() -> None:
+    conn = _Conn(total=None)
+    watch = ReceiveWatch(conn, 1000)
+    for _ in range(3):  # 1.5 s of a 2 s window: not judged yet
+        watch.check(0.5)
+    conn.bytes_received = 1999  # < 1000 B/s over the window
+    with pytest.raises(TooSlow):
+        watch.check(0.5)
+    assert check_period(None) == RATE_WINDOW
+    assert check_period(2.0) == 0.5
+    assert check_period(300.0) == RATE_WINDOW
+
+
+def test_contention_is_seen_by_the_pool_that_holds_the_bytes() -> None:
+    async def main() -> None:
+        budget = ByteBudget(100, min_bytes=1, probation=10)
+        assert budget.request(150, lambda: None, tier=TRUSTED)  # alone: oversized
+        assert not budget.contended(TRUSTED_POOL) and not budget.contended(PROBATION_POOL)
+        assert not budget.request(15, lambda: None, tier=NEW)  # oversized too: held back
+        assert budget.contended(TRUSTED_POOL)  # it holds the probation request back too
+        assert not budget.contended(PROBATION_POOL)  # the probation pool holds nothing
+        assert not budget.request(20, lambda: None, tier=TRUSTED)
+        assert budget.contended(TRUSTED_POOL)
+
+    asyncio.run(main())

@@ -20,6 +20,10 @@ oversized message is held in one pool, the other pool admits none): then the bou
 that message plus the other pool's share. Callers that give no tier are trusted (one
 FIFO budget of ``limit`` bytes, as the fan-out uses it).
 
+Who waits is visible to the holders' overseers (:meth:`ByteBudget.contended`): the
+aggregator cuts an upload that holds bytes others wait for past the round deadline (see
+:mod:`fedstack.aggregator.pacing`).
+
 Releases may come from any thread (e.g. a buffer freed in a worker thread); grants are
 delivered on the requester's event loop.
 """
@@ -207,6 +211,8 @@ class ByteBudget:
         that pool, or, while ``pool`` holds an oversized message, any request (the other
         pool then admits none). Lock-free (a racy snapshot): for periodic checks, e.g. the
         aggregator cutting an upload that would hold others past the round deadline."""
+        if not self.held[pool]:
+            return False
         if pool == TRUSTED_POOL:
             mine = bool(self._queues[TRUSTED])
         else:
