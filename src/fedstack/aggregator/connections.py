@@ -264,8 +264,10 @@ class AgentConnections:
             arriving = getattr(conn, "in_message", False)
             if arriving:
                 wait = min(period, extra)
-            else:  # with a round deadline, a message that begins is looked at in time
-                wait = lease - quiet if grace is None else min(period, lease - quiet)
+            else:  # idle: at the lease, or a quarter round if shorter (a message that
+                # begins is looked at in time for the round; with the default round
+                # timeout the lease decides: no wake-ups of thousands of idle agents)
+                wait = lease - quiet if grace is None else min(lease - quiet, grace / 4)
             started = loop.time()
             try:
                 async with asyncio.timeout(wait):
