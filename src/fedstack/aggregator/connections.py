@@ -14,7 +14,11 @@ stranger of its host until it registers, then as its agent's account
 upload, breaks the protocol once registered or announces a first message over the limit
 is penalised (:meth:`WSConnection.penalize`: a strike on
 its identity, see :mod:`fedstack.transport.standing`), so that rejoining does not clear
-it. Before registration a message may not exceed what a participate plausibly takes
+it. An upload that holds budget bytes other agents wait for and would end after the
+round deadline (even at a rate above the minimum) is cut the same way, with the error
+code and close reason ``overdue`` (:class:`~fedstack.aggregator.pacing.Overdue`): a slow
+agent never holds the others' rounds past the deadline. Before registration a message
+may not exceed what a participate plausibly takes
 (:meth:`AgentConnections.first_message_limit`), and it must arrive at the minimum rate.
 """
 
@@ -38,7 +42,13 @@ from fedstack.aggregator.events import (
     PollReceived,
     UploadReceived,
 )
-from fedstack.aggregator.pacing import RATE_WINDOW, ReceiveWatch, TooSlow
+from fedstack.aggregator.pacing import (
+    OVERDUE,
+    Overdue,
+    ReceiveWatch,
+    TooSlow,
+    check_period,
+)
 from fedstack.aggregator.quotas import QUOTA_EXCEEDED, kept_extra, nbytes
 from fedstack.aggregator.registry import Session
 from fedstack.aggregator.uploads import check_upload, upload_id_problem
@@ -171,9 +181,15 @@ class AgentConnections:
             await self.agg.registry.refuse(conn, exc.code, str(exc), session)
         except TooSlow as exc:
             who = session.name if session else conn.remote_address
-            log.warning("%s is too slow; closing its connection: %s", who, exc)
+            overdue = isinstance(exc, Overdue)
+            what = "holds others past the round deadline" if overdue else "is too slow"
+            log.warning("%s %s; closing its connection: %s", who, what, exc)
+            drop = getattr(conn, "drop_message", None)
+            if drop is not None:
+                drop()  # its budget bytes go back now, not after the refusal is sent
             conn.penalize()
-            await self.agg.registry.refuse(conn, "too-slow", str(exc), session)
+            code = OVERDUE if overdue else "too-slow"
+            await self.agg.registry.refuse(conn, code, str(exc), session)
         except TimeoutError:
             who = session.name if session else conn.remote_address
             if getattr(conn, "in_message", False) and not getattr(
@@ -230,16 +246,28 @@ class AgentConnections:
         """The next message; TimeoutError after ``lease`` s of silence. A connection in the
         middle of a big message (arriving, or held back by the upload budget) is not
         silent: it gets up to ``10 x send_timeout`` more, as long as its message keeps
-        arriving at ``min_transfer_rate`` (checked every :data:`RATE_WINDOW` s; slower:
-        :class:`~fedstack.aggregator.pacing.TooSlow`, and the budget it held is free)."""
+        arriving at ``min_transfer_rate`` (judged every :data:`RATE_WINDOW` s; slower:
+        :class:`~fedstack.aggregator.pacing.TooSlow`, and the budget it held is free).
+
+        With a round deadline (``round_timeout``), a message that holds upload-budget bytes
+        other agents wait for must also end in time for the round (checked every
+        :func:`~fedstack.aggregator.pacing.check_period`; else
+        :class:`~fedstack.aggregator.pacing.Overdue`). The round state is only read."""
         cfg = self.agg.config
         watch = ReceiveWatch(conn, cfg.min_transfer_rate)
         loop = asyncio.get_running_loop()
         extra = 10 * cfg.send_timeout
         quiet = 0.0
+        grace = cfg.round_timeout
+        period = check_period(grace)
         while True:
             arriving = getattr(conn, "in_message", False)
-            wait = min(RATE_WINDOW, extra) if arriving else lease - quiet
+            if arriving:
+                wait = min(period, extra)
+            else:  # idle: at the lease, or a quarter round if shorter (a message that
+                # begins is looked at in time for the round; with the default round
+                # timeout the lease decides: no wake-ups of thousands of idle agents)
+                wait = lease - quiet if grace is None else min(lease - quiet, grace / 4)
             started = loop.time()
             try:
                 async with asyncio.timeout(wait):
@@ -253,6 +281,8 @@ class AgentConnections:
                     continue
                 quiet = 0.0
                 watch.check(elapsed)
+                if grace is not None:
+                    watch.check_deadline(self.agg.clock(), self.agg.state.deadline(), grace)
                 extra -= elapsed
                 if extra <= 0:
                     raise

@@ -20,6 +20,10 @@ oversized message is held in one pool, the other pool admits none): then the bou
 that message plus the other pool's share. Callers that give no tier are trusted (one
 FIFO budget of ``limit`` bytes, as the fan-out uses it).
 
+Who waits is visible to the holders' overseers (:meth:`ByteBudget.contended`): the
+aggregator cuts an upload that holds bytes others wait for past the round deadline (see
+:mod:`fedstack.aggregator.pacing`).
+
 Releases may come from any thread (e.g. a buffer freed in a worker thread); grants are
 delivered on the requester's event loop.
 """
@@ -202,6 +206,21 @@ class ByteBudget:
         if wake is not None:
             self._arm(*wake)
 
+    def contended(self, pool: int) -> bool:
+        """Whether requests wait that the bytes held in ``pool`` hold back: requests of
+        that pool, or, while ``pool`` holds an oversized message, any request (the other
+        pool then admits none). Lock-free (a racy snapshot): for periodic checks, e.g. the
+        aggregator cutting an upload that would hold others past the round deadline."""
+        if not self.held[pool]:
+            return False
+        if pool == TRUSTED_POOL:
+            mine = bool(self._queues[TRUSTED])
+        else:
+            mine = bool(self._queues[NEW]) or bool(self._queues[SUSPECT])
+        if mine:
+            return True
+        return self.held[pool] > self._cap(pool) and any(self._queues)
+
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         """Re-examine the queues at clock time ``when`` (a cool-down ends)."""
 
@@ -326,6 +345,11 @@ class Tab:
 
     def counts(self, nbytes: int) -> bool:
         return self.budget.counts(nbytes)
+
+    def contended(self) -> bool:
+        """Whether other requests wait for the pool the message in progress holds bytes of
+        (see :meth:`ByteBudget.contended`)."""
+        return self.budget.contended(pool_of(self._tier))
 
     def request(self, n: int, granted: Granted, *, held: int = 0) -> bool:
         if held == 0:  # a new message: served by the account's tier now

@@ -261,6 +261,18 @@ class FrameParser:
         return self._charged > 0 and self._msg is not None
 
     @property
+    def progress(self) -> tuple[int, int | None]:
+        """Of the data message being assembled: the bytes received so far, and its total
+        size when known (its last frame is arriving; None: more fragments may follow).
+        ``(0, None)`` when no message holds a buffer."""
+        if self._msg is None:
+            return 0, None
+        if self._state == _PAYLOAD and self._opcode < 0x8:
+            got = self._msg_len + self._filled
+            return got, self._msg_len + self._length if self._fin else None
+        return self._msg_len, None
+
+    @property
     def waiting(self) -> bool:
         """Parsing is suspended until the budget grants (stop reading meanwhile)."""
         return self._state == _WAITING

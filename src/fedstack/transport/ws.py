@@ -403,6 +403,26 @@ class WSConnection(asyncio.BufferedProtocol):
         return self._parser.waiting
 
     @property
+    def message_progress(self) -> tuple[int, int | None]:
+        """Of the big message arriving: bytes received so far and its total size when known
+        (see :attr:`FrameParser.progress`; read it periodically, not per chunk)."""
+        return self._parser.progress
+
+    @property
+    def holds_contended(self) -> bool:
+        """The message arriving holds receive-budget bytes that other connections'
+        messages wait for (see :meth:`~fedstack.transport.budget.ByteBudget.contended`)."""
+        tab = self._tab
+        return tab is not None and self._parser.holding and tab.contended()
+
+    def drop_message(self) -> None:
+        """Give up on the message arriving: free its buffer and the budget bytes it holds at
+        once, and discard whatever the peer still sends (the caller then closes the
+        connection, e.g. after telling the peer why)."""
+        self._local_close = True  # dropped by us: the caller decides about a strike
+        self._parser.close()
+
+    @property
     def is_open(self) -> bool:
         return self._open and not self._closed
 
