@@ -116,3 +116,43 @@ def test_a_store_created_by_the_migration_stores_models(tmp_path: Path) -> None:
         np.testing.assert_array_equal(st.load_weights(gid)["w"], w["w"])
     finally:
         st.close()
+
+
+def test_a_store_opened_while_another_process_creates_its_schema_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """Several aggregators started together on a new file (the demo, the failover tests):
+    the second one to open it must wait for the schema the first is creating, not take
+    the half-made schema (alembic_version without the store's tables) for another
+    application's file (seen once in CI: "it holds another application's tables
+    (alembic_version)")."""
+    import threading
+
+    from sqlalchemy import create_engine
+
+    from fedstack.store.database import sqlite_setup_lock
+
+    db = tmp_path / "fed.db"
+    opened: list[object] = []
+
+    def open_store() -> None:
+        try:
+            Store(str(db)).close()
+            opened.append("ok")
+        except StoreError as exc:
+            opened.append(exc)
+
+    with sqlite_setup_lock(db):  # "the first aggregator", mid-migration
+        con = sqlite3.connect(db)
+        con.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        con.commit()
+        con.close()
+        second = threading.Thread(target=open_store)
+        second.start()
+        second.join(0.5)
+        assert second.is_alive() and not opened, opened  # waiting, not refusing
+        engine = create_engine(f"sqlite:///{db}")
+        migrations.upgrade(engine)
+        engine.dispose()
+    second.join(30)
+    assert opened == ["ok"]

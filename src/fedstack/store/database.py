@@ -8,9 +8,12 @@ parameters or a database password; the details go to the ``fedstack.store`` debu
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -82,6 +85,25 @@ def sqlite_foreign(path: Path, meta_table: str) -> str | None:
         return None
     shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
     return f"holds another application's tables ({shown})"
+
+
+@contextmanager
+def sqlite_setup_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on the directory of the SQLite file
+    ``path``: one process at a time checks and migrates a store there, so a second
+    aggregator starting on a new file waits for the first one's schema instead of seeing
+    half of it. Never on the database file itself: closing any descriptor of that file
+    drops every POSIX lock SQLite holds on it in this process (which corrupts a WAL
+    database that other processes use)."""
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StoreError(f"cannot open {path.parent}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class Txn:

@@ -27,6 +27,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ from fedstack.store.database import (
     sqlite_pragmas_fast,
     sqlite_pragmas_readonly,
     sqlite_readonly_uri,
+    sqlite_setup_lock,
     store_error,
 )
 from fedstack.store.federation import Federation
@@ -266,92 +268,103 @@ class Store(Credentials, Queries, Federation):
         self.schema_from: str | None = None
         """The schema revision the database had when this store opened it (None: no
         fedstack schema yet); after a migration the database is at ``migrations.HEAD``."""
-        if self.path is not None:
-            if not migrate and not self.path.is_file():
-                raise StoreError(f"no fedstack store at {self.path} (no such file)")
-            if (
-                migrate
-                and self.path.exists()
-                and not (os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK))
-            ):
-                raise StoreError(
-                    f"{self.path} cannot be written (read-only file system or no "
-                    "permission); open it read-only to inspect it"
-                )
-            if migrate:
-                reason = sqlite_foreign(self.path, s.meta.name)
-                if reason is not None:
+        with ExitStack() as setup:
+            if self.path is not None:
+                if not migrate and not self.path.is_file():
+                    raise StoreError(f"no fedstack store at {self.path} (no such file)")
+                if (
+                    migrate
+                    and self.path.exists()
+                    and not (os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK))
+                ):
                     raise StoreError(
-                        f"{self.path} is not a fedstack store: it {reason}; "
-                        "refusing to convert it (give the path of a fedstack "
-                        "store or of a new file)"
+                        f"{self.path} cannot be written (read-only file system or no "
+                        "permission); open it read-only to inspect it"
                     )
-            if not readonly:
-                try:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from exc
-        self._files = (
-            None if blob_dir is None else BlobStore(blob_dir, fsync=durable, create=not readonly)
-        )
-        """The blob directory; None: every blob lives in the database (PostgreSQL)."""
-        try:
-            if readonly and self.path is not None:  # mode=ro: SQLite itself writes nothing
-                uri = sqlite_readonly_uri(self.path)
-                self.engine: Engine = create_engine(
-                    "sqlite://",
-                    poolclass=pool.QueuePool,
-                    creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
-                )
-            else:
-                self.engine = create_engine(engine_url, future=True, **engine_options(self.url))
-        except (SQLAlchemyError, ImportError) as exc:
-            log.debug("cannot create the engine for %s", db, exc_info=True)
-            raise StoreError(f"cannot open database {db!r} ({type(exc).__name__})") from None
-        self._sqlite = self.engine.dialect.name == "sqlite"
-        self._postgres = self.engine.dialect.name == "postgresql"
-        if readonly and self.engine.dialect.name == "postgresql":
-            event.listen(self.engine, "connect", postgres_readonly)
-        if self._sqlite:
-            pragmas = (
-                sqlite_pragmas_readonly
-                if readonly
-                else sqlite_pragmas
-                if durable
-                else sqlite_pragmas_fast
+                if not readonly:
+                    try:
+                        self.path.parent.mkdir(parents=True, exist_ok=True)
+                    except OSError as exc:
+                        raise StoreError(
+                            f"cannot create {self.path.parent}: {exc.strerror}"
+                        ) from exc
+                if migrate:
+                    # several aggregators starting on one new file: one checks and migrates
+                    # while the others wait, so none sees a schema half made (alembic_version
+                    # without the store's tables) and takes it for another application's file
+                    setup.enter_context(sqlite_setup_lock(self.path))
+                    reason = sqlite_foreign(self.path, s.meta.name)
+                    if reason is not None:
+                        raise StoreError(
+                            f"{self.path} is not a fedstack store: it {reason}; "
+                            "refusing to convert it (give the path of a fedstack "
+                            "store or of a new file)"
+                        )
+            self._files = (
+                None
+                if blob_dir is None
+                else BlobStore(blob_dir, fsync=durable, create=not readonly)
             )
-            event.listen(self.engine, "connect", pragmas)
-        self._salt = b""
-        if migrate:
-            for attempt in range(3):  # concurrent first starts of several aggregators
-                try:
-                    self.schema_from = migrations.upgrade(self.engine)
-                    break
-                except StoreError:
-                    self.engine.dispose()
-                    raise
-                except SQLAlchemyError as exc:
-                    if attempt == 2:
-                        self.engine.dispose()
-                        raise store_error(f"cannot bring database {db!r} up to date", exc) from None
-                    time.sleep(0.05 * (attempt + 1))
-        else:
+            """The blob directory; None: every blob lives in the database (PostgreSQL)."""
             try:
-                current = migrations.current(self.engine)
-            except SQLAlchemyError as exc:
-                self.engine.dispose()
-                raise store_error(f"cannot read database {db!r}", exc) from None
-            self.schema_from = current
-            if current is None:
-                self.engine.dispose()
-                raise StoreError(f"{db!r} is not a fedstack store (no fedstack schema)")
-            if current != migrations.HEAD:
-                self.engine.dispose()
-                raise StoreError(
-                    f"{db!r} is not a fedstack store of this version (schema {current}, "
-                    f"expected {migrations.HEAD}); `fedstack db upgrade --db DB` or the "
-                    "aggregator brings it up to date"
+                if readonly and self.path is not None:  # mode=ro: SQLite itself writes nothing
+                    uri = sqlite_readonly_uri(self.path)
+                    self.engine: Engine = create_engine(
+                        "sqlite://",
+                        poolclass=pool.QueuePool,
+                        creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
+                    )
+                else:
+                    self.engine = create_engine(engine_url, future=True, **engine_options(self.url))
+            except (SQLAlchemyError, ImportError) as exc:
+                log.debug("cannot create the engine for %s", db, exc_info=True)
+                raise StoreError(f"cannot open database {db!r} ({type(exc).__name__})") from None
+            self._sqlite = self.engine.dialect.name == "sqlite"
+            self._postgres = self.engine.dialect.name == "postgresql"
+            if readonly and self.engine.dialect.name == "postgresql":
+                event.listen(self.engine, "connect", postgres_readonly)
+            if self._sqlite:
+                pragmas = (
+                    sqlite_pragmas_readonly
+                    if readonly
+                    else sqlite_pragmas
+                    if durable
+                    else sqlite_pragmas_fast
                 )
+                event.listen(self.engine, "connect", pragmas)
+            self._salt = b""
+            if migrate:
+                for attempt in range(3):  # concurrent first starts of several aggregators
+                    try:
+                        self.schema_from = migrations.upgrade(self.engine)
+                        break
+                    except StoreError:
+                        self.engine.dispose()
+                        raise
+                    except SQLAlchemyError as exc:
+                        if attempt == 2:
+                            self.engine.dispose()
+                            raise store_error(
+                                f"cannot bring database {db!r} up to date", exc
+                            ) from None
+                        time.sleep(0.05 * (attempt + 1))
+            else:
+                try:
+                    current = migrations.current(self.engine)
+                except SQLAlchemyError as exc:
+                    self.engine.dispose()
+                    raise store_error(f"cannot read database {db!r}", exc) from None
+                self.schema_from = current
+                if current is None:
+                    self.engine.dispose()
+                    raise StoreError(f"{db!r} is not a fedstack store (no fedstack schema)")
+                if current != migrations.HEAD:
+                    self.engine.dispose()
+                    raise StoreError(
+                        f"{db!r} is not a fedstack store of this version (schema {current}, "
+                        f"expected {migrations.HEAD}); `fedstack db upgrade --db DB` or the "
+                        "aggregator brings it up to date"
+                    )
         self._salt = self._load_salt(create=not readonly)
         self._file_id = self._sqlite_file_id()
 
