@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from fedstack.aggregator import Aggregator
 from fedstack.aggregator.upstream import UPSTREAM_TOKEN_ENV
 from fedstack.errors import ConfigError, RegistrationRefused
 from fedstack.security import make_test_pki
-from fedstack.testing import AggregatorProcess, aggregator_thread, free_port
+from fedstack.testing import AggregatorProcess, aggregator_thread, free_port, small_config
 
 SHAPE = (4,)
 ROUNDS = 3
@@ -36,20 +36,7 @@ ROUNDS = 3
 
 def config(db: Path, **kw: Any) -> AggregatorConfig:
     """A small test aggregator: synchronous rounds of ``min_agents`` uploads."""
-    base: dict[str, Any] = dict(
-        port=0,
-        db=str(db),
-        threshold=1.0,
-        rounds=ROUNDS,
-        heartbeat_interval=0.5,
-        finish_grace=2.0,
-        round_timeout=60.0,
-        strategy_params={"precision": "float64"},
-    )
-    if "auth" in {f.name for f in fields(AggregatorConfig)}:
-        base["auth"] = "off"
-    base.update(kw)
-    return AggregatorConfig(**base)
+    return small_config(db, **{"rounds": ROUNDS, "finish_grace": 2.0, "round_timeout": 60.0, **kw})
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from chaosproxy import ChaosProxy
 
-from fedstack import Agent, AggregatorConfig, FederationFinished, Store
-from fedstack.testing import aggregator_thread
+from fedstack import Agent, FederationFinished, Store
+from fedstack.testing import aggregator_thread, small_config
 
 SHAPE = (3,)
 EDGE_SAMPLES = (20, 30)
@@ -33,20 +33,7 @@ EDGE_VALUES = (3.0, 5.0)
 SEMI = sum(v * n for v, n in zip(EDGE_VALUES, EDGE_SAMPLES, strict=True)) / sum(EDGE_SAMPLES)
 
 
-def config(db: Path, **kw: Any) -> AggregatorConfig:
-    base: dict[str, Any] = dict(
-        port=0,
-        db=str(db),
-        threshold=1.0,
-        heartbeat_interval=0.5,
-        finish_grace=0.5,
-        round_timeout=30.0,
-        strategy_params={"precision": "float64"},
-    )
-    if "auth" in {f.name for f in fields(AggregatorConfig)}:
-        base["auth"] = "off"
-    base.update(kw)
-    return AggregatorConfig(**base)
+config = small_config
 
 
 @dataclass

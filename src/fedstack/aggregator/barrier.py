@@ -38,8 +38,7 @@ from fedstack.aggregator.events import BarrierOpened, Excused
 from fedstack.aggregator.rounds import RoundState
 from fedstack.aggregator.tasks import ScopeClosed
 from fedstack.aggregator.uploads import gated
-from fedstack.errors import CorruptBlob, StoreConflict, StoreError, TensorFileError
-from fedstack.strategies import Update
+from fedstack.errors import StoreConflict, StoreError
 
 if TYPE_CHECKING:
     from fedstack.aggregator.service import Aggregator
@@ -193,23 +192,11 @@ async def deliver_orphans(agg: Aggregator, round: int) -> int:
             inputs: list[str] = []
             metrics_in = []
             for rec in records:
-                try:
-                    w = await agg._db(store.load_weights, rec.model_id)
-                    extra = await agg._db(store.load_extra, rec.model_id)
-                except (CorruptBlob, TensorFileError) as exc:
-                    await agg._db(store.quarantine_upload, agg.run_id, rec.model_id, str(exc))
+                update = await agg.driver.stored_update(rec, round - 1, "orphaned")
+                if update is None:
                     continue
-                update = Update(
-                    rec.agent_id,
-                    w,
-                    rec.num_samples,
-                    max(0, round - 1 - rec.base_version),
-                    rec.metrics,
-                    rec.model_id,
-                    extra,
-                )
                 if agg.gate is not None:
-                    update = gated(update, agg.owner.gate_check(w))
+                    update = gated(update, agg.owner.gate_check(update.weights))
                 acc.add(update)
                 inputs.append(rec.model_id)
                 metrics_in.append((rec.num_samples, rec.metrics))

@@ -130,35 +130,46 @@ class RoundDriver:
         contributors: dict[str, str] = {}
         inputs: list[tuple[int, Metrics]] = []
         for rec in buffered:
-            try:
-                weights = await self._db(store.load_weights, rec.model_id)
-                extra = await self._db(store.load_extra, rec.model_id)
-            except (CorruptBlob, TensorFileError) as exc:
-                # damaged data, not an unavailable store: this one upload is set aside
-                # (marked and audited), the run goes on without it
-                log.warning(
-                    "quarantined the buffered upload %s of agent %s: %s",
-                    rec.upload_id[:64],
-                    rec.agent_id,
-                    exc,
-                )
-                await self._db(store.quarantine_upload, self._run_id(), rec.model_id, str(exc))
+            update = await self.stored_update(rec, version, "buffered")
+            if update is None:
                 continue
-            update = Update(
-                rec.agent_id,
-                weights,
-                rec.num_samples,
-                max(0, version - rec.base_version),
-                rec.metrics,
-                rec.model_id,
-                extra,
-            )
+            weights = update.weights
             if self.gate is not None:
                 update = gated(update, self.gate.check(weights, global_weights))
             acc.add(update)
             contributors[rec.agent_id] = rec.model_id
             inputs.append((rec.num_samples, rec.metrics))
         return Replayed(acc, contributors, inputs)
+
+    async def stored_update(self, rec: UploadRecord, version: int, what: str) -> Update | None:
+        """The stored upload ``rec`` as an :class:`Update` of the round after ``version``
+        (not gated). None: its tensors are damaged: the upload is set aside (marked and
+        audited; ``what`` names it in the log: "buffered", "claimed", ...) and the run goes
+        on without it (damaged data, not an unavailable store)."""
+        store = self._store()
+        assert store is not None
+        try:
+            weights = await self._db(store.load_weights, rec.model_id)
+            extra = await self._db(store.load_extra, rec.model_id)
+        except (CorruptBlob, TensorFileError) as exc:
+            log.warning(
+                "quarantined the %s upload %s of agent %s: %s",
+                what,
+                rec.upload_id[:64],
+                rec.agent_id,
+                exc,
+            )
+            await self._db(store.quarantine_upload, self._run_id(), rec.model_id, str(exc))
+            return None
+        return Update(
+            rec.agent_id,
+            weights,
+            rec.num_samples,
+            max(0, version - rec.base_version),
+            rec.metrics,
+            rec.model_id,
+            extra,
+        )
 
     async def aggregate(
         self,

@@ -43,14 +43,11 @@ from fedstack.aggregator.federation import Adopted
 from fedstack.aggregator.uploads import gated
 from fedstack.errors import (
     ConfigError,
-    CorruptBlob,
     FedstackError,
     InvalidUpdate,
     StoreConflict,
     StoreError,
-    TensorFileError,
 )
-from fedstack.strategies import Update
 
 if TYPE_CHECKING:
     from fedstack.aggregator.rounds import RoundState
@@ -381,24 +378,11 @@ async def absorb_claims(
         for rec in records:
             if rec.model_id in stale:
                 continue
-            try:
-                weights = await agg._db(store.load_weights, rec.model_id)
-                extra = await agg._db(store.load_extra, rec.model_id)
-            except (CorruptBlob, TensorFileError) as exc:
-                log.warning("quarantined the claimed upload %s: %s", rec.upload_id[:64], exc)
-                await agg._db(store.quarantine_upload, agg.run_id, rec.model_id, str(exc))
+            update = await agg.driver.stored_update(rec, version, "claimed")
+            if update is None:
                 continue
-            update = Update(
-                rec.agent_id,
-                weights,
-                rec.num_samples,
-                max(0, version - rec.base_version),
-                rec.metrics,
-                rec.model_id,
-                extra,
-            )
             if agg.gate is not None:
-                update = gated(update, agg.owner.gate_check(weights))
+                update = gated(update, agg.owner.gate_check(update.weights))
             try:
                 acc.add(update)
             except InvalidUpdate as exc:

@@ -172,43 +172,11 @@ def cmd_demo(
         info = wait_ready(ready, agg, deadline=t0 + 60)
         url = f"ws://127.0.0.1:{info['port']}"
         for i in range(args.agents):
-            procs.append(
-                spawn(
-                    [
-                        "agent",
-                        "--url",
-                        url,
-                        "--name",
-                        f"agent-{i + 1}",
-                        "--trainer",
-                        TRAINER,
-                        "--trainer-arg",
-                        f"index={i}",
-                        "--trainer-arg",
-                        f"num_agents={args.agents}",
-                        "--trainer-arg",
-                        f"partition={args.partition}",
-                        "--trainer-arg",
-                        f"seed={args.seed}",
-                    ],
-                    work / "logs" / f"agent-{i + 1}.log",
-                )
-            )
+            procs.append(spawn(agent_args(args, i, [url]), work / "logs" / f"agent-{i + 1}.log"))
         rows = _follow(db, info["run_id"], args, agg, procs, say, deadline=t0 + args.timeout)
-        for p in procs:
-            p.wait(timeout=60)
-        bad = [p for p in procs if p.returncode != 0]
-        if bad:
-            raise DemoError(f"{len(bad)} process(es) failed; see the logs in {work / 'logs'}")
+        finish(procs, work / "logs")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop(procs)
     wall = time.monotonic() - t0
     final = rows[-1]["accuracy"] if rows else None
     say("")
@@ -234,6 +202,49 @@ def cmd_demo(
             )
         )
     return 0
+
+
+def agent_args(args: DemoArgs, i: int, urls: list[str]) -> list[str]:
+    """The ``fedstack agent`` arguments of demo agent ``i`` (name ``agent-{i + 1}``): the
+    digits trainer on its part of the partition, trying ``urls`` in order."""
+    return [
+        "agent",
+        *(a for u in urls for a in ("--url", u)),
+        "--name",
+        f"agent-{i + 1}",
+        "--trainer",
+        TRAINER,
+        "--trainer-arg",
+        f"index={i}",
+        "--trainer-arg",
+        f"num_agents={args.agents}",
+        "--trainer-arg",
+        f"partition={args.partition}",
+        "--trainer-arg",
+        f"seed={args.seed}",
+    ]
+
+
+def finish(procs: list[subprocess.Popen[bytes]], logs: Path) -> None:
+    """Wait for the demo's processes to exit; DemoError if any failed."""
+    for p in procs:
+        p.wait(timeout=60)
+    bad = [p for p in procs if p.returncode != 0]
+    if bad:
+        raise DemoError(f"{len(bad)} process(es) failed; see the logs in {logs}")
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop whatever of ``procs`` still runs (SIGTERM to its process group, then SIGKILL)."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
 
 
 def wait_ready(

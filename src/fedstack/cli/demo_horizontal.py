@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -48,7 +47,16 @@ from typing import Any
 from rich.live import Live
 from rich.table import Table
 
-from fedstack.cli.demo import EVALUATOR, TRAINER, DemoArgs, DemoError, spawn, wait_ready
+from fedstack.cli.demo import (
+    EVALUATOR,
+    DemoArgs,
+    DemoError,
+    agent_args,
+    finish,
+    spawn,
+    stop,
+    wait_ready,
+)
 from fedstack.cli.output import console
 from fedstack.names import safe_text
 from fedstack.store import Member, Store
@@ -169,27 +177,7 @@ def run_horizontal(args: DemoArgs, k: int) -> int:
             name = f"agent-{i + 1}"
             members[j].agents.append(name)
             mine = urls[j:] + urls[:j]  # its own aggregator first, then the others
-            procs.append(
-                spawn(
-                    [
-                        "agent",
-                        *(a for u in mine for a in ("--url", u)),
-                        "--name",
-                        name,
-                        "--trainer",
-                        TRAINER,
-                        "--trainer-arg",
-                        f"index={i}",
-                        "--trainer-arg",
-                        f"num_agents={args.agents}",
-                        "--trainer-arg",
-                        f"partition={args.partition}",
-                        "--trainer-arg",
-                        f"seed={args.seed}",
-                    ],
-                    work / "logs" / f"{name}.log",
-                )
-            )
+            procs.append(spawn(agent_args(args, i, mine), work / "logs" / f"{name}.log"))
 
         # a synchronous start (see the module docstring): agent-1 brings the first model
         # to a1; once every member holds it, the other members' agents; once the store
@@ -213,13 +201,9 @@ def run_horizontal(args: DemoArgs, k: int) -> int:
         for i in range(k, args.agents, k):
             start_agent(i)
         rows = _follow(db, run_id, args, names, members, procs, say, deadline=t0 + args.timeout)
-        for p in procs:
-            p.wait(timeout=60)
-        bad = [p for p in procs if p.returncode != 0]
-        if bad:
-            raise DemoError(f"{len(bad)} process(es) failed; see the logs in {work / 'logs'}")
+        finish(procs, work / "logs")
     finally:
-        _stop(procs)
+        stop(procs)
     wall = time.monotonic() - t0
     final = rows[-1]["accuracy"] if rows else None
     per_member: list[dict[str, Any]] = [
@@ -295,18 +279,6 @@ def _wait_members(
     finally:
         store.close()
     raise DemoError(f"the aggregators did not all get {what} in time; see {members[0].log.parent}")
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=10)
 
 
 def _round_row(store: Store, run_id: str, r: dict[str, Any], previous: float) -> dict[str, Any]:

@@ -24,10 +24,30 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fedstack.aggregator import Aggregator, AggregatorConfig
+
+
+def small_config(db: Path | str, **overrides: Any) -> AggregatorConfig:
+    """A small test aggregator on ``db``: any free port, synchronous rounds of every
+    agent (threshold 1.0), float64 averaging, no credentials (loopback), short heartbeats
+    and grace; ``overrides`` replace any of these or set other fields."""
+    from fedstack.aggregator.config import AggregatorConfig
+
+    base: dict[str, Any] = dict(
+        port=0,
+        db=str(db),
+        threshold=1.0,
+        heartbeat_interval=0.5,
+        finish_grace=0.5,
+        round_timeout=30.0,
+        strategy_params={"precision": "float64"},
+        auth="off",
+    )
+    base.update(overrides)
+    return AggregatorConfig(**base)
 
 
 def free_port() -> int:
