@@ -44,6 +44,7 @@ from fedstack.testing import netns
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 AGGREGATOR_NAME = "aggregator.example"
 AGENTS = ("a1", "a2")
+INTRUDER = "a3"  # its env file is the shipped example as is: no credential
 INSTALLED_BIN = "/opt/fedstack/bin/fedstack"
 
 # the shipped files mention these trees; installed, they live under the test's root
@@ -216,10 +217,12 @@ def install(root: Path) -> Installed:
 
 
 def add_agent(inst: Installed, name: str, index: int, token: str) -> None:
-    """/etc/fedstack/agents/NAME.env from the shipped example (a1's): its token, its index."""
+    """/etc/fedstack/agents/NAME.env from the shipped example (a1's): its token (none if
+    empty), its trainer's index."""
     text = (DEPLOY / "agents" / "a1.env").read_text()
+    assert "FEDSTACK_TOKEN=\n" in text and "index=0 " in text
     text = text.replace("FEDSTACK_TOKEN=\n", f"FEDSTACK_TOKEN={token}\n")
-    text = text.replace("index=0", f"index={index}").replace("a1", name)
+    text = text.replace("index=0 ", f"index={index} ").replace("a1", name)
     path = inst.etc / "agents" / f"{name}.env"
     path.write_text(relocate(text, inst.root))
     path.chmod(0o600)
@@ -306,9 +309,16 @@ def deployment(tmp_path: Path, certificates: Path) -> Installed:
     return inst
 
 
-def federate(inst: Installed, aggregator_host: netns.Namespace, agent_host: netns.Namespace) -> str:
+def federate(
+    inst: Installed,
+    aggregator_host: netns.Namespace,
+    agent_host: netns.Namespace,
+    *,
+    intruder: bool,
+) -> str:
     """The README's steps: the aggregator's service, credentials, the agents' services,
-    to the end of the run (both exit 0). Returns the address the agents connect from."""
+    to the end of the run (every one exits 0); with ``intruder``, a third agent whose env
+    file has no credential too. Returns the address the agents connect from."""
     agg_address = aggregator_host.address or "127.0.0.1"
     aggregator_host.set_hosts({AGGREGATOR_NAME: agg_address})
     agent_host.set_hosts({AGGREGATOR_NAME: agg_address})
@@ -344,20 +354,26 @@ def federate(inst: Installed, aggregator_host: netns.Namespace, agent_host: netn
             out, err = add.communicate(timeout=60)
             assert add.returncode == 0, err
             add_agent(inst, name, index, json.loads(out)["token"])
-        for name in AGENTS:
+        names = AGENTS
+        if intruder:
+            add_agent(inst, INTRUDER, 0, "")
+            names = (*AGENTS, INTRUDER)
+        for name in names:
             services.append(start(inst, agent_host, "fedstack-agent@.service", name))
         for svc in services[1:] + services[:1]:
             try:
                 rc = svc.proc.wait(120)
             except subprocess.TimeoutExpired:
                 pytest.fail(f"{svc.name} did not finish:\n{svc.output()}")
-            assert rc == 0, f"{svc.name} exited with {rc}:\n{svc.output()}"
+            # the agent without a credential is refused for good: exit 2, not restarted
+            expected = 2 if svc.name == INTRUDER else 0
+            assert rc == expected, f"{svc.name} exited with {rc}:\n{svc.output()}"
     finally:
         stop(services)
     return agent_host.address or "127.0.0.1"
 
 
-def check_run(inst: Installed, agent_address: str) -> None:
+def check_run(inst: Installed, agent_address: str, *, intruder: bool) -> None:
     cfg = AggregatorConfig.load(inst.etc / "aggregator.toml")
     store = Store(str(inst.db))
     try:
@@ -374,6 +390,9 @@ def check_run(inst: Installed, agent_address: str) -> None:
     assert {a["name"] for a in auth} == set(AGENTS)
     assert {a["source"] for a in auth} == {"issued"}
     assert {a["credential"] for a in auth} == {credentials[n]["credential"] for n in AGENTS}
+    refused = [e["detail"] for e in events if e["kind"] == "refused"]
+    expected = {("auth-required", agent_address)} if intruder else set()
+    assert {(r["code"], r["address"].rsplit(":", 1)[0]) for r in refused} == expected, refused
     joined = [e["detail"] for e in events if e["kind"] == "joined"]
     assert {j["name"] for j in joined} == set(AGENTS)
     assert {j["address"].rsplit(":", 1)[0] for j in joined} == {agent_address}
@@ -386,9 +405,9 @@ needs_netns = pytest.mark.skipif(netns.unavailable() is not None, reason=str(net
 def test_deploy_files_run_across_two_hosts_over_tls(deployment: Installed) -> None:
     with netns.hosts(2) as (aggregator_host, agent_host):
         names = {aggregator_host.name, agent_host.name}
-        address = federate(deployment, aggregator_host, agent_host)
+        address = federate(deployment, aggregator_host, agent_host, intruder=True)
     assert address == "10.79.0.2"
-    check_run(deployment, address)
+    check_run(deployment, address, intruder=True)
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not names & set(re.findall(r"^(\S+)", listed, re.M)), listed
     assert not any((netns.ETC_NETNS / n).exists() for n in names)
@@ -397,8 +416,9 @@ def test_deploy_files_run_across_two_hosts_over_tls(deployment: Installed) -> No
 @needs_netns
 def test_deploy_files_run_on_one_host(deployment: Installed) -> None:
     with netns.hosts(1) as (host,):
-        address = federate(deployment, host, host)
-    check_run(deployment, address)
+        address = federate(deployment, host, host, intruder=False)
+    assert address == "127.0.0.1"
+    check_run(deployment, address, intruder=False)
 
 
 def test_unit_files_pass_systemd_analyze(tmp_path: Path) -> None:
