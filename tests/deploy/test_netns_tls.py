@@ -354,7 +354,7 @@ def federate(
             out, err = add.communicate(timeout=60)
             assert add.returncode == 0, err
             add_agent(inst, name, index, json.loads(out)["token"])
-        names = AGENTS
+        names: tuple[str, ...] = AGENTS
         if intruder:
             add_agent(inst, INTRUDER, 0, "")
             names = (*AGENTS, INTRUDER)
