@@ -154,7 +154,8 @@ class Unit:
                 argv.extend(env.get(m.group(1), "").split())
             else:  # ${VAR}: one word
                 argv.append(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: env[m[1]], word))
-        assert argv[0].startswith("/") and argv[0][1] not in "-@+!:", argv[0]
+        # a program path: ExecStart's prefixes (- @ + ! :) are not emulated
+        assert argv[0].startswith("/"), argv[0]
         cwd = Path(self.specifiers(self.one("WorkingDirectory"), instance, root))
         return argv, env, cwd
 
@@ -398,6 +399,13 @@ def check_run(inst: Installed, agent_address: str, *, intruder: bool) -> None:
     assert {j["address"].rsplit(":", 1)[0] for j in joined} == {agent_address}
 
 
+def assert_removed(names: set[str]) -> None:
+    """The namespaces and their /etc/netns entries are gone."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not names & set(re.findall(r"^(\S+)", listed, re.M)), listed
+    assert not any((netns.ETC_NETNS / n).exists() for n in names)
+
+
 needs_netns = pytest.mark.skipif(netns.unavailable() is not None, reason=str(netns.unavailable()))
 
 
@@ -406,17 +414,16 @@ def test_deploy_files_run_across_two_hosts_over_tls(deployment: Installed) -> No
     with netns.hosts(2) as (aggregator_host, agent_host):
         names = {aggregator_host.name, agent_host.name}
         address = federate(deployment, aggregator_host, agent_host, intruder=True)
+    assert_removed(names)
     assert address == "10.79.0.2"
     check_run(deployment, address, intruder=True)
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert not names & set(re.findall(r"^(\S+)", listed, re.M)), listed
-    assert not any((netns.ETC_NETNS / n).exists() for n in names)
 
 
 @needs_netns
 def test_deploy_files_run_on_one_host(deployment: Installed) -> None:
     with netns.hosts(1) as (host,):
         address = federate(deployment, host, host, intruder=False)
+    assert_removed({host.name})
     assert address == "127.0.0.1"
     check_run(deployment, address, intruder=False)
 
@@ -443,3 +450,35 @@ def test_unit_files_pass_systemd_analyze(tmp_path: Path) -> None:
         env={**os.environ, "SYSTEMD_LOG_LEVEL": "info"},
     )
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+@needs_netns
+def test_namespaces_are_removed_whatever_happens_inside() -> None:
+    """An exception inside: the process left running in a namespace is killed, the
+    namespaces, the veth pair and the /etc/netns entries are removed; a namespace left
+    by a dead test process is removed by the next use."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{netns.PREFIX}{dead.pid}-abcdef-0"
+    subprocess.run(["ip", "netns", "add", stale], check=True, timeout=30)
+    try:
+        with pytest.raises(RuntimeError, match="inside"), netns.hosts(2) as (a, b):
+            assert_removed({stale})
+            b.set_hosts({"peer.example": str(a.address)})
+            sleeper = subprocess.Popen(b.argv(["sleep", "300"]), start_new_session=True)
+            ping = subprocess.run(
+                b.argv([sys.executable, "-c", "import socket; print(socket.gethostbyname("
+                        "'peer.example'))"]),
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert ping.stdout.strip() == a.address == "10.79.0.1"
+            assert b.pids() == [sleeper.pid]
+            raise RuntimeError("inside")
+        assert sleeper.wait(10) == -signal.SIGKILL
+        assert_removed({a.name, b.name})
+    finally:
+        subprocess.run(["ip", "netns", "delete", stale], capture_output=True, timeout=30)
+    with pytest.raises(ValueError):
+        netns.hosts(3).__enter__()
+    with netns.hosts(1) as (lone,), pytest.raises(ValueError, match="host name"):
+        lone.set_hosts({"bad name; rm": "10.0.0.1"})
