@@ -6,9 +6,10 @@ The two "hosts" are network namespaces joined by a veth pair (10.79.0.1 and 10.7
 in one, two agents in the other, and they reach it only across the veth, over TLS
 (``wss://aggregator.example:8765``, the certificate made by ``fedstack certs --host
 aggregator.example``, its name resolved through the agents' namespace's ``/etc/hosts``)
-with credentials issued by ``fedstack credentials add``. The one-host variant runs the
-same files and commands with everything in one namespace, where the name resolves to
-127.0.0.1.
+with credentials issued by ``fedstack credentials add`` (the token written into the
+agent's env file, as the README says; a third agent left with the shipped file's empty
+token is refused). The one-host variant runs the same files and commands with
+everything in one namespace, where the name resolves to 127.0.0.1.
 
 The processes are started from the systemd units of ``deploy/systemd`` as systemd would
 start them (:class:`Unit`: ``ExecStart`` with its specifiers ``%i %S %C %%`` and
