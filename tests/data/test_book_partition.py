@@ -5,6 +5,7 @@ the configured ratios, through the Python API, the spec string, the digits train
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,35 @@ def test_demo_refuses_ratios_the_digits_cannot_satisfy(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "overlap=true" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "fedstack.db").exists()  # refused before anything started
+
+
+def test_sim_agents_train_on_the_keep_shares(tmp_path: Path) -> None:
+    # `fedstack sim --trainer-arg partition=keep:...`: the round's sample count is the sum
+    # of the three agents' keep counts (the book's chapter-8 setting, 1.4x the rows)
+    _, y_train, _, _ = load_digits_split()
+    sizes = np.bincount(y_train, minlength=10)
+    want = int(expected_histograms(sizes, BOOK_MAP, 1.0, 0.2).sum())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedstack",
+            "sim",
+            "--agents",
+            "3",
+            "--rounds",
+            "1",
+            "--trainer-arg",
+            "partition=keep:sel=1.0,def=0.2,overlap=true",
+            "--db",
+            str(tmp_path / "sim.db"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])["final_metrics"]
+    assert metrics["num_updates"] == 3
+    assert metrics["num_samples"] == want > len(y_train)

@@ -228,10 +228,10 @@ def class_keep(
 
     Agent ``a`` keeps ``floor(sel_count * n_c)`` rows of every class ``c`` it *selects*
     (``c in class_map[a]``) and ``floor(def_count * n_c)`` rows of every other class,
-    where ``n_c`` is the number of rows of class ``c`` (the book's ``int(count * 5000)``). The book's chapter-8 setting is
-    ``sel_count=1.0, def_count=0.2`` with agent 1 selecting classes 0-2, agent 2 classes
-    3-5 and agent 3 classes 6-9 (the default map); chapter 7's FedCurv agents use
-    ``def_count=0.1``.
+    where ``n_c`` is the number of rows of class ``c`` (the book's ``int(count * 5000)``).
+    The book's chapter-8 setting is ``sel_count=1.0, def_count=0.2`` with agent 1
+    selecting classes 0-2, agent 2 classes 3-5 and agent 3 classes 6-9 (the default map);
+    chapter 7's FedCurv agents use ``def_count=0.1``.
 
     The rows of each class are shuffled and laid out one agent after the other, so the
     shares are disjoint as long as the agents' counts of every class add up to at most
