@@ -428,9 +428,10 @@ def parse_partition(spec: str) -> Partitioner:
             ``"shards:K"`` (K classes per agent), ``"quantity:ALPHA"`` (size skew) or
             ``"keep:sel=S,def=D[,map=G/G/...][,overlap=true]"`` (the book's per-class keep
             ratios, :func:`class_keep`: one group G of selected classes per agent,
-            classes and ranges joined by ``+``, e.g. ``"keep:sel=1.0,def=0.2,
-            map=0-2/3-5/6-9,overlap=true"`` for chapter 8; without ``map`` the default
-            map of :func:`default_class_map`). Case and surrounding spaces are ignored.
+            classes and ranges joined by ``+`` such as ``0-2+7``; without ``map`` the
+            default map of :func:`default_class_map`). Chapter 8's setting is
+            ``"keep:sel=1.0,def=0.2,map=0-2/3-5/6-9,overlap=true"``. Case and
+            surrounding spaces are ignored.
 
     Returns:
         A callable ``partitioner(labels, num_agents, seed) -> list of index arrays``.
