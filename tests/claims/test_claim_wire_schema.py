@@ -154,7 +154,7 @@ def _tampered(fields: dict[str, object]) -> bytes:
     _, _, _, n = struct.unpack_from("<2sBBI", good)
     header = msgpack.unpackb(good[8 : 8 + n])
     header["f"] = fields
-    packed = msgpack.packb(header, use_bin_type=True)
+    packed: bytes = msgpack.packb(header, use_bin_type=True)
     head = struct.pack("<2sBBI", b"FS", PROTOCOL_VERSION, 0, len(packed)) + packed
     head += bytes(-len(head) % 64)
     data_start = 8 + n + (-(8 + n) % 64)
