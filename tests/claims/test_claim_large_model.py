@@ -4,10 +4,11 @@ A real ``fedstack aggregator`` process, its largest accepted message configured 
 above the model (``--max-message-bytes``), and one real :class:`fedstack.Agent` (this
 process) with a VGG-16 model's tensors and shapes: the agent seeds the federation with
 it, receives it back in its welcome, uploads a trained version, and receives the global
-model of the round, which must be that upload bit for bit (FedAvg of one). The
-aggregator's peak resident memory above its resident size at start must stay under 4
-models (the upload being received, the FedAvg accumulator, the global model, and the
-transport's buffers).
+model of the round, which must be that upload bit for bit (FedAvg of one). Before that,
+a model one MiB over the limit is refused with a message saying so. The aggregator's
+peak resident memory above its resident size at start must stay under 4 models (the
+upload being received, the FedAvg accumulator, the global model, and the transport's
+buffers).
 
 ``CLAIMS_FULL_SIZE=1`` runs ImageNet's VGG-16 (138,357,544 float32 parameters,
 553 MB; limit 560 MiB): measured on a shared 2-core VM under a load of ~5, the round
