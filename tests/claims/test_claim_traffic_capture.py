@@ -3,12 +3,12 @@
 The demo's federation (three agents on Dirichlet-skewed digits, three rounds; see
 ``conftest.captured_demo``) runs through a capturing relay. Every byte that crossed it,
 raw and as unmasked WebSocket messages, is searched for every training row of every
-agent, in every encoding an agent could produce from its data (float32 as the agents
-hold it, float64, float16, big-endian float32, and the original 0..16 pixel values as
-uint8, int32 and int64), at every byte offset; and every message is decoded with the
-wire codec and audited: only the pinned types, and tensors only as the model's two
-arrays. A control plants one training row in a captured upload, as a leaking trainer
-would send it, and the same search finds it.
+agent (and every row of the test split), in every encoding an agent could produce from
+its data (float32 as the agents hold it, float64, float16, big-endian float32, and the
+original 0..16 pixel values as uint8, int32 and int64), at every byte offset; and every
+message is decoded with the wire codec and audited: only the pinned types, and tensors
+only as the model's two arrays. A control plants one training row in a captured upload,
+as a leaking trainer would send it, and the same search finds it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from fedstack.data.digits import partition_digits
+from fedstack.data.digits import load_digits_split, partition_digits
 from fedstack.testing.capture import CapturedRun, parse_ws
 from fedstack.wire import GlobalModel, Message, ModelUpload, Participate, decode, encode_to_bytes
 from fedstack.wire.messages import MESSAGE_TYPES
@@ -53,6 +53,10 @@ def training_needles(run: CapturedRun) -> list[Needle]:
         x, _ = partition_digits(agent, run.agents, run.partition, run.seed)
         for i, row in enumerate(x):
             out += [Needle(agent, i, k, v) for k, v in encodings(row).items()]
+    # the test split too: every agent loads it (its metrics), the aggregator evaluates on it
+    _, _, x_test, _ = load_digits_split()
+    for i, row in enumerate(x_test):
+        out += [Needle(-1, i, k, v) for k, v in encodings(row).items()]
     return out
 
 
