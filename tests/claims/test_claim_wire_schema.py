@@ -6,9 +6,10 @@ this test fails as soon as a message type or a field is added, removed or retype
 what the new field can carry. Kinds and what each can carry:
 
 - ``weights``: named tensors. ``model`` must match the federation's structure (names,
-  shapes, dtypes: :mod:`fedstack.aggregator.validation`); ``extra`` carries the arrays a
-  strategy exchanges (SCAFFOLD's control variates, FedCurv's statistics), which are
-  stored and inspectable like models.
+  shapes, dtypes: :mod:`fedstack.aggregator.validation`); of ``extra`` the aggregator
+  keeps only the arrays its strategy declares it reads (SCAFFOLD's control variates,
+  FedCurv's statistics; FedAvg: none), the rest is dropped, neither stored nor passed on
+  (checked end to end below with training rows).
 - ``metrics``: a flat map of at most 256 scalars (numbers, booleans, strings of at most
   1,024 characters), stored with the round and shown by ``fedstack db rounds``.
 - ``str`` / ``int`` / ``float`` / ``bool`` / ``strs``: identifiers and counters, bounded
@@ -24,12 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
 
+from fedstack import Agent, AggregatorConfig
+from fedstack.data.digits import partition_digits
 from fedstack.errors import RemoteProtocolError
+from fedstack.testing import aggregator_thread
 from fedstack.wire import Limits, ModelUpload, decode, encode_to_bytes
 from fedstack.wire.codec import _KINDS, _SPECS
 from fedstack.wire.messages import MESSAGE_TYPES, PROTOCOL_VERSION
@@ -194,3 +199,32 @@ def test_the_tampered_messages_are_otherwise_valid() -> None:
     assert isinstance(msg, ModelUpload)
     assert msg.metrics == {"loss": 0.5}
     assert list(msg.model) == ["w"]
+
+
+def test_undeclared_extra_arrays_are_dropped_not_stored_or_passed_on(tmp_path: Path) -> None:
+    """The one free-form tensor field an agent has, ``extra``, keeps only the arrays the
+    strategy declares it reads (:attr:`fedstack.strategies.base.Strategy.reads_extra`;
+    FedAvg: none). Training rows an agent puts there reach neither the store nor any
+    agent. Control: a row put into the model itself (the model is stored) is found in the
+    store by the same search, so the search sees what is stored."""
+    x, _ = partition_digits(0, 1, "iid", 0)
+    smuggled = np.ascontiguousarray(x[:8])
+    cfg = AggregatorConfig(
+        auth="off", port=0, db=str(tmp_path / "f.db"), rounds=1, min_agents=1, finish_grace=2
+    )
+    with aggregator_thread(cfg) as agg:
+        agent = Agent(f"ws://127.0.0.1:{agg.port}", name="smuggler")
+        try:
+            agent.send_initial_model({"w": np.zeros(64, np.float32)})
+            agent.start(timeout=30)
+            agent.wait_for_global_model(30)
+            assert agent.send_trained_model({"w": x[8]}, 5, extra={"rows": smuggled})
+            final = agent.wait_for_global_model(30)
+            assert np.array_equal(final["w"], x[8])
+            assert not agent.global_extra
+        finally:
+            agent.close()
+    stored = b"".join(p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file())
+    assert x[8].tobytes() in stored, "control: the stored model is visible to the search"
+    for i, row in enumerate(smuggled):
+        assert row.tobytes() not in stored, f"smuggled row {i} was stored"
