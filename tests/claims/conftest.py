@@ -6,17 +6,21 @@ everywhere, and with the agents connected through a capturing TCP relay on 127.0
 instead of straight to the aggregator. It runs once per session, whichever of its tests
 asked first, and hands over every byte that crossed the relay in each direction, the
 WebSocket messages parsed from those bytes by an independent RFC 6455 reader (client
-frames unmasked), and every process's log.
+frames unmasked), every process's log, and what an operator scraped from the
+aggregator's operator API (``/api/v1/status``, ``/api/v1/rounds``) during the run.
 """
 
 from __future__ import annotations
 
+import http.client
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from fedstack import Store
 from fedstack.cli.demo import EVALUATOR, TRAINER, spawn, wait_ready
 from fedstack.testing.capture import CapturedRun, CaptureRelay, parse_ws
 
@@ -24,6 +28,24 @@ AGENTS = 3
 ROUNDS = 3
 PARTITION = "dirichlet:0.5"
 SEED = 0
+
+
+def _scrape(
+    port: int, token: str, agg: subprocess.Popen[bytes], out: list[tuple[str, int, str]]
+) -> None:
+    """Scrape the operator API's status and round metrics while the aggregator runs."""
+    while agg.poll() is None:
+        for path in ("/api/v1/status", "/api/v1/rounds?limit=20"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+                resp = conn.getresponse()
+                out.append((path, resp.status, resp.read().decode()))
+            except (OSError, http.client.HTTPException):
+                pass  # the aggregator is leaving
+            finally:
+                conn.close()
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +56,12 @@ def captured_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured
     ready = work / "aggregator.ready"
     procs: list[subprocess.Popen[bytes]] = []
     relay: CaptureRelay | None = None
+    scrapes: list[tuple[str, int, str]] = []
+    store = Store(str(work / "fedstack.db"))
+    try:
+        token = store.issue_credential("ops", role="operator")
+    finally:
+        store.close()
     try:
         agg = spawn(
             [
@@ -67,6 +95,10 @@ def captured_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured
         procs.append(agg)
         info = wait_ready(ready, agg, deadline=time.monotonic() + 60, log=logs / "aggregator.log")
         relay = CaptureRelay(int(info["port"]))
+        scraper = threading.Thread(
+            target=_scrape, args=(int(info["port"]), token, agg, scrapes), daemon=True
+        )
+        scraper.start()
         for i in range(AGENTS):
             args = ["-v", "agent", "--url", f"ws://127.0.0.1:{relay.port}"]
             args += ["--name", f"agent-{i + 1}", "--trainer", TRAINER]
@@ -80,6 +112,7 @@ def captured_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured
         codes = [p.returncode for p in procs]
         assert codes == [0] * len(procs), f"exit codes {codes}: {texts}"
         relay.close()
+        scraper.join(10)
         links = [link for link in relay.links if link.up]
         yield CapturedRun(
             agents=AGENTS,
@@ -91,6 +124,7 @@ def captured_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured
             down=[parse_ws(link.down) for link in links],
             logs=texts,
             workdir=work,
+            scrapes=scrapes,
         )
     finally:
         if relay is not None:

@@ -17,6 +17,7 @@ through the same check, which must flag it.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import re
 
@@ -127,3 +128,20 @@ def test_the_scan_flags_a_logged_model(
         assert problems(line, values, raw), line
     quiet = logged("round %d evaluation: accuracy=%.4f, loss=%.4f", 1, 0.84444, 0.75661)
     assert not problems(quiet, values, raw)
+
+
+def test_metrics_scrape_works_and_holds_no_tensors(
+    captured_demo: CapturedRun, scanned: tuple[list[np.ndarray], set[str], set[str]]
+) -> None:
+    """The row's second half: the operator API (``/api/v1/status``, ``/api/v1/rounds``:
+    the aggregator's metrics endpoint) was scraped during the run, served the rounds'
+    metrics, and its answers hold no tensor contents either."""
+    _, values, raw = scanned
+    ok = [(path, json.loads(body)) for path, status, body in captured_demo.scrapes if status == 200]
+    statuses = [body for path, body in ok if path == "/api/v1/status"]
+    rounds = [r for path, body in ok if path.startswith("/api/v1/rounds") for r in body["rounds"]]
+    assert statuses and rounds, captured_demo.scrapes[-3:]
+    assert any("eval_accuracy" in r["metrics"] for r in rounds), rounds[-1]
+    assert all({"run_id", "round", "version"} <= set(s) for s in statuses), statuses[-1]
+    for path, _, body in captured_demo.scrapes:
+        assert not problems(body, values, raw), (path, body[:500])

@@ -139,7 +139,8 @@ def parse_ws(stream: bytes | bytearray) -> WsStream:
 @dataclass
 class CapturedRun:
     """A whole run captured through a :class:`CaptureRelay`: the run's parameters, the
-    relayed connections, both directions parsed, and each process's log."""
+    relayed connections, both directions parsed, each process's log, and what was scraped
+    from the aggregator's operator API during the run."""
 
     agents: int
     rounds: int
@@ -150,3 +151,5 @@ class CapturedRun:
     down: list[WsStream]
     logs: dict[str, str]
     workdir: Path
+    scrapes: list[tuple[str, int, str]] = field(default_factory=list)
+    """(path, HTTP status, body) of each request to the aggregator's operator API."""
