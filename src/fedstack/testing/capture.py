@@ -55,7 +55,11 @@ class CaptureRelay:
                 continue
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:  # the upstream is gone: refuse this client as it would
+                client.close()
+                continue
             link = Link()
             with self._lock:
                 self.links.append(link)
@@ -104,7 +108,9 @@ def parse_ws(stream: bytes | bytearray) -> WsStream:
     """The HTTP handshake and the complete data messages of one direction (RFC 6455;
     written independently of fedstack's own frame parser; control frames skipped)."""
     data = bytes(stream)
-    end = data.index(b"\r\n\r\n") + 4
+    end = data.find(b"\r\n\r\n") + 4
+    if end < 4:  # cut off before the handshake ended
+        return WsStream(data, [], set(), False)
     pos, messages, current, rsv, masked = end, [], bytearray(), set(), False
     while pos + 2 <= len(data):
         b0, b1 = data[pos], data[pos + 1]
