@@ -75,6 +75,9 @@ IGNORED_BOOK_KEYS = frozenset(
 )
 _FLOAT_MAX = sys.float_info.max  # msgspec bounds must be finite: ``le`` this refuses inf
 
+MAX_STORED_INT = 2**31 - 1
+"""The largest sample count the store's integer columns hold on every database (PostgreSQL's
+INTEGER is 32 bits)."""
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=_FLOAT_MAX)]
@@ -211,7 +214,11 @@ class AggregatorConfig:
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1024)] = setting(
         1 << 30, "largest accepted message"
     )
-    max_num_samples: Count = setting(1 << 31, "cap on an upload's claimed sample count")
+    max_num_samples: Annotated[int, msgspec.Meta(ge=1, le=MAX_STORED_INT)] = setting(
+        10_000_000,
+        "cap on the sample count an upload claims (its FedAvg weight): an upload claiming "
+        "more is refused with invalid-model and counts for nothing",
+    )
     heartbeat_interval: Seconds = setting(
         5.0, "seconds; an agent silent for 3 intervals is dropped"
     )
