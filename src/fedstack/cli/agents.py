@@ -104,8 +104,9 @@ StateDir = Annotated[
     str | None,
     typer.Option(
         "--state-dir",
-        help="directory keeping the agent's identity and its unacknowledged "
-        "upload across crashes (default: memory only)",
+        help="directory keeping the agent's identity, its unacknowledged upload and the "
+        "last global model across crashes (read it with `fedstack agent-state DIR`; "
+        "default: memory only)",
     ),
 ]
 
