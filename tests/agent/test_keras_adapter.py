@@ -168,3 +168,21 @@ def test_keras_agents_federate_through_a_real_aggregator(tmp_path: Path) -> None
             tol = 2e-3 if v.dtype == np.float16 else 1e-6
             np.testing.assert_allclose(final[k], expected, rtol=tol, atol=tol)
             assert final[k].dtype == v.dtype
+
+
+def test_bfloat16_travels_as_float32_and_comes_back_exactly() -> None:
+    def small() -> keras.Model:
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, dtype="bfloat16")])
+
+    a, b = small(), small()
+    randomize(a, 3)
+    weights = model_to_weights(a)
+    assert {str(v.dtype) for v in a.weights} == {"bfloat16"}
+    assert {w.dtype for w in weights.values()} == {np.dtype(np.float32)}  # numpy has no bf16
+    weights_to_model(b, weights)
+    for va, vb in zip(a.weights, b.weights, strict=True):
+        assert str(vb.dtype) == "bfloat16"
+        assert (
+            arr(keras.ops.cast(va.value, "float32")).tobytes()
+            == arr(keras.ops.cast(vb.value, "float32")).tobytes()
+        )
