@@ -44,6 +44,9 @@ def _root(
 
 app.command("aggregator", short_help="run an aggregator")(aggregator.cmd_aggregator)
 app.command("agent", short_help="run an agent from a Trainer class")(agents.cmd_agent)
+app.command("agent-state", short_help="report an agent's state directory (no aggregator needed)")(
+    agents.cmd_agent_state
+)
 app.command("agents", short_help="run N agent processes forked from one warm parent")(
     agents.cmd_agents
 )
