@@ -176,3 +176,21 @@ def test_nan_and_object_arrays_are_refused(
     np.savez(obj, w=np.array([{"a": 1}], dtype=object))  # would need pickle to load
     assert cli_main(["model", "register", str(obj), "--db", str(tmp_path / "f.db")]) == 2
     assert "not a readable .npz" in capsys.readouterr().err
+
+
+def test_another_applications_sqlite_file_is_not_turned_into_a_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    db = tmp_path / "notes.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    con.commit()
+    con.close()
+    before = db.read_bytes()
+    npz = tmp_path / "m.npz"
+    np.savez(npz, w=np.ones(2, np.float32))
+    assert cli_main(["model", "register", str(npz), "--db", str(db)]) == 2
+    assert "not a fedstack store" in capsys.readouterr().err
+    assert db.read_bytes() == before
