@@ -135,3 +135,39 @@ def test_export_refuses_what_it_cannot_do(
     assert cli_main(explicit) == 0
     with np.load(out, allow_pickle=False) as z:
         np.testing.assert_array_equal(z["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_register_and_export_on_postgresql(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same commands on PostgreSQL with a blob directory (the blob is a file there)."""
+    blobs = str(tmp_path / "blobs")
+    weights = {
+        "conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+        "steps": np.array(7, dtype=np.int64),
+    }
+    st = tmp_path / "base.safetensors"
+    from fedstack.store.modelfiles import write_model_file
+
+    write_model_file(weights, st, "safetensors")
+    reg = ["model", "register", str(st), "--db", pg_url, "--blob-dir", blobs, "--run-name", "pg"]
+    assert cli_main([*reg, "--json"]) == 0
+    model_id = _json(capsys)["model_id"]  # type: ignore[index]
+    assert cli_main(reg) == 2
+    assert "has a model already" in capsys.readouterr().err
+    for fmt in ("pt", "npz", "safetensors"):
+        out = tmp_path / f"m.{fmt}"
+        argv = ["db", "export", model_id[:8], "--db", pg_url, "--blob-dir", blobs]
+        assert cli_main([*argv, "--out", str(out), "--run", "pg"]) == 0
+        if fmt == "pt":
+            got = {k: v.numpy() for k, v in torch.load(out, weights_only=True).items()}
+        elif fmt == "npz":
+            with np.load(out, allow_pickle=False) as z:
+                got = {k: z[k] for k in z.files}
+        else:
+            got = safetensors_numpy.load_file(str(out))
+        assert set(got) == set(weights)
+        for k, v in weights.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape
+            np.testing.assert_array_equal(got[k], v)
+    assert out.read_bytes() == st.read_bytes()  # the stored tensor file, byte for byte
