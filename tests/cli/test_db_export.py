@@ -156,6 +156,7 @@ def test_register_and_export_on_postgresql(
     assert cli_main(reg) == 2
     assert "has a model already" in capsys.readouterr().err
     for fmt in ("pt", "npz", "safetensors"):
+        got: dict[str, np.ndarray]
         out = tmp_path / f"m.{fmt}"
         argv = ["db", "export", model_id[:8], "--db", pg_url, "--blob-dir", blobs]
         assert cli_main([*argv, "--out", str(out), "--run", "pg"]) == 0
