@@ -142,7 +142,7 @@ def test_register_and_export_on_postgresql(
 ) -> None:
     """The same commands on PostgreSQL with a blob directory (the blob is a file there)."""
     blobs = str(tmp_path / "blobs")
-    weights = {
+    weights: dict[str, np.ndarray] = {
         "conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
         "steps": np.array(7, dtype=np.int64),
     }
@@ -156,7 +156,6 @@ def test_register_and_export_on_postgresql(
     assert cli_main(reg) == 2
     assert "has a model already" in capsys.readouterr().err
     for fmt in ("pt", "npz", "safetensors"):
-        got: dict[str, np.ndarray]
         out = tmp_path / f"m.{fmt}"
         argv = ["db", "export", model_id[:8], "--db", pg_url, "--blob-dir", blobs]
         assert cli_main([*argv, "--out", str(out), "--run", "pg"]) == 0
