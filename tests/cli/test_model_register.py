@@ -194,3 +194,23 @@ def test_another_applications_sqlite_file_is_not_turned_into_a_store(
     assert cli_main(["model", "register", str(npz), "--db", str(db)]) == 2
     assert "not a fedstack store" in capsys.readouterr().err
     assert db.read_bytes() == before
+
+
+def test_show_names_the_first_agent_when_no_model_was_registered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = str(tmp_path / "f.db")
+    cfg = AggregatorConfig(auth="off", port=0, db=db, rounds=1, min_agents=1)
+    with aggregator_thread(cfg) as agg:
+        agent = Agent(f"ws://127.0.0.1:{agg.port}", name="first")
+        agent.send_initial_model({"w": np.ones((2, 2), np.float32)})
+        try:
+            agent.start(timeout=20)
+            agent.wait_for_global_model(timeout=20)
+        finally:
+            agent.close()
+    capsys.readouterr()
+    assert cli_main(["model", "show", "--db", db, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["source"] == "the first agent's model (first)"
+    assert shown["structure"] == [{"name": "w", "dtype": "float32", "shape": [2, 2]}]

@@ -144,10 +144,13 @@ def cmd_show(
         run_id = resolve_run(store, run)
         info = store.get_run(run_id)
         registered = [e for e in store.events(run_id) if e["kind"] == "model_registered"]
+        first = [m for m in store.models(run_id, "local") if m["status"] == "initial"][:1]
     finally:
         store.close()
     structure = [{"name": n, "dtype": d, "shape": list(sh)} for n, d, sh in (info.structure or [])]
     source = "none yet" if info.structure is None else "the first agent's model"
+    if first:
+        source = f"the first agent's model ({first[0]['agent'] or first[0]['producer']})"
     if registered:
         source = f"registered by the operator ({registered[-1]['detail'].get('file', '?')})"
     out = {
