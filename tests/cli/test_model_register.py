@@ -105,6 +105,7 @@ def test_registered_model_fixes_the_federation_and_mismatched_agents_are_refused
     store = Store(db)
     try:
         run = store.get_run(out["run"])
+        assert run.config["run_name"] == "book"  # the aggregator's settings, recorded
         assert run.structure == [(k, "float32", tuple(v.shape)) for k, v in base.items()]
         events = store.events(out["run"])
         refused = [e["detail"] for e in events if e["kind"] == "refused"]

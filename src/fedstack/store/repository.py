@@ -465,6 +465,13 @@ class Store(Credentials, Queries, Federation):
         with self._begin() as c:
             row = self._lock_run_name(c, name)
             if row is not None:
+                if not row["config"] and config:
+                    # a run made by `fedstack model register`: the first aggregator to
+                    # open it records its settings, as for a run it starts
+                    c.execute(
+                        update(s.runs).where(s.runs.c.id == row["id"]).values(config=dict(config))
+                    )
+                    row = {**row, "config": dict(config)}
                 return _run_info(row, resumed=True)
             run_id = new_id()
             values = dict(
