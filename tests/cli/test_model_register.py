@@ -4,6 +4,7 @@ agent, and an agent whose model differs is refused with what differs."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 from collections.abc import Mapping
@@ -73,9 +74,28 @@ def test_registered_model_fixes_the_federation_and_mismatched_agents_are_refused
     )
     good = _Recording(index=0, num_agents=2, seed=7, epochs=1)
     own = good.initial_weights()
+    store = Store(db)
+    try:
+        ops = store.issue_credential("ops", role="operator")
+    finally:
+        store.close()
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
         assert agg.run_id == out["run"]  # the aggregator resumed the registered run
+        # the operator API shows the run's model and where it came from
+        api = http.client.HTTPConnection("127.0.0.1", agg.port, timeout=10)
+        try:
+            api.request("GET", "/api/v1/model", headers={"Authorization": f"Bearer {ops}"})
+            resp = api.getresponse()
+            spec = json.loads(resp.read())
+        finally:
+            api.close()
+        assert resp.status == 200
+        assert spec["source"] == "registered" and spec["file"] == "base.pt"
+        assert spec["model_id"] == out["model_id"] and spec["run"] == out["run"]
+        assert [(s["name"], s["shape"]) for s in spec["structure"]] == [
+            (k, list(v.shape)) for k, v in base.items()
+        ]
         # another architecture (the MLP): names missing and unexpected
         mlp = torch_digits.DigitsMLPTrainer(index=1, num_agents=2).initial_weights()
         err = _refusal(url, "mlp", mlp)
@@ -119,7 +139,8 @@ def test_registered_model_fixes_the_federation_and_mismatched_agents_are_refused
     capsys.readouterr()
     assert cli_main(["model", "show", "--db", db, "--run", "book", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["source"] == "registered by the operator (base.pt)"
+    assert shown["source"] == "registered" and shown["file"] == "base.pt"
+    assert [s["name"] for s in shown["structure"]] == list(base)
 
 
 def test_a_model_registered_while_the_aggregator_waits_starts_the_run(tmp_path: Path) -> None:
@@ -213,5 +234,5 @@ def test_show_names_the_first_agent_when_no_model_was_registered(
     capsys.readouterr()
     assert cli_main(["model", "show", "--db", db, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["source"] == "the first agent's model (first)"
+    assert shown["source"] == "agent" and shown["agent"] == "first"
     assert shown["structure"] == [{"name": "w", "dtype": "float32", "shape": [2, 2]}]

@@ -141,32 +141,20 @@ def cmd_show(
         quiet_logs()
     store = Store.open_readonly(db, blob_dir)
     try:
-        run_id = resolve_run(store, run)
-        info = store.get_run(run_id)
-        registered = [e for e in store.events(run_id) if e["kind"] == "model_registered"]
-        first = [m for m in store.models(run_id, "local") if m["status"] == "initial"][:1]
+        spec = store.model_spec(resolve_run(store, run))
     finally:
         store.close()
-    structure = [{"name": n, "dtype": d, "shape": list(sh)} for n, d, sh in (info.structure or [])]
-    source = "none yet" if info.structure is None else "the first agent's model"
-    if first:
-        source = f"the first agent's model ({first[0]['agent'] or first[0]['producer']})"
-    if registered:
-        source = f"registered by the operator ({registered[-1]['detail'].get('file', '?')})"
-    out = {
-        "run": info.id,
-        "run_name": info.name,
-        "version": info.version,
-        "source": source,
-        "structure": structure,
-    }
     if json_:
-        print_json(out)
+        print_json(spec)
         return 0
+    source = {
+        "registered": f"registered by the operator ({spec['file']})",
+        "agent": f"the first agent's model ({spec['agent']})",
+    }.get(spec["source"], "none yet")
     print(
-        f"run {safe_text(info.name)} ({info.id[:8]}), global version {info.version}: "
-        f"model {safe_text(source)}"
+        f"run {safe_text(spec['run_name'])} ({spec['run'][:8]}), global version "
+        f"{spec['version']}: model {safe_text(source)}"
     )
-    if structure:
-        console().print(table(structure, ["name", "dtype", "shape"]))
+    if spec["structure"]:
+        console().print(table(spec["structure"], ["name", "dtype", "shape"]))
     return 0
