@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,20 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 def _json(capsys: pytest.CaptureFixture[str]) -> object:
     return json.loads(capsys.readouterr().out)
+
+
+def _wait_for_evaluation(db: str, run_id: str, rnd: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        store = Store.open_readonly(db)
+        try:
+            rows = {r["round"]: r for r in store.rounds(run_id)}
+        finally:
+            store.close()
+        if "eval_accuracy" in (rows.get(rnd) or {}).get("metrics", {}):
+            return
+        assert time.monotonic() < deadline, f"round {rnd} was not evaluated in time"
+        time.sleep(0.05)
 
 
 def test_exported_final_model_reproduces_the_stored_evaluation(
@@ -54,6 +69,7 @@ def test_exported_final_model_reproduces_the_stored_evaluation(
         for t in threads:
             t.join(90)
         assert not any(t.is_alive() for t in threads)
+        _wait_for_evaluation(db, agg.run_id, 2)  # evaluated after the round, off its path
     capsys.readouterr()
     assert cli_main(["db", "rounds", "--db", db, "--json"]) == 0
     rounds = _json(capsys)
