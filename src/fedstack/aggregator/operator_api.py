@@ -6,6 +6,8 @@ Endpoints (JSON in and out; errors are ``{"error": ..., "hint": ...}``)::
     GET  /api/v1/status                run, round, version, agents, contributors, needed
     GET  /api/v1/agents                connected agents
     GET  /api/v1/rounds?limit=N        the last N rounds with their metrics (default 20)
+    GET  /api/v1/model                 the run's model structure and what fixed it (the
+                                       operator's registered model or the first agent's)
     POST /api/v1/agents/{name}/revoke  revoke an agent's credential and disconnect it
     POST /api/v1/shutdown              stop the aggregator (as SIGTERM does)
 
@@ -60,6 +62,7 @@ _ROUTES: dict[tuple[str, ...], tuple[str, str]] = {
     ("api", "v1", "status"): ("GET", "_status"),
     ("api", "v1", "agents"): ("GET", "_agents"),
     ("api", "v1", "rounds"): ("GET", "_rounds"),
+    ("api", "v1", "model"): ("GET", "_model"),
     ("api", "v1", "agents", "*", "revoke"): ("POST", "_revoke"),
     ("api", "v1", "shutdown"): ("POST", "_shutdown"),
 }
@@ -171,7 +174,7 @@ class OperatorAPI:
             404,
             "no such endpoint",
             "endpoints: GET /healthz, GET /api/v1/status, "
-            "GET /api/v1/agents, GET /api/v1/rounds?limit=N, "
+            "GET /api/v1/agents, GET /api/v1/rounds?limit=N, GET /api/v1/model, "
             "POST /api/v1/agents/NAME/revoke, POST /api/v1/shutdown",
         )
 
@@ -247,6 +250,15 @@ class OperatorAPI:
         return _Outcome(
             json_response(200, {"run_id": self.agg.run_id, "count": len(rounds), "rounds": rounds})
         )
+
+    async def _model(self, req: HttpRequest, operator: Operator, segments: list[str]) -> _Outcome:
+        store = self.agg.store
+        assert store is not None
+        try:
+            spec = await asyncio.to_thread(store.model_spec, self.agg.run_id)
+        except StoreError as exc:
+            raise HttpError(503, "the aggregator's store is unavailable", "retry later") from exc
+        return _Outcome(json_response(200, spec))
 
     async def _revoke(self, req: HttpRequest, operator: Operator, segments: list[str]) -> _Outcome:
         name = segments[3]
