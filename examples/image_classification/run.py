@@ -145,7 +145,7 @@ def run_federation(num_agents: int, args: argparse.Namespace, out_dir: Path) -> 
     ]  # fmt: skip
     env = dict(os.environ)
     if args.data_dir is not None:  # for the CIFAR-10 evaluator
-        env["FEDSTACK_CIFAR10_DIR"] = str(args.data_dir)
+        env["CIFAR10_DIR"] = str(args.data_dir)
     log_path = out_dir / "aggregator.log"
     processes: list[subprocess.Popen[bytes]] = []
     with log_path.open("wb") as log:

@@ -62,7 +62,7 @@ __all__ = [
 
 Dataset = Literal["cifar10", "digits"]
 
-CIFAR_DIR_ENV = "FEDSTACK_CIFAR10_DIR"
+CIFAR_DIR_ENV = "CIFAR10_DIR"
 """Environment variable naming the CIFAR-10 folder for :func:`evaluate_global_cifar_cnn`."""
 
 EVAL_CHUNK = 1000
@@ -391,10 +391,11 @@ class CifarCNNTrainer(BookImageTrainer):
 def evaluate_global_cifar_cnn(weights: Weights) -> Metrics:
     """Central evaluation of a global :class:`CifarCNN` on CIFAR-10's test set.
 
-    The folder is read from the environment variable ``FEDSTACK_CIFAR10_DIR`` (the
+    The folder is read from the environment variable ``CIFAR10_DIR`` (not
+    ``FEDSTACK_...``: the CLI refuses variables of its own prefix it does not know; the
     aggregator's ``--evaluator`` takes a bare ``module:function``)::
 
-        FEDSTACK_CIFAR10_DIR=/data/cifar10 fedstack aggregator \\
+        CIFAR10_DIR=/data/cifar10 fedstack aggregator \\
             --evaluator fedstack.trainers.torch_cifar:evaluate_global_cifar_cnn
 
     Returns:
