@@ -184,7 +184,7 @@ def test_writer_round_trips_through_the_loader(tmp_path: Path) -> None:
         np.testing.assert_array_equal(got, want)
     assert np.bincount(y_train, minlength=10).min() >= 2  # every class present
     with pytest.raises(ConfigError, match="uint8"):
-        write_cifar10(tmp_path, x_train.astype(np.float32), y_train, x_test, y_test)  # type: ignore[arg-type]
+        write_cifar10(tmp_path, x_train.astype(np.float32), y_train, x_test, y_test)
     with pytest.raises(ConfigError, match="0..9"):
         write_cifar10(tmp_path, x_train, y_train + 10, x_test, y_test)
 
