@@ -277,6 +277,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     try:
         if args.partition.strip().lower() != "full":
             parse_partition(args.partition)
+        if args.dataset == "digits" and args.data_dir is not None:
+            parser.error("--data-dir is for --dataset cifar10 (digits come with scikit-learn)")
         if args.dataset == "cifar10":
             if args.data_dir is None:
                 parser.error("--dataset cifar10 needs --data-dir (nothing is downloaded)")

@@ -145,6 +145,8 @@ def test_trainer_samples_and_partitions(cifar_dir: Path) -> None:
         CifarCNNTrainer(0, 1, data_dir=cifar_dir, samples_per_round=-1)
     with pytest.raises(ConfigError, match="dataset"):
         BookImageTrainer(dataset="mnist")
+    with pytest.raises(ConfigError, match="data_dir is for"):
+        BookImageTrainer(dataset="digits", data_dir=cifar_dir)
 
 
 def test_central_evaluator_reads_the_folder_from_the_environment(
@@ -207,6 +209,7 @@ def test_bad_options_are_refused_before_anything_starts(
         (["--partition", "halves"], "unknown partition"),
         (["--samples-per-round", "-3"], "samples-per-round"),
         (["--agents", "0"], "must be >= 1"),
+        (["--data-dir", str(tmp_path)], "--data-dir is for --dataset cifar10"),
     ]:
         monkeypatch.setattr(sys, "argv", [str(RUN), *args, "--work-dir", str(tmp_path / "w")])
         with pytest.raises(SystemExit) as exc:

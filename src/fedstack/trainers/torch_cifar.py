@@ -178,6 +178,8 @@ def _load(
         x_train, y_train, x_test, y_test = _cifar10(str(path))
         return x_train, y_train, x_test, y_test
     if dataset == "digits":
+        if data_dir is not None:
+            raise ConfigError("data_dir is for dataset 'cifar10': digits come with scikit-learn")
         return load_digits_split()
     raise ConfigError(f"dataset must be 'cifar10' or 'digits', got {dataset!r}")
 
@@ -255,16 +257,16 @@ class BookImageTrainer:
 
         x_train, y_train, self.x_test, self.y_test = _load(dataset, data_dir)
         self.partition = str(partition).strip().lower()
-        if self.partition == "full":
-            rows = np.arange(len(y_train))
+        if self.partition == "full":  # no copy: CIFAR-10's images are 150 MB
+            self.x_train, self.y_train = x_train, y_train
         else:
             rows = parse_partition(self.partition)(y_train, self.num_agents, self.seed)[self.index]
-        if len(rows) == 0:
+            self.x_train, self.y_train = x_train[rows], y_train[rows]
+        if len(self.y_train) == 0:
             raise ConfigError(
                 f"agent {self.index} of {self.num_agents} has no training data with "
                 f"partition {partition!r} ({len(y_train)} training images)"
             )
-        self.x_train, self.y_train = x_train[rows], y_train[rows]
         self._to_input = _cifar_input if dataset == "cifar10" else _digits_input
         self._build = build_cifar_cnn if dataset == "cifar10" else _digits_cnn
         self._rng = np.random.default_rng([self.seed, self.index])
