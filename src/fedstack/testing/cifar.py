@@ -17,6 +17,8 @@ from fedstack.errors import ConfigError
 
 __all__ = ["make_cifar10_folder", "synthetic_cifar10"]
 
+CHUNK = 2000
+
 
 def synthetic_cifar10(
     n_train: int = 500, n_test: int = 200, seed: int = 0, noise: float = 48.0
@@ -43,11 +45,17 @@ def synthetic_cifar10(
 
     def draw(n: int) -> tuple[Images, Labels]:
         labels = rng.permutation(np.arange(n) % 10).astype(np.int64)
-        images = patterns[labels] + rng.normal(0.0, noise, size=(n, 32, 32, 3))
         shifts = rng.integers(-2, 3, size=(n, 2))
-        for i, (dy, dx) in enumerate(shifts):
-            images[i] = np.roll(images[i], (int(dy), int(dx)), axis=(0, 1))
-        return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
+        images = np.empty((n, 32, 32, 3), np.uint8)
+        for begin in range(0, n, CHUNK):  # bounded float memory for CIFAR-10-sized sets
+            rows = slice(begin, begin + CHUNK)
+            chunk = patterns[labels[rows]] + rng.normal(
+                0.0, noise, size=(len(labels[rows]), 32, 32, 3)
+            ).astype(np.float32)
+            for i, (dy, dx) in enumerate(shifts[rows]):
+                chunk[i] = np.roll(chunk[i], (int(dy), int(dx)), axis=(0, 1))
+            images[rows] = np.clip(np.rint(chunk), 0, 255).astype(np.uint8)
+        return images, labels
 
     x_train, y_train = draw(n_train)
     x_test, y_test = draw(n_test)
