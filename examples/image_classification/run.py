@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -46,8 +47,10 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def run_agent(url: str, index: int, args: argparse.Namespace, out: Path) -> None:
-    """One agent: for every global model received, evaluate it, train, report."""
+def run_agent(ready: Path, index: int, args: argparse.Namespace, out: Path) -> None:
+    """One agent: for every global model received, evaluate it, train, report.
+
+    It connects once the aggregator has written ``ready`` (its port, as JSON)."""
     from fedstack import Agent, FederationFinished
     from fedstack.trainers.torch_cifar import BookImageTrainer
 
@@ -62,13 +65,13 @@ def run_agent(url: str, index: int, args: argparse.Namespace, out: Path) -> None
         threads=args.threads,
     )
     name = f"a{index + 1}"
-    if args.ready_file is not None:
-        deadline = time.monotonic() + 60
-        while not args.ready_file.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"[{name}] the aggregator did not start within 60 s")
-            time.sleep(0.05)
-    agent = Agent(url, name=name)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"[{name}] the aggregator did not start within 60 s")
+        time.sleep(0.05)
+    port = int(json.loads(ready.read_text())["port"])  # written atomically
+    agent = Agent(f"ws://127.0.0.1:{port}", name=name)
     agent.send_initial_model(trainer.initial_weights())
     agent.start()
     round_ = 0
@@ -96,8 +99,9 @@ def run_agent(url: str, index: int, args: argparse.Namespace, out: Path) -> None
 # --- orchestration ------------------------------------------------------------------------
 
 
-def wait_ready(ready: Path, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    """Wait until the aggregator listens (it writes ``ready``), or fail if it died."""
+def wait_ready(ready: Path, process: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
+    """Wait until the aggregator listens (it writes ``ready``), or fail if it died;
+    return its port."""
     deadline = time.monotonic() + timeout
     while not ready.exists():
         if process.poll() is not None:
@@ -105,14 +109,14 @@ def wait_ready(ready: Path, process: subprocess.Popen[bytes], timeout: float = 6
         if time.monotonic() > deadline:
             raise RuntimeError(f"aggregator not ready within {timeout:.0f} s")
         time.sleep(0.05)
+    return int(json.loads(ready.read_text())["port"])
 
 
 def agent_command(
-    url: str, index: int, num_agents: int, args: argparse.Namespace, out: Path, ready: Path
+    index: int, num_agents: int, args: argparse.Namespace, out: Path, ready: Path
 ) -> list[str]:
     cmd = [
-        sys.executable, __file__, "--agent", "--url", url, "--ready-file", str(ready),
-        "--index", str(index),
+        sys.executable, __file__, "--agent", "--ready-file", str(ready), "--index", str(index),
         "--agents", str(num_agents), "--dataset", args.dataset, "--partition", args.partition,
         "--seed", str(args.seed), "--threads", str(args.threads), "--csv", str(out),
     ]  # fmt: skip
@@ -125,20 +129,16 @@ def agent_command(
 
 def run_federation(num_agents: int, args: argparse.Namespace, out_dir: Path) -> Path:
     """Run an aggregator and ``num_agents`` agents to the end; return the metrics CSV."""
-    from fedstack.testing import free_port
-
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_csv = out_dir / "metrics.csv"
     with metrics_csv.open("w", newline="") as f:
         csv.writer(f).writerow(CSV_FIELDS)
-    port = free_port()
-    url = f"ws://127.0.0.1:{port}"
     ready = out_dir / "aggregator.ready"
     ready.unlink(missing_ok=True)
-    print(f"== {num_agents} agent(s), {args.rounds} rounds on {args.dataset}, {url}, in {out_dir}")
+    print(f"== {num_agents} agent(s), {args.rounds} rounds on {args.dataset}, in {out_dir}")
     aggregator_cmd = [
         sys.executable, "-m", "fedstack", "aggregator",
-        "--host", "127.0.0.1", "--port", str(port), "--db", str(out_dir / "fedstack.db"),
+        "--host", "127.0.0.1", "--port", "0", "--db", str(out_dir / "fedstack.db"),
         "--rounds", str(args.rounds), "--threshold", "1.0", "--min-agents", str(num_agents),
         "--evaluator", EVALUATORS[args.dataset], "--ready-file", str(ready),
         "--auth", "off",  # a local experiment on 127.0.0.1: no credentials
@@ -153,9 +153,10 @@ def run_federation(num_agents: int, args: argparse.Namespace, out_dir: Path) -> 
         processes.append(aggregator)
         try:
             for index in range(num_agents):  # they connect once the aggregator is ready
-                cmd = agent_command(url, index, num_agents, args, metrics_csv, ready)
+                cmd = agent_command(index, num_agents, args, metrics_csv, ready)
                 processes.append(subprocess.Popen(cmd))
-            wait_ready(ready, aggregator)
+            port = wait_ready(ready, aggregator)
+            print(f"   aggregator on ws://127.0.0.1:{port}", flush=True)
             agents = processes[1:]
             while any(a.poll() is None for a in agents):
                 failed = [a.returncode for a in agents if a.returncode not in (None, 0)]
@@ -325,14 +326,15 @@ def main() -> None:
         help="only write the table and plot of a past run",
     )
     parser.add_argument("--agent", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--csv", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.agent:
-        run_agent(args.url, args.index, args, args.csv)
+        if args.ready_file is None or args.csv is None:
+            parser.error("--agent is run.py's own: it needs --ready-file and --csv")
+        run_agent(args.ready_file, args.index, args, args.csv)
         return
     if args.report is not None:
         report(results_in(args.report), args.report, args.dataset)
