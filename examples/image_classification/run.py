@@ -273,6 +273,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
     if args.samples_per_round is not None and args.samples_per_round < 0:
         parser.error("--samples-per-round must be >= 0 (0: all of the agent's data)")
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
     if args.threads < 0:
         parser.error("--threads must be >= 0 (0: torch's default)")
     try:

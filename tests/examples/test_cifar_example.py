@@ -145,6 +145,8 @@ def test_trainer_samples_and_partitions(cifar_dir: Path) -> None:
         CifarCNNTrainer(0, 1, data_dir=cifar_dir, samples_per_round=-1)
     with pytest.raises(ConfigError, match="dataset"):
         BookImageTrainer(dataset="mnist")
+    with pytest.raises(ConfigError, match="seed must be >= 0"):
+        BookImageTrainer(dataset="digits", seed=-1)
     with pytest.raises(ConfigError, match="data_dir is for"):
         BookImageTrainer(dataset="digits", data_dir=cifar_dir)
 

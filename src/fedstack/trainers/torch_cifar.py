@@ -229,7 +229,7 @@ class BookImageTrainer:
         seed: int = 0,
         threads: int = 1,
     ) -> None:
-        if dataset not in DEFAULTS:
+        if not isinstance(dataset, str) or dataset not in DEFAULTS:
             raise ConfigError(f"dataset must be 'cifar10' or 'digits', got {dataset!r}")
         defaults = DEFAULTS[dataset]
         self.dataset = dataset
@@ -237,7 +237,7 @@ class BookImageTrainer:
         self.num_agents = coerce_int("num_agents", num_agents, minimum=1)
         if self.index >= self.num_agents:
             raise ConfigError(f"index must be < num_agents ({self.num_agents}), got {self.index}")
-        self.seed = coerce_int("seed", seed)
+        self.seed = coerce_int("seed", seed, minimum=0)
         self.samples_per_round = coerce_int(
             "samples_per_round",
             defaults["samples_per_round"] if samples_per_round is None else samples_per_round,
