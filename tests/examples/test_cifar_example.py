@@ -218,3 +218,27 @@ def test_bad_options_are_refused_before_anything_starts(
             run.main()
         assert exc.value.code == 2 and message in capsys.readouterr().err, args
     assert not (tmp_path / "w").exists()
+
+
+def test_report_rebuilds_the_table_and_plot_from_the_csv_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fields = "round,agent,global_accuracy,local_accuracy,num_samples\n"
+    (tmp_path / "1-agents").mkdir()
+    (tmp_path / "1-agents" / "metrics.csv").write_text(fields + "1,a1,0.1,0.5,8\n2,a1,0.5,0.6,8\n")
+    (tmp_path / "2-agents").mkdir()
+    (tmp_path / "2-agents" / "metrics.csv").write_text(
+        fields + "1,a2,0.1,0.4,8\n1,a1,0.1,0.3,8\n2,a1,0.6,0.7,8\n2,a2,0.6,0.9,8\n"
+    )
+    run = load_run_module()
+    monkeypatch.setattr(sys, "argv", [str(RUN), "--report", str(tmp_path)])
+    run.main()
+    table = list(csv.DictReader((tmp_path / "accuracy.csv").open()))
+    assert table == [
+        {"round": "1", "1_agents": "0.1", "2_agents": "0.1"},
+        {"round": "2", "1_agents": "0.5", "2_agents": "0.6"},
+    ]
+    out = capsys.readouterr().out
+    assert "One Agent: mean global accuracy over the last 2 rounds 0.3000" in out
+    assert "Two Agents: mean global accuracy over the last 2 rounds 0.3500" in out
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
