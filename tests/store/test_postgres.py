@@ -311,3 +311,56 @@ def test_engine_options_for_postgresql_only() -> None:
     assert args["keepalives"] == 1 and args["keepalives_idle"] > 0
     assert engine_options("postgresql+asyncpg://u@h/fed") == {"pool_pre_ping": True}
     assert engine_options("sqlite:///fed.db") == {}
+
+
+def test_sample_counts_past_32_bits_on_postgresql(pg_url: str) -> None:
+    """A round's sample count is the sum over its agents: past 2**31 - 1 with 215 agents
+    at the default cap (10 million each). The commit must store it (before revision 0003
+    the INTEGER column refused it: "numeric value out of range", retried for ever); a
+    store made at revision 0002 is upgraded in place."""
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(pg_url)
+    try:
+        migrations.upgrade(engine, "0002")  # a store of the previous fedstack
+    finally:
+        engine.dispose()
+    st = Store(pg_url)
+    try:
+        with st.engine.connect() as c:
+            kinds = {
+                t: next(
+                    col["type"] for col in inspect(c).get_columns(t) if col["name"] == "num_samples"
+                )
+                for t in ("models", "rounds", "cluster_rounds")
+            }
+        assert all(str(k) == "BIGINT" for k in kinds.values()), kinds
+        w = {"w": np.zeros(3, dtype=np.float32)}
+        run_id, aid, gid = _init(st, w)
+        rec, _ = st.add_upload(
+            run_id,
+            agent_id=aid,
+            upload_id="u-many",
+            round=1,
+            base_version=0,
+            num_samples=3_000_000_000,
+            metrics={},
+            weights=w,
+            status="buffered",
+        )
+        st.commit_round(
+            run_id,
+            round=1,
+            weights=w,
+            inputs=[rec.model_id],
+            base_model_id=gid,
+            num_samples=6_000_000_000,
+            metrics={},
+            started=0.0,
+            finished=1.0,
+            aggregator_id="agg",
+        )
+        assert [r["num_samples"] for r in st.rounds(run_id)] == [6_000_000_000]
+        assert st.find_upload("u-many").num_samples == 3_000_000_000  # type: ignore[union-attr]
+    finally:
+        st.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -22,6 +23,11 @@ from sqlalchemy import (
 )
 
 metadata = MetaData()
+
+SAMPLES = BigInteger().with_variant(Integer(), "sqlite")
+"""Sample counts: a round's or a cluster's sum over its agents passes 2**31 - 1 (215 agents
+at the default cap of 10 million each), so 64 bits on PostgreSQL; SQLite's INTEGER is
+64 bits already (revision 0003)."""
 
 meta = Table(
     # deployment-wide values: the salt of the credential hashes ("token_salt")
@@ -82,7 +88,7 @@ models = Table(
     Column("producer", String(32), nullable=False),  # agent id or aggregator id
     Column("round", Integer, nullable=False),
     Column("base_version", Integer, nullable=True),
-    Column("num_samples", Integer, nullable=False),
+    Column("num_samples", SAMPLES, nullable=False),
     Column("metrics", JSON, nullable=False),
     Column("blob", String(64), nullable=False),
     Column("nbytes", Integer, nullable=False),
@@ -120,7 +126,7 @@ rounds = Table(
     Column("seconds", Float, nullable=False),
     Column("model_id", String(32), ForeignKey("models.id"), nullable=False),
     Column("num_updates", Integer, nullable=False),
-    Column("num_samples", Integer, nullable=False),
+    Column("num_samples", SAMPLES, nullable=False),
     Column("metrics", JSON, nullable=False),
     Column("strategy_state", JSON, nullable=True),  # the strategy's scalars after the round
     Column("state_blob", String(64), nullable=True),  # ... and its arrays
@@ -156,7 +162,7 @@ cluster_rounds = Table(
     Column("round", Integer, primary_key=True),
     Column("model_id", String(32), ForeignKey("models.id"), nullable=False),
     Column("num_updates", Integer, nullable=False),
-    Column("num_samples", Integer, nullable=False),
+    Column("num_samples", SAMPLES, nullable=False),
     Column("started", Float, nullable=False),
     Column("finished", Float, nullable=False),
     Column("metrics", JSON, nullable=False),

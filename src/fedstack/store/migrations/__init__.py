@@ -20,7 +20,7 @@ from fedstack.errors import StoreError
 if TYPE_CHECKING:
     from alembic.config import Config
 
-HEAD = "0002"
+HEAD = "0003"
 """The revision this fedstack's schema (:mod:`fedstack.store.schema`) is at."""
 
 VERSION_TABLE = "alembic_version"
