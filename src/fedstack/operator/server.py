@@ -69,7 +69,7 @@ class _GuardedH11(H11Protocol):
                 log.info("operator port: dropped %s (no request head in time)", addr)
                 self.transport.abort()
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> bool | None:  # type: ignore[override]
         """The client half-closed: an answer under way still goes out (then the
         connection closes); otherwise close now."""
         self._eof = True
