@@ -368,9 +368,14 @@ class Aggregator:
         )
         try:
             await server.start()
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(
+                f"cannot serve the operator surface on {cfg.operator_host}:{cfg.operator_port} "
+                f"(operator_host, operator_port): {exc.strerror or exc}"
+            ) from exc
         except BaseException:
-            assert self._server is not None
-            self._server.close()
+            await self.stop()
             raise
         self.operator = server
 
