@@ -384,6 +384,10 @@ def test_https_operator_api_with_the_wss_certificate(tmp_path: Path, pki: PKIFil
             )
             assert not reply.startswith(b"HTTP/") and time.monotonic() - t0 < 5
             assert b"run_id" not in reply
+        # a client that never starts its TLS handshake is dropped at the deadline
+        t0 = time.monotonic()
+        assert raw(port, b"", timeout=10, half_close=False) == b""
+        assert 1.5 < time.monotonic() - t0 < 4
         # the agent was not disturbed
         gm = alice.wait_for_global_model(10)
         alice.send_trained_model({"w": gm["w"] + 1}, 1)

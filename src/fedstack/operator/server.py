@@ -8,9 +8,9 @@ caller's ``ssl.SSLContext`` (the aggregator's: same certificate, same client-cer
 requirement as the agents' port).
 
 HTTP/1.1 by h11 with bounds: request heads up to :data:`MAX_HEAD_BYTES`; a connection
-must complete each request head within ``head_timeout`` seconds (a slow-loris client is
-dropped, unanswered); a client that half-closes after its request still gets the
-answer; idle keep-alive connections close after 5 s; beyond
+must complete its TLS handshake and each request head within ``head_timeout`` seconds (a
+slow-loris client is dropped, unanswered); a client that half-closes after its request
+still gets the answer; idle keep-alive connections close after 5 s; beyond
 ``max_connections`` open connections new requests get 503. Client addresses are the
 socket's peers (forwarded headers are not trusted).
 """
@@ -139,7 +139,9 @@ class OperatorServer:
             OSError: the address cannot be bound (in use, not local, no permission).
         """
         sock = _bind(self.host, self.port)
-        guarded = type("GuardedH11", (_GuardedH11,), {"head_timeout": self.head_timeout})
+        guarded: type[_GuardedH11] = type(
+            "GuardedH11", (_GuardedH11,), {"head_timeout": self.head_timeout}
+        )
         config = uvicorn.Config(
             self.app,
             log_config=None,
@@ -159,11 +161,31 @@ class OperatorServer:
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)
         _quiet_uvicorn()
+
+        def protocol(_loop: asyncio.AbstractEventLoop | None = None) -> H11Protocol:
+            return guarded(  # as uvicorn's Server.startup makes them
+                config=config,
+                server_state=server.server_state,
+                app_state=server.lifespan.state,
+                _loop=_loop,
+            )
+
         try:
-            await server.startup(sockets=[sock])
+            await server.lifespan.startup()
+            # uvicorn's startup, but with a TLS handshake deadline (a client that never
+            # completes its handshake does not hold a connection for asyncio's 60 s)
+            listener = await asyncio.get_running_loop().create_server(
+                protocol,
+                sock=sock,
+                ssl=self.ssl,
+                ssl_handshake_timeout=self.head_timeout if self.ssl is not None else None,
+                backlog=config.backlog,
+            )
         except BaseException:
             sock.close()
             raise
+        server.servers = [listener]
+        server.started = True
         self._server, self._sock = server, sock
         self.port = sock.getsockname()[1]
         # uvicorn's ticker: the Date header once a second, and the exit flag
