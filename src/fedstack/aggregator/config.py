@@ -9,7 +9,7 @@ its help text (:func:`setting`). Everything else derives from that declaration:
   port, ``aggregation_threshold`` -> threshold, ``polling`` (1 = poll) -> delivery,
   ``init_weights_flag`` -> init_weights, ``db_data_path`` -> db; ``round_interval``,
   ``recv_socket`` and the book's other socket and database keys are accepted and ignored
-  (rounds are event-driven and one port serves everything);
+  (rounds are event-driven and one port serves the agents);
 - the environment variables ``FEDSTACK_<KEY>`` (:meth:`from_sources`);
 - the ``fedstack aggregator`` flags ``--<key>`` and their help (``fedstack.cli.settings``).
 

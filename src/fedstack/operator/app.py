@@ -16,7 +16,9 @@ routes (and ASGI middleware) of its parts and adds what all of them share:
 (:mod:`fedstack.operator.api`). A dashboard adds its routes (pages, static assets, its
 login with a session cookie, server-sent events) and its middleware through the
 ``routes``/``middleware`` arguments; :class:`~fedstack.operator.api.OperatorAPI` gives it
-the token check and the audit trail every operator action goes through.
+the token check and the audit trail every operator action goes through, and
+``await aggregator.wait_for_version(v + 1)`` wakes a live view when round ``v + 1`` is
+committed (the store has it by then).
 """
 
 from __future__ import annotations
