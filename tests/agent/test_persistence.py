@@ -174,7 +174,7 @@ def test_identity_and_acknowledged_uploads_in_process(tmp_path: Path) -> None:
         gm = a.wait_for_global_model(10)  # v1: the upload was acknowledged
         # the connection thread records v1 right after handing it over
         wait_until(lambda: json.loads((d / "identity.json").read_text())["version"] == 1)
-        assert files(d) == ["identity.json"]
+        assert files(d) == ["global.safetensors", "identity.json"]  # no pending upload
         ident = json.loads((d / "identity.json").read_text())
         assert ident["agent_id"] == a.agent_id and ident["run_id"] == agg.run_id
         assert ident["version"] == 1
@@ -185,7 +185,7 @@ def test_identity_and_acknowledged_uploads_in_process(tmp_path: Path) -> None:
         assert b.agent_id == a.agent_id  # known before the welcome
         b.start()
         np.testing.assert_array_equal(b.wait_for_global_model(10)["w"], 1)
-        assert files(d) == ["identity.json"]
+        assert files(d) == ["global.safetensors", "identity.json"]
         assert agg.store is not None and agg.store.find_upload("stale-1") is None
         b.close()
 
@@ -247,7 +247,7 @@ def test_pending_upload_survives_sigkill_and_is_stored_once(tmp_path: Path) -> N
     np.testing.assert_array_equal(report["final"]["w"], np.full((4, 3), 2))
     assert [m["upload_id"] for m in store.models(run_id, "local")].count(uid) == 1
     assert [r["round"] for r in store.rounds(run_id)] == [1, 2]
-    assert files(d) == ["identity.json"]
+    assert files(d) == ["global.safetensors", "identity.json"]
     assert json.loads((d / "identity.json").read_text())["version"] == 2
     store.close()
 

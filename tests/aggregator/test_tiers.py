@@ -465,9 +465,9 @@ def test_upper_of_another_model_structure_is_never_adopted(
     tmp_path: Path, stack: ExitStack
 ) -> None:
     """The upper aggregator is away when the edge starts (its first agent's model starts
-    the run), and comes up with a model of another shape: the edge's upload is refused
-    there, nothing of the upper is adopted, the edge leaves the upper aggregator (which
-    goes on with its other agent) and its cluster trains on its own."""
+    the run), and comes up with a model of another shape: the edge is refused there
+    (model-mismatch, when it registers), nothing of the upper is adopted, the upper
+    aggregator goes on with its other agent and the edge's cluster trains on its own."""
     # the upper's run exists with its model before it listens on the edge's upstream port
     # (else the edge's link could start it with the edge's model)
     upper_cfg = config(tmp_path / "upper.db", min_agents=1, rounds=50)
@@ -502,18 +502,23 @@ def test_upper_of_another_model_structure_is_never_adopted(
         assert len(rounds) == 6 and all(r["metrics"]["upstream_offline"] == 1 for r in rounds)
     finally:
         store.close()
-    # the edge reached the upper aggregator, and left it: its rounds go on without it
+    # the edge reached the upper aggregator and was refused: its rounds go on without it
     wait_for(lambda: upper.state.version >= 2, 20, "the upper aggregator's rounds")
     store = read_store(tmp_path / "upper.db")
     try:
-        seen = [
-            e["kind"]
-            for e in store.events(store.latest_run_id())
-            if e["kind"] in ("joined", "left") and (e["detail"] or {}).get("name") == "edge1"
-        ]
+        events = store.events(store.latest_run_id())
     finally:
         store.close()
-    assert seen[:2] == ["joined", "left"], seen
+    refused = [
+        e["detail"]["message"]
+        for e in events
+        if e["kind"] == "refused" and (e["detail"] or {}).get("code") == "model-mismatch"
+    ]
+    assert refused and "other shapes: 'w' [4] (the model's: [3])" in refused[0], refused
+    joined = [
+        e for e in events if e["kind"] == "joined" and (e["detail"] or {}).get("name") == "edge1"
+    ]
+    assert not joined
     assert not direct.errors
 
 

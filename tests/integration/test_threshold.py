@@ -26,7 +26,8 @@ def wait_until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
 
 
 def model(value: float) -> dict[str, np.ndarray]:
-    return {"w": np.full((2, 2), value, np.float32)}
+    # the structure of agent_proc.py's model (an agent of another one is refused)
+    return {"w": np.full((4, 3), value, np.float32), "b": np.full(3, value, np.float64)}
 
 
 def test_threshold_half_of_four_aggregates_at_second_distinct_upload(tmp_path: Path) -> None:

@@ -51,8 +51,10 @@ import numpy as np
 from fedstack import aio
 from fedstack.agent.connection import AgentConnection
 from fedstack.agent.core import AgentCore, ClientState
+from fedstack.agent.state import SavedGlobal
 from fedstack.agent.urls import safe_url
 from fedstack.buffers import take_arrays
+from fedstack.errors import StoreError
 from fedstack.types import Metrics, Weights
 from fedstack.wire import Error, Limits, ModelUpload, UploadAck
 from fedstack.wire.session import AUTH_ERRORS
@@ -91,11 +93,14 @@ class Agent:
             the URL's host name are always verified.
         cert, key: a client certificate (PEM) and its key, for aggregators that require
             one (mutual TLS); ``key`` may be omitted if it is in the ``cert`` file.
-        state_dir: a directory (created, mode 0700) where the agent keeps its identity and
-            the upload awaiting acknowledgement, written atomically, so that after a crash
-            (even SIGKILL) the agent restarted with the same directory resumes as the same
-            agent and re-sends that upload with the same id (see
-            :mod:`fedstack.agent.state`). None (the default) keeps everything in memory.
+        state_dir: a directory (created, mode 0700) where the agent keeps its identity,
+            the upload awaiting acknowledgement and the last global model it received
+            (written before :meth:`wait_for_global_model` returns it), each atomically, so
+            that after a crash (even SIGKILL) the agent restarted with the same directory
+            resumes as the same agent and re-sends that upload with the same id, and can
+            report its last global model with no aggregator reachable
+            (:attr:`saved_global`; see :mod:`fedstack.agent.state`). None (the default)
+            keeps everything in memory.
 
     A global model the aggregator sends is checked before the trainer sees it: one of
     another structure than this agent's initial model (or the federation's first), with
@@ -319,9 +324,36 @@ class Agent:
             FederationFinished: the final global model was already returned.
             TimeoutError: nothing arrived within ``timeout`` seconds.
         """
-        return self._wait(
-            self._core.take_global, timeout, lambda: TimeoutError("no new global model in time")
+        gm, record = self._wait(
+            self._core.take_global_kept,
+            timeout,
+            lambda: TimeoutError("no new global model in time"),
         )
+        if record is not None:
+            self._keep_global(record)
+        return gm
+
+    @property
+    def saved_global(self) -> SavedGlobal | None:
+        """The last global model this agent kept in its ``state_dir`` (None without one,
+        or before the first): readable with no aggregator running, e.g. by an agent
+        restarted offline. Its arrays are this call's own copies.
+
+        Raises:
+            StoreError: the file is there but unreadable or damaged.
+        """
+        disk = self._core.disk
+        return None if disk is None else disk.load_global()
+
+    def _keep_global(self, record: SavedGlobal) -> None:
+        """Write ``record`` to the state directory (a failure is logged: training goes on
+        without it)."""
+        disk = self._core.disk
+        assert disk is not None
+        try:
+            disk.save_global(record)
+        except StoreError as exc:
+            log.warning("%s: the global model v%d is not kept: %s", self.name, record.version, exc)
 
     def send_trained_model(
         self,
@@ -444,9 +476,14 @@ class Agent:
 
     async def wait_for_global_model_async(self, timeout: float | None = None) -> Weights:
         """:meth:`wait_for_global_model` without blocking the event loop."""
-        return await self._wait_async(
-            self._core.take_global, timeout, lambda: TimeoutError("no new global model in time")
+        gm, record = await self._wait_async(
+            self._core.take_global_kept,
+            timeout,
+            lambda: TimeoutError("no new global model in time"),
         )
+        if record is not None:
+            await asyncio.to_thread(self._keep_global, record)
+        return gm
 
     async def flush_async(self, timeout: float | None = 60.0) -> None:
         """:meth:`flush` without blocking the event loop."""

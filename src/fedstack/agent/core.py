@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fedstack.agent.state import AgentStateDir, SavedUpload
+from fedstack.agent.state import AgentStateDir, SavedGlobal, SavedUpload
 from fedstack.agent.urls import KnownAggregators, safe_url
 from fedstack.errors import (
     ConnectionClosed,
@@ -343,6 +343,26 @@ class AgentCore:
         if self.closing:
             raise ConnectionClosed(reason="agent closed")
         return None
+
+    def take_global_kept(self) -> tuple[Weights, SavedGlobal | None] | None:
+        """:meth:`take_global`, with the record the state directory keeps of it (None
+        without a state directory): the caller writes it, off this loop, before the
+        trainer gets the model."""
+        gm = self.take_global()
+        if gm is None:
+            return None
+        if self.disk is None:
+            return gm, None
+        record = SavedGlobal(
+            version=self.training_base,
+            run_id=self.session.run_id,
+            aggregator_id=self.session.aggregator_id,
+            final=self.final_delivered,
+            received=time.time(),
+            model=gm,
+            extra=dict(self.gm_extra),
+        )
+        return gm, record
 
     def flushed(self) -> bool | None:
         """True if no upload awaits its acknowledgement (or none will come), else None.

@@ -15,6 +15,16 @@ A state directory (created with mode 0700) holds:
     ``{"format": 2, "upload_id", "base_version", "num_samples", "metrics", "run_id",
     "model": [names], "extra": [names], "blob_bytes", "blob_digest"}``.
 
+``global.safetensors``
+    The last global model the agent received and handed to its trainer (the final one
+    included), one tensor file: the model's arrays as ``m.0, m.1, ...``, the extra arrays
+    that came with it as ``x.0, ...``; its ``__metadata__`` holds ``{"format": "1",
+    "version", "run_id", "aggregator_id", "final", "received", "model": JSON names,
+    "extra": JSON names, "digest"}`` (``digest``: BLAKE3 of the arrays' bytes in order). One
+    file, so one atomic rename: a crash leaves the previous model or the new one. An agent
+    restarted without a reachable aggregator reads it back (:meth:`AgentStateDir.load_global`,
+    ``Agent.saved_global``, ``fedstack agent-state DIR``).
+
 Every file is written atomically (:func:`fedstack.files.atomic_write`): to a temporary file
 in the same directory, flushed, fsynced, renamed over the final name, then the directory is
 fsynced. The pending upload is written tensors first, metadata last; the metadata carries
@@ -30,13 +40,19 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedstack.errors import ConfigError, RemoteProtocolError, StoreError
+from fedstack.errors import (
+    ConfigError,
+    ProtocolError,
+    RemoteProtocolError,
+    StoreError,
+    TensorFileError,
+)
 from fedstack.files import (
     atomic_write,
     digest_matches,
@@ -46,7 +62,7 @@ from fedstack.files import (
     is_temp_name,
     write_temp,
 )
-from fedstack.types import Array, Metrics
+from fedstack.types import Array, Metrics, Weights
 from fedstack.wire import ModelUpload, tensorfile
 
 log = logging.getLogger("fedstack.agent")
@@ -56,9 +72,19 @@ PENDING_FORMAT = 2
 IDENTITY = "identity.json"
 PENDING_META = "pending.json"
 PENDING_DATA = "pending.safetensors"
-_FILES = (IDENTITY, PENDING_META, PENDING_DATA)
+GLOBAL = "global.safetensors"
+GLOBAL_FORMAT = "1"
+_FILES = (IDENTITY, PENDING_META, PENDING_DATA, GLOBAL)
 
-__all__ = ["AgentStateDir", "Identity", "SavedUpload", "atomic_write"]
+__all__ = [
+    "AgentStateDir",
+    "Identity",
+    "SavedGlobal",
+    "SavedUpload",
+    "atomic_write",
+    "read_global",
+    "report_state",
+]
 
 
 @dataclass
@@ -90,6 +116,138 @@ class SavedUpload:
 
     upload: ModelUpload
     run_id: str | None
+
+
+@dataclass(frozen=True)
+class SavedGlobal:
+    """A global model as the agent keeps it in its state directory.
+
+    Attributes:
+        version: The global model's version (rounds completed when it was made).
+        run_id, aggregator_id: Where it came from (None if unknown).
+        final: Whether it was the federation's final model.
+        received: When the agent handed it to its trainer (wall-clock seconds).
+        model: The model's named arrays.
+        extra: The extra arrays that came with it (e.g. SCAFFOLD's control variate).
+    """
+
+    version: int
+    run_id: str | None
+    aggregator_id: str | None
+    final: bool
+    received: float
+    model: Weights
+    extra: Weights = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """What it is, without the arrays' contents: a JSON-ready report."""
+        return {
+            "version": self.version,
+            "run_id": self.run_id,
+            "aggregator_id": self.aggregator_id,
+            "final": self.final,
+            "received": self.received,
+            "tensors": {
+                n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in self.model.items()
+            },
+            "extra": sorted(self.extra),
+            "bytes": sum(int(a.nbytes) for a in self.model.values()),
+        }
+
+
+def read_global(path: str | Path) -> SavedGlobal:
+    """Read a ``global.safetensors`` file (see the module docstring), checking it whole.
+
+    Raises:
+        StoreError: it cannot be read, is not such a file, or its arrays do not match
+            their digest.
+    """
+    path = Path(path)
+    try:
+        data = bytearray(path.read_bytes())  # the arrays are writable views of it
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    try:
+        arrays, meta = tensorfile.decode(memoryview(data))
+        if meta.get("format") != GLOBAL_FORMAT:
+            raise ValueError(f"not a global model file of format {GLOBAL_FORMAT}")
+        names, extra_names = json.loads(meta["model"]), json.loads(meta["extra"])
+        if not (
+            isinstance(names, list)
+            and isinstance(extra_names, list)
+            and all(isinstance(x, str) for x in names + extra_names)
+        ):
+            raise ValueError("bad tensor names")
+        if len(arrays) != len(names) + len(extra_names):
+            raise ValueError("tensor count does not match the metadata")
+        model = {n: arrays[f"m.{i}"] for i, n in enumerate(names)}
+        extra = {n: arrays[f"x.{i}"] for i, n in enumerate(extra_names)}
+        digest, _ = digest_of(_array_bytes(model, extra))
+        if digest != meta["digest"]:
+            raise ValueError("the arrays do not match their digest")
+        version = int(meta["version"])
+        final = meta["final"]
+        if final not in ("0", "1"):
+            raise ValueError("bad final flag")
+        return SavedGlobal(
+            version=version,
+            run_id=meta.get("run_id") or None,
+            aggregator_id=meta.get("aggregator_id") or None,
+            final=final == "1",
+            received=float(meta["received"]),
+            model=model,
+            extra=extra,
+        )
+    except (ValueError, KeyError, TypeError, ProtocolError, TensorFileError) as exc:
+        raise StoreError(f"{path} is not a readable global model: {exc}") from None
+
+
+def report_state(root: str | Path) -> tuple[dict[str, Any], SavedGlobal | None]:
+    """What an agent's state directory holds, read without changing anything (no agent
+    and no aggregator needed): a JSON-ready report (``identity`` without the token,
+    ``global_model`` described, ``pending_upload``) and the last global model itself.
+
+    Raises:
+        StoreError: ``root`` is not an agent state directory, or a file in it is
+            unreadable or damaged.
+    """
+    root = Path(root)
+    ident_path = root / IDENTITY
+    try:
+        doc = json.loads(ident_path.read_bytes())
+    except FileNotFoundError:
+        raise StoreError(f"{root} is not an agent state directory (no {IDENTITY})") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read {ident_path}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise StoreError(f"{ident_path} is not an identity file of format {FORMAT}")
+    identity = {k: doc.get(k) for k in ("name", "agent_id", "version", "aggregator_id", "run_id")}
+    identity["has_token"] = bool(doc.get("token"))
+    saved = read_global(root / GLOBAL) if (root / GLOBAL).exists() else None
+    pending: dict[str, Any] | None = None
+    with contextlib.suppress(FileNotFoundError):
+        try:
+            meta = json.loads((root / PENDING_META).read_bytes())
+            pending = {
+                k: meta.get(k) for k in ("upload_id", "base_version", "num_samples", "run_id")
+            }
+        except (OSError, ValueError, AttributeError) as exc:
+            pending = {"unreadable": str(exc)}
+    report = {
+        "state_dir": str(root),
+        "identity": identity,
+        "global_model": None if saved is None else saved.describe(),
+        "pending_upload": pending,
+    }
+    return report, saved
+
+
+def _array_bytes(model: Weights, extra: Weights) -> list[memoryview]:
+    out = []
+    for a in [*model.values(), *extra.values()]:
+        c = np.ascontiguousarray(a).reshape(-1)
+        out.append(c.view(np.uint8).data if c.nbytes else memoryview(b""))
+    return out
 
 
 def _opt_str(value: object, what: str) -> str | None:
@@ -185,6 +343,45 @@ class AgentStateDir:
                 self._write_identity()
             except OSError as exc:
                 log.warning("cannot write the agent identity in %s: %s", self.root, exc)
+
+    # ------------------------------------------------------------------ global model
+    def save_global(self, saved: SavedGlobal) -> None:
+        """Keep ``saved`` as the last global model (replacing the previous one) in one
+        atomic write.
+
+        Raises:
+            StoreError: it could not be written (the previous file is left as it was).
+        """
+        model, extra = saved.model, saved.extra
+        arrays: dict[str, Array] = {f"m.{i}": a for i, a in enumerate(model.values())}
+        arrays.update({f"x.{i}": a for i, a in enumerate(extra.values())})
+        digest, _ = digest_of(_array_bytes(model, extra))
+        meta = {
+            "format": GLOBAL_FORMAT,
+            "version": str(saved.version),
+            "run_id": saved.run_id or "",
+            "aggregator_id": saved.aggregator_id or "",
+            "final": "1" if saved.final else "0",
+            "received": repr(float(saved.received)),
+            "model": json.dumps(list(model)),
+            "extra": json.dumps(list(extra)),
+            "digest": digest,
+        }
+        try:
+            parts = tensorfile.encode(arrays, meta)
+            atomic_write(self.root / GLOBAL, parts)
+        except (OSError, ProtocolError) as exc:
+            raise StoreError(f"cannot save the global model in {self.root}: {exc}") from exc
+
+    def load_global(self) -> SavedGlobal | None:
+        """The last global model kept here, or None if there is none.
+
+        Raises:
+            StoreError: the file exists but is unreadable or damaged.
+        """
+        if not (self.root / GLOBAL).exists():
+            return None
+        return read_global(self.root / GLOBAL)
 
     # ------------------------------------------------------------------ pending upload
     def save_pending(self, upload: ModelUpload, run_id: str | None) -> None:

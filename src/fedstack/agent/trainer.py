@@ -23,7 +23,9 @@ class Trainer(Protocol):
 
     def initial_weights(self) -> Weights:
         """The model this agent proposes when it is the first to join (its structure
-        fixes the federation's model)."""
+        fixes the federation's model), unless the operator registered one (``fedstack
+        model register``); an agent whose model has other names, shapes or dtypes than
+        the federation's is refused (``model-mismatch``)."""
         ...
 
     def fit(self, weights: Weights, config: Mapping[str, Any]) -> tuple[Weights, int, Metrics]:

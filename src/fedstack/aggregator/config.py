@@ -22,8 +22,11 @@ the file, the environment, the flags.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import re
 import sys
 import tomllib
 import types
@@ -37,7 +40,15 @@ import msgspec
 
 from fedstack.errors import ConfigError
 
-__all__ = ["AggregatorConfig", "ENV_PREFIX", "OTHER_ENVIRONMENT", "Setting", "accepted", "settings"]
+__all__ = [
+    "ENV_PREFIX",
+    "OTHER_ENVIRONMENT",
+    "AggregatorConfig",
+    "Setting",
+    "TargetMetric",
+    "accepted",
+    "settings",
+]
 
 ENV_PREFIX = "FEDSTACK_"
 OTHER_ENVIRONMENT = {
@@ -64,6 +75,9 @@ IGNORED_BOOK_KEYS = frozenset(
 )
 _FLOAT_MAX = sys.float_info.max  # msgspec bounds must be finite: ``le`` this refuses inf
 
+MAX_STORED_INT = 2**31 - 1
+"""The largest sample count the store's integer columns hold on every database (PostgreSQL's
+INTEGER is 32 bits)."""
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=_FLOAT_MAX)]
@@ -160,6 +174,13 @@ class AggregatorConfig:
     )
     run_name: Name = setting("default", "name of the run to start or resume")
     rounds: Count | None = setting(None, "stop after this many rounds (default: never)")
+    target_metric: str | None = setting(
+        None,
+        "stop after the first round whose metrics reach NAME>=VALUE or NAME<=VALUE: a "
+        "round metric (mean_<agent metric>, e.g. mean_local_accuracy, or a strategy's) "
+        "or eval_<name> from the evaluator (then evaluated before the round's model is "
+        "sent); with rounds, whichever comes first",
+    )
     threshold: Fraction = setting(
         1.0,
         "fraction of active agents whose uploads complete a round (1.0 = synchronous)",
@@ -193,7 +214,11 @@ class AggregatorConfig:
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1024)] = setting(
         1 << 30, "largest accepted message"
     )
-    max_num_samples: Count = setting(1 << 31, "cap on an upload's claimed sample count")
+    max_num_samples: Annotated[int, msgspec.Meta(ge=1, le=MAX_STORED_INT)] = setting(
+        10_000_000,
+        "cap on the sample count an upload claims (its FedAvg weight): an upload claiming "
+        "more is refused with invalid-model and counts for nothing",
+    )
     heartbeat_interval: Seconds = setting(
         5.0, "seconds; an agent silent for 3 intervals is dropped"
     )
@@ -333,6 +358,13 @@ class AggregatorConfig:
                 f"operator_port {self.operator_port} is the agents' port: give the operator "
                 "surface a port of its own"
             )
+        if self.target_metric is not None:
+            TargetMetric.parse(self.target_metric)  # ConfigError naming the value
+            if self.federated:
+                raise bad(
+                    "target_metric is not supported with name or upstream: the members of "
+                    "a federation end together after `rounds`"
+                )
         self._check_federation(bad)
 
     def _check_federation(self, bad: typing.Callable[[str], ConfigError]) -> None:
@@ -361,6 +393,11 @@ class AggregatorConfig:
         """Whether this aggregator is a member of a federation or has an upstream (else it
         is standalone: no federation code runs at all)."""
         return self.name is not None or self.upstream is not None
+
+    @property
+    def target(self) -> TargetMetric | None:
+        """:attr:`target_metric` parsed (None: unset)."""
+        return None if self.target_metric is None else TargetMetric.parse(self.target_metric)
 
     @property
     def is_async(self) -> bool:
@@ -441,6 +478,61 @@ class AggregatorConfig:
                 value = {**values.get(name, {}), **parse_pairs(value, s.flag)}
             values[name] = s.convert(value, "command line", s.flag)
         return cls(**values)
+
+
+_TARGET = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.:-]{0,127})\s*(>=|<=)\s*(\S+)\s*$")
+
+
+@dataclass(frozen=True)
+class TargetMetric:
+    """The metric a run stops at (``--target-metric NAME>=VALUE`` or ``NAME<=VALUE``).
+
+    Attributes:
+        name: A key of a round's metrics (as ``fedstack db rounds`` shows them).
+        op: ``">="`` (reached when the metric is at least ``value``) or ``"<="``.
+        value: A finite number.
+    """
+
+    name: str
+    op: Literal[">=", "<="]
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> TargetMetric:
+        """``"eval_accuracy>=0.9"`` -> the target.
+
+        Raises:
+            ConfigError: ``text`` is not ``NAME>=VALUE`` or ``NAME<=VALUE`` with a finite
+                number.
+        """
+        m = _TARGET.match(text)
+        value = math.nan
+        if m is not None:
+            with contextlib.suppress(ValueError):
+                value = float(m.group(3))
+        if m is None or not math.isfinite(value):
+            raise ConfigError(
+                f"target_metric = {text!r} is refused: write NAME>=VALUE or NAME<=VALUE "
+                "with a finite number (e.g. eval_accuracy>=0.9 or mean_train_loss<=0.1)"
+            )
+        op: Literal[">=", "<="] = ">=" if m.group(2) == ">=" else "<="
+        return cls(m.group(1), op, value)
+
+    @property
+    def needs_evaluator(self) -> bool:
+        """Whether the metric is one the aggregator's evaluator computes (``eval_*``)."""
+        return self.name.startswith("eval_")
+
+    def reached(self, metrics: Mapping[str, Any]) -> bool | None:
+        """Whether ``metrics`` reach the target; None if they have no numeric
+        :attr:`name` (a NaN never reaches it)."""
+        v = metrics.get(self.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return None
+        return v >= self.value if self.op == ">=" else v <= self.value
+
+    def __str__(self) -> str:
+        return f"{self.name}{self.op}{self.value:g}"
 
 
 class Setting:

@@ -52,7 +52,7 @@ from fedstack.aggregator.pacing import (
 from fedstack.aggregator.quotas import QUOTA_EXCEEDED, kept_extra, nbytes
 from fedstack.aggregator.registry import Session
 from fedstack.aggregator.uploads import check_upload, upload_id_problem
-from fedstack.aggregator.validation import validate_model
+from fedstack.aggregator.validation import structure_difference, validate_model
 from fedstack.errors import (
     ConnectionClosed,
     InvalidUpdate,
@@ -63,8 +63,10 @@ from fedstack.errors import (
     StoreUnavailable,
 )
 from fedstack.transport import Connection
+from fedstack.types import Weights
 from fedstack.wire import Error, ModelUpload, Participate, Segments
 from fedstack.wire import session as protocol
+from fedstack.wire.session import MODEL_MISMATCH
 from fedstack.wire.tensors import ALIGN
 from fedstack.wire.tensors import structure as structure_of
 
@@ -157,6 +159,8 @@ class AgentConnections:
                 if not self.agg._initialized.is_set():
                     log.info("agent %s waits: the federation has no model yet", session.name)
                     await self.agg._initialized.wait()
+            if first.model is not None and await self._refuse_mismatch(session, first.model):
+                return
             del raw, first, hello  # free the initial model's buffer (the store has it)
             joined = asyncio.get_running_loop().create_future()
             await self.agg._post(AgentJoined(session, joined))
@@ -307,6 +311,22 @@ class AgentConnections:
         with contextlib.suppress(Exception):
             await session.conn.close(timeout=1.0)
 
+    async def _refuse_mismatch(self, session: Session, model: Weights) -> bool:
+        """Refuse (``model-mismatch``, final: no retry can fix it) an agent whose initial
+        model has other names, shapes or dtypes than the federation's model (the
+        operator's registered base model, or the first agent's), telling it what differs.
+        Returns whether it was refused."""
+        structure = self.agg.structure
+        if structure is None:
+            return False
+        problem = structure_difference(model, structure)
+        if problem is None:
+            return False
+        message = f"the agent's model does not match the federation's model: {problem}"
+        log.warning("refused %s: %s", session.name, message)
+        await self.agg.registry.refuse(session.conn, MODEL_MISMATCH, message[:2000], session)
+        return True
+
     async def _initialize(self, session: Session, msg: Participate) -> None:
         """The first model fixes names, shapes and dtypes; its weights or zeros start."""
         assert self.agg.store is not None and msg.model is not None
@@ -340,7 +360,10 @@ class AgentConnections:
                 )
             except StoreConflict:
                 if self.agg.membership is None:
-                    raise
+                    # the operator registered a base model (`fedstack model register`)
+                    # since this aggregator opened the run: that model starts it
+                    await self._adopt_registered()
+                    return
                 # another member started the run first: its model is adopted by the
                 # membership's follower (the agent waits for it like any other)
                 log.info("another member of the federation recorded the first model")
@@ -354,6 +377,23 @@ class AgentConnections:
                 ", ".join(f"{n}{list(s)}:{d}" for n, d, s in structure),
                 "its weights" if use_weights else "zeros",
             )
+
+    async def _adopt_registered(self) -> None:
+        """Start the federation from the global model 0 the store has for this run (the
+        operator registered one after this aggregator started, before any agent came)."""
+        assert self.agg.store is not None
+        run = await self.agg._db(self.agg.store.get_run, self.agg.run_id)
+        gid = await self.agg._db(self.agg.store.global_model_id, self.agg.run_id, 0)
+        if run.structure is None or gid is None:
+            raise StoreError(f"run {self.agg.run_id[:8]} has a model version but no model 0")
+        weights = await self.agg._db(self.agg.store.load_weights, gid)
+        started = asyncio.get_running_loop().create_future()
+        await self.agg._post(FederationStarted(run.structure, weights, gid, started))
+        await started
+        log.info(
+            "model structure fixed by the operator's registered model: %d tensors",
+            len(run.structure),
+        )
 
     async def _on_upload(self, session: Session, msg: ModelUpload) -> None:
         """Validate, write the blob, queue for the owner, and send its answer."""

@@ -89,6 +89,9 @@ class RoundDriver:
         self._aggregator_id = aggregator_id
         self.gate = gate
         self.evaluator = evaluator
+        self.eval_in_round = False
+        """Evaluate each round's model BEFORE it is committed and sent (its ``eval_*``
+        metrics are then the round's, e.g. for a target metric), not in the background."""
         self.accumulator: Accumulator | None = None
         """The round in progress's accumulator: fed by the committer, taken by
         :meth:`aggregate`, never both at once (the owner sequences them)."""
@@ -200,6 +203,8 @@ class RoundDriver:
             result = self._pending  # kept until committed: a store failure retries it
             num_samples = sum(max(n, 0) for n, _ in self.inputs)
             metrics: Metrics = {**result.metrics, **mean_metrics(self.inputs)}
+            if self.eval_in_round and self.evaluator is not None:
+                metrics.update(await self._evaluate_now(round, result.weights))
             finished = time.time()
             if self.sink is not None:
                 return await self._publish(
@@ -223,7 +228,7 @@ class RoundDriver:
         except Exception as exc:
             return RoundCommitted(round, None, "", 0.0, exc)
         self._pending = None
-        return RoundCommitted(round, result, model_id, finished)
+        return RoundCommitted(round, result, model_id, finished, metrics=metrics)
 
     async def _publish(
         self,
@@ -283,6 +288,20 @@ class RoundDriver:
         finally:
             self._checkpointing = False
 
+    async def _evaluate_now(self, rnd: int, weights: Weights) -> Metrics:
+        """Round ``rnd``'s evaluator metrics (``eval_*``) before it is committed; a failing
+        evaluator is logged and gives none (the round is committed without them)."""
+        assert self.evaluator is not None
+        try:
+            async with self._eval_lock:
+                metrics = await asyncio.to_thread(self.evaluator, weights)
+        except Exception:
+            log.exception("evaluation of round %d failed", rnd)
+            return {}
+        out = _eval_names(metrics)
+        log.info("round %d evaluation: %s", rnd, _shown(metrics))
+        return out
+
     async def evaluate(self, rnd: int, weights: Weights) -> None:
         """Evaluate round ``rnd``'s global model and store its metrics (one at a time, in
         round order); a failure is logged."""
@@ -295,18 +314,22 @@ class RoundDriver:
                 store.update_round_metrics,
                 self._run_id(),
                 rnd,
-                {f"eval_{k}" if not k.startswith("eval_") else k: v for k, v in metrics.items()},
+                _eval_names(metrics),
             )
-            log.info(
-                "round %d evaluation: %s",
-                rnd,
-                ", ".join(
-                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in metrics.items()
-                ),
-            )
+            log.info("round %d evaluation: %s", rnd, _shown(metrics))
         except Exception:
             log.exception("evaluation of round %d failed", rnd)
+
+
+def _eval_names(metrics: Metrics) -> Metrics:
+    """An evaluator's metrics under the round's names: ``eval_<name>``."""
+    return {f"eval_{k}" if not k.startswith("eval_") else k: v for k, v in metrics.items()}
+
+
+def _shown(metrics: Metrics) -> str:
+    return ", ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+    )
 
 
 def mean_metrics(inputs: list[tuple[int, Metrics]]) -> Metrics:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fedstack.strategies import Result
-from fedstack.types import Weights
+from fedstack.types import Metrics, Weights
 from fedstack.wire import Message, ModelUpload, Poll
 
 if TYPE_CHECKING:
@@ -102,6 +102,7 @@ class RoundCommitted:
     error: BaseException | None = None
     rebuilt: Replayed | None = None  # a fresh accumulator after a broken one
     version: int | None = None
+    metrics: Metrics | None = None  # the round's metrics as stored (None: not known)
 
 
 @dataclass(eq=False)

@@ -42,7 +42,7 @@ from fedstack.aggregator.tasks import ScopeClosed
 from fedstack.aggregator.uploads import plan_batch
 from fedstack.aggregator.validation import Structure
 from fedstack.errors import StoreError
-from fedstack.types import Weights
+from fedstack.types import Metrics, Weights
 from fedstack.wire import Error, Message, UploadAck
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ class RoundOwner:
         self._aggregating = False
         self._retry_at: float | None = None
         self._warned_round = 0
+        self._warned_target = False
         self._polls = PollWaiters()
         self.new_version = asyncio.Event()
         self._baseline: tuple[int, Any] | None = None  # (version, the gate's probe outputs)
@@ -364,6 +365,8 @@ class RoundOwner:
         result, inputs = ev.result, len(self.state.contributors)
         seconds = ev.finished_wall - self.agg.driver.started_wall
         version = self.state.version + 1 if ev.version is None else ev.version
+        if ev.metrics is not None:
+            self._check_target(ev.round, ev.metrics)  # before adopt: the model is final
         self.adopt(version, ev.model_id, result.weights, result.extra, result.state)
         self.rounds_completed += 1
         self.agg.metrics.observe_round(seconds)
@@ -375,7 +378,7 @@ class RoundOwner:
             " (final)" if self.state.finished else "",
         )
         self._announce()
-        if self.agg.evaluator is not None:
+        if self.agg.evaluator is not None and not self.agg.driver.eval_in_round:
             self.agg._scope.spawn(
                 self.agg.driver.evaluate(version, result.weights), name="evaluate"
             )
@@ -386,6 +389,34 @@ class RoundOwner:
             self.agg._scope.spawn(self.agg.driver.checkpoint(now), name="checkpoint")
         if self.state.finished:
             self.agg._finished.set()
+
+    def _check_target(self, rnd: int, metrics: Metrics) -> None:
+        """End the run if round ``rnd``'s ``metrics`` reach the target metric."""
+        target = self.agg.target
+        if target is None or self.state.target_reached:
+            return
+        reached = target.reached(metrics)
+        if reached is None:
+            if not self._warned_target:
+                self._warned_target = True
+                log.warning(
+                    "round %d has no numeric metric %r for the target %s (its metrics: %s); "
+                    "the run goes on",
+                    rnd,
+                    target.name,
+                    target,
+                    ", ".join(sorted(metrics)) or "none",
+                )
+            return
+        if reached:
+            self.state.target_reached = True
+            log.info(
+                "round %d reached the target %s (%s = %s): this is the final round",
+                rnd,
+                target,
+                target.name,
+                metrics[target.name],
+            )
 
     def _announce(self) -> None:
         """A new global version was adopted: wake its waiters, answer the polls, push it."""

@@ -90,6 +90,8 @@ class RoundState:
     staleness_policy: str
     trigger: int | None = None  # aggregate every `trigger` updates (FedAsync/FedBuff)
     min_updates: int = 1  # the strategy cannot aggregate fewer (Krum, Bulyan, ...)
+    target_reached: bool = False
+    """The run's target metric was reached (``--target-metric``): the run is over."""
     version: int = -1
     started: float = 0.0
     contributors: dict[str, str] = field(default_factory=dict)  # agent id -> model id
@@ -108,7 +110,9 @@ class RoundState:
 
     @property
     def finished(self) -> bool:
-        return self.max_rounds is not None and self.version >= self.max_rounds
+        return self.target_reached or (
+            self.max_rounds is not None and self.version >= self.max_rounds
+        )
 
     def needed(self, active: int) -> int:
         """Distinct uploads that complete the round: max(min_agents, ceil(threshold x active),

@@ -146,6 +146,13 @@ class Aggregator:
         if evaluator is None and config.evaluator:
             evaluator = load_callable(config.evaluator)
         self.evaluator = evaluator
+        self.target = config.target
+        """The metric that ends the run (``target_metric``), or None."""
+        if self.target is not None and self.target.needs_evaluator and evaluator is None:
+            raise ConfigError(
+                f"target_metric {config.target_metric!r} names an evaluator metric "
+                "(eval_...): set evaluator too"
+            )
         self.limits = Limits(max_message_bytes=config.max_message_bytes)
         self.ssl_context = (
             server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -203,6 +210,8 @@ class Aggregator:
             gate=self.gate,
             evaluator=evaluator,
         )
+        # a target on an evaluator metric is decided before the round's model is sent
+        self.driver.eval_in_round = self.target is not None and self.target.needs_evaluator
         self.committer = Committer(
             db=self._db,
             compute=self.workers.compute,
@@ -465,6 +474,16 @@ class Aggregator:
         else:
             state, extra = resume.strategy_state, resume.global_extra
         self.owner.structure = structure
+        if self.target is not None and resume.version > 0:
+            # the run reached its target before the restart: it is over, not resumed
+            last = await self._db(self.store.rounds, self.run_id, 1)
+            if last and self.target.reached(last[-1]["metrics"] or {}):
+                self.state.target_reached = True
+                log.info(
+                    "round %d reached the target %s before this restart: the run is over",
+                    last[-1]["round"],
+                    self.target,
+                )
         self.owner.adopt(resume.version, resume.global_model_id, weights, extra, state)
         replayed = await self.driver.replay(weights, state, resume.version, resume.buffered)
         self.driver.accumulator = replayed.accumulator

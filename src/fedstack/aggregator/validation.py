@@ -50,6 +50,46 @@ def validate_model(
             raise bad(f"tensor {name!r} holds NaN or infinite values")
 
 
+def structure_difference(weights: Weights, structure: Structure, most: int = 8) -> str | None:
+    """What differs between model ``weights`` and the federation's ``structure``: every
+    missing and unexpected tensor name, every shape and dtype that differs (``most`` of
+    each kind, then a count), or None when they match. Names are shown escaped (an
+    agent's names are attacker-controlled)."""
+
+    def listed(items: list[str]) -> str:
+        more = f" (+{len(items) - most} more)" if len(items) > most else ""
+        return ", ".join(items[:most]) + more
+
+    def q(name: str) -> str:
+        return repr(name[:64])
+
+    expected = {n: (d, tuple(s)) for n, d, s in structure}
+    missing = [n for n in expected if n not in weights]
+    extra = [n for n in weights if n not in expected]
+    shapes: list[str] = []
+    dtypes: list[str] = []
+    for name, arr in weights.items():
+        if name not in expected:
+            continue
+        dtype, shape = expected[name]
+        got_shape = tuple(int(d) for d in arr.shape)
+        if got_shape != shape:
+            shapes.append(f"{q(name)} {list(got_shape)} (the model's: {list(shape)})")
+        got_dtype = dtype_name(arr.dtype)
+        if got_dtype != dtype:
+            dtypes.append(f"{q(name)} {got_dtype} (the model's: {dtype})")
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {listed([q(n) for n in missing])}")
+    if extra:
+        problems.append(f"unexpected tensors: {listed([q(n) for n in extra])}")
+    if shapes:
+        problems.append(f"other shapes: {listed(shapes)}")
+    if dtypes:
+        problems.append(f"other dtypes: {listed(dtypes)}")
+    return "; ".join(problems) if problems else None
+
+
 def validate_extra(
     extra: Weights,
     *,

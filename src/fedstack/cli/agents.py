@@ -33,11 +33,12 @@ from typing import Annotated, Any
 
 import typer
 
-from fedstack.cli.options import AGENT_OPTIONS, AgentOptions, with_group
+from fedstack.cli.options import AGENT_OPTIONS, AgentOptions, JsonFlag, with_group
+from fedstack.cli.output import print_json, quiet_logs
 from fedstack.errors import ConfigError
-from fedstack.names import check_agent_name
+from fedstack.names import check_agent_name, safe_text
 
-__all__ = ["Terminated", "cmd_agent", "cmd_agents", "sigterm_unwinds"]
+__all__ = ["Terminated", "cmd_agent", "cmd_agent_state", "cmd_agents", "sigterm_unwinds"]
 
 log = logging.getLogger("fedstack.cli")
 
@@ -103,8 +104,9 @@ StateDir = Annotated[
     str | None,
     typer.Option(
         "--state-dir",
-        help="directory keeping the agent's identity and its unacknowledged "
-        "upload across crashes (default: memory only)",
+        help="directory keeping the agent's identity, its unacknowledged upload and the "
+        "last global model across crashes (read it with `fedstack agent-state DIR`; "
+        "default: memory only)",
     ),
 ]
 
@@ -247,4 +249,67 @@ def _child(
         # writes of up to PIPE_BUF bytes whole
         sys.stdout.flush()
         os.write(sys.stdout.fileno(), (json.dumps({"agent": name, **history[-1]}) + "\n").encode())
+    return 0
+
+
+StateDirArg = Annotated[Path, typer.Argument(help="the agent's --state-dir")]
+OutFile = Annotated[
+    Path | None,
+    typer.Option("--out", help="also write the last global model to FILE (.safetensors or .npz)"),
+]
+
+
+def cmd_agent_state(state_dir: StateDirArg, json_: JsonFlag = False, out: OutFile = None) -> int:
+    """Report what an agent's state directory holds: its identity, the last global model
+    it received (version, run, final or not, tensors) and any upload awaiting its
+    acknowledgement. Reads only; needs no aggregator."""
+    import numpy as np
+
+    from fedstack.agent.state import report_state
+    from fedstack.files import atomic_write
+    from fedstack.wire import tensorfile
+
+    if out is not None and out.suffix not in (".safetensors", ".npz"):
+        raise ConfigError(f"--out {out}: the file name must end in .safetensors or .npz")
+    report, saved = report_state(state_dir)
+    if out is not None:
+        if saved is None:
+            raise ConfigError(f"{state_dir} holds no global model to write to {out}")
+        if out.suffix == ".npz":
+            tmp = out.with_name(f".{out.name}.tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, allow_pickle=False, **saved.model)
+            os.replace(tmp, out)
+        else:
+            atomic_write(out, tensorfile.encode(saved.model, {"version": str(saved.version)}))
+        report["written"] = str(out)
+    if json_:
+        quiet_logs()
+        print_json(report)
+        return 0
+    ident = report["identity"]
+    print(
+        safe_text(
+            f"agent {ident['name']} (id {ident['agent_id'] or '-'}), run {ident['run_id'] or '-'}, "
+            f"last version {ident['version']}"
+        )
+    )
+    gm = report["global_model"]
+    if gm is None:
+        print("global model: none kept")
+    else:
+        received = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(gm["received"]))
+        print(
+            safe_text(
+                f"global model: version {gm['version']}{' (final)' if gm['final'] else ''}, "
+                f"run {gm['run_id'] or '-'}, received {received}, {len(gm['tensors'])} "
+                f"tensors, {gm['bytes']} bytes"
+            )
+        )
+        for name, t in gm["tensors"].items():
+            print(safe_text(f"  {name}: {t['dtype']} {tuple(t['shape'])}"))
+    pending = report["pending_upload"]
+    print(safe_text(f"pending upload: {pending if pending is not None else 'none'}"))
+    if out is not None:
+        print(safe_text(f"written: {out}"))
     return 0

@@ -9,7 +9,9 @@ peer-controlled text (names, URLs, metric keys, event details) is shown escaped.
 
 The views open the store read-only (:meth:`Store.open_readonly`): a missing file, another
 application's database, an empty file or a store of another schema version is refused with
-an error (exit 2), never created, converted or migrated. ``upgrade`` is the one subcommand
+an error (exit 2), never created, converted or migrated. ``export MODEL_ID --format
+safetensors|npz|pt --out FILE`` writes any stored model to a file in a native format.
+``upgrade`` is the one subcommand
 that writes: it brings a store's schema up to date (or creates a new store), as the
 aggregator does when it starts.
 """
@@ -28,10 +30,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from fedstack.cli.options import BlobDir, DbPath, JsonFlag, RunOpt
 from fedstack.cli.output import console, print_json, quiet_logs, table, tree
 from fedstack.errors import StoreError
+from fedstack.names import safe_text
 from fedstack.store import Store, migrations
 from fedstack.store.database import redacted, resolve_url
+from fedstack.store.modelfiles import Format, write_model_file
 
-__all__ = ["app", "lineage_tree", "plot_rounds", "resolve_run"]
+__all__ = ["app", "find_model", "lineage_tree", "plot_rounds", "resolve_run"]
 
 app = typer.Typer(
     help="inspect the model store",
@@ -345,6 +349,96 @@ def cmd_plot(
         path = plot_rounds(store, runs, metric or ["eval_accuracy", "mean_train_loss"], out)
     print(f"wrote {path}")
     return 0
+
+
+ExportId = Annotated[
+    str, typer.Argument(metavar="MODEL_ID", help="a model id or a prefix of one (any run)")
+]
+ExportFormat = Annotated[
+    Literal["safetensors", "npz", "pt"] | None,
+    typer.Option(
+        "--format",
+        help="safetensors, npz, or pt (a PyTorch state dict); default: from --out's suffix",
+    ),
+]
+ExportOut = Annotated[Path, typer.Option("--out", help="the file to write")]
+
+
+def find_model(store: Store, model: str, run_id: str | None = None) -> dict[str, Any]:
+    """The stored model whose id is ``model`` or starts with it (in run ``run_id``, or any).
+
+    Raises:
+        StoreError: no model or several match.
+    """
+    if not model or not all(c in "0123456789abcdef" for c in model):
+        raise StoreError(f"model id {safe_text(model[:64])!r} is not a hex id or prefix")
+    exact = store.model(model)
+    if exact is not None and (run_id is None or exact["run_id"] == run_id):
+        return exact
+    matches = [m for m in store.models(run_id) if m["id"].startswith(model)]
+    if len(matches) != 1:
+        raise StoreError(
+            f"model id {model!r} matches {len(matches)} models"
+            + ("; see `fedstack db models`" if not matches else "; give more of it")
+        )
+    return matches[0]
+
+
+@app.command("export")
+def cmd_export(
+    model: ExportId,
+    db: DbPath,
+    out: ExportOut,
+    blob_dir: BlobDir = None,
+    run: RunOpt = None,
+    format_: ExportFormat = None,
+    json_: JsonFlag = False,
+) -> int:
+    """Write a stored model (a global, semi-global or local model, any round) to a file in
+    a native format: safetensors (the stored bytes), npz, or a PyTorch state dict (pt,
+    loads with torch.load(weights_only=True) and module.load_state_dict)."""
+    if json_:
+        quiet_logs()
+    fmt: Format = format_ or _format_of(out)
+    with _store(db, blob_dir) as store:
+        run_id = resolve_run(store, run) if run is not None else None
+        m = find_model(store, model, run_id)
+        if fmt == "safetensors":  # the stored tensor file itself, byte for byte
+            store.export_model(m["id"], out)
+        else:
+            write_model_file(store.load_weights(m["id"]), out, fmt)
+    info = {
+        "model_id": m["id"],
+        "run": m["run_id"],
+        "kind": m["kind"],
+        "round": m["round"],
+        "metrics": m["metrics"],
+        "format": fmt,
+        "out": str(out),
+        "bytes": out.stat().st_size,
+    }
+    if json_:
+        print_json(info)
+    else:
+        what = "global model" if m["kind"] == "cluster" else f"{m['kind']} model"
+        print(
+            f"wrote {what} {m['id'][:12]} (run {m['run_id'][:8]}, round {m['round']}) "
+            f"to {safe_text(out)} ({fmt}, {info['bytes']:,} bytes)"
+        )
+    return 0
+
+
+def _format_of(out: Path) -> Format:
+    suffix = out.suffix.lower()
+    for fmt, suffixes in (("safetensors", (".safetensors", ".st")), ("npz", (".npz",))):
+        if suffix in suffixes:
+            return fmt  # type: ignore[return-value]
+    if suffix in (".pt", ".pth"):
+        return "pt"
+    raise StoreError(
+        f"cannot tell the format from {safe_text(out.name)!r}: pass --format "
+        "safetensors|npz|pt or name the file .safetensors, .npz or .pt"
+    )
 
 
 @app.command("upgrade")

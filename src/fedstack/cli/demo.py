@@ -29,6 +29,7 @@ from rich.table import Table
 
 from fedstack.cli.options import JsonFlag
 from fedstack.cli.output import console, quiet_logs
+from fedstack.data.digits import partition_digits
 from fedstack.data.partition import parse_partition
 from fedstack.errors import FedstackError
 from fedstack.store import Store
@@ -86,7 +87,12 @@ def cmd_demo(
     ] = 1,
     rounds: Annotated[int, typer.Option("--rounds")] = 10,
     partition: Annotated[
-        str, typer.Option("--partition", help="iid or dirichlet:ALPHA")
+        str,
+        typer.Option(
+            "--partition",
+            help="iid, dirichlet:ALPHA, shards:K, quantity:ALPHA or the book's keep ratios "
+            "keep:sel=S,def=D[,map=0-2/3-5/6-9][,overlap=true]",
+        ),
     ] = "dirichlet:0.5",
     workdir: Annotated[str, typer.Option("--workdir")] = "fedstack-demo",
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -113,6 +119,9 @@ def cmd_demo(
     if args.agents < 1 or args.rounds < 1:
         raise DemoError("--agents and --rounds must be at least 1")
     parse_partition(args.partition)  # fail early on a bad spec
+    # ... or on one the digits cannot satisfy for this many agents (e.g. keep ratios
+    # adding up to more than a class without overlap=true)
+    partition_digits(0, args.agents, args.partition, args.seed)
     if aggregators > 1:
         from fedstack.cli.demo_horizontal import run_horizontal
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 import typer.main
 
-from fedstack.cli import agents, aggregator, certs, credentials, db, demo, sim
+from fedstack.cli import agents, aggregator, certs, credentials, db, demo, model, sim
 from fedstack.cli.output import setup_logging
 from fedstack.errors import FedstackError
 from fedstack.names import safe_text
@@ -44,6 +44,9 @@ def _root(
 
 app.command("aggregator", short_help="run an aggregator")(aggregator.cmd_aggregator)
 app.command("agent", short_help="run an agent from a Trainer class")(agents.cmd_agent)
+app.command("agent-state", short_help="report an agent's state directory (no aggregator needed)")(
+    agents.cmd_agent_state
+)
 app.command("agents", short_help="run N agent processes forked from one warm parent")(
     agents.cmd_agents
 )
@@ -55,6 +58,7 @@ app.command("sim", short_help="simulate N virtual agents on the real aggregator 
     sim.cmd_sim
 )
 app.add_typer(db.app, name="db", help="inspect the model store")
+app.add_typer(model.app, name="model", help="register the federation's base model")
 app.command("certs", short_help="make a self-signed CA and TLS certificates for a test deployment")(
     certs.cmd_certs
 )

@@ -304,3 +304,69 @@ def to_float(images: Images, mean: float = 0.5, std: float = 0.5) -> npt.NDArray
     (``(x / 255 - mean) / std``)."""
     x = images.astype(np.float32) / 255.0
     return np.ascontiguousarray(((x - mean) / std).transpose(0, 3, 1, 2))
+
+
+# -- writers -----------------------------------------------------------------------------
+
+
+def write_batch(path: str | Path, images: Images, labels: Labels) -> None:
+    """Write one CIFAR-10 binary batch (the format :func:`read_batch` reads): per image
+    its label byte, then 3072 bytes (red, green, blue planes, row-major 32x32).
+
+    Args:
+        path: The file to write (replaced if present).
+        images: uint8 (N, 32, 32, 3) HWC, as the loaders return them.
+        labels: N labels in 0..9.
+
+    Raises:
+        ConfigError: If the shapes, dtype or labels do not fit the format.
+    """
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise ConfigError(
+            f"images must be uint8 of shape (N, 32, 32, 3), got {images.dtype} {images.shape}"
+        )
+    if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
+        raise ConfigError(
+            f"labels must be {len(images)} integers, got {labels.dtype} {labels.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ConfigError("labels must be in 0..9")
+    chw = images.transpose(0, 3, 1, 2).reshape(len(images), PIXELS)
+    records = np.concatenate([labels.astype(np.uint8)[:, None], chw], axis=1)
+    Path(path).write_bytes(records.tobytes())
+
+
+def write_cifar10(
+    root: str | Path,
+    x_train: Images,
+    y_train: Labels,
+    x_test: Images,
+    y_test: Labels,
+    *,
+    class_names: list[str] | None = None,
+) -> Path:
+    """Write a dataset in CIFAR-10's binary layout: ``root/cifar-10-batches-bin/`` with
+    ``data_batch_1.bin`` .. ``data_batch_5.bin`` (the training images split in five, in
+    order), ``test_batch.bin`` and ``batches.meta.txt``. :func:`load_cifar10` reads it
+    back unchanged; small generated folders in this layout stand in for CIFAR-10 in tests.
+
+    Returns:
+        The ``cifar-10-batches-bin`` folder.
+
+    Raises:
+        ConfigError: If the arrays do not fit the format (see :func:`write_batch`) or
+            ``class_names`` is not 10 names.
+    """
+    names = list(CLASSES if class_names is None else class_names)
+    if len(names) != 10 or not all(isinstance(n, str) and n and "\n" not in n for n in names):
+        raise ConfigError("class_names must be 10 non-empty single-line names")
+    folder = Path(root) / "cifar-10-batches-bin"
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = np.array_split(np.arange(len(y_train)), len(TRAIN_FILES))
+    for name, rows in zip(TRAIN_FILES, parts, strict=True):
+        write_batch(folder / name, np.asarray(x_train)[rows], np.asarray(y_train)[rows])
+    write_batch(folder / TEST_FILE, x_test, y_test)
+    (folder / "batches.meta.txt").write_text("\n".join(names) + "\n")
+    return folder

@@ -129,8 +129,9 @@ def partition_digits(
     Args:
         index: This agent's position, ``0 <= index < num_agents``.
         num_agents: Number of agents sharing the data.
-        partition: ``"iid"`` or ``"dirichlet:ALPHA"`` (see
-            :func:`fedstack.data.partition.parse_partition`).
+        partition: a spec of :func:`fedstack.data.partition.parse_partition` (``"iid"``,
+            ``"dirichlet:ALPHA"``, ``"shards:K"``, ``"quantity:ALPHA"``,
+            ``"keep:sel=S,def=D"``).
         seed: Seed of the partition.
         split_seed: Seed of the train/test split (keep it equal everywhere, including
             in central evaluation).

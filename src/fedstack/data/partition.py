@@ -1,15 +1,18 @@
 """Split a labelled dataset across agents: IID, Dirichlet label skew, pathological
-k-classes-per-agent shards, or quantity skew.
+k-classes-per-agent shards, quantity skew, or the book's per-class keep ratios.
 
 Every partitioner takes ``(labels, num_agents, seed)`` and returns one array of row
-indices per agent. The index arrays are disjoint and together cover every row.
+indices per agent. The index arrays of ``iid``, ``dirichlet``, ``shards`` and
+``quantity_skew`` are disjoint and together cover every row. :func:`class_keep` (the
+book's ``sel_count``/``def_count`` scheme) keeps a *fraction* of each class per agent, so
+rows may stay unused; its shares are disjoint unless ``overlap`` is asked for.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import TypeAlias
 
 import numpy as np
@@ -179,6 +182,152 @@ def quantity_skew(
     return [np.asarray(p, dtype=np.int64) for p in np.split(order, cuts)]
 
 
+def default_class_map(classes: Sequence[Hashable], num_agents: int) -> list[list[Hashable]]:
+    """The book's class-to-agent map: the sorted classes cut into ``num_agents`` contiguous
+    groups, the larger groups last (10 classes, 3 agents: 0-2, 3-5, 6-9 as in chapter 8).
+
+    Raises:
+        ConfigError: If there are more agents than classes (an agent would select none).
+    """
+    k = len(classes)
+    if num_agents > k:
+        raise ConfigError(
+            f"the default class map needs at most one agent per class ({k} classes, "
+            f"{num_agents} agents); give an explicit map"
+        )
+    base, extra = divmod(k, num_agents)
+    sizes = [base + (1 if i >= num_agents - extra else 0) for i in range(num_agents)]
+    groups: list[list[Hashable]] = []
+    start = 0
+    for size in sizes:
+        groups.append(list(classes[start : start + size]))
+        start += size
+    return groups
+
+
+def _check_ratio(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
+    ratio = float(value)
+    if not (math.isfinite(ratio) and 0.0 <= ratio <= 1.0):
+        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
+    return ratio
+
+
+def class_keep(
+    labels: npt.ArrayLike,
+    num_agents: int,
+    *,
+    sel_count: float,
+    def_count: float,
+    class_map: Sequence[Collection[Hashable]] | None = None,
+    seed: int = 0,
+    overlap: bool = False,
+) -> list[IndexArray]:
+    """The book's non-IID split (chapters 7 and 8): per-class keep ratios.
+
+    Agent ``a`` keeps ``floor(sel_count * n_c)`` rows of every class ``c`` it *selects*
+    (``c in class_map[a]``) and ``floor(def_count * n_c)`` rows of every other class,
+    where ``n_c`` is the number of rows of class ``c`` (the book's ``int(count * 5000)``).
+    The book's chapter-8 setting is ``sel_count=1.0, def_count=0.2`` with agent 1
+    selecting classes 0-2, agent 2 classes 3-5 and agent 3 classes 6-9 (the default map);
+    chapter 7's FedCurv agents use ``def_count=0.1``.
+
+    The rows of each class are shuffled and laid out one agent after the other, so the
+    shares are disjoint as long as the agents' counts of every class add up to at most
+    ``n_c``. The book's own settings exceed that (1.0 + 0.2 + 0.2 of every class): each of
+    its agents draws from the whole dataset. ``overlap=True`` allows this: the layout
+    then wraps around the class's rows, so an agent never holds a row twice and rows are
+    shared as little as the counts permit (every row of a class is held by
+    ``floor(total / n_c)`` or one more agents). Without it such counts are refused.
+
+    Args:
+        labels: One (hashable, sortable) label per row.
+        num_agents: Number of agents.
+        sel_count: Fraction of a selected class an agent keeps, in [0, 1].
+        def_count: Fraction of every other class an agent keeps, in [0, 1].
+        class_map: One collection of selected classes per agent (``len == num_agents``;
+            a class may be selected by several agents or none). ``None``: the sorted
+            classes cut into contiguous groups (:func:`default_class_map`).
+        seed: Seed of the shuffles; the same seed gives the same shares.
+        overlap: Allow agents to share rows when a class's counts exceed its rows.
+
+    Returns:
+        ``num_agents`` shuffled index arrays without repeated rows.
+
+    Raises:
+        ConfigError: If an argument is out of range, the map names a class absent from
+            ``labels`` or has the wrong length, a class's counts exceed its rows without
+            ``overlap``, or an agent would get no rows.
+    """
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ConfigError(f"labels must be one-dimensional, got shape {y.shape}")
+    n = len(y)
+    _check_num_agents(num_agents, n)
+    sel = _check_ratio("sel_count", sel_count)
+    dflt = _check_ratio("def_count", def_count)
+    if not isinstance(overlap, bool):
+        raise ConfigError(f"overlap must be true or false, got {overlap!r}")
+    classes = np.unique(y)
+    present = {c.item() if isinstance(c, np.generic) else c for c in classes}
+    if class_map is None:
+        groups = [set(g) for g in default_class_map(sorted(present), int(num_agents))]
+    else:
+        if isinstance(class_map, str | bytes) or not isinstance(class_map, Sequence):
+            raise ConfigError("class_map must be a sequence of class collections, one per agent")
+        if len(class_map) != num_agents:
+            raise ConfigError(
+                f"the class map has {len(class_map)} groups but there are {num_agents} "
+                "agents; give one group of selected classes per agent"
+            )
+        groups = []
+        for a, group in enumerate(class_map):
+            if isinstance(group, str | bytes) or not isinstance(group, Collection):
+                raise ConfigError(f"class map group {a} must be a collection of classes")
+            chosen = set(group)
+            missing = sorted(chosen - present, key=repr)
+            if missing:
+                raise ConfigError(
+                    f"class map group {a} names class(es) {missing} that no label has "
+                    f"(classes present: {sorted(present, key=repr)})"
+                )
+            groups.append(chosen)
+
+    rng = np.random.default_rng(seed)
+    shares: list[list[IndexArray]] = [[] for _ in range(num_agents)]
+    for cls in classes:
+        key = cls.item() if isinstance(cls, np.generic) else cls
+        rows = np.flatnonzero(y == cls).astype(np.int64)
+        rng.shuffle(rows)
+        n_c = len(rows)
+        keep = [sel if key in groups[a] else dflt for a in range(num_agents)]
+        # int(ratio * n_c) as the book; 1e-9 keeps 0.29 * 100 at 29, not 28.999...
+        counts = [math.floor(r * n_c + 1e-9) for r in keep]
+        total = sum(counts)
+        if total > n_c and not overlap:
+            ratios = " + ".join(f"{r:g}" for r in keep)
+            raise ConfigError(
+                f"class {key!r}: the agents keep {ratios} of its {n_c} rows ({total} rows > "
+                f"{n_c}), so their shares cannot be disjoint; lower sel_count/def_count or "
+                "allow overlap (overlap=true in a keep: spec; the agents then share rows, as "
+                "the book's code does)"
+            )
+        start = 0
+        for a, k in enumerate(counts):
+            shares[a].append(rows[(start + np.arange(k, dtype=np.int64)) % n_c])
+            start += k
+    parts = [np.concatenate(s) for s in shares]
+    for a, part in enumerate(parts):
+        if len(part) == 0:
+            raise ConfigError(
+                f"agent {a} gets no rows (sel_count={sel}, def_count={dflt}, selected "
+                f"classes {sorted(groups[a], key=repr)}); raise the ratios or select classes"
+            )
+        rng.shuffle(part)
+    return parts
+
+
 def _number(spec: str, arg: str, what: str, example: str) -> float:
     if not arg.strip():
         raise ConfigError(f"partition {spec!r} lacks its {what}: use e.g. {example!r}")
@@ -195,13 +344,94 @@ def _number(spec: str, arg: str, what: str, example: str) -> float:
     return value
 
 
+_KEEP_EXAMPLE = "keep:sel=1.0,def=0.2,map=0-2/3-5/6-9"
+_KEEP_FORM = "keep:sel=S,def=D[,map=G/G/...][,overlap=true]"
+
+
+def _class_group(spec: str, text: str) -> list[int]:
+    """``"0-2+7"`` -> ``[0, 1, 2, 7]``: non-negative integer classes and ranges joined by +."""
+    out: list[int] = []
+    for item in text.split("+"):
+        item = item.strip()
+        lo_text, dash, hi_text = item.partition("-")
+        try:
+            lo = int(lo_text)
+            hi = int(hi_text) if dash else lo
+        except ValueError:
+            raise ConfigError(
+                f"partition {spec!r}: class {item!r} in the map is not a non-negative "
+                f"integer or range A-B (use e.g. {_KEEP_EXAMPLE!r})"
+            ) from None
+        if lo < 0 or hi < lo:
+            raise ConfigError(f"partition {spec!r}: class range {item!r} is empty or negative")
+        if hi - lo >= 1_000_000:
+            raise ConfigError(f"partition {spec!r}: class range {item!r} is too large")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+def _parse_keep(spec: str, arg: str) -> Partitioner:
+    options: dict[str, str] = {}
+    if not arg.strip():
+        raise ConfigError(
+            f"partition {spec!r} lacks its keep ratios: use {_KEEP_FORM}, e.g. {_KEEP_EXAMPLE!r}"
+        )
+    for item in arg.split(","):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise ConfigError(
+                f"partition {spec!r}: {item.strip()!r} must look like key=value "
+                f"({_KEEP_FORM}, e.g. {_KEEP_EXAMPLE!r})"
+            )
+        if key not in ("sel", "def", "map", "overlap"):
+            raise ConfigError(
+                f"partition {spec!r}: unknown option {key!r}; expected sel, def, map, overlap"
+            )
+        if key in options:
+            raise ConfigError(f"partition {spec!r}: option {key!r} is given twice")
+        options[key] = value
+    missing = [k for k in ("sel", "def") if k not in options]
+    if missing:
+        raise ConfigError(
+            f"partition {spec!r} lacks {' and '.join(missing)}: use {_KEEP_FORM}, "
+            f"e.g. {_KEEP_EXAMPLE!r}"
+        )
+    ratios: dict[str, float] = {}
+    for key in ("sel", "def"):
+        try:
+            ratios[key] = _check_ratio(f"{key}_count", float(options[key]))
+        except (ValueError, ConfigError):
+            raise ConfigError(
+                f"partition {spec!r}: {key} must be a number in [0, 1], got {options[key]!r}"
+            ) from None
+    class_map: list[list[int]] | None = None
+    if "map" in options:
+        class_map = [_class_group(spec, g) for g in options["map"].split("/")]
+    overlap_text = options.get("overlap", "false")
+    if overlap_text not in ("true", "false", "yes", "no", "1", "0"):
+        raise ConfigError(f"partition {spec!r}: overlap must be true or false")
+    return functools.partial(
+        _keep_partitioner,
+        sel_count=ratios["sel"],
+        def_count=ratios["def"],
+        class_map=class_map,
+        overlap=overlap_text in ("true", "yes", "1"),
+    )
+
+
 def parse_partition(spec: str) -> Partitioner:
     """Turn a partition spec into a partitioner.
 
     Args:
         spec: ``"iid"``, ``"dirichlet:ALPHA"`` (label skew, e.g. ``"dirichlet:0.5"``),
-            ``"shards:K"`` (K classes per agent) or ``"quantity:ALPHA"`` (size skew).
-            Case and surrounding spaces are ignored.
+            ``"shards:K"`` (K classes per agent), ``"quantity:ALPHA"`` (size skew) or
+            ``"keep:sel=S,def=D[,map=G/G/...][,overlap=true]"`` (the book's per-class keep
+            ratios, :func:`class_keep`: one group G of selected classes per agent,
+            classes and ranges joined by ``+`` such as ``0-2+7``; without ``map`` the
+            default map of :func:`default_class_map`). Chapter 8's setting is
+            ``"keep:sel=1.0,def=0.2,map=0-2/3-5/6-9,overlap=true"``. Case and
+            surrounding spaces are ignored.
 
     Returns:
         A callable ``partitioner(labels, num_agents, seed) -> list of index arrays``.
@@ -226,9 +456,11 @@ def parse_partition(spec: str) -> Partitioner:
     if kind == "quantity":
         alpha = _number(spec, arg, "concentration alpha", "quantity:1.0")
         return functools.partial(_quantity_partitioner, alpha=alpha)
+    if kind == "keep":
+        return _parse_keep(spec, arg)
     raise ConfigError(
         f"unknown partition {spec!r}: expected 'iid', 'dirichlet:ALPHA', 'shards:K' or "
-        "'quantity:ALPHA'"
+        f"'quantity:ALPHA', or the book's keep ratios '{_KEEP_FORM}'"
     )
 
 
@@ -248,3 +480,24 @@ def _dirichlet_partitioner(
     labels: npt.ArrayLike, num_agents: int, seed: int = 0, *, alpha: float
 ) -> list[IndexArray]:
     return dirichlet(labels, num_agents, alpha, seed)
+
+
+def _keep_partitioner(
+    labels: npt.ArrayLike,
+    num_agents: int,
+    seed: int = 0,
+    *,
+    sel_count: float,
+    def_count: float,
+    class_map: Sequence[Collection[Hashable]] | None,
+    overlap: bool,
+) -> list[IndexArray]:
+    return class_keep(
+        labels,
+        num_agents,
+        sel_count=sel_count,
+        def_count=def_count,
+        class_map=class_map,
+        seed=seed,
+        overlap=overlap,
+    )

@@ -6,6 +6,8 @@ Endpoints (JSON in and out; errors are ``{"error": ..., "hint": ...}``)::
     GET  /api/v1/status                run, round, version, agents, contributors, needed
     GET  /api/v1/agents                connected agents
     GET  /api/v1/rounds?limit=N        the last N rounds with their metrics (default 20)
+    GET  /api/v1/model                 the run's model structure and what fixed it (the
+                                       operator's registered model or the first agent's)
     POST /api/v1/agents/{name}/revoke  revoke an agent's credential and disconnect it
     POST /api/v1/shutdown              stop the aggregator (as SIGTERM does)
 
@@ -65,7 +67,7 @@ _AUTH_HEADERS = {"WWW-Authenticate": 'Bearer realm="fedstack"'}
 _HEADERS = {"Connection": "close", "Cache-Control": "no-store"}
 _ENDPOINTS_HINT = (
     "endpoints: GET /api/v1/status, GET /api/v1/agents, GET /api/v1/rounds?limit=N, "
-    "POST /api/v1/agents/NAME/revoke, POST /api/v1/shutdown"
+    "GET /api/v1/model, POST /api/v1/agents/NAME/revoke, POST /api/v1/shutdown"
 )
 
 Handler = Callable[[Request, Operator, list[str]], Awaitable["_Outcome"]]
@@ -119,6 +121,7 @@ class OperatorAPI:
             ("api", "v1", "status"): ("GET", self._status),
             ("api", "v1", "agents"): ("GET", self._agents),
             ("api", "v1", "rounds"): ("GET", self._rounds),
+            ("api", "v1", "model"): ("GET", self._model),
             ("api", "v1", "agents", "*", "revoke"): ("POST", self._revoke),
             ("api", "v1", "shutdown"): ("POST", self._shutdown),
         }
@@ -295,6 +298,15 @@ class OperatorAPI:
         return _Outcome(
             api_json(200, {"run_id": self.agg.run_id, "count": len(rounds), "rounds": rounds})
         )
+
+    async def _model(self, request: Request, operator: Operator, segments: list[str]) -> _Outcome:
+        store = self.agg.store
+        assert store is not None
+        try:
+            spec = await asyncio.to_thread(store.model_spec, self.agg.run_id)
+        except StoreError as exc:
+            raise HttpError(503, "the aggregator's store is unavailable", "retry later") from exc
+        return _Outcome(api_json(200, spec))
 
     async def _revoke(self, request: Request, operator: Operator, segments: list[str]) -> _Outcome:
         name = segments[3]

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import func, or_, select
 
+from fedstack.errors import StoreError
 from fedstack.security.credentials import fingerprint
 from fedstack.store import schema as s
 
@@ -62,6 +63,76 @@ class Queries:
         with self._begin() as c:
             rows = c.execute(select(s.agents).order_by(s.agents.c.created)).mappings().all()
         return [{k: v for k, v in r.items() if k != "token_hash"} for r in rows]
+
+    def model_spec(self, run_id: str) -> dict[str, Any]:
+        """Run ``run_id``'s model structure and what fixed it: ``{"run", "run_name",
+        "version", "structure": [{"name", "dtype", "shape"}] (empty: no model yet),
+        "source": "registered" | "agent" | None, "model_id": global model 0, "digest",
+        "file", "agent", "time"}`` (``file`` for a registered model, ``agent`` for the
+        first agent's).
+
+        Raises:
+            StoreError: no such run.
+        """
+        with self._begin() as c:
+            run = c.execute(select(s.runs).where(s.runs.c.id == run_id)).mappings().first()
+            if run is None:
+                raise StoreError(f"no run {run_id}")
+            event = (
+                c.execute(
+                    select(s.events)
+                    .where(s.events.c.run_id == run_id, s.events.c.kind == "model_registered")
+                    .order_by(s.events.c.id.desc())
+                    .limit(1)
+                )
+                .mappings()
+                .first()
+            )
+            first = (
+                c.execute(
+                    select(s.models, s.agents.c.name.label("agent"))
+                    .outerjoin(s.agents, s.agents.c.id == s.models.c.producer)
+                    .where(
+                        s.models.c.run_id == run_id,
+                        s.models.c.kind == "local",
+                        s.models.c.status == "initial",
+                    )
+                    .order_by(s.models.c.created)
+                    .limit(1)
+                )
+                .mappings()
+                .first()
+            )
+            gm0 = (
+                c.execute(
+                    select(s.models.c.id, s.models.c.blob, s.models.c.created).where(
+                        s.models.c.run_id == run_id,
+                        s.models.c.kind == "cluster",
+                        s.models.c.round == 0,
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        out: dict[str, Any] = {
+            "run": run["id"],
+            "run_name": run["name"],
+            "version": run["version"],
+            "structure": [
+                {"name": n, "dtype": d, "shape": list(sh)} for n, d, sh in run["structure"] or []
+            ],
+            "source": None,
+            "model_id": None if gm0 is None else gm0["id"],
+            "digest": None if gm0 is None else gm0["blob"] or None,
+            "file": None,
+            "agent": None,
+            "time": None if gm0 is None else gm0["created"],
+        }
+        if event is not None:
+            out.update(source="registered", file=(event["detail"] or {}).get("file"))
+        elif first is not None:
+            out.update(source="agent", agent=first["agent"] or first["producer"])
+        return out
 
     def latest_run_id(self) -> str | None:
         with self._begin() as c:

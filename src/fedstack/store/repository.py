@@ -100,6 +100,7 @@ from fedstack.store.queries import Queries
 from fedstack.store.records import UploadRecord, split_state
 from fedstack.store.records import upload_record as _upload
 from fedstack.types import Metrics, Weights
+from fedstack.wire.tensors import structure as structure_of
 
 log = logging.getLogger("fedstack.store")
 
@@ -462,22 +463,15 @@ class Store(Credentials, Queries, Federation):
         lock on the name, before the run is looked up.
         """
         with self._begin() as c:
-            if self._sqlite:
-                c.execute(_LOCK_RUNS)
-            elif self.engine.dialect.name == "postgresql":
-                key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-                c.execute(_PG_LOCK_NAME, {"b_key": key})
-            row = (
-                c.execute(
-                    select(s.runs)
-                    .where(s.runs.c.name == name, s.runs.c.status == "running")
-                    .order_by(s.runs.c.created.desc())
-                    .limit(1)
-                )
-                .mappings()
-                .first()
-            )
+            row = self._lock_run_name(c, name)
             if row is not None:
+                if not row["config"] and config:
+                    # a run made by `fedstack model register`: the first aggregator to
+                    # open it records its settings, as for a run it starts
+                    c.execute(
+                        update(s.runs).where(s.runs.c.id == row["id"]).values(config=dict(config))
+                    )
+                    row = {**row, "config": dict(config)}
                 return _run_info(row, resumed=True)
             run_id = new_id()
             values = dict(
@@ -493,6 +487,125 @@ class Store(Credentials, Queries, Federation):
             )
             c.execute(insert(s.runs).values(**values))
             return _run_info(values, resumed=False)
+
+    def _lock_run_name(self, c: Any, name: str) -> Mapping[str, Any] | None:
+        """In transaction ``c``: serialise on run name ``name`` (SQLite's write lock,
+        PostgreSQL's advisory lock on the name), then its latest running run's row."""
+        if self._sqlite:
+            c.execute(_LOCK_RUNS)
+        elif self.engine.dialect.name == "postgresql":
+            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            c.execute(_PG_LOCK_NAME, {"b_key": key})
+        row: Mapping[str, Any] | None = (
+            c.execute(
+                select(s.runs)
+                .where(s.runs.c.name == name, s.runs.c.status == "running")
+                .order_by(s.runs.c.created.desc())
+                .limit(1)
+            )
+            .mappings()
+            .first()
+        )
+        return row
+
+    def register_model(
+        self,
+        run_name: str,
+        weights: Weights,
+        *,
+        init_weights: bool = True,
+        detail: Mapping[str, Any] | None = None,
+    ) -> tuple[RunInfo, str]:
+        """The operator's base model for run ``run_name``: it fixes the run's model
+        structure (names, dtypes, shapes) instead of the first agent, and its weights
+        (``init_weights``; else zeros of its structure) are global model version 0.
+
+        The run is the latest running run of that name (one an aggregator opened before
+        any agent brought a model), or a new one that the aggregator started with
+        ``--run-name run_name`` resumes. ``detail`` goes into the ``model_registered``
+        event (e.g. the file it came from). Returns (the run, global model 0's id).
+
+        Raises:
+            StoreConflict: the run has a model already (its structure is fixed: finish the
+                run or register under another run name).
+        """
+        initial = {k: np.asarray(v) for k, v in weights.items()}
+        glob = initial if init_weights else {k: np.zeros_like(v) for k, v in initial.items()}
+        structure = structure_of(initial)
+        staged = self._stage(glob)
+        now = time.time()
+        global_id = new_id()
+        with self._begin() as c:
+            row = self._lock_run_name(c, run_name)
+            if row is not None and int(row["version"]) >= 0:
+                raise StoreConflict(
+                    f"run {run_name!r} ({str(row['id'])[:8]}) has a model already (global "
+                    f"version {row['version']}): its structure is fixed; finish that run or "
+                    "register the model under another run name"
+                )
+            if row is None:
+                run_id, aggregator_id = new_id(), new_id()
+                c.execute(
+                    insert(s.runs).values(
+                        id=run_id,
+                        name=run_name,
+                        created=now,
+                        status="running",
+                        config={},
+                        structure=None,
+                        init_weights=None,
+                        version=-1,
+                        aggregator_id=aggregator_id,
+                    )
+                )
+            else:
+                run_id, aggregator_id = str(row["id"]), str(row["aggregator_id"])
+            self._write_inline(c, staged)
+            c.execute(
+                insert(s.models).values(
+                    id=global_id,
+                    run_id=run_id,
+                    kind="cluster",
+                    producer=aggregator_id,
+                    round=0,
+                    base_version=None,
+                    num_samples=0,
+                    metrics={},
+                    blob=staged.digest,
+                    nbytes=staged.size,
+                    created=now,
+                    status="global",
+                    upload_id=None,
+                )
+            )
+            c.execute(
+                update(s.runs)
+                .where(s.runs.c.id == run_id)
+                .values(
+                    structure=[[n, d, list(sh)] for n, d, sh in structure],
+                    init_weights=init_weights,
+                    version=0,
+                )
+            )
+            c.execute(
+                _INSERT_EVENT,
+                {
+                    "time": now,
+                    "run_id": run_id,
+                    "agent_id": None,
+                    "kind": "model_registered",
+                    "detail": {
+                        **dict(detail or {}),
+                        "model_id": global_id,
+                        "digest": staged.digest,
+                        "tensors": len(structure),
+                        "parameters": int(sum(int(np.prod(sh)) for _, _, sh in structure)),
+                        "init_weights": init_weights,
+                    },
+                },
+            )
+            final = c.execute(select(s.runs).where(s.runs.c.id == run_id)).mappings().one()
+            return _run_info(final, resumed=row is not None), global_id
 
     def get_run(self, run_id: str) -> RunInfo:
         with self._begin() as c:

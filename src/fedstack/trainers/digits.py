@@ -97,7 +97,8 @@ class DigitsTrainerBase:
     Args:
         index: This agent's position among ``num_agents`` (selects its data share).
         num_agents: Number of agents sharing the training split.
-        partition: ``"iid"`` or ``"dirichlet:ALPHA"``.
+        partition: a spec of :func:`fedstack.data.partition.parse_partition` (``"iid"``,
+            ``"dirichlet:ALPHA"``, ``"shards:K"``, ``"quantity:ALPHA"``, ``"keep:sel=S,def=D"``).
         seed: Seed of the partition, the initial model and the minibatch order.
         epochs: Local epochs per ``fit``.
         lr: SGD learning rate.
@@ -249,7 +250,8 @@ class DigitsLinearTrainer(DigitsTrainerBase):
     Args:
         index: This agent's position among ``num_agents`` (selects its data share).
         num_agents: Number of agents sharing the training split.
-        partition: ``"iid"`` or ``"dirichlet:ALPHA"``.
+        partition: a spec of :func:`fedstack.data.partition.parse_partition` (``"iid"``,
+            ``"dirichlet:ALPHA"``, ``"shards:K"``, ``"quantity:ALPHA"``, ``"keep:sel=S,def=D"``).
         seed: Seed of the partition, the initial model and the minibatch order.
         epochs: Local epochs per ``fit``.
         lr: SGD learning rate.

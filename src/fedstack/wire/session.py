@@ -72,6 +72,7 @@ __all__ = [
     "MAX_HEARTBEAT_INTERVAL",
     "MAX_VERSION",
     "MIN_HEARTBEAT_INTERVAL",
+    "MODEL_MISMATCH",
     "REGISTRATION_REFUSALS",
     "TRANSITIONS",
     "AgentSession",
@@ -99,7 +100,11 @@ Parts = list[bytes | memoryview]
 AUTH_ERRORS = frozenset({"revoked", "auth-required", "bad-credential", "weak-token"})
 """Fatal error codes after which an agent stops instead of reconnecting."""
 
-REGISTRATION_REFUSALS = AUTH_ERRORS | {"refused", "bad-name"}
+MODEL_MISMATCH = "model-mismatch"
+"""The code refusing an agent whose model has other names, shapes or dtypes than the
+federation's (the operator's registered base model or the first agent's)."""
+
+REGISTRATION_REFUSALS = AUTH_ERRORS | {"refused", "bad-name", MODEL_MISMATCH}
 """Error codes answering ``participate`` that no retry can fix (others, e.g.
 ``unavailable``, are transient)."""
 
