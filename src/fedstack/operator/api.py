@@ -380,9 +380,7 @@ class OperatorAPI:
         """Log and write the ``operator_api`` audit event of one call (refusals at a
         bounded rate per source); a store failure is logged, never raised."""
         status = response.status_code
-        metrics = getattr(self.agg, "metrics", None)
-        if metrics is not None:
-            metrics.count_operator_request(status)
+        self.agg.metrics.count_operator_request(status)
         event = {
             "operator": operator.name if operator else detail.pop("name", None),
             "credential": operator.fingerprint if operator else detail.pop("credential", None),
