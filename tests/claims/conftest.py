@@ -89,6 +89,8 @@ def captured_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured
                 str(ready),
                 "--auth",
                 "off",
+                "--operator-port",
+                "0",
             ],
             logs / "aggregator.log",
         )
@@ -96,7 +98,7 @@ def captured_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured
         info = wait_ready(ready, agg, deadline=time.monotonic() + 60, log=logs / "aggregator.log")
         relay = CaptureRelay(int(info["port"]))
         scraper = threading.Thread(
-            target=_scrape, args=(int(info["port"]), token, agg, scrapes), daemon=True
+            target=_scrape, args=(int(info["operator_port"]), token, agg, scrapes), daemon=True
         )
         scraper.start()
         for i in range(AGENTS):

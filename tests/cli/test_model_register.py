@@ -70,7 +70,14 @@ def test_registered_model_fixes_the_federation_and_mismatched_agents_are_refused
     assert "has a model already" in capsys.readouterr().err
 
     cfg = AggregatorConfig(
-        auth="off", port=0, db=db, run_name="book", rounds=1, min_agents=1, finish_grace=5
+        auth="off",
+        port=0,
+        db=db,
+        run_name="book",
+        rounds=1,
+        min_agents=1,
+        finish_grace=5,
+        operator_port=0,
     )
     good = _Recording(index=0, num_agents=2, seed=7, epochs=1)
     own = good.initial_weights()
@@ -83,7 +90,8 @@ def test_registered_model_fixes_the_federation_and_mismatched_agents_are_refused
         url = f"ws://127.0.0.1:{agg.port}"
         assert agg.run_id == out["run"]  # the aggregator resumed the registered run
         # the operator API shows the run's model and where it came from
-        api = http.client.HTTPConnection("127.0.0.1", agg.port, timeout=10)
+        assert agg.operator is not None
+        api = http.client.HTTPConnection("127.0.0.1", agg.operator.port, timeout=10)
         try:
             api.request("GET", "/api/v1/model", headers={"Authorization": f"Bearer {ops}"})
             resp = api.getresponse()

@@ -9,7 +9,7 @@ its help text (:func:`setting`). Everything else derives from that declaration:
   port, ``aggregation_threshold`` -> threshold, ``polling`` (1 = poll) -> delivery,
   ``init_weights_flag`` -> init_weights, ``db_data_path`` -> db; ``round_interval``,
   ``recv_socket`` and the book's other socket and database keys are accepted and ignored
-  (rounds are event-driven and one port serves everything);
+  (rounds are event-driven and one port serves the agents);
 - the environment variables ``FEDSTACK_<KEY>`` (:meth:`from_sources`);
 - the ``fedstack aggregator`` flags ``--<key>`` and their help (``fedstack.cli.settings``).
 
@@ -257,8 +257,18 @@ class AggregatorConfig:
         None, "PEM CA: agents must present a client certificate it signed (mutual TLS)"
     )
     require_tls: bool = setting(False, "refuse to start without tls_cert")
+    operator_host: str = setting(
+        "127.0.0.1",
+        "address the operator surface (/metrics, the operator API /api/v1) listens on",
+    )
+    operator_port: Port | None = setting(
+        None,
+        "port of the operator surface: Prometheus /metrics and the operator API /api/v1 "
+        "(HTTPS with tls_cert; 0: any free port); unset: none (the agents' port serves "
+        "only agents and /healthz)",
+    )
     operator_api: bool = setting(
-        True, "serve the operator REST API (/healthz, /api/v1/...) on the agents' port"
+        True, "serve the operator REST API (/api/v1/...) on the operator port (off: metrics only)"
     )
     # ---- the horizontal federation (issue 12): unset name and upstream = standalone
     name: MemberName | None = setting(
@@ -334,6 +344,20 @@ class AggregatorConfig:
             )
         if not self.tls_cert and (self.tls_key or self.tls_client_ca):
             raise bad("tls_key / tls_client_ca need tls_cert")
+        if self.operator_port is not None and self.transport == "inproc":
+            raise bad(
+                "operator_port needs transport 'tcp' (the in-process transport has no sockets)"
+            )
+        if (
+            self.operator_port is not None
+            and self.operator_port != 0
+            and self.operator_port == self.port
+            and self.operator_host == self.host
+        ):
+            raise bad(
+                f"operator_port {self.operator_port} is the agents' port: give the operator "
+                "surface a port of its own"
+            )
         if self.target_metric is not None:
             TargetMetric.parse(self.target_metric)  # ConfigError naming the value
             if self.federated:

@@ -399,6 +399,7 @@ class AgentConnections:
         """Validate, write the blob, queue for the owner, and send its answer."""
         assert self.agg.store is not None and self.agg.global_weights is not None
         cfg = self.agg.config
+        self.agg.metrics.upload_bytes.inc(nbytes(msg.model) + nbytes(msg.extra))
         try:
             check_upload(
                 msg,
@@ -447,6 +448,8 @@ class AgentConnections:
                     run_id=self.agg.run_id,
                     agent_id=session.agent_id,
                 )
+            self.agg.metrics.count_upload("refused")
+            self.agg.metrics.count_refusal(code)
             await session.send(Error(code=code, message=problem), cfg.send_timeout)
             return
         # The blob first: content-addressed and idempotent (a re-sent upload costs a hash

@@ -310,6 +310,9 @@ class RoundOwner:
                     len(self.state.contributors),
                     self.state.needed(len(self.agg.sessions)),
                 )
+            self.agg.metrics.count_upload(
+                "resent" if not created else getattr(reply, "status", "refused")
+            )
             if not p.upload.reply.done():
                 p.upload.reply.set_result(reply)
 
@@ -366,6 +369,7 @@ class RoundOwner:
             self._check_target(ev.round, ev.metrics)  # before adopt: the model is final
         self.adopt(version, ev.model_id, result.weights, result.extra, result.state)
         self.rounds_completed += 1
+        self.agg.metrics.observe_round(seconds)
         log.info(
             "round %d aggregated from %d update(s) in %.3f s%s",
             ev.round,

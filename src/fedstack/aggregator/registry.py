@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedstack.aggregator.audit import RefusalAudit
 from fedstack.aggregator.config import AggregatorConfig
@@ -28,6 +28,9 @@ from fedstack.store.repository import fingerprint
 from fedstack.transport import Connection
 from fedstack.wire import Error, GlobalModel, Message, Participate, encode
 from fedstack.wire.session import AggregatorSession, State
+
+if TYPE_CHECKING:
+    from fedstack.operator.metrics import AggregatorMetrics
 
 log = logging.getLogger("fedstack.aggregator")
 
@@ -107,8 +110,10 @@ class Registry:
         db: Db,
         store: Callable[[], Store | None],
         run_id: Callable[[], str],
+        metrics: AggregatorMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self._db = db
         self._store = store
         self._run_id = run_id
@@ -232,6 +237,8 @@ class Registry:
         agent_id: str | None = None,
     ) -> None:
         """Audit the refusal (rate-limited), send a fatal ``code`` error, close ``conn``."""
+        if self.metrics is not None:
+            self.metrics.count_refusal(code)
         # the audit record first: closing may wait for the peer, and an aggregator that
         # stops meanwhile must not lose it
         with contextlib.suppress(StoreError):

@@ -3,7 +3,10 @@
 :class:`Aggregator` assembles the parts, starts and stops them, and is the public face
 (``start``, ``wait_finished``, ``wait_for_version``, ``statistics``, ``stop``).
 
-One WebSocket port (or an in-process server) serves everything. Each connection runs
+One WebSocket port (or an in-process server) serves the agents (and ``GET /healthz``);
+with ``operator_port`` set, the operator surface (:mod:`fedstack.operator`: Prometheus
+``/metrics``, the operator API) runs on its own port in the same event loop, started and
+stopped with the aggregator. Each agent connection runs
 :meth:`AgentConnections.serve <fedstack.aggregator.connections.AgentConnections.serve>`,
 which turns what arrives into typed events (:mod:`fedstack.aggregator.events`) on ONE
 bounded queue. One task, the round owner (:class:`~fedstack.aggregator.owner.RoundOwner`),
@@ -41,7 +44,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -58,7 +61,6 @@ from fedstack.aggregator.fanout import Fanout
 from fedstack.aggregator.federation import RoundSink, SharedStoreSynthesis
 from fedstack.aggregator.gate import UpdateGate
 from fedstack.aggregator.membership import Membership
-from fedstack.aggregator.operator_api import OperatorAPI
 from fedstack.aggregator.owner import RoundOwner
 from fedstack.aggregator.quotas import StorageQuota
 from fedstack.aggregator.registry import Registry, Session, refusal_detail
@@ -76,6 +78,7 @@ from fedstack.errors import (
     FedstackError,
     StoreError,
 )
+from fedstack.operator.metrics import AggregatorMetrics, BudgetUse, Gauges
 from fedstack.plugins import load_callable
 from fedstack.security.tls import server_context
 from fedstack.store import RunInfo, Store
@@ -83,12 +86,16 @@ from fedstack.store.repository import fingerprint
 from fedstack.strategies import Result, create
 from fedstack.transport import Connection, inproc, serve
 from fedstack.transport.budget import ByteBudget
+from fedstack.transport.http import health_handler
 from fedstack.transport.limits import raise_nofile_limit
 from fedstack.types import Metrics, Weights
 from fedstack.wire import (
     Bye,
     Limits,
 )
+
+if TYPE_CHECKING:
+    from fedstack.operator.server import OperatorServer
 
 __all__ = ["Aggregator", "AggregatorFailed", "Evaluator"]
 
@@ -165,12 +172,14 @@ class Aggregator:
         self.owner = RoundOwner(self)
         """The round state and the task that changes it (see :mod:`.owner`)."""
         # ---- the parts
+        self.metrics = AggregatorMetrics(self._gauges)
+        """Prometheus metrics (served at /metrics on the operator port)."""
         self.workers = Workers(inline=config.transport == "inproc")
-        self._db = self.workers.db
+        self._db = self.metrics.timed_store(self.workers.db)
         """Runs a database call on the store thread (see :class:`Workers`)."""
         self._events: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE_SIZE)
         self.registry = Registry(
-            config, self.workers.registry, lambda: self.store, lambda: self.run_id
+            config, self.workers.registry, lambda: self.store, lambda: self.run_id, self.metrics
         )
         self.sessions = self.registry.sessions
         """Agent id -> the session that counts towards rounds (read-only)."""
@@ -226,6 +235,8 @@ class Aggregator:
         self._failure: BaseException | None = None
         self._server: asyncio.Server | None = None
         self._inproc: inproc.InProcServer | None = None
+        self.operator: OperatorServer | None = None
+        """The operator surface's server (None: no ``operator_port``)."""
         self.port = config.port
         # ---- the horizontal federation (None for a standalone aggregator)
         self.membership: Membership | None = None
@@ -342,11 +353,40 @@ class Aggregator:
                 max_message_bytes=cfg.max_message_bytes,
                 ssl=self.ssl_context,
                 handshake_timeout=cfg.register_timeout,
-                http_handler=OperatorAPI(self).handle if cfg.operator_api else None,
+                http_handler=health_handler(
+                    "" if cfg.operator_port is None else "; operators: the operator port"
+                ),
                 receive_budget=self.upload_budget,
                 first_message_bytes=self.connections.first_message_limit,
             )
             self.port = self._server.sockets[0].getsockname()[1]
+            if cfg.operator_port is not None:
+                await self._start_operator()
+
+    async def _start_operator(self) -> None:
+        """The operator surface on its own port (the agents' port is listening)."""
+        from fedstack.operator import OperatorServer, aggregator_app
+
+        cfg = self.config
+        server = OperatorServer(
+            aggregator_app(self),
+            cfg.operator_host,
+            cfg.operator_port or 0,
+            ssl=self.ssl_context,
+            head_timeout=cfg.register_timeout,
+        )
+        try:
+            await server.start()
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(
+                f"cannot serve the operator surface on {cfg.operator_host}:{cfg.operator_port} "
+                f"(operator_host, operator_port): {exc.strerror or exc}"
+            ) from exc
+        except BaseException:
+            await self.stop()
+            raise
+        self.operator = server
 
     async def _start_member(self, run: RunInfo) -> None:
         """A federation member's start: listen (connections wait), join (the member id
@@ -581,6 +621,9 @@ class Aggregator:
             self._server.close()
         if self._inproc is not None:
             self._inproc.close()
+        if self.operator is not None:
+            with contextlib.suppress(Exception):
+                await self.operator.stop()
         if self.upstream is not None:
             await self.upstream.close()
 
@@ -643,6 +686,31 @@ class Aggregator:
         """
         await self.registry.audit.record(
             kind, detail, address=address, run_id=self.run_id, agent_id=agent_id
+        )
+
+    def _gauges(self) -> Gauges:
+        """The state series of :attr:`metrics`, read at each scrape."""
+        from fedstack import __version__
+
+        return Gauges(
+            rounds_completed=max(self.state.version, 0),  # = the run's committed rounds
+            round=self.state.round,
+            version=self.state.version,
+            finished=self.state.finished,
+            active_agents=len(self.sessions),
+            connected_agents=len(self.connections.tasks),
+            uploads_queued=len(self.owner.upload_queue),
+            budgets={
+                name: BudgetUse(b.used, b.limit, b.peak, b.waited)
+                for name, b in (("upload", self.upload_budget), ("fanout", self.fanout.budget))
+            },
+            info={
+                "run_id": self.run_id,
+                "aggregator_id": self.aggregator_id,
+                "strategy": self.strategy.name,
+                "delivery": self.config.delivery,
+                "fedstack_version": __version__,
+            },
         )
 
     def statistics(self, *, agents: bool = False) -> AggregatorStatistics:

@@ -52,7 +52,13 @@ async def _serve(cfg: AggregatorConfig, ready_file: str | None) -> None:
     await agg.start()
     if ready_file:
         tmp = Path(ready_file + ".tmp")
-        tmp.write_text(json.dumps({"port": agg.port, "run_id": agg.run_id, "pid": os.getpid()}))
+        ready = {
+            "port": agg.port,
+            "operator_port": agg.operator.port if agg.operator is not None else None,
+            "run_id": agg.run_id,
+            "pid": os.getpid(),
+        }
+        tmp.write_text(json.dumps(ready))
         tmp.replace(ready_file)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -77,7 +77,8 @@ def cmd_add(
         print(
             f"operator credential issued for {name!r}; it is shown only this once. "
             "Call the operator API with 'Authorization: Bearer <token>', e.g. curl -H "
-            '"Authorization: Bearer $TOKEN" http://HOST:PORT/api/v1/status',
+            '"Authorization: Bearer $TOKEN" http://HOST:OPERATOR_PORT/api/v1/status '
+            "(the aggregator's --operator-port)",
             file=sys.stderr,
         )
     else:

@@ -1,11 +1,12 @@
-"""Plain HTTP/1.1 on the WebSocket port: requests parsed by h11, responses, refusals.
+"""Plain HTTP/1.1 on the agents' port: request heads parsed by h11, ``/healthz``, refusals.
 
-The aggregator's port answers two kinds of requests: WebSocket upgrades (agents) and short
-HTTP requests (operators; see :mod:`fedstack.aggregator.operator_api`). One
-:class:`RequestReader` per connection feeds the received bytes to an ``h11`` server
-connection until the request head is complete; :mod:`fedstack.transport.ws` then either
-hands it to the WebSocket handshake or to the HTTP handler. On top of h11's RFC 9112
-parsing, this module enforces fedstack's narrower rules:
+The agents' port answers WebSocket upgrades (agents) and one plain request: ``GET
+/healthz`` (:func:`health_handler`); the operator surface (API, metrics) has its own port
+(:mod:`fedstack.operator`). One :class:`RequestReader` per connection feeds the received
+bytes to an ``h11`` server connection until the request head is complete;
+:mod:`fedstack.transport.ws` then either hands it to the WebSocket handshake or to the
+HTTP handler. On top of h11's RFC 9112 parsing, this module enforces fedstack's narrower
+rules:
 
 - one request per connection, answered with ``Connection: close``;
 - methods are upper-case tokens; only HTTP/1.0 and 1.1; targets in origin form
@@ -34,7 +35,7 @@ MAX_HEADERS = 100
 MAX_HEAD_BYTES = 16 * 1024
 MAX_QUERY_FIELDS = 20
 MAX_BODY_BYTES = 0
-"""Request bodies accepted (none: operator actions take their parameters in the path)."""
+"""Request bodies accepted (none)."""
 
 _METHOD = re.compile(r"[A-Z]{1,16}")
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -69,14 +70,18 @@ class HttpResponse:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
 
 
+def json_bytes(payload: Any) -> bytes:
+    """``payload`` as compact JSON (non-finite floats become null, unknown types text)."""
+    return json.dumps(
+        _finite(payload), separators=(",", ":"), allow_nan=False, default=str
+    ).encode()
+
+
 def json_response(
     status: int, payload: Any, headers: tuple[tuple[str, str], ...] = ()
 ) -> HttpResponse:
-    """``payload`` as a JSON response (non-finite floats become null)."""
-    body = json.dumps(
-        _finite(payload), separators=(",", ":"), allow_nan=False, default=str
-    ).encode()
-    return HttpResponse(status, body, "application/json", headers)
+    """``payload`` as a JSON response (see :func:`json_bytes`)."""
+    return HttpResponse(status, json_bytes(payload), "application/json", headers)
 
 
 def error_response(
@@ -102,7 +107,7 @@ class HttpError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class HttpRequest:
-    """A parsed request head. ``path`` is still percent-encoded (see :meth:`segments`)."""
+    """A parsed request head. ``path`` is still percent-encoded."""
 
     method: str
     target: str
@@ -263,9 +268,34 @@ def body_refusal(req: HttpRequest) -> HttpError | None:
         return HttpError(
             413,
             "request body too large",
-            "operator requests take no body: parameters go in the path",
+            "requests on this port take no body",
         )
     return None
+
+
+def health_handler(hint: str = "") -> HttpHandler:
+    """The agents' port's answer to a plain (not upgrade) request: ``GET /healthz`` is
+    ``200 {"status": "ok"}`` (liveness, no authentication, no details); any other path
+    is a 404 whose hint says what the port serves, plus ``hint`` (where the operator
+    surface is)."""
+
+    async def handle(req: HttpRequest) -> HttpResponse:
+        refusal = body_refusal(req)  # first: a body is never read, whatever the path
+        if refusal is not None:
+            return refusal.response
+        if req.path != "/healthz":
+            return error_response(
+                404,
+                "no such endpoint",
+                "this port serves agents (WebSocket) and GET /healthz" + hint,
+            )
+        if req.method != "GET":
+            return error_response(
+                405, f"{req.method} is not allowed here", "use GET", (("Allow", "GET"),)
+            )
+        return json_response(200, {"status": "ok"})
+
+    return handle
 
 
 def _finite(v: Any) -> Any:

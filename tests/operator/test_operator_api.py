@@ -1,11 +1,14 @@
-"""The operator REST API: operator tokens, endpoints, HTTPS, hostile HTTP, audit trail.
+"""The operator REST API on the operator port: operator tokens, endpoints, HTTPS, hostile
+HTTP, audit trail.
 
-Real aggregators on 127.0.0.1 (agents on the same port, over WebSocket). Acceptance: no
-token, a wrong token, an agent's token and a revoked operator token are refused (401/403)
-100 % of the time while agents train; an operator token sees the real federation, revokes
-an agent (disconnected at once, cannot come back) and shuts the aggregator down; over TLS
-the API is HTTPS with the same certificate; malformed requests get 4xx and never hurt the
-aggregator; every call is audited.
+Real aggregators on 127.0.0.1: agents on the agents' port (WebSocket), the operator API on
+the operator port (``operator_port``, Starlette under uvicorn). Acceptance: no token, a
+wrong token, an agent's token and a revoked operator token are refused (401/403) 100 % of
+the time while agents train; an operator token sees the real federation, revokes an agent
+(disconnected at once, cannot come back) and shuts the aggregator down; over TLS the API
+is HTTPS with the same certificate; malformed requests get 4xx and never hurt the
+aggregator (on both ports); every call is audited. The agents' port answers only agents
+and ``/healthz``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from fedstack.aggregator import Aggregator
 from fedstack.errors import StoreError
 from fedstack.security import PKIFiles, client_context, make_test_pki
 from fedstack.store import CredentialRefused
-from fedstack.testing import AggregatorProcess, aggregator_thread
+from fedstack.testing import AggregatorProcess, aggregator_thread, free_port, read_ready
 
 ENDPOINTS = [
     ("GET", "/api/v1/status"),
@@ -118,6 +121,12 @@ def status_of(reply: bytes) -> int:
     return int(reply[9:12])
 
 
+def op_port(agg: Aggregator) -> int:
+    """The aggregator's operator port."""
+    assert agg.operator is not None
+    return agg.operator.port
+
+
 def audit(db: Path) -> list[dict[str, Any]]:
     st = Store(str(db))
     try:
@@ -168,11 +177,12 @@ def test_operator_api_refuses_intruders_and_serves_operators_while_agents_train(
     db = tmp_path / "f.db"
     tok = issue(db)
     cfg = AggregatorConfig(
-        port=0, db=str(db), rounds=None, min_agents=1, heartbeat_interval=30.0
+        port=0, db=str(db), rounds=None, min_agents=1, heartbeat_interval=30.0, operator_port=0
     )  # the API disconnects, not the watcher
     with aggregator_thread(cfg) as agg:
-        port = agg.port
-        url = f"ws://127.0.0.1:{port}"
+        port = op_port(agg)
+        assert port != agg.port
+        url = f"ws://127.0.0.1:{agg.port}"
         alice = Trainer(url, "alice", tok["alice"], first=True)
         bob = Trainer(url, "bob", tok["bob"])
         alice.start()
@@ -297,16 +307,20 @@ def test_operator_api_refuses_intruders_and_serves_operators_while_agents_train(
 def test_shutdown_stops_the_cli_aggregator(tmp_path: Path) -> None:
     db = tmp_path / "cli.db"
     tok = issue(db)
-    agg = AggregatorProcess(tmp_path, "--db", str(db), "--min-agents", "1")
+    port = free_port()
+    agg = AggregatorProcess(
+        tmp_path, "--db", str(db), "--min-agents", "1", "--operator-port", str(port)
+    )
     agg.start()
     try:
+        assert read_ready(tmp_path / "aggregator-0.ready")["operator_port"] == port
         a = Agent(agg.url, name="alice", token=tok["alice"])
         a.send_initial_model(m(0))
         a.start(timeout=10)
         a.wait_for_global_model(10)
-        status, body, _ = call(agg.port, "POST", "/api/v1/shutdown", tok["alice"])
+        status, body, _ = call(port, "POST", "/api/v1/shutdown", tok["alice"])
         assert status == 403
-        status, body, _ = call(agg.port, "POST", "/api/v1/shutdown", tok["ops"])
+        status, body, _ = call(port, "POST", "/api/v1/shutdown", tok["ops"])
         assert status == 202 and body["status"] == "stopping"
         assert agg.proc is not None
         assert agg.proc.wait(15) == 0  # the agent connected did not hold the stop up
@@ -327,7 +341,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKIFiles:
     return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
-def test_https_operator_api_on_the_wss_port(tmp_path: Path, pki: PKIFiles) -> None:
+def test_https_operator_api_with_the_wss_certificate(tmp_path: Path, pki: PKIFiles) -> None:
     db = tmp_path / "tls.db"
     tok = issue(db)
     cfg = AggregatorConfig(
@@ -338,15 +352,18 @@ def test_https_operator_api_on_the_wss_port(tmp_path: Path, pki: PKIFiles) -> No
         tls_key=str(pki.server_key),
         require_tls=True,
         register_timeout=2.0,
+        operator_port=0,
     )
     ctx = client_context(pki.ca)
     with aggregator_thread(cfg) as agg:
-        port = agg.port
-        alice = Agent(f"wss://localhost:{port}", name="alice", token=tok["alice"], ca=pki.ca)
+        port = op_port(agg)
+        assert agg.operator is not None and agg.operator.url.startswith("https://")
+        alice = Agent(f"wss://localhost:{agg.port}", name="alice", token=tok["alice"], ca=pki.ca)
         alice.send_initial_model(m(0))
         alice.start(timeout=10)
-        status, body, _ = call(port, "GET", "/healthz", context=ctx)
-        assert (status, body) == (200, {"status": "ok"})
+        for p in (port, agg.port):  # both ports speak TLS only
+            status, body, _ = call(p, "GET", "/healthz", context=ctx)
+            assert (status, body) == (200, {"status": "ok"})
         status, body, _ = call(port, "GET", "/api/v1/status", tok["ops"], context=ctx)
         assert status == 200 and body["tls"] is True and body["active_agents"] == 1
         status, body, _ = call(port, "GET", "/api/v1/agents", tok["ops"], context=ctx)
@@ -357,15 +374,20 @@ def test_https_operator_api_on_the_wss_port(tmp_path: Path, pki: PKIFiles) -> No
         # a client that does not trust the aggregator's CA does not get through
         with pytest.raises(ssl.SSLCertVerificationError):
             call(port, "GET", "/api/v1/status", tok["ops"], context=ssl.create_default_context())
-        # plain HTTP on the TLS port gets no HTTP answer at all
+        # plain HTTP on a TLS port gets no HTTP answer at all
+        for p in (port, agg.port):
+            t0 = time.monotonic()
+            reply = raw(
+                p,
+                b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Bearer " + tok["ops"].encode() + b"\r\n\r\n",
+            )
+            assert not reply.startswith(b"HTTP/") and time.monotonic() - t0 < 5
+            assert b"run_id" not in reply
+        # a client that never starts its TLS handshake is dropped at the deadline
         t0 = time.monotonic()
-        reply = raw(
-            port,
-            b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n"
-            b"Authorization: Bearer " + tok["ops"].encode() + b"\r\n\r\n",
-        )
-        assert not reply.startswith(b"HTTP/") and time.monotonic() - t0 < 5
-        assert b"run_id" not in reply
+        assert raw(port, b"", timeout=10, half_close=False) == b""
+        assert 1.5 < time.monotonic() - t0 < 4
         # the agent was not disturbed
         gm = alice.wait_for_global_model(10)
         alice.send_trained_model({"w": gm["w"] + 1}, 1)
@@ -378,7 +400,12 @@ def test_https_operator_api_on_the_wss_port(tmp_path: Path, pki: PKIFiles) -> No
 def bare_aggregator(tmp_path: Path) -> Iterator[Aggregator]:
     """An aggregator (agents' auth off) whose store has no operator credential yet."""
     cfg = AggregatorConfig(
-        port=0, db=str(tmp_path / "h.db"), auth="off", min_agents=1, register_timeout=1.0
+        port=0,
+        db=str(tmp_path / "h.db"),
+        auth="off",
+        min_agents=1,
+        register_timeout=1.0,
+        operator_port=0,
     )
     with aggregator_thread(cfg) as agg:
         yield agg
@@ -388,13 +415,15 @@ def test_malformed_and_oversize_requests_get_4xx_and_never_hurt_the_aggregator(
     bare_aggregator: Aggregator, tmp_path: Path
 ) -> None:
     agg = bare_aggregator
-    port = agg.port
+    port, agents_port = op_port(agg), agg.port
     # no operator credential issued yet: every API call is refused, saying how to issue one
     for method, path in ENDPOINTS:
         status, body, _ = call(port, method, path, "x" * 43)
         assert status == 401 and "fedstack credentials add" in body["hint"]
     head = b"POST /api/v1/shutdown HTTP/1.1\r\nHost: x\r\n"
     rng = random.Random(7)
+    # the agents' port: fedstack's own request-head parser (it serves the WebSocket
+    # handshake and /healthz; everything else is a 404 now: the API moved)
     cases: list[tuple[str, bytes, int]] = [
         ("garbage", b"GARBAGE\r\n\r\n", 400),
         ("no version", b"GET /healthz\r\n\r\n", 400),
@@ -420,17 +449,19 @@ def test_malformed_and_oversize_requests_get_4xx_and_never_hurt_the_aggregator(
         ("chunked", head + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411),
         ("healthz body", b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 413),
         ("healthz post", b"POST /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 405),
-        ("no auth, unknown path", b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 401),
+        ("unknown path", b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        ("the API moved", b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        ("metrics are elsewhere", b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 404),
         # RFC 9112 3.2: an HTTP/1.1 request without Host is a 400
         ("no host", b"GET /healthz HTTP/1.1\r\n\r\n", 400),
         (
             "more than 20 query fields",
-            b"GET /api/v1/rounds?"
+            b"GET /healthz?"
             + b"&".join(b"a%d=1" % i for i in range(30))
             + b" HTTP/1.1\r\nHost: x\r\n\r\n",
             400,
         ),
-        ("bracket target", b"GET //[ HTTP/1.1\r\nHost: x\r\n\r\n", 401),
+        ("bracket target", b"GET //[ HTTP/1.1\r\nHost: x\r\n\r\n", 404),
         ("absolute bracket target", b"GET http://[ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         ("bad method", b"G\x01T /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         ("binary", bytes(rng.randrange(256) for _ in range(3000)) + b"\r\n\r\n", 400),
@@ -443,22 +474,51 @@ def test_malformed_and_oversize_requests_get_4xx_and_never_hurt_the_aggregator(
         )
         for i in range(20)
     ]
+    # the operator port: uvicorn's h11 parser, then the API's own refusals (audited)
+    operator_cases: list[tuple[str, bytes, int]] = [
+        ("garbage", b"GARBAGE\r\n\r\n", 400),
+        ("no version", b"GET /healthz\r\n\r\n", 400),
+        ("head too large", b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 40000, 400),
+        ("small body", head + b"Content-Length: 5\r\n\r\nhello", 413),
+        ("big body", head + b"Content-Length: 600000\r\n\r\n" + b"z" * 600000, 413),
+        ("huge length", head + b"Content-Length: 99999999999999999999\r\n\r\n", 400),
+        ("bad length", head + b"Content-Length: -1\r\n\r\n", 400),
+        ("chunked", head + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411),
+        ("no host", b"GET /healthz HTTP/1.1\r\n\r\n", 400),
+        ("healthz post", b"POST /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        ("no auth, API path", b"GET /api/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 401),
+        ("unknown path", b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        ("no auth, bad method", b"FOO /api/v1/status HTTP/1.1\r\nHost: x\r\n\r\n", 401),
+        ("non-ASCII path", b"GET /api/v1/\xff HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        ("binary", bytes(rng.randrange(256) for _ in range(3000)) + b"\r\n\r\n", 400),
+    ]
+    operator_cases += [
+        (
+            f"random {i}",
+            b"\x00" + rng.randbytes(rng.randint(1, 2000)).replace(b"\r\n\r\n", b"") + b"\r\n\r\n",
+            400,
+        )
+        for i in range(10)
+    ]
 
-    def send(case: tuple[str, bytes, int]) -> tuple[str, int, int]:
-        name, data, want = case
-        return name, status_of(raw(port, data)), want
+    def send(job: tuple[int, tuple[str, bytes, int]]) -> tuple[int, str, int, int]:
+        p, (name, data, want) = job
+        return p, name, status_of(raw(p, data)), want
 
+    jobs = [(agents_port, c) for c in cases] + [(port, c) for c in operator_cases]
     with ThreadPoolExecutor(8) as pool:
-        for name, got, want in pool.map(send, cases):
-            assert got == want, (name, got)
-    # a slow-loris request is dropped at the handshake deadline, unanswered
-    t0 = time.monotonic()
-    assert raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", timeout=5, half_close=False) == b""
-    assert time.monotonic() - t0 < 3
-    # the aggregator is unharmed: the API answers, an agent federates
-    status, body, _ = call(port, "GET", "/healthz")
-    assert (status, body) == (200, {"status": "ok"})
-    a = Agent(f"ws://127.0.0.1:{port}", name="a")
+        for p, name, got, want in pool.map(send, jobs):
+            assert got == want, ("operator" if p == port else "agents", name, got)
+    # a slow-loris request is dropped at the head deadline, unanswered, on either port
+    for p in (agents_port, port):
+        t0 = time.monotonic()
+        assert raw(p, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", timeout=5, half_close=False) == b""
+        assert time.monotonic() - t0 < 3
+    # the aggregator is unharmed: both ports answer, an agent federates
+    for p in (agents_port, port):
+        status, body, _ = call(p, "GET", "/healthz")
+        assert (status, body) == (200, {"status": "ok"})
+    a = Agent(f"ws://127.0.0.1:{agents_port}", name="a")
     a.send_initial_model(m(1))
     a.start(timeout=10)
     gm = a.wait_for_global_model(10)
@@ -475,25 +535,55 @@ def test_malformed_and_oversize_requests_get_4xx_and_never_hurt_the_aggregator(
     a.close()
     kinds = Counter((e.get("reason"), e["status"]) for e in audit(tmp_path / "h.db"))
     assert kinds[("wrong-token", 401)] == len(ENDPOINTS)
-    assert kinds[("request body too large", 413)] == 2  # the transport's 400s are not
+    assert kinds[("request body too large", 413)] == 2  # the parsers' 400s are not
     assert kinds[("length required", 411)] == 1
+    assert kinds[("malformed Content-Length", 400)] == 1
+    assert kinds[("no-token", 401)] == 2
 
 
-def test_operator_api_can_be_turned_off(tmp_path: Path) -> None:
+def test_operator_surface_is_opt_in_and_its_api_can_be_turned_off(tmp_path: Path) -> None:
     from fedstack.cli.aggregator import parse_aggregator_args
+    from fedstack.errors import ConfigError
 
+    assert AggregatorConfig().operator_port is None  # no operator surface unless asked
     assert AggregatorConfig().operator_api is True
     assert AggregatorConfig.from_mapping({"operator_api": "false"}).operator_api is False
     assert parse_aggregator_args(["--no-operator-api"]).operator_api is False
     assert parse_aggregator_args([]).operator_api is True
-    cfg = AggregatorConfig(port=0, db=str(tmp_path / "off.db"), auth="off", operator_api=False)
+    cfg = parse_aggregator_args(["--operator-host", "0.0.0.0", "--operator-port", "9100"])
+    assert (cfg.operator_host, cfg.operator_port) == ("0.0.0.0", 9100)
+    with pytest.raises(ConfigError, match="operator_port"):
+        AggregatorConfig(port=9000, operator_port=9000)
+    with pytest.raises(ConfigError, match="operator_port"):
+        AggregatorConfig(transport="inproc", operator_port=0)
+    with pytest.raises(ConfigError, match="operator_port"):
+        AggregatorConfig(operator_port=70000)
+
+    # the API off: the operator port serves metrics only
+    cfg = AggregatorConfig(
+        port=0, db=str(tmp_path / "off.db"), auth="off", operator_api=False, operator_port=0
+    )
     with aggregator_thread(cfg) as agg:
-        reply = raw(agg.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert status_of(reply) == 426 and b"application/json" not in reply  # no API
+        status, body, _ = call(op_port(agg), "GET", "/api/v1/status")
+        assert status == 404 and "error" in body
+        conn = http.client.HTTPConnection("127.0.0.1", op_port(agg), timeout=10)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 200 and b"fedstack_rounds_completed_total" in resp.read()
+        conn.close()
         a = Agent(f"ws://127.0.0.1:{agg.port}", name="a")
         a.send_initial_model(m(0))
         a.start(timeout=10)  # agents are served as before
         a.close()
+    assert audit(tmp_path / "off.db") == []
+    # no operator port: nothing listens for operators; the agents' port has /healthz only
+    cfg = AggregatorConfig(port=0, db=str(tmp_path / "none.db"), auth="off")
+    with aggregator_thread(cfg) as agg:
+        assert agg.operator is None
+        reply = raw(agg.port, b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(reply) == 404 and b"run_id" not in reply
+        status, body, _ = call(agg.port, "GET", "/healthz")
+        assert (status, body) == (200, {"status": "ok"})
 
 
 # ---------------------------------------------------------------------------- store
@@ -571,10 +661,10 @@ def test_store_errors_answer_503_without_internals(
     API answer 503 with a retry hint, never 500 and never the database's own text."""
     db = tmp_path / "f6.db"
     tokens = issue(db)
-    cfg = AggregatorConfig(port=0, db=str(db), auth="required")
+    cfg = AggregatorConfig(port=0, db=str(db), auth="required", operator_port=0)
     with aggregator_thread(cfg) as agg:
         assert agg.store is not None
-        status, _, _ = call(agg.port, "GET", "/api/v1/status", tokens["ops"])
+        status, _, _ = call(op_port(agg), "GET", "/api/v1/status", tokens["ops"])
         assert status == 200
 
         import sqlalchemy.exc
@@ -589,10 +679,10 @@ def test_store_errors_answer_503_without_internals(
             )
 
         monkeypatch.setattr(AgentRows, "by_hash", failing)
-        status, body, _ = call(agg.port, "GET", "/api/v1/status", tokens["ops"])
+        status, body, _ = call(op_port(agg), "GET", "/api/v1/status", tokens["ops"])
         assert status == 503
         text = json.dumps(body)
         assert "SELECT" not in text and "secret-hash" not in text and "closed" not in text
         monkeypatch.undo()
-        status, _, _ = call(agg.port, "GET", "/api/v1/status", tokens["ops"])
+        status, _, _ = call(op_port(agg), "GET", "/api/v1/status", tokens["ops"])
         assert status == 200  # recovered by itself once the store answers again

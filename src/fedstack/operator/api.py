@@ -1,8 +1,8 @@
-"""The operator REST API, served on the agents' port (HTTPS when the port speaks TLS).
+"""The operator REST API, ``/api/v1/...`` on the operator port (HTTPS when the aggregator
+speaks TLS).
 
 Endpoints (JSON in and out; errors are ``{"error": ..., "hint": ...}``)::
 
-    GET  /healthz                      liveness, no authentication, no details
     GET  /api/v1/status                run, round, version, agents, contributors, needed
     GET  /api/v1/agents                connected agents
     GET  /api/v1/rounds?limit=N        the last N rounds with their metrics (default 20)
@@ -11,15 +11,20 @@ Endpoints (JSON in and out; errors are ``{"error": ..., "hint": ...}``)::
     POST /api/v1/agents/{name}/revoke  revoke an agent's credential and disconnect it
     POST /api/v1/shutdown              stop the aggregator (as SIGTERM does)
 
-Every ``/api`` call needs ``Authorization: Bearer TOKEN`` with an operator credential
-(``fedstack credentials add NAME --operator``), whatever the aggregator's ``auth`` setting
-for agents: 401 without a valid token, 403 with an agent's or a revoked one. Requests carry
-no body (411/413). Every call but ``/healthz`` -- accepted or refused -- is written to the
-store's audit trail as an ``operator_api`` event (operator, credential fingerprint, address,
-method, path, status, outcome); requests the transport cannot parse (400/431) are not.
-Refused calls are rate-limited per source host: beyond a burst per interval they are
-counted and written as one event with a ``count`` (see
-:meth:`~fedstack.aggregator.service.Aggregator.audit_refusal`).
+Every call needs ``Authorization: Bearer TOKEN`` with an operator credential (``fedstack
+credentials add NAME --operator``), whatever the aggregator's ``auth`` setting for agents:
+401 without a valid token, 403 with an agent's or a revoked one. Requests carry no body
+(411/413, checked before the token). Every call -- accepted or refused -- is written to the
+store's audit trail as an ``operator_api`` event (operator, credential fingerprint,
+address, method, path, status, outcome) BEFORE it is answered. Refused calls are
+rate-limited per source host: beyond a burst per interval they are counted and written as
+one event with a ``count`` (see
+:meth:`~fedstack.aggregator.service.Aggregator.audit_refusal`). Answers close the
+connection (``Connection: close``) and are never cached.
+
+:meth:`OperatorAPI.authenticate` and :meth:`OperatorAPI.audit` are the two checks every
+operator action goes through; other operator surfaces (a dashboard's login and actions)
+use them too.
 """
 
 from __future__ import annotations
@@ -27,100 +32,145 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from fedstack.errors import StoreError
 from fedstack.store import CredentialRefused
 from fedstack.store.repository import Operator
-from fedstack.transport.http import (
-    HttpError,
-    HttpRequest,
-    HttpResponse,
-    body_refusal,
-    error_response,
-    json_response,
-)
+from fedstack.transport.http import HttpError, json_bytes
 
 if TYPE_CHECKING:
     from fedstack.aggregator.service import Aggregator
 
 log = logging.getLogger("fedstack.operator")
 
+__all__ = ["AUDIT_KIND", "OperatorAPI", "api_error", "api_json"]
+
 AUDIT_KIND = "operator_api"
 DEFAULT_ROUNDS = 20
 MAX_ROUNDS = 1000
+MAX_QUERY_FIELDS = 20
 _MAX_TOKEN_CHARS = 512
 _ISSUE_HINT = (
     "send 'Authorization: Bearer TOKEN' with an operator token; issue one with "
     "`fedstack credentials add NAME --operator --db DATABASE`"
 )
-_AUTH_HEADERS = (("WWW-Authenticate", 'Bearer realm="fedstack"'),)
-_ROUTES: dict[tuple[str, ...], tuple[str, str]] = {
-    # path pattern ("*" = one segment) -> (method, handler name)
-    ("api", "v1", "status"): ("GET", "_status"),
-    ("api", "v1", "agents"): ("GET", "_agents"),
-    ("api", "v1", "rounds"): ("GET", "_rounds"),
-    ("api", "v1", "model"): ("GET", "_model"),
-    ("api", "v1", "agents", "*", "revoke"): ("POST", "_revoke"),
-    ("api", "v1", "shutdown"): ("POST", "_shutdown"),
-}
+_AUTH_HEADERS = {"WWW-Authenticate": 'Bearer realm="fedstack"'}
+_HEADERS = {"Connection": "close", "Cache-Control": "no-store"}
+_ENDPOINTS_HINT = (
+    "endpoints: GET /api/v1/status, GET /api/v1/agents, GET /api/v1/rounds?limit=N, "
+    "GET /api/v1/model, POST /api/v1/agents/NAME/revoke, POST /api/v1/shutdown"
+)
+
+Handler = Callable[[Request, Operator, list[str]], Awaitable["_Outcome"]]
+
+
+def api_json(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
+    """``payload`` as a JSON answer of the API (non-finite floats become null)."""
+    return Response(
+        json_bytes(payload), status, {**_HEADERS, **(headers or {})}, "application/json"
+    )
+
+
+def api_error(
+    status: int, error: str, hint: str = "", headers: dict[str, str] | None = None
+) -> Response:
+    """The JSON error shape of every refusal: ``{"error": ..., "hint": ...}``."""
+    return api_json(status, {"error": error, "hint": hint}, headers)
 
 
 @dataclass
 class _Outcome:
     """What a route produced: the response, audit details, and work to do after the audit."""
 
-    response: HttpResponse
+    response: Response
     detail: dict[str, Any] = field(default_factory=dict)
     after: Callable[[], None] | None = None
 
 
-class OperatorAPI:
-    """The HTTP handler of one :class:`~fedstack.aggregator.service.Aggregator`.
+def _address(request: Request) -> str:
+    client = request.client
+    return "" if client is None else f"{client.host}:{client.port}"
 
-    Give :meth:`handle` to :func:`fedstack.transport.ws.serve` as ``http_handler``.
-    """
+
+def _raw_path(request: Request) -> str:
+    """The request's path as sent (still percent-encoded)."""
+    raw = request.scope.get("raw_path")
+    if isinstance(raw, bytes):
+        return raw.decode("latin-1")
+    return request.url.path
+
+
+class OperatorAPI:
+    """The operator API of one :class:`~fedstack.aggregator.service.Aggregator`:
+    :meth:`routes` gives the Starlette routes to mount (``/api`` and below)."""
 
     def __init__(self, aggregator: Aggregator) -> None:
         self.agg = aggregator
         self._stop_task: asyncio.Task[None] | None = None
+        self._table: dict[tuple[str, ...], tuple[str, Handler]] = {
+            # path pattern ("*" = one segment) -> (method, handler)
+            ("api", "v1", "status"): ("GET", self._status),
+            ("api", "v1", "agents"): ("GET", self._agents),
+            ("api", "v1", "rounds"): ("GET", self._rounds),
+            ("api", "v1", "model"): ("GET", self._model),
+            ("api", "v1", "agents", "*", "revoke"): ("POST", self._revoke),
+            ("api", "v1", "shutdown"): ("POST", self._shutdown),
+        }
 
-    async def handle(self, req: HttpRequest) -> HttpResponse:
+    def routes(self) -> list[BaseRoute]:
+        """``/api`` and everything below it, any method (refusals are audited too)."""
+        endpoint = _Endpoint(self.handle)  # an ASGI app: Starlette passes every method
+        return [Route("/api", endpoint), Route("/api/{rest:path}", endpoint)]
+
+    async def handle(self, request: Request) -> Response:
         """Answer one request (never raises for a bad request: it becomes a 4xx)."""
-        if req.path == "/healthz":
-            return _healthz(req)
+        path = _raw_path(request)
         operator: Operator | None = None
         detail: dict[str, Any] = {}
         after: Callable[[], None] | None = None
         try:
-            refusal = body_refusal(req)  # before authentication: a body is never read
-            if refusal is not None:
-                raise refusal
-            operator = await self._authenticate(req, detail)
-            outcome = await self._route(req, operator)
+            _refuse_body(request)  # before authentication: a body is never read
+            operator = await self.authenticate(
+                request.headers.getlist("authorization"), _address(request), detail
+            )
+            outcome = await self._route(request, path, operator)
             response, after = outcome.response, outcome.after
             detail.update(outcome.detail)
         except HttpError as exc:
-            response = error_response(
-                exc.status, exc.error, exc.hint, _AUTH_HEADERS if exc.status == 401 else ()
+            response = api_error(
+                exc.status, exc.error, exc.hint, _AUTH_HEADERS if exc.status == 401 else None
             )
             detail.setdefault("reason", exc.error)
-        await self._audit(req, operator, response.status, detail)
+        await self.audit(request.method, path, _address(request), operator, response, detail)
         if after is not None:
             after()
         return response
 
     # ------------------------------------------------------------------ authentication
-    async def _authenticate(self, req: HttpRequest, detail: dict[str, Any]) -> Operator:
+    async def authenticate(
+        self, authorization: list[str], address: str, detail: dict[str, Any]
+    ) -> Operator:
+        """The operator whose token the ``Authorization`` header values carry.
+
+        Raises:
+            HttpError: 401 (no, malformed or unknown token), 403 (an agent's or a revoked
+                credential), 503 (no store); ``detail`` then holds the audit's reason.
+        """
         store = self.agg.store
         if store is None:
             raise HttpError(503, "the aggregator is starting", "retry in a moment")
-        values = req.header_values("authorization")
         token: str | None = None
-        if len(values) == 1:
-            scheme, _, rest = values[0].partition(" ")
+        if len(authorization) == 1:
+            scheme, _, rest = authorization[0].partition(" ")
             rest = rest.strip()
             if (
                 scheme.lower() == "bearer"
@@ -129,10 +179,10 @@ class OperatorAPI:
             ):
                 token = rest
         if token is None:
-            detail["reason"] = "no-token" if not values else "malformed-authorization"
+            detail["reason"] = "no-token" if not authorization else "malformed-authorization"
             raise HttpError(401, "operator token required", _ISSUE_HINT)
         try:
-            return await asyncio.to_thread(store.authenticate_operator, token, req.remote_address)
+            return await asyncio.to_thread(store.authenticate_operator, token, address)
         except CredentialRefused as exc:
             detail.update(reason=exc.reason, credential=exc.credential)
             if exc.source is not None:  # who holds the refused credential
@@ -150,35 +200,27 @@ class OperatorAPI:
             raise HttpError(503, "the aggregator's store is unavailable", "retry later") from None
 
     # ------------------------------------------------------------------ routing
-    async def _route(self, req: HttpRequest, operator: Operator) -> _Outcome:
-        segments = req.segments()
-        for pattern, (method, name) in _ROUTES.items():
+    async def _route(self, request: Request, path: str, operator: Operator) -> _Outcome:
+        segments = [unquote(p) for p in path.partition("?")[0].split("/") if p]
+        for pattern, (method, handler) in self._table.items():
             if len(pattern) != len(segments) or not all(
                 p in ("*", s) for p, s in zip(pattern, segments, strict=True)
             ):
                 continue
-            if req.method != method:
+            if request.method != method:
                 return _Outcome(
-                    error_response(
+                    api_error(
                         405,
-                        f"{req.method} is not allowed here",
+                        f"{request.method} is not allowed here",
                         f"use {method}",
-                        (("Allow", method),),
+                        {"Allow": method},
                     ),
                     {"reason": "method not allowed"},
                 )
-            route: Callable[[HttpRequest, Operator, list[str]], Any] = getattr(self, name)
-            result: _Outcome = await route(req, operator, segments)
-            return result
-        raise HttpError(
-            404,
-            "no such endpoint",
-            "endpoints: GET /healthz, GET /api/v1/status, "
-            "GET /api/v1/agents, GET /api/v1/rounds?limit=N, GET /api/v1/model, "
-            "POST /api/v1/agents/NAME/revoke, POST /api/v1/shutdown",
-        )
+            return await handler(request, operator, segments)
+        raise HttpError(404, "no such endpoint", _ENDPOINTS_HINT)
 
-    async def _status(self, req: HttpRequest, operator: Operator, segments: list[str]) -> _Outcome:
+    async def _status(self, request: Request, operator: Operator, segments: list[str]) -> _Outcome:
         from fedstack import __version__
 
         stats = self.agg.statistics()
@@ -188,7 +230,7 @@ class OperatorAPI:
             else {"federation": {"name": stats.name, "peers": list(stats.peers)}}
         )
         return _Outcome(
-            json_response(
+            api_json(
                 200,
                 {
                     **federation,
@@ -209,7 +251,7 @@ class OperatorAPI:
             )
         )
 
-    async def _agents(self, req: HttpRequest, operator: Operator, segments: list[str]) -> _Outcome:
+    async def _agents(self, request: Request, operator: Operator, segments: list[str]) -> _Outcome:
         agents = [
             {
                 "name": a.name,
@@ -224,10 +266,16 @@ class OperatorAPI:
             }
             for a in self.agg.statistics(agents=True).agents
         ]
-        return _Outcome(json_response(200, {"count": len(agents), "agents": agents}))
+        return _Outcome(api_json(200, {"count": len(agents), "agents": agents}))
 
-    async def _rounds(self, req: HttpRequest, operator: Operator, segments: list[str]) -> _Outcome:
-        raw = req.query.get("limit", [str(DEFAULT_ROUNDS)])
+    async def _rounds(self, request: Request, operator: Operator, segments: list[str]) -> _Outcome:
+        try:
+            query = parse_qs(
+                request.url.query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS
+            )
+        except ValueError:
+            raise HttpError(400, "too many query fields", f"at most {MAX_QUERY_FIELDS}") from None
+        raw = query.get("limit", [str(DEFAULT_ROUNDS)])
         if len(raw) != 1 or not raw[0].isdigit() or not 1 <= int(raw[0]) <= MAX_ROUNDS:
             raise HttpError(400, "bad limit", f"limit must be an integer in 1..{MAX_ROUNDS}")
         store = self.agg.store
@@ -248,19 +296,19 @@ class OperatorAPI:
         )
         rounds = [{k: r.get(k) for k in keys} for r in rows]
         return _Outcome(
-            json_response(200, {"run_id": self.agg.run_id, "count": len(rounds), "rounds": rounds})
+            api_json(200, {"run_id": self.agg.run_id, "count": len(rounds), "rounds": rounds})
         )
 
-    async def _model(self, req: HttpRequest, operator: Operator, segments: list[str]) -> _Outcome:
+    async def _model(self, request: Request, operator: Operator, segments: list[str]) -> _Outcome:
         store = self.agg.store
         assert store is not None
         try:
             spec = await asyncio.to_thread(store.model_spec, self.agg.run_id)
         except StoreError as exc:
             raise HttpError(503, "the aggregator's store is unavailable", "retry later") from exc
-        return _Outcome(json_response(200, spec))
+        return _Outcome(api_json(200, spec))
 
-    async def _revoke(self, req: HttpRequest, operator: Operator, segments: list[str]) -> _Outcome:
+    async def _revoke(self, request: Request, operator: Operator, segments: list[str]) -> _Outcome:
         name = segments[3]
         store = self.agg.store
         assert store is not None
@@ -296,7 +344,7 @@ class OperatorAPI:
         )
         detail.update(changed=changed, disconnected=disconnected)
         return _Outcome(
-            json_response(
+            api_json(
                 200,
                 {"name": name, "revoked": True, "changed": changed, "disconnected": disconnected},
             ),
@@ -304,7 +352,7 @@ class OperatorAPI:
         )
 
     async def _shutdown(
-        self, req: HttpRequest, operator: Operator, segments: list[str]
+        self, request: Request, operator: Operator, segments: list[str]
     ) -> _Outcome:
         log.warning(
             "operator %s requested shutdown (the run resumes from the store on restart)",
@@ -316,29 +364,38 @@ class OperatorAPI:
                 self._stop_task = asyncio.get_running_loop().create_task(self.agg.stop())
 
         return _Outcome(
-            json_response(202, {"status": "stopping", "run_id": self.agg.run_id}), after=stop
+            api_json(202, {"status": "stopping", "run_id": self.agg.run_id}), after=stop
         )
 
     # ------------------------------------------------------------------ audit
-    async def _audit(
-        self, req: HttpRequest, operator: Operator | None, status: int, detail: dict[str, Any]
+    async def audit(
+        self,
+        method: str,
+        path: str,
+        address: str,
+        operator: Operator | None,
+        response: Response,
+        detail: dict[str, Any],
     ) -> None:
-        outcome = "accepted" if status < 400 else "refused"
+        """Log and write the ``operator_api`` audit event of one call (refusals at a
+        bounded rate per source); a store failure is logged, never raised."""
+        status = response.status_code
+        self.agg.metrics.count_operator_request(status)
         event = {
             "operator": operator.name if operator else detail.pop("name", None),
             "credential": operator.fingerprint if operator else detail.pop("credential", None),
-            "address": req.remote_address,
-            "method": req.method,
-            "path": req.path[:256],
+            "address": address,
+            "method": method,
+            "path": path[:256],
             "status": status,
-            "outcome": outcome,
+            "outcome": "accepted" if status < 400 else "refused",
             **detail,
         }
         (log.info if status < 400 else log.warning)(
             "operator API: %s %s from %s (%s) -> %d",
-            req.method,
-            req.path[:200],
-            req.remote_address,
+            method,
+            path[:200],
+            address,
             event["operator"] or "unauthenticated",
             status,
         )
@@ -347,17 +404,39 @@ class OperatorAPI:
             return
         with contextlib.suppress(StoreError):
             if status >= 400:  # refusals: rate-limited per source, a flood is counted
-                await self.agg.audit_refusal(AUDIT_KIND, event, address=req.remote_address)
+                await self.agg.audit_refusal(AUDIT_KIND, event, address=address)
             else:
                 await asyncio.to_thread(store.log_event, AUDIT_KIND, event, run_id=self.agg.run_id)
 
 
-def _healthz(req: HttpRequest) -> HttpResponse:
-    if req.method != "GET":
-        return error_response(
-            405, f"{req.method} is not allowed here", "use GET", (("Allow", "GET"),)
+class _Endpoint:
+    """``handle`` as an ASGI app."""
+
+    def __init__(self, handle: Callable[[Request], Awaitable[Response]]) -> None:
+        self.handle = handle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.handle(Request(scope, receive))
+        await response(scope, receive, send)
+
+
+def _refuse_body(request: Request) -> None:
+    """Raise the refusal of a request that carries a body (none are accepted).
+
+    411 for ``Transfer-Encoding`` (a length is required), 413 for a ``Content-Length``
+    above 0, 400 for a malformed or repeated ``Content-Length``.
+    """
+    headers = request.headers
+    if headers.getlist("transfer-encoding"):
+        raise HttpError(411, "length required", "send no request body (parameters go in the path)")
+    lengths = headers.getlist("content-length")
+    if not lengths:
+        return
+    if len(lengths) > 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
+        raise HttpError(400, "malformed Content-Length")
+    if int(lengths[0]) > 0:
+        raise HttpError(
+            413,
+            "request body too large",
+            "operator requests take no body: parameters go in the path",
         )
-    refusal = body_refusal(req)
-    if refusal is not None:
-        return refusal.response
-    return json_response(200, {"status": "ok"})
