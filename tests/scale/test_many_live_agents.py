@@ -22,7 +22,7 @@ from fedstack.testing import AggregatorProcess
 AGENTS = 1000
 ROUNDS = 3
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # rates and stalls: run alone
 
 
 @pytest.mark.timeout(240)

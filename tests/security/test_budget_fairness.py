@@ -24,7 +24,7 @@ from fedstack.transport import connect
 from fedstack.transport.ws import WSConnection
 from fedstack.wire import Participate, Welcome, decode, encode
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.serial]  # rates and stalls: run alone
 
 MODEL = 300_000  # float32: 1.2 MB, a budgeted upload
 ANNOUNCED = 1_500_000  # an attacker's upload: with an honest one, over the 2 MiB budget

@@ -31,7 +31,7 @@ from fedstack.transport.standing import NEW, SUSPECT, TRUSTED
 from fedstack.transport.ws import WSConnection
 from fedstack.wire import Error, ModelUpload, Participate, UploadAck, Welcome, decode, encode
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.serial]  # rates and stalls: run alone
 
 MODEL = 300_000  # float32: 1.2 MB, a budgeted upload
 POOL = 2 << 20  # the trusted upload pool

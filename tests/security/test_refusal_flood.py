@@ -23,6 +23,8 @@ import pytest
 from fedstack import Agent, AggregatorConfig, FederationFinished, Store
 from fedstack.testing import aggregator_thread
 
+pytestmark = pytest.mark.serial  # rates and stalls: run alone (see pyproject)
+
 BURST = 20
 WINDOW = 1.5  # seconds of honest rounds measured with and without the flood
 FLOOD_SECONDS = WINDOW + 1.0

@@ -26,6 +26,8 @@ from fedstack.transport import connect
 from fedstack.transport.ws import WSConnection
 from fedstack.wire import Participate, Welcome, decode, encode
 
+pytestmark = pytest.mark.serial  # rates and stalls: run alone (see pyproject)
+
 ROUNDS = 4
 MODEL = 300_000  # float32: 1.2 MB, a budgeted upload
 ANNOUNCED = 1_500_000  # the slow upload's size: with an honest upload, over the budget
