@@ -17,6 +17,8 @@ these global names as inert markers, by *name only*:
   stride, requires_grad, backward_hooks)`` and an optional empty ``metadata``, where
   ``backward_hooks`` is an empty dict and ``storage`` is the value of ``BINPERSID`` on
   ``('storage', torch.<X>Storage, key, location, numel)``;
+* ``torch._utils._rebuild_parameter`` on such a tensor, ``requires_grad`` and an empty
+  dict: an ``nn.Parameter`` (``state_dict(keep_vars=True)``) is read as its tensor;
 * ``torch._utils._rebuild_tensor_v3``, as current torch writes it for the storage form
   without a legacy class: the same arguments followed by a ``torch.<dtype>`` name, on a
   ``torch.storage.UntypedStorage`` (raw bytes);
@@ -100,12 +102,15 @@ _UNTYPED = frozenset({"torch.storage.UntypedStorage", "torch.UntypedStorage"})
 _ORDERED_DICT = "collections.OrderedDict"
 _REBUILD_V2 = "torch._utils._rebuild_tensor_v2"
 _REBUILD_V3 = "torch._utils._rebuild_tensor_v3"
+_REBUILD_PARAMETER = "torch._utils._rebuild_parameter"
 _STORAGE_NAMES = {f"torch.{c}": d for c, d in _STORAGE_CLASSES.items()} | dict.fromkeys(
     _UNTYPED, "uint8"
 )
 _DTYPE_NAMES = {f"torch.{d}": d for d in _DTYPES}
 _TORCH_GLOBALS = frozenset(
-    {_ORDERED_DICT, _REBUILD_V2, _REBUILD_V3} | set(_STORAGE_NAMES) | set(_DTYPE_NAMES)
+    {_ORDERED_DICT, _REBUILD_V2, _REBUILD_V3, _REBUILD_PARAMETER}
+    | set(_STORAGE_NAMES)
+    | set(_DTYPE_NAMES)
 )
 _KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _MAX_DIM = 2**62  # sizes and strides beyond this are not a tensor anyone saved
@@ -187,7 +192,12 @@ class _Archive:
 
     def optional(self, name: str, limit: int) -> bytes | None:
         full = f"{self.prefix}/{name}"
-        return self.read(full, limit) if full in self.infos else None
+        if full not in self.infos:
+            return None
+        try:
+            return self.read(full, limit)
+        except _Refused as e:
+            raise ConfigError(f"{self.source}: {e}") from None
 
     def read(self, name: str, limit: int, exact: int | None = None) -> bytes:
         """Record ``name``: at most ``limit`` bytes, or exactly ``exact``."""
@@ -289,6 +299,16 @@ class _TorchMachine(_Machine):
             return self.tensor(args[:6], None, args[6] if len(args) == 7 else None)
         if func.name == _REBUILD_V3 and len(args) in (7, 8):
             return self.tensor(args[:6], args[6], args[7] if len(args) == 8 else None)
+        if func.name == _REBUILD_PARAMETER:  # an nn.Parameter (state_dict(keep_vars=True))
+            if (
+                len(args) == 3
+                and isinstance(args[0], np.ndarray)
+                and type(args[1]) is bool
+                and type(args[2]) is dict
+                and not args[2]
+            ):
+                return args[0]
+            raise _Refused(f"REDUCE {func.name} with arguments other than (tensor, bool, {{}})")
         if func.name in (_REBUILD_V2, _REBUILD_V3):
             raise _Refused(f"REDUCE {func.name} with {len(args)} arguments")
         raise _Refused(f"REDUCE {func.name} (only OrderedDict() and tensors are made)")
