@@ -333,6 +333,7 @@ def test_the_hand_built_archive_is_what_torch_reads(tmp_path: Path) -> None:
         # huge sizes: a stride-0 view of one element, and sizes that are not counts
         ({"w": _tensor(0, (2**40, 2**40), (0, 0))}, {"0": SIX}, "more than 8589934592 bytes"),
         ({"w": _tensor(0, (2**70,), (1,))}, {"0": SIX}, "not non-negative integers"),
+        ({"w": _tensor(0, (0, 2**61, 2**61), (1, 1, 1))}, {"0": SIX}, "other sizes are too large"),
         ({"w": _tensor(0, (2,), (-1,))}, {"0": SIX}, "not non-negative integers"),
         ({"w": _tensor(0, (2, 3), (1,))}, {"0": SIX}, "differ in length"),
         (

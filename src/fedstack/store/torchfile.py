@@ -366,8 +366,12 @@ class _TorchMachine(_Machine):
             )
         raw = self.archive.storage(storage.key, nbytes)  # checks the record's length
         if count == 0:
-            flat = np.zeros(0, dtype=code)
-            out = flat.reshape(size)
+            span = 1
+            for n in size:
+                span *= max(n, 1)
+            if span * itemsize > self.torch_limits.max_total_bytes:  # numpy refuses it
+                raise _Refused(f"an empty tensor of size {size}: its other sizes are too large")
+            out = np.zeros(size, dtype=code)
         else:
             last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
             if last >= elements:
