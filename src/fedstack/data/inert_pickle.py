@@ -143,6 +143,18 @@ def _is_int(x: object, *values: int) -> bool:
 
 
 class _Machine:
+    """The stack machine. A sibling reader (:mod:`fedstack.store.torchfile`) subclasses it:
+    the class attributes below name what it accepts, and :meth:`reduce`, :meth:`build` and
+    :meth:`persistent_load` are the only places a marker turns into a value."""
+
+    allowed_globals: frozenset[str] = _ALLOWED_GLOBALS
+    accepts = "only numpy array markers are accepted"  # the refused-global message
+    reads = "only plain data and numpy arrays"  # the refused-opcode message
+    max_protocol = 4
+    # Values that are never data: refused anywhere but inside a tuple (a REDUCE argument),
+    # and a tuple holding one is refused as data in turn.
+    inert_types: tuple[type, ...] = (_Marker,)
+
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.stack: list[Any] = []
@@ -162,8 +174,8 @@ class _Machine:
             if x.value is None:
                 raise _Refused(f"a numpy {x.kind} is used before its BUILD")
             return x.value
-        if t is _Marker and not in_tuple:
-            raise _Refused(f"the global {x.name} is used as data")
+        if t in self.inert_types and not in_tuple:
+            raise _Refused(f"the {self.describe(x)} is used as data")
         if t is tuple and id(x) in self.marked:
             raise _Refused("a REDUCE argument tuple is used as data")
         return x
@@ -242,7 +254,7 @@ class _Machine:
             value, depth = self.child(x, None, in_tuple=True)
             out.append(value)
             deepest = max(deepest, depth)
-            marker = marker or type(value) is _Marker
+            marker = marker or type(value) in self.inert_types
         vals = tuple(out)
         self.set_depth(vals, deepest)
         if marker:
@@ -285,6 +297,14 @@ class _Machine:
         if type(v) is _Pending and v.value is not None:
             return v.value
         return v
+
+    def describe(self, x: Any) -> str:
+        """How an inert value is named in an error message."""
+        return f"global {x.name}" if type(x) is _Marker else type(x).__name__
+
+    def persistent_load(self, pid: Any) -> Any:
+        """``BINPERSID``: the value a persistent id stands for. Not read here."""
+        raise _Refused(f"this opcode is not read ({self.reads})")
 
     # -- numpy ---------------------------------------------------------------------------
     def reduce(self, func: Any, args: Any) -> Any:
@@ -411,7 +431,11 @@ def parse_bytes(data: bytes, source: str = "<bytes>", limits: Limits | None = No
             f"{source}: {len(data)} bytes is over the {limits.max_bytes}-byte "
             "limit for a pickled data file"
         )
-    m = _Machine(limits)
+    return _run(_Machine(limits), data, source)
+
+
+def _run(m: _Machine, data: bytes, source: str) -> Any:
+    """Interpret the pickle ``data`` on machine ``m`` (the size was checked by the caller)."""
     stream = io.BytesIO(data)
     op_name, pos = "(start)", 0
     result: Any = None
@@ -477,11 +501,10 @@ def parse_bytes(data: bytes, source: str = "<bytes>", limits: Limits | None = No
                     if type(module) is not str or type(name) is not str:
                         raise _Refused("STACK_GLOBAL on values that are not strings")
                 full = f"{module}.{name}"
-                if full not in _ALLOWED_GLOBALS:
+                if full not in m.allowed_globals:
                     raise _Refused(
-                        f"refused {op_name} {full[:200]!r}: only numpy array "
-                        "markers are accepted and nothing named in the file is "
-                        "imported or called"
+                        f"refused {op_name} {full[:200]!r}: {m.accepts} and nothing "
+                        "named in the file is imported or called"
                     )
                 m.push(_Marker(full))
             elif op_name == "REDUCE":
@@ -492,9 +515,11 @@ def parse_bytes(data: bytes, source: str = "<bytes>", limits: Limits | None = No
                 state = m.pop()
                 obj = m.pop()
                 m.push(m.build(obj, state))
+            elif op_name == "BINPERSID":
+                m.push(m.persistent_load(m.pop()))
             elif op_name == "PROTO":
-                if not 2 <= arg <= 4:
-                    raise _Refused(f"pickle protocol {arg} (2-4 are read)")
+                if not 2 <= arg <= m.max_protocol:
+                    raise _Refused(f"pickle protocol {arg} (2-{m.max_protocol} are read)")
             elif op_name == "FRAME":
                 pass  # protocol 4 framing only groups opcodes; genops reads through it
             elif op_name == "STOP":
@@ -502,7 +527,7 @@ def parse_bytes(data: bytes, source: str = "<bytes>", limits: Limits | None = No
                     raise _Refused("STOP with an unbalanced stack")
                 result = m.item(m.stack[0])
             else:
-                raise _Refused("this opcode is not read (only plain data and numpy arrays)")
+                raise _Refused(f"this opcode is not read ({m.reads})")
     except ConfigError:
         raise
     except _Refused as e:

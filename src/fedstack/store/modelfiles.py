@@ -8,14 +8,17 @@ Formats (``FORMATS``):
 ``npz``
     numpy's ``.npz`` archive of named arrays, read with ``allow_pickle=False``.
 ``pt``
-    A PyTorch state dict (``{name: tensor}``) as written by ``torch.save``, read with
-    ``torch.load(..., weights_only=True)`` (no arbitrary unpickling); a checkpoint
-    holding the state dict under ``state_dict``, ``model_state_dict`` or ``model`` is
-    accepted too. Needs torch (``pip install 'fedstack[torch]'``).
+    A PyTorch state dict (``{name: tensor}``) as written by ``torch.save`` (PyTorch >= 1.6
+    zip format), read by :mod:`fedstack.store.torchfile`, which interprets ``data.pkl``'s
+    opcodes without unpickling (tensors by name only, built with numpy from the storage
+    records; any other global refused) and does not need torch; a checkpoint holding the
+    state dict under ``state_dict``, ``model_state_dict`` or ``model`` is accepted too.
+    Writing ``pt`` needs torch (``pip install 'fedstack[torch]'``).
 
 Every model read is checked as an agent's would be: at least one tensor, names and
 dtypes the wire allows, finite values. Writes are atomic (a reader never sees half a
-file). No pickle is ever loaded.
+file). No pickle is ever loaded: no reader calls ``pickle``, ``torch.load`` or lets
+``np.load`` unpickle.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 
 from fedstack.errors import ConfigError, LocalProtocolError, TensorFileError
 from fedstack.files import atomic_write
+from fedstack.store import torchfile
 from fedstack.types import Weights
 from fedstack.wire import tensorfile, tensors
 
@@ -126,44 +130,8 @@ def _read_npz(path: Path, data: bytes) -> Weights:
 
 
 def _read_pt(path: Path, data: bytes) -> Weights:
-    try:
-        import torch
-    except ImportError:
-        raise ConfigError(
-            "reading a PyTorch state dict needs torch: pip install 'fedstack[torch]'"
-        ) from None
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds (UnpicklingError, ...)
-        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise ConfigError(
-            f"{path} is not a PyTorch state dict loadable with weights_only=True: {reason}"
-        ) from None
-    state = obj
-    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        nested = [k for k in _CHECKPOINT_KEYS if isinstance(obj.get(k), Mapping)]
-        if nested:
-            state = obj[nested[0]]
-    if not isinstance(state, Mapping):
-        raise ConfigError(
-            f"{path} holds a {type(state).__name__}, not a state dict ({{name: tensor}}); "
-            "save model.state_dict()"
-        )
-    weights: Weights = {}
-    for name, value in state.items():
-        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
-            raise ConfigError(
-                f"{path}: entry {str(name)[:64]!r} is a {type(value).__name__}, not a tensor "
-                "(save model.state_dict())"
-            )
-        t = value.detach().cpu()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16 (as the torch adapter does)
-            t = t.to(torch.float32)
-        try:
-            weights[name] = t.numpy().copy()
-        except (TypeError, RuntimeError) as exc:
-            raise ConfigError(f"{path}: tensor {name[:64]!r} has dtype {t.dtype}: {exc}") from None
-    return weights
+    # torchfile's arrays are its own copies (C-contiguous, writable); bfloat16 is float32
+    return dict(torchfile.read_state_dict(data, str(path)))
 
 
 def _check(path: Path, weights: Mapping[str, Any]) -> None:
