@@ -7,7 +7,7 @@ instead of straight to the aggregator. It runs once per session, whichever of it
 asked first, and hands over every byte that crossed the relay in each direction, the
 WebSocket messages parsed from those bytes by an independent RFC 6455 reader (client
 frames unmasked), every process's log, and what an operator scraped from the
-aggregator's operator API (``/api/v1/status``, ``/api/v1/rounds``) during the run.
+aggregator's operator port (``/api/v1/status``, ``/api/v1/rounds``, ``/metrics``) during the run.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _scrape(
 ) -> None:
     """Scrape the operator API's status and round metrics while the aggregator runs."""
     while agg.poll() is None:
-        for path in ("/api/v1/status", "/api/v1/rounds?limit=20"):
+        for path in ("/api/v1/status", "/api/v1/rounds?limit=20", "/metrics"):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             try:
                 conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})

@@ -133,15 +133,31 @@ def test_the_scan_flags_a_logged_model(
 def test_metrics_scrape_works_and_holds_no_tensors(
     captured_demo: CapturedRun, scanned: tuple[list[np.ndarray], set[str], set[str]]
 ) -> None:
-    """The row's second half: the operator API (``/api/v1/status``, ``/api/v1/rounds``:
-    the aggregator's metrics endpoint) was scraped during the run, served the rounds'
+    """The row's second half: the operator port (``/api/v1/status``, ``/api/v1/rounds``
+    and the Prometheus ``/metrics``) was scraped during the run, served the rounds'
     metrics, and its answers hold no tensor contents either."""
     _, values, raw = scanned
-    ok = [(path, json.loads(body)) for path, status, body in captured_demo.scrapes if status == 200]
+    ok = [
+        (path, json.loads(body))
+        for path, status, body in captured_demo.scrapes
+        if status == 200 and path.startswith("/api/")
+    ]
     statuses = [body for path, body in ok if path == "/api/v1/status"]
     rounds = [r for path, body in ok if path.startswith("/api/v1/rounds") for r in body["rounds"]]
     assert statuses and rounds, captured_demo.scrapes[-3:]
     assert any("eval_accuracy" in r["metrics"] for r in rounds), rounds[-1]
     assert all({"run_id", "round", "version"} <= set(s) for s in statuses), statuses[-1]
+    # the Prometheus endpoint: parsed by prometheus-client's own parser, it counts rounds
+    from prometheus_client.parser import text_string_to_metric_families
+
+    completed = [
+        sample.value
+        for path, status, body in captured_demo.scrapes
+        if path == "/metrics" and status == 200
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == "fedstack_rounds_completed_total"
+    ]
+    assert completed and max(completed) >= 1, completed[-3:]
     for path, _, body in captured_demo.scrapes:
         assert not problems(body, values, raw), (path, body[:500])
