@@ -110,13 +110,16 @@ def live_members(db: str, run_id: str, blobs: Path) -> dict[str, tuple[bool, int
         store.close()
 
 
-def wait_heartbeats(db: str, run_id: str, blobs: Path, expected: dict[str, int]) -> None:
+def wait_heartbeats(
+    db: str, run_id: str, blobs: Path, expected: dict[str, int], timeout: float = 20.0
+) -> None:
     """Until every member of ``expected`` is live with that many agents in the store."""
     wait_until(
         lambda: all(
             live_members(db, run_id, blobs).get(n, (False, -1, 0))[:2] == (True, k)
             for n, k in expected.items()
         ),
+        timeout,
         what=f"heartbeats {expected}",
     )
 
@@ -513,7 +516,8 @@ def test_restarted_member_waits_for_the_synthesis_of_its_delivered_round(tmp_pat
                 b_life.close()  # b stops while it waits for a's semi-global model
                 with aggregator_thread(cfg_b) as b2:
                     assert b2.state.version == 0 and b2.rounds_completed == 0
-                    wait_heartbeats(db, a.run_id, blobs, {"a": 2, "b": 2})
+                    # b's old row expires, then its agents come back from a (~15 s alone)
+                    wait_heartbeats(db, a.run_id, blobs, {"a": 2, "b": 2}, timeout=60.0)
                     for n in ("a1", "a2"):
                         assert ag[n].send_trained_model(model(0.0), 5)
                     for x in ag.values():
