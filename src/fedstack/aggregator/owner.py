@@ -363,6 +363,8 @@ class RoundOwner:
         version = self.state.version + 1 if ev.version is None else ev.version
         self.adopt(version, ev.model_id, result.weights, result.extra, result.state)
         self.rounds_completed += 1
+        if self.agg.trackers is not None:
+            self.agg.trackers.round_changed(version)
         log.info(
             "round %d aggregated from %d update(s) in %.3f s%s",
             ev.round,

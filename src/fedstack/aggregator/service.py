@@ -81,6 +81,8 @@ from fedstack.security.tls import server_context
 from fedstack.store import RunInfo, Store
 from fedstack.store.repository import fingerprint
 from fedstack.strategies import Result, create
+from fedstack.trackers.records import RunMeta
+from fedstack.trackers.sink import TrackerSink
 from fedstack.transport import Connection, inproc, serve
 from fedstack.transport.budget import ByteBudget
 from fedstack.transport.limits import raise_nofile_limit
@@ -194,6 +196,9 @@ class Aggregator:
             gate=self.gate,
             evaluator=evaluator,
         )
+        self.trackers = TrackerSink(config.track) if config.track else None
+        """The experiment trackers rounds are logged to (``track``; None: none)."""
+        self.driver.trackers = self.trackers
         self.committer = Committer(
             db=self._db,
             compute=self.workers.compute,
@@ -399,6 +404,9 @@ class Aggregator:
             self.state.version,
             self.store.url,
         )
+        if self.trackers is not None:
+            meta = RunMeta(run.id, run.name, run.status, time.time(), _public_config(cfg))
+            self.trackers.start(self.store, meta)
         if self.state.finished:
             self._finished.set()
 
@@ -583,6 +591,8 @@ class Aggregator:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        if self.trackers is not None:  # their pending writes read the store
+            await self.trackers.close(finished=self.state.finished)
         if self.store is not None:
             with contextlib.suppress(StoreError):
                 await self.registry.audit.flush(force=True)
@@ -730,4 +740,8 @@ def _first_run(store: Store, mine: RunInfo) -> RunInfo:
 
 
 def _public_config(cfg: AggregatorConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(cfg).items() if k not in ("db", "blob_dir", "enrollment_token")}
+    return {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in ("db", "blob_dir", "enrollment_token", "track")
+    }

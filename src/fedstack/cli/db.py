@@ -12,6 +12,11 @@ application's database, an empty file or a store of another schema version is re
 an error (exit 2), never created, converted or migrated. ``upgrade`` is the one subcommand
 that writes: it brings a store's schema up to date (or creates a new store), as the
 aggregator does when it starts.
+
+``export --to mlflow|tensorboard`` writes a run's rounds (figures, metrics, evaluation,
+each agent's training metrics) to an experiment tracker (:mod:`fedstack.trackers`): the
+rounds it does not hold yet, so exporting again, or after an aggregator followed the run
+with ``--track``, never logs a round twice.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fedstack.cli.options import BlobDir, DbPath, JsonFlag, RunOpt
 from fedstack.cli.output import console, print_json, quiet_logs, table, tree
 from fedstack.errors import StoreError
+from fedstack.names import safe_text
 from fedstack.store import Store, migrations
 from fedstack.store.database import redacted, resolve_url
 
@@ -344,6 +350,81 @@ def cmd_plot(
         runs = [resolve_run(store, run)] + [resolve_run(store, r) for r in compare or []]
         path = plot_rounds(store, runs, metric or ["eval_accuracy", "mean_train_loss"], out)
     print(f"wrote {path}")
+    return 0
+
+
+ExportModel = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="[MODEL_ID]", help="a model to export (not with --to)", show_default=False
+    ),
+]
+ExportTo = Annotated[
+    Literal["mlflow", "tensorboard"] | None,
+    typer.Option("--to", help="export the run's rounds to this experiment tracker"),
+]
+ExportUri = Annotated[
+    str | None,
+    typer.Option(
+        "--uri",
+        help="--to mlflow: a tracking URI or directory (default $MLFLOW_TRACKING_URI, else "
+        "./mlruns); --to tensorboard: the log directory (default ./runs)",
+    ),
+]
+
+
+@app.command("export")
+def cmd_export(
+    db: DbPath,
+    model: ExportModel = None,
+    blob_dir: BlobDir = None,
+    run: RunOpt = None,
+    to: ExportTo = None,
+    uri: ExportUri = None,
+    json_: JsonFlag = False,
+) -> int:
+    """Export a run to an experiment tracker: --to mlflow|tensorboard --run RUN [--uri URI]
+    (the rounds it does not hold yet; extras mlflow, tensorboard)."""
+    import os
+
+    from fedstack.errors import ConfigError
+    from fedstack.trackers import RunMeta, export_run
+
+    if to is None:
+        raise ConfigError("say where to export: --to mlflow or --to tensorboard")
+    if model is not None:
+        raise ConfigError(f"--to exports a run (--run RUN), not a model: drop {model!r}")
+    if json_:
+        quiet_logs()
+    target = uri or (
+        (os.environ.get("MLFLOW_TRACKING_URI") or "mlruns") if to == "mlflow" else "runs"
+    )
+    with _store(db, blob_dir) as store:
+        run_id = resolve_run(store, run)
+        row = next(r for r in store.list_runs() if r["id"] == run_id)
+        result = export_run(store, RunMeta.from_row(row), f"{to}:{target}")
+    if json_:
+        print_json(
+            {
+                "run": run_id,
+                "to": to,
+                "uri": target,
+                "rounds": result.rounds,
+                "last_round": result.last,
+                "location": result.location,
+            }
+        )
+    elif result.rounds:
+        print(
+            safe_text(
+                f"exported {result.rounds} round(s) of run {row['name']} ({run_id[:8]}) "
+                f"to {to}: {result.location}"
+            )
+        )
+    elif result.last == 0:
+        print(safe_text(f"run {row['name']} ({run_id[:8]}) has no committed round yet"))
+    else:
+        print(safe_text(f"{to} already holds run {row['name']} up to round {result.last}"))
     return 0
 
 
