@@ -410,15 +410,17 @@ def cmd_export(
                 "to": to,
                 "uri": target,
                 "rounds": result.rounds,
+                "values_added": result.values_added,
                 "last_round": result.last,
                 "location": result.location,
             }
         )
-    elif result.rounds:
+    elif result.rounds or result.values_added:
+        added = f", {result.values_added} value(s) added to rounds held before"
         print(
             safe_text(
-                f"exported {result.rounds} round(s) of run {row['name']} ({run_id[:8]}) "
-                f"to {to}: {result.location}"
+                f"exported {result.rounds} round(s) of run {row['name']} ({run_id[:8]})"
+                f"{added if result.values_added else ''} to {to}: {result.location}"
             )
         )
     elif result.last == 0:

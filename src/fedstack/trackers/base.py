@@ -105,12 +105,21 @@ def safe_scalars(values: Mapping[str, float]) -> dict[str, float]:
 
 
 class Tracker(abc.ABC):
-    """One destination of a run's rounds (see the module docstring)."""
+    """One destination of a run's rounds (see the module docstring).
+
+    A subclass opens the destination (:meth:`open`: it sets :attr:`last` and fills
+    :attr:`held` with what is already there), names values its own way (:meth:`names`)
+    and writes (:meth:`write`); :meth:`log` writes only what the destination lacks.
+    """
 
     kind: str = ""
 
     def __init__(self, target: str) -> None:
         self.target = target
+        self.last = 0
+        """The last round entirely logged (its figures, metrics and agents)."""
+        self.held: dict[int, set[str]] = {}
+        """round -> the run's values held at that step, by the tracker's names."""
 
     @property
     def spec(self) -> str:
@@ -118,16 +127,19 @@ class Tracker(abc.ABC):
         return f"{self.kind}:{self.target}"
 
     @abc.abstractmethod
-    def open(self, run: RunMeta) -> int:
-        """Find or create the run's destination; return the last round it holds (0: none).
+    def open(self, run: RunMeta) -> None:
+        """Find or create the run's destination; set :attr:`last` and :attr:`held`.
 
         Raises:
-            ConfigError: The tracker's library is not installed.
             Exception: Whatever the tracker's library raises.
         """
 
     @abc.abstractmethod
-    def log(
+    def names(self, scalars: Mapping[str, float]) -> dict[str, float]:
+        """``scalars`` (store names) by the names this tracker writes."""
+
+    @abc.abstractmethod
+    def write(
         self,
         round: int,
         wall_time: float,
@@ -136,15 +148,39 @@ class Tracker(abc.ABC):
         *,
         complete: bool,
     ) -> None:
-        """Log ``scalars`` of the run and each agent's scalars at step ``round``.
-
-        ``complete``: the round is now entirely logged (its own figures, its metrics and its
-        agents; the evaluation's metrics may follow in another call without it)."""
+        """Write the run's ``scalars`` (tracker names) and each agent's at step ``round``
+        (``complete``: as the last write of a round logged entirely)."""
 
     @abc.abstractmethod
     def close(self, *, finished: bool) -> None:
         """Flush and release; ``finished``: the fedstack run is over (the destination is
         marked finished where the tracker has such a state)."""
+
+    def log(
+        self,
+        round: int,
+        wall_time: float,
+        scalars: Mapping[str, float],
+        agents: Sequence[AgentRecord] = (),
+        *,
+        complete: bool = False,
+    ) -> int:
+        """Log the run's ``scalars`` the destination does not hold at step ``round`` (and,
+        with ``complete``, ``agents``: the round is then logged entirely). Returns the
+        number of the run's values written.
+
+        Raises:
+            Exception: Whatever the tracker's library raises.
+        """
+        held = self.held.setdefault(round, set())
+        new = {k: v for k, v in self.names(scalars).items() if k not in held}
+        if not new and not complete:
+            return 0
+        self.write(round, wall_time, new, agents if complete else (), complete=complete)
+        held.update(new)
+        if complete:
+            self.last = max(self.last, round)
+        return len(new)
 
     @property
     def location(self) -> str:

@@ -67,7 +67,7 @@ class MlflowTracker(Tracker):
         """The MLflow run of the fedstack run (once opened)."""
         return self._run_id
 
-    def open(self, run: RunMeta) -> int:
+    def open(self, run: RunMeta) -> None:
         if self.uri.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.entities import Param, RunStatus
@@ -101,7 +101,11 @@ class MlflowTracker(Tracker):
                 RunStatus.RUNNING
             ):
                 client.update_run(self._run_id, status="RUNNING")
-            return int(mlrun.data.tags.get("fedstack.last_round", "0") or 0)
+            self.last = int(mlrun.data.tags.get("fedstack.last_round", "0") or 0)
+            for key in mlrun.data.metrics:
+                for m in client.get_metric_history(self._run_id, key):
+                    self.held.setdefault(int(m.step), set()).add(key)
+            return
         mlrun = client.create_run(
             self._experiment_id,
             start_time=int(run.created * 1000),
@@ -116,7 +120,6 @@ class MlflowTracker(Tracker):
         ]
         for i in range(0, len(params), 100):
             client.log_batch(self._run_id, params=params[i : i + 100])
-        return 0
 
     def _search(self, filter_string: str) -> list[Any]:
         runs: list[Any] = []
@@ -148,11 +151,14 @@ class MlflowTracker(Tracker):
     def _log(self, run_id: str, step: int, ms: int, scalars: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
-        metrics = [Metric(k, v, ms, step) for k, v in safe_scalars(scalars).items()]
+        metrics = [Metric(k, v, ms, step) for k, v in scalars.items()]
         for i in range(0, len(metrics), BATCH):
             self._client.log_batch(run_id, metrics=metrics[i : i + BATCH])
 
-    def log(
+    def names(self, scalars: Mapping[str, float]) -> dict[str, float]:
+        return safe_scalars(scalars)
+
+    def write(
         self,
         round: int,
         wall_time: float,
@@ -165,7 +171,7 @@ class MlflowTracker(Tracker):
 
         ms = int(wall_time * 1000)
         for agent in agents:
-            self._log(self._child(agent), round, ms, agent.scalars())
+            self._log(self._child(agent), round, ms, safe_scalars(agent.scalars()))
         self._log(self._run_id, round, ms, scalars)
         if complete:
             self._client.log_batch(self._run_id, tags=[RunTag("fedstack.last_round", str(round))])

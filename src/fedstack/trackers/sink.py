@@ -1,8 +1,9 @@
 """Following a run into trackers: live beside an aggregator, or at once for a past run.
 
 :class:`Follower` logs a run's rounds from the store into trackers: every round after the
-last one a tracker holds (its own figures, metrics and agents), and for the rounds it
-logged itself, metrics stored later (the central evaluation's ``eval_*``).
+last one a tracker holds entirely (its own figures, metrics and agents), and for the rounds
+it holds, the values it lacks (the central evaluation's ``eval_*``, stored after the round
+was logged). Nothing is logged twice: each tracker reads what it holds when it opens.
 
 :class:`TrackerSink` is the aggregator's side (``--track``): the round owner calls
 :meth:`TrackerSink.round_changed` after a round is committed and the driver after its
@@ -22,6 +23,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from fedstack.errors import FedstackError, StoreError
 from fedstack.store import Store
@@ -32,8 +34,6 @@ __all__ = ["ExportResult", "Follower", "TrackerSink", "export_run"]
 
 log = logging.getLogger("fedstack.trackers")
 
-KEEP_LOGGED = 64
-"""Rounds whose logged metric names are remembered (for metrics stored after the round)."""
 CLOSE_TIMEOUT = 10.0
 """Seconds an aggregator stopping waits for the trackers' pending writes."""
 STORE_RETRY = 1.0
@@ -58,18 +58,20 @@ class Follower:
         self.store = store
         self.run = run
         self.trackers = list(trackers)
-        self.last: dict[int, int] = {}  # id(tracker) -> last round it holds
-        self._logged: dict[int, set[str]] = {}  # round -> scalars logged by this follower
+        self._opened: set[int] = set()  # id() of the trackers opened and not failed
         self._on_error = on_error
         self.rounds_logged = 0
+        """Rounds logged entirely."""
+        self.values_added = 0
+        """Values logged into rounds a tracker held already (metrics stored later)."""
 
     @property
     def active(self) -> list[Tracker]:
         """The trackers opened and not failed."""
-        return [t for t in self.trackers if id(t) in self.last]
+        return [t for t in self.trackers if id(t) in self._opened]
 
     def _fail(self, tracker: Tracker, exc: BaseException) -> None:
-        self.last.pop(id(tracker), None)
+        self._opened.discard(id(tracker))
         if self._on_error is None:
             raise exc
         self._on_error(tracker, exc)
@@ -78,46 +80,44 @@ class Follower:
         """Open every tracker (one that fails is disabled)."""
         for t in self.trackers:
             try:
-                self.last[id(t)] = t.open(self.run)
+                t.open(self.run)
+                self._opened.add(id(t))
             except Exception as exc:
                 self._fail(t, exc)
 
-    def follow(self, wanted: Iterable[int]) -> None:
-        """Log the rounds up to ``max(wanted)`` that a tracker lacks and the new metrics of
-        the rounds in ``wanted`` this follower logged.
+    def follow(self, wanted: Iterable[int] = (), *, everything: bool = False) -> None:
+        """Log what the trackers lack of the rounds up to ``max(wanted)`` that one of them
+        does not hold entirely, and of the rounds in ``wanted`` (``everything``: of every
+        round of the run).
 
         Raises:
             StoreError: The store cannot be read (nothing is lost: call again).
         """
         wanted = set(wanted)
         active = self.active
-        if not wanted or not active:
+        if not active or not (wanted or everything):
             return
-        lo = min(self.last[id(t)] for t in active) + 1
-        rounds = set(range(lo, max(wanted) + 1)) | (wanted & set(self._logged))
-        for row in read_rounds(self.store, self.run.id, rounds):
+        if everything:
+            rows = self.store.rounds(self.run.id)
+        else:
+            lo = min(t.last for t in active) + 1
+            rows = read_rounds(self.store, self.run.id, set(range(lo, max(wanted) + 1)) | wanted)
+        for row in rows:
             rnd = int(row["round"])
-            full = {id(t) for t in active if rnd > self.last[id(t)]}
+            full = [t for t in active if rnd > t.last]
             record = round_record(self.store, row, agents=bool(full))
             scalars = record.scalars()
-            seen = self._logged.get(rnd)
             for t in list(active):
                 try:
-                    if id(t) in full:
+                    if t in full:
                         t.log(rnd, record.finished, scalars, record.agents, complete=True)
-                        self.last[id(t)] = rnd
-                    elif seen is not None:
-                        new = {k: v for k, v in scalars.items() if k not in seen}
-                        if new:
-                            t.log(rnd, record.finished, new, (), complete=False)
+                    else:
+                        self.values_added += t.log(rnd, record.finished, scalars)
                 except Exception as exc:
                     active.remove(t)
                     self._fail(t, exc)
             if full:
                 self.rounds_logged += 1
-            self._logged[rnd] = set(scalars)
-        for rnd in sorted(self._logged)[:-KEEP_LOGGED]:
-            del self._logged[rnd]
 
     def close(self, *, finished: bool) -> None:
         """Close every tracker that is still active."""
@@ -189,47 +189,59 @@ class TrackerSink:
         follower.open()
         for t in follower.active:
             log.info("tracking run %s in %s %s", follower.run.id[:8], t.kind, t.location)
-        try:
-            latest = follower.store.rounds(follower.run.id, limit=1)
-            if latest:
-                self.round_changed(int(latest[-1]["round"]))
-        except StoreError as exc:
-            log.warning("trackers: cannot read the run's rounds yet: %s", exc)
+        # first and last, what the trackers lack of the whole run (a resumed run, a gap,
+        # an evaluation stored after the notification was handled)
+        self._follow(follower, everything=True)
         while True:
             with self._cond:
                 while not self._pending and not self._closing:
                     self._cond.wait()
                 pending, self._pending = self._pending, set()
                 closing = self._closing
-            if not follower.active:
-                if closing:
-                    break
-                continue
-            try:
-                follower.follow(pending)
-            except StoreError as exc:
-                if closing:
-                    log.warning("trackers: pending rounds not written: %s", exc)
-                    break
-                log.warning("trackers: cannot read the store (retrying): %s", exc)
-                with self._cond:
+            if pending and not self._follow(follower, pending):
+                with self._cond:  # the store failed: again after a pause
                     self._pending |= pending
-                    self._cond.wait(STORE_RETRY)
+                    if not self._closing:
+                        self._cond.wait(STORE_RETRY)
                 continue
             if closing:
                 with self._cond:
-                    if not self._pending:
-                        break
+                    if self._pending:
+                        continue
+                self._follow(follower, everything=True)
+                break
         follower.close(finished=self._finished)
 
+    def _follow(
+        self, follower: Follower, wanted: Iterable[int] = (), *, everything: bool = False
+    ) -> bool:
+        """One pass; False if the store could not be read (logged)."""
+        if not follower.active:
+            return True
+        try:
+            follower.follow(wanted, everything=everything)
+        except StoreError as exc:
+            if self._closing:
+                log.warning("trackers: rounds not written (the store failed): %s", exc)
+                return True  # closing: give up
+            log.warning("trackers: cannot read the store (retrying): %s", exc)
+            return False
+        return True
 
+
+@dataclass(frozen=True)
 class ExportResult:
-    """What :func:`export_run` did: rounds written and where."""
+    """What :func:`export_run` did."""
 
-    def __init__(self, rounds: int, last: int, location: str) -> None:
-        self.rounds = rounds
-        self.last = last
-        self.location = location
+    rounds: int
+    """Rounds logged entirely."""
+    values_added: int
+    """Values added to rounds the tracker held already (e.g. an evaluation stored after
+    the round was logged live)."""
+    last: int
+    """The last round the tracker holds now."""
+    location: str
+    """Where the run is (an MLflow run, a directory)."""
 
 
 def export_run(store: Store, run: RunMeta, spec: str) -> ExportResult:
@@ -243,15 +255,15 @@ def export_run(store: Store, run: RunMeta, spec: str) -> ExportResult:
     follower = Follower(store, run, [tracker])
     try:
         follower.open()
-        latest = store.rounds(run.id, limit=1)
-        if latest:
-            follower.follow([int(latest[-1]["round"])])
+        follower.follow(everything=True)
         follower.close(finished=run.status == "finished")
     except FedstackError:
         raise
     except Exception as exc:
         raise FedstackError(f"{spec}: {_reason(exc)}") from exc
-    return ExportResult(follower.rounds_logged, follower.last.get(id(tracker), 0), tracker.location)
+    return ExportResult(
+        follower.rounds_logged, follower.values_added, tracker.last, tracker.location
+    )
 
 
 def _reason(exc: BaseException) -> str:

@@ -25,7 +25,6 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from fedstack.names import NAME_PATTERN
 from fedstack.trackers.base import Tracker, safe_key
@@ -104,20 +103,24 @@ class TensorBoardTracker(Tracker):
     def location(self) -> str:
         return str(self.directory)
 
-    def open(self, run: RunMeta) -> int:
+    def open(self, run: RunMeta) -> None:
         from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
         self.directory = run_directory(self.root, run)
-        last = 0
         if self.directory.is_dir():
             for path in sorted(self.directory.glob("events.out.tfevents.*")):
                 for event in EventFileLoader(str(path)).Load():
-                    if event.step > last and _has_tag(event, MARKER_TAG):
-                        last = event.step
+                    if event.HasField("summary"):
+                        tags = {v.tag for v in event.summary.value}
+                        self.held.setdefault(int(event.step), set()).update(tags)
+                        if MARKER_TAG in tags:
+                            self.last = max(self.last, int(event.step))
         self._main = _EventFile(self.directory)
-        return int(last)
 
-    def log(
+    def names(self, scalars: Mapping[str, float]) -> dict[str, float]:
+        return _tags(scalars)
+
+    def write(
         self,
         round: int,
         wall_time: float,
@@ -135,7 +138,7 @@ class TensorBoardTracker(Tracker):
                 )
             f.scalars(round, wall_time, _tags(agent.scalars()))
         # the run's scalars last: the marker tag says the round is complete
-        values = _tags(scalars)
+        values = dict(scalars)
         if not complete:
             values.pop(MARKER_TAG, None)
         self._main.scalars(round, wall_time, values)
@@ -152,7 +155,3 @@ def _tags(values: Mapping[str, float]) -> dict[str, float]:
         tag = "".join(c if c.isprintable() else "_" for c in k)[:200] or "_"
         out.setdefault(tag, v)
     return out
-
-
-def _has_tag(event: Any, tag: str) -> bool:
-    return event.HasField("summary") and any(v.tag == tag for v in event.summary.value)
