@@ -34,6 +34,7 @@ VIEWS = [
     "lineage",
     "metrics",
     "plot",
+    "export",
 ]
 READERS = [["db", v] for v in VIEWS] + [["credentials", "list"]]
 WRITERS = [["credentials", "add", "alice"], ["credentials", "revoke", "alice"]]
@@ -41,6 +42,8 @@ WRITERS = [["credentials", "add", "alice"], ["credentials", "revoke", "alice"]]
 
 def _argv(cmd: list[str], db: Path, tmp: Path) -> list[str]:
     extra = ["--out", str(tmp / "plot.png")] if cmd[-1] == "plot" else []
+    if cmd[-1] == "export":  # a run to TensorBoard: nothing is written before the store opens
+        extra = ["--to", "tensorboard", "--uri", str(tmp / "tb")]
     return [*cmd, "--db", str(db), *extra]
 
 

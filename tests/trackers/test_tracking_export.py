@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("mlflow")
+pytest.importorskip("tensorboard")
+
 from tracker_readback import as_float32, mlflow_series, store_series, tensorboard_series
 
 from fedstack import Store
-from fedstack.aggregator.config import AggregatorConfig
-from fedstack.cli.aggregator import parse_aggregator_args
 from fedstack.cli.main import main as cli_main
-from fedstack.errors import ConfigError
 from fedstack.sim.engine import simulate
 from fedstack.trackers.base import safe_key
 
@@ -119,21 +120,3 @@ def test_export_refuses_what_it_cannot_do(
     assert _export(db, "--to", "mlflow", "--uri", str(tmp_path / "m")) == 2
     assert "pip install 'fedstack[mlflow]'" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
-
-
-def test_track_is_a_repeatable_setting_from_flags_file_and_environment(tmp_path: Path) -> None:
-    cfg = parse_aggregator_args(
-        ["--track", "mlflow:http://127.0.0.1:5000", "--track", "tensorboard:tb"]
-    )
-    assert cfg.track == ("mlflow:http://127.0.0.1:5000", "tensorboard:tb")
-    assert parse_aggregator_args([]).track == ()
-    toml = tmp_path / "a.toml"
-    toml.write_text('[aggregator]\ntrack = ["tensorboard:runs", "mlflow:mlruns"]\n')
-    assert AggregatorConfig.load(toml).track == ("tensorboard:runs", "mlflow:mlruns")
-    env = {"FEDSTACK_TRACK": "tensorboard:runs"}
-    assert AggregatorConfig.from_sources(env=env).track == ("tensorboard:runs",)
-    env = {"FEDSTACK_TRACK": '["tensorboard:a", "mlflow:b"]'}
-    assert AggregatorConfig.from_sources(env=env).track == ("tensorboard:a", "mlflow:b")
-    for bad in ("wandb:x", "mlflow:", "tensorboard", "mlflow:a\x1bb"):
-        with pytest.raises(ConfigError, match="track"):
-            AggregatorConfig(track=(bad,))

@@ -10,6 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("mlflow")
+pytest.importorskip("tensorboard")
+
 from tracker_readback import (
     ODD_KEY,
     as_float32,

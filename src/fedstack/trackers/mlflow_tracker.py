@@ -4,7 +4,8 @@ The target is a tracking URI (``http://host:5000``, ``sqlite:///mlflow.db``, ``f
 path``, ``databricks``...) or a directory (MLflow's file store there). MLflow 3 keeps its
 file store in maintenance mode and refuses it unless ``MLFLOW_ALLOW_FILE_STORE`` is set;
 asking for a file URI or a directory is taken as that opt-in (set in this process unless
-the environment already says otherwise). The experiment is ``$MLFLOW_EXPERIMENT_NAME``,
+the environment already says otherwise); MLflow's "View run at URL" lines on stdout are
+turned off likewise (``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``). The experiment is ``$MLFLOW_EXPERIMENT_NAME``,
 else ``fedstack``; a server's credentials come from MLflow's own environment variables
 (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``).
 
@@ -70,6 +71,9 @@ class MlflowTracker(Tracker):
     def open(self, run: RunMeta) -> None:
         if self.uri.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        # MLflow prints "View run ... at URL" to stdout when a run ends: not into the
+        # output of `fedstack db export --json` (the location is in fedstack's own output)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow.entities import Param, RunStatus
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
