@@ -121,6 +121,23 @@ def test_each_round_reaches_mlflow_and_tensorboard_live_as_the_store_has_it(
         assert tensorboard_series(run_dir / "agents" / name) == as_float32(_tags(series))
 
 
+def test_a_round_is_logged_when_committed_without_an_evaluator(tmp_path: Path) -> None:
+    tb = tmp_path / "tb"
+    hold = threading.Event()
+    cfg = parse_aggregator_args(_args(tmp_path, f"tensorboard:{tb}"))
+    with aggregator_thread(cfg) as agg:
+        threads = federation(f"ws://127.0.0.1:{agg.port}", hold=hold, hold_before=1)
+        try:
+            run_dir = tb / f"default-{agg.run_id[:8]}"
+            _until(lambda: set(tensorboard_series(run_dir)["num_updates"]) == {1})
+            assert agg.state.version == 1  # the agents wait: round 2 is not there yet
+        finally:
+            hold.set()
+        for t in threads:
+            t.join(60)
+    assert set(tensorboard_series(run_dir)["mean_train_loss"]) == {1, 2, 3}
+
+
 def test_a_failing_tracker_is_logged_once_and_disabled_and_the_rounds_go_on(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
