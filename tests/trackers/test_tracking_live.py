@@ -103,7 +103,9 @@ def test_each_round_reaches_mlflow_and_tensorboard_live_as_the_store_has_it(
     parent, ml_run, ml_agents = mlflow_series(uri, run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "default"
     assert parent.data.tags["fedstack.last_round"] == "3"
-    assert parent.data.params["strategy"] == "fedavg" and "track" not in parent.data.params
+    params = parent.data.params
+    assert params["strategy"] == "fedavg" and params["strategy_params"] == "{}"
+    assert params["rounds"] == "3" and "track" not in params and "db" not in params
     assert ml_run == {safe_key(k): v for k, v in run.items()}
     assert "mean_" + safe_key(ODD_KEY) in ml_run  # an agent's key, made safe
     assert ml_agents == {

@@ -356,7 +356,7 @@ def cmd_plot(
 ExportModel = Annotated[
     str | None,
     typer.Argument(
-        metavar="[MODEL_ID]", help="a model to export (not with --to)", show_default=False
+        metavar="MODEL_ID", help="a model to export (not with --to)", show_default=False
     ),
 ]
 ExportTo = Annotated[

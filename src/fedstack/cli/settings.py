@@ -59,7 +59,7 @@ def _parameter(s: Setting) -> inspect.Parameter:
         option = typer.Option(s.flag, metavar="KEY=VALUE", help=s.help + extra)
         annotation: Any = Annotated[list[str] | None, option]
     elif s.is_list:
-        option = typer.Option(s.flag, help=s.help + extra)
+        option = typer.Option(s.flag, metavar="TEXT", help=s.help + extra)
         annotation = Annotated[list[str] | None, option]
     elif s.flag_values:
         words = tuple(s.flag_values)

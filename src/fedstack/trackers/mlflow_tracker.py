@@ -1,26 +1,29 @@
 """MLflow: one MLflow run per fedstack run, one nested run per agent.
 
-The target is a tracking URI (``http://host:5000``, ``sqlite:///mlflow.db``, ``file:///
-path``, ``databricks``...) or a directory (MLflow's file store there). MLflow 3 keeps its
-file store in maintenance mode and refuses it unless ``MLFLOW_ALLOW_FILE_STORE`` is set;
-asking for a file URI or a directory is taken as that opt-in (set in this process unless
-the environment already says otherwise); MLflow's "View run at URL" lines on stdout are
-turned off likewise (``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``). The experiment is ``$MLFLOW_EXPERIMENT_NAME``,
-else ``fedstack``; a server's credentials come from MLflow's own environment variables
-(``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``).
+The target is a tracking URI (``http://host:5000``, ``sqlite:///mlflow.db``,
+``file:///path``, ``databricks``...) or a directory (MLflow's file store there). MLflow 3
+keeps its file store in maintenance mode and refuses it unless ``MLFLOW_ALLOW_FILE_STORE`` is
+set; asking for a file URI or a directory is taken as that opt-in (set in this process
+unless the environment already says otherwise); MLflow's "View run at URL" lines on
+stdout are turned off likewise (``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``). The
+experiment is ``$MLFLOW_EXPERIMENT_NAME``, else ``fedstack``; a server's credentials
+come from MLflow's own environment variables (``MLFLOW_TRACKING_TOKEN``,
+``MLFLOW_TRACKING_USERNAME``/``PASSWORD``).
 
 Layout: the fedstack run is an MLflow run named after it (tags ``fedstack.run_id``,
-``fedstack.run_name``; params: the run's configuration), whose metrics at step N are round
-N's figures and metrics (``seconds``, ``num_updates``, ``num_samples``, ``eval_accuracy``,
-``mean_train_loss``...). Each agent is a nested run (``mlflow.parentRunId``; named after
-the agent, tag ``fedstack.agent_id``) holding its uploads' ``num_samples`` and training
-metrics at the rounds it contributed to. The tag ``fedstack.last_round`` records the
-last round entirely logged, so that a resumed aggregator or a second export carries on
-after it. A finished fedstack run ends its MLflow runs as FINISHED.
+``fedstack.run_name``; params: the run's configuration, tables as JSON), whose metrics
+at step N are round N's figures and metrics (``seconds``, ``num_updates``,
+``num_samples``, ``eval_accuracy``, ``mean_train_loss``...). Each agent is a nested run
+(``mlflow.parentRunId``; named after the agent, tag ``fedstack.agent_id``) holding its
+uploads' ``num_samples`` and training metrics at the rounds it contributed to. The tag
+``fedstack.last_round`` records the last round entirely logged, so that a resumed
+aggregator or a second export carries on after it. A finished fedstack run ends its
+MLflow runs as FINISHED.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -118,9 +121,7 @@ class MlflowTracker(Tracker):
         )
         self._run_id = mlrun.info.run_id
         params = [
-            Param(safe_key(k), str(v)[:MAX_PARAM])
-            for k, v in sorted(run.config.items())
-            if isinstance(v, str | int | float | bool) and v is not None
+            Param(safe_key(k), _param(v)) for k, v in sorted(run.config.items()) if v is not None
         ]
         for i in range(0, len(params), 100):
             client.log_batch(self._run_id, params=params[i : i + 100])
@@ -186,6 +187,13 @@ class MlflowTracker(Tracker):
         end = int(time.time() * 1000)
         for run_id in [*self._children.values(), self._run_id]:
             self._client.set_terminated(run_id, "FINISHED", end_time=end)
+
+
+def _param(value: Any) -> str:
+    """A configuration value as an MLflow param: text as is, anything else as JSON (at
+    most :data:`MAX_PARAM` characters)."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text[:MAX_PARAM]
 
 
 def _quoted(text: str) -> str:
