@@ -18,6 +18,7 @@ from tracker_readback import as_float32, mlflow_series, store_series, tensorboar
 from fedstack import Store
 from fedstack.cli.main import main as cli_main
 from fedstack.sim.engine import simulate
+from fedstack.testing import free_port
 from fedstack.trackers.base import safe_key
 
 DIGITS = "fedstack.trainers.digits:DigitsLinearTrainer"
@@ -120,3 +121,18 @@ def test_export_refuses_what_it_cannot_do(
     assert _export(db, "--to", "mlflow", "--uri", str(tmp_path / "m")) == 2
     assert "pip install 'fedstack[mlflow]'" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_an_unreachable_server_is_an_error_that_never_shows_its_password(
+    past_run: tuple[Path, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db, _ = past_run
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    uri = f"http://operator:s3cr3t-pw@127.0.0.1:{free_port()}"  # nothing listens there
+    assert _export(db, "--to", "mlflow", "--uri", uri) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedstack: error: mlflow:http://operator:***@127.0.0.1:"), err
+    assert "s3cr3t-pw" not in err and "Traceback" not in err

@@ -14,11 +14,20 @@ import importlib.util
 import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from fedstack.errors import ConfigError
 from fedstack.trackers.records import AgentRecord, RunMeta
 
-__all__ = ["KINDS", "Tracker", "check_installed", "make_tracker", "parse_spec", "safe_key"]
+__all__ = [
+    "KINDS",
+    "Tracker",
+    "check_installed",
+    "make_tracker",
+    "parse_spec",
+    "redacted",
+    "safe_key",
+]
 
 Kind = Literal["mlflow", "tensorboard"]
 KINDS: dict[str, tuple[str, str]] = {
@@ -79,6 +88,20 @@ def check_installed(kind: str) -> None:
             ) from None
 
 
+def redacted(target: str) -> str:
+    """``target`` with the password of a URL's user information shown as ``***``."""
+    try:
+        parts = urlsplit(target)
+        password = parts.password
+    except ValueError:
+        return target
+    if not password:
+        return target
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
 def safe_key(key: str) -> str:
     """``key`` (agent-controlled text) as a name every tracker accepts: letters, digits,
     ``_``, ``-`` and ``.`` (anything else becomes ``_``), not starting with ``.``, at most
@@ -123,8 +146,8 @@ class Tracker(abc.ABC):
 
     @property
     def spec(self) -> str:
-        """``KIND:TARGET`` as given (for logs and messages)."""
-        return f"{self.kind}:{self.target}"
+        """``KIND:TARGET`` for logs and messages (a password in the target hidden)."""
+        return f"{self.kind}:{redacted(self.target)}"
 
     @abc.abstractmethod
     def open(self, run: RunMeta) -> None:
@@ -185,7 +208,16 @@ class Tracker(abc.ABC):
     @property
     def location(self) -> str:
         """Where the run went (an MLflow run id, a directory), once opened."""
-        return self.target
+        return redacted(self.target)
+
+    @property
+    def secrets(self) -> list[str]:
+        """Text never to show: the password of the target's URL, if it has one."""
+        try:
+            password = urlsplit(self.target).password
+        except ValueError:
+            return []
+        return [password] if password else []
 
 
 def make_tracker(spec: str) -> Tracker:

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedstack.trackers.base import Tracker, safe_key, safe_scalars
+from fedstack.trackers.base import Tracker, redacted, safe_key, safe_scalars
 from fedstack.trackers.records import AgentRecord, RunMeta
 
 __all__ = ["MlflowTracker", "tracking_uri"]
@@ -64,7 +64,7 @@ class MlflowTracker(Tracker):
 
     @property
     def location(self) -> str:
-        return f"{self.uri} (experiment {self._experiment_id}, run {self._run_id})"
+        return f"{redacted(self.uri)} (experiment {self._experiment_id}, run {self._run_id})"
 
     @property
     def run_id(self) -> str:

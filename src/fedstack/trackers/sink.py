@@ -182,7 +182,7 @@ class TrackerSink:
             "(the rounds go on; `fedstack db export --to %s` can fill it in later): %s",
             tracker.spec,
             tracker.kind,
-            _reason(exc),
+            _reason(exc, tracker),
         )
 
     def _run(self, follower: Follower) -> None:
@@ -260,12 +260,16 @@ def export_run(store: Store, run: RunMeta, spec: str) -> ExportResult:
     except FedstackError:
         raise
     except Exception as exc:
-        raise FedstackError(f"{spec}: {_reason(exc)}") from exc
+        raise FedstackError(f"{tracker.spec}: {_reason(exc, tracker)}") from exc
     return ExportResult(
         follower.rounds_logged, follower.values_added, tracker.last, tracker.location
     )
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+def _reason(exc: BaseException, tracker: Tracker) -> str:
+    """The first line of ``exc``'s message, without the tracker's password."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+    for secret in tracker.secrets:
+        text = text.replace(secret, "***")
+    return text
