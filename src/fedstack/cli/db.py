@@ -37,7 +37,7 @@ from fedstack.names import safe_text
 from fedstack.store import Store, migrations
 from fedstack.store.database import redacted, resolve_url
 
-__all__ = ["app", "lineage_tree", "plot_rounds", "resolve_run"]
+__all__ = ["app", "export_run_to", "lineage_tree", "plot_rounds", "resolve_run"]
 
 app = typer.Typer(
     help="inspect the model store",
@@ -385,15 +385,28 @@ def cmd_export(
 ) -> int:
     """Export a run to an experiment tracker: --to mlflow|tensorboard --run RUN [--uri URI]
     (the rounds it does not hold yet; extras mlflow, tensorboard)."""
-    import os
-
     from fedstack.errors import ConfigError
-    from fedstack.trackers import RunMeta, export_run
 
     if to is None:
         raise ConfigError("say where to export: --to mlflow or --to tensorboard")
     if model is not None:
         raise ConfigError(f"--to exports a run (--run RUN), not a model: drop {model!r}")
+    return export_run_to(db, blob_dir, run, to, uri, json_)
+
+
+def export_run_to(
+    db: str,
+    blob_dir: str | None,
+    run: str | None,
+    to: Literal["mlflow", "tensorboard"],
+    uri: str | None,
+    json_: bool,
+) -> int:
+    """``fedstack db export --to TO``: the run's rounds a tracker lacks, written to it."""
+    import os
+
+    from fedstack.trackers import RunMeta, export_run
+
     if json_:
         quiet_logs()
     target = uri or (
@@ -408,11 +421,10 @@ def cmd_export(
             {
                 "run": run_id,
                 "to": to,
-                "uri": target,
+                "location": result.location,
                 "rounds": result.rounds,
                 "values_added": result.values_added,
                 "last_round": result.last,
-                "location": result.location,
             }
         )
     elif result.rounds or result.values_added:
