@@ -26,7 +26,7 @@ from tracker_readback import (
 
 from fedstack.cli.aggregator import parse_aggregator_args
 from fedstack.cli.main import main as cli_main
-from fedstack.testing import aggregator_thread
+from fedstack.testing import aggregator_thread, free_port
 from fedstack.trackers.base import safe_key
 from fedstack.trackers.tensorboard_tracker import TensorBoardTracker
 
@@ -121,6 +121,41 @@ def test_each_round_reaches_mlflow_and_tensorboard_live_as_the_store_has_it(
     assert tensorboard_series(run_dir) == as_float32(_tags(run))
     for name, series in agents.items():
         assert tensorboard_series(run_dir / "agents" / name) == as_float32(_tags(series))
+
+
+def test_a_restarted_aggregator_carries_on_in_the_same_mlflow_run_and_event_files(
+    tmp_path: Path,
+) -> None:
+    uri = (tmp_path / "mlruns").as_uri()
+    tb = tmp_path / "tb"
+    args = _args(tmp_path, f"mlflow:{uri}", f"tensorboard:{tb}")
+    cfg = parse_aggregator_args([*args, "--port", str(free_port())])  # agents reconnect there
+    hold = threading.Event()
+    try:
+        with aggregator_thread(cfg, evaluator=evaluate) as agg:
+            threads = federation(agg.url, hold=hold, hold_before=2)
+            run_id = agg.run_id
+            run_dir = tb / f"default-{run_id[:8]}"
+            _live(uri, run_id, run_dir)
+        # stopped after round 2: the run resumes, and so do its trackers
+        with aggregator_thread(cfg, evaluator=evaluate) as agg:
+            assert agg.run_id == run_id and agg.state.version == 2
+            hold.set()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads)
+            _until(lambda: set(tensorboard_series(run_dir)["eval_loss"]) == {1, 2, 3})
+    finally:
+        hold.set()
+    run, agents = store_series(tmp_path / "f.db", run_id)
+    assert set(run["num_updates"]) == {1, 2, 3}
+    parent, ml_run, ml_agents = mlflow_series(uri, run_id)  # one MLflow run, no step twice
+    assert parent.info.status == "FINISHED"
+    assert ml_run == {safe_key(k): v for k, v in run.items()}
+    assert set(ml_agents) == set(agents)  # one nested run per agent, as before the restart
+    assert ml_agents["agent-0"]["num_samples"] == agents["agent-0"]["num_samples"]
+    assert tensorboard_series(run_dir) == as_float32(_tags(run))
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2  # one file per aggregator
 
 
 def test_a_round_is_logged_when_committed_without_an_evaluator(tmp_path: Path) -> None:
