@@ -119,6 +119,10 @@ class Follower:
             if full:
                 self.rounds_logged += 1
 
+    def disable_all(self) -> None:
+        """Stop logging to every tracker (they are not closed)."""
+        self._opened.clear()
+
     def close(self, *, finished: bool) -> None:
         """Close every tracker that is still active."""
         for t in self.active:
@@ -226,6 +230,9 @@ class TrackerSink:
                 return True  # closing: give up
             log.warning("trackers: cannot read the store (retrying): %s", exc)
             return False
+        except Exception:  # reading the run back failed unexpectedly: stop tracking it
+            log.exception("experiment trackers disabled for the rest of this run")
+            follower.disable_all()
         return True
 
 
