@@ -1,7 +1,8 @@
 """Helpers of tests/trackers (imported by bare name): reading a run back from the store,
 from MLflow (its client) and from TensorBoard event files (its event reader), as
 ``{name: {step: value}}`` for the run and for each agent; and a small federation of real
-agents to make runs with."""
+agents to make runs with. (MLflow and TensorBoard are imported here, at collection, not
+first in a test thread while an aggregator's tracker thread imports them too.)"""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow.tracking import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
 from fedstack import Agent, FederationFinished, Store
 
@@ -101,8 +104,6 @@ def store_series(db: Path, run_id: str) -> tuple[Series, dict[str, Series]]:
 def mlflow_series(uri: str, run_id: str) -> tuple[Any, Series, dict[str, Series]]:
     """The MLflow run of fedstack run ``run_id`` and its nested agent runs, read with
     MLflow's client; every step must be logged once."""
-    from mlflow.tracking import MlflowClient
-
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("fedstack")
@@ -131,11 +132,6 @@ def mlflow_series(uri: str, run_id: str) -> tuple[Any, Series, dict[str, Series]
 def tensorboard_series(directory: Path) -> Series:
     """The scalars of one TensorBoard run directory, read with TensorBoard's event
     reader; every step must be written once."""
-    from tensorboard.backend.event_processing.event_accumulator import (
-        SCALARS,
-        EventAccumulator,
-    )
-
     acc = EventAccumulator(str(directory), size_guidance={SCALARS: 0})
     acc.Reload()
     out: Series = {}

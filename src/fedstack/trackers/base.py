@@ -10,6 +10,7 @@ that following a resumed run, or exporting a run twice, never logs a round twice
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib.util
 import re
 from collections.abc import Mapping, Sequence
@@ -47,6 +48,17 @@ _MODULES = {
 """The modules a tracker uses, imported when it is made: in the thread that makes it, as
 imports of these libraries from two threads at once can fail half-way (MLflow's
 circular imports)."""
+_PRELOAD = {
+    "mlflow": (
+        "mlflow.store.tracking.file_store",
+        "mlflow.store.tracking.rest_store",
+        "mlflow.utils.name_utils",
+        "mlflow.protos.internal_pb2",
+    ),
+    "tensorboard": (),
+}
+"""Modules the library imports lazily on first use, imported beforehand for the same
+reason where this version of the library has them."""
 
 MAX_KEY = 200
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -86,6 +98,9 @@ def check_installed(kind: str) -> None:
             raise ConfigError(
                 f"the {kind} tracker cannot import {name} ({exc}): pip install 'fedstack[{extra}]'"
             ) from None
+    for name in _PRELOAD[kind]:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
 
 
 def redacted(target: str) -> str:
