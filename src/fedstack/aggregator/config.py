@@ -267,6 +267,13 @@ class AggregatorConfig:
         "(HTTPS with tls_cert; 0: any free port); unset: none (the agents' port serves "
         "only agents and /healthz)",
     )
+    track: tuple[str, ...] = setting(
+        (),
+        "an experiment tracker each committed round (and its evaluation) is logged to, "
+        "repeatable: mlflow:URI (a tracking URI or a directory; extra mlflow) or "
+        "tensorboard:DIR (extra tensorboard); a failing tracker is logged and disabled, "
+        "never failing a round",
+    )
     operator_api: bool = setting(
         True, "serve the operator REST API (/api/v1/...) on the operator port (off: metrics only)"
     )
@@ -365,6 +372,14 @@ class AggregatorConfig:
                     "target_metric is not supported with name or upstream: the members of "
                     "a federation end together after `rounds`"
                 )
+        if self.track:
+            from fedstack.trackers.base import parse_spec
+
+            for spec in self.track:
+                try:
+                    parse_spec(spec)
+                except ConfigError as exc:
+                    raise bad(f"track: {exc}") from None
         self._check_federation(bad)
 
     def _check_federation(self, bad: typing.Callable[[str], ConfigError]) -> None:
@@ -564,6 +579,7 @@ class Setting:
         self.cli: bool = meta["cli"]
         self.secret: bool = meta["secret"]
         self.is_table = typing.get_origin(_strip_optional(tp)) is dict
+        self.is_list = typing.get_origin(_strip_optional(tp)) is tuple
 
     def convert(self, value: Any, source: str, key: str) -> Any:
         """``value`` converted to this setting's type.
@@ -571,11 +587,16 @@ class Setting:
         Raises:
             ConfigError: naming ``source`` and ``key``, the value and what is accepted.
         """
+        if self.is_list and isinstance(value, str):
+            value = [value]  # one item
         return _convert(self.type, value, source, key, self.secret)
 
     def parse_text(self, text: str, source: str, key: str) -> Any:
-        """A value written as text (the environment): a table is a JSON object."""
-        if not self.is_table:
+        """A value written as text (the environment): a table is a JSON object, a list a
+        JSON array or one item."""
+        if self.is_list and not text.lstrip().startswith("["):
+            return [text]
+        if not self.is_table and not self.is_list:
             return text
         try:
             return json.loads(text)
@@ -653,6 +674,8 @@ def accepted(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is dict:
         return "a table (key = value)"
+    if origin is tuple:
+        return "a list of " + accepted(args[0])
     bounds: dict[str, Any] = {}
     if origin is Annotated:
         tp = args[0]

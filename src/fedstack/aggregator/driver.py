@@ -37,6 +37,7 @@ from fedstack.types import Metrics, Weights
 
 if TYPE_CHECKING:
     from fedstack.aggregator.federation import RoundSink
+    from fedstack.trackers.sink import TrackerSink
 
 log = logging.getLogger("fedstack.aggregator")
 
@@ -100,6 +101,8 @@ class RoundDriver:
         """When the round in progress started (wall clock, for the stored round)."""
         self.sink: RoundSink | None = None
         """Where cluster rounds go in a federation (None: committed as the global model)."""
+        self.trackers: TrackerSink | None = None
+        """Told when a round's evaluation is stored (None: no experiment tracker)."""
         self._pending: Result | None = None  # computed but not committed yet: retried
         self._last_checkpoint = -math.inf
         self._checkpointing = False
@@ -316,6 +319,8 @@ class RoundDriver:
                 rnd,
                 _eval_names(metrics),
             )
+            if self.trackers is not None:
+                self.trackers.round_changed(rnd)
             log.info("round %d evaluation: %s", rnd, _shown(metrics))
         except Exception:
             log.exception("evaluation of round %d failed", rnd)

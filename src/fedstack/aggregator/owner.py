@@ -370,6 +370,8 @@ class RoundOwner:
         self.adopt(version, ev.model_id, result.weights, result.extra, result.state)
         self.rounds_completed += 1
         self.agg.metrics.observe_round(seconds)
+        if self.agg.trackers is not None:
+            self.agg.trackers.round_changed(version)
         log.info(
             "round %d aggregated from %d update(s) in %.3f s%s",
             ev.round,

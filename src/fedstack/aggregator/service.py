@@ -84,6 +84,8 @@ from fedstack.security.tls import server_context
 from fedstack.store import RunInfo, Store
 from fedstack.store.repository import fingerprint
 from fedstack.strategies import Result, create
+from fedstack.trackers.records import RunMeta
+from fedstack.trackers.sink import TrackerSink
 from fedstack.transport import Connection, inproc, serve
 from fedstack.transport.budget import ByteBudget
 from fedstack.transport.http import health_handler
@@ -212,6 +214,9 @@ class Aggregator:
         )
         # a target on an evaluator metric is decided before the round's model is sent
         self.driver.eval_in_round = self.target is not None and self.target.needs_evaluator
+        self.trackers = TrackerSink(config.track) if config.track else None
+        """The experiment trackers rounds are logged to (``track``; None: none)."""
+        self.driver.trackers = self.trackers
         self.committer = Committer(
             db=self._db,
             compute=self.workers.compute,
@@ -448,6 +453,9 @@ class Aggregator:
             self.state.version,
             self.store.url,
         )
+        if self.trackers is not None:
+            meta = RunMeta(run.id, run.name, run.status, time.time(), _public_config(cfg))
+            self.trackers.start(self.store, meta)
         if self.state.finished:
             self._finished.set()
 
@@ -645,6 +653,8 @@ class Aggregator:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        if self.trackers is not None:  # their pending writes read the store
+            await self.trackers.close(finished=self.state.finished)
         if self.store is not None:
             with contextlib.suppress(StoreError):
                 await self.registry.audit.flush(force=True)
@@ -817,4 +827,8 @@ def _first_run(store: Store, mine: RunInfo) -> RunInfo:
 
 
 def _public_config(cfg: AggregatorConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(cfg).items() if k not in ("db", "blob_dir", "enrollment_token")}
+    return {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in ("db", "blob_dir", "enrollment_token", "track")
+    }

@@ -14,6 +14,11 @@ safetensors|npz|pt --out FILE`` writes any stored model to a file in a native fo
 ``upgrade`` is the one subcommand
 that writes: it brings a store's schema up to date (or creates a new store), as the
 aggregator does when it starts.
+
+``export --to mlflow|tensorboard`` writes a run's rounds (figures, metrics, evaluation,
+each agent's training metrics) to an experiment tracker (:mod:`fedstack.trackers`): the
+rounds it does not hold yet, so exporting again, or after an aggregator followed the run
+with ``--track``, never logs a round twice.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from fedstack.store import Store, migrations
 from fedstack.store.database import redacted, resolve_url
 from fedstack.store.modelfiles import Format, write_model_file
 
-__all__ = ["app", "find_model", "lineage_tree", "plot_rounds", "resolve_run"]
+__all__ = ["app", "export_run_to", "find_model", "lineage_tree", "plot_rounds", "resolve_run"]
 
 app = typer.Typer(
     help="inspect the model store",
@@ -351,8 +356,25 @@ def cmd_plot(
     return 0
 
 
-ExportId = Annotated[
-    str, typer.Argument(metavar="MODEL_ID", help="a model id or a prefix of one (any run)")
+ExportModel = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="MODEL_ID",
+        help="a model id or a prefix of one (any run); not with --to",
+        show_default=False,
+    ),
+]
+ExportTo = Annotated[
+    Literal["mlflow", "tensorboard"] | None,
+    typer.Option("--to", help="export the run's rounds to this experiment tracker"),
+]
+ExportUri = Annotated[
+    str | None,
+    typer.Option(
+        "--uri",
+        help="--to mlflow: a tracking URI or directory (default $MLFLOW_TRACKING_URI, else "
+        "./mlruns); --to tensorboard: the log directory (default ./runs)",
+    ),
 ]
 ExportFormat = Annotated[
     Literal["safetensors", "npz", "pt"] | None,
@@ -361,7 +383,9 @@ ExportFormat = Annotated[
         help="safetensors, npz, or pt (a PyTorch state dict); default: from --out's suffix",
     ),
 ]
-ExportOut = Annotated[Path, typer.Option("--out", help="the file to write")]
+ExportOut = Annotated[
+    Path | None, typer.Option("--out", help="the file to write (with MODEL_ID)", show_default=False)
+]
 
 
 def find_model(store: Store, model: str, run_id: str | None = None) -> dict[str, Any]:
@@ -386,17 +410,37 @@ def find_model(store: Store, model: str, run_id: str | None = None) -> dict[str,
 
 @app.command("export")
 def cmd_export(
-    model: ExportId,
     db: DbPath,
-    out: ExportOut,
+    model: ExportModel = None,
+    out: ExportOut = None,
     blob_dir: BlobDir = None,
     run: RunOpt = None,
     format_: ExportFormat = None,
+    to: ExportTo = None,
+    uri: ExportUri = None,
     json_: JsonFlag = False,
 ) -> int:
-    """Write a stored model (a global, semi-global or local model, any round) to a file in
-    a native format: safetensors (the stored bytes), npz, or a PyTorch state dict (pt,
-    loads with torch.load(weights_only=True) and module.load_state_dict)."""
+    """Export a stored model, or a run to an experiment tracker.
+
+    MODEL_ID --out FILE [--format F]: write a stored model (a global, semi-global or local
+    model, any round) in a native format: safetensors (the stored bytes), npz, or a PyTorch
+    state dict (pt, loads with torch.load(weights_only=True) and module.load_state_dict).
+    --to mlflow|tensorboard --run RUN [--uri URI]: the rounds of the run the tracker does
+    not hold yet (extras mlflow, tensorboard).
+    """
+    from fedstack.errors import ConfigError
+
+    if to is not None:
+        if model is not None:
+            raise ConfigError(f"--to exports a run (--run RUN), not a model: drop {model!r}")
+        if out is not None or format_ is not None:
+            raise ConfigError("--to exports a run to a tracker (--uri), not to --out/--format")
+        return export_run_to(db, blob_dir, run, to, uri, json_)
+    if model is None or out is None:
+        raise ConfigError(
+            "say what to export: MODEL_ID --out FILE (a stored model), or a run with "
+            "--to mlflow or --to tensorboard --run RUN"
+        )
     if json_:
         quiet_logs()
     fmt: Format = format_ or _format_of(out)
@@ -439,6 +483,54 @@ def _format_of(out: Path) -> Format:
         f"cannot tell the format from {safe_text(out.name)!r}: pass --format "
         "safetensors|npz|pt or name the file .safetensors, .npz or .pt"
     )
+
+
+def export_run_to(
+    db: str,
+    blob_dir: str | None,
+    run: str | None,
+    to: Literal["mlflow", "tensorboard"],
+    uri: str | None,
+    json_: bool,
+) -> int:
+    """``fedstack db export --to TO``: the run's rounds a tracker lacks, written to it."""
+    import os
+
+    from fedstack.trackers import RunMeta, export_run
+
+    if json_:
+        quiet_logs()
+    target = uri or (
+        (os.environ.get("MLFLOW_TRACKING_URI") or "mlruns") if to == "mlflow" else "runs"
+    )
+    with _store(db, blob_dir) as store:
+        run_id = resolve_run(store, run)
+        row = next(r for r in store.list_runs() if r["id"] == run_id)
+        result = export_run(store, RunMeta.from_row(row), f"{to}:{target}")
+    if json_:
+        print_json(
+            {
+                "run": run_id,
+                "to": to,
+                "location": result.location,
+                "rounds": result.rounds,
+                "values_added": result.values_added,
+                "last_round": result.last,
+            }
+        )
+    elif result.rounds or result.values_added:
+        added = f", {result.values_added} value(s) added to rounds held before"
+        print(
+            safe_text(
+                f"exported {result.rounds} round(s) of run {row['name']} ({run_id[:8]})"
+                f"{added if result.values_added else ''} to {to}: {result.location}"
+            )
+        )
+    elif result.last == 0:
+        print(safe_text(f"run {row['name']} ({run_id[:8]}) has no committed round yet"))
+    else:
+        print(safe_text(f"{to} already holds run {row['name']} up to round {result.last}"))
+    return 0
 
 
 @app.command("upgrade")

@@ -29,6 +29,8 @@ def _default_text(s: Setting) -> str:
         return "unset"
     if s.is_table:
         return "empty"
+    if s.is_list:
+        return "none"
     if isinstance(s.default, bool):
         return "true" if s.default else "false"
     if s.flag_values:
@@ -56,6 +58,9 @@ def _parameter(s: Setting) -> inspect.Parameter:
     if s.is_table:
         option = typer.Option(s.flag, metavar="KEY=VALUE", help=s.help + extra)
         annotation: Any = Annotated[list[str] | None, option]
+    elif s.is_list:
+        option = typer.Option(s.flag, metavar="TEXT", help=s.help + extra)
+        annotation = Annotated[list[str] | None, option]
     elif s.flag_values:
         words = tuple(s.flag_values)
         option = typer.Option(s.flag, help=s.help + extra)
