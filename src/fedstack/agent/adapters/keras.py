@@ -28,6 +28,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from fedstack.agent.adapters.fit import check_fit
 from fedstack.errors import InvalidUpdate, RemoteProtocolError
 from fedstack.types import Weights
 from fedstack.wire.tensors import check_name
@@ -154,22 +155,7 @@ def weights_to_model(model: keras.Model, weights: Weights, strict: bool = True) 
             missing, unexpected and mismatched name, or an array cannot be converted.
     """
     named = dict(_named_variables(model))
-    missing = sorted(set(named) - set(weights))
-    unexpected = sorted(set(weights) - set(named))
-    mismatched = [
-        f"{n} (model {tuple(named[n].shape)}, got {tuple(np.shape(weights[n]))})"
-        for n in sorted(set(named) & set(weights))
-        if tuple(np.shape(weights[n])) != tuple(named[n].shape)
-    ]
-    problems: list[str] = []
-    if strict and missing:
-        problems.append(f"missing: {', '.join(missing)}")
-    if strict and unexpected:
-        problems.append(f"unexpected: {', '.join(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch: {', '.join(mismatched)}")
-    if problems:
-        raise InvalidUpdate(f"weights do not fit {model.name!r}: " + "; ".join(problems))
+    check_fit({n: tuple(v.shape) for n, v in named.items()}, weights, strict, repr(model.name))
     values = {}
     for n, v in named.items():
         if n not in weights:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedstack.agent.adapters.fit import check_fit
 from fedstack.errors import InvalidUpdate
 from fedstack.types import Weights
 
@@ -54,22 +55,7 @@ def weights_to_module(module: torch.nn.Module, weights: Weights, strict: bool = 
             missing, unexpected and mismatched name, or an array cannot be converted.
     """
     state = module.state_dict()
-    missing = sorted(set(state) - set(weights))
-    unexpected = sorted(set(weights) - set(state))
-    mismatched = [
-        f"{name} (model {tuple(state[name].shape)}, got {tuple(np.shape(weights[name]))})"
-        for name in sorted(set(state) & set(weights))
-        if tuple(np.shape(weights[name])) != tuple(state[name].shape)
-    ]
-    problems: list[str] = []
-    if strict and missing:
-        problems.append(f"missing: {', '.join(missing)}")
-    if strict and unexpected:
-        problems.append(f"unexpected: {', '.join(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch: {', '.join(mismatched)}")
-    if problems:
-        raise InvalidUpdate(f"weights do not fit {type(module).__name__}: " + "; ".join(problems))
+    check_fit({n: tuple(v.shape) for n, v in state.items()}, weights, strict, type(module).__name__)
 
     new_state: dict[str, torch.Tensor] = {}
     for name in state:
