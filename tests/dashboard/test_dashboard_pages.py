@@ -124,7 +124,8 @@ def test_every_view_renders_its_contract_and_escapes_agent_text(
     assert "&lt;img src=x onerror=alert(1)&gt; refused 1" in text  # a refusal reason
     for cls in ("online", "last-seen", "address", "contributions", "refusals"):
         assert f'class="{cls}' in text
-    assert "5 of 5, last in round 5" in text
+    assert "5 aggregated of 5 uploads; last upload for round 5" in text
+    assert "rounds 1, 2, 3, 4, 5<" in text
 
     dom = page(client, "/audit")
     assert dom.find("table", id="audit") and dom.find("form", id="audit-filter")

@@ -580,8 +580,9 @@ class Dashboard:
             r["seen"] = a.last_seen if a is not None else r["last_seen"]
             r["addr"] = a.address if a is not None else r["last_address"]
             up = r["uploads"]
-            r["aggregated"] = up.get("aggregated", 0)
+            r["aggregated"] = len(r["rounds"])
             r["total_uploads"] = sum(v for k, v in up.items() if k != "initial")
+            r["recent"] = r["rounds"][-8:]
         return self.render(
             request,
             "agents.html",
