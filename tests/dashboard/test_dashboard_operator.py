@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from fedstack import Agent, AggregatorConfig, FederationFinished, RegistrationRefused, Store
+from fedstack.security import client_context, make_test_pki
 from fedstack.testing import aggregator_thread
 
 
@@ -217,3 +218,33 @@ def test_dashboard_login_live_view_and_actions_on_a_training_aggregator(
     assert all(secret not in b for b in bodies)
     assert secret not in json.dumps(events)
     assert secret not in caplog.text
+
+
+def test_dashboard_over_tls_sets_a_secure_session_cookie(tmp_path: Path) -> None:
+    pki = make_test_pki(tmp_path / "pki")
+    db = tmp_path / "tls.db"
+    st = Store(str(db))
+    try:
+        ops = st.issue_credential("ops", role="operator")
+    finally:
+        st.close()
+    cfg = AggregatorConfig(
+        port=0,
+        db=str(db),
+        min_agents=1,
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        require_tls=True,
+        operator_port=0,
+    )
+    with aggregator_thread(cfg) as agg:
+        assert agg.operator is not None and agg.operator.url.startswith("https://")
+        base = f"https://localhost:{agg.operator.port}"
+        with httpx.Client(base_url=base, verify=client_context(pki.ca), timeout=10) as c:
+            r = c.get("/login")
+            assert r.status_code == 200
+            cookie = r.headers["set-cookie"]
+            assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+            r = c.post("/login", data={"token": ops, "csrf": csrf_of(r.text)})
+            assert r.status_code == 303 and "Secure" in r.headers["set-cookie"]
+            assert 'id="operator-name">ops<' in c.get("/").text
