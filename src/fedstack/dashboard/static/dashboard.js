@@ -194,24 +194,6 @@
     });
   }
 
-  function confirmForms() {
-    $$("form.revoke").forEach(function (f) {
-      f.addEventListener("submit", function (ev) {
-        var row = f.closest("tr");
-        var name = row ? row.dataset.agent : "this agent";
-        if (f.dataset.confirmed !== "yes" && !window.confirm("Revoke the credential of " + name + " and disconnect it?")) {
-          ev.preventDefault();
-        }
-      });
-    });
-    var stop = $("#stop-run");
-    if (stop) {
-      stop.addEventListener("submit", function (ev) {
-        if (stop.dataset.confirmed !== "yes" && !window.confirm("Stop the aggregator?")) { ev.preventDefault(); }
-      });
-    }
-  }
-
   function compareButton() {
     var form = $("#compare-form");
     var button = $("#compare");
@@ -227,6 +209,5 @@
     var cmp = $("#compare-runs");
     if (cmp) { compare(cmp); }
     compareButton();
-    confirmForms();
   });
 })();
