@@ -116,11 +116,14 @@ _HTML_HEADERS = {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
 class Refusal(Exception):
     """A request the dashboard answers with an error page."""
 
-    def __init__(self, status: int, message: str, hint: str = "") -> None:
+    def __init__(
+        self, status: int, message: str, hint: str = "", operator: Operator | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.hint = hint
+        self.operator = operator  # who was refused, if known
 
 
 # ---------------------------------------------------------------------- formatting
@@ -808,12 +811,25 @@ class Dashboard:
         return response
 
     # ------------------------------------------------------------------ actions
-    async def _operator(self, request: Request) -> tuple[Operator, dict[str, str]]:
-        """The logged-in operator of an action POST and its form.
+    async def _operator(
+        self, request: Request, detail: dict[str, Any]
+    ) -> tuple[Operator, dict[str, str]]:
+        """The logged-in operator of an action POST and its form; a refused action is an
+        audit event (``detail`` and the reason).
 
         Raises:
             Refusal: 403 (read-only, no CSRF token, not logged in, credential revoked).
         """
+        try:
+            return await self._check_operator(request)
+        except Refusal as exc:
+            session = self.session(request)
+            response = self.error(request, exc.status, exc.message, exc.hint)
+            operator = exc.operator or (session.operator if session is not None else None)
+            await self._audit(request, operator, response, {**detail, "reason": exc.message})
+            raise
+
+    async def _check_operator(self, request: Request) -> tuple[Operator, dict[str, str]]:
         if self.read_only:
             raise Refusal(403, "this dashboard is read-only", "actions need an aggregator")
         form = await self._form(request)
@@ -827,7 +843,7 @@ class Dashboard:
         stored, revoked = status.get(operator.operator_id, (None, True))
         if revoked or stored != operator.credential:
             self.sessions.end_operator(operator.operator_id)
-            raise Refusal(403, "this operator credential was revoked", "log in again")
+            raise Refusal(403, "this operator credential was revoked", "log in again", operator)
         return operator, form
 
     async def revoke(self, request: Request) -> Response:
@@ -835,10 +851,10 @@ class Dashboard:
         if not rest.endswith("/revoke"):
             raise Refusal(404, "no such action")
         name = rest[: -len("/revoke")]
-        operator, form = await self._operator(request)
+        detail: dict[str, Any] = {"action": "revoke", "target": name[:128]}
+        operator, form = await self._operator(request, detail)
         agg = self.agg
         assert agg is not None
-        detail: dict[str, Any] = {"action": "revoke", "target": name[:128]}
         known = await self.db(self.store.agent_by_name, name) if len(name) <= 128 else None
         if known is None or known.get("role") != "agent":
             response = self.error(request, 404, "no such agent")
@@ -870,7 +886,7 @@ class Dashboard:
         return response
 
     async def stop(self, request: Request) -> Response:
-        operator, _ = await self._operator(request)
+        operator, _ = await self._operator(request, {"action": "stop"})
         agg = self.agg
         assert agg is not None
         log.warning(
