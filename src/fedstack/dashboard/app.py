@@ -552,8 +552,10 @@ class Dashboard:
             if self.closed or (agg is not None and agg.stopped):
                 return
             if agg is not None and agg.run_id == run_id:
-                if agg.state.version > last:  # committed but not read yet: the store has it
-                    await asyncio.sleep(0.05)
+                if agg.state.version > last:
+                    # versions without a round row of their own (none in a standalone
+                    # run; a federation member's view of the global version): poll
+                    await self._wait_closed(self.live_poll)
                     continue
                 try:
                     await asyncio.wait_for(agg.wait_for_version(last + 1), KEEPALIVE)
