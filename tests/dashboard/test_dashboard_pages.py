@@ -135,7 +135,7 @@ def test_every_view_renders_its_contract_and_escapes_agent_text(
     dom = page(client, f"/models/{filled.global_ids[-1]}")
     ids = [a["data-model-id"] for a in dom.has("li", "data-model-id")]
     assert ids[0] == filled.global_ids[-1] and set(ids[1:]) == set(filled.local_ids[-3:])
-    assert dom.find("div", id="lineage")
+    assert dom.find("div", id="lineage") and dom.find("p", id="round-metrics")
     assert any(
         a.get("href") == f"/models/{filled.global_ids[-2]}"
         for a in dom.find("a", **{"class": "base"})

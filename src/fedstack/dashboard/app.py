@@ -644,6 +644,11 @@ class Dashboard:
                 kids = await self.db(self.store.parents_page, p["id"], 0, LINEAGE_NESTED)
                 p["children"] = [k for k in kids if k["relation"] != "base"]
                 p["more"] = max(0, n - len(kids))
+        evaluation = None  # a global model: its round's metrics (the evaluator's)
+        if model["kind"] == "cluster":
+            row = await self.db(self.store.round_row, model["run_id"], int(model["round"]))
+            if row is not None and row["model_id"] == model_id:
+                evaluation = row["metrics"]
         producer = model.get("agent")
         if producer is None:
             names = await self.db(self.store.aggregator_names)
@@ -652,6 +657,7 @@ class Dashboard:
             request,
             "lineage.html",
             model=model,
+            evaluation=evaluation,
             producer=producer,
             base=base,
             inputs=inputs,
