@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 import math
 import re
@@ -278,6 +279,16 @@ def _safe_next(value: str | None, default: str) -> str:
     return default
 
 
+def _asset_version() -> str:
+    """A digest of the static files: their URLs change when they do (they are cached)."""
+    h = hashlib.blake2b(digest_size=6)
+    for path in sorted(_STATIC.rglob("*")):
+        if path.is_file():
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 class Dashboard:
     """The dashboard over ``store`` (see the module docstring).
 
@@ -311,7 +322,7 @@ class Dashboard:
         self.env.filters.update(when=when, num=num, metrics_text=metrics_text)
         self.env.filters["detail_text"] = detail_text
         self.env.filters["pathquote"] = lambda v: quote(str(v), safe="")
-        self.env.globals.update(ACCURACY_KEYS=ACCURACY_KEYS, LOSS_KEYS=LOSS_KEYS, pick=pick)
+        self.env.globals.update(asset_version=_asset_version())
 
     @property
     def read_only(self) -> bool:
