@@ -375,7 +375,7 @@ class Aggregator:
             aggregator_app(  # operator_api off: metrics only, no dashboard either
                 self,
                 dashboard_routes(self.store, agg=self) if cfg.operator_api else (),
-                middleware=dashboard_middleware() if cfg.operator_api else (),
+                middleware=dashboard_middleware(cfg.operator_host) if cfg.operator_api else (),
             ),
             cfg.operator_host,
             cfg.operator_port or 0,

@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import ipaddress
 import logging
 import math
 import re
@@ -109,6 +110,9 @@ ACCURACY_KEYS = (
 LOSS_KEYS = ("eval_loss", "loss", "mean_train_loss")
 """The round metric charted as loss: the first of these a round has."""
 
+_NOT_OURS = ("/api", "/healthz")  # the operator surface's own paths (with /api/, /metrics)
+_PAGES = ("/", "/compare", "/audit", "/login", "/logout")
+_PREFIXES = ("/runs/", "/models/", "/actions/", "/static/")
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _STATIC = Path(__file__).parent / "static"
 _HTML_HEADERS = {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
@@ -951,16 +955,32 @@ class EventStream(StreamingResponse):
 
 
 class DashboardHeaders:
-    """ASGI middleware: :data:`CSP` on every answer outside ``/api`` and ``/metrics``
-    that has no policy of its own (static files, the application's error pages)."""
+    """ASGI middleware: :data:`CSP` on every answer outside ``/api``, ``/metrics`` and
+    ``/healthz`` that has no policy of its own (static files, the application's error pages).
 
-    def __init__(self, app: ASGIApp) -> None:
+    With ``loopback_only`` (the server listens on a loopback address), a request for the
+    dashboard whose ``Host`` is not a loopback name (``localhost``, ``127.x.y.z``,
+    ``[::1]``) is refused with 421: a web page elsewhere cannot point a name of its own
+    at 127.0.0.1 (DNS rebinding) and read the pages through the visitor's browser.
+    """
+
+    def __init__(self, app: ASGIApp, loopback_only: bool = False) -> None:
         self.app = app
+        self.loopback_only = loopback_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if scope["type"] != "http" or path.startswith(("/api/", "/metrics")) or path == "/api":
+        if scope["type"] != "http" or path.startswith(("/api/", "/metrics")) or path in _NOT_OURS:
             await self.app(scope, receive, send)
+            return
+        if self.loopback_only and _ours(path) and not _loopback_host(scope):
+            refusal = Response(
+                "this dashboard answers for localhost, 127.0.0.1 or [::1] only\n",
+                421,
+                {"Content-Security-Policy": CSP, "Cache-Control": "no-store"},
+                "text/plain",
+            )
+            await refusal(scope, receive, send)
             return
         static = path.startswith("/static/")
 
@@ -978,13 +998,48 @@ class DashboardHeaders:
         await self.app(scope, receive, with_headers)
 
 
+def _ours(path: str) -> bool:
+    """Whether ``path`` is one of the dashboard's (others: the application's 404)."""
+    return path in _PAGES or path.startswith(_PREFIXES)
+
+
+def _loopback_host(scope: Scope) -> bool:
+    """Whether the request's ``Host`` header names this machine's loopback interface."""
+    hosts = [v for k, v in scope.get("headers", []) if k.lower() == b"host"]
+    if len(hosts) != 1:
+        return False
+    host = hosts[0].decode("latin-1").strip().lower()
+    if host.startswith("["):  # [v6]:port
+        name = host[1 : host.find("]")] if "]" in host else ""
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name in ("localhost", "localhost.") or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback(host: str) -> bool:
+    """Whether the listening address ``host`` is a loopback one."""
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def dashboard_routes(source: Store, *, agg: Aggregator | None = None) -> list[BaseRoute]:
     """The dashboard's routes over the store ``source`` (with ``agg``: logins, actions,
     live views woken by its commits; without: read-only)."""
     return Dashboard(source, agg=agg).routes()
 
 
-def dashboard_middleware() -> list[Middleware]:
-    """The dashboard's ASGI middleware (its content security policy on every answer
-    outside the operator API and the metrics)."""
-    return [Middleware(DashboardHeaders)]
+def dashboard_middleware(host: str | None = None) -> list[Middleware]:
+    """The dashboard's ASGI middleware: its content security policy on every answer
+    outside the operator API and the metrics; when the server listens on ``host`` and
+    that is a loopback address, only requests for a loopback ``Host`` (see
+    :class:`DashboardHeaders`)."""
+    return [Middleware(DashboardHeaders, loopback_only=host is not None and is_loopback(host))]
