@@ -78,6 +78,7 @@ def dashboard_events(db: Path) -> list[dict[str, Any]]:
         st.close()
 
 
+@pytest.mark.serial  # a round within a second of its commit: run alone
 def test_dashboard_login_live_view_and_actions_on_a_training_aggregator(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
