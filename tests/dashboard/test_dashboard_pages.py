@@ -261,3 +261,27 @@ def test_a_loopback_dashboard_answers_loopback_host_names_only(readonly_store: S
     app = create_app(dashboard_routes(readonly_store), middleware=dashboard_middleware("0.0.0.0"))
     with TestClient(app) as client:
         assert client.get("/", headers={"host": "dash.example"}).status_code == 200
+
+
+def test_views_need_a_login_when_an_aggregators_dashboard_listens_beyond_loopback(
+    readonly_store: Store, filled: Any
+) -> None:
+    """On loopback the views are open (the actions need a login); an aggregator's
+    dashboard reachable from other hosts shows nothing (agent names, addresses) before an
+    operator logs in: pages redirect to the login form, data and event streams get 401."""
+    from fedstack.dashboard.app import Dashboard, views_need_login
+
+    assert views_need_login(True, "0.0.0.0") and views_need_login(True, "10.1.2.3")
+    assert not views_need_login(True, "127.0.0.1") and not views_need_login(True, "::1")
+    assert not views_need_login(False, "0.0.0.0")  # fedstack dashboard --db: no logins
+    app = create_app(Dashboard(readonly_store, views_need_login=True).routes())
+    run_id = filled.run_ids[0]
+    with TestClient(app, follow_redirects=False) as client:
+        for url in ("/", "/audit", f"/runs/{run_id}", f"/runs/{run_id}/agents", "/compare"):
+            r = client.get(url)
+            assert r.status_code == 303 and r.headers["location"] == "/login", url
+            assert "agent" not in r.text.lower(), url
+        for url in (f"/runs/{run_id}/series", f"/runs/{run_id}/events"):
+            assert client.get(url).status_code == 401, url
+        assert client.get("/login").status_code == 200
+        assert client.get("/healthz").status_code == 200

@@ -379,7 +379,9 @@ class Aggregator:
         server = OperatorServer(
             aggregator_app(  # operator_api off: metrics only, no dashboard either
                 self,
-                dashboard_routes(self.store, agg=self) if cfg.operator_api else (),
+                dashboard_routes(self.store, agg=self, host=cfg.operator_host)
+                if cfg.operator_api
+                else (),
                 middleware=dashboard_middleware(cfg.operator_host) if cfg.operator_api else (),
             ),
             cfg.operator_host,

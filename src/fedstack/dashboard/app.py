@@ -300,13 +300,23 @@ class Dashboard:
         store: the store to read (the aggregator's, or one opened read-only).
         agg: the aggregator whose operator port serves the dashboard (None: read-only).
         live_poll: seconds between store reads of a live view not woken by ``agg``.
+        views_need_login: every view, not only the actions, needs an operator's session
+            (pages redirect to ``/login``, data and event streams answer 401): what an
+            aggregator does when its operator port listens beyond loopback, where agent
+            names and addresses must not be shown to whoever reaches the port.
     """
 
     def __init__(
-        self, store: Store, *, agg: Aggregator | None = None, live_poll: float = LIVE_POLL
+        self,
+        store: Store,
+        *,
+        agg: Aggregator | None = None,
+        live_poll: float = LIVE_POLL,
+        views_need_login: bool = False,
     ) -> None:
         self.store = store
         self.agg = agg
+        self.views_need_login = views_need_login
         self.live_poll = live_poll
         self.sessions = Sessions()
         self.api: OperatorAPI | None = None
@@ -351,7 +361,7 @@ class Dashboard:
 
     # ------------------------------------------------------------------ plumbing
     def routes(self) -> list[BaseRoute]:
-        v = self._view
+        v, o = self._view, self._open_view
         return [
             Route("/", v(self.runs), methods=["GET"]),
             Route("/compare", v(self.compare), methods=["GET"]),
@@ -362,15 +372,32 @@ class Dashboard:
             Route("/runs/{run_id}/aggregators", v(self.aggregators), methods=["GET"]),
             Route("/models/{model_id}", v(self.lineage), methods=["GET"]),
             Route("/audit", v(self.audit), methods=["GET"]),
-            Route("/login", v(self.login_form), methods=["GET"]),
-            Route("/login", v(self.login), methods=["POST"]),
-            Route("/logout", v(self.logout), methods=["POST"]),
+            Route("/login", o(self.login_form), methods=["GET"]),
+            Route("/login", o(self.login), methods=["POST"]),
+            Route("/logout", o(self.logout), methods=["POST"]),
             Route("/actions/stop", v(self.stop), methods=["POST"]),
             Route("/actions/agents/{rest:path}", v(self.revoke), methods=["POST"]),
             Mount("/static", app=StaticFiles(directory=_STATIC), name="static"),
         ]
 
     def _view(
+        self, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """A view (with ``views_need_login``: only for a logged-in operator)."""
+        inner = self._open_view(handler)
+
+        async def view(request: Request) -> Response:
+            if self.views_need_login and self.session(request) is None:
+                if request.method == "GET" and not request.url.path.endswith(
+                    ("/series", "/events")
+                ):  # a page: to the login form
+                    return RedirectResponse("/login", 303, headers={"Cache-Control": "no-store"})
+                return self.error(request, 401, "log in first", "an operator token, at /login")
+            return await inner(request)
+
+        return view
+
+    def _open_view(
         self, handler: Callable[[Request], Awaitable[Response]]
     ) -> Callable[[Request], Awaitable[Response]]:
         async def view(request: Request) -> Response:
@@ -1031,10 +1058,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def dashboard_routes(source: Store, *, agg: Aggregator | None = None) -> list[BaseRoute]:
+def dashboard_routes(
+    source: Store, *, agg: Aggregator | None = None, host: str | None = None
+) -> list[BaseRoute]:
     """The dashboard's routes over the store ``source`` (with ``agg``: logins, actions,
-    live views woken by its commits; without: read-only)."""
-    return Dashboard(source, agg=agg).routes()
+    live views woken by its commits; without: read-only). With ``agg`` served on ``host``
+    and that not a loopback address, every view needs an operator's login."""
+    need = views_need_login(agg is not None, host)
+    return Dashboard(source, agg=agg, views_need_login=need).routes()
+
+
+def views_need_login(actions: bool, host: str | None) -> bool:
+    """Whether every view needs an operator's login: on a dashboard with actions (an
+    aggregator's) listening on ``host`` beyond loopback."""
+    return actions and host is not None and not is_loopback(host)
 
 
 def dashboard_middleware(host: str | None = None) -> list[Middleware]:
