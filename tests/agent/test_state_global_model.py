@@ -78,6 +78,7 @@ def test_the_last_global_model_is_kept_and_reported_without_an_aggregator(
     report = json.loads(capsys.readouterr().out)
     assert report["identity"]["name"] == "keeper" and report["identity"]["has_token"]
     assert "keeper-token" not in json.dumps(report)
+    assert report["pending_upload"] is None  # the run is over: nothing pending, no error
     gm_report = report["global_model"]
     assert (gm_report["version"], gm_report["final"], gm_report["run_id"]) == (2, True, run_id)
     assert gm_report["tensors"]["layer.w"] == {"shape": [3, 4], "dtype": "float32"}

@@ -225,14 +225,13 @@ def report_state(root: str | Path) -> tuple[dict[str, Any], SavedGlobal | None]:
     identity["has_token"] = bool(doc.get("token"))
     saved = read_global(root / GLOBAL) if (root / GLOBAL).exists() else None
     pending: dict[str, Any] | None = None
-    with contextlib.suppress(FileNotFoundError):
-        try:
-            meta = json.loads((root / PENDING_META).read_bytes())
-            pending = {
-                k: meta.get(k) for k in ("upload_id", "base_version", "num_samples", "run_id")
-            }
-        except (OSError, ValueError, AttributeError) as exc:
-            pending = {"unreadable": str(exc)}
+    try:
+        meta = json.loads((root / PENDING_META).read_bytes())
+        pending = {k: meta.get(k) for k in ("upload_id", "base_version", "num_samples", "run_id")}
+    except FileNotFoundError:
+        pass  # no upload pending
+    except (OSError, ValueError, AttributeError) as exc:
+        pending = {"unreadable": str(exc)}
     report = {
         "state_dir": str(root),
         "identity": identity,
