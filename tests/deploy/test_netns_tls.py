@@ -288,6 +288,19 @@ print("plain", reply.startswith(b"HTTP/"))
 """
 
 
+# scrapes the operator port as README step 6 says, on the aggregator's host: HTTPS with
+# the deployment's CA for the name localhost; prints whether the round counter is there
+METRICS_PROBE = r"""
+import http.client, ssl, sys
+conn = http.client.HTTPSConnection(
+    "localhost", int(sys.argv[1]), context=ssl.create_default_context(cafile=sys.argv[2]),
+    timeout=10)
+conn.request("GET", "/metrics")
+resp = conn.getresponse()
+print(resp.status, b"fedstack_rounds_completed_total" in resp.read())
+"""
+
+
 def stop(services: Sequence[Service]) -> None:
     for svc in services:
         if svc.proc.poll() is None:
@@ -300,7 +313,10 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`fedstack certs` as the README runs it on the aggregator host (once: both tests
     install the same certificates)."""
     out = tmp_path_factory.mktemp("pki") / "certs"
-    run([sys.executable, "-m", "fedstack", "certs", "--out", str(out), "--host", AGGREGATOR_NAME])
+    run(
+        [sys.executable, "-m", "fedstack", "certs", "--out", str(out)]
+        + ["--host", AGGREGATOR_NAME, "--host", "localhost"]
+    )
     return out
 
 
@@ -339,6 +355,15 @@ def federate(
         )
         assert probe.returncode == 0, probe.stderr[-2000:] + agg.output()
         assert probe.stdout.split() == ["https", "200", agg_address, "plain", "False"]
+        # the operator port: Prometheus metrics over HTTPS on the aggregator host's loopback
+        port = str(AggregatorConfig.load(inst.etc / "aggregator.toml").operator_port)
+        scrape = subprocess.run(
+            aggregator_host.argv([sys.executable, "-c", METRICS_PROBE, port, ca]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert scrape.stdout.split() == ["200", "True"], scrape.stderr[-2000:]
         # on the aggregator's host, into its running store: one credential per agent
         adds = [
             subprocess.Popen(
