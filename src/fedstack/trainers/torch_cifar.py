@@ -32,6 +32,7 @@ This module imports torch.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -50,6 +51,8 @@ from fedstack.data.partition import parse_partition
 from fedstack.errors import ConfigError
 from fedstack.trainers.digits import coerce_float, coerce_int
 from fedstack.types import Metrics, Weights
+
+log = logging.getLogger("fedstack.trainers")
 
 __all__ = [
     "CIFAR_DIR_ENV",
@@ -270,6 +273,7 @@ class BookImageTrainer:
         self._to_input = _cifar_input if dataset == "cifar10" else _digits_input
         self._build = build_cifar_cnn if dataset == "cifar10" else _digits_cnn
         self._rng = np.random.default_rng([self.seed, self.index])
+        self._capped = False  # the samples_per_round-above-the-data warning was given
         self.model = self._build()
 
     @property
@@ -321,6 +325,14 @@ class BookImageTrainer:
         start = time.perf_counter()
         n = len(self.y_train)
         count = n if samples == 0 else min(samples, n)
+        if count < samples and not self._capped:
+            self._capped = True  # said once
+            log.warning(
+                "samples_per_round %d is more than this agent's %d training images: "
+                "training on all of them each round",
+                samples,
+                n,
+            )
         chosen = np.sort(self._rng.choice(n, size=count, replace=False))
         x = self._to_input(self.x_train[chosen])
         y = torch.from_numpy(np.array(self.y_train[chosen], dtype=np.int64))
