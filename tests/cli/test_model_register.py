@@ -193,6 +193,7 @@ def test_unreadable_model_files_are_refused(
     f.write_bytes(content)
     assert cli_main(["model", "register", str(f), "--db", str(tmp_path / "f.db")]) == 2
     assert why in capsys.readouterr().err
+    assert not (tmp_path / "f.db").exists()  # a refused file leaves no store behind
 
 
 def test_nan_and_object_arrays_are_refused(

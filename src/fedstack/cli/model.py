@@ -27,6 +27,7 @@ from fedstack.errors import ConfigError
 from fedstack.names import safe_text
 from fedstack.store import Store
 from fedstack.store.modelfiles import Format, read_model_file
+from fedstack.types import Weights
 
 __all__ = ["app", "register_model_file"]
 
@@ -64,8 +65,10 @@ def register_model_file(
     run_name: str = "default",
     fmt: Format | None = None,
     init_weights: bool = True,
+    loaded: tuple[Weights, Format] | None = None,
 ) -> dict[str, Any]:
-    """Read model file ``path`` and register it as run ``run_name``'s base model (see
+    """Read model file ``path`` (or take ``loaded``, what :func:`read_model_file` read of
+    it) and register it as run ``run_name``'s base model (see
     :meth:`~fedstack.store.Store.register_model`). Returns a summary: run, model id,
     format, tensors, parameters and the structure.
 
@@ -73,9 +76,8 @@ def register_model_file(
         ConfigError: a bad run name or model file.
         StoreConflict: the run has a model already.
     """
-    if not 1 <= len(run_name) <= 128 or not run_name.isprintable():
-        raise ConfigError("--run-name must have 1-128 printable characters")
-    weights, fmt = read_model_file(path, fmt)
+    _check_run_name(run_name)
+    weights, fmt = loaded if loaded is not None else read_model_file(path, fmt)
     run, model_id = store.register_model(
         run_name,
         weights,
@@ -98,6 +100,11 @@ def register_model_file(
     }
 
 
+def _check_run_name(run_name: str) -> None:
+    if not 1 <= len(run_name) <= 128 or not run_name.isprintable():
+        raise ConfigError("--run-name must have 1-128 printable characters")
+
+
 @app.command("register")
 def cmd_register(
     file: ModelFile,
@@ -112,10 +119,17 @@ def cmd_register(
     instead of letting the first agent's model decide."""
     if json_:
         quiet_logs()
+    _check_run_name(run_name)
+    loaded = read_model_file(file, format_)  # a bad file leaves no store behind
     store = Store(db, blob_dir)  # creates or upgrades the store, as the aggregator does
     try:
         out = register_model_file(
-            store, file, run_name=run_name, fmt=format_, init_weights=init == "weights"
+            store,
+            file,
+            run_name=run_name,
+            fmt=format_,
+            init_weights=init == "weights",
+            loaded=loaded,
         )
     finally:
         store.close()
