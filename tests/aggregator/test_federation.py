@@ -512,12 +512,16 @@ def test_restarted_member_waits_for_the_synthesis_of_its_delivered_round(tmp_pat
                     finally:
                         store.close()
 
-                wait_until(delivered, what="b's semi-global model")
+                # b delivers once a is complete or after its synthesis_timeout (15 s)
+                wait_until(delivered, timeout=60.0, what="b's semi-global model")
                 b_life.close()  # b stops while it waits for a's semi-global model
                 with aggregator_thread(cfg_b) as b2:
                     assert b2.state.version == 0 and b2.rounds_completed == 0
-                    # b's old row expires, then its agents come back from a (~15 s alone)
-                    wait_heartbeats(db, a.run_id, blobs, {"a": 2, "b": 2}, timeout=60.0)
+                    # b's agents come back: by themselves if b was back before their
+                    # retry, else from a, where they failed over (a loaded machine)
+                    for n in ("b1", "b2"):
+                        ag[n].move_to(b2.url, timeout=30)
+                    wait_heartbeats(db, a.run_id, blobs, {"a": 2, "b": 2}, timeout=30.0)
                     for n in ("a1", "a2"):
                         assert ag[n].send_trained_model(model(0.0), 5)
                     for x in ag.values():
