@@ -5,8 +5,9 @@
 
 One WebSocket port (or an in-process server) serves the agents (and ``GET /healthz``);
 with ``operator_port`` set, the operator surface (:mod:`fedstack.operator`: Prometheus
-``/metrics``, the operator API) runs on its own port in the same event loop, started and
-stopped with the aggregator. Each agent connection runs
+``/metrics``, the operator API, the dashboard of :mod:`fedstack.dashboard` at ``/``) runs
+on its own port in the same event loop, started and stopped with the aggregator. Each agent
+connection runs
 :meth:`AgentConnections.serve <fedstack.aggregator.connections.AgentConnections.serve>`,
 which turns what arrives into typed events (:mod:`fedstack.aggregator.events`) on ONE
 bounded queue. One task, the round owner (:class:`~fedstack.aggregator.owner.RoundOwner`),
@@ -365,11 +366,17 @@ class Aggregator:
 
     async def _start_operator(self) -> None:
         """The operator surface on its own port (the agents' port is listening)."""
+        from fedstack.dashboard import dashboard_middleware, dashboard_routes
         from fedstack.operator import OperatorServer, aggregator_app
 
         cfg = self.config
+        assert self.store is not None
         server = OperatorServer(
-            aggregator_app(self),
+            aggregator_app(
+                self,
+                dashboard_routes(self.store, agg=self),
+                middleware=dashboard_middleware(),
+            ),
             cfg.operator_host,
             cfg.operator_port or 0,
             ssl=self.ssl_context,

@@ -14,7 +14,17 @@ from typing import Annotated, Any
 import typer
 import typer.main
 
-from fedstack.cli import agents, aggregator, certs, credentials, db, demo, model, sim
+from fedstack.cli import (
+    agents,
+    aggregator,
+    certs,
+    credentials,
+    dashboard,
+    db,
+    demo,
+    model,
+    sim,
+)
 from fedstack.cli.output import setup_logging
 from fedstack.errors import FedstackError
 from fedstack.names import safe_text
@@ -58,6 +68,9 @@ app.command("sim", short_help="simulate N virtual agents on the real aggregator 
     sim.cmd_sim
 )
 app.add_typer(db.app, name="db", help="inspect the model store")
+app.command("dashboard", short_help="serve the web dashboard over a store, read-only")(
+    dashboard.cmd_dashboard
+)
 app.add_typer(model.app, name="model", help="register the federation's base model")
 app.command("certs", short_help="make a self-signed CA and TLS certificates for a test deployment")(
     certs.cmd_certs

@@ -234,3 +234,337 @@ class Queries:
         with self._begin() as c:
             rows = c.execute(q).all()
         return {int(r[0]): (int(r[1]), int(r[2])) for r in rows}
+
+    # ------------------------------------------------------------------ paged views
+    # What the dashboard reads: every list one page at a time (LIMIT/OFFSET on an
+    # indexed order), never a whole table.
+
+    def count_runs(self) -> int:
+        with self._begin() as c:
+            return int(c.execute(select(func.count()).select_from(s.runs)).scalar() or 0)
+
+    def runs_page(self, offset: int, limit: int) -> list[dict[str, Any]]:
+        """Runs, newest first, ``limit`` from ``offset``, each with ``rounds`` (rounds
+        committed) and ``last_round`` (the latest round's row, or None)."""
+        with self._begin() as c:
+            rows = [
+                dict(r)
+                for r in c.execute(
+                    select(s.runs)
+                    .order_by(s.runs.c.created.desc(), s.runs.c.id)
+                    .offset(offset)
+                    .limit(limit)
+                )
+                .mappings()
+                .all()
+            ]
+            ids = [r["id"] for r in rows]
+            counts: dict[str, tuple[int, int]] = {}
+            if ids:
+                counts = {
+                    str(r[0]): (int(r[1]), int(r[2]))
+                    for r in c.execute(
+                        select(s.rounds.c.run_id, func.count(), func.max(s.rounds.c.round))
+                        .where(s.rounds.c.run_id.in_(ids))
+                        .group_by(s.rounds.c.run_id)
+                    ).all()
+                }
+            last: dict[str, dict[str, Any]] = {}
+            for rid, (_, top) in counts.items():
+                row = (
+                    c.execute(
+                        select(s.rounds.c.round, s.rounds.c.finished, s.rounds.c.metrics).where(
+                            s.rounds.c.run_id == rid, s.rounds.c.round == top
+                        )
+                    )
+                    .mappings()
+                    .first()
+                )
+                if row is not None:
+                    last[rid] = dict(row)
+        for r in rows:
+            r["rounds"] = counts.get(r["id"], (0, 0))[0]
+            r["last_round"] = last.get(r["id"])
+        return rows
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        """Run ``run_id``'s row (None: no such run)."""
+        with self._begin() as c:
+            row = c.execute(select(s.runs).where(s.runs.c.id == run_id)).mappings().first()
+        return None if row is None else dict(row)
+
+    def count_rounds(self, run_id: str) -> int:
+        with self._begin() as c:
+            return int(
+                c.execute(
+                    select(func.count()).select_from(s.rounds).where(s.rounds.c.run_id == run_id)
+                ).scalar()
+                or 0
+            )
+
+    def rounds_page(
+        self, run_id: str, offset: int, limit: int, *, after: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Rounds of ``run_id`` newest first, ``limit`` from ``offset`` (``after``: only
+        rounds above it, oldest first: what a live view has not shown yet)."""
+        cols = (
+            s.rounds.c.round,
+            s.rounds.c.started,
+            s.rounds.c.finished,
+            s.rounds.c.seconds,
+            s.rounds.c.model_id,
+            s.rounds.c.num_updates,
+            s.rounds.c.num_samples,
+            s.rounds.c.metrics,
+        )
+        q = select(*cols).where(s.rounds.c.run_id == run_id)
+        if after is not None:
+            q = q.where(s.rounds.c.round > after).order_by(s.rounds.c.round)
+        else:
+            q = q.order_by(s.rounds.c.round.desc())
+        with self._begin() as c:
+            return [dict(r) for r in c.execute(q.offset(offset).limit(limit)).mappings().all()]
+
+    def round_series(self, run_id: str, points: int) -> list[dict[str, Any]]:
+        """At most about ``points`` rounds of ``run_id`` spread evenly over the run (every
+        k-th round, the latest always), oldest first: a chart's data, never every round
+        of a long run."""
+        with self._begin() as c:
+            n, top = c.execute(
+                select(func.count(), func.max(s.rounds.c.round)).where(s.rounds.c.run_id == run_id)
+            ).one()
+            if not n:
+                return []
+            step = max(1, -(-int(n) // max(1, points)))
+            q = select(
+                s.rounds.c.round, s.rounds.c.finished, s.rounds.c.seconds, s.rounds.c.metrics
+            ).where(s.rounds.c.run_id == run_id)
+            if step > 1:
+                q = q.where(or_(s.rounds.c.round % step == 0, s.rounds.c.round == top))
+            return [dict(r) for r in c.execute(q.order_by(s.rounds.c.round)).mappings().all()]
+
+    def count_run_agents(self) -> int:
+        """Agent credentials (every run's agents: credentials are deployment-wide)."""
+        with self._begin() as c:
+            return int(
+                c.execute(
+                    select(func.count()).select_from(s.agents).where(s.agents.c.role == "agent")
+                ).scalar()
+                or 0
+            )
+
+    def agents_page(self, run_id: str, offset: int, limit: int) -> list[dict[str, Any]]:
+        """Agents by name, ``limit`` from ``offset``, each with its uploads in ``run_id``
+        (``uploads``: {status: count}, ``last_round``) and its latest refusals there
+        (``refusals``: up to 5 ``{"time", "code", "message"}``, newest first) and
+        ``presence``: its latest ``joined``/``left`` event in the run (None: neither)."""
+        a = s.agents
+        with self._begin() as c:
+            rows = [
+                {k: v for k, v in r.items() if k != "token_hash"}
+                for r in c.execute(
+                    select(a)
+                    .where(a.c.role == "agent")
+                    .order_by(a.c.name)
+                    .offset(offset)
+                    .limit(limit)
+                )
+                .mappings()
+                .all()
+            ]
+            ids = [r["id"] for r in rows]
+            uploads: dict[str, dict[str, int]] = {}
+            last: dict[str, int] = {}
+            refusals: dict[str, list[dict[str, Any]]] = {}
+            presence: dict[str, str] = {}
+            if ids:
+                m = s.models
+                for producer, status, count, top in c.execute(
+                    select(m.c.producer, m.c.status, func.count(), func.max(m.c.round))
+                    .where(m.c.run_id == run_id, m.c.kind == "local", m.c.producer.in_(ids))
+                    .group_by(m.c.producer, m.c.status)
+                ).all():
+                    uploads.setdefault(str(producer), {})[str(status)] = int(count)
+                    if status != "initial":
+                        last[str(producer)] = max(last.get(str(producer), -1), int(top))
+                e = s.events
+                for aid in ids:
+                    found = (
+                        c.execute(
+                            select(e.c.time, e.c.detail)
+                            .where(e.c.agent_id == aid, e.c.kind == "refused")
+                            .where(or_(e.c.run_id == run_id, e.c.run_id.is_(None)))
+                            .order_by(e.c.id.desc())
+                            .limit(5)
+                        )
+                        .mappings()
+                        .all()
+                    )
+                    seen = c.execute(
+                        select(e.c.kind)
+                        .where(
+                            e.c.agent_id == aid,
+                            e.c.run_id == run_id,
+                            e.c.kind.in_(("joined", "left")),
+                        )
+                        .order_by(e.c.id.desc())
+                        .limit(1)
+                    ).scalar()
+                    if seen is not None:
+                        presence[aid] = str(seen)
+                    if found:
+                        refusals[aid] = [
+                            {
+                                "time": r["time"],
+                                "code": str((r["detail"] or {}).get("code", "")),
+                                "message": str((r["detail"] or {}).get("message", "")),
+                            }
+                            for r in found
+                        ]
+        for r in rows:
+            r["uploads"] = uploads.get(r["id"], {})
+            r["last_round"] = last.get(r["id"])
+            r["refusals"] = refusals.get(r["id"], [])
+            r["presence"] = presence.get(r["id"])
+        return rows
+
+    def agent_by_name(self, name: str) -> dict[str, Any] | None:
+        with self._begin() as c:
+            row = c.execute(select(s.agents).where(s.agents.c.name == name)).mappings().first()
+        return None if row is None else {k: v for k, v in row.items() if k != "token_hash"}
+
+    def event_kinds(self) -> list[str]:
+        """The distinct kinds of audit events."""
+        with self._begin() as c:
+            return sorted(str(k) for (k,) in c.execute(select(s.events.c.kind).distinct()).all())
+
+    def _events_where(
+        self, q: Any, kind: str | None, agent_id: str | None, run_id: str | None
+    ) -> Any:
+        e = s.events
+        if kind:
+            q = q.where(e.c.kind == kind)
+        if agent_id is not None:
+            q = q.where(e.c.agent_id == agent_id)
+        if run_id:
+            q = q.where(e.c.run_id == run_id)
+        return q
+
+    def count_events(
+        self, *, kind: str | None = None, agent_id: str | None = None, run_id: str | None = None
+    ) -> int:
+        q = self._events_where(select(func.count()).select_from(s.events), kind, agent_id, run_id)
+        with self._begin() as c:
+            return int(c.execute(q).scalar() or 0)
+
+    def events_page(
+        self,
+        offset: int,
+        limit: int,
+        *,
+        kind: str | None = None,
+        agent_id: str | None = None,
+        run_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Audit events newest first, ``limit`` from ``offset``, filtered; each with the
+        ``agent`` name of its ``agent_id``."""
+        e = s.events
+        q = select(e, s.agents.c.name.label("agent")).outerjoin(
+            s.agents, s.agents.c.id == e.c.agent_id
+        )
+        q = self._events_where(q, kind, agent_id, run_id)
+        with self._begin() as c:
+            return [
+                dict(r)
+                for r in c.execute(q.order_by(e.c.id.desc()).offset(offset).limit(limit))
+                .mappings()
+                .all()
+            ]
+
+    def count_parents(self, model_id: str) -> int:
+        with self._begin() as c:
+            return int(
+                c.execute(
+                    select(func.count())
+                    .select_from(s.lineage)
+                    .where(s.lineage.c.child_id == model_id)
+                ).scalar()
+                or 0
+            )
+
+    def parents_page(self, model_id: str, offset: int, limit: int) -> list[dict[str, Any]]:
+        """The models ``model_id`` was made from (``relation``: input | base), ``limit``
+        from ``offset``, the base first, then by producer name; each with the name of its
+        ``agent`` (an agent's models) and its ``aggregator`` (a federation member's)."""
+        m = s.models
+        q = (
+            select(
+                s.lineage.c.relation,
+                m,
+                s.agents.c.name.label("agent"),
+                s.aggregators.c.name.label("aggregator"),
+            )
+            .join(m, m.c.id == s.lineage.c.parent_id)
+            .outerjoin(s.agents, s.agents.c.id == m.c.producer)
+            .outerjoin(s.aggregators, s.aggregators.c.id == m.c.producer)
+            .where(s.lineage.c.child_id == model_id)
+            .order_by(s.lineage.c.relation, m.c.created, m.c.id)
+            .offset(offset)
+            .limit(limit)
+        )
+        with self._begin() as c:
+            return [dict(r) for r in c.execute(q).mappings().all()]
+
+    def count_aggregators(self, run_id: str) -> int:
+        with self._begin() as c:
+            return int(
+                c.execute(
+                    select(func.count())
+                    .select_from(s.aggregators)
+                    .where(s.aggregators.c.run_id == run_id)
+                ).scalar()
+                or 0
+            )
+
+    def aggregators_page(self, run_id: str, offset: int, limit: int) -> list[dict[str, Any]]:
+        """The federation members of ``run_id`` by name, ``limit`` from ``offset``."""
+        g = s.aggregators
+        with self._begin() as c:
+            return [
+                dict(r)
+                for r in c.execute(
+                    select(g)
+                    .where(g.c.run_id == run_id)
+                    .order_by(g.c.name)
+                    .offset(offset)
+                    .limit(limit)
+                )
+                .mappings()
+                .all()
+            ]
+
+    def count_cluster_rounds(self, run_id: str) -> int:
+        with self._begin() as c:
+            return int(
+                c.execute(
+                    select(func.count())
+                    .select_from(s.cluster_rounds)
+                    .where(s.cluster_rounds.c.run_id == run_id)
+                ).scalar()
+                or 0
+            )
+
+    def cluster_rounds_page(self, run_id: str, offset: int, limit: int) -> list[dict[str, Any]]:
+        """The semi-global models of ``run_id``'s members, newest round first, ``limit``
+        from ``offset``, each with its member's ``aggregator`` name."""
+        cr = s.cluster_rounds
+        q = (
+            select(cr, s.aggregators.c.name.label("aggregator"))
+            .outerjoin(s.aggregators, s.aggregators.c.id == cr.c.aggregator_id)
+            .where(cr.c.run_id == run_id)
+            .order_by(cr.c.round.desc(), s.aggregators.c.name)
+            .offset(offset)
+            .limit(limit)
+        )
+        with self._begin() as c:
+            return [dict(r) for r in c.execute(q).mappings().all()]

@@ -1,0 +1,903 @@
+"""The dashboard's routes: server-rendered pages over the store, live updates, actions.
+
+:func:`dashboard_routes` gives the Starlette routes of a dashboard over ``source`` (a
+:class:`~fedstack.store.Store`); with ``agg`` (the aggregator serving the operator port)
+the dashboard also logs operators in and offers their actions (revoke an agent, stop the
+aggregator), and its live view wakes when a round commits instead of polling the store.
+Without ``agg`` (``fedstack dashboard --db``) it is read-only and says so.
+
+Pages (HTML, Jinja2 templates with autoescaping: every agent-supplied text -- names,
+metric keys, refusal reasons, event details -- is escaped; no template marks any of it
+safe)::
+
+    GET  /                              runs, 50 a page (?page=N); compare form
+    GET  /compare?run=ID&run=ID         accuracy of several runs on one chart
+    GET  /runs/{run_id}                 a run: charts, rounds newest first (?page=N)
+    GET  /runs/{run_id}/series          chart data (JSON): at most SERIES_POINTS rounds
+    GET  /runs/{run_id}/events          server-sent events: ``round`` per committed round
+    GET  /runs/{run_id}/agents          agents (?page=N)
+    GET  /runs/{run_id}/aggregators     federation members and semi-global models
+    GET  /models/{model_id}             a model's lineage (?page=N over its inputs)
+    GET  /audit?kind=&agent=&run=&page= the audit trail, filtered
+    GET  /login, POST /login, POST /logout
+    POST /actions/agents/{name}/revoke  revoke an agent's credential, disconnect it
+    POST /actions/stop                  stop the aggregator (the run resumes on restart)
+    GET  /static/...                    the one script, the one style sheet, uPlot
+
+Every list is read a page at a time from the store (LIMIT/OFFSET queries of
+:mod:`fedstack.store.queries`); charts read at most :data:`SERIES_POINTS` rounds spread
+over the run. Every answer carries :data:`CSP` (no inline script or style, no other
+host). Every POST needs the session's CSRF token (403 otherwise); logins, failed logins
+and actions are ``operator_api`` audit events written through
+:meth:`~fedstack.operator.api.OperatorAPI.audit`, as the operator API's calls are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, quote, urlencode
+
+import jinja2
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fedstack.errors import StoreError
+from fedstack.transport.http import HttpError, json_bytes
+
+from .sessions import COOKIE, Session, Sessions
+
+if TYPE_CHECKING:
+    from fedstack.aggregator.service import Aggregator
+    from fedstack.operator.api import OperatorAPI
+    from fedstack.security.credentials import Operator
+    from fedstack.store import Store
+
+__all__ = [
+    "CSP",
+    "PAGE_SIZE",
+    "SERIES_POINTS",
+    "Dashboard",
+    "dashboard_middleware",
+    "dashboard_routes",
+]
+
+log = logging.getLogger("fedstack.dashboard")
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+"""The content security policy of every dashboard answer."""
+PAGE_SIZE = 50
+"""Rows of a table page."""
+LINEAGE_PAGE = 100
+"""Inputs of a model shown a page at a time."""
+LINEAGE_NESTED = 20
+"""Inputs shown under each semi-global input of a model."""
+SERIES_POINTS = 1000
+"""Rounds a chart reads at most (every k-th round of a longer run, the latest always)."""
+MAX_COMPARE = 8
+"""Runs one comparison chart shows at most."""
+MAX_PAGE = 10_000_000
+MAX_FORM_BYTES = 4096
+LIVE_POLL = 0.5
+"""Seconds between store reads of a live view without an aggregator to wake it."""
+KEEPALIVE = 15.0
+"""Seconds between comments on an idle event stream (proxies close silent ones)."""
+ACCURACY_KEYS = (
+    "eval_accuracy",
+    "accuracy",
+    "global_accuracy",
+    "mean_global_accuracy",
+    "mean_local_accuracy",
+)
+"""The round metric charted as accuracy: the first of these a round has."""
+LOSS_KEYS = ("eval_loss", "loss", "mean_train_loss")
+"""The round metric charted as loss: the first of these a round has."""
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_STATIC = Path(__file__).parent / "static"
+_HTML_HEADERS = {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
+
+
+class Refusal(Exception):
+    """A request the dashboard answers with an error page."""
+
+    def __init__(self, status: int, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.hint = hint
+
+
+# ---------------------------------------------------------------------- formatting
+def when(ts: float | None) -> str:
+    """A stored wall-clock time as ``YYYY-MM-DD HH:MM:SS`` UTC (``-``: none)."""
+    if ts is None or not isinstance(ts, int | float) or not math.isfinite(ts):
+        return "-"
+    try:
+        return dt.datetime.fromtimestamp(float(ts), dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return "-"
+
+
+def num(value: Any) -> str:
+    """A metric value for a table cell."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)[:200]
+
+
+def pick(metrics: Mapping[str, Any] | None, keys: tuple[str, ...]) -> float | None:
+    """The first of ``keys`` in ``metrics`` holding a finite number."""
+    if not isinstance(metrics, Mapping):
+        return None
+    for k in keys:
+        v = metrics.get(k)
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+    return None
+
+
+def round_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A round row as the live view and the charts get it."""
+    metrics = row.get("metrics") if isinstance(row.get("metrics"), Mapping) else {}
+    return {
+        "round": row["round"],
+        "finished": row.get("finished"),
+        "finished_text": when(row.get("finished")),
+        "seconds": row.get("seconds"),
+        "num_updates": row.get("num_updates"),
+        "num_samples": row.get("num_samples"),
+        "model_id": row.get("model_id"),
+        "accuracy": pick(metrics, ACCURACY_KEYS),
+        "loss": pick(metrics, LOSS_KEYS),
+        "metrics": metrics,
+    }
+
+
+def metrics_text(metrics: Any, limit: int = 12) -> str:
+    """``key=value`` pairs of a metrics mapping (plain text: the template escapes it)."""
+    if not isinstance(metrics, Mapping):
+        return ""
+    items = list(metrics.items())
+    shown = ", ".join(f"{str(k)[:64]}={num(v)}" for k, v in items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def detail_text(detail: Any, limit: int = 600) -> str:
+    """An event's detail as compact JSON text, cut to ``limit`` characters."""
+    text = json_bytes(detail).decode()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@dataclass(frozen=True)
+class Pager:
+    """One page of a list: ``page`` (1-based) of ``pages``, over ``total`` rows."""
+
+    page: int
+    total: int
+    size: int
+    param: str = "page"
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.size))
+
+    @property
+    def offset(self) -> int:
+        return (self.page - 1) * self.size
+
+    @property
+    def has_next(self) -> bool:
+        return self.page < self.pages
+
+    @property
+    def has_prev(self) -> bool:
+        return self.page > 1
+
+
+def page_number(request: Request, param: str = "page") -> int:
+    """The 1-based page number of query parameter ``param`` (1 if absent).
+
+    Raises:
+        Refusal: 400, not a number in 1..MAX_PAGE or repeated.
+    """
+    raw = request.query_params.getlist(param)
+    if not raw:
+        return 1
+    if len(raw) > 1 or not raw[0].isdigit() or len(raw[0]) > 8 or not 1 <= int(raw[0]) <= MAX_PAGE:
+        raise Refusal(400, f"bad {param} number", f"{param} is a whole number from 1")
+    return int(raw[0])
+
+
+def pager(request: Request, total: int, size: int = PAGE_SIZE, param: str = "page") -> Pager:
+    """The :class:`Pager` of a request over ``total`` rows.
+
+    Raises:
+        Refusal: 400 (bad number), 404 (past the last page).
+    """
+    p = Pager(page_number(request, param), total, size, param)
+    if p.page > p.pages:
+        raise Refusal(404, f"no page {p.page}", f"there are {p.pages} pages")
+    return p
+
+
+def page_url(request: Request, pg: Pager, page: int) -> str:
+    """This request's URL with ``pg``'s parameter set to ``page``."""
+    items = [(k, v) for k, v in request.query_params.multi_items() if k != pg.param]
+    items.append((pg.param, str(page)))
+    return f"{request.url.path}?{urlencode(items)}"
+
+
+def check_id(value: str) -> str:
+    """A run or model id from a path (404 unless it looks like one)."""
+    if not _ID.fullmatch(value):
+        raise Refusal(404, "no such run or model")
+    return value
+
+
+def _address(request: Request) -> str:
+    client = request.client
+    return "" if client is None else f"{client.host}:{client.port}"
+
+
+def _safe_next(value: str | None, default: str) -> str:
+    """A local path to go back to after a form (anything else: ``default``)."""
+    if (
+        value
+        and value.startswith("/")
+        and not value.startswith("//")
+        and "\\" not in value
+        and len(value) <= 512
+        and value.isprintable()
+    ):
+        return value
+    return default
+
+
+class Dashboard:
+    """The dashboard over ``store`` (see the module docstring).
+
+    Args:
+        store: the store to read (the aggregator's, or one opened read-only).
+        agg: the aggregator whose operator port serves the dashboard (None: read-only).
+        live_poll: seconds between store reads of a live view not woken by ``agg``.
+    """
+
+    def __init__(
+        self, store: Store, *, agg: Aggregator | None = None, live_poll: float = LIVE_POLL
+    ) -> None:
+        self.store = store
+        self.agg = agg
+        self.live_poll = live_poll
+        self.sessions = Sessions()
+        self.api: OperatorAPI | None = None
+        self._stop_task: asyncio.Task[None] | None = None
+        if agg is not None:
+            from fedstack.operator.api import OperatorAPI
+
+            self.api = OperatorAPI(agg)
+        self.env = jinja2.Environment(
+            loader=jinja2.PackageLoader("fedstack.dashboard", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.env.filters.update(when=when, num=num, metrics_text=metrics_text)
+        self.env.filters["detail_text"] = detail_text
+        self.env.filters["pathquote"] = lambda v: quote(str(v), safe="")
+        self.env.globals.update(ACCURACY_KEYS=ACCURACY_KEYS, LOSS_KEYS=LOSS_KEYS, pick=pick)
+
+    @property
+    def read_only(self) -> bool:
+        return self.agg is None
+
+    # ------------------------------------------------------------------ plumbing
+    def routes(self) -> list[BaseRoute]:
+        v = self._view
+        return [
+            Route("/", v(self.runs), methods=["GET"]),
+            Route("/compare", v(self.compare), methods=["GET"]),
+            Route("/runs/{run_id}", v(self.run), methods=["GET"]),
+            Route("/runs/{run_id}/series", v(self.series), methods=["GET"]),
+            Route("/runs/{run_id}/events", v(self.events), methods=["GET"]),
+            Route("/runs/{run_id}/agents", v(self.agents), methods=["GET"]),
+            Route("/runs/{run_id}/aggregators", v(self.aggregators), methods=["GET"]),
+            Route("/models/{model_id}", v(self.lineage), methods=["GET"]),
+            Route("/audit", v(self.audit), methods=["GET"]),
+            Route("/login", v(self.login_form), methods=["GET"]),
+            Route("/login", v(self.login), methods=["POST"]),
+            Route("/logout", v(self.logout), methods=["POST"]),
+            Route("/actions/stop", v(self.stop), methods=["POST"]),
+            Route("/actions/agents/{rest:path}", v(self.revoke), methods=["POST"]),
+            Mount("/static", app=StaticFiles(directory=_STATIC), name="static"),
+        ]
+
+    def _view(
+        self, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def view(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Refusal as exc:
+                return self.error(request, exc.status, exc.message, exc.hint)
+            except StoreError as exc:
+                log.error("dashboard: %s %s: store: %s", request.method, request.url.path, exc)
+                return self.error(request, 503, "the store is unavailable", "retry later")
+
+        return view
+
+    def session(self, request: Request) -> Session | None:
+        return self.sessions.get(request.cookies.get(COOKIE))
+
+    def render(
+        self,
+        request: Request,
+        template: str,
+        status: int = 200,
+        *,
+        session: Session | None = None,
+        new_session: bool = False,
+        **context: Any,
+    ) -> Response:
+        if session is None:
+            session = self.session(request)
+        body = self.env.get_template(template).render(
+            request_path=request.url.path,
+            session=session,
+            operator=session.operator if session is not None else None,
+            csrf=session.csrf if session is not None else "",
+            read_only=self.read_only,
+            live_run_id=self.agg.run_id if self.agg is not None else None,
+            **context,
+        )
+        response = HTMLResponse(body, status, headers=_HTML_HEADERS)
+        if new_session and session is not None:
+            self._set_cookie(request, response, session)
+        return response
+
+    def _set_cookie(self, request: Request, response: Response, session: Session) -> None:
+        response.set_cookie(
+            COOKIE,
+            self.sessions.cookie_value(session),
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+
+    def error(self, request: Request, status: int, message: str, hint: str = "") -> Response:
+        return self.render(request, "error.html", status, message=message, hint=hint)
+
+    async def db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def _run_row(self, run_id: str) -> dict[str, Any]:
+        run = await self.db(self.store.run, check_id(run_id))
+        if run is None:
+            raise Refusal(404, "no such run", "the runs page lists them")
+        return dict(run)
+
+    def _is_live(self, run_id: str) -> bool:
+        return self.agg is not None and self.agg.run_id == run_id
+
+    # ------------------------------------------------------------------ pages
+    async def runs(self, request: Request) -> Response:
+        total = await self.db(self.store.count_runs)
+        pg = pager(request, total)
+        rows = await self.db(self.store.runs_page, pg.offset, pg.size)
+        for r in rows:
+            last = r["last_round"]
+            r["accuracy"] = pick(last["metrics"], ACCURACY_KEYS) if last else None
+            cfg = r["config"] if isinstance(r["config"], Mapping) else {}
+            r["strategy"] = str(cfg.get("strategy", "-"))
+            r["live"] = self._is_live(r["id"])
+        return self.render(
+            request,
+            "runs.html",
+            runs=rows,
+            pager=pg,
+            next_url=page_url(request, pg, pg.page + 1),
+            prev_url=page_url(request, pg, pg.page - 1),
+        )
+
+    async def compare(self, request: Request) -> Response:
+        ids = request.query_params.getlist("run")
+        if not ids:
+            raise Refusal(400, "no run to compare", "tick runs on the runs page")
+        if len(ids) > MAX_COMPARE:
+            raise Refusal(400, "too many runs", f"compare at most {MAX_COMPARE} runs")
+        runs = []
+        for rid in dict.fromkeys(ids):
+            runs.append(await self._run_row(rid))
+        return self.render(request, "compare.html", runs=runs)
+
+    async def run(self, request: Request) -> Response:
+        run = await self._run_row(request.path_params["run_id"])
+        rid = run["id"]
+        total = await self.db(self.store.count_rounds, rid)
+        pg = pager(request, total)
+        rows = [
+            round_json(r) for r in await self.db(self.store.rounds_page, rid, pg.offset, pg.size)
+        ]
+        latest = rows[0] if rows and pg.page == 1 else None
+        if latest is None and total:
+            top = await self.db(self.store.rounds_page, rid, 0, 1)
+            latest = round_json(top[0]) if top else None
+        version = run["version"]
+        live = self._is_live(rid)
+        if live and self.agg is not None:
+            version = max(version, self.agg.state.version)
+        cfg = run["config"] if isinstance(run["config"], Mapping) else {}
+        return self.render(
+            request,
+            "run.html",
+            run=run,
+            strategy=str(cfg.get("strategy", "-")),
+            rounds=rows,
+            total=total,
+            latest=latest,
+            last_round=latest["round"] if latest else 0,
+            version=version,
+            live=live,
+            pager=pg,
+            next_url=page_url(request, pg, pg.page + 1),
+            prev_url=page_url(request, pg, pg.page - 1),
+        )
+
+    async def series(self, request: Request) -> Response:
+        run = await self._run_row(request.path_params["run_id"])
+        rows = await self.db(self.store.round_series, run["id"], SERIES_POINTS)
+        payload = {
+            "run": run["id"],
+            "name": run["name"],
+            "rounds": [round_json(r) for r in rows],
+        }
+        return Response(
+            json_bytes(payload),
+            200,
+            {"Cache-Control": "no-store", "Content-Security-Policy": CSP},
+            "application/json",
+        )
+
+    async def events(self, request: Request) -> Response:
+        run = await self._run_row(request.path_params["run_id"])
+        rid = run["id"]
+        raw = request.query_params.get("after")
+        if raw is None:
+            top = await self.db(self.store.rounds_page, rid, 0, 1)
+            after = int(top[0]["round"]) if top else 0
+        elif raw.isdigit() and len(raw) <= 10:
+            after = int(raw)
+        else:
+            raise Refusal(400, "bad after", "after is a round number")
+        return StreamingResponse(
+            self._stream(rid, after),
+            200,
+            {
+                "Cache-Control": "no-store",
+                "X-Accel-Buffering": "no",
+                "Content-Security-Policy": CSP,
+            },
+            media_type="text/event-stream",
+        )
+
+    async def _stream(self, run_id: str, after: int) -> AsyncIterator[bytes]:
+        """``round`` events for each round above ``after`` as they are committed."""
+        from fedstack.errors import ConnectionClosed
+
+        yield b"retry: 2000\n\n"
+        last = after
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
+        while True:
+            try:
+                rows = await self.db(self.store.rounds_page, run_id, 0, 100, after=last)
+            except StoreError as exc:
+                log.warning("dashboard: live view of run %s: store: %s", run_id, exc)
+                rows = []
+            for r in rows:
+                last = int(r["round"])
+                yield b"event: round\ndata: " + json_bytes(round_json(r)) + b"\n\n"
+            if rows:
+                quiet_since = loop.time()
+                if len(rows) == 100:
+                    continue
+            elif loop.time() - quiet_since >= KEEPALIVE:
+                quiet_since = loop.time()
+                yield b": keep-alive\n\n"
+            agg = self.agg
+            if agg is not None and agg.run_id == run_id:
+                if agg.state.version > last:  # committed but not read yet: the store has it
+                    await asyncio.sleep(0.05)
+                    continue
+                try:
+                    await asyncio.wait_for(agg.wait_for_version(last + 1), KEEPALIVE)
+                except TimeoutError:
+                    pass
+                except ConnectionClosed:  # the aggregator stopped
+                    return
+            else:
+                await asyncio.sleep(self.live_poll)
+
+    async def agents(self, request: Request) -> Response:
+        run = await self._run_row(request.path_params["run_id"])
+        rid = run["id"]
+        total = await self.db(self.store.count_run_agents)
+        pg = pager(request, total)
+        rows = await self.db(self.store.agents_page, rid, pg.offset, pg.size)
+        live = self._is_live(rid)
+        connected: dict[str, Any] = {}
+        if live and self.agg is not None:
+            connected = {a.name: a for a in self.agg.statistics(agents=True).agents}
+        for r in rows:
+            a = connected.get(r["name"])
+            if live:
+                r["online"] = a is not None
+            else:
+                r["online"] = run["status"] == "running" and r["presence"] == "joined"
+            r["seen"] = a.last_seen if a is not None else r["last_seen"]
+            r["addr"] = a.address if a is not None else r["last_address"]
+            up = r["uploads"]
+            r["aggregated"] = up.get("aggregated", 0)
+            r["total_uploads"] = sum(v for k, v in up.items() if k != "initial")
+        return self.render(
+            request,
+            "agents.html",
+            run=run,
+            agents=rows,
+            live=live,
+            pager=pg,
+            next_url=page_url(request, pg, pg.page + 1),
+            prev_url=page_url(request, pg, pg.page - 1),
+        )
+
+    async def aggregators(self, request: Request) -> Response:
+        run = await self._run_row(request.path_params["run_id"])
+        rid = run["id"]
+        members_total = await self.db(self.store.count_aggregators, rid)
+        mpg = pager(request, members_total, param="page")
+        members = await self.db(self.store.aggregators_page, rid, mpg.offset, mpg.size)
+        semi_total = await self.db(self.store.count_cluster_rounds, rid)
+        spg = pager(request, semi_total, param="rounds_page")
+        semis = await self.db(self.store.cluster_rounds_page, rid, spg.offset, spg.size)
+        live_stats = None
+        if self._is_live(rid) and self.agg is not None:
+            live_stats = self.agg.statistics()
+        return self.render(
+            request,
+            "aggregators.html",
+            run=run,
+            members=members,
+            semis=semis,
+            live_stats=live_stats,
+            pager=mpg,
+            spager=spg,
+            next_url=page_url(request, mpg, mpg.page + 1),
+            prev_url=page_url(request, mpg, mpg.page - 1),
+            snext_url=page_url(request, spg, spg.page + 1),
+            sprev_url=page_url(request, spg, spg.page - 1),
+        )
+
+    async def lineage(self, request: Request) -> Response:
+        model_id = check_id(request.path_params["model_id"])
+        model = await self.db(self.store.model, model_id)
+        if model is None:
+            raise Refusal(404, "no such model", "the run page links its global models")
+        total = await self.db(self.store.count_parents, model_id)
+        pg = pager(request, total, size=LINEAGE_PAGE)
+        parents = await self.db(self.store.parents_page, model_id, pg.offset, pg.size)
+        base = [p for p in parents if p["relation"] == "base"]
+        inputs = [p for p in parents if p["relation"] != "base"]
+        for p in inputs:
+            p["children"] = []
+            p["more"] = 0
+            if p["kind"] == "semi-global":
+                n = await self.db(self.store.count_parents, p["id"])
+                kids = await self.db(self.store.parents_page, p["id"], 0, LINEAGE_NESTED)
+                p["children"] = [k for k in kids if k["relation"] != "base"]
+                p["more"] = max(0, n - len(kids))
+        producer = model.get("agent")
+        if producer is None:
+            names = await self.db(self.store.aggregator_names)
+            producer = names.get(model["producer"])
+        return self.render(
+            request,
+            "lineage.html",
+            model=model,
+            producer=producer,
+            base=base,
+            inputs=inputs,
+            pager=pg,
+            next_url=page_url(request, pg, pg.page + 1),
+            prev_url=page_url(request, pg, pg.page - 1),
+        )
+
+    async def audit(self, request: Request) -> Response:
+        q = request.query_params
+        for key in ("kind", "agent", "run"):
+            if len(q.getlist(key)) > 1:
+                raise Refusal(400, f"{key} given twice")
+        kind = q.get("kind", "").strip()
+        agent = q.get("agent", "").strip()
+        run_id = q.get("run", "").strip()
+        if len(kind) > 32 or len(agent) > 128 or len(run_id) > 64:
+            raise Refusal(400, "filter too long")
+        kinds = await self.db(self.store.event_kinds)
+        agent_id: str | None = None
+        unknown_agent = False
+        if agent:
+            found = await self.db(self.store.agent_by_name, agent)
+            if found is None:
+                unknown_agent = True
+            else:
+                agent_id = found["id"]
+        if unknown_agent:
+            total, rows = 0, []
+            pg = pager(request, 0)
+        else:
+            total = await self.db(
+                self.store.count_events, kind=kind or None, agent_id=agent_id, run_id=run_id or None
+            )
+            pg = pager(request, total)
+            rows = await self.db(
+                self.store.events_page,
+                pg.offset,
+                pg.size,
+                kind=kind or None,
+                agent_id=agent_id,
+                run_id=run_id or None,
+            )
+        return self.render(
+            request,
+            "audit.html",
+            events=rows,
+            kinds=kinds,
+            kind=kind,
+            agent=agent,
+            run_filter=run_id,
+            unknown_agent=unknown_agent,
+            total=total,
+            pager=pg,
+            next_url=page_url(request, pg, pg.page + 1),
+            prev_url=page_url(request, pg, pg.page - 1),
+        )
+
+    # ------------------------------------------------------------------ login
+    async def login_form(self, request: Request) -> Response:
+        session = self.session(request)
+        new = False
+        if session is None and not self.read_only:
+            session, new = self.sessions.new(_address(request)), True
+        return self.render(request, "login.html", session=session, new_session=new, failed=False)
+
+    async def _form(self, request: Request) -> dict[str, str]:
+        """The url-encoded form of a POST (bounded; one value per field)."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/x-www-form-urlencoded":
+            raise Refusal(415, "a form is expected", "post the page's form")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                raise Refusal(413, "form too large")
+        try:
+            parsed = parse_qs(
+                body.decode("utf-8"),
+                keep_blank_values=True,
+                max_num_fields=10,
+                strict_parsing=False,
+            )
+        except (UnicodeDecodeError, ValueError):
+            raise Refusal(400, "malformed form") from None
+        return {k: v[0] for k, v in parsed.items() if len(v) == 1}
+
+    def _check_csrf(self, session: Session | None, form: Mapping[str, str]) -> None:
+        if not self.sessions.check_csrf(session, form.get("csrf")):
+            raise Refusal(
+                403,
+                "the form's security token is missing or stale",
+                "reload the page and submit its form again",
+            )
+
+    async def _audit(
+        self,
+        request: Request,
+        operator: Operator | None,
+        response: Response,
+        detail: dict[str, Any],
+    ) -> None:
+        if self.api is not None:
+            path = request.url.path
+            await self.api.audit(
+                request.method,
+                path,
+                _address(request),
+                operator,
+                response,
+                {**detail, "via": "dashboard"},
+            )
+
+    async def login(self, request: Request) -> Response:
+        if self.read_only or self.api is None:
+            raise Refusal(
+                403,
+                "this dashboard is read-only",
+                "operators log in on the dashboard of the aggregator's operator port",
+            )
+        form = await self._form(request)
+        session = self.session(request)
+        self._check_csrf(session, form)
+        assert session is not None
+        token = form.get("token", "")
+        detail: dict[str, Any] = {"action": "login"}
+        address = _address(request)
+        try:
+            operator = await self.api.authenticate(
+                [f"Bearer {token}"] if token else [], address, detail
+            )
+        except HttpError as exc:
+            detail.setdefault("reason", exc.error)
+            response = self.render(
+                request,
+                "login.html",
+                401 if exc.status in (401, 403) else exc.status,
+                session=session,
+                failed=True,
+                error=exc.error,
+            )
+            await self._audit(request, None, response, detail)
+            return response
+        fresh = self.sessions.login(session, operator, address)
+        response = RedirectResponse("/", 303, headers={"Cache-Control": "no-store"})
+        self._set_cookie(request, response, fresh)
+        await self._audit(request, operator, response, detail)
+        log.info("dashboard: operator %s logged in from %s", operator.name, address)
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        form = await self._form(request)
+        session = self.session(request)
+        self._check_csrf(session, form)
+        assert session is not None
+        self.sessions.end(session)
+        response = RedirectResponse("/", 303, headers={"Cache-Control": "no-store"})
+        response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+        return response
+
+    # ------------------------------------------------------------------ actions
+    async def _operator(self, request: Request) -> tuple[Operator, dict[str, str]]:
+        """The logged-in operator of an action POST and its form.
+
+        Raises:
+            Refusal: 403 (read-only, no CSRF token, not logged in, credential revoked).
+        """
+        if self.read_only:
+            raise Refusal(403, "this dashboard is read-only", "actions need an aggregator")
+        form = await self._form(request)
+        session = self.session(request)
+        self._check_csrf(session, form)
+        assert session is not None
+        operator = session.operator
+        if operator is None:
+            raise Refusal(403, "log in first", "operators log in with their token")
+        status = await self.db(self.store.credential_status, [operator.operator_id])
+        stored, revoked = status.get(operator.operator_id, (None, True))
+        if revoked or stored != operator.credential:
+            self.sessions.end_operator(operator.operator_id)
+            raise Refusal(403, "this operator credential was revoked", "log in again")
+        return operator, form
+
+    async def revoke(self, request: Request) -> Response:
+        rest = request.path_params["rest"]
+        if not rest.endswith("/revoke"):
+            raise Refusal(404, "no such action")
+        name = rest[: -len("/revoke")]
+        operator, form = await self._operator(request)
+        agg = self.agg
+        assert agg is not None
+        detail: dict[str, Any] = {"action": "revoke", "target": name[:128]}
+        known = await self.db(self.store.agent_by_name, name) if len(name) <= 128 else None
+        if known is None or known.get("role") != "agent":
+            response = self.error(request, 404, "no such agent")
+            detail["reason"] = "unknown agent"
+            await self._audit(request, operator, response, detail)
+            return response
+        changed = await self.db(self.store.revoke_credential, name, role="agent")
+        disconnected = agg.disconnect_agent(
+            name,
+            "revoked",
+            f"the credential of agent {name!r} was revoked by an operator",
+            {
+                "name": name,
+                "stage": "operator-revoke",
+                "reason": "revoked",
+                "operator": operator.name,
+            },
+        )
+        log.warning(
+            "operator %s revoked the credential of agent %s from the dashboard%s",
+            operator.name,
+            name,
+            " and disconnected it" if disconnected else "",
+        )
+        detail.update(changed=changed, disconnected=disconnected)
+        back = _safe_next(form.get("next"), f"/runs/{agg.run_id}/agents")
+        response = RedirectResponse(back, 303, headers={"Cache-Control": "no-store"})
+        await self._audit(request, operator, response, detail)
+        return response
+
+    async def stop(self, request: Request) -> Response:
+        operator, _ = await self._operator(request)
+        agg = self.agg
+        assert agg is not None
+        log.warning(
+            "operator %s stopped the aggregator from the dashboard (the run resumes from "
+            "the store on restart)",
+            operator.name,
+        )
+        response = self.render(request, "stopping.html", 202, run_id=agg.run_id)
+        await self._audit(request, operator, response, {"action": "stop"})
+        if self._stop_task is None:
+            self._stop_task = asyncio.get_running_loop().create_task(agg.stop())
+        return response
+
+
+class DashboardHeaders:
+    """ASGI middleware: :data:`CSP` on every answer outside ``/api`` and ``/metrics``
+    that has no policy of its own (static files, the application's error pages)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if scope["type"] != "http" or path.startswith(("/api/", "/metrics")) or path == "/api":
+            await self.app(scope, receive, send)
+            return
+        static = path.startswith("/static/")
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                if b"content-security-policy" not in present:
+                    headers.append((b"content-security-policy", CSP.encode()))
+                if static and b"cache-control" not in present:
+                    headers.append((b"cache-control", b"public, max-age=3600"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def dashboard_routes(source: Store, *, agg: Aggregator | None = None) -> list[BaseRoute]:
+    """The dashboard's routes over the store ``source`` (with ``agg``: logins, actions,
+    live views woken by its commits; without: read-only)."""
+    return Dashboard(source, agg=agg).routes()
+
+
+def dashboard_middleware() -> list[Middleware]:
+    """The dashboard's ASGI middleware (its content security policy on every answer
+    outside the operator API and the metrics)."""
+    return [Middleware(DashboardHeaders)]
