@@ -39,7 +39,7 @@ from fedstack.types import Metrics, Weights
 from fedstack.wire import Error, Participate, decode, encode
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, Cookie, Page
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 HOSTILE_METRICS: Metrics = {HOSTILE: 0.5, "note": "<script>alert(2)</script>"}
@@ -166,6 +166,10 @@ def events(fed: Federation, kind: str) -> list[dict[str, Any]]:
         st.close()
 
 
+def session_cookie(w: Watched) -> Cookie | None:
+    return next((c for c in w.context.cookies() if c["name"] == "fedstack_session"), None)
+
+
 def login(page: Page, token: str) -> int:
     """Submit the login form with ``token``; the HTTP status of the POST's answer."""
     page.goto("/login")
@@ -249,13 +253,18 @@ def test_login_refuses_a_wrong_token_and_accepts_the_operator_token(
         for wrong in ("f" * 43, fed.tokens["alice"]):  # a made-up token, an agent's
             assert login(page, wrong) == 401
             assert page.locator("p#login-error").is_visible()
-            assert not [c for c in w.context.cookies() if c["name"] == "fedstack_session"]
-        shoot(page, screenshots, "login-refused")
+            shoot(page, screenshots, "login-refused")
+            page.goto(f"/runs/{fed.run_id}/agents")  # still not logged in
+            page.wait_for_selector("table#agents tr[data-agent]")
+            assert page.locator("form.revoke").count() == 0
+        before = session_cookie(w)
         assert login(page, fed.tokens["ops"]) in (200, 302, 303)
         page.wait_for_url(fed.origin + "/")
-        cookie = next(c for c in w.context.cookies() if c["name"] == "fedstack_session")
+        cookie = session_cookie(w)
+        assert cookie is not None
         assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
         assert fed.tokens["ops"] not in cookie["value"]
+        assert before is None or before["value"] != cookie["value"]  # a new session id
         page.goto(f"/runs/{fed.run_id}/agents")
         page.wait_for_selector("table#agents tr[data-agent]")
         assert page.locator("form.revoke").count() >= 1  # logged in: actions
@@ -336,7 +345,13 @@ async def _register(url: str, name: str) -> object:
 def test_agent_supplied_markup_is_shown_as_text_and_no_script_runs(
     fed: Federation, browser: Browser
 ) -> None:
-    reply = asyncio.run(_register(fed.aggregator.url, HOSTILE))
+    replies: list[object] = []  # (Playwright's sync API holds this thread's event loop)
+    t = threading.Thread(
+        target=lambda: replies.append(asyncio.run(_register(fed.aggregator.url, HOSTILE)))
+    )
+    t.start()
+    t.join(30)
+    reply = replies[0]
     assert isinstance(reply, Error) and reply.code == "bad-name"
     st = fed.store()
     try:
