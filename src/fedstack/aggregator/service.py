@@ -611,6 +611,11 @@ class Aggregator:
                 raise ConnectionClosed(1001, "aggregator stopped")
             await self.owner.new_version.wait()
 
+    @property
+    def stopped(self) -> bool:
+        """Whether the aggregator stopped or is stopping (:meth:`stop`, a fatal failure)."""
+        return self._stopped.is_set()
+
     async def stop(self) -> None:
         """Stop serving: say bye to the agents, close connections, end every task, close
         the store.

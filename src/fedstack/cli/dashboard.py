@@ -65,13 +65,14 @@ def cmd_dashboard(
 
 
 async def _serve(store: object, host: str, port: int, ready_file: str | None) -> None:
-    from fedstack.dashboard import dashboard_middleware, dashboard_routes
+    from fedstack.dashboard import Dashboard, dashboard_middleware
     from fedstack.operator import OperatorServer, create_app
     from fedstack.store import Store
 
     assert isinstance(store, Store)
-    app = create_app(dashboard_routes(store), middleware=dashboard_middleware())
-    server = OperatorServer(app, host, port)
+    dashboard = Dashboard(store)
+    app = create_app(dashboard.routes(), middleware=dashboard_middleware())
+    server = OperatorServer(app, host, port, label="dashboard (read-only)")
     try:
         await server.start()
     except OSError as exc:
@@ -96,6 +97,7 @@ async def _serve(store: object, host: str, port: int, ready_file: str | None) ->
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
+        dashboard.close()  # the live views' streams end: nothing holds the server up
         await server.stop()
 
 

@@ -35,6 +35,7 @@ and actions are ``operator_api`` audit events written through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -292,6 +293,7 @@ class Dashboard:
         self.sessions = Sessions()
         self.api: OperatorAPI | None = None
         self._stop_task: asyncio.Task[None] | None = None
+        self._closed: asyncio.Event | None = None
         if agg is not None:
             from fedstack.operator.api import OperatorAPI
 
@@ -311,6 +313,23 @@ class Dashboard:
     @property
     def read_only(self) -> bool:
         return self.agg is None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None and self._closed.is_set()
+
+    def close(self) -> None:
+        """End the live views' event streams (before the server stops: a server waits
+        for the answers under way, and a stream never ends by itself)."""
+        if self._closed is None:
+            self._closed = asyncio.Event()
+        self._closed.set()
+
+    async def _wait_closed(self, seconds: float) -> None:
+        if self._closed is None:
+            self._closed = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), seconds)
 
     # ------------------------------------------------------------------ plumbing
     def routes(self) -> list[BaseRoute]:
@@ -491,7 +510,7 @@ class Dashboard:
             after = int(raw)
         else:
             raise Refusal(400, "bad after", "after is a round number")
-        return StreamingResponse(
+        return EventStream(
             self._stream(rid, after),
             200,
             {
@@ -527,6 +546,8 @@ class Dashboard:
                 quiet_since = loop.time()
                 yield b": keep-alive\n\n"
             agg = self.agg
+            if self.closed or (agg is not None and agg.stopped):
+                return
             if agg is not None and agg.run_id == run_id:
                 if agg.state.version > last:  # committed but not read yet: the store has it
                     await asyncio.sleep(0.05)
@@ -538,7 +559,7 @@ class Dashboard:
                 except ConnectionClosed:  # the aggregator stopped
                     return
             else:
-                await asyncio.sleep(self.live_poll)
+                await self._wait_closed(self.live_poll)
 
     async def agents(self, request: Request) -> Response:
         run = await self._run_row(request.path_params["run_id"])
@@ -559,8 +580,9 @@ class Dashboard:
             r["seen"] = a.last_seen if a is not None else r["last_seen"]
             r["addr"] = a.address if a is not None else r["last_address"]
             up = r["uploads"]
-            r["aggregated"] = up.get("aggregated", 0)
+            r["aggregated"] = len(r["rounds"])
             r["total_uploads"] = sum(v for k, v in up.items() if k != "initial")
+            r["recent"] = r["rounds"][-8:]
         return self.render(
             request,
             "agents.html",
@@ -861,6 +883,36 @@ class Dashboard:
         if self._stop_task is None:
             self._stop_task = asyncio.get_running_loop().create_task(agg.stop())
         return response
+
+
+class EventStream(StreamingResponse):
+    """A server-sent event stream that ends when the client goes away.
+
+    (Starlette's :class:`StreamingResponse` stops listening for the client's disconnect
+    under ASGI 2.4 servers such as uvicorn, and a live view that has nothing to send
+    would then run until the server stops.)
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        streaming = asyncio.ensure_future(self.stream_response(send))
+        listening = asyncio.ensure_future(listen())
+        try:
+            done, _ = await asyncio.wait(
+                {streaming, listening}, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (streaming, listening):
+                task.cancel()
+            for task in (streaming, listening):
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await task
+        if streaming in done and not streaming.cancelled():
+            with contextlib.suppress(OSError):  # the client went away mid-write
+                streaming.result()
 
 
 class DashboardHeaders:

@@ -104,6 +104,7 @@ class OperatorServer:
         ssl: serve HTTPS with this context (None: plain HTTP).
         head_timeout: seconds a connection has to send a request head.
         max_connections: open connections beyond which requests get 503.
+        label: what the server is, for its log line.
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class OperatorServer:
         ssl: ssl_mod.SSLContext | None = None,
         head_timeout: float = HEAD_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        label: str = "operator surface (dashboard /, /metrics, /api/v1)",
     ) -> None:
         self.app = app
         self.host = host
@@ -122,6 +124,7 @@ class OperatorServer:
         self.ssl = ssl
         self.head_timeout = head_timeout
         self.max_connections = max_connections
+        self.label = label
         self._server: uvicorn.Server | None = None
         self._sock: socket.socket | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -192,7 +195,7 @@ class OperatorServer:
         self._ticker = asyncio.get_running_loop().create_task(
             server.main_loop(), name="operator-server"
         )
-        log.info("operator surface on %s (/metrics, /api/v1)", self.url)
+        log.info("%s on %s", self.label, self.url)
 
     async def stop(self) -> None:
         """Stop accepting, let answers under way finish (at most 3 s), close. Idempotent."""

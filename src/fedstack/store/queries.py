@@ -353,12 +353,20 @@ class Queries:
                 or 0
             )
 
-    def agents_page(self, run_id: str, offset: int, limit: int) -> list[dict[str, Any]]:
-        """Agents by name, ``limit`` from ``offset``, each with its uploads in ``run_id``
-        (``uploads``: {status: count}, ``last_round``) and its latest refusals there
+    def agents_page(
+        self, run_id: str, offset: int, limit: int, *, window: int = 50
+    ) -> list[dict[str, Any]]:
+        """Agents by name, ``limit`` from ``offset``, each with its uploads in the last
+        ``window`` rounds of ``run_id`` and the round under way (``uploads``: {status:
+        count}; ``rounds``: the rounds its model was aggregated in, ascending;
+        ``last_round``: the latest round it uploaded for), its latest refusals there
         (``refusals``: up to 5 ``{"time", "code", "message"}``, newest first) and
-        ``presence``: its latest ``joined``/``left`` event in the run (None: neither)."""
-        a = s.agents
+        ``presence``: its latest ``joined``/``left`` event in the run (None: neither).
+
+        Bounded work whatever the store's size: the uploads come from an index range of
+        the last ``window`` rounds (``window`` is also returned, with ``from_round``); the
+        events from one pass each, never one query per agent."""
+        a, m, e = s.agents, s.models, s.events
         with self._begin() as c:
             rows = [
                 {k: v for k, v in r.items() if k != "token_hash"}
@@ -374,58 +382,84 @@ class Queries:
             ]
             ids = [r["id"] for r in rows]
             uploads: dict[str, dict[str, int]] = {}
+            contributed: dict[str, list[int]] = {}
             last: dict[str, int] = {}
             refusals: dict[str, list[dict[str, Any]]] = {}
             presence: dict[str, str] = {}
+            top = c.execute(
+                select(func.max(s.rounds.c.round)).where(s.rounds.c.run_id == run_id)
+            ).scalar()
+            low = int(top or 0) - window
             if ids:
-                m = s.models
-                for producer, status, count, top in c.execute(
-                    select(m.c.producer, m.c.status, func.count(), func.max(m.c.round))
-                    .where(m.c.run_id == run_id, m.c.kind == "local", m.c.producer.in_(ids))
-                    .group_by(m.c.producer, m.c.status)
-                ).all():
-                    uploads.setdefault(str(producer), {})[str(status)] = int(count)
-                    if status != "initial":
-                        last[str(producer)] = max(last.get(str(producer), -1), int(top))
-                e = s.events
-                for aid in ids:
-                    found = (
-                        c.execute(
-                            select(e.c.time, e.c.detail)
-                            .where(e.c.agent_id == aid, e.c.kind == "refused")
-                            .where(or_(e.c.run_id == run_id, e.c.run_id.is_(None)))
-                            .order_by(e.c.id.desc())
-                            .limit(5)
-                        )
-                        .mappings()
-                        .all()
+                for producer, rnd, status in c.execute(
+                    select(m.c.producer, m.c.round, m.c.status).where(
+                        m.c.run_id == run_id,
+                        m.c.kind == "local",
+                        m.c.round > low,
+                        m.c.producer.in_(ids),
                     )
-                    seen = c.execute(
-                        select(e.c.kind)
-                        .where(
-                            e.c.agent_id == aid,
-                            e.c.run_id == run_id,
-                            e.c.kind.in_(("joined", "left")),
-                        )
-                        .order_by(e.c.id.desc())
-                        .limit(1)
-                    ).scalar()
-                    if seen is not None:
-                        presence[aid] = str(seen)
-                    if found:
-                        refusals[aid] = [
-                            {
-                                "time": r["time"],
-                                "code": str((r["detail"] or {}).get("code", "")),
-                                "message": str((r["detail"] or {}).get("message", "")),
-                            }
-                            for r in found
-                        ]
+                ).all():
+                    aid, rnd = str(producer), int(rnd)
+                    counts = uploads.setdefault(aid, {})
+                    counts[str(status)] = counts.get(str(status), 0) + 1
+                    if status == "aggregated":
+                        contributed.setdefault(aid, []).append(rnd)
+                    if status != "initial":
+                        last[aid] = max(last.get(aid, -1), rnd)
+                ranked = (
+                    select(
+                        e.c.agent_id,
+                        e.c.time,
+                        e.c.detail,
+                        func.row_number()
+                        .over(partition_by=e.c.agent_id, order_by=e.c.id.desc())
+                        .label("rank"),
+                    )
+                    .where(
+                        e.c.agent_id.in_(ids),
+                        e.c.kind == "refused",
+                        or_(e.c.run_id == run_id, e.c.run_id.is_(None)),
+                    )
+                    .subquery()
+                )
+                for r in (
+                    c.execute(
+                        select(ranked)
+                        .where(ranked.c.rank <= 5)
+                        .order_by(ranked.c.agent_id, ranked.c.rank)
+                    )
+                    .mappings()
+                    .all()
+                ):
+                    detail = r["detail"] if isinstance(r["detail"], dict) else {}
+                    refusals.setdefault(str(r["agent_id"]), []).append(
+                        {
+                            "time": r["time"],
+                            "code": str(detail.get("code", "")),
+                            "message": str(detail.get("message", "")),
+                        }
+                    )
+                latest = (
+                    select(func.max(e.c.id))
+                    .where(
+                        e.c.agent_id.in_(ids),
+                        e.c.run_id == run_id,
+                        e.c.kind.in_(("joined", "left")),
+                    )
+                    .group_by(e.c.agent_id)
+                )
+                for aid, kind in c.execute(
+                    select(e.c.agent_id, e.c.kind).where(e.c.id.in_(latest))
+                ).all():
+                    presence[str(aid)] = str(kind)
         for r in rows:
             r["uploads"] = uploads.get(r["id"], {})
+            r["rounds"] = sorted(contributed.get(r["id"], []))
             r["last_round"] = last.get(r["id"])
             r["refusals"] = refusals.get(r["id"], [])
             r["presence"] = presence.get(r["id"])
+            r["window"] = window
+            r["from_round"] = max(1, low + 1)
         return rows
 
     def agent_by_name(self, name: str) -> dict[str, Any] | None:
