@@ -19,6 +19,10 @@ Run::
     .venv/bin/python bench/dashboard_paint.py --rounds 1000 --agents 100 --visits 5
     .venv/bin/python bench/dashboard_paint.py --screenshots docs/screenshots
 
+Measured on this machine (2 vCPUs, Chromium 150, the default sizes): the store written in
+9.2 s; every view's first paint 130-320 ms (slowest: the agents view's first, cold visit),
+chart data in by 320 ms; the table is in the README's "Dashboard" section.
+
 ``--db PATH`` keeps the store (reused if it exists, with ``--rounds``/``--agents`` ignored);
 ``--screenshots DIR`` writes one PNG per view (the README's come from here).
 """
