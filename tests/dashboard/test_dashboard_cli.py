@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import insert
 
 from fedstack.store import Store
@@ -24,6 +25,7 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.serial  # a round within a second of its commit: run alone
 def test_dashboard_command_serves_a_store_read_only_and_follows_new_rounds(
     tmp_path: Path, make_store: Any
 ) -> None:

@@ -78,6 +78,7 @@ def dashboard_events(db: Path) -> list[dict[str, Any]]:
         st.close()
 
 
+@pytest.mark.serial  # a round within a second of its commit: run alone
 def test_dashboard_login_live_view_and_actions_on_a_training_aggregator(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -87,6 +88,7 @@ def test_dashboard_login_live_view_and_actions_on_a_training_aggregator(
     try:
         tok = {n: st.issue_credential(n) for n in ("alice", "bob")}
         tok["ops"] = st.issue_credential("ops", role="operator")
+        tok["old"] = st.issue_credential("old", role="operator")
     finally:
         st.close()
     cfg = AggregatorConfig(
@@ -187,6 +189,22 @@ def test_dashboard_login_live_view_and_actions_on_a_training_aggregator(
             r = c.post("/actions/stop", content=f"csrf={csrf}", headers=form)
             assert r.status_code == 403 and not agg._stopped.is_set()
 
+            # an operator whose credential is revoked after logging in: no more actions
+            with httpx.Client(base_url=base, follow_redirects=False, timeout=10) as o2:
+                r = o2.get("/login")
+                r = o2.post("/login", data={"token": tok["old"], "csrf": csrf_of(r.text)})
+                assert r.status_code == 303
+                old_csrf = csrf_of(o2.get(f"/runs/{rid}").text)
+                st = Store(str(db))
+                try:
+                    st.revoke_credential("old", role="operator")
+                finally:
+                    st.close()
+                r = o2.post("/actions/stop", data={"csrf": old_csrf})
+                assert r.status_code == 403 and "revoked" in r.text
+                assert not agg._stopped.is_set()
+                assert 'id="operator-name"' not in o2.get("/").text  # the session ended
+
             # log in again and stop the aggregator from the run page
             r = c.get("/login")
             r = c.post("/login", data={"token": tok["ops"], "csrf": csrf_of(r.text)})
@@ -200,19 +218,26 @@ def test_dashboard_login_live_view_and_actions_on_a_training_aggregator(
 
     events = dashboard_events(db)
     logins = [e for e in events if e.get("action") == "login"]
-    assert [e["outcome"] for e in logins] == ["refused", "refused", "accepted", "accepted"]
-    assert [e["status"] for e in logins] == [401, 401, 303, 303]
+    assert [e["outcome"] for e in logins] == ["refused"] * 2 + ["accepted"] * 3
+    assert [e["status"] for e in logins] == [401, 401, 303, 303, 303]
     assert logins[0]["reason"] == "unknown" or logins[0]["reason"]
     assert logins[2]["operator"] == "ops" and logins[2]["credential"]
     revokes = [e for e in events if e.get("action") == "revoke"]
-    assert [(e["target"], e["outcome"]) for e in revokes] == [
-        ("bob", "accepted"),
-        ("nobody", "refused"),
+    assert [(e["target"], e["outcome"], e["status"]) for e in revokes] == [
+        ("bob", "refused", 403),  # no CSRF token
+        ("bob", "accepted", 303),
+        ("nobody", "refused", 404),
     ]
-    assert revokes[0]["operator"] == "ops" and revokes[0]["disconnected"] is True
-    assert revokes[0]["changed"] is True and revokes[0]["path"] == "/actions/agents/bob/revoke"
+    assert "security token" in revokes[0]["reason"]
+    assert revokes[1]["operator"] == "ops" and revokes[1]["disconnected"] is True
+    assert revokes[1]["changed"] is True and revokes[1]["path"] == "/actions/agents/bob/revoke"
     stops = [e for e in events if e.get("action") == "stop"]
-    assert len(stops) == 1 and stops[0]["operator"] == "ops" and stops[0]["status"] == 202
+    assert [(e["operator"], e["status"]) for e in stops] == [
+        (None, 403),  # after logging out
+        ("old", 403),  # revoked after logging in (its sessions ended)
+        ("ops", 202),
+    ]
+    assert "revoked" in stops[1]["reason"]
     # the operator's token: in no page, no event, no log line
     secret = tok["ops"]
     assert all(secret not in b for b in bodies)

@@ -135,7 +135,7 @@ def test_every_view_renders_its_contract_and_escapes_agent_text(
     dom = page(client, f"/models/{filled.global_ids[-1]}")
     ids = [a["data-model-id"] for a in dom.has("li", "data-model-id")]
     assert ids[0] == filled.global_ids[-1] and set(ids[1:]) == set(filled.local_ids[-3:])
-    assert dom.find("div", id="lineage")
+    assert dom.find("div", id="lineage") and dom.find("p", id="round-metrics")
     assert any(
         a.get("href") == f"/models/{filled.global_ids[-2]}"
         for a in dom.find("a", **{"class": "base"})
@@ -243,3 +243,21 @@ def test_standalone_dashboard_is_read_only(client: TestClient, filled: Any) -> N
         assert r.headers["content-security-policy"] == CSP
     assert "fedstack_session" not in client.cookies
     assert filled.db.read_bytes() == before
+
+
+def test_a_loopback_dashboard_answers_loopback_host_names_only(readonly_store: Store) -> None:
+    app = create_app(dashboard_routes(readonly_store), middleware=dashboard_middleware("127.0.0.1"))
+    with TestClient(app) as client:
+        for host in ("127.0.0.1:8080", "localhost", "LOCALHOST:1", "[::1]:8080", "127.0.0.2"):
+            r = client.get("/", headers={"host": host})
+            assert r.status_code == 200, host
+        # DNS rebinding: a name of the attacker's pointing at 127.0.0.1
+        for host in ("evil.example", "evil.example:8080", "10.0.0.1", "testserver"):
+            r = client.get("/audit", headers={"host": host})
+            assert r.status_code == 421, host
+            assert "refused" not in r.text and r.headers["content-security-policy"] == CSP
+        assert client.get("/healthz", headers={"host": "evil.example"}).status_code == 200
+    # listening beyond loopback: names are the operator's business (TLS checks them)
+    app = create_app(dashboard_routes(readonly_store), middleware=dashboard_middleware("0.0.0.0"))
+    with TestClient(app) as client:
+        assert client.get("/", headers={"host": "dash.example"}).status_code == 200

@@ -372,10 +372,10 @@ class Aggregator:
         cfg = self.config
         assert self.store is not None
         server = OperatorServer(
-            aggregator_app(
+            aggregator_app(  # operator_api off: metrics only, no dashboard either
                 self,
-                dashboard_routes(self.store, agg=self),
-                middleware=dashboard_middleware(),
+                dashboard_routes(self.store, agg=self) if cfg.operator_api else (),
+                middleware=dashboard_middleware(cfg.operator_host) if cfg.operator_api else (),
             ),
             cfg.operator_host,
             cfg.operator_port or 0,

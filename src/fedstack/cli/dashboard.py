@@ -71,7 +71,7 @@ async def _serve(store: object, host: str, port: int, ready_file: str | None) ->
 
     assert isinstance(store, Store)
     dashboard = Dashboard(store)
-    app = create_app(dashboard.routes(), middleware=dashboard_middleware())
+    app = create_app(dashboard.routes(), middleware=dashboard_middleware(host))
     server = OperatorServer(app, host, port, label="dashboard (read-only)")
     try:
         await server.start()

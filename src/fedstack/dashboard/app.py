@@ -37,6 +37,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
+import ipaddress
 import logging
 import math
 import re
@@ -108,6 +110,9 @@ ACCURACY_KEYS = (
 LOSS_KEYS = ("eval_loss", "loss", "mean_train_loss")
 """The round metric charted as loss: the first of these a round has."""
 
+_NOT_OURS = ("/api", "/healthz")  # the operator surface's own paths (with /api/, /metrics)
+_PAGES = ("/", "/compare", "/audit", "/login", "/logout")
+_PREFIXES = ("/runs/", "/models/", "/actions/", "/static/")
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _STATIC = Path(__file__).parent / "static"
 _HTML_HEADERS = {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
@@ -116,11 +121,14 @@ _HTML_HEADERS = {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
 class Refusal(Exception):
     """A request the dashboard answers with an error page."""
 
-    def __init__(self, status: int, message: str, hint: str = "") -> None:
+    def __init__(
+        self, status: int, message: str, hint: str = "", operator: Operator | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.hint = hint
+        self.operator = operator  # who was refused, if known
 
 
 # ---------------------------------------------------------------------- formatting
@@ -275,6 +283,16 @@ def _safe_next(value: str | None, default: str) -> str:
     return default
 
 
+def _asset_version() -> str:
+    """A digest of the static files: their URLs change when they do (they are cached)."""
+    h = hashlib.blake2b(digest_size=6)
+    for path in sorted(_STATIC.rglob("*")):
+        if path.is_file():
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 class Dashboard:
     """The dashboard over ``store`` (see the module docstring).
 
@@ -308,7 +326,7 @@ class Dashboard:
         self.env.filters.update(when=when, num=num, metrics_text=metrics_text)
         self.env.filters["detail_text"] = detail_text
         self.env.filters["pathquote"] = lambda v: quote(str(v), safe="")
-        self.env.globals.update(ACCURACY_KEYS=ACCURACY_KEYS, LOSS_KEYS=LOSS_KEYS, pick=pick)
+        self.env.globals.update(asset_version=_asset_version())
 
     @property
     def read_only(self) -> bool:
@@ -549,8 +567,10 @@ class Dashboard:
             if self.closed or (agg is not None and agg.stopped):
                 return
             if agg is not None and agg.run_id == run_id:
-                if agg.state.version > last:  # committed but not read yet: the store has it
-                    await asyncio.sleep(0.05)
+                if agg.state.version > last:
+                    # versions without a round row of their own (none in a standalone
+                    # run; a federation member's view of the global version): poll
+                    await self._wait_closed(self.live_poll)
                     continue
                 try:
                     await asyncio.wait_for(agg.wait_for_version(last + 1), KEEPALIVE)
@@ -639,6 +659,11 @@ class Dashboard:
                 kids = await self.db(self.store.parents_page, p["id"], 0, LINEAGE_NESTED)
                 p["children"] = [k for k in kids if k["relation"] != "base"]
                 p["more"] = max(0, n - len(kids))
+        evaluation = None  # a global model: its round's metrics (the evaluator's)
+        if model["kind"] == "cluster":
+            row = await self.db(self.store.round_row, model["run_id"], int(model["round"]))
+            if row is not None and row["model_id"] == model_id:
+                evaluation = row["metrics"]
         producer = model.get("agent")
         if producer is None:
             names = await self.db(self.store.aggregator_names)
@@ -647,6 +672,7 @@ class Dashboard:
             request,
             "lineage.html",
             model=model,
+            evaluation=evaluation,
             producer=producer,
             base=base,
             inputs=inputs,
@@ -808,12 +834,25 @@ class Dashboard:
         return response
 
     # ------------------------------------------------------------------ actions
-    async def _operator(self, request: Request) -> tuple[Operator, dict[str, str]]:
-        """The logged-in operator of an action POST and its form.
+    async def _operator(
+        self, request: Request, detail: dict[str, Any]
+    ) -> tuple[Operator, dict[str, str]]:
+        """The logged-in operator of an action POST and its form; a refused action is an
+        audit event (``detail`` and the reason).
 
         Raises:
             Refusal: 403 (read-only, no CSRF token, not logged in, credential revoked).
         """
+        try:
+            return await self._check_operator(request)
+        except Refusal as exc:
+            session = self.session(request)
+            response = self.error(request, exc.status, exc.message, exc.hint)
+            operator = exc.operator or (session.operator if session is not None else None)
+            await self._audit(request, operator, response, {**detail, "reason": exc.message})
+            raise
+
+    async def _check_operator(self, request: Request) -> tuple[Operator, dict[str, str]]:
         if self.read_only:
             raise Refusal(403, "this dashboard is read-only", "actions need an aggregator")
         form = await self._form(request)
@@ -827,7 +866,7 @@ class Dashboard:
         stored, revoked = status.get(operator.operator_id, (None, True))
         if revoked or stored != operator.credential:
             self.sessions.end_operator(operator.operator_id)
-            raise Refusal(403, "this operator credential was revoked", "log in again")
+            raise Refusal(403, "this operator credential was revoked", "log in again", operator)
         return operator, form
 
     async def revoke(self, request: Request) -> Response:
@@ -835,10 +874,10 @@ class Dashboard:
         if not rest.endswith("/revoke"):
             raise Refusal(404, "no such action")
         name = rest[: -len("/revoke")]
-        operator, form = await self._operator(request)
+        detail: dict[str, Any] = {"action": "revoke", "target": name[:128]}
+        operator, form = await self._operator(request, detail)
         agg = self.agg
         assert agg is not None
-        detail: dict[str, Any] = {"action": "revoke", "target": name[:128]}
         known = await self.db(self.store.agent_by_name, name) if len(name) <= 128 else None
         if known is None or known.get("role") != "agent":
             response = self.error(request, 404, "no such agent")
@@ -870,7 +909,7 @@ class Dashboard:
         return response
 
     async def stop(self, request: Request) -> Response:
-        operator, _ = await self._operator(request)
+        operator, _ = await self._operator(request, {"action": "stop"})
         agg = self.agg
         assert agg is not None
         log.warning(
@@ -916,16 +955,32 @@ class EventStream(StreamingResponse):
 
 
 class DashboardHeaders:
-    """ASGI middleware: :data:`CSP` on every answer outside ``/api`` and ``/metrics``
-    that has no policy of its own (static files, the application's error pages)."""
+    """ASGI middleware: :data:`CSP` on every answer outside ``/api``, ``/metrics`` and
+    ``/healthz`` that has no policy of its own (static files, the application's error pages).
 
-    def __init__(self, app: ASGIApp) -> None:
+    With ``loopback_only`` (the server listens on a loopback address), a request for the
+    dashboard whose ``Host`` is not a loopback name (``localhost``, ``127.x.y.z``,
+    ``[::1]``) is refused with 421: a web page elsewhere cannot point a name of its own
+    at 127.0.0.1 (DNS rebinding) and read the pages through the visitor's browser.
+    """
+
+    def __init__(self, app: ASGIApp, loopback_only: bool = False) -> None:
         self.app = app
+        self.loopback_only = loopback_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if scope["type"] != "http" or path.startswith(("/api/", "/metrics")) or path == "/api":
+        if scope["type"] != "http" or path.startswith(("/api/", "/metrics")) or path in _NOT_OURS:
             await self.app(scope, receive, send)
+            return
+        if self.loopback_only and _ours(path) and not _loopback_host(scope):
+            refusal = Response(
+                "this dashboard answers for localhost, 127.0.0.1 or [::1] only\n",
+                421,
+                {"Content-Security-Policy": CSP, "Cache-Control": "no-store"},
+                "text/plain",
+            )
+            await refusal(scope, receive, send)
             return
         static = path.startswith("/static/")
 
@@ -943,13 +998,48 @@ class DashboardHeaders:
         await self.app(scope, receive, with_headers)
 
 
+def _ours(path: str) -> bool:
+    """Whether ``path`` is one of the dashboard's (others: the application's 404)."""
+    return path in _PAGES or path.startswith(_PREFIXES)
+
+
+def _loopback_host(scope: Scope) -> bool:
+    """Whether the request's ``Host`` header names this machine's loopback interface."""
+    hosts = [v for k, v in scope.get("headers", []) if k.lower() == b"host"]
+    if len(hosts) != 1:
+        return False
+    host = hosts[0].decode("latin-1").strip().lower()
+    if host.startswith("["):  # [v6]:port
+        name = host[1 : host.find("]")] if "]" in host else ""
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name in ("localhost", "localhost.") or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback(host: str) -> bool:
+    """Whether the listening address ``host`` is a loopback one."""
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def dashboard_routes(source: Store, *, agg: Aggregator | None = None) -> list[BaseRoute]:
     """The dashboard's routes over the store ``source`` (with ``agg``: logins, actions,
     live views woken by its commits; without: read-only)."""
     return Dashboard(source, agg=agg).routes()
 
 
-def dashboard_middleware() -> list[Middleware]:
-    """The dashboard's ASGI middleware (its content security policy on every answer
-    outside the operator API and the metrics)."""
-    return [Middleware(DashboardHeaders)]
+def dashboard_middleware(host: str | None = None) -> list[Middleware]:
+    """The dashboard's ASGI middleware: its content security policy on every answer
+    outside the operator API and the metrics; when the server listens on ``host`` and
+    that is a loopback address, only requests for a loopback ``Host`` (see
+    :class:`DashboardHeaders`)."""
+    return [Middleware(DashboardHeaders, loopback_only=host is not None and is_loopback(host))]

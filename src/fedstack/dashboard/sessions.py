@@ -22,7 +22,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fedstack.security.credentials import Operator
 
@@ -47,7 +47,6 @@ class Session:
     used: float
     operator: Operator | None = None
     address: str = ""
-    flash: list[str] = field(default_factory=list)
 
     @property
     def logged_in(self) -> bool:

@@ -325,6 +325,18 @@ class Queries:
         with self._begin() as c:
             return [dict(r) for r in c.execute(q.offset(offset).limit(limit)).mappings().all()]
 
+    def round_row(self, run_id: str, round_: int) -> dict[str, Any] | None:
+        """Round ``round_`` of ``run_id`` (None: not committed)."""
+        with self._begin() as c:
+            row = (
+                c.execute(
+                    select(s.rounds).where(s.rounds.c.run_id == run_id, s.rounds.c.round == round_)
+                )
+                .mappings()
+                .first()
+            )
+        return None if row is None else dict(row)
+
     def round_series(self, run_id: str, points: int) -> list[dict[str, Any]]:
         """At most about ``points`` rounds of ``run_id`` spread evenly over the run (every
         k-th round, the latest always), oldest first: a chart's data, never every round

@@ -20,11 +20,13 @@
   function metricsText(m) {
     if (!m || typeof m !== "object") { return ""; }
     var keys = Object.keys(m);
-    var parts = keys.slice(0, 12).map(function (k) { return String(k).slice(0, 64) + "=" + fmt(m[k]); });
+    var parts = keys.slice(0, 6).map(function (k) { return String(k).slice(0, 64) + "=" + fmt(m[k]); });
     var text = parts.join(", ");
-    if (keys.length > 12) { text += ", ... (" + (keys.length - 12) + " more)"; }
+    if (keys.length > 6) { text += ", ... (" + (keys.length - 6) + " more)"; }
     return text;
   }
+
+  var ROUND_STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
 
   function width(el) { return Math.max(280, Math.floor(el.clientWidth || 480)); }
 
@@ -34,7 +36,7 @@
       width: width(el),
       height: 220,
       scales: { x: { time: false } },
-      axes: [{ label: "round" }, {}],
+      axes: [{ label: "round", incrs: ROUND_STEPS }, {}],
       series: [{ label: "round" }].concat(series.map(function (s, i) {
         return { label: s, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true,
                  points: { show: false } };
@@ -53,6 +55,21 @@
     chart.data[1].push(y === undefined ? null : y);
     chart.plot.setData(chart.data);
     chart.el.dataset.points = String(chart.data[0].length);
+    noteEmpty(chart);
+  }
+
+  /* a chart whose rounds have no value of its metric says so (instead of empty axes) */
+  function noteEmpty(chart) {
+    var empty = chart.data[1].every(function (v) { return v === null; });
+    var note = chart.el.parentNode.querySelector(".chart-note");
+    if (empty && !note && chart.data[0].length) {
+      note = document.createElement("p");
+      note.className = "chart-note empty";
+      note.textContent = "No round has this metric (" + (chart.el.dataset.metric || "") + ").";
+      chart.el.parentNode.appendChild(note);
+    } else if (!empty && note) {
+      note.remove();
+    }
   }
 
   function roundRow(r) {
@@ -160,7 +177,7 @@
         var names = items.map(function (li) { return li.dataset.runName || li.dataset.runId; });
         var opts = {
           width: width(target), height: 280, scales: { x: { time: false } },
-          axes: [{ label: "round" }, { label: metric }],
+          axes: [{ label: "round", incrs: ROUND_STEPS }, { label: metric }],
           series: [{ label: "round" }].concat(names.map(function (n, i) {
             return { label: n, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true,
                      points: { show: false } };
@@ -175,24 +192,6 @@
     }).catch(function () {
       el.textContent = "The runs' rounds could not be read.";
     });
-  }
-
-  function confirmForms() {
-    $$("form.revoke").forEach(function (f) {
-      f.addEventListener("submit", function (ev) {
-        var row = f.closest("tr");
-        var name = row ? row.dataset.agent : "this agent";
-        if (f.dataset.confirmed !== "yes" && !window.confirm("Revoke the credential of " + name + " and disconnect it?")) {
-          ev.preventDefault();
-        }
-      });
-    });
-    var stop = $("#stop-run");
-    if (stop) {
-      stop.addEventListener("submit", function (ev) {
-        if (stop.dataset.confirmed !== "yes" && !window.confirm("Stop the aggregator?")) { ev.preventDefault(); }
-      });
-    }
   }
 
   function compareButton() {
@@ -210,6 +209,5 @@
     var cmp = $("#compare-runs");
     if (cmp) { compare(cmp); }
     compareButton();
-    confirmForms();
   });
 })();
