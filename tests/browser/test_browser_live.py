@@ -197,6 +197,7 @@ OBSERVE = """() => {
 }"""
 
 
+@pytest.mark.serial  # asserts a delay (< 1 s) measured on this machine
 def test_live_run_page_shows_new_rounds_without_reload(
     fed: Federation, browser: Browser, screenshots: Path
 ) -> None:
