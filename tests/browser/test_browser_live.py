@@ -295,7 +295,7 @@ def test_revoking_an_agent_from_the_page_disconnects_it_and_is_audited(
     carol = fed.agents["carol"]
     assert carol.is_alive() and carol.error is None
     assert "carol" in {a["name"] for a in fed.api("/api/v1/agents")["agents"]}
-    w = Watched(browser, fed.origin, accept_confirm=True)
+    w = Watched(browser, fed.origin)
     try:
         page = w.new_page()
         assert login(page, fed.tokens["ops"]) in (200, 302, 303)
@@ -314,7 +314,7 @@ def test_revoking_an_agent_from_the_page_disconnects_it_and_is_audited(
         page.goto(f"/runs/{fed.run_id}/agents")
         row = page.locator('table#agents tr[data-agent="carol"]')
         assert row.locator(".online").inner_text().strip() == "offline"
-        assert w.dialogs == [] or all(d.startswith("confirm") for d in w.dialogs)
+        assert w.dialogs == []  # the form posts as it is (no confirm() in the way)
     finally:
         w.close()
     st = fed.store()
