@@ -1,6 +1,6 @@
 """Fixtures of the dashboard's browser tests: Playwright driving the system's Chromium.
 
-``browser``: one headless Chromium for the session (Debian's ``chromium`` package at
+``browser``: one headless Chromium per test module (Debian's ``chromium`` package at
 ``/usr/bin/chromium``, or ``FEDSTACK_CHROMIUM``; ``.ci/run`` installs it; nothing downloads
 a browser). The tests are skipped where there is no Chromium or no Playwright.
 
@@ -23,9 +23,11 @@ if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """A headless Chromium (the system's), shared by the session's tests."""
+    """A headless Chromium (the system's), shared by a module's tests. Not by the session:
+    Playwright's sync API keeps an event loop running in the main thread while it is
+    open, and every later test of the process that calls ``asyncio.run`` would fail."""
     path = find_chromium()
     if path is None:
         pytest.skip("no Chromium (apt-get install chromium; .ci/run does)")
