@@ -285,3 +285,28 @@ def test_views_need_a_login_when_an_aggregators_dashboard_listens_beyond_loopbac
             assert client.get(url).status_code == 401, url
         assert client.get("/login").status_code == 200
         assert client.get("/healthz").status_code == 200
+
+
+def test_an_anonymous_session_does_not_open_the_views_and_odd_digits_are_refused(
+    readonly_store: Store, filled: Any
+) -> None:
+    """Beyond loopback, the session GET /login hands out (not logged in) opens nothing; a
+    page number in non-ASCII digits is a 400, not a 500; live views are bounded per host."""
+    from fedstack.dashboard.app import MAX_STREAMS_PER_HOST, Dashboard
+
+    dash = Dashboard(readonly_store, views_need_login=True)
+    run_id = filled.run_ids[0]
+    with TestClient(create_app(dash.routes()), follow_redirects=False) as client:
+        anonymous = dash.sessions.new()  # what GET /login hands out on an aggregator
+        client.cookies.set("fedstack_session", dash.sessions.cookie_value(anonymous))
+        assert client.get("/login").status_code == 200
+        assert client.get("/audit").status_code == 303
+        assert client.get(f"/runs/{run_id}/agents").status_code == 303
+        assert client.get(f"/runs/{run_id}/series").status_code == 401
+    open_dash = Dashboard(readonly_store)
+    with TestClient(create_app(open_dash.routes()), follow_redirects=False) as client:
+        for url in ("/?page=%C2%B2", "/audit?page=%D9%A3", f"/runs/{run_id}/events?after=%C2%B2"):
+            assert client.get(url).status_code == 400, url
+        open_dash._streams_by_host["testclient"] = MAX_STREAMS_PER_HOST  # as if all open
+        r = client.get(f"/runs/{run_id}/events")
+        assert r.status_code == 503 and "too many live views" in r.text

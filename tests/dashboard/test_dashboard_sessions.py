@@ -105,3 +105,16 @@ def test_event_stream_ends_when_the_client_disconnects() -> None:
     took = asyncio.run(main())
     assert took < 0.5 and ended.is_set()
     assert sent[0]["type"] == "http.response.start" and sent[1]["body"] == b"retry: 2000\n\n"
+
+
+def test_a_flood_of_anonymous_sessions_never_logs_an_operator_out() -> None:
+    """Every GET /login makes an anonymous session; at the cap those are dropped first."""
+    sessions = Sessions(max_sessions=3)
+    op = Operator(operator_id="o1", name="ops", credential="h")
+    logged = sessions.login(sessions.new(), op, "127.0.0.1:1")
+    cookie = sessions.cookie_value(logged)
+    for _ in range(50):
+        sessions.new()
+    assert len(sessions) == 3
+    kept = sessions.get(cookie)
+    assert kept is not None and kept.operator == op

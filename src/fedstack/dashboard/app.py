@@ -111,6 +111,12 @@ LOSS_KEYS = ("eval_loss", "loss", "mean_train_loss")
 """The round metric charted as loss: the first of these a round has."""
 
 _NOT_OURS = ("/api", "/healthz")  # the operator surface's own paths (with /api/, /metrics)
+MAX_STREAMS = 64
+"""Open live views (event streams) of one dashboard; more get 503 (a connection each: the
+operator port's connection cap must keep room for /healthz, the API and pages)."""
+MAX_STREAMS_PER_HOST = 8
+"""Open live views from one client host."""
+
 _PAGES = ("/", "/compare", "/audit", "/login", "/logout")
 _PREFIXES = ("/runs/", "/models/", "/actions/", "/static/")
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -233,7 +239,12 @@ def page_number(request: Request, param: str = "page") -> int:
     raw = request.query_params.getlist(param)
     if not raw:
         return 1
-    if len(raw) > 1 or not raw[0].isdigit() or len(raw[0]) > 8 or not 1 <= int(raw[0]) <= MAX_PAGE:
+    if (
+        len(raw) > 1
+        or not (raw[0].isascii() and raw[0].isdigit())
+        or len(raw[0]) > 8
+        or not 1 <= int(raw[0]) <= MAX_PAGE
+    ):
         raise Refusal(400, f"bad {param} number", f"{param} is a whole number from 1")
     return int(raw[0])
 
@@ -317,6 +328,8 @@ class Dashboard:
         self.store = store
         self.agg = agg
         self.views_need_login = views_need_login
+        self._streams = 0  # open live views (server-sent event streams)
+        self._streams_by_host: dict[str, int] = {}
         self.live_poll = live_poll
         self.sessions = Sessions()
         self.api: OperatorAPI | None = None
@@ -387,7 +400,7 @@ class Dashboard:
         inner = self._open_view(handler)
 
         async def view(request: Request) -> Response:
-            if self.views_need_login and self.session(request) is None:
+            if self.views_need_login and not await self._operator_session(request):
                 if request.method == "GET" and not request.url.path.endswith(
                     ("/series", "/events")
                 ):  # a page: to the login form
@@ -396,6 +409,20 @@ class Dashboard:
             return await inner(request)
 
         return view
+
+    async def _operator_session(self, request: Request) -> bool:
+        """Whether the request comes with the session of a logged-in operator whose
+        credential is still valid (a revoked one's sessions end here too)."""
+        session = self.session(request)
+        operator = session.operator if session is not None else None
+        if operator is None:
+            return False
+        status = await self.db(self.store.credential_status, [operator.operator_id])
+        stored, revoked = status.get(operator.operator_id, (None, True))
+        if revoked or stored != operator.credential:
+            self.sessions.end_operator(operator.operator_id)
+            return False
+        return True
 
     def _open_view(
         self, handler: Callable[[Request], Awaitable[Response]]
@@ -551,12 +578,22 @@ class Dashboard:
         if raw is None:
             top = await self.db(self.store.rounds_page, rid, 0, 1)
             after = int(top[0]["round"]) if top else 0
-        elif raw.isdigit() and len(raw) <= 10:
+        elif raw.isascii() and raw.isdigit() and len(raw) <= 10:
             after = int(raw)
         else:
             raise Refusal(400, "bad after", "after is a round number")
+        host = request.client.host if request.client is not None else ""
+        if (
+            self._streams >= MAX_STREAMS
+            or self._streams_by_host.get(host, 0) >= MAX_STREAMS_PER_HOST
+        ):
+            raise Refusal(
+                503,
+                "too many live views open",
+                f"at most {MAX_STREAMS_PER_HOST} per host and {MAX_STREAMS} in all: close some",
+            )
         return EventStream(
-            self._stream(rid, after),
+            self._counted(host, self._stream(rid, after)),
             200,
             {
                 "Cache-Control": "no-store",
@@ -565,6 +602,21 @@ class Dashboard:
             },
             media_type="text/event-stream",
         )
+
+    async def _counted(self, host: str, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """``stream``, counted among the open live views (total and per host) while open."""
+        self._streams += 1
+        self._streams_by_host[host] = self._streams_by_host.get(host, 0) + 1
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            self._streams -= 1
+            left = self._streams_by_host[host] - 1
+            if left:
+                self._streams_by_host[host] = left
+            else:
+                del self._streams_by_host[host]
 
     async def _stream(self, run_id: str, after: int) -> AsyncIterator[bytes]:
         """``round`` events for each round above ``after`` as they are committed."""

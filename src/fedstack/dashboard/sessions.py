@@ -105,7 +105,12 @@ class Sessions:
         now = self._clock()
         self._expire(now)
         while len(self._by_sid) >= self.max_sessions:
-            self._by_sid.popitem(last=False)  # the least recently used
+            # the least recently used session that is not logged in: a flood of anonymous
+            # sessions (every GET /login makes one) never logs an operator out
+            victim = next((s for s in self._by_sid.values() if not s.logged_in), None)
+            if victim is None:
+                victim = next(iter(self._by_sid.values()))
+            del self._by_sid[victim.sid]
         session = Session(
             sid=secrets.token_urlsafe(24),
             csrf=secrets.token_urlsafe(24),
