@@ -415,8 +415,11 @@ class Dashboard:
         credential is still valid (a revoked one's sessions end here too)."""
         session = self.session(request)
         operator = session.operator if session is not None else None
-        if operator is None:
-            return False
+        return operator is not None and await self._still_valid(operator)
+
+    async def _still_valid(self, operator: Operator) -> bool:
+        """Whether ``operator``'s credential is still the stored, unrevoked one (if not,
+        its sessions end)."""
         status = await self.db(self.store.credential_status, [operator.operator_id])
         stored, revoked = status.get(operator.operator_id, (None, True))
         if revoked or stored != operator.credential:
@@ -941,10 +944,7 @@ class Dashboard:
         operator = session.operator
         if operator is None:
             raise Refusal(403, "log in first", "operators log in with their token")
-        status = await self.db(self.store.credential_status, [operator.operator_id])
-        stored, revoked = status.get(operator.operator_id, (None, True))
-        if revoked or stored != operator.credential:
-            self.sessions.end_operator(operator.operator_id)
+        if not await self._still_valid(operator):
             raise Refusal(403, "this operator credential was revoked", "log in again", operator)
         return operator, form
 
@@ -964,23 +964,9 @@ class Dashboard:
             await self._audit(request, operator, response, detail)
             return response
         changed = await self.db(self.store.revoke_credential, name, role="agent")
-        disconnected = agg.disconnect_agent(
-            name,
-            "revoked",
-            f"the credential of agent {name!r} was revoked by an operator",
-            {
-                "name": name,
-                "stage": "operator-revoke",
-                "reason": "revoked",
-                "operator": operator.name,
-            },
-        )
-        log.warning(
-            "operator %s revoked the credential of agent %s from the dashboard%s",
-            operator.name,
-            name,
-            " and disconnected it" if disconnected else "",
-        )
+        from fedstack.operator.api import disconnect_revoked
+
+        disconnected = disconnect_revoked(agg, name, operator, "from the dashboard")
         detail.update(changed=changed, disconnected=disconnected)
         back = _safe_next(form.get("next"), f"/runs/{agg.run_id}/agents")
         response = RedirectResponse(back, 303, headers={"Cache-Control": "no-store"})

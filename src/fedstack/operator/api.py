@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedstack.operator")
 
-__all__ = ["AUDIT_KIND", "OperatorAPI", "api_error", "api_json"]
+__all__ = ["AUDIT_KIND", "OperatorAPI", "api_error", "api_json", "disconnect_revoked"]
 
 AUDIT_KIND = "operator_api"
 DEFAULT_ROUNDS = 20
@@ -107,6 +107,26 @@ def _raw_path(request: Request) -> str:
     if isinstance(raw, bytes):
         return raw.decode("latin-1")
     return request.url.path
+
+
+def disconnect_revoked(agg: Aggregator, name: str, operator: Operator, via: str = "") -> bool:
+    """Disconnect agent ``name`` whose credential ``operator`` just revoked (told why,
+    audited as a refusal) and log it; ``via`` names where ("from the dashboard").
+    Returns whether the agent was connected."""
+    disconnected = agg.disconnect_agent(
+        name,
+        "revoked",
+        f"the credential of agent {name!r} was revoked by an operator",
+        {"name": name, "stage": "operator-revoke", "reason": "revoked", "operator": operator.name},
+    )
+    log.warning(
+        "operator %s revoked the credential of agent %s%s%s",
+        operator.name,
+        name,
+        f" {via}" if via else "",
+        " and disconnected it" if disconnected else "",
+    )
+    return disconnected
 
 
 class OperatorAPI:
@@ -325,23 +345,7 @@ class OperatorAPI:
             changed = await asyncio.to_thread(store.revoke_credential, name, role="agent")
         except StoreError as exc:
             raise HttpError(503, "the aggregator's store is unavailable", "retry later") from exc
-        disconnected = self.agg.disconnect_agent(
-            name,
-            "revoked",
-            f"the credential of agent {name!r} was revoked by an operator",
-            {
-                "name": name,
-                "stage": "operator-revoke",
-                "reason": "revoked",
-                "operator": operator.name,
-            },
-        )
-        log.warning(
-            "operator %s revoked the credential of agent %s%s",
-            operator.name,
-            name,
-            " and disconnected it" if disconnected else "",
-        )
+        disconnected = disconnect_revoked(self.agg, name, operator)
         detail.update(changed=changed, disconnected=disconnected)
         return _Outcome(
             api_json(
