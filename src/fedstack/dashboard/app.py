@@ -456,6 +456,10 @@ class Dashboard:
     ) -> Response:
         if session is None:
             session = self.session(request)
+        pg = context.get("pager")
+        if isinstance(pg, Pager) and "next_url" not in context:  # the table's page links
+            context["next_url"] = page_url(request, pg, pg.page + 1)
+            context["prev_url"] = page_url(request, pg, pg.page - 1)
         body = self.env.get_template(template).render(
             request_path=request.url.path,
             session=session,
@@ -511,8 +515,6 @@ class Dashboard:
             "runs.html",
             runs=rows,
             pager=pg,
-            next_url=page_url(request, pg, pg.page + 1),
-            prev_url=page_url(request, pg, pg.page - 1),
         )
 
     async def compare(self, request: Request) -> Response:
@@ -555,8 +557,6 @@ class Dashboard:
             version=version,
             live=live,
             pager=pg,
-            next_url=page_url(request, pg, pg.page + 1),
-            prev_url=page_url(request, pg, pg.page - 1),
         )
 
     async def series(self, request: Request) -> Response:
@@ -692,8 +692,6 @@ class Dashboard:
             agents=rows,
             live=live,
             pager=pg,
-            next_url=page_url(request, pg, pg.page + 1),
-            prev_url=page_url(request, pg, pg.page - 1),
         )
 
     async def aggregators(self, request: Request) -> Response:
@@ -759,8 +757,6 @@ class Dashboard:
             base=base,
             inputs=inputs,
             pager=pg,
-            next_url=page_url(request, pg, pg.page + 1),
-            prev_url=page_url(request, pg, pg.page - 1),
         )
 
     async def audit(self, request: Request) -> Response:
@@ -809,8 +805,6 @@ class Dashboard:
             unknown_agent=unknown_agent,
             total=total,
             pager=pg,
-            next_url=page_url(request, pg, pg.page + 1),
-            prev_url=page_url(request, pg, pg.page - 1),
         )
 
     # ------------------------------------------------------------------ login
