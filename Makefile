@@ -23,7 +23,7 @@ $(VENV)/.demo: pyproject.toml | $(BIN)/python
 # every extra, at the builds in $(CONSTRAINTS) (CPU torch; ray for the simulator's Ray
 # backend tests, tests/sim/test_ray_backend.py; mlflow and tensorboard for tests/trackers)
 $(VENV)/.dev: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,demo,certs,torch,keras,ray,plot,postgres,mlflow,tensorboard]"
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,demo,certs,torch,keras,ray,plot,postgres,mlflow,tensorboard,privacy,opacus,he]"
 	touch $@ $(VENV)/.core $(VENV)/.demo
 
 demo: $(VENV)/.demo
