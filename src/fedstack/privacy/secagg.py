@@ -111,9 +111,6 @@ class SecAggError(FedstackError):
         super().__init__(message)
         self.code = code
 
-    def __str__(self) -> str:
-        return f"{self.code}: {self.args[0]}"
-
 
 # ------------------------------------------------------------------------------ params
 def _real(name: str, value: object) -> float:
