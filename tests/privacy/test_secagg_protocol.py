@@ -212,13 +212,13 @@ def arrays_in(obj: object, seen: set[int] | None = None) -> list[np.ndarray[Any,
 @pytest.fixture
 def prg_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = secagg._prg
+    real = secagg._add_prg
 
-    def counting(seed: bytes, n: int) -> np.ndarray[Any, Any]:
-        calls.append(n)
-        return real(seed, n)
+    def counting(acc: np.ndarray[Any, Any], seed: bytes, sign: int) -> None:
+        calls.append(acc.size)
+        real(acc, seed, sign)
 
-    monkeypatch.setattr(secagg, "_prg", counting)
+    monkeypatch.setattr(secagg, "_add_prg", counting)
     return calls
 
 
@@ -429,3 +429,19 @@ def test_random_dropouts_exact_sum_or_clean_failure() -> None:
         np.testing.assert_array_equal(np.append(total, weight * h.params.clip), exp)
         outcomes["ok"] += 1
     assert outcomes["ok"] >= 10 and outcomes["too-few"] >= 3, outcomes
+
+
+def test_prg_is_the_aes_ctr_keystream() -> None:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    n = 3 * secagg._CHUNK + 5  # blocks end mid-vector
+    for seed in (bytes(range(16)), bytes(range(32))):
+        whole = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(4 * n))
+        ks = np.frombuffer(whole, dtype="<u4")
+        acc = np.zeros(n, dtype=np.uint32)
+        secagg._add_prg(acc, seed, +1)
+        np.testing.assert_array_equal(acc, ks)
+        secagg._add_prg(acc, seed, -1)
+        assert not acc.any()
+        secagg._add_prg(acc, seed, -1)
+        np.testing.assert_array_equal(acc, (-ks.astype(np.int64)) % 2**32)

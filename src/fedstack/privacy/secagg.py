@@ -348,13 +348,29 @@ def _mask_seed(sk: X25519PrivateKey, pk: bytes, session: str, whose: str) -> byt
     return _agree(sk, pk, _DOMAIN + b"|mask-seed|" + _lp(session), 32, whose)
 
 
-def _prg(seed: bytes, n: int) -> np.ndarray[Any, np.dtype[np.uint32]]:
-    """``n`` little-endian uint32 of the AES-CTR keystream of ``seed`` (16 or 32 bytes)."""
+_CHUNK = 1 << 16
+"""uint32 elements of keystream made per step (256 KiB: it is added while still in cache)."""
+_ZEROS = bytes(4 * _CHUNK)
+
+
+def _add_prg(acc: np.ndarray[Any, Any], seed: bytes, sign: int) -> None:
+    """``acc += sign * PRG(seed) mod 2**32`` in place (``acc``: uint32).
+
+    PRG(seed) is the AES-CTR keystream of ``seed`` (AES-128 for 16 bytes, AES-256 for 32;
+    zero nonce: every seed is used for one vector only) read as little-endian uint32. It is
+    made block by block into one small buffer, so the keystream never goes to main memory.
+    """
     enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    out = np.empty(n + 4, dtype="<u4")  # update_into wants len(data) + 15 bytes of room
-    nbytes = enc.update_into(memoryview(bytes(4 * n)), out.view(np.uint8).data)
-    assert nbytes == 4 * n
-    return out[:n]
+    buf = np.empty(_CHUNK + 4, dtype="<u4")  # update_into wants 15 bytes of spare room
+    out = buf.view(np.uint8).data
+    zeros = memoryview(_ZEROS)
+    op = np.add if sign > 0 else np.subtract
+    n = acc.size
+    for start in range(0, n, _CHUNK):
+        m = min(_CHUNK, n - start)
+        enc.update_into(zeros[: 4 * m], out)
+        part = acc[start : start + m]
+        op(part, buf[:m], out=part)
 
 
 def _quantise(v: np.ndarray[Any, Any], params: SecAggParams) -> np.ndarray[Any, Any]:
@@ -611,14 +627,9 @@ class AgentSession:
         x[-1] = w * float(self.params.clip)
         y = _quantise(x, self.params)
         del x
-        n = y.size
-        y += _prg(self._b, n)
+        _add_prg(y, self._b, +1)
         for a in sorted(self._held):
-            ks = _prg(self._mask_seeds[a], n)
-            if self.agent_id < a:
-                y += ks
-            else:
-                y -= ks
+            _add_prg(y, self._mask_seeds[a], +1 if self.agent_id < a else -1)
         self._phase = "masked"
         return y
 
@@ -1109,19 +1120,16 @@ class ServerSession:
         assert self._sum is not None
         total = self._sum
         self._sum = None
-        n = total.size
         for u in self._u3:
-            total -= _prg(b_seeds[u], n)
+            _add_prg(total, b_seeds[u], -1)
         u3 = set(self._u3)
         for d, sk in sks.items():
             for j in self._graph[d]:
                 if j not in u3:
                     continue
-                ks = _prg(_mask_seed(sk, keys[j].s_pk, session, f"agent {j}"), n)
-                if j < d:
-                    total -= ks
-                else:
-                    total += ks
+                # y_j holds +PRG(s_jd) if j < d else -PRG(s_jd): take it out
+                seed = _mask_seed(sk, keys[j].s_pk, session, f"agent {j}")
+                _add_prg(total, seed, -1 if j < d else +1)
         clip = float(self.params.clip)
         v = total.astype(np.float64)
         del total
