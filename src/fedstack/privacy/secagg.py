@@ -679,6 +679,12 @@ class AgentSession:
                     "secagg-refused",
                     f"{a} is listed in the unmask request but did not share its keys (not in U2)",
                 )
+        if self._roster.neighbours and not surv & set(self._roster.neighbours):
+            raise SecAggError(
+                "secagg-refused",
+                f"none of {self.agent_id}'s neighbours is a survivor: unmasking would reveal "
+                "its own update",
+            )
         self._phase = "unmasked"
         b_out: dict[str, bytes] = {}
         sk_out: dict[str, bytes] = {}
@@ -958,9 +964,38 @@ class ServerSession:
             )
         self._u3.sort()
         u3 = set(self._u3)
+        smallest = min(len(c) for c in self._components(u3))
+        if smallest < self.params.min_survivors:
+            raise self._too_few(
+                f"the graph of the {len(u3)} masked inputs falls apart into groups with no "
+                f"surviving neighbour in common (the smallest has {smallest} agent(s), fewer "
+                f"than min_survivors {self.params.min_survivors}): unmasking would reveal the "
+                "sum of such a group"
+            )
         self._dropped = [a for a in self._u2 if a not in u3]
         self._phase = "unmask"
         return list(self._u3), list(self._dropped)
+
+    def _components(self, members: set[str]) -> list[set[str]]:
+        """Connected components of the graph restricted to ``members``.
+
+        Unmasking reveals the sum of each component (their pairwise masks cancel inside it),
+        so each must be at least ``min_survivors`` agents.
+        """
+        left = set(members)
+        out: list[set[str]] = []
+        while left:
+            start = left.pop()
+            comp = {start}
+            todo = [start]
+            while todo:
+                for b in self._graph[todo.pop()]:
+                    if b in left:
+                        left.discard(b)
+                        comp.add(b)
+                        todo.append(b)
+            out.append(comp)
+        return out
 
     # ---- phase 4
     def add_unmask(
