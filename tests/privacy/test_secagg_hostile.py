@@ -202,7 +202,9 @@ def test_masked_vector_checks() -> None:
     assert code_of(lambda: s.mask(np.zeros(4), -1)) == "secagg-bad-input"
     assert code_of(lambda: s.mask(np.zeros(4), float("inf"))) == "secagg-bad-input"
     assert code_of(lambda: s.mask(np.zeros(4), True)) == "secagg-bad-input"
-    y = s.mask(np.zeros(4), 3)
+    v = np.linspace(-20, 20, 4)  # beyond clip: clipped in the agent's copy, not in place
+    y = s.mask(v, 3)
+    np.testing.assert_array_equal(v, np.linspace(-20, 20, 4))
     assert y.dtype == np.uint32 and y.shape == (5,)
     assert code_of(lambda: s.mask(np.zeros(4), 3)) == "secagg-phase"
     srv.add_masked("a0", y)

@@ -374,9 +374,10 @@ def _add_prg(acc: np.ndarray[Any, Any], seed: bytes, sign: int) -> None:
 
 
 def _quantise(v: np.ndarray[Any, Any], params: SecAggParams) -> np.ndarray[Any, Any]:
+    """``rint((clip(v) + clip) * (2**bits - 1) / (2 clip))`` as uint32 (``v`` is overwritten)."""
     clip = float(params.clip)
     scale = ((1 << int(params.quant_bits)) - 1) / (2.0 * clip)
-    c = np.clip(v, -clip, clip)
+    c = np.clip(v, -clip, clip, out=v)
     c += clip
     c *= scale
     np.rint(c, out=c)
@@ -496,6 +497,12 @@ class AgentSession:
             if not isinstance(keys, PublicKeys):
                 raise SecAggError("secagg-bad-key", f"neighbour {a!r:.80} has no PublicKeys")
         k = len(nb)
+        if k >= self.params.max_agents():
+            raise SecAggError(
+                "secagg-params",
+                f"the roster lists {k} neighbours: more agents than quant_bits="
+                f"{self.params.quant_bits} allows in a session ({self.params.max_agents()})",
+            )
         if set(roster.index) != set(nb) | {self.agent_id}:
             raise SecAggError(
                 "secagg-bad-input", "roster index must name exactly the neighbours and this agent"
