@@ -395,3 +395,18 @@ def test_wrong_mask_key_share_of_dropped_agent_detected() -> None:
     total, weight, _ = srv.finish()
     assert np.abs(total - 2.5).max() <= srv.params.error_bound(5)
     assert set(srv.bad_senders) == {"a0"} and "a5" in srv.bad_senders["a0"]
+
+
+@pytest.mark.parametrize("missing", ["Crypto", "cryptography"])
+def test_without_the_privacy_extra_the_import_names_it(
+    missing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import sys
+
+    for name in [m for m in sys.modules if m == missing or m.startswith(missing + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delitem(sys.modules, "fedstack.privacy.secagg")
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails
+    with pytest.raises(ImportError, match=r"pip install 'fedstack\[privacy\]'"):
+        importlib.import_module("fedstack.privacy.secagg")

@@ -41,13 +41,23 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from Crypto.Protocol.SecretSharing import Shamir
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+try:
+    from Crypto.Protocol.SecretSharing import Shamir
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+except ImportError as exc:
+    raise ImportError(
+        "secure aggregation needs the 'privacy' extra (cryptography, pycryptodome): "
+        f"pip install 'fedstack[privacy]' (missing: {exc.name or exc})"
+    ) from exc
 
 from fedstack.errors import FedstackError
 from fedstack.strategies.base import cast_like
