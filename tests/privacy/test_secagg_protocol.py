@@ -491,3 +491,32 @@ def test_unmask_refused_when_the_survivors_split_into_a_small_group() -> None:
     with pytest.raises(SecAggError) as e:
         h.agents[alone].unmask(survivors, sorted([ring[1], ring[-1]]))
     assert e.value.code == "secagg-refused"
+
+
+def test_error_bound_holds_for_random_parameters() -> None:
+    rng = random.Random(5)
+    worst = 0.0
+    for trial in range(12):
+        p = SecAggParams(
+            clip=rng.choice([0.05, 0.5, 1.0, 3.0, 20.0]),
+            quant_bits=rng.choice([8, 12, 16, 22, 26]),
+            max_weight=rng.choice([1.0, 50.0, 1000.0]),
+        )
+        n = rng.randint(2, min(12, p.max_agents()))
+        h = Harness(n, p, seed=trial)
+        gen = np.random.default_rng(trial)
+        counts = {a: float(gen.integers(0, 2 * p.max_weight + 2)) for a in h.ids}
+        w = {a: min(counts[a], p.max_weight) / p.max_weight for a in h.ids}
+        # inputs whose weighted values stay inside [-clip, clip] (the bound's domain)
+        xs = {a: gen.uniform(-p.clip, p.clip, 300) for a in h.ids}
+        h.keys()
+        h.shares()
+        h.mask(xs, counts)
+        h.unmask()
+        total, weight, _ = h.server.finish()
+        bound = p.error_bound(n)
+        err = float(np.abs(total - sum(w[a] * xs[a] for a in h.ids)).max())
+        assert err <= bound * (1 + 1e-9), (p, n, err, bound)
+        assert abs(weight - sum(w.values())) <= bound / p.clip * (1 + 1e-9)
+        worst = max(worst, err / bound)
+    assert worst > 0.3  # the bound is reached in order of magnitude
