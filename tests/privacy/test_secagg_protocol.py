@@ -505,7 +505,7 @@ def test_error_bound_holds_for_random_parameters() -> None:
         n = rng.randint(2, min(12, p.max_agents()))
         h = Harness(n, p, seed=trial)
         gen = np.random.default_rng(trial)
-        counts = {a: float(gen.integers(0, 2 * p.max_weight + 2)) for a in h.ids}
+        counts = {a: float(gen.integers(0, int(2 * p.max_weight) + 2)) for a in h.ids}
         w = {a: min(counts[a], p.max_weight) / p.max_weight for a in h.ids}
         # inputs whose weighted values stay inside [-clip, clip] (the bound's domain)
         xs = {a: gen.uniform(-p.clip, p.clip, 300) for a in h.ids}
