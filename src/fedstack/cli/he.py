@@ -1,0 +1,126 @@
+"""``fedstack he``: CKKS key sets for homomorphic encryption (extra ``he``).
+
+``keygen --out DIR`` writes ``DIR/agents.ctx`` (with the secret key, mode 0600: for the
+agents only) and ``DIR/aggregator.ctx`` (the parameters only: for the aggregator);
+``inspect FILE`` says what a key file holds without printing any key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedstack.cli.options import JsonFlag
+from fedstack.cli.output import print_json, quiet_logs
+from fedstack.names import safe_text
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="CKKS key sets for homomorphic encryption (extra he)",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+
+@app.command("keygen")
+def cmd_keygen(
+    out: Annotated[Path, typer.Option("--out", help="directory to write into (created)")],
+    poly_modulus_degree: Annotated[
+        int,
+        typer.Option(
+            "--poly-modulus-degree",
+            help="CKKS ring degree N (4096, 8192, 16384, 32768): N/2 values per ciphertext",
+        ),
+    ] = 8192,
+    coeff_mod_bit_sizes: Annotated[
+        str,
+        typer.Option(
+            "--coeff-mod-bit-sizes",
+            help="comma-separated bit sizes of the modulus primes (data primes, then the "
+            "special prime)",
+        ),
+    ] = "60,40,60",
+    scale_bits: Annotated[
+        int, typer.Option("--scale-bits", help="log2 of the encoding scale (precision)")
+    ] = 40,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace an existing key set (a new run)")
+    ] = False,
+    json_: JsonFlag = False,
+) -> int:
+    """Make a CKKS key set: agents.ctx (secret key, for agents) and aggregator.ctx.
+
+    Give agents.ctx to every agent out of band, as their credentials (agents run with
+    --he-context agents.ctx); give aggregator.ctx to the aggregator (fedstack aggregator
+    --he ckks --he-context aggregator.ctx). One key set per run: to rotate, start a new run.
+    """
+    from fedstack.errors import ConfigError
+    from fedstack.privacy.ckks import CkksParams, ciphertext_bound, keygen, load_context
+
+    try:
+        bits = tuple(int(b) for b in coeff_mod_bit_sizes.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--coeff-mod-bit-sizes {coeff_mod_bit_sizes!r} is refused: integers separated "
+            "by commas, e.g. 60,40,60"
+        ) from None
+    params = CkksParams(poly_modulus_degree, bits, scale_bits)
+    agents, aggregator = keygen(out, params, force=force)
+    ctx = load_context(aggregator, "aggregator")
+    info = {
+        "agents": str(agents),
+        "aggregator": str(aggregator),
+        "key_id": ctx.key_id.hex(),
+        **params.as_dict(),
+        "values_per_ciphertext": ctx.data_slots,
+        "ciphertext_bytes": ciphertext_bound(params),
+    }
+    if json_:
+        quiet_logs()
+        print_json(info)
+        return 0
+    print(safe_text(f"wrote key set {info['key_id']} into {out}:"))
+    print(safe_text(f"  {agents}  secret key (mode 0600): give it to every agent, out of band"))
+    print(safe_text(f"  {aggregator}  parameters only: give it to the aggregator"))
+    print(
+        f"  {ctx.data_slots} model values per ciphertext, {ciphertext_bound(params)} bytes "
+        "each at most"
+    )
+    print("\nuse it:")
+    print(safe_text(f"  fedstack aggregator --he ckks --he-context {aggregator} ..."))
+    print(safe_text(f"  fedstack agent --he-context {agents} --name NAME --trainer ... "))
+    return 0
+
+
+@app.command("inspect")
+def cmd_inspect(
+    file: Annotated[Path, typer.Argument(help="a key file of `fedstack he keygen`")],
+    json_: JsonFlag = False,
+) -> int:
+    """Say what a key file holds (role, key id, parameters, secret key or not)."""
+    from fedstack.privacy.ckks import AGENTS_FILE, context_from_bytes, load_context
+
+    try:
+        ctx = load_context(file, "aggregator")
+    except Exception as exc:
+        if AGENTS_FILE not in str(exc):
+            raise
+        ctx = context_from_bytes(file.read_bytes(), "agents", str(file))
+    info = {
+        "file": str(file),
+        "role": ctx.role,
+        "secret_key": ctx.has_secret_key,
+        "key_id": ctx.key_id.hex(),
+        **ctx.params.as_dict(),
+    }
+    if json_:
+        quiet_logs()
+        print_json(info)
+        return 0
+    for k, v in info.items():
+        print(safe_text(f"{k}: {v}"))
+    return 0
