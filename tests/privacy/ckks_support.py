@@ -34,9 +34,13 @@ def step(weights: Mapping[str, np.ndarray], index: int, version: int) -> dict[st
 
 def fedavg(models: list[dict[str, np.ndarray]], counts: list[int]) -> dict[str, np.ndarray]:
     total = float(sum(counts))
-    return {
-        k: sum(n * m[k] for m, n in zip(models, counts, strict=True)) / total for k in models[0]
-    }
+    out = {}
+    for k in models[0]:
+        acc = np.zeros_like(models[0][k], dtype=np.float64)
+        for m, n in zip(models, counts, strict=True):
+            acc += n * m[k]
+        out[k] = acc / total
+    return out
 
 
 def expected_globals(num_agents: int, rounds: int) -> list[dict[str, np.ndarray]]:
