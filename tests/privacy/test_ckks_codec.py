@@ -201,3 +201,31 @@ def test_trainer_wrapper(contexts: tuple[CkksContext, CkksContext]) -> None:
         CkksTrainer(_Inner(3, extra=True), ctx).fit(init, {"version": 0})
     with pytest.raises(CkksError, match="needs the agents' context"):
         CkksTrainer(inner, public)
+
+
+def test_add_reuses_what_check_parsed_and_only_that(
+    contexts: tuple[CkksContext, CkksContext], key_dir: Path
+) -> None:
+    ctx, _ = contexts
+    strategy = create("ckks-fedavg", context=str(key_dir / "aggregator.ctx"))
+    model = {"w": np.linspace(0, 1, 5000)}
+    init = encrypt_model(ctx, model, 1)
+    first = encrypt_model(ctx, model, 2)
+    strategy.check(Update("a", first, 2), init)
+    same_values_other_arrays = {k: v.copy() for k, v in first.items()}
+    assert strategy.take_parsed(same_values_other_arrays) is None  # type: ignore[attr-defined]
+    parsed = strategy.take_parsed(first)  # type: ignore[attr-defined]
+    assert parsed is not None and len(parsed[1]) == 2
+    assert strategy.take_parsed(first) is None  # type: ignore[attr-defined]  # taken once
+    for i in range(10):  # bounded: only the last few checks are kept
+        strategy.check(Update(f"b{i}", encrypt_model(ctx, model, 1), 1), init)
+    assert len(strategy._parsed) <= 4  # type: ignore[attr-defined]
+    # through the accumulator: the sum is the same whether parsed once or twice
+    acc = strategy.begin(init, {})
+    upd = Update("c", encrypt_model(ctx, model, 3), 3)
+    strategy.check(upd, init)
+    acc.add(upd)
+    acc.add(Update("d", encrypt_model(ctx, model, 5), 5))  # not checked: parsed in add
+    got, total, updates = decrypt_model(ctx, acc.result().weights, model)
+    assert updates == 2 and abs(total - 8) < 1e-6
+    assert np.max(np.abs(got["w"] - model["w"])) < 1e-6

@@ -705,10 +705,20 @@ class CkksSum:
         ]
         return meta, vecs
 
-    def add(self, enc: Mapping[str, Array], num_samples: int, agent_id: str | None = None) -> None:
+    def add(
+        self,
+        enc: Mapping[str, Array],
+        num_samples: int,
+        agent_id: str | None = None,
+        parsed: tuple[Meta, list[Any]] | None = None,
+    ) -> None:
+        """Add upload ``enc`` (``parsed``: what :meth:`check` returned for it on a
+        :class:`CkksSum` of the same global model, to skip parsing it again)."""
         if self._done:
             raise ValueError("result() was already taken for this round")
-        meta, vecs = self.check(enc, agent_id)
+        meta, vecs = self.check(enc, agent_id) if parsed is None else parsed
+        if self.meta is not None and meta != self.meta:
+            raise InvalidUpdate("the upload's layout differs from the round's", agent_id=agent_id)
         if self.meta is None:
             self.meta, self.acc = meta, vecs
         else:

@@ -8,6 +8,8 @@ is built, not when the registry lists it.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,11 +18,16 @@ import numpy as np
 from fedstack.strategies.base import Result, Strategy, Update, register
 from fedstack.types import Weights
 
+PARSED_KEPT = 4
+"""Uploads whose parsed ciphertexts ``check()`` keeps for ``add()`` (memory: about that
+many encrypted models)."""
+
 
 class CkksAccumulator:
     def __init__(self, strategy: CkksFedAvg, global_weights: Weights) -> None:
         from fedstack.privacy.ckks import CkksSum
 
+        self._strategy = strategy
         self._sum = CkksSum(strategy.context, global_weights)
 
     @property
@@ -28,7 +35,8 @@ class CkksAccumulator:
         return self._sum.count
 
     def add(self, update: Update) -> None:
-        self._sum.add(update.weights, update.num_samples, update.agent_id)
+        parsed = self._strategy.take_parsed(update.weights)
+        self._sum.add(update.weights, update.num_samples, update.agent_id, parsed)
 
     def result(self) -> Result:
         weights = self._sum.result()
@@ -57,11 +65,31 @@ class CkksFedAvg(Strategy):
 
         self.context_path = str(context)
         self.context = load_context(self.context_path, "aggregator")
+        self._parsed: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def check(self, update: Update, global_weights: Weights) -> None:
-        from fedstack.privacy.ckks import CkksSum
+        from fedstack.privacy.ckks import META, CkksSum
 
-        CkksSum(self.context, global_weights).check(update.weights, update.agent_id)
+        parsed = CkksSum(self.context, global_weights).check(update.weights, update.agent_id)
+        # parsing is most of the cost: keep the result for add(), which the aggregator
+        # calls with the same arrays once the upload is stored (a few, bounded)
+        with self._lock:
+            self._parsed[id(update.weights[META])] = (update.weights[META], parsed)
+            while len(self._parsed) > PARSED_KEPT:
+                self._parsed.popitem(last=False)
+
+    def take_parsed(self, weights: Weights) -> tuple[Any, list[Any]] | None:
+        """What :meth:`check` parsed of these very arrays (None: not kept)."""
+        from fedstack.privacy.ckks import META
+
+        arr = weights.get(META)
+        with self._lock:
+            kept = self._parsed.pop(id(arr), None)
+        if kept is None or kept[0] is not arr:
+            return None
+        parsed: tuple[Any, list[Any]] = kept[1]
+        return parsed
 
     def begin(
         self,
