@@ -426,6 +426,19 @@ class AggregatorConfig:
         for key, reason in why.items():
             if getattr(self, key):
                 raise bad(f"{key} cannot be used with homomorphic encryption: {reason}")
+        # the other privacy options (settings of their own modules, absent before they
+        # are merged): both operate on plain updates, masked or clipped, which HE hides
+        if getattr(self, "secagg", False):
+            raise bad(
+                "secagg cannot be used with homomorphic encryption: the aggregator would "
+                "have to unmask plain updates, which HE already hides (use one or the other)"
+            )
+        if getattr(self, "dp", None) == "central":
+            raise bad(
+                "dp = central cannot be used with homomorphic encryption: the aggregator "
+                "cannot clip encrypted updates nor add noise to a sum it cannot read (use "
+                "local DP on the agents)"
+            )
         target = self.target
         if target is not None and target.needs_evaluator:
             raise bad(
