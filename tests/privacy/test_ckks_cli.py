@@ -188,3 +188,52 @@ def test_agent_refuses_the_aggregators_file(keys: Path, capsys: pytest.CaptureFi
     )
     assert rc == 2
     assert "holds no secret key" in capsys.readouterr().err
+
+
+def test_encrypt_and_decrypt_model_files(
+    keys: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from fedstack.store.modelfiles import read_model_file, write_model_file
+
+    plain = {"a": np.linspace(-2, 2, 5000), "b": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    write_model_file(plain, tmp_path / "base.safetensors", "safetensors")
+    agents = str(keys / "agents.ctx")
+    args = ["he", "encrypt", str(tmp_path / "base.safetensors"), "--context", agents]
+    assert cli_main([*args, "--out", str(tmp_path / "enc.safetensors")]) == 0
+    enc, _ = read_model_file(tmp_path / "enc.safetensors")
+    assert all(k.startswith("ckks.") and v.dtype == np.uint8 for k, v in enc.items())
+    dec = ["he", "decrypt", str(tmp_path / "enc.safetensors"), "--context", agents]
+    assert (
+        cli_main(
+            [*dec, "--like", str(tmp_path / "base.safetensors")]
+            + ["--out", str(tmp_path / "out.npz")]
+        )
+        == 0
+    )
+    out, _ = read_model_file(tmp_path / "out.npz")
+    assert np.max(np.abs(out["a"] - plain["a"])) < 1e-6 and out["b"].dtype == np.float32
+    # the aggregator's file cannot decrypt; another layout is named as such
+    capsys.readouterr()
+    assert (
+        cli_main(
+            [
+                "he",
+                "decrypt",
+                str(tmp_path / "enc.safetensors"),
+                "--context",
+                str(keys / "aggregator.ctx"),
+            ]
+            + ["--like", str(tmp_path / "base.safetensors"), "--out", str(tmp_path / "x.npz")]
+        )
+        == 2
+    )
+    assert "holds no secret key" in capsys.readouterr().err
+    write_model_file({"a": np.zeros(5000)}, tmp_path / "other.npz", "npz")
+    assert (
+        cli_main([*dec, "--like", str(tmp_path / "other.npz"), "--out", str(tmp_path / "y.npz")])
+        == 2
+    )
+    assert "other tensor names, dtypes or shapes" in capsys.readouterr().err
+    assert not (tmp_path / "y.npz").exists()

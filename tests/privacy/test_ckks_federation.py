@@ -24,8 +24,10 @@ from ckks_support import (
 )
 
 from fedstack.agent.runner import run_trainer
+from fedstack.cli.main import main as cli_main
 from fedstack.privacy.ckks import CkksTrainer, keygen, load_context
 from fedstack.store import Store
+from fedstack.store.modelfiles import read_model_file, write_model_file
 from fedstack.testing import AggregatorProcess
 
 ROUNDS = 3
@@ -185,6 +187,21 @@ def test_encrypted_federation_equals_plain_fedavg_and_aggregator_never_holds_the
     # the store holds only ciphertexts: every model, from the first on
     store = Store.open_readonly(str(db))
     try:
+        # the final global model exported from the store decrypts (fedstack he decrypt)
+        run_id = store.latest_run_id()
+        assert run_id is not None
+        final_id = store.global_model_id(run_id, ROUNDS)
+        assert final_id is not None
+        store.export_model(final_id, tmp_path / "final.safetensors")
+        write_model_file(initial(), tmp_path / "like.npz", "npz")
+        rc = cli_main(
+            ["he", "decrypt", str(tmp_path / "final.safetensors"), "--context", str(agents_ctx)]
+            + ["--like", str(tmp_path / "like.npz"), "--out", str(tmp_path / "plain.npz")]
+        )
+        assert rc == 0
+        plain, _ = read_model_file(tmp_path / "plain.npz")
+        for k, want in expected[-1].items():
+            assert np.max(np.abs(plain[k] - want)) <= BOUND
         models = store.models()
         assert {m["kind"] for m in models} == {"local", "cluster"}
         assert len(models) >= AGENTS * ROUNDS + ROUNDS + 1

@@ -2,13 +2,15 @@
 
 ``keygen --out DIR`` writes ``DIR/agents.ctx`` (with the secret key, mode 0600: for the
 agents only) and ``DIR/aggregator.ctx`` (the parameters only: for the aggregator);
-``inspect FILE`` says what a key file holds without printing any key.
+``inspect FILE`` says what a key file holds without printing any key; ``encrypt`` and
+``decrypt`` turn a plain model file into an encrypted one (a base model to register) and
+an encrypted global model (``fedstack db export``) into a plain one.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -123,4 +125,79 @@ def cmd_inspect(
         return 0
     for k, v in info.items():
         print(safe_text(f"{k}: {v}"))
+    return 0
+
+
+ModelFormat = Annotated[
+    str | None,
+    typer.Option("--format", help="safetensors, npz or pt (default: from the file name)"),
+]
+
+
+def _fmt(value: str | None) -> Any:
+    from fedstack.errors import ConfigError
+    from fedstack.store.modelfiles import FORMATS
+
+    if value is not None and value not in FORMATS:
+        raise ConfigError(f"--format {value!r} is refused: one of {', '.join(FORMATS)}")
+    return value
+
+
+@app.command("encrypt")
+def cmd_encrypt(
+    file: Annotated[Path, typer.Argument(help="a plain model file (.safetensors, .npz, .pt)")],
+    context: Annotated[Path, typer.Option("--context", help="the agents' key file agents.ctx")],
+    out: Annotated[Path, typer.Option("--out", help="the encrypted model file to write")],
+    format_: ModelFormat = None,
+) -> int:
+    """Encrypt a plain model (weight 1), e.g. a base model for `fedstack model register`
+    in a run with --he ckks (the agents decrypt it as their first global model)."""
+    from fedstack.privacy.ckks import encrypt_model, load_context
+    from fedstack.store.modelfiles import detect_format, read_model_file, write_model_file
+
+    ctx = load_context(context, "agents")
+    weights, _ = read_model_file(file, _fmt(format_))
+    enc = encrypt_model(ctx, weights, 1.0)
+    write_model_file(enc, out, _fmt(format_) or detect_format(out, b""), {"fedstack": "ckks"})
+    print(
+        safe_text(
+            f"wrote {out}: {len(weights)} tensors in {len(enc) - 1} ciphertexts under key "
+            f"set {ctx.key_id.hex()}"
+        )
+    )
+    return 0
+
+
+@app.command("decrypt")
+def cmd_decrypt(
+    file: Annotated[
+        Path, typer.Argument(help="an encrypted model file (e.g. from `fedstack db export`)")
+    ],
+    context: Annotated[Path, typer.Option("--context", help="the agents' key file agents.ctx")],
+    like: Annotated[
+        Path,
+        typer.Option(
+            "--like",
+            help="a plain model file with the model's tensor names, dtypes and shapes "
+            "(e.g. the trainer's initial model; its values are not used)",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="the plain model file to write")],
+    format_: ModelFormat = None,
+) -> int:
+    """Decrypt an encrypted global model (sum / count) into a plain model file."""
+    from fedstack.privacy.ckks import decrypt_model, load_context
+    from fedstack.store.modelfiles import detect_format, read_model_file, write_model_file
+
+    ctx = load_context(context, "agents")
+    enc, _ = read_model_file(file)
+    template, _ = read_model_file(like)
+    plain, total, updates = decrypt_model(ctx, enc, template)  # CkksDecryptError: why not
+    write_model_file(plain, out, _fmt(format_) or detect_format(out, b""))
+    print(
+        safe_text(
+            f"wrote {out}: the mean of {updates} update(s) over {total:.6g} samples, "
+            f"{len(plain)} tensors"
+        )
+    )
     return 0
