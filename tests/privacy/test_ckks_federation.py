@@ -219,3 +219,31 @@ def test_encrypted_federation_equals_plain_fedavg_and_aggregator_never_holds_the
         for arr in model.values():
             for dtype in (np.float64, np.float32):
                 assert arr.ravel()[:8].astype(dtype).tobytes() not in stored
+
+
+def test_a_registered_encrypted_base_model_starts_the_run(tmp_path: Path) -> None:
+    """``fedstack he encrypt`` + ``fedstack model register``: the operator's base model,
+    encrypted, is the agents' first global model."""
+    from fedstack.testing import aggregator_thread, small_config
+
+    agents_ctx, aggregator_ctx = keygen(tmp_path / "keys")
+    base = {k: v + 1.0 for k, v in initial().items()}  # not what the trainer proposes
+    write_model_file(base, tmp_path / "base.npz", "npz")
+    enc = tmp_path / "base-enc.safetensors"
+    assert (
+        cli_main(
+            ["he", "encrypt", str(tmp_path / "base.npz"), "--context", str(agents_ctx)]
+            + ["--out", str(enc)]
+        )
+        == 0
+    )
+    db = tmp_path / "run.db"
+    assert cli_main(["model", "register", str(enc), "--db", str(db)]) == 0
+    config = small_config(
+        db, he="ckks", he_context=str(aggregator_ctx), strategy_params={}, rounds=1
+    )
+    trainer = KnownTrainer(index=0)
+    with aggregator_thread(config) as agg:
+        run_trainer(CkksTrainer(trainer, agents_ctx), f"ws://127.0.0.1:{agg.port}", "agent-0")
+    for k, v in base.items():
+        assert np.max(np.abs(trainer.seen[0][k] - v)) <= BOUND
