@@ -229,3 +229,19 @@ def test_add_reuses_what_check_parsed_and_only_that(
     got, total, updates = decrypt_model(ctx, acc.result().weights, model)
     assert updates == 2 and abs(total - 8) < 1e-6
     assert np.max(np.abs(got["w"] - model["w"])) < 1e-6
+
+
+def test_a_header_claiming_billions_of_ciphertexts_is_refused_cheaply(
+    contexts: tuple[CkksContext, CkksContext],
+) -> None:
+    from fedstack.errors import InvalidUpdate
+    from fedstack.privacy.ckks import Meta
+
+    ctx, public = contexts
+    enc = encrypt_model(ctx, {"w": np.ones(10)}, 1)
+    meta = read_meta(enc)
+    huge = Meta(meta.key_id, meta.layout, ((1 << 32) - 1) * 4095, (1 << 32) - 1, 4095)
+    forged = {**enc, META: huge.encode()}
+    damaged_initial = {k: np.zeros_like(v) for k, v in enc.items()}  # no expected layout
+    with pytest.raises(InvalidUpdate, match="claims 4294967295 ciphertext"):
+        CkksSum(public, damaged_initial).check(forged)

@@ -694,6 +694,11 @@ class CkksSum:
                 "the upload encrypts a model of another layout than the federation's "
                 f"({meta.values} values, the federation's model has {expected.values})"
             )
+        if meta.chunks != len(enc) - 1:  # before building names from a claimed count
+            raise InvalidUpdate(
+                f"the upload's header claims {meta.chunks} ciphertext(s), it has "
+                f"{len(enc) - 1} other array(s)"
+            )
         names = [META] + [chunk_name(c) for c in range(meta.chunks)]
         if sorted(enc) != sorted(names):
             raise InvalidUpdate(
