@@ -21,7 +21,7 @@ from fedstack.privacy.ckks import (
     context_from_bytes,
     load_context,
 )
-from fedstack.strategies import create
+from fedstack.strategies import create, describe
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +237,15 @@ def test_encrypt_and_decrypt_model_files(
     )
     assert "other tensor names, dtypes or shapes" in capsys.readouterr().err
     assert not (tmp_path / "y.npz").exists()
+
+
+def test_without_tenseal_the_he_extra_is_named(keys: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    for name in [m for m in sys.modules if m == "tenseal" or m.startswith("tenseal.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tenseal", None)  # import fails
+    with pytest.raises(ConfigError, match=r"pip install 'fedstack\[he\]'"):
+        create("ckks-fedavg", context=str(keys / "aggregator.ctx"))
+    # listing the strategies needs no TenSEAL
+    assert "ckks-fedavg" in [s["name"] for s in describe()]

@@ -101,7 +101,7 @@ class CkksDecryptError(FedstackError):
 def _tenseal() -> Any:
     try:
         import tenseal
-    except ImportError as exc:  # pragma: no cover - the extra is installed in dev
+    except ImportError as exc:
         raise CkksError("homomorphic encryption needs TenSEAL: pip install 'fedstack[he]'") from exc
     return tenseal
 
