@@ -213,3 +213,46 @@ def test_foreign_ciphertext_with_a_forged_header_is_caught_by_the_agents(tmp_pat
     acc.add(honest, 3)
     model, total, updates = decrypt_model(ctx, acc.result(), initial())
     assert updates == 1 and abs(total - 3) < 1e-6
+
+
+def test_a_restarted_aggregator_sums_the_stored_ciphertexts(tmp_path: Path) -> None:
+    """An upload stored before a restart is parsed from the store on resume and summed with
+    the uploads that come after it."""
+    from fedstack.testing import free_port
+
+    agents_ctx, aggregator_ctx = keygen(tmp_path / "keys")
+    ctx = load_context(agents_ctx, "agents")
+    port = free_port()
+    config = small_config(
+        tmp_path / "run.db",
+        port=port,
+        he="ckks",
+        he_context=str(aggregator_ctx),
+        strategy_params={},
+        rounds=1,
+        min_agents=2,
+    )
+    url = f"ws://127.0.0.1:{port}"
+    trainers = [CkksTrainer(KnownTrainer(index=i), ctx) for i in range(2)]
+    agents = [Agent(url, name=f"agent-{i}", max_backoff=0.3) for i in range(2)]
+    with aggregator_thread(config):
+        for agent, trainer in zip(agents, trainers, strict=True):
+            agent.send_initial_model(trainer.initial_weights())
+            agent.start(timeout=30)
+        globals_ = [agent.wait_for_global_model(timeout=30) for agent in agents]
+        enc, n, _ = trainers[0].fit(globals_[0], {"version": 0})
+        assert agents[0].send_trained_model(enc, n)
+        agents[0].flush(timeout=30)  # stored: buffered for round 1
+        assert agents[0].refusals == []
+    with aggregator_thread(config):  # resumes the run from the store
+        enc, n, _ = trainers[1].fit(globals_[1], {"version": 0})
+        assert agents[1].send_trained_model(enc, n)
+        finals = [agent.wait_for_global_model(timeout=60) for agent in agents]
+        for agent in agents:
+            agent.close()
+    expected = expected_globals(2, 1)[-1]
+    for final in finals:
+        got = trainers[0].decrypt(final)
+        assert trainers[0].last_sum is not None and trainers[0].last_sum[1] == 2
+        for k, want in expected.items():
+            assert np.max(np.abs(got[k] - want)) <= 1e-6
