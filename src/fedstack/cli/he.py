@@ -150,8 +150,10 @@ def cmd_encrypt(
     out: Annotated[Path, typer.Option("--out", help="the encrypted model file to write")],
     format_: ModelFormat = None,
 ) -> int:
-    """Encrypt a plain model (weight 1), e.g. a base model for `fedstack model register`
-    in a run with --he ckks (the agents decrypt it as their first global model)."""
+    """Encrypt a plain model file (weight 1): a base model to register in a --he ckks run.
+
+    Register the output with `fedstack model register`: the agents decrypt it as their
+    first global model."""
     from fedstack.privacy.ckks import encrypt_model, load_context
     from fedstack.store.modelfiles import detect_format, read_model_file, write_model_file
 
