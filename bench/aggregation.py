@@ -135,6 +135,8 @@ def params_for(name: str, n: int, p: int) -> Params | str:
     }
     if name in ("scaffold", "fedcurv"):
         return "needs per-update extra arrays (control variates / Fisher statistics)"
+    if name == "ckks-fedavg":
+        return "sums CKKS ciphertexts, not float32 updates (bench/ckks_cost.py measures it)"
     out = dict(fixed.get(name, {}))
     if name == "normclip":
         out["bound"] = CLIP * math.sqrt(p)

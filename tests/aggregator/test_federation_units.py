@@ -197,10 +197,11 @@ def test_every_strategy_states_how_it_federates(capsys: pytest.CaptureFixture[st
     table = {d["name"]: d for d in describe()}
     assert table["scaffold"]["federation"] == "refused"
     assert table["fednova"]["federation"] == "refused"
+    assert table["ckks-fedavg"]["federation"] == "refused"  # sums of ciphertexts
     for name in ("fedavg", "fedprox", "fedadam", "median", "krum", "fedbuff", "normclip"):
         assert table[name]["federation"] == "per-cluster", name
     for d in table.values():
         assert (d["federation"] == "refused") == bool(d["federation_refusal"])
     assert cli_main(["strategies"]) == 0
     out = capsys.readouterr().out
-    assert out.count("federation: refused") == 2 and "federation: per-cluster" in out
+    assert out.count("federation: refused") == 3 and "federation: per-cluster" in out

@@ -211,6 +211,17 @@ class AggregatorConfig:
     )
     seed: int = setting(0, "seed of the strategies' random generator")
     evaluator: str | None = setting(None, "module:function evaluating each global model centrally")
+    he: Literal["off", "ckks"] = setting(
+        "off",
+        "homomorphic encryption of the models: ckks (agents run with --he-context "
+        "agents.ctx and encrypt their weighted models; the aggregator only sums "
+        "ciphertexts, with strategy ckks-fedavg; needs he_context) or off",
+    )
+    he_context: str | None = setting(
+        None,
+        "the aggregator's CKKS key file with he = ckks (aggregator.ctx of `fedstack he "
+        "keygen`; a file holding the secret key is refused)",
+    )
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1024)] = setting(
         1 << 30, "largest accepted message"
     )
@@ -381,6 +392,71 @@ class AggregatorConfig:
                 except ConfigError as exc:
                     raise bad(f"track: {exc}") from None
         self._check_federation(bad)
+        self._check_he(bad)
+
+    def _check_he(self, bad: typing.Callable[[str], ConfigError]) -> None:
+        """Homomorphic encryption leaves the aggregator nothing but ciphertexts: refuse
+        every setting that needs to read a model (see docs/privacy.md)."""
+        he = self.he == "ckks" or self.strategy == "ckks-fedavg"
+        if not he:
+            if self.he_context is not None:
+                raise bad("he_context needs he = ckks")
+            return
+        if self.he == "ckks":
+            if self.he_context is None:
+                raise bad(
+                    "he = ckks needs he_context, the aggregator's key file (aggregator.ctx "
+                    "of `fedstack he keygen`)"
+                )
+            if self.strategy not in ("fedavg", "ckks-fedavg") or self.strategy_params:
+                raise bad(
+                    f"he = ckks sums ciphertexts (strategy ckks-fedavg): strategy "
+                    f"{self.strategy!r} with its parameters would need the individual "
+                    "updates in the clear (leave strategy and strategy_params unset)"
+                )
+        why = {
+            "evaluator": "the aggregator cannot evaluate a model it cannot decrypt "
+            "(the agents evaluate it: their metrics are the round's mean_* metrics)",
+            "gate": "an update gate measures single updates, which are encrypted",
+            "name": "members of a federation average their clusters' models, which are "
+            "encrypted sums here",
+            "upstream": "members of a federation average their clusters' models, which are "
+            "encrypted sums here",
+        }
+        for key, reason in why.items():
+            if getattr(self, key):
+                raise bad(f"{key} cannot be used with homomorphic encryption: {reason}")
+        # the other privacy options (settings of their own modules, absent before they
+        # are merged): both operate on plain updates, masked or clipped, which HE hides
+        if getattr(self, "secagg", False):
+            raise bad(
+                "secagg cannot be used with homomorphic encryption: the aggregator would "
+                "have to unmask plain updates, which HE already hides (use one or the other)"
+            )
+        if getattr(self, "dp", None) == "central":
+            raise bad(
+                "dp = central cannot be used with homomorphic encryption: the aggregator "
+                "cannot clip encrypted updates nor add noise to a sum it cannot read (use "
+                "local DP on the agents)"
+            )
+        target = self.target
+        if target is not None and target.needs_evaluator:
+            raise bad(
+                f"target_metric {self.target_metric!r} needs an evaluator, which homomorphic "
+                "encryption rules out: use an agents' metric (mean_<metric>)"
+            )
+        if self.init_weights is False:
+            raise bad(
+                "init_weights zeros cannot be used with homomorphic encryption: a zero "
+                "model is not a ciphertext (the first agent's encrypted model starts the run)"
+            )
+
+    def strategy_spec(self) -> tuple[str, dict[str, typing.Any]]:
+        """The strategy to build: (name, parameters); ``he = ckks`` selects ckks-fedavg
+        with ``he_context``."""
+        if self.he == "ckks":
+            return "ckks-fedavg", {"context": self.he_context}
+        return self.strategy, dict(self.strategy_params)
 
     def _check_federation(self, bad: typing.Callable[[str], ConfigError]) -> None:
         for key in ("advertise_url", "upstream"):

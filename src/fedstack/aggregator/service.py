@@ -140,7 +140,8 @@ class Aggregator:
         self.clock = clock
         self._own_store = store is None
         self.store = store
-        self.strategy = create(config.strategy, **config.strategy_params)
+        strategy_name, strategy_params = config.strategy_spec()
+        self.strategy = create(strategy_name, **strategy_params)
         if self.strategy.trigger is not None and config.staleness == "drop":
             raise ConfigError(
                 f"strategy {config.strategy!r} is asynchronous and weighs stale updates "

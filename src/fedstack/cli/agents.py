@@ -73,6 +73,10 @@ def _run(
     """One agent until the federation finishes; None if SIGTERM ended it first."""
     from fedstack.agent.runner import run_trainer
 
+    if opts.he_context is not None:
+        from fedstack.privacy.ckks import CkksTrainer
+
+        trainer = CkksTrainer(trainer, opts.he_context)  # CkksError: a bad key file
     try:
         with sigterm_unwinds():
             return run_trainer(

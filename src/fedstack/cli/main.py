@@ -22,6 +22,7 @@ from fedstack.cli import (
     dashboard,
     db,
     demo,
+    he,
     model,
     sim,
 )
@@ -75,6 +76,7 @@ app.add_typer(model.app, name="model", help="register the federation's base mode
 app.command("certs", short_help="make a self-signed CA and TLS certificates for a test deployment")(
     certs.cmd_certs
 )
+app.add_typer(he.app, name="he", help="CKKS key sets for homomorphic encryption (extra he)")
 app.add_typer(
     credentials.app,
     name="credentials",

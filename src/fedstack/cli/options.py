@@ -106,6 +106,8 @@ class AgentOptions:
         cert: PEM client certificate (mutual TLS).
         key: PEM key of ``cert`` (default: in the ``cert`` file).
         init_weights: Whether the agent's initial model may start the federation.
+        he_context: The agents' CKKS key file (``agents.ctx`` of ``fedstack he keygen``):
+            models are encrypted before they leave and decrypted when they come (None: off).
     """
 
     urls: tuple[str, ...]
@@ -117,6 +119,7 @@ class AgentOptions:
     cert: str | None
     key: str | None
     init_weights: bool
+    he_context: str | None = None
 
     @property
     def url(self) -> str:
@@ -137,8 +140,16 @@ def _agent_options(
     cert: str | None,
     key: str | None,
     init_weights: str,
+    he_context: str | None = None,
 ) -> AgentOptions:
     from fedstack.agent.urls import check_urls
+    from fedstack.errors import ConfigError
+
+    if he_context is not None and init_weights == "zeros":
+        raise ConfigError(
+            "--he-context cannot be used with --init-weights zeros: a zero model is not a "
+            "ciphertext (the first agent's encrypted model starts the run)"
+        )
 
     return AgentOptions(
         urls=tuple(check_urls(url or [DEFAULT_AGENT_URL])),  # ConfigError: not a URL
@@ -150,6 +161,7 @@ def _agent_options(
         cert=cert,
         key=key,
         init_weights=init_weights != "zeros",
+        he_context=he_context,
     )
 
 
@@ -243,6 +255,19 @@ AGENT_OPTIONS = Group(
                 ),
             ],
             "agent",
+        ),
+        _option(
+            "he_context",
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--he-context",
+                    help="the agents' CKKS key file (agents.ctx of `fedstack he keygen`): "
+                    "models are encrypted before they leave, decrypted when they come "
+                    "(the aggregator runs with --he ckks)",
+                ),
+            ],
+            None,
         ),
     ),
     build=_agent_options,
