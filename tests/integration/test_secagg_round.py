@@ -101,9 +101,10 @@ def _run(
                     ):
                         core.close()  # leaves: no masked input / no unmask shares
                         return []
-                    return inner(msg, agent_id)
+                    out: list[Message] = inner(msg, agent_id)
+                    return out
 
-                sa.on_message = on_message  # type: ignore[method-assign]
+                sa.on_message = on_message
             try:
                 while True:
                     gm = a.wait_for_global_model(90)
@@ -130,7 +131,8 @@ def _run(
 def _fedavg(agents: list[int]) -> np.ndarray[Any, Any]:
     n = np.array([_samples(i) for i in agents], np.float64)
     ups = np.stack([_update(i).astype(np.float64) for i in agents])
-    return (n[:, None] * ups).sum(0) / n.sum()
+    out: np.ndarray[Any, Any] = (n[:, None] * ups).sum(0) / n.sum()
+    return out
 
 
 def _bound(survivors: int, agents: list[int]) -> float:
@@ -155,9 +157,7 @@ def _global(store: Store, run_id: str, version: int) -> np.ndarray[Any, Any]:
 
 def _uploads(store: Store, run_id: str) -> list[dict[str, Any]]:
     """Every stored upload (not the first agent's initial model, not global models)."""
-    return [
-        m for m in store.models(run_id) if m["kind"] == "local" and m["status"] != "initial"
-    ]
+    return [m for m in store.models(run_id) if m["kind"] == "local" and m["status"] != "initial"]
 
 
 def _events(store: Store, run_id: str, kind: str) -> list[dict[str, Any]]:
@@ -213,9 +213,7 @@ def test_secure_round_is_weighted_fedavg_and_hides_every_update(
                         assert u.tobytes()[:64] not in value
         assert uploads_seen >= N
         # no plain upload was ever sent
-        assert not any(
-            isinstance(msg, ModelUpload) and "w" in msg.model for msg in messages
-        )
+        assert not any(isinstance(msg, ModelUpload) and "w" in msg.model for msg in messages)
         assert all(seen.get(i) for i in range(N))
     finally:
         store.close()

@@ -189,9 +189,7 @@ class SecAggAgent:
                 )
             self.unmasked = True
             b_shares, sk_shares = session.unmask(list(msg.survivors), list(msg.dropped))
-            return [
-                SecAggUnmaskShares(session=msg.session, b_shares=b_shares, sk_shares=sk_shares)
-            ]
+            return [SecAggUnmaskShares(session=msg.session, b_shares=b_shares, sk_shares=sk_shares)]
         raise SecAggError("secagg-phase", f"an aggregator may not send {msg.TYPE}")
 
     def _current(self, session: str) -> AgentSession:
@@ -217,7 +215,9 @@ class SecAggAgent:
         if len(self.done) > 256:  # sessions of long-finished rounds
             self.done = {session_id}
         self.attempts += 1
-        return [SecAggKeys(session=session_id, c_pk=keys.c_pk, s_pk=keys.s_pk, b_commit=keys.b_commit)]
+        return [
+            SecAggKeys(session=session_id, c_pk=keys.c_pk, s_pk=keys.s_pk, b_commit=keys.b_commit)
+        ]
 
 
 def copy_weights(weights: Mapping[str, Any]) -> Weights:

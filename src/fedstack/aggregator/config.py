@@ -217,7 +217,8 @@ class AggregatorConfig:
         "their sum (weighted FedAvg and the server optimisers; see docs/privacy.md)",
     )
     secagg_clip: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = setting(
-        8.0, "secure aggregation: every element of an agent's pre-scaled update is clipped to +-this"
+        8.0,
+        "secure aggregation: every element of an agent's pre-scaled update is clipped to +-this",
     )
     secagg_quant_bits: Annotated[int, msgspec.Meta(ge=2, le=31)] = setting(
         22, "secure aggregation: bits each clipped element is quantised to"
@@ -232,7 +233,8 @@ class AggregatorConfig:
         "a complete graph for few agents)",
     )
     secagg_threshold: Fraction = setting(
-        0.5, "secure aggregation: Shamir threshold t = floor(this*(k+1))+1 of an agent's k+1 holders"
+        0.5,
+        "secure aggregation: Shamir threshold t = floor(this*(k+1))+1 of an agent's k+1 holders",
     )
     secagg_min_survivors: Annotated[int, msgspec.Meta(ge=2)] = setting(
         2, "secure aggregation: fewest masked updates a round is unmasked from (else it fails)"

@@ -133,9 +133,7 @@ class AgentConnections:
         session: Session | None = None
         counted = False
         try:
-            proto = protocol.AggregatorSession(
-                self.agg.limits, secagg=self.agg.secagg is not None
-            )
+            proto = protocol.AggregatorSession(self.agg.limits, secagg=self.agg.secagg is not None)
             if self.agg.registry.audit.over_budget("refused", conn.remote_address):
                 # a host refused again and again: slow it down before any work for it
                 await asyncio.sleep(min(THROTTLE_DELAY, cfg.register_timeout / 2))

@@ -50,7 +50,7 @@ import math
 import random
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
@@ -262,7 +262,9 @@ class SecAggCoordinator:
         """Owner: ``s`` was welcomed (it learns the attempt collecting keys). A paused
         round tries again."""
         if self.paused and self.current is not None and self.current.phase == KEYS:
-            log.info("secure aggregation: agent %s joined; round %d tries again", s.name, self.round)
+            log.info(
+                "secure aggregation: agent %s joined; round %d tries again", s.name, self.round
+            )
             self.paused = False
             self.failures = 0
             self._broadcast_start()
@@ -439,7 +441,12 @@ class SecAggCoordinator:
     def deadline(self) -> float | None:
         """Owner: when :meth:`tick` must run next (None: no timer)."""
         cur = self.current
-        if cur is None or self.paused or cur.opened is None or cur.phase not in (KEYS, SHARES, MASKED):
+        if (
+            cur is None
+            or self.paused
+            or cur.opened is None
+            or cur.phase not in (KEYS, SHARES, MASKED)
+        ):
             return None
         return cur.opened + self.params.timeout
 
@@ -481,14 +488,13 @@ class SecAggCoordinator:
         arr = msg.model[SECAGG_MASKED]
         if arr.dtype != np.uint32 or arr.shape != (self.vector_length,):
             return (
-                f"a masked input is uint32[{self.vector_length}], not "
-                f"{arr.dtype}{list(arr.shape)}"
+                f"a masked input is uint32[{self.vector_length}], not {arr.dtype}{list(arr.shape)}"
             )
         return None
 
     # ------------------------------------------------------------------ failure
     @staticmethod
-    def is_failure(error: BaseException | None) -> bool:
+    def is_failure(error: BaseException | None) -> TypeGuard[SecAggError]:
         """Whether an aggregation error is the attempt's failure (not a store error)."""
         return isinstance(error, SecAggError)
 

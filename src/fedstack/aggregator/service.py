@@ -280,10 +280,7 @@ class Aggregator:
         self.federation_config.update(
             {
                 "secagg": True,
-                **{
-                    f"secagg_{k}": (0 if v is None else v)
-                    for k, v in params.to_config().items()
-                },
+                **{f"secagg_{k}": (0 if v is None else v) for k, v in params.to_config().items()},
             }
         )
         return params

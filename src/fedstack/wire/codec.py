@@ -74,8 +74,10 @@ MAX_IDS = 4096
 MAX_MAP_ITEMS = 256
 """Most entries in a map field (a share map: one entry per neighbour; the header's map
 limit)."""
-MAX_BYTES = 1024
-"""Longest ``bytes`` field or map value (keys are 32 bytes; a share ciphertext < 100)."""
+MAX_BYTES = 256
+"""Longest ``bytes`` field or map value (keys are 32 bytes, a roster entry 96, a share
+ciphertext 92): msgpack binary values longer than this are refused while decoding the
+header, shorter ones only where a field's kind is ``bytes`` or a byte map."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -281,19 +281,17 @@ SECAGG_TYPES: tuple[type[Message], ...] = (
 )
 """The messages that exist only in a federation running secure aggregation."""
 
-MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls
-    for cls in (
-        Participate,
-        Welcome,
-        ModelUpload,
-        UploadAck,
-        GlobalModel,
-        Poll,
-        NotReady,
-        Error,
-        Heartbeat,
-        Bye,
-        *SECAGG_TYPES,
-    )
-}
+_ALL_TYPES: tuple[type[Message], ...] = (
+    Participate,
+    Welcome,
+    ModelUpload,
+    UploadAck,
+    GlobalModel,
+    Poll,
+    NotReady,
+    Error,
+    Heartbeat,
+    Bye,
+    *SECAGG_TYPES,
+)
+MESSAGE_TYPES: dict[str, type[Message]] = {cls.TYPE: cls for cls in _ALL_TYPES}
