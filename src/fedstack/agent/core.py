@@ -650,12 +650,15 @@ class AgentCore:
             raise RemoteProtocolError(f"aggregator error: {err.message}", code=err.code)
         elif isinstance(event, SecAggReceived):
             if self.secagg is not None:
-                msg = event.message
-                if isinstance(msg, SecAggAbort):  # its masked input is void: not re-sent
+                sa_msg = event.message
+                if isinstance(sa_msg, SecAggAbort):  # its masked input is void: not re-sent
                     pending = self.session.pending
-                    if pending is not None and pending.metrics.get(SECAGG_SESSION) == msg.session:
+                    if (
+                        pending is not None
+                        and pending.metrics.get(SECAGG_SESSION) == sa_msg.session
+                    ):
                         self.session.drop_upload(pending.upload_id)
-                self._send_secagg(self.secagg.on_message(msg, self.session.agent_id))
+                self._send_secagg(self.secagg.on_message(sa_msg, self.session.agent_id))
         elif isinstance(event, Left):
             raise ConnectionClosed(1001, event.reason)
         else:
