@@ -598,6 +598,7 @@ class SecAggCoordinator:
             "weight": float(weight),
             "num_samples": samples,
             "error_bound": float(self.params.error_bound(len(u3))),
+            "bad_senders": dict(cur.server.bad_senders),  # wrong shares caught, not used
         }
         cur.phase = UNMASKED
         self._remember(cur, "aggregated")
