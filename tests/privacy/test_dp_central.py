@@ -54,7 +54,7 @@ def test_noise_has_the_configured_std_on_zero_updates() -> None:
 def test_updates_are_clipped_to_c_and_averaged_with_equal_weights() -> None:
     c = 2.0
     dp = CentralDP(create("fedavg"), DPSettings(noise_multiplier=0.0, clip=c, delta=1e-5))
-    base = {"w": np.full(4, 1.0, np.float32), "steps": np.array(7, np.int64)}
+    base: dict[str, Any] = {"w": np.full(4, 1.0, np.float32), "steps": np.array(7, np.int64)}
     rng = np.random.default_rng(1)
     deltas = []
     updates = []
@@ -115,9 +115,7 @@ def test_adaptive_clipping_moves_the_clip_to_the_target_quantile() -> None:
     assert exact[1] == pytest.approx(100.0 * math.exp(-0.2 * (1.0 - 0.5)))
     assert 5.0 <= min(exact[-10:]) and max(exact[-10:]) <= 6.5
     low = run(
-        DPSettings(
-            noise_multiplier=0.0, clip=0.1, delta=1e-5, adaptive=True, target_quantile=0.9
-        ),
+        DPSettings(noise_multiplier=0.0, clip=0.1, delta=1e-5, adaptive=True, target_quantile=0.9),
         60,
     )
     assert 9.0 <= low[-1] <= 11.0  # from below, towards the 90% quantile

@@ -462,7 +462,9 @@ class AggregatorConfig:
             return
         if self.dp_adaptive_clip is False:
             adaptive_only = [
-                n for n in given if n in ("dp_target_quantile", "dp_clip_lr", "dp_clip_count_stddev")
+                n
+                for n in given
+                if n in ("dp_target_quantile", "dp_clip_lr", "dp_clip_count_stddev")
             ]
             if adaptive_only:
                 raise bad(f"{', '.join(adaptive_only)} need dp_adaptive_clip (--dp-adaptive-clip)")

@@ -149,9 +149,7 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
         return float(accountant.get_epsilon(delta))
 
 
-def max_rounds(
-    noise_multiplier: float, sampling_rate: float, delta: float, budget: float
-) -> int:
+def max_rounds(noise_multiplier: float, sampling_rate: float, delta: float, budget: float) -> int:
     """The largest round count whose epsilon (:func:`epsilon`) is at most ``budget``
     (0: not even one round fits; at most :data:`MAX_ROUND_SEARCH`)."""
     if epsilon(noise_multiplier, sampling_rate, 1, delta) > budget:
@@ -421,7 +419,7 @@ class CentralDP(Strategy):
 
     name = "central-dp"
     streaming = True
-    reads_extra: tuple[str, ...] | None = ()  # nothing an agent sends besides weights
+    reads_extra = ()  # nothing an agent sends besides its weights
     federation_refusal = (
         "central DP accounts one noised release per round by one aggregator; run it on a "
         "standalone aggregator"
@@ -538,9 +536,7 @@ def wrap(config: AggregatorConfig, strategy: Strategy) -> Strategy:
         log.warning("differential privacy with noise multiplier 0: clipping only, epsilon = inf")
     budget = settings.epsilon_budget
     if budget is not None:
-        fits = max_rounds(
-            settings.noise_multiplier, settings.sampling_rate, settings.delta, budget
-        )
+        fits = max_rounds(settings.noise_multiplier, settings.sampling_rate, settings.delta, budget)
         if fits == 0:
             raise ConfigError(
                 f"differential privacy: not even one round fits the epsilon budget {budget:g} "
