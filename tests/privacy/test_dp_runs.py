@@ -183,3 +183,29 @@ def test_the_budget_ends_the_run_before_exceeding_it_and_a_restart_keeps_countin
         assert agg.state.finished and agg.state.version == 3
         assert _federation(agg.url, 1) == [[3]]
     assert len(_rounds(tmp_path / "agg.db")) == 3
+
+
+def test_the_simulator_runs_central_dp(tmp_path: Path) -> None:
+    from fedstack.errors import ConfigError
+    from fedstack.sim import simulate
+
+    options = {"dp": "central", "dp_noise_multiplier": Z, "dp_clip": CLIP, "dp_delta": DELTA}
+    res = simulate(
+        "fedstack.trainers.digits:DigitsLinearTrainer",
+        {"epochs": 1},
+        num_agents=4,
+        rounds=2,
+        db=str(tmp_path / "sim.db"),
+        backend="inline",
+        aggregator_options={**options, "dp_sampling_rate": 0.5},
+    )
+    eps = [h["metrics"]["dp_epsilon"] for h in res.history]
+    assert eps == pytest.approx([_library_epsilon(Z, 0.5, n, DELTA) for n in (1, 2)])
+    with pytest.raises(ConfigError, match="may not set min_agents"):
+        simulate(
+            "fedstack.trainers.digits:DigitsLinearTrainer",
+            num_agents=2,
+            rounds=1,
+            db=str(tmp_path / "sim2.db"),
+            aggregator_options={**options, "min_agents": 1},
+        )

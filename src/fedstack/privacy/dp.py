@@ -144,8 +144,8 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
 
     event = dpa.PoissonSampledDpEvent(sampling_rate, dpa.GaussianDpEvent(noise_multiplier))
     accountant = RdpAccountant()
-    accountant.compose(event, int(rounds))
     with _quiet_absl():
+        accountant.compose(event, int(rounds))
         return float(accountant.get_epsilon(delta))
 
 
