@@ -534,6 +534,13 @@ def wrap(config: AggregatorConfig, strategy: Strategy) -> Strategy:
     dp = CentralDP(strategy, settings)
     if settings.noise_multiplier == 0:
         log.warning("differential privacy with noise multiplier 0: clipping only, epsilon = inf")
+    if config.keep_local_models != "metadata":
+        log.warning(
+            "central differential privacy protects the released global models; the store "
+            "still keeps the agents' un-noised uploads (keep_local_models = %s): use "
+            "--keep-local-models metadata to keep none",
+            config.keep_local_models,
+        )
     budget = settings.epsilon_budget
     if budget is not None:
         fits = max_rounds(settings.noise_multiplier, settings.sampling_rate, settings.delta, budget)
