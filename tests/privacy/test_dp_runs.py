@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,8 +39,9 @@ def _library_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
-def _train(url: str, name: str, seed: int) -> list[int]:
-    """An agent moving the model by a random step each round until the run ends."""
+def _train(url: str, name: str, seed: int, max_versions: int = 10) -> list[int]:
+    """An agent moving the model by a random step each round until the run ends (or it
+    trained ``max_versions`` times: a run that does not end fails, it does not hang)."""
     rng = np.random.default_rng(seed)
     agent = Agent(url, name=name, token=f"token-of-{name}-0123456789")
     agent.send_initial_model(MODEL)
@@ -51,6 +54,8 @@ def _train(url: str, name: str, seed: int) -> list[int]:
             except FederationFinished:
                 return versions
             versions.append(agent.version)
+            if len(versions) > max_versions:
+                return versions
             step = rng.normal(size=16).astype(np.float32)
             agent.send_trained_model({"w": gm["w"] + step}, 10, {"loss": 1.0})
     finally:
@@ -142,17 +147,21 @@ def test_dashboard_shows_privacy_spent(dp_run: Path) -> None:
     )
 
 
-def test_a_run_over_budget_is_refused_at_start(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_run_over_budget_is_refused_at_start(tmp_path: Path) -> None:
     budget = 5.0
     fits = max(n for n in range(1, 40) if _library_epsilon(1.0, 1.0, n, DELTA) <= budget)
     args = ["aggregator", "--db", str(tmp_path / "agg.db"), "--port", "0", "--dp", "central"]
     args += ["--dp-noise-multiplier", "1.0", "--dp-clip", "1", "--dp-delta", str(DELTA)]
-    args += ["--dp-epsilon-budget", str(budget), "--rounds", str(fits + 1)]
-    assert cli_main(args) == 2
-    err = capsys.readouterr().err
-    assert f"at most {fits} rounds fit: use --rounds {fits}" in err
+    args += ["--dp-epsilon-budget", str(budget)]
+    # a process (with a timeout), so that an aggregator that wrongly starts fails the test
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedstack", *args, "--rounds", str(fits + 1)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert f"at most {fits} rounds fit: use --rounds {fits}" in proc.stderr
     assert not (tmp_path / "agg.db").exists()  # refused before anything started
 
 
