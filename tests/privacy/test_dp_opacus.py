@@ -102,3 +102,20 @@ def test_dp_sgd_prv_accountant_and_state_round_trip() -> None:
         DigitsMLPTrainer(dp_noise_multiplier=0)
     with pytest.raises(ConfigError, match="dp_accountant"):
         DigitsMLPTrainer(dp_noise_multiplier=1.0, dp_accountant="moments")
+
+
+def test_book_image_trainer_dp_sgd_on_its_round_sample() -> None:
+    from fedstack.trainers.torch_cifar import BookImageTrainer
+
+    t = BookImageTrainer(
+        dataset="digits", num_agents=2, samples_per_round=200, batch_size=20,
+        dp_noise_multiplier=Z, dp_delta=DELTA,
+    )  # fmt: skip
+    w = t.initial_weights()
+    w1, n, m1 = t.fit(w, {})
+    _, _, m2 = t.fit(w1, {})
+    assert n == 200 and m1["dp_steps"] == 10 and m2["dp_steps"] == 20  # ceil(200 / 20)
+    assert m2["dp_epsilon"] == pytest.approx(_opacus_epsilon(20, 1 / 10))
+    assert not all(np.array_equal(w1[k], w[k]) for k in w)
+    plain = BookImageTrainer(dataset="digits", num_agents=2, samples_per_round=200)
+    assert "dp_epsilon" not in plain.fit(w, {})[2]
