@@ -15,6 +15,7 @@ from fedstack.privacy.dp import (
     CentralDP,
     DPSettings,
     clip_and_noise,
+    distributed_noise_std,
     epsilon,
     max_rounds,
     value_noise_multiplier,
@@ -89,6 +90,18 @@ def test_clip_and_noise_clips_then_adds_the_given_noise() -> None:
     for bad in ((d, 0.0, 0.1), (d, 1.0, -1.0), (np.array([np.nan]), 1.0, 0.0)):
         with pytest.raises(ValueError):
             clip_and_noise(bad[0], bad[1], bad[2], rng)
+
+
+def test_distributed_noise_of_the_survivors_sums_to_central_noise() -> None:
+    z, c, m_min, p = 1.5, 2.0, 8, 20_000
+    std = distributed_noise_std(z, c, m_min)
+    assert std == pytest.approx(z * c / math.sqrt(m_min))
+    rng = np.random.default_rng(3)
+    # m_min agents with zero changes: the sum the aggregator unmasks is pure noise
+    total = sum(clip_and_noise(np.zeros(p), c, std, rng) for _ in range(m_min))
+    assert abs(np.std(total) - z * c) < 5 * z * c / math.sqrt(2 * p)
+    with pytest.raises(ValueError):
+        distributed_noise_std(z, c, 0)
 
 
 def test_adaptive_clipping_moves_the_clip_to_the_target_quantile() -> None:
@@ -191,6 +204,21 @@ def test_dp_settings_are_validated_with_what_to_do() -> None:
         AggregatorConfig(
             dp="central", dp_noise_multiplier=1, dp_clip=1, dp_delta=1e-5, dp_adaptive_clip=True
         )  # default stddev min_agents / 20 = 0.05
+    from fedstack.cli.aggregator import parse_aggregator_args
+
+    flags = ["--dp", "central", "--dp-noise-multiplier", "1", "--dp-clip", "0.5"]
+    flags += ["--dp-delta", "1e-5", "--dp-adaptive-clip", "--dp-clip-count-stddev", "1"]
+    cli = parse_aggregator_args([*flags, "--dp-epsilon-budget", "8", "--dp-sampling-rate", "0.1"])
+    assert (cli.dp, cli.dp_adaptive_clip, cli.dp_clip, cli.dp_epsilon_budget) == (
+        "central",
+        True,
+        0.5,
+        8.0,
+    )
+    env = parse_aggregator_args([], {"FEDSTACK_DP": "central", "FEDSTACK_DP_CLIP": "2",
+                                     "FEDSTACK_DP_NOISE_MULTIPLIER": "0.8",
+                                     "FEDSTACK_DP_DELTA": "1e-6"})  # fmt: skip
+    assert (env.dp_clip, env.dp_noise_multiplier, env.dp_delta) == (2.0, 0.8, 1e-6)
     ok = AggregatorConfig.from_mapping(
         {
             "dp": "central",

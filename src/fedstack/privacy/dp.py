@@ -64,6 +64,7 @@ __all__ = [
     "CentralDP",
     "DPSettings",
     "clip_and_noise",
+    "distributed_noise_std",
     "epsilon",
     "max_rounds",
     "value_noise_multiplier",
@@ -187,6 +188,23 @@ def value_noise_multiplier(noise_multiplier: float, count_stddev: float) -> floa
             "round / 20) or lower --dp-noise-multiplier"
         )
     return float((z**-2 - (2.0 * s) ** -2) ** -0.5)
+
+
+def distributed_noise_std(noise_multiplier: float, clip: float, min_survivors: int) -> float:
+    """The noise standard deviation each agent adds in :func:`clip_and_noise` under secure
+    aggregation: ``z * C / sqrt(m_min)``, so that the sum of at least ``m_min`` surviving
+    agents' noise has standard deviation at least ``z * C`` (central DP's noise on the
+    sum; ``z * C / m`` on the mean).
+
+    Raises:
+        ValueError: ``min_survivors`` < 1, or a negative or non-finite ``z`` or ``C``.
+    """
+    if min_survivors < 1:
+        raise ValueError(f"min_survivors must be at least 1, got {min_survivors!r}")
+    z, c = float(noise_multiplier), float(clip)
+    if not (math.isfinite(z) and z >= 0 and math.isfinite(c) and c > 0):
+        raise ValueError(f"need a noise multiplier >= 0 and a clip > 0, got {z!r}, {c!r}")
+    return z * c / math.sqrt(min_survivors)
 
 
 def clip_and_noise(
