@@ -245,3 +245,27 @@ def test_budget_refuses_a_run_that_would_exceed_it() -> None:
         wrap(AggregatorConfig(rounds=fits + 1, **base), inner)
     with pytest.raises(ConfigError, match="not even one round fits"):
         wrap(AggregatorConfig(**{**base, "dp_epsilon_budget": 0.01}), inner)
+
+
+def test_a_restart_with_other_settings_keeps_the_spent_epsilon() -> None:
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    zero = {"w": np.zeros(4)}
+    first = CentralDP(create("fedavg"), DPSettings(noise_multiplier=1.0, clip=1.0, delta=1e-5))
+    state = first.init_state(zero)
+    for _ in range(2):
+        _, state, _ = _round(first, zero, [zero, zero], state)
+    # restarted with a larger noise multiplier and sampling: the first 2 rounds still count
+    s2 = DPSettings(noise_multiplier=2.0, clip=1.0, delta=1e-5, sampling_rate=0.5)
+    second = CentralDP(create("fedavg"), s2)
+    _, state, metrics = _round(second, zero, [zero, zero], state)
+    acc = RdpAccountant()
+    acc.compose(dp_accounting.PoissonSampledDpEvent(1.0, dp_accounting.GaussianDpEvent(1.0)), 2)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(2.0)), 1)
+    assert metrics["dp_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+    assert state["dp/history"] == [[1.0, 1.0, 2], [2.0, 0.5, 1]] and state["dp/rounds"] == 3
+    budget = DPSettings(**{**s2.__dict__, "epsilon_budget": metrics["dp_epsilon"] + 1e-9})
+    assert CentralDP(create("fedavg"), budget).budget_exhausted(state)
+    with pytest.raises(ValueError, match="dp/history"):
+        second.begin(zero, {**state, "dp/history": [[1.0, 2.0, 1]]})

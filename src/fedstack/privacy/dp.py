@@ -31,7 +31,8 @@ the noise multiplier ``z`` given is the one of the whole round (what the account
 and the updates are noised with the larger ``z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)``
 (undefined, and refused, unless ``2 sigma_b > z``). The current ``C`` and the number of
 released rounds are strategy state (``dp/clip``, ``dp/rounds``), committed with every round,
-so a restarted aggregator continues with them.
+so a restarted aggregator continues with them; ``dp/history`` keeps the ``(z, q, rounds)``
+of every release, so epsilon stays exact across a restart with other settings.
 
 Accounting: Google's ``dp-accounting`` RDP accountant, ``PoissonSampledDpEvent(q,
 GaussianDpEvent(z))`` self-composed once per released round, epsilon at ``delta``
@@ -66,6 +67,7 @@ __all__ = [
     "clip_and_noise",
     "distributed_noise_std",
     "epsilon",
+    "epsilon_of",
     "max_rounds",
     "value_noise_multiplier",
     "wrap",
@@ -75,6 +77,9 @@ log = logging.getLogger("fedstack.privacy")
 
 CLIP_KEY = "dp/clip"
 ROUNDS_KEY = "dp/rounds"
+HISTORY_KEY = "dp/history"
+History = list[tuple[float, float, int]]
+"""Released rounds by mechanism: ``(noise multiplier, sampling rate, rounds)`` entries."""
 MAX_ROUND_SEARCH = 10_000_000
 """The largest round count :func:`max_rounds` reports (a budget that allows more is, for
 any practical purpose, unlimited)."""
@@ -136,18 +141,61 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
     ``PoissonSampledDpEvent(sampling_rate, GaussianDpEvent(noise_multiplier))`` composed
     ``rounds`` times. 0 rounds: 0; a noise multiplier of 0: ``inf``.
     """
-    if rounds <= 0:
+    return epsilon_of([(noise_multiplier, sampling_rate, rounds)], delta)
+
+
+def epsilon_of(history: History, delta: float) -> float:
+    """Epsilon at ``delta`` after the releases of ``history`` (each entry's
+    ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` self-composed ``rounds`` times, all
+    composed in one RDP accountant): the run's privacy spent even if a restart changed the
+    noise multiplier or the sampling rate."""
+    entries = [(z, q, n) for z, q, n in history if n > 0]
+    if not entries:
         return 0.0
-    if noise_multiplier <= 0:
+    if any(z <= 0 for z, _, _ in entries):
         return math.inf
     dpa = _dp_accounting()
     from dp_accounting.rdp import RdpAccountant
 
-    event = dpa.PoissonSampledDpEvent(sampling_rate, dpa.GaussianDpEvent(noise_multiplier))
     accountant = RdpAccountant()
     with _quiet_absl():
-        accountant.compose(event, int(rounds))
+        for z, q, n in entries:
+            accountant.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), int(n))
         return float(accountant.get_epsilon(delta))
+
+
+def _history(state: Mapping[str, Any]) -> History:
+    """The ``dp/history`` of a committed strategy state (refusing a malformed one)."""
+    raw = state.get(HISTORY_KEY, [])
+    out: History = []
+    if not isinstance(raw, list | tuple):
+        raise ValueError(f"strategy state {HISTORY_KEY!r} is not a list")
+    for entry in raw:
+        ok = isinstance(entry, list | tuple) and len(entry) == 3
+        if ok:
+            z, q, n = entry
+            ok = (
+                all(isinstance(v, int | float) and not isinstance(v, bool) for v in (z, q, n))
+                and math.isfinite(z)
+                and z >= 0
+                and 0 < q <= 1
+                and n == int(n)
+                and n >= 0
+            )
+        if not ok:
+            raise ValueError(f"strategy state {HISTORY_KEY!r} has a bad entry {entry!r}")
+        out.append((float(z), float(q), int(n)))
+    return out
+
+
+def _released(history: History, z: float, q: float) -> History:
+    """``history`` with one more round of ``(z, q)``."""
+    out = list(history)
+    if out and out[-1][:2] == (z, q):
+        out[-1] = (z, q, out[-1][2] + 1)
+    else:
+        out.append((z, q, 1))
+    return out
 
 
 def max_rounds(noise_multiplier: float, sampling_rate: float, delta: float, budget: float) -> int:
@@ -291,12 +339,19 @@ class DPSettings:
         return value_noise_multiplier(self.noise_multiplier, self.clip_count_stddev)
 
     def epsilon(self, rounds: int) -> float:
-        """Epsilon at :attr:`delta` after ``rounds`` released rounds."""
+        """Epsilon at :attr:`delta` after ``rounds`` rounds released with these settings."""
         return epsilon(self.noise_multiplier, self.sampling_rate, rounds, self.delta)
 
-    def exhausted(self, rounds: int) -> bool:
-        """Whether one more round would take epsilon beyond the budget (False: no budget)."""
-        return self.epsilon_budget is not None and self.epsilon(rounds + 1) > self.epsilon_budget
+    def released(self, history: History) -> History:
+        """``history`` with one more round released with these settings."""
+        return _released(history, self.noise_multiplier, self.sampling_rate)
+
+    def exhausted(self, history: History) -> bool:
+        """Whether one more round after ``history`` would take epsilon beyond the budget
+        (False: no budget)."""
+        if self.epsilon_budget is None:
+            return False
+        return epsilon_of(self.released(history), self.delta) > self.epsilon_budget
 
 
 class _DPAccumulator:
@@ -317,6 +372,7 @@ class _DPAccumulator:
         self._rng = rng
         self._clip = _positive_state(state, CLIP_KEY, owner.settings.clip)
         self._rounds = int(state.get(ROUNDS_KEY, 0))
+        self._history = _history(state)
         self._names = [k for k, v in global_weights.items() if np.asarray(v).dtype.kind == "f"]
         self._sizes = [int(np.asarray(global_weights[k]).size) for k in self._names]
         self._sum = np.zeros(sum(self._sizes), dtype=np.float64)
@@ -386,6 +442,7 @@ class _DPAccumulator:
         inner.add(Update(agent_id="central-dp", weights=weights, num_samples=1))
         res = inner.result()
         rounds = self._rounds + 1
+        history = s.released(self._history)
         metrics: Metrics = {
             **res.metrics,
             "num_updates": m,
@@ -396,7 +453,7 @@ class _DPAccumulator:
             "dp_delta": s.delta,
             "dp_rounds": rounds,
         }
-        eps = s.epsilon(rounds)
+        eps = epsilon_of(history, s.delta)
         if math.isfinite(eps):  # no noise: no epsilon to store (JSON has no infinity)
             metrics["dp_epsilon"] = eps
         new_clip = self._clip
@@ -409,8 +466,13 @@ class _DPAccumulator:
             metrics["dp_unclipped_fraction"] = unclipped
         if s.epsilon_budget is not None:
             metrics["dp_epsilon_budget"] = s.epsilon_budget
-            metrics["dp_budget_exhausted"] = int(s.exhausted(rounds))
-        state: StrategyState = {**res.state, CLIP_KEY: new_clip, ROUNDS_KEY: rounds}
+            metrics["dp_budget_exhausted"] = int(s.exhausted(history))
+        state: StrategyState = {
+            **res.state,
+            CLIP_KEY: new_clip,
+            ROUNDS_KEY: rounds,
+            HISTORY_KEY: [list(entry) for entry in history],
+        }
         return Result(res.weights, state, metrics, res.extra)
 
 
@@ -458,7 +520,12 @@ class CentralDP(Strategy):
         return self.inner.agent_config()
 
     def init_state(self, weights: Weights) -> StrategyState:
-        return {**self.inner.init_state(weights), CLIP_KEY: self.settings.clip, ROUNDS_KEY: 0}
+        return {
+            **self.inner.init_state(weights),
+            CLIP_KEY: self.settings.clip,
+            ROUNDS_KEY: 0,
+            HISTORY_KEY: [],
+        }
 
     def check(self, update: Update, global_weights: Weights) -> None:
         self.inner.check(update, global_weights)
@@ -470,7 +537,7 @@ class CentralDP(Strategy):
 
     def budget_exhausted(self, state: Mapping[str, Any]) -> bool:
         """Whether one more round after ``state`` would exceed the epsilon budget."""
-        return self.settings.exhausted(self.rounds_released(state))
+        return self.settings.exhausted(_history(state))
 
     def begin(
         self,
