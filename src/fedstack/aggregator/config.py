@@ -87,6 +87,8 @@ MemberName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,
 """A federation member's name: 1-64 letters, digits, ``.``, ``_``, ``-`` (shown to
 operators and agents: no spaces, no control characters)."""
 Params = dict[str, Any]
+Positive = Annotated[float, msgspec.Meta(gt=0, le=_FLOAT_MAX)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0, le=_FLOAT_MAX)]
 
 
 def setting(
@@ -373,6 +375,47 @@ class AggregatorConfig:
         "own semi-global model becomes the global one (metrics upstream_offline = 1)",
     )
 
+    # ---- differential privacy (issue 14; docs/privacy.md, fedstack.privacy.dp)
+    dp: Literal["off", "central"] = setting(
+        "off",
+        "central: DP-FedAvg (each update's change clipped to dp_clip, equal-weight mean, "
+        "Gaussian noise of std dp_noise_multiplier x clip / updates; needs "
+        "dp_noise_multiplier, dp_clip, dp_delta)",
+    )
+    dp_noise_multiplier: NonNegative | None = setting(
+        None, "central DP: noise multiplier z (noise std over the sensitivity clip / updates)"
+    )
+    dp_clip: Positive | None = setting(
+        None, "central DP: L2 norm each update's change is clipped to (initial, if adaptive)"
+    )
+    dp_delta: Annotated[float, msgspec.Meta(gt=0, lt=1)] | None = setting(
+        None, "central DP: the delta epsilon is reported at (e.g. 1e-5, below 1/agents)"
+    )
+    dp_adaptive_clip: bool = setting(
+        False, "central DP: move the clip towards the dp_target_quantile of update norms"
+    )
+    dp_target_quantile: Annotated[float, msgspec.Meta(gt=0, lt=1)] = setting(
+        0.5, "adaptive clipping: fraction of updates to leave unclipped"
+    )
+    dp_clip_lr: Positive = setting(
+        0.2, "adaptive clipping: geometric step of the clip (clip x exp(-lr x error))"
+    )
+    dp_clip_count_stddev: NonNegative | None = setting(
+        None,
+        "adaptive clipping: std of the noise on the count of unclipped updates, > "
+        "dp_noise_multiplier / 2 (default: min_agents / 20)",
+    )
+    dp_sampling_rate: Fraction = setting(
+        1.0,
+        "central DP: probability of each agent taking part in a round, as the accountant "
+        "assumes (Poisson sampling; the aggregator itself samples no one: 1.0)",
+    )
+    dp_epsilon_budget: Positive | None = setting(
+        None,
+        "central DP: refuse to start when rounds would spend more epsilon, and without "
+        "rounds end the run before the round that would",
+    )
+
     if typing.TYPE_CHECKING:
         # the generated __init__ converts what it is given (``port="8765"`` is 8765), so
         # callers may pass any convertible value; a bad one raises ConfigError
@@ -429,6 +472,7 @@ class AggregatorConfig:
                 except ConfigError as exc:
                     raise bad(f"track: {exc}") from None
         self._check_federation(bad)
+        self._check_dp(bad)
         self._check_he(bad)
         if self.secagg:
             self._check_secagg(bad)
@@ -472,7 +516,7 @@ class AggregatorConfig:
                 "secagg cannot be used with homomorphic encryption: the aggregator would "
                 "have to unmask plain updates, which HE already hides (use one or the other)"
             )
-        if getattr(self, "dp", None) == "central":
+        if self.dp == "central":
             raise bad(
                 "dp = central cannot be used with homomorphic encryption: the aggregator "
                 "cannot clip encrypted updates nor add noise to a sum it cannot read (use "
@@ -547,6 +591,31 @@ class AggregatorConfig:
                 f"federation_heartbeat ({self.federation_heartbeat:g} s), or every member "
                 "would look dead between two heartbeats (3 heartbeats or more is wise)"
             )
+
+    def _check_dp(self, bad: typing.Callable[[str], ConfigError]) -> None:
+        given = [
+            s.name
+            for s in settings()
+            if s.name.startswith("dp_") and getattr(self, s.name) != s.default
+        ]
+        if self.dp == "off":
+            if given:
+                raise bad(
+                    f"{', '.join(given)} set but dp is off: add --dp central (dp = "
+                    '"central" in the file) or remove them'
+                )
+            return
+        if self.dp_adaptive_clip is False:
+            adaptive_only = [
+                n
+                for n in given
+                if n in ("dp_target_quantile", "dp_clip_lr", "dp_clip_count_stddev")
+            ]
+            if adaptive_only:
+                raise bad(f"{', '.join(adaptive_only)} need dp_adaptive_clip (--dp-adaptive-clip)")
+        from fedstack.privacy.dp import settings_from
+
+        settings_from(self)  # refuses missing or inconsistent values
 
     @property
     def federated(self) -> bool:

@@ -375,7 +375,8 @@ def _shown(metrics: Metrics) -> str:
 
 
 def mean_metrics(inputs: list[tuple[int, Metrics]]) -> Metrics:
-    """Sample-weighted means of the agents' numeric metrics (and the max of train_seconds)."""
+    """Sample-weighted means of the agents' numeric metrics (and the max of train_seconds
+    and of dp_epsilon, the local privacy spent by the agents' DP-SGD)."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     out: Metrics = {}
@@ -385,10 +386,8 @@ def mean_metrics(inputs: list[tuple[int, Metrics]]) -> Metrics:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 sums[k] = sums.get(k, 0.0) + w * float(v)
                 weights[k] = weights.get(k, 0.0) + w
-                if k == "train_seconds":
-                    out["max_train_seconds"] = max(
-                        float(out.get("max_train_seconds", 0.0)), float(v)
-                    )
+                if k in ("train_seconds", "dp_epsilon"):  # the slowest; the least private
+                    out[f"max_{k}"] = max(float(out.get(f"max_{k}", 0.0)), float(v))
     for k, total in sums.items():
         out[f"mean_{k}"] = total / weights[k]
     return out

@@ -391,6 +391,7 @@ class RoundOwner:
         version = self.state.version + 1 if ev.version is None else ev.version
         if ev.metrics is not None:
             self._check_target(ev.round, ev.metrics)  # before adopt: the model is final
+            self._check_dp_budget(ev.round, ev.metrics)
         self.adopt(version, ev.model_id, result.weights, result.extra, result.state)
         self.rounds_completed += 1
         self.agg.metrics.observe_round(seconds)
@@ -468,6 +469,19 @@ class RoundOwner:
                 target,
                 target.name,
                 metrics[target.name],
+            )
+
+    def _check_dp_budget(self, rnd: int, metrics: Metrics) -> None:
+        """End the run if one more round would spend more than the epsilon budget
+        (central DP sets ``dp_budget_exhausted``)."""
+        if metrics.get("dp_budget_exhausted") == 1 and not self.state.target_reached:
+            self.state.target_reached = True
+            log.info(
+                "round %d spent epsilon = %s of the budget %s; one more would exceed it: "
+                "this is the final round",
+                rnd,
+                metrics.get("dp_epsilon"),
+                metrics.get("dp_epsilon_budget"),
             )
 
     def _announce(self) -> None:

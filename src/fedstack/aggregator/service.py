@@ -143,6 +143,10 @@ class Aggregator:
         self.store = store
         strategy_name, strategy_params = config.strategy_spec()
         self.strategy = create(strategy_name, **strategy_params)
+        if config.dp != "off":  # central DP wraps the strategy (fedstack.privacy.dp)
+            from fedstack.privacy.dp import wrap
+
+            self.strategy = wrap(config, self.strategy)
         if self.strategy.trigger is not None and config.staleness == "drop":
             raise ConfigError(
                 f"strategy {config.strategy!r} is asynchronous and weighs stale updates "
@@ -529,6 +533,7 @@ class Aggregator:
                     last[-1]["round"],
                     self.target,
                 )
+        self._check_dp_budget(state, resume.version)
         self.owner.adopt(resume.version, resume.global_model_id, weights, extra, state)
         if self.secagg is not None:
             # the secure-aggregation attempt in progress at the restart is abandoned (its
@@ -563,6 +568,20 @@ class Aggregator:
         log.info(
             "resumed at version %d with %d buffered upload(s)", resume.version, len(resume.buffered)
         )
+
+    def _check_dp_budget(self, state: dict[str, Any], version: int) -> None:
+        """A run whose epsilon budget the stored rounds used up is over, not resumed."""
+        if self.config.dp == "off":
+            return
+        from fedstack.privacy.dp import CentralDP
+
+        if isinstance(self.strategy, CentralDP) and self.strategy.budget_exhausted(state):
+            self.state.target_reached = True
+            log.info(
+                "the %d stored round(s) used the epsilon budget %g: the run is over",
+                self.strategy.rounds_released(state),
+                self.strategy.settings.epsilon_budget,
+            )
 
     async def _resume_member(self, structure: Structure | None, version: int) -> None:
         """A federation member's resume: the run's latest global model, and its OWN

@@ -243,6 +243,10 @@ def cmd_rounds(
             r["semi_globals"], r["aggregators"] = synthesis.get(r["round"], (0, 0))
     if synthesis:
         cols[3:3] = ["semi_globals", "aggregators"]
+    if any("dp_epsilon" in r["metrics"] for r in rows):  # central DP: privacy spent so far
+        for r in rows:
+            r["dp_epsilon"] = r["metrics"].get("dp_epsilon")
+        cols[-1:-1] = ["dp_epsilon"]
     _show(rows, cols, json_)
     return 0
 

@@ -185,7 +185,31 @@ def round_json(row: Mapping[str, Any]) -> dict[str, Any]:
         "model_id": row.get("model_id"),
         "accuracy": pick(metrics, ACCURACY_KEYS),
         "loss": pick(metrics, LOSS_KEYS),
+        "dp_epsilon": pick(metrics, ("dp_epsilon",)),
         "metrics": metrics,
+    }
+
+
+def privacy_spent(
+    config: Mapping[str, Any], latest: Mapping[str, Any] | None
+) -> dict[str, str] | None:
+    """What a run with central differential privacy has spent (None: no DP): epsilon of
+    its latest round at its delta, and its budget (plain text: the template escapes it)."""
+    metrics = latest.get("metrics") if latest is not None else None
+    metrics = metrics if isinstance(metrics, Mapping) else {}
+    if config.get("dp") != "central" and pick(metrics, ("dp_epsilon",)) is None:
+        return None
+    eps = pick(metrics, ("dp_epsilon",))
+    delta = pick(metrics, ("dp_delta",))
+    if delta is None:
+        delta = pick(config, ("dp_delta",))
+    budget = pick(metrics, ("dp_epsilon_budget",))
+    if budget is None:
+        budget = pick(config, ("dp_epsilon_budget",))
+    return {
+        "epsilon": num(eps) if eps is not None else ("0" if latest is None else "inf"),
+        "delta": num(delta),
+        "budget": num(budget) if budget is not None else "",
     }
 
 
@@ -545,11 +569,14 @@ class Dashboard:
         if live and self.agg is not None:
             version = max(version, self.agg.state.version)
         cfg = run["config"] if isinstance(run["config"], Mapping) else {}
+        privacy = privacy_spent(cfg, latest)
         return self.render(
             request,
             "run.html",
             run=run,
             strategy=str(cfg.get("strategy", "-")),
+            dp=privacy is not None,
+            privacy=privacy,
             rounds=rows,
             total=total,
             latest=latest,

@@ -130,6 +130,7 @@ def simulate(
     round_timeout: float = 600.0,
     persistent: bool | None = None,
     progress: bool | Callable[[int, float, Metrics], None] = False,
+    aggregator_options: Mapping[str, Any] | None = None,
 ) -> SimResult:
     """Simulate a federation of ``num_agents`` virtual agents for ``rounds`` rounds.
 
@@ -162,6 +163,10 @@ def simulate(
             round and N <= :data:`PERSISTENT_MAX`).
         progress: True for a progress bar on stderr, or a callback
             ``(round, seconds, metrics)``.
+        aggregator_options: further aggregator settings (keys of
+            :class:`~fedstack.aggregator.config.AggregatorConfig`, e.g. central DP's
+            ``dp``, ``dp_noise_multiplier``, ``dp_clip``, ``dp_delta``); not those the
+            simulator sets itself from the arguments above.
 
     With big models call :func:`fedstack.buffers.keep_freed_memory` first (``fedstack
     sim`` does): it is process-wide, so this function does not.
@@ -204,6 +209,7 @@ def simulate(
             persistent=persistent,
             progress=progress,
             t0=t0,
+            aggregator_options=dict(aggregator_options or {}),
         )
         return _run(sim.run())
     finally:
@@ -255,6 +261,7 @@ class _Simulation:
         persistent: bool,
         progress: bool | Callable[[int, float, Metrics], None],
         t0: float,
+        aggregator_options: dict[str, Any] | None = None,
     ) -> None:
         self.trainer, self.trainer_args = trainer, trainer_args
         self.n, self.k, self.rounds = num_agents, per_round, rounds
@@ -263,7 +270,20 @@ class _Simulation:
         self.rng = np.random.default_rng(seed)
         self.t0 = t0
         self.db, self.durable, self.run_name = db, durable, run_name
+        fixed = {
+            "host", "port", "transport", "db", "run_name", "rounds", "threshold",
+            "min_agents", "round_timeout", "delivery", "strategy", "strategy_params",
+            "federation", "seed", "evaluator", "auth", "finish_grace",
+            "heartbeat_interval", "register_timeout", "send_timeout",
+        }  # fmt: skip
+        options = dict(aggregator_options or {})
+        if fixed & set(options):
+            raise ConfigError(
+                f"aggregator_options may not set {', '.join(sorted(fixed & set(options)))}: "
+                "the simulator sets them (use its own arguments)"
+            )
         self.config = AggregatorConfig(
+            **options,
             host="127.0.0.1",
             port=0,
             transport="tcp" if transport == "loopback" else "inproc",

@@ -37,7 +37,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +51,9 @@ from fedstack.data.partition import parse_partition
 from fedstack.errors import ConfigError
 from fedstack.trainers.digits import coerce_float, coerce_int
 from fedstack.types import Metrics, Weights
+
+if TYPE_CHECKING:
+    from fedstack.privacy.dpsgd import DPSGD
 
 log = logging.getLogger("fedstack.trainers")
 
@@ -209,6 +212,12 @@ class BookImageTrainer:
         seed: Seed of the partition, the initial model (identical for every agent) and
             each agent's sampling (different per ``index``).
         threads: torch intra-op threads for this process (``0``: leave torch's default).
+        dp_noise_multiplier: Set: train with DP-SGD (Opacus, :mod:`fedstack.privacy.dpsgd`;
+            Poisson batches of expected size ``batch_size`` from the round's sample) and
+            report ``dp_epsilon``, this agent's local epsilon so far. None: plain SGD.
+        dp_max_grad_norm: DP-SGD's per-sample gradient clipping norm.
+        dp_delta: The delta of the reported ``dp_epsilon``.
+        dp_accountant: Opacus' accountant, ``rdp`` or ``prv``.
 
     ``fit``'s ``config`` may override ``epochs``, ``lr``, ``batch_size`` and
     ``samples_per_round`` for one call.
@@ -231,7 +240,17 @@ class BookImageTrainer:
         batch_size: int | None = None,
         seed: int = 0,
         threads: int = 1,
+        dp_noise_multiplier: float | None = None,
+        dp_max_grad_norm: float = 1.0,
+        dp_delta: float = 1e-5,
+        dp_accountant: str = "rdp",
     ) -> None:
+        self.dp: DPSGD | None = None
+        """Local DP-SGD (Opacus) when ``dp_noise_multiplier`` is set, else None."""
+        if dp_noise_multiplier is not None:
+            from fedstack.privacy.dpsgd import DPSGD
+
+            self.dp = DPSGD(dp_noise_multiplier, dp_max_grad_norm, dp_delta, dp_accountant)
         if not isinstance(dataset, str) or dataset not in DEFAULTS:
             raise ConfigError(f"dataset must be 'cifar10' or 'digits', got {dataset!r}")
         defaults = DEFAULTS[dataset]
@@ -282,11 +301,17 @@ class BookImageTrainer:
         return len(self.y_train)
 
     def get_state(self) -> dict[str, Any]:
-        """The sampling generator's state (the simulator keeps it per agent)."""
-        return {"rng": self._rng.bit_generator.state}
+        """The sampling generator's state and, with DP-SGD, the privacy accountant's
+        history (the simulator keeps it per agent)."""
+        state: dict[str, Any] = {"rng": self._rng.bit_generator.state}
+        if self.dp is not None:
+            state.update(self.dp.get_state())
+        return state
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._rng.bit_generator.state = dict(state["rng"])
+        if self.dp is not None:
+            self.dp.set_state(dict(state))
 
     def initial_weights(self) -> Weights:
         """The model initialised from ``seed``: identical for every agent with that seed."""
@@ -336,10 +361,16 @@ class BookImageTrainer:
         chosen = np.sort(self._rng.choice(n, size=count, replace=False))
         x = self._to_input(self.x_train[chosen])
         y = torch.from_numpy(np.array(self.y_train[chosen], dtype=np.int64))
+        if self.dp is not None:  # DP-SGD (Opacus) on the round's sample
+            losses = self.dp.train(
+                self.model, x, y, epochs=epochs, lr=lr, batch_size=batch_size,
+                momentum=self.momentum,
+            )  # fmt: skip
+            return self._finish(losses, count, global_accuracy, start, self.dp)
         self.model.train()
         params = list(self.model.parameters())
         buffers: list[torch.Tensor | None] = [None] * len(params)  # fresh every fit
-        losses: list[float] = []
+        losses = []
         for _ in range(epochs):
             losses = []
             order = torch.from_numpy(self._rng.permutation(count))
@@ -351,15 +382,27 @@ class BookImageTrainer:
                 torch.autograd.backward(loss)
                 _sgd_step(params, buffers, lr, self.momentum)
                 losses.append(loss.item())
-        train_seconds = time.perf_counter() - start
+        return self._finish(losses, count, global_accuracy, start, None)
 
+    def _finish(
+        self,
+        losses: list[float],
+        count: int,
+        global_accuracy: float,
+        start: float,
+        dp: DPSGD | None,
+    ) -> tuple[Weights, int, Metrics]:
+        train_seconds = time.perf_counter() - start
         _, local_accuracy = _accuracy(self.model, self.x_test, self.y_test, self._to_input)
         metrics: Metrics = {
             "global_accuracy": global_accuracy,
             "local_accuracy": local_accuracy,
-            "train_loss": float(np.mean(losses)),
             "train_seconds": train_seconds,
         }
+        if losses:  # (DP-SGD: every Poisson batch of the last pass may have been empty)
+            metrics["train_loss"] = float(np.mean(losses))
+        if dp is not None:  # this agent's local epsilon over all its fits so far
+            metrics.update(dp_epsilon=dp.epsilon(), dp_delta=dp.delta, dp_steps=dp.steps)
         return module_to_weights(self.model), count, metrics
 
     def evaluate(self, weights: Weights, config: Mapping[str, Any]) -> Metrics:
@@ -395,10 +438,15 @@ class CifarCNNTrainer(BookImageTrainer):
         batch_size: int = 4,
         seed: int = 0,
         threads: int = 1,
+        dp_noise_multiplier: float | None = None,
+        dp_max_grad_norm: float = 1.0,
+        dp_delta: float = 1e-5,
+        dp_accountant: str = "rdp",
     ) -> None:
         super().__init__(
             index, num_agents, "cifar10", data_dir, partition, samples_per_round, epochs, lr,
-            momentum, batch_size, seed, threads,
+            momentum, batch_size, seed, threads, dp_noise_multiplier, dp_max_grad_norm,
+            dp_delta, dp_accountant,
         )  # fmt: skip
 
 

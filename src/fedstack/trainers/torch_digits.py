@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from fedstack.agent.adapters.torch import module_to_weights, weights_to_module
 from fedstack.data.digits import load_digits_split
 from fedstack.trainers.digits import DigitsTrainerBase
 from fedstack.types import Metrics, Weights
+
+if TYPE_CHECKING:
+    from fedstack.privacy.dpsgd import DPSGD
 
 __all__ = [
     "DigitsCNNTrainer",
@@ -131,9 +134,19 @@ class _TorchDigitsTrainer(DigitsTrainerBase):
         epochs: int = 1,
         lr: float = 0.05,
         batch_size: int = 32,
+        dp_noise_multiplier: float | None = None,
+        dp_max_grad_norm: float = 1.0,
+        dp_delta: float = 1e-5,
+        dp_accountant: str = "rdp",
     ) -> None:
         super().__init__(index, num_agents, partition, seed, epochs, lr, batch_size)
         torch.set_num_threads(1)
+        self.dp: DPSGD | None = None
+        """Local DP-SGD (Opacus) when ``dp_noise_multiplier`` is set, else None."""
+        if dp_noise_multiplier is not None:
+            from fedstack.privacy.dpsgd import DPSGD
+
+            self.dp = DPSGD(dp_noise_multiplier, dp_max_grad_norm, dp_delta, dp_accountant)
         self.model = self.build()
         self._generator = torch.Generator().manual_seed(self.seed * 1000 + self.index)
         self._x = torch.from_numpy(self.x_train.copy())
@@ -158,14 +171,20 @@ class _TorchDigitsTrainer(DigitsTrainerBase):
             torch.optim.SGD(model.parameters(), lr=0.0, momentum=cls.momentum).step()
 
     def get_state(self) -> dict[str, Any]:
-        """What changes between fits (the minibatch order's generator): the simulator
-        keeps it per agent, so an agent trains the same in whichever worker it runs."""
-        return {"generator": self._generator.get_state().numpy().copy()}
+        """What changes between fits (the minibatch order's generator; with DP-SGD, the
+        privacy accountant's history): the simulator keeps it per agent, so an agent
+        trains the same, and keeps counting its epsilon, in whichever worker it runs."""
+        state: dict[str, Any] = {"generator": self._generator.get_state().numpy().copy()}
+        if self.dp is not None:
+            state.update(self.dp.get_state())
+        return state
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._generator.set_state(
             torch.from_numpy(np.asarray(state["generator"], dtype=np.uint8).copy())
         )
+        if self.dp is not None:
+            self.dp.set_state(dict(state))
 
     def initial_weights(self) -> Weights:
         """The model initialised from ``seed``: identical for every agent with that seed.
@@ -201,6 +220,8 @@ class _TorchDigitsTrainer(DigitsTrainerBase):
         _, global_accuracy = _loss_and_accuracy(self.model, self._x_test, self._y_test)
 
         start = time.perf_counter()
+        if self.dp is not None:
+            return self._fit_private(self.dp, epochs, lr, batch_size, global_accuracy, start)
         self.model.train()
         params = list(self.model.parameters())
         # plain SGD needs no optimizer object: the same update as torch.optim.SGD
@@ -238,6 +259,34 @@ class _TorchDigitsTrainer(DigitsTrainerBase):
         }
         return module_to_weights(self.model), n, metrics
 
+    def _fit_private(
+        self, dp: DPSGD, epochs: int, lr: float, batch_size: int, global_acc: float, start: float
+    ) -> tuple[Weights, int, Metrics]:
+        """:meth:`fit` with DP-SGD (Opacus): metrics also ``dp_epsilon`` (this agent's
+        local epsilon at ``dp_delta`` over all its fits so far) and ``dp_steps``."""
+        losses = dp.train(
+            self.model,
+            self._x,
+            self._y,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            momentum=self.momentum,
+        )
+        train_seconds = time.perf_counter() - start
+        _, local_accuracy = _loss_and_accuracy(self.model, self._x, self._y)
+        metrics: Metrics = {
+            "local_accuracy": local_accuracy,
+            "global_accuracy": global_acc,
+            "train_seconds": train_seconds,
+            "dp_epsilon": dp.epsilon(),
+            "dp_delta": dp.delta,
+            "dp_steps": dp.steps,
+        }
+        if losses:  # (every batch of the last pass empty: no loss to report)
+            metrics["train_loss"] = float(np.mean(losses))
+        return module_to_weights(self.model), len(self._y), metrics
+
     def evaluate(self, weights: Weights, config: Mapping[str, Any]) -> Metrics:
         """Evaluate a global model on the held-out digits test split.
 
@@ -267,7 +316,12 @@ class DigitsMLPTrainer(_TorchDigitsTrainer):
         seed: Seed of the partition, the initial model and the minibatch order.
         epochs: Local epochs per ``fit``.
         lr: SGD learning rate.
-        batch_size: Minibatch size.
+        batch_size: Minibatch size (with DP-SGD: the expected size of Poisson batches).
+        dp_noise_multiplier: Set: train with DP-SGD (Opacus; :mod:`fedstack.privacy.dpsgd`)
+            with this noise multiplier, and report ``dp_epsilon``. None: plain SGD.
+        dp_max_grad_norm: DP-SGD's per-sample gradient clipping norm.
+        dp_delta: The delta of the reported ``dp_epsilon``.
+        dp_accountant: Opacus' accountant, ``rdp`` or ``prv``.
     """
 
     def build(self) -> nn.Module:
@@ -290,6 +344,10 @@ class DigitsCNNTrainer(_TorchDigitsTrainer):
         epochs: Local epochs per ``fit``.
         lr: SGD learning rate.
         batch_size: Minibatch size.
+        dp_noise_multiplier: Set: DP-SGD (Opacus), as for :class:`DigitsMLPTrainer`.
+        dp_max_grad_norm: DP-SGD's per-sample gradient clipping norm.
+        dp_delta: The delta of the reported ``dp_epsilon``.
+        dp_accountant: Opacus' accountant, ``rdp`` or ``prv``.
     """
 
     momentum = 0.9
@@ -303,8 +361,24 @@ class DigitsCNNTrainer(_TorchDigitsTrainer):
         epochs: int = 2,
         lr: float = 0.05,
         batch_size: int = 32,
+        dp_noise_multiplier: float | None = None,
+        dp_max_grad_norm: float = 1.0,
+        dp_delta: float = 1e-5,
+        dp_accountant: str = "rdp",
     ) -> None:
-        super().__init__(index, num_agents, partition, seed, epochs, lr, batch_size)
+        super().__init__(
+            index,
+            num_agents,
+            partition,
+            seed,
+            epochs,
+            lr,
+            batch_size,
+            dp_noise_multiplier,
+            dp_max_grad_norm,
+            dp_delta,
+            dp_accountant,
+        )
 
     def build(self) -> nn.Module:
         """A freshly initialised CNN."""

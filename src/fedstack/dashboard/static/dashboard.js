@@ -72,7 +72,7 @@
     }
   }
 
-  function roundRow(r) {
+  function roundRow(r, dp) {
     var tr = document.createElement("tr");
     tr.dataset.round = String(r.round);
     tr.className = "new";
@@ -81,6 +81,7 @@
       ["updates", fmt(r.num_updates)], ["samples", fmt(r.num_samples)],
       ["accuracy", fmt(r.accuracy)], ["loss", fmt(r.loss)], ["metrics", metricsText(r.metrics)]
     ];
+    if (dp) { cells.splice(7, 0, ["dp-epsilon", fmt(r.dp_epsilon)]); }
     cells.forEach(function (c) {
       var td = document.createElement("td");
       td.className = c[0];
@@ -140,10 +141,12 @@
         if (n) { n.textContent = String((parseInt(n.textContent, 10) || 0) + 1); }
         var empty = $("#no-rounds");
         if (empty) { empty.remove(); }
+        var eps = $("#dp-epsilon");
+        if (eps && typeof r.dp_epsilon === "number") { eps.textContent = fmt(r.dp_epsilon); }
         if (firstPage) {
           var body = $("#rounds tbody");
           if (body) {
-            body.insertBefore(roundRow(r), body.firstChild);
+            body.insertBefore(roundRow(r, root.dataset.dp === "1"), body.firstChild);
             while (body.rows.length > 50) { body.deleteRow(body.rows.length - 1); }
           }
         }
