@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import enum
 import logging
+import math
 import os
 import secrets
 import time
@@ -561,8 +562,9 @@ class AgentCore:
                 f"the aggregator's secure-aggregation settings are refused: {exc}",
                 code="bad-field",
             ) from None
-        if self.secagg is None or self.secagg.params != params:
-            self.secagg = SecAggAgent(params, self.name)
+        dp = _secagg_dp(w.config)
+        if self.secagg is None or self.secagg.params != params or self.secagg.dp != dp:
+            self.secagg = SecAggAgent(params, self.name, dp)
         self.secagg.agent_id = w.agent_id
 
     def _resume_pending(self, w: Welcome) -> bool:
@@ -663,3 +665,28 @@ class AgentCore:
             raise ConnectionClosed(1001, event.reason)
         else:
             assert isinstance(event, (NotReadyReceived, HeartbeatReceived))
+
+
+def _secagg_dp(config: Metrics) -> tuple[float, float] | None:
+    """Central DP under secure aggregation: the (clip, noise std) the aggregator's welcome
+    asks each agent to apply before masking (None: no DP).
+
+    Raises:
+        RemoteProtocolError: the values are missing, not numbers, or out of range.
+    """
+    clip, std = config.get("dp_secagg_clip"), config.get("dp_secagg_noise_std")
+    if clip is None and std is None:
+        return None
+    values = [
+        float(v)
+        for v in (clip, std)
+        if isinstance(v, float | int) and not isinstance(v, bool) and math.isfinite(v)
+    ]
+    if len(values) != 2 or not values[0] > 0 or not values[1] >= 0:
+        raise RemoteProtocolError(
+            "the aggregator's differential-privacy settings for secure aggregation are "
+            f"refused: dp_secagg_clip={clip!r}, dp_secagg_noise_std={std!r} (need a clip > 0 "
+            "and a noise standard deviation >= 0)",
+            code="bad-field",
+        )
+    return values[0], values[1]

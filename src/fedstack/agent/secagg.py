@@ -87,9 +87,14 @@ class SecAggAgent:
     """One agent's secure aggregation (see the module docstring). Not thread-safe: the
     agent core's loop calls it."""
 
-    def __init__(self, params: SecAggParams, name: str) -> None:
+    def __init__(
+        self, params: SecAggParams, name: str, dp: tuple[float, float] | None = None
+    ) -> None:
         self.params = params
         self.name = name
+        self.dp = dp
+        """Central DP under secure aggregation: (clip, noise std) applied to the change
+        before masking (:func:`fedstack.privacy.dp.clip_and_noise`); None: off."""
         self.agent_id: str | None = None
         self.trained: Trained | None = None
         self.announced: tuple[str, int] | None = None  # the latest secagg_start
@@ -106,6 +111,11 @@ class SecAggAgent:
         """The trainer's result on global model ``base_version`` (``base``): kept as the
         update to aggregate; advertises at once if its session is announced."""
         vector = flatten_update(model, base)
+        if self.dp is not None:  # this agent's share of central DP's noise, before masking
+            from fedstack.privacy.dp import clip_and_noise
+
+            clip, noise_std = self.dp
+            vector = clip_and_noise(vector, clip, noise_std, np.random.default_rng())
         # the library pre-scales: w = min(num_samples, max_weight) / max_weight
         self.trained = Trained(base_version + 1, base_version, vector, float(max(num_samples, 0)))
         return self._maybe_advertise()

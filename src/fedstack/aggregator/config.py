@@ -616,6 +616,19 @@ class AggregatorConfig:
         from fedstack.privacy.dp import settings_from
 
         settings_from(self)  # refuses missing or inconsistent values
+        if self.secagg:  # distributed noise: see docs/privacy.md, "Central DP with secure ..."
+            if self.dp_adaptive_clip:
+                raise bad(
+                    "dp_adaptive_clip cannot be used with secagg: adaptive clipping needs each "
+                    "agent's clipped/unclipped bit, which secure aggregation hides (use a fixed "
+                    "--dp-clip)"
+                )
+            if self.secagg_max_weight != 1.0:
+                raise bad(
+                    "dp = central with secagg averages the agents' clipped updates with equal "
+                    "weights (DP-FedAvg's bounded sensitivity): set secagg_max_weight = 1 "
+                    "(--secagg-max-weight 1)"
+                )
 
     @property
     def federated(self) -> bool:

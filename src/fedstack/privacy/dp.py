@@ -404,7 +404,9 @@ class _DPAccumulator:
         norm = float(np.linalg.norm(d))
         if not math.isfinite(norm):
             raise InvalidUpdate("the update is not finite", agent_id=update.agent_id)
-        if norm <= self._clip:
+        if self._owner.distributed:
+            pass  # the unmasked mean of clipped, noised changes (secure aggregation)
+        elif norm <= self._clip:
             self._unclipped += 1
         else:
             d *= self._clip / norm
@@ -424,7 +426,11 @@ class _DPAccumulator:
         mean = self._sum
         mean /= m
         noise_std = s.value_noise_multiplier * self._clip / m
-        if noise_std > 0:
+        if self._owner.distributed:
+            # the agents added the noise before masking: dp_noise_std is each agent's share
+            # (z*C/sqrt(m_min)); the sum of at least m_min of them holds central DP's z*C
+            noise_std = self._owner.agent_noise_std
+        elif noise_std > 0:
             mean += noise_rng.normal(0.0, noise_std, size=mean.size)
         released: Weights = {}
         pos = 0
@@ -499,6 +505,7 @@ class CentralDP(Strategy):
 
     name = "central-dp"
     streaming = True
+    secure_aggregation = True  # only mean-consuming strategies are wrapped (_check_inner)
     reads_extra = ()  # nothing an agent sends besides its weights
     federation_refusal = (
         "central DP accounts one noised release per round by one aggregator; run it on a "
@@ -511,6 +518,12 @@ class CentralDP(Strategy):
         self.settings = settings
         self.noise_rng = np.random.default_rng()
         """The noise's generator, seeded from the OS's entropy (not the run's seed)."""
+        self.distributed = False
+        """Secure aggregation: the agents clip their changes and add the noise before
+        masking (:func:`clip_and_noise`); the one update this strategy then gets per round
+        is the unmasked mean, neither clipped nor noised again here (the accounting is)."""
+        self.agent_noise_std = 0.0
+        """Under secure aggregation: the noise standard deviation each agent adds."""
 
     @property
     def min_updates(self) -> int:
