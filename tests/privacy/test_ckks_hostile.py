@@ -256,3 +256,67 @@ def test_a_restarted_aggregator_sums_the_stored_ciphertexts(tmp_path: Path) -> N
         assert trainers[0].last_sum is not None and trainers[0].last_sum[1] == 2
         for k, want in expected.items():
             assert np.max(np.abs(got[k] - want)) <= 1e-6
+
+
+def test_a_plain_first_model_is_refused_and_never_stored(tmp_path: Path) -> None:
+    """An agent without --he-context cannot make its plain model the run's first global
+    model: it is refused at registration, nothing of it is stored, and an encrypting agent
+    then starts the run."""
+    from fedstack.errors import FedstackError
+    from fedstack.store import Store
+    from fedstack.testing import free_port
+
+    agents_ctx, aggregator_ctx = keygen(tmp_path / "keys")
+    ctx = load_context(agents_ctx, "agents")
+    port = free_port()
+    config = small_config(
+        tmp_path / "run.db",
+        port=port,
+        he="ckks",
+        he_context=str(aggregator_ctx),
+        strategy_params={},
+        rounds=1,
+        min_agents=1,
+    )
+    url = f"ws://127.0.0.1:{port}"
+    with aggregator_thread(config) as agg:
+        plain = Agent(url, name="plain", max_backoff=0.3)
+        plain.send_initial_model(initial())
+        with pytest.raises(FedstackError, match="not a CKKS-encrypted model"):
+            plain.start(timeout=20)
+        plain.close()
+        assert not agg._initialized.is_set()
+        trainer = CkksTrainer(KnownTrainer(index=0), ctx)
+        agent = Agent(url, name="encrypting", max_backoff=0.3)
+        agent.send_initial_model(trainer.initial_weights())
+        agent.start(timeout=30)
+        gm = agent.wait_for_global_model(timeout=30)
+        assert set(gm) == set(trainer.initial_weights())  # ciphertext chunks, not coef/...
+        agent.close()
+        run_id = agg.run_id
+    store = Store.open_readonly(str(tmp_path / "run.db"))
+    try:
+        for rec in store.models(run_id):
+            names = set(store.load_weights(rec["id"]))
+            assert META in names and not names & set(initial()), names
+    finally:
+        store.close()
+
+
+def test_an_encrypting_agent_refuses_an_aggregator_without_its_key_set(tmp_path: Path) -> None:
+    from fedstack.privacy.ckks import CkksError
+
+    ctx = load_context(keygen(tmp_path / "a")[0], "agents")
+    other = load_context(keygen(tmp_path / "b")[0], "agents")
+    trainer = CkksTrainer(KnownTrainer(index=0), ctx)
+    enc = trainer.initial_weights()
+    with pytest.raises(CkksError, match="does not run homomorphic encryption"):
+        trainer.fit(enc, {"version": 0, "federation": {}})
+    with pytest.raises(CkksError, match="another key set"):
+        trainer.fit(
+            enc, {"version": 0, "federation": {"he": "ckks", "he_key_id": other.key_id.hex()}}
+        )
+    out, n, _ = trainer.fit(
+        enc, {"version": 0, "federation": {"he": "ckks", "he_key_id": ctx.key_id.hex()}}
+    )
+    assert n == samples(0) and META in out

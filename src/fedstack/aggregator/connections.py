@@ -156,8 +156,8 @@ class AgentConnections:
             conn.admit(account=session.agent_id)
             session.protocol = proto
             if not self.agg._initialized.is_set():
-                if first.model is not None:
-                    await self._initialize(session, first)
+                if first.model is not None and not await self._initialize(session, first):
+                    return
                 if not self.agg._initialized.is_set():
                     log.info("agent %s waits: the federation has no model yet", session.name)
                     await self.agg._initialized.wait()
@@ -333,18 +333,28 @@ class AgentConnections:
         await self.agg.registry.refuse(session.conn, MODEL_MISMATCH, message[:2000], session)
         return True
 
-    async def _initialize(self, session: Session, msg: Participate) -> None:
-        """The first model fixes names, shapes and dtypes; its weights or zeros start."""
+    async def _initialize(self, session: Session, msg: Participate) -> bool:
+        """The first model fixes names, shapes and dtypes; its weights or zeros start.
+        False: the agent was refused (final) and its connection is closed."""
         assert self.agg.store is not None and msg.model is not None
         async with self._init_lock:
             if self.agg._initialized.is_set():
-                return
+                return True
             try:
                 validate_model(msg.model, None, agent_id=session.agent_id)
             except InvalidUpdate as exc:
                 raise RemoteProtocolError(
                     f"initial model refused: {exc}", code="invalid-model"
                 ) from None
+            try:  # e.g. a plain model where the strategy sums ciphertexts: final
+                self.agg.strategy.check_initial(msg.model, session.agent_id)
+            except InvalidUpdate as exc:
+                message = f"the agent's model cannot start this federation: {exc}"
+                log.warning("refused %s: %s", session.name, message)
+                await self.agg.registry.refuse(
+                    session.conn, MODEL_MISMATCH, message[:2000], session
+                )
+                return False
             use_weights = self.agg.config.init_weights
             if use_weights is None:
                 use_weights = True if msg.init_weights is None else msg.init_weights
@@ -369,11 +379,11 @@ class AgentConnections:
                     # the operator registered a base model (`fedstack model register`)
                     # since this aggregator opened the run: that model starts it
                     await self._adopt_registered()
-                    return
+                    return True
                 # another member started the run first: its model is adopted by the
                 # membership's follower (the agent waits for it like any other)
                 log.info("another member of the federation recorded the first model")
-                return
+                return True
             started = asyncio.get_running_loop().create_future()
             await self.agg._post(FederationStarted(structure, glob, gid, started))
             await started
@@ -383,6 +393,7 @@ class AgentConnections:
                 ", ".join(f"{n}{list(s)}:{d}" for n, d, s in structure),
                 "its weights" if use_weights else "zeros",
             )
+            return True
 
     async def _adopt_registered(self) -> None:
         """Start the federation from the global model 0 the store has for this run (the

@@ -634,7 +634,27 @@ class CkksTrainer:
         self.last_sum = (total, updates)
         return weights
 
+    def _check_aggregator(self, config: Mapping[str, Any]) -> None:
+        """Refuse an aggregator that does not sum ciphertexts under this key set (it would
+        average the encrypted bytes as numbers)."""
+        fed = config.get("federation")
+        if not isinstance(fed, Mapping):
+            return  # called outside the agent runner (no federation settings to check)
+        if fed.get("he") != "ckks":
+            raise CkksError(
+                "this agent runs with --he-context but the aggregator does not run "
+                "homomorphic encryption (start it with --he ckks --he-context "
+                "aggregator.ctx of the same key set)"
+            )
+        if fed.get("he_key_id") != self.context.key_id.hex():
+            raise CkksError(
+                "the aggregator runs homomorphic encryption with another key set "
+                f"({str(fed.get('he_key_id'))[:32]!r}, this agent has "
+                f"{self.context.key_id.hex()!r}): give both files of one `fedstack he keygen`"
+            )
+
     def fit(self, weights: Weights, config: Mapping[str, Any]) -> tuple[Weights, int, Metrics]:
+        self._check_aggregator(config)
         out = self.inner.fit(self.decrypt(weights), config)
         if len(out) > 3 and out[3]:
             raise CkksError(

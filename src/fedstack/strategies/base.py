@@ -126,6 +126,11 @@ class Strategy(ABC):
         """Refuse an update this strategy cannot use (raise :class:`InvalidUpdate`)."""
         return None
 
+    def check_initial(self, weights: Weights, agent_id: str) -> None:
+        """Refuse a first model this strategy cannot start from (raise
+        :class:`InvalidUpdate`; e.g. a plain model where ciphertexts are expected)."""
+        return None
+
     @abstractmethod
     def begin(
         self,

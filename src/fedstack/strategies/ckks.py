@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedstack.strategies.base import Result, Strategy, Update, register
-from fedstack.types import Weights
+from fedstack.types import Metrics, Weights
 
 PARSED_KEPT = 4
 """Uploads whose parsed ciphertexts ``check()`` keeps for ``add()`` (memory: about that
@@ -78,6 +78,17 @@ class CkksFedAvg(Strategy):
             self._parsed[id(update.weights[META])] = (update.weights[META], parsed)
             while len(self._parsed) > PARSED_KEPT:
                 self._parsed.popitem(last=False)
+
+    def agent_config(self) -> Metrics:
+        """Tells agents the aggregator sums CKKS ciphertexts, under which key set."""
+        return {"he": "ckks", "he_key_id": self.context.key_id.hex()}
+
+    def check_initial(self, weights: Weights, agent_id: str) -> None:
+        """The first model must be encrypted under this run's key set too: a plain model
+        would be stored and sent as the run's first global model."""
+        from fedstack.privacy.ckks import CkksSum
+
+        CkksSum(self.context, weights).check(weights, agent_id)
 
     def take_parsed(self, weights: Weights) -> tuple[Any, list[Any]] | None:
         """What :meth:`check` parsed of these very arrays (None: not kept)."""
