@@ -23,9 +23,13 @@ def test_a_secagg_table_in_a_toml_file(tmp_path: Path) -> None:
     p.write_text("[aggregator]\nrounds = 3\n[aggregator.secagg]\nclip = 2.5\nquant_bits = 16\n")
     cfg = AggregatorConfig.load(p)
     assert cfg.secagg is True and cfg.secagg_clip == 2.5 and cfg.secagg_quant_bits == 16
+    # settings of a switched-off secure aggregation are refused, not silently ignored (an
+    # operator who sees clip = 2.5 in the file would believe the run is private)
     p.write_text("[aggregator.secagg]\nenabled = false\ntimeout = 3\n")
-    cfg = AggregatorConfig.load(p)
-    assert cfg.secagg is False and cfg.secagg_timeout == 3.0
+    with pytest.raises(ConfigError, match="secagg_timeout set but secagg is off"):
+        AggregatorConfig.load(p)
+    p.write_text("[aggregator.secagg]\nenabled = false\n")
+    assert AggregatorConfig.load(p).secagg is False
     p.write_text("[aggregator.secagg]\nclipp = 3\n")
     with pytest.raises(ConfigError, match="secagg_clipp"):
         AggregatorConfig.load(p)

@@ -125,3 +125,28 @@ def test_secagg_with_central_dp_refuses_what_cannot_compose(
 ) -> None:
     with pytest.raises(ConfigError, match=needle):
         _config(tmp_path, **over)
+
+
+def test_secagg_settings_without_secagg_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match="secagg_clip, secagg_min_survivors set but secagg is off"
+    ):
+        AggregatorConfig(db=str(tmp_path / "s.db"), secagg_clip=4.0, secagg_min_survivors=5)
+
+
+def test_central_dp_without_dp_accounting_is_refused_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from fedstack.privacy.dp import wrap
+    from fedstack.strategies import create
+
+    cfg = AggregatorConfig(
+        db=str(tmp_path / "s.db"), dp="central", dp_noise_multiplier=Z, dp_clip=C, dp_delta=DELTA
+    )
+    for name in [m for m in sys.modules if m == "dp_accounting" or m.startswith("dp_accounting.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "dp_accounting", None)
+    with pytest.raises(ConfigError, match=r"pip install 'fedstack\[privacy\]'"):
+        wrap(cfg, create("fedavg"))

@@ -476,6 +476,17 @@ class AggregatorConfig:
         self._check_he(bad)
         if self.secagg:
             self._check_secagg(bad)
+        else:
+            given = [
+                s.name
+                for s in settings()
+                if s.name.startswith("secagg_") and getattr(self, s.name) != s.default
+            ]
+            if given:
+                raise bad(
+                    f"{', '.join(given)} set but secagg is off: add --secagg (secagg = true "
+                    "in the file) or remove them"
+                )
 
     def _check_he(self, bad: typing.Callable[[str], ConfigError]) -> None:
         """Homomorphic encryption leaves the aggregator nothing but ciphertexts: refuse

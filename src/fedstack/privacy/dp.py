@@ -115,7 +115,7 @@ _REFUSED_WHY = {
 def _dp_accounting() -> Any:
     try:
         import dp_accounting
-    except ImportError as exc:  # pragma: no cover - the extra is installed in CI
+    except ImportError as exc:
         raise ConfigError(
             "differential privacy needs Google's dp-accounting: pip install 'fedstack[privacy]'"
         ) from exc
@@ -629,10 +629,11 @@ def wrap(config: AggregatorConfig, strategy: Strategy) -> Strategy:
     settings = settings_from(config)
     if settings is None:
         return strategy
+    _dp_accounting()  # refused at start without the extra, not at the first round
     dp = CentralDP(strategy, settings)
     if settings.noise_multiplier == 0:
         log.warning("differential privacy with noise multiplier 0: clipping only, epsilon = inf")
-    if config.keep_local_models != "metadata":
+    if config.keep_local_models != "metadata" and not config.secagg:
         log.warning(
             "central differential privacy protects the released global models; the store "
             "still keeps the agents' un-noised uploads (keep_local_models = %s): use "
