@@ -150,3 +150,29 @@ def test_central_dp_without_dp_accounting_is_refused_at_start(
     monkeypatch.setitem(sys.modules, "dp_accounting", None)
     with pytest.raises(ConfigError, match=r"pip install 'fedstack\[privacy\]'"):
         wrap(cfg, create("fedavg"))
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "needle"),
+    [
+        ({"secagg": True}, {}, "secagg = True \\(now False\\)"),
+        (
+            {"dp": "central", "dp_noise_multiplier": Z, "dp_clip": C, "dp_delta": DELTA},
+            {},
+            "dp = 'central'",
+        ),
+        ({}, {"secagg": True}, "secagg = False \\(now True\\)"),
+    ],
+)
+def test_a_run_is_not_resumed_with_other_privacy_settings(
+    tmp_path: Path, first: dict[str, Any], then: dict[str, Any], needle: str
+) -> None:
+    def config(over: dict[str, Any]) -> AggregatorConfig:
+        return AggregatorConfig(auth="off", port=0, db=str(tmp_path / "s.db"), **over)
+
+    with aggregator_thread(config(first)):
+        pass  # the run is recorded with its settings
+    with pytest.raises(ConfigError, match=needle), aggregator_thread(config(then)):
+        pass
+    with aggregator_thread(config(first)):  # the same settings resume it
+        pass

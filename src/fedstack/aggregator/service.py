@@ -43,7 +43,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -370,6 +370,23 @@ class Aggregator:
         run = await self._db(
             self.store.open_run, cfg.run_name, _public_config(cfg), self.aggregator_id
         )
+        if run.resumed:
+            _check_privacy_unchanged(run.config, cfg, run.name)
+        elif cfg.dp == "central":
+            ended = [
+                r
+                for r in await self._db(self.store.list_runs)
+                if r["name"] == run.name and r["id"] != run.id and r["status"] != "running"
+            ]
+            if ended:
+                log.warning(
+                    "differential privacy: %d earlier run(s) named %r ended (their epsilon "
+                    "was spent on the same agents' data); this NEW run %s starts a new privacy "
+                    "budget: the total privacy loss of the agents is the composition of all runs",
+                    len(ended),
+                    run.name,
+                    run.id,
+                )
         self.run_id = run.id
         self.aggregator_id = run.aggregator_id
         if self.membership is not None:
@@ -925,6 +942,28 @@ def _first_run(store: Store, mine: RunInfo) -> RunInfo:
     store.finish_run(mine.id)
     log.info("run %r was created by another member at the same time: joining it", mine.name)
     return store.get_run(first["id"])
+
+
+PRIVACY_SETTINGS = ("secagg", "dp", "he")
+"""What a run keeps from its start to its end: resuming it with another of these would
+silently change what the agents' updates are protected by."""
+_PRIVACY_OFF: dict[str, Any] = {"secagg": False, "dp": "off", "he": "off"}
+
+
+def _check_privacy_unchanged(stored: Mapping[str, Any], cfg: AggregatorConfig, run: str) -> None:
+    """Refuse (ConfigError) to resume run ``run``, started with the privacy settings in
+    ``stored`` (its recorded configuration), with other ones."""
+    if not stored:  # a run registered by `fedstack model register`, not started yet
+        return
+    was = {k: stored.get(k, _PRIVACY_OFF[k]) for k in PRIVACY_SETTINGS}
+    now = {k: getattr(cfg, k) for k in PRIVACY_SETTINGS}
+    if was != now:
+        differ = ", ".join(f"{k} = {was[k]!r} (now {now[k]!r})" for k in was if was[k] != now[k])
+        raise ConfigError(
+            f"run {run!r} was started with {differ}: resume it with the same privacy "
+            "settings, or start a new run with another --run-name (a run never changes "
+            "how its agents' updates are protected)"
+        )
 
 
 def _public_config(cfg: AggregatorConfig) -> dict[str, Any]:
