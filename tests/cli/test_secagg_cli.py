@@ -3,6 +3,8 @@ strategy that needs individual updates is refused at start (exit 2, a clear erro
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -108,6 +110,14 @@ def test_aggregator_secagg_with_cli_agents_runs_three_rounds(tmp_path: Path) -> 
         assert len([e for e in store.events(run) if e["kind"] == "secagg_round"]) == 3
     finally:
         store.close()
+    # `fedstack db rounds` tells a secure round: how many masked inputs, how many dropped
+    from fedstack.cli.main import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["db", "rounds", "--db", str(tmp_path / "agg.db"), "--json"]) == 0
+    rows = json.loads(buf.getvalue())
+    assert [(r["secagg_agents"], r["secagg_dropped"]) for r in rows] == [(3, 0)] * 3
 
 
 def test_secagg_with_median_exits_2_with_a_clear_error(tmp_path: Path) -> None:

@@ -247,6 +247,16 @@ def cmd_rounds(
         for r in rows:
             r["dp_epsilon"] = r["metrics"].get("dp_epsilon")
         cols[-1:-1] = ["dp_epsilon"]
+    extra = [
+        ("max_dp_epsilon", "max_dp_epsilon"),  # local DP: the largest agent's epsilon
+        ("secagg_agents", "secagg_agents"),  # secure aggregation: masked inputs summed
+        ("secagg_dropped", "secagg_dropped"),  # ... and agents that dropped in the session
+    ]
+    for key, col in extra:
+        if any(key in r["metrics"] for r in rows):
+            for r in rows:
+                r[col] = r["metrics"].get(key)
+            cols[-1:-1] = [col]
     _show(rows, cols, json_)
     return 0
 
