@@ -199,11 +199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     )
     print(table)
-    png = plot(rows, args.out)
     js = save_json(
         args.out.with_suffix(".json"), {"args": vars(args) | {"out": str(args.out)}, "rows": rows}
     )
-    log(f"wrote {png} and {js} in {time.perf_counter() - t0:.1f} s")
+    try:
+        png: Path | str = plot(rows, args.out)
+    except ImportError:
+        png = "no plot (matplotlib is not installed: pip install -e '.[plot]')"
+    log(f"wrote {js} and {png} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

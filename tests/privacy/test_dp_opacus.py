@@ -119,3 +119,13 @@ def test_book_image_trainer_dp_sgd_on_its_round_sample() -> None:
     assert not all(np.array_equal(w1[k], w[k]) for k in w)
     plain = BookImageTrainer(dataset="digits", num_agents=2, samples_per_round=200)
     assert "dp_epsilon" not in plain.fit(w, {})[2]
+
+
+def test_a_dp_sgd_argument_without_the_noise_multiplier_is_refused() -> None:
+    from fedstack.errors import ConfigError
+    from fedstack.trainers.torch_digits import DigitsMLPTrainer
+
+    with pytest.raises(ConfigError, match="dp_max_grad_norm given without dp_noise_multiplier"):
+        DigitsMLPTrainer(dp_max_grad_norm=1.0)
+    assert DigitsMLPTrainer().dp is None
+    assert DigitsMLPTrainer(dp_noise_multiplier=1.0).dp is not None

@@ -172,3 +172,39 @@ class DPSGD:
             for p in params:
                 p.grad = None
         return losses
+
+
+def from_trainer_args(
+    noise_multiplier: float | None,
+    max_grad_norm: float | None,
+    delta: float | None,
+    accountant: str | None,
+) -> DPSGD | None:
+    """A trainer's DP-SGD from its ``dp_*`` arguments (None: no DP-SGD).
+
+    Raises:
+        ConfigError: a DP-SGD argument without ``dp_noise_multiplier`` (it would train
+            without DP, silently), or a value out of range.
+    """
+    if noise_multiplier is None:
+        given = [
+            name
+            for name, value in (
+                ("dp_max_grad_norm", max_grad_norm),
+                ("dp_delta", delta),
+                ("dp_accountant", accountant),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} given without dp_noise_multiplier: DP-SGD needs "
+                "--trainer-arg dp_noise_multiplier=Z (else the agent trains without DP)"
+            )
+        return None
+    return DPSGD(
+        noise_multiplier,
+        1.0 if max_grad_norm is None else max_grad_norm,
+        1e-5 if delta is None else delta,
+        "rdp" if accountant is None else accountant,
+    )

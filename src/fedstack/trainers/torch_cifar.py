@@ -241,16 +241,20 @@ class BookImageTrainer:
         seed: int = 0,
         threads: int = 1,
         dp_noise_multiplier: float | None = None,
-        dp_max_grad_norm: float = 1.0,
-        dp_delta: float = 1e-5,
-        dp_accountant: str = "rdp",
+        dp_max_grad_norm: float | None = None,
+        dp_delta: float | None = None,
+        dp_accountant: str | None = None,
     ) -> None:
         self.dp: DPSGD | None = None
         """Local DP-SGD (Opacus) when ``dp_noise_multiplier`` is set, else None."""
-        if dp_noise_multiplier is not None:
-            from fedstack.privacy.dpsgd import DPSGD
+        if any(v is not None for v in (dp_noise_multiplier, dp_max_grad_norm, dp_delta)) or (
+            dp_accountant is not None
+        ):
+            from fedstack.privacy.dpsgd import from_trainer_args
 
-            self.dp = DPSGD(dp_noise_multiplier, dp_max_grad_norm, dp_delta, dp_accountant)
+            self.dp = from_trainer_args(
+                dp_noise_multiplier, dp_max_grad_norm, dp_delta, dp_accountant
+            )
         if not isinstance(dataset, str) or dataset not in DEFAULTS:
             raise ConfigError(f"dataset must be 'cifar10' or 'digits', got {dataset!r}")
         defaults = DEFAULTS[dataset]
@@ -439,9 +443,9 @@ class CifarCNNTrainer(BookImageTrainer):
         seed: int = 0,
         threads: int = 1,
         dp_noise_multiplier: float | None = None,
-        dp_max_grad_norm: float = 1.0,
-        dp_delta: float = 1e-5,
-        dp_accountant: str = "rdp",
+        dp_max_grad_norm: float | None = None,
+        dp_delta: float | None = None,
+        dp_accountant: str | None = None,
     ) -> None:
         super().__init__(
             index, num_agents, "cifar10", data_dir, partition, samples_per_round, epochs, lr,

@@ -135,18 +135,22 @@ class _TorchDigitsTrainer(DigitsTrainerBase):
         lr: float = 0.05,
         batch_size: int = 32,
         dp_noise_multiplier: float | None = None,
-        dp_max_grad_norm: float = 1.0,
-        dp_delta: float = 1e-5,
-        dp_accountant: str = "rdp",
+        dp_max_grad_norm: float | None = None,
+        dp_delta: float | None = None,
+        dp_accountant: str | None = None,
     ) -> None:
         super().__init__(index, num_agents, partition, seed, epochs, lr, batch_size)
         torch.set_num_threads(1)
         self.dp: DPSGD | None = None
         """Local DP-SGD (Opacus) when ``dp_noise_multiplier`` is set, else None."""
-        if dp_noise_multiplier is not None:
-            from fedstack.privacy.dpsgd import DPSGD
+        if any(v is not None for v in (dp_noise_multiplier, dp_max_grad_norm, dp_delta)) or (
+            dp_accountant is not None
+        ):
+            from fedstack.privacy.dpsgd import from_trainer_args
 
-            self.dp = DPSGD(dp_noise_multiplier, dp_max_grad_norm, dp_delta, dp_accountant)
+            self.dp = from_trainer_args(
+                dp_noise_multiplier, dp_max_grad_norm, dp_delta, dp_accountant
+            )
         self.model = self.build()
         self._generator = torch.Generator().manual_seed(self.seed * 1000 + self.index)
         self._x = torch.from_numpy(self.x_train.copy())
@@ -362,9 +366,9 @@ class DigitsCNNTrainer(_TorchDigitsTrainer):
         lr: float = 0.05,
         batch_size: int = 32,
         dp_noise_multiplier: float | None = None,
-        dp_max_grad_norm: float = 1.0,
-        dp_delta: float = 1e-5,
-        dp_accountant: str = "rdp",
+        dp_max_grad_norm: float | None = None,
+        dp_delta: float | None = None,
+        dp_accountant: str | None = None,
     ) -> None:
         super().__init__(
             index,
