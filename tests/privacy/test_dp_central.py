@@ -194,7 +194,7 @@ def test_dp_settings_are_validated_with_what_to_do() -> None:
         AggregatorConfig(dp="central", dp_noise_multiplier=1.0)
     with pytest.raises(ConfigError, match="dp_clip set but dp is off: add --dp central"):
         AggregatorConfig(dp_clip=1.0)
-    with pytest.raises(ConfigError, match="dp_clip_lr need dp_adaptive_clip"):
+    with pytest.raises(ConfigError, match="dp_clip_lr needs dp_adaptive_clip"):
         AggregatorConfig(
             dp="central", dp_noise_multiplier=1, dp_clip=1, dp_delta=1e-5, dp_clip_lr=0.1
         )

@@ -505,8 +505,8 @@ class AggregatorConfig:
             if self.strategy not in ("fedavg", "ckks-fedavg") or self.strategy_params:
                 raise bad(
                     f"he = ckks sums ciphertexts (strategy ckks-fedavg): strategy "
-                    f"{self.strategy!r} with its parameters would need the individual "
-                    "updates in the clear (leave strategy and strategy_params unset)"
+                    f"{self.strategy!r} with its parameters would need the updates, or "
+                    "their mean, in the clear (leave strategy and strategy_params unset)"
                 )
         why = {
             "evaluator": "the aggregator cannot evaluate a model it cannot decrypt "
@@ -623,7 +623,10 @@ class AggregatorConfig:
                 if n in ("dp_target_quantile", "dp_clip_lr", "dp_clip_count_stddev")
             ]
             if adaptive_only:
-                raise bad(f"{', '.join(adaptive_only)} need dp_adaptive_clip (--dp-adaptive-clip)")
+                verb = "needs" if len(adaptive_only) == 1 else "need"
+                raise bad(
+                    f"{', '.join(adaptive_only)} {verb} dp_adaptive_clip (--dp-adaptive-clip)"
+                )
         from fedstack.privacy.dp import settings_from
 
         settings_from(self)  # refuses missing or inconsistent values
