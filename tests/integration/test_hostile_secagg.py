@@ -101,7 +101,7 @@ def test_hostile_secagg_messages_refused_and_honest_rounds_complete(tmp_path: Pa
         port=0,
         db=str(tmp_path / "h.db"),
         rounds=2,
-        min_agents=4,  # the three honest agents and the attacker
+        min_agents=3,  # the three honest agents (the attacker makes 4 in round 1)
         finish_grace=3,
         secagg=True,
         secagg_timeout=2.0,
@@ -109,6 +109,7 @@ def test_hostile_secagg_messages_refused_and_honest_rounds_complete(tmp_path: Pa
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
         versions: dict[str, list[int]] = {}
+        mallory_joined = threading.Event()  # round 1 needs all 4 active agents' keys
 
         def honest(name: str, i: int) -> None:
             a = Agent(url, name=name)
@@ -129,6 +130,7 @@ def test_hostile_secagg_messages_refused_and_honest_rounds_complete(tmp_path: Pa
                 while True:
                     gm = a.wait_for_global_model(60)
                     versions.setdefault(name, []).append(a.version)
+                    mallory_joined.wait(30)
                     a.send_trained_model({"w": gm["w"] + i}, 10)
             except (FederationFinished, ConnectionClosed, FedstackError, TimeoutError):
                 pass
@@ -146,6 +148,7 @@ def test_hostile_secagg_messages_refused_and_honest_rounds_complete(tmp_path: Pa
         async def attack() -> dict[str, Any]:
             out: dict[str, Any] = {}
             peer = await _join(url, "mallory")
+            mallory_joined.set()
             start: SecAggStart = await peer.next(SecAggStart)
             s = start.session
             # an oversized share map never reaches the session: the decoder refuses it

@@ -12,7 +12,9 @@ round (:class:`fedstack.privacy.secagg.AgentSession` does the cryptography):
 * ``secagg_unmask``: the shares that remove the survivors' self-masks and the dropped
   agents' pairwise masks (refused, once, if the request could unmask it);
 * ``secagg_abort``: the session failed; the next ``secagg_start`` of the round re-runs
-  the phases with the same trained update (fresh keys).
+  the phases with the same trained update (fresh keys) -- unless the agent already
+  answered an unmask request for it: an update whose unmask shares went out is never
+  masked again (it waits for the next global model).
 
 A newer global model makes the trained update obsolete. What a (possibly hostile)
 aggregator sends is checked by the library; a refusal is logged and the session dropped
@@ -199,6 +201,10 @@ class SecAggAgent:
                 )
             self.unmasked = True
             b_shares, sk_shares = session.unmask(list(msg.survivors), list(msg.dropped))
+            # its self-mask seed is out: this update is never masked again (a second sum of
+            # it over another set of agents would reveal it by difference); the agent sits
+            # the round out and trains on the next global model
+            self.trained = None
             return [SecAggUnmaskShares(session=msg.session, b_shares=b_shares, sk_shares=sk_shares)]
         raise SecAggError("secagg-phase", f"an aggregator may not send {msg.TYPE}")
 
