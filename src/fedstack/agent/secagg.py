@@ -8,7 +8,9 @@ round (:class:`fedstack.privacy.secagg.AgentSession` does the cryptography):
 * ``secagg_start`` for the round it trained for: advertise fresh keys (``secagg_keys``);
 * ``secagg_roster``: send its encrypted key shares (``secagg_shares``);
 * ``secagg_forward``: its neighbours' shares arrive; it uploads its masked input (a
-  :class:`~fedstack.wire.ModelUpload` of ``{"secagg/masked": uint32[P+1]}``);
+  :class:`~fedstack.wire.ModelUpload` of ``{"secagg/masked": uint32[P+1]}``); a share
+  that fails authentication ends its part in the session with a ``secagg_report``
+  naming the sender(s);
 * ``secagg_unmask``: the shares that remove the survivors' self-masks and the dropped
   agents' pairwise masks (refused, once, if the request could unmask it);
 * ``secagg_abort``: the session failed; the next ``secagg_start`` of the round re-runs
@@ -46,6 +48,7 @@ from fedstack.wire import (
     SecAggAbort,
     SecAggForward,
     SecAggKeys,
+    SecAggReport,
     SecAggRoster,
     SecAggShares,
     SecAggStart,
@@ -180,7 +183,21 @@ class SecAggAgent:
             shares = session.share_keys(roster)
             return [SecAggShares(session=msg.session, shares=shares)]
         if isinstance(msg, SecAggForward):
-            session.receive_shares(dict(msg.shares))
+            try:
+                session.receive_shares(dict(msg.shares))
+            except SecAggError as exc:
+                if not exc.accused:
+                    raise
+                # forged shares: this session cannot go on; the aggregator learns who sent
+                # them (and excludes it from the next attempt, where this update goes again)
+                log.error(
+                    "%s: secure aggregation session %s: %s; reporting it",
+                    self.name,
+                    msg.session[:80],
+                    exc,
+                )
+                self._drop()
+                return [SecAggReport(session=msg.session, accused=list(exc.accused), code=exc.code)]
             trained = self.trained
             assert trained is not None
             masked = session.mask(trained.vector, trained.weight)

@@ -71,6 +71,7 @@ from fedstack.wire import (
     SecAggAbort,
     SecAggForward,
     SecAggKeys,
+    SecAggReport,
     SecAggRoster,
     SecAggShares,
     SecAggStart,
@@ -87,6 +88,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedstack.aggregator")
 
 KEY_BYTES = 32
+FOREVER = 2**62
+"""The last round of an exclusion for the rest of the run."""
 MAX_BACKOFF = 32.0
 """Longest wait between failed attempts of a round, in multiples of ``secagg_timeout``."""
 
@@ -155,6 +158,8 @@ class _Attempt:
     shared: set[str] | None = None
     unmasked: set[str] | None = None
     answered: asyncio.Future[None] | None = None
+    reports: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Members that left phase 3 reporting forged shares: reporter -> accused."""
 
 
 class MaskedAccumulator:
@@ -259,17 +264,18 @@ class SecAggCoordinator:
         until = self.excluded.get(agent_id)
         return until is not None and until[0] >= self.round
 
-    def exclude(self, agent_id: str, why: str, rounds: int = 0) -> None:
-        """Owner: ``agent_id`` sits out the rest of the round (and ``rounds`` more)."""
-        last = self.round + rounds
+    def exclude(self, agent_id: str, why: str, *, proven: bool) -> None:
+        """Owner: ``agent_id`` sits out the rest of the round; ``proven`` misbehaviour
+        (a refused key, a wrong share or commitment: no honest agent sends one) for the
+        rest of the run (of this aggregator process)."""
+        last = FOREVER if proven else self.round
         old = self.excluded.get(agent_id)
         if old is None or old[0] < last:
             self.excluded[agent_id] = (last, why[:300])
         log.warning(
-            "secure aggregation: agent %s is excluded from round %d%s: %s",
+            "secure aggregation: agent %s is excluded from %s: %s",
             agent_id,
-            self.round,
-            f" (and the next {rounds})" if rounds else "",
+            "the run's secure aggregation" if proven else f"round {self.round}",
             why,
         )
 
@@ -376,7 +382,7 @@ class SecAggCoordinator:
                 cur.server.add_keys(s.agent_id, PublicKeys(msg.c_pk, msg.s_pk, msg.b_commit))
             except SecAggError as exc:
                 if exc.code == "secagg-bad-key":  # provable misbehaviour: it sits out
-                    self.exclude(s.agent_id, f"refused keys: {exc}")
+                    self.exclude(s.agent_id, f"refused keys: {exc}", proven=True)
                     self.agg.owner._audit(
                         "secagg_refused",
                         {
@@ -397,6 +403,10 @@ class SecAggCoordinator:
             assert cur.shared is not None
             cur.shared.add(s.agent_id)
             self._closing(self._maybe_close_shares)
+        elif isinstance(msg, SecAggReport):
+            cur = self._expect(s, msg.session, MASKED)
+            self._report(cur, s.agent_id, msg)
+            self._closing(self._maybe_fail_masked)
         elif isinstance(msg, SecAggUnmaskShares):
             cur = self._expect(s, msg.session, UNMASK)
             cur.server.add_unmask(s.agent_id, dict(msg.b_shares), dict(msg.sk_shares))
@@ -405,6 +415,56 @@ class SecAggCoordinator:
             self._check_answered()
         else:
             raise SecAggError("secagg-phase", f"an agent may not send {msg.TYPE}")
+
+    def _report(self, cur: _Attempt, reporter: str, msg: SecAggReport) -> None:
+        """``reporter`` leaves the session: the shares of ``msg.accused`` failed its checks."""
+        if reporter not in cur.u2:
+            raise SecAggError("secagg-unknown-agent", f"{reporter} is not in this session (U2)")
+        if reporter in cur.reports:
+            raise SecAggError("secagg-replay", f"{reporter} already reported")
+        if reporter in self.agg.state.contributors:
+            raise SecAggError(
+                "secagg-refused", f"{reporter} sent its masked input: it cannot report now"
+            )
+        accused = tuple(dict.fromkeys(msg.accused))
+        nbrs = set(cur.server.neighbours(reporter)) & set(cur.u2)
+        if not accused or len(accused) != len(msg.accused) or not set(accused) <= nbrs:
+            raise SecAggError(
+                "secagg-bad-input",
+                "a report names each accused once, and only neighbours that sent shares",
+            )
+        cur.reports[reporter] = accused
+        log.warning(
+            "secure aggregation %s: %s reports forged shares from %s (%s)",
+            cur.session,
+            reporter,
+            ", ".join(accused),
+            msg.code[:40],
+        )
+        self.agg.owner._audit(
+            "secagg_report",
+            {
+                "round": self.round,
+                "session": cur.session,
+                "accused": list(accused),
+                "code": msg.code[:40],
+            },
+            reporter,
+        )
+
+    def _maybe_fail_masked(self, now: float) -> None:
+        """Phase 3 fails at once when every member uploaded, left or reported and too few
+        masked inputs are in."""
+        cur = self.current
+        assert cur is not None
+        got = set(self.agg.state.contributors)
+        waiting = {a for a in cur.u2 if a in self.agg.sessions} - got - set(cur.reports)
+        if (not waiting or self._timed_out(cur, now)) and len(got) < self.params.min_survivors:
+            raise SecAggError(
+                "secagg-too-few",
+                f"{len(got)} masked input(s) ({len(cur.reports)} member(s) reported forged "
+                f"shares); secagg_min_survivors is {self.params.min_survivors}",
+            )
 
     def left(self, s: Session) -> None:
         """Owner: agent ``s`` left: the unmasking waits for it no longer."""
@@ -509,13 +569,7 @@ class SecAggCoordinator:
             elif cur.phase == SHARES:
                 self._maybe_close_shares(now)
             elif cur.phase == MASKED:
-                n = len(self.agg.state.contributors)
-                if self._timed_out(cur, now) and n < self.params.min_survivors:
-                    raise SecAggError(
-                        "secagg-too-few",
-                        f"{n} masked input(s) in {self.params.timeout:g} s; "
-                        f"secagg_min_survivors is {self.params.min_survivors}",
-                    )
+                self._maybe_fail_masked(now)
         except SecAggError as exc:
             self.fail(exc)
 
@@ -543,7 +597,7 @@ class SecAggCoordinator:
         got = set(self.agg.state.contributors)
         if len(got) < self.params.min_survivors:
             return False
-        waiting = {a for a in cur.u2 if a in self.agg.sessions} - got
+        waiting = {a for a in cur.u2 if a in self.agg.sessions} - got - set(cur.reports)
         return not waiting or self._timed_out(cur, now)
 
     def check_masked(self, agent_id: str, msg: ModelUpload) -> str | None:
@@ -594,7 +648,7 @@ class SecAggCoordinator:
         members = cur.u1 or tuple(sorted(cur.advertised))
         culprits = self._culprits(cur)
         for a, why in culprits.items():
-            self.exclude(a, why)
+            self.exclude(a, why, proven=a in cur.server.bad_senders)
         log.warning(
             "secure aggregation %s failed: %s: %s%s",
             cur.session,
@@ -645,8 +699,18 @@ class SecAggCoordinator:
     @staticmethod
     def _culprits(cur: _Attempt) -> dict[str, str]:
         """Agents the attempt caught misbehaving (a wrong Shamir share, a commitment its
-        own shares refute): they sit out the round's later attempts."""
-        return {a: why[:200] for a, why in cur.server.bad_senders.items()}
+        own shares refute: proven) or accused of forged shares by a neighbour that
+        accused no other (an agent accusing several is excluded itself: one malicious
+        agent can frame at most one honest agent per attempt): they sit out the round's
+        later attempts."""
+        out: dict[str, str] = {}
+        for reporter, accused in cur.reports.items():
+            if len(accused) > 1:
+                out[reporter] = f"accused {len(accused)} neighbours of forged shares"
+            else:
+                out.setdefault(accused[0], f"accused of forged shares by {reporter}")
+        out.update({a: why[:200] for a, why in cur.server.bad_senders.items()})
+        return out
 
     def _remember(self, cur: _Attempt, outcome: str, code: str = "") -> None:
         self.history.append(
@@ -699,7 +763,7 @@ class SecAggCoordinator:
             # round (they sit it out), so the round ends here with the model unchanged
             culprits = self._culprits(cur)
             for a, why in culprits.items():
-                self.exclude(a, why, rounds=1)
+                self.exclude(a, why, proven=a in cur.server.bad_senders)
             return self._unchanged(cur, global_weights, state, exc.code, str(exc), culprits)
         try:
             if not weight > 0 or not math.isfinite(weight):

@@ -117,9 +117,12 @@ class SecAggError(FedstackError):
         }
     )
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, accused: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.code = code
+        self.accused: tuple[str, ...] = tuple(accused)
+        """The agents whose input caused the refusal, when known (e.g. the senders of
+        shares that failed authentication)."""
 
 
 # ------------------------------------------------------------------------------ params
@@ -595,6 +598,7 @@ class AgentSession:
         if not isinstance(shares, Mapping):
             raise SecAggError("secagg-bad-input", f"shares must be a mapping, got {shares!r:.80}")
         got: dict[str, tuple[bytes, bytes]] = {}
+        forged: list[str] = []
         for sender, ct in shares.items():
             _check_id(sender, "sender id")
             if sender not in self._roster.neighbours:
@@ -621,12 +625,16 @@ class AgentSession:
                     _share_aad(self.session, sender, self.agent_id),
                 )
             except InvalidTag:
-                raise SecAggError(
-                    "secagg-bad-share",
-                    f"the share from {sender} failed authentication (tampered, or encrypted "
-                    "under another key)",
-                ) from None
+                forged.append(sender)
+                continue
             got[sender] = (pt[:SEED_BYTES], pt[SEED_BYTES:])
+        if forged:  # only the sender (or the one who knows its key) can make a valid one
+            raise SecAggError(
+                "secagg-bad-share",
+                f"the share(s) from {', '.join(sorted(forged)[:5])} failed authentication "
+                "(tampered, or encrypted under another key)",
+                accused=sorted(forged),
+            )
         self._held = got
         self._phase = "received"
 
