@@ -416,3 +416,86 @@ def test_without_the_privacy_extra_the_import_names_it(
     monkeypatch.setitem(sys.modules, missing, None)  # import fails
     with pytest.raises(ImportError, match=r"pip install 'fedstack\[privacy\]'"):
         importlib.import_module("fedstack.privacy.secagg")
+
+
+# ---------------------------------------------------------------- attacker trial fixes
+# order-8 and other low-order X25519 points (RFC 7748 section 6.1 / libsodium blocklist)
+LOW_ORDER = [
+    bytes(32),
+    (1).to_bytes(32, "little"),
+    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    bytes.fromhex("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+]
+
+
+@pytest.mark.parametrize("which", ["c_pk", "s_pk"])
+@pytest.mark.parametrize("point", range(len(LOW_ORDER)))
+def test_server_refuses_low_order_public_keys(which: str, point: int) -> None:
+    p = SecAggParams()
+    srv = ServerSession(p, S)
+    good = AgentSession(p, S, "mallory").advertise()
+    keys = PublicKeys(
+        LOW_ORDER[point] if which == "c_pk" else good.c_pk,
+        LOW_ORDER[point] if which == "s_pk" else good.s_pk,
+        good.b_commit,
+    )
+    with pytest.raises(SecAggError) as e:
+        srv.add_keys("mallory", keys)
+    assert e.value.code == "secagg-bad-key"
+    assert "mallory" in str(e.value) and "low-order" in str(e.value)
+    srv.add_keys("mallory", good)  # nothing of the refused keys was kept
+
+
+def _unmask_all(srv: ServerSession, agents: dict[str, AgentSession]) -> None:
+    survivors, dropped = srv.close_masked()
+    for a in survivors:
+        b, sk = agents[a].unmask(survivors, dropped)
+        srv.add_unmask(a, b, sk)
+
+
+def test_a_wrong_commitment_is_blamed_on_its_owner_not_its_holders() -> None:
+    p = SecAggParams()
+    srv = ServerSession(p, S, random.Random(3))
+    agents = {f"a{i}": AgentSession(p, S, f"a{i}") for i in range(6)}
+    for a, s in agents.items():
+        keys = s.advertise()
+        if a == "a0":  # mallory commits to a seed it does not share
+            keys = PublicKeys(keys.c_pk, keys.s_pk, bytes(range(32)))
+        srv.add_keys(a, keys)
+    rosters = srv.close_keys()
+    for a, s in agents.items():
+        srv.add_shares(a, s.share_keys(rosters[a]))
+    fwd = srv.close_shares()
+    for a in fwd:
+        agents[a].receive_shares(fwd[a])
+        srv.add_masked(a, agents[a].mask(np.linspace(-1, 1, 16), 50))
+    _unmask_all(srv, agents)
+    with pytest.raises(SecAggError) as e:
+        srv.finish()
+    assert e.value.code == "secagg-bad-share"
+    assert set(srv.bad_senders) == {"a0"}, srv.bad_senders  # the owner, no honest holder
+    assert "a0 sent a wrong commitment" in str(e.value)
+
+
+def test_finish_checks_every_secret_before_unmasking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure in finish() (here: a dropped agent's mask key cannot be rebuilt) happens
+    before any mask is taken off the sum: no PRG is subtracted at all."""
+    import fedstack.privacy.secagg as lib
+
+    srv, agents, _ = masked(6, drop_after_advertise=())
+    survivors, dropped = srv.close_masked()
+    for a in survivors:
+        b, sk = agents[a].unmask(survivors, dropped)
+        if a == survivors[0]:  # one wrong b share of another survivor, beyond repair below
+            b = {o: bytes(16) for o in b}
+        srv.add_unmask(a, b, sk)
+    calls: list[int] = []
+    real = lib._add_prg
+    monkeypatch.setattr(lib, "_add_prg", lambda acc, seed, sign: calls.append(sign))
+    monkeypatch.setattr(lib, "MAX_SUBSETS", 1)  # the search gives up at once
+    with pytest.raises(SecAggError) as e:
+        srv.finish()
+    assert calls == [], "a mask was removed before every secret was checked"
+    assert "one or more of" in str(e.value)  # no honest holder named as the culprit
+    del real

@@ -265,9 +265,7 @@ class RoundDriver:
         if facts is not None:  # which agents' masked inputs made the round, who dropped
             try:
                 if voided:  # masked inputs of a round left unchanged: never aggregated
-                    await self._db(
-                        store.carry_uploads, self._run_id(), voided, round=round, drop=True
-                    )
+                    await self._db(store.discard_uploads, self._run_id(), voided)
                 await self._db(
                     store.log_event,
                     "secagg_round",
