@@ -330,7 +330,8 @@ def _malicious_run(
             a = Agent(url, name=name)
             a.send_initial_model({"w": np.zeros(P, np.float32)})
             a.start(30)
-            ids[name] = a._core.session.agent_id
+            assert a._core.session is not None
+            ids[name] = str(a._core.session.agent_id)
             if name == "mallory" and mode:
                 _tamper(mode, a._core.secagg, ids)
             try:

@@ -499,3 +499,57 @@ def test_finish_checks_every_secret_before_unmasking(monkeypatch: pytest.MonkeyP
     assert calls == [], "a mask was removed before every secret was checked"
     assert "one or more of" in str(e.value)  # no honest holder named as the culprit
     del real
+
+
+def test_an_agent_never_masks_an_update_again_once_its_unmask_shares_went_out() -> None:
+    """Agent side of the differencing fix: after answering an unmask request for its
+    update, a later attempt of the same round (an abort, a new secagg_start) gets nothing
+    from the agent: a second sum of that update over other agents would reveal it."""
+    from fedstack.agent.secagg import SecAggAgent
+    from fedstack.wire import (
+        ModelUpload,
+        SecAggAbort,
+        SecAggForward,
+        SecAggKeys,
+        SecAggRoster,
+        SecAggShares,
+        SecAggStart,
+        SecAggUnmask,
+        SecAggUnmaskShares,
+    )
+
+    p = SecAggParams()
+    base = {"w": np.zeros(8, np.float32)}
+    agents = {f"a{i}": SecAggAgent(p, f"a{i}") for i in range(3)}
+    for a, sa in agents.items():
+        sa.agent_id = a
+        sa.set_update({"w": np.full(8, float(a[1]), np.float32)}, base, 0, 10)
+    srv = ServerSession(p, S, random.Random(0), vector_length=9)
+    for a, sa in agents.items():
+        (keys,) = sa.on_message(SecAggStart(session=S, round=1), a)
+        assert isinstance(keys, SecAggKeys)
+        srv.add_keys(a, PublicKeys(keys.c_pk, keys.s_pk, keys.b_commit))
+    for a, r in srv.close_keys().items():
+        blob = {j: k.c_pk + k.s_pk + k.b_commit for j, k in r.neighbours.items()}
+        roster = SecAggRoster(session=S, threshold=r.threshold, keys=blob, index=dict(r.index))
+        (shares,) = agents[a].on_message(roster, a)
+        assert isinstance(shares, SecAggShares)
+        srv.add_shares(a, dict(shares.shares))
+    for a, fwd in srv.close_shares().items():
+        (up,) = agents[a].on_message(SecAggForward(session=S, shares=fwd), a)
+        assert isinstance(up, ModelUpload)
+        srv.add_masked(a, next(iter(up.model.values())))
+    survivors, dropped = srv.close_masked()
+    ask = SecAggUnmask(session=S, survivors=survivors, dropped=dropped)
+    answered = "a0"
+    (ans,) = agents[answered].on_message(ask, answered)
+    assert isinstance(ans, SecAggUnmaskShares)
+    # the attempt is aborted afterwards (whatever the reason) and a retry is announced
+    retry = S + "-retry"
+    for a, sa in agents.items():
+        sa.on_message(SecAggAbort(session=S, code="secagg-too-few"), a)
+        out = sa.on_message(SecAggStart(session=retry, round=1), a)
+        if a == answered:
+            assert out == [] and sa.trained is None
+        else:  # an agent whose secrets stayed home tries again with its update
+            assert len(out) == 1 and isinstance(out[0], SecAggKeys)
