@@ -451,3 +451,47 @@ def test_a_wrong_commitment_excludes_its_agent_for_the_run(tmp_path: Path) -> No
         assert len(stale) == 4 and all(not m["blob"] for m in stale)
     finally:
         store.close()
+
+
+def test_no_push_to_a_connection_failed_for_a_protocol_breach(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """rawfuzz.py: a round ends just after a hostile agent's protocol breach failed its
+    connection; the global model's push to it is skipped quietly (no ERROR, no traceback)."""
+    from fedstack.aggregator.delivery import Delivery, Published
+    from fedstack.aggregator.fanout import Fanout
+    from fedstack.aggregator.registry import Session
+    from fedstack.errors import LocalProtocolError
+
+    class Conn:
+        remote_address = "127.0.0.1:1"
+        aborted = False
+        writes = 0
+
+        def write(self, parts: Any, *, frozen: bool = False) -> None:
+            self.writes += 1
+
+        async def drain(self) -> None:
+            pass
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    class Failed:  # the protocol session after a breach (state failed)
+        state = None
+
+        def send_encoded(self, kind: Any, parts: Any) -> None:
+            raise LocalProtocolError("aggregator may not send global_model in state failed")
+
+    async def main() -> Conn:
+        pub = Published(1, 2, "m1", {"w": np.zeros(4, np.float32)}, {}, False)
+        delivery = Delivery(Fanout(1 << 20), lambda: pub, 5.0, dict, 0)
+        conn = Conn()
+        session = Session("a", "mallory", conn, "x", protocol=Failed())  # type: ignore[arg-type]
+        await delivery.push(session, 1)
+        return conn
+
+    with caplog.at_level("DEBUG", logger="fedstack"):
+        conn = asyncio.run(main())
+    assert conn.aborted and conn.writes == 0
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
