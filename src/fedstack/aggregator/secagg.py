@@ -15,27 +15,35 @@ Phases of an attempt:
 
 1. ``keys``: :class:`~fedstack.wire.SecAggStart` goes to every welcomed agent (and to
    each agent that joins meanwhile); agents that trained on the current version answer
-   with their public keys. The phase closes when as many agents as the round needs
-   (``threshold`` x active, ``min_agents``) advertised, or ``secagg_timeout`` s after the
-   first advertisement with at least ``secagg_min_survivors``; each member gets its
-   roster (:class:`~fedstack.wire.SecAggRoster`).
+   with their public keys (low-order X25519 keys are refused and their agent excluded).
+   The phase closes when as many agents as the round needs (``needed(active)``: ``threshold``
+   x active, ``min_agents``) advertised, or ``secagg_timeout`` s after ``max(min_agents,
+   secagg_min_survivors)`` advertised (the clock starts then, not at the first
+   advertisement), or at ``round_timeout`` with that many; each member gets its roster
+   (:class:`~fedstack.wire.SecAggRoster`).
 2. ``shares``: members send their encrypted shares; the phase closes when every member
    sent (or left), or at the timeout; each recipient gets the ciphertexts addressed to it.
 3. ``masked``: members upload their masked input as a :class:`~fedstack.wire.ModelUpload`
    (stored like any upload: persisted before acknowledged; the store only ever holds
-   masked inputs); the round is ready when every member of phase 2 uploaded (or left),
-   or at the timeout with at least ``secagg_min_survivors``.
+   masked inputs); the round is ready when every member of phase 2 uploaded (or left, or
+   reported forged shares: :class:`~fedstack.wire.SecAggReport`), or at the timeout with at
+   least ``secagg_min_survivors``.
 4. ``unmask`` runs inside the aggregation (:meth:`SecAggCoordinator.aggregate`): the
    survivors are asked for their shares, the sum is unmasked and the global model is the
-   strategy's result on the weighted mean, committed like any round.
+   strategy's result on the weighted mean, committed like any round. Once survivors have
+   answered, the round never fails: a reconstruction failure or an unmasked total weight
+   that is not positive and finite commits the round with the model unchanged (no update
+   is ever offered to a second sum: differencing across attempts).
 
 A failure (too few agents in a phase, too few or bad shares) ends the attempt: the event
 ``secagg_failed`` is stored with the reason, every member gets
 :class:`~fedstack.wire.SecAggAbort`, the attempt's stored masked inputs are marked
 ``stale`` (never aggregated), no model and no partial sum exist, and a new attempt
-starts (agents re-run the phases with their trained update). After
-``secagg_max_attempts`` failed attempts in a round the coordinator waits for an agent to
-join before it tries again.
+starts (agents re-run the phases with their trained update) -- at once after the first
+failure, then after an exponential back-off. Agents caught misbehaving (a wrong share or
+commitment: for the run; accused of forged shares: for the round) are excluded. After
+``secagg_max_attempts`` failed attempts in a round the coordinator waits for an agent that
+took no part in them to join before it tries again.
 
 A restarted aggregator abandons the attempt in progress: its stored masked inputs are
 marked stale at start (:meth:`SecAggCoordinator.abandoned`) and a new attempt begins.
