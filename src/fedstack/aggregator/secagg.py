@@ -98,6 +98,8 @@ log = logging.getLogger("fedstack.aggregator")
 KEY_BYTES = 32
 FOREVER = 2**62
 """The last round of an exclusion for the rest of the run."""
+MAX_EXCLUDED = 10_000
+"""Most excluded agents remembered (ids are cheap to make without authentication)."""
 MAX_BACKOFF = 32.0
 """Longest wait between failed attempts of a round, in multiples of ``secagg_timeout``."""
 
@@ -279,7 +281,10 @@ class SecAggCoordinator:
         last = FOREVER if proven else self.round
         old = self.excluded.get(agent_id)
         if old is None or old[0] < last:
+            self.excluded.pop(agent_id, None)
             self.excluded[agent_id] = (last, why[:300])
+            while len(self.excluded) > MAX_EXCLUDED:  # bounded: the oldest go first
+                del self.excluded[next(iter(self.excluded))]
         log.warning(
             "secure aggregation: agent %s is excluded from %s: %s",
             agent_id,
