@@ -103,6 +103,7 @@ PINNED: dict[str, dict[str, str]] = {
     "secagg_unmask": {"session": "str", "survivors": "AgentIds", "dropped": "AgentIds"},
     "secagg_unmask_shares": {"session": "str", "b_shares": "ByteMap", "sk_shares": "ByteMap"},
     "secagg_abort": {"session": "str", "code": "str", "reason": "str"},
+    "secagg_report": {"session": "str", "accused": "AgentIds", "code": "str"},
 }
 
 # the codec's kinds: annotation -> (kind, nullable)

@@ -64,6 +64,7 @@ def _run(
     rounds: int = 1,
     max_attempts: int = 5,
     late_agent: bool = False,
+    min_agents: int = N,
 ) -> tuple[Store, str, dict[int | str, Any]]:
     """Run ``rounds`` secure rounds with N agents; ``behaviour[i]`` makes agent i drop
     ("after-shares": it leaves when its neighbours' shares arrive; "after-masked": it
@@ -74,7 +75,7 @@ def _run(
         port=0,
         db=str(tmp_path / "s.db"),
         rounds=rounds,
-        min_agents=N,
+        min_agents=min_agents,
         finish_grace=3,
         secagg=True,
         secagg_timeout=timeout,
@@ -252,7 +253,7 @@ def test_dropouts_after_shares_and_after_masked_input(tmp_path: Path) -> None:
 def test_below_threshold_fails_cleanly_then_retries(tmp_path: Path) -> None:
     # 6 of 10 leave after the key exchange: 4 masked inputs < t = 5 of 9 holders
     behaviour = {i: "after-shares" for i in (0, 2, 3, 5, 6, 8)}
-    store, run_id, _ = _run(tmp_path, behaviour, timeout=2.0)
+    store, run_id, _ = _run(tmp_path, behaviour, timeout=2.0, min_agents=4)
     try:
         failed = _events(store, run_id, "secagg_failed")
         assert failed, "the first attempt must fail"
@@ -277,7 +278,9 @@ def test_below_threshold_fails_cleanly_then_retries(tmp_path: Path) -> None:
 
 def test_after_max_attempts_the_round_waits_for_a_join(tmp_path: Path) -> None:
     behaviour = {i: "after-shares" for i in (0, 2, 3, 5, 6, 8)}
-    store, run_id, seen = _run(tmp_path, behaviour, timeout=1.0, max_attempts=1, late_agent=True)
+    store, run_id, seen = _run(
+        tmp_path, behaviour, timeout=1.0, max_attempts=1, late_agent=True, min_agents=4
+    )
     try:
         assert len(_events(store, run_id, "secagg_failed")) == 1
         assert seen["paused_attempts"] == 2  # the next attempt exists but was not started

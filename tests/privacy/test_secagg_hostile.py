@@ -416,3 +416,140 @@ def test_without_the_privacy_extra_the_import_names_it(
     monkeypatch.setitem(sys.modules, missing, None)  # import fails
     with pytest.raises(ImportError, match=r"pip install 'fedstack\[privacy\]'"):
         importlib.import_module("fedstack.privacy.secagg")
+
+
+# ---------------------------------------------------------------- attacker trial fixes
+# order-8 and other low-order X25519 points (RFC 7748 section 6.1 / libsodium blocklist)
+LOW_ORDER = [
+    bytes(32),
+    (1).to_bytes(32, "little"),
+    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    bytes.fromhex("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+]
+
+
+@pytest.mark.parametrize("which", ["c_pk", "s_pk"])
+@pytest.mark.parametrize("point", range(len(LOW_ORDER)))
+def test_server_refuses_low_order_public_keys(which: str, point: int) -> None:
+    p = SecAggParams()
+    srv = ServerSession(p, S)
+    good = AgentSession(p, S, "mallory").advertise()
+    keys = PublicKeys(
+        LOW_ORDER[point] if which == "c_pk" else good.c_pk,
+        LOW_ORDER[point] if which == "s_pk" else good.s_pk,
+        good.b_commit,
+    )
+    with pytest.raises(SecAggError) as e:
+        srv.add_keys("mallory", keys)
+    assert e.value.code == "secagg-bad-key"
+    assert "mallory" in str(e.value) and "low-order" in str(e.value)
+    srv.add_keys("mallory", good)  # nothing of the refused keys was kept
+
+
+def _unmask_all(srv: ServerSession, agents: dict[str, AgentSession]) -> None:
+    survivors, dropped = srv.close_masked()
+    for a in survivors:
+        b, sk = agents[a].unmask(survivors, dropped)
+        srv.add_unmask(a, b, sk)
+
+
+def test_a_wrong_commitment_is_blamed_on_its_owner_not_its_holders() -> None:
+    p = SecAggParams()
+    srv = ServerSession(p, S, random.Random(3))
+    agents = {f"a{i}": AgentSession(p, S, f"a{i}") for i in range(6)}
+    for a, s in agents.items():
+        keys = s.advertise()
+        if a == "a0":  # mallory commits to a seed it does not share
+            keys = PublicKeys(keys.c_pk, keys.s_pk, bytes(range(32)))
+        srv.add_keys(a, keys)
+    rosters = srv.close_keys()
+    for a, s in agents.items():
+        srv.add_shares(a, s.share_keys(rosters[a]))
+    fwd = srv.close_shares()
+    for a in fwd:
+        agents[a].receive_shares(fwd[a])
+        srv.add_masked(a, agents[a].mask(np.linspace(-1, 1, 16), 50))
+    _unmask_all(srv, agents)
+    with pytest.raises(SecAggError) as e:
+        srv.finish()
+    assert e.value.code == "secagg-bad-share"
+    assert set(srv.bad_senders) == {"a0"}, srv.bad_senders  # the owner, no honest holder
+    assert "a0 sent a wrong commitment" in str(e.value)
+
+
+def test_finish_checks_every_secret_before_unmasking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure in finish() (here: a dropped agent's mask key cannot be rebuilt) happens
+    before any mask is taken off the sum: no PRG is subtracted at all."""
+    import fedstack.privacy.secagg as lib
+
+    srv, agents, _ = masked(6, drop_after_advertise=())
+    survivors, dropped = srv.close_masked()
+    for a in survivors:
+        b, sk = agents[a].unmask(survivors, dropped)
+        if a == survivors[0]:  # one wrong b share of another survivor, beyond repair below
+            b = {o: bytes(16) for o in b}
+        srv.add_unmask(a, b, sk)
+    calls: list[int] = []
+    real = lib._add_prg
+    monkeypatch.setattr(lib, "_add_prg", lambda acc, seed, sign: calls.append(sign))
+    monkeypatch.setattr(lib, "MAX_SUBSETS", 1)  # the search gives up at once
+    with pytest.raises(SecAggError) as e:
+        srv.finish()
+    assert calls == [], "a mask was removed before every secret was checked"
+    assert "one or more of" in str(e.value)  # no honest holder named as the culprit
+    del real
+
+
+def test_an_agent_never_masks_an_update_again_once_its_unmask_shares_went_out() -> None:
+    """Agent side of the differencing fix: after answering an unmask request for its
+    update, a later attempt of the same round (an abort, a new secagg_start) gets nothing
+    from the agent: a second sum of that update over other agents would reveal it."""
+    from fedstack.agent.secagg import SecAggAgent
+    from fedstack.wire import (
+        ModelUpload,
+        SecAggAbort,
+        SecAggForward,
+        SecAggKeys,
+        SecAggRoster,
+        SecAggShares,
+        SecAggStart,
+        SecAggUnmask,
+        SecAggUnmaskShares,
+    )
+
+    p = SecAggParams()
+    base = {"w": np.zeros(8, np.float32)}
+    agents = {f"a{i}": SecAggAgent(p, f"a{i}") for i in range(3)}
+    for a, sa in agents.items():
+        sa.agent_id = a
+        sa.set_update({"w": np.full(8, float(a[1]), np.float32)}, base, 0, 10)
+    srv = ServerSession(p, S, random.Random(0), vector_length=9)
+    for a, sa in agents.items():
+        (keys,) = sa.on_message(SecAggStart(session=S, round=1), a)
+        assert isinstance(keys, SecAggKeys)
+        srv.add_keys(a, PublicKeys(keys.c_pk, keys.s_pk, keys.b_commit))
+    for a, r in srv.close_keys().items():
+        blob = {j: k.c_pk + k.s_pk + k.b_commit for j, k in r.neighbours.items()}
+        roster = SecAggRoster(session=S, threshold=r.threshold, keys=blob, index=dict(r.index))
+        (shares,) = agents[a].on_message(roster, a)
+        assert isinstance(shares, SecAggShares)
+        srv.add_shares(a, dict(shares.shares))
+    for a, fwd in srv.close_shares().items():
+        (up,) = agents[a].on_message(SecAggForward(session=S, shares=fwd), a)
+        assert isinstance(up, ModelUpload)
+        srv.add_masked(a, next(iter(up.model.values())))
+    survivors, dropped = srv.close_masked()
+    ask = SecAggUnmask(session=S, survivors=survivors, dropped=dropped)
+    answered = "a0"
+    (ans,) = agents[answered].on_message(ask, answered)
+    assert isinstance(ans, SecAggUnmaskShares)
+    # the attempt is aborted afterwards (whatever the reason) and a retry is announced
+    retry = S + "-retry"
+    for a, sa in agents.items():
+        sa.on_message(SecAggAbort(session=S, code="secagg-too-few"), a)
+        out = sa.on_message(SecAggStart(session=retry, round=1), a)
+        if a == answered:
+            assert out == [] and sa.trained is None
+        else:  # an agent whose secrets stayed home tries again with its update
+            assert len(out) == 1 and isinstance(out[0], SecAggKeys)

@@ -321,7 +321,10 @@ def test_graph_degree_grows_like_log_n_and_each_agent_shares_k() -> None:
         srv = ServerSession(p, SESSION, random.Random(1))
         for i, a in enumerate(ids):
             srv.add_keys(
-                a, PublicKeys(i.to_bytes(32, "big"), (i + n).to_bytes(32, "big"), bytes(32))
+                a,  # distinct keys (from u = 2: u = 0 and 1 are low-order points, refused)
+                PublicKeys(
+                    (i + 2).to_bytes(32, "little"), (i + n + 2).to_bytes(32, "little"), bytes(32)
+                ),
             )
         rosters = srv.close_keys()
         t = p.holders_threshold(n)

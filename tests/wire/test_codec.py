@@ -24,6 +24,7 @@ from fedstack.wire import (
     SecAggAbort,
     SecAggForward,
     SecAggKeys,
+    SecAggReport,
     SecAggRoster,
     SecAggShares,
     SecAggStart,
@@ -169,6 +170,7 @@ def samples() -> list[Message]:
         SecAggUnmask(session="run:1:1:ab", survivors=["a1", "a2"], dropped=[]),
         SecAggUnmaskShares(session="run:1:1:ab", b_shares={"a1": b"x" * 16}, sk_shares={}),
         SecAggAbort(session="run:1:1:ab", code="secagg-too-few", reason="2 < 3"),
+        SecAggReport(session="run:1:1:ab", accused=["a2"], code="secagg-bad-share"),
     ]
 
 

@@ -26,6 +26,7 @@ from fedstack.wire import (
     SecAggAbort,
     SecAggForward,
     SecAggKeys,
+    SecAggReport,
     SecAggRoster,
     SecAggShares,
     SecAggStart,
@@ -113,6 +114,7 @@ SAMPLES: dict[str, Message] = {
     SecAggUnmask.TYPE: SecAggUnmask(session="s1", survivors=["a1", "a2"], dropped=[]),
     SecAggUnmaskShares.TYPE: SecAggUnmaskShares(session="s1", b_shares={}, sk_shares={}),
     SecAggAbort.TYPE: SecAggAbort(session="s1", code="secagg-too-few"),
+    SecAggReport.TYPE: SecAggReport(session="s1", accused=["a2"], code="secagg-bad-share"),
 }
 """A valid message of every kind in the table (the sessions below run secure aggregation:
 its messages are legal once joined; see test_secagg_messages_need_secagg)."""

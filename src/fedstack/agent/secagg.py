@@ -8,11 +8,15 @@ round (:class:`fedstack.privacy.secagg.AgentSession` does the cryptography):
 * ``secagg_start`` for the round it trained for: advertise fresh keys (``secagg_keys``);
 * ``secagg_roster``: send its encrypted key shares (``secagg_shares``);
 * ``secagg_forward``: its neighbours' shares arrive; it uploads its masked input (a
-  :class:`~fedstack.wire.ModelUpload` of ``{"secagg/masked": uint32[P+1]}``);
+  :class:`~fedstack.wire.ModelUpload` of ``{"secagg/masked": uint32[P+1]}``); a share
+  that fails authentication ends its part in the session with a ``secagg_report``
+  naming the sender(s);
 * ``secagg_unmask``: the shares that remove the survivors' self-masks and the dropped
   agents' pairwise masks (refused, once, if the request could unmask it);
 * ``secagg_abort``: the session failed; the next ``secagg_start`` of the round re-runs
-  the phases with the same trained update (fresh keys).
+  the phases with the same trained update (fresh keys) -- unless the agent already
+  answered an unmask request for it: an update whose unmask shares went out is never
+  masked again (it waits for the next global model).
 
 A newer global model makes the trained update obsolete. What a (possibly hostile)
 aggregator sends is checked by the library; a refusal is logged and the session dropped
@@ -44,6 +48,7 @@ from fedstack.wire import (
     SecAggAbort,
     SecAggForward,
     SecAggKeys,
+    SecAggReport,
     SecAggRoster,
     SecAggShares,
     SecAggStart,
@@ -178,7 +183,21 @@ class SecAggAgent:
             shares = session.share_keys(roster)
             return [SecAggShares(session=msg.session, shares=shares)]
         if isinstance(msg, SecAggForward):
-            session.receive_shares(dict(msg.shares))
+            try:
+                session.receive_shares(dict(msg.shares))
+            except SecAggError as exc:
+                if not exc.accused:
+                    raise
+                # forged shares: this session cannot go on; the aggregator learns who sent
+                # them (and excludes it from the next attempt, where this update goes again)
+                log.error(
+                    "%s: secure aggregation session %s: %s; reporting it",
+                    self.name,
+                    msg.session[:80],
+                    exc,
+                )
+                self._drop()
+                return [SecAggReport(session=msg.session, accused=list(exc.accused), code=exc.code)]
             trained = self.trained
             assert trained is not None
             masked = session.mask(trained.vector, trained.weight)
@@ -199,6 +218,10 @@ class SecAggAgent:
                 )
             self.unmasked = True
             b_shares, sk_shares = session.unmask(list(msg.survivors), list(msg.dropped))
+            # its self-mask seed is out: this update is never masked again (a second sum of
+            # it over another set of agents would reveal it by difference); the agent sits
+            # the round out and trains on the next global model
+            self.trained = None
             return [SecAggUnmaskShares(session=msg.session, b_shares=b_shares, sk_shares=sk_shares)]
         raise SecAggError("secagg-phase", f"an aggregator may not send {msg.TYPE}")
 

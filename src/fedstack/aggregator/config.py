@@ -247,7 +247,8 @@ class AggregatorConfig:
     secagg_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] = setting(
         5,
         "secure aggregation: failed attempts of one round before the aggregator waits "
-        "for the set of agents to change (a join) to try again",
+        "for an agent that took no part in them to join to try again (attempts after the "
+        "first retry back off: secagg_timeout x 2^(k-2), at most 32 x)",
     )
     evaluator: str | None = setting(None, "module:function evaluating each global model centrally")
     he: Literal["off", "ckks"] = setting(

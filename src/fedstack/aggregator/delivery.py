@@ -145,6 +145,14 @@ class Delivery:
                     )
                     session.conn.abort()
                     return
+                except LocalProtocolError:  # its session already failed (a protocol breach)
+                    log.debug(
+                        "%s's session has failed; version %d is not pushed to it",
+                        session.name,
+                        version,
+                    )
+                    session.conn.abort()
+                    return
                 except (TimeoutError, OSError):
                     log.warning(
                         "could not push version %d to %s; dropping it", version, session.name

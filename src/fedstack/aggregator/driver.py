@@ -221,6 +221,7 @@ class RoundDriver:
             num_samples = sum(max(n, 0) for n, _ in self.inputs)
             metrics: Metrics = {**result.metrics, **mean_metrics(self.inputs)}
             facts = self._secagg_facts if self.secagg is not None else None
+            voided: list[str] = []
             if facts is not None:  # the agents' metrics are not sent under secagg
                 num_samples = int(facts["num_samples"])
                 metrics = {
@@ -232,6 +233,11 @@ class RoundDriver:
                     "secagg_session": str(facts["session"]),
                     "secagg_error_bound": float(facts["error_bound"]),
                 }
+                if facts.get("void"):  # the model is unchanged: no update is in it
+                    metrics["secagg_void"] = 1.0
+                    if facts["void"] == "secagg-invalid-weight":
+                        metrics["secagg_invalid_weight"] = 1.0
+                    voided, inputs = list(inputs), []
             if self.eval_in_round and self.evaluator is not None:
                 metrics.update(await self._evaluate_now(round, result.weights))
             finished = time.time()
@@ -258,6 +264,8 @@ class RoundDriver:
             return RoundCommitted(round, None, "", 0.0, exc)
         if facts is not None:  # which agents' masked inputs made the round, who dropped
             try:
+                if voided:  # masked inputs of a round left unchanged: never aggregated
+                    await self._db(store.discard_uploads, self._run_id(), voided)
                 await self._db(
                     store.log_event,
                     "secagg_round",

@@ -428,15 +428,14 @@ class RoundOwner:
         self.agg.driver.inputs = []
 
     def _void(self, model_ids: list[str]) -> None:
-        """Mark stored masked inputs of a failed attempt ``stale`` (never aggregated)."""
-        store, rnd = self.agg.store, self.state.round
+        """Mark stored masked inputs of a failed attempt ``stale`` (never aggregated) and
+        drop their vectors (their records stay)."""
+        store = self.agg.store
         assert store is not None
 
         async def write() -> None:
-            try:
-                await self.agg._db(
-                    store.carry_uploads, self.agg.run_id, model_ids, round=rnd, drop=True
-                )
+            try:  # metadata stays; the masked vectors go (failed attempts never pile up)
+                await self.agg._db(store.discard_uploads, self.agg.run_id, model_ids)
             except StoreError as exc:
                 log.error("cannot mark %d masked input(s) stale: %s", len(model_ids), exc)
 

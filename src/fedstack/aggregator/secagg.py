@@ -15,27 +15,35 @@ Phases of an attempt:
 
 1. ``keys``: :class:`~fedstack.wire.SecAggStart` goes to every welcomed agent (and to
    each agent that joins meanwhile); agents that trained on the current version answer
-   with their public keys. The phase closes when as many agents as the round needs
-   (``threshold`` x active, ``min_agents``) advertised, or ``secagg_timeout`` s after the
-   first advertisement with at least ``secagg_min_survivors``; each member gets its
-   roster (:class:`~fedstack.wire.SecAggRoster`).
+   with their public keys (low-order X25519 keys are refused and their agent excluded).
+   The phase closes when as many agents as the round needs (``needed(active)``: ``threshold``
+   x active, ``min_agents``) advertised, or ``secagg_timeout`` s after ``max(min_agents,
+   secagg_min_survivors)`` advertised (the clock starts then, not at the first
+   advertisement), or at ``round_timeout`` with that many; each member gets its roster
+   (:class:`~fedstack.wire.SecAggRoster`).
 2. ``shares``: members send their encrypted shares; the phase closes when every member
    sent (or left), or at the timeout; each recipient gets the ciphertexts addressed to it.
 3. ``masked``: members upload their masked input as a :class:`~fedstack.wire.ModelUpload`
    (stored like any upload: persisted before acknowledged; the store only ever holds
-   masked inputs); the round is ready when every member of phase 2 uploaded (or left),
-   or at the timeout with at least ``secagg_min_survivors``.
+   masked inputs); the round is ready when every member of phase 2 uploaded (or left, or
+   reported forged shares: :class:`~fedstack.wire.SecAggReport`), or at the timeout with at
+   least ``secagg_min_survivors``.
 4. ``unmask`` runs inside the aggregation (:meth:`SecAggCoordinator.aggregate`): the
    survivors are asked for their shares, the sum is unmasked and the global model is the
-   strategy's result on the weighted mean, committed like any round.
+   strategy's result on the weighted mean, committed like any round. Once survivors have
+   answered, the round never fails: a reconstruction failure or an unmasked total weight
+   that is not positive and finite commits the round with the model unchanged (no update
+   is ever offered to a second sum: differencing across attempts).
 
 A failure (too few agents in a phase, too few or bad shares) ends the attempt: the event
 ``secagg_failed`` is stored with the reason, every member gets
 :class:`~fedstack.wire.SecAggAbort`, the attempt's stored masked inputs are marked
 ``stale`` (never aggregated), no model and no partial sum exist, and a new attempt
-starts (agents re-run the phases with their trained update). After
-``secagg_max_attempts`` failed attempts in a round the coordinator waits for an agent to
-join before it tries again.
+starts (agents re-run the phases with their trained update) -- at once after the first
+failure, then after an exponential back-off. Agents caught misbehaving (a wrong share or
+commitment: for the run; accused of forged shares: for the round) are excluded. After
+``secagg_max_attempts`` failed attempts in a round the coordinator waits for an agent that
+took no part in them to join before it tries again.
 
 A restarted aggregator abandons the attempt in progress: its stored masked inputs are
 marked stale at start (:meth:`SecAggCoordinator.abandoned`) and a new attempt begins.
@@ -71,6 +79,7 @@ from fedstack.wire import (
     SecAggAbort,
     SecAggForward,
     SecAggKeys,
+    SecAggReport,
     SecAggRoster,
     SecAggShares,
     SecAggStart,
@@ -87,6 +96,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedstack.aggregator")
 
 KEY_BYTES = 32
+FOREVER = 2**62
+"""The last round of an exclusion for the rest of the run."""
+MAX_EXCLUDED = 10_000
+"""Most excluded agents remembered (ids are cheap to make without authentication)."""
+MAX_BACKOFF = 32.0
+"""Longest wait between failed attempts of a round, in multiples of ``secagg_timeout``."""
 
 IDLE, KEYS, SHARES, MASKED, UNMASK, FINISHING, UNMASKED = (
     "idle",
@@ -153,6 +168,8 @@ class _Attempt:
     shared: set[str] | None = None
     unmasked: set[str] | None = None
     answered: asyncio.Future[None] | None = None
+    reports: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Members that left phase 3 reporting forged shares: reporter -> accused."""
 
 
 class MaskedAccumulator:
@@ -212,6 +229,14 @@ class SecAggCoordinator:
         self.paused = False
         self.current: _Attempt | None = None
         self.vector_length = 0
+        self.start_at: float | None = None
+        """When the attempt in progress is announced (None: it is): the back-off after
+        repeated failures."""
+        self.failed_members: set[str] = set()
+        """Agents that took part in this round's failed attempts (their rejoining does
+        not un-pause the round)."""
+        self.excluded: dict[str, tuple[int, str]] = {}
+        """Agents caught misbehaving: agent id -> (last round excluded, why)."""
         self.history: list[dict[str, Any]] = []
         """Finished attempts (session, outcome, members), newest last (bounded)."""
 
@@ -221,6 +246,9 @@ class SecAggCoordinator:
         self.round = round
         self.attempts = self.failures = 0
         self.paused = False
+        self.start_at = None
+        self.failed_members = set()
+        self.excluded = {a: v for a, v in self.excluded.items() if v[0] >= round}
         self.vector_length = int(sum(np.asarray(a).size for a in global_weights.values())) + 1
         return self._new_attempt()
 
@@ -241,6 +269,35 @@ class SecAggCoordinator:
     def phase(self) -> str:
         return IDLE if self.current is None else self.current.phase
 
+    def is_excluded(self, agent_id: str) -> bool:
+        """Whether ``agent_id`` sits out the round in progress (caught misbehaving)."""
+        until = self.excluded.get(agent_id)
+        return until is not None and until[0] >= self.round
+
+    def exclude(self, agent_id: str, why: str, *, proven: bool) -> None:
+        """Owner: ``agent_id`` sits out the rest of the round; ``proven`` misbehaviour
+        (a refused key, a wrong share or commitment: no honest agent sends one) for the
+        rest of the run (of this aggregator process)."""
+        last = FOREVER if proven else self.round
+        old = self.excluded.get(agent_id)
+        if old is None or old[0] < last:
+            self.excluded.pop(agent_id, None)
+            self.excluded[agent_id] = (last, why[:300])
+            while len(self.excluded) > MAX_EXCLUDED:  # bounded: the oldest go first
+                del self.excluded[next(iter(self.excluded))]
+        log.warning(
+            "secure aggregation: agent %s is excluded from %s: %s",
+            agent_id,
+            "the run's secure aggregation" if proven else f"round {self.round}",
+            why,
+        )
+
+    def active(self) -> int:
+        """Welcomed agents that may take part in the round (the excluded do not count)."""
+        return sum(
+            1 for a, s in self.agg.sessions.items() if s.welcomed and not self.is_excluded(a)
+        )
+
     def _live(self, ids: tuple[str, ...] | list[str]) -> list[Session]:
         sessions = self.agg.sessions
         return [sessions[a] for a in ids if a in sessions and sessions[a].welcomed]
@@ -251,26 +308,36 @@ class SecAggCoordinator:
 
     def _broadcast_start(self) -> None:
         cur = self.current
-        if cur is None or cur.phase != KEYS or self.agg.state.finished:
+        if cur is None or cur.phase != KEYS or self.agg.state.finished or self.start_at is not None:
             return
         msg = SecAggStart(session=cur.session, round=self.round)
         for s in list(self.agg.sessions.values()):
-            if s.welcomed:
+            if s.welcomed and not self.is_excluded(s.agent_id):
                 self._write(s, msg)
 
     def joined(self, s: Session) -> None:
         """Owner: ``s`` was welcomed (it learns the attempt collecting keys). A paused
         round tries again."""
+        if self.is_excluded(s.agent_id):
+            return
         if self.paused and self.current is not None and self.current.phase == KEYS:
+            if s.agent_id in self.failed_members:
+                log.info(
+                    "secure aggregation: agent %s rejoined; it took part in round %d's failed "
+                    "attempts: the round stays paused",
+                    s.name,
+                    self.round,
+                )
+                return
             log.info(
                 "secure aggregation: agent %s joined; round %d tries again", s.name, self.round
             )
             self.paused = False
-            self.failures = 0
+            self.start_at = None
             self._broadcast_start()
             return
         cur = self.current
-        if cur is not None and cur.phase == KEYS and not self.paused:
+        if cur is not None and cur.phase == KEYS and not self.paused and self.start_at is None:
             self._write(s, SecAggStart(session=cur.session, round=self.round))
 
     # ------------------------------------------------------------------ messages
@@ -308,16 +375,40 @@ class SecAggCoordinator:
                     )
             if self.paused:
                 raise SecAggError("secagg-phase", "the round waits for agents to join")
+            if self.start_at is not None:
+                raise SecAggError(
+                    "secagg-phase", f"session {cur.session} has not started: wait for secagg_start"
+                )
+            if self.is_excluded(s.agent_id):
+                raise SecAggError(
+                    "secagg-refused",
+                    f"agent {s.agent_id} sits out round {self.round}: "
+                    f"{self.excluded[s.agent_id][1]}",
+                )
             if len(cur.advertised) >= max_agents(self.params):
                 raise SecAggError(
                     "secagg-refused",
                     f"session {cur.session} is full: {len(cur.advertised)} agents is the most "
                     f"a 32-bit sum of {self.params.quant_bits}-bit inputs holds",
                 )
-            cur.server.add_keys(s.agent_id, PublicKeys(msg.c_pk, msg.s_pk, msg.b_commit))
+            try:
+                cur.server.add_keys(s.agent_id, PublicKeys(msg.c_pk, msg.s_pk, msg.b_commit))
+            except SecAggError as exc:
+                if exc.code == "secagg-bad-key":  # provable misbehaviour: it sits out
+                    self.exclude(s.agent_id, f"refused keys: {exc}", proven=True)
+                    self.agg.owner._audit(
+                        "secagg_refused",
+                        {
+                            "round": self.round,
+                            "session": cur.session,
+                            "code": exc.code,
+                            "reason": str(exc)[:500],
+                            "excluded": True,
+                        },
+                        s.agent_id,
+                    )
+                raise
             cur.advertised.add(s.agent_id)
-            if cur.opened is None:
-                cur.opened = self.agg.clock()
             self._closing(self._maybe_close_keys)
         elif isinstance(msg, SecAggShares):
             cur = self._expect(s, msg.session, SHARES)
@@ -325,6 +416,10 @@ class SecAggCoordinator:
             assert cur.shared is not None
             cur.shared.add(s.agent_id)
             self._closing(self._maybe_close_shares)
+        elif isinstance(msg, SecAggReport):
+            cur = self._expect(s, msg.session, MASKED)
+            self._report(cur, s.agent_id, msg)
+            self._closing(self._maybe_fail_masked)
         elif isinstance(msg, SecAggUnmaskShares):
             cur = self._expect(s, msg.session, UNMASK)
             cur.server.add_unmask(s.agent_id, dict(msg.b_shares), dict(msg.sk_shares))
@@ -333,6 +428,56 @@ class SecAggCoordinator:
             self._check_answered()
         else:
             raise SecAggError("secagg-phase", f"an agent may not send {msg.TYPE}")
+
+    def _report(self, cur: _Attempt, reporter: str, msg: SecAggReport) -> None:
+        """``reporter`` leaves the session: the shares of ``msg.accused`` failed its checks."""
+        if reporter not in cur.u2:
+            raise SecAggError("secagg-unknown-agent", f"{reporter} is not in this session (U2)")
+        if reporter in cur.reports:
+            raise SecAggError("secagg-replay", f"{reporter} already reported")
+        if reporter in self.agg.state.contributors:
+            raise SecAggError(
+                "secagg-refused", f"{reporter} sent its masked input: it cannot report now"
+            )
+        accused = tuple(dict.fromkeys(msg.accused))
+        nbrs = set(cur.server.neighbours(reporter)) & set(cur.u2)
+        if not accused or len(accused) != len(msg.accused) or not set(accused) <= nbrs:
+            raise SecAggError(
+                "secagg-bad-input",
+                "a report names each accused once, and only neighbours that sent shares",
+            )
+        cur.reports[reporter] = accused
+        log.warning(
+            "secure aggregation %s: %s reports forged shares from %s (%s)",
+            cur.session,
+            reporter,
+            ", ".join(accused),
+            msg.code[:40],
+        )
+        self.agg.owner._audit(
+            "secagg_report",
+            {
+                "round": self.round,
+                "session": cur.session,
+                "accused": list(accused),
+                "code": msg.code[:40],
+            },
+            reporter,
+        )
+
+    def _maybe_fail_masked(self, now: float) -> None:
+        """Phase 3 fails at once when every member uploaded, left or reported and too few
+        masked inputs are in."""
+        cur = self.current
+        assert cur is not None
+        got = set(self.agg.state.contributors)
+        waiting = {a for a in cur.u2 if a in self.agg.sessions} - got - set(cur.reports)
+        if (not waiting or self._timed_out(cur, now)) and len(got) < self.params.min_survivors:
+            raise SecAggError(
+                "secagg-too-few",
+                f"{len(got)} masked input(s) ({len(cur.reports)} member(s) reported forged "
+                f"shares); secagg_min_survivors is {self.params.min_survivors}",
+            )
 
     def left(self, s: Session) -> None:
         """Owner: agent ``s`` left: the unmasking waits for it no longer."""
@@ -357,24 +502,27 @@ class SecAggCoordinator:
     def _timed_out(self, cur: _Attempt, now: float) -> bool:
         return cur.opened is not None and now >= cur.opened + self.params.timeout
 
+    def quorum(self) -> int:
+        """Fewest advertisers a session may close phase 1 with: max(min_agents,
+        secagg_min_survivors)."""
+        return max(self.agg.state.min_agents, self.params.min_survivors)
+
     def _maybe_close_keys(self, now: float) -> None:
+        """Phase 1 closes when the round's quorum advertised (``needed(active)``, as a
+        plain round), or ``secagg_timeout`` s after the least quorum (``min_agents``)
+        advertised: the clock starts then, never at a single (possibly untrained) agent's
+        advertisement; or the round's ``round_timeout`` passed with the least quorum."""
         cur = self.current
         assert cur is not None
         n = len(cur.advertised)
-        active = len(self.agg.sessions)
-        needed = self.agg.state.needed(active)
-        if n >= max(needed, self.params.min_survivors) or (
-            self._timed_out(cur, now) and n >= self.params.min_survivors
+        least = self.quorum()
+        if n >= least and cur.opened is None:
+            cur.opened = now
+        dl = self.agg.state.deadline()
+        if n >= max(self.agg.state.needed(self.active()), least) or (
+            n >= least and (self._timed_out(cur, now) or (dl is not None and now >= dl))
         ):
             self._close_keys(now)
-        elif self._timed_out(cur, now):
-            self.fail(
-                SecAggError(
-                    "secagg-too-few",
-                    f"{n} agent(s) advertised keys in {self.params.timeout:g} s; "
-                    f"secagg_min_survivors is {self.params.min_survivors}",
-                )
-            )
 
     def _close_keys(self, now: float) -> None:
         cur = self.current
@@ -422,31 +570,30 @@ class SecAggCoordinator:
         cur = self.current
         if cur is None or self.paused or self.agg._stopped.is_set():
             return
+        if self.start_at is not None:
+            if now < self.start_at:
+                return
+            self.start_at = None
+            log.info("secure aggregation: round %d tries again (%s)", self.round, cur.session)
+            self._broadcast_start()
         try:
-            if cur.phase == KEYS and cur.opened is not None:
+            if cur.phase == KEYS:
                 self._maybe_close_keys(now)
             elif cur.phase == SHARES:
                 self._maybe_close_shares(now)
             elif cur.phase == MASKED:
-                n = len(self.agg.state.contributors)
-                if self._timed_out(cur, now) and n < self.params.min_survivors:
-                    raise SecAggError(
-                        "secagg-too-few",
-                        f"{n} masked input(s) in {self.params.timeout:g} s; "
-                        f"secagg_min_survivors is {self.params.min_survivors}",
-                    )
+                self._maybe_fail_masked(now)
         except SecAggError as exc:
             self.fail(exc)
 
     def deadline(self) -> float | None:
         """Owner: when :meth:`tick` must run next (None: no timer)."""
         cur = self.current
-        if (
-            cur is None
-            or self.paused
-            or cur.opened is None
-            or cur.phase not in (KEYS, SHARES, MASKED)
-        ):
+        if cur is None or self.paused:
+            return None
+        if self.start_at is not None:
+            return self.start_at
+        if cur.opened is None or cur.phase not in (KEYS, SHARES, MASKED):
             return None
         return cur.opened + self.params.timeout
 
@@ -463,7 +610,7 @@ class SecAggCoordinator:
         got = set(self.agg.state.contributors)
         if len(got) < self.params.min_survivors:
             return False
-        waiting = {a for a in cur.u2 if a in self.agg.sessions} - got
+        waiting = {a for a in cur.u2 if a in self.agg.sessions} - got - set(cur.reports)
         return not waiting or self._timed_out(cur, now)
 
     def check_masked(self, agent_id: str, msg: ModelUpload) -> str | None:
@@ -512,7 +659,16 @@ class SecAggCoordinator:
         if cur is None:
             return
         members = cur.u1 or tuple(sorted(cur.advertised))
-        log.warning("secure aggregation %s failed: %s: %s", cur.session, exc.code, exc)
+        culprits = self._culprits(cur)
+        for a, why in culprits.items():
+            self.exclude(a, why, proven=a in cur.server.bad_senders)
+        log.warning(
+            "secure aggregation %s failed: %s: %s%s",
+            cur.session,
+            exc.code,
+            exc,
+            f" (excluded from the round: {', '.join(sorted(culprits))})" if culprits else "",
+        )
         detail = {
             "round": self.round,
             "session": cur.session,
@@ -520,6 +676,7 @@ class SecAggCoordinator:
             "reason": str(exc)[:500],
             "phase": cur.phase,
             "agents": list(members),
+            "excluded": culprits,
         }
         self._remember(cur, "failed", exc.code)
         self.agg.owner._audit("secagg_failed", detail, None)
@@ -531,15 +688,42 @@ class SecAggCoordinator:
         if voided:
             self.agg.owner._void(voided)
         self.failures += 1
+        self.failed_members.update(members)
         if self.failures >= self.max_attempts:
             self.paused = True
             log.error(
-                "secure aggregation: round %d failed %d times; waiting for an agent to join "
-                "before trying again",
+                "secure aggregation: round %d failed %d times; waiting for an agent that took "
+                "no part in them to join before trying again",
                 self.round,
                 self.failures,
             )
+        self.start_at = self._backoff()
         self.agg.owner._secagg_restart(self._new_attempt())
+
+    def _backoff(self) -> float | None:
+        """When the next attempt starts after ``failures`` failed ones: the first retry at
+        once, then ``secagg_timeout x 2^(k-2)`` after the k-th failure, at most
+        ``MAX_BACKOFF x secagg_timeout`` (None: now)."""
+        if self.failures < 2:
+            return None
+        delay = self.params.timeout * min(2.0 ** (self.failures - 2), MAX_BACKOFF)
+        return self.agg.clock() + delay
+
+    @staticmethod
+    def _culprits(cur: _Attempt) -> dict[str, str]:
+        """Agents the attempt caught misbehaving (a wrong Shamir share, a commitment its
+        own shares refute: proven) or accused of forged shares by a neighbour that
+        accused no other (an agent accusing several is excluded itself: one malicious
+        agent can frame at most one honest agent per attempt): they sit out the round's
+        later attempts."""
+        out: dict[str, str] = {}
+        for reporter, accused in cur.reports.items():
+            if len(accused) > 1:
+                out[reporter] = f"accused {len(accused)} neighbours of forged shares"
+            else:
+                out.setdefault(accused[0], f"accused of forged shares by {reporter}")
+        out.update({a: why[:200] for a, why in cur.server.bad_senders.items()})
+        return out
 
     def _remember(self, cur: _Attempt, outcome: str, code: str = "") -> None:
         self.history.append(
@@ -582,15 +766,49 @@ class SecAggCoordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(cur.answered), self.params.timeout)
         cur.phase = FINISHING  # no more shares: the server session is the thread's now
-        total, weight, u3 = await asyncio.to_thread(cur.server.finish)
-        if not weight > 0 or not math.isfinite(weight):
-            raise SecAggError("secagg-too-few", f"the survivors' total weight is {weight}")
-        mean = await asyncio.to_thread(apply_update, global_weights, total, weight)
-        strategy = self.agg.strategy
-        acc = strategy.begin(global_weights, state, round=round, rng=self.agg.rng)
-        samples = max(1, round_half(weight * self.params.max_weight))
-        acc.add(Update("secagg", mean, samples))
-        result = await asyncio.to_thread(acc.result)
+        answered = bool(cur.unmasked)
+        try:  # every secret is reconstructed and checked BEFORE the sum is unmasked
+            total, weight, u3 = await asyncio.to_thread(cur.server.finish)
+        except SecAggError as exc:
+            if not answered:
+                raise  # nothing was revealed: the attempt fails, a retry may follow
+            # survivors revealed shares: their updates are never offered again in this
+            # round (they sit it out), so the round ends here with the model unchanged
+            culprits = self._culprits(cur)
+            for a, why in culprits.items():
+                self.exclude(a, why, proven=a in cur.server.bad_senders)
+            return self._unchanged(cur, global_weights, state, exc.code, str(exc), culprits)
+        try:
+            if not weight > 0 or not math.isfinite(weight):
+                # only a malicious masked input makes the total weight <= 0 or absurd; the
+                # sum is unmasked: the round must not fail (a retry over another set of
+                # agents would reveal a second sum of the same updates)
+                return self._unchanged(
+                    cur,
+                    global_weights,
+                    state,
+                    "secagg-invalid-weight",
+                    "the survivors' total weight is not a positive finite number (a "
+                    "malicious masked input): the global model is left unchanged",
+                    {},
+                )
+            mean = await asyncio.to_thread(apply_update, global_weights, total, weight)
+            strategy = self.agg.strategy
+            acc = strategy.begin(global_weights, state, round=round, rng=self.agg.rng)
+            samples = max(1, round_half(weight * self.params.max_weight))
+            acc.add(Update("secagg", mean, samples))
+            result = await asyncio.to_thread(acc.result)
+        except Exception as exc:  # unmasked: never a failed attempt (see above)
+            log.exception("secure aggregation %s: the unmasked sum cannot be used", cur.session)
+            return self._unchanged(
+                cur,
+                global_weights,
+                state,
+                "secagg-internal",
+                f"the unmasked sum cannot be used ({type(exc).__name__}): the global model "
+                "is left unchanged",
+                {},
+            )
         facts = {
             "session": cur.session,
             "agents": list(u3),
@@ -599,9 +817,64 @@ class SecAggCoordinator:
             "num_samples": samples,
             "error_bound": float(self.params.error_bound(len(u3))),
             "bad_senders": dict(cur.server.bad_senders),  # wrong shares caught, not used
+            "void": "",
         }
         cur.phase = UNMASKED
         self._remember(cur, "aggregated")
+        return result, facts
+
+    def _unchanged(
+        self,
+        cur: _Attempt,
+        global_weights: Weights,
+        state: dict[str, Any],
+        code: str,
+        reason: str,
+        culprits: dict[str, str],
+    ) -> tuple[Result, dict[str, Any]]:
+        """The round ends with the global model unchanged (``code`` says why): after the
+        survivors answered the unmask request the round never fails, so no update is
+        ever offered to a second sum. The reason never carries the unmasked weight."""
+        log.error(
+            "secure aggregation %s: round %d is committed with the global model unchanged: "
+            "%s: %s%s",
+            cur.session,
+            self.round,
+            code,
+            reason,
+            f" (excluded: {', '.join(sorted(culprits))})" if culprits else "",
+        )
+        self.agg.owner._audit(
+            "secagg_failed",
+            {
+                "round": self.round,
+                "session": cur.session,
+                "code": code,
+                "reason": reason[:500],
+                "phase": UNMASK,
+                "agents": list(cur.u3),
+                "excluded": culprits,
+                "committed_unchanged": True,
+            },
+            None,
+        )
+        result = Result(
+            weights=dict(global_weights),
+            state=dict(state),
+            extra=dict(self.agg.owner.global_extra),
+        )
+        facts = {
+            "session": cur.session,
+            "agents": [],
+            "dropped": list(cur.dropped),
+            "weight": 0.0,
+            "num_samples": 0,
+            "error_bound": 0.0,
+            "bad_senders": dict(cur.server.bad_senders),
+            "void": code,
+        }
+        cur.phase = UNMASKED
+        self._remember(cur, "unchanged", code)
         return result, facts
 
 

@@ -572,11 +572,9 @@ class Aggregator:
             # sessions' secrets are gone): its masked inputs are void, a new attempt starts
             if resume.buffered:
                 await self._db(
-                    self.store.carry_uploads,
+                    self.store.discard_uploads,
                     self.run_id,
                     [r.model_id for r in resume.buffered],
-                    round=resume.version + 1,
-                    drop=True,
                 )
                 await self._db(
                     self.store.log_event,

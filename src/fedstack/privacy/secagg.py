@@ -117,9 +117,12 @@ class SecAggError(FedstackError):
         }
     )
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, accused: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.code = code
+        self.accused: tuple[str, ...] = tuple(accused)
+        """The agents whose input caused the refusal, when known (e.g. the senders of
+        shares that failed authentication)."""
 
 
 # ------------------------------------------------------------------------------ params
@@ -350,6 +353,25 @@ def _agree(sk: X25519PrivateKey, pk: bytes, info: bytes, length: int, whose: str
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(shared)
 
 
+def check_public_key(pk: bytes, whose: str) -> None:
+    """Refuse ``pk`` unless it is a valid X25519 public key of large order (the all-zero
+    key, u = 1 and the other low-order points give an all-zero shared secret whatever the
+    private key: the check an agent makes in :func:`_agree`, made with a throw-away key).
+
+    Raises:
+        SecAggError: ``secagg-bad-key`` naming ``whose``.
+    """
+    if not isinstance(pk, bytes) or len(pk) != KEY_BYTES:
+        raise SecAggError("secagg-bad-key", f"the public key of {whose} is not {KEY_BYTES} bytes")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(pk))
+    except ValueError:
+        raise SecAggError(
+            "secagg-bad-key",
+            f"the public key of {whose} is invalid (a low-order X25519 point): refused",
+        ) from None
+
+
 def _share_key(sk: X25519PrivateKey, pk: bytes, session: str, whose: str) -> bytes:
     return _agree(sk, pk, _DOMAIN + b"|share-key|" + _lp(session), 32, whose)
 
@@ -576,6 +598,7 @@ class AgentSession:
         if not isinstance(shares, Mapping):
             raise SecAggError("secagg-bad-input", f"shares must be a mapping, got {shares!r:.80}")
         got: dict[str, tuple[bytes, bytes]] = {}
+        forged: list[str] = []
         for sender, ct in shares.items():
             _check_id(sender, "sender id")
             if sender not in self._roster.neighbours:
@@ -602,12 +625,16 @@ class AgentSession:
                     _share_aad(self.session, sender, self.agent_id),
                 )
             except InvalidTag:
-                raise SecAggError(
-                    "secagg-bad-share",
-                    f"the share from {sender} failed authentication (tampered, or encrypted "
-                    "under another key)",
-                ) from None
+                forged.append(sender)
+                continue
             got[sender] = (pt[:SEED_BYTES], pt[SEED_BYTES:])
+        if forged:  # only the sender (or the one who knows its key) can make a valid one
+            raise SecAggError(
+                "secagg-bad-share",
+                f"the share(s) from {', '.join(sorted(forged)[:5])} failed authentication "
+                "(tampered, or encrypted under another key)",
+                accused=sorted(forged),
+            )
         self._held = got
         self._phase = "received"
 
@@ -847,6 +874,8 @@ class ServerSession:
                 )
         if keys.c_pk == keys.s_pk:
             raise SecAggError("secagg-bad-key", f"{agent_id} advertised c_pk == s_pk")
+        check_public_key(keys.c_pk, f"{agent_id} (c_pk)")
+        check_public_key(keys.s_pk, f"{agent_id} (s_pk)")
         self.params.check_agents(len(self._keys) + 1)
         self._keys[agent_id] = keys
         self._key_owner[keys.c_pk] = agent_id
@@ -1091,15 +1120,18 @@ class ServerSession:
             )
         parts = len(items[0][2]) // 16
 
-        def combine(subset: Sequence[tuple[int, str, bytes]]) -> bytes | None:
+        def raw(subset: Sequence[tuple[int, str, bytes]]) -> bytes | None:
             try:
-                secret = b"".join(
+                return b"".join(
                     Shamir.combine([(i, sh[16 * p : 16 * p + 16]) for i, _, sh in subset])
                     for p in range(parts)
                 )
             except (ValueError, TypeError):
                 return None
-            return secret if verify(secret) else None
+
+        def combine(subset: Sequence[tuple[int, str, bytes]]) -> bytes | None:
+            secret = raw(subset)
+            return secret if secret is not None and verify(secret) else None
 
         first = combine(items[:t])
         if first is not None:
@@ -1126,10 +1158,26 @@ class ServerSession:
                 break
         senders = [h for _, h, _ in items]
         if found is None:
-            message = (
-                f"could not reconstruct {what} of {owner} from the shares of {senders} "
-                f"({tries} subsets of {t} tried): some of these agents sent wrong shares"
-            )
+            first_raw = raw(items[:t])
+            if (
+                m > t
+                and first_raw is not None
+                and all(raw([*items[: t - 1], it]) == first_raw for it in items[t - 1 :])
+            ):
+                # every share lies on one polynomial, whose secret the owner's own
+                # commitment (or public key) refutes: the owner advertised a wrong one
+                self.bad_senders[owner] = f"{what} does not match its commitment"
+                message = (
+                    f"the {m} shares of {what} of {owner} agree with each other but not with "
+                    f"what {owner} advertised: {owner} sent a wrong commitment or key"
+                )
+            else:  # the search may have given up (MAX_SUBSETS): name no holder as culprit
+                message = (
+                    f"could not reconstruct {what} of {owner} from its {m} holders' shares "
+                    f"({tries} subsets of {t} tried, at most {MAX_SUBSETS}): one or more of "
+                    f"its holders sent wrong shares ({', '.join(senders[:8])}"
+                    f"{', ...' if m > 8 else ''})"
+                )
             self.fail(message)
             raise SecAggError("secagg-bad-share", message)
         secret, subset = found
@@ -1159,29 +1207,29 @@ class ServerSession:
             b_seeds[u] = self._reconstruct(
                 u, "the self-mask seed", self._b_shares.get(u, {}), committed
             )
-        sks: dict[str, X25519PrivateKey] = {}
+        u3 = set(self._u3)
+        pair_seeds: list[tuple[bytes, int]] = []
         for d in self._dropped:
             s_pk = keys[d].s_pk
 
             def ok(s: bytes, pk: bytes = s_pk) -> bool:
                 return X25519PrivateKey.from_private_bytes(s).public_key().public_bytes_raw() == pk
 
-            sks[d] = X25519PrivateKey.from_private_bytes(
+            sk = X25519PrivateKey.from_private_bytes(
                 self._reconstruct(d, "the mask key", self._sk_shares.get(d, {}), ok)
             )
+            for j in self._graph[d]:
+                if j in u3:  # y_j holds +PRG(s_jd) if j < d else -PRG(s_jd): take it out
+                    seed = _mask_seed(sk, keys[j].s_pk, session, f"agent {j}")
+                    pair_seeds.append((seed, -1 if j < d else +1))
+        # everything that can fail was done above: from here on the sum is unmasked
         assert self._sum is not None
         total = self._sum
         self._sum = None
         for u in self._u3:
             _add_prg(total, b_seeds[u], -1)
-        u3 = set(self._u3)
-        for d, sk in sks.items():
-            for j in self._graph[d]:
-                if j not in u3:
-                    continue
-                # y_j holds +PRG(s_jd) if j < d else -PRG(s_jd): take it out
-                seed = _mask_seed(sk, keys[j].s_pk, session, f"agent {j}")
-                _add_prg(total, seed, -1 if j < d else +1)
+        for seed, sign in pair_seeds:
+            _add_prg(total, seed, sign)
         clip = float(self.params.clip)
         v = total.astype(np.float64)
         del total

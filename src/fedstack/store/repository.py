@@ -821,15 +821,40 @@ class Store(Credentials, Queries, Federation):
         Returns:
             (local models pruned, blobs deleted).
         """
+        return self._prune_where(
+            s.models.c.run_id == run_id,
+            s.models.c.kind == "local",
+            s.models.c.round <= up_to_round,
+            s.models.c.blob != "",
+            s.models.c.status.not_in(("initial", "buffered")),
+        )
+
+    def discard_uploads(self, run_id: str, model_ids: Sequence[str]) -> tuple[int, int]:
+        """Secure aggregation: the masked inputs ``model_ids`` of a failed attempt are
+        never aggregated: still-buffered ones are marked ``stale`` and the weights of
+        every stale one are dropped (its record stays, with an empty ``blob``), so failed
+        attempts never grow the store beyond their metadata.
+
+        Returns:
+            (models whose weights were dropped, blobs deleted).
+        """
+        ids = list(dict.fromkeys(model_ids))
+        if not ids:
+            return 0, 0
+        self.carry_uploads(run_id, ids, round=0, drop=True)
+        return self._prune_where(
+            s.models.c.run_id == run_id,
+            s.models.c.kind == "local",
+            s.models.c.id.in_(ids),
+            s.models.c.blob != "",
+            s.models.c.status == "stale",
+        )
+
+    def _prune_where(self, *where: Any) -> tuple[int, int]:
+        """Drop the weights of the models matching ``where`` (see prune_local_models)."""
         with self._begin() as c:
             rows = c.execute(
-                select(s.models.c.id, s.models.c.blob, s.models.c.extra_blob).where(
-                    s.models.c.run_id == run_id,
-                    s.models.c.kind == "local",
-                    s.models.c.round <= up_to_round,
-                    s.models.c.blob != "",
-                    s.models.c.status.not_in(("initial", "buffered")),
-                )
+                select(s.models.c.id, s.models.c.blob, s.models.c.extra_blob).where(*where)
             ).all()
             if not rows:
                 return 0, 0

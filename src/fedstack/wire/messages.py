@@ -269,6 +269,19 @@ class SecAggAbort(Message):
     reason: str = ""
 
 
+@dataclass(frozen=True, kw_only=True)
+class SecAggReport(Message):
+    """Agent -> aggregator (phase 2 closed): the shares ``accused`` sent this agent failed
+    its checks (``code``: authentication or binding), so it leaves session ``session``
+    without a masked input. The aggregator excludes the accused from the round's next
+    attempt (an agent accusing more than one neighbour is excluded itself instead)."""
+
+    TYPE: ClassVar[str] = "secagg_report"
+    session: str
+    accused: AgentIds
+    code: str
+
+
 SECAGG_TYPES: tuple[type[Message], ...] = (
     SecAggStart,
     SecAggKeys,
@@ -278,6 +291,7 @@ SECAGG_TYPES: tuple[type[Message], ...] = (
     SecAggUnmask,
     SecAggUnmaskShares,
     SecAggAbort,
+    SecAggReport,
 )
 """The messages that exist only in a federation running secure aggregation."""
 

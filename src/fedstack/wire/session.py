@@ -64,6 +64,7 @@ from fedstack.wire.messages import (
     SecAggAbort,
     SecAggForward,
     SecAggKeys,
+    SecAggReport,
     SecAggRoster,
     SecAggShares,
     SecAggStart,
@@ -160,7 +161,7 @@ FATAL_ERROR = "error/fatal"
 _IN, _OUT = Direction.IN, Direction.OUT
 _ERR, _GM, _ACK = Error.TYPE, GlobalModel.TYPE, UploadAck.TYPE
 _HB, _BYE, _NR = Heartbeat.TYPE, Bye.TYPE, NotReady.TYPE
-_SECAGG_UP = (SecAggKeys.TYPE, SecAggShares.TYPE, SecAggUnmaskShares.TYPE)
+_SECAGG_UP = (SecAggKeys.TYPE, SecAggShares.TYPE, SecAggUnmaskShares.TYPE, SecAggReport.TYPE)
 _SECAGG_DOWN = (
     SecAggStart.TYPE,
     SecAggRoster.TYPE,
