@@ -250,6 +250,8 @@ def test_dropouts_after_shares_and_after_masked_input(tmp_path: Path) -> None:
         store.close()
 
 
+@pytest.mark.serial  # 1-2 s phase timeouts: an honest agent starved of CPU by a
+# test on the other worker for longer is (rightly) taken for dropped
 def test_below_threshold_fails_cleanly_then_retries(tmp_path: Path) -> None:
     # 6 of 10 leave after the key exchange: 4 masked inputs < t = 5 of 9 holders
     behaviour = {i: "after-shares" for i in (0, 2, 3, 5, 6, 8)}
@@ -276,6 +278,8 @@ def test_below_threshold_fails_cleanly_then_retries(tmp_path: Path) -> None:
         store.close()
 
 
+@pytest.mark.serial  # 1-2 s phase timeouts: an honest agent starved of CPU by a
+# test on the other worker for longer is (rightly) taken for dropped
 def test_after_max_attempts_the_round_waits_for_a_join(tmp_path: Path) -> None:
     behaviour = {i: "after-shares" for i in (0, 2, 3, 5, 6, 8)}
     store, run_id, seen = _run(
