@@ -86,6 +86,7 @@ DROP_STAGE = "collect_masked_vectors"
 PLAIN = "fedstack plain FedAvg"
 SECAGG = "fedstack SecAgg+"
 FLOWER = "Flower SecAgg+"
+FLOWER_PLAIN = "Flower plain FedAvg"
 
 
 # --- the protocol's parameters, identical on both sides -------------------------------------
@@ -321,16 +322,23 @@ def run_flower(
     timeout: float,
     flower_python: Path,
     client_cpus: float | None,
+    secagg: bool = True,
 ) -> dict[str, Any]:
+    """Flower's SecAgg+ workflow (or, ``secagg=False``, Flower's plain FedAvg over the
+    ``n - d`` nodes that upload) on Flower's simulation engine."""
     import numpy as np
 
+    name = FLOWER if secagg else FLOWER_PLAIN
+    if not secagg:
+        n, d = n - d, 0
     g = graph_settings(n)
-    tag = f"flower-{n}-{p}-{d}"
+    tag = f"flower-{'secagg' if secagg else 'plain'}-{n}-{p}-{d}"
     events = workdir / f"{tag}.jsonl"
     final = workdir / f"{tag}-final.npy"
     events.unlink(missing_ok=True)
     final.unlink(missing_ok=True)
     cfg = {
+        "secagg": secagg,
         "num-agents": n,
         "num-rounds": ROUNDS,
         "params": p,
@@ -372,14 +380,14 @@ def run_flower(
                 ends[int(ev["round"])] = float(ev["t"])
             done = done or ev.get("event") == "serverapp-end"
     if r.rc is None:
-        return fc.failed(FLOWER, f"did not finish within {timeout:.0f} s ({len(ends)} rounds)")
+        return fc.failed(name, f"did not finish within {timeout:.0f} s ({len(ends)} rounds)")
     if r.rc != 0 or not done or len(ends) < ROUNDS:
         return fc.failed(
-            FLOWER, f"exited with {r.rc} after {len(ends)} round(s): {fc._tail(log, 1500)}"
+            name, f"exited with {r.rc} after {len(ends)} round(s): {fc._tail(log, 1500)}"
         )
     round_ends = [ends[i] for i in sorted(ends)]
     out: dict[str, Any] = {
-        "name": FLOWER,
+        "name": name,
         "ok": True,
         "round_ends": round_ends,
         **_per_round(round_ends),
@@ -406,23 +414,28 @@ def _spr(r: dict[str, Any]) -> float | None:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    flower_plain = any(FLOWER_PLAIN in r["runs"] for r in rows)
     head = (
-        f"{'N':>4} {'P':>9} {'dropped':>8} {'k+1/t':>6} {'plain s/rnd':>12} "
-        f"{'SecAgg+ s/rnd':>14} {'(how)':>8} {'Flower s/rnd':>13} {'Flower/fedstack':>16}"
+        f"{'N':>4} {'P':>7} {'dropped':>8} {'k+1/t':>6} {'plain s/rnd':>12} "
+        f"{'SecAgg+ s/rnd':>14} {'(how)':>8} {'Flower SecAgg+ s/rnd':>21} "
+        f"{'Flower/fedstack':>16}" + (f" {'Flower plain s/rnd':>19}" if flower_plain else "")
     )
     print(head)
     print("-" * len(head))
     for row in rows:
         plain, sec, fl = row["runs"][PLAIN], row["runs"][SECAGG], row["runs"][FLOWER]
         ratio = row.get("ratio_flower_over_fedstack")
-        print(
-            f"{row['agents']:>4} {row['params']:>9.0e} "
+        line = (
+            f"{row['agents']:>4} {row['params']:>7.0e} "
             f"{str(row['dropped']) + '/' + str(row['agents']):>8} "
             f"{str(row['num_shares']) + '/' + str(row['threshold']):>6} "
             f"{_fmt(_spr(plain)):>12} {_fmt(_spr(sec)):>14} "
             f"{(sec.get('mode') or '-') if sec.get('ok') else 'FAILED':>8} "
-            f"{_fmt(_spr(fl)):>13} {_fmt(ratio, 2):>16}"
+            f"{_fmt(_spr(fl)):>21} {_fmt(ratio, 2):>16}"
         )
+        if flower_plain:
+            line += f" {_fmt(_spr(row['runs'].get(FLOWER_PLAIN, {}))):>19}"
+        print(line)
     for row in rows:
         for name, r in row["runs"].items():
             if not r.get("ok"):
@@ -443,7 +456,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         return
     sizes = sorted({r["params"] for r in rows})
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
-    styles = {PLAIN: ("tab:gray", "o"), SECAGG: ("tab:blue", "s"), FLOWER: ("tab:orange", "^")}
+    styles = {
+        PLAIN: ("tab:gray", "o"),
+        SECAGG: ("tab:blue", "s"),
+        FLOWER: ("tab:orange", "^"),
+        FLOWER_PLAIN: ("tab:brown", "v"),
+    }
     for ax, p in zip(axes[0], sizes, strict=True):
         for drop_frac, ls in ((False, "-"), (True, "--")):
             sel = sorted(
@@ -453,7 +471,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             if not sel:
                 continue
             for name, (color, marker) in styles.items():
-                pts = [(r["agents"], _spr(r["runs"][name])) for r in sel]
+                pts = [(r["agents"], _spr(r["runs"].get(name, {}))) for r in sel]
                 pts = [(x, y) for x, y in pts if y is not None]
                 if not pts:
                     continue
@@ -496,6 +514,11 @@ def main() -> int:
         type=float,
         default=None,
         help="Ray CPUs per Flower ClientApp (default: Flower's own default, 2)",
+    )
+    ap.add_argument(
+        "--flower-plain",
+        action="store_true",
+        help="also run Flower's plain FedAvg (its simulation engine's own cost, for context)",
     )
     ap.add_argument("--out", default=str(RESULTS / "secagg_cost.json"))
     ap.add_argument("--plot", default=str(PLOTS / "secagg_cost.png"))
@@ -548,6 +571,19 @@ def main() -> int:
                         flower_python,
                         args.flower_client_cpus,
                     )
+                    if args.flower_plain:
+                        runs[FLOWER_PLAIN] = fc.guarded(
+                            run_flower,
+                            FLOWER_PLAIN,
+                            n,
+                            p,
+                            d,
+                            workdir,
+                            args.timeout,
+                            flower_python,
+                            args.flower_client_cpus,
+                            False,
+                        )
                 else:
                     runs[FLOWER] = fc.failed(FLOWER, "skipped (--skip-flower)")
                 for name, r in runs.items():

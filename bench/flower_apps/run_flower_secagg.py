@@ -17,8 +17,10 @@ sys.path.insert(0, str(HERE / "secagg"))
 sys.path.insert(0, str(HERE.parent))  # bench/: secagg_task
 
 from flwr.simulation import run_simulation  # noqa: E402
-from fssecagg_flower.client_app import app as client_app  # noqa: E402
+from fssecagg_flower.client_app import app as secagg_client_app  # noqa: E402
+from fssecagg_flower.client_app import plain_app  # noqa: E402
 from fssecagg_flower.server_app import app as server_app  # noqa: E402
+from fssecagg_flower.task import config  # noqa: E402
 
 
 def main() -> int:
@@ -29,6 +31,7 @@ def main() -> int:
     backend_config = None
     if args.client_cpus is not None:
         backend_config = {"client_resources": {"num_cpus": args.client_cpus, "num_gpus": 0.0}}
+    client_app = secagg_client_app if config().get("secagg", True) else plain_app
     run_simulation(
         server_app=server_app,
         client_app=client_app,

@@ -61,3 +61,7 @@ def drop_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
 
 
 app = ClientApp(client_fn=client_fn, mods=[drop_mod, secaggplus_mod])
+"""SecAgg+: the ClientApp of the measured runs."""
+
+plain_app = ClientApp(client_fn=client_fn)
+"""Plain FedAvg (no mods): the ClientApp of Flower's own baseline."""

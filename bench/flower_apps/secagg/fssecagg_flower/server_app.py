@@ -49,6 +49,10 @@ def main(grid: Grid, context: Context) -> None:
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
     )
+    if not cfg.get("secagg", True):  # Flower's own plain-FedAvg baseline
+        DefaultWorkflow()(grid, legacy)
+        log_event(cfg, event="serverapp-end")
+        return
     fit_workflow = SecAggPlusWorkflow(
         num_shares=int(cfg["num-shares"]),
         reconstruction_threshold=int(cfg["threshold"]),

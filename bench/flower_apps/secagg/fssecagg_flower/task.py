@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 DEFAULTS: dict[str, Any] = {
+    "secagg": True,  # False: Flower's plain FedAvg (DefaultWorkflow, no mods) as a baseline
     "num-agents": 10,
     "num-rounds": 3,
     "params": 100_000,
