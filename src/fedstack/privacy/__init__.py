@@ -1,0 +1,1 @@
+"""Privacy options: secure aggregation, differential privacy, homomorphic encryption."""
