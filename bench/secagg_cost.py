@@ -187,7 +187,7 @@ def worker_secagg_library(agents: int, params: int, dropped: int, rounds: int) -
         for tr in trainers:
             new, n, _ = tr.fit(weights, {})
             updates.append((flatten_update(new, weights), float(n)))
-        server = ServerSession(sp, session)
+        server = ServerSession(sp, session, vector_length=params + 1)
         sessions = {nm: AgentSession(sp, session, nm) for nm in names}
         for nm, a in sessions.items():
             server.add_keys(nm, a.advertise())
@@ -228,9 +228,11 @@ def worker_secagg_library(agents: int, params: int, dropped: int, rounds: int) -
         "round_ends": ends,
         "phase_seconds": phases,
         "max_abs_error": _max_abs_error(weights["w"], survivors_idx, params, rounds),
-        "error_bound_per_round": sp.error_bound(agents - dropped)
-        / sum(secagg_task.num_samples(i) for i in survivors_idx)
-        * MAX_WEIGHT,
+        # the library's stated bound on Σ w_i x_i, divided by W = Σ w_i: on the mean's
+        # coordinates, per round; the final model carries `rounds` of them
+        "error_bound": rounds
+        * sp.error_bound(agents - dropped)
+        / sum(min(secagg_task.num_samples(i), MAX_WEIGHT) / MAX_WEIGHT for i in survivors_idx),
         "how": "fedstack.privacy.secagg library, N AgentSessions + ServerSession, one process",
     }
 
