@@ -9,6 +9,9 @@ Each input is fed to both session roles (:mod:`fedstack.wire.session`) in every 
 * mode 3: a hand-made header (any msgpack value under ``t``/``f``/``x``) and data;
 * mode 4: a fuzzed conversation between a linked agent and aggregator session.
 
+Sessions run with and without secure aggregation (its messages legal only with it: the
+selector's bits 5 and 6 turn it on for the aggregator's and the agent's session).
+
 Only the documented errors may come out: :class:`~fedstack.errors.RemoteProtocolError`
 (with a known ``code``) on receive and :class:`~fedstack.errors.LocalProtocolError` on
 send. Anything else is a crash: libFuzzer stops, and this script prints the input
@@ -66,6 +69,14 @@ from fedstack.wire.messages import (  # noqa: E402
     NotReady,
     Participate,
     Poll,
+    SecAggAbort,
+    SecAggForward,
+    SecAggKeys,
+    SecAggRoster,
+    SecAggShares,
+    SecAggStart,
+    SecAggUnmask,
+    SecAggUnmaskShares,
     UploadAck,
     Welcome,
 )
@@ -115,8 +126,9 @@ Session = AgentSession | AggregatorSession
 
 
 # ---------------------------------------------------------------------- sessions in each state
-def _welcome(version: int = 0) -> Welcome:
+def _welcome(version: int = 0, secagg: bool = False) -> Welcome:
     return Welcome(
+        config={"secagg": True} if secagg else {},
         agent_id="a",
         aggregator_id="g",
         run_id="r",
@@ -128,8 +140,8 @@ def _welcome(version: int = 0) -> Welcome:
     )
 
 
-def _agg(state: int) -> AggregatorSession:
-    s = AggregatorSession(LIMITS)
+def _agg(state: int, secagg: bool = False) -> AggregatorSession:
+    s = AggregatorSession(LIMITS, secagg=secagg)
     if state >= 1:
         s.receive(Participate(agent_name="a1"))
     if state >= 2:
@@ -137,12 +149,12 @@ def _agg(state: int) -> AggregatorSession:
     return s
 
 
-def _agent(state: int, poll: bool = False) -> AgentSession:
+def _agent(state: int, poll: bool = False, secagg: bool = False) -> AgentSession:
     s = AgentSession(LIMITS)
     if state >= 1:
         s.send(Participate(agent_name="a1"))
     if state >= 2:
-        w = _welcome(3)
+        w = _welcome(3, secagg)
         if poll:
             w = Welcome(**{**w.__dict__, "delivery": "poll"})
         s.receive(w)
@@ -152,7 +164,10 @@ def _agent(state: int, poll: bool = False) -> AgentSession:
 
 def sessions(selector: int) -> list[Session]:
     """Sessions of both roles in the states picked by ``selector`` (always both roles)."""
-    return [_agg(selector % 3), _agent((selector // 3) % 3, poll=bool(selector & 16))]
+    return [
+        _agg(selector % 3, secagg=bool(selector & 32)),
+        _agent((selector // 3) % 3, poll=bool(selector & 16), secagg=bool(selector & 64)),
+    ]
 
 
 # ---------------------------------------------------------------------- receiving
@@ -297,6 +312,13 @@ _KIND_VALUES: dict[str, Callable[[Source], Any]] = {
     "Weights": lambda s: s.weights() or MODEL,
     "Weights | None": Source.weights,
     "list[str]": lambda s: s.pick([[], [s.str()], ["ws://127.0.0.1:1", s.str()]]),
+    "bytes": lambda s: s.pick([b"", s.take(32), bytes(32), s.take(s.byte())]),
+    "AgentIds": lambda s: s.pick([[], ["a1", "a2"], [s.str()[:60] or "a"] * (s.byte() % 8)]),
+    "ByteMap": lambda s: {
+        (s.str()[:60] or "a"): s.pick([s.take(92), bytes(92), s.take(s.byte())])
+        for _ in range(s.byte() % 4)
+    },
+    "IntMap": lambda s: {(s.str()[:60] or "a"): s.int() for _ in range(s.byte() % 4)},
 }
 
 
@@ -367,6 +389,14 @@ SAMPLES: list[Message] = [
     Error(code="invalid-model", message="x"),
     Heartbeat(seq=1),
     Bye(reason="x"),
+    SecAggStart(session="r:1:1:b", round=1),
+    SecAggKeys(session="r:1:1:b", c_pk=b"c" * 32, s_pk=b"s" * 32, b_commit=b"b" * 32),
+    SecAggRoster(session="r:1:1:b", threshold=2, keys={"a2": b"k" * 96}, index={"a1": 1}),
+    SecAggShares(session="r:1:1:b", shares={"a2": b"x" * 92}),
+    SecAggForward(session="r:1:1:b", shares={"a2": b"x" * 92}),
+    SecAggUnmask(session="r:1:1:b", survivors=["a1", "a2"], dropped=["a3"]),
+    SecAggUnmaskShares(session="r:1:1:b", b_shares={"a2": b"x" * 40}, sk_shares={}),
+    SecAggAbort(session="r:1:1:b", code="secagg-too-few", reason="x"),
 ]
 ENCODED = [encode_to_bytes(m) for m in SAMPLES]
 
@@ -409,7 +439,7 @@ def one_input(data: bytes) -> None:
 
 def conversation(src: Source) -> None:
     """A linked pair exchanging fuzzed messages in a fuzzed order."""
-    agent, agg = AgentSession(LIMITS), AggregatorSession(LIMITS)
+    agent, agg = AgentSession(LIMITS), AggregatorSession(LIMITS, secagg=bool(src.byte() & 1))
     for _ in range(1 + src.byte() % 8):
         msg = src.pick(SAMPLES) if src.byte() % 2 else hostile_message(src)
         sender, receiver = (agent, agg) if src.byte() % 2 else (agg, agent)

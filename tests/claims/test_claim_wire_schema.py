@@ -14,9 +14,16 @@ what the new field can carry. Kinds and what each can carry:
   1,024 characters), stored with the round and shown by ``fedstack db rounds``.
 - ``str`` / ``int`` / ``float`` / ``bool`` / ``strs``: identifiers and counters, bounded
   by :class:`fedstack.wire.Limits`.
+- secure aggregation (issue 14; only in a federation running ``--secagg``): ``bytes``
+  (public keys and the seed commitment: the aggregator accepts exactly 32 bytes each),
+  ``ByteMap`` (agent id -> a share ciphertext, exactly one per neighbour, a fixed size,
+  encrypted to that neighbour: the aggregator checks all three), ``IntMap`` (Shamir
+  indices, aggregator -> agent) and ``AgentIds`` (the session's survivors, aggregator ->
+  agent). Binary values are at most 256 bytes and maps at most 256 entries (the decoder).
 
-Nothing else can ride along: the decoder refuses unknown fields, binary values in the
-header, and nested values in metrics (checked below on hand-made headers, as a hostile
+Nothing else can ride along: the decoder refuses unknown fields, binary values longer
+than 256 bytes in the header and binary values in any field whose kind is not ``bytes``
+or a byte map, and nested values in metrics (checked below on hand-made headers, as a hostile
 agent would send them). The traffic of a real run is checked for training rows in
 ``test_claim_traffic_capture.py``.
 """
@@ -88,6 +95,14 @@ PINNED: dict[str, dict[str, str]] = {
     "error": {"code": "str", "message": "str", "fatal": "bool"},
     "heartbeat": {"seq": "int"},
     "bye": {"reason": "str"},
+    "secagg_start": {"session": "str", "round": "int"},
+    "secagg_keys": {"session": "str", "c_pk": "bytes", "s_pk": "bytes", "b_commit": "bytes"},
+    "secagg_roster": {"session": "str", "threshold": "int", "keys": "ByteMap", "index": "IntMap"},
+    "secagg_shares": {"session": "str", "shares": "ByteMap"},
+    "secagg_forward": {"session": "str", "shares": "ByteMap"},
+    "secagg_unmask": {"session": "str", "survivors": "AgentIds", "dropped": "AgentIds"},
+    "secagg_unmask_shares": {"session": "str", "b_shares": "ByteMap", "sk_shares": "ByteMap"},
+    "secagg_abort": {"session": "str", "code": "str", "reason": "str"},
 }
 
 # the codec's kinds: annotation -> (kind, nullable)
@@ -103,6 +118,10 @@ PINNED_KINDS: dict[str, tuple[str, bool]] = {
     "Weights": ("weights", False),
     "Weights | None": ("weights", True),
     "list[str]": ("strs", False),
+    "bytes": ("bytes", False),
+    "AgentIds": ("ids", False),
+    "ByteMap": ("bytemap", False),
+    "IntMap": ("intmap", False),
 }
 
 TENSOR_FIELDS = {
@@ -177,8 +196,10 @@ UPLOAD = {"upload_id": "u1", "base_version": 0, "num_samples": 5}
         ({**UPLOAD, "sample": ROW}, "unknown field"),
         ({**UPLOAD, "metrics": {"row": ROW}}, "must be a number, string or boolean"),
         ({**UPLOAD, "metrics": {"row": {"x": 1.0}}}, "must be a number, string or boolean"),
-        ({**UPLOAD, "metrics": {"row": bytes(256)}}, "undecodable header"),
-        ({**UPLOAD, "upload_id": bytes(256)}, "undecodable header"),
+        ({**UPLOAD, "metrics": {"row": bytes(257)}}, "undecodable header"),
+        ({**UPLOAD, "upload_id": bytes(257)}, "undecodable header"),
+        ({**UPLOAD, "metrics": {"row": bytes(256)}}, "must be a number, string or boolean"),
+        ({**UPLOAD, "upload_id": bytes(256)}, "must be a string"),
         ({**UPLOAD, "metrics": {"row": "x" * 1025}}, "longer than 1024"),
         ({**UPLOAD, "upload_id": "x" * 4097}, "longer than 4096"),
         ({**UPLOAD, "extra": ROW}, "tensors must be sent in the tensor table"),

@@ -369,3 +369,27 @@ def _fuzz(server: ServerSession, agent: AgentSession, rng: random.Random) -> Non
             rng.choice(calls)()
         except SecAggError as e:
             assert e.code in SecAggError.CODES and str(e)
+
+
+def test_wrong_mask_key_share_of_dropped_agent_detected() -> None:
+    srv, agents, rosters = advertised(6)  # complete graph, k = 5, t = 4
+    for a, s in agents.items():
+        srv.add_shares(a, s.share_keys(rosters[a]))
+    fwd = srv.close_shares()
+    xs = {}
+    for a in fwd:
+        agents[a].receive_shares(fwd[a])
+        if a != "a5":  # a5 drops after sharing its keys
+            xs[a] = np.full(7, 0.5)
+            srv.add_masked(a, agents[a].mask(xs[a], 1000))
+    u3, dropped = srv.close_masked()
+    assert dropped == ["a5"] and srv.threshold == 4
+    for a in u3:
+        b, sk = agents[a].unmask(u3, dropped)
+        assert set(sk) == {"a5"}
+        if a == "a0":
+            sk = {"a5": bytes(reversed(sk["a5"]))}
+        srv.add_unmask(a, b, sk)
+    total, weight, _ = srv.finish()
+    assert np.abs(total - 2.5).max() <= srv.params.error_bound(5)
+    assert set(srv.bad_senders) == {"a0"} and "a5" in srv.bad_senders["a0"]

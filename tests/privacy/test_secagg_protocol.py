@@ -383,3 +383,49 @@ def test_overflow_refused_with_the_max_agents() -> None:
     with pytest.raises(SecAggError):
         p.check_agents(5)
     p.check_agents(4)
+
+
+def test_random_dropouts_exact_sum_or_clean_failure() -> None:
+    """Random sessions with agents dropping at every step: the exact sum of U3 whenever every
+    secret keeps t live holders, else secagg-too-few (and then no unmasking at all)."""
+    rng = random.Random(99)
+    outcomes = {"ok": 0, "too-few": 0}
+    for trial in range(40):
+        n = rng.randint(3, 14)
+        h = Harness(n, seed=trial)
+        ids = h.ids
+        xs = {
+            a: np.random.default_rng(trial).uniform(-2, 2, 12) * (i + 1) / n
+            for i, a in enumerate(ids)
+        }
+        counts = {a: float(rng.randint(0, 1200)) for a in ids}
+        a_drop = set(rng.sample(ids, rng.randint(0, n // 4)))
+        b_drop = set(rng.sample(ids, rng.randint(0, n // 3))) - a_drop
+        c_drop = set(rng.sample(ids, rng.randint(0, n // 3))) - a_drop - b_drop
+        try:
+            h.keys(drop=a_drop)
+            h.shares()
+            h.mask(xs, counts, drop=b_drop)
+            u3, dropped = h.unmask(drop=c_drop)
+            responders = set(u3) - c_drop
+            t = h.server.threshold
+            enough = all(len(({u, *h.server.neighbours(u)}) & responders) >= t for u in u3) and all(
+                len(set(h.server.neighbours(d)) & responders) >= t for d in dropped
+            )
+            if not enough:
+                with pytest.raises(SecAggError) as e:
+                    h.server.finish()
+                assert e.value.code == "secagg-too-few"
+                outcomes["too-few"] += 1
+                continue
+            total, weight, survivors = h.server.finish()
+        except SecAggError as e:
+            assert e.code == "secagg-too-few", e
+            assert h.server.phase == "failed"
+            outcomes["too-few"] += 1
+            continue
+        assert set(survivors) == set(ids) - a_drop - b_drop
+        exp = exact_expected(h, xs, counts, survivors)
+        np.testing.assert_array_equal(np.append(total, weight * h.params.clip), exp)
+        outcomes["ok"] += 1
+    assert outcomes["ok"] >= 10 and outcomes["too-few"] >= 3, outcomes

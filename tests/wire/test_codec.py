@@ -20,7 +20,18 @@ from hypothesis.extra import numpy as hnp
 from fedstack.errors import MessageTooLarge, RemoteProtocolError
 from fedstack.names import NAME_PATTERN
 from fedstack.types import Weights
-from fedstack.wire import codec, tensors
+from fedstack.wire import (
+    SecAggAbort,
+    SecAggForward,
+    SecAggKeys,
+    SecAggRoster,
+    SecAggShares,
+    SecAggStart,
+    SecAggUnmask,
+    SecAggUnmaskShares,
+    codec,
+    tensors,
+)
 from fedstack.wire.codec import Limits, decode, encode, encode_to_bytes, encoded_size
 from fedstack.wire.messages import (
     MESSAGE_TYPES,
@@ -148,6 +159,16 @@ def samples() -> list[Message]:
         Error(code="bad-field", message="no", fatal=True),
         Heartbeat(seq=2**40),
         Bye(reason="done"),
+        SecAggStart(session="run:1:1:ab", round=1),
+        SecAggKeys(session="run:1:1:ab", c_pk=b"c" * 32, s_pk=b"s" * 32, b_commit=b"b" * 32),
+        SecAggRoster(
+            session="run:1:1:ab", threshold=2, keys={"a2": b"k" * 96}, index={"a1": 1, "a2": 2}
+        ),
+        SecAggShares(session="run:1:1:ab", shares={"a2": b"\x00\xff" * 46}),
+        SecAggForward(session="run:1:1:ab", shares={"a1": b"\x01" * 92}),
+        SecAggUnmask(session="run:1:1:ab", survivors=["a1", "a2"], dropped=[]),
+        SecAggUnmaskShares(session="run:1:1:ab", b_shares={"a1": b"x" * 16}, sk_shares={}),
+        SecAggAbort(session="run:1:1:ab", code="secagg-too-few", reason="2 < 3"),
     ]
 
 
@@ -188,6 +209,42 @@ def rejects(
 
 
 # ---------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        # the header's decoder stops these before the fields are read
+        ("c_pk", b"x" * (codec.MAX_BYTES + 1), "max_bin_len"),
+        ("shares", {f"a{i}": b"x" for i in range(codec.MAX_MAP_ITEMS + 1)}, "max_map_len"),
+        ("survivors", ["a"] * (codec.MAX_IDS + 1), "max_array_len"),
+        # the field checks
+        ("c_pk", "not bytes", "at most"),
+        ("shares", {"a": "text"}, "bytes"),
+        ("shares", {"": b"x"}, "agent ids"),
+        ("index", {"a": "1"}, "integers"),
+        ("survivors", [""], "agent ids"),
+        ("survivors", "a", "at most"),
+    ],
+)
+def test_secagg_fields_are_bounded(field: str, value: object, why: str) -> None:
+    tag = {
+        "c_pk": "secagg_keys",
+        "shares": "secagg_shares",
+        "index": "secagg_roster",
+        "survivors": "secagg_unmask",
+    }[field]
+    base: dict[str, dict[str, object]] = {
+        "secagg_keys": {"session": "s", "c_pk": b"c", "s_pk": b"s", "b_commit": b"b"},
+        "secagg_shares": {"session": "s", "shares": {}},
+        "secagg_roster": {"session": "s", "threshold": 1, "keys": {}, "index": {}},
+        "secagg_unmask": {"session": "s", "survivors": [], "dropped": []},
+    }
+    fields = {**base[tag], field: value}
+    limits = Limits(max_header_bytes=1 << 22)
+    err = rejects(raw({"t": tag, "f": fields, "x": {}}), None, limits)
+    assert err.code == ("malformed" if why.startswith("max_") else "bad-field"), str(err)
+    assert why in str(err)
+
+
 def test_samples_cover_every_message_type() -> None:
     assert {m.TYPE for m in samples()} == set(MESSAGE_TYPES)
     assert {type(m) for m in samples()} == set(MESSAGE_TYPES.values())
@@ -210,6 +267,10 @@ def test_roundtrip_with_defaults_only(cls: type[Message]) -> None:
             "Weights": {},
             "Weights | None": None,
             "float": 0.0,
+            "bytes": b"",
+            "AgentIds": [],
+            "ByteMap": {},
+            "IntMap": {},
         }[str(f.type)]
     roundtrip(cls(**kwargs))
 
@@ -430,6 +491,14 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "Weights": weights_st,
     "Weights | None": st.none() | weights_st,
     "list[str]": st.lists(st.text(max_size=40), max_size=5),
+    "bytes": st.binary(max_size=codec.MAX_BYTES),
+    "AgentIds": st.lists(st.text(min_size=1, max_size=40), max_size=5),
+    "ByteMap": st.dictionaries(
+        st.text(min_size=1, max_size=40), st.binary(max_size=codec.MAX_BYTES), max_size=5
+    ),
+    "IntMap": st.dictionaries(
+        st.text(min_size=1, max_size=40), st.integers(-(2**62), 2**62), max_size=5
+    ),
 }
 
 

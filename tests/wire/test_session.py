@@ -23,12 +23,21 @@ from fedstack.wire import (
     NotReady,
     Participate,
     Poll,
+    SecAggAbort,
+    SecAggForward,
+    SecAggKeys,
+    SecAggRoster,
+    SecAggShares,
+    SecAggStart,
+    SecAggUnmask,
+    SecAggUnmaskShares,
     UploadAck,
     Welcome,
 )
 from fedstack.wire.session import (
     FATAL_ERROR,
     MAX_VERSION,
+    SECAGG_KINDS,
     TRANSITIONS,
     AgentSession,
     AggregatorSession,
@@ -86,7 +95,7 @@ def upload(uid: str = "u1", base: int = 0) -> ModelUpload:
 
 SAMPLES: dict[str, Message] = {
     Participate.TYPE: Participate(agent_name="a1", model=model()),
-    Welcome.TYPE: welcome(),
+    Welcome.TYPE: welcome(config={"secagg": True}),
     ModelUpload.TYPE: upload(),
     UploadAck.TYPE: UploadAck(upload_id="u1", status="accepted", round=1),
     GlobalModel.TYPE: GlobalModel(version=1, model_id="m1", model=model(1)),
@@ -96,8 +105,19 @@ SAMPLES: dict[str, Message] = {
     FATAL_ERROR: Error(code="revoked", message="gone", fatal=True),
     Heartbeat.TYPE: Heartbeat(seq=3),
     Bye.TYPE: Bye(reason="done"),
+    SecAggStart.TYPE: SecAggStart(session="s1", round=1),
+    SecAggKeys.TYPE: SecAggKeys(session="s1", c_pk=b"c" * 32, s_pk=b"s" * 32, b_commit=b"b" * 32),
+    SecAggRoster.TYPE: SecAggRoster(session="s1", threshold=2, keys={}, index={"a": 1}),
+    SecAggShares.TYPE: SecAggShares(session="s1", shares={"a2": b"x" * 92}),
+    SecAggForward.TYPE: SecAggForward(session="s1", shares={"a2": b"x" * 92}),
+    SecAggUnmask.TYPE: SecAggUnmask(session="s1", survivors=["a1", "a2"], dropped=[]),
+    SecAggUnmaskShares.TYPE: SecAggUnmaskShares(session="s1", b_shares={}, sk_shares={}),
+    SecAggAbort.TYPE: SecAggAbort(session="s1", code="secagg-too-few"),
 }
-"""A valid message of every kind in the table."""
+"""A valid message of every kind in the table (the sessions below run secure aggregation:
+its messages are legal once joined; see test_secagg_messages_need_secagg)."""
+
+SECAGG_WELCOME = welcome(config={"secagg": True})
 
 
 def wire(parts: list[bytes | memoryview]) -> bytes:
@@ -316,7 +336,7 @@ def test_stale_rule() -> None:
 def drive(role: Role, state: State) -> AgentSession | AggregatorSession:
     """A fresh session of ``role`` brought into ``state`` by legal messages."""
     if role is Role.AGGREGATOR:
-        g = AggregatorSession()
+        g = AggregatorSession(secagg=True)
         if state is State.AWAITING_PARTICIPATE:
             return g
         if state is State.FAILED:
@@ -342,7 +362,7 @@ def drive(role: Role, state: State) -> AgentSession | AggregatorSession:
         with pytest.raises(RemoteProtocolError):
             a.receive(Poll(known_version=0))
         return a
-    a.receive(welcome())
+    a.receive(SECAGG_WELCOME)
     if state is State.JOINED:
         return a
     assert state is State.CLOSED
@@ -386,6 +406,30 @@ def test_every_message_in_every_state(role: Role, state: State, kind: str) -> No
         with pytest.raises(LocalProtocolError):
             s.send(msg)
         assert s.state is state  # a refused send changes nothing
+
+
+@pytest.mark.parametrize("kind", sorted(SECAGG_KINDS))
+def test_secagg_messages_need_secagg(kind: str) -> None:
+    """Without secure aggregation its messages are illegal in every state, both ways: a
+    received one fails the session (unexpected-message), a sent one is refused."""
+    msg = SAMPLES[kind]
+    up = (Direction.IN, kind) in TRANSITIONS[(Role.AGGREGATOR, State.JOINED)]
+    g = AggregatorSession()
+    g.receive(Participate(agent_name="a1"))
+    g.send(welcome())
+    a = AgentSession()
+    a.send(Participate(agent_name="a1"))
+    a.receive(welcome())
+    assert not g.can_receive(msg) and not g.can_send(msg)
+    assert not a.can_receive(msg) and not a.can_send(msg)
+    receiver, sender = (g, a) if up else (a, g)
+    with pytest.raises(LocalProtocolError):
+        sender.send(msg)
+    assert sender.state is State.JOINED
+    with pytest.raises(RemoteProtocolError, match="secure aggregation|unexpected") as err:
+        receiver.receive_bytes(_encoded(msg))
+    assert err.value.code == "unexpected-message"
+    assert receiver.state is State.FAILED
 
 
 def _encoded(msg: Message) -> bytes:
@@ -636,7 +680,7 @@ def test_every_legal_sequence_of_four_steps(role: Role, start: State) -> None:
     assert len(paths) > 20
     for path in paths:
         s: AgentSession | AggregatorSession = (
-            AgentSession() if role is Role.AGENT else AggregatorSession()
+            AgentSession() if role is Role.AGENT else AggregatorSession(secagg=True)
         )
         state = start
         for direction, kind in path:

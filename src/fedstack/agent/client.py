@@ -400,6 +400,10 @@ class Agent:
     ) -> bool:
         """Queue the upload of ``model``/``extras``, which are private to this agent."""
         core = self._core
+        if core.secagg is not None:
+            # secure aggregation: the model stays here; only its masked form is sent, and
+            # it is never written to the state directory as a plain upload to re-send
+            return self._call(core.secagg_update, model, num_samples)
         upload = self._call(core.new_upload, model, num_samples, metrics, extras)
         if upload is None:
             return False

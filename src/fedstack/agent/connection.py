@@ -236,6 +236,8 @@ class AgentConnection:
                         conn.write(s.send(Bye(reason="agent moving")))
                         await asyncio.wait_for(conn.close(), 2.0)
                     return False
+                while self.core.outbox:  # secure aggregation's messages, in order
+                    conn.write(s.send(self.core.outbox.pop(0)))
                 upload = s.upload_to_send()
                 if upload is not None:
                     # the upload's arrays are the agent's own copies, never changed:

@@ -46,7 +46,7 @@ from fedstack.errors import (
 from fedstack.names import check_agent_name
 from fedstack.security.tls import client_context
 from fedstack.types import Metrics, Weights
-from fedstack.wire import Error, Limits, ModelUpload, UploadAck, Welcome
+from fedstack.wire import Error, Limits, Message, ModelUpload, UploadAck, Welcome
 from fedstack.wire.session import (
     AgentSession,
     Event,
@@ -56,6 +56,7 @@ from fedstack.wire.session import (
     NotReadyReceived,
     Refused,
     RequestRefused,
+    SecAggReceived,
     UploadAcknowledged,
 )
 
@@ -192,6 +193,12 @@ class AgentCore:
         self.state_dir = None if state_dir is None else Path(state_dir)
         self.disk: AgentStateDir | None = None
         self._restored: SavedUpload | None = None
+        self.secagg: Any = None
+        """Secure aggregation (a :class:`fedstack.agent.secagg.SecAggAgent`) when the
+        welcome's config has ``secagg``; None: plain uploads."""
+        self._secagg_base: Weights | None = None  # the global model being trained on
+        self.outbox: list[Message] = []
+        """Secure-aggregation messages for the connection loop to send, in order."""
         if self.state_dir is not None:
             self._restore(self.state_dir)
 
@@ -335,6 +342,10 @@ class AgentCore:
             # handed over: the agent keeps no reference (a big model's buffer is free
             # again as soon as the trainer is done with it)
             gm, self._gm = self._gm, None
+            if self.secagg is not None:  # the update is the delta to this model: kept
+                from fedstack.agent.secagg import copy_weights
+
+                self._secagg_base = copy_weights(gm)
             return gm
         if self.final_delivered or (self.gm_final and self.closing):
             raise FederationFinished(
@@ -418,6 +429,35 @@ class AgentCore:
             self.commit_upload(upload)
         return upload
 
+    def secagg_update(self, model: Weights, num_samples: int) -> bool:
+        """Secure aggregation: keep the trained ``model`` for the sessions of its round
+        (never sent as it is); False if it is not to be sent (finished or stale)."""
+        if num_samples < 0:
+            raise ValueError("num_samples must be >= 0")
+        if self._not_to_send("training on") or self._secagg_base is None:
+            return False
+        self.secagg.agent_id = self.session.agent_id
+        out = self.secagg.set_update(
+            model, self._secagg_base, max(self.training_base, 0), int(num_samples)
+        )
+        self._secagg_base = None
+        self.move("upload-queued")
+        self._send_secagg(out)
+        self.notify()
+        return True
+
+    def _send_secagg(self, messages: list[Message]) -> None:
+        """Queue what the secure aggregation sends (a masked input is the pending upload:
+        re-sent with its id after a reconnect, cleared by its acknowledgement)."""
+        for m in messages:
+            if isinstance(m, ModelUpload):
+                self.session.queue_upload(m)
+                self.move("upload-queued")
+            else:
+                self.outbox.append(m)
+        if messages:
+            self._kick()
+
     def commit_upload(self, upload: ModelUpload) -> bool:
         """Queue ``upload`` (written to disk meanwhile) unless it became stale."""
         if self.disk is not None and self._not_to_send("saving the model trained on"):
@@ -465,6 +505,7 @@ class AgentCore:
                 w.version,
             )
         self.round = w.round
+        self._setup_secagg(w)
         if self._restored is not None and self._resume_pending(w):
             # the restored upload was trained on this very model: wait for the next one
             self._gm, self._gm_next_extra = w.model, w.extra or {}
@@ -503,6 +544,26 @@ class AgentCore:
             w.delivery,
         )
 
+    def _setup_secagg(self, w: Welcome) -> None:
+        """Secure aggregation on (or off) as the welcome's config says."""
+        if w.config.get("secagg") is not True:
+            if self.secagg is not None:
+                log.warning("%s: the aggregator no longer runs secure aggregation", self.name)
+            self.secagg = None
+            return
+        from fedstack.agent.secagg import SecAggAgent, params_from_config
+
+        try:
+            params = params_from_config(w.config)
+        except FedstackError as exc:
+            raise RemoteProtocolError(
+                f"the aggregator's secure-aggregation settings are refused: {exc}",
+                code="bad-field",
+            ) from None
+        if self.secagg is None or self.secagg.params != params:
+            self.secagg = SecAggAgent(params, self.name)
+        self.secagg.agent_id = w.agent_id
+
     def _resume_pending(self, w: Welcome) -> bool:
         """Decide, at the first welcome after a restart, what becomes of the upload restored
         from the state directory: re-sent with its upload_id (the aggregator stores it at
@@ -513,7 +574,9 @@ class AgentCore:
         assert saved is not None and self.disk is not None
         up = saved.upload
         reason = None
-        if saved.run_id is not None and saved.run_id != w.run_id:
+        if self.secagg is not None:
+            reason = "the federation runs secure aggregation: a plain model is never sent"
+        elif saved.run_id is not None and saved.run_id != w.run_id:
             reason = f"it was trained in run {saved.run_id[:8]}, not {w.run_id[:8]}"
         elif self.session.is_stale(up.base_version, restored=True):
             reason = f"it was trained on v{up.base_version}, the global model is now v{w.version}"
@@ -538,6 +601,8 @@ class AgentCore:
 
     def _new_global(self, version: int, model: Weights, final: bool, extra: Weights | None) -> None:
         """A global model newer than any before (the session decided)."""
+        if self.secagg is not None:
+            self.secagg.new_global(version)
         self._gm = model
         self._gm_next_extra = extra or {}
         self.gm_final = final
@@ -582,6 +647,9 @@ class AgentCore:
                     f"{self.url} disconnected {self.name!r}: {err.message}", code=err.code
                 )
             raise RemoteProtocolError(f"aggregator error: {err.message}", code=err.code)
+        elif isinstance(event, SecAggReceived):
+            if self.secagg is not None:
+                self._send_secagg(self.secagg.on_message(event.message, self.session.agent_id))
         elif isinstance(event, Left):
             raise ConnectionClosed(1001, event.reason)
         else:

@@ -210,6 +210,43 @@ class AggregatorConfig:
         "an update check before aggregation (see fedstack.aggregator.gate.UpdateGate), repeatable",
     )
     seed: int = setting(0, "seed of the strategies' random generator")
+    # ---- secure aggregation (issue 14): SecAgg+; a `[secagg]` table in a file
+    secagg: bool = setting(
+        False,
+        "secure aggregation (SecAgg+): the aggregator only ever sees masked updates and "
+        "their sum (weighted FedAvg and the server optimisers; see docs/privacy.md)",
+    )
+    secagg_clip: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = setting(
+        8.0,
+        "secure aggregation: every element of an agent's pre-scaled update is clipped to +-this",
+    )
+    secagg_quant_bits: Annotated[int, msgspec.Meta(ge=2, le=31)] = setting(
+        22, "secure aggregation: bits each clipped element is quantised to"
+    )
+    secagg_max_weight: Annotated[float, msgspec.Meta(gt=0, le=MAX_STORED_INT)] = setting(
+        1000.0,
+        "secure aggregation: an agent's FedAvg weight is min(num_samples, this) (1: plain mean)",
+    )
+    secagg_neighbours: Annotated[int, msgspec.Meta(ge=2, le=254)] | None = setting(
+        None,
+        "secure aggregation: neighbours k of each agent (even; unset: 2*ceil(log2 n), "
+        "a complete graph for few agents)",
+    )
+    secagg_threshold: Fraction = setting(
+        0.5,
+        "secure aggregation: Shamir threshold t = floor(this*(k+1))+1 of an agent's k+1 holders",
+    )
+    secagg_min_survivors: Annotated[int, msgspec.Meta(ge=2)] = setting(
+        2, "secure aggregation: fewest masked updates a round is unmasked from (else it fails)"
+    )
+    secagg_timeout: Seconds = setting(
+        30.0, "secure aggregation: seconds each phase of a session waits for slow agents"
+    )
+    secagg_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] = setting(
+        5,
+        "secure aggregation: failed attempts of one round before the aggregator waits "
+        "for the set of agents to change (a join) to try again",
+    )
     evaluator: str | None = setting(None, "module:function evaluating each global model centrally")
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1024)] = setting(
         1 << 30, "largest accepted message"
@@ -381,6 +418,38 @@ class AggregatorConfig:
                 except ConfigError as exc:
                     raise bad(f"track: {exc}") from None
         self._check_federation(bad)
+        if self.secagg:
+            self._check_secagg(bad)
+
+    def _check_secagg(self, bad: typing.Callable[[str], ConfigError]) -> None:
+        """Secure aggregation's settings that no strategy can change (the strategy and the
+        overflow bound are checked by the aggregator, which knows both)."""
+        if self.federated:
+            raise bad(
+                "secagg is not supported with name or upstream (a horizontal or hierarchical "
+                "federation): run a standalone aggregator with --secagg"
+            )
+        if self.gate:
+            raise bad(
+                "secagg cannot run with an update gate: the gate inspects individual "
+                "updates, which secure aggregation hides from the aggregator (drop gate)"
+            )
+        if self.secagg_neighbours is not None and self.secagg_neighbours % 2:
+            raise bad(f"secagg_neighbours must be even, not {self.secagg_neighbours}")
+
+    def secagg_params(self) -> Any:
+        """The :class:`~fedstack.privacy.secagg.SecAggParams` of these settings."""
+        from fedstack.privacy.secagg import SecAggParams
+
+        return SecAggParams(
+            clip=self.secagg_clip,
+            quant_bits=self.secagg_quant_bits,
+            max_weight=self.secagg_max_weight,
+            neighbours=self.secagg_neighbours,
+            threshold=self.secagg_threshold,
+            min_survivors=self.secagg_min_survivors,
+            timeout=self.secagg_timeout,
+        )
 
     def _check_federation(self, bad: typing.Callable[[str], ConfigError]) -> None:
         for key in ("advertise_url", "upstream"):
@@ -738,6 +807,13 @@ def _file_values(data: Mapping[str, Any], source: str) -> dict[str, Any]:
     by_name = {s.name: s for s in settings()}
     by_book = {s.book: s for s in settings() if s.book}
     values: dict[str, Any] = {}
+    if isinstance(data.get("secagg"), Mapping):  # a [secagg] table: its keys are secagg_*
+        data = dict(data)
+        table = data.pop("secagg")
+        data.setdefault("secagg", bool(table.get("enabled", True)))
+        for k, v in table.items():
+            if k != "enabled":
+                data[f"secagg_{k}"] = v
     for key, value in data.items():
         if key in IGNORED_BOOK_KEYS:
             continue

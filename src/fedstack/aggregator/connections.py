@@ -40,6 +40,8 @@ from fedstack.aggregator.events import (
     AgentLeft,
     FederationStarted,
     PollReceived,
+    SecAggMessage,
+    SecAggWelcomed,
     UploadReceived,
 )
 from fedstack.aggregator.pacing import (
@@ -131,7 +133,7 @@ class AgentConnections:
         session: Session | None = None
         counted = False
         try:
-            proto = protocol.AggregatorSession(self.agg.limits)
+            proto = protocol.AggregatorSession(self.agg.limits, secagg=self.agg.secagg is not None)
             if self.agg.registry.audit.over_budget("refused", conn.remote_address):
                 # a host refused again and again: slow it down before any work for it
                 await asyncio.sleep(min(THROTTLE_DELAY, cfg.register_timeout / 2))
@@ -167,6 +169,8 @@ class AgentConnections:
             counted = True
             await joined
             await self.agg.delivery.welcome(session)
+            if self.agg.secagg is not None:  # it learns the session collecting keys
+                await self.agg._post(SecAggWelcomed(session))
             assert self.agg.store is not None
             # on the registry's thread: a churn of joins does not queue before the uploads
             await self.agg.workers.registry(
@@ -239,6 +243,8 @@ class AgentConnections:
                 await self._on_upload(session, ev.message)
             elif isinstance(ev, protocol.PollReceived):
                 await self.agg._post(PollReceived(session, ev.message))
+            elif isinstance(ev, protocol.SecAggReceived):
+                await self.agg._post(SecAggMessage(session, ev.message))
             elif isinstance(ev, protocol.HeartbeatReceived):
                 if ev.reply is not None:
                     await session.send(ev.reply, cfg.send_timeout)
@@ -401,16 +407,27 @@ class AgentConnections:
         cfg = self.agg.config
         self.agg.metrics.upload_bytes.inc(nbytes(msg.model) + nbytes(msg.extra))
         try:
-            check_upload(
-                msg,
-                agent_id=session.agent_id,
-                version=self.agg.state.version,
-                round=self.agg.state.round,
-                structure=self.agg.structure,
-                global_weights=self.agg.global_weights,
-                strategy=self.agg.strategy,
-                max_num_samples=cfg.max_num_samples,
-            )
+            if self.agg.secagg is not None:  # only masked inputs of the session in progress
+                problem = self.agg.secagg.check_masked(session.agent_id, msg)
+                if problem is not None:
+                    raise InvalidUpdate(problem, agent_id=session.agent_id)
+                if msg.base_version != self.agg.state.version or msg.num_samples != 0:
+                    raise InvalidUpdate(
+                        "a masked input has base_version = the current version and "
+                        "num_samples 0 (its weight is inside the masked vector)",
+                        agent_id=session.agent_id,
+                    )
+            else:
+                check_upload(
+                    msg,
+                    agent_id=session.agent_id,
+                    version=self.agg.state.version,
+                    round=self.agg.state.round,
+                    structure=self.agg.structure,
+                    global_weights=self.agg.global_weights,
+                    strategy=self.agg.strategy,
+                    max_num_samples=cfg.max_num_samples,
+                )
             problem, code = upload_id_problem(msg.upload_id), "bad-field"
         except InvalidUpdate as exc:
             log.warning("refused upload from %s: %s", session.name, exc)

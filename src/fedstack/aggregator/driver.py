@@ -37,6 +37,7 @@ from fedstack.types import Metrics, Weights
 
 if TYPE_CHECKING:
     from fedstack.aggregator.federation import RoundSink
+    from fedstack.aggregator.secagg import SecAggCoordinator
     from fedstack.trackers.sink import TrackerSink
 
 log = logging.getLogger("fedstack.aggregator")
@@ -104,6 +105,9 @@ class RoundDriver:
         self.trackers: TrackerSink | None = None
         """Told when a round's evaluation is stored (None: no experiment tracker)."""
         self._pending: Result | None = None  # computed but not committed yet: retried
+        self.secagg: SecAggCoordinator | None = None
+        """Secure aggregation's coordinator (None: plain rounds): it unmasks the round."""
+        self._secagg_facts: dict[str, Any] | None = None
         self._last_checkpoint = -math.inf
         self._checkpointing = False
         self._eval_lock = asyncio.Lock()
@@ -194,6 +198,16 @@ class RoundDriver:
         the accumulator if the strategy fails)."""
         store = self._store()
         assert store is not None and self.accumulator is not None
+        if self.secagg is not None and self._pending is None:
+            try:  # unmask the sum (no individual update is ever seen): the weighted mean
+                self._pending, self._secagg_facts = await self.secagg.aggregate(
+                    global_weights, state, round
+                )
+            except Exception as exc:
+                if not self.secagg.is_failure(exc):
+                    log.exception("secure aggregation of round %d failed", round)
+                    exc = self.secagg.internal_failure(exc)
+                return RoundCommitted(round, None, "", 0.0, exc)
         try:
             if self._pending is None:
                 try:
@@ -206,6 +220,18 @@ class RoundDriver:
             result = self._pending  # kept until committed: a store failure retries it
             num_samples = sum(max(n, 0) for n, _ in self.inputs)
             metrics: Metrics = {**result.metrics, **mean_metrics(self.inputs)}
+            facts = self._secagg_facts if self.secagg is not None else None
+            if facts is not None:  # the agents' metrics are not sent under secagg
+                num_samples = int(facts["num_samples"])
+                metrics = {
+                    **result.metrics,
+                    "num_updates": len(facts["agents"]),
+                    "num_samples": num_samples,
+                    "secagg_agents": len(facts["agents"]),
+                    "secagg_dropped": len(facts["dropped"]),
+                    "secagg_session": str(facts["session"]),
+                    "secagg_error_bound": float(facts["error_bound"]),
+                }
             if self.eval_in_round and self.evaluator is not None:
                 metrics.update(await self._evaluate_now(round, result.weights))
             finished = time.time()
@@ -230,7 +256,18 @@ class RoundDriver:
             )
         except Exception as exc:
             return RoundCommitted(round, None, "", 0.0, exc)
+        if facts is not None:  # which agents' masked inputs made the round, who dropped
+            try:
+                await self._db(
+                    store.log_event,
+                    "secagg_round",
+                    {"round": round, "model_id": model_id, "inputs": list(inputs), **facts},
+                    run_id=self._run_id(),
+                )
+            except StoreError as exc:
+                log.error("round %d: the secagg_round event is not stored: %s", round, exc)
         self._pending = None
+        self._secagg_facts = None
         return RoundCommitted(round, result, model_id, finished, metrics=metrics)
 
     async def _publish(

@@ -167,8 +167,25 @@ class BarrierOpened:
     round: int
 
 
+@dataclass(eq=False)
+class SecAggMessage:
+    """Secure aggregation: a message of its session from agent ``session``."""
+
+    session: Session
+    msg: Message
+
+
+@dataclass(eq=False)
+class SecAggWelcomed:
+    """Secure aggregation: ``session`` was welcomed (it learns the attempt in progress)."""
+
+    session: Session
+
+
 Event = (
     DeadlineFired
+    | SecAggMessage
+    | SecAggWelcomed
     | AgentJoined
     | AgentLeft
     | FederationStarted

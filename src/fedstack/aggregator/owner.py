@@ -33,6 +33,8 @@ from fedstack.aggregator.events import (
     GlobalAdvanced,
     PollReceived,
     RoundCommitted,
+    SecAggMessage,
+    SecAggWelcomed,
     UploadReceived,
     UploadsClaimed,
 )
@@ -103,6 +105,9 @@ class RoundOwner:
         self.global_extra, self.strategy_state = extra, state
         self.state.start(version, self.agg.clock())
         self.agg.driver.begin(weights, state, self.state.round)
+        secagg = self.agg.secagg
+        if secagg is not None:  # the masked inputs go to the round's first session
+            self._secagg_restart(secagg.begin_round(self.state.round, weights))
         self.published = Published(
             version, self.state.round, model_id, weights, extra, self.state.finished
         )
@@ -132,7 +137,8 @@ class RoundOwner:
 
     def _next_wakeup(self) -> float | None:
         """The next clock time the owner must act without an event (or None)."""
-        times = [t for t in (self._retry_at, self._polls.next_expiry()) if t is not None]
+        secagg = None if self.agg.secagg is None else self.agg.secagg.deadline()
+        times = [t for t in (self._retry_at, self._polls.next_expiry(), secagg) if t is not None]
         deadline = self.state.deadline()
         if deadline is not None and deadline > self.agg.clock():  # once past, events decide
             times.append(deadline)
@@ -160,6 +166,8 @@ class RoundOwner:
             self._polls.remove(ev.session)
             if self.agg.registry.remove(ev.session):
                 log.info("agent %s left (%d active)", ev.session.name, len(self.agg.sessions))
+                if self.agg.secagg is not None:
+                    self.agg.secagg.left(ev.session)
                 if self.agg.membership is not None:
                     self.agg.membership.poke()
         elif isinstance(ev, Excused):
@@ -171,6 +179,12 @@ class RoundOwner:
             self._round_done(ev)
         elif isinstance(ev, DeadlineFired):
             pass  # _act looks at the clock after every batch of events
+        elif isinstance(ev, SecAggMessage):
+            if self.agg.secagg is not None:
+                self.agg.secagg.on_message(ev.session, ev.msg)
+        elif isinstance(ev, SecAggWelcomed):
+            if self.agg.secagg is not None:
+                self.agg.secagg.joined(ev.session)
         elif isinstance(ev, FederationStarted):
             if self.state.initialized:  # another member's start, seen after our own
                 if not ev.reply.done():
@@ -217,6 +231,9 @@ class RoundOwner:
         if (self._follow is not None or self._claimed) and self._federation_effect():
             return
         active = len(self.agg.sessions)
+        secagg = self.agg.secagg
+        if secagg is not None:  # (never while masked inputs are being counted: see above)
+            secagg.tick(now)  # a phase that timed out closes (or the attempt fails)
         n = len(self.state.contributors)
         dl = self.state.deadline()
         if (
@@ -235,7 +252,8 @@ class RoundOwner:
                 self.state.min_updates,
                 active,
             )
-        if self.state.ready(now, active) and self._barrier_open():
+        ready = self.state.ready(now, active) if secagg is None else secagg.ready(now)
+        if ready and self._barrier_open():
             self._aggregating = True
             assert self.global_weights is not None
             self.agg._scope.spawn(
@@ -280,6 +298,8 @@ class RoundOwner:
                 )
             elif p.status.counts and add_error is not None:  # e.g. a buffered rule is full
                 reply = Error(code="invalid-model", message=add_error)
+                if self.agg.secagg is not None:  # a masked input no session took: void
+                    self._void([rec.model_id])
             else:
                 if p.status is UploadStatus.REJECTED:
                     log.warning(
@@ -349,6 +369,10 @@ class RoundOwner:
 
     def _round_done(self, ev: RoundCommitted) -> None:
         self._aggregating = False
+        if self.agg.secagg is not None and self.agg.secagg.is_failure(ev.error):
+            # no model, no partial sum: the attempt is over, a new one starts
+            self.agg.secagg.fail(ev.error)
+            return
         if ev.error is not None or ev.result is None:
             if ev.rebuilt is not None:
                 self.agg.driver.accumulator = ev.rebuilt.accumulator
@@ -391,6 +415,32 @@ class RoundOwner:
             self.agg._scope.spawn(self.agg.driver.checkpoint(now), name="checkpoint")
         if self.state.finished:
             self.agg._finished.set()
+
+    # ------------------------------------------------------------------ secure aggregation
+    def _secagg_restart(self, server: Any) -> None:
+        """Owner: a new attempt (``server`` its session) takes the round's masked inputs;
+        nothing of an earlier attempt counts."""
+        from fedstack.aggregator.secagg import MaskedAccumulator
+
+        self.state.contributors = {}
+        self.agg.driver.accumulator = MaskedAccumulator(server)
+        self.agg.driver.inputs = []
+
+    def _void(self, model_ids: list[str]) -> None:
+        """Mark stored masked inputs of a failed attempt ``stale`` (never aggregated)."""
+        store, rnd = self.agg.store, self.state.round
+        assert store is not None
+
+        async def write() -> None:
+            try:
+                await self.agg._db(
+                    store.carry_uploads, self.agg.run_id, model_ids, round=rnd, drop=True
+                )
+            except StoreError as exc:
+                log.error("cannot mark %d masked input(s) stale: %s", len(model_ids), exc)
+
+        with contextlib.suppress(ScopeClosed):
+            self.agg._scope.spawn(write(), name="secagg-void")
 
     def _check_target(self, rnd: int, metrics: Metrics) -> None:
         """End the run if round ``rnd``'s ``metrics`` reach the target metric."""

@@ -98,6 +98,7 @@ from fedstack.wire import (
 )
 
 if TYPE_CHECKING:
+    from fedstack.aggregator.secagg import SecAggCoordinator
     from fedstack.operator.server import OperatorServer
 
 __all__ = ["Aggregator", "AggregatorFailed", "Evaluator"]
@@ -169,6 +170,9 @@ class Aggregator:
         if self.strategy.trigger is not None:
             # asynchronous rules weigh stale updates themselves: agents must send them
             self.federation_config.setdefault("discard_stale", False)
+        self.secagg: SecAggCoordinator | None = None
+        """Secure aggregation's coordinator (``secagg``; None: plain rounds)."""
+        secagg_params = self._secagg_params() if config.secagg else None
         # ---- round state: changed only by the owner task (read-only for everyone else)
         self.aggregator_id = uuid.uuid4().hex
         self.run_id = ""
@@ -213,6 +217,11 @@ class Aggregator:
             gate=self.gate,
             evaluator=evaluator,
         )
+        if secagg_params is not None:
+            from fedstack.aggregator.secagg import SecAggCoordinator
+
+            self.secagg = SecAggCoordinator(self, secagg_params, config.secagg_max_attempts)
+            self.driver.secagg = self.secagg
         # a target on an evaluator metric is decided before the round's model is sent
         self.driver.eval_in_round = self.target is not None and self.target.needs_evaluator
         self.trackers = TrackerSink(config.track) if config.track else None
@@ -257,6 +266,24 @@ class Aggregator:
             self.membership = Membership(self)
             self.sink = self._make_sink()
             self.driver.sink = self.sink
+
+    def _secagg_params(self) -> Any:
+        """Check that secure aggregation can run with these settings (ConfigError if not)
+        and tell the agents its parameters in their welcome."""
+        try:
+            from fedstack.aggregator.secagg import check_config
+        except ImportError as exc:
+            raise ConfigError(
+                f"--secagg needs the privacy extra (pip install 'fedstack[privacy]'): {exc}"
+            ) from None
+        params = check_config(self.config, self.strategy)
+        self.federation_config.update(
+            {
+                "secagg": True,
+                **{f"secagg_{k}": (0 if v is None else v) for k, v in params.to_config().items()},
+            }
+        )
+        return params
 
     def _check_federation(self) -> None:
         """Refuse a strategy that cannot run per cluster (see ``Strategy.federation``)."""
@@ -502,6 +529,31 @@ class Aggregator:
                     self.target,
                 )
         self.owner.adopt(resume.version, resume.global_model_id, weights, extra, state)
+        if self.secagg is not None:
+            # the secure-aggregation attempt in progress at the restart is abandoned (its
+            # sessions' secrets are gone): its masked inputs are void, a new attempt starts
+            if resume.buffered:
+                await self._db(
+                    self.store.carry_uploads,
+                    self.run_id,
+                    [r.model_id for r in resume.buffered],
+                    round=resume.version + 1,
+                    drop=True,
+                )
+                await self._db(
+                    self.store.log_event,
+                    "secagg_abandoned",
+                    {"round": resume.version + 1, "masked_inputs": len(resume.buffered)},
+                    run_id=self.run_id,
+                )
+                log.info(
+                    "secure aggregation: abandoned the attempt in progress at the restart "
+                    "(%d masked input(s) voided); round %d starts a new attempt",
+                    len(resume.buffered),
+                    resume.version + 1,
+                )
+            self._initialized.set()
+            return
         replayed = await self.driver.replay(weights, state, resume.version, resume.buffered)
         self.driver.accumulator = replayed.accumulator
         self.driver.inputs = replayed.inputs

@@ -111,9 +111,6 @@ class SecAggError(FedstackError):
         super().__init__(message)
         self.code = code
 
-    def __str__(self) -> str:
-        return f"{self.code}: {self.args[0]}"
-
 
 # ------------------------------------------------------------------------------ params
 def _real(name: str, value: object) -> float:
@@ -717,6 +714,7 @@ class ServerSession:
         self._phase = "keys"
         self._failure: str | None = None
         self._keys: dict[str, PublicKeys] = {}
+        self._key_owner: dict[bytes, str] = {}
         self._graph: dict[str, list[str]] = {}
         self._index: dict[str, dict[str, int]] = {}
         self._k = 0
@@ -807,15 +805,18 @@ class ServerSession:
             raise SecAggError("secagg-replay", f"{agent_id} already advertised its keys")
         if not isinstance(keys, PublicKeys):
             raise SecAggError("secagg-bad-key", f"keys of {agent_id} must be PublicKeys")
-        for other, k in self._keys.items():
-            if {k.c_pk, k.s_pk} & {keys.c_pk, keys.s_pk}:
+        for pk in (keys.c_pk, keys.s_pk):
+            if pk in self._key_owner:
                 raise SecAggError(
-                    "secagg-bad-key", f"{agent_id} advertised a public key {other} already uses"
+                    "secagg-bad-key",
+                    f"{agent_id} advertised a public key {self._key_owner[pk]} already uses",
                 )
         if keys.c_pk == keys.s_pk:
             raise SecAggError("secagg-bad-key", f"{agent_id} advertised c_pk == s_pk")
         self.params.check_agents(len(self._keys) + 1)
         self._keys[agent_id] = keys
+        self._key_owner[keys.c_pk] = agent_id
+        self._key_owner[keys.s_pk] = agent_id
 
     def close_keys(self) -> dict[str, Roster]:
         """Close phase 1 (U1), build the graph: each agent's roster."""
@@ -1043,11 +1044,16 @@ class ServerSession:
         m = len(items)
         tries = 1
         found: tuple[bytes, list[tuple[int, str, bytes]]] | None = None
+        seen = {tuple(range(t))}
         for r in range(1, m - t + 1):
             for excl in itertools.combinations(range(m), r):
                 if tries >= MAX_SUBSETS:
                     break
-                subset = [it for i, it in enumerate(items) if i not in excl][:t]
+                chosen = tuple(i for i in range(m) if i not in excl)[:t]
+                if chosen in seen:
+                    continue
+                seen.add(chosen)
+                subset = [items[i] for i in chosen]
                 tries += 1
                 secret = combine(subset)
                 if secret is not None:

@@ -152,6 +152,7 @@ class FedOpt(Strategy):
     """
 
     name = "fedopt"
+    secure_aggregation = True
 
     def __init__(
         self,

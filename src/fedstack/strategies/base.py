@@ -95,6 +95,12 @@ class Strategy(ABC):
     ``"per-cluster"``: every member applies it to its own cluster's updates, with its own
     server state (committed with the member's cluster rounds) and its own extra arrays,
     and the global model is the sample-weighted synthesis of the members' results."""
+    secure_aggregation: ClassVar[bool] = False
+    """Whether the rule can run under secure aggregation (``--secagg``): True only for
+    rules that need nothing but the round's (sample-weighted) mean of the updates, which
+    is all the aggregator learns there (FedAvg, FedProx, the server optimisers). Rules
+    that look at individual updates (median, trimmed mean, Krum, Bulyan, FedNova's
+    per-agent step counts, SCAFFOLD's control variates, asynchronous rules) keep False."""
     federation_refusal: ClassVar[str | None] = None
     """Why this rule cannot run that way (then an aggregator with ``name`` or
     ``upstream`` refuses to start with it), and what to use instead; None: it can."""

@@ -254,6 +254,7 @@ class FedAvg(Strategy):
     """
 
     name = "fedavg"
+    secure_aggregation = True
 
     def __init__(self, weighted: bool = True, precision: str = "auto") -> None:
         if precision not in ("auto", "float64"):

@@ -80,6 +80,7 @@ class FedProx(Strategy):
     """
 
     name = "fedprox"
+    secure_aggregation = True
 
     def __init__(self, mu: float = 0.01, weighted: bool = True, gamma: float | None = None) -> None:
         self.mu = _finite_nonnegative("mu", mu)

@@ -61,10 +61,23 @@ _KINDS = {
     "Weights": ("weights", False),
     "Weights | None": ("weights", True),
     "list[str]": ("strs", False),
+    "bytes": ("bytes", False),
+    "AgentIds": ("ids", False),
+    "ByteMap": ("bytemap", False),
+    "IntMap": ("intmap", False),
 }
 
 MAX_LIST_ITEMS = 64
 """Most items in a list-of-strings field (e.g. the federation's aggregators in a welcome)."""
+MAX_IDS = 4096
+"""Most agent ids in an id-list field (a secure-aggregation session's survivors)."""
+MAX_MAP_ITEMS = 256
+"""Most entries in a map field (a share map: one entry per neighbour; the header's map
+limit)."""
+MAX_BYTES = 256
+"""Longest ``bytes`` field or map value (keys are 32 bytes, a roster entry 96, a share
+ciphertext 92): msgpack binary values longer than this are refused while decoding the
+header, shorter ones only where a field's kind is ``bytes`` or a byte map."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +137,31 @@ def _check_value(f: _Field, value: object, limits: Limits, err: type[ProtocolErr
             if not isinstance(item, str) or len(item) > limits.max_name_len * 2:
                 raise fail(f"items must be strings of at most {limits.max_name_len * 2} characters")
         return list(value)
+    if f.kind == "bytes":
+        if not isinstance(value, bytes) or len(value) > MAX_BYTES:
+            raise fail(f"must be at most {MAX_BYTES} bytes")
+        return value
+    if f.kind == "ids":
+        if not isinstance(value, list) or len(value) > MAX_IDS:
+            raise fail(f"must be a list of at most {MAX_IDS} agent ids")
+        for item in value:
+            if not isinstance(item, str) or not 0 < len(item) <= limits.max_name_len:
+                raise fail(f"items must be agent ids of 1-{limits.max_name_len} characters")
+        return list(value)
+    if f.kind in ("bytemap", "intmap"):
+        if not isinstance(value, Mapping) or len(value) > MAX_MAP_ITEMS:
+            raise fail(f"must be a map of at most {MAX_MAP_ITEMS} entries")
+        out: dict[str, object] = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or not 0 < len(k) <= limits.max_name_len:
+                raise fail(f"keys must be agent ids of 1-{limits.max_name_len} characters")
+            if f.kind == "bytemap":
+                if not isinstance(v, bytes) or len(v) > MAX_BYTES:
+                    raise fail(f"values must be at most {MAX_BYTES} bytes")
+            elif type(v) is not int or not -(2**62) <= v <= 2**62:
+                raise fail("values must be integers")
+            out[k] = v
+        return out
     # weights travel in the tensor table; in the field map only null is allowed
     raise fail("tensors must be sent in the tensor table")
 
@@ -248,7 +286,7 @@ def decode(
             raw=False,
             strict_map_key=True,
             max_str_len=limits.max_header_bytes,
-            max_bin_len=0,
+            max_bin_len=MAX_BYTES,
             max_array_len=max(limits.max_tensors, 16),
             max_map_len=max(limits.max_metrics, 64),
             max_ext_len=0,

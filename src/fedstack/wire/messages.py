@@ -18,7 +18,18 @@ UPDATE (aggregator)    :class:`GlobalModel` (version = round it completes)
 POLLING                :class:`Poll` (known version; optional long-poll wait)
 ACK                    :class:`NotReady`
 -                      :class:`Error`, :class:`Heartbeat`, :class:`Bye`
+-                      secure aggregation (SecAgg+, ``fedstack aggregator --secagg``):
+                       :class:`SecAggStart`, :class:`SecAggKeys`, :class:`SecAggRoster`,
+                       :class:`SecAggShares`, :class:`SecAggForward`, the masked
+                       :class:`ModelUpload`, :class:`SecAggUnmask`,
+                       :class:`SecAggUnmaskShares`, :class:`SecAggAbort`
 =====================  ==============================================================
+
+Secure aggregation's masked input travels as a :class:`ModelUpload` whose model is the one
+array ``{"secagg/masked": uint32[P+1]}`` and whose metrics hold only ``secagg_session``:
+it is stored (persisted before acknowledged) like any upload. Keys, commitments and
+ciphertexts are ``bytes`` fields (bounded by the codec); share maps are bounded maps of
+agent id -> ciphertext.
 """
 
 from __future__ import annotations
@@ -29,6 +40,19 @@ from typing import ClassVar
 from fedstack.types import Metrics, Weights
 
 PROTOCOL_VERSION = 1
+
+AgentIds = list[str]
+"""A list of agent ids of a secure-aggregation session (bounded by the codec's
+``MAX_IDS``, longer than ``list[str]``'s bound)."""
+ByteMap = dict[str, bytes]
+"""Agent id -> bytes (a share map: bounded entries, each value bounded)."""
+IntMap = dict[str, int]
+"""Agent id -> integer (Shamir indices)."""
+
+SECAGG_MASKED = "secagg/masked"
+"""The one tensor of a masked upload: uint32[P+1]."""
+SECAGG_SESSION = "secagg_session"
+"""The metric of a masked upload naming its session."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,18 +184,114 @@ class Bye(Message):
     reason: str = ""
 
 
-MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls
-    for cls in (
-        Participate,
-        Welcome,
-        ModelUpload,
-        UploadAck,
-        GlobalModel,
-        Poll,
-        NotReady,
-        Error,
-        Heartbeat,
-        Bye,
-    )
-}
+@dataclass(frozen=True, kw_only=True)
+class SecAggStart(Message):
+    """Aggregator -> agent: secure-aggregation session ``session`` collects keys for
+    ``round`` (agents that trained on version ``round - 1`` advertise)."""
+
+    TYPE: ClassVar[str] = "secagg_start"
+    session: str
+    round: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggKeys(Message):
+    """Agent -> aggregator (phase 1, advertise): two X25519 public keys and the commitment
+    SHA-256(session|agent_id|b) to the self-mask seed (32 bytes each)."""
+
+    TYPE: ClassVar[str] = "secagg_keys"
+    session: str
+    c_pk: bytes
+    s_pk: bytes
+    b_commit: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggRoster(Message):
+    """Aggregator -> agent (phase 1 closed): the agent's neighbours' public keys
+    (c_pk|s_pk|b_commit, 96 bytes each), the Shamir threshold and every holder's index."""
+
+    TYPE: ClassVar[str] = "secagg_roster"
+    session: str
+    threshold: int
+    keys: ByteMap
+    index: IntMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggShares(Message):
+    """Agent -> aggregator (phase 2): recipient id -> encrypted share of (b, s_sk)."""
+
+    TYPE: ClassVar[str] = "secagg_shares"
+    session: str
+    shares: ByteMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggForward(Message):
+    """Aggregator -> agent (phase 2 closed): sender id -> the ciphertext it addressed to
+    this agent (senders that completed phase 2 only)."""
+
+    TYPE: ClassVar[str] = "secagg_forward"
+    session: str
+    shares: ByteMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggUnmask(Message):
+    """Aggregator -> agent (phase 4): the masked inputs of ``survivors`` arrived, those of
+    ``dropped`` did not: send the shares that remove their masks."""
+
+    TYPE: ClassVar[str] = "secagg_unmask"
+    session: str
+    survivors: AgentIds
+    dropped: AgentIds
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggUnmaskShares(Message):
+    """Agent -> aggregator (phase 4): b shares of survivors, s_sk shares of dropped."""
+
+    TYPE: ClassVar[str] = "secagg_unmask_shares"
+    session: str
+    b_shares: ByteMap
+    sk_shares: ByteMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggAbort(Message):
+    """Aggregator -> agent: session ``session`` failed (``code``, ``reason``); nothing of
+    it is used. The agent keeps its trained update for the next attempt."""
+
+    TYPE: ClassVar[str] = "secagg_abort"
+    session: str
+    code: str
+    reason: str = ""
+
+
+SECAGG_TYPES: tuple[type[Message], ...] = (
+    SecAggStart,
+    SecAggKeys,
+    SecAggRoster,
+    SecAggShares,
+    SecAggForward,
+    SecAggUnmask,
+    SecAggUnmaskShares,
+    SecAggAbort,
+)
+"""The messages that exist only in a federation running secure aggregation."""
+
+_ALL_TYPES: tuple[type[Message], ...] = (
+    Participate,
+    Welcome,
+    ModelUpload,
+    UploadAck,
+    GlobalModel,
+    Poll,
+    NotReady,
+    Error,
+    Heartbeat,
+    Bye,
+    *SECAGG_TYPES,
+)
+MESSAGE_TYPES: dict[str, type[Message]] = {cls.TYPE: cls for cls in _ALL_TYPES}

@@ -61,6 +61,14 @@ from fedstack.wire.messages import (
     NotReady,
     Participate,
     Poll,
+    SecAggAbort,
+    SecAggForward,
+    SecAggKeys,
+    SecAggRoster,
+    SecAggShares,
+    SecAggStart,
+    SecAggUnmask,
+    SecAggUnmaskShares,
     UploadAck,
     Welcome,
 )
@@ -88,6 +96,7 @@ __all__ = [
     "Refused",
     "RequestRefused",
     "Role",
+    "SecAggReceived",
     "State",
     "UploadAcknowledged",
     "UploadReceived",
@@ -151,6 +160,20 @@ FATAL_ERROR = "error/fatal"
 _IN, _OUT = Direction.IN, Direction.OUT
 _ERR, _GM, _ACK = Error.TYPE, GlobalModel.TYPE, UploadAck.TYPE
 _HB, _BYE, _NR = Heartbeat.TYPE, Bye.TYPE, NotReady.TYPE
+_SECAGG_UP = (SecAggKeys.TYPE, SecAggShares.TYPE, SecAggUnmaskShares.TYPE)
+_SECAGG_DOWN = (
+    SecAggStart.TYPE,
+    SecAggRoster.TYPE,
+    SecAggForward.TYPE,
+    SecAggUnmask.TYPE,
+    SecAggAbort.TYPE,
+)
+SECAGG_KINDS = frozenset(_SECAGG_UP + _SECAGG_DOWN)
+"""The secure-aggregation messages: legal only once joined, and only in a federation
+running secure aggregation (the aggregator's session has ``secagg`` set; the agent's
+welcome config has ``secagg``). Which of them is expected WHEN within a round is the
+secure-aggregation session's business (``fedstack.aggregator.secagg``): a message out
+of phase there is refused with a non-fatal error, not a protocol failure."""
 
 TRANSITIONS: dict[tuple[Role, State], dict[tuple[Direction, str], State]] = {
     (Role.AGGREGATOR, State.AWAITING_PARTICIPATE): {
@@ -176,6 +199,8 @@ TRANSITIONS: dict[tuple[Role, State], dict[tuple[Direction, str], State]] = {
         (_OUT, _ERR): State.JOINED,
         (_OUT, FATAL_ERROR): State.CLOSED,
         (_OUT, _BYE): State.CLOSED,
+        **{(_IN, k): State.JOINED for k in _SECAGG_UP},
+        **{(_OUT, k): State.JOINED for k in _SECAGG_DOWN},
     },
     (Role.AGGREGATOR, State.FAILED): {
         (_OUT, FATAL_ERROR): State.CLOSED,
@@ -203,6 +228,8 @@ TRANSITIONS: dict[tuple[Role, State], dict[tuple[Direction, str], State]] = {
         (_OUT, Poll.TYPE): State.JOINED,
         (_OUT, _HB): State.JOINED,
         (_OUT, _BYE): State.CLOSED,
+        **{(_IN, k): State.JOINED for k in _SECAGG_DOWN},
+        **{(_OUT, k): State.JOINED for k in _SECAGG_UP},
     },
     (Role.AGENT, State.FAILED): {
         (_OUT, _BYE): State.CLOSED,
@@ -237,6 +264,14 @@ class UploadReceived(Event):
     """Aggregator: a trained model; answer with ``upload_ack`` or an ``error``."""
 
     message: ModelUpload
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggReceived(Event):
+    """Either side: a secure-aggregation message (legal now; its content is checked by
+    the secure-aggregation session it names)."""
+
+    message: Message
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +358,15 @@ class _Session:
 
     def _advance(self, direction: Direction, msg: Message) -> None:
         nxt = TRANSITIONS[(self.role, self.state)].get((direction, kind_of(msg)))
+        if nxt is not None and msg.TYPE in SECAGG_KINDS and not self.secagg_enabled:
+            if direction is _IN and self.state is State.JOINED:
+                self.state = State.FAILED
+                raise RemoteProtocolError(
+                    f"unexpected {msg.TYPE} message: this federation does not run secure "
+                    "aggregation",
+                    code="unexpected-message",
+                )
+            nxt = None
         if nxt is not None:
             self.state = nxt
             return
@@ -348,12 +392,18 @@ class _Session:
             code="unexpected-message",
         )
 
+    secagg_enabled = False
+
     def can_send(self, msg: Message) -> bool:
         """Whether ``msg`` may be sent now."""
+        if msg.TYPE in SECAGG_KINDS and not self.secagg_enabled:
+            return False
         return (_OUT, kind_of(msg)) in TRANSITIONS[(self.role, self.state)]
 
     def can_receive(self, msg: Message) -> bool:
         """Whether ``msg`` would be legal if it arrived now (its content unchecked)."""
+        if msg.TYPE in SECAGG_KINDS and not self.secagg_enabled:
+            return False
         return (_IN, kind_of(msg)) in TRANSITIONS[(self.role, self.state)]
 
     def send(self, msg: Message) -> Parts:
@@ -377,6 +427,8 @@ class _Session:
             LocalProtocolError: not legal in this state.
         """
         nxt = TRANSITIONS[(self.role, self.state)].get((_OUT, msg_type.TYPE))
+        if msg_type.TYPE in SECAGG_KINDS and not self.secagg_enabled:
+            nxt = None
         if nxt is None:
             raise LocalProtocolError(
                 f"{self.role} may not send {msg_type.TYPE} in state {self.state}"
@@ -415,8 +467,10 @@ class AggregatorSession(_Session):
 
     role = Role.AGGREGATOR
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, *, secagg: bool = False) -> None:
         super().__init__(State.AWAITING_PARTICIPATE, limits)
+        self.secagg_enabled = secagg
+        """The federation runs secure aggregation: its messages are legal once joined."""
 
     @property
     def welcomed(self) -> bool:
@@ -440,6 +494,8 @@ class AggregatorSession(_Session):
             return HeartbeatReceived(msg, Heartbeat(seq=msg.seq))
         if isinstance(msg, Participate):
             return ParticipateReceived(msg)
+        if msg.TYPE in SECAGG_KINDS:
+            return SecAggReceived(msg)
         assert isinstance(msg, Bye)
         return Left(msg.reason)
 
@@ -607,6 +663,8 @@ class AgentSession(_Session):
             return RequestRefused(msg, dropped)
         if isinstance(msg, Welcome):
             return self._welcomed(msg)
+        if msg.TYPE in SECAGG_KINDS:
+            return SecAggReceived(msg)
         assert isinstance(msg, Bye)
         return Left(msg.reason)
 
@@ -618,6 +676,7 @@ class AgentSession(_Session):
         self.agent_id, self.aggregator_id, self.run_id = w.agent_id, w.aggregator_id, w.run_id
         self.delivery = w.delivery
         self.config = dict(w.config)
+        self.secagg_enabled = self.config.get("secagg") is True
         self.heartbeat_interval = w.heartbeat_interval
         new = w.model is not None and w.version > self.known_version
         if new:
