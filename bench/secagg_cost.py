@@ -132,6 +132,7 @@ def worker_plain(agents: int, params: int, rounds: int, db: str) -> dict[str, An
     from fedstack.sim import simulate
 
     keep_freed_memory()
+    cpu: list[float] = []
     res = simulate(
         TRAINER,
         {"params": params, "seed": SEED},
@@ -144,10 +145,12 @@ def worker_plain(agents: int, params: int, rounds: int, db: str) -> dict[str, An
         backend="inline",
         seed=SEED,
         round_timeout=3600.0,
+        progress=lambda *_: cpu.append(time.process_time()),
     )
     ends = [float(r["finished"]) for r in res.history]
     return {
         "round_ends": ends,
+        "round_cpu": cpu,
         "simulator_round_seconds": res.round_seconds,
         "max_abs_error": _max_abs_error(
             res.final_weights["w"], list(range(agents)), params, rounds
@@ -179,6 +182,7 @@ def worker_secagg_library(agents: int, params: int, dropped: int, rounds: int) -
     drops = set(range(agents - dropped, agents))
     weights = trainers[0].initial_weights()
     ends: list[float] = []
+    cpu: list[float] = []
     phases: list[dict[str, float]] = []
     for rnd in range(1, rounds + 1):
         session = f"bench:{rnd}:0"
@@ -215,6 +219,7 @@ def worker_secagg_library(agents: int, params: int, dropped: int, rounds: int) -
         weights = apply_update(weights, total, weight)
         t.append(time.perf_counter())
         ends.append(time.time())
+        cpu.append(time.process_time())
         phases.append(
             {
                 "keys": t[1] - t[0],
@@ -227,6 +232,7 @@ def worker_secagg_library(agents: int, params: int, dropped: int, rounds: int) -
     survivors_idx = [i for i in range(agents) if i not in drops]
     return {
         "round_ends": ends,
+        "round_cpu": cpu,
         "phase_seconds": phases,
         "max_abs_error": _max_abs_error(weights["w"], survivors_idx, params, rounds),
         # the library's stated bound on Σ w_i x_i, divided by W = Σ w_i: on the mean's
@@ -336,6 +342,7 @@ def worker_secagg_engine(
                 generation += 1
 
     keep_freed_memory()
+    cpu: list[float] = []
     t0 = time.perf_counter()
     be = create_backend("inline", None, trainer=TRAINER)
     try:
@@ -358,7 +365,7 @@ def worker_secagg_engine(
             durable=False,
             round_timeout=3600.0,
             persistent=True,
-            progress=False,
+            progress=lambda *_: cpu.append(time.process_time()),
             t0=t0,
         )
         res = sim_engine._run(sim.run())
@@ -375,6 +382,7 @@ def worker_secagg_engine(
     sp = SecAggParams(clip=CLIP, quant_bits=QUANT_BITS, max_weight=MAX_WEIGHT)
     return {
         "round_ends": ends,
+        "round_cpu": cpu,
         "simulator_round_seconds": res.round_seconds,
         "round_metrics": metrics,
         "drops": sim.drops,
@@ -410,11 +418,14 @@ def _run_worker(
     if (bad := r.failure(name, timeout, log)) is not None:
         return bad
     data: dict[str, Any] = json.loads(out.read_text())
+    cpu = data.get("round_cpu") or []
+    cpu_rounds = [b - a for a, b in zip(cpu, cpu[1:], strict=False)]
     return {
         "name": name,
         "ok": True,
         **data,
         **_per_round(data["round_ends"]),
+        "cpu_seconds_per_round": statistics.fmean(cpu_rounds) if cpu_rounds else None,
         "wall_seconds": r.end - r.t0,
         "peak_tree_rss_bytes": r.peak,
         "commands": r.commands,
