@@ -638,7 +638,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 pts = [(x, y) for x, y in pts if y is not None]
                 if not pts:
                     continue
-                label = name + (" (10% dropped)" if drop_frac else "")
+                modes = {r["runs"][name].get("mode") for r in sel} - {None}
+                label = name + (f" ({'/'.join(sorted(modes))})" if modes else "")
+                label += " (10% dropped)" if drop_frac else ""
                 ax.plot(*zip(*pts, strict=True), ls=ls, color=color, marker=marker, label=label)
         ax.set_yscale("log")
         ax.set_xlabel("agents N")
@@ -756,7 +758,12 @@ def main() -> int:
                         f"  {name}: "
                         + (
                             f"{_fmt(_spr(r))} s/round (rounds 2-{ROUNDS}), "
-                            f"max |error| {_fmt(r.get('max_abs_error'), 8)}"
+                            + (
+                                f"{_fmt(r['cpu_seconds_per_round'])} CPU s/round, "
+                                if r.get("cpu_seconds_per_round") is not None
+                                else ""
+                            )
+                            + f"max |error| {_fmt(r.get('max_abs_error'), 8)}"
                             if r.get("ok")
                             else "FAILED: " + r.get("error", "")[:300]
                         ),
