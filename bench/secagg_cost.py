@@ -795,6 +795,20 @@ def main() -> int:
             f"Flower's SecAgg+ at the same settings ({len(compared)}/{len(rows)} "
             "configurations measured on both sides)"
         )
+    bounded = [
+        r["runs"][SECAGG]
+        for r in rows
+        if r["runs"][SECAGG].get("ok") and r["runs"][SECAGG].get("error_bound") is not None
+    ]
+    exact = None
+    if bounded:
+        exact = all(x["max_abs_error"] <= x["error_bound"] for x in bounded)
+        print(
+            f"[{'PASS' if exact else 'FAIL'}] fedstack SecAgg+'s final model = the weighted "
+            "FedAvg of the surviving agents' updates within the stated quantisation bound "
+            f"({len(bounded)} runs; worst error/bound "
+            f"{max(x['max_abs_error'] / x['error_bound'] for x in bounded):.2f})"
+        )
     if args.plot:
         plot(rows, Path(args.plot))
     result = {
@@ -811,6 +825,7 @@ def main() -> int:
         },
         "rows": rows,
         "no_slower_than_flower": verdict,
+        "within_error_bound": exact,
     }
     fc.save_result(
         result,
