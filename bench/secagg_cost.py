@@ -655,6 +655,39 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def plan(
+    mode: str, flower_python: Path | None, args: argparse.Namespace
+) -> list[tuple[str, Any, tuple[Any, ...]]]:
+    """The runs of one configuration: (name, runner, extra arguments)."""
+    out: list[tuple[str, Any, tuple[Any, ...]]] = [
+        (PLAIN, run_plain, ()),
+        (SECAGG, run_secagg, (mode,)),
+    ]
+    if flower_python is not None:
+        out.append((FLOWER, run_flower, (flower_python, args.flower_client_cpus)))
+        if args.flower_plain:
+            out.append((FLOWER_PLAIN, run_flower, (flower_python, args.flower_client_cpus, False)))
+    return out
+
+
+def combine(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record for the repeated runs of an entry: the median of the per-round times
+    (and of the CPU times), every run's figure in ``*_runs``; failed runs are counted."""
+    ok = [r for r in rs if r.get("ok")]
+    if len(rs) == 1 or not ok:
+        return rs[0]
+    out = dict(ok[0])
+    for key in ("seconds_per_round", "cpu_seconds_per_round", "max_abs_error"):
+        vals = [float(r[key]) for r in ok if r.get(key) is not None]
+        if vals:
+            out[f"{key}_runs"] = vals
+            out[key] = max(vals) if key == "max_abs_error" else statistics.median(vals)
+    out["round_seconds"] = [r.get("round_seconds") for r in ok]
+    out["runs"] = len(ok)
+    out["failed_runs"] = len(rs) - len(ok)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -673,6 +706,12 @@ def main() -> int:
     ap.add_argument("--params", type=float, nargs="+", help="model sizes (default 1e5 1e6)")
     ap.add_argument("--drop", type=float, nargs="+", default=[0.0, 0.1], help="drop fractions")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run (default 900)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of every entry per configuration, interleaved; the table shows medians",
+    )
     ap.add_argument("--skip-flower", action="store_true")
     ap.add_argument(
         "--flower-client-cpus",
@@ -723,35 +762,14 @@ def main() -> int:
                 d = dropped_count(n, frac)
                 g = graph_settings(n)
                 print(f"N={n} P={p:.0e} dropped={d} (k+1={g['num_shares']}, t={g['threshold']})")
-                runs: dict[str, dict[str, Any]] = {}
-                runs[PLAIN] = fc.guarded(run_plain, PLAIN, n, p, d, workdir, args.timeout)
-                runs[SECAGG] = fc.guarded(run_secagg, SECAGG, n, p, d, workdir, args.timeout, mode)
-                if flower_python is not None:
-                    runs[FLOWER] = fc.guarded(
-                        run_flower,
-                        FLOWER,
-                        n,
-                        p,
-                        d,
-                        workdir,
-                        args.timeout,
-                        flower_python,
-                        args.flower_client_cpus,
-                    )
-                    if args.flower_plain:
-                        runs[FLOWER_PLAIN] = fc.guarded(
-                            run_flower,
-                            FLOWER_PLAIN,
-                            n,
-                            p,
-                            d,
-                            workdir,
-                            args.timeout,
-                            flower_python,
-                            args.flower_client_cpus,
-                            False,
-                        )
-                else:
+                tries: dict[str, list[dict[str, Any]]] = {}
+                for rep in range(args.repeat):
+                    for name, runner, extra in plan(mode, flower_python, args):
+                        print(f"  {name} (run {rep + 1}/{args.repeat}) ...", flush=True)
+                        r = fc.guarded(runner, name, n, p, d, workdir, args.timeout, *extra)
+                        tries.setdefault(name, []).append(r)
+                runs = {name: combine(rs) for name, rs in tries.items()}
+                if flower_python is None:
                     runs[FLOWER] = fc.failed(FLOWER, "skipped (--skip-flower)")
                 for name, r in runs.items():
                     print(
