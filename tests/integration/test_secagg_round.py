@@ -62,7 +62,9 @@ def _run(
     *,
     timeout: float = 20.0,
     rounds: int = 1,
-) -> tuple[Store, str, dict[int, Any]]:
+    max_attempts: int = 5,
+    late_agent: bool = False,
+) -> tuple[Store, str, dict[int | str, Any]]:
     """Run ``rounds`` secure rounds with N agents; ``behaviour[i]`` makes agent i drop
     ("after-shares": it leaves when its neighbours' shares arrive; "after-masked": it
     leaves when asked to unmask). Returns the store (read-only), the run id and what
@@ -78,9 +80,10 @@ def _run(
         secagg_timeout=timeout,
         secagg_clip=CLIP,
         secagg_quant_bits=BITS,
+        secagg_max_attempts=max_attempts,
         heartbeat_interval=1.0,
     )
-    seen: dict[int, Any] = {}
+    seen: dict[int | str, Any] = {}
     with aggregator_thread(cfg) as agg:
         url = f"ws://127.0.0.1:{agg.port}"
 
@@ -121,6 +124,12 @@ def _run(
         deadline = time.monotonic() + 120
         while not agg.state.finished and time.monotonic() < deadline:
             time.sleep(0.05)
+            if late_agent and len(threads) == N and agg.secagg is not None and agg.secagg.paused:
+                time.sleep(0.5)  # paused: no new attempt until an agent joins
+                seen["paused_attempts"] = agg.secagg.attempts
+                late = threading.Thread(target=agent, args=(N,), daemon=True)
+                late.start()
+                threads.append(late)
         run_id = agg.run_id
         for t in threads:
             t.join(30)
@@ -262,6 +271,21 @@ def test_below_threshold_fails_cleanly_then_retries(tmp_path: Path) -> None:
         assert err <= _bound(4, survivors), err
         parents = [p for p in store.parents(rounds[0]["model_id"]) if p["relation"] == "input"]
         assert {p["status"] for p in parents} == {"aggregated"} and len(parents) == 4
+    finally:
+        store.close()
+
+
+def test_after_max_attempts_the_round_waits_for_a_join(tmp_path: Path) -> None:
+    behaviour = {i: "after-shares" for i in (0, 2, 3, 5, 6, 8)}
+    store, run_id, seen = _run(tmp_path, behaviour, timeout=1.0, max_attempts=1, late_agent=True)
+    try:
+        assert len(_events(store, run_id, "secagg_failed")) == 1
+        assert seen["paused_attempts"] == 2  # the next attempt exists but was not started
+        rounds = store.rounds(run_id)
+        assert len(rounds) == 1 and rounds[0]["metrics"]["secagg_agents"] == 5
+        survivors = [1, 4, 7, 9, N]
+        err = float(np.max(np.abs(_global(store, run_id, 1) - _fedavg(survivors))))
+        assert err <= _bound(5, survivors), err
     finally:
         store.close()
 

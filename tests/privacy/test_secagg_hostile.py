@@ -202,7 +202,9 @@ def test_masked_vector_checks() -> None:
     assert code_of(lambda: s.mask(np.zeros(4), -1)) == "secagg-bad-input"
     assert code_of(lambda: s.mask(np.zeros(4), float("inf"))) == "secagg-bad-input"
     assert code_of(lambda: s.mask(np.zeros(4), True)) == "secagg-bad-input"
-    y = s.mask(np.zeros(4), 3)
+    v = np.linspace(-20, 20, 4)  # beyond clip: clipped in the agent's copy, not in place
+    y = s.mask(v, 3)
+    np.testing.assert_array_equal(v, np.linspace(-20, 20, 4))
     assert y.dtype == np.uint32 and y.shape == (5,)
     assert code_of(lambda: s.mask(np.zeros(4), 3)) == "secagg-phase"
     srv.add_masked("a0", y)
@@ -331,23 +333,29 @@ def _garbage(rng: random.Random) -> object:
 
 
 def test_random_garbage_only_raises_secagg_error() -> None:
+    """Garbage to every method in every phase of both sides: a SecAggError or success only."""
     rng = random.Random(1234)
+    seen: set[tuple[str, str]] = set()
     for _ in range(300):
-        phase = rng.randrange(4)
-        if phase < 3:
-            sv, ag, ro = advertised(4, seed=rng.randrange(100))
-            target_ag = ag["a0"]
-            if phase >= 1:
-                for a, s in ag.items():
-                    sv.add_shares(a, s.share_keys(ro[a]))
-                fwd = sv.close_shares()
-                for a in fwd:
-                    ag[a].receive_shares(fwd[a])
-            server, agent = sv, target_ag
-        else:
-            server, ags, _, _ = run_to_unmask(4)
-            agent = ags["a0"]
+        stop = rng.randrange(5)
+        server, agents, rosters = advertised(4, seed=rng.randrange(100))
+        if stop >= 1:
+            shares = {a: s.share_keys(rosters[a]) for a, s in agents.items()}
+            for a in agents:
+                server.add_shares(a, shares[a])
+        if stop >= 2:
+            fwd = server.close_shares()
+            for a in fwd:
+                agents[a].receive_shares(fwd[a])
+        if stop >= 3:
+            for a in agents:
+                server.add_masked(a, agents[a].mask(np.full(3, 0.1), 10))
+        if stop >= 4:
+            server.close_masked()
+        agent = agents["a0"]
+        seen.add((server.phase, agent.phase))
         _fuzz(server, agent, rng)
+    assert len(seen) == 5  # every pair of phases was fuzzed
 
 
 def _fuzz(server: ServerSession, agent: AgentSession, rng: random.Random) -> None:
@@ -393,3 +401,18 @@ def test_wrong_mask_key_share_of_dropped_agent_detected() -> None:
     total, weight, _ = srv.finish()
     assert np.abs(total - 2.5).max() <= srv.params.error_bound(5)
     assert set(srv.bad_senders) == {"a0"} and "a5" in srv.bad_senders["a0"]
+
+
+@pytest.mark.parametrize("missing", ["Crypto", "cryptography"])
+def test_without_the_privacy_extra_the_import_names_it(
+    missing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import sys
+
+    for name in [m for m in sys.modules if m == missing or m.startswith(missing + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delitem(sys.modules, "fedstack.privacy.secagg")
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails
+    with pytest.raises(ImportError, match=r"pip install 'fedstack\[privacy\]'"):
+        importlib.import_module("fedstack.privacy.secagg")

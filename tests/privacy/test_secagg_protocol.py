@@ -212,13 +212,13 @@ def arrays_in(obj: object, seen: set[int] | None = None) -> list[np.ndarray[Any,
 @pytest.fixture
 def prg_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = secagg._prg
+    real = secagg._add_prg
 
-    def counting(seed: bytes, n: int) -> np.ndarray[Any, Any]:
-        calls.append(n)
-        return real(seed, n)
+    def counting(acc: np.ndarray[Any, Any], seed: bytes, sign: int) -> None:
+        calls.append(acc.size)
+        real(acc, seed, sign)
 
-    monkeypatch.setattr(secagg, "_prg", counting)
+    monkeypatch.setattr(secagg, "_add_prg", counting)
     return calls
 
 
@@ -385,47 +385,138 @@ def test_overflow_refused_with_the_max_agents() -> None:
     p.check_agents(4)
 
 
-def test_random_dropouts_exact_sum_or_clean_failure() -> None:
-    """Random sessions with agents dropping at every step: the exact sum of U3 whenever every
-    secret keeps t live holders, else secagg-too-few (and then no unmasking at all)."""
-    rng = random.Random(99)
-    outcomes = {"ok": 0, "too-few": 0}
-    for trial in range(40):
-        n = rng.randint(3, 14)
-        h = Harness(n, seed=trial)
-        ids = h.ids
-        xs = {
-            a: np.random.default_rng(trial).uniform(-2, 2, 12) * (i + 1) / n
-            for i, a in enumerate(ids)
-        }
-        counts = {a: float(rng.randint(0, 1200)) for a in ids}
-        a_drop = set(rng.sample(ids, rng.randint(0, n // 4)))
-        b_drop = set(rng.sample(ids, rng.randint(0, n // 3))) - a_drop
-        c_drop = set(rng.sample(ids, rng.randint(0, n // 3))) - a_drop - b_drop
-        try:
-            h.keys(drop=a_drop)
-            h.shares()
-            h.mask(xs, counts, drop=b_drop)
-            u3, dropped = h.unmask(drop=c_drop)
-            responders = set(u3) - c_drop
-            t = h.server.threshold
-            enough = all(len(({u, *h.server.neighbours(u)}) & responders) >= t for u in u3) and all(
-                len(set(h.server.neighbours(d)) & responders) >= t for d in dropped
-            )
-            if not enough:
-                with pytest.raises(SecAggError) as e:
-                    h.server.finish()
-                assert e.value.code == "secagg-too-few"
-                outcomes["too-few"] += 1
-                continue
-            total, weight, survivors = h.server.finish()
-        except SecAggError as e:
-            assert e.code == "secagg-too-few", e
-            assert h.server.phase == "failed"
-            outcomes["too-few"] += 1
+def components(h: Harness, members: set[str]) -> list[set[str]]:
+    """Connected components of the session graph restricted to ``members`` (test's own BFS)."""
+    out: list[set[str]] = []
+    for a in sorted(members):
+        if any(a in c for c in out):
             continue
-        assert set(survivors) == set(ids) - a_drop - b_drop
+        comp, todo = {a}, [a]
+        while todo:
+            for b in h.server.neighbours(todo.pop()):
+                if b in members and b not in comp:
+                    comp.add(b)
+                    todo.append(b)
+        out.append(comp)
+    return out
+
+
+def test_random_dropouts_exact_sum_or_clean_failure() -> None:
+    """Random sessions with agents dropping at every step: the exact sum of U3 whenever it can
+    be unmasked safely, else secagg-too-few at the first step that sees it (no unmasking)."""
+    rng = random.Random(99)
+    outcomes = {"ok": 0, "keys": 0, "masked": 0, "finish": 0}
+    for trial in range(60):
+        n = rng.randint(3, 14)
+        h = Harness(n, seed=trial, params=SecAggParams(neighbours=rng.choice([None, 2, 4])))
+        ids = h.ids
+        gen = np.random.default_rng(trial)
+        xs = {a: gen.uniform(-2, 2, 12) * (i + 1) / n for i, a in enumerate(ids)}
+        counts = {a: float(rng.randint(0, 1200)) for a in ids}
+        a_drop = set(rng.sample(ids, rng.randint(0, n // 3)))
+        b_drop = set(rng.sample(ids, rng.randint(0, n // 2))) - a_drop
+        c_drop = set(rng.sample(ids, rng.randint(0, n // 3))) - a_drop - b_drop
+        u2 = set(ids) - a_drop
+        u3 = u2 - b_drop
+        h.keys(drop=a_drop)
+        if len(u2) < 2:
+            with pytest.raises(SecAggError) as e:
+                h.server.close_shares()
+            assert e.value.code == "secagg-too-few"
+            outcomes["keys"] += 1
+            continue
+        h.shares()
+        h.mask(xs, counts, drop=b_drop)
+        t = h.server.threshold
+        if len(u3) < max(2, t) or min(len(c) for c in components(h, u3)) < 2:
+            with pytest.raises(SecAggError) as e:
+                h.server.close_masked()
+            assert e.value.code == "secagg-too-few" and h.server.phase == "failed"
+            outcomes["masked"] += 1
+            continue
+        got_u3, dropped = h.unmask(drop=c_drop)
+        assert set(got_u3) == u3 and set(dropped) == u2 - u3
+        live = u3 - c_drop
+        enough = all(len({u, *h.server.neighbours(u)} & live) >= t for u in u3) and all(
+            len(set(h.server.neighbours(d)) & live) >= t for d in dropped
+        )
+        assert h.server.can_finish() == enough
+        if not enough:
+            with pytest.raises(SecAggError) as e:
+                h.server.finish()
+            assert e.value.code == "secagg-too-few"
+            outcomes["finish"] += 1
+            continue
+        total, weight, survivors = h.server.finish()
         exp = exact_expected(h, xs, counts, survivors)
         np.testing.assert_array_equal(np.append(total, weight * h.params.clip), exp)
         outcomes["ok"] += 1
-    assert outcomes["ok"] >= 10 and outcomes["too-few"] >= 3, outcomes
+    assert min(outcomes["ok"], outcomes["masked"], outcomes["finish"]) >= 3, outcomes
+
+
+def test_prg_is_the_aes_ctr_keystream() -> None:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    n = 3 * secagg._CHUNK + 5  # blocks end mid-vector
+    for seed in (bytes(range(16)), bytes(range(32))):
+        whole = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(4 * n))
+        ks = np.frombuffer(whole, dtype="<u4")
+        acc = np.zeros(n, dtype=np.uint32)
+        secagg._add_prg(acc, seed, +1)
+        np.testing.assert_array_equal(acc, ks)
+        secagg._add_prg(acc, seed, -1)
+        assert not acc.any()
+        secagg._add_prg(acc, seed, -1)
+        np.testing.assert_array_equal(acc, (-ks.astype(np.int64)) % 2**32)
+
+
+def test_unmask_refused_when_the_survivors_split_into_a_small_group() -> None:
+    # a ring (k = 2) of 8: dropping two opposite agents leaves two groups of three; dropping
+    # the two neighbours of one agent leaves it alone: its update would be revealed
+    p = SecAggParams(neighbours=2)
+    h = Harness(8, p, seed=3)
+    h.keys()
+    h.shares()
+    ring = [h.ids[0]]
+    while len(ring) < 8:
+        ring.append(next(b for b in h.server.neighbours(ring[-1]) if b not in ring))
+    alone = ring[0]
+    xs = {a: np.zeros(4) for a in h.ids}
+    h.mask(xs, dict.fromkeys(h.ids, 1.0), drop=[ring[1], ring[-1]])
+    with pytest.raises(SecAggError) as e:
+        h.server.close_masked()
+    assert e.value.code == "secagg-too-few" and "1 agent" in str(e.value)
+    # the agent itself refuses too, whatever the aggregator does
+    survivors = sorted(set(h.ids) - {ring[1], ring[-1]})
+    with pytest.raises(SecAggError) as e:
+        h.agents[alone].unmask(survivors, sorted([ring[1], ring[-1]]))
+    assert e.value.code == "secagg-refused"
+
+
+def test_error_bound_holds_for_random_parameters() -> None:
+    rng = random.Random(5)
+    worst = 0.0
+    for trial in range(12):
+        p = SecAggParams(
+            clip=rng.choice([0.05, 0.5, 1.0, 3.0, 20.0]),
+            quant_bits=rng.choice([8, 12, 16, 22, 26]),
+            max_weight=rng.choice([1.0, 50.0, 1000.0]),
+        )
+        n = rng.randint(2, min(12, p.max_agents()))
+        h = Harness(n, p, seed=trial)
+        gen = np.random.default_rng(trial)
+        counts = {a: float(gen.integers(0, int(2 * p.max_weight) + 2)) for a in h.ids}
+        w = {a: min(counts[a], p.max_weight) / p.max_weight for a in h.ids}
+        # inputs whose weighted values stay inside [-clip, clip] (the bound's domain)
+        xs = {a: gen.uniform(-p.clip, p.clip, 300) for a in h.ids}
+        h.keys()
+        h.shares()
+        h.mask(xs, counts)
+        h.unmask()
+        total, weight, _ = h.server.finish()
+        bound = p.error_bound(n)
+        err = float(np.abs(total - sum(w[a] * xs[a] for a in h.ids)).max())
+        assert err <= bound * (1 + 1e-9), (p, n, err, bound)
+        assert abs(weight - sum(w.values())) <= bound / p.clip * (1 + 1e-9)
+        worst = max(worst, err / bound)
+    assert worst > 0.3  # the bound is reached in order of magnitude

@@ -46,7 +46,8 @@ from fedstack.errors import (
 from fedstack.names import check_agent_name
 from fedstack.security.tls import client_context
 from fedstack.types import Metrics, Weights
-from fedstack.wire import Error, Limits, Message, ModelUpload, UploadAck, Welcome
+from fedstack.wire import Error, Limits, Message, ModelUpload, SecAggAbort, UploadAck, Welcome
+from fedstack.wire.messages import SECAGG_SESSION
 from fedstack.wire.session import (
     AgentSession,
     Event,
@@ -649,7 +650,15 @@ class AgentCore:
             raise RemoteProtocolError(f"aggregator error: {err.message}", code=err.code)
         elif isinstance(event, SecAggReceived):
             if self.secagg is not None:
-                self._send_secagg(self.secagg.on_message(event.message, self.session.agent_id))
+                sa_msg = event.message
+                if isinstance(sa_msg, SecAggAbort):  # its masked input is void: not re-sent
+                    pending = self.session.pending
+                    if (
+                        pending is not None
+                        and pending.metrics.get(SECAGG_SESSION) == sa_msg.session
+                    ):
+                        self.session.drop_upload(pending.upload_id)
+                self._send_secagg(self.secagg.on_message(sa_msg, self.session.agent_id))
         elif isinstance(event, Left):
             raise ConnectionClosed(1001, event.reason)
         else:

@@ -420,7 +420,7 @@ class SecAggCoordinator:
     def tick(self, now: float) -> None:
         """Owner: close a phase whose time is up (or fail the attempt)."""
         cur = self.current
-        if cur is None or self.paused:
+        if cur is None or self.paused or self.agg._stopped.is_set():
             return
         try:
             if cur.phase == KEYS and cur.opened is not None:
@@ -454,6 +454,8 @@ class SecAggCoordinator:
         """Owner: the round's masked inputs are all in (every member of phase 2 uploaded
         or left), or the phase timed out with enough of them."""
         cur = self.current
+        if self.agg._stopped.is_set():
+            return False  # agents are leaving: the attempt is abandoned (see the module doc)
         if cur is not None and cur.phase == UNMASKED:
             return True  # unmasked, its commit is retried
         if cur is None or cur.phase != MASKED or self.paused:
@@ -596,6 +598,7 @@ class SecAggCoordinator:
             "weight": float(weight),
             "num_samples": samples,
             "error_bound": float(self.params.error_bound(len(u3))),
+            "bad_senders": dict(cur.server.bad_senders),  # wrong shares caught, not used
         }
         cur.phase = UNMASKED
         self._remember(cur, "aggregated")

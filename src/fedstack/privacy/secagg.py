@@ -41,13 +41,23 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from Crypto.Protocol.SecretSharing import Shamir
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+try:
+    from Crypto.Protocol.SecretSharing import Shamir
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+except ImportError as exc:
+    raise ImportError(
+        "secure aggregation needs the 'privacy' extra (cryptography, pycryptodome): "
+        f"pip install 'fedstack[privacy]' (missing: {exc.name or exc})"
+    ) from exc
 
 from fedstack.errors import FedstackError
 from fedstack.strategies.base import cast_like
@@ -348,19 +358,36 @@ def _mask_seed(sk: X25519PrivateKey, pk: bytes, session: str, whose: str) -> byt
     return _agree(sk, pk, _DOMAIN + b"|mask-seed|" + _lp(session), 32, whose)
 
 
-def _prg(seed: bytes, n: int) -> np.ndarray[Any, np.dtype[np.uint32]]:
-    """``n`` little-endian uint32 of the AES-CTR keystream of ``seed`` (16 or 32 bytes)."""
+_CHUNK = 1 << 16
+"""uint32 elements of keystream made per step (256 KiB: it is added while still in cache)."""
+_ZEROS = bytes(4 * _CHUNK)
+
+
+def _add_prg(acc: np.ndarray[Any, Any], seed: bytes, sign: int) -> None:
+    """``acc += sign * PRG(seed) mod 2**32`` in place (``acc``: uint32).
+
+    PRG(seed) is the AES-CTR keystream of ``seed`` (AES-128 for 16 bytes, AES-256 for 32;
+    zero nonce: every seed is used for one vector only) read as little-endian uint32. It is
+    made block by block into one small buffer, so the keystream never goes to main memory.
+    """
     enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    out = np.empty(n + 4, dtype="<u4")  # update_into wants len(data) + 15 bytes of room
-    nbytes = enc.update_into(memoryview(bytes(4 * n)), out.view(np.uint8).data)
-    assert nbytes == 4 * n
-    return out[:n]
+    buf = np.empty(_CHUNK + 4, dtype="<u4")  # update_into wants 15 bytes of spare room
+    out = buf.view(np.uint8).data
+    zeros = memoryview(_ZEROS)
+    op = np.add if sign > 0 else np.subtract
+    n = acc.size
+    for start in range(0, n, _CHUNK):
+        m = min(_CHUNK, n - start)
+        enc.update_into(zeros[: 4 * m], out)
+        part = acc[start : start + m]
+        op(part, buf[:m], out=part)
 
 
 def _quantise(v: np.ndarray[Any, Any], params: SecAggParams) -> np.ndarray[Any, Any]:
+    """``rint((clip(v) + clip) * (2**bits - 1) / (2 clip))`` as uint32 (``v`` is overwritten)."""
     clip = float(params.clip)
     scale = ((1 << int(params.quant_bits)) - 1) / (2.0 * clip)
-    c = np.clip(v, -clip, clip)
+    c = np.clip(v, -clip, clip, out=v)
     c += clip
     c *= scale
     np.rint(c, out=c)
@@ -480,6 +507,12 @@ class AgentSession:
             if not isinstance(keys, PublicKeys):
                 raise SecAggError("secagg-bad-key", f"neighbour {a!r:.80} has no PublicKeys")
         k = len(nb)
+        if k >= self.params.max_agents():
+            raise SecAggError(
+                "secagg-params",
+                f"the roster lists {k} neighbours: more agents than quant_bits="
+                f"{self.params.quant_bits} allows in a session ({self.params.max_agents()})",
+            )
         if set(roster.index) != set(nb) | {self.agent_id}:
             raise SecAggError(
                 "secagg-bad-input", "roster index must name exactly the neighbours and this agent"
@@ -611,14 +644,9 @@ class AgentSession:
         x[-1] = w * float(self.params.clip)
         y = _quantise(x, self.params)
         del x
-        n = y.size
-        y += _prg(self._b, n)
+        _add_prg(y, self._b, +1)
         for a in sorted(self._held):
-            ks = _prg(self._mask_seeds[a], n)
-            if self.agent_id < a:
-                y += ks
-            else:
-                y -= ks
+            _add_prg(y, self._mask_seeds[a], +1 if self.agent_id < a else -1)
         self._phase = "masked"
         return y
 
@@ -668,6 +696,12 @@ class AgentSession:
                     "secagg-refused",
                     f"{a} is listed in the unmask request but did not share its keys (not in U2)",
                 )
+        if self._roster.neighbours and not surv & set(self._roster.neighbours):
+            raise SecAggError(
+                "secagg-refused",
+                f"none of {self.agent_id}'s neighbours is a survivor: unmasking would reveal "
+                "its own update",
+            )
         self._phase = "unmasked"
         b_out: dict[str, bytes] = {}
         sk_out: dict[str, bytes] = {}
@@ -947,9 +981,38 @@ class ServerSession:
             )
         self._u3.sort()
         u3 = set(self._u3)
+        smallest = min(len(c) for c in self._components(u3))
+        if smallest < self.params.min_survivors:
+            raise self._too_few(
+                f"the graph of the {len(u3)} masked inputs falls apart into groups with no "
+                f"surviving neighbour in common (the smallest has {smallest} agent(s), fewer "
+                f"than min_survivors {self.params.min_survivors}): unmasking would reveal the "
+                "sum of such a group"
+            )
         self._dropped = [a for a in self._u2 if a not in u3]
         self._phase = "unmask"
         return list(self._u3), list(self._dropped)
+
+    def _components(self, members: set[str]) -> list[set[str]]:
+        """Connected components of the graph restricted to ``members``.
+
+        Unmasking reveals the sum of each component (their pairwise masks cancel inside it),
+        so each must be at least ``min_survivors`` agents.
+        """
+        left = set(members)
+        out: list[set[str]] = []
+        while left:
+            start = left.pop()
+            comp = {start}
+            todo = [start]
+            while todo:
+                for b in self._graph[todo.pop()]:
+                    if b in left:
+                        left.discard(b)
+                        comp.add(b)
+                        todo.append(b)
+            out.append(comp)
+        return out
 
     # ---- phase 4
     def add_unmask(
@@ -1109,19 +1172,16 @@ class ServerSession:
         assert self._sum is not None
         total = self._sum
         self._sum = None
-        n = total.size
         for u in self._u3:
-            total -= _prg(b_seeds[u], n)
+            _add_prg(total, b_seeds[u], -1)
         u3 = set(self._u3)
         for d, sk in sks.items():
             for j in self._graph[d]:
                 if j not in u3:
                     continue
-                ks = _prg(_mask_seed(sk, keys[j].s_pk, session, f"agent {j}"), n)
-                if j < d:
-                    total -= ks
-                else:
-                    total += ks
+                # y_j holds +PRG(s_jd) if j < d else -PRG(s_jd): take it out
+                seed = _mask_seed(sk, keys[j].s_pk, session, f"agent {j}")
+                _add_prg(total, seed, -1 if j < d else +1)
         clip = float(self.params.clip)
         v = total.astype(np.float64)
         del total
