@@ -1,0 +1,1 @@
+"""The secure-aggregation cost task as a Flower App (SecAggPlusWorkflow + secaggplus_mod)."""
