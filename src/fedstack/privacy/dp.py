@@ -61,7 +61,6 @@ if TYPE_CHECKING:
     from fedstack.aggregator.config import AggregatorConfig
 
 __all__ = [
-    "ALLOWED_STRATEGIES",
     "CentralDP",
     "DPSettings",
     "clip_and_noise",
@@ -83,18 +82,6 @@ History = list[tuple[float, float, int]]
 MAX_ROUND_SEARCH = 10_000_000
 """The largest round count :func:`max_rounds` reports (a budget that allows more is, for
 any practical purpose, unlimited)."""
-
-ALLOWED_STRATEGIES = (
-    "fedavg",
-    "fedprox",
-    "fedopt",
-    "fedavgm",
-    "fedsgd",
-    "fedadagrad",
-    "fedadam",
-    "fedyogi",
-)
-"""Strategies that consume only the round's mean update (central DP noises that mean)."""
 
 _REFUSED_WHY = {
     "median": "it takes a coordinate-wise order statistic of the individual updates",
@@ -496,7 +483,8 @@ class CentralDP(Strategy):
     """Central DP-FedAvg around a mean-consuming strategy (see the module docstring).
 
     Args:
-        inner: The configured strategy (one of :data:`ALLOWED_STRATEGIES`).
+        inner: The configured strategy (one that needs only the mean update:
+            :func:`fedstack.strategies.base.mean_only`).
         settings: The DP parameters.
 
     Raises:
@@ -564,13 +552,15 @@ class CentralDP(Strategy):
 
 
 def _check_inner(inner: Strategy) -> None:
+    from fedstack.strategies.base import mean_only
+
     name = inner.name
-    if name not in ALLOWED_STRATEGIES:
+    if not inner.secure_aggregation:  # the flag of the rules that need only the mean
         why = _REFUSED_WHY.get(name, "it is not known to consume only the mean update")
         raise ConfigError(
             f"central differential privacy cannot wrap strategy {name!r}: {why}, and DP "
             "releases only the noised mean of clipped updates. Use one of "
-            + ", ".join(ALLOWED_STRATEGIES)
+            + ", ".join(mean_only())
         )
     if name == "fedsgd" and getattr(inner, "upload", "model") != "model":
         raise ConfigError(

@@ -296,6 +296,13 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def mean_only() -> list[str]:
+    """The strategies that need nothing but the round's (weighted) mean of the updates
+    (:attr:`Strategy.secure_aggregation`): what secure aggregation and central
+    differential privacy can run."""
+    return [n for n in names() if _REGISTRY[n].secure_aggregation]
+
+
 def describe() -> list[dict[str, Any]]:
     """Every registered strategy with its parameters and defaults (for ``fedstack strategies``)."""
     out = []
