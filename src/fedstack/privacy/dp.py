@@ -559,8 +559,7 @@ def _check_inner(inner: Strategy) -> None:
         why = _REFUSED_WHY.get(name, "it is not known to consume only the mean update")
         raise ConfigError(
             f"central differential privacy cannot wrap strategy {name!r}: {why}, and DP "
-            "releases only the noised mean of clipped updates. Use one of "
-            + ", ".join(mean_only())
+            "releases only the noised mean of clipped updates. Use one of " + ", ".join(mean_only())
         )
     if name == "fedsgd" and getattr(inner, "upload", "model") != "model":
         raise ConfigError(
