@@ -35,7 +35,7 @@ import typer
 
 from fedstack.cli.options import AGENT_OPTIONS, AgentOptions, JsonFlag, with_group
 from fedstack.cli.output import print_json, quiet_logs
-from fedstack.errors import ConfigError
+from fedstack.errors import ConfigError, FedstackError
 from fedstack.names import check_agent_name, safe_text
 
 __all__ = ["Terminated", "cmd_agent", "cmd_agent_state", "cmd_agents", "sigterm_unwinds"]
@@ -121,7 +121,7 @@ def cmd_agent(opts: AgentOptions, name: Name, state_dir: StateDir = None) -> int
     from fedstack.plugins import load_callable
 
     check_agent_name(name)
-    trainer = load_callable(opts.trainer)(**opts.trainer_args)
+    trainer = _make_trainer(load_callable(opts.trainer), opts.trainer_args)
     history = _run(opts, trainer, name, state_dir, opts.token)
     if history:
         print(json.dumps(history[-1]))
@@ -201,6 +201,8 @@ def cmd_agents(
                 code = _child(
                     opts, factory, idx, name, total, tokens.get(name) or opts.token, state_root
                 )
+            except FedstackError as exc:  # refused, misconfigured: one line, no traceback
+                log.error("agent %s failed: %s", name, exc)
             except BaseException:
                 log.exception("agent %s failed", name)
             finally:
@@ -234,6 +236,20 @@ def _read_tokens(path: str) -> dict[str, str]:
     return loaded
 
 
+def _make_trainer(factory: Any, trainer_args: dict[str, Any], **given: Any) -> Any:
+    """``factory(**given, **trainer_args)``; a TypeError of its signature (an unknown or
+    missing ``--trainer-arg``) becomes a ConfigError saying so, not a traceback."""
+    try:
+        return factory(**given, **trainer_args)
+    except TypeError as exc:
+        if "argument" not in str(exc):  # a bug inside the trainer: keep its traceback
+            raise
+        raise ConfigError(
+            f"the trainer {getattr(factory, '__name__', factory)!s} refused its arguments "
+            f"({exc}): check the --trainer-arg names"
+        ) from None
+
+
 def _child(
     opts: AgentOptions,
     factory: Any,
@@ -245,7 +261,7 @@ def _child(
 ) -> int:
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_DFL)
-    trainer = factory(index=idx, num_agents=num_agents, **opts.trainer_args)
+    trainer = _make_trainer(factory, opts.trainer_args, index=idx, num_agents=num_agents)
     state_dir = None if state_root is None else Path(state_root) / name
     history = _run(opts, trainer, name, state_dir, token)
     if history:

@@ -58,9 +58,11 @@ def print_json(data: Any) -> None:
 
 
 def short(v: Any) -> str:
-    """A cell: floats to 4 decimals, 32-character ids to 8, anything else escaped."""
+    """A cell: floats to 4 decimals (3 significant digits below 0.001), 32-character
+    ids to 8, anything else escaped."""
     if isinstance(v, float):
-        return f"{v:.4f}"
+        # 4 decimals; a small non-zero value (a delta, an error bound) keeps 3 digits
+        return f"{v:.3g}" if v != 0 and abs(v) < 1e-3 else f"{v:.4f}"
     if isinstance(v, str) and len(v) == 32:
         return safe_text(v[:8])
     return "" if v is None else safe_text(v)
