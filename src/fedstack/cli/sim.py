@@ -48,6 +48,15 @@ def cmd_sim(
         ),
     ] = None,
     strategy: Annotated[str, typer.Option("--strategy")] = "fedavg",
+    aggregator_setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--aggregator-setting",
+            metavar="KEY=VALUE",
+            help="another aggregator setting (a key of the aggregator's config file, JSON "
+            "value), repeatable: e.g. secagg=true, dp=central, dp_noise_multiplier=1.0",
+        ),
+    ] = None,
     strategy_param: Annotated[
         list[str] | None,
         typer.Option(
@@ -144,6 +153,7 @@ def cmd_sim(
         fraction=fraction,
         strategy=strategy,
         strategy_params=parse_pairs(strategy_param or [], "--strategy-param"),
+        aggregator_options=parse_pairs(aggregator_setting or [], "--aggregator-setting"),
         federation=parse_pairs(federation or [], "--federation"),
         evaluator=evaluator,
         db=db,

@@ -279,8 +279,9 @@ class _Simulation:
         options = dict(aggregator_options or {})
         if fixed & set(options):
             raise ConfigError(
-                f"aggregator_options may not set {', '.join(sorted(fixed & set(options)))}: "
-                "the simulator sets them (use its own arguments)"
+                "aggregator_options (fedstack sim --aggregator-setting) may not set "
+                f"{', '.join(sorted(fixed & set(options)))}: the simulator sets them (use "
+                "its own arguments)"
             )
         self.config = AggregatorConfig(
             **options,
