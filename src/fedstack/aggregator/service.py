@@ -288,21 +288,6 @@ class Aggregator:
                 **{f"secagg_{k}": (0 if v is None else v) for k, v in params.to_config().items()},
             }
         )
-        dp = getattr(self.strategy, "settings", None) if self.config.dp == "central" else None
-        if dp is not None:
-            # central DP under secure aggregation: every agent clips its change and adds its
-            # share of the noise before masking (fedstack.privacy.dp.clip_and_noise), so the
-            # unmasked sum of at least secagg_min_survivors agents carries central DP's noise
-            from fedstack.privacy.dp import distributed_noise_std
-
-            noise_std = distributed_noise_std(
-                dp.value_noise_multiplier, dp.clip, params.min_survivors
-            )
-            self.federation_config.update(
-                {"dp_secagg_clip": float(dp.clip), "dp_secagg_noise_std": noise_std}
-            )
-            self.strategy.distributed = True  # type: ignore[attr-defined]
-            self.strategy.agent_noise_std = noise_std  # type: ignore[attr-defined]
         return params
 
     def _check_federation(self) -> None:

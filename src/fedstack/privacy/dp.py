@@ -416,7 +416,7 @@ class _DPAccumulator:
         if self._owner.distributed:
             # the agents added the noise before masking: dp_noise_std is each agent's share
             # (z*C/sqrt(m_min)); the sum of at least m_min of them holds central DP's z*C
-            noise_std = self._owner.agent_noise_std
+            noise_std = self._owner.agent_noise_std or 0.0
         elif noise_std > 0:
             mean += noise_rng.normal(0.0, noise_std, size=mean.size)
         released: Weights = {}
@@ -506,19 +506,38 @@ class CentralDP(Strategy):
         self.settings = settings
         self.noise_rng = np.random.default_rng()
         """The noise's generator, seeded from the OS's entropy (not the run's seed)."""
-        self.distributed = False
-        """Secure aggregation: the agents clip their changes and add the noise before
-        masking (:func:`clip_and_noise`); the one update this strategy then gets per round
-        is the unmasked mean, neither clipped nor noised again here (the accounting is)."""
-        self.agent_noise_std = 0.0
-        """Under secure aggregation: the noise standard deviation each agent adds."""
+        self.agent_noise_std: float | None = None
+        """Under secure aggregation (:meth:`distribute`): the noise standard deviation each
+        agent adds; None: the noise is added here."""
+
+    def distribute(self, min_survivors: int) -> None:
+        """Secure aggregation: the agents clip their changes and add their share of the
+        noise before masking (:func:`clip_and_noise`, told by :meth:`agent_config`), so the
+        unmasked sum of at least ``min_survivors`` of them carries central DP's noise; the
+        one update this strategy then gets per round is the unmasked mean, neither clipped
+        nor noised again here (the accounting is)."""
+        s = self.settings
+        self.agent_noise_std = distributed_noise_std(
+            s.value_noise_multiplier, s.clip, min_survivors
+        )
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the agents add the noise (secure aggregation)."""
+        return self.agent_noise_std is not None
 
     @property
     def min_updates(self) -> int:
         return self.inner.min_updates
 
     def agent_config(self) -> Metrics:
-        return self.inner.agent_config()
+        if self.agent_noise_std is None:
+            return self.inner.agent_config()
+        return {
+            **self.inner.agent_config(),
+            "dp_secagg_clip": float(self.settings.clip),
+            "dp_secagg_noise_std": self.agent_noise_std,
+        }
 
     def init_state(self, weights: Weights) -> StrategyState:
         return {
@@ -620,6 +639,8 @@ def wrap(config: AggregatorConfig, strategy: Strategy) -> Strategy:
         return strategy
     _dp_accounting()  # refused at start without the extra, not at the first round
     dp = CentralDP(strategy, settings)
+    if config.secagg:  # distributed noise (docs/privacy.md)
+        dp.distribute(config.secagg_min_survivors)
     if settings.noise_multiplier == 0:
         log.warning("differential privacy with noise multiplier 0: clipping only, epsilon = inf")
     if config.keep_local_models != "metadata" and not config.secagg:
